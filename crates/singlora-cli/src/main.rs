@@ -1,0 +1,157 @@
+//! The `singlora` command: argument parsing and printing; the work is in the `singlora` crate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod example;
+
+#[derive(Parser)]
+#[command(
+    name = "singlora",
+    version,
+    about = "Fine-tune transformers with SingLoRA (one-matrix low-rank adaptation) and its LoRA-family baselines",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
+    Merge {
+        /// The base checkpoint directory (config.json + *.safetensors).
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged checkpoint.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        overwrite: bool,
+        /// Cast the merged checkpoint to f32, bf16 or f16 (default: the base's dtypes).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// Rewrite a SingLoRA adapter as a plain rank-r PEFT LoRA adapter (B = s·u·A_out, A = A_inᵀ).
+    ExportLora {
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A base checkpoint, needed only when the adapter does not record its layer shapes.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Show an adapter's method, rank, scale, ramp state and parameter counts.
+    Inspect {
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The base checkpoint: checks the shapes and reports the trainable fraction.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a tiny LLaMA-shaped checkpoint and a SingLoRA adapter, then inspect, merge and
+    /// export them: the whole adapter-file path on an embedded default.
+    Example {
+        /// Where to put the example (default: a fresh temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Write random LoRA, rsLoRA, DoRA and SingLoRA adapters for a base (for compatibility checks).
+    #[command(hide = true)]
+    ExampleAdapters {
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            overwrite,
+            dtype,
+        } => {
+            let opts = singlora::merge::MergeOptions {
+                overwrite,
+                dtype: dtype
+                    .as_deref()
+                    .map(singlora::merge::parse_dtype)
+                    .transpose()?,
+            };
+            let report = singlora::merge::merge_checkpoint(&base, &adapter, &out, &opts)?;
+            print_merge(&out, &report);
+        }
+        Command::ExportLora {
+            adapter,
+            out,
+            base,
+            overwrite,
+        } => {
+            let lora = singlora::export::export_lora(&adapter, &out, base.as_deref(), overwrite)?;
+            println!(
+                "wrote {} : plain LoRA, r = {}, lora_alpha = {} (scale 1), {} layers",
+                out.display(),
+                lora.config.r,
+                lora.config.lora_alpha,
+                lora.layers.len()
+            );
+        }
+        Command::Inspect {
+            adapter,
+            base,
+            json,
+        } => {
+            let info = singlora::inspect::inspect(&adapter, base.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{}", info.render());
+            }
+        }
+        Command::Example { dir } => example::run(dir)?,
+        Command::ExampleAdapters { base, out } => example::adapters(&base, &out)?,
+    }
+    Ok(())
+}
+
+fn print_merge(out: &Path, r: &singlora::merge::MergeReport) {
+    println!(
+        "merged {} layers (u = {:.4}, max |W - W0| = {:.3e}) into {} ({})",
+        r.layers,
+        r.u,
+        r.max_abs_change,
+        out.display(),
+        r.files.join(", ")
+    );
+    if !r.heads.is_empty() {
+        println!("wrote head tensors: {}", r.heads.join(", "));
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! A frozen linear layer with an optional adapter: y = adapt(x, x·W0ᵀ) + b.
+//!
+//! `merge` folds the adapter into the weight (computed in f64, cast once to the base dtype);
+//! `unmerge` subtracts it again. While merged the forward is the plain linear layer.
+
+use candle_core::{DType, Tensor};
+
+use super::Adapter;
+use crate::error::{Error, Result};
+use crate::linear::FrozenLinear;
+
+#[derive(Debug, Clone)]
+pub struct AdaptedLinear {
+    name: String,
+    base: FrozenLinear,
+    adapter: Option<Adapter>,
+    merged: Option<Merged>,
+}
+
+#[derive(Debug, Clone)]
+struct Merged {
+    dora_norm: Option<Tensor>,
+}
+
+impl AdaptedLinear {
+    /// `name` is the module path (Hugging Face tensor name without `.weight`).
+    pub fn new(name: impl Into<String>, base: FrozenLinear) -> Self {
+        Self {
+            name: name.into(),
+            base,
+            adapter: None,
+            merged: None,
+        }
+    }
+
+    pub fn with_adapter(mut self, adapter: Adapter) -> Self {
+        self.adapter = Some(adapter);
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn base(&self) -> &FrozenLinear {
+        &self.base
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    pub fn set_adapter(&mut self, adapter: Option<Adapter>) -> Result<()> {
+        if self.merged.is_some() {
+            return Err(Error::msg(format!(
+                "{}: unmerge before replacing the adapter",
+                self.name
+            )));
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
+    /// (d_out, d_in).
+    pub fn dims(&self) -> (usize, usize) {
+        self.base.dims()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let adapter = match (&self.adapter, &self.merged) {
+            (Some(a), None) => a,
+            _ => return Ok(self.base.forward(x)?),
+        };
+        let (d_out, d_in) = self.dims();
+        let dims = x.dims().to_vec();
+        let m = x.elem_count() / d_in;
+        let x2 = x.reshape((m, d_in))?;
+        let y0 = self.base.forward_no_bias(&x2)?;
+        let y = adapter.adapt(&x2, self.base.weight(), &y0)?;
+        let y = self.base.add_bias(&y)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = d_out;
+        Ok(y.reshape(out)?)
+    }
+
+    /// W ← merged(W0), in f64 then cast once; refuses a non-finite result.
+    pub fn merge(&mut self) -> Result<()> {
+        let Some(adapter) = &self.adapter else {
+            return Ok(());
+        };
+        if self.merged.is_some() {
+            return Ok(());
+        }
+        let w0 = self.base.weight();
+        let (w, dora_norm) = adapter.merged_weight(w0)?;
+        crate::adapter::check_finite(&w, &format!("{}.weight (merged)", self.name))?;
+        let w = w.to_dtype(w0.dtype())?;
+        self.base.set_weight(w);
+        self.merged = Some(Merged { dora_norm });
+        Ok(())
+    }
+
+    pub fn unmerge(&mut self) -> Result<()> {
+        let (Some(adapter), Some(merged)) = (&self.adapter, self.merged.take()) else {
+            return Ok(());
+        };
+        let w = self.base.weight();
+        let w0 = adapter.unmerged_weight(w, merged.dora_norm.as_ref())?;
+        let w0 = w0.to_dtype(w.dtype())?;
+        self.base.set_weight(w0);
+        Ok(())
+    }
+
+    /// The base weight as f64 (for checks).
+    pub fn weight_f64(&self) -> Result<Tensor> {
+        Ok(self.base.weight().to_dtype(DType::F64)?)
+    }
+}

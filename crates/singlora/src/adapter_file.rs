@@ -1,0 +1,251 @@
+//! Adapter directories: `adapter_config.json` + `adapter_model.safetensors`, as PEFT writes them.
+//!
+//! Tensor keys are `base_model.model.<module path>.<suffix>` with the suffixes
+//! `singlora_A.weight` (SingLoRA, (max(d_in, d_out), r), f32), `lora_A.weight` (r × d_in),
+//! `lora_B.weight` (d_out × r) and `lora_magnitude_vector` (DoRA, d_out); a fully trained head
+//! listed in `modules_to_save` is stored under `base_model.model.<head path>.weight` / `.bias`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter::{check_finite, Adapter, AdapterKind};
+use crate::atomic::StagedDir;
+use crate::checkpoint::{write_safetensors, TensorFile};
+use crate::config::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
+use crate::error::{Error, Result};
+use crate::ramp::RampClock;
+
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// Per-layer tensor suffixes, in the order they are tried (longest first).
+const SUFFIXES: &[&str] = &[
+    "singlora_A.weight",
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_magnitude_vector.weight",
+    "lora_magnitude_vector",
+];
+
+/// The contents of an adapter directory.
+#[derive(Debug, Clone)]
+pub struct AdapterFile {
+    pub config: AdapterConfig,
+    /// module path → suffix → tensor.
+    pub layers: BTreeMap<String, BTreeMap<String, Tensor>>,
+    /// Fully trained module tensors (`modules_to_save`), keyed by their model name.
+    pub heads: BTreeMap<String, Tensor>,
+}
+
+fn split_key(key: &str) -> Option<(&str, &'static str)> {
+    SUFFIXES.iter().find_map(|s| {
+        key.strip_suffix(s)
+            .and_then(|m| m.strip_suffix('.'))
+            .map(|m| (m, *s))
+    })
+}
+
+impl AdapterFile {
+    /// Reads and validates an adapter directory: config fields, tensor keys, the tensors each
+    /// method needs, and finiteness of every tensor.
+    pub fn read(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::msg(format!(
+                "{}: not a directory (expected an adapter directory with {CONFIG_FILE} and {WEIGHTS_FILE})",
+                dir.display()
+            )));
+        }
+        let config = AdapterConfig::read(dir)?;
+        let path = dir.join(WEIGHTS_FILE);
+        let file = TensorFile::open(&path)?;
+        let mut layers: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+        let mut heads = BTreeMap::new();
+        for key in file.names() {
+            let t = file.load(key, device)?;
+            check_finite(&t, key).map_err(|e| Error::bad_file(&path, e.to_string()))?;
+            let name = key.strip_prefix(KEY_PREFIX).ok_or_else(|| {
+                Error::bad_file(
+                    &path,
+                    format!("tensor `{key}` does not start with `{KEY_PREFIX}`"),
+                )
+            })?;
+            if let Some((module, suffix)) = split_key(name) {
+                // PEFT has written DoRA's magnitude with and without `.weight`.
+                let suffix = if suffix.starts_with("lora_magnitude") {
+                    "lora_magnitude_vector"
+                } else {
+                    suffix
+                };
+                layers
+                    .entry(module.to_string())
+                    .or_default()
+                    .insert(suffix.to_string(), t);
+            } else if config.modules_to_save.iter().any(|m| {
+                name.strip_prefix(m.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            }) {
+                heads.insert(name.to_string(), t);
+            } else {
+                return Err(Error::bad_file(
+                    &path,
+                    format!(
+                        "tensor `{key}` is neither an adapter tensor nor part of modules_to_save"
+                    ),
+                ));
+            }
+        }
+        if layers.is_empty() {
+            return Err(Error::bad_file(&path, "holds no adapter tensors"));
+        }
+        let af = Self {
+            config,
+            layers,
+            heads,
+        };
+        af.check_layout(&path)?;
+        Ok(af)
+    }
+
+    /// Each layer holds exactly the tensors its method needs.
+    fn check_layout(&self, path: &Path) -> Result<()> {
+        let want: &[&str] = match self.config.kind {
+            AdapterKind::SingLora => &["singlora_A.weight"],
+            AdapterKind::Lora => &["lora_A.weight", "lora_B.weight"],
+            AdapterKind::Dora => &["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"],
+        };
+        for (module, tensors) in &self.layers {
+            for w in want {
+                if !tensors.contains_key(*w) {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "tensor `{KEY_PREFIX}{module}.{w}` is missing (the config says {})",
+                            self.config.kind
+                        ),
+                    ));
+                }
+            }
+            for have in tensors.keys() {
+                if !want.contains(&have.as_str()) {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "tensor `{KEY_PREFIX}{module}.{have}` does not belong to a {} adapter",
+                            self.config.kind
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ramp clock at the saved step.
+    pub fn clock(&self) -> RampClock {
+        RampClock::new(self.config.ramp(), self.config.step)
+    }
+
+    /// Rebuilds the adapter of `module` on the base weight `w0` (d_out × d_in).
+    pub fn build_adapter(&self, module: &str, w0: &Tensor, clock: &RampClock) -> Result<Adapter> {
+        let tensors = self
+            .layers
+            .get(module)
+            .ok_or_else(|| Error::msg(format!("the adapter has no layer `{module}`")))?;
+        let tensors: BTreeMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_device(w0.device())?)))
+            .collect::<Result<_>>()?;
+        Adapter::from_tensors(
+            self.config.kind,
+            &format!("{KEY_PREFIX}{module}"),
+            &tensors,
+            w0,
+            self.config.rank_for(module),
+            self.config.scale_for(module),
+            clock,
+        )
+    }
+
+    /// Collects trained adapters (and head tensors) into a file image.
+    pub fn from_adapters<'a>(
+        mut config: AdapterConfig,
+        adapters: impl IntoIterator<Item = (&'a str, (usize, usize), &'a Adapter)>,
+        heads: BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        let mut layers = BTreeMap::new();
+        for (module, shape, adapter) in adapters {
+            if adapter.kind() != config.kind {
+                return Err(Error::msg(format!(
+                    "layer {module} holds a {} adapter but the config says {}",
+                    adapter.kind(),
+                    config.kind
+                )));
+            }
+            let tensors = adapter
+                .params()
+                .into_iter()
+                .map(|p| {
+                    Ok((
+                        p.suffix.to_string(),
+                        p.var.as_tensor().to_dtype(DType::F32)?,
+                    ))
+                })
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            if config.kind == AdapterKind::SingLora {
+                config.layer_shapes.insert(module.to_string(), shape);
+            }
+            layers.insert(module.to_string(), tensors);
+        }
+        Ok(Self {
+            config,
+            layers,
+            heads,
+        })
+    }
+
+    /// All tensors under their file keys.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (module, ts) in &self.layers {
+            for (suffix, t) in ts {
+                out.insert(format!("{KEY_PREFIX}{module}.{suffix}"), t.clone());
+            }
+        }
+        for (name, t) in &self.heads {
+            out.insert(format!("{KEY_PREFIX}{name}"), t.clone());
+        }
+        out
+    }
+
+    /// Writes the directory atomically; refuses NaN/Inf and an existing `dir` unless
+    /// `overwrite`.
+    pub fn write(&self, dir: &Path, overwrite: bool) -> Result<()> {
+        let staged = StagedDir::new(dir, overwrite)?;
+        self.write_into(staged.path())?;
+        staged.commit()?;
+        Ok(())
+    }
+
+    /// Writes the two files into an existing directory (the caller makes it atomic).
+    pub fn write_into(&self, dir: &Path) -> Result<()> {
+        let tensors = self.tensors();
+        for (k, t) in &tensors {
+            check_finite(t, k)?;
+        }
+        let json =
+            serde_json::to_string_pretty(&self.config.to_json()).expect("JSON values serialise");
+        let cfg_path = dir.join(CONFIG_FILE);
+        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, None)
+    }
+
+    /// Trainable parameters in the adapter layers (heads excluded).
+    pub fn num_adapter_params(&self) -> usize {
+        self.layers
+            .values()
+            .flat_map(|ts| ts.values())
+            .map(Tensor::elem_count)
+            .sum()
+    }
+}

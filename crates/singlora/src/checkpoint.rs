@@ -1,0 +1,295 @@
+//! Hugging Face checkpoint directories: `config.json` plus `model.safetensors`, or sharded
+//! `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`; f32, f16 and bf16.
+//!
+//! Every safetensors file is memory-mapped and its header validated in full on open (offsets
+//! contiguous, sizes consistent with dtype × shape, file exactly covered), so a truncated or
+//! forged file is refused with its path before any tensor is used.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    offsets: (usize, usize),
+}
+
+/// A memory-mapped, validated safetensors file.
+#[derive(Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorMeta>,
+    metadata: Option<HashMap<String, String>>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).at(path)?;
+        // SAFETY: the map is read-only and the file is not modified while mapped by this process.
+        let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::bad_file(path, format!("is not a valid safetensors file: {e}")))?;
+        let tensors = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                (
+                    name,
+                    TensorMeta {
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        offsets: info.data_offsets,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            data_start: 8 + n,
+            metadata: meta.metadata().clone(),
+            tensors,
+            mmap,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn meta(&self, name: &str) -> Option<&TensorMeta> {
+        self.tensors.get(name)
+    }
+
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.metadata.as_ref()
+    }
+
+    /// Loads one tensor onto `device` in its stored dtype.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let m = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::bad_file(&self.path, format!("has no tensor `{name}`")))?;
+        let data = &self.mmap[self.data_start + m.offsets.0..self.data_start + m.offsets.1];
+        let view = TensorView::new(m.dtype, m.shape.clone(), data)
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
+        view.load(device).map_err(|e| {
+            Error::bad_file(&self.path, format!("tensor `{name}` cannot be loaded: {e}"))
+        })
+    }
+
+    /// Every tensor, loaded.
+    pub fn load_all(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+        self.names()
+            .map(|n| Ok((n.to_string(), self.load(n, device)?)))
+            .collect()
+    }
+}
+
+/// Writes tensors as a safetensors file with `{"format": "pt"}` metadata (transformers needs it).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<()> {
+    let mut meta = metadata.cloned().unwrap_or_default();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(
+        contiguous.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta),
+        path,
+    )
+    .map_err(|e| Error::bad_file(path, format!("could not be written: {e}")))
+}
+
+/// Reads a JSON file, naming it in errors.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(path, format!("is not valid JSON: {e}")))
+}
+
+/// A Hugging Face checkpoint directory.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: Value,
+    files: Vec<TensorFile>,
+    /// tensor name → index into `files`.
+    location: BTreeMap<String, usize>,
+    /// The index JSON of a sharded checkpoint.
+    index: Option<Value>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::msg(format!(
+                "{}: not a directory (expected a Hugging Face checkpoint with config.json and *.safetensors)",
+                dir.display()
+            )));
+        }
+        let config = read_json(&dir.join("config.json"))?;
+        let index_path = dir.join(INDEX_FILE);
+        let mut files = vec![];
+        let mut location = BTreeMap::new();
+        let index = if index_path.exists() {
+            let index = read_json(&index_path)?;
+            let map = index
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    Error::bad_field(&index_path, "weight_map", "is missing or not an object")
+                })?;
+            let mut shard_of: BTreeMap<String, usize> = BTreeMap::new();
+            for (tensor, shard) in map {
+                let shard = shard.as_str().ok_or_else(|| {
+                    Error::bad_field(
+                        &index_path,
+                        format!("weight_map.{tensor}"),
+                        "must be a file name",
+                    )
+                })?;
+                let i = match shard_of.get(shard) {
+                    Some(i) => *i,
+                    None => {
+                        files.push(TensorFile::open(&dir.join(shard))?);
+                        shard_of.insert(shard.to_string(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                if files[i].meta(tensor).is_none() {
+                    return Err(Error::bad_file(
+                        &index_path,
+                        format!("lists tensor `{tensor}` in {shard}, which does not hold it"),
+                    ));
+                }
+                location.insert(tensor.clone(), i);
+            }
+            Some(index)
+        } else if dir.join(SINGLE_FILE).exists() {
+            let f = TensorFile::open(&dir.join(SINGLE_FILE))?;
+            for n in f.names() {
+                location.insert(n.to_string(), 0);
+            }
+            files.push(f);
+            None
+        } else {
+            return Err(Error::msg(format!(
+                "{}: no {SINGLE_FILE} or {INDEX_FILE} found",
+                dir.display()
+            )));
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            files,
+            location,
+            index,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+
+    pub fn files(&self) -> &[TensorFile] {
+        &self.files
+    }
+
+    pub fn index(&self) -> Option<&Value> {
+        self.index.as_ref()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    pub fn meta(&self, name: &str) -> Option<&TensorMeta> {
+        self.location
+            .get(name)
+            .and_then(|i| self.files[*i].meta(name))
+    }
+
+    /// The file holding `name`.
+    pub fn file_of(&self, name: &str) -> Option<&TensorFile> {
+        self.location.get(name).map(|i| &self.files[*i])
+    }
+
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let f = self.file_of(name).ok_or_else(|| {
+            Error::msg(format!(
+                "{}: the checkpoint has no tensor `{name}`",
+                self.dir.display()
+            ))
+        })?;
+        f.load(name, device)
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.location
+            .keys()
+            .filter_map(|n| self.meta(n))
+            .map(|m| m.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Modules with a 2-D `.weight`: (module path, (rows, cols)) as stored.
+    pub fn matrices(&self) -> Vec<(String, (usize, usize))> {
+        self.location
+            .keys()
+            .filter_map(|n| {
+                let module = n.strip_suffix(".weight")?;
+                match self.meta(n)?.shape.as_slice() {
+                    [a, b] => Some((module.to_string(), (*a, *b))),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+}
+
+/// candle's dtype for a safetensors dtype, for the float types a checkpoint may hold.
+pub fn float_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}

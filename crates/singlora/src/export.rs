@@ -1,0 +1,104 @@
+//! `singlora export-lora`: a SingLoRA adapter rewritten as a plain rank-r PEFT LoRA adapter.
+//!
+//! ΔW = s·u·A_out·A_inᵀ = B·A with B = s·u·A_out (d_out × r) and A = A_inᵀ (r × d_in); the file
+//! says `lora_alpha = r` and `use_rslora = false`, so every LoRA consumer applies scale 1 and
+//! gets exactly our ΔW (u of the saved step is baked into B). Per-layer ranks from
+//! `rank_pattern` get an `alpha_pattern` with the same keys and α = r.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter::AdapterKind;
+use crate::adapter_file::AdapterFile;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::merge::base_weight;
+
+/// The LoRA image of a SingLoRA adapter file. `base` supplies layer shapes when the file does
+/// not record them (adapters written by other tools).
+pub fn to_lora(af: &AdapterFile, base: Option<&Checkpoint>) -> Result<AdapterFile> {
+    if af.config.kind != AdapterKind::SingLora {
+        return Err(Error::msg(format!(
+            "export-lora rewrites SingLoRA adapters; this one is already {} (peft_type LORA)",
+            af.config.kind
+        )));
+    }
+    let u = af.config.u();
+    let mut layers = BTreeMap::new();
+    for (module, tensors) in &af.layers {
+        let (d_out, d_in) = match (af.config.layer_shapes.get(module), base) {
+            (Some(s), _) => *s,
+            (None, Some(ckpt)) => base_weight(ckpt, module, af.config.fan_in_fan_out)?.dims2()?,
+            (None, None) => {
+                return Err(Error::msg(format!(
+                    "the adapter does not record the shape of `{module}` (no `layer_shapes` in its config); pass --base"
+                )))
+            }
+        };
+        let a = &tensors["singlora_A.weight"];
+        let (n, r) = a.dims2()?;
+        if n != d_out.max(d_in) {
+            return Err(Error::bad_tensor(
+                format!("base_model.model.{module}.singlora_A.weight"),
+                format!("has {n} rows but the layer is {d_out} × {d_in}"),
+            ));
+        }
+        let a = a.to_dtype(DType::F64)?;
+        let c = af.config.scale_for(module) * u;
+        let lora_b = (a.narrow(0, 0, d_out)? * c)?;
+        let lora_a = a.narrow(0, 0, d_in)?.t()?;
+        let mut out = BTreeMap::new();
+        out.insert(
+            "lora_A.weight".to_string(),
+            lora_a.to_dtype(DType::F32)?.contiguous()?,
+        );
+        out.insert(
+            "lora_B.weight".to_string(),
+            lora_b.to_dtype(DType::F32)?.contiguous()?,
+        );
+        debug_assert_eq!(r, af.config.rank_for(module));
+        layers.insert(module.clone(), out);
+    }
+    let mut config = af.config.clone();
+    config.kind = AdapterKind::Lora;
+    config.lora_alpha = config.r as f64;
+    config.use_rslora = false;
+    config.alpha_pattern = config
+        .rank_pattern
+        .iter()
+        .map(|(k, r)| (k.clone(), *r as f64))
+        .collect();
+    config.ramp_steps = 0;
+    config.step = 0;
+    config.init = None;
+    config.layer_shapes.clear();
+    Ok(AdapterFile {
+        config,
+        layers,
+        heads: af.heads.clone(),
+    })
+}
+
+/// Reads `adapter`, converts it and writes `out` atomically.
+pub fn export_lora(
+    adapter: &Path,
+    out: &Path,
+    base: Option<&Path>,
+    overwrite: bool,
+) -> Result<AdapterFile> {
+    let af = AdapterFile::read(adapter, &Device::Cpu)?;
+    let ckpt = base.map(Checkpoint::open).transpose()?;
+    let lora = to_lora(&af, ckpt.as_ref())?;
+    lora.write(out, overwrite)?;
+    Ok(lora)
+}
+
+/// ΔW of one layer of a LoRA-family file in f64 (B·A·s), for checks.
+pub fn lora_delta(af: &AdapterFile, module: &str) -> Result<Tensor> {
+    let t = &af.layers[module];
+    let a = t["lora_A.weight"].to_dtype(DType::F64)?;
+    let b = t["lora_B.weight"].to_dtype(DType::F64)?;
+    Ok((b.matmul(&a)? * af.config.scale_for(module))?)
+}

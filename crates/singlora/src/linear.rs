@@ -1,0 +1,183 @@
+//! A frozen linear layer, `y = x·W0ᵀ + b`, whose backward computes the input gradient only.
+//!
+//! candle's `x.matmul(&w.t())` computes and stores `∂L/∂W` in backward even when `w` is not a
+//! variable: one wasted GEMM of the forward's size per frozen weight. [`frozen_matmul`] is a
+//! custom op whose backward returns `∂L/∂x = g·W0` and nothing for `W0`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use singlora::linear::FrozenLinear;
+//! let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu)?; // (d_out 3, d_in 2)
+//! let lin = FrozenLinear::new(w, None);
+//! let x = Var::new(&[[1f32, 1.]], &Device::Cpu)?;
+//! let y = lin.forward(&x)?;
+//! assert_eq!(y.to_vec2::<f32>()?, vec![vec![3., 7., 11.]]);
+//! let grads = y.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&x).unwrap().to_vec2::<f32>()?, vec![vec![9., 12.]]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+
+/// `x (m, k) · W (n, k)ᵀ` with a backward for `x` only.
+struct FrozenMatmul;
+
+fn frozen_matmul_fwd<S: BackendStorage>(
+    x: &S,
+    lx: &Layout,
+    w: &S,
+    lw: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (m, k) = lx.shape().dims2()?;
+    let (n, k2) = lw.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("frozen linear: input has {k} features, the weight expects {k2}");
+    }
+    if x.dtype() != w.dtype() {
+        candle_core::bail!(
+            "frozen linear: input is {:?} but the weight is {:?}",
+            x.dtype(),
+            w.dtype()
+        );
+    }
+    let wt = lw.transpose(0, 1)?;
+    let y = x.matmul(w, (1, m, n, k), lx, &wt)?;
+    Ok((y, Shape::from((m, n))))
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        frozen_matmul_fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        frozen_matmul_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // The frozen weight gets no gradient: that GEMM is never run.
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// `x (…, k) · W (n, k)ᵀ → (…, n)`, differentiable in `x` only.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    let m = x.elem_count() / k.max(1);
+    let (n, _) = w.dims2()?;
+    let y = x.reshape((m, k))?.apply_op2(w, FrozenMatmul)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = n;
+    y.reshape(out_dims)
+}
+
+/// A frozen `nn.Linear`: weight (d_out, d_in) and optional bias (d_out).
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+    }
+
+    /// (d_out, d_in).
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    /// `x·W0ᵀ` without the bias.
+    pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        frozen_matmul(x, &self.weight)
+    }
+
+    pub fn add_bias(&self, y: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y.clone()),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.add_bias(&self.forward_no_bias(x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn matches_plain_matmul_and_skips_weight_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f64, 1., (2, 3, 5), &dev)?;
+        let w = Tensor::randn(0f64, 1., (4, 5), &dev)?;
+        let y = frozen_matmul(&x, &w)?;
+        let reference = x.broadcast_matmul(&w.t()?)?;
+        let diff = (y.clone() - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "forward differs by {diff}");
+        let g = Tensor::randn(0f64, 1., (2, 3, 4), &dev)?;
+        let grads = (y * &g)?.sum_all()?.backward()?;
+        let dx = grads.get(&x).expect("input gradient");
+        let expected = g.broadcast_matmul(&w)?;
+        let diff = (dx - expected)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "input gradient differs by {diff}");
+        assert!(
+            grads.get(&w).is_none(),
+            "a frozen weight must get no gradient"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_mixed_dtypes() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 3), DType::F64, &dev).unwrap();
+        let err = frozen_matmul(&x, &w).unwrap_err().to_string();
+        assert!(err.contains("F32") && err.contains("F64"), "{err}");
+    }
+}

@@ -1,0 +1,289 @@
+//! AdamW over adapter parameters, with LoRA+ learning-rate groups, gradient accumulation,
+//! global-norm clipping, and the ramp clock advanced once per update.
+//!
+//! Decoupled weight decay as in PyTorch's AdamW: p ← p·(1 − lr·wd), then
+//! p ← p − lr·m̂/(√v̂ + ε) with m̂, v̂ the bias-corrected moments. LoRA+ multiplies B's learning
+//! rate by λ. Weight decay skips DoRA magnitudes and biases.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use singlora::adapter::{Param, ParamRole};
+//! use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
+//! let w = Var::new(&[1f32, -2.], &Device::Cpu)?;
+//! let params = vec![Param { suffix: "w", var: w.clone(), role: ParamRole::A }];
+//! let mut opt = AdamW::new(params, AdamWConfig { lr: 0.1, weight_decay: 0.0, ..Default::default() });
+//! let mut acc = GradAccumulator::new(opt.vars());
+//! acc.add(&w.sqr()?.sum_all()?.backward()?)?;
+//! opt.step(&mut acc, 0.1, None)?;
+//! // Adam's first step moves every coordinate by lr against its gradient's sign.
+//! assert_eq!(w.to_vec1::<f32>()?, vec![0.9, -1.9]);
+//! # Ok::<(), singlora::Error>(())
+//! ```
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{Param, ParamRole};
+use crate::error::{Error, Result};
+use crate::ramp::RampClock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// LoRA+: B's learning rate is λ times the base rate.
+    pub lora_plus_ratio: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            lora_plus_ratio: None,
+        }
+    }
+}
+
+/// Sums gradients of several micro-batches (a GradStore per backward) for the tracked vars.
+#[derive(Debug)]
+pub struct GradAccumulator {
+    vars: Vec<Var>,
+    sums: Vec<Option<Tensor>>,
+    micro_batches: usize,
+}
+
+impl GradAccumulator {
+    pub fn new(vars: Vec<Var>) -> Self {
+        let n = vars.len();
+        Self {
+            vars,
+            sums: vec![None; n],
+            micro_batches: 0,
+        }
+    }
+
+    pub fn add(&mut self, grads: &GradStore) -> Result<()> {
+        for (v, s) in self.vars.iter().zip(self.sums.iter_mut()) {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let g = g.to_dtype(v.dtype())?;
+                *s = Some(match s.take() {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// Multiplies every gradient by `c` (e.g. 1/micro-batches when losses were not scaled).
+    pub fn scale(&mut self, c: f64) -> Result<()> {
+        for s in self.sums.iter_mut().flatten() {
+            *s = (&*s * c)?;
+        }
+        Ok(())
+    }
+
+    /// ‖g‖₂ over all gradients (one host sync).
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut total: Option<Tensor> = None;
+        for s in self.sums.iter().flatten() {
+            let sq = s.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + sq)?,
+                None => sq,
+            });
+        }
+        Ok(match total {
+            Some(t) => (t.to_scalar::<f32>()? as f64).sqrt(),
+            None => 0.0,
+        })
+    }
+
+    pub fn grads(&self) -> &[Option<Tensor>] {
+        &self.sums
+    }
+
+    pub fn clear(&mut self) {
+        self.sums.iter_mut().for_each(|s| *s = None);
+        self.micro_batches = 0;
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    param: Param,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW with per-role learning rates.
+#[derive(Debug)]
+pub struct AdamW {
+    slots: Vec<Slot>,
+    cfg: AdamWConfig,
+    t: u64,
+    clock: Option<RampClock>,
+}
+
+/// The optimizer state for checkpoints: per parameter (m, v), and the update count.
+#[derive(Debug, Clone)]
+pub struct AdamWState {
+    pub t: u64,
+    pub moments: Vec<(Tensor, Tensor)>,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<Param>, cfg: AdamWConfig) -> Self {
+        let slots = params
+            .into_iter()
+            .map(|param| {
+                let z = param.var.zeros_like().expect("zeros of an existing tensor");
+                Slot {
+                    m: z.clone(),
+                    v: z,
+                    param,
+                }
+            })
+            .collect();
+        Self {
+            slots,
+            cfg,
+            t: 0,
+            clock: None,
+        }
+    }
+
+    /// Advance this clock after each update (SingLoRA's u(t) counts updates).
+    pub fn with_clock(mut self, clock: RampClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.slots.iter().map(|s| s.param.var.clone()).collect()
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Updates applied so far.
+    pub fn updates(&self) -> u64 {
+        self.t
+    }
+
+    fn lr_mult(&self, role: ParamRole) -> f64 {
+        match (role, self.cfg.lora_plus_ratio) {
+            (ParamRole::B, Some(ratio)) => ratio,
+            _ => 1.0,
+        }
+    }
+
+    fn decays(role: ParamRole) -> bool {
+        matches!(role, ParamRole::A | ParamRole::B | ParamRole::HeadWeight)
+    }
+
+    /// One update with learning rate `lr` from the accumulated gradients (clipped to
+    /// `max_grad_norm` when given), then clears them and advances the clock. Returns the
+    /// gradient norm before clipping when it was computed.
+    pub fn step(
+        &mut self,
+        acc: &mut GradAccumulator,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> Result<Option<f64>> {
+        if acc.vars.len() != self.slots.len() {
+            return Err(Error::msg(
+                "gradient accumulator does not match the optimizer's parameters",
+            ));
+        }
+        let norm = match max_grad_norm {
+            Some(max) => {
+                let n = acc.global_norm()?;
+                if !n.is_finite() {
+                    return Err(Error::msg(format!(
+                        "the gradient norm is {n} at update {}: the loss diverged (try a lower learning rate)",
+                        self.t + 1
+                    )));
+                }
+                if n > max {
+                    acc.scale(max / (n + 1e-6))?;
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        self.t += 1;
+        let t = self.t as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        for i in 0..self.slots.len() {
+            let Some(g) = &acc.sums[i] else { continue };
+            let role = self.slots[i].param.role;
+            let lr_i = lr * self.lr_mult(role);
+            let slot = &mut self.slots[i];
+            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?;
+            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mut p = slot.param.var.as_tensor().clone();
+            if self.cfg.weight_decay > 0.0 && Self::decays(role) {
+                p = (p * (1.0 - lr_i * self.cfg.weight_decay))?;
+            }
+            let denom = ((&slot.v / bc2)?.sqrt()? + self.cfg.eps)?;
+            let upd = ((&slot.m / bc1)? / denom)?;
+            slot.param.var.set(&(p - (upd * lr_i)?)?)?;
+        }
+        acc.clear();
+        if let Some(c) = &self.clock {
+            c.advance();
+        }
+        Ok(norm)
+    }
+
+    pub fn state(&self) -> AdamWState {
+        AdamWState {
+            t: self.t,
+            moments: self
+                .slots
+                .iter()
+                .map(|s| (s.m.clone(), s.v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn load_state(&mut self, state: AdamWState) -> Result<()> {
+        if state.moments.len() != self.slots.len() {
+            return Err(Error::msg(format!(
+                "optimizer state holds {} parameters, the model has {}",
+                state.moments.len(),
+                self.slots.len()
+            )));
+        }
+        for (slot, (m, v)) in self.slots.iter_mut().zip(state.moments) {
+            if m.dims() != slot.m.dims() || v.dims() != slot.v.dims() {
+                return Err(Error::msg(format!(
+                    "optimizer state for a {:?} parameter has shape {:?}",
+                    slot.m.dims(),
+                    m.dims()
+                )));
+            }
+            slot.m = m.to_device(slot.m.device())?.to_dtype(slot.m.dtype())?;
+            slot.v = v.to_device(slot.v.device())?.to_dtype(slot.v.dtype())?;
+        }
+        self.t = state.t;
+        Ok(())
+    }
+}

@@ -1,0 +1,557 @@
+//! Adapter files and merges: PEFT 0.21's own files and merged weights (golden fixtures), round
+//! trips, export to plain LoRA, sharded and low-precision bases, and every error path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use singlora::adapter::{AdapterKind, AdapterSpec};
+use singlora::adapter_file::AdapterFile;
+use singlora::checkpoint::{Checkpoint, TensorFile};
+use singlora::merge::{merge_checkpoint, merged_weights, MergeOptions};
+use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
+use singlora::target::TargetSpec;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+const SEVEN: &str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+
+#[test]
+fn peft_golden_files_load_and_merge_to_peft_weights() {
+    let base = Checkpoint::open(&fixtures().join("base")).unwrap();
+    for (case, kind, rslora) in [
+        ("lora", AdapterKind::Lora, false),
+        ("rslora", AdapterKind::Lora, true),
+        ("dora", AdapterKind::Dora, false),
+        ("lora_patterns", AdapterKind::Lora, false),
+    ] {
+        let dir = fixtures().join(case);
+        let af = AdapterFile::read(&dir, &Device::Cpu).unwrap();
+        assert_eq!(af.config.kind, kind, "{case}");
+        assert_eq!(af.config.use_rslora, rslora, "{case}");
+        assert_eq!(af.layers.len(), 14, "{case}: 7 projections x 2 layers");
+        let (merged, _) = merged_weights(&base, &af).unwrap();
+        let peft = TensorFile::open(&dir.join("merged.safetensors")).unwrap();
+        let mut compared = 0;
+        for name in peft.names() {
+            let want = peft.load(name, &Device::Cpu).unwrap();
+            let got = match merged.get(name) {
+                Some(t) => t.clone(),
+                None => base.load(name, &Device::Cpu).unwrap(),
+            };
+            let d = max_diff(&got, &want);
+            assert!(d < 2e-6, "{case}: {name} differs from PEFT's merge by {d}");
+            compared += 1;
+        }
+        assert_eq!(compared, base.names().count(), "{case}");
+        // and the merge really changed something
+        let name = "model.layers.0.mlp.down_proj.weight";
+        assert!(max_diff(&merged[name], &base.load(name, &Device::Cpu).unwrap()) > 1e-3);
+    }
+    // rank_pattern / alpha_pattern were honoured
+    let af = AdapterFile::read(&fixtures().join("lora_patterns"), &Device::Cpu).unwrap();
+    assert_eq!(af.config.rank_for("model.layers.0.mlp.down_proj"), 2);
+    assert_eq!(af.config.alpha_for("model.layers.1.self_attn.q_proj"), 3.0);
+}
+
+fn tiny_base(dir: &Path, dtype: DType, shards: usize) -> LlamaShape {
+    let shape = LlamaShape::TINY;
+    write_checkpoint(
+        dir,
+        &shape.config(),
+        &shape.tensors(3, dtype).unwrap(),
+        shards,
+    )
+    .unwrap();
+    shape
+}
+
+fn adapter_for(shape: &LlamaShape, kind: AdapterKind, step: u64, ramp: u64) -> AdapterFile {
+    let targets = TargetSpec::parse(SEVEN, None).unwrap();
+    let layers: Vec<_> = shape
+        .linears()
+        .into_iter()
+        .filter(|(n, _)| targets.matches(n))
+        .collect();
+    let mut spec = AdapterSpec::new(kind, 4, 8.0);
+    spec.seed = 9;
+    random_adapter(&spec, &layers, &targets, step, ramp).unwrap()
+}
+
+#[test]
+fn round_trip_keeps_every_tensor_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shape = LlamaShape::TINY;
+    for kind in [AdapterKind::SingLora, AdapterKind::Lora, AdapterKind::Dora] {
+        let af = adapter_for(&shape, kind, 7, 20);
+        let dir = tmp.path().join(kind.to_string());
+        af.write(&dir, false).unwrap();
+        let back = AdapterFile::read(&dir, &Device::Cpu).unwrap();
+        assert_eq!(back.config.kind, kind);
+        assert_eq!(back.layers.len(), af.layers.len());
+        for (m, ts) in &af.layers {
+            for (s, t) in ts {
+                assert_eq!(max_diff(t, &back.layers[m][s]), 0.0, "{m}.{s}");
+            }
+        }
+        if kind == AdapterKind::SingLora {
+            assert_eq!((back.config.step, back.config.ramp_steps), (7, 20));
+            assert_eq!(back.config.u(), 0.35);
+            assert_eq!(back.config.layer_shapes, af.config.layer_shapes);
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(cfg["peft_type"], "SINGLORA");
+            assert_eq!(cfg["init"], "kaiming_width");
+            // one (max(d_in, d_out), r) f32 tensor per layer under PEFT's key scheme
+            let f = TensorFile::open(&dir.join("adapter_model.safetensors")).unwrap();
+            let m = f
+                .meta("base_model.model.model.layers.0.mlp.up_proj.singlora_A.weight")
+                .unwrap();
+            assert_eq!(m.shape, vec![24, 4]);
+            assert_eq!(m.dtype, safetensors::Dtype::F32);
+        }
+    }
+}
+
+#[test]
+fn merge_keeps_names_dtypes_and_sharding() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dtype, shards) in [(DType::F32, 1), (DType::BF16, 3), (DType::F16, 2)] {
+        let base = tmp.path().join(format!("base-{dtype:?}-{shards}"));
+        let shape = tiny_base(&base, dtype, shards);
+        std::fs::write(base.join("tokenizer.json"), "{}").unwrap();
+        let adapter = tmp.path().join(format!("ad-{dtype:?}"));
+        adapter_for(&shape, AdapterKind::SingLora, 5, 10)
+            .write(&adapter, false)
+            .unwrap();
+        let out = tmp.path().join(format!("merged-{dtype:?}"));
+        let report = merge_checkpoint(&base, &adapter, &out, &MergeOptions::default()).unwrap();
+        assert_eq!(report.layers, 14);
+        assert_eq!(report.u, 0.5);
+        assert!(out.join("config.json").exists() && out.join("tokenizer.json").exists());
+        let (b, m) = (
+            Checkpoint::open(&base).unwrap(),
+            Checkpoint::open(&out).unwrap(),
+        );
+        assert_eq!(b.names().collect::<Vec<_>>(), m.names().collect::<Vec<_>>());
+        assert_eq!(b.files().len(), m.files().len());
+        for name in b.names() {
+            assert_eq!(
+                b.meta(name).unwrap().dtype,
+                m.meta(name).unwrap().dtype,
+                "{name}"
+            );
+            let same_file = |c: &Checkpoint| {
+                c.file_of(name)
+                    .unwrap()
+                    .path()
+                    .file_name()
+                    .unwrap()
+                    .to_owned()
+            };
+            assert_eq!(same_file(&b), same_file(&m));
+        }
+        // W = W0 + s·u·A_out·A_inᵀ on one tall layer, by hand
+        let af = AdapterFile::read(&adapter, &Device::Cpu).unwrap();
+        let module = "model.layers.1.mlp.gate_proj";
+        let a = af.layers[module]["singlora_A.weight"]
+            .to_dtype(DType::F64)
+            .unwrap();
+        let delta = (a
+            .narrow(0, 0, 24)
+            .unwrap()
+            .matmul(&a.narrow(0, 0, 16).unwrap().t().unwrap())
+            .unwrap()
+            * (2.0 * 0.5))
+            .unwrap();
+        let w0 = b
+            .load(&format!("{module}.weight"), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let expect = (w0 + delta).unwrap().to_dtype(dtype).unwrap();
+        let got = m.load(&format!("{module}.weight"), &Device::Cpu).unwrap();
+        assert_eq!(
+            max_diff(&got, &expect),
+            0.0,
+            "{dtype:?}: cast once from the f64 result"
+        );
+    }
+}
+
+#[test]
+fn merge_with_dtype_and_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let shape = tiny_base(&base, DType::F32, 2);
+    let mut af = adapter_for(&shape, AdapterKind::Lora, 0, 0);
+    af.config.modules_to_save = vec!["score".into()];
+    af.config.labels = Some(vec!["neg".into(), "pos".into()]);
+    af.heads.insert(
+        "score.weight".into(),
+        Tensor::ones((2, 16), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let adapter = tmp.path().join("ad");
+    af.write(&adapter, false).unwrap();
+    let out = tmp.path().join("merged");
+    let opts = MergeOptions {
+        overwrite: false,
+        dtype: Some(DType::BF16),
+    };
+    merge_checkpoint(&base, &adapter, &out, &opts).unwrap();
+    let m = Checkpoint::open(&out).unwrap();
+    assert!(m
+        .names()
+        .all(|n| m.meta(n).unwrap().dtype == safetensors::Dtype::BF16));
+    assert_eq!(
+        m.load("score.weight", &Device::Cpu).unwrap().dims(),
+        &[2, 16]
+    );
+    let cfg = m.config();
+    assert_eq!(cfg["id2label"]["1"], "pos");
+    assert_eq!(cfg["label2id"]["neg"], 0);
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(index["weight_map"]["score.weight"].is_string());
+}
+
+#[test]
+fn exported_lora_merges_like_singlora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let shape = tiny_base(&base, DType::F32, 1);
+    let mut af = adapter_for(&shape, AdapterKind::SingLora, 3, 4);
+    af.config.rank_pattern = vec![("down_proj".into(), 4)];
+    let adapter = tmp.path().join("ad");
+    af.write(&adapter, false).unwrap();
+    let lora_dir = tmp.path().join("lora");
+    let lora = singlora::export::export_lora(&adapter, &lora_dir, None, false).unwrap();
+    assert_eq!(lora.config.kind, AdapterKind::Lora);
+    assert_eq!(lora.config.lora_alpha, 4.0);
+    assert_eq!(lora.config.alpha_for("model.layers.0.mlp.down_proj"), 4.0);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lora_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["use_rslora"], false);
+    assert_eq!(cfg["lora_alpha"], 4);
+    let ck = Checkpoint::open(&base).unwrap();
+    let (a, _) = merged_weights(&ck, &AdapterFile::read(&adapter, &Device::Cpu).unwrap()).unwrap();
+    let (b, _) = merged_weights(&ck, &AdapterFile::read(&lora_dir, &Device::Cpu).unwrap()).unwrap();
+    for (name, t) in &a {
+        assert!(max_diff(t, &b[name]) < 1e-6, "{name}");
+    }
+    // export needs shapes: from the file, or else from --base
+    let mut bare = AdapterFile::read(&adapter, &Device::Cpu).unwrap();
+    bare.config.layer_shapes.clear();
+    let err = singlora::export::to_lora(&bare, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--base"), "{err}");
+    singlora::export::to_lora(&bare, Some(&ck)).unwrap();
+}
+
+// ---- error paths: a clear message naming the culprit, and nothing written ----
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    base: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+}
+
+fn setup(kind: AdapterKind) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let shape = tiny_base(&base, DType::F32, 1);
+    let adapter = tmp.path().join("adapter");
+    adapter_for(&shape, kind, 1, 2)
+        .write(&adapter, false)
+        .unwrap();
+    let out = tmp.path().join("out");
+    Setup {
+        base,
+        adapter,
+        out,
+        _tmp: tmp,
+    }
+}
+
+fn merge_err(s: &Setup) -> String {
+    let err = merge_checkpoint(&s.base, &s.adapter, &s.out, &MergeOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(!s.out.exists(), "a failed merge left {}", s.out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(s.out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("out"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    err
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("adapter_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn truncated_safetensors_is_refused() {
+    let s = setup(AdapterKind::SingLora);
+    let p = s.adapter.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+    // a base shard truncated inside its header
+    let s = setup(AdapterKind::SingLora);
+    let p = s.base.join("model.safetensors");
+    std::fs::write(&p, &std::fs::read(&p).unwrap()[..50]).unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn header_that_lies_about_sizes_is_refused() {
+    let s = setup(AdapterKind::Lora);
+    let p = s.adapter.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    // claim a larger shape for one tensor than its bytes hold, keeping the header length
+    let forged = header.replacen("[4,16]", "[5,16]", 1);
+    assert_ne!(forged, header);
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(forged.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&p, out).unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn adapter_that_does_not_fit_the_base_is_refused() {
+    let s = setup(AdapterKind::SingLora);
+    // a base whose up_proj is 20 wide instead of 24
+    let shape = LlamaShape {
+        intermediate: 20,
+        ..LlamaShape::TINY
+    };
+    std::fs::remove_dir_all(&s.base).unwrap();
+    write_checkpoint(
+        &s.base,
+        &shape.config(),
+        &shape.tensors(3, DType::F32).unwrap(),
+        1,
+    )
+    .unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains("singlora_A.weight") && err.contains("shape [24, 4]"),
+        "{err}"
+    );
+    assert!(err.contains("[20, 4]"), "{err}");
+}
+
+#[test]
+fn layer_missing_from_base_is_refused() {
+    let s = setup(AdapterKind::Lora);
+    let shape = LlamaShape {
+        layers: 1,
+        ..LlamaShape::TINY
+    };
+    std::fs::remove_dir_all(&s.base).unwrap();
+    write_checkpoint(
+        &s.base,
+        &shape.config(),
+        &shape.tensors(3, DType::F32).unwrap(),
+        1,
+    )
+    .unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains("model.layers.1.") && err.contains("has no tensor"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_errors_name_file_and_field() {
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "peft_type",
+            Box::new(|v| v["peft_type"] = "PREFIX_TUNING".into()),
+            "PREFIX_TUNING",
+        ),
+        (
+            "r",
+            Box::new(|v| v["r"] = "four".into()),
+            "non-negative integer",
+        ),
+        (
+            "lora_alpha",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("lora_alpha");
+            }),
+            "missing",
+        ),
+        (
+            "step",
+            Box::new(|v| v["step"] = 1.5.into()),
+            "non-negative integer",
+        ),
+        (
+            "use_rslora",
+            Box::new(|v| v["use_rslora"] = 1.into()),
+            "true or false",
+        ),
+        (
+            "layers_to_transform",
+            Box::new(|v| v["layers_to_transform"] = serde_json::json!([0])),
+            "not supported",
+        ),
+        (
+            "bias",
+            Box::new(|v| v["bias"] = "lora_only".into()),
+            "not supported",
+        ),
+    ];
+    for (field, edit, want) in cases {
+        let s = setup(AdapterKind::SingLora);
+        edit_config(&s.adapter, edit);
+        let err = merge_err(&s);
+        assert!(err.contains("adapter_config.json"), "{field}: {err}");
+        assert!(
+            err.contains(&format!("`{field}`")) || err.contains(field),
+            "{field}: {err}"
+        );
+        assert!(err.contains(want), "{field}: {err}");
+    }
+    let s = setup(AdapterKind::SingLora);
+    std::fs::write(s.adapter.join("adapter_config.json"), "{ not json").unwrap();
+    assert!(merge_err(&s).contains("not valid JSON"));
+}
+
+#[test]
+fn non_finite_adapter_is_refused() {
+    let s = setup(AdapterKind::Lora);
+    let mut af = AdapterFile::read(&s.adapter, &Device::Cpu).unwrap();
+    let t = &af.layers["model.layers.0.self_attn.q_proj"]["lora_B.weight"];
+    let mut v = t.to_vec2::<f32>().unwrap();
+    v[3][1] = f32::NAN;
+    let bad = Tensor::new(v, &Device::Cpu).unwrap();
+    af.layers
+        .get_mut("model.layers.0.self_attn.q_proj")
+        .unwrap()
+        .insert("lora_B.weight".into(), bad.clone());
+    // our writer refuses too ...
+    let err = af.write(&s.adapter, true).unwrap_err().to_string();
+    assert!(
+        err.contains("q_proj.lora_B.weight") && err.contains("NaN"),
+        "{err}"
+    );
+    // ... so forge the file directly
+    let mut tensors: BTreeMap<String, Tensor> = af.tensors();
+    tensors.insert(
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
+        bad,
+    );
+    singlora::checkpoint::write_safetensors(
+        &s.adapter.join("adapter_model.safetensors"),
+        &tensors,
+        None,
+    )
+    .unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains("q_proj.lora_B.weight") && err.contains("1 NaN"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_tensor_in_adapter_is_refused() {
+    let s = setup(AdapterKind::SingLora);
+    let af = AdapterFile::read(&s.adapter, &Device::Cpu).unwrap();
+    let mut tensors = af.tensors();
+    tensors.insert(
+        "base_model.model.model.layers.0.mlp.up_proj.lora_E".into(),
+        Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    singlora::checkpoint::write_safetensors(
+        &s.adapter.join("adapter_model.safetensors"),
+        &tensors,
+        None,
+    )
+    .unwrap();
+    let err = merge_err(&s);
+    assert!(err.contains("lora_E"), "{err}");
+}
+
+#[test]
+fn existing_output_is_kept_unless_overwrite() {
+    let s = setup(AdapterKind::SingLora);
+    std::fs::create_dir_all(&s.out).unwrap();
+    std::fs::write(s.out.join("precious"), "keep me").unwrap();
+    let err = merge_checkpoint(&s.base, &s.adapter, &s.out, &MergeOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.out.join("precious")).unwrap(),
+        "keep me"
+    );
+    // a failing merge with --overwrite keeps the old output too
+    let p = s.adapter.join("adapter_model.safetensors");
+    std::fs::write(&p, b"garbage").unwrap();
+    let opts = MergeOptions {
+        overwrite: true,
+        dtype: None,
+    };
+    assert!(merge_checkpoint(&s.base, &s.adapter, &s.out, &opts).is_err());
+    assert_eq!(
+        std::fs::read_to_string(s.out.join("precious")).unwrap(),
+        "keep me"
+    );
+}
