@@ -99,7 +99,10 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
 /// Random non-trivial adapters of every method on the seven projections of `base`.
 pub fn adapters(base: &Path, out: &Path) -> Result<()> {
     let ckpt = Checkpoint::open(base)?;
-    let targets = TargetSpec::parse("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", None)?;
+    let targets = TargetSpec::parse(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        None,
+    )?;
     let layers: Vec<_> = ckpt
         .matrices()
         .into_iter()
@@ -116,6 +119,9 @@ pub fn adapters(base: &Path, out: &Path) -> Result<()> {
         spec.seed = 3;
         random_adapter(&spec, &layers, &targets, 3, 4)?.write(&out.join(name), true)?;
     }
-    println!("wrote lora, rslora, dora and singlora adapters under {}", out.display());
+    println!(
+        "wrote lora, rslora, dora and singlora adapters under {}",
+        out.display()
+    );
     Ok(())
 }

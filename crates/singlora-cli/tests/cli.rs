@@ -1,0 +1,192 @@
+//! The binary as a user runs it: exit codes, messages, and no partial output.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::DType;
+use singlora::adapter::{AdapterKind, AdapterSpec};
+use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
+use singlora::target::TargetSpec;
+
+fn singlora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_singlora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn setup(dir: &Path, kind: AdapterKind) {
+    let shape = LlamaShape::TINY;
+    write_checkpoint(
+        &dir.join("base"),
+        &shape.config(),
+        &shape.tensors(0, DType::F32).unwrap(),
+        1,
+    )
+    .unwrap();
+    let targets = TargetSpec::parse("q_proj,v_proj,up_proj", None).unwrap();
+    let layers: Vec<_> = shape
+        .linears()
+        .into_iter()
+        .filter(|(n, _)| targets.matches(n))
+        .collect();
+    let spec = AdapterSpec::new(kind, 2, 4.0);
+    random_adapter(&spec, &layers, &targets, 2, 8)
+        .unwrap()
+        .write(&dir.join("adapter"), false)
+        .unwrap();
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+#[test]
+fn example_runs() {
+    let o = singlora(&["example"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("merging the exported LoRA gives the same checkpoint"),
+        "{out}"
+    );
+}
+
+#[test]
+fn inspect_json_and_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path(), AdapterKind::SingLora);
+    let o = singlora(&[
+        "inspect",
+        "--adapter",
+        &p(tmp.path(), "adapter"),
+        "--base",
+        &p(tmp.path(), "base"),
+        "--json",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["method"], "singlora");
+    assert_eq!(v["step"], 2);
+    assert_eq!(v["ramp_steps"], 8);
+    assert_eq!(v["u"], 0.25);
+    assert_eq!(v["scale"], 2.0);
+    assert_eq!(v["layers"].as_array().unwrap().len(), 6);
+    // q (16x16): 16·2, v (8x16): 16·2, up (24x16): 24·2, two layers
+    assert_eq!(v["adapter_params"], 2 * (32 + 32 + 48));
+    assert!(v["trainable_fraction"].as_f64().unwrap() > 0.0);
+    let o = singlora(&["inspect", "--adapter", &p(tmp.path(), "adapter")]);
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("u(t) = 0.250000") && out.contains("adapter params 224"),
+        "{out}"
+    );
+}
+
+#[test]
+fn merge_then_refuse_existing_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path(), AdapterKind::Dora);
+    let args = [
+        "merge",
+        "--base",
+        &p(tmp.path(), "base"),
+        "--adapter",
+        &p(tmp.path(), "adapter"),
+        "--out",
+        &p(tmp.path(), "m"),
+    ];
+    let o = singlora(&args);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(tmp.path().join("m/model.safetensors").exists());
+    let o = singlora(&args);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let mut with = args.to_vec();
+    with.push("--overwrite");
+    assert!(singlora(&with).status.success());
+}
+
+#[test]
+fn errors_name_the_culprit_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path(), AdapterKind::SingLora);
+    // a base with a narrower MLP: the adapter's up_proj does not fit
+    let shape = LlamaShape {
+        intermediate: 20,
+        ..LlamaShape::TINY
+    };
+    write_checkpoint(
+        &tmp.path().join("small"),
+        &shape.config(),
+        &shape.tensors(0, DType::F32).unwrap(),
+        1,
+    )
+    .unwrap();
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &p(tmp.path(), "small"),
+        "--adapter",
+        &p(tmp.path(), "adapter"),
+        "--out",
+        &p(tmp.path(), "m"),
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.starts_with("error: ") && err.contains("up_proj.singlora_A.weight"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("m").exists());
+
+    let o = singlora(&["inspect", "--adapter", &p(tmp.path(), "nowhere")]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("nowhere") && err.contains("not a directory"),
+        "{err}"
+    );
+
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &p(tmp.path(), "base"),
+        "--adapter",
+        &p(tmp.path(), "adapter"),
+        "--out",
+        &p(tmp.path(), "m"),
+        "--dtype",
+        "f8",
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("unknown dtype `f8`"),
+        "{err}"
+    );
+
+    // export-lora of an adapter that is already LoRA
+    let lora = tempfile::tempdir().unwrap();
+    setup(lora.path(), AdapterKind::Lora);
+    let o = singlora(&[
+        "export-lora",
+        "--adapter",
+        &p(lora.path(), "adapter"),
+        "--out",
+        &p(lora.path(), "x"),
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("already lora"), "{err}");
+    assert!(!lora.path().join("x").exists());
+}
