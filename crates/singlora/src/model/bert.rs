@@ -1,0 +1,264 @@
+//! BERT-family encoders (BERT, RoBERTa, MiniLM layouts), written for training.
+//!
+//! x = LN(E_word[ids] + E_pos[pos] + E_type[type_ids]); per layer
+//! a = LN(x + O·attn(Q·x, K·x, V·x)), x = LN(a + W_out·act(W_in·a)). Tensor names with or without
+//! a `bert.` / `roberta.` prefix, and `LayerNorm.gamma/beta` as older checkpoints write them.
+//! RoBERTa numbers positions from `pad_token_id + 1` over the real tokens.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::weights::{ConfigReader, Weights};
+use super::{load_linear, Batch};
+use crate::adapter::AdaptedLinear;
+use crate::error::{Error, Result};
+use crate::nn::{additive_mask, attention, layer_norm, Activation};
+
+#[derive(Debug, Clone)]
+pub struct BertConfig {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub act: Activation,
+    pub eps: f64,
+    pub max_positions: usize,
+    pub roberta: bool,
+    pub pad_token_id: usize,
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn load(w: &Weights, base: &str, hidden: usize, device: &Device) -> Result<Self> {
+        let (wn, bn) = if w.contains(&format!("{base}.weight")) {
+            (format!("{base}.weight"), format!("{base}.bias"))
+        } else {
+            (format!("{base}.gamma"), format!("{base}.beta"))
+        };
+        Ok(Self {
+            w: w.get_shaped(&wn, &[hidden], DType::F32, device)?,
+            b: w.get_shaped(&bn, &[hidden], DType::F32, device)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        layer_norm(x, &self.w, &self.b, eps)
+    }
+}
+
+struct Layer {
+    query: AdaptedLinear,
+    key: AdaptedLinear,
+    value: AdaptedLinear,
+    attn_out: AdaptedLinear,
+    attn_norm: Norm,
+    inter: AdaptedLinear,
+    out: AdaptedLinear,
+    out_norm: Norm,
+}
+
+pub struct Bert {
+    pub cfg: BertConfig,
+    /// `""`, `"bert."` or `"roberta."`.
+    pub prefix: String,
+    word: Tensor,
+    pos: Tensor,
+    token_type: Option<Tensor>,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: Option<AdaptedLinear>,
+    dtype: DType,
+}
+
+impl Bert {
+    pub fn config(c: &ConfigReader) -> Result<BertConfig> {
+        let model_type = c.str_or("model_type", "bert");
+        let act_name = c.str_or("hidden_act", "gelu");
+        let act = Activation::from_hf(act_name).ok_or_else(|| {
+            Error::bad_field(
+                c.path,
+                "hidden_act",
+                format!("`{act_name}` is not supported"),
+            )
+        })?;
+        let cfg = BertConfig {
+            hidden: c.usize("hidden_size")?,
+            layers: c.usize("num_hidden_layers")?,
+            heads: c.usize("num_attention_heads")?,
+            intermediate: c.usize("intermediate_size")?,
+            act,
+            eps: c.f64_or("layer_norm_eps", 1e-12)?,
+            max_positions: c.usize_or("max_position_embeddings", Some(512))?,
+            roberta: matches!(model_type, "roberta" | "xlm-roberta" | "camembert"),
+            pad_token_id: c.usize_or("pad_token_id", Some(0))?,
+        };
+        if cfg.hidden % cfg.heads != 0 {
+            return Err(Error::bad_field(
+                c.path,
+                "num_attention_heads",
+                format!("{} does not divide hidden_size {}", cfg.heads, cfg.hidden),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// `dtype` is the dtype of the frozen linear weights (f32 on CPU; bf16 on GPU).
+    pub fn load(w: &Weights, cfg: BertConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let prefix = ["", "bert.", "roberta.", "model."]
+            .into_iter()
+            .find(|p| w.contains(&format!("{p}embeddings.word_embeddings.weight")))
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "{}: no `embeddings.word_embeddings.weight` (with or without a bert./roberta. prefix): not a BERT-family checkpoint",
+                    w.source().display()
+                ))
+            })?
+            .to_string();
+        let h = cfg.hidden;
+        let p = |s: &str| format!("{prefix}{s}");
+        let word = w.get(&p("embeddings.word_embeddings.weight"), dtype, device)?;
+        let pos = w.get(&p("embeddings.position_embeddings.weight"), dtype, device)?;
+        let token_type = if w.contains(&p("embeddings.token_type_embeddings.weight")) {
+            Some(w.get(&p("embeddings.token_type_embeddings.weight"), dtype, device)?)
+        } else {
+            None
+        };
+        let emb_norm = Norm::load(w, &p("embeddings.LayerNorm"), h, device)?;
+        let mut layers = vec![];
+        for i in 0..cfg.layers {
+            let l = |s: &str| p(&format!("encoder.layer.{i}.{s}"));
+            let lin = |s: &str, o, inp| load_linear(w, &l(s), o, inp, true, dtype, device);
+            layers.push(Layer {
+                query: lin("attention.self.query", h, h)?,
+                key: lin("attention.self.key", h, h)?,
+                value: lin("attention.self.value", h, h)?,
+                attn_out: lin("attention.output.dense", h, h)?,
+                attn_norm: Norm::load(w, &l("attention.output.LayerNorm"), h, device)?,
+                inter: lin("intermediate.dense", cfg.intermediate, h)?,
+                out: lin("output.dense", h, cfg.intermediate)?,
+                out_norm: Norm::load(w, &l("output.LayerNorm"), h, device)?,
+            });
+        }
+        let pooler = if w.contains(&p("pooler.dense.weight")) {
+            Some(load_linear(
+                w,
+                &p("pooler.dense"),
+                h,
+                h,
+                true,
+                dtype,
+                device,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            prefix,
+            word,
+            pos,
+            token_type,
+            emb_norm,
+            layers,
+            pooler,
+            dtype,
+        })
+    }
+
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        let mut v = vec![];
+        for l in &self.layers {
+            v.extend([&l.query, &l.key, &l.value, &l.attn_out, &l.inter, &l.out]);
+        }
+        v.extend(self.pooler.iter());
+        v
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
+        let mut v = vec![];
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.inter,
+                &mut l.out,
+            ]);
+        }
+        v.extend(self.pooler.iter_mut());
+        v
+    }
+
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    fn position_ids(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, t) = batch.ids.dims2()?;
+        let device = batch.ids.device();
+        if self.cfg.roberta {
+            // positions count real tokens from pad + 1; padding gets the pad position
+            let mask = batch.mask.to_dtype(DType::F32)?;
+            let csum = mask.cumsum(1)?;
+            let pos = ((csum * &mask)? + self.cfg.pad_token_id as f64)?;
+            return Ok(pos.to_dtype(DType::U32)?);
+        }
+        if t > self.cfg.max_positions {
+            return Err(Error::msg(format!(
+                "sequence of {t} tokens exceeds max_position_embeddings {}",
+                self.cfg.max_positions
+            )));
+        }
+        let row = Tensor::arange(0u32, t as u32, device)?;
+        Ok(row.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()?)
+    }
+
+    /// Final hidden states (b, t, h) in the model dtype.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, t) = batch.ids.dims2()?;
+        let h = self.cfg.hidden;
+        let ids = batch.ids.flatten_all()?;
+        let mut x = self.word.index_select(&ids, 0)?;
+        let pos = self.position_ids(batch)?.flatten_all()?;
+        x = (x + self.pos.index_select(&pos, 0)?)?;
+        if let Some(tt) = &self.token_type {
+            x = (x + tt.index_select(&batch.type_ids.flatten_all()?, 0)?)?;
+        }
+        let mut x = self
+            .emb_norm
+            .forward(&x.reshape((b, t, h))?, self.cfg.eps)?;
+        let mask = additive_mask(&batch.mask, false, self.dtype)?;
+        let nh = self.cfg.heads;
+        let hd = h / nh;
+        let heads =
+            |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
+        for l in &self.layers {
+            let q = heads(l.query.forward(&x)?)?;
+            let k = heads(l.key.forward(&x)?)?;
+            let v = heads(l.value.forward(&x)?)?;
+            let a = attention(&q, &k, &v, &mask)?
+                .transpose(1, 2)?
+                .reshape((b, t, h))?;
+            let a = l.attn_out.forward(&a)?;
+            let x1 = l.attn_norm.forward(&(a + &x)?, self.cfg.eps)?;
+            let f = l
+                .out
+                .forward(&self.cfg.act.apply(&l.inter.forward(&x1)?)?)?;
+            x = l.out_norm.forward(&(f + x1)?, self.cfg.eps)?;
+        }
+        Ok(x)
+    }
+
+    /// BertForSequenceClassification's pooling: tanh(W·h_[CLS] + b) (raw [CLS] without a pooler).
+    pub fn cls_pooled(&self, hidden: &Tensor) -> Result<Tensor> {
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        match &self.pooler {
+            Some(p) => Ok(p.forward(&cls)?.tanh()?),
+            None => Ok(cls),
+        }
+    }
+}

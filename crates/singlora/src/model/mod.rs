@@ -1,0 +1,644 @@
+//! Pretrained transformers with adapters, written for training: loading (safetensors or GGUF),
+//! adapter injection by target matching, task heads and losses.
+//!
+//! - Classification: a fully trained head (`classifier` for BERT-family, `score` for
+//!   LLaMA-family, as transformers names them) on a pooled representation ([CLS] through the
+//!   pooler, the mean of the real tokens, or the last real token for decoders); cross-entropy.
+//! - SFT (decoders): causal-LM cross-entropy on the completion tokens only; the vocabulary
+//!   projection is computed only at those positions.
+//!
+//! Frozen weights are plain tensors (never variables) and every linear layer goes through
+//! [`crate::linear::frozen_matmul`], so no weight gradient is ever computed for them.
+
+pub mod bert;
+pub mod llama;
+pub mod weights;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::Value;
+
+pub use crate::data::{Batch, Task};
+
+use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Param, ParamRole};
+use crate::adapter_file::AdapterFile;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::init::{normal, rng_for};
+use crate::linear::FrozenLinear;
+use crate::nn::cross_entropy;
+use crate::ramp::RampClock;
+use crate::target::TargetSpec;
+use bert::Bert;
+use llama::Llama;
+use weights::{ConfigReader, Weights};
+
+/// Loads a frozen linear layer `name.weight` (d_out, d_in) and, if asked, `name.bias`.
+pub(crate) fn load_linear(
+    w: &Weights,
+    name: &str,
+    d_out: usize,
+    d_in: usize,
+    bias: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<AdaptedLinear> {
+    let weight = w.get_shaped(&format!("{name}.weight"), &[d_out, d_in], dtype, device)?;
+    let bias = if bias {
+        Some(w.get_shaped(&format!("{name}.bias"), &[d_out], dtype, device)?)
+    } else {
+        None
+    };
+    Ok(AdaptedLinear::new(name, FrozenLinear::new(weight, bias)))
+}
+
+/// The architecture family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    Llama,
+}
+
+impl Family {
+    /// From config.json's `model_type`.
+    pub fn detect(config: &Value, path: &Path) -> Result<Self> {
+        let mt = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        match mt {
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "minilm" | "electra" => Ok(Family::Bert),
+            "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" => Ok(Family::Llama),
+            "" => Err(Error::bad_field(path, "model_type", "is missing")),
+            other => Err(Error::bad_field(
+                path,
+                "model_type",
+                format!("`{other}` is not supported (BERT-family: bert, roberta; LLaMA-family: llama, mistral, qwen2)"),
+            )),
+        }
+    }
+
+    /// The paper's settings: query/key/value/attention output for encoders, all seven
+    /// projections for decoders.
+    pub fn default_targets(&self) -> &'static str {
+        match self {
+            Family::Bert => "query,key,value,attention.output.dense",
+            Family::Llama => "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        }
+    }
+
+    /// transformers' name for the classification head.
+    pub fn head_name(&self) -> &'static str {
+        match self {
+            Family::Bert => "classifier",
+            Family::Llama => "score",
+        }
+    }
+}
+
+/// How a sequence becomes one vector for classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// [CLS] through the pooler (BertForSequenceClassification).
+    Cls,
+    /// Mean over real tokens (sentence-transformers).
+    Mean,
+    /// The last real token (LlamaForSequenceClassification).
+    Last,
+}
+
+impl fmt::Display for Pooling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+            Pooling::Last => "last",
+        })
+    }
+}
+
+impl FromStr for Pooling {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            "last" => Ok(Pooling::Last),
+            _ => Err(Error::msg(format!(
+                "unknown pooling `{s}`: expected cls, mean or last"
+            ))),
+        }
+    }
+}
+
+pub enum Body {
+    Bert(Bert),
+    Llama(Llama),
+}
+
+impl Body {
+    pub fn family(&self) -> Family {
+        match self {
+            Body::Bert(_) => Family::Bert,
+            Body::Llama(_) => Family::Llama,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Body::Bert(b) => b.cfg.hidden,
+            Body::Llama(l) => l.cfg.hidden,
+        }
+    }
+
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        match self {
+            Body::Bert(b) => b.linears(),
+            Body::Llama(l) => l.linears(),
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
+        match self {
+            Body::Bert(b) => b.linears_mut(),
+            Body::Llama(l) => l.linears_mut(),
+        }
+    }
+
+    /// Layers that `all-linear` leaves alone (output projections and poolers).
+    pub fn output_layers(&self) -> Vec<String> {
+        self.linears()
+            .iter()
+            .map(|l| l.name().to_string())
+            .filter(|n| n == "lm_head" || n.ends_with("pooler.dense"))
+            .collect()
+    }
+
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        match self {
+            Body::Bert(b) => b.hidden_states(batch),
+            Body::Llama(l) => l.hidden_states(batch),
+        }
+    }
+}
+
+/// A pretrained checkpoint as loaded: body, config.json, tokenizer.
+pub struct Pretrained {
+    pub body: Body,
+    pub config: Value,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub source: PathBuf,
+    pub gguf: bool,
+    pub chat_template: Option<String>,
+    /// sentence-transformers checkpoints pool by the mean.
+    pub mean_pooling_hint: bool,
+}
+
+impl Pretrained {
+    /// Loads a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a GGUF
+    /// file (or a directory holding one). Frozen weights go to `device` in `dtype`.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let gguf_path = crate::gguf::find_gguf(path)
+            .filter(|p| crate::gguf::is_gguf(p) && !path.join("config.json").exists());
+        let (weights, config, config_path, tokenizer, chat_template, gguf) = match gguf_path {
+            Some(p) => {
+                let g = crate::gguf::load_gguf(&p, DType::F32)?;
+                (
+                    Weights::Memory(p.clone(), g.tensors),
+                    g.config,
+                    p.clone(),
+                    g.tokenizer,
+                    g.chat_template,
+                    true,
+                )
+            }
+            None => {
+                let ckpt = Checkpoint::open(path)?;
+                let config = ckpt.config().clone();
+                let tokenizer = crate::tokenize::load_tokenizer(path)?;
+                let template = read_chat_template(path);
+                (
+                    Weights::Checkpoint(ckpt),
+                    config,
+                    path.join("config.json"),
+                    tokenizer,
+                    template,
+                    false,
+                )
+            }
+        };
+        let reader = ConfigReader {
+            path: &config_path,
+            value: &config,
+        };
+        let body = match Family::detect(&config, &config_path)? {
+            Family::Bert => {
+                Body::Bert(Bert::load(&weights, Bert::config(&reader)?, dtype, device)?)
+            }
+            Family::Llama => Body::Llama(Llama::load(
+                &weights,
+                Llama::config(&reader)?,
+                dtype,
+                device,
+            )?),
+        };
+        let mean_pooling_hint =
+            path.join("1_Pooling").is_dir() || path.join("modules.json").exists();
+        Ok(Self {
+            body,
+            config,
+            tokenizer,
+            source: path.to_path_buf(),
+            gguf,
+            chat_template,
+            mean_pooling_hint,
+        })
+    }
+
+    /// The pooling a classifier on this model uses by default.
+    pub fn default_pooling(&self) -> Pooling {
+        match (&self.body, self.mean_pooling_hint) {
+            (Body::Llama(_), _) => Pooling::Last,
+            (Body::Bert(_), true) => Pooling::Mean,
+            (Body::Bert(b), false) if b.has_pooler() => Pooling::Cls,
+            (Body::Bert(_), false) => Pooling::Mean,
+        }
+    }
+}
+
+fn read_chat_template(dir: &Path) -> Option<String> {
+    let cfg = crate::checkpoint::read_json(&dir.join("tokenizer_config.json")).ok()?;
+    cfg.get("chat_template")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// A trained-in-full linear head (n_labels × hidden), saved like PEFT's `modules_to_save`.
+pub struct ClassifierHead {
+    pub name: String,
+    pub weight: Var,
+    pub bias: Option<Var>,
+}
+
+impl ClassifierHead {
+    /// N(0, 0.02²) weights (transformers' initializer_range), zero bias.
+    pub fn init(
+        name: &str,
+        n_labels: usize,
+        hidden: usize,
+        bias: bool,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let w = normal(
+            &mut rng_for(seed, name),
+            0.02,
+            (n_labels, hidden),
+            DType::F32,
+            device,
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            weight: Var::from_tensor(&w)?,
+            bias: if bias {
+                Some(Var::zeros(n_labels, DType::F32, device)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.to_dtype(DType::F32)?.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    pub fn params(&self) -> Vec<Param> {
+        let mut p = vec![Param {
+            suffix: "weight",
+            var: self.weight.clone(),
+            role: ParamRole::HeadWeight,
+        }];
+        if let Some(b) = &self.bias {
+            p.push(Param {
+                suffix: "bias",
+                var: b.clone(),
+                role: ParamRole::HeadBias,
+            });
+        }
+        p
+    }
+}
+
+/// A pretrained body with adapters and, for classification, a head.
+pub struct TaskModel {
+    pub body: Body,
+    pub task: Task,
+    pub head: Option<ClassifierHead>,
+    pub pooling: Pooling,
+    pub clock: RampClock,
+}
+
+/// Evaluation sums of one batch.
+#[derive(Debug, Clone, Default)]
+pub struct EvalSums {
+    pub nll_sum: f64,
+    pub count: usize,
+    /// Classification: predicted and true label per row.
+    pub preds: Vec<usize>,
+    pub labels: Vec<usize>,
+    /// Classification: probabilities per row.
+    pub probs: Vec<Vec<f32>>,
+}
+
+impl TaskModel {
+    pub fn new(
+        body: Body,
+        task: Task,
+        n_labels: Option<usize>,
+        pooling: Pooling,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let head = match (task, n_labels) {
+            (Task::Classify, Some(n)) => {
+                let family = body.family();
+                Some(ClassifierHead::init(
+                    family.head_name(),
+                    n,
+                    body.hidden_size(),
+                    family == Family::Bert,
+                    seed,
+                    device,
+                )?)
+            }
+            (Task::Classify, None) => return Err(Error::msg("classification needs a label set")),
+            (Task::Sft, _) => {
+                if body.family() != Family::Llama {
+                    return Err(Error::msg(
+                        "--task sft needs a decoder (LLaMA-family) model",
+                    ));
+                }
+                None
+            }
+        };
+        Ok(Self {
+            body,
+            task,
+            head,
+            pooling,
+            clock: RampClock::new(crate::ramp::RampSchedule::none(), 0),
+        })
+    }
+
+    /// Puts fresh adapters on the modules `targets` selects; returns their names.
+    pub fn inject(
+        &mut self,
+        spec: &AdapterSpec,
+        targets: &TargetSpec,
+        clock: RampClock,
+    ) -> Result<Vec<String>> {
+        let names: Vec<String> = self
+            .body
+            .linears()
+            .iter()
+            .map(|l| l.name().to_string())
+            .collect();
+        let chosen = targets.select(&names, &self.body.output_layers())?;
+        for l in self.body.linears_mut() {
+            if chosen.iter().any(|c| c == l.name()) {
+                let a = Adapter::init(spec, l.name(), l.base().weight(), &clock)?;
+                l.set_adapter(Some(a))?;
+            }
+        }
+        self.clock = clock;
+        Ok(chosen)
+    }
+
+    /// Loads an adapter file (and its head) onto the model.
+    pub fn load_adapter(&mut self, af: &AdapterFile) -> Result<()> {
+        let clock = af.clock();
+        let known: Vec<String> = self
+            .body
+            .linears()
+            .iter()
+            .map(|l| l.name().to_string())
+            .collect();
+        for module in af.layers.keys() {
+            if !known.contains(module) {
+                return Err(Error::msg(format!(
+                    "the adapter has a layer `{module}` that this model does not have (its linear layers look like `{}`)",
+                    known.first().cloned().unwrap_or_default()
+                )));
+            }
+        }
+        for l in self.body.linears_mut() {
+            let a = if af.layers.contains_key(l.name()) {
+                let w0 = l.base().weight().clone();
+                Some(af.build_adapter(l.name(), &w0, &clock)?)
+            } else {
+                None
+            };
+            l.set_adapter(a)?;
+        }
+        if let Some(head) = &self.head {
+            for p in head.params() {
+                let key = format!("{}.{}", head.name, p.suffix);
+                let t = af.heads.get(&key).ok_or_else(|| {
+                    Error::msg(format!("the adapter has no head tensor `{key}` (was it trained for classification?)"))
+                })?;
+                if t.dims() != p.var.dims() {
+                    return Err(Error::bad_tensor(
+                        &key,
+                        format!(
+                            "has shape {:?}, the head needs {:?}",
+                            t.dims(),
+                            p.var.dims()
+                        ),
+                    ));
+                }
+                p.var
+                    .set(&t.to_dtype(DType::F32)?.to_device(p.var.device())?)?;
+            }
+        }
+        self.clock = clock;
+        Ok(())
+    }
+
+    /// (name, (d_out, d_in), adapter) for every adapted layer, in model order.
+    pub fn adapters(&self) -> Vec<(&str, (usize, usize), &Adapter)> {
+        self.body
+            .linears()
+            .into_iter()
+            .filter_map(|l| l.adapter().map(|a| (l.name(), l.dims(), a)))
+            .collect()
+    }
+
+    /// Every trainable tensor: adapters in model order, then the head.
+    pub fn params(&self) -> Vec<Param> {
+        let mut p: Vec<Param> = self
+            .adapters()
+            .iter()
+            .flat_map(|(_, _, a)| a.params())
+            .collect();
+        if let Some(h) = &self.head {
+            p.extend(h.params());
+        }
+        p
+    }
+
+    /// The head's tensors under their model names (for `modules_to_save`).
+    pub fn head_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+        self.head
+            .iter()
+            .flat_map(|h| {
+                h.params().into_iter().map(move |p| {
+                    (
+                        format!("{}.{}", h.name, p.suffix),
+                        p.var.as_tensor().clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn pooled(&self, batch: &Batch, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        match (self.pooling, &self.body) {
+            (Pooling::Cls, Body::Bert(bert)) => bert.cls_pooled(hidden),
+            (Pooling::Cls, _) => Err(Error::msg("cls pooling needs a BERT-family model")),
+            (Pooling::Mean, _) => {
+                let m = batch.mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+                let s = hidden.broadcast_mul(&m)?.sum(1)?;
+                Ok(s.broadcast_div(&m.sum(1)?.maximum(1.0)?)?)
+            }
+            (Pooling::Last, _) => {
+                let lens: Vec<f32> = batch.mask.sum(1)?.to_dtype(DType::F32)?.to_vec1()?;
+                let rows: Vec<u32> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| (i * t + (*l as usize).max(1) - 1) as u32)
+                    .collect();
+                let idx = Tensor::new(rows, hidden.device())?;
+                Ok(hidden.reshape((b * t, h))?.index_select(&idx, 0)?)
+            }
+        }
+    }
+
+    /// Classification logits (b, n_labels), f32.
+    pub fn class_logits(&self, batch: &Batch) -> Result<Tensor> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::msg("this model has no classification head"))?;
+        let hidden = self.body.hidden_states(batch)?;
+        head.forward(&self.pooled(batch, &hidden)?)
+    }
+
+    /// SFT: hidden rows that predict a completion token, and those tokens.
+    fn lm_rows(&self, batch: &Batch, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, h) = hidden.dims3()?;
+        let tm = batch
+            .target_mask
+            .as_ref()
+            .ok_or_else(|| Error::msg("an SFT batch needs a target mask"))?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let ids = batch.ids.to_vec2::<u32>()?;
+        let mut rows = vec![];
+        let mut targets = vec![];
+        for i in 0..b {
+            for j in 1..t {
+                if tm[i][j] > 0.0 {
+                    rows.push((i * t + j - 1) as u32);
+                    targets.push(ids[i][j]);
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Err(Error::msg("a batch has no completion tokens to learn from"));
+        }
+        let dev = hidden.device();
+        let sel = hidden
+            .reshape((b * t, h))?
+            .index_select(&Tensor::new(rows, dev)?, 0)?;
+        Ok((sel, Tensor::new(targets, dev)?))
+    }
+
+    fn lm_logits(&self, rows: &Tensor) -> Result<Tensor> {
+        match &self.body {
+            Body::Llama(l) => l.lm_logits(rows),
+            Body::Bert(_) => Err(Error::msg("SFT needs a decoder model")),
+        }
+    }
+
+    /// The training loss of a batch (mean over rows, or over completion tokens for SFT).
+    pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        match self.task {
+            Task::Classify => {
+                let logits = self.class_logits(batch)?;
+                let labels = batch
+                    .labels
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("a classification batch needs labels"))?;
+                cross_entropy(&logits, labels, None)
+            }
+            Task::Sft => {
+                let hidden = self.body.hidden_states(batch)?;
+                let (rows, targets) = self.lm_rows(batch, &hidden)?;
+                cross_entropy(&self.lm_logits(&rows)?, &targets, None)
+            }
+        }
+    }
+
+    /// Next-token logits (vocab) after the last position of a one-row batch.
+    pub fn next_token_logits(&self, batch: &Batch) -> Result<Tensor> {
+        let hidden = self.body.hidden_states(batch)?.detach();
+        let (b, t, h) = hidden.dims3()?;
+        let last = hidden.narrow(1, t - 1, 1)?.reshape((b, h))?;
+        Ok(self.lm_logits(&last)?.squeeze(0)?)
+    }
+
+    /// Losses, predictions and probabilities of a batch, without a graph.
+    pub fn eval_batch(&self, batch: &Batch) -> Result<EvalSums> {
+        let mut out = EvalSums::default();
+        match self.task {
+            Task::Classify => {
+                let logits = self.class_logits(batch)?.detach();
+                let probs = crate::nn::softmax_last(&logits)?;
+                out.probs = probs.to_vec2::<f32>()?;
+                out.preds = logits
+                    .argmax(1)?
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|x| x as usize)
+                    .collect();
+                if let Some(labels) = &batch.labels {
+                    let nll = crate::nn::nll_rows(&logits, labels)?.to_vec1::<f32>()?;
+                    out.nll_sum = nll.iter().map(|x| *x as f64).sum();
+                    out.count = nll.len();
+                    out.labels = labels
+                        .to_vec1::<u32>()?
+                        .into_iter()
+                        .map(|x| x as usize)
+                        .collect();
+                }
+            }
+            Task::Sft => {
+                let hidden = self.body.hidden_states(batch)?.detach();
+                let (rows, targets) = self.lm_rows(batch, &hidden)?;
+                let nll =
+                    crate::nn::nll_rows(&self.lm_logits(&rows)?, &targets)?.to_vec1::<f32>()?;
+                out.nll_sum = nll.iter().map(|x| *x as f64).sum();
+                out.count = nll.len();
+            }
+        }
+        Ok(out)
+    }
+}
