@@ -44,10 +44,12 @@ impl Session {
         let task = match (&af.config.labels, af.config.task_type.as_deref()) {
             (Some(_), _) => Task::Classify,
             (None, Some("CAUSAL_LM")) | (None, None) => Task::Sft,
-            (None, Some(t)) => return Err(Error::msg(format!(
+            (None, Some(t)) => {
+                return Err(Error::msg(format!(
                 "{}: task_type {t} without labels: singlora cannot tell what the adapter predicts",
                 adapter.display()
-            ))),
+            )))
+            }
         };
         let labels = af.config.labels.clone().map(|names| LabelSet { names });
         let pooling = match &af.config.pooling {

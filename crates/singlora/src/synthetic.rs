@@ -115,6 +115,122 @@ impl LlamaShape {
     }
 }
 
+/// The shape of a BERT encoder.
+#[derive(Debug, Clone, Copy)]
+pub struct BertShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+}
+
+impl BertShape {
+    pub const TINY: BertShape = BertShape {
+        hidden: 16,
+        intermediate: 32,
+        layers: 2,
+        heads: 2,
+        vocab: 64,
+        max_positions: 64,
+    };
+
+    pub fn config(&self) -> Value {
+        json!({
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": self.max_positions,
+            "type_vocab_size": 2,
+            "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12,
+            "pad_token_id": 0
+        })
+    }
+
+    /// Tensors named as a bare BertModel checkpoint (MiniLM's layout), with a pooler.
+    pub fn tensors(&self, seed: u64, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+        let dev = Device::Cpu;
+        let h = self.hidden;
+        let mut out = BTreeMap::new();
+        let mut put = |name: String, shape: (usize, usize), std: f64, offset: f64| -> Result<()> {
+            let t = (normal(&mut rng_for(seed, &name), std, shape, DType::F32, &dev)? + offset)?;
+            let t = if shape.0 == 1 { t.squeeze(0)? } else { t };
+            out.insert(name, t.to_dtype(dtype)?);
+            Ok(())
+        };
+        put(
+            "embeddings.word_embeddings.weight".into(),
+            (self.vocab, h),
+            0.2,
+            0.0,
+        )?;
+        put(
+            "embeddings.position_embeddings.weight".into(),
+            (self.max_positions, h),
+            0.2,
+            0.0,
+        )?;
+        put(
+            "embeddings.token_type_embeddings.weight".into(),
+            (2, h),
+            0.2,
+            0.0,
+        )?;
+        let mut ln = |base: String| -> Result<()> {
+            put(format!("{base}.weight"), (1, h), 0.1, 1.0)?;
+            put(format!("{base}.bias"), (1, h), 0.1, 0.0)
+        };
+        ln("embeddings.LayerNorm".into())?;
+        for l in 0..self.layers {
+            ln(format!("encoder.layer.{l}.attention.output.LayerNorm"))?;
+            ln(format!("encoder.layer.{l}.output.LayerNorm"))?;
+        }
+        let mut put = |name: String, shape: (usize, usize), std: f64| -> Result<()> {
+            let t = normal(&mut rng_for(seed, &name), std, shape, DType::F32, &dev)?;
+            let t = if shape.0 == 1 { t.squeeze(0)? } else { t };
+            out.insert(name, t.to_dtype(dtype)?);
+            Ok(())
+        };
+        let mut lin = |name: String, o: usize, i: usize| -> Result<()> {
+            put(format!("{name}.weight"), (o, i), 1.0 / (i as f64).sqrt())?;
+            put(format!("{name}.bias"), (1, o), 0.02)
+        };
+        for l in 0..self.layers {
+            let p = format!("encoder.layer.{l}");
+            for m in [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+            ] {
+                lin(format!("{p}.{m}"), h, h)?;
+            }
+            lin(format!("{p}.intermediate.dense"), self.intermediate, h)?;
+            lin(format!("{p}.output.dense"), h, self.intermediate)?;
+        }
+        lin("pooler.dense".into(), h, h)?;
+        Ok(out)
+    }
+}
+
+/// Writes `tokenizer.json` for a word-level vocabulary into `dir`.
+pub fn write_tokenizer(
+    dir: &Path,
+    words: &[&str],
+    style: crate::tokenize::TokenizerStyle,
+) -> Result<()> {
+    let tok = crate::tokenize::word_level_tokenizer(words, style);
+    let p = dir.join("tokenizer.json");
+    tok.save(&p, false)
+        .map_err(|e| crate::error::Error::msg(format!("{}: {e}", p.display())))
+}
+
 /// Writes a checkpoint directory: config.json and one `model.safetensors`, or `shards` files
 /// named as transformers names them, with the index.
 pub fn write_checkpoint(

@@ -291,20 +291,21 @@ impl ClassifierHead {
         hidden: usize,
         bias: bool,
         seed: u64,
+        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let w = normal(
             &mut rng_for(seed, name),
             0.02,
             (n_labels, hidden),
-            DType::F32,
+            dtype,
             device,
         )?;
         Ok(Self {
             name: name.to_string(),
             weight: Var::from_tensor(&w)?,
             bias: if bias {
-                Some(Var::zeros(n_labels, DType::F32, device)?)
+                Some(Var::zeros(n_labels, dtype, device)?)
             } else {
                 None
             },
@@ -312,7 +313,7 @@ impl ClassifierHead {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.to_dtype(DType::F32)?.matmul(&self.weight.t()?)?;
+        let y = x.to_dtype(self.weight.dtype())?.matmul(&self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -375,6 +376,7 @@ impl TaskModel {
                     body.hidden_size(),
                     family == Family::Bert,
                     seed,
+                    DType::F32,
                     device,
                 )?)
             }
