@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+// Training allocates and frees large activation buffers every step; mimalloc keeps them mapped
+// instead of returning them to the kernel and faulting them back in (a third of a CPU step).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod bench_cmd;
 mod demo;
 mod example;
 mod train_cmd;
@@ -30,6 +36,9 @@ enum Command {
     Eval(train_cmd::EvalArgs),
     /// Predict with a trained adapter: labels for texts, or completions for prompts (arguments or stdin).
     Predict(train_cmd::PredictArgs),
+    /// Time training steps of a model (a benchmark; prints a line or JSON).
+    #[command(name = "bench-step")]
+    BenchStep(bench_cmd::StepArgs),
     /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
     Demo(demo::DemoArgs),
     /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
@@ -96,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => train_cmd::eval(args)?,
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
+        Command::BenchStep(args) => bench_cmd::step(args)?,
         Command::Merge {
             base,
             adapter,

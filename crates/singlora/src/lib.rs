@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod adapter_file;
 pub mod atomic;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
