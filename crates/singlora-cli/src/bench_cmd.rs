@@ -40,17 +40,26 @@ pub struct StepArgs {
 
 pub fn step(a: StepArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let dtype = if device.is_cpu() { DType::F32 } else { DType::BF16 };
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
     let pre = Pretrained::load(&a.model, dtype, &device)?;
     let pooling = pre.default_pooling();
     let vocab = pre.tokenizer.get_vocab_size(true);
     let mut model = TaskModel::new(pre.body, Task::Classify, Some(2), pooling, 0, &device)?;
     let method: Method = a.method.parse()?;
     let spec = AdapterSpec::new(method.kind(), a.rank, a.rank as f64);
-    model.inject(&spec, &TargetSpec::parse(&a.targets, None)?, RampClock::new(RampSchedule::none(), 0))?;
+    model.inject(
+        &spec,
+        &TargetSpec::parse(&a.targets, None)?,
+        RampClock::new(RampSchedule::none(), 0),
+    )?;
     let batch = singlora::bench::random_batch(a.batch, a.seq, vocab, 2, &device)?;
     let dev = device.clone();
-    let t = singlora::bench::time_steps(&model, &batch, a.warmup, a.steps, || Ok(dev.synchronize()?))?;
+    let t =
+        singlora::bench::time_steps(&model, &batch, a.warmup, a.steps, || Ok(dev.synchronize()?))?;
     if a.json {
         println!("{}", serde_json::to_string(&t)?);
     } else {

@@ -170,7 +170,14 @@ fn print_merge(out: &Path, r: &singlora::merge::MergeReport) {
     }
 }
 
+/// mimalloc's option index of `purge_delay` (mimalloc 2.x, `mi_option_purge_delay`).
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
 fn main() -> ExitCode {
+    // Keep freed pages mapped: each training step reuses the same buffer sizes, and purging
+    // them made the kernel zero-fill them again on every step.
+    // SAFETY: called before any other thread exists; the option is a plain integer setting.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -19,6 +19,7 @@ pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod ramp;

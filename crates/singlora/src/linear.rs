@@ -138,6 +138,16 @@ impl FrozenLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, k) = self.dims();
+        if crate::ops::fused_available(x, &self.weight) {
+            let m = x.elem_count() / k;
+            let y =
+                crate::ops::frozen_linear(&x.reshape((m, k))?, &self.weight, self.bias.as_ref())
+                    .map_err(candle_core::Error::wrap)?;
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().unwrap() = n;
+            return y.reshape(dims);
+        }
         self.add_bias(&self.forward_no_bias(x)?)
     }
 }

@@ -154,10 +154,48 @@ impl Activation {
     }
 }
 
-/// Scaled dot-product attention on (b, h, t, d) tensors with an additive mask broadcastable to
-/// (b, h, t, t) (0 where allowed, a large negative number where not). K and V may have fewer
-/// heads (grouped-query attention): each is shared by h / h_kv query heads.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// Scaled dot-product attention on (b, h, t, d) tensors; batch row i attends to its first
+/// `key_lens[i]` keys (right padding), and only to earlier ones when `causal`. K and V may have
+/// fewer heads (grouped-query attention): each is shared by h / h_kv query heads. The softmax
+/// is [`crate::ops::masked_softmax`] (fused on the CPU).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_lens: &[usize],
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let (k, v) = if h_kv != h {
+        let rep = h / h_kv;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, h_kv, rep, t, d))?
+                .reshape((b, h, t, d))?)
+        };
+        (expand(k)?, expand(v)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let p = crate::ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), key_lens, causal)?;
+    Ok(p.matmul(&v.contiguous()?)?)
+}
+
+/// Real-token counts per row of a (b, t) 1/0 mask (one host read).
+pub fn key_lens(mask: &Tensor) -> Result<Vec<usize>> {
+    Ok(mask
+        .to_dtype(DType::F32)?
+        .sum(1)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|x| x.round() as usize)
+        .collect())
+}
+
+/// The composed reference of [`attention`] with an additive mask broadcastable to (b, h, t, t).
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let h_kv = k.dim(1)?;
     let (k, v) = if h_kv != h {
@@ -370,12 +408,25 @@ pub(crate) mod tests {
         let v = randn(&[b, hkv, t, d]);
         let pad = Tensor::new(&[[1f32, 1., 1.], [1., 1., 0.]], &Device::Cpu).unwrap();
         let mask = additive_mask(&pad, true, DType::F64).unwrap();
-        check_grad(&randn(&[b, h, t, d]), |q| attention(q, &k, &v, &mask));
+        let lens = [3usize, 2];
+        check_grad(&randn(&[b, h, t, d]), |q| attention(q, &k, &v, &lens, true));
         let q = randn(&[b, h, t, d]);
-        check_grad(&k, |k| attention(&q, k, &v, &mask));
-        check_grad(&v, |v| attention(&q, &k, v, &mask));
+        check_grad(&k, |k| attention(&q, k, &v, &lens, true));
+        check_grad(&v, |v| attention(&q, &k, v, &lens, true));
+        check_grad(&q, |q| attention_reference(q, &k, &v, &mask));
+        let fused = attention(&q, &k, &v, &lens, true).unwrap();
+        let composed = attention_reference(&q, &k, &v, &mask).unwrap();
+        let diff = (&fused - &composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
         // causal: the first query sees only the first key, so its output is v[0]
-        let o = attention(&q, &k, &v, &mask).unwrap();
+        let o = fused;
         let first = o
             .narrow(2, 0, 1)
             .unwrap()

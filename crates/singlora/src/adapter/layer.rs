@@ -79,11 +79,27 @@ impl AdaptedLinear {
         let dims = x.dims().to_vec();
         let m = x.elem_count() / d_in;
         let x2 = x.reshape((m, d_in))?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = d_out;
+        let w0 = self.base.weight();
+        if crate::ops::fused_available(&x2, w0) {
+            if let Some((d, u, c)) = adapter.factors()? {
+                // one op: bias, base product and adapter product into one output
+                let dt = x2.dtype();
+                let y = crate::ops::adapted_linear(
+                    &x2,
+                    w0,
+                    self.base.bias(),
+                    &d.to_dtype(dt)?,
+                    &u.to_dtype(dt)?,
+                    c,
+                )?;
+                return Ok(y.reshape(out)?);
+            }
+        }
         let y0 = self.base.forward_no_bias(&x2)?;
         let y = adapter.adapt(&x2, self.base.weight(), &y0)?;
         let y = self.base.add_bias(&y)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = d_out;
         Ok(y.reshape(out)?)
     }
 

@@ -250,6 +250,18 @@ impl Adapter {
         }
     }
 
+    /// The factors (D, U, c) of ΔW = c·U·Dᵀ for the fused linear op: SingLoRA (A_in, A_out,
+    /// s·u), LoRA (Aᵀ, B, s); None for DoRA, whose output is also rescaled.
+    pub fn factors(&self) -> Result<Option<(Tensor, Tensor, f64)>> {
+        match self {
+            Adapter::SingLora(a) => Ok(Some(a.factors()?)),
+            Adapter::Lora(a) if !a.is_dora() => {
+                Ok(Some((a.a().t()?, a.b().as_tensor().clone(), a.scale())))
+            }
+            Adapter::Lora(_) => Ok(None),
+        }
+    }
+
     /// The merged weight, computed in f64 from `w0` (any float dtype), returned in f64,
     /// with DoRA's row norms (needed to unmerge).
     pub fn merged_weight(&self, w0: &Tensor) -> Result<(Tensor, Option<Tensor>)> {

@@ -80,6 +80,16 @@ impl SingLoraAdapter {
         &self.clock
     }
 
+    /// (A_in, A_out, s·u(t)) for the forward about to run.
+    pub(super) fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
+        let a = self.a.as_tensor();
+        Ok((
+            a.narrow(0, 0, self.d_in)?,
+            a.narrow(0, 0, self.d_out)?,
+            self.scale * self.clock.u(),
+        ))
+    }
+
     pub(super) fn adapt(&self, x: &Tensor, y0: &Tensor) -> Result<Tensor> {
         let c = self.scale * self.clock.u();
         if c == 0.0 {

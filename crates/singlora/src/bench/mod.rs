@@ -30,7 +30,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Synthetic batch: `b` rows of `t` random token ids below `vocab`, all real.
-pub fn random_batch(b: usize, t: usize, vocab: usize, n_labels: usize, device: &Device) -> Result<Batch> {
+pub fn random_batch(
+    b: usize,
+    t: usize,
+    vocab: usize,
+    n_labels: usize,
+    device: &Device,
+) -> Result<Batch> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = || {
         x ^= x << 13;
@@ -51,8 +57,15 @@ pub fn random_batch(b: usize, t: usize, vocab: usize, n_labels: usize, device: &
 }
 
 /// Forward, backward and AdamW update, `warmup` untimed then `steps` timed.
-pub fn time_steps(model: &TaskModel, batch: &Batch, warmup: usize, steps: usize, sync: impl Fn() -> Result<()>) -> Result<StepTiming> {
-    let mut opt = AdamW::new(model.params(), AdamWConfig::default()).with_clock(model.clock.clone());
+pub fn time_steps(
+    model: &TaskModel,
+    batch: &Batch,
+    warmup: usize,
+    steps: usize,
+    sync: impl Fn() -> Result<()>,
+) -> Result<StepTiming> {
+    let mut opt =
+        AdamW::new(model.params(), AdamWConfig::default()).with_clock(model.clock.clone());
     let mut acc = GradAccumulator::new(opt.vars());
     model.clock.set_training(true);
     let (mut times, mut fwd, mut bwd, mut upd) = (vec![], vec![], vec![], vec![]);

@@ -11,7 +11,8 @@ use super::weights::{ConfigReader, Weights};
 use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
-use crate::nn::{additive_mask, attention, layer_norm, Activation};
+use crate::nn::{attention, key_lens, Activation};
+use crate::ops::{gelu_erf, layer_norm};
 
 #[derive(Debug, Clone)]
 pub struct BertConfig {
@@ -70,7 +71,6 @@ pub struct Bert {
     emb_norm: Norm,
     layers: Vec<Layer>,
     pooler: Option<AdaptedLinear>,
-    dtype: DType,
 }
 
 impl Bert {
@@ -164,7 +164,6 @@ impl Bert {
             emb_norm,
             layers,
             pooler,
-            dtype,
         })
     }
 
@@ -231,7 +230,7 @@ impl Bert {
         let mut x = self
             .emb_norm
             .forward(&x.reshape((b, t, h))?, self.cfg.eps)?;
-        let mask = additive_mask(&batch.mask, false, self.dtype)?;
+        let lens = key_lens(&batch.mask)?;
         let nh = self.cfg.heads;
         let hd = h / nh;
         let heads =
@@ -240,14 +239,17 @@ impl Bert {
             let q = heads(l.query.forward(&x)?)?;
             let k = heads(l.key.forward(&x)?)?;
             let v = heads(l.value.forward(&x)?)?;
-            let a = attention(&q, &k, &v, &mask)?
+            let a = attention(&q, &k, &v, &lens, false)?
                 .transpose(1, 2)?
                 .reshape((b, t, h))?;
             let a = l.attn_out.forward(&a)?;
             let x1 = l.attn_norm.forward(&(a + &x)?, self.cfg.eps)?;
-            let f = l
-                .out
-                .forward(&self.cfg.act.apply(&l.inter.forward(&x1)?)?)?;
+            let inter = l.inter.forward(&x1)?;
+            let act = match self.cfg.act {
+                Activation::GeluErf => gelu_erf(&inter)?,
+                other => other.apply(&inter)?,
+            };
+            let f = l.out.forward(&act)?;
             x = l.out_norm.forward(&(f + x1)?, self.cfg.eps)?;
         }
         Ok(x)

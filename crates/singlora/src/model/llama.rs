@@ -12,7 +12,8 @@ use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
-use crate::nn::{additive_mask, attention, rms_norm, rope, rope_tables};
+use crate::nn::{attention, key_lens, rope, rope_tables};
+use crate::ops::rms_norm;
 
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -207,7 +208,7 @@ impl Llama {
             .embed
             .index_select(&batch.ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden))?;
-        let mask = additive_mask(&batch.mask, true, self.dtype)?;
+        let lens = key_lens(&batch.mask)?;
         let (cos, sin) = rope_tables(&c.inv_freq, t, self.dtype, x.device())?;
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
@@ -217,11 +218,9 @@ impl Llama {
             let q = rope(&split(l.q.forward(&hn)?, c.heads)?, &cos, &sin)?;
             let k = rope(&split(l.k.forward(&hn)?, c.kv_heads)?, &cos, &sin)?;
             let v = split(l.v.forward(&hn)?, c.kv_heads)?;
-            let a = attention(&q, &k, &v, &mask)?.transpose(1, 2)?.reshape((
-                b,
-                t,
-                c.heads * c.head_dim,
-            ))?;
+            let a = attention(&q, &k, &v, &lens, true)?
+                .transpose(1, 2)?
+                .reshape((b, t, c.heads * c.head_dim))?;
             x = (x + l.o.forward(&a)?)?;
             let hn = rms_norm(&x, &l.ln2, c.eps)?;
             let f = (l.gate.forward(&hn)?.silu()? * l.up.forward(&hn)?)?;

@@ -1,0 +1,164 @@
+//! Exact GELU, y = x·Φ(x), with dy/dx = Φ(x) + x·φ(x), element-wise in one pass each way.
+//!
+//! f64 uses libm's erf; f32 uses a rational approximation of erf (Abramowitz & Stegun 7.1.26,
+//! |error| < 1.5e-7, below f32's resolution near 1) that the compiler can vectorise, where
+//! libm's branchy erff was 4% of a MiniLM training step.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::{cpu_slice, dispatch_float};
+use crate::error::Result;
+
+const CHUNK: usize = 4096;
+
+/// erf for f32 inputs, computed in f32.
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * super::exp_f32(-a * a);
+    y.copysign(x)
+}
+
+trait Gelu: Copy + Send + Sync {
+    fn phi_cdf(self) -> Self;
+    fn value(self) -> Self;
+    fn grad(self) -> Self;
+}
+
+impl Gelu for f32 {
+    #[inline(always)]
+    fn phi_cdf(self) -> f32 {
+        0.5 * (1.0 + erf_f32(self * std::f32::consts::FRAC_1_SQRT_2))
+    }
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self * self.phi_cdf()
+    }
+    #[inline(always)]
+    fn grad(self) -> f32 {
+        let pdf = super::exp_f32(-0.5 * self * self) * 0.398_942_3;
+        self.phi_cdf() + self * pdf
+    }
+}
+
+impl Gelu for f64 {
+    fn phi_cdf(self) -> f64 {
+        0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2))
+    }
+    fn value(self) -> f64 {
+        self * self.phi_cdf()
+    }
+    fn grad(self) -> f64 {
+        let pdf = (-0.5 * self * self).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        self.phi_cdf() + self * pdf
+    }
+}
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(s, "gelu", |T| {
+            let x = cpu_slice::<T>(s, l, "gelu")?;
+            let mut out = vec![0 as T; x.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(o, i)| {
+                    for (o, &v) in o.iter_mut().zip(i) {
+                        *o = v.value();
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluBackward)?))
+    }
+}
+
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-erf-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(s1, "gelu backward", |T| {
+            let x = cpu_slice::<T>(s1, l1, "gelu backward")?;
+            let g = cpu_slice::<T>(s2, l2, "gelu backward")?;
+            let mut out = vec![0 as T; x.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(o, (xi, gi))| {
+                    for ((o, &v), &gv) in o.iter_mut().zip(xi).zip(gi) {
+                        *o = gv * v.grad();
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+}
+
+/// Exact (erf) GELU, fused on the CPU for f32/f64; candle's `gelu_erf` elsewhere.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu()
+        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
+        return Ok(x.gelu_erf()?);
+    }
+    Ok(x.contiguous()?.apply_op1(GeluErf)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::tests::check_grad;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_and_differentiates() {
+        let x = Tensor::randn(0f64, 2.0, (5, 9), &Device::Cpu).unwrap();
+        let d = (gelu_erf(&x).unwrap() - x.gelu_erf().unwrap())
+            .unwrap()
+            .abs()
+            .unwrap();
+        assert!(
+            d.flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                < 1e-12
+        );
+        check_grad(&x, gelu_erf);
+        // f32 approximation against f64 exact values
+        let xs: Vec<f32> = (-80..=80).map(|i| i as f32 * 0.1).collect();
+        for &v in &xs {
+            let exact = (v as f64).value();
+            assert!(
+                ((v.value() as f64) - exact).abs() < 1e-6 * (1.0 + exact.abs()),
+                "gelu({v})"
+            );
+            let exact_g = (v as f64).grad();
+            assert!(((v.grad() as f64) - exact_g).abs() < 2e-6, "gelu'({v})");
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The adapted linear layer as one op: y = x·W0ᵀ + b + c·(x·D)·Uᵀ.
+//!
+//! D (d_in × r) and U (d_out × r) are the adapter's factors: SingLoRA D = A_in, U = A_out,
+//! c = s·u; LoRA D = Aᵀ, U = B, c = s. The bias is written first and both products accumulate
+//! into the same output (GEMM with β = 1), so no d_out-wide temporary is formed and no
+//! separate add passes run. Backward, with g = ∂L/∂y and g_U = g·U:
+//! dx = g·W0 + c·g_U·Dᵀ (again one output), dD = c·xᵀ·g_U, dU = c·gᵀ·(x·D); W0 and b, frozen,
+//! get nothing. CPU kernels call the `gemm` crate directly; other devices use the composed
+//! path of [`crate::adapter::AdaptedLinear`].
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
+
+use super::{dispatch_float, host_vec, Real};
+use crate::error::Result;
+
+/// A strided matrix view for gemm.
+#[derive(Clone, Copy)]
+struct View<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+fn view<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<(View<T>, &'a [T])> {
+    let data = T::cpu_storage_as_slice(s)?;
+    let st = l.stride();
+    if st.len() != 2 {
+        candle_core::bail!("fused linear: 2-D operands expected, got {:?}", l.dims());
+    }
+    let v = View {
+        ptr: data[l.start_offset()..].as_ptr(),
+        rs: st[0] as isize,
+        cs: st[1] as isize,
+    };
+    Ok((v, data))
+}
+
+impl<T> View<T> {
+    fn t(self) -> Self {
+        View {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// dst (m × n, row-major) ← [dst +] beta·lhs·rhs.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Real + 'static>(
+    dst: &mut [T],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n);
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the views come from candle storages whose layouts cover m×k, k×n elements at
+    // these strides (checked by the callers' shape checks), and dst holds m×n elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The frozen weight (d_out × d_in, contiguous) and bias as CPU data.
+fn frozen_view<T: candle_core::WithDType>(w0: &Tensor) -> candle_core::Result<Vec<T>> {
+    host_vec::<T>(w0)
+}
+
+#[derive(Clone)]
+struct AdaptedMatmul {
+    w0: Tensor,
+    bias: Option<Tensor>,
+    c: f64,
+}
+
+impl AdaptedMatmul {
+    fn fwd<T: Real + 'static>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        d: (&CpuStorage, &Layout),
+        u: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = x.1.shape().dims2()?;
+        let (n, k2) = self.w0.dims2()?;
+        let r = d.1.dims()[1];
+        if k != k2 || d.1.dims() != [k, r] || u.1.dims() != [n, r] {
+            candle_core::bail!(
+                "fused linear: x {:?}, W0 {:?}, D {:?}, U {:?} do not fit",
+                x.1.dims(),
+                self.w0.dims(),
+                d.1.dims(),
+                u.1.dims()
+            );
+        }
+        let (xv, _) = view::<T>(x.0, x.1)?;
+        let (dv, _) = view::<T>(d.0, d.1)?;
+        let (uv, _) = view::<T>(u.0, u.1)?;
+        let mut y = vec![T::zero(); m * n];
+        let has_bias = match &self.bias {
+            Some(b) => {
+                let b = host_vec::<T>(b)?;
+                for row in y.chunks_mut(n) {
+                    row.copy_from_slice(&b);
+                }
+                true
+            }
+            None => false,
+        };
+        self.base_product(&mut y, m, n, k, xv, has_bias)?;
+        if self.c != 0.0 {
+            let mut h = vec![T::zero(); m * r];
+            gemm_into(&mut h, m, r, k, xv, dv, T::one(), false);
+            let hv = View {
+                ptr: h.as_ptr(),
+                rs: r as isize,
+                cs: 1,
+            };
+            gemm_into(&mut y, m, n, r, hv, uv.t(), T::from(self.c).unwrap(), true);
+        }
+        Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+    }
+
+    /// y (+)= x·W0ᵀ.
+    fn base_product<T: Real + 'static>(
+        &self,
+        y: &mut [T],
+        m: usize,
+        n: usize,
+        k: usize,
+        xv: View<T>,
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        let (storage, layout) = self.w0.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) if s.dtype() == T::DTYPE => {
+                let (wv, _) = view::<T>(s, layout)?;
+                gemm_into(y, m, n, k, xv, wv.t(), T::one(), accumulate);
+            }
+            _ => {
+                let w = frozen_view::<T>(&self.w0)?;
+                let wv = View {
+                    ptr: w.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                };
+                gemm_into(y, m, n, k, xv, wv.t(), T::one(), accumulate);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp3 for AdaptedMatmul {
+    fn name(&self) -> &'static str {
+        "adapted-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(s1, "fused linear", |T| self.fwd::<T>(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        d: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let g_u = g.matmul(u)?; // (m, r)
+        let dx = if x.track_op() {
+            Some(g.apply_op3_no_bwd(
+                &g_u,
+                d,
+                &InputGrad {
+                    w0: self.w0.clone(),
+                    c: self.c,
+                },
+            )?)
+        } else {
+            None
+        };
+        let d_d = (x.t()?.matmul(&g_u)? * self.c)?;
+        let h = x.matmul(d)?;
+        let d_u = (g.t()?.matmul(&h)? * self.c)?;
+        Ok((dx, Some(d_d), Some(d_u)))
+    }
+}
+
+/// dx = g·W0 + c·g_U·Dᵀ into one buffer.
+struct InputGrad {
+    w0: Tensor,
+    c: f64,
+}
+
+impl InputGrad {
+    fn run<T: Real + 'static>(
+        &self,
+        g: (&CpuStorage, &Layout),
+        gu: (&CpuStorage, &Layout),
+        d: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n) = g.1.shape().dims2()?;
+        let (_, k) = self.w0.dims2()?;
+        let r = gu.1.dims()[1];
+        let (gv, _) = view::<T>(g.0, g.1)?;
+        let (guv, _) = view::<T>(gu.0, gu.1)?;
+        let (dv, _) = view::<T>(d.0, d.1)?;
+        let mut dx = vec![T::zero(); m * k];
+        let (storage, layout) = self.w0.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) if s.dtype() == T::DTYPE => {
+                let (wv, _) = view::<T>(s, layout)?;
+                gemm_into(&mut dx, m, k, n, gv, wv, T::one(), false);
+            }
+            _ => {
+                let w = frozen_view::<T>(&self.w0)?;
+                let wv = View {
+                    ptr: w.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                };
+                gemm_into(&mut dx, m, k, n, gv, wv, T::one(), false);
+            }
+        }
+        if self.c != 0.0 {
+            gemm_into(
+                &mut dx,
+                m,
+                k,
+                r,
+                guv,
+                dv.t(),
+                T::from(self.c).unwrap(),
+                true,
+            );
+        }
+        Ok((T::to_cpu_storage_owned(dx), Shape::from((m, k))))
+    }
+}
+
+impl CustomOp3 for InputGrad {
+    fn name(&self) -> &'static str {
+        "adapted-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(s1, "fused linear backward", |T| self.run::<T>(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3)
+        ))
+    }
+}
+
+/// y = x·W0ᵀ + b without an adapter: the bias written first, the product accumulated.
+struct FrozenBiasMatmul(AdaptedMatmul);
+
+impl candle_core::CustomOp1 for FrozenBiasMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(s, "frozen linear", |T| {
+            let (m, k) = l.shape().dims2()?;
+            let (n, _) = self.0.w0.dims2()?;
+            let (xv, _) = view::<T>(s, l)?;
+            let mut y = vec![<T as num_traits::Zero>::zero(); m * n];
+            let has_bias = match &self.0.bias {
+                Some(b) => {
+                    let b = host_vec::<T>(b)?;
+                    for row in y.chunks_mut(n) {
+                        row.copy_from_slice(&b);
+                    }
+                    true
+                }
+                None => false,
+            };
+            self.0.base_product(&mut y, m, n, k, xv, has_bias)?;
+            Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.0.w0)?))
+    }
+}
+
+/// y = x·W0ᵀ + b for 2-D `x` on the CPU (f32/f64); only x gets a gradient.
+pub fn frozen_linear(x: &Tensor, w0: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let op = FrozenBiasMatmul(AdaptedMatmul {
+        w0: w0.clone(),
+        bias: bias.cloned(),
+        c: 0.0,
+    });
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// y = x·W0ᵀ + b + c·(x·D)·Uᵀ for 2-D `x` (m × d_in), on the CPU (f32/f64).
+pub fn adapted_linear(
+    x: &Tensor,
+    w0: &Tensor,
+    bias: Option<&Tensor>,
+    d: &Tensor,
+    u: &Tensor,
+    c: f64,
+) -> Result<Tensor> {
+    let op = AdaptedMatmul {
+        w0: w0.clone(),
+        bias: bias.cloned(),
+        c,
+    };
+    let x = x.contiguous()?;
+    Ok(x.apply_op3(d, u, op)?)
+}
+
+/// Whether [`adapted_linear`] runs natively for these tensors.
+pub fn fused_available(x: &Tensor, w0: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && x.dtype() == w0.dtype()
+        && w0.is_contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::tests::check_grad;
+    use candle_core::{Device, Var};
+
+    fn reference(x: &Tensor, w0: &Tensor, b: &Tensor, d: &Tensor, u: &Tensor, c: f64) -> Tensor {
+        let y = x
+            .matmul(&w0.t().unwrap())
+            .unwrap()
+            .broadcast_add(b)
+            .unwrap();
+        (y + (x.matmul(d).unwrap().matmul(&u.t().unwrap()).unwrap() * c).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn matches_composed_with_strided_factors() {
+        let dev = Device::Cpu;
+        for (n, k) in [(6, 6), (9, 5), (4, 7)] {
+            let x = Tensor::randn(0f64, 1.0, (5, k), &dev).unwrap();
+            let w0 = Tensor::randn(0f64, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f64, 1.0, n, &dev).unwrap();
+            // SingLoRA-style: D, U are row prefixes of one A; LoRA-style: D is a transpose
+            let a = Var::randn(0f64, 1.0, (n.max(k), 3), &dev).unwrap();
+            let lora_a = Var::randn(0f64, 1.0, (3, k), &dev).unwrap();
+            let lora_b = Var::randn(0f64, 1.0, (n, 3), &dev).unwrap();
+            let cases = [
+                (a.narrow(0, 0, k).unwrap(), a.narrow(0, 0, n).unwrap()),
+                (lora_a.t().unwrap(), lora_b.as_tensor().clone()),
+            ];
+            for (d, u) in cases {
+                let y = adapted_linear(&x, &w0, Some(&b), &d, &u, 0.7).unwrap();
+                let r = reference(&x, &w0, &b, &d, &u, 0.7);
+                let diff = (y - r)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(diff < 1e-12, "({n}, {k}): {diff}");
+                check_grad(&x, |x| adapted_linear(x, &w0, Some(&b), &d, &u, 0.7));
+                check_grad(&x, |x| frozen_linear(x, &w0, Some(&b)));
+            }
+            // gradients into A through both prefixes, and into LoRA's A and B
+            let a_val = a.as_tensor().copy().unwrap();
+            check_grad(&a_val, |a| {
+                adapted_linear(&x, &w0, None, &a.narrow(0, 0, k)?, &a.narrow(0, 0, n)?, 0.7)
+            });
+            let la = lora_a.as_tensor().copy().unwrap();
+            check_grad(&la, |la| {
+                adapted_linear(&x, &w0, Some(&b), &la.t()?, lora_b.as_tensor(), 0.7)
+            });
+            let lb = lora_b.as_tensor().copy().unwrap();
+            check_grad(&lb, |lb| {
+                adapted_linear(&x, &w0, Some(&b), &lora_a.t()?, lb, 0.7)
+            });
+        }
+    }
+
+    #[test]
+    fn f32_matches_composed() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (64, 48), &dev).unwrap();
+        let w0 = Tensor::randn(0f32, 0.1, (80, 48), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 80, &dev).unwrap();
+        let d = Tensor::randn(0f32, 0.1, (48, 8), &dev).unwrap();
+        let u = Tensor::randn(0f32, 0.1, (80, 8), &dev).unwrap();
+        let y = adapted_linear(&x, &w0, Some(&b), &d, &u, 2.0).unwrap();
+        let r = reference(&x, &w0, &b, &d, &u, 2.0);
+        let diff = (y - r)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+    }
+}

@@ -1,0 +1,207 @@
+//! LayerNorm and RMSNorm over the last axis with frozen weights, fused forward and backward.
+//!
+//! LayerNorm: y = x̂·w + b, x̂ = (x − μ)/σ, σ = √(var + ε); dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ.
+//! RMSNorm:  y = x̂·w, x̂ = x/r, r = √(mean x² + ε);       dx = (ĝ − x̂·mean(ĝ⊙x̂))/r.
+//! (ĝ = g⊙w.) The backward recomputes the row statistics from x instead of storing them.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::{cpu_slice, dispatch_float, host_vec, Real};
+use crate::error::Result;
+
+#[derive(Clone)]
+struct Norm {
+    /// Weight and (LayerNorm) bias, in f64; cast per call.
+    w: Arc<Vec<f64>>,
+    b: Option<Arc<Vec<f64>>>,
+    eps: f64,
+    /// RMSNorm (no centring, no bias).
+    rms: bool,
+}
+
+impl Norm {
+    /// (mean, 1/σ) of a row.
+    fn stats<T: Real>(&self, x: &[T]) -> (T, T) {
+        let n = T::from(x.len()).unwrap();
+        let mean = if self.rms {
+            T::zero()
+        } else {
+            x.iter().fold(T::zero(), |a, &v| a + v) / n
+        };
+        let var = x
+            .iter()
+            .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
+            / n;
+        (mean, T::one() / (var + T::from(self.eps).unwrap()).sqrt())
+    }
+
+    fn fwd<T: Real>(&self, x: &[T], d: usize) -> Vec<T> {
+        let w: Vec<T> = self.w.iter().map(|v| T::from(*v).unwrap()).collect();
+        let b: Option<Vec<T>> = self
+            .b
+            .as_ref()
+            .map(|b| b.iter().map(|v| T::from(*v).unwrap()).collect());
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let (mean, inv) = self.stats(row);
+                for j in 0..d {
+                    let y = (row[j] - mean) * inv * w[j];
+                    o[j] = match &b {
+                        Some(b) => y + b[j],
+                        None => y,
+                    };
+                }
+            });
+        out
+    }
+
+    fn bwd<T: Real>(&self, x: &[T], g: &[T], d: usize) -> Vec<T> {
+        let w: Vec<T> = self.w.iter().map(|v| T::from(*v).unwrap()).collect();
+        let n = T::from(d).unwrap();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (row, gr))| {
+                let (mean, inv) = self.stats(row);
+                let (mut sg, mut sgx) = (T::zero(), T::zero());
+                for j in 0..d {
+                    let gh = gr[j] * w[j];
+                    sg += gh;
+                    sgx += gh * (row[j] - mean) * inv;
+                }
+                let (mg, mgx) = (sg / n, sgx / n);
+                for j in 0..d {
+                    let xh = (row[j] - mean) * inv;
+                    let gh = gr[j] * w[j];
+                    o[j] = if self.rms {
+                        (gh - xh * mgx) * inv
+                    } else {
+                        (gh - mg - xh * mgx) * inv
+                    };
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Norm {
+    fn name(&self) -> &'static str {
+        if self.rms {
+            "rms-norm"
+        } else {
+            "layer-norm"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l.dims().last().unwrap();
+        if d != self.w.len() {
+            candle_core::bail!("{}: {d} features but {} weights", self.name(), self.w.len());
+        }
+        dispatch_float!(s, self.name(), |T| {
+            let x = cpu_slice::<T>(s, l, self.name())?;
+            Ok((T::to_cpu_storage_owned(self.fwd(x, d)), l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &NormBackward(self.clone()),
+        )?))
+    }
+}
+
+struct NormBackward(Norm);
+
+impl CustomOp2 for NormBackward {
+    fn name(&self) -> &'static str {
+        "norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = *l1.dims().last().unwrap();
+        dispatch_float!(s1, "norm backward", |T| {
+            let x = cpu_slice::<T>(s1, l1, "norm backward")?;
+            let g = cpu_slice::<T>(s2, l2, "norm backward")?;
+            Ok((
+                T::to_cpu_storage_owned(self.0.bwd(x, g, d)),
+                l1.shape().clone(),
+            ))
+        })
+    }
+}
+
+fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let op = Norm {
+        w: Arc::new(host_vec::<f64>(w)?),
+        b: b.map(|b| host_vec::<f64>(b).map(Arc::new)).transpose()?,
+        eps,
+        rms: b.is_none(),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// LayerNorm with frozen `w`, `b` (fused on the CPU; composed elsewhere).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu()
+        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
+        return crate::nn::layer_norm(x, w, b, eps);
+    }
+    apply(x, w, Some(b), eps)
+}
+
+/// RMSNorm with a frozen `w` (fused on the CPU; composed elsewhere).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu()
+        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    {
+        return crate::nn::rms_norm(x, w, eps);
+    }
+    apply(x, w, None, eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::tests::check_grad;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn match_composed_and_differentiate() {
+        let x = Tensor::randn(0f64, 2.0, (3, 4, 7), &Device::Cpu).unwrap();
+        let w = (Tensor::randn(0f64, 0.5, 7, &Device::Cpu).unwrap() + 1.0).unwrap();
+        let b = Tensor::randn(0f64, 0.5, 7, &Device::Cpu).unwrap();
+        let f = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&f, &crate::nn::layer_norm(&x, &w, &b, 1e-5).unwrap()) < 1e-12);
+        let f = rms_norm(&x, &w, 1e-6).unwrap();
+        assert!(max_diff(&f, &crate::nn::rms_norm(&x, &w, 1e-6).unwrap()) < 1e-12);
+        check_grad(&x, |x| layer_norm(x, &w, &b, 1e-5));
+        check_grad(&x, |x| rms_norm(x, &w, 1e-6));
+    }
+}

@@ -1,0 +1,213 @@
+//! Attention softmax in one pass: P = softmax(scale·S) over the valid keys of each row, zero
+//! elsewhere. A key j of batch row b is valid when j < key_len[b] (right padding) and, when
+//! causal, j ≤ i + (t_k − t_q). Backward: dS = scale·P ⊙ (dP − Σⱼ P⊙dP), one pass.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::{cpu_slice, dispatch_float, Real};
+use crate::error::Result;
+
+#[derive(Clone)]
+struct MaskedSoftmax {
+    scale: f64,
+    key_lens: Arc<Vec<usize>>,
+    causal: bool,
+}
+
+impl MaskedSoftmax {
+    /// (batch index, query index) of row `r` of a (b, h, tq, tk) tensor.
+    fn row_limit(&self, r: usize, h: usize, tq: usize, tk: usize) -> usize {
+        let b = r / (h * tq);
+        let i = r % tq;
+        let len = self.key_lens[b].min(tk);
+        if self.causal {
+            len.min(i + 1 + tk - tq)
+        } else {
+            len
+        }
+    }
+
+    fn fwd<T: Real>(&self, s: &[T], dims: &[usize]) -> Vec<T> {
+        let (h, tq, tk) = (dims[1], dims[2], dims[3]);
+        let scale = T::from(self.scale).unwrap();
+        let mut out = vec![T::zero(); s.len()];
+        out.par_chunks_mut(tk).enumerate().for_each(|(r, o)| {
+            let row = &s[r * tk..(r + 1) * tk];
+            let n = self.row_limit(r, h, tq, tk);
+            if n == 0 {
+                return;
+            }
+            let max = row[..n]
+                .iter()
+                .fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
+            for j in 0..n {
+                o[j] = ((row[j] - max) * scale).fast_exp();
+            }
+            let sum = o[..n].iter().fold(T::zero(), |a, &e| a + e);
+            let inv = T::one() / sum;
+            for v in &mut o[..n] {
+                *v *= inv;
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() != 4 || dims[0] != self.key_lens.len() {
+            candle_core::bail!(
+                "masked softmax: scores {dims:?} do not match {} key lengths",
+                self.key_lens.len()
+            );
+        }
+        dispatch_float!(s, "masked softmax", |T| {
+            let x = cpu_slice::<T>(s, l, "masked softmax")?;
+            Ok((
+                T::to_cpu_storage_owned(self.fwd(x, dims)),
+                l.shape().clone(),
+            ))
+        })
+    }
+
+    fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dp = dp.contiguous()?;
+        Ok(Some(p.apply_op2_no_bwd(
+            &dp,
+            &SoftmaxBackward { scale: self.scale },
+        )?))
+    }
+}
+
+struct SoftmaxBackward {
+    scale: f64,
+}
+
+impl SoftmaxBackward {
+    fn run<T: Real>(&self, p: &[T], g: &[T], tk: usize) -> Vec<T> {
+        let scale = T::from(self.scale).unwrap();
+        let mut out = vec![T::zero(); p.len()];
+        out.par_chunks_mut(tk).enumerate().for_each(|(r, o)| {
+            let (pr, gr) = (&p[r * tk..(r + 1) * tk], &g[r * tk..(r + 1) * tk]);
+            let dot = pr.iter().zip(gr).fold(T::zero(), |a, (&x, &y)| a + x * y);
+            for j in 0..tk {
+                o[j] = scale * pr[j] * (gr[j] - dot);
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "masked-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let tk = *l1.dims().last().unwrap();
+        dispatch_float!(s1, "masked softmax backward", |T| {
+            let p = cpu_slice::<T>(s1, l1, "softmax backward")?;
+            let g = cpu_slice::<T>(s2, l2, "softmax backward")?;
+            Ok((
+                T::to_cpu_storage_owned(self.run(p, g, tk)),
+                l1.shape().clone(),
+            ))
+        })
+    }
+}
+
+/// softmax(scale·S) over valid keys for scores S (b, h, t_q, t_k); `key_lens` has b entries.
+pub fn masked_softmax(
+    scores: &Tensor,
+    scale: f64,
+    key_lens: &[usize],
+    causal: bool,
+) -> Result<Tensor> {
+    if !scores.device().is_cpu() {
+        // the GPU path composes it from candle ops until its kernel lands
+        let (b, _, tq, tk) = scores.dims4()?;
+        let mut m = vec![0f32; b * tq * tk];
+        for (bi, &len) in key_lens.iter().enumerate() {
+            for i in 0..tq {
+                for j in 0..tk {
+                    let ok = j < len && (!causal || j <= i + tk - tq);
+                    m[(bi * tq + i) * tk + j] = if ok { 0.0 } else { -1e9 };
+                }
+            }
+        }
+        let mask =
+            Tensor::from_vec(m, (b, 1, tq, tk), scores.device())?.to_dtype(scores.dtype())?;
+        let z = (scores * scale)?.broadcast_add(&mask)?;
+        return crate::nn::softmax_last(&z);
+    }
+    let op = MaskedSoftmax {
+        scale,
+        key_lens: Arc::new(key_lens.to_vec()),
+        causal,
+    };
+    Ok(scores.contiguous()?.apply_op1(op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::tests::check_grad;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn matches_composed_softmax_and_differentiates() {
+        let (b, h, t) = (2, 3, 5);
+        let s = Tensor::randn(0f64, 2.0, (b, h, t, t), &Device::Cpu).unwrap();
+        for causal in [false, true] {
+            let lens = [5usize, 3];
+            let fused = masked_softmax(&s, 0.5, &lens, causal).unwrap();
+            let pad = Tensor::new(
+                &[[1f32, 1., 1., 1., 1.], [1., 1., 1., 0., 0.]],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let mask = crate::nn::additive_mask(&pad, causal, DType::F64).unwrap();
+            let reference =
+                crate::nn::softmax_last(&(&s * 0.5).unwrap().broadcast_add(&mask).unwrap())
+                    .unwrap();
+            let d = (fused - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+            check_grad(&s, |x| masked_softmax(x, 0.5, &lens, causal));
+        }
+    }
+
+    #[test]
+    fn f32_rows_sum_to_one() {
+        let s = Tensor::randn(0f32, 3.0, (1, 2, 4, 4), &Device::Cpu).unwrap();
+        let p = masked_softmax(&s, 1.0, &[4], true).unwrap();
+        let sums = p
+            .sum(3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(sums.iter().all(|x| (x - 1.0).abs() < 1e-6));
+    }
+}
