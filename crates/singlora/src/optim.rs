@@ -73,7 +73,10 @@ impl GradAccumulator {
     pub fn add(&mut self, grads: &GradStore) -> Result<()> {
         for (v, s) in self.vars.iter().zip(self.sums.iter_mut()) {
             if let Some(g) = grads.get(v.as_tensor()) {
-                let g = g.to_dtype(v.dtype())?;
+                // A gradient from candle's backward still records the ops that made it (and so
+                // the whole forward graph): detach it, or the moments would chain every step's
+                // activations together (a leak of a full step of memory per update).
+                let g = g.detach().to_dtype(v.dtype())?;
                 *s = Some(match s.take() {
                     Some(acc) => (acc + g)?,
                     None => g,
@@ -236,8 +239,8 @@ impl AdamW {
             let role = self.slots[i].param.role;
             let lr_i = lr * self.lr_mult(role);
             let slot = &mut self.slots[i];
-            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?;
-            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?.detach();
+            slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let mut p = slot.param.var.as_tensor().clone();
             if self.cfg.weight_decay > 0.0 && Self::decays(role) {
                 p = (p * (1.0 - lr_i * self.cfg.weight_decay))?;

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds the CUDA `singlora` binary for the H200 (sm_90) on a machine without a GPU or a CUDA
+# toolkit, and leaves it compressed in .carry/ for the `device` tool (the recipe of
+# ../shared/GPU.md). A cold build takes ~30 minutes on 2 cores (candle-kernels); keep target/.
+#
+#   scripts/build-cuda.sh            # -> .carry/singlora.xz and .carry/run (the wrapper)
+#
+# Environment: SINGLORA_CUDA_VENV (default ~/.cache/singlora/cuda-venv) holds the PyPI toolkit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SINGLORA_CUDA_VENV:-$HOME/.cache/singlora/cuda-venv}
+PY=${PYTHON:-python3}
+
+# 1. CUDA 13.0 from PyPI (13.0 exactly: newer PTX is refused by driver 580)
+if [ ! -x "$VENV/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc" ] && ! ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+    nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.0.3 \
+    nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+fi
+SP=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 | head -1)
+
+# unversioned names for the linker
+for l in cudart cublas cublasLt curand nvrtc; do
+  f=$(ls "$SP/lib/lib$l.so."* 2>/dev/null | head -1 || true)
+  [ -n "$f" ] && [ ! -e "$SP/lib/lib$l.so" ] && ln -s "$(basename "$f")" "$SP/lib/lib$l.so"
+done
+
+# 2. a link-time stand-in for libcuda.so.1 (the real one is on the GPU machine)
+if [ ! -e "$SP/lib/stubs/libcuda.so" ]; then
+  mkdir -p "$SP/lib/stubs"
+  cargo fetch -q
+  SYS=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
+  grep -o "fn cu[A-Za-z0-9_]*" "$SYS" | sed 's/fn //' | sort -u | \
+    awk '{print "int " $1 "(void){return 999;}"}' > "$SP/lib/stubs/cuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$SP/lib/stubs/libcuda.so" "$SP/lib/stubs/cuda_stub.c"
+fi
+
+# 3. build
+export CUDA_HOME="$SP" CUDA_PATH="$SP" PATH="$SP/bin:$PATH" CUDA_COMPUTE_CAP=90 \
+  LIBRARY_PATH="$SP/lib:$SP/lib/stubs" NVCC_CCBIN=${NVCC_CCBIN:-gcc}
+cargo build --release --features cuda -p singlora-cli
+
+# 4. one compressed binary and a wrapper that finds the GPU machine's CUDA 13 libraries
+mkdir -p .carry
+strip -o .carry/singlora target/release/singlora
+xz -T2 -6 -f .carry/singlora
+cat > .carry/run <<'SH'
+#!/usr/bin/env bash
+# Unpacks the CUDA singlora binary (once) and runs it: .carry/run ARGS...
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=${SINGLORA_BIN:-/tmp/singlora-cuda}
+[ -x "$bin" ] || { xz -dc "$here/singlora.xz" > "$bin"; chmod +x "$bin"; }
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+exec "$bin" "$@"
+SH
+chmod +x .carry/run
+ls -la .carry/
