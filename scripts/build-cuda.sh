@@ -39,11 +39,13 @@ fi
 # 3. build
 export CUDA_HOME="$SP" CUDA_PATH="$SP" PATH="$SP/bin:$PATH" CUDA_COMPUTE_CAP=90 \
   LIBRARY_PATH="$SP/lib:$SP/lib/stubs" NVCC_CCBIN=${NVCC_CCBIN:-gcc}
+# a target dir of its own, so the CPU build in target/ stays usable
+export CARGO_TARGET_DIR=${SINGLORA_CUDA_TARGET:-target/cuda}
 cargo build --release --features cuda -p singlora-cli
 
 # 4. one compressed binary and a wrapper that finds the GPU machine's CUDA 13 libraries
 mkdir -p .carry
-strip -o .carry/singlora target/release/singlora
+strip -o .carry/singlora "$CARGO_TARGET_DIR/release/singlora"
 xz -T2 -6 -f .carry/singlora
 cat > .carry/run <<'SH'
 #!/usr/bin/env bash

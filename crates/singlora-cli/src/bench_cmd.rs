@@ -70,3 +70,116 @@ pub fn step(a: StepArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct LlamaArgs {
+    /// tinyllama, 7b, or tiny (a test-sized model).
+    #[arg(long, default_value = "tinyllama")]
+    shape: String,
+    /// Comma-separated: base (the frozen-base floor), singlora, lora, rslora, lora-plus, dora.
+    #[arg(long, default_value = "base,singlora,lora,dora")]
+    methods: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Also measure the bf16 matmul ceiling (8192³) for the utilisation column.
+    #[arg(long)]
+    ceiling: bool,
+    /// Print one JSON line per method.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn llama(a: LlamaArgs) -> Result<()> {
+    use singlora::bench::llama::{matmul_ceiling, run};
+    use singlora::synthetic::LlamaShape;
+    let device = parse_device(&a.device)?;
+    let shape = match a.shape.as_str() {
+        "tinyllama" => LlamaShape::TINYLLAMA,
+        "7b" => LlamaShape::LLAMA_7B,
+        "tiny" => LlamaShape {
+            hidden: 64,
+            intermediate: 176,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 256,
+        },
+        other => anyhow::bail!("unknown shape `{other}`: tinyllama, 7b or tiny"),
+    };
+    let ceiling = if a.ceiling {
+        Some(matmul_ceiling(
+            8192,
+            if device.is_cpu() {
+                DType::F32
+            } else {
+                DType::BF16
+            },
+            &device,
+        )?)
+    } else {
+        None
+    };
+    if let (Some(c), false) = (ceiling, a.json) {
+        println!("matmul ceiling (8192^3, bf16): {c:.0} TFLOP/s");
+    }
+    if !a.json {
+        println!(
+            "{:<10} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>6}",
+            "shape",
+            "method",
+            "ms/step",
+            "fwd ms",
+            "bwd ms",
+            "opt ms",
+            "tokens/s",
+            "trainable",
+            "peak GiB",
+            "MFU"
+        );
+    }
+    for m in a
+        .methods
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        let method = if m == "base" { None } else { Some(m.parse()?) };
+        let r = run(
+            &a.shape, shape, method, a.rank, a.batch, a.seq, a.warmup, a.steps, &device,
+        )?;
+        if a.json {
+            let mut v = serde_json::to_value(&r)?;
+            v["impl"] = serde_json::json!("singlora");
+            if let Some(c) = ceiling {
+                v["ceiling_tflops"] = serde_json::json!(c);
+                v["mfu"] = serde_json::json!(r.tflops / c);
+            }
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            println!(
+                "{:<10} {:<12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>12} {:>10} {:>6}",
+                r.shape,
+                r.method,
+                r.timing.median_ms,
+                r.timing.forward_ms,
+                r.timing.backward_ms,
+                r.timing.optimizer_ms,
+                r.timing.tokens_per_s,
+                r.trainable_params,
+                r.peak_memory_gib.map_or("-".into(), |g| format!("{g:.1}")),
+                ceiling.map_or("-".into(), |c| format!("{:.0}%", 100.0 * r.tflops / c)),
+            );
+        }
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench_cmd;
 mod demo;
 mod example;
+mod gpu_check;
 mod train_cmd;
 
 #[derive(Parser)]
@@ -39,6 +40,15 @@ enum Command {
     /// Time training steps of a model (a benchmark; prints a line or JSON).
     #[command(name = "bench-step")]
     BenchStep(bench_cmd::StepArgs),
+    /// Time LLaMA-shaped training steps with random weights (TinyLlama / 7B shapes).
+    #[command(name = "bench-llama")]
+    BenchLlama(bench_cmd::LlamaArgs),
+    /// Check the device path against the CPU: adapters, gradients and training steps.
+    #[command(name = "gpu-check")]
+    GpuCheck {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
     /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
     Demo(demo::DemoArgs),
     /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
@@ -106,6 +116,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
         Command::BenchStep(args) => bench_cmd::step(args)?,
+        Command::BenchLlama(args) => bench_cmd::llama(args)?,
+        Command::GpuCheck { device } => gpu_check::run(&device)?,
         Command::Merge {
             base,
             adapter,

@@ -1,6 +1,8 @@
 //! Benchmarks (never timed in tests): a training step of a real or generated model, timed after
 //! warm-up, median of several steps.
 
+pub mod llama;
+
 use std::time::Instant;
 
 use candle_core::Device;
@@ -62,7 +64,7 @@ pub fn time_steps(
     batch: &Batch,
     warmup: usize,
     steps: usize,
-    sync: impl Fn() -> Result<()>,
+    mut sync: impl FnMut() -> Result<()>,
 ) -> Result<StepTiming> {
     let mut opt =
         AdamW::new(model.params(), AdamWConfig::default()).with_clock(model.clock.clone());

@@ -100,6 +100,9 @@ pub struct Llama {
     /// None when tied to the embedding.
     lm_head: Option<AdaptedLinear>,
     dtype: DType,
+    /// Benchmarks of the frozen base: make the embedded input a leaf variable so the backward
+    /// runs through every layer without any trainable parameter.
+    pub grad_from_embeddings: bool,
 }
 
 impl Llama {
@@ -171,6 +174,7 @@ impl Llama {
             norm,
             lm_head,
             dtype,
+            grad_from_embeddings: false,
         })
     }
 
@@ -208,6 +212,9 @@ impl Llama {
             .embed
             .index_select(&batch.ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden))?;
+        if self.grad_from_embeddings {
+            x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+        }
         let lens = key_lens(&batch.mask)?;
         let (cos, sin) = rope_tables(&c.inv_freq, t, self.dtype, x.device())?;
         let split = |y: Tensor, n: usize| -> Result<Tensor> {

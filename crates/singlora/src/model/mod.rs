@@ -195,6 +195,8 @@ pub struct Pretrained {
     pub chat_template: Option<String>,
     /// sentence-transformers checkpoints pool by the mean.
     pub mean_pooling_hint: bool,
+    /// Parameters in the checkpoint (embeddings included).
+    pub num_params: usize,
 }
 
 impl Pretrained {
@@ -230,6 +232,10 @@ impl Pretrained {
                 )
             }
         };
+        let num_params = match &weights {
+            Weights::Checkpoint(c) => c.num_params(),
+            Weights::Memory(_, m) => m.values().map(Tensor::elem_count).sum(),
+        };
         let reader = ConfigReader {
             path: &config_path,
             value: &config,
@@ -255,6 +261,7 @@ impl Pretrained {
             gguf,
             chat_template,
             mean_pooling_hint,
+            num_params,
         })
     }
 

@@ -414,16 +414,6 @@ pub struct Setup {
     pub base_config: Value,
 }
 
-fn count_base_params(model: &TaskModel) -> usize {
-    // frozen linear weights dominate; embeddings counted through the linears' model
-    model
-        .body
-        .linears()
-        .iter()
-        .map(|l| l.dims().0 * l.dims().1)
-        .sum()
-}
-
 /// Loads model and data, injects adapters and computes the plan.
 pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     let task = parse_task(&cfg.task)?;
@@ -451,6 +441,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     let n_labels = data.labels.as_ref().map(|l| l.names.len());
     let tokenizer = pre.tokenizer.clone();
     let base_config = pre.config.clone();
+    let base_params = pre.num_params;
     let mut model = TaskModel::new(pre.body, task, n_labels, pooling, cfg.seed, &device)?;
 
     let batches_per_epoch = data.train_items.len().div_ceil(cfg.batch_size) as u64;
@@ -520,7 +511,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         adapted_modules: adapted,
         adapter_params,
         head_params,
-        base_params: count_base_params(&model),
+        base_params,
         train_rows: data.train_items.len(),
         eval_rows: data.eval_items.len(),
         labels: data.labels.as_ref().map(|l| l.names.clone()),

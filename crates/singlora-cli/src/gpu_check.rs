@@ -1,0 +1,232 @@
+//! `singlora gpu-check`: the device path against the CPU on the same inputs.
+//!
+//! 1. Every adapter method, square / tall / wide: forward and all adapter gradients with a bf16
+//!    frozen weight and bf16 activations on the device, against an f64 CPU reference.
+//! 2. A few full training updates of a tiny BERT and a tiny LLaMA (classification and SFT) on
+//!    the device against the same run on the CPU (f32): losses and the final adapters.
+//!
+//! Prints a table of relative errors (‖device − reference‖ / ‖reference‖) and fails when one
+//! exceeds its bf16 bound or anything is not finite.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
+use singlora::adapter_file::AdapterFile;
+use singlora::linear::FrozenLinear;
+use singlora::ramp::{RampClock, RampSchedule};
+use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
+use singlora::tokenize::TokenizerStyle;
+use singlora::train::{parse_device, train, TrainConfig};
+
+fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let g = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let w = want.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let num = (&g - &w)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = w.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt().max(1e-30);
+    let e = num / den;
+    Ok(if e.is_finite() { e } else { f64::INFINITY })
+}
+
+struct Row {
+    what: String,
+    err: f64,
+    bound: f64,
+}
+
+fn adapter_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    let cpu = Device::Cpu;
+    for (kind, label) in [
+        (AdapterKind::SingLora, "singlora"),
+        (AdapterKind::Lora, "lora"),
+        (AdapterKind::Dora, "dora"),
+    ] {
+        for (d_out, d_in) in [(256, 256), (512, 256), (256, 512)] {
+            let w0 = (Tensor::randn(0f64, 0.02, (d_out, d_in), &cpu)?)
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F64)?;
+            let x = Tensor::randn(0f64, 1.0, (64, d_in), &cpu)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F64)?;
+            let g = Tensor::randn(0f64, 1.0, (64, d_out), &cpu)?;
+            let clock = RampClock::new(RampSchedule::new(4), 1);
+            clock.set_training(true);
+            let mut spec = AdapterSpec::new(kind, 8, 16.0);
+            spec.dtype = DType::F64;
+            let reference = Adapter::init(&spec, "m", &w0, &clock)?;
+            let mut tensors = BTreeMap::new();
+            for p in reference.params() {
+                let noisy = (p.var.as_tensor() + (Tensor::randn(0f64, 0.05, p.var.dims(), &cpu)?))?;
+                p.var.set(&noisy)?;
+                tensors.insert(
+                    p.suffix.to_string(),
+                    noisy.to_dtype(DType::F32)?.to_device(device)?,
+                );
+            }
+            let layer = AdaptedLinear::new("m", FrozenLinear::new(w0.clone(), None))
+                .with_adapter(reference.clone());
+            let y_ref = layer.forward(&x)?;
+            let grads_ref = (&y_ref * &g)?.sum_all()?.backward()?;
+
+            let w0_d = w0.to_dtype(DType::BF16)?.to_device(device)?;
+            let adapter_d =
+                Adapter::from_tensors(kind, "m", &tensors, &w0_d, 8, reference.scale(), &clock)?;
+            let layer_d = AdaptedLinear::new("m", FrozenLinear::new(w0_d, None))
+                .with_adapter(adapter_d.clone());
+            let x_d = x.to_dtype(DType::BF16)?.to_device(device)?;
+            let y_d = layer_d.forward(&x_d)?;
+            let g_d = g.to_dtype(DType::F32)?.to_device(device)?;
+            let grads_d = (y_d.to_dtype(DType::F32)? * &g_d)?.sum_all()?.backward()?;
+            rows.push(Row {
+                what: format!("{label} {d_out}x{d_in} forward"),
+                err: rel_err(&y_d, &y_ref)?,
+                bound: 2e-2,
+            });
+            for (pr, pd) in reference.params().iter().zip(adapter_d.params()) {
+                let want = grads_ref
+                    .get(pr.var.as_tensor())
+                    .expect("reference gradient");
+                let got = grads_d.get(pd.var.as_tensor()).ok_or_else(|| {
+                    anyhow::anyhow!("{label}: no gradient for {} on the device", pd.suffix)
+                })?;
+                rows.push(Row {
+                    what: format!("{label} {d_out}x{d_in} d{}", pd.suffix),
+                    err: rel_err(got, want)?,
+                    bound: 3e-2,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+const WORDS: &[&str] = &[
+    "the", "a", "movie", "was", "is", "very", "good", "great", "bad", "awful", "plot", "film",
+];
+
+fn write_data(dir: &Path) -> Result<()> {
+    let mut cls = String::new();
+    let mut sft = String::new();
+    for i in 0..32 {
+        let good = i % 2 == 0;
+        let word = if good {
+            ["good", "great"][i % 4 / 2]
+        } else {
+            ["bad", "awful"][i % 4 / 2]
+        };
+        let text = format!(
+            "the {} {} {word}",
+            ["movie", "film", "plot"][i % 3],
+            ["was", "is"][i % 2]
+        );
+        let label = if good { "pos" } else { "neg" };
+        cls += &format!("{}\n", serde_json::json!({"text": text, "label": label}));
+        sft += &format!(
+            "{}\n",
+            serde_json::json!({"prompt": text, "completion": if good { "good" } else { "bad" }})
+        );
+    }
+    std::fs::write(dir.join("cls.jsonl"), cls)?;
+    std::fs::write(dir.join("sft.jsonl"), sft)?;
+    Ok(())
+}
+
+fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    write_data(root)?;
+    let bert = root.join("bert");
+    let s = BertShape::TINY;
+    write_checkpoint(&bert, &s.config(), &s.tensors(1, DType::F32)?, 1)?;
+    write_tokenizer(&bert, WORDS, TokenizerStyle::Bert)?;
+    let llama = root.join("llama");
+    let s = LlamaShape {
+        vocab: 32,
+        ..LlamaShape::TINY
+    };
+    let mut cfg = s.config();
+    cfg["eos_token_id"] = 3.into();
+    write_checkpoint(&llama, &cfg, &s.tensors(1, DType::F32)?, 1)?;
+    write_tokenizer(&llama, WORDS, TokenizerStyle::Llama)?;
+    for (model, data, task, method) in [
+        (&bert, "cls.jsonl", "classify", "singlora"),
+        (&llama, "cls.jsonl", "classify", "lora"),
+        (&llama, "sft.jsonl", "sft", "singlora"),
+        (&llama, "sft.jsonl", "sft", "dora"),
+    ] {
+        let run = |device: &str, out: &str| -> Result<(Vec<f64>, AdapterFile)> {
+            let cfg = TrainConfig {
+                model: model.clone(),
+                train: root.join(data),
+                task: task.into(),
+                method: method.into(),
+                batch_size: 8,
+                max_steps: Some(4),
+                lr: Some(1e-2),
+                device: device.into(),
+                quiet: true,
+                ..TrainConfig::default()
+            };
+            let dir = root.join(out);
+            train(cfg, &dir, false, true)?;
+            let losses = singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?
+                .iter()
+                .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
+                .collect();
+            Ok((losses, AdapterFile::read(&dir, &Device::Cpu)?))
+        };
+        let (l_cpu, a_cpu) = run("cpu", "cpu-run")?;
+        let (l_dev, a_dev) = run(device_name, "dev-run")?;
+        let family = if model == &bert { "bert" } else { "llama" };
+        let lc = Tensor::new(l_cpu.as_slice(), &Device::Cpu)?;
+        let ld = Tensor::new(l_dev.as_slice(), &Device::Cpu)?;
+        rows.push(Row {
+            what: format!("{family} {task} {method}: losses of 4 updates"),
+            err: rel_err(&ld, &lc)?,
+            bound: 3e-2,
+        });
+        let mut worst: f64 = 0.0;
+        for (m, ts) in &a_cpu.layers {
+            for (k, t) in ts {
+                worst = worst.max(rel_err(&a_dev.layers[m][k], t)?);
+            }
+        }
+        rows.push(Row {
+            what: format!("{family} {task} {method}: adapter after 4 updates"),
+            err: worst,
+            bound: 5e-2,
+        });
+    }
+    Ok(())
+}
+
+pub fn run(device_name: &str) -> Result<()> {
+    let device = parse_device(device_name)?;
+    let mut rows = vec![];
+    adapter_checks(&device, &mut rows)?;
+    training_checks(device_name, &mut rows)?;
+    let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10);
+    println!(
+        "{:<w$}  {:>10}  {:>8}  ok",
+        "check (device vs CPU reference)", "rel. error", "bound"
+    );
+    let mut failed = 0;
+    for r in &rows {
+        let ok = r.err.is_finite() && r.err <= r.bound;
+        failed += usize::from(!ok);
+        println!(
+            "{:<w$}  {:>10.2e}  {:>8.0e}  {}",
+            r.what,
+            r.err,
+            r.bound,
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", rows.len());
+    }
+    println!("all {} checks passed on {device_name}", rows.len());
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The LLaMA-shaped training-step benchmark: random weights made on the device (bf16 frozen
+//! base), batch × seq random tokens, causal-LM loss over every position, AdamW on the adapters
+//! (r on q, k, v, o, gate, up, down), or no adapter at all (the frozen-base floor: the backward
+//! still runs through every layer, from a leaf at the embedded input).
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::{time_steps, StepTiming};
+use crate::adapter::{AdapterSpec, Method};
+use crate::data::{collate, Encoded, Task};
+use crate::error::Result;
+use crate::model::llama::Llama;
+use crate::model::weights::{ConfigReader, Weights};
+use crate::model::{Body, Pooling, TaskModel};
+use crate::ramp::{RampClock, RampSchedule};
+use crate::synthetic::LlamaShape;
+use crate::target::TargetSpec;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LlamaBench {
+    pub shape: String,
+    pub method: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub timing: StepTiming,
+    pub trainable_params: usize,
+    pub peak_memory_gib: Option<f64>,
+    /// Model FLOPs of a step (4·N·T for the linear layers, input gradients only, plus attention).
+    pub step_tflop: f64,
+    pub tflops: f64,
+}
+
+/// FLOPs of one frozen-base training step (forward and input-gradient backward).
+pub fn step_flops(shape: &LlamaShape, batch: usize, seq: usize) -> f64 {
+    let n_linear: usize = shape.linears().iter().map(|(_, (o, i))| o * i).sum();
+    let tokens = (batch * seq) as f64;
+    let attention = 12.0
+        * shape.layers as f64
+        * batch as f64
+        * (seq * seq) as f64
+        * (shape.heads * (shape.hidden / shape.heads)) as f64;
+    4.0 * n_linear as f64 * tokens + attention
+}
+
+/// Bytes in use on the device (CUDA only).
+pub fn device_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        let (free, total) =
+            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
+fn random_tokens(
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    device: &Device,
+) -> Result<crate::data::Batch> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let items: Vec<Encoded> = (0..batch)
+        .map(|_| {
+            let ids: Vec<u32> = (0..seq)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % vocab as u64) as u32
+                })
+                .collect();
+            Encoded {
+                type_ids: vec![0; seq],
+                label: None,
+                target_mask: vec![1; seq],
+                ids,
+            }
+        })
+        .collect();
+    let idx: Vec<usize> = (0..batch).collect();
+    collate(&items, &idx, 0, device)
+}
+
+/// Builds the model (`method` None = frozen base) and times `steps` training steps.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    name: &str,
+    shape: LlamaShape,
+    method: Option<Method>,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<LlamaBench> {
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let tensors = shape.device_tensors(dtype, device)?;
+    let config = shape.config();
+    let path = std::path::PathBuf::from(format!("random-{name}"));
+    let reader = ConfigReader {
+        path: &path,
+        value: &config,
+    };
+    let weights = Weights::Memory(path.clone(), tensors);
+    let mut llama = Llama::load(&weights, Llama::config(&reader)?, dtype, device)?;
+    drop(weights);
+    llama.grad_from_embeddings = method.is_none();
+    let mut model = TaskModel::new(
+        Body::Llama(llama),
+        Task::Sft,
+        None,
+        Pooling::Last,
+        0,
+        device,
+    )?;
+    if let Some(m) = method {
+        let spec = AdapterSpec::new(m.kind(), rank, rank as f64);
+        let targets = TargetSpec::parse(
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            None,
+        )?;
+        model.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))?;
+    }
+    let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
+    let b = random_tokens(batch, seq, shape.vocab, device)?;
+    let dev = device.clone();
+    let mut peak = 0u64;
+    let timing = time_steps(&model, &b, warmup, steps, || {
+        dev.synchronize()?;
+        if let Some(m) = device_memory_used(&dev) {
+            peak = peak.max(m);
+        }
+        Ok(())
+    })?;
+    let flops = step_flops(&shape, batch, seq);
+    Ok(LlamaBench {
+        shape: name.to_string(),
+        method: method.map_or("frozen base".to_string(), |m| m.to_string()),
+        batch,
+        seq,
+        trainable_params,
+        peak_memory_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
+        step_tflop: flops / 1e12,
+        tflops: flops / (timing.median_ms / 1e3) / 1e12,
+        timing,
+    })
+}
+
+/// TFLOP/s of an n³ matmul in `dtype` on `device` (median of 5 after warm-up): the ceiling
+/// utilisation is measured against.
+pub fn matmul_ceiling(n: usize, dtype: DType, device: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let mut times = vec![];
+    for i in 0..8 {
+        device.synchronize()?;
+        let t = std::time::Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        drop(c);
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e12)
+}
