@@ -190,3 +190,96 @@ fn errors_name_the_culprit_and_write_nothing() {
     assert!(!o.status.success() && err.contains("already lora"), "{err}");
     assert!(!lora.path().join("x").exists());
 }
+
+fn tiny_bert(dir: &Path) -> String {
+    let m = dir.join("bert");
+    let s = singlora::synthetic::BertShape::TINY;
+    write_checkpoint(&m, &s.config(), &s.tensors(0, DType::F32).unwrap(), 1).unwrap();
+    singlora::synthetic::write_tokenizer(
+        &m,
+        &["good", "bad", "movie"],
+        singlora::tokenize::TokenizerStyle::Bert,
+    )
+    .unwrap();
+    m.to_string_lossy().into_owned()
+}
+
+#[test]
+fn train_dry_run_prints_the_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n").unwrap();
+    let out = p(tmp.path(), "run");
+    let o = singlora(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        data.to_str().unwrap(),
+        "--out",
+        &out,
+        "--dry-run",
+        "--targets",
+        "query,value",
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        stdout.contains("encoder.layer.0.attention.self.query")
+            && stdout.contains("encoder.layer.1.attention.self.value"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("attention.self.key"), "{stdout}");
+    assert!(
+        stdout.contains("labels         neg, pos") && stdout.contains("nothing trained"),
+        "{stdout}"
+    );
+    // 2 layers x (query + value), 16 x 16 each, r = 8: 4 x 16 x 8
+    assert!(stdout.contains("512 adapter"), "{stdout}");
+    assert!(!tmp.path().join("run").exists(), "a dry run writes nothing");
+}
+
+#[test]
+fn train_refuses_bad_rows_and_typos_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"\", \"label\": \"neg\"}\n{\"label\": \"neg\"}\n").unwrap();
+    let out = p(tmp.path(), "run");
+    let o = singlora(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        data.to_str().unwrap(),
+        "--out",
+        &out,
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("d.jsonl:2") && err.contains("d.jsonl:3") && err.contains("--skip-bad-rows"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("run").exists());
+    let good = tmp.path().join("g.jsonl");
+    std::fs::write(&good, "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n").unwrap();
+    let o = singlora(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        good.to_str().unwrap(),
+        "--out",
+        &out,
+        "--targets",
+        "q_proj",
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("`q_proj`") && err.contains("matches no module"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("run").exists());
+}
