@@ -95,9 +95,43 @@ fn gemm_into<T: Real + 'static>(
     }
 }
 
-/// The frozen weight (d_out × d_in, contiguous) and bias as CPU data.
-fn frozen_view<T: candle_core::WithDType>(w0: &Tensor) -> candle_core::Result<Vec<T>> {
-    host_vec::<T>(w0)
+/// Runs `f` with a gemm view of the frozen weight (d_out × d_in, row-major), copying it to the
+/// host dtype only when it is stored otherwise.
+fn with_w0<T: Real + 'static>(w0: &Tensor, f: impl FnOnce(View<T>)) -> candle_core::Result<()> {
+    let (storage, layout) = w0.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) if s.dtype() == T::DTYPE => f(view::<T>(s, layout)?.0),
+        _ => {
+            let k = w0.dims()[1];
+            let w = host_vec::<T>(w0)?;
+            f(View {
+                ptr: w.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An m × n output, each row holding the bias if there is one; returns whether it did (then
+/// the GEMMs accumulate into it).
+fn output_with_bias<T: Real>(
+    m: usize,
+    n: usize,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<(Vec<T>, bool)> {
+    match bias {
+        Some(b) => {
+            let b = host_vec::<T>(b)?;
+            let mut y = Vec::with_capacity(m * n);
+            for _ in 0..m {
+                y.extend_from_slice(&b);
+            }
+            Ok((y, true))
+        }
+        None => Ok((vec![T::zero(); m * n], false)),
+    }
 }
 
 #[derive(Clone)]
@@ -129,17 +163,7 @@ impl AdaptedMatmul {
         let (xv, _) = view::<T>(x.0, x.1)?;
         let (dv, _) = view::<T>(d.0, d.1)?;
         let (uv, _) = view::<T>(u.0, u.1)?;
-        let mut y = vec![T::zero(); m * n];
-        let has_bias = match &self.bias {
-            Some(b) => {
-                let b = host_vec::<T>(b)?;
-                for row in y.chunks_mut(n) {
-                    row.copy_from_slice(&b);
-                }
-                true
-            }
-            None => false,
-        };
+        let (mut y, has_bias) = output_with_bias::<T>(m, n, self.bias.as_ref())?;
         self.base_product(&mut y, m, n, k, xv, has_bias)?;
         if self.c != 0.0 {
             let mut h = vec![T::zero(); m * r];
@@ -164,23 +188,9 @@ impl AdaptedMatmul {
         xv: View<T>,
         accumulate: bool,
     ) -> candle_core::Result<()> {
-        let (storage, layout) = self.w0.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) if s.dtype() == T::DTYPE => {
-                let (wv, _) = view::<T>(s, layout)?;
-                gemm_into(y, m, n, k, xv, wv.t(), T::one(), accumulate);
-            }
-            _ => {
-                let w = frozen_view::<T>(&self.w0)?;
-                let wv = View {
-                    ptr: w.as_ptr(),
-                    rs: k as isize,
-                    cs: 1,
-                };
-                gemm_into(y, m, n, k, xv, wv.t(), T::one(), accumulate);
-            }
-        }
-        Ok(())
+        with_w0::<T>(&self.w0, |wv| {
+            gemm_into(y, m, n, k, xv, wv.t(), T::one(), accumulate)
+        })
     }
 }
 
@@ -254,22 +264,9 @@ impl InputGrad {
         let (guv, _) = view::<T>(gu.0, gu.1)?;
         let (dv, _) = view::<T>(d.0, d.1)?;
         let mut dx = vec![T::zero(); m * k];
-        let (storage, layout) = self.w0.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) if s.dtype() == T::DTYPE => {
-                let (wv, _) = view::<T>(s, layout)?;
-                gemm_into(&mut dx, m, k, n, gv, wv, T::one(), false);
-            }
-            _ => {
-                let w = frozen_view::<T>(&self.w0)?;
-                let wv = View {
-                    ptr: w.as_ptr(),
-                    rs: k as isize,
-                    cs: 1,
-                };
-                gemm_into(&mut dx, m, k, n, gv, wv, T::one(), false);
-            }
-        }
+        with_w0::<T>(&self.w0, |wv| {
+            gemm_into(&mut dx, m, k, n, gv, wv, T::one(), false)
+        })?;
         if self.c != 0.0 {
             gemm_into(
                 &mut dx,
@@ -321,17 +318,7 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
             let (m, k) = l.shape().dims2()?;
             let (n, _) = self.0.w0.dims2()?;
             let (xv, _) = view::<T>(s, l)?;
-            let mut y = vec![<T as num_traits::Zero>::zero(); m * n];
-            let has_bias = match &self.0.bias {
-                Some(b) => {
-                    let b = host_vec::<T>(b)?;
-                    for row in y.chunks_mut(n) {
-                        row.copy_from_slice(&b);
-                    }
-                    true
-                }
-                None => false,
-            };
+            let (mut y, has_bias) = output_with_bias::<T>(m, n, self.0.bias.as_ref())?;
             self.0.base_product(&mut y, m, n, k, xv, has_bias)?;
             Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
         })
