@@ -130,6 +130,40 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+type MaskKey = (Vec<usize>, bool, usize, usize, candle_core::DType);
+
+/// The additive mask (b, 1, t_q, t_k) for the composed path, kept for the next call with the
+/// same lengths (every layer of a forward asks for the same one).
+fn additive_mask(scores: &Tensor, key_lens: &[usize], causal: bool) -> Result<Tensor> {
+    static LAST: std::sync::Mutex<Option<(MaskKey, Tensor)>> = std::sync::Mutex::new(None);
+    let (b, _, tq, tk) = scores.dims4()?;
+    let key: MaskKey = (key_lens.to_vec(), causal, tq, tk, scores.dtype());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((k, m)) = last.as_ref() {
+        if *k == key && m.device().same_device(scores.device()) {
+            return Ok(m.clone());
+        }
+    }
+    let mut m = vec![0f32; b * tq * tk];
+    for (bi, &len) in key_lens.iter().enumerate() {
+        for i in 0..tq {
+            for j in 0..tk {
+                let ok = j < len && (!causal || j <= i + tk - tq);
+                m[(bi * tq + i) * tk + j] = if ok { 0.0 } else { -1e9 };
+            }
+        }
+    }
+    let mask = Tensor::from_vec(m, (b, 1, tq, tk), scores.device())?.to_dtype(scores.dtype())?;
+    *last = Some((key, mask.clone()));
+    Ok(mask)
+}
+
+/// The same from candle ops and an additive mask (devices without the fused kernel).
+fn composed(scores: &Tensor, scale: f64, key_lens: &[usize], causal: bool) -> Result<Tensor> {
+    let mask = additive_mask(scores, key_lens, causal)?;
+    crate::nn::softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
+}
+
 /// softmax(scale·S) over valid keys for scores S (b, h, t_q, t_k); `key_lens` has b entries.
 pub fn masked_softmax(
     scores: &Tensor,
@@ -139,20 +173,7 @@ pub fn masked_softmax(
 ) -> Result<Tensor> {
     if !scores.device().is_cpu() {
         // the GPU path composes it from candle ops until its kernel lands
-        let (b, _, tq, tk) = scores.dims4()?;
-        let mut m = vec![0f32; b * tq * tk];
-        for (bi, &len) in key_lens.iter().enumerate() {
-            for i in 0..tq {
-                for j in 0..tk {
-                    let ok = j < len && (!causal || j <= i + tk - tq);
-                    m[(bi * tq + i) * tk + j] = if ok { 0.0 } else { -1e9 };
-                }
-            }
-        }
-        let mask =
-            Tensor::from_vec(m, (b, 1, tq, tk), scores.device())?.to_dtype(scores.dtype())?;
-        let z = (scores * scale)?.broadcast_add(&mask)?;
-        return crate::nn::softmax_last(&z);
+        return composed(scores, scale, key_lens, causal);
     }
     let op = MaskedSoftmax {
         scale,
@@ -194,6 +215,20 @@ mod tests {
                 .unwrap();
             assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
             check_grad(&s, |x| masked_softmax(x, 0.5, &lens, causal));
+            // the composed path (other devices), twice to go through its mask cache
+            for _ in 0..2 {
+                let c = composed(&s, 0.5, &lens, causal).unwrap();
+                let f = masked_softmax(&s, 0.5, &lens, causal).unwrap();
+                let d = (c - f)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+            }
         }
     }
 
