@@ -183,3 +183,75 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// tinyllama, 7b, or tiny.
+    #[arg(long, default_value = "7b")]
+    shape: String,
+    /// base, singlora, lora, dora, …
+    #[arg(long, default_value = "singlora")]
+    method: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn profile(a: ProfileArgs) -> Result<()> {
+    use singlora::synthetic::LlamaShape;
+    let device = parse_device(&a.device)?;
+    let shape = match a.shape.as_str() {
+        "tinyllama" => LlamaShape::TINYLLAMA,
+        "7b" => LlamaShape::LLAMA_7B,
+        "tiny" => LlamaShape {
+            hidden: 64,
+            intermediate: 176,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 256,
+        },
+        other => anyhow::bail!("unknown shape `{other}`"),
+    };
+    let method = if a.method == "base" {
+        None
+    } else {
+        Some(a.method.parse()?)
+    };
+    let rows = singlora::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    let total: f64 = rows
+        .iter()
+        .filter(|r| r.per_step > 0 && r.class != "attention (part)")
+        .map(|r| r.step_ms)
+        .sum();
+    println!("| class | component | fwd ms | bwd ms | per step | ms per step | share |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let share = if r.class == "attention (part)" {
+            "(in attention)".to_string()
+        } else if r.per_step == 0 {
+            "(a part)".to_string()
+        } else {
+            format!("{:.1}%", 100.0 * r.step_ms / total)
+        };
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {} | {:.1} | {} |",
+            r.class, r.component, r.forward_ms, r.backward_ms, r.per_step, r.step_ms, share
+        );
+    }
+    println!("| total | | | | | {total:.1} | 100% |");
+    Ok(())
+}

@@ -43,6 +43,9 @@ enum Command {
     /// Time LLaMA-shaped training steps with random weights (TinyLlama / 7B shapes).
     #[command(name = "bench-llama")]
     BenchLlama(bench_cmd::LlamaArgs),
+    /// Where a LLaMA step's time goes, by op class (components timed alone at the model's shape).
+    #[command(name = "bench-profile")]
+    BenchProfile(bench_cmd::ProfileArgs),
     /// Check the device path against the CPU: adapters, gradients and training steps.
     #[command(name = "gpu-check")]
     GpuCheck {
@@ -117,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args)?,
         Command::BenchStep(args) => bench_cmd::step(args)?,
         Command::BenchLlama(args) => bench_cmd::llama(args)?,
+        Command::BenchProfile(args) => bench_cmd::profile(args)?,
         Command::GpuCheck { device } => gpu_check::run(&device)?,
         Command::Merge {
             base,

@@ -178,7 +178,8 @@ pub fn attention(
     } else {
         (k.clone(), v.clone())
     };
-    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    // Kᵀ as a strided view: the batched GEMM takes it transposed, no copy
+    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
     let p = crate::ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), key_lens, causal)?;
     Ok(p.matmul(&v.contiguous()?)?)
 }

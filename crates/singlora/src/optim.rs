@@ -125,6 +125,60 @@ impl GradAccumulator {
     }
 }
 
+/// The update of one CUDA f32 parameter by one kernel, in place (p, m, v); false where that
+/// does not apply (the composed update runs instead).
+#[cfg(feature = "cuda")]
+fn fused_update(
+    slot: &mut Slot,
+    g: &Tensor,
+    lr: f64,
+    (b1, b2, eps): (f64, f64, f64),
+    decay: f64,
+    (bc1, bc2): (f64, f64),
+) -> Result<bool> {
+    use candle_core::{CudaStorage, InplaceOp1, Layout};
+    let p = slot.param.var.as_tensor();
+    let fits = |t: &Tensor| {
+        t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims()
+    };
+    if !(fits(p) && fits(&slot.m) && fits(&slot.v) && fits(g)) {
+        return Ok(false);
+    }
+    struct Update<'a> {
+        m: &'a Tensor,
+        v: &'a Tensor,
+        g: &'a Tensor,
+        h: crate::ops::cuda::AdamWStep,
+    }
+    impl InplaceOp1 for Update<'_> {
+        fn name(&self) -> &'static str {
+            "adamw"
+        }
+        fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            candle_core::bail!("adamw: the fused update is CUDA only")
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+            crate::ops::cuda::adamw(s, l, self.m, self.v, self.g, self.h)
+        }
+    }
+    // the moments are ours alone (allocated apart, handed out and taken in only as copies),
+    // so writing them in place changes no other tensor
+    let (m, v) = (slot.m.clone(), slot.v.clone());
+    let h = crate::ops::cuda::AdamWStep {
+        lr: lr as f32,
+        beta1: b1 as f32,
+        beta2: b2 as f32,
+        eps: eps as f32,
+        decay: decay as f32,
+        bc1: bc1 as f32,
+        bc2: bc2 as f32,
+    };
+    p.inplace_op1(&Update { m: &m, v: &v, g, h })?;
+    slot.m = m;
+    slot.v = v;
+    Ok(true)
+}
+
 #[derive(Debug)]
 struct Slot {
     param: Param,
@@ -153,10 +207,11 @@ impl AdamW {
         let slots = params
             .into_iter()
             .map(|param| {
-                let z = param.var.zeros_like().expect("zeros of an existing tensor");
+                // two buffers: the fused update writes the moments in place
+                let z = || param.var.zeros_like().expect("zeros of an existing tensor");
                 Slot {
-                    m: z.clone(),
-                    v: z,
+                    m: z(),
+                    v: z(),
                     param,
                 }
             })
@@ -239,11 +294,20 @@ impl AdamW {
             let role = self.slots[i].param.role;
             let lr_i = lr * self.lr_mult(role);
             let slot = &mut self.slots[i];
+            let decay = if self.cfg.weight_decay > 0.0 && Self::decays(role) {
+                1.0 - lr_i * self.cfg.weight_decay
+            } else {
+                1.0
+            };
+            #[cfg(feature = "cuda")]
+            if fused_update(slot, g, lr_i, (b1, b2, self.cfg.eps), decay, (bc1, bc2))? {
+                continue;
+            }
             slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?.detach();
             slot.v = ((&slot.v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let mut p = slot.param.var.as_tensor().clone();
-            if self.cfg.weight_decay > 0.0 && Self::decays(role) {
-                p = (p * (1.0 - lr_i * self.cfg.weight_decay))?;
+            if decay != 1.0 {
+                p = (p * decay)?;
             }
             let denom = ((&slot.v / bc2)?.sqrt()? + self.cfg.eps)?;
             let upd = ((&slot.m / bc1)? / denom)?;
@@ -256,15 +320,16 @@ impl AdamW {
         Ok(norm)
     }
 
-    pub fn state(&self) -> AdamWState {
-        AdamWState {
+    /// A copy of the state (the moments are copied: the CUDA update writes its own in place).
+    pub fn state(&self) -> Result<AdamWState> {
+        Ok(AdamWState {
             t: self.t,
             moments: self
                 .slots
                 .iter()
-                .map(|s| (s.m.clone(), s.v.clone()))
-                .collect(),
-        }
+                .map(|s| Ok((s.m.copy()?, s.v.copy()?)))
+                .collect::<Result<_>>()?,
+        })
     }
 
     pub fn load_state(&mut self, state: AdamWState) -> Result<()> {
@@ -283,8 +348,15 @@ impl AdamW {
                     m.dims()
                 )));
             }
-            slot.m = m.to_device(slot.m.device())?.to_dtype(slot.m.dtype())?;
-            slot.v = v.to_device(slot.v.device())?.to_dtype(slot.v.dtype())?;
+            // copies, never the caller's buffers (see `state`)
+            slot.m = m
+                .to_device(slot.m.device())?
+                .to_dtype(slot.m.dtype())?
+                .copy()?;
+            slot.v = v
+                .to_device(slot.v.device())?
+                .to_dtype(slot.v.dtype())?
+                .copy()?;
         }
         self.t = state.t;
         Ok(())

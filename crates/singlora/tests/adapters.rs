@@ -346,7 +346,7 @@ fn optimizer_state_holds_no_graph() {
         );
         opt.step(&mut acc, 1e-2, Some(1.0)).unwrap();
     }
-    for (m, v) in opt.state().moments {
+    for (m, v) in opt.state().unwrap().moments {
         assert!(
             !m.track_op() && !v.track_op(),
             "optimizer moments keep a graph"

@@ -142,14 +142,17 @@ impl LoraAdapter {
     }
 
     pub(super) fn adapt(&self, x: &Tensor, w0: &Tensor, y0: &Tensor) -> Result<Tensor> {
-        let dt = self.a.dtype();
-        let h = x.to_dtype(dt)?.matmul(&self.a.t()?)?; // (m, r)
-        let lora = (h.matmul(&self.b.t()?)? * self.scale)?; // (m, d_out)
+        let dt = super::compute_dtype(x, self.a.dtype());
+        // scaled at rank r rather than at d_out (one full-size pass fewer)
+        let h = (x.to_dtype(dt)?.matmul(&self.a.to_dtype(dt)?.t()?)? * self.scale)?; // (m, r)
+        let lora = h.matmul(&self.b.to_dtype(dt)?.t()?)?; // (m, d_out)
         match &self.dora {
             None => Ok((y0 + lora.to_dtype(y0.dtype())?)?),
             Some(dora) => {
                 let norm = self.dora_row_norm(dora, w0)?;
-                let mag = (dora.magnitude.as_tensor() / norm)?.unsqueeze(0)?;
+                let mag = (dora.magnitude.as_tensor() / norm)?
+                    .unsqueeze(0)?
+                    .to_dtype(dt)?;
                 let y = (y0.to_dtype(dt)? + lora)?.broadcast_mul(&mag)?;
                 Ok(y.to_dtype(y0.dtype())?)
             }

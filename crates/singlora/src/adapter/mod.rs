@@ -327,6 +327,15 @@ impl Adapter {
     }
 }
 
+/// The dtype the adapter path computes in: the activations' when they are half precision (the
+/// trainable tensors stay f32 and are cast, as PyTorch autocast does), the parameters' else.
+pub(crate) fn compute_dtype(x: &Tensor, param: DType) -> DType {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.dtype(),
+        _ => param,
+    }
+}
+
 /// Errors if `t` holds NaN or ±∞.
 pub fn check_finite(t: &Tensor, name: &str) -> Result<()> {
     let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;

@@ -96,11 +96,16 @@ impl SingLoraAdapter {
             // u = 0: exactly the pretrained layer.
             return Ok(y0.clone());
         }
-        let a = self.a.as_tensor();
+        // half-precision activations stay half (A is cast, a d × r copy): an f32 copy of
+        // every adapted layer's input and output would double a GPU step's memory
+        let cd = super::compute_dtype(x, self.a.dtype());
+        let a = self.a.as_tensor().to_dtype(cd)?;
         let a_in = a.narrow(0, 0, self.d_in)?;
         let a_out = a.narrow(0, 0, self.d_out)?;
-        let h = x.to_dtype(a.dtype())?.matmul(&a_in)?; // (m, r)
-        let d = (h.matmul(&a_out.t()?)? * c)?; // (m, d_out)
+        // the scale goes on the (m, r) product, not on the (m, d_out) one: a full-size
+        // elementwise pass (and its backward) fewer
+        let h = (x.to_dtype(cd)?.matmul(&a_in)? * c)?; // (m, r)
+        let d = h.matmul(&a_out.t()?)?; // (m, d_out)
         Ok((y0 + d.to_dtype(y0.dtype())?)?)
     }
 

@@ -2,6 +2,7 @@
 //! warm-up, median of several steps.
 
 pub mod llama;
+pub mod profile;
 
 use std::time::Instant;
 

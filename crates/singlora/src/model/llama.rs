@@ -12,8 +12,8 @@ use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
-use crate::nn::{attention, key_lens, rope, rope_tables};
-use crate::ops::rms_norm;
+use crate::nn::{attention, key_lens, rope_tables};
+use crate::ops::{rms_norm, rope_split, swiglu};
 
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -216,21 +216,24 @@ impl Llama {
             x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
         }
         let lens = key_lens(&batch.mask)?;
-        let (cos, sin) = rope_tables(&c.inv_freq, t, self.dtype, x.device())?;
-        let split = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?)
+        // f32 tables on CUDA (the fused kernel's), the model's dtype on the CPU
+        let table_dt = if x.device().is_cpu() {
+            self.dtype
+        } else {
+            DType::F32
         };
+        let (cos, sin) = rope_tables(&c.inv_freq, t, table_dt, x.device())?;
         for l in &self.layers {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
-            let q = rope(&split(l.q.forward(&hn)?, c.heads)?, &cos, &sin)?;
-            let k = rope(&split(l.k.forward(&hn)?, c.kv_heads)?, &cos, &sin)?;
-            let v = split(l.v.forward(&hn)?, c.kv_heads)?;
+            let q = rope_split(&l.q.forward(&hn)?, &cos, &sin, c.heads, true)?;
+            let k = rope_split(&l.k.forward(&hn)?, &cos, &sin, c.kv_heads, true)?;
+            let v = rope_split(&l.v.forward(&hn)?, &cos, &sin, c.kv_heads, false)?;
             let a = attention(&q, &k, &v, &lens, true)?
                 .transpose(1, 2)?
                 .reshape((b, t, c.heads * c.head_dim))?;
             x = (x + l.o.forward(&a)?)?;
             let hn = rms_norm(&x, &l.ln2, c.eps)?;
-            let f = (l.gate.forward(&hn)?.silu()? * l.up.forward(&hn)?)?;
+            let f = swiglu(&l.gate.forward(&hn)?, &l.up.forward(&hn)?)?;
             x = (x + l.down.forward(&f)?)?;
         }
         rms_norm(&x, &self.norm, c.eps)

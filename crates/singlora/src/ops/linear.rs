@@ -5,8 +5,9 @@
 //! into the same output (GEMM with β = 1), so no d_out-wide temporary is formed and no
 //! separate add passes run. Backward, with g = ∂L/∂y and g_U = g·U:
 //! dx = g·W0 + c·g_U·Dᵀ (again one output), dD = c·xᵀ·g_U, dU = c·gᵀ·(x·D); W0 and b, frozen,
-//! get nothing. CPU kernels call the `gemm` crate directly; other devices use the composed
-//! path of [`crate::adapter::AdaptedLinear`].
+//! get nothing. CPU kernels call the `gemm` crate directly; CUDA calls cuBLAS (bf16 or f32
+//! storage, f32 accumulation, the scale c applied in f32 as GEMM's α); other devices use the
+//! composed path of [`crate::adapter::AdaptedLinear`].
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
@@ -215,6 +216,19 @@ impl CustomOp3 for AdaptedMatmul {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::adapted_fwd(self, (s1, l1), Some(((s2, l2), (s3, l3))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -288,6 +302,19 @@ impl CustomOp3 for InputGrad {
         "adapted-linear-input-grad"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::input_grad(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -324,6 +351,15 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::adapted_fwd(&self.0, (s, l), None)
+    }
+
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(g.matmul(&self.0.w0)?))
     }
@@ -357,12 +393,153 @@ pub fn adapted_linear(
     Ok(x.apply_op3(d, u, op)?)
 }
 
-/// Whether [`adapted_linear`] runs natively for these tensors.
+/// Whether [`adapted_linear`] runs natively for these tensors: f32/f64 on the CPU, bf16/f32
+/// on CUDA (cuBLAS), with a contiguous weight of the input's type.
 pub fn fused_available(x: &Tensor, w0: &Tensor) -> bool {
-    x.device().is_cpu()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && x.dtype() == w0.dtype()
-        && w0.is_contiguous()
+    use candle_core::{DType, Device};
+    let native = match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) => true,
+        (Device::Cuda(_), DType::BF16 | DType::F32) => cfg!(feature = "cuda"),
+        _ => false,
+    };
+    native && x.dtype() == w0.dtype() && w0.is_contiguous()
+}
+
+/// The CUDA forms: the same products through cuBLAS GEMMs that accumulate into one output
+/// (β = 1) rather than the `gemm` crate.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::{CudaStorage, Layout, Shape};
+
+    use super::{AdaptedMatmul, InputGrad};
+    use crate::ops::cuda::{gemm, linear_output, mat_of, mat_of_tensor, scratch, Mat};
+
+    type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+    fn same_type(what: &str, a: bool, b: bool) -> candle_core::Result<()> {
+        if a != b {
+            candle_core::bail!("{what}: operands of different types (bf16 and f32)");
+        }
+        Ok(())
+    }
+
+    /// y = x·W0ᵀ + b [+ c·(x·D)·Uᵀ].
+    pub(super) fn adapted_fwd(
+        op: &AdaptedMatmul,
+        x: Arg<'_>,
+        factors: Option<(Arg<'_>, Arg<'_>)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = &x.0.device;
+        let (m, k) = x.1.shape().dims2()?;
+        let (n, k2) = op.w0.dims2()?;
+        if k != k2 {
+            candle_core::bail!(
+                "fused linear: x {:?} does not fit W0 {:?}",
+                x.1.dims(),
+                op.w0.dims()
+            );
+        }
+        let (xm, bf16) = mat_of(x.0, x.1, "fused linear input")?;
+        let (wm, wb) = mat_of_tensor(&op.w0, "fused linear weight")?;
+        same_type("fused linear", bf16, wb)?;
+        let (y, yp, had_bias) = linear_output(dev, bf16, m, n, op.bias.as_ref())?;
+        let beta = if had_bias { 1.0 } else { 0.0 };
+        // SAFETY: every pointer addresses a live buffer of the shape given; one stream.
+        unsafe {
+            gemm(
+                dev,
+                bf16,
+                (m, n, k),
+                xm,
+                Mat { trans: true, ..wm },
+                yp,
+                1.0,
+                beta,
+            )?;
+        }
+        if let (Some((d, u)), true) = (factors, op.c != 0.0) {
+            let r = d.1.dims()[1];
+            if d.1.dims() != [k, r] || u.1.dims() != [n, r] {
+                candle_core::bail!(
+                    "fused linear: D {:?}, U {:?} do not fit ({k}, r), ({n}, r)",
+                    d.1.dims(),
+                    u.1.dims()
+                );
+            }
+            let (dm, db) = mat_of(d.0, d.1, "adapter factor D")?;
+            let (um, ub) = mat_of(u.0, u.1, "adapter factor U")?;
+            same_type("fused linear factor D", bf16, db)?;
+            same_type("fused linear factor U", bf16, ub)?;
+            let (h, hp) = scratch(dev, bf16, m * r)?;
+            let hm = Mat {
+                ptr: hp,
+                ld: r,
+                trans: false,
+            };
+            // SAFETY: as above; h lives until the end of this scope, after both launches.
+            unsafe {
+                gemm(dev, bf16, (m, r, k), xm, dm, hp, 1.0, 0.0)?;
+                gemm(
+                    dev,
+                    bf16,
+                    (m, n, r),
+                    hm,
+                    Mat { trans: true, ..um },
+                    yp,
+                    op.c as f32,
+                    1.0,
+                )?;
+            }
+            drop(h);
+        }
+        Ok((y, Shape::from((m, n))))
+    }
+
+    /// dx = g·W0 + c·g_U·Dᵀ.
+    pub(super) fn input_grad(
+        op: &InputGrad,
+        g: Arg<'_>,
+        gu: Arg<'_>,
+        d: Arg<'_>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = &g.0.device;
+        let (m, n) = g.1.shape().dims2()?;
+        let (n2, k) = op.w0.dims2()?;
+        let r = gu.1.dims()[1];
+        if n != n2 || d.1.dims() != [k, r] {
+            candle_core::bail!(
+                "fused linear backward: g {:?}, W0 {:?}, D {:?} do not fit",
+                g.1.dims(),
+                op.w0.dims(),
+                d.1.dims()
+            );
+        }
+        let (gm, bf16) = mat_of(g.0, g.1, "fused linear gradient")?;
+        let (wm, wb) = mat_of_tensor(&op.w0, "fused linear weight")?;
+        let (gum, gub) = mat_of(gu.0, gu.1, "fused linear g·U")?;
+        let (dm, db) = mat_of(d.0, d.1, "adapter factor D")?;
+        same_type("fused linear backward", bf16, wb)?;
+        same_type("fused linear backward", bf16, gub)?;
+        same_type("fused linear backward", bf16, db)?;
+        let (dx, dxp, _) = linear_output(dev, bf16, m, k, None)?;
+        // SAFETY: as above.
+        unsafe {
+            gemm(dev, bf16, (m, k, n), gm, wm, dxp, 1.0, 0.0)?;
+            if op.c != 0.0 {
+                gemm(
+                    dev,
+                    bf16,
+                    (m, k, r),
+                    gum,
+                    Mat { trans: true, ..dm },
+                    dxp,
+                    op.c as f32,
+                    1.0,
+                )?;
+            }
+        }
+        Ok((dx, Shape::from((m, k))))
+    }
 }
 
 #[cfg(test)]

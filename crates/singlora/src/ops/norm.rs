@@ -14,9 +14,12 @@ use crate::error::Result;
 
 #[derive(Clone)]
 struct Norm {
-    /// Weight and (LayerNorm) bias, in f64; cast per call.
+    /// Weight and (LayerNorm) bias on the host, in f64 (CPU inputs).
     w: Arc<Vec<f64>>,
     b: Option<Arc<Vec<f64>>>,
+    /// The weight as an f32 tensor on the input's device (CUDA inputs).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    w_dev: Option<Tensor>,
     eps: f64,
     /// RMSNorm (no centring, no bias).
     rms: bool,
@@ -109,6 +112,22 @@ impl CustomOp1 for Norm {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if !self.rms {
+            candle_core::bail!("layer norm has no CUDA kernel yet");
+        }
+        let w = self
+            .w_dev
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("rms norm: no device weight".into()))?;
+        super::cuda::rms_norm_fwd(s, l, w, self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(
             &g.contiguous()?,
@@ -122,6 +141,25 @@ struct NormBackward(Norm);
 impl CustomOp2 for NormBackward {
     fn name(&self) -> &'static str {
         "norm-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if !self.0.rms {
+            candle_core::bail!("layer norm has no CUDA kernel yet");
+        }
+        let w = self
+            .0
+            .w_dev
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("rms norm: no device weight".into()))?;
+        super::cuda::rms_norm_bwd(s1, l1, s2, l2, w, self.0.eps)
     }
 
     fn cpu_fwd(
@@ -144,11 +182,23 @@ impl CustomOp2 for NormBackward {
 }
 
 fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let op = Norm {
-        w: Arc::new(host_vec::<f64>(w)?),
-        b: b.map(|b| host_vec::<f64>(b).map(Arc::new)).transpose()?,
-        eps,
-        rms: b.is_none(),
+    let op = if x.device().is_cpu() {
+        Norm {
+            w: Arc::new(host_vec::<f64>(w)?),
+            b: b.map(|b| host_vec::<f64>(b).map(Arc::new)).transpose()?,
+            w_dev: None,
+            eps,
+            rms: b.is_none(),
+        }
+    } else {
+        // stays on the device: no copy to the host (which would synchronise) per call
+        Norm {
+            w: Arc::new(vec![]),
+            b: None,
+            w_dev: Some(w.to_dtype(candle_core::DType::F32)?.contiguous()?),
+            eps,
+            rms: b.is_none(),
+        }
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -165,9 +215,13 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 /// RMSNorm with a frozen `w` (fused on the CPU; composed elsewhere).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu()
-        || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-    {
+    use candle_core::{DType, Device};
+    let fused = match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) => true,
+        (Device::Cuda(_), DType::F32 | DType::BF16) => cfg!(feature = "cuda"),
+        _ => false,
+    };
+    if !fused {
         return crate::nn::rms_norm(x, w, eps);
     }
     apply(x, w, None, eps)

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, Real};
@@ -78,6 +78,15 @@ impl CustomOp1 for MaskedSoftmax {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::masked_softmax_fwd(s, l, &self.key_lens, self.causal, self.scale)
+    }
+
     fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dp = dp.contiguous()?;
         Ok(Some(p.apply_op2_no_bwd(
@@ -109,6 +118,17 @@ impl SoftmaxBackward {
 impl CustomOp2 for SoftmaxBackward {
     fn name(&self) -> &'static str {
         "masked-softmax-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::masked_softmax_bwd(s1, l1, s2, l2, self.scale)
     }
 
     fn cpu_fwd(
@@ -171,8 +191,12 @@ pub fn masked_softmax(
     key_lens: &[usize],
     causal: bool,
 ) -> Result<Tensor> {
-    if !scores.device().is_cpu() {
-        // the GPU path composes it from candle ops until its kernel lands
+    let fused = match (scores.device(), scores.dtype()) {
+        (candle_core::Device::Cpu, DType::F32 | DType::F64) => true,
+        (candle_core::Device::Cuda(_), DType::F32 | DType::BF16) => cfg!(feature = "cuda"),
+        _ => false,
+    };
+    if !fused {
         return composed(scores, scale, key_lens, causal);
     }
     let op = MaskedSoftmax {
@@ -187,7 +211,7 @@ pub fn masked_softmax(
 mod tests {
     use super::*;
     use crate::nn::tests::check_grad;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn matches_composed_softmax_and_differentiates() {

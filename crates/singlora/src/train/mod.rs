@@ -158,14 +158,47 @@ pub fn parse_task(s: &str) -> Result<Task> {
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => Device::new_cuda(0).map_err(|e| cuda_error(s, e)),
+        "cuda" | "gpu" => new_cuda(0).map_err(|e| cuda_error(s, e)),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::new_cuda(i).map_err(|e| cuda_error(s, e)),
+            Some(Ok(i)) => new_cuda(i).map_err(|e| cuda_error(s, e)),
             _ => Err(Error::msg(format!(
                 "unknown device `{s}`: expected cpu, cuda or cuda:N"
             ))),
         },
     }
+}
+
+/// A CUDA device set up for training: one stream, so cudarc's per-buffer event tracking (an
+/// event record and a stream wait per kernel argument, on the host) is switched off; and the
+/// stream-ordered memory pool keeps what it has reserved across synchronisations (its default
+/// release threshold of 0 hands freed memory back to the driver at every sync, so each step
+/// would map its activations afresh).
+fn new_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: the device has one stream (candle's) and no buffers allocated yet.
+        unsafe { d.disable_event_tracking() };
+        let ctx = d.cuda_stream().context().clone();
+        // SAFETY: plain driver calls on this context's device with valid out-pointers.
+        unsafe {
+            ctx.bind_to_thread()
+                .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            let mut pool = std::mem::MaybeUninit::uninit();
+            if sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device())
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                let mut keep = u64::MAX;
+                sys::cuMemPoolSetAttribute(
+                    pool.assume_init(),
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep as *mut u64).cast(),
+                );
+            }
+        }
+    }
+    Ok(device)
 }
 
 fn cuda_error(s: &str, e: candle_core::Error) -> Error {
@@ -826,7 +859,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
                 state::save(
                     out,
                     &s.adapter_file()?,
-                    &opt.state(),
+                    &opt.state()?,
                     &st,
                     cfg.keep_checkpoints.max(1),
                 )?;

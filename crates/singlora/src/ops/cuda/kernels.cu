@@ -1,0 +1,275 @@
+// Fused kernels for the GPU path (compiled to PTX by build.rs with the `cuda` feature).
+// Row-wise: one block per row, f32 arithmetic whatever the storage type (bf16 as its raw
+// 16 bits, converted by shifting; f32 as is). Each has a CPU reference in ../*.rs.
+#include <stdint.h>
+
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const uint16_t* p, long i) { return __uint_as_float(((uint32_t)p[i]) << 16); }
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(uint16_t* p, long i, float v) {
+    uint32_t u = __float_as_uint(v);
+    u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+    p[i] = (uint16_t)(u >> 16);
+}
+
+// Reduces v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float buf[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    v = lane < nw ? buf[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float buf[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) buf[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    v = lane < nw ? buf[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// P = softmax(scale * S) over the valid keys of each row of a (b, h, tq, tk) tensor; row r is
+// batch r / (h tq), query r % tq; keys j < key_lens[batch] (and j <= i + tk - tq if causal).
+template <typename T>
+__device__ void masked_softmax_fwd(const T* s, T* p, const uint32_t* key_lens, int h, int tq, int tk, float scale, int causal) {
+    long row = blockIdx.x;
+    const long base = row * tk;
+    int b = row / ((long)h * tq), i = row % tq;
+    int len = min((int)key_lens[b], tk);
+    if (causal) len = min(len, i + 1 + tk - tq);
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, ld(s, base + j));
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) sum += __expf((ld(s, base + j) - m) * scale);
+    sum = block_sum(sum);
+    float inv = len > 0 ? 1.f / sum : 0.f;
+    for (int j = threadIdx.x; j < tk; j += blockDim.x)
+        st(p, base + j, j < len ? __expf((ld(s, base + j) - m) * scale) * inv : 0.f);
+}
+
+// dS = scale * P (dP - sum_j P dP), row by row.
+template <typename T>
+__device__ void masked_softmax_bwd(const T* p, const T* dp, T* ds, int tk, float scale) {
+    const long base = (long)blockIdx.x * tk;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < tk; j += blockDim.x) dot += ld(p, base + j) * ld(dp, base + j);
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < tk; j += blockDim.x) {
+        float pj = ld(p, base + j);
+        st(ds, base + j, scale * pj * (ld(dp, base + j) - dot));
+    }
+}
+
+// y = x / rms(x) * w with rms = sqrt(mean x^2 + eps); w in f32.
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const float* w, T* y, int d, float eps) {
+    const long base = (long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) { float v = ld(x, base + j); ss += v * v; }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) st(y, base + j, ld(x, base + j) * inv * w[j]);
+}
+
+// dx = (g w - xhat mean(g w xhat)) / rms, xhat = x / rms.
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const float* w, const T* g, T* dx, int d, float eps) {
+    const long base = (long)blockIdx.x * d;
+    float ss = 0.f, dot = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = ld(x, base + j);
+        ss += v * v;
+        dot += ld(g, base + j) * w[j] * v;
+    }
+    ss = block_sum(ss);
+    dot = block_sum(dot);
+    float inv = rsqrtf(ss / d + eps);
+    float c = dot * inv * inv / d;  // mean(g w xhat) / rms, with xhat = x inv
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = ld(x, base + j);
+        st(dx, base + j, (ld(g, base + j) * w[j] - v * c) * inv);
+    }
+}
+
+// Head split with RoPE: x (b, t, n, hd) -> y (b, n, t, hd), y1 = x1 c - x2 s, y2 = x2 c + x1 s on
+// the two halves of each head (cos/sin: f32 (t, hd), the first hd/2 columns used). `inverse`
+// runs the transpose of that map (the backward): from (b, n, t, hd) to (b, t, n, hd) with -s.
+// rotate = 0: the split alone (V). One thread per pair of elements.
+template <typename T>
+__device__ void rope_split(const T* src, T* dst, const float* cs, const float* sn, int b, int t, int n, int hd,
+                           int rotate, int inverse) {
+    const int half = hd / 2;
+    long total = (long)b * t * n * half;
+    for (long g = (long)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += (long)gridDim.x * blockDim.x) {
+        int j = g % half;
+        long r = g / half;  // (bb, tt, nn) in (b, t, n) order
+        int nn = r % n;
+        int tt = (r / n) % t;
+        long bb = r / ((long)n * t);
+        long a = r * hd + j;                               // offset in (b, t, n, hd)
+        long c = ((bb * n + nn) * t + tt) * (long)hd + j;  // offset in (b, n, t, hd)
+        long from = inverse ? c : a, to = inverse ? a : c;
+        float x1 = ld(src, from), x2 = ld(src, from + half);
+        if (rotate) {
+            float co = cs[(long)tt * hd + j], si = sn[(long)tt * hd + j];
+            if (inverse) si = -si;
+            st(dst, to, x1 * co - x2 * si);
+            st(dst, to + half, x2 * co + x1 * si);
+        } else {
+            st(dst, to, x1);
+            st(dst, to + half, x2);
+        }
+    }
+}
+
+// SwiGLU: y = silu(g) u.
+template <typename T>
+__device__ void swiglu_fwd(const T* g, const T* u, T* y, long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gv = ld(g, i);
+        float s = 1.f / (1.f + __expf(-gv));
+        st(y, i, gv * s * ld(u, i));
+    }
+}
+
+// Its backward into one buffer: out[0..n) = dg = dy u silu'(g), out[n..2n) = du = dy silu(g),
+// silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+template <typename T>
+__device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gv = ld(g, i), d = ld(dy, i);
+        float s = 1.f / (1.f + __expf(-gv));
+        st(out, i, d * ld(u, i) * s * (1.f + gv * (1.f - s)));
+        st(out, n + i, d * gv * s);
+    }
+}
+
+// y (m, n) <- each row the bias b (n): the output a bias-initialised GEMM accumulates into.
+template <typename T>
+__device__ void bias_rows(const T* b, T* y, long m, int n) {
+    long total = m * n;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x)
+        y[i] = b[i % n];
+}
+
+// AdamW in place (f32 parameter and moments): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2,
+// p <- p decay - lr (m / bc1) / (sqrt(v / bc2) + eps), decay = 1 - lr wd.
+extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* g, long n, float lr, float b1,
+                                     float b2, float eps, float decay, float bc1, float bc2) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float mi = b1 * m[i] + (1.f - b1) * gi;
+        float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
+    }
+}
+
+// The same two, one warp per row with the row in registers (tk <= 32 * WARP_ROW_MAX): one read
+// of S (forward) or of P and dP (backward) instead of three. Blocks of 8 warps.
+#define WARP_ROW_MAX 32
+template <typename T>
+__device__ void masked_softmax_fwd_warp(const T* s, T* p, const uint32_t* key_lens, long rows, int h, int tq, int tk,
+                                        float scale, int causal) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    const long base = row * tk;
+    int b = row / ((long)h * tq), i = row % tq;
+    int len = min((int)key_lens[b], tk);
+    if (causal) len = min(len, i + 1 + tk - tq);
+    float v[WARP_ROW_MAX];
+    float m = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX; c++) {
+        int j = c * 32 + lane;
+        v[c] = j < len ? ld(s, base + j) : -INFINITY;
+        m = fmaxf(m, v[c]);
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX; c++) {
+        int j = c * 32 + lane;
+        v[c] = j < len ? __expf((v[c] - m) * scale) : 0.f;
+        sum += v[c];
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    float inv = len > 0 ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX; c++) {
+        int j = c * 32 + lane;
+        if (j < tk) st(p, base + j, v[c] * inv);
+    }
+}
+
+template <typename T>
+__device__ void masked_softmax_bwd_warp(const T* p, const T* dp, T* ds, long rows, int tk, float scale) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    const long base = row * tk;
+    float pv[WARP_ROW_MAX], dv[WARP_ROW_MAX];
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX; c++) {
+        int j = c * 32 + lane;
+        pv[c] = j < tk ? ld(p, base + j) : 0.f;
+        dv[c] = j < tk ? ld(dp, base + j) : 0.f;
+        dot += pv[c] * dv[c];
+    }
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX; c++) {
+        int j = c * 32 + lane;
+        if (j < tk) st(ds, base + j, scale * pv[c] * (dv[c] - dot));
+    }
+}
+
+#define INSTANTIATE(T, SUF)                                                                                        \
+    extern "C" __global__ void masked_softmax_fwd_##SUF(const T* s, T* p, const uint32_t* kl, int h, int tq, int tk, \
+                                                        float scale, int causal) {                                  \
+        masked_softmax_fwd<T>(s, p, kl, h, tq, tk, scale, causal);                                                  \
+    }                                                                                                               \
+    extern "C" __global__ void masked_softmax_bwd_##SUF(const T* p, const T* dp, T* ds, int tk, float scale) {     \
+        masked_softmax_bwd<T>(p, dp, ds, tk, scale);                                                                \
+    }                                                                                                               \
+    extern "C" __global__ void rms_norm_fwd_##SUF(const T* x, const float* w, T* y, int d, float eps) {           \
+        rms_norm_fwd<T>(x, w, y, d, eps);                                                                           \
+    }                                                                                                               \
+    extern "C" __global__ void rms_norm_bwd_##SUF(const T* x, const float* w, const T* g, T* dx, int d, float eps) { \
+        rms_norm_bwd<T>(x, w, g, dx, d, eps);                                                                       \
+    }                                                                                                               \
+    extern "C" __global__ void rope_split_##SUF(const T* src, T* dst, const float* cs, const float* sn, int b, int t, \
+                                                int n, int hd, int rotate, int inverse) {                          \
+        rope_split<T>(src, dst, cs, sn, b, t, n, hd, rotate, inverse);                                              \
+    }                                                                                                               \
+    extern "C" __global__ void masked_softmax_fwd_warp_##SUF(const T* s, T* p, const uint32_t* kl, long rows, int h,  \
+                                                             int tq, int tk, float scale, int causal) {             \
+        masked_softmax_fwd_warp<T>(s, p, kl, rows, h, tq, tk, scale, causal);                                       \
+    }                                                                                                               \
+    extern "C" __global__ void masked_softmax_bwd_warp_##SUF(const T* p, const T* dp, T* ds, long rows, int tk,     \
+                                                             float scale) {                                         \
+        masked_softmax_bwd_warp<T>(p, dp, ds, rows, tk, scale);                                                     \
+    }                                                                                                               \
+    extern "C" __global__ void bias_rows_##SUF(const T* b, T* y, long m, int n) { bias_rows<T>(b, y, m, n); }      \
+    extern "C" __global__ void swiglu_fwd_##SUF(const T* g, const T* u, T* y, long n) { swiglu_fwd<T>(g, u, y, n); } \
+    extern "C" __global__ void swiglu_bwd_##SUF(const T* g, const T* u, const T* dy, T* out, long n) {             \
+        swiglu_bwd<T>(g, u, dy, out, n);                                                                            \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(uint16_t, bf16)

@@ -1,0 +1,614 @@
+//! CUDA launches of the fused kernels in `kernels.cu` (compiled to PTX by build.rs): masked
+//! softmax and RMSNorm, forward and backward, for bf16 and f32 storage with f32 arithmetic.
+//! Their CPU references are the CPU paths of the same ops; `singlora gpu-check` compares them.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "singlora_kernels";
+const THREADS: u32 = 256;
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Per lane, the values a warp-per-row kernel holds in registers (rows up to 32 × this).
+const WARP_ROW_MAX: usize = 32;
+
+/// Blocks of 8 warps, a warp per row.
+fn warp_rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn contiguous<'a, T>(
+    s: &'a CudaSlice<T>,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.slice(a..b)),
+        None => candle_core::bail!("{what}: the input must be contiguous"),
+    }
+}
+
+/// The kernel-name suffix and storage for a float storage.
+macro_rules! float_slice {
+    ($s:expr, $what:expr, |$sl:ident, $suf:ident, $t:ident| $body:expr) => {
+        match $s {
+            CudaStorageSlice::BF16($sl) => {
+                type $t = half::bf16;
+                let $suf = "bf16";
+                $body
+            }
+            CudaStorageSlice::F32($sl) => {
+                type $t = f32;
+                let $suf = "f32";
+                $body
+            }
+            _ => candle_core::bail!("{}: bf16 or f32 expected", $what),
+        }
+    };
+}
+
+fn wrap<T: candle_core::cuda_backend::CudaDType>(
+    dst: CudaSlice<T>,
+    dev: &CudaDevice,
+) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+}
+
+fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: every element is written by the kernel that follows.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+pub fn masked_softmax_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    key_lens: &[usize],
+    causal: bool,
+    scale: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dims = l.dims();
+    let (b, h, tq, tk) = (dims[0], dims[1], dims[2], dims[3]);
+    if key_lens.len() != b {
+        candle_core::bail!(
+            "masked softmax: {} key lengths for a batch of {b}",
+            key_lens.len()
+        );
+    }
+    let dev = &s.device;
+    let lens: Vec<u32> = key_lens.iter().map(|&x| x as u32).collect();
+    let lens = dev.clone_htod(&lens)?;
+    let n = l.shape().elem_count();
+    float_slice!(&s.slice, "masked softmax", |src, suf, T| {
+        let src = contiguous(src, l, "masked softmax")?;
+        let dst = alloc::<T>(dev, n)?;
+        let rows = b * h * tq;
+        if tk <= 32 * WARP_ROW_MAX {
+            let f = dev.get_or_load_custom_func(
+                &format!("masked_softmax_fwd_warp_{suf}"),
+                MODULE,
+                PTX,
+            )?;
+            let mut bld = f.builder();
+            bld.arg(&src);
+            bld.arg(&dst);
+            bld.arg(&lens);
+            candle_core::builder_arg!(
+                bld,
+                rows as i64,
+                h as i32,
+                tq as i32,
+                tk as i32,
+                scale as f32,
+                i32::from(causal)
+            );
+            // SAFETY: the arguments match the kernel's signature; a warp per row.
+            unsafe { bld.launch(warp_rows_cfg(rows)) }.w()?;
+        } else {
+            let f =
+                dev.get_or_load_custom_func(&format!("masked_softmax_fwd_{suf}"), MODULE, PTX)?;
+            let mut bld = f.builder();
+            bld.arg(&src);
+            bld.arg(&dst);
+            bld.arg(&lens);
+            candle_core::builder_arg!(
+                bld,
+                h as i32,
+                tq as i32,
+                tk as i32,
+                scale as f32,
+                i32::from(causal)
+            );
+            // SAFETY: the arguments match the kernel's signature; grids cover b·h·tq rows.
+            unsafe { bld.launch(rows_cfg(rows)) }.w()?;
+        }
+        Ok((wrap(dst, dev), l.shape().clone()))
+    })
+}
+
+pub fn masked_softmax_bwd(
+    p: &CudaStorage,
+    lp: &Layout,
+    dp: &CudaStorage,
+    ldp: &Layout,
+    scale: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let tk = *lp.dims().last().unwrap();
+    let n = lp.shape().elem_count();
+    let dev = &p.device;
+    float_slice!(&p.slice, "softmax backward", |ps, suf, T| {
+        let pv = contiguous(ps, lp, "softmax backward")?;
+        let dps = dp.as_cuda_slice::<T>()?;
+        let dpv = contiguous(dps, ldp, "softmax backward")?;
+        let dst = alloc::<T>(dev, n)?;
+        let rows = n / tk;
+        let warp = tk <= 32 * WARP_ROW_MAX;
+        let name = if warp {
+            format!("masked_softmax_bwd_warp_{suf}")
+        } else {
+            format!("masked_softmax_bwd_{suf}")
+        };
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&pv);
+        bld.arg(&dpv);
+        bld.arg(&dst);
+        if warp {
+            candle_core::builder_arg!(bld, rows as i64, tk as i32, scale as f32);
+            // SAFETY: as above; a warp per row.
+            unsafe { bld.launch(warp_rows_cfg(rows)) }.w()?;
+        } else {
+            candle_core::builder_arg!(bld, tk as i32, scale as f32);
+            // SAFETY: as above.
+            unsafe { bld.launch(rows_cfg(rows)) }.w()?;
+        }
+        Ok((wrap(dst, dev), lp.shape().clone()))
+    })
+}
+
+/// Runs `f` with a view of an f32 CUDA tensor (a frozen norm weight).
+fn with_f32_view<R>(
+    t: &Tensor,
+    f: impl FnOnce(CudaView<'_, f32>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(c) => f(contiguous(
+            c.as_cuda_slice::<f32>()?,
+            layout,
+            "norm weight",
+        )?),
+        _ => candle_core::bail!("norm weight: expected a CUDA tensor"),
+    }
+}
+
+pub fn rms_norm_fwd(
+    x: &CudaStorage,
+    l: &Layout,
+    w: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    with_f32_view(w, |wd| rms_norm_fwd_with(x, l, wd, eps))
+}
+
+fn rms_norm_fwd_with(
+    x: &CudaStorage,
+    l: &Layout,
+    wd: CudaView<'_, f32>,
+    eps: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let d = *l.dims().last().unwrap();
+    let n = l.shape().elem_count();
+    let dev = &x.device;
+    float_slice!(&x.slice, "rms norm", |xs, suf, T| {
+        let xv = contiguous(xs, l, "rms norm")?;
+        let dst = alloc::<T>(dev, n)?;
+        let f = dev.get_or_load_custom_func(&format!("rms_norm_fwd_{suf}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&xv);
+        bld.arg(&wd);
+        bld.arg(&dst);
+        candle_core::builder_arg!(bld, d as i32, eps as f32);
+        // SAFETY: as above.
+        unsafe { bld.launch(rows_cfg(n / d)) }.w()?;
+        Ok((wrap(dst, dev), l.shape().clone()))
+    })
+}
+
+pub fn rms_norm_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    w: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    with_f32_view(w, |wd| rms_norm_bwd_with(x, lx, g, lg, wd, eps))
+}
+
+fn rms_norm_bwd_with(
+    x: &CudaStorage,
+    lx: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    wd: CudaView<'_, f32>,
+    eps: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let d = *lx.dims().last().unwrap();
+    let n = lx.shape().elem_count();
+    let dev = &x.device;
+    float_slice!(&x.slice, "rms norm backward", |xs, suf, T| {
+        let xv = contiguous(xs, lx, "rms norm backward")?;
+        let gs = g.as_cuda_slice::<T>()?;
+        let gv = contiguous(gs, lg, "rms norm backward")?;
+        let dst = alloc::<T>(dev, n)?;
+        let f = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{suf}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&xv);
+        bld.arg(&wd);
+        bld.arg(&gv);
+        bld.arg(&dst);
+        candle_core::builder_arg!(bld, d as i32, eps as f32);
+        // SAFETY: as above.
+        unsafe { bld.launch(rows_cfg(n / d)) }.w()?;
+        Ok((wrap(dst, dev), lx.shape().clone()))
+    })
+}
+
+/// A grid-stride launch over `n` elements.
+fn elems_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The head split with RoPE (see `rope_split` in kernels.cu): forward from (b, t, n·hd) to
+/// (b, n, t, hd); `inverse` from (b, n, t, hd) back to (b, t, n·hd) with the opposite rotation.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_split(
+    src: &CudaStorage,
+    l: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, t, n, hd): (usize, usize, usize, usize),
+    rotate: bool,
+    inverse: bool,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = &src.device;
+    let total = b * t * n * hd;
+    if l.shape().elem_count() != total || hd % 2 != 0 {
+        candle_core::bail!(
+            "rope split: {:?} is not (b, t, n, hd) = ({b}, {t}, {n}, {hd})",
+            l.dims()
+        );
+    }
+    let out_shape = if inverse {
+        Shape::from((b, t, n * hd))
+    } else {
+        Shape::from((b, n, t, hd))
+    };
+    with_f32_view(cos, |cs| {
+        with_f32_view(sin, |sn| {
+            float_slice!(&src.slice, "rope split", |xs, suf, T| {
+                let xv = contiguous(xs, l, "rope split")?;
+                let dst = alloc::<T>(dev, total)?;
+                let f = dev.get_or_load_custom_func(&format!("rope_split_{suf}"), MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xv);
+                bld.arg(&dst);
+                bld.arg(&cs);
+                bld.arg(&sn);
+                candle_core::builder_arg!(
+                    bld,
+                    b as i32,
+                    t as i32,
+                    n as i32,
+                    hd as i32,
+                    i32::from(rotate),
+                    i32::from(inverse)
+                );
+                // SAFETY: the arguments match the kernel's signature; the grid strides over
+                // every pair.
+                unsafe { bld.launch(elems_cfg(total / 2)) }.w()?;
+                Ok((wrap(dst, dev), out_shape.clone()))
+            })
+        })
+    })
+}
+
+/// silu(g)·u.
+pub fn swiglu_fwd(
+    g: &CudaStorage,
+    lg: &Layout,
+    u: &CudaStorage,
+    lu: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let n = lg.shape().elem_count();
+    let dev = &g.device;
+    float_slice!(&g.slice, "swiglu", |gs, suf, T| {
+        let gv = contiguous(gs, lg, "swiglu")?;
+        let us = u.as_cuda_slice::<T>()?;
+        let uv = contiguous(us, lu, "swiglu")?;
+        let dst = alloc::<T>(dev, n)?;
+        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{suf}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&gv);
+        bld.arg(&uv);
+        bld.arg(&dst);
+        candle_core::builder_arg!(bld, n as i64);
+        // SAFETY: as above.
+        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        Ok((wrap(dst, dev), lg.shape().clone()))
+    })
+}
+
+/// (dg, du) of silu(g)·u stacked into one (2, …) buffer.
+pub fn swiglu_bwd(
+    g: &CudaStorage,
+    lg: &Layout,
+    u: &CudaStorage,
+    lu: &Layout,
+    dy: &CudaStorage,
+    ldy: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let n = lg.shape().elem_count();
+    let dev = &g.device;
+    let mut dims = vec![2];
+    dims.extend_from_slice(lg.dims());
+    float_slice!(&g.slice, "swiglu backward", |gs, suf, T| {
+        let gv = contiguous(gs, lg, "swiglu backward")?;
+        let us = u.as_cuda_slice::<T>()?;
+        let uv = contiguous(us, lu, "swiglu backward")?;
+        let dys = dy.as_cuda_slice::<T>()?;
+        let dyv = contiguous(dys, ldy, "swiglu backward")?;
+        let dst = alloc::<T>(dev, 2 * n)?;
+        let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{suf}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&gv);
+        bld.arg(&uv);
+        bld.arg(&dyv);
+        bld.arg(&dst);
+        candle_core::builder_arg!(bld, n as i64);
+        // SAFETY: as above.
+        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        Ok((wrap(dst, dev), Shape::from(dims)))
+    })
+}
+
+/// A row-major matrix operand for [`gemm`]: device pointer, leading (row) stride, and whether
+/// the operand is the transpose of the matrix stored there.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: u64,
+    pub ld: usize,
+    pub trans: bool,
+}
+
+/// C (m × n, row-major, contiguous) ← alpha·A·B + beta·C through cuBLAS (f32 accumulation),
+/// all operands of one storage type (bf16 or f32). Row-major C = A·B is column-major
+/// Cᵀ = Bᵀ·Aᵀ, so the operands go to cuBLAS swapped.
+///
+/// # Safety
+/// The pointers must address live device buffers of the given shapes, on `dev`'s stream.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    dev: &CudaDevice,
+    bf16: bool,
+    (m, n, k): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let dt = if bf16 {
+        sys::cudaDataType_t::CUDA_R_16BF
+    } else {
+        sys::cudaDataType_t::CUDA_R_32F
+    };
+    let blas = dev.cublas_handle();
+    result::gemm_ex(
+        *blas.handle(),
+        op(b.trans),
+        op(a.trans),
+        n as i32,
+        m as i32,
+        k as i32,
+        (&alpha) as *const f32 as *const _,
+        b.ptr as *const _,
+        dt,
+        b.ld as i32,
+        a.ptr as *const _,
+        dt,
+        a.ld as i32,
+        (&beta) as *const f32 as *const _,
+        c as *mut _,
+        dt,
+        n as i32,
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
+}
+
+/// A 2-D operand of a fused linear op on the device: pointer and row stride (unit column
+/// stride required), with whether it is stored as bf16.
+pub fn mat_of(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<(Mat, bool)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let st = l.stride();
+    if st.len() != 2 || st[1] != 1 {
+        candle_core::bail!(
+            "{what}: a 2-D operand with unit column stride expected, got strides {st:?}"
+        );
+    }
+    let stream = s.device.cuda_stream();
+    let (ptr, bf16) = match &s.slice {
+        CudaStorageSlice::BF16(x) => {
+            let v = x.slice(l.start_offset()..);
+            let p = v.device_ptr(&stream).0;
+            (p, true)
+        }
+        CudaStorageSlice::F32(x) => {
+            let v = x.slice(l.start_offset()..);
+            let p = v.device_ptr(&stream).0;
+            (p, false)
+        }
+        _ => candle_core::bail!("{what}: bf16 or f32 expected"),
+    };
+    Ok((
+        Mat {
+            ptr,
+            ld: st[0],
+            trans: false,
+        },
+        bf16,
+    ))
+}
+
+/// [`mat_of`] for a tensor (a frozen weight held by the op).
+pub fn mat_of_tensor(t: &Tensor, what: &str) -> candle_core::Result<(Mat, bool)> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(c) => mat_of(c, layout, what),
+        _ => candle_core::bail!("{what}: expected a CUDA tensor"),
+    }
+}
+
+/// A fresh (m, n) output on `dev` in the given type, holding the bias rows if there is one.
+/// Returns the storage, its pointer and whether the bias was written (then accumulate).
+pub fn linear_output(
+    dev: &CudaDevice,
+    bf16: bool,
+    m: usize,
+    n: usize,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<(CudaStorage, u64, bool)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
+    macro_rules! make {
+        ($t:ty, $suf:expr) => {{
+            let dst = alloc::<$t>(dev, m * n)?;
+            let ptr = dst.device_ptr(&stream).0;
+            let had = if let Some(b) = bias {
+                let b = b.contiguous()?;
+                let (bs, bl) = b.storage_and_layout();
+                let Storage::Cuda(bs) = &*bs else {
+                    candle_core::bail!("linear bias: expected a CUDA tensor")
+                };
+                let bv = contiguous(bs.as_cuda_slice::<$t>()?, bl, "linear bias")?;
+                let f = dev.get_or_load_custom_func(&format!("bias_rows_{}", $suf), MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&bv);
+                bld.arg(&dst);
+                candle_core::builder_arg!(bld, m as i64, n as i32);
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { bld.launch(elems_cfg(m * n)) }.w()?;
+                true
+            } else {
+                false
+            };
+            (wrap(dst, dev), ptr, had)
+        }};
+    }
+    Ok(if bf16 {
+        make!(half::bf16, "bf16")
+    } else {
+        make!(f32, "f32")
+    })
+}
+
+/// A fresh (m, n) scratch buffer of the given type and its pointer.
+pub fn scratch(
+    dev: &CudaDevice,
+    bf16: bool,
+    len: usize,
+) -> candle_core::Result<(CudaStorage, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = dev.cuda_stream();
+    Ok(if bf16 {
+        let s = alloc::<half::bf16>(dev, len)?;
+        let p = s.device_ptr(&stream).0;
+        (wrap(s, dev), p)
+    } else {
+        let s = alloc::<f32>(dev, len)?;
+        let p = s.device_ptr(&stream).0;
+        (wrap(s, dev), p)
+    })
+}
+
+/// The AdamW hyper-parameters of one update, as the kernel takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// 1 − lr·wd.
+    pub decay: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+}
+
+/// p, m, v ← AdamW(p, m, v, g) in place, all f32 of one length on one device. `m` and `v` are
+/// written through their device pointers: the caller owns them exclusively.
+pub fn adamw(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    h: AdamWStep,
+) -> candle_core::Result<()> {
+    let n = lp.shape().elem_count();
+    let dev = p.device.clone();
+    let get = |t: &Tensor, what: &str| -> candle_core::Result<Mat> {
+        if t.elem_count() != n || t.dtype() != candle_core::DType::F32 || !t.is_contiguous() {
+            candle_core::bail!("adamw: {what} must be a contiguous f32 tensor of {n} elements");
+        }
+        let t2 = t.reshape((1, n))?;
+        Ok(mat_of_tensor(&t2, what)?.0)
+    };
+    let (mp, vp, gp) = (get(m, "m")?.ptr, get(v, "v")?.ptr, get(g, "gradient")?.ptr);
+    let CudaStorageSlice::F32(ps) = &mut p.slice else {
+        candle_core::bail!("adamw: the parameter must be f32");
+    };
+    let Some((a, b)) = lp.contiguous_offsets() else {
+        candle_core::bail!("adamw: the parameter must be contiguous");
+    };
+    let mut pv = ps.slice_mut(a..b);
+    let f = dev.get_or_load_custom_func("adamw_f32", MODULE, PTX)?;
+    let mut bld = f.builder();
+    bld.arg(&mut pv);
+    candle_core::builder_arg!(
+        bld, mp, vp, gp, n as i64, h.lr, h.beta1, h.beta2, h.eps, h.decay, h.bc1, h.bc2
+    );
+    // SAFETY: the arguments match the kernel's signature; m, v, g are live f32 buffers of n
+    // elements (checked above), distinct from p.
+    unsafe { bld.launch(elems_cfg(n)) }.w()?;
+    Ok(())
+}
