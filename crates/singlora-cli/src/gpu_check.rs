@@ -85,6 +85,24 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Box::new(move |x: &Tensor| singlora::ops::rope_split(x, &c32, &s32, 6, true)),
             )
         },
+        {
+            // GQA (4 query heads on 2 KV heads of 16), causal, the second row padded
+            let inv: Vec<f64> = (0..8).map(|i| 1.0 / 100f64.powf(i as f64 / 8.0)).collect();
+            let (c64, s64) = singlora::nn::rope_tables(&inv, 40, DType::F64, &cpu)?;
+            let (c32, s32) = singlora::nn::rope_tables(&inv, 40, DType::F32, device)?;
+            let block = |x: &Tensor, c: &Tensor, s: &Tensor| -> singlora::Result<Tensor> {
+                let q = x.narrow(2, 0, 64)?;
+                let k = x.narrow(2, 64, 32)?;
+                let v = x.narrow(2, 96, 32)?;
+                singlora::ops::attention_block(&q, &k, &v, c, s, 4, 2, &[40, 29], true)
+            };
+            (
+                "attention block (rope, GQA, causal, padded)",
+                vec![2, 40, 128],
+                Box::new(move |x: &Tensor| block(x, &c64, &s64)),
+                Box::new(move |x: &Tensor| block(x, &c32, &s32)),
+            )
+        },
         (
             "head split (no rotation)",
             vec![2, 48, 192],

@@ -141,6 +141,16 @@ impl LoraAdapter {
         Ok(sq.relu()?.sqrt()?.detach())
     }
 
+    /// m / ‖W0 + s·B·A‖ per output row (the norm detached), in the adapter's dtype.
+    pub(super) fn dora_scale(&self, w0: &Tensor) -> Result<Tensor> {
+        let dora = self
+            .dora
+            .as_ref()
+            .ok_or_else(|| Error::msg("dora_scale on a LoRA adapter without DoRA"))?;
+        let norm = self.dora_row_norm(dora, w0)?;
+        Ok((dora.magnitude.as_tensor() / norm)?)
+    }
+
     pub(super) fn adapt(&self, x: &Tensor, w0: &Tensor, y0: &Tensor) -> Result<Tensor> {
         let dt = super::compute_dtype(x, self.a.dtype());
         // scaled at rank r rather than at d_out (one full-size pass fewer)

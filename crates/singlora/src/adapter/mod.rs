@@ -251,14 +251,20 @@ impl Adapter {
     }
 
     /// The factors (D, U, c) of ΔW = c·U·Dᵀ for the fused linear op: SingLoRA (A_in, A_out,
-    /// s·u), LoRA (Aᵀ, B, s); None for DoRA, whose output is also rescaled.
+    /// s·u), LoRA and DoRA (Aᵀ, B, s; DoRA's output is then rescaled by [`Self::output_scale`]).
     pub fn factors(&self) -> Result<Option<(Tensor, Tensor, f64)>> {
         match self {
             Adapter::SingLora(a) => Ok(Some(a.factors()?)),
-            Adapter::Lora(a) if !a.is_dora() => {
-                Ok(Some((a.a().t()?, a.b().as_tensor().clone(), a.scale())))
-            }
-            Adapter::Lora(_) => Ok(None),
+            Adapter::Lora(a) => Ok(Some((a.a().t()?, a.b().as_tensor().clone(), a.scale()))),
+        }
+    }
+
+    /// DoRA's per-output scale m / ‖W0 + s·B·A‖ (d_out; the norm detached, as in PEFT), by
+    /// which the adapted output x·(W0 + ΔW)ᵀ is multiplied; None for the other methods.
+    pub fn output_scale(&self, w0: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Adapter::Lora(a) if a.is_dora() => Ok(Some(a.dora_scale(w0)?)),
+            _ => Ok(None),
         }
     }
 

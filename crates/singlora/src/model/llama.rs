@@ -12,8 +12,8 @@ use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
-use crate::nn::{attention, key_lens, rope_tables};
-use crate::ops::{rms_norm, rope_split, swiglu};
+use crate::nn::{key_lens, rope_tables};
+use crate::ops::{attention_block, rms_norm, swiglu};
 
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -225,12 +225,17 @@ impl Llama {
         let (cos, sin) = rope_tables(&c.inv_freq, t, table_dt, x.device())?;
         for l in &self.layers {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
-            let q = rope_split(&l.q.forward(&hn)?, &cos, &sin, c.heads, true)?;
-            let k = rope_split(&l.k.forward(&hn)?, &cos, &sin, c.kv_heads, true)?;
-            let v = rope_split(&l.v.forward(&hn)?, &cos, &sin, c.kv_heads, false)?;
-            let a = attention(&q, &k, &v, &lens, true)?
-                .transpose(1, 2)?
-                .reshape((b, t, c.heads * c.head_dim))?;
+            let a = attention_block(
+                &l.q.forward(&hn)?,
+                &l.k.forward(&hn)?,
+                &l.v.forward(&hn)?,
+                &cos,
+                &sin,
+                c.heads,
+                c.kv_heads,
+                &lens,
+                true,
+            )?;
             x = (x + l.o.forward(&a)?)?;
             let hn = rms_norm(&x, &l.ln2, c.eps)?;
             let f = swiglu(&l.gate.forward(&hn)?, &l.up.forward(&hn)?)?;

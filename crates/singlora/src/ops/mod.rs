@@ -8,6 +8,7 @@
 //! | [`layer_norm`] | (x − μ)/σ·w + b | (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ, ĝ = g⊙w |
 //! | [`rms_norm`] | x/rms·w | (ĝ − x̂·mean(ĝ⊙x̂))/rms |
 //! | [`gelu_erf`] | x·Φ(x) | g·(Φ(x) + x·φ(x)) |
+//! | [`attention_block`] (CUDA) | RoPE, head split, softmax(QKᵀ/√d)·V with GQA, head merge | all of it, P kept |
 //! | [`rope_split`] (CUDA) | heads split (b, t, n·hd) → (b, n, t, hd), rotated | inverse rotation, back to (b, t, n·hd) |
 //! | [`swiglu`] (CUDA) | silu(g)·u | dg = dy·u·silu′(g), du = dy·silu(g) |
 //! | [`adapted_linear`] | x·W0ᵀ + b + c·(x·D)·Uᵀ, one output buffer | dx = g·W0 + c·(g·U)·Dᵀ; dD, dU |
@@ -15,6 +16,7 @@
 //! Norm weights are frozen constants here (only the input gets a gradient). The CPU kernels
 //! run rows in parallel with rayon; tensors must be contiguous f32 or f64.
 
+mod attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod gelu;
@@ -24,6 +26,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
+pub use attention::attention_block;
 pub use gelu::gelu_erf;
 pub use linear::{adapted_linear, frozen_linear, fused_available};
 pub use norm::{layer_norm, rms_norm};

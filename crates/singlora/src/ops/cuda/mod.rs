@@ -8,6 +8,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
 
+pub mod attention;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "singlora_kernels";
 const THREADS: u32 = 256;

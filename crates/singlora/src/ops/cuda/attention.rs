@@ -1,0 +1,460 @@
+//! The attention block as one op on CUDA: from the q, k, v projections' outputs (b, t, n·hd)
+//! to the heads-merged output (b, t, h·hd), through RoPE and the head split, S = QKᵀ, the
+//! masked softmax, O = PV and the head merge, forward and backward. Grouped-query attention
+//! needs no copies of K and V: the `rep` query heads that share a KV head are contiguous, so
+//! each (batch, KV head) pair is one GEMM of rep·t rows against t keys (strided-batched cuBLAS).
+//! Inside the op no gradient edges exist for candle's autograd to pad with zero tensors; the
+//! probabilities P (bf16 or f32, as the inputs) and the rotated Q, K, V are kept for backward.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Tensor};
+
+use super::{
+    alloc, elems_cfg, mat_of_tensor, rows_cfg, warp_rows_cfg, wrap, Mat, MODULE, PTX, WARP_ROW_MAX,
+};
+
+/// (b, t, heads, kv_heads, hd).
+pub type Dims = (usize, usize, usize, usize, usize);
+
+/// What the forward keeps for the backward: rotated Q (b, h, t, hd), K and V (b, kvh, t, hd),
+/// and P (b, h, t, t).
+pub struct Saved {
+    q: CudaStorage,
+    k: CudaStorage,
+    v: CudaStorage,
+    p: CudaStorage,
+}
+
+fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
+    let stream = s.device.cuda_stream();
+    let p = match &s.slice {
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
+        _ => candle_core::bail!("attention: bf16 or f32 expected"),
+    };
+    Ok(p)
+}
+
+/// A fresh buffer of `n` elements of the storage type and its pointer.
+fn fresh(dev: &CudaDevice, bf16: bool, n: usize) -> candle_core::Result<(CudaStorage, u64)> {
+    let s = if bf16 {
+        wrap(alloc::<half::bf16>(dev, n)?, dev)
+    } else {
+        wrap(alloc::<f32>(dev, n)?, dev)
+    };
+    let p = ptr_of(&s)?;
+    Ok((s, p))
+}
+
+fn suffix(bf16: bool) -> &'static str {
+    if bf16 {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
+/// The `rope_split` kernel on raw pointers (see kernels.cu).
+#[allow(clippy::too_many_arguments)]
+fn rope_raw(
+    dev: &CudaDevice,
+    bf16: bool,
+    src: u64,
+    dst: u64,
+    (cos, sin): (u64, u64),
+    (b, t, n, hd): (usize, usize, usize, usize),
+    rotate: bool,
+    inverse: bool,
+) -> candle_core::Result<()> {
+    let f = dev.get_or_load_custom_func(&format!("rope_split_{}", suffix(bf16)), MODULE, PTX)?;
+    let mut bld = f.builder();
+    candle_core::builder_arg!(
+        bld,
+        src,
+        dst,
+        cos,
+        sin,
+        b as i32,
+        t as i32,
+        n as i32,
+        hd as i32,
+        i32::from(rotate),
+        i32::from(inverse)
+    );
+    // SAFETY: the pointers address live buffers of b·t·n·hd elements (and (t, hd) tables).
+    unsafe { bld.launch(elems_cfg(b * t * n * hd / 2)) }.w()?;
+    Ok(())
+}
+
+/// C_i = α·A_i·B_i + β·C_i (row-major, contiguous C of ld n) for `batch` equally strided
+/// operands (strides in elements).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_batched(
+    dev: &CudaDevice,
+    bf16: bool,
+    (m, n, k): (usize, usize, usize),
+    (a, sa): (Mat, usize),
+    (b, sb): (Mat, usize),
+    (c, sc): (u64, usize),
+    batch: usize,
+    alpha: f32,
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+    let op = |t: bool| {
+        if t {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let dt = if bf16 {
+        sys::cudaDataType_t::CUDA_R_16BF
+    } else {
+        sys::cudaDataType_t::CUDA_R_32F
+    };
+    let beta = 0f32;
+    let blas = dev.cublas_handle();
+    result::gemm_strided_batched_ex(
+        *blas.handle(),
+        op(b.trans),
+        op(a.trans),
+        n as i32,
+        m as i32,
+        k as i32,
+        (&alpha) as *const f32 as *const _,
+        b.ptr as *const _,
+        dt,
+        b.ld as i32,
+        sb as i64,
+        a.ptr as *const _,
+        dt,
+        a.ld as i32,
+        sa as i64,
+        (&beta) as *const f32 as *const _,
+        c as *mut _,
+        dt,
+        n as i32,
+        sc as i64,
+        batch as i32,
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
+}
+
+fn mat(ptr: u64, ld: usize, trans: bool) -> Mat {
+    Mat { ptr, ld, trans }
+}
+
+fn input_ptr(
+    s: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    what: &str,
+) -> candle_core::Result<(u64, bool)> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b - a == n => {}
+        _ => candle_core::bail!("attention: {what} must be contiguous with {n} elements"),
+    }
+    let stream = s.device.cuda_stream();
+    let o = l.start_offset();
+    let r = match &s.slice {
+        CudaStorageSlice::BF16(x) => {
+            let v = x.slice(o..);
+            let p = v.device_ptr(&stream).0;
+            (p, true)
+        }
+        CudaStorageSlice::F32(x) => {
+            let v = x.slice(o..);
+            let p = v.device_ptr(&stream).0;
+            (p, false)
+        }
+        _ => candle_core::bail!("attention: {what} must be bf16 or f32"),
+    };
+    Ok(r)
+}
+
+/// The forward: returns the merged output (b, t, h·hd) and what the backward needs.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    (cos, sin): (&Tensor, &Tensor),
+    (b, t, h, kvh, d): Dims,
+    key_lens: &[usize],
+    causal: bool,
+) -> candle_core::Result<(CudaStorage, Shape, Saved)> {
+    let dev = &q.0.device;
+    let rep = h / kvh;
+    let (qp, bf16) = input_ptr(q.0, q.1, b * t * h * d, "q")?;
+    let (kp, kb) = input_ptr(k.0, k.1, b * t * kvh * d, "k")?;
+    let (vp, vb) = input_ptr(v.0, v.1, b * t * kvh * d, "v")?;
+    if kb != bf16 || vb != bf16 {
+        candle_core::bail!("attention: q, k, v of different types");
+    }
+    if key_lens.len() != b {
+        candle_core::bail!(
+            "attention: {} key lengths for a batch of {b}",
+            key_lens.len()
+        );
+    }
+    let tables = (
+        mat_of_tensor(cos, "rope cos")?.0.ptr,
+        mat_of_tensor(sin, "rope sin")?.0.ptr,
+    );
+    let (qs, qsp) = fresh(dev, bf16, b * h * t * d)?;
+    let (ks, ksp) = fresh(dev, bf16, b * kvh * t * d)?;
+    let (vs, vsp) = fresh(dev, bf16, b * kvh * t * d)?;
+    rope_raw(dev, bf16, qp, qsp, tables, (b, t, h, d), true, false)?;
+    rope_raw(dev, bf16, kp, ksp, tables, (b, t, kvh, d), true, false)?;
+    rope_raw(dev, bf16, vp, vsp, tables, (b, t, kvh, d), false, false)?;
+    let groups = b * kvh;
+    let (s, sp) = fresh(dev, bf16, b * h * t * t)?;
+    // SAFETY (all GEMMs below): the pointers address the live buffers allocated above, of the
+    // shapes given; one stream orders them.
+    unsafe {
+        gemm_batched(
+            dev,
+            bf16,
+            (rep * t, t, d),
+            (mat(qsp, d, false), rep * t * d),
+            (mat(ksp, d, true), t * d),
+            (sp, rep * t * t),
+            groups,
+            1.0,
+        )?;
+    }
+    let (p, pp) = fresh(dev, bf16, b * h * t * t)?;
+    let lens: Vec<u32> = key_lens.iter().map(|&x| x as u32).collect();
+    let lens: CudaSlice<u32> = dev.clone_htod(&lens)?;
+    softmax_fwd_raw(
+        dev,
+        bf16,
+        (sp, pp),
+        &lens,
+        (b * h * t, h, t),
+        1.0 / (d as f64).sqrt(),
+        causal,
+    )?;
+    drop(s);
+    let (o, op) = fresh(dev, bf16, b * h * t * d)?;
+    unsafe {
+        gemm_batched(
+            dev,
+            bf16,
+            (rep * t, d, t),
+            (mat(pp, t, false), rep * t * t),
+            (mat(vsp, d, false), t * d),
+            (op, rep * t * d),
+            groups,
+            1.0,
+        )?;
+    }
+    let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
+    rope_raw(dev, bf16, op, outp, tables, (b, t, h, d), false, true)?;
+    drop(o);
+    Ok((
+        out,
+        Shape::from((b, t, h * d)),
+        Saved {
+            q: qs,
+            k: ks,
+            v: vs,
+            p,
+        },
+    ))
+}
+
+/// The backward from the output's gradient (b, t, h·hd): dq, dk, dv in the inputs' layouts,
+/// packed one after the other in a flat buffer.
+pub fn backward(
+    saved: &Saved,
+    g: (&CudaStorage, &Layout),
+    (cos, sin): (&Tensor, &Tensor),
+    (b, t, h, kvh, d): Dims,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = &g.0.device;
+    let rep = h / kvh;
+    let groups = b * kvh;
+    let (gp, bf16) = input_ptr(g.0, g.1, b * t * h * d, "output gradient")?;
+    let tables = (
+        mat_of_tensor(cos, "rope cos")?.0.ptr,
+        mat_of_tensor(sin, "rope sin")?.0.ptr,
+    );
+    let (qsp, ksp, vsp, pp) = (
+        ptr_of(&saved.q)?,
+        ptr_of(&saved.k)?,
+        ptr_of(&saved.v)?,
+        ptr_of(&saved.p)?,
+    );
+    // dO in the heads layout
+    let (d_o, dop) = fresh(dev, bf16, b * h * t * d)?;
+    rope_raw(dev, bf16, gp, dop, tables, (b, t, h, d), false, false)?;
+    // dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − Σ P ⊙ dP) in place
+    let (dpb, dpp) = fresh(dev, bf16, b * h * t * t)?;
+    // SAFETY (all GEMMs below): as in the forward.
+    unsafe {
+        gemm_batched(
+            dev,
+            bf16,
+            (rep * t, t, d),
+            (mat(dop, d, false), rep * t * d),
+            (mat(vsp, d, true), t * d),
+            (dpp, rep * t * t),
+            groups,
+            1.0,
+        )?;
+    }
+    softmax_bwd_raw(
+        dev,
+        bf16,
+        (pp, dpp, dpp),
+        (b * h * t, t),
+        1.0 / (d as f64).sqrt(),
+    )?;
+    let (dvs, dvp) = fresh(dev, bf16, b * kvh * t * d)?;
+    let (dqs, dqp) = fresh(dev, bf16, b * h * t * d)?;
+    let (dks, dkp) = fresh(dev, bf16, b * kvh * t * d)?;
+    unsafe {
+        // dV = Pᵀ·dO (summed over the group's query heads)
+        gemm_batched(
+            dev,
+            bf16,
+            (t, d, rep * t),
+            (mat(pp, t, true), rep * t * t),
+            (mat(dop, d, false), rep * t * d),
+            (dvp, t * d),
+            groups,
+            1.0,
+        )?;
+        // dQ = dS·K
+        gemm_batched(
+            dev,
+            bf16,
+            (rep * t, d, t),
+            (mat(dpp, t, false), rep * t * t),
+            (mat(ksp, d, false), t * d),
+            (dqp, rep * t * d),
+            groups,
+            1.0,
+        )?;
+        // dK = dSᵀ·Q
+        gemm_batched(
+            dev,
+            bf16,
+            (t, d, rep * t),
+            (mat(dpp, t, true), rep * t * t),
+            (mat(qsp, d, false), rep * t * d),
+            (dkp, t * d),
+            groups,
+            1.0,
+        )?;
+    }
+    drop((d_o, dpb));
+    // back through RoPE and the split, into one buffer [dq | dk | dv]
+    let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+    let (out, outp) = fresh(dev, bf16, nq + 2 * nk)?;
+    let el = if bf16 { 2 } else { 4 } as u64;
+    rope_raw(dev, bf16, dqp, outp, tables, (b, t, h, d), true, true)?;
+    rope_raw(
+        dev,
+        bf16,
+        dkp,
+        outp + el * nq as u64,
+        tables,
+        (b, t, kvh, d),
+        true,
+        true,
+    )?;
+    rope_raw(
+        dev,
+        bf16,
+        dvp,
+        outp + el * (nq + nk) as u64,
+        tables,
+        (b, t, kvh, d),
+        false,
+        true,
+    )?;
+    drop((dvs, dqs, dks));
+    Ok((out, Shape::from(nq + 2 * nk)))
+}
+
+/// The masked softmax forward on raw pointers: (s → p), rows = b·h·tq of tk = tq keys.
+fn softmax_fwd_raw(
+    dev: &CudaDevice,
+    bf16: bool,
+    (s, p): (u64, u64),
+    lens: &CudaSlice<u32>,
+    (rows, h, t): (usize, usize, usize),
+    scale: f64,
+    causal: bool,
+) -> candle_core::Result<()> {
+    let warp = t <= 32 * WARP_ROW_MAX;
+    let name = if warp {
+        "masked_softmax_fwd_warp"
+    } else {
+        "masked_softmax_fwd"
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(bf16)), MODULE, PTX)?;
+    let mut bld = f.builder();
+    candle_core::builder_arg!(bld, s, p);
+    bld.arg(lens);
+    if warp {
+        candle_core::builder_arg!(
+            bld,
+            rows as i64,
+            h as i32,
+            t as i32,
+            t as i32,
+            scale as f32,
+            i32::from(causal)
+        );
+        // SAFETY: the kernel's signature; a warp per row of live (rows, t) buffers.
+        unsafe { bld.launch(warp_rows_cfg(rows)) }.w()?;
+    } else {
+        candle_core::builder_arg!(
+            bld,
+            h as i32,
+            t as i32,
+            t as i32,
+            scale as f32,
+            i32::from(causal)
+        );
+        // SAFETY: as above, a block per row.
+        unsafe { bld.launch(rows_cfg(rows)) }.w()?;
+    }
+    Ok(())
+}
+
+/// The softmax backward on raw pointers: (p, dp → ds), ds may be dp (each row is read whole
+/// before it is written).
+fn softmax_bwd_raw(
+    dev: &CudaDevice,
+    bf16: bool,
+    (p, dp, ds): (u64, u64, u64),
+    (rows, t): (usize, usize),
+    scale: f64,
+) -> candle_core::Result<()> {
+    let warp = t <= 32 * WARP_ROW_MAX;
+    let name = if warp {
+        "masked_softmax_bwd_warp"
+    } else {
+        "masked_softmax_bwd"
+    };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(bf16)), MODULE, PTX)?;
+    let mut bld = f.builder();
+    candle_core::builder_arg!(bld, p, dp, ds);
+    if warp {
+        candle_core::builder_arg!(bld, rows as i64, t as i32, scale as f32);
+        // SAFETY: as above.
+        unsafe { bld.launch(warp_rows_cfg(rows)) }.w()?;
+    } else {
+        candle_core::builder_arg!(bld, t as i32, scale as f32);
+        // SAFETY: as above.
+        unsafe { bld.launch(rows_cfg(rows)) }.w()?;
+    }
+    Ok(())
+}
