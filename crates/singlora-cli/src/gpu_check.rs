@@ -331,11 +331,68 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The LLaMA layers' own forward and backward (the CUDA fast path of `loss_and_grads`)
+/// against candle's autograd through the same model on the same device: loss and every
+/// adapter gradient (GQA, a padded row, LoRA's B made non-zero so both factors get gradients).
+fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora::bench::llama::{random_model, random_tokens};
+    let shape = LlamaShape {
+        hidden: 128,
+        intermediate: 344,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 256,
+    };
+    for (method, label) in [
+        ("singlora", "singlora"),
+        ("lora", "lora"),
+        ("rslora", "rslora"),
+    ] {
+        let model = random_model("check", shape, Some(method.parse()?), 8, device)?;
+        for p in model.params() {
+            if p.suffix.contains("lora_B") {
+                p.var.set(&(p.var.as_tensor().randn_like(0.0, 0.02)?))?;
+            }
+        }
+        let mut batch = random_tokens(3, 40, shape.vocab, device)?;
+        // the last row padded after 25 tokens
+        let mut mask = vec![1f32; 3 * 40];
+        mask[2 * 40 + 25..].iter_mut().for_each(|m| *m = 0.0);
+        batch.mask = Tensor::from_vec(mask, (3, 40), device)?;
+        let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
+        let loss_a = model.loss(&batch)?;
+        let g_a = loss_a.backward()?;
+        rows.push(Row {
+            what: format!("fast path {label}: loss"),
+            err: rel_err(&loss_f, &loss_a)?,
+            bound: 1e-2,
+        });
+        let mut worst: f64 = 0.0;
+        for p in model.params() {
+            let (Some(a), Some(b)) = (g_f.get(p.var.as_tensor()), g_a.get(p.var.as_tensor()))
+            else {
+                bail!("fast path {label}: no gradient for {}", p.suffix);
+            };
+            worst = worst.max(rel_err(a, b)?);
+        }
+        rows.push(Row {
+            what: format!("fast path {label}: adapter gradients (worst)"),
+            err: worst,
+            bound: 3e-2,
+        });
+    }
+    Ok(())
+}
+
 pub fn run(device_name: &str) -> Result<()> {
     let device = parse_device(device_name)?;
     let mut rows = vec![];
     op_checks(&device, &mut rows)?;
     adapter_checks(&device, &mut rows)?;
+    if !device.is_cpu() {
+        fast_path_checks(&device, &mut rows)?;
+    }
     training_checks(device_name, &mut rows)?;
     let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10);
     println!(

@@ -14,6 +14,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench_cmd;
 mod demo;
 mod example;
+mod experiment_cmd;
 mod gpu_check;
 mod train_cmd;
 
@@ -54,6 +55,8 @@ enum Command {
     },
     /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
     Demo(demo::DemoArgs),
+    /// Reproduce the paper's experiments: `attention-fit` (figure 1), `param-counts`.
+    Experiment(experiment_cmd::ExperimentArgs),
     /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
     Merge {
         /// The base checkpoint directory (config.json + *.safetensors).
@@ -118,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => train_cmd::eval(args)?,
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
+        Command::Experiment(args) => experiment_cmd::run(args)?,
         Command::BenchStep(args) => bench_cmd::step(args)?,
         Command::BenchLlama(args) => bench_cmd::llama(args)?,
         Command::BenchProfile(args) => bench_cmd::profile(args)?,

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod experiments;
 pub mod export;
 pub mod gguf;
 pub mod init;

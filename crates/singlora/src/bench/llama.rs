@@ -55,7 +55,8 @@ pub fn device_memory_used(device: &Device) -> Option<u64> {
     None
 }
 
-fn random_tokens(
+/// `batch` rows of `seq` random token ids below `vocab`, all targets (SFT over every position).
+pub fn random_tokens(
     batch: usize,
     seq: usize,
     vocab: usize,
@@ -97,6 +98,42 @@ pub fn run(
     steps: usize,
     device: &Device,
 ) -> Result<LlamaBench> {
+    let model = random_model(name, shape, method, rank, device)?;
+    let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
+    let b = random_tokens(batch, seq, shape.vocab, device)?;
+    let dev = device.clone();
+    let mut peak = 0u64;
+    let timing = time_steps(&model, &b, warmup, steps, || {
+        dev.synchronize()?;
+        if let Some(m) = device_memory_used(&dev) {
+            peak = peak.max(m);
+        }
+        Ok(())
+    })?;
+    let flops = step_flops(&shape, batch, seq);
+    Ok(LlamaBench {
+        shape: name.to_string(),
+        method: method.map_or("frozen base".to_string(), |m| m.to_string()),
+        batch,
+        seq,
+        trainable_params,
+        peak_memory_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
+        step_tflop: flops / 1e12,
+        tflops: flops / (timing.median_ms / 1e3) / 1e12,
+        timing,
+    })
+}
+
+/// A LLaMA of `shape` with random weights (bf16 on a GPU, f32 on the CPU) for SFT, with
+/// `method` adapters of rank `rank` on all seven projections (u = 1 from the start), or none
+/// (then the embeddings take a gradient so a backward still runs through every layer).
+pub fn random_model(
+    name: &str,
+    shape: LlamaShape,
+    method: Option<Method>,
+    rank: usize,
+    device: &Device,
+) -> Result<TaskModel> {
     let dtype = if device.is_cpu() {
         DType::F32
     } else {
@@ -129,29 +166,7 @@ pub fn run(
         )?;
         model.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))?;
     }
-    let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
-    let b = random_tokens(batch, seq, shape.vocab, device)?;
-    let dev = device.clone();
-    let mut peak = 0u64;
-    let timing = time_steps(&model, &b, warmup, steps, || {
-        dev.synchronize()?;
-        if let Some(m) = device_memory_used(&dev) {
-            peak = peak.max(m);
-        }
-        Ok(())
-    })?;
-    let flops = step_flops(&shape, batch, seq);
-    Ok(LlamaBench {
-        shape: name.to_string(),
-        method: method.map_or("frozen base".to_string(), |m| m.to_string()),
-        batch,
-        seq,
-        trainable_params,
-        peak_memory_gib: (peak > 0).then(|| peak as f64 / (1u64 << 30) as f64),
-        step_tflop: flops / 1e12,
-        tflops: flops / (timing.median_ms / 1e3) / 1e12,
-        timing,
-    })
+    Ok(model)
 }
 
 /// TFLOP/s of an n³ matmul in `dtype` on `device` (median of 5 after warm-up): the ceiling

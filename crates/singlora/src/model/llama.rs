@@ -15,6 +15,9 @@ use crate::linear::frozen_matmul;
 use crate::nn::{key_lens, rope_tables};
 use crate::ops::{attention_block, rms_norm, swiglu};
 
+#[cfg(feature = "cuda")]
+mod fast;
+
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
     pub hidden: usize,
@@ -242,6 +245,11 @@ impl Llama {
             x = (x + l.down.forward(&f)?)?;
         }
         rms_norm(&x, &self.norm, c.eps)
+    }
+
+    /// The final norm of the residual stream (b, t, h).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.eps)
     }
 
     /// Vocabulary logits for hidden rows (n, h) → (n, vocab).

@@ -542,12 +542,16 @@ impl TaskModel {
 
     /// Classification logits (b, n_labels), f32.
     pub fn class_logits(&self, batch: &Batch) -> Result<Tensor> {
+        let hidden = self.body.hidden_states(batch)?;
+        self.class_logits_from(batch, &hidden)
+    }
+
+    fn class_logits_from(&self, batch: &Batch, hidden: &Tensor) -> Result<Tensor> {
         let head = self
             .head
             .as_ref()
             .ok_or_else(|| Error::msg("this model has no classification head"))?;
-        let hidden = self.body.hidden_states(batch)?;
-        head.forward(&self.pooled(batch, &hidden)?)
+        head.forward(&self.pooled(batch, hidden)?)
     }
 
     /// SFT: hidden rows that predict a completion token, and those tokens.
@@ -589,9 +593,37 @@ impl TaskModel {
 
     /// The training loss of a batch (mean over rows, or over completion tokens for SFT).
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
+        self.loss_from(batch, &self.body.hidden_states(batch)?)
+    }
+
+    /// The loss of a batch times `scale` (1/micro-batches under accumulation) and the
+    /// gradients of everything trainable. On CUDA a LLaMA body's layers run their own forward
+    /// and backward (`model/llama/fast.rs`) and candle's autograd covers the final norm, head
+    /// and loss; elsewhere autograd covers the whole model. Returns the unscaled loss.
+    pub fn loss_and_grads(
+        &self,
+        batch: &Batch,
+        scale: f64,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        #[cfg(feature = "cuda")]
+        if let Body::Llama(l) = &self.body {
+            if let Some(tape) = l.fast_forward(batch)? {
+                let hidden = l.final_norm(tape.leaf.as_tensor())?;
+                let loss = self.loss_from(batch, &hidden)?;
+                let mut grads = (&loss * scale)?.backward()?;
+                tape.backward(&mut grads)?;
+                return Ok((loss, grads));
+            }
+        }
+        let loss = self.loss(batch)?;
+        let grads = (&loss * scale)?.backward()?;
+        Ok((loss, grads))
+    }
+
+    fn loss_from(&self, batch: &Batch, hidden: &Tensor) -> Result<Tensor> {
         match self.task {
             Task::Classify => {
-                let logits = self.class_logits(batch)?;
+                let logits = self.class_logits_from(batch, hidden)?;
                 let labels = batch
                     .labels
                     .as_ref()
@@ -599,8 +631,7 @@ impl TaskModel {
                 cross_entropy(&logits, labels, None)
             }
             Task::Sft => {
-                let hidden = self.body.hidden_states(batch)?;
-                let (rows, targets) = self.lm_rows(batch, &hidden)?;
+                let (rows, targets) = self.lm_rows(batch, hidden)?;
                 cross_entropy(&self.lm_logits(&rows)?, &targets, None)
             }
         }

@@ -789,7 +789,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
             let mut loss_sum = 0.0;
             for idx in &batches[st.next_batch..end] {
                 let batch = data::collate(&s.data.train_items, idx, s.data.pad_id, &s.device)?;
-                let loss = s.model.loss(&batch)?;
+                let (loss, grads) = s.model.loss_and_grads(&batch, 1.0 / micro as f64)?;
                 let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !lv.is_finite() {
                     return Err(Error::msg(format!(
@@ -798,7 +798,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
                     )));
                 }
                 loss_sum += lv;
-                acc.add(&(loss / micro as f64)?.backward()?)?;
+                acc.add(&grads)?;
                 window_tokens += batch.n_tokens;
                 st.tokens_seen += batch.n_tokens as u64;
             }

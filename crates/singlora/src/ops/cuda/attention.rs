@@ -26,7 +26,7 @@ pub struct Saved {
     p: CudaStorage,
 }
 
-fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
+pub fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
     let stream = s.device.cuda_stream();
     let p = match &s.slice {
         CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
@@ -37,7 +37,7 @@ fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
 }
 
 /// A fresh buffer of `n` elements of the storage type and its pointer.
-fn fresh(dev: &CudaDevice, bf16: bool, n: usize) -> candle_core::Result<(CudaStorage, u64)> {
+pub fn fresh(dev: &CudaDevice, bf16: bool, n: usize) -> candle_core::Result<(CudaStorage, u64)> {
     let s = if bf16 {
         wrap(alloc::<half::bf16>(dev, n)?, dev)
     } else {
@@ -187,7 +187,6 @@ pub fn forward(
     causal: bool,
 ) -> candle_core::Result<(CudaStorage, Shape, Saved)> {
     let dev = &q.0.device;
-    let rep = h / kvh;
     let (qp, bf16) = input_ptr(q.0, q.1, b * t * h * d, "q")?;
     let (kp, kb) = input_ptr(k.0, k.1, b * t * kvh * d, "k")?;
     let (vp, vb) = input_ptr(v.0, v.1, b * t * kvh * d, "v")?;
@@ -204,6 +203,31 @@ pub fn forward(
         mat_of_tensor(cos, "rope cos")?.0.ptr,
         mat_of_tensor(sin, "rope sin")?.0.ptr,
     );
+    let (out, _, saved) = forward_raw(
+        dev,
+        bf16,
+        (qp, kp, vp),
+        tables,
+        (b, t, h, kvh, d),
+        key_lens,
+        causal,
+    )?;
+    Ok((out, Shape::from((b, t, h * d)), saved))
+}
+
+/// [`forward`] on raw pointers to contiguous q, k, v; returns the output, its pointer and the
+/// saved tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_raw(
+    dev: &CudaDevice,
+    bf16: bool,
+    (qp, kp, vp): (u64, u64, u64),
+    tables: (u64, u64),
+    (b, t, h, kvh, d): Dims,
+    key_lens: &[usize],
+    causal: bool,
+) -> candle_core::Result<(CudaStorage, u64, Saved)> {
+    let rep = h / kvh;
     let (qs, qsp) = fresh(dev, bf16, b * h * t * d)?;
     let (ks, ksp) = fresh(dev, bf16, b * kvh * t * d)?;
     let (vs, vsp) = fresh(dev, bf16, b * kvh * t * d)?;
@@ -257,7 +281,7 @@ pub fn forward(
     drop(o);
     Ok((
         out,
-        Shape::from((b, t, h * d)),
+        outp,
         Saved {
             q: qs,
             k: ks,
@@ -276,13 +300,27 @@ pub fn backward(
     (b, t, h, kvh, d): Dims,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = &g.0.device;
-    let rep = h / kvh;
-    let groups = b * kvh;
     let (gp, bf16) = input_ptr(g.0, g.1, b * t * h * d, "output gradient")?;
     let tables = (
         mat_of_tensor(cos, "rope cos")?.0.ptr,
         mat_of_tensor(sin, "rope sin")?.0.ptr,
     );
+    let (out, _) = backward_raw(dev, bf16, saved, gp, tables, (b, t, h, kvh, d))?;
+    Ok((out, Shape::from(b * t * (h + 2 * kvh) * d)))
+}
+
+/// [`backward`] on a raw pointer to the contiguous output gradient; returns the packed
+/// [dq | dk | dv] buffer and its pointer.
+pub fn backward_raw(
+    dev: &CudaDevice,
+    bf16: bool,
+    saved: &Saved,
+    gp: u64,
+    tables: (u64, u64),
+    (b, t, h, kvh, d): Dims,
+) -> candle_core::Result<(CudaStorage, u64)> {
+    let rep = h / kvh;
+    let groups = b * kvh;
     let (qsp, ksp, vsp, pp) = (
         ptr_of(&saved.q)?,
         ptr_of(&saved.k)?,
@@ -379,7 +417,7 @@ pub fn backward(
         true,
     )?;
     drop((dvs, dqs, dks));
-    Ok((out, Shape::from(nq + 2 * nk)))
+    Ok((out, outp))
 }
 
 /// The masked softmax forward on raw pointers: (s → p), rows = b·h·tq of tk = tq keys.

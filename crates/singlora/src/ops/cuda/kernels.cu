@@ -239,6 +239,33 @@ __device__ void masked_softmax_bwd_warp(const T* p, const T* dp, T* ds, long row
     }
 }
 
+// RMSNorm backward accumulating into dx (dx += ...): the residual stream's gradient.
+template <typename T>
+__device__ void rms_norm_bwd_acc(const T* x, const float* w, const T* g, T* dx, int d, float eps) {
+    const long base = (long)blockIdx.x * d;
+    float ss = 0.f, dot = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = ld(x, base + j);
+        ss += v * v;
+        dot += ld(g, base + j) * w[j] * v;
+    }
+    ss = block_sum(ss);
+    dot = block_sum(dot);
+    float inv = rsqrtf(ss / d + eps);
+    float c = dot * inv * inv / d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = ld(x, base + j);
+        st(dx, base + j, ld(dx, base + j) + (ld(g, base + j) * w[j] - v * c) * inv);
+    }
+}
+
+// y = a + b (the residual stream), elementwise.
+template <typename T>
+__device__ void add2(const T* a, const T* b, T* y, long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(y, i, ld(a, i) + ld(b, i));
+}
+
 #define INSTANTIATE(T, SUF)                                                                                        \
     extern "C" __global__ void masked_softmax_fwd_##SUF(const T* s, T* p, const uint32_t* kl, int h, int tq, int tk, \
                                                         float scale, int causal) {                                  \
@@ -265,6 +292,11 @@ __device__ void masked_softmax_bwd_warp(const T* p, const T* dp, T* ds, long row
                                                              float scale) {                                         \
         masked_softmax_bwd_warp<T>(p, dp, ds, rows, tk, scale);                                                     \
     }                                                                                                               \
+    extern "C" __global__ void rms_norm_bwd_acc_##SUF(const T* x, const float* w, const T* g, T* dx, int d,        \
+                                                      float eps) {                                                  \
+        rms_norm_bwd_acc<T>(x, w, g, dx, d, eps);                                                                   \
+    }                                                                                                               \
+    extern "C" __global__ void add2_##SUF(const T* a, const T* b, T* y, long n) { add2<T>(a, b, y, n); }            \
     extern "C" __global__ void bias_rows_##SUF(const T* b, T* y, long m, int n) { bias_rows<T>(b, y, m, n); }      \
     extern "C" __global__ void swiglu_fwd_##SUF(const T* g, const T* u, T* y, long n) { swiglu_fwd<T>(g, u, y, n); } \
     extern "C" __global__ void swiglu_bwd_##SUF(const T* g, const T* u, const T* dy, T* out, long n) {             \

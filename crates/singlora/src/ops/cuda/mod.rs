@@ -413,6 +413,26 @@ pub struct Mat {
 pub unsafe fn gemm(
     dev: &CudaDevice,
     bf16: bool,
+    mnk: (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+) -> candle_core::Result<()> {
+    gemm_out(dev, bf16, bf16, mnk, a, b, c, alpha, beta)
+}
+
+/// [`gemm`] with C stored as bf16 (`c_bf16`) or f32 whatever A and B are (an f32 gradient of
+/// an f32 parameter from bf16 activations).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_out(
+    dev: &CudaDevice,
+    bf16: bool,
+    c_bf16: bool,
     (m, n, k): (usize, usize, usize),
     a: Mat,
     b: Mat,
@@ -450,7 +470,11 @@ pub unsafe fn gemm(
         a.ld as i32,
         (&beta) as *const f32 as *const _,
         c as *mut _,
-        dt,
+        if c_bf16 {
+            sys::cudaDataType_t::CUDA_R_16BF
+        } else {
+            sys::cudaDataType_t::CUDA_R_32F
+        },
         n as i32,
         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -613,4 +637,98 @@ pub fn adamw(
     // elements (checked above), distinct from p.
     unsafe { bld.launch(elems_cfg(n)) }.w()?;
     Ok(())
+}
+
+/// Row-wise and elementwise kernels on raw pointers, for code that drives whole layers (the
+/// LLaMA fast path): `suf` picks the storage type.
+pub mod raw {
+    use super::*;
+
+    fn suf(bf16: bool) -> &'static str {
+        if bf16 {
+            "bf16"
+        } else {
+            "f32"
+        }
+    }
+
+    /// y = RMSNorm(x)·w over rows of d.
+    pub fn rms_fwd(
+        dev: &CudaDevice,
+        bf16: bool,
+        (x, w, y): (u64, u64, u64),
+        rows: usize,
+        d: usize,
+        eps: f64,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("rms_norm_fwd_{}", suf(bf16)), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, x, w, y, d as i32, eps as f32);
+        // SAFETY: live buffers of rows × d (w: d f32).
+        unsafe { bld.launch(rows_cfg(rows)) }.w()?;
+        Ok(())
+    }
+
+    /// dx += RMSNorm backward(x, g).
+    pub fn rms_bwd_acc(
+        dev: &CudaDevice,
+        bf16: bool,
+        (x, w, g, dx): (u64, u64, u64, u64),
+        rows: usize,
+        d: usize,
+        eps: f64,
+    ) -> candle_core::Result<()> {
+        let f =
+            dev.get_or_load_custom_func(&format!("rms_norm_bwd_acc_{}", suf(bf16)), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, x, w, g, dx, d as i32, eps as f32);
+        // SAFETY: as above.
+        unsafe { bld.launch(rows_cfg(rows)) }.w()?;
+        Ok(())
+    }
+
+    /// y = silu(g)·u over n elements.
+    pub fn swiglu_fwd(
+        dev: &CudaDevice,
+        bf16: bool,
+        (g, u, y): (u64, u64, u64),
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{}", suf(bf16)), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, g, u, y, n as i64);
+        // SAFETY: live buffers of n elements.
+        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        Ok(())
+    }
+
+    /// out[0..n) = dg, out[n..2n) = du.
+    pub fn swiglu_bwd(
+        dev: &CudaDevice,
+        bf16: bool,
+        (g, u, dy, out): (u64, u64, u64, u64),
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{}", suf(bf16)), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, g, u, dy, out, n as i64);
+        // SAFETY: live buffers of n (out: 2n) elements.
+        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        Ok(())
+    }
+
+    /// y = a + b over n elements.
+    pub fn add(
+        dev: &CudaDevice,
+        bf16: bool,
+        (a, b, y): (u64, u64, u64),
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("add2_{}", suf(bf16)), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, a, b, y, n as i64);
+        // SAFETY: live buffers of n elements.
+        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        Ok(())
+    }
 }

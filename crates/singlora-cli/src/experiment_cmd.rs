@@ -1,0 +1,190 @@
+//! `singlora experiment`: reproductions of the paper's claims (the work is in
+//! `singlora::experiments`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Subcommand};
+use singlora::experiments::{attention_fit, param_counts};
+
+#[derive(Args, Debug)]
+pub struct ExperimentArgs {
+    #[command(subcommand)]
+    command: ExperimentCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ExperimentCommand {
+    /// The paper's figure 1: fit a target attention pattern by adapting Wq, Wk (128 x 128)
+    /// with SingLoRA and LoRA at equal parameter count; writes JSONL, an SVG and a summary.
+    #[command(name = "attention-fit")]
+    AttentionFit(FitArgs),
+    /// Trainable-parameter counts of the paper's settings (LLaMA-7B, RoBERTa-base, GPT-2).
+    #[command(name = "param-counts")]
+    ParamCounts {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct FitArgs {
+    /// Seeds 0..N (each draws its own problem and adapter init).
+    #[arg(long, default_value_t = 20)]
+    seeds: u64,
+    /// Optimizer updates per run (the paper: 15000).
+    #[arg(long, default_value_t = attention_fit::PAPER_STEPS)]
+    steps: usize,
+    /// Methods and ranks, METHOD:RANK comma-separated (default: SingLoRA 2r against LoRA r
+    /// with r = --lora-rank, equal parameters).
+    #[arg(long)]
+    arms: Option<String>,
+    /// LoRA's rank r of the default arms (SingLoRA gets 2r).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Tokens n in X (the attention matrix is n x n).
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Width d of Wq, Wk.
+    #[arg(long, default_value_t = 128)]
+    d: usize,
+    /// Rank k of the target's perturbation of Wq0 and Wk0 (default d: full rank).
+    #[arg(long)]
+    target_rank: Option<usize>,
+    /// Size c of the target's perturbation (its singular values).
+    #[arg(long, default_value_t = 1.0)]
+    target_scale: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// AdamW's decoupled weight decay (PyTorch's default 0.01).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// SingLoRA's ramp T as a fraction of the steps.
+    #[arg(long, default_value_t = 0.01)]
+    ramp_fraction: f64,
+    /// Record the training loss every N updates (default: about 100 points a curve).
+    #[arg(long)]
+    record_every: Option<usize>,
+    /// SingLoRA's init (kaiming_width, gaussian_width, kaiming_rank, gaussian:STD).
+    #[arg(long, default_value = "kaiming_width")]
+    init: String,
+    /// Compute in f64 instead of f32.
+    #[arg(long)]
+    f64: bool,
+    /// Runs in parallel (threads).
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Output directory for attention_fit.jsonl, attention_fit.svg and summary.json.
+    #[arg(long, default_value = "attention_fit")]
+    out: PathBuf,
+}
+
+pub fn run(a: ExperimentArgs) -> Result<()> {
+    match a.command {
+        ExperimentCommand::AttentionFit(f) => attention(f),
+        ExperimentCommand::ParamCounts { json } => {
+            let counts = param_counts::paper_counts()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&counts)?);
+            } else {
+                print!("{}", param_counts::render_table(&counts));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn attention(f: FitArgs) -> Result<()> {
+    let arms = match &f.arms {
+        Some(s) => attention_fit::parse_arms(s)?,
+        None => attention_fit::equal_param_arms(f.lora_rank),
+    };
+    let cfg = attention_fit::FitConfig {
+        d: f.d,
+        tokens: f.tokens,
+        target_rank: f.target_rank.unwrap_or(f.d),
+        target_scale: f.target_scale,
+        steps: f.steps,
+        lr: f.lr,
+        weight_decay: f.weight_decay,
+        ramp_fraction: f.ramp_fraction,
+        record_every: f.record_every.unwrap_or((f.steps / 100).max(1)),
+        init: f.init.parse()?,
+        dtype: if f.f64 { DType::F64 } else { DType::F32 },
+    };
+    std::fs::create_dir_all(&f.out).with_context(|| format!("creating {}", f.out.display()))?;
+    let seeds: Vec<u64> = (0..f.seeds).collect();
+    let total = seeds.len() * arms.len();
+    println!(
+        "attention fit: {} runs ({} seeds x {}), {} updates each, {} threads",
+        total,
+        seeds.len(),
+        arms.iter()
+            .map(|a| format!("{a} ({} params)", a.params(cfg.d)))
+            .collect::<Vec<_>>()
+            .join(" vs "),
+        cfg.steps,
+        f.jobs
+    );
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let start = std::time::Instant::now();
+    let runs = attention_fit::run_all(&cfg, &seeds, &arms, f.jobs, &Device::Cpu, &|r| {
+        let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        eprintln!(
+            "[{k}/{total}] seed {:>2} {:<14} final loss {:.3e} (initial {:.3e}) {:.1}s",
+            r.seed, r.arm, r.final_loss, r.initial_loss, r.seconds
+        );
+    })?;
+    let summaries = attention_fit::summarize(&runs, &arms);
+    let jsonl = f.out.join("attention_fit.jsonl");
+    let svg = f.out.join("attention_fit.svg");
+    attention_fit::write_jsonl(&jsonl, &runs)?;
+    attention_fit::write_plot(&svg, &runs, &arms, &cfg)?;
+    let mut wins = vec![];
+    for (i, a) in arms.iter().enumerate() {
+        for b in &arms[i + 1..] {
+            let (w, t) = attention_fit::paired_wins(&runs, a, b);
+            wins.push(serde_json::json!({"a": a.to_string(), "b": b.to_string(), "a_lower": w, "seeds": t}));
+        }
+    }
+    let summary = serde_json::json!({
+        "settings": cfg.to_json(),
+        "seeds": f.seeds,
+        "arms": arms.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "summary": summaries,
+        "paired": wins,
+        "paper": {"steps": attention_fit::PAPER_STEPS, "singlora_loss": attention_fit::PAPER_SINGLORA_LOSS, "lora_loss": attention_fit::PAPER_LORA_LOSS},
+        "wall_seconds": start.elapsed().as_secs_f64().round(),
+    });
+    singlora::atomic::write_file(
+        &f.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!();
+    print!("{}", attention_fit::render_table(&summaries));
+    for w in &wins {
+        println!(
+            "{} ends lower than {} on {} of {} seeds",
+            w["a"].as_str().unwrap_or("?"),
+            w["b"].as_str().unwrap_or("?"),
+            w["a_lower"],
+            w["seeds"]
+        );
+    }
+    println!(
+        "paper ({} updates): SingLoRA ≈ {:e}, LoRA ≈ {:e}",
+        attention_fit::PAPER_STEPS,
+        attention_fit::PAPER_SINGLORA_LOSS,
+        attention_fit::PAPER_LORA_LOSS
+    );
+    println!(
+        "wrote {}, {}, {} ({:.0} s)",
+        jsonl.display(),
+        svg.display(),
+        f.out.join("summary.json").display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! Reproductions of the paper's claims, as library code that the `singlora experiment`
+//! subcommands run (results and settings in `docs/results.md`).
+//!
+//! - [`attention_fit`]: the synthetic experiment of the paper's figure 1, fitting a target
+//!   attention pattern by adapting Wq and Wk (128 × 128) with SingLoRA and LoRA at equal
+//!   parameter count, with the library's own adapters, ramp clock and AdamW.
+//! - [`param_counts`]: trainable-parameter counts of the paper's settings (LLaMA-7B, RoBERTa-base,
+//!   GPT-2) from the weight shapes, checked against adapters built by the library.
+
+pub mod attention_fit;
+pub mod param_counts;

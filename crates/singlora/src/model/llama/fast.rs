@@ -1,0 +1,707 @@
+//! The decoder layers' forward and backward on CUDA without candle's autograd: every layer
+//! runs its own kernels and cuBLAS GEMMs on buffers this code owns, keeps the activations its
+//! backward needs, and the backward accumulates gradients where they meet (GEMMs with β = 1,
+//! norm backward kernels that add into the residual stream's gradient). candle's engine pads
+//! every gradient edge with a zero tensor and an add; a LLaMA layer has ~17 such edges on
+//! (tokens × hidden)-sized tensors, about a fifth of a 7B-shape step.
+//!
+//! The boundary with candle is the residual stream after the last layer: it becomes a leaf
+//! variable, candle computes the final norm, the head and the loss and their backward, and
+//! the gradient at that leaf starts this backward. Adapter gradients (f32, one packed buffer)
+//! go into the same `GradStore` under each adapter variable, so the optimizer sees no
+//! difference. SingLoRA and LoRA/rsLoRA adapters (and none) take this path; DoRA, merged
+//! adapters and non-CUDA devices take the autograd path. The device check compares the two.
+
+use std::sync::Mutex;
+
+use candle_core::backprop::GradStore;
+use candle_core::cuda_backend::CudaStorageSlice;
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, Var,
+};
+
+use super::{Batch, Layer, Llama};
+use crate::adapter::{AdaptedLinear, Adapter};
+use crate::error::{Error, Result};
+use crate::nn::{key_lens, rope_tables};
+use crate::ops::cuda::attention::{backward_raw, forward_raw, fresh, ptr_of, Saved};
+use crate::ops::cuda::{gemm, gemm_out, linear_output, mat_of_tensor, raw, Mat};
+
+/// Hands a storage computed outside candle to candle as a tensor (a no-input op's output).
+struct Wrap(Mutex<Option<(CudaStorage, Shape)>>);
+
+impl CustomOp1 for Wrap {
+    fn name(&self) -> &'static str {
+        "wrap"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("wrap: CUDA only")
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("wrap: used twice".into()))
+    }
+}
+
+fn to_tensor(s: CudaStorage, shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor> {
+    let op = Wrap(Mutex::new(Some((s, shape.into()))));
+    Ok(like.apply_op1_no_bwd(&op)?)
+}
+
+/// The device pointer of a contiguous CUDA tensor (bf16 or f32).
+fn tensor_ptr(t: &Tensor, what: &str) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*storage else {
+        return Err(Error::msg(format!("{what}: expected a CUDA tensor")));
+    };
+    if !layout.is_contiguous() {
+        return Err(Error::msg(format!("{what}: expected a contiguous tensor")));
+    }
+    let el = match &c.slice {
+        CudaStorageSlice::BF16(_) => 2,
+        CudaStorageSlice::F32(_) => 4,
+        _ => return Err(Error::msg(format!("{what}: bf16 or f32 expected"))),
+    };
+    Ok(ptr_of(c)? + (el * layout.start_offset()) as u64)
+}
+
+/// Where an adapter's gradients go in the packed f32 buffer.
+enum GradSlot {
+    /// SingLoRA: dA (rows × r), rows = max(d_in, d_out); dD adds into rows 0..d_in, dU into
+    /// rows 0..d_out.
+    SingLora { var: Var, off: usize },
+    /// LoRA: dA (r × d_in) and dB (d_out × r).
+    Lora {
+        a: Var,
+        a_off: usize,
+        b: Var,
+        b_off: usize,
+    },
+}
+
+/// An adapter prepared for the step: factors D (k × r) and U (n × r) in the activations'
+/// type, the scale c, and its gradient slot.
+struct Factors {
+    _d: Tensor,
+    _u: Tensor,
+    d: u64,
+    u: u64,
+    c: f32,
+    r: usize,
+    slot: GradSlot,
+}
+
+/// A projection prepared for the step.
+struct Proj {
+    w0: Mat,
+    bias: Option<Tensor>,
+    n: usize,
+    k: usize,
+    ad: Option<Factors>,
+}
+
+/// The activations a layer's backward needs.
+struct LayerTape {
+    /// The layer's input, owned here to keep it alive (None: the embedding, held by the
+    /// tape).
+    _x_in: Option<CudaStorage>,
+    x_in_ptr: u64,
+    hn1: (CudaStorage, u64),
+    h_qkv: [Option<(CudaStorage, u64)>; 3],
+    att: Saved,
+    a: (CudaStorage, u64),
+    h_o: Option<(CudaStorage, u64)>,
+    x_mid: (CudaStorage, u64),
+    hn2: (CudaStorage, u64),
+    g: (CudaStorage, u64),
+    u: (CudaStorage, u64),
+    h_gu: [Option<(CudaStorage, u64)>; 2],
+    f: (CudaStorage, u64),
+    h_down: Option<(CudaStorage, u64)>,
+}
+
+/// A forward through the decoder layers, ready for its backward.
+pub(crate) struct Tape {
+    dev: CudaDevice,
+    bf16: bool,
+    dims: (usize, usize, usize, usize, usize),
+    hidden: usize,
+    ff: usize,
+    eps: f64,
+    tables: (Tensor, Tensor),
+    projs: Vec<[Proj; 7]>,
+    norms: Vec<(u64, u64)>,
+    layers: Vec<LayerTape>,
+    /// The embedded input (kept alive for layer 0's backward) and, when the benchmark asks
+    /// for it, the variable whose gradient is the embeddings'.
+    x0: Tensor,
+    x0_var: Option<Var>,
+    grad_len: usize,
+    /// The residual stream after the last layer, a leaf variable: candle's part starts here.
+    pub leaf: Var,
+}
+
+fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Option<Proj>> {
+    if al.is_merged() {
+        return Ok(None);
+    }
+    let w = al.base().weight();
+    let (n, k) = al.dims();
+    let w0 = mat_of_tensor(w, al.name())?.0;
+    let dt = if bf16 { DType::BF16 } else { DType::F32 };
+    let ad = match al.adapter() {
+        None => None,
+        Some(adapter) => {
+            if matches!(adapter, Adapter::Lora(a) if a.is_dora()) {
+                return Ok(None);
+            }
+            let Some((d, u, c)) = adapter.factors()? else {
+                return Ok(None);
+            };
+            let r = d.dim(1)?;
+            let d = d.to_dtype(dt)?.contiguous()?;
+            let u = u.to_dtype(dt)?.contiguous()?;
+            let slot = match adapter {
+                Adapter::SingLora(a) => {
+                    let off = *grad_len;
+                    *grad_len += a.a().elem_count();
+                    GradSlot::SingLora {
+                        var: a.a().clone(),
+                        off,
+                    }
+                }
+                Adapter::Lora(a) => {
+                    let a_off = *grad_len;
+                    *grad_len += a.a().elem_count();
+                    let b_off = *grad_len;
+                    *grad_len += a.b().elem_count();
+                    GradSlot::Lora {
+                        a: a.a().clone(),
+                        a_off,
+                        b: a.b().clone(),
+                        b_off,
+                    }
+                }
+            };
+            Some(Factors {
+                d: tensor_ptr(&d, "adapter factor D")?,
+                u: tensor_ptr(&u, "adapter factor U")?,
+                _d: d,
+                _u: u,
+                c: c as f32,
+                r,
+                slot,
+            })
+        }
+    };
+    Ok(Some(Proj {
+        w0,
+        bias: al.base().bias().cloned(),
+        n,
+        k,
+        ad,
+    }))
+}
+
+type Buf = (CudaStorage, u64);
+
+impl Proj {
+    /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns y and h = x·D (kept for the backward).
+    fn forward(
+        &self,
+        dev: &CudaDevice,
+        bf16: bool,
+        x: u64,
+        m: usize,
+    ) -> Result<(Buf, Option<Buf>)> {
+        let (y, yp, had_bias) = linear_output(dev, bf16, m, self.n, self.bias.as_ref())?;
+        let xm = Mat {
+            ptr: x,
+            ld: self.k,
+            trans: false,
+        };
+        // SAFETY (every GEMM here): live buffers of the shapes given, one stream.
+        unsafe {
+            gemm(
+                dev,
+                bf16,
+                (m, self.n, self.k),
+                xm,
+                Mat {
+                    trans: true,
+                    ..self.w0
+                },
+                yp,
+                1.0,
+                if had_bias { 1.0 } else { 0.0 },
+            )?;
+        }
+        let h = match &self.ad {
+            None => None,
+            Some(f) => {
+                let (h, hp) = fresh(dev, bf16, m * f.r)?;
+                unsafe {
+                    gemm(
+                        dev,
+                        bf16,
+                        (m, f.r, self.k),
+                        xm,
+                        Mat {
+                            ptr: f.d,
+                            ld: f.r,
+                            trans: false,
+                        },
+                        hp,
+                        1.0,
+                        0.0,
+                    )?;
+                    gemm(
+                        dev,
+                        bf16,
+                        (m, self.n, f.r),
+                        Mat {
+                            ptr: hp,
+                            ld: f.r,
+                            trans: false,
+                        },
+                        Mat {
+                            ptr: f.u,
+                            ld: f.r,
+                            trans: true,
+                        },
+                        yp,
+                        f.c,
+                        1.0,
+                    )?;
+                }
+                Some((h, hp))
+            }
+        };
+        Ok(((y, yp), h))
+    }
+
+    /// dx (+)= g·W0 + c·(g·U)·Dᵀ, and the adapter's gradients into `grads` (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dev: &CudaDevice,
+        bf16: bool,
+        g: u64,
+        x: u64,
+        h: Option<u64>,
+        m: usize,
+        dx: u64,
+        accumulate: bool,
+        grads: u64,
+    ) -> Result<()> {
+        let (n, k) = (self.n, self.k);
+        let gm = Mat {
+            ptr: g,
+            ld: n,
+            trans: false,
+        };
+        unsafe {
+            gemm(
+                dev,
+                bf16,
+                (m, k, n),
+                gm,
+                self.w0,
+                dx,
+                1.0,
+                if accumulate { 1.0 } else { 0.0 },
+            )?;
+        }
+        let Some(f) = &self.ad else { return Ok(()) };
+        let h = h.ok_or_else(|| Error::msg("fast path: an adapter without its saved product"))?;
+        let r = f.r;
+        let (gu, gup) = fresh(dev, bf16, m * r)?;
+        let xm = Mat {
+            ptr: x,
+            ld: k,
+            trans: false,
+        };
+        let gum = Mat {
+            ptr: gup,
+            ld: r,
+            trans: false,
+        };
+        let hm = Mat {
+            ptr: h,
+            ld: r,
+            trans: false,
+        };
+        unsafe {
+            gemm(
+                dev,
+                bf16,
+                (m, r, n),
+                gm,
+                Mat {
+                    ptr: f.u,
+                    ld: r,
+                    trans: false,
+                },
+                gup,
+                1.0,
+                0.0,
+            )?;
+            gemm(
+                dev,
+                bf16,
+                (m, k, r),
+                gum,
+                Mat {
+                    ptr: f.d,
+                    ld: r,
+                    trans: true,
+                },
+                dx,
+                f.c,
+                1.0,
+            )?;
+            match f.slot {
+                GradSlot::SingLora { off, .. } => {
+                    let da = grads + 4 * off as u64;
+                    // dD = c·xᵀ·g_U into rows 0..k, dU = c·gᵀ·h into rows 0..n (zeroed buffer)
+                    gemm_out(
+                        dev,
+                        bf16,
+                        false,
+                        (k, r, m),
+                        Mat { trans: true, ..xm },
+                        gum,
+                        da,
+                        f.c,
+                        1.0,
+                    )?;
+                    gemm_out(
+                        dev,
+                        bf16,
+                        false,
+                        (n, r, m),
+                        Mat { trans: true, ..gm },
+                        hm,
+                        da,
+                        f.c,
+                        1.0,
+                    )?;
+                }
+                GradSlot::Lora { a_off, b_off, .. } => {
+                    // dA = c·g_Uᵀ·x (r × k), dB = c·gᵀ·h (n × r)
+                    gemm_out(
+                        dev,
+                        bf16,
+                        false,
+                        (r, k, m),
+                        Mat { trans: true, ..gum },
+                        xm,
+                        grads + 4 * a_off as u64,
+                        f.c,
+                        0.0,
+                    )?;
+                    gemm_out(
+                        dev,
+                        bf16,
+                        false,
+                        (n, r, m),
+                        Mat { trans: true, ..gm },
+                        hm,
+                        grads + 4 * b_off as u64,
+                        f.c,
+                        0.0,
+                    )?;
+                }
+            }
+        }
+        drop(gu);
+        Ok(())
+    }
+}
+
+fn layer_projs(l: &Layer) -> [&AdaptedLinear; 7] {
+    [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+}
+
+impl Llama {
+    /// The decoder layers' forward on CUDA, recorded for [`Tape::backward`]; None where this
+    /// path does not apply (then the autograd path runs).
+    pub(crate) fn fast_forward(&self, batch: &Batch) -> Result<Option<Tape>> {
+        let candle_core::Device::Cuda(dev) = batch.ids.device() else {
+            return Ok(None);
+        };
+        let bf16 = match self.dtype {
+            DType::BF16 => true,
+            DType::F32 => false,
+            _ => return Ok(None),
+        };
+        let c = &self.cfg;
+        if c.heads % c.kv_heads != 0 || c.head_dim % 2 != 0 || c.heads * c.head_dim != c.hidden {
+            return Ok(None);
+        }
+        let mut grad_len = 0;
+        let mut projs = vec![];
+        for l in &self.layers {
+            let mut ps = vec![];
+            for al in layer_projs(l) {
+                match prepare(al, bf16, &mut grad_len)? {
+                    Some(p) => ps.push(p),
+                    None => return Ok(None),
+                }
+            }
+            let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
+            projs.push(ps);
+        }
+        let (b, t) = batch.ids.dims2()?;
+        let m = b * t;
+        let (h, ff) = (c.hidden, c.intermediate);
+        let dims = (b, t, c.heads, c.kv_heads, c.head_dim);
+        let lens = key_lens(&batch.mask)?;
+        let (cos, sin) = rope_tables(&c.inv_freq, t, DType::F32, batch.ids.device())?;
+        let tables = (tensor_ptr(&cos, "rope cos")?, tensor_ptr(&sin, "rope sin")?);
+        let x0 = self
+            .embed
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .contiguous()?;
+        let x0_var = if self.grad_from_embeddings {
+            Some(Var::from_tensor(&x0)?)
+        } else {
+            None
+        };
+        let norms: Vec<(u64, u64)> = self
+            .layers
+            .iter()
+            .map(|l| Ok((tensor_ptr(&l.ln1, "ln1")?, tensor_ptr(&l.ln2, "ln2")?)))
+            .collect::<Result<_>>()?;
+        let mut x_in: Option<CudaStorage> = None;
+        let mut x_ptr = tensor_ptr(&x0, "embeddings")?;
+        let mut tapes = vec![];
+        let nd = c.heads * c.head_dim;
+        for (li, ps) in projs.iter().enumerate() {
+            let (ln1, ln2) = norms[li];
+            let hn1 = fresh(dev, bf16, m * h)?;
+            raw::rms_fwd(dev, bf16, (x_ptr, ln1, hn1.1), m, h, c.eps)?;
+            let (q, hq) = ps[0].forward(dev, bf16, hn1.1, m)?;
+            let (k, hk) = ps[1].forward(dev, bf16, hn1.1, m)?;
+            let (v, hv) = ps[2].forward(dev, bf16, hn1.1, m)?;
+            let (a, ap, att) = forward_raw(dev, bf16, (q.1, k.1, v.1), tables, dims, &lens, true)?;
+            drop((q, k, v));
+            let (o, ho) = ps[3].forward(dev, bf16, ap, m)?;
+            let x_mid = fresh(dev, bf16, m * h)?;
+            raw::add(dev, bf16, (x_ptr, o.1, x_mid.1), m * h)?;
+            drop(o);
+            let hn2 = fresh(dev, bf16, m * h)?;
+            raw::rms_fwd(dev, bf16, (x_mid.1, ln2, hn2.1), m, h, c.eps)?;
+            let (g, hg) = ps[4].forward(dev, bf16, hn2.1, m)?;
+            let (u, hu) = ps[5].forward(dev, bf16, hn2.1, m)?;
+            let f = fresh(dev, bf16, m * ff)?;
+            raw::swiglu_fwd(dev, bf16, (g.1, u.1, f.1), m * ff)?;
+            let (dn, hdn) = ps[6].forward(dev, bf16, f.1, m)?;
+            let x_next = fresh(dev, bf16, m * h)?;
+            raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?;
+            drop(dn);
+            debug_assert_eq!(nd, h);
+            tapes.push(LayerTape {
+                _x_in: x_in.take(),
+                x_in_ptr: x_ptr,
+                hn1,
+                h_qkv: [hq, hk, hv],
+                att,
+                a: (a, ap),
+                h_o: ho,
+                x_mid,
+                hn2,
+                g,
+                u,
+                h_gu: [hg, hu],
+                f,
+                h_down: hdn,
+            });
+            x_ptr = x_next.1;
+            x_in = Some(x_next.0);
+        }
+        let last = x_in.ok_or_else(|| Error::msg("a model without layers"))?;
+        let leaf = Var::from_tensor(&to_tensor(last, (b, t, h), &x0)?)?;
+        Ok(Some(Tape {
+            dev: dev.clone(),
+            bf16,
+            dims,
+            hidden: h,
+            ff,
+            eps: c.eps,
+            tables: (cos, sin),
+            projs,
+            norms,
+            layers: tapes,
+            x0,
+            x0_var,
+            grad_len,
+            leaf,
+        }))
+    }
+}
+
+impl Tape {
+    /// The backward from the gradient at [`Tape::leaf`] (taken from `grads`): the adapter
+    /// variables' gradients (and the embeddings' when asked) go into `grads`.
+    pub(crate) fn backward(self, grads: &mut GradStore) -> Result<()> {
+        let Some(d_last) = grads.remove(self.leaf.as_tensor()) else {
+            return Ok(()); // the loss does not depend on the layers
+        };
+        let (dev, bf16) = (&self.dev, self.bf16);
+        let (b, t, nh, kvh, hd) = self.dims;
+        let (m, h, ff) = (b * t, self.hidden, self.ff);
+        let el: u64 = if bf16 { 2 } else { 4 };
+        let tables = (
+            tensor_ptr(&self.tables.0, "rope cos")?,
+            tensor_ptr(&self.tables.1, "rope sin")?,
+        );
+        // the residual stream's gradient, a buffer of our own
+        let dxm = d_last.to_dtype(self.x0.dtype())?.copy()?.contiguous()?;
+        let dxp = tensor_ptr(&dxm, "gradient")?;
+        let packed = dev.alloc_zeros::<f32>(self.grad_len.max(1))?;
+        let grads_ptr = {
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+            let stream = dev.cuda_stream();
+            let p = packed.device_ptr(&stream).0;
+            p
+        };
+        for (li, lt) in self.layers.iter().enumerate().rev() {
+            let ps = &self.projs[li];
+            let (ln1, ln2) = self.norms[li];
+            let hp = |o: &Option<Buf>| o.as_ref().map(|x| x.1);
+            // MLP: down, SwiGLU, gate and up, norm 2 (adding into dxm)
+            let df = fresh(dev, bf16, m * ff)?;
+            ps[6].backward(
+                dev,
+                bf16,
+                dxp,
+                lt.f.1,
+                hp(&lt.h_down),
+                m,
+                df.1,
+                false,
+                grads_ptr,
+            )?;
+            let dgu = fresh(dev, bf16, 2 * m * ff)?;
+            raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
+            drop(df);
+            let dhn2 = fresh(dev, bf16, m * h)?;
+            ps[4].backward(
+                dev,
+                bf16,
+                dgu.1,
+                lt.hn2.1,
+                hp(&lt.h_gu[0]),
+                m,
+                dhn2.1,
+                false,
+                grads_ptr,
+            )?;
+            ps[5].backward(
+                dev,
+                bf16,
+                dgu.1 + el * (m * ff) as u64,
+                lt.hn2.1,
+                hp(&lt.h_gu[1]),
+                m,
+                dhn2.1,
+                true,
+                grads_ptr,
+            )?;
+            drop(dgu);
+            raw::rms_bwd_acc(dev, bf16, (lt.x_mid.1, ln2, dhn2.1, dxp), m, h, self.eps)?;
+            drop(dhn2);
+            // attention: o, the attention block, q k v, norm 1
+            let da = fresh(dev, bf16, m * nh * hd)?;
+            ps[3].backward(
+                dev,
+                bf16,
+                dxp,
+                lt.a.1,
+                hp(&lt.h_o),
+                m,
+                da.1,
+                false,
+                grads_ptr,
+            )?;
+            let (pk, pkp) = backward_raw(dev, bf16, &lt.att, da.1, tables, self.dims)?;
+            drop(da);
+            let (nq, nk) = (m * nh * hd, m * kvh * hd);
+            let dhn1 = fresh(dev, bf16, m * h)?;
+            ps[0].backward(
+                dev,
+                bf16,
+                pkp,
+                lt.hn1.1,
+                hp(&lt.h_qkv[0]),
+                m,
+                dhn1.1,
+                false,
+                grads_ptr,
+            )?;
+            ps[1].backward(
+                dev,
+                bf16,
+                pkp + el * nq as u64,
+                lt.hn1.1,
+                hp(&lt.h_qkv[1]),
+                m,
+                dhn1.1,
+                true,
+                grads_ptr,
+            )?;
+            ps[2].backward(
+                dev,
+                bf16,
+                pkp + el * (nq + nk) as u64,
+                lt.hn1.1,
+                hp(&lt.h_qkv[2]),
+                m,
+                dhn1.1,
+                true,
+                grads_ptr,
+            )?;
+            drop(pk);
+            raw::rms_bwd_acc(dev, bf16, (lt.x_in_ptr, ln1, dhn1.1, dxp), m, h, self.eps)?;
+            drop(dhn1);
+        }
+        if let Some(v) = &self.x0_var {
+            grads.insert(v.as_tensor(), dxm.reshape(self.x0.shape())?);
+        }
+        // the adapters' gradients, views of the packed buffer
+        let flat = to_tensor(
+            candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+            self.grad_len.max(1),
+            &self.x0,
+        )?;
+        for ps in &self.projs {
+            for p in ps {
+                let Some(f) = &p.ad else { continue };
+                if f.c == 0.0 {
+                    // u(t) = 0: the adapter does not enter the loss (as on the autograd path,
+                    // no gradient at all, so no weight decay either)
+                    continue;
+                }
+                match &f.slot {
+                    GradSlot::SingLora { var, off } => {
+                        let g = flat
+                            .narrow(0, *off, var.elem_count())?
+                            .reshape(var.shape())?;
+                        grads.insert(var.as_tensor(), g);
+                    }
+                    GradSlot::Lora { a, a_off, b, b_off } => {
+                        let ga = flat.narrow(0, *a_off, a.elem_count())?.reshape(a.shape())?;
+                        let gb = flat.narrow(0, *b_off, b.elem_count())?.reshape(b.shape())?;
+                        grads.insert(a.as_tensor(), ga);
+                        grads.insert(b.as_tensor(), gb);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
