@@ -105,6 +105,8 @@ def run(a, method, compiled):
     out = {
         "impl": "pytorch",
         "shape": a.shape,
+        "batch": a.batch,
+        "seq": a.seq,
         "method": method + (" compiled" if compiled else ""),
         "median_ms": med,
         "min_ms": min(times),

@@ -103,6 +103,17 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Box::new(move |x: &Tensor| block(x, &c32, &s32)),
             )
         },
+        {
+            let t: Vec<u32> = (0..64u32).map(|i| (i * 37 + 11) % 1000).collect();
+            let t_cpu = Tensor::new(t.as_slice(), &cpu)?;
+            let t_dev = Tensor::new(t.as_slice(), device)?;
+            (
+                "cross-entropy (64 rows of 1000)",
+                vec![64, 1000],
+                Box::new(move |x: &Tensor| singlora::nn::cross_entropy(x, &t_cpu, None)),
+                Box::new(move |x: &Tensor| singlora::nn::cross_entropy(x, &t_dev, None)),
+            )
+        },
         (
             "head split (no rotation)",
             vec![2, 48, 192],
@@ -134,7 +145,7 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         for dt in [DType::F32, DType::BF16] {
             let xd = Var::from_tensor(&x.to_dtype(dt)?.to_device(device)?)?;
             let y = on_dev(xd.as_tensor())?;
-            let gd = g.to_dtype(dt)?.to_device(device)?;
+            let gd = g.to_dtype(y.dtype())?.to_device(device)?;
             let dx = (&y * &gd)?
                 .to_dtype(DType::F32)?
                 .sum_all()?

@@ -95,12 +95,16 @@ pub fn cross_entropy(
     targets: &Tensor,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let z = upcast(logits)?;
-    let max = z.max_keepdim(D::Minus1)?.detach();
-    let shifted = z.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (n, 1)
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (n, 1)
-    let nll = (lse - picked)?.squeeze(1)?; // (n)
+    let nll = if crate::ops::xent_fused(logits) {
+        crate::ops::xent_rows(logits, targets)?
+    } else {
+        let z = upcast(logits)?;
+        let max = z.max_keepdim(D::Minus1)?.detach();
+        let shifted = z.broadcast_sub(&max)?;
+        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (n, 1)
+        let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?; // (n, 1)
+        (lse - picked)?.squeeze(1)? // (n)
+    };
     Ok(match weights {
         Some(w) => {
             let w = w.to_dtype(nll.dtype())?;

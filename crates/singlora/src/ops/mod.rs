@@ -11,6 +11,7 @@
 //! | [`attention_block`] (CUDA) | RoPE, head split, softmax(QKᵀ/√d)·V with GQA, head merge | all of it, P kept |
 //! | [`rope_split`] (CUDA) | heads split (b, t, n·hd) → (b, n, t, hd), rotated | inverse rotation, back to (b, t, n·hd) |
 //! | [`swiglu`] (CUDA) | silu(g)·u | dg = dy·u·silu′(g), du = dy·silu(g) |
+//! | [`xent_rows`] (CUDA) | per-row −log softmax(z)[t], lse kept | dz = g·(softmax(z) − onehot(t)) |
 //! | [`adapted_linear`] | x·W0ᵀ + b + c·(x·D)·Uᵀ, one output buffer | dx = g·W0 + c·(g·U)·Dᵀ; dD, dU |
 //!
 //! Norm weights are frozen constants here (only the input gets a gradient). The CPU kernels
@@ -25,6 +26,7 @@ mod norm;
 mod rope;
 mod softmax;
 mod swiglu;
+mod xent;
 
 pub use attention::attention_block;
 pub use gelu::gelu_erf;
@@ -33,6 +35,7 @@ pub use norm::{layer_norm, rms_norm};
 pub use rope::rope_split;
 pub use softmax::masked_softmax;
 pub use swiglu::swiglu;
+pub use xent::{xent_fused, xent_rows};
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 

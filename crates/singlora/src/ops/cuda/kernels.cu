@@ -266,6 +266,34 @@ __device__ void add2(const T* a, const T* b, T* y, long n) {
         st(y, i, ld(a, i) + ld(b, i));
 }
 
+// Cross-entropy rows: out[i] = (lse_i - z[i, t_i], lse_i), lse_i = log sum_j exp z_ij; one block
+// per row of c logits.
+template <typename T>
+__device__ void xent_fwd(const T* z, const uint32_t* t, float* out, int c) {
+    const long base = (long)blockIdx.x * c;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) m = fmaxf(m, ld(z, base + j));
+    m = block_max(m);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += __expf(ld(z, base + j) - m);
+    s = block_sum(s);
+    if (threadIdx.x == 0) {
+        float lse = m + logf(s);
+        out[2 * blockIdx.x] = lse - ld(z, base + t[blockIdx.x]);
+        out[2 * blockIdx.x + 1] = lse;
+    }
+}
+
+// dz_ij = g_i (exp(z_ij - lse_i) - [j = t_i]), g_i the gradient of row i's loss.
+template <typename T>
+__device__ void xent_bwd(const T* z, const uint32_t* t, const float* lse_g, T* dz, int c) {
+    const long base = (long)blockIdx.x * c;
+    float lse = lse_g[2 * blockIdx.x + 1], g = lse_g[2 * blockIdx.x];
+    uint32_t ti = t[blockIdx.x];
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        st(dz, base + j, g * (__expf(ld(z, base + j) - lse) - (j == (int)ti ? 1.f : 0.f)));
+}
+
 #define INSTANTIATE(T, SUF)                                                                                        \
     extern "C" __global__ void masked_softmax_fwd_##SUF(const T* s, T* p, const uint32_t* kl, int h, int tq, int tk, \
                                                         float scale, int causal) {                                  \
@@ -297,6 +325,12 @@ __device__ void add2(const T* a, const T* b, T* y, long n) {
         rms_norm_bwd_acc<T>(x, w, g, dx, d, eps);                                                                   \
     }                                                                                                               \
     extern "C" __global__ void add2_##SUF(const T* a, const T* b, T* y, long n) { add2<T>(a, b, y, n); }            \
+    extern "C" __global__ void xent_fwd_##SUF(const T* z, const uint32_t* t, float* out, int c) {                  \
+        xent_fwd<T>(z, t, out, c);                                                                                  \
+    }                                                                                                               \
+    extern "C" __global__ void xent_bwd_##SUF(const T* z, const uint32_t* t, const float* lg, T* dz, int c) {        \
+        xent_bwd<T>(z, t, lg, dz, c);                                                                               \
+    }                                                                                                               \
     extern "C" __global__ void bias_rows_##SUF(const T* b, T* y, long m, int n) { bias_rows<T>(b, y, m, n); }      \
     extern "C" __global__ void swiglu_fwd_##SUF(const T* g, const T* u, T* y, long n) { swiglu_fwd<T>(g, u, y, n); } \
     extern "C" __global__ void swiglu_bwd_##SUF(const T* g, const T* u, const T* dy, T* out, long n) {             \

@@ -732,3 +732,57 @@ pub mod raw {
         Ok(())
     }
 }
+
+/// Cross-entropy rows of logits (n, c) against u32 targets: (n, 2) f32 of (nll, lse).
+pub fn xent_fwd(
+    z: &CudaStorage,
+    lz: &Layout,
+    t: &CudaStorage,
+    lt: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (n, c) = lz.shape().dims2()?;
+    let dev = &z.device;
+    let tv = contiguous(t.as_cuda_slice::<u32>()?, lt, "cross-entropy targets")?;
+    float_slice!(&z.slice, "cross-entropy", |zs, suf, _T| {
+        let zv = contiguous(zs, lz, "cross-entropy logits")?;
+        let dst = alloc::<f32>(dev, 2 * n)?;
+        let f = dev.get_or_load_custom_func(&format!("xent_fwd_{suf}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&zv);
+        bld.arg(&tv);
+        bld.arg(&dst);
+        candle_core::builder_arg!(bld, c as i32);
+        // SAFETY: the kernel's signature; a block per row of live buffers.
+        unsafe { bld.launch(rows_cfg(n)) }.w()?;
+        Ok((wrap(dst, dev), Shape::from((n, 2))))
+    })
+}
+
+/// Its backward: dz from the logits, targets and (n, 2) f32 of (row gradient, lse).
+pub fn xent_bwd(
+    z: &CudaStorage,
+    lz: &Layout,
+    t: &CudaStorage,
+    lt: &Layout,
+    lg: &CudaStorage,
+    llg: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (n, c) = lz.shape().dims2()?;
+    let dev = &z.device;
+    let tv = contiguous(t.as_cuda_slice::<u32>()?, lt, "cross-entropy targets")?;
+    let gv = contiguous(lg.as_cuda_slice::<f32>()?, llg, "cross-entropy gradient")?;
+    float_slice!(&z.slice, "cross-entropy backward", |zs, suf, T| {
+        let zv = contiguous(zs, lz, "cross-entropy logits")?;
+        let dst = alloc::<T>(dev, n * c)?;
+        let f = dev.get_or_load_custom_func(&format!("xent_bwd_{suf}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&zv);
+        bld.arg(&tv);
+        bld.arg(&gv);
+        bld.arg(&dst);
+        candle_core::builder_arg!(bld, c as i32);
+        // SAFETY: as above.
+        unsafe { bld.launch(rows_cfg(n)) }.w()?;
+        Ok((wrap(dst, dev), lz.shape().clone()))
+    })
+}
