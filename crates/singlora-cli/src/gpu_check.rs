@@ -359,6 +359,7 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         ("singlora", "singlora"),
         ("lora", "lora"),
         ("rslora", "rslora"),
+        ("dora", "dora"),
     ] {
         let model = random_model("check", shape, Some(method.parse()?), 8, device)?;
         for p in model.params() {

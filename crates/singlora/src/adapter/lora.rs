@@ -141,6 +141,15 @@ impl LoraAdapter {
         Ok(sq.relu()?.sqrt()?.detach())
     }
 
+    /// The magnitude variable and the detached row norms.
+    pub(super) fn dora_parts(&self, w0: &Tensor) -> Result<(Var, Tensor)> {
+        let dora = self
+            .dora
+            .as_ref()
+            .ok_or_else(|| Error::msg("dora_parts on a LoRA adapter without DoRA"))?;
+        Ok((dora.magnitude.clone(), self.dora_row_norm(dora, w0)?))
+    }
+
     /// m / ‖W0 + s·B·A‖ per output row (the norm detached), in the adapter's dtype.
     pub(super) fn dora_scale(&self, w0: &Tensor) -> Result<Tensor> {
         let dora = self

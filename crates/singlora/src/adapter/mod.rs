@@ -259,6 +259,15 @@ impl Adapter {
         }
     }
 
+    /// DoRA's magnitude variable and its detached row norms ‖W0 + s·B·A‖ (d_out each); None
+    /// for the other methods.
+    pub fn dora_parts(&self, w0: &Tensor) -> Result<Option<(Var, Tensor)>> {
+        match self {
+            Adapter::Lora(a) if a.is_dora() => Ok(Some(a.dora_parts(w0)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// DoRA's per-output scale m / ‖W0 + s·B·A‖ (d_out; the norm detached, as in PEFT), by
     /// which the adapted output x·(W0 + ΔW)ᵀ is multiplied; None for the other methods.
     pub fn output_scale(&self, w0: &Tensor) -> Result<Option<Tensor>> {

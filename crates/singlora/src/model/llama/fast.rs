@@ -83,7 +83,7 @@ enum GradSlot {
 }
 
 /// An adapter prepared for the step: factors D (k × r) and U (n × r) in the activations'
-/// type, the scale c, and its gradient slot.
+/// type, the scale c, its gradient slot, and DoRA's rescaling.
 struct Factors {
     _d: Tensor,
     _u: Tensor,
@@ -92,6 +92,25 @@ struct Factors {
     c: f32,
     r: usize,
     slot: GradSlot,
+    dora: Option<DoraPrep>,
+}
+
+/// DoRA: y = (x·W0ᵀ + c·x·D·Uᵀ)·diag(m/‖W0 + ΔW‖) (+ b), the norm a constant; the magnitude's
+/// gradient is Σ_i g_ij·y_pre_ij / ‖·‖_j.
+struct DoraPrep {
+    /// Kept alive for the pointers beside them.
+    _scale: Tensor,
+    scale_p: u64,
+    _inv_norm: Tensor,
+    inv_p: u64,
+    mag: Var,
+    off: usize,
+}
+
+/// What a projection's backward needs beyond its input: h = x·D, and DoRA's unscaled output.
+struct PSaved {
+    h: Option<Buf>,
+    y_pre: Option<Buf>,
 }
 
 /// A projection prepared for the step.
@@ -109,18 +128,15 @@ struct LayerTape {
     /// tape).
     _x_in: Option<CudaStorage>,
     x_in_ptr: u64,
-    hn1: (CudaStorage, u64),
-    h_qkv: [Option<(CudaStorage, u64)>; 3],
+    h_qkv: [PSaved; 3],
     att: Saved,
     a: (CudaStorage, u64),
-    h_o: Option<(CudaStorage, u64)>,
+    h_o: PSaved,
     x_mid: (CudaStorage, u64),
-    hn2: (CudaStorage, u64),
     g: (CudaStorage, u64),
     u: (CudaStorage, u64),
-    h_gu: [Option<(CudaStorage, u64)>; 2],
-    f: (CudaStorage, u64),
-    h_down: Option<(CudaStorage, u64)>,
+    h_gu: [PSaved; 2],
+    h_down: PSaved,
 }
 
 /// A forward through the decoder layers, ready for its backward.
@@ -155,9 +171,25 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
     let ad = match al.adapter() {
         None => None,
         Some(adapter) => {
-            if matches!(adapter, Adapter::Lora(a) if a.is_dora()) {
-                return Ok(None);
-            }
+            let dora = match adapter.dora_parts(w)? {
+                None => None,
+                Some((mag, norm)) => {
+                    let scale = (mag.as_tensor().detach() / &norm)?
+                        .to_dtype(DType::F32)?
+                        .contiguous()?;
+                    let inv_norm = norm.recip()?.to_dtype(DType::F32)?.contiguous()?;
+                    let off = *grad_len;
+                    *grad_len += mag.elem_count();
+                    Some(DoraPrep {
+                        scale_p: tensor_ptr(&scale, "DoRA scale")?,
+                        inv_p: tensor_ptr(&inv_norm, "DoRA norm")?,
+                        _scale: scale,
+                        _inv_norm: inv_norm,
+                        mag,
+                        off,
+                    })
+                }
+            };
             let Some((d, u, c)) = adapter.factors()? else {
                 return Ok(None);
             };
@@ -194,6 +226,7 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
                 c: c as f32,
                 r,
                 slot,
+                dora,
             })
         }
     };
@@ -210,14 +243,15 @@ type Buf = (CudaStorage, u64);
 
 impl Proj {
     /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns y and h = x·D (kept for the backward).
-    fn forward(
-        &self,
-        dev: &CudaDevice,
-        bf16: bool,
-        x: u64,
-        m: usize,
-    ) -> Result<(Buf, Option<Buf>)> {
-        let (y, yp, had_bias) = linear_output(dev, bf16, m, self.n, self.bias.as_ref())?;
+    fn forward(&self, dev: &CudaDevice, bf16: bool, x: u64, m: usize) -> Result<(Buf, PSaved)> {
+        let dora = self.ad.as_ref().and_then(|f| f.dora.as_ref());
+        // DoRA's bias comes after its rescaling
+        let bias = if dora.is_some() {
+            None
+        } else {
+            self.bias.as_ref()
+        };
+        let (y, yp, had_bias) = linear_output(dev, bf16, m, self.n, bias)?;
         let xm = Mat {
             ptr: x,
             ld: self.k,
@@ -280,7 +314,22 @@ impl Proj {
                 Some((h, hp))
             }
         };
-        Ok(((y, yp), h))
+        if let Some(dp) = dora {
+            let (out, outp) = fresh(dev, bf16, m * self.n)?;
+            let bp = match &self.bias {
+                Some(b) => tensor_ptr(b, "bias")?,
+                None => 0,
+            };
+            raw::col_scale(dev, bf16, (yp, dp.scale_p, bp, outp), m, self.n)?;
+            return Ok((
+                (out, outp),
+                PSaved {
+                    h,
+                    y_pre: Some((y, yp)),
+                },
+            ));
+        }
+        Ok(((y, yp), PSaved { h, y_pre: None }))
     }
 
     /// dx (+)= g·W0 + c·(g·U)·Dᵀ, and the adapter's gradients into `grads` (f32).
@@ -291,13 +340,35 @@ impl Proj {
         bf16: bool,
         g: u64,
         x: u64,
-        h: Option<u64>,
+        saved: &PSaved,
         m: usize,
         dx: u64,
         accumulate: bool,
         grads: u64,
     ) -> Result<()> {
         let (n, k) = (self.n, self.k);
+        let h = saved.h.as_ref().map(|b| b.1);
+        // DoRA: the magnitude's gradient, then the gradient of the unscaled output
+        let mut _scaled = None;
+        let mut g = g;
+        if let Some(dp) = self.ad.as_ref().and_then(|f| f.dora.as_ref()) {
+            let yp = saved
+                .y_pre
+                .as_ref()
+                .ok_or_else(|| Error::msg("fast path: DoRA without its saved output"))?
+                .1;
+            raw::col_dot(
+                dev,
+                bf16,
+                (g, yp, dp.inv_p, grads + 4 * dp.off as u64),
+                m,
+                n,
+            )?;
+            let (gs, gsp) = fresh(dev, bf16, m * n)?;
+            raw::col_scale(dev, bf16, (g, dp.scale_p, 0, gsp), m, n)?;
+            g = gsp;
+            _scaled = Some(gs);
+        }
         let gm = Mat {
             ptr: g,
             ld: n,
@@ -487,6 +558,9 @@ impl Llama {
             let (q, hq) = ps[0].forward(dev, bf16, hn1.1, m)?;
             let (k, hk) = ps[1].forward(dev, bf16, hn1.1, m)?;
             let (v, hv) = ps[2].forward(dev, bf16, hn1.1, m)?;
+            // the norms' outputs and SwiGLU's are recomputed in the backward (cheap, and
+            // 2·hidden + ff values per token fewer to keep)
+            drop(hn1);
             let (a, ap, att) = forward_raw(dev, bf16, (q.1, k.1, v.1), tables, dims, &lens, true)?;
             drop((q, k, v));
             let (o, ho) = ps[3].forward(dev, bf16, ap, m)?;
@@ -497,9 +571,11 @@ impl Llama {
             raw::rms_fwd(dev, bf16, (x_mid.1, ln2, hn2.1), m, h, c.eps)?;
             let (g, hg) = ps[4].forward(dev, bf16, hn2.1, m)?;
             let (u, hu) = ps[5].forward(dev, bf16, hn2.1, m)?;
+            drop(hn2);
             let f = fresh(dev, bf16, m * ff)?;
             raw::swiglu_fwd(dev, bf16, (g.1, u.1, f.1), m * ff)?;
             let (dn, hdn) = ps[6].forward(dev, bf16, f.1, m)?;
+            drop(f);
             let x_next = fresh(dev, bf16, m * h)?;
             raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?;
             drop(dn);
@@ -507,17 +583,14 @@ impl Llama {
             tapes.push(LayerTape {
                 _x_in: x_in.take(),
                 x_in_ptr: x_ptr,
-                hn1,
                 h_qkv: [hq, hk, hv],
                 att,
                 a: (a, ap),
                 h_o: ho,
                 x_mid,
-                hn2,
                 g,
                 u,
                 h_gu: [hg, hu],
-                f,
                 h_down: hdn,
             });
             x_ptr = x_next.1;
@@ -572,30 +645,23 @@ impl Tape {
         for (li, lt) in self.layers.iter().enumerate().rev() {
             let ps = &self.projs[li];
             let (ln1, ln2) = self.norms[li];
-            let hp = |o: &Option<Buf>| o.as_ref().map(|x| x.1);
             // MLP: down, SwiGLU, gate and up, norm 2 (adding into dxm)
+            let f = fresh(dev, bf16, m * ff)?;
+            raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
             let df = fresh(dev, bf16, m * ff)?;
-            ps[6].backward(
-                dev,
-                bf16,
-                dxp,
-                lt.f.1,
-                hp(&lt.h_down),
-                m,
-                df.1,
-                false,
-                grads_ptr,
-            )?;
+            ps[6].backward(dev, bf16, dxp, f.1, &lt.h_down, m, df.1, false, grads_ptr)?;
             let dgu = fresh(dev, bf16, 2 * m * ff)?;
             raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
-            drop(df);
+            drop((df, f));
+            let hn2 = fresh(dev, bf16, m * h)?;
+            raw::rms_fwd(dev, bf16, (lt.x_mid.1, ln2, hn2.1), m, h, self.eps)?;
             let dhn2 = fresh(dev, bf16, m * h)?;
             ps[4].backward(
                 dev,
                 bf16,
                 dgu.1,
-                lt.hn2.1,
-                hp(&lt.h_gu[0]),
+                hn2.1,
+                &lt.h_gu[0],
                 m,
                 dhn2.1,
                 false,
@@ -605,39 +671,31 @@ impl Tape {
                 dev,
                 bf16,
                 dgu.1 + el * (m * ff) as u64,
-                lt.hn2.1,
-                hp(&lt.h_gu[1]),
+                hn2.1,
+                &lt.h_gu[1],
                 m,
                 dhn2.1,
                 true,
                 grads_ptr,
             )?;
-            drop(dgu);
+            drop((dgu, hn2));
             raw::rms_bwd_acc(dev, bf16, (lt.x_mid.1, ln2, dhn2.1, dxp), m, h, self.eps)?;
             drop(dhn2);
             // attention: o, the attention block, q k v, norm 1
             let da = fresh(dev, bf16, m * nh * hd)?;
-            ps[3].backward(
-                dev,
-                bf16,
-                dxp,
-                lt.a.1,
-                hp(&lt.h_o),
-                m,
-                da.1,
-                false,
-                grads_ptr,
-            )?;
+            ps[3].backward(dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr)?;
             let (pk, pkp) = backward_raw(dev, bf16, &lt.att, da.1, tables, self.dims)?;
             drop(da);
             let (nq, nk) = (m * nh * hd, m * kvh * hd);
+            let hn1 = fresh(dev, bf16, m * h)?;
+            raw::rms_fwd(dev, bf16, (lt.x_in_ptr, ln1, hn1.1), m, h, self.eps)?;
             let dhn1 = fresh(dev, bf16, m * h)?;
             ps[0].backward(
                 dev,
                 bf16,
                 pkp,
-                lt.hn1.1,
-                hp(&lt.h_qkv[0]),
+                hn1.1,
+                &lt.h_qkv[0],
                 m,
                 dhn1.1,
                 false,
@@ -647,8 +705,8 @@ impl Tape {
                 dev,
                 bf16,
                 pkp + el * nq as u64,
-                lt.hn1.1,
-                hp(&lt.h_qkv[1]),
+                hn1.1,
+                &lt.h_qkv[1],
                 m,
                 dhn1.1,
                 true,
@@ -658,14 +716,14 @@ impl Tape {
                 dev,
                 bf16,
                 pkp + el * (nq + nk) as u64,
-                lt.hn1.1,
-                hp(&lt.h_qkv[2]),
+                hn1.1,
+                &lt.h_qkv[2],
                 m,
                 dhn1.1,
                 true,
                 grads_ptr,
             )?;
-            drop(pk);
+            drop((pk, hn1));
             raw::rms_bwd_acc(dev, bf16, (lt.x_in_ptr, ln1, dhn1.1, dxp), m, h, self.eps)?;
             drop(dhn1);
         }
@@ -699,6 +757,10 @@ impl Tape {
                         grads.insert(a.as_tensor(), ga);
                         grads.insert(b.as_tensor(), gb);
                     }
+                }
+                if let Some(dp) = &f.dora {
+                    let gm = flat.narrow(0, dp.off, dp.mag.elem_count())?;
+                    grads.insert(dp.mag.as_tensor(), gm.reshape(dp.mag.shape())?);
                 }
             }
         }

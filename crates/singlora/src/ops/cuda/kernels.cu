@@ -294,6 +294,30 @@ __device__ void xent_bwd(const T* z, const uint32_t* t, const float* lse_g, T* d
         st(dz, base + j, g * (__expf(ld(z, base + j) - lse) - (j == (int)ti ? 1.f : 0.f)));
 }
 
+// DoRA's output scaling: y[i, j] = x[i, j] s[j] (+ b[j] when b is not null), s f32.
+template <typename T>
+__device__ void col_scale(const T* x, const float* s, const T* b, T* y, long m, int n) {
+    long total = m * n;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        int j = i % n;
+        float v = ld(x, i) * s[j];
+        if (b) v += ld(b, j);
+        st(y, i, v);
+    }
+}
+
+// out[j] += w[j] sum_i a[i, j] b[i, j] over a chunk of rows per blockIdx.y (f32 atomics): the
+// DoRA magnitude's gradient. Threads take consecutive columns (coalesced rows).
+template <typename T>
+__device__ void col_dot(const T* a, const T* b, const float* w, float* out, long m, int n, int rows_per) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    long r0 = (long)blockIdx.y * rows_per, r1 = min(m, r0 + rows_per);
+    float acc = 0.f;
+    for (long i = r0; i < r1; i++) acc += ld(a, i * n + j) * ld(b, i * n + j);
+    atomicAdd(out + j, acc * w[j]);
+}
+
 #define INSTANTIATE(T, SUF)                                                                                        \
     extern "C" __global__ void masked_softmax_fwd_##SUF(const T* s, T* p, const uint32_t* kl, int h, int tq, int tk, \
                                                         float scale, int causal) {                                  \
@@ -330,6 +354,13 @@ __device__ void xent_bwd(const T* z, const uint32_t* t, const float* lse_g, T* d
     }                                                                                                               \
     extern "C" __global__ void xent_bwd_##SUF(const T* z, const uint32_t* t, const float* lg, T* dz, int c) {        \
         xent_bwd<T>(z, t, lg, dz, c);                                                                               \
+    }                                                                                                               \
+    extern "C" __global__ void col_scale_##SUF(const T* x, const float* s, const T* b, T* y, long m, int n) {        \
+        col_scale<T>(x, s, b, y, m, n);                                                                             \
+    }                                                                                                               \
+    extern "C" __global__ void col_dot_##SUF(const T* a, const T* b, const float* w, float* out, long m, int n,      \
+                                             int rows_per) {                                                        \
+        col_dot<T>(a, b, w, out, m, n, rows_per);                                                                   \
     }                                                                                                               \
     extern "C" __global__ void bias_rows_##SUF(const T* b, T* y, long m, int n) { bias_rows<T>(b, y, m, n); }      \
     extern "C" __global__ void swiglu_fwd_##SUF(const T* g, const T* u, T* y, long n) { swiglu_fwd<T>(g, u, y, n); } \

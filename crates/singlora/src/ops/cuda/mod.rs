@@ -717,6 +717,44 @@ pub mod raw {
         Ok(())
     }
 
+    /// y = x·diag(s) (+ b), x (m, n), s f32 (n); `b` 0 for none.
+    pub fn col_scale(
+        dev: &CudaDevice,
+        bf16: bool,
+        (x, s, b, y): (u64, u64, u64, u64),
+        m: usize,
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("col_scale_{}", suf(bf16)), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, x, s, b, y, m as i64, n as i32);
+        // SAFETY: live buffers of m × n (s, b: n).
+        unsafe { bld.launch(elems_cfg(m * n)) }.w()?;
+        Ok(())
+    }
+
+    /// out[j] += w[j]·Σ_i a[i, j]·b[i, j] (out, w f32 (n)).
+    pub fn col_dot(
+        dev: &CudaDevice,
+        bf16: bool,
+        (a, b, w, out): (u64, u64, u64, u64),
+        m: usize,
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("col_dot_{}", suf(bf16)), MODULE, PTX)?;
+        let rows_per = 64usize;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256) as u32, m.div_ceil(rows_per) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, a, b, w, out, m as i64, n as i32, rows_per as i32);
+        // SAFETY: live buffers of m × n (w, out: n).
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(())
+    }
+
     /// y = a + b over n elements.
     pub fn add(
         dev: &CudaDevice,
