@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// Scale by alpha/sqrt(r) instead of alpha/r.
     #[arg(long)]
     rslora: bool,
+    /// SFT: do not wrap prompts in the model's chat template (used by default when the
+    /// model has one; `predict` must then be given the same flag).
+    #[arg(long)]
+    no_chat_template: bool,
     /// Classification pooling: cls, mean or last (default: by model).
     #[arg(long)]
     pooling: Option<String>,
@@ -156,6 +160,7 @@ impl TrainArgs {
             init: self.init.clone(),
             rslora: self.rslora,
             pooling: self.pooling.clone(),
+            chat_template: !self.no_chat_template,
             save_every: self.save_every,
             keep_checkpoints: self.keep_checkpoints,
             device: self.device.clone(),
@@ -238,10 +243,16 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// SFT: score prompts as they are, not in the model's chat template (match training).
+    #[arg(long)]
+    no_chat_template: bool,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let s = Session::load(&a.model, &a.adapter, parse_device(&a.device)?)?;
+    let mut s = Session::load(&a.model, &a.adapter, parse_device(&a.device)?)?;
+    if a.no_chat_template {
+        s.chat = None;
+    }
     let cols = Columns {
         text: a.text_column,
         text_pair: a.text_pair_column,
@@ -289,10 +300,16 @@ pub struct PredictArgs {
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
+    /// SFT: send prompts as they are, not in the model's chat template (match training).
+    #[arg(long)]
+    no_chat_template: bool,
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
-    let s = Session::load(&a.model, &a.adapter, parse_device(&a.device)?)?;
+    let mut s = Session::load(&a.model, &a.adapter, parse_device(&a.device)?)?;
+    if a.no_chat_template {
+        s.chat = None;
+    }
     let texts = if a.texts.is_empty() {
         if std::io::stdin().is_terminal() {
             eprintln!("(reading texts from stdin, one per line; end with Ctrl-D)");

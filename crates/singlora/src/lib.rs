@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod adapter_file;
 pub mod atomic;
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

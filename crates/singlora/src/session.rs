@@ -22,6 +22,8 @@ pub struct Session {
     pub special: SpecialTokens,
     pub device: Device,
     pub adapter: AdapterFile,
+    /// SFT: the model's chat template, applied to prompts as in training (None: raw prompts).
+    pub chat: Option<crate::chat::ChatTemplate>,
 }
 
 /// A classification prediction.
@@ -58,6 +60,10 @@ impl Session {
         };
         let special = special_tokens(&pre.tokenizer, Some(&pre.config));
         let tokenizer = pre.tokenizer.clone();
+        let chat = match task {
+            Task::Sft => crate::train::chat_template(&pre)?,
+            Task::Classify => None,
+        };
         let n = labels.as_ref().map(|l| l.names.len());
         let mut tm = TaskModel::new(pre.body, task, n, pooling, 0, &device)?;
         tm.load_adapter(&af)?;
@@ -68,6 +74,7 @@ impl Session {
             special,
             device,
             adapter: af,
+            chat,
         })
     }
 
@@ -87,7 +94,14 @@ impl Session {
         let eos = (self.model.task == Task::Sft)
             .then_some(self.special.eos)
             .flatten();
-        let items = data::encode(&self.tokenizer, &ds, self.labels.as_ref(), max_length, eos)?;
+        let items = data::encode_with(
+            &self.tokenizer,
+            &ds,
+            self.labels.as_ref(),
+            max_length,
+            eos,
+            self.chat.as_ref(),
+        )?;
         evaluate(
             &self.model,
             &items,
@@ -139,10 +153,11 @@ impl Session {
 
     /// Greedy completion of `prompt`, stopping at the end-of-sequence token.
     pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<String> {
-        let enc = self
-            .tokenizer
-            .encode(prompt, true)
-            .map_err(|e| Error::msg(format!("cannot tokenize the prompt: {e}")))?;
+        let enc = match &self.chat {
+            None => self.tokenizer.encode(prompt, true),
+            Some(c) => self.tokenizer.encode(c.user_prompt(prompt)?, false),
+        }
+        .map_err(|e| Error::msg(format!("cannot tokenize the prompt: {e}")))?;
         let mut ids: Vec<u32> = enc.get_ids().to_vec();
         let start = ids.len();
         for _ in 0..max_new_tokens {

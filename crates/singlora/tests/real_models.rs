@@ -132,6 +132,17 @@ fn smollm2_gguf_trains_and_merges_to_safetensors() {
         assert!(merged.join(f).exists(), "{f}");
     }
     let sess = singlora::session::Session::load(&gguf, &run, Device::Cpu).unwrap();
+    // the instruct model's chat template (from the GGUF metadata) wraps SFT prompts
+    let chat = sess
+        .chat
+        .as_ref()
+        .expect("SmolLM2-Instruct has a chat template");
+    let wrapped = chat.user_prompt("Water is").unwrap();
+    assert!(
+        wrapped.contains("<|im_start|>user\nWater is<|im_end|>")
+            && wrapped.ends_with("<|im_start|>assistant\n"),
+        "{wrapped}"
+    );
     let plain = Pretrained::load(&merged, DType::F32, &Device::Cpu).unwrap();
     let Body::Llama(plain) = plain.body else {
         panic!("a LLaMA")

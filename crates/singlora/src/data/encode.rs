@@ -45,6 +45,19 @@ pub fn encode(
     max_length: usize,
     eos: Option<u32>,
 ) -> Result<Vec<Encoded>> {
+    encode_with(tok, ds, labels, max_length, eos, None)
+}
+
+/// [`encode`], with SFT prompts wrapped by a chat template (a user turn, the assistant's turn
+/// opened) when one is given; the rendered prompt is tokenized without added special tokens.
+pub fn encode_with(
+    tok: &Tokenizer,
+    ds: &Dataset,
+    labels: Option<&LabelSet>,
+    max_length: usize,
+    eos: Option<u32>,
+    chat: Option<&crate::chat::ChatTemplate>,
+) -> Result<Vec<Encoded>> {
     if max_length == 0 {
         return Err(Error::msg("max_length must be at least 1"));
     }
@@ -139,7 +152,7 @@ pub fn encode(
                 encode_classify(t, ds, record, text, text_pair.as_deref(), label)?
             }
             Example::Sft { prompt, completion } => {
-                encode_sft(&tok, ds, record, prompt, completion, max_length, eos)?
+                encode_sft(&tok, ds, record, prompt, completion, max_length, eos, chat)?
             }
         };
         debug_assert!(enc.ids.len() <= max_length);
@@ -179,6 +192,7 @@ fn encode_classify(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn encode_sft(
     tok: &Tokenizer,
     ds: &Dataset,
@@ -187,10 +201,18 @@ fn encode_sft(
     completion: &str,
     max_length: usize,
     eos: Option<u32>,
+    chat: Option<&crate::chat::ChatTemplate>,
 ) -> Result<Encoded> {
-    let p = tok
-        .encode(prompt, true)
-        .map_err(|e| tokenizer_error(ds, record, e))?;
+    let p = match chat {
+        None => tok.encode(prompt, true),
+        Some(c) => {
+            let text = c
+                .user_prompt(prompt)
+                .map_err(|e| Error::msg(format!("{}: {e}", ds.locate(record))))?;
+            tok.encode(text, false)
+        }
+    }
+    .map_err(|e| tokenizer_error(ds, record, e))?;
     let c = tok
         .encode(completion, false)
         .map_err(|e| tokenizer_error(ds, record, e))?;
@@ -349,6 +371,34 @@ mod tests {
         assert_eq!(enc[0].label, None);
         let enc = encode(&tok, &ds, None, 64, None).unwrap();
         assert_eq!(enc[0].target_mask, vec![0, 0, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn sft_prompts_go_through_the_chat_template_without_a_second_bos() {
+        let tok = word_level_tokenizer(WORDS, TokenizerStyle::Llama);
+        // the template writes bos itself and closes the user turn with the word `c`
+        let chat = crate::chat::ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %} {{ m['content'] }} c{% endfor %}",
+            Some("<s>".into()),
+            None,
+        )
+        .unwrap();
+        let ds = sft_ds(&[("a b", "d e")]);
+        let enc = &encode_with(&tok, &ds, None, 64, Some(3), Some(&chat)).unwrap()[0];
+        assert_eq!(
+            enc.ids,
+            vec![2, id("a"), id("b"), id("c"), id("d"), id("e"), 3]
+        );
+        assert_eq!(enc.target_mask, vec![0, 0, 0, 0, 1, 1, 1]);
+        // without the template: the tokenizer's own <s>, the prompt as written
+        let plain = &encode(&tok, &ds, None, 64, Some(3)).unwrap()[0];
+        assert_eq!(plain.ids, vec![2, id("a"), id("b"), id("d"), id("e"), 3]);
+        // a template that fails names the row
+        let bad = crate::chat::ChatTemplate::new("{{ raise_exception('x') }}", None, None).unwrap();
+        let err = encode_with(&tok, &ds, None, 64, Some(3), Some(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s.jsonl:1"), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::str::FromStr;
 use crate::error::Error;
 
 pub use batch::{collate, epoch_batches, Batch};
-pub use encode::{encode, Encoded};
+pub use encode::{encode, encode_with, Encoded};
 pub use labels::LabelSet;
 pub use rows::load_dataset;
 pub use split::{split_every_nth, split_fraction};

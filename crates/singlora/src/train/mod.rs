@@ -68,6 +68,8 @@ pub struct TrainConfig {
     pub init: String,
     pub rslora: bool,
     pub pooling: Option<String>,
+    /// SFT: wrap prompts in the model's chat template when it has one.
+    pub chat_template: bool,
     pub save_every: Option<u64>,
     pub keep_checkpoints: usize,
     pub device: String,
@@ -120,6 +122,7 @@ impl Default for TrainConfig {
             init: SingLoraInit::default().to_string(),
             rslora: false,
             pooling: None,
+            chat_template: true,
             save_every: None,
             keep_checkpoints: 3,
             device: "cpu".into(),
@@ -237,6 +240,21 @@ pub struct PreparedData {
     pub pad_id: u32,
 }
 
+/// The model's chat template (from tokenizer_config.json or the GGUF metadata), compiled with
+/// its bos/eos token strings; None when the model has none.
+pub fn chat_template(pre: &Pretrained) -> Result<Option<crate::chat::ChatTemplate>> {
+    let Some(src) = &pre.chat_template else {
+        return Ok(None);
+    };
+    let special = crate::tokenize::special_tokens(&pre.tokenizer, Some(&pre.config));
+    let name = |id: Option<u32>| id.and_then(|i| pre.tokenizer.id_to_token(i));
+    Ok(Some(crate::chat::ChatTemplate::new(
+        src,
+        name(special.bos),
+        name(special.eos),
+    )?))
+}
+
 /// Loads and encodes the training (and evaluation) data.
 pub fn prepare_data(cfg: &TrainConfig, task: Task, pre: &Pretrained) -> Result<PreparedData> {
     let cols = cfg.columns();
@@ -267,9 +285,23 @@ pub fn prepare_data(cfg: &TrainConfig, task: Task, pre: &Pretrained) -> Result<P
         Task::Sft => special.eos,
         Task::Classify => None,
     };
-    let train_items = data::encode(&pre.tokenizer, &train, labels.as_ref(), cfg.max_length, eos)?;
+    let chat = match task {
+        Task::Sft if cfg.chat_template => chat_template(pre)?,
+        _ => None,
+    };
+    let enc = |ds: &Dataset| {
+        data::encode_with(
+            &pre.tokenizer,
+            ds,
+            labels.as_ref(),
+            cfg.max_length,
+            eos,
+            chat.as_ref(),
+        )
+    };
+    let train_items = enc(&train)?;
     let eval_items = match &eval {
-        Some(e) => data::encode(&pre.tokenizer, e, labels.as_ref(), cfg.max_length, eos)?,
+        Some(e) => enc(e)?,
         None => vec![],
     };
     Ok(PreparedData {
