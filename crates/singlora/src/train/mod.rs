@@ -6,6 +6,7 @@
 //! bit-identical adapter), a progress bar, `metrics.jsonl`, `curves.svg`, the final adapter and
 //! the best one by eval loss. SingLoRA's ramp clock advances once per optimizer update.
 
+pub mod dist;
 pub mod schedule;
 pub mod state;
 

@@ -1,0 +1,260 @@
+//! Data parallelism, independent of the transport: how a global batch is split over ranks,
+//! how much each rank's loss weighs, and how the ranks' adapter gradients are combined (one
+//! flat f32 bucket summed over ranks). The transport is a [`Collective`]: NCCL on several GPUs
+//! (issue 7), or [`LocalGroup`], threads in one process, which the tests use to check that the
+//! combined gradients equal the single-process gradients of the global batch.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// The rows of a global batch that `rank` of `world` processes: contiguous, near-equal shards
+/// (the first `len % world` ranks take one row more). Empty when there are fewer rows than
+/// ranks for this one.
+pub fn shard(global: &[usize], rank: usize, world: usize) -> &[usize] {
+    assert!(world > 0 && rank < world, "rank {rank} of {world}");
+    let (q, r) = (global.len() / world, global.len() % world);
+    let start = rank * q + rank.min(r);
+    let len = q + usize::from(rank < r);
+    &global[start..start + len]
+}
+
+/// A rank's share of the global mean loss: its count (rows, or target tokens for SFT) over the
+/// total. Scaling the rank's mean loss by it before backward makes the sum of the ranks'
+/// gradients the gradient of the global mean.
+pub fn shard_weight(count: usize, total: usize) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        count as f64 / total as f64
+    }
+}
+
+/// A sum over all ranks of equally shaped tensors (every rank gets the sum).
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// Sums the gradients of `vars` over the ranks through one flat f32 bucket: a rank without a
+/// gradient for a variable contributes zeros. Returns the summed gradient of each variable.
+pub fn all_reduce_grads(
+    vars: &[Var],
+    grads: &GradStore,
+    c: &dyn Collective,
+) -> Result<Vec<Tensor>> {
+    if vars.is_empty() {
+        return Ok(vec![]);
+    }
+    let device = vars[0].device();
+    let mut parts = Vec::with_capacity(vars.len());
+    for v in vars {
+        let g = match grads.get(v.as_tensor()) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(v.elem_count(), DType::F32, device)?,
+        };
+        parts.push(g);
+    }
+    let bucket = Tensor::cat(&parts, 0)?;
+    let summed = c.all_reduce_sum(&bucket)?;
+    let mut out = Vec::with_capacity(vars.len());
+    let mut off = 0;
+    for v in vars {
+        let n = v.elem_count();
+        out.push(
+            summed
+                .narrow(0, off, n)?
+                .reshape(v.shape())?
+                .to_dtype(v.dtype())?,
+        );
+        off += n;
+    }
+    Ok(out)
+}
+
+struct Shared {
+    slots: Mutex<Vec<Option<Vec<f32>>>>,
+    barrier: Barrier,
+}
+
+/// An in-process group of `world` ranks (one thread each): all-reduce through shared memory.
+#[derive(Clone)]
+pub struct LocalGroup {
+    rank: usize,
+    world: usize,
+    shared: Arc<Shared>,
+}
+
+impl LocalGroup {
+    /// The `world` members of a new group, rank 0 first.
+    pub fn new(world: usize) -> Vec<LocalGroup> {
+        let shared = Arc::new(Shared {
+            slots: Mutex::new(vec![None; world]),
+            barrier: Barrier::new(world),
+        });
+        (0..world)
+            .map(|rank| LocalGroup {
+                rank,
+                world,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Collective for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let mine = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let n = mine.len();
+        self.shared.slots.lock().unwrap()[self.rank] = Some(mine);
+        self.shared.barrier.wait();
+        let sum = {
+            let slots = self.shared.slots.lock().unwrap();
+            let mut sum = vec![0f32; n];
+            // in rank order on every rank, so all ranks get bit-identical sums
+            for (r, s) in slots.iter().enumerate() {
+                let s = s
+                    .as_ref()
+                    .ok_or_else(|| Error::msg(format!("all-reduce: rank {r} gave nothing")))?;
+                if s.len() != n {
+                    return Err(Error::msg(format!(
+                        "all-reduce: rank {r} gave {} values, rank {} {n}",
+                        s.len(),
+                        self.rank
+                    )));
+                }
+                for (a, b) in sum.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+            sum
+        };
+        // nobody refills a slot before everyone has read them all
+        self.shared.barrier.wait();
+        Ok(Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::Method;
+    use crate::bench::llama::random_model;
+    use crate::data::{collate, Encoded};
+    use crate::synthetic::LlamaShape;
+    use candle_core::Device;
+
+    #[test]
+    fn shards_cover_the_batch_once_in_order() {
+        let g: Vec<usize> = (10..17).collect(); // 7 rows
+        let parts: Vec<&[usize]> = (0..3).map(|r| shard(&g, r, 3)).collect();
+        assert_eq!(parts, vec![&[10, 11, 12][..], &[13, 14], &[15, 16]]);
+        assert_eq!(shard(&g[..2], 2, 3), &[] as &[usize]);
+        let w: f64 = parts.iter().map(|p| shard_weight(p.len(), 7)).sum();
+        assert!((w - 1.0).abs() < 1e-15);
+    }
+
+    /// Gradients from shards, weighted and summed over a group of ranks, equal the gradient of
+    /// the global batch in one process (a tiny LLaMA with SingLoRA, f32 on the CPU).
+    #[test]
+    fn summed_shard_gradients_equal_the_global_gradient() {
+        let dev = Device::Cpu;
+        let shape = LlamaShape::TINY;
+        let model = random_model("dist", shape, Some(Method::SingLora), 4, &dev).unwrap();
+        let vars: Vec<Var> = model.params().into_iter().map(|p| p.var).collect();
+        let mut x: u64 = 7;
+        let items: Vec<Encoded> = (0..5)
+            .map(|_| {
+                let ids: Vec<u32> = (0..9)
+                    .map(|_| {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((x >> 33) % shape.vocab as u64) as u32
+                    })
+                    .collect();
+                Encoded {
+                    type_ids: vec![0; 9],
+                    label: None,
+                    target_mask: vec![1; 9],
+                    ids,
+                }
+            })
+            .collect();
+        let global: Vec<usize> = (0..5).collect();
+        let (_, g_all) = model
+            .loss_and_grads(&collate(&items, &global, 0, &dev).unwrap(), 1.0)
+            .unwrap();
+        let world = 3;
+        // each rank's gradients, weighted by its share of the target tokens
+        let total: usize = global
+            .iter()
+            .map(|&i| items[i].target_mask[1..].len())
+            .sum();
+        let per_rank: Vec<GradStore> = (0..world)
+            .map(|r| {
+                let rows = shard(&global, r, world);
+                let count: usize = rows.iter().map(|&i| items[i].target_mask[1..].len()).sum();
+                let b = collate(&items, rows, 0, &dev).unwrap();
+                model
+                    .loss_and_grads(&b, shard_weight(count, total))
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        let group = LocalGroup::new(world);
+        let summed: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .iter()
+                .zip(&per_rank)
+                .map(|(c, g)| s.spawn(|| all_reduce_grads(&vars, g, c).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (vi, v) in vars.iter().enumerate() {
+            let want = g_all.get(v.as_tensor()).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            for rank in &summed {
+                let diff = (&rank[vi] - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-6),
+                    "var {vi}: {diff} vs {scale}"
+                );
+            }
+            // every rank holds the same sum, bit for bit
+            let a = summed[0][vi]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for r in &summed[1..] {
+                assert_eq!(a, r[vi].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+        }
+    }
+}
