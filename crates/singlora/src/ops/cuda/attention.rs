@@ -101,24 +101,13 @@ unsafe fn gemm_batched(
     alpha: f32,
 ) -> candle_core::Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-    let op = |t: bool| {
-        if t {
-            sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            sys::cublasOperation_t::CUBLAS_OP_N
-        }
-    };
-    let dt = if bf16 {
-        sys::cudaDataType_t::CUDA_R_16BF
-    } else {
-        sys::cudaDataType_t::CUDA_R_32F
-    };
+    let dt = super::cublas_type(bf16);
     let beta = 0f32;
     let blas = dev.cublas_handle();
     result::gemm_strided_batched_ex(
         *blas.handle(),
-        op(b.trans),
-        op(a.trans),
+        super::cublas_op(b.trans),
+        super::cublas_op(a.trans),
         n as i32,
         m as i32,
         k as i32,

@@ -423,6 +423,30 @@ pub unsafe fn gemm(
     gemm_out(dev, bf16, bf16, mnk, a, b, c, alpha, beta)
 }
 
+/// cuBLAS's operation flag for an operand given transposed (`t`) or not.
+pub(crate) fn cublas_op(
+    t: bool,
+) -> candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t {
+    use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t as Op;
+    if t {
+        Op::CUBLAS_OP_T
+    } else {
+        Op::CUBLAS_OP_N
+    }
+}
+
+/// cuBLAS's type for bf16 (`true`) or f32 storage.
+pub(crate) fn cublas_type(
+    bf16: bool,
+) -> candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t {
+    use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t as T;
+    if bf16 {
+        T::CUDA_R_16BF
+    } else {
+        T::CUDA_R_32F
+    }
+}
+
 /// [`gemm`] with C stored as bf16 (`c_bf16`) or f32 whatever A and B are (an f32 gradient of
 /// an f32 parameter from bf16 activations).
 ///
@@ -441,23 +465,12 @@ pub unsafe fn gemm_out(
     beta: f32,
 ) -> candle_core::Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-    let op = |t: bool| {
-        if t {
-            sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            sys::cublasOperation_t::CUBLAS_OP_N
-        }
-    };
-    let dt = if bf16 {
-        sys::cudaDataType_t::CUDA_R_16BF
-    } else {
-        sys::cudaDataType_t::CUDA_R_32F
-    };
+    let dt = cublas_type(bf16);
     let blas = dev.cublas_handle();
     result::gemm_ex(
         *blas.handle(),
-        op(b.trans),
-        op(a.trans),
+        cublas_op(b.trans),
+        cublas_op(a.trans),
         n as i32,
         m as i32,
         k as i32,
@@ -470,11 +483,7 @@ pub unsafe fn gemm_out(
         a.ld as i32,
         (&beta) as *const f32 as *const _,
         c as *mut _,
-        if c_bf16 {
-            sys::cudaDataType_t::CUDA_R_16BF
-        } else {
-            sys::cudaDataType_t::CUDA_R_32F
-        },
+        cublas_type(c_bf16),
         n as i32,
         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
