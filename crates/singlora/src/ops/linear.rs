@@ -412,7 +412,7 @@ mod cuda {
     use candle_core::{CudaStorage, Layout, Shape};
 
     use super::{AdaptedMatmul, InputGrad};
-    use crate::ops::cuda::{gemm, linear_output, mat_of, mat_of_tensor, scratch, Mat};
+    use crate::ops::cuda::{fresh, gemm, linear_output, mat_of, mat_of_tensor, Mat};
 
     type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -470,7 +470,7 @@ mod cuda {
             let (um, ub) = mat_of(u.0, u.1, "adapter factor U")?;
             same_type("fused linear factor D", bf16, db)?;
             same_type("fused linear factor U", bf16, ub)?;
-            let (h, hp) = scratch(dev, bf16, m * r)?;
+            let (h, hp) = fresh(dev, bf16, m * r)?;
             let hm = Mat {
                 ptr: hp,
                 ld: r,

@@ -24,8 +24,8 @@ use super::{Batch, Layer, Llama};
 use crate::adapter::{AdaptedLinear, Adapter};
 use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
-use crate::ops::cuda::attention::{backward_raw, forward_raw, fresh, ptr_of, Saved};
-use crate::ops::cuda::{gemm, gemm_out, linear_output, mat_of_tensor, raw, Mat};
+use crate::ops::cuda::attention::{backward_raw, forward_raw, Saved};
+use crate::ops::cuda::{fresh, gemm, gemm_out, linear_output, mat_of_tensor, ptr_of, raw, Mat};
 
 /// Hands a storage computed outside candle to candle as a tensor (a no-input op's output).
 struct Wrap(Mutex<Option<(CudaStorage, Shape)>>);

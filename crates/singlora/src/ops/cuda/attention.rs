@@ -11,7 +11,8 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Tensor};
 
 use super::{
-    alloc, elems_cfg, mat_of_tensor, rows_cfg, warp_rows_cfg, wrap, Mat, MODULE, PTX, WARP_ROW_MAX,
+    elems_cfg, fresh, mat_of_tensor, ptr_of, rows_cfg, warp_rows_cfg, Mat, MODULE, PTX,
+    WARP_ROW_MAX,
 };
 
 /// (b, t, heads, kv_heads, hd).
@@ -24,27 +25,6 @@ pub struct Saved {
     k: CudaStorage,
     v: CudaStorage,
     p: CudaStorage,
-}
-
-pub fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
-    let stream = s.device.cuda_stream();
-    let p = match &s.slice {
-        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
-        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
-        _ => candle_core::bail!("attention: bf16 or f32 expected"),
-    };
-    Ok(p)
-}
-
-/// A fresh buffer of `n` elements of the storage type and its pointer.
-pub fn fresh(dev: &CudaDevice, bf16: bool, n: usize) -> candle_core::Result<(CudaStorage, u64)> {
-    let s = if bf16 {
-        wrap(alloc::<half::bf16>(dev, n)?, dev)
-    } else {
-        wrap(alloc::<f32>(dev, n)?, dev)
-    };
-    let p = ptr_of(&s)?;
-    Ok((s, p))
 }
 
 fn suffix(bf16: bool) -> &'static str {

@@ -577,23 +577,27 @@ pub fn linear_output(
     })
 }
 
-/// A fresh (m, n) scratch buffer of the given type and its pointer.
-pub fn scratch(
-    dev: &CudaDevice,
-    bf16: bool,
-    len: usize,
-) -> candle_core::Result<(CudaStorage, u64)> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let stream = dev.cuda_stream();
-    Ok(if bf16 {
-        let s = alloc::<half::bf16>(dev, len)?;
-        let p = s.device_ptr(&stream).0;
-        (wrap(s, dev), p)
+/// A fresh buffer of `n` elements of the given type (bf16 or f32) and its pointer.
+pub fn fresh(dev: &CudaDevice, bf16: bool, n: usize) -> candle_core::Result<(CudaStorage, u64)> {
+    let s = if bf16 {
+        wrap(alloc::<half::bf16>(dev, n)?, dev)
     } else {
-        let s = alloc::<f32>(dev, len)?;
-        let p = s.device_ptr(&stream).0;
-        (wrap(s, dev), p)
-    })
+        wrap(alloc::<f32>(dev, n)?, dev)
+    };
+    let p = ptr_of(&s)?;
+    Ok((s, p))
+}
+
+/// The device pointer of a bf16 or f32 storage (its start).
+pub fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = s.device.cuda_stream();
+    let p = match &s.slice {
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
+        _ => candle_core::bail!("bf16 or f32 storage expected"),
+    };
+    Ok(p)
 }
 
 /// The AdamW hyper-parameters of one update, as the kernel takes them.
