@@ -36,12 +36,25 @@ if [ ! -e "$SP/lib/stubs/libcuda.so" ]; then
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$SP/lib/stubs/libcuda.so" "$SP/lib/stubs/cuda_stub.c"
 fi
 
+# 2b. the same for libnccl.so.2 (the real one is in the GPU machine's torch venv; .carry/run
+# finds it), unless SINGLORA_NO_NCCL=1 builds without several-GPU support
+FEATURES=nccl
+if [ "${SINGLORA_NO_NCCL:-0}" = 1 ]; then
+  FEATURES=cuda
+elif [ ! -e "$SP/lib/stubs/libnccl.so" ]; then
+  cargo fetch -q
+  SYS=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/nccl/sys/mod.rs | tail -1)
+  grep -o "fn nccl[A-Za-z0-9_]*" "$SYS" | sed 's/fn //' | sort -u | \
+    awk '{print "int " $1 "(void){return 999;}"}' > "$SP/lib/stubs/nccl_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$SP/lib/stubs/libnccl.so" "$SP/lib/stubs/nccl_stub.c"
+fi
+
 # 3. build
 export CUDA_HOME="$SP" CUDA_PATH="$SP" PATH="$SP/bin:$PATH" CUDA_COMPUTE_CAP=90 \
   LIBRARY_PATH="$SP/lib:$SP/lib/stubs" NVCC_CCBIN=${NVCC_CCBIN:-gcc}
 # a target dir of its own, so the CPU build in target/ stays usable
 export CARGO_TARGET_DIR=${SINGLORA_CUDA_TARGET:-target/cuda}
-cargo build --release --features cuda -p singlora-cli
+cargo build --release --features "$FEATURES" -p singlora-cli
 
 # 4. one compressed binary and a wrapper that finds the GPU machine's CUDA 13 libraries
 mkdir -p .carry
@@ -52,9 +65,16 @@ cat > .carry/run <<'SH'
 # Unpacks the CUDA singlora binary (once) and runs it: .carry/run ARGS...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-bin=${SINGLORA_BIN:-/tmp/singlora-cuda}
+# one unpacked copy per build (a warm machine may hold an older one)
+bin=${SINGLORA_BIN:-/tmp/singlora-cuda-$(cksum < "$here/singlora.xz" | cut -d' ' -f1)}
 [ -x "$bin" ] || { xz -dc "$here/singlora.xz" > "$bin"; chmod +x "$bin"; }
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+# NCCL from the torch venv (nvidia-nccl-cu13), unless the system has one
+for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
+  if [ -e "$d/libnccl.so.2" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; fi
+done
+# NVLink multicast (NVLS) stays off on the lent machines
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 exec "$bin" "$@"
 SH
 chmod +x .carry/run

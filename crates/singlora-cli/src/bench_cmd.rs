@@ -255,3 +255,164 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     println!("| total | | | | | {total:.1} | 100% |");
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ScalingArgs {
+    /// tinyllama, 7b, or tiny.
+    #[arg(long, default_value = "7b")]
+    shape: String,
+    /// base, singlora, lora, dora, …
+    #[arg(long, default_value = "singlora")]
+    method: String,
+    /// Rows per GPU (the global batch grows with the GPUs, as with PyTorch DDP).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// The GPUs; rows are measured on the first 1, 2, 4, … of them (and all).
+    #[arg(long, value_delimiter = ',', default_value = "cuda:0,cuda:1")]
+    devices: Vec<String>,
+    /// f32 values per gradient bucket.
+    #[arg(long, default_value_t = singlora::train::default_bucket())]
+    bucket: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
+    use singlora::synthetic::LlamaShape;
+    Ok(match name {
+        "tinyllama" => LlamaShape::TINYLLAMA,
+        "7b" => LlamaShape::LLAMA_7B,
+        "tiny" => LlamaShape {
+            hidden: 64,
+            intermediate: 176,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 256,
+        },
+        other => anyhow::bail!("unknown shape `{other}`: tinyllama, 7b or tiny"),
+    })
+}
+
+/// Data-parallel scaling: the same per-GPU step on 1, 2, 4, … GPUs, adapter gradients summed
+/// over NCCL (overlapping the backward) before every update.
+pub fn scaling(a: ScalingArgs) -> Result<()> {
+    use singlora::bench::llama::{random_model, random_tokens};
+    let shape = shape_of(&a.shape)?;
+    let method: Option<Method> = if a.method == "base" {
+        None
+    } else {
+        Some(a.method.parse()?)
+    };
+    let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
+        .take_while(|&n| n <= a.devices.len())
+        .collect();
+    if counts.last() != Some(&a.devices.len()) {
+        counts.push(a.devices.len());
+    }
+    if !a.json {
+        println!(
+            "{:<8} {:<10} {:>5} {:>10} {:>12} {:>12} {:>10} {:>10}",
+            "shape", "method", "GPUs", "ms/step", "tokens/s", "per GPU", "scaling", "peak GiB"
+        );
+    }
+    let mut one_gpu = None;
+    for &n in &counts {
+        let devices = &a.devices[..n];
+        let makers: Vec<Option<singlora::train::MakeCollective>> = if n == 1 {
+            vec![None]
+        } else {
+            singlora::train::group_makers(devices, a.bucket)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        };
+        let results: Vec<Result<(singlora::bench::StepTiming, Option<u64>)>> =
+            std::thread::scope(|s| {
+                let hs: Vec<_> = devices
+                    .iter()
+                    .zip(makers)
+                    .map(|(dev, make)| {
+                        let a = &a;
+                        s.spawn(move || -> Result<_> {
+                            let device = parse_device(dev)?;
+                            let model = random_model(&a.shape, shape, method, a.rank, &device)?;
+                            let group = match make {
+                                Some(m) => Some(m(&device)?),
+                                None => None,
+                            };
+                            let b = random_tokens(a.batch, a.seq, shape.vocab, &device)?;
+                            let mut peak = 0u64;
+                            let d = device.clone();
+                            let t = singlora::bench::time_steps_in(
+                                &model,
+                                &b,
+                                a.warmup,
+                                a.steps,
+                                || {
+                                    d.synchronize()?;
+                                    if let Some(m) = singlora::bench::llama::device_memory_used(&d)
+                                    {
+                                        peak = peak.max(m);
+                                    }
+                                    Ok(())
+                                },
+                                group.as_deref(),
+                            )?;
+                            Ok((t, (peak > 0).then_some(peak)))
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
+                    })
+                    .collect()
+            });
+        let mut timings = vec![];
+        for (i, r) in results.into_iter().enumerate() {
+            timings.push(r.map_err(|e| anyhow::anyhow!("{}: {e}", devices[i]))?);
+        }
+        // a step is as slow as its slowest rank
+        let ms = timings.iter().map(|(t, _)| t.median_ms).fold(0.0, f64::max);
+        let peak = timings.iter().filter_map(|(_, p)| *p).max();
+        let tps = (n * a.batch * a.seq) as f64 / (ms / 1e3);
+        let base = *one_gpu.get_or_insert(tps);
+        let eff = tps / (n as f64 * base);
+        let method_name = method.map_or("base".to_string(), |m| m.to_string());
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"impl": "singlora", "shape": a.shape, "method": method_name,
+                    "gpus": n, "batch_per_gpu": a.batch, "seq": a.seq, "median_ms": ms,
+                    "tokens_per_s": tps, "scaling_efficiency": eff,
+                    "peak_memory_gib": peak.map(|p| p as f64 / (1u64 << 30) as f64)})
+            );
+        } else {
+            println!(
+                "{:<8} {:<10} {:>5} {:>10.1} {:>12.0} {:>12.0} {:>9.1}% {:>10}",
+                a.shape,
+                method_name,
+                n,
+                ms,
+                tps,
+                tps / n as f64,
+                100.0 * eff,
+                peak.map_or("-".into(), |p| format!(
+                    "{:.1}",
+                    p as f64 / (1u64 << 30) as f64
+                )),
+            );
+        }
+    }
+    Ok(())
+}

@@ -397,22 +397,136 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-pub fn run(device_name: &str) -> Result<()> {
+/// Data-parallel training over `devices` against training on the first of them alone, with
+/// the same global batch: the losses of every update and the trained adapters' eval loss on
+/// the CPU. 33 rows at batch 8 leave a last batch of one row (empty shards on every rank but
+/// the first); a small bucket makes the LLaMA backward start several reductions.
+fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    write_data(root)?;
+    // 33 rows: the 32 of write_data and one more
+    for f in ["cls.jsonl", "sft.jsonl"] {
+        let text = std::fs::read_to_string(root.join(f))?;
+        let first = text.lines().next().unwrap_or_default().to_string();
+        std::fs::write(root.join(f), format!("{text}{first}\n"))?;
+    }
+    let bert = root.join("bert");
+    let s = BertShape::TINY;
+    write_checkpoint(&bert, &s.config(), &s.tensors(1, DType::F32)?, 1)?;
+    write_tokenizer(&bert, WORDS, TokenizerStyle::Bert)?;
+    let llama = root.join("llama");
+    let s = LlamaShape {
+        vocab: 32,
+        ..LlamaShape::TINY
+    };
+    let mut cfg = s.config();
+    cfg["eos_token_id"] = 3.into();
+    write_checkpoint(&llama, &cfg, &s.tensors(1, DType::F32)?, 1)?;
+    write_tokenizer(&llama, WORDS, TokenizerStyle::Llama)?;
+    let n = devices.len();
+    for (model, data, task, method, bucket) in [
+        (&llama, "sft.jsonl", "sft", "singlora", 200),
+        (
+            &llama,
+            "sft.jsonl",
+            "sft",
+            "lora",
+            singlora::train::default_bucket(),
+        ),
+        (&llama, "cls.jsonl", "classify", "singlora", 200),
+        (
+            &bert,
+            "cls.jsonl",
+            "classify",
+            "lora",
+            singlora::train::default_bucket(),
+        ),
+    ] {
+        let run = |devs: Option<Vec<String>>, out: &str| -> Result<Vec<f64>> {
+            let cfg = TrainConfig {
+                model: model.clone(),
+                train: root.join(data),
+                task: task.into(),
+                method: method.into(),
+                batch_size: 8,
+                epochs: 2,
+                ramp_steps: Some(2),
+                lr: Some(1e-2),
+                device: devices[0].clone(),
+                devices: devs,
+                bucket_values: bucket,
+                quiet: true,
+                ..TrainConfig::default()
+            };
+            let dir = root.join(out);
+            train(cfg, &dir, false, true)?;
+            Ok(singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?
+                .iter()
+                .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
+                .collect())
+        };
+        let l1 = run(None, "one")?;
+        let ln = run(Some(devices.to_vec()), "many")?;
+        let family = if model == &bert { "bert" } else { "llama" };
+        if l1.len() != ln.len() {
+            bail!(
+                "{family} {task} {method}: {} updates on one GPU, {} on {n}",
+                l1.len(),
+                ln.len()
+            );
+        }
+        rows.push(Row {
+            what: format!(
+                "{n} ranks {family} {task} {method}: losses of {} updates",
+                l1.len()
+            ),
+            err: rel_err(
+                &Tensor::new(ln.as_slice(), &Device::Cpu)?,
+                &Tensor::new(l1.as_slice(), &Device::Cpu)?,
+            )?,
+            bound: 3e-2,
+        });
+        let cols = singlora::data::Columns::default();
+        let eval = |dir: &str| -> Result<f64> {
+            let s = singlora::session::Session::load(model, &root.join(dir), Device::Cpu)?;
+            Ok(s.eval_file(&root.join(data), &cols, 64, 16, false)?.loss)
+        };
+        let (e1, en) = (eval("one")?, eval("many")?);
+        rows.push(Row {
+            what: format!("{n} ranks {family} {task} {method}: trained model (eval loss)"),
+            err: ((en - e1) / e1).abs(),
+            bound: 2e-2,
+        });
+    }
+    Ok(())
+}
+
+pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
     let device = parse_device(device_name)?;
     let mut rows = vec![];
+    if let Some(d) = devices {
+        // the data-parallel checks alone (the single-device ones are a separate call)
+        data_parallel_checks(d, &mut rows)?;
+        return report(&rows, &d.join(","));
+    }
     op_checks(&device, &mut rows)?;
     adapter_checks(&device, &mut rows)?;
     if !device.is_cpu() {
         fast_path_checks(&device, &mut rows)?;
     }
     training_checks(device_name, &mut rows)?;
+    report(&rows, device_name)
+}
+
+fn report(rows: &[Row], device_name: &str) -> Result<()> {
     let w = rows.iter().map(|r| r.what.len()).max().unwrap_or(10);
     println!(
         "{:<w$}  {:>10}  {:>8}  ok",
         "check (device vs CPU reference)", "rel. error", "bound"
     );
     let mut failed = 0;
-    for r in &rows {
+    for r in rows {
         let ok = r.err.is_finite() && r.err <= r.bound;
         failed += usize::from(!ok);
         println!(

@@ -44,6 +44,9 @@ enum Command {
     /// Time LLaMA-shaped training steps with random weights (TinyLlama / 7B shapes).
     #[command(name = "bench-llama")]
     BenchLlama(bench_cmd::LlamaArgs),
+    /// Data-parallel scaling: tokens/s of a LLaMA-shaped step on 1, 2, 4, … GPUs (NCCL).
+    #[command(name = "bench-scaling")]
+    BenchScaling(bench_cmd::ScalingArgs),
     /// Where a LLaMA step's time goes, by op class (components timed alone at the model's shape).
     #[command(name = "bench-profile")]
     BenchProfile(bench_cmd::ProfileArgs),
@@ -52,6 +55,9 @@ enum Command {
     GpuCheck {
         #[arg(long, default_value = "cuda")]
         device: String,
+        /// Also check data-parallel training over these GPUs (cuda:0,cuda:1,...) against one.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
     },
     /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
     Demo(demo::DemoArgs),
@@ -125,7 +131,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchStep(args) => bench_cmd::step(args)?,
         Command::BenchLlama(args) => bench_cmd::llama(args)?,
         Command::BenchProfile(args) => bench_cmd::profile(args)?,
-        Command::GpuCheck { device } => gpu_check::run(&device)?,
+        Command::GpuCheck { device, devices } => gpu_check::run(&device, devices.as_deref())?,
+        Command::BenchScaling(a) => bench_cmd::scaling(a)?,
         Command::Merge {
             base,
             adapter,

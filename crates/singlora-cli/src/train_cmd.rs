@@ -99,6 +99,13 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Data-parallel training, one rank per device: cuda:0,cuda:1,... (NCCL), or cpu,cpu,...
+    /// (threads; for tests). --batch-size is the global batch, split over the ranks.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["device", "gpus"])]
+    devices: Option<Vec<String>>,
+    /// Shorthand for --devices cuda:0,...,cuda:N-1.
+    #[arg(long, conflicts_with = "device")]
+    gpus: Option<usize>,
     #[arg(long, default_value = "text")]
     text_column: String,
     #[arg(long)]
@@ -164,6 +171,12 @@ impl TrainArgs {
             save_every: self.save_every,
             keep_checkpoints: self.keep_checkpoints,
             device: self.device.clone(),
+            devices: match (&self.devices, self.gpus) {
+                (Some(d), _) => Some(d.clone()),
+                (None, Some(0)) => return Err(anyhow::anyhow!("--gpus must be at least 1")),
+                (None, Some(n)) => Some((0..n).map(|i| format!("cuda:{i}")).collect()),
+                (None, None) => None,
+            },
             text_column: self.text_column.clone(),
             text_pair_column: self.text_pair_column.clone(),
             label_column: self.label_column.clone(),

@@ -283,3 +283,74 @@ fn train_refuses_bad_rows_and_typos_before_writing() {
     );
     assert!(!tmp.path().join("run").exists());
 }
+
+/// `--devices cpu,cpu` trains through the data-parallel path (two ranks, one run directory
+/// written by rank 0); `--gpus` on a build without NCCL says so and writes nothing.
+#[test]
+fn train_on_several_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = tmp.path().join("d.jsonl");
+    let rows: String = (0..10)
+        .map(|i| {
+            let (t, l) = if i % 2 == 0 {
+                ("good movie", "pos")
+            } else {
+                ("bad movie", "neg")
+            };
+            format!("{{\"text\": \"{t}\", \"label\": \"{l}\"}}\n")
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = p(tmp.path(), "run");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "train",
+            "--model",
+            &model,
+            "--train",
+            data.to_str().unwrap(),
+            "--out",
+            &out,
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--quiet",
+        ];
+        v.extend_from_slice(extra);
+        v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        singlora(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run(&["--devices", "cpu,cpu"]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run_json["world_size"], 2);
+    assert_eq!(
+        run_json["config"]["devices"],
+        serde_json::json!(["cpu", "cpu"])
+    );
+    let lines = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    let updates = lines.lines().filter(|l| l.contains("\"loss\"")).count();
+    assert_eq!(
+        updates, 3,
+        "one line per update (10 rows at batch 4), rank 0 only"
+    );
+    assert!(tmp.path().join("run/adapter_model.safetensors").exists());
+    if !cfg!(feature = "nccl") {
+        let out2 = p(tmp.path(), "run2");
+        let mut a = args(&["--gpus", "2"]);
+        let i = a.iter().position(|x| x == &out).unwrap();
+        a[i] = out2.clone();
+        let o = singlora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let (_, err) = text(&o);
+        assert!(!o.status.success() && err.contains("nccl"), "{err}");
+        assert!(!tmp.path().join("run2").exists());
+    }
+}

@@ -540,3 +540,117 @@ fn model_gradients_match_finite_differences() {
         }
     }
 }
+
+/// Data parallelism over CPU threads (the same trainer path as NCCL on GPUs, with an in-process
+/// all-reduce): three ranks, each on its shard of every global batch, end where one process
+/// ends with the same global batch. 37 rows at batch 4 leave a last batch of one row, so two
+/// ranks have an empty shard there. BERT classification (rows weigh equally, the head's
+/// gradients are summed too) and LLaMA SFT (shards weigh by completion tokens).
+#[test]
+fn data_parallel_ranks_match_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bert = tiny_bert(tmp.path(), DType::F32);
+    let llama = tiny_llama(tmp.path(), DType::F32);
+    let (cls_train, cls_eval) = classification_data(tmp.path(), 37, 8);
+    let sft = sft_data(tmp.path(), 37);
+    let cases = [
+        (
+            "bert-singlora",
+            &bert,
+            &cls_train,
+            Some(&cls_eval),
+            "classify",
+            "singlora",
+            1,
+        ),
+        (
+            "bert-lora-accum",
+            &bert,
+            &cls_train,
+            Some(&cls_eval),
+            "classify",
+            "lora",
+            2,
+        ),
+        ("llama-sft", &llama, &sft, None, "sft", "singlora", 1),
+    ];
+    for (name, model, data, eval, task, method, accum) in cases {
+        let cfg = TrainConfig {
+            task: task.into(),
+            method: method.into(),
+            batch_size: 4,
+            grad_accum: accum,
+            epochs: 2,
+            ramp_steps: Some(3),
+            weight_decay: 0.01,
+            ..base_cfg(model, data, eval.map(|p| p.as_path()))
+        };
+        let one = tmp.path().join(format!("{name}-one"));
+        let s1 = train(cfg.clone(), &one, false, false).unwrap();
+        let three = tmp.path().join(format!("{name}-three"));
+        let devices = Some(vec!["cpu".to_string(); 3]);
+        let s3 = train(TrainConfig { devices, ..cfg }, &three, false, false).unwrap();
+        assert_eq!(s1.steps, s3.steps, "{name}");
+        let (a1, a3) = (adapter_tensors(&one), adapter_tensors(&three));
+        assert_eq!(a1.len(), a3.len());
+        for ((n1, v1), (n3, v3)) in a1.iter().zip(&a3) {
+            assert_eq!(n1, n3);
+            let scale = v1.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = v1
+                .iter()
+                .zip(v3)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 2e-4 * scale.max(1e-3),
+                "{name}: {n1} differs by {diff} (max {scale})"
+            );
+        }
+        // one metrics log (rank 0's), the same losses
+        let (l1, l3) = (losses(&one), losses(&three));
+        assert_eq!(l1.len(), l3.len(), "{name}: one line per update");
+        for (x, y) in l1.iter().zip(&l3) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "{name}: loss {x} vs {y}"
+            );
+        }
+        let toks = |run: &Path| -> f64 {
+            singlora::metrics::read_metrics(&run.join("metrics.jsonl"))
+                .unwrap()
+                .iter()
+                .filter(|l| l.get("loss").is_some())
+                .count() as f64
+        };
+        assert_eq!(toks(&one), toks(&three));
+    }
+}
+
+#[test]
+fn bad_device_lists_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path(), DType::F32);
+    let (train_f, _) = classification_data(tmp.path(), 12, 0);
+    let run = |devices: &[&str], batch: usize| {
+        let cfg = TrainConfig {
+            devices: Some(devices.iter().map(|d| d.to_string()).collect()),
+            batch_size: batch,
+            ..base_cfg(&model, &train_f, None)
+        };
+        let out = tmp.path().join("run");
+        let e = train(cfg, &out, false, true).unwrap_err().to_string();
+        assert!(!out.exists(), "nothing written for {devices:?}");
+        e
+    };
+    let e = run(&["cpu", "cuda:0"], 8);
+    assert!(
+        e.contains("all CUDA devices") && e.contains("cpu,cuda:0"),
+        "{e}"
+    );
+    let e = run(&["cpu", "cpu", "cpu"], 2);
+    assert!(
+        e.contains("--batch-size 2") && e.contains("3 devices"),
+        "{e}"
+    );
+    let e = run(&["cuda:1", "cuda:1"], 4);
+    assert!(e.contains("cuda:1 twice"), "{e}");
+}

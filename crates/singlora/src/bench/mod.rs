@@ -65,10 +65,24 @@ pub fn time_steps(
     batch: &Batch,
     warmup: usize,
     steps: usize,
+    sync: impl FnMut() -> Result<()>,
+) -> Result<StepTiming> {
+    time_steps_in(model, batch, warmup, steps, sync, None)
+}
+
+/// [`time_steps`] as one rank of a data-parallel group: the adapter gradients are summed over
+/// the ranks (overlapping the backward where the transport can) before each update.
+pub fn time_steps_in(
+    model: &TaskModel,
+    batch: &Batch,
+    warmup: usize,
+    steps: usize,
     mut sync: impl FnMut() -> Result<()>,
+    group: Option<&dyn crate::train::dist::Collective>,
 ) -> Result<StepTiming> {
     let mut opt =
         AdamW::new(model.params(), AdamWConfig::default()).with_clock(model.clock.clone());
+    let vars = opt.vars();
     let mut acc = GradAccumulator::new(opt.vars());
     model.clock.set_training(true);
     let (mut times, mut fwd, mut bwd, mut upd) = (vec![], vec![], vec![], vec![]);
@@ -77,7 +91,11 @@ pub fn time_steps(
         let t0 = Instant::now();
         // forward and backward timed together where the model runs them as one (the CUDA
         // LLaMA path); the split is then forward = loss only, on the autograd path
-        let (_loss, grads) = model.loss_and_grads(batch, 1.0)?;
+        let (_loss, mut grads, summed) =
+            model.loss_and_grads_synced(batch, 1.0, group.and_then(|g| g.as_grad_sync()))?;
+        if let Some(g) = group {
+            crate::train::dist::all_reduce_grads(&vars, &mut grads, &summed, g)?;
+        }
         sync()?;
         let t1 = Instant::now();
         acc.add(&grads)?;

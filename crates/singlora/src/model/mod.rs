@@ -365,6 +365,17 @@ pub struct EvalSums {
     pub probs: Vec<Vec<f32>>,
 }
 
+/// `loss · scale` for a backward. A scale of 0 (a data-parallel rank without rows of its own)
+/// multiplies by a zero tensor: candle prunes `x · 0.0` from the graph, which would leave no
+/// gradients at all, where every rank must produce (zero) gradients for the same variables.
+fn scaled(loss: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(if scale == 0.0 {
+        loss.broadcast_mul(&loss.zeros_like()?)?
+    } else {
+        (loss * scale)?
+    })
+}
+
 impl TaskModel {
     pub fn new(
         body: Body,
@@ -605,19 +616,37 @@ impl TaskModel {
         batch: &Batch,
         scale: f64,
     ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        let (loss, grads, _) = self.loss_and_grads_synced(batch, scale, None)?;
+        Ok((loss, grads))
+    }
+
+    /// [`TaskModel::loss_and_grads`] for data parallelism: where the backward can (the CUDA
+    /// LLaMA path), it sums finished adapter gradients over the ranks through `sync` as it
+    /// goes, and returns which variables' gradients are so summed; the rest are the caller's.
+    pub fn loss_and_grads_synced(
+        &self,
+        batch: &Batch,
+        scale: f64,
+        sync: Option<&dyn crate::train::dist::GradSync>,
+    ) -> Result<(
+        Tensor,
+        candle_core::backprop::GradStore,
+        std::collections::HashSet<candle_core::TensorId>,
+    )> {
         #[cfg(feature = "cuda")]
         if let Body::Llama(l) = &self.body {
             if let Some(tape) = l.fast_forward(batch)? {
                 let hidden = l.final_norm(tape.leaf.as_tensor())?;
                 let loss = self.loss_from(batch, &hidden)?;
-                let mut grads = (&loss * scale)?.backward()?;
-                tape.backward(&mut grads)?;
-                return Ok((loss, grads));
+                let mut grads = scaled(&loss, scale)?.backward()?;
+                let summed = tape.backward(&mut grads, sync)?;
+                return Ok((loss, grads, summed));
             }
         }
+        let _ = sync;
         let loss = self.loss(batch)?;
-        let grads = (&loss * scale)?.backward()?;
-        Ok((loss, grads))
+        let grads = scaled(&loss, scale)?.backward()?;
+        Ok((loss, grads, Default::default()))
     }
 
     fn loss_from(&self, batch: &Batch, hidden: &Tensor) -> Result<Tensor> {

@@ -4,10 +4,11 @@
 //! (issue 7), or [`LocalGroup`], threads in one process, which the tests use to check that the
 //! combined gradients equal the single-process gradients of the global batch.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 
 use crate::error::{Error, Result};
 
@@ -34,46 +35,64 @@ pub fn shard_weight(count: usize, total: usize) -> f64 {
 }
 
 /// A sum over all ranks of equally shaped tensors (every rank gets the sum).
-pub trait Collective {
+pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// The asynchronous, in-place form a GPU backward uses to overlap its reductions with the
+    /// rest of the backward; None where the transport has none.
+    fn as_grad_sync(&self) -> Option<&dyn GradSync> {
+        None
+    }
 }
 
-/// Sums the gradients of `vars` over the ranks through one flat f32 bucket: a rank without a
-/// gradient for a variable contributes zeros. Returns the summed gradient of each variable.
+/// Where a backward hands buckets of finished f32 gradients (device pointers) to be summed over
+/// the ranks while it goes on with the layers below.
+pub trait GradSync {
+    /// Starts summing `len` f32 values at device address `ptr` over the ranks, in place, after
+    /// the work queued so far; returns at once. The memory must stay alive until [`join`].
+    ///
+    /// [`join`]: GradSync::join
+    fn reduce_async(&self, ptr: u64, len: usize) -> Result<()>;
+    /// Later work on the compute stream waits for every reduction started so far.
+    fn join(&self) -> Result<()>;
+    /// How many values a backward collects before it starts a reduction.
+    fn bucket_len(&self) -> usize;
+}
+
+/// Sums over the ranks, in place in `grads`, the gradients of those `vars` that have one and
+/// are not in `done` (those a backward reduced already), through one flat f32 bucket. Every
+/// rank must hold gradients for the same variables (true for replicas of one model).
 pub fn all_reduce_grads(
     vars: &[Var],
-    grads: &GradStore,
+    grads: &mut GradStore,
+    done: &HashSet<TensorId>,
     c: &dyn Collective,
-) -> Result<Vec<Tensor>> {
-    if vars.is_empty() {
-        return Ok(vec![]);
+) -> Result<()> {
+    let todo: Vec<(&Var, Tensor)> = vars
+        .iter()
+        .filter(|v| !done.contains(&v.id()))
+        .filter_map(|v| grads.get(v.as_tensor()).map(|g| (v, g.clone())))
+        .collect();
+    if todo.is_empty() {
+        return Ok(());
     }
-    let device = vars[0].device();
-    let mut parts = Vec::with_capacity(vars.len());
-    for v in vars {
-        let g = match grads.get(v.as_tensor()) {
-            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
-            None => Tensor::zeros(v.elem_count(), DType::F32, device)?,
-        };
-        parts.push(g);
-    }
-    let bucket = Tensor::cat(&parts, 0)?;
-    let summed = c.all_reduce_sum(&bucket)?;
-    let mut out = Vec::with_capacity(vars.len());
+    let parts = todo
+        .iter()
+        .map(|(_, g)| Ok(g.to_dtype(DType::F32)?.flatten_all()?))
+        .collect::<Result<Vec<_>>>()?;
+    let summed = c.all_reduce_sum(&Tensor::cat(&parts, 0)?)?;
     let mut off = 0;
-    for v in vars {
-        let n = v.elem_count();
-        out.push(
-            summed
-                .narrow(0, off, n)?
-                .reshape(v.shape())?
-                .to_dtype(v.dtype())?,
-        );
+    for (v, g) in &todo {
+        let n = g.elem_count();
+        let s = summed
+            .narrow(0, off, n)?
+            .reshape(g.shape())?
+            .to_dtype(g.dtype())?;
+        grads.insert(v.as_tensor(), s);
         off += n;
     }
-    Ok(out)
+    Ok(())
 }
 
 struct Shared {
@@ -215,14 +234,22 @@ mod tests {
             })
             .collect();
         let group = LocalGroup::new(world);
-        let summed: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+        let done = HashSet::new();
+        let summed: Vec<GradStore> = std::thread::scope(|s| {
             let hs: Vec<_> = group
                 .iter()
-                .zip(&per_rank)
-                .map(|(c, g)| s.spawn(|| all_reduce_grads(&vars, g, c).unwrap()))
+                .zip(per_rank)
+                .map(|(c, mut g)| {
+                    let (vars, done) = (&vars, &done);
+                    s.spawn(move || {
+                        all_reduce_grads(vars, &mut g, done, c).unwrap();
+                        g
+                    })
+                })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (vi, v) in vars.iter().enumerate() {
             let want = g_all.get(v.as_tensor()).unwrap();
             let scale = want
@@ -233,7 +260,8 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             for rank in &summed {
-                let diff = (&rank[vi] - want)
+                let got = rank.get(v.as_tensor()).unwrap();
+                let diff = (got - want)
                     .unwrap()
                     .abs()
                     .unwrap()
@@ -247,13 +275,9 @@ mod tests {
                 );
             }
             // every rank holds the same sum, bit for bit
-            let a = summed[0][vi]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let a = flat(summed[0].get(v.as_tensor()).unwrap());
             for r in &summed[1..] {
-                assert_eq!(a, r[vi].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                assert_eq!(a, flat(r.get(v.as_tensor()).unwrap()));
             }
         }
     }

@@ -7,16 +7,18 @@
 //! the best one by eval loss. SingLoRA's ramp clock advances once per optimizer update.
 
 pub mod dist;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod schedule;
 pub mod state;
 
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -32,6 +34,7 @@ use crate::model::{Pooling, Pretrained, TaskModel};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
 use crate::ramp::{RampClock, RampSchedule};
 use crate::target::TargetSpec;
+use dist::{Collective, LocalGroup};
 use schedule::{lr_at, Schedule};
 use state::TrainerState;
 
@@ -74,6 +77,13 @@ pub struct TrainConfig {
     pub save_every: Option<u64>,
     pub keep_checkpoints: usize,
     pub device: String,
+    /// Data parallelism: one rank per device (`cuda:0,cuda:1`, or `cpu,cpu` for a CPU test);
+    /// `--batch-size` stays the global batch, split over the ranks.
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+    /// f32 values per gradient bucket a GPU backward sums over the ranks while it goes on.
+    #[serde(default = "default_bucket")]
+    pub bucket_values: usize,
     pub text_column: String,
     pub text_pair_column: Option<String>,
     pub label_column: String,
@@ -89,6 +99,12 @@ pub struct TrainConfig {
     /// No progress bar or log lines.
     #[serde(skip)]
     pub quiet: bool,
+}
+
+/// 4 Mi f32 values (16 MiB) per bucket: at 7B shape with r = 8 a SingLoRA adapter's 50 MB of
+/// gradients go in 3–4 reductions, the first started after the top 10 layers' backward.
+pub fn default_bucket() -> usize {
+    4 << 20
 }
 
 impl Default for TrainConfig {
@@ -127,6 +143,8 @@ impl Default for TrainConfig {
             save_every: None,
             keep_checkpoints: 3,
             device: "cpu".into(),
+            devices: None,
+            bucket_values: default_bucket(),
             text_column: "text".into(),
             text_pair_column: None,
             label_column: "label".into(),
@@ -703,7 +721,8 @@ impl Progress {
     }
 }
 
-/// Runs (or resumes) training into `out`.
+/// Runs (or resumes) training into `out`: on one device, or data-parallel over
+/// `cfg.devices` (one thread per device; a failure on any rank ends the run with its error).
 pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Result<TrainSummary> {
     let cfg = if resume {
         let p = out.join("run.json");
@@ -722,9 +741,159 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
         }
         cfg
     };
+    interrupted().store(false, Ordering::SeqCst);
+    let devices = cfg.devices.clone().unwrap_or_default();
+    if devices.len() <= 1 {
+        let mut cfg = cfg;
+        if let Some(d) = devices.first() {
+            cfg.device = d.clone();
+        }
+        return train_rank(cfg, out, resume, None);
+    }
+    let world = devices.len();
+    if cfg.batch_size < world {
+        return Err(Error::msg(format!(
+            "--batch-size {} is smaller than the {world} devices: it is the global batch, split over them",
+            cfg.batch_size
+        )));
+    }
+    let makers = group_makers(&devices, cfg.bucket_values)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, (dev, make)) in devices.iter().zip(makers).enumerate() {
+        let mut c = cfg.clone();
+        c.device = dev.clone();
+        c.quiet = cfg.quiet || rank > 0;
+        let (tx, out) = (tx.clone(), out.to_path_buf());
+        std::thread::Builder::new()
+            .name(format!("rank {rank}"))
+            .spawn(move || {
+                let r = train_rank(c, &out, resume, Some(RankCtx { rank, world, make }));
+                let _ = tx.send((rank, r));
+            })
+            .map_err(|e| Error::msg(format!("could not start rank {rank}: {e}")))?;
+    }
+    drop(tx);
+    let mut lead = None;
+    for _ in 0..world {
+        // a rank that fails ends the run at once (the others may wait on it for ever)
+        let (rank, r) = rx
+            .recv()
+            .map_err(|_| Error::msg("a rank ended without a result"))?;
+        match r {
+            Ok(sum) if rank == 0 => lead = Some(sum),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Error::msg(format!(
+                    "rank {rank} ({}) failed: {e}",
+                    devices[rank]
+                )))
+            }
+        }
+    }
+    lead.ok_or_else(|| Error::msg("rank 0 ended without a result"))
+}
+
+/// Makes a rank's transport once its device exists (NCCL joins on the device).
+pub type MakeCollective = Box<dyn FnOnce(&Device) -> Result<Box<dyn Collective>> + Send>;
+
+/// A rank's place in a data-parallel run.
+struct RankCtx {
+    rank: usize,
+    world: usize,
+    make: MakeCollective,
+}
+
+/// The transports of a group over `devices` (one per rank, in order): threads on the CPU, NCCL on GPUs.
+pub fn group_makers(devices: &[String], bucket: usize) -> Result<Vec<MakeCollective>> {
+    let world = devices.len();
+    if devices.iter().all(|d| d == "cpu") {
+        return Ok(LocalGroup::new(world)
+            .into_iter()
+            .map(|g| {
+                Box::new(move |_: &Device| Ok(Box::new(g) as Box<dyn Collective>)) as MakeCollective
+            })
+            .collect());
+    }
+    if !devices
+        .iter()
+        .all(|d| d == "cuda" || d == "gpu" || d.starts_with("cuda:"))
+    {
+        return Err(Error::msg(format!(
+            "--devices {}: give all CUDA devices (cuda:0,cuda:1,...) or all cpu",
+            devices.join(",")
+        )));
+    }
+    let mut seen = HashSet::new();
+    for d in devices {
+        let d = if d == "cuda" || d == "gpu" {
+            "cuda:0"
+        } else {
+            d.as_str()
+        };
+        if !seen.insert(d.to_string()) {
+            return Err(Error::msg(format!(
+                "--devices names {d} twice: NCCL takes one rank per GPU"
+            )));
+        }
+    }
+    nccl_makers(world, bucket)
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_makers(world: usize, bucket: usize) -> Result<Vec<MakeCollective>> {
+    let id = nccl::GroupId::new()?;
+    Ok((0..world)
+        .map(|rank| {
+            Box::new(move |d: &Device| {
+                Ok(Box::new(nccl::NcclRank::new(id, rank, world, d, bucket)?)
+                    as Box<dyn Collective>)
+            }) as MakeCollective
+        })
+        .collect())
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_makers(_world: usize, _bucket: usize) -> Result<Vec<MakeCollective>> {
+    Err(Error::msg(
+        "training on several GPUs needs NCCL: this binary is built without the `nccl` feature",
+    ))
+}
+
+/// Set by Ctrl-C (one handler per process).
+fn interrupted() -> &'static AtomicBool {
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let _ = ctrlc::set_handler(|| FLAG.store(true, Ordering::SeqCst));
+    });
+    &FLAG
+}
+
+/// What a rank's share of the global mean loss counts: rows (classification) or target tokens
+/// (SFT, whose loss is the mean over completion tokens).
+fn loss_count(item: &Encoded, task: Task) -> usize {
+    match task {
+        Task::Classify => 1,
+        Task::Sft => item.target_mask.iter().skip(1).filter(|&&m| m > 0).count(),
+    }
+}
+
+/// One rank's training (the only one without `dist`): rank 0 writes every output.
+fn train_rank(
+    cfg: TrainConfig,
+    out: &Path,
+    resume: bool,
+    dist: Option<RankCtx>,
+) -> Result<TrainSummary> {
     let mut s = setup(cfg)?;
     let cfg = s.cfg.clone();
     let quiet = cfg.quiet;
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
+    let lead = rank == 0;
+    let group = match dist {
+        Some(d) => Some((d.make)(&s.device)?),
+        None => None,
+    };
     let say = |m: &str| {
         if !quiet {
             eprintln!("{m}");
@@ -759,7 +928,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
         opt.load_state(opt_state)?;
         st = saved;
         say(&format!("resuming {} from update {step}", out.display()));
-    } else {
+    } else if lead {
         if out.exists() {
             std::fs::remove_dir_all(out).at(out)?;
         }
@@ -773,6 +942,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
                 "eval": cfg.eval.as_ref().map(|p| file_fingerprint(p)),
             },
             "versions": {"singlora": env!("CARGO_PKG_VERSION"), "candle": "0.11.1"},
+            "world_size": world,
             "started": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         });
         crate::atomic::write_file(
@@ -781,19 +951,27 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
         )?;
     }
     let mut opt = opt.with_clock(s.model.clock.clone());
-    let mut log = MetricsLog::append_to(&out.join("metrics.jsonl"), Some(st.step))?;
+    let mut log = if lead {
+        Some(MetricsLog::append_to(
+            &out.join("metrics.jsonl"),
+            Some(st.step),
+        )?)
+    } else {
+        None
+    };
+    let mut log_write = |v: &Value| match log.as_mut() {
+        Some(l) => l.write(v),
+        None => Ok(()),
+    };
 
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // a second handler cannot be installed in one process (tests run several trainings)
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
-
-    let baseline_eval = if st.step == 0 { s.evaluate()? } else { None };
+    let baseline_eval = if st.step == 0 && lead {
+        s.evaluate()?
+    } else {
+        None
+    };
     if let Some(e) = &baseline_eval {
         say(&format!("before training: {}", e.summary()));
-        log.write(&e.to_json(0))?;
+        log_write(&e.to_json(0))?;
     }
 
     let total = s.plan.total_updates;
@@ -802,6 +980,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
     let lengths: Vec<usize> = s.data.train_items.iter().map(|e| e.ids.len()).collect();
     let progress = Progress::new(total, st.step, quiet);
     let mut acc = GradAccumulator::new(opt.vars());
+    let dp_vars = opt.vars();
     let started = Instant::now();
     let elapsed0 = st.elapsed_s;
     let mut final_eval = None;
@@ -820,21 +999,71 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
             let micro = end - st.next_batch;
             s.model.clock.set_training(true);
             let mut loss_sum = 0.0;
+            let mut tokens = 0usize;
             for idx in &batches[st.next_batch..end] {
-                let batch = data::collate(&s.data.train_items, idx, s.data.pad_id, &s.device)?;
-                let (loss, grads) = s.model.loss_and_grads(&batch, 1.0 / micro as f64)?;
-                let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !lv.is_finite() {
-                    return Err(Error::msg(format!(
-                        "the training loss is {lv} at update {}: the run diverged (try a lower --lr)",
-                        st.step + 1
-                    )));
-                }
-                loss_sum += lv;
+                let Some(g) = &group else {
+                    let batch = data::collate(&s.data.train_items, idx, s.data.pad_id, &s.device)?;
+                    let (loss, grads) = s.model.loss_and_grads(&batch, 1.0 / micro as f64)?;
+                    loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    acc.add(&grads)?;
+                    tokens += batch.n_tokens;
+                    continue;
+                };
+                // this rank's shard, weighted by its share of the global batch's loss; a rank
+                // left without rows (or without completion tokens) runs one row at weight 0,
+                // so every rank makes the same reductions
+                let items = &s.data.train_items;
+                let count = |rows: &[usize]| -> usize {
+                    rows.iter().map(|&i| loss_count(&items[i], s.task)).sum()
+                };
+                let total_count = count(idx);
+                let mine = dist::shard(idx, rank, world);
+                let (rows, weight) = if count(mine) > 0 {
+                    (mine, dist::shard_weight(count(mine), total_count))
+                } else {
+                    let any = idx
+                        .iter()
+                        .position(|&i| loss_count(&items[i], s.task) > 0)
+                        .unwrap_or(0);
+                    (&idx[any..any + 1], 0.0)
+                };
+                let batch = data::collate(items, rows, s.data.pad_id, &s.device)?;
+                let (loss, mut grads, summed) = s.model.loss_and_grads_synced(
+                    &batch,
+                    weight / micro as f64,
+                    g.as_grad_sync(),
+                )?;
+                dist::all_reduce_grads(&dp_vars, &mut grads, &summed, g.as_ref())?;
                 acc.add(&grads)?;
-                window_tokens += batch.n_tokens;
-                st.tokens_seen += batch.n_tokens as u64;
+                loss_sum += weight * loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if weight > 0.0 {
+                    tokens += batch.n_tokens;
+                }
             }
+            // the ranks agree on the loss, the tokens and whether to stop
+            let mut stop_flag = interrupted().load(Ordering::SeqCst);
+            if let Some(g) = &group {
+                let v = Tensor::new(
+                    &[
+                        loss_sum as f32,
+                        tokens as f32,
+                        f32::from(u8::from(stop_flag)),
+                    ],
+                    &s.device,
+                )?;
+                let v = g.all_reduce_sum(&v)?.to_vec1::<f32>()?;
+                loss_sum = v[0] as f64;
+                tokens = v[1].round() as usize;
+                stop_flag = v[2] > 0.0;
+            }
+            if !loss_sum.is_finite() {
+                return Err(Error::msg(format!(
+                    "the training loss is {loss_sum} at update {}: the run diverged (try a lower --lr)",
+                    st.step + 1
+                )));
+            }
+            window_tokens += tokens;
+            st.tokens_seen += tokens as u64;
             let lr = lr_at(base_lr, cfg.schedule, warmup, total, st.step + 1);
             let u = s.model.clock.u();
             let grad_norm = opt.step(&mut acc, lr, cfg.max_grad_norm)?;
@@ -852,7 +1081,7 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
             if let Some(g) = grad_norm {
                 line["grad_norm"] = json!(g);
             }
-            log.write(&line)?;
+            log_write(&line)?;
             progress.update(
                 st.step,
                 format!("loss {loss:.4} lr {lr:.2e} u {u:.3} {:.0} tok/s", tps),
@@ -864,10 +1093,10 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
                 Some(n) if n > 0 => st.step % n == 0 || is_last,
                 _ => at_epoch_end || is_last,
             };
-            if eval_now {
+            if eval_now && lead {
                 if let Some(e) = s.evaluate()? {
                     progress.println(&format!("update {}: {}", st.step, e.summary()));
-                    log.write(&e.to_json(st.step))?;
+                    log_write(&e.to_json(st.step))?;
                     if st.best_eval_loss.is_none_or(|b| e.loss < b) {
                         st.best_eval_loss = Some(e.loss);
                         let best = out.join("best");
@@ -886,9 +1115,8 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
             }
             st.elapsed_s = elapsed0 + started.elapsed().as_secs_f64();
             let save_now = cfg.save_every.is_some_and(|n| n > 0 && st.step % n == 0);
-            let stop =
-                interrupted.load(Ordering::SeqCst) || cfg.stop_after.is_some_and(|n| st.step >= n);
-            if save_now || stop || is_last {
+            let stop = stop_flag || cfg.stop_after.is_some_and(|n| st.step >= n);
+            if lead && (save_now || stop || is_last) {
                 state::save(
                     out,
                     &s.adapter_file()?,
@@ -906,7 +1134,8 @@ pub fn train(cfg: TrainConfig, out: &Path, resume: bool, overwrite: bool) -> Res
     progress.finish();
 
     let summary_final = final_eval.clone();
-    if !stopped_early {
+    if !lead {
+    } else if !stopped_early {
         write_adapter_in_place(&s.adapter_file()?, out)?;
         let lines = crate::metrics::read_metrics(&out.join("metrics.jsonl"))?;
         let title = format!("{} r={} on {}", s.method, cfg.rank, cfg.model.display());

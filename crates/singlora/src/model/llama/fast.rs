@@ -12,12 +12,14 @@
 //! difference. SingLoRA and LoRA/rsLoRA adapters (and none) take this path; DoRA, merged
 //! adapters and non-CUDA devices take the autograd path. The device check compares the two.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, Var,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor,
+    TensorId, Var,
 };
 
 use super::{Batch, Layer, Llama};
@@ -26,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
 use crate::ops::cuda::attention::{backward_raw, forward_raw, Saved};
 use crate::ops::cuda::{fresh, gemm, gemm_out, linear_output, mat_of_tensor, ptr_of, raw, Mat};
+use crate::train::dist::GradSync;
 
 /// Hands a storage computed outside candle to candle as a tensor (a no-input op's output).
 struct Wrap(Mutex<Option<(CudaStorage, Shape)>>);
@@ -156,6 +159,9 @@ pub(crate) struct Tape {
     x0: Tensor,
     x0_var: Option<Var>,
     grad_len: usize,
+    /// The packed buffer's length after each layer's adapters (layer i's gradients are
+    /// `layer_ends[i - 1]..layer_ends[i]`).
+    layer_ends: Vec<usize>,
     /// The residual stream after the last layer, a leaf variable: candle's part starts here.
     pub leaf: Var,
 }
@@ -515,6 +521,7 @@ impl Llama {
         }
         let mut grad_len = 0;
         let mut projs = vec![];
+        let mut layer_ends = vec![];
         for l in &self.layers {
             let mut ps = vec![];
             for al in layer_projs(l) {
@@ -525,6 +532,7 @@ impl Llama {
             }
             let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
             projs.push(ps);
+            layer_ends.push(grad_len);
         }
         let (b, t) = batch.ids.dims2()?;
         let m = b * t;
@@ -612,6 +620,7 @@ impl Llama {
             x0,
             x0_var,
             grad_len,
+            layer_ends,
             leaf,
         }))
     }
@@ -619,10 +628,18 @@ impl Llama {
 
 impl Tape {
     /// The backward from the gradient at [`Tape::leaf`] (taken from `grads`): the adapter
-    /// variables' gradients (and the embeddings' when asked) go into `grads`.
-    pub(crate) fn backward(self, grads: &mut GradStore) -> Result<()> {
+    /// variables' gradients (and the embeddings' when asked) go into `grads`. With `sync`
+    /// (data parallelism), each bucket of finished layers' adapter gradients is summed over
+    /// the ranks while the layers below run; the variables so summed are returned.
+    pub(crate) fn backward(
+        self,
+        grads: &mut GradStore,
+        sync: Option<&dyn GradSync>,
+    ) -> Result<HashSet<TensorId>> {
         let Some(d_last) = grads.remove(self.leaf.as_tensor()) else {
-            return Ok(()); // the loss does not depend on the layers
+            // the loss does not depend on the layers: no gradients, nothing to sum (the same on
+            // every rank)
+            return Ok(HashSet::new());
         };
         let (dev, bf16) = (&self.dev, self.bf16);
         let (b, t, nh, kvh, hd) = self.dims;
@@ -642,6 +659,8 @@ impl Tape {
             let p = packed.device_ptr(&stream).0;
             p
         };
+        // the packed values not yet handed to `sync`: pending_start..pending_end
+        let mut pending_end = self.grad_len;
         for (li, lt) in self.layers.iter().enumerate().rev() {
             let ps = &self.projs[li];
             let (ln1, ln2) = self.norms[li];
@@ -726,7 +745,19 @@ impl Tape {
             drop((pk, hn1));
             raw::rms_bwd_acc(dev, bf16, (lt.x_in_ptr, ln1, dhn1.1, dxp), m, h, self.eps)?;
             drop(dhn1);
+            // layer li's adapter gradients are final: hand a full bucket over
+            if let Some(sync) = sync {
+                let start = if li == 0 { 0 } else { self.layer_ends[li - 1] };
+                if pending_end > start && (pending_end - start >= sync.bucket_len() || li == 0) {
+                    sync.reduce_async(grads_ptr + 4 * start as u64, pending_end - start)?;
+                    pending_end = start;
+                }
+            }
         }
+        if let Some(sync) = sync {
+            sync.join()?;
+        }
+        let mut summed = HashSet::new();
         if let Some(v) = &self.x0_var {
             grads.insert(v.as_tensor(), dxm.reshape(self.x0.shape())?);
         }
@@ -739,6 +770,19 @@ impl Tape {
         for ps in &self.projs {
             for p in ps {
                 let Some(f) = &p.ad else { continue };
+                if sync.is_some() {
+                    match &f.slot {
+                        GradSlot::SingLora { var, .. } => {
+                            summed.insert(var.id());
+                        }
+                        GradSlot::Lora { a, b, .. } => {
+                            summed.extend([a.id(), b.id()]);
+                        }
+                    }
+                    if let Some(dp) = &f.dora {
+                        summed.insert(dp.mag.id());
+                    }
+                }
                 if f.c == 0.0 {
                     // u(t) = 0: the adapter does not enter the loss (as on the autograd path,
                     // no gradient at all, so no weight decay either)
@@ -764,6 +808,6 @@ impl Tape {
                 }
             }
         }
-        Ok(())
+        Ok(summed)
     }
 }
