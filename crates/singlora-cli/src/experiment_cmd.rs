@@ -27,6 +27,61 @@ enum ExperimentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Training sweeps on MiniLM + Rotten Tomatoes (the demo's files, or --model/--train/
+    /// --eval): lr (figure 2), rank (tables 1-2), init, ramp. Resumable: runs already in
+    /// OUT/runs.jsonl are skipped. Writes OUT/summary.md, summary.json and KIND.svg.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    /// lr, rank, init or ramp.
+    kind: String,
+    /// Default: the demo's all-MiniLM-L6-v2 in the cache (`singlora demo --fetch-only`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Default: the demo's Rotten Tomatoes train split.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Default: the demo's Rotten Tomatoes eval split.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// The demo's cache (default: $SINGLORA_CACHE or ~/.cache/singlora).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// The lr sweep: from --lr-min to --lr-max in --lr-points log-spaced steps.
+    #[arg(long, default_value_t = 1e-4)]
+    lr_min: f64,
+    #[arg(long, default_value_t = 3e-2)]
+    lr_max: f64,
+    #[arg(long, default_value_t = 8)]
+    lr_points: usize,
+    /// Devices to run on (several runs at once on each).
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
+    /// Runs at once per device.
+    #[arg(long, default_value_t = 1)]
+    jobs_per_device: usize,
+    /// Keep every run's adapter and checkpoints (default: run.json and metrics.jsonl only).
+    #[arg(long)]
+    keep_runs: bool,
+    /// Only summarise the runs already in OUT.
+    #[arg(long)]
+    report_only: bool,
+    /// One `singlora train` process per run (the default on GPUs) instead of threads.
+    #[arg(long)]
+    processes: bool,
+    /// Output directory (default: runs/sweep-KIND).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +138,7 @@ struct FitArgs {
 
 pub fn run(a: ExperimentArgs) -> Result<()> {
     match a.command {
+        ExperimentCommand::Sweep(s) => sweep_cmd(s),
         ExperimentCommand::AttentionFit(f) => attention(f),
         ExperimentCommand::ParamCounts { json } => {
             let counts = param_counts::paper_counts()?;
@@ -185,6 +241,98 @@ fn attention(f: FitArgs) -> Result<()> {
         svg.display(),
         f.out.join("summary.json").display(),
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn sweep_cmd(a: SweepArgs) -> Result<()> {
+    use singlora::experiments::sweep;
+    let cache = crate::demo::cache_dir(a.cache.clone());
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/sweep-{}", a.kind)));
+    let spec = sweep::SweepSpec {
+        kind: a.kind.clone(),
+        model: a.model.unwrap_or_else(|| cache.join("all-MiniLM-L6-v2")),
+        train: a
+            .train
+            .unwrap_or_else(|| cache.join("rotten_tomatoes").join("train.jsonl")),
+        eval: a
+            .eval
+            .unwrap_or_else(|| cache.join("rotten_tomatoes").join("eval.jsonl")),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        max_length: a.max_length,
+        seeds: (0..a.seeds).collect(),
+        lrs: sweep::log_space(a.lr_min, a.lr_max, a.lr_points),
+        devices: a.devices.clone(),
+        jobs_per_device: a.jobs_per_device,
+        out: out.clone(),
+        keep_runs: a.keep_runs,
+        // on GPUs, one process per run (threads of one process serialise on the driver)
+        exe: if a.processes || a.devices.iter().any(|d| d != "cpu") {
+            Some(std::env::current_exe()?)
+        } else {
+            None
+        },
+    };
+    let jobs = sweep::jobs(&spec.kind, &spec.seeds, &spec.lrs)?;
+    let records = if a.report_only {
+        let names: std::collections::HashSet<String> = jobs.iter().map(sweep::Job::name).collect();
+        sweep::read_records(&out)?
+            .into_iter()
+            .filter(|r| r.experiment == spec.kind && names.contains(&r.name))
+            .collect()
+    } else {
+        for p in [&spec.model, &spec.train, &spec.eval] {
+            if !p.exists() {
+                anyhow::bail!(
+                    "{} does not exist: run `singlora demo --fetch-only` or pass --model/--train/--eval",
+                    p.display()
+                );
+            }
+        }
+        eprintln!(
+            "sweep {}: {} runs ({} seeds), {} epochs at batch {}, on {} ({} at once each), into {}",
+            spec.kind,
+            jobs.len(),
+            a.seeds,
+            spec.epochs,
+            spec.batch_size,
+            spec.devices.join(","),
+            spec.jobs_per_device,
+            out.display()
+        );
+        let start = std::time::Instant::now();
+        sweep::run(&spec, |r, k, n| {
+            eprintln!(
+                "[{k}/{n}] {:<48} acc {:.2}% loss {:.4} {:.0}s ({:.0}s in)",
+                r.name,
+                100.0 * r.eval_accuracy,
+                r.eval_loss,
+                r.seconds,
+                start.elapsed().as_secs_f64()
+            );
+        })?
+    };
+    let missing = jobs.len() - records.len();
+    let title = format!(
+        "{} sweep: MiniLM + Rotten Tomatoes, eval accuracy ({} of {} runs)",
+        spec.kind,
+        records.len(),
+        jobs.len()
+    );
+    let md = sweep::report(&spec.kind, &records, &out, &title)?;
+    println!("{md}");
+    if missing > 0 {
+        println!("{missing} runs are missing (failed or not run): run the sweep again to do them");
+    }
+    println!(
+        "wrote {}, {}, {}",
+        out.join("summary.md").display(),
+        out.join("summary.json").display(),
+        out.join(format!("{}.svg", spec.kind)).display()
     );
     Ok(())
 }

@@ -78,6 +78,9 @@ pub struct TrainArgs {
     /// SingLoRA ramp length T in updates (default: 1% of the updates; 0 = no ramp).
     #[arg(long)]
     ramp_steps: Option<u64>,
+    /// SingLoRA's ramp T as a fraction of the optimizer updates, when --ramp-steps is not given.
+    #[arg(long, default_value_t = 0.01)]
+    ramp_fraction: f64,
     /// SingLoRA init: kaiming_width, gaussian_width, kaiming_rank or gaussian:STD.
     #[arg(long, default_value = "kaiming_width")]
     init: String,
@@ -164,6 +167,7 @@ impl TrainArgs {
             eval_every: self.eval_every,
             eval_fraction: self.eval_fraction,
             ramp_steps: self.ramp_steps,
+            ramp_fraction: self.ramp_fraction,
             init: self.init.clone(),
             rslora: self.rslora,
             pooling: self.pooling.clone(),

@@ -572,6 +572,27 @@ fn draw_bands(
         .axis_desc_style((FONT, 15))
         .draw()
         .map_err(err)?;
+    band_series(&mut chart, &series)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(160, 160, 160))
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// Each series' outer band, inner band and median line, with its legend entry.
+fn band_series<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: &[BandSeries],
+) -> DrawResult
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     for (i, s) in series.iter().enumerate() {
         if s.points.is_empty() {
             continue;
@@ -596,9 +617,99 @@ fn draw_bands(
             .label(s.label.as_str())
             .legend(legend_line(color, 2));
     }
+    Ok(())
+}
+
+/// Like [`write_bands`] on a linear y axis (accuracies), with x on a log scale when `log_x`
+/// (learning rates). The inner band is whatever the caller puts in q1..q3 (e.g. ±1 std).
+pub fn write_linear_bands(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[BandSeries],
+    log_x: bool,
+) -> Result<()> {
+    let mut svg = String::new();
+    draw_linear_bands(&mut svg, title, x_desc, y_desc, series, log_x)
+        .map_err(|e| Error::msg(format!("{}: cannot draw the bands: {e}", path.display())))?;
+    crate::atomic::write_file(path, svg.as_bytes())
+}
+
+fn draw_linear_bands(
+    svg: &mut String,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[BandSeries],
+    log_x: bool,
+) -> DrawResult {
+    // a log x axis is drawn as log10(x) on a linear one, labelled with x
+    let fx = |x: f64| if log_x { x.log10() } else { x };
+    let series: Vec<BandSeries> = series
+        .iter()
+        .map(|s| BandSeries {
+            label: s.label.clone(),
+            points: s
+                .points
+                .iter()
+                .filter(|p| {
+                    [p.x, p.lo, p.q1, p.median, p.q3, p.hi]
+                        .iter()
+                        .all(|v| v.is_finite())
+                        && (!log_x || p.x > 0.0)
+                })
+                .map(|p| BandPoint {
+                    x: fx(p.x),
+                    ..p.clone()
+                })
+                .collect(),
+        })
+        .collect();
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let x = match min_max(all().map(|p| p.x)) {
+        Some((lo, hi)) if hi > lo => {
+            let pad = 0.03 * (hi - lo);
+            (lo - pad, hi + pad)
+        }
+        Some((lo, _)) => widen(lo),
+        None => (0.0, 1.0),
+    };
+    let y = padded(all().flat_map(|p| [p.lo, p.hi]));
+    let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT + 180)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 22))
+        .margin(16)
+        .x_label_area_size(45)
+        .y_label_area_size(75)
+        .build_cartesian_2d(x.0..x.1, y.0..y.1)
+        .map_err(err)?;
+    let x_label = |v: &f64| {
+        if log_x {
+            format!("{:.1e}", 10f64.powf(*v))
+        } else {
+            tick(v)
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&tick)
+        .x_labels(10)
+        .y_labels(12)
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(err)?;
+    band_series(&mut chart, &series)?;
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(160, 160, 160))
         .label_font((FONT, 14))

@@ -6,6 +6,9 @@
 //!   parameter count, with the library's own adapters, ramp clock and AdamW.
 //! - [`param_counts`]: trainable-parameter counts of the paper's settings (LLaMA-7B, RoBERTa-base,
 //!   GPT-2) from the weight shapes, checked against adapters built by the library.
+//! - [`sweep`]: training sweeps on a real model and data set (learning rate, rank and
+//!   parameter budget, initialisation, ramp length), many runs at once per device.
 
 pub mod attention_fit;
 pub mod param_counts;
+pub mod sweep;
