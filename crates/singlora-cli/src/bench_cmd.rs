@@ -97,6 +97,9 @@ pub struct LlamaArgs {
     /// Print one JSON line per method.
     #[arg(long)]
     json: bool,
+    /// Instead of timing steps, time the stages of one step (CUDA fast path) from events.
+    #[arg(long)]
+    kernel_profile: bool,
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
@@ -116,6 +119,9 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
         },
         other => anyhow::bail!("unknown shape `{other}`: tinyllama, 7b or tiny"),
     };
+    if a.kernel_profile {
+        return kernel_profile(&a, shape, &device);
+    }
     let ceiling = if a.ceiling {
         Some(matmul_ceiling(
             8192,
@@ -415,4 +421,55 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn kernel_profile(
+    a: &LlamaArgs,
+    shape: singlora::synthetic::LlamaShape,
+    device: &candle_core::Device,
+) -> Result<()> {
+    for m in a
+        .methods
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        let method = if m == "base" { None } else { Some(m.parse()?) };
+        let rows = singlora::bench::llama::kernel_profile(
+            &a.shape, shape, method, a.rank, a.batch, a.seq, device,
+        )?;
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        if a.json {
+            for (label, ms, n) in &rows {
+                println!(
+                    "{}",
+                    serde_json::json!({"shape": a.shape, "method": m, "stage": label, "ms": ms, "count": n})
+                );
+            }
+            continue;
+        }
+        println!(
+            "{} {m}, batch {} x {}: one step's forward and backward by stage",
+            a.shape, a.batch, a.seq
+        );
+        println!("| stage | ms | times | share |");
+        println!("|---|---|---|---|");
+        let mut sorted = rows.clone();
+        sorted.sort_by(|x, y| y.1.total_cmp(&x.1));
+        for (label, ms, n) in sorted {
+            println!("| {label} | {ms:.2} | {n} | {:.1}% |", 100.0 * ms / total);
+        }
+        println!("| total | {total:.2} | | 100% |");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernel_profile(
+    _: &LlamaArgs,
+    _: singlora::synthetic::LlamaShape,
+    _: &candle_core::Device,
+) -> Result<()> {
+    anyhow::bail!("--kernel-profile times the CUDA fast path: build with the `cuda` feature")
 }

@@ -393,6 +393,29 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             err: worst,
             bound: 3e-2,
         });
+        if method == "singlora" {
+            // the 8-wide elementwise and RMSNorm kernels against the scalar ones
+            #[cfg(feature = "cuda")]
+            {
+                singlora::ops::set_vectorised(false);
+                let scalar = model.loss_and_grads(&batch, 1.0);
+                singlora::ops::set_vectorised(true);
+                let (loss_s, g_s) = scalar?;
+                let mut worst: f64 = rel_err(&loss_f, &loss_s)?;
+                for p in model.params() {
+                    if let (Some(a), Some(b)) =
+                        (g_f.get(p.var.as_tensor()), g_s.get(p.var.as_tensor()))
+                    {
+                        worst = worst.max(rel_err(a, b)?);
+                    }
+                }
+                rows.push(Row {
+                    what: "fast path: 8-wide kernels vs scalar (loss, gradients)".into(),
+                    err: worst,
+                    bound: 1e-2,
+                });
+            }
+        }
     }
     Ok(())
 }

@@ -188,3 +188,41 @@ pub fn matmul_ceiling(n: usize, dtype: DType, device: &Device) -> Result<f64> {
     times.sort_by(|x, y| x.partial_cmp(y).unwrap());
     Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e12)
 }
+
+/// Milliseconds per stage of one training step's forward and backward on the CUDA fast path
+/// (after `warmup` unprofiled steps), from timing events between the stages; with the total.
+#[cfg(feature = "cuda")]
+pub fn kernel_profile(
+    name: &str,
+    shape: LlamaShape,
+    method: Option<Method>,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    device: &Device,
+) -> Result<Vec<(&'static str, f64, usize)>> {
+    use crate::ops::cuda::prof;
+    let model = random_model(name, shape, method, rank, device)?;
+    let b = random_tokens(batch, seq, shape.vocab, device)?;
+    model.clock.set_training(true);
+    for _ in 0..2 {
+        model.loss_and_grads(&b, 1.0)?;
+    }
+    device.synchronize()?;
+    prof::enable(true);
+    let r = (|| {
+        if let Device::Cuda(d) = device {
+            prof::mark(d, "start")?;
+        }
+        let (_, g) = model.loss_and_grads(&b, 1.0)?;
+        if let Device::Cuda(d) = device {
+            prof::mark(d, "other")?;
+        }
+        device.synchronize()?;
+        drop(g);
+        prof::take()
+    })();
+    prof::enable(false);
+    model.clock.set_training(false);
+    r
+}

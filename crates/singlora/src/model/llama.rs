@@ -16,7 +16,7 @@ use crate::nn::{key_lens, rope_tables};
 use crate::ops::{attention_block, rms_norm, swiglu};
 
 #[cfg(feature = "cuda")]
-mod fast;
+pub(crate) mod fast;
 
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {

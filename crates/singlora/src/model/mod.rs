@@ -639,6 +639,7 @@ impl TaskModel {
                 let hidden = l.final_norm(tape.leaf.as_tensor())?;
                 let loss = self.loss_from(batch, &hidden)?;
                 let mut grads = scaled(&loss, scale)?.backward()?;
+                llama::fast::mark_on(batch.ids.device(), "final norm, head and loss")?;
                 let summed = tape.backward(&mut grads, sync)?;
                 return Ok((loss, grads, summed));
             }

@@ -29,6 +29,9 @@
 mod attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+/// Whether the CUDA fast path may use its 8-wide elementwise kernels (the device check compares).
+#[cfg(feature = "cuda")]
+pub use cuda::set_vectorised;
 mod gelu;
 mod linear;
 mod norm;

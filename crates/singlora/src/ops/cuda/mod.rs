@@ -9,10 +9,42 @@ use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
 
 pub mod attention;
+pub mod prof;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "singlora_kernels";
 const THREADS: u32 = 256;
+
+static VECTORISED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the pointer launchers may use the 8-wide kernels (on by default; the device check
+/// turns them off to compare against the scalar ones).
+pub fn set_vectorised(on: bool) {
+    VECTORISED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The 8-wide variant applies: 16-byte aligned pointers and a length (or row width) that is
+/// a multiple of 8.
+fn v8(ptrs: &[u64], n: usize) -> bool {
+    VECTORISED.load(std::sync::atomic::Ordering::Relaxed)
+        && n % 8 == 0
+        && ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// The kernel name, with `_v8` when the 8-wide variant applies.
+fn pick(name: &str, vec: bool, bf16: bool) -> String {
+    let suf = if bf16 { "bf16" } else { "f32" };
+    if vec {
+        format!("{name}_v8_{suf}")
+    } else {
+        format!("{name}_{suf}")
+    }
+}
+
+/// Launch shape of an 8-wide grid-stride kernel over n elements.
+fn v8_cfg(n: usize) -> LaunchConfig {
+    elems_cfg(n / 8)
+}
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -674,7 +706,9 @@ pub mod raw {
         d: usize,
         eps: f64,
     ) -> candle_core::Result<()> {
-        let f = dev.get_or_load_custom_func(&format!("rms_norm_fwd_{}", suf(bf16)), MODULE, PTX)?;
+        let vec = super::v8(&[x, w, y], d);
+        let f =
+            dev.get_or_load_custom_func(&super::pick("rms_norm_fwd", vec, bf16), MODULE, PTX)?;
         let mut bld = f.builder();
         candle_core::builder_arg!(bld, x, w, y, d as i32, eps as f32);
         // SAFETY: live buffers of rows × d (w: d f32).
@@ -691,8 +725,9 @@ pub mod raw {
         d: usize,
         eps: f64,
     ) -> candle_core::Result<()> {
+        let vec = super::v8(&[x, w, g, dx], d);
         let f =
-            dev.get_or_load_custom_func(&format!("rms_norm_bwd_acc_{}", suf(bf16)), MODULE, PTX)?;
+            dev.get_or_load_custom_func(&super::pick("rms_norm_bwd_acc", vec, bf16), MODULE, PTX)?;
         let mut bld = f.builder();
         candle_core::builder_arg!(bld, x, w, g, dx, d as i32, eps as f32);
         // SAFETY: as above.
@@ -707,11 +742,13 @@ pub mod raw {
         (g, u, y): (u64, u64, u64),
         n: usize,
     ) -> candle_core::Result<()> {
-        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{}", suf(bf16)), MODULE, PTX)?;
+        let vec = super::v8(&[g, u, y], n);
+        let f = dev.get_or_load_custom_func(&super::pick("swiglu_fwd", vec, bf16), MODULE, PTX)?;
         let mut bld = f.builder();
         candle_core::builder_arg!(bld, g, u, y, n as i64);
+        let cfg = if vec { super::v8_cfg(n) } else { elems_cfg(n) };
         // SAFETY: live buffers of n elements.
-        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        unsafe { bld.launch(cfg) }.w()?;
         Ok(())
     }
 
@@ -722,11 +759,14 @@ pub mod raw {
         (g, u, dy, out): (u64, u64, u64, u64),
         n: usize,
     ) -> candle_core::Result<()> {
-        let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{}", suf(bf16)), MODULE, PTX)?;
+        let el = if bf16 { 2 } else { 4 };
+        let vec = super::v8(&[g, u, dy, out, out + (el * n) as u64], n);
+        let f = dev.get_or_load_custom_func(&super::pick("swiglu_bwd", vec, bf16), MODULE, PTX)?;
         let mut bld = f.builder();
         candle_core::builder_arg!(bld, g, u, dy, out, n as i64);
+        let cfg = if vec { super::v8_cfg(n) } else { elems_cfg(n) };
         // SAFETY: live buffers of n (out: 2n) elements.
-        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        unsafe { bld.launch(cfg) }.w()?;
         Ok(())
     }
 
@@ -775,11 +815,13 @@ pub mod raw {
         (a, b, y): (u64, u64, u64),
         n: usize,
     ) -> candle_core::Result<()> {
-        let f = dev.get_or_load_custom_func(&format!("add2_{}", suf(bf16)), MODULE, PTX)?;
+        let vec = super::v8(&[a, b, y], n);
+        let f = dev.get_or_load_custom_func(&super::pick("add2", vec, bf16), MODULE, PTX)?;
         let mut bld = f.builder();
         candle_core::builder_arg!(bld, a, b, y, n as i64);
+        let cfg = if vec { super::v8_cfg(n) } else { elems_cfg(n) };
         // SAFETY: live buffers of n elements.
-        unsafe { bld.launch(elems_cfg(n)) }.w()?;
+        unsafe { bld.launch(cfg) }.w()?;
         Ok(())
     }
 }
