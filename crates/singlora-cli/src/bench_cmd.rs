@@ -100,6 +100,9 @@ pub struct LlamaArgs {
     /// Instead of timing steps, time the stages of one step (CUDA fast path) from events.
     #[arg(long)]
     kernel_profile: bool,
+    /// Recompute the attention probabilities in the backward instead of keeping them.
+    #[arg(long)]
+    recompute_attention: bool,
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
@@ -161,11 +164,21 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
     {
         let method = if m == "base" { None } else { Some(m.parse()?) };
         let r = run(
-            &a.shape, shape, method, a.rank, a.batch, a.seq, a.warmup, a.steps, &device,
+            &a.shape,
+            shape,
+            method,
+            a.rank,
+            a.batch,
+            a.seq,
+            a.warmup,
+            a.steps,
+            &device,
+            a.recompute_attention,
         )?;
         if a.json {
             let mut v = serde_json::to_value(&r)?;
             v["impl"] = serde_json::json!("singlora");
+            v["recompute_attention"] = serde_json::json!(a.recompute_attention);
             if let Some(c) = ceiling {
                 v["ceiling_tflops"] = serde_json::json!(c);
                 v["mfu"] = serde_json::json!(r.tflops / c);
@@ -437,7 +450,14 @@ fn kernel_profile(
     {
         let method = if m == "base" { None } else { Some(m.parse()?) };
         let rows = singlora::bench::llama::kernel_profile(
-            &a.shape, shape, method, a.rank, a.batch, a.seq, device,
+            &a.shape,
+            shape,
+            method,
+            a.rank,
+            a.batch,
+            a.seq,
+            device,
+            a.recompute_attention,
         )?;
         let total: f64 = rows.iter().map(|r| r.1).sum();
         if a.json {

@@ -415,6 +415,22 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                     bound: 1e-2,
                 });
             }
+            // attention probabilities recomputed in the backward instead of kept
+            let mut model = model;
+            singlora::bench::llama::set_recompute(&mut model, true);
+            let (loss_r, g_r) = model.loss_and_grads(&batch, 1.0)?;
+            let mut worst: f64 = rel_err(&loss_f, &loss_r)?;
+            for p in model.params() {
+                if let (Some(a), Some(b)) = (g_f.get(p.var.as_tensor()), g_r.get(p.var.as_tensor()))
+                {
+                    worst = worst.max(rel_err(a, b)?);
+                }
+            }
+            rows.push(Row {
+                what: "fast path: attention recomputed vs kept (loss, gradients)".into(),
+                err: worst,
+                bound: 1e-6,
+            });
         }
     }
     Ok(())

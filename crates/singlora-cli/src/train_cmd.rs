@@ -106,6 +106,10 @@ pub struct TrainArgs {
     /// (threads; for tests). --batch-size is the global batch, split over the ranks.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["device", "gpus"])]
     devices: Option<Vec<String>>,
+    /// LLaMA on a GPU: recompute the attention probabilities in the backward instead of
+    /// keeping them (b·heads·len² values less per layer, a few % slower).
+    #[arg(long)]
+    recompute_attention: bool,
     /// Shorthand for --devices cuda:0,...,cuda:N-1.
     #[arg(long, conflicts_with = "device")]
     gpus: Option<usize>,
@@ -181,6 +185,7 @@ impl TrainArgs {
                 (None, Some(n)) => Some((0..n).map(|i| format!("cuda:{i}")).collect()),
                 (None, None) => None,
             },
+            recompute_attention: self.recompute_attention,
             text_column: self.text_column.clone(),
             text_pair_column: self.text_pair_column.clone(),
             label_column: self.label_column.clone(),

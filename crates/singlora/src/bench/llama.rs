@@ -97,8 +97,10 @@ pub fn run(
     warmup: usize,
     steps: usize,
     device: &Device,
+    recompute_attention: bool,
 ) -> Result<LlamaBench> {
-    let model = random_model(name, shape, method, rank, device)?;
+    let mut model = random_model(name, shape, method, rank, device)?;
+    set_recompute(&mut model, recompute_attention);
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     let dev = device.clone();
@@ -122,6 +124,13 @@ pub fn run(
         tflops: flops / (timing.median_ms / 1e3) / 1e12,
         timing,
     })
+}
+
+/// Switches the LLaMA body's attention recomputation (see `Llama::recompute_attention`).
+pub fn set_recompute(model: &mut TaskModel, on: bool) {
+    if let Body::Llama(l) = &mut model.body {
+        l.recompute_attention = on;
+    }
 }
 
 /// A LLaMA of `shape` with random weights (bf16 on a GPU, f32 on the CPU) for SFT, with
@@ -200,9 +209,11 @@ pub fn kernel_profile(
     batch: usize,
     seq: usize,
     device: &Device,
+    recompute_attention: bool,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
     use crate::ops::cuda::prof;
-    let model = random_model(name, shape, method, rank, device)?;
+    let mut model = random_model(name, shape, method, rank, device)?;
+    set_recompute(&mut model, recompute_attention);
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     model.clock.set_training(true);
     for _ in 0..2 {

@@ -106,6 +106,9 @@ pub struct Llama {
     /// Benchmarks of the frozen base: make the embedded input a leaf variable so the backward
     /// runs through every layer without any trainable parameter.
     pub grad_from_embeddings: bool,
+    /// The CUDA fast path keeps no attention probabilities and recomputes them in the
+    /// backward (b·h·t² values less per layer; one more QKᵀ GEMM and softmax).
+    pub recompute_attention: bool,
 }
 
 impl Llama {
@@ -178,6 +181,7 @@ impl Llama {
             lm_head,
             dtype,
             grad_from_embeddings: false,
+            recompute_attention: false,
         })
     }
 

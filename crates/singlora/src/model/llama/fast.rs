@@ -593,7 +593,16 @@ impl Llama {
             // the norms' outputs and SwiGLU's are recomputed in the backward (cheap, and
             // 2·hidden + ff values per token fewer to keep)
             drop(hn1);
-            let (a, ap, att) = forward_raw(dev, bf16, (q.1, k.1, v.1), tables, dims, &lens, true)?;
+            let (a, ap, att) = forward_raw(
+                dev,
+                bf16,
+                (q.1, k.1, v.1),
+                tables,
+                dims,
+                &lens,
+                true,
+                self.recompute_attention,
+            )?;
             mark(dev, "attention fwd")?;
             drop((q, k, v));
             let (o, ho) = ps[3].forward(dev, bf16, ap, m)?;

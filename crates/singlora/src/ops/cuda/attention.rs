@@ -24,7 +24,50 @@ pub struct Saved {
     q: CudaStorage,
     k: CudaStorage,
     v: CudaStorage,
-    p: CudaStorage,
+    /// The probabilities, or None when the backward recomputes them (activation
+    /// recomputation: b·h·t² values fewer to keep, one more QKᵀ GEMM and softmax).
+    p: Option<CudaStorage>,
+    lens: CudaSlice<u32>,
+    causal: bool,
+}
+
+/// P = masked softmax(Q·Kᵀ / √d) for the heads-layout Q (b, h, t, d) and K (b, kvh, t, d).
+fn probabilities(
+    dev: &CudaDevice,
+    bf16: bool,
+    (qsp, ksp): (u64, u64),
+    lens: &CudaSlice<u32>,
+    (b, t, h, kvh, d): Dims,
+    causal: bool,
+) -> candle_core::Result<(CudaStorage, u64)> {
+    let rep = h / kvh;
+    let groups = b * kvh;
+    let (s, sp) = fresh(dev, bf16, b * h * t * t)?;
+    // SAFETY: the pointers address live buffers of the shapes given; one stream orders them.
+    unsafe {
+        gemm_batched(
+            dev,
+            bf16,
+            (rep * t, t, d),
+            (mat(qsp, d, false), rep * t * d),
+            (mat(ksp, d, true), t * d),
+            (sp, rep * t * t),
+            groups,
+            1.0,
+        )?;
+    }
+    let (p, pp) = fresh(dev, bf16, b * h * t * t)?;
+    softmax_fwd_raw(
+        dev,
+        bf16,
+        (sp, pp),
+        lens,
+        (b * h * t, h, t),
+        1.0 / (d as f64).sqrt(),
+        causal,
+    )?;
+    drop(s);
+    Ok((p, pp))
 }
 
 fn suffix(bf16: bool) -> &'static str {
@@ -180,6 +223,7 @@ pub fn forward(
         (b, t, h, kvh, d),
         key_lens,
         causal,
+        false,
     )?;
     Ok((out, Shape::from((b, t, h * d)), saved))
 }
@@ -195,6 +239,7 @@ pub fn forward_raw(
     (b, t, h, kvh, d): Dims,
     key_lens: &[usize],
     causal: bool,
+    recompute: bool,
 ) -> candle_core::Result<(CudaStorage, u64, Saved)> {
     let rep = h / kvh;
     let (qs, qsp) = fresh(dev, bf16, b * h * t * d)?;
@@ -204,34 +249,9 @@ pub fn forward_raw(
     rope_raw(dev, bf16, kp, ksp, tables, (b, t, kvh, d), true, false)?;
     rope_raw(dev, bf16, vp, vsp, tables, (b, t, kvh, d), false, false)?;
     let groups = b * kvh;
-    let (s, sp) = fresh(dev, bf16, b * h * t * t)?;
-    // SAFETY (all GEMMs below): the pointers address the live buffers allocated above, of the
-    // shapes given; one stream orders them.
-    unsafe {
-        gemm_batched(
-            dev,
-            bf16,
-            (rep * t, t, d),
-            (mat(qsp, d, false), rep * t * d),
-            (mat(ksp, d, true), t * d),
-            (sp, rep * t * t),
-            groups,
-            1.0,
-        )?;
-    }
-    let (p, pp) = fresh(dev, bf16, b * h * t * t)?;
     let lens: Vec<u32> = key_lens.iter().map(|&x| x as u32).collect();
     let lens: CudaSlice<u32> = dev.clone_htod(&lens)?;
-    softmax_fwd_raw(
-        dev,
-        bf16,
-        (sp, pp),
-        &lens,
-        (b * h * t, h, t),
-        1.0 / (d as f64).sqrt(),
-        causal,
-    )?;
-    drop(s);
+    let (p, pp) = probabilities(dev, bf16, (qsp, ksp), &lens, (b, t, h, kvh, d), causal)?;
     let (o, op) = fresh(dev, bf16, b * h * t * d)?;
     unsafe {
         gemm_batched(
@@ -255,7 +275,9 @@ pub fn forward_raw(
             q: qs,
             k: ks,
             v: vs,
-            p,
+            p: (!recompute).then_some(p),
+            lens,
+            causal,
         },
     ))
 }
@@ -290,12 +312,23 @@ pub fn backward_raw(
 ) -> candle_core::Result<(CudaStorage, u64)> {
     let rep = h / kvh;
     let groups = b * kvh;
-    let (qsp, ksp, vsp, pp) = (
-        ptr_of(&saved.q)?,
-        ptr_of(&saved.k)?,
-        ptr_of(&saved.v)?,
-        ptr_of(&saved.p)?,
-    );
+    let (qsp, ksp, vsp) = (ptr_of(&saved.q)?, ptr_of(&saved.k)?, ptr_of(&saved.v)?);
+    let recomputed = match &saved.p {
+        Some(_) => None,
+        None => Some(probabilities(
+            dev,
+            bf16,
+            (qsp, ksp),
+            &saved.lens,
+            (b, t, h, kvh, d),
+            saved.causal,
+        )?),
+    };
+    let pp = match (&saved.p, &recomputed) {
+        (Some(p), _) => ptr_of(p)?,
+        (None, Some((_, pp))) => *pp,
+        (None, None) => unreachable!("recomputed above"),
+    };
     // dO in the heads layout
     let (d_o, dop) = fresh(dev, bf16, b * h * t * d)?;
     rope_raw(dev, bf16, gp, dop, tables, (b, t, h, d), false, false)?;
