@@ -34,7 +34,7 @@ use crate::train::dist::GradSync;
 /// [`mark`] on a CUDA device (nothing elsewhere).
 pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {
     match device {
-        candle_core::Device::Cuda(d) => mark(d, label),
+        candle_core::Device::Cuda(d) => Ok(mark(d, label)?),
         _ => Ok(()),
     }
 }

@@ -6,7 +6,10 @@
 //! Inside the op no gradient edges exist for candle's autograd to pad with zero tensors; the
 //! probabilities P (bf16 or f32, as the inputs) and the rotated Q, K, V are kept for backward.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use super::prof::mark;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Tensor};
 
@@ -56,6 +59,7 @@ fn probabilities(
             1.0,
         )?;
     }
+    mark(dev, "attention: QKᵀ GEMM")?;
     let (p, pp) = fresh(dev, bf16, b * h * t * t)?;
     softmax_fwd_raw(
         dev,
@@ -66,6 +70,7 @@ fn probabilities(
         1.0 / (d as f64).sqrt(),
         causal,
     )?;
+    mark(dev, "attention: softmax fwd")?;
     drop(s);
     Ok((p, pp))
 }
@@ -90,7 +95,8 @@ fn rope_raw(
     rotate: bool,
     inverse: bool,
 ) -> candle_core::Result<()> {
-    let f = dev.get_or_load_custom_func(&format!("rope_split_{}", suffix(bf16)), MODULE, PTX)?;
+    let vec = super::v8(&[src, dst, cos, sin], hd / 2);
+    let f = dev.get_or_load_custom_func(&super::pick("rope_split", vec, bf16), MODULE, PTX)?;
     let mut bld = f.builder();
     candle_core::builder_arg!(
         bld,
@@ -105,8 +111,19 @@ fn rope_raw(
         i32::from(rotate),
         i32::from(inverse)
     );
+    let cfg = if vec {
+        // a block per token row, a thread per 8 of each head's half
+        let per_row = (n * hd / 16).div_ceil(32) * 32;
+        LaunchConfig {
+            grid_dim: ((b * t) as u32, 1, 1),
+            block_dim: (per_row.min(1024) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        elems_cfg(b * t * n * hd / 2)
+    };
     // SAFETY: the pointers address live buffers of b·t·n·hd elements (and (t, hd) tables).
-    unsafe { bld.launch(elems_cfg(b * t * n * hd / 2)) }.w()?;
+    unsafe { bld.launch(cfg) }.w()?;
     Ok(())
 }
 
@@ -248,6 +265,7 @@ pub fn forward_raw(
     rope_raw(dev, bf16, qp, qsp, tables, (b, t, h, d), true, false)?;
     rope_raw(dev, bf16, kp, ksp, tables, (b, t, kvh, d), true, false)?;
     rope_raw(dev, bf16, vp, vsp, tables, (b, t, kvh, d), false, false)?;
+    mark(dev, "attention: RoPE and split")?;
     let groups = b * kvh;
     let lens: Vec<u32> = key_lens.iter().map(|&x| x as u32).collect();
     let lens: CudaSlice<u32> = dev.clone_htod(&lens)?;
@@ -265,8 +283,10 @@ pub fn forward_raw(
             1.0,
         )?;
     }
+    mark(dev, "attention: PV GEMM")?;
     let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
     rope_raw(dev, bf16, op, outp, tables, (b, t, h, d), false, true)?;
+    mark(dev, "attention: RoPE and split")?;
     drop(o);
     Ok((
         out,
@@ -332,6 +352,7 @@ pub fn backward_raw(
     // dO in the heads layout
     let (d_o, dop) = fresh(dev, bf16, b * h * t * d)?;
     rope_raw(dev, bf16, gp, dop, tables, (b, t, h, d), false, false)?;
+    mark(dev, "attention: RoPE and split")?;
     // dP = dO·Vᵀ, then dS = scale·P ⊙ (dP − Σ P ⊙ dP) in place
     let (dpb, dpp) = fresh(dev, bf16, b * h * t * t)?;
     // SAFETY (all GEMMs below): as in the forward.
@@ -347,6 +368,7 @@ pub fn backward_raw(
             1.0,
         )?;
     }
+    mark(dev, "attention: dP GEMM")?;
     softmax_bwd_raw(
         dev,
         bf16,
@@ -354,6 +376,7 @@ pub fn backward_raw(
         (b * h * t, t),
         1.0 / (d as f64).sqrt(),
     )?;
+    mark(dev, "attention: softmax bwd")?;
     let (dvs, dvp) = fresh(dev, bf16, b * kvh * t * d)?;
     let (dqs, dqp) = fresh(dev, bf16, b * h * t * d)?;
     let (dks, dkp) = fresh(dev, bf16, b * kvh * t * d)?;
@@ -392,6 +415,7 @@ pub fn backward_raw(
             1.0,
         )?;
     }
+    mark(dev, "attention: dV dQ dK GEMMs")?;
     drop((d_o, dpb));
     // back through RoPE and the split, into one buffer [dq | dk | dv]
     let (nq, nk) = (b * t * h * d, b * t * kvh * d);
@@ -418,6 +442,7 @@ pub fn backward_raw(
         false,
         true,
     )?;
+    mark(dev, "attention: RoPE and split")?;
     drop((dvs, dqs, dks));
     Ok((out, outp))
 }
@@ -433,7 +458,9 @@ fn softmax_fwd_raw(
     causal: bool,
 ) -> candle_core::Result<()> {
     let warp = t <= 32 * WARP_ROW_MAX;
-    let name = if warp {
+    let name = if warp && super::v8(&[s, p], t) {
+        "masked_softmax_fwd_warp_v8"
+    } else if warp {
         "masked_softmax_fwd_warp"
     } else {
         "masked_softmax_fwd"
@@ -479,7 +506,9 @@ fn softmax_bwd_raw(
     scale: f64,
 ) -> candle_core::Result<()> {
     let warp = t <= 32 * WARP_ROW_MAX;
-    let name = if warp {
+    let name = if warp && super::v8(&[p, dp, ds], t) {
+        "masked_softmax_bwd_warp_v8"
+    } else if warp {
         "masked_softmax_bwd_warp"
     } else {
         "masked_softmax_bwd"

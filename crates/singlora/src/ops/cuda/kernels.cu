@@ -497,6 +497,128 @@ __device__ void rms_norm_bwd_acc_v8(const T* x, const float* w, const T* g, T* d
     }
 }
 
+
+// RoPE and the head split (see rope_split above), one block per token (b, t) row, 8 elements
+// per access and 32-bit index arithmetic (the scalar kernel's 64-bit divisions per element
+// made it compute-bound: 7x under the memory bound at 7B). Needs hd/2 a multiple of 8.
+template <typename T>
+__device__ void rope_split_v8(const T* src, T* dst, const float* cs, const float* sn, int b, int t, int n, int hd,
+                              int rotate, int inverse) {
+    const int half = hd / 2, chunks = half / 8;
+    const int bb = blockIdx.x / t, tt = blockIdx.x % t;
+    const long tok = (long)blockIdx.x * n * hd;  // the (bb, tt) row in (b, t, n, hd)
+    for (int q = threadIdx.x; q < n * chunks; q += blockDim.x) {
+        int nn = q / chunks, j = (q % chunks) * 8;
+        long a = tok + (long)nn * hd + j;
+        long c = (((long)bb * n + nn) * t + tt) * (long)hd + j;
+        long from = inverse ? c : a, to = inverse ? a : c;
+        float x1[8], x2[8];
+        ld8(src, from, x1);
+        ld8(src, from + half, x2);
+        if (rotate) {
+            float co[8], si[8], y1[8], y2[8];
+            ld8(cs, (long)tt * hd + j, co);
+            ld8(sn, (long)tt * hd + j, si);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                float sk = inverse ? -si[k] : si[k];
+                y1[k] = x1[k] * co[k] - x2[k] * sk;
+                y2[k] = x2[k] * co[k] + x1[k] * sk;
+            }
+            st8(dst, to, y1);
+            st8(dst, to + half, y2);
+        } else {
+            st8(dst, to, x1);
+            st8(dst, to + half, x2);
+        }
+    }
+}
+
+
+// The warp-per-row masked softmax, forward and backward, 8 keys per lane access (rows up to
+// 32 x WARP_ROW_MAX keys, a multiple of 8).
+template <typename T>
+__device__ void masked_softmax_fwd_warp_v8(const T* s, T* p, const uint32_t* key_lens, long rows, int h, int tq, int tk,
+                                           float scale, int causal) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    const long base = row * tk;
+    int b = row / ((long)h * tq), i = row % tq;
+    int len = min((int)key_lens[b], tk);
+    if (causal) len = min(len, i + 1 + tk - tq);
+    float v[WARP_ROW_MAX];
+    float m = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX / 8; c++) {
+        int j0 = (c * 32 + lane) * 8;
+        if (j0 < len) ld8(s, base + j0, v + 8 * c);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            if (j0 + k >= len) v[8 * c + k] = -INFINITY;
+            m = fmaxf(m, v[8 * c + k]);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX / 8; c++) {
+        int j0 = (c * 32 + lane) * 8;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float e = j0 + k < len ? __expf((v[8 * c + k] - m) * scale) : 0.f;
+            v[8 * c + k] = e;
+            sum += e;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    float inv = len > 0 ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX / 8; c++) {
+        int j0 = (c * 32 + lane) * 8;
+        if (j0 < tk) {
+            float o[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = v[8 * c + k] * inv;
+            st8(p, base + j0, o);
+        }
+    }
+}
+
+template <typename T>
+__device__ void masked_softmax_bwd_warp_v8(const T* p, const T* dp, T* ds, long rows, int tk, float scale) {
+    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
+    const long base = row * tk;
+    float pv[WARP_ROW_MAX], dv[WARP_ROW_MAX];
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX / 8; c++) {
+        int j0 = (c * 32 + lane) * 8;
+        if (j0 < tk) {
+            ld8(p, base + j0, pv + 8 * c);
+            ld8(dp, base + j0, dv + 8 * c);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++) pv[8 * c + k] = dv[8 * c + k] = 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) dot += pv[8 * c + k] * dv[8 * c + k];
+    }
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_MAX / 8; c++) {
+        int j0 = (c * 32 + lane) * 8;
+        if (j0 < tk) {
+            float o[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = scale * pv[8 * c + k] * (dv[8 * c + k] - dot);
+            st8(ds, base + j0, o);
+        }
+    }
+}
+
 #define INSTANTIATE_V8(T, SUF)                                                                                     \
     extern "C" __global__ void add2_v8_##SUF(const T* a, const T* b, T* y, long n) { add2_v8<T>(a, b, y, n); }      \
     extern "C" __global__ void swiglu_fwd_v8_##SUF(const T* g, const T* u, T* y, long n) {                         \
@@ -511,6 +633,18 @@ __device__ void rms_norm_bwd_acc_v8(const T* x, const float* w, const T* g, T* d
     extern "C" __global__ void rms_norm_bwd_acc_v8_##SUF(const T* x, const float* w, const T* g, T* dx, int d,     \
                                                          float eps) {                                               \
         rms_norm_bwd_acc_v8<T>(x, w, g, dx, d, eps);                                                                \
+    }                                                                                                               \
+    extern "C" __global__ void rope_split_v8_##SUF(const T* src, T* dst, const float* cs, const float* sn, int b,   \
+                                                   int t, int n, int hd, int rotate, int inverse) {                 \
+        rope_split_v8<T>(src, dst, cs, sn, b, t, n, hd, rotate, inverse);                                           \
+    }                                                                                                               \
+    extern "C" __global__ void masked_softmax_fwd_warp_v8_##SUF(const T* s, T* p, const uint32_t* kl, long rows,    \
+                                                                int h, int tq, int tk, float scale, int causal) {   \
+        masked_softmax_fwd_warp_v8<T>(s, p, kl, rows, h, tq, tk, scale, causal);                                    \
+    }                                                                                                               \
+    extern "C" __global__ void masked_softmax_bwd_warp_v8_##SUF(const T* p, const T* dp, T* ds, long rows, int tk,  \
+                                                                float scale) {                                      \
+        masked_softmax_bwd_warp_v8<T>(p, dp, ds, rows, tk, scale);                                                  \
     }
 
 INSTANTIATE_V8(float, f32)

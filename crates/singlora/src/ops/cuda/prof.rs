@@ -21,14 +21,14 @@ pub fn enable(on: bool) {
 }
 
 /// The work queued on `dev`'s stream since the previous mark belongs to `label`.
-pub fn mark(dev: &CudaDevice, label: &'static str) -> Result<()> {
+pub fn mark(dev: &CudaDevice, label: &'static str) -> candle_core::Result<()> {
     if !ON.load(Ordering::Relaxed) {
         return Ok(());
     }
     let ev = dev
         .cuda_stream()
         .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(|e| Error::Candle(candle_core::Error::Cuda(Box::new(e))))?;
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
     MARKS.lock().unwrap().push((label, ev));
     Ok(())
 }
