@@ -107,21 +107,8 @@ pub struct LlamaArgs {
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
     use singlora::bench::llama::{matmul_ceiling, run};
-    use singlora::synthetic::LlamaShape;
     let device = parse_device(&a.device)?;
-    let shape = match a.shape.as_str() {
-        "tinyllama" => LlamaShape::TINYLLAMA,
-        "7b" => LlamaShape::LLAMA_7B,
-        "tiny" => LlamaShape {
-            hidden: 64,
-            intermediate: 176,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 256,
-        },
-        other => anyhow::bail!("unknown shape `{other}`: tinyllama, 7b or tiny"),
-    };
+    let shape = shape_of(&a.shape)?;
     if a.kernel_profile {
         return kernel_profile(&a, shape, &device);
     }
@@ -224,21 +211,8 @@ pub struct ProfileArgs {
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
-    use singlora::synthetic::LlamaShape;
     let device = parse_device(&a.device)?;
-    let shape = match a.shape.as_str() {
-        "tinyllama" => LlamaShape::TINYLLAMA,
-        "7b" => LlamaShape::LLAMA_7B,
-        "tiny" => LlamaShape {
-            hidden: 64,
-            intermediate: 176,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 256,
-        },
-        other => anyhow::bail!("unknown shape `{other}`"),
-    };
+    let shape = shape_of(&a.shape)?;
     let method = if a.method == "base" {
         None
     } else {

@@ -269,10 +269,8 @@ fn write_data(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let root = tmp.path();
-    write_data(root)?;
+/// A tiny BERT and a tiny LLaMA checkpoint (real file layouts, random weights) under `root`.
+fn tiny_models(root: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let bert = root.join("bert");
     let s = BertShape::TINY;
     write_checkpoint(&bert, &s.config(), &s.tensors(1, DType::F32)?, 1)?;
@@ -286,13 +284,38 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
     cfg["eos_token_id"] = 3.into();
     write_checkpoint(&llama, &cfg, &s.tensors(1, DType::F32)?, 1)?;
     write_tokenizer(&llama, WORDS, TokenizerStyle::Llama)?;
+    Ok((bert, llama))
+}
+
+/// The training losses a run logged.
+fn run_losses(dir: &Path) -> Result<Vec<f64>> {
+    Ok(singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?
+        .iter()
+        .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
+        .collect())
+}
+
+/// The eval loss of the adapter in `run` on `data`, applied to `model` on the CPU in f32.
+fn cpu_eval_loss(model: &Path, run: &Path, data: &Path) -> Result<f64> {
+    let s = singlora::session::Session::load(model, run, Device::Cpu)?;
+    Ok(
+        s.eval_file(data, &singlora::data::Columns::default(), 64, 16, false)?
+            .loss,
+    )
+}
+
+fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    write_data(root)?;
+    let (bert, llama) = tiny_models(root)?;
     for (model, data, task, method) in [
         (&bert, "cls.jsonl", "classify", "singlora"),
         (&llama, "cls.jsonl", "classify", "lora"),
         (&llama, "sft.jsonl", "sft", "singlora"),
         (&llama, "sft.jsonl", "sft", "dora"),
     ] {
-        let run = |device: &str, out: &str| -> Result<(Vec<f64>, ())> {
+        let run = |device: &str, out: &str| -> Result<Vec<f64>> {
             let cfg = TrainConfig {
                 model: model.clone(),
                 train: root.join(data),
@@ -307,14 +330,10 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
             };
             let dir = root.join(out);
             train(cfg, &dir, false, true)?;
-            let losses = singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?
-                .iter()
-                .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
-                .collect();
-            Ok((losses, ()))
+            run_losses(&dir)
         };
-        let (l_cpu, _) = run("cpu", "cpu-run")?;
-        let (l_dev, _) = run(device_name, "dev-run")?;
+        let l_cpu = run("cpu", "cpu-run")?;
+        let l_dev = run(device_name, "dev-run")?;
         let family = if model == &bert { "bert" } else { "llama" };
         let lc = Tensor::new(l_cpu.as_slice(), &Device::Cpu)?;
         let ld = Tensor::new(l_dev.as_slice(), &Device::Cpu)?;
@@ -327,11 +346,7 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
         // compute the same function? (Adam's first steps from B = 0 move by ±lr whatever the
         // gradient's size, so comparing raw LoRA weights would flag bf16 rounding of tiny
         // gradients, not an error.)
-        let cols = singlora::data::Columns::default();
-        let eval = |dir: &str| -> Result<f64> {
-            let s = singlora::session::Session::load(model, &root.join(dir), Device::Cpu)?;
-            Ok(s.eval_file(&root.join(data), &cols, 64, 16, false)?.loss)
-        };
+        let eval = |dir: &str| cpu_eval_loss(model, &root.join(dir), &root.join(data));
         let (e_cpu, e_dev) = (eval("cpu-run")?, eval("dev-run")?);
         rows.push(Row {
             what: format!("{family} {task} {method}: model after 4 updates (eval loss)"),
@@ -450,19 +465,7 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
         let first = text.lines().next().unwrap_or_default().to_string();
         std::fs::write(root.join(f), format!("{text}{first}\n"))?;
     }
-    let bert = root.join("bert");
-    let s = BertShape::TINY;
-    write_checkpoint(&bert, &s.config(), &s.tensors(1, DType::F32)?, 1)?;
-    write_tokenizer(&bert, WORDS, TokenizerStyle::Bert)?;
-    let llama = root.join("llama");
-    let s = LlamaShape {
-        vocab: 32,
-        ..LlamaShape::TINY
-    };
-    let mut cfg = s.config();
-    cfg["eos_token_id"] = 3.into();
-    write_checkpoint(&llama, &cfg, &s.tensors(1, DType::F32)?, 1)?;
-    write_tokenizer(&llama, WORDS, TokenizerStyle::Llama)?;
+    let (bert, llama) = tiny_models(root)?;
     let n = devices.len();
     for (model, data, task, method, bucket) in [
         (&llama, "sft.jsonl", "sft", "singlora", 200),
@@ -500,10 +503,7 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
             };
             let dir = root.join(out);
             train(cfg, &dir, false, true)?;
-            Ok(singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?
-                .iter()
-                .filter_map(|l| l.get("loss").and_then(|v| v.as_f64()))
-                .collect())
+            run_losses(&dir)
         };
         let l1 = run(None, "one")?;
         let ln = run(Some(devices.to_vec()), "many")?;
@@ -526,11 +526,7 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
             )?,
             bound: 3e-2,
         });
-        let cols = singlora::data::Columns::default();
-        let eval = |dir: &str| -> Result<f64> {
-            let s = singlora::session::Session::load(model, &root.join(dir), Device::Cpu)?;
-            Ok(s.eval_file(&root.join(data), &cols, 64, 16, false)?.loss)
-        };
+        let eval = |dir: &str| cpu_eval_loss(model, &root.join(dir), &root.join(data));
         let (e1, en) = (eval("one")?, eval("many")?);
         rows.push(Row {
             what: format!("{n} ranks {family} {task} {method}: trained model (eval loss)"),
