@@ -316,6 +316,13 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
             );
         })?
     };
+    if records.is_empty() {
+        anyhow::bail!(
+            "{}: no runs of the {} sweep recorded there (runs.jsonl); run the sweep first",
+            out.display(),
+            spec.kind
+        );
+    }
     let missing = jobs.len() - records.len();
     let title = format!(
         "{} sweep: MiniLM + Rotten Tomatoes, eval accuracy ({} of {} runs)",

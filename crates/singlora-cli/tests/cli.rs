@@ -354,3 +354,54 @@ fn train_on_several_devices() {
         assert!(!tmp.path().join("run2").exists());
     }
 }
+
+/// `experiment sweep --report-only` summarises what `runs.jsonl` holds (here two seeds of one
+/// ramp setting, written by hand) and refuses a directory without runs.
+#[test]
+fn sweep_report_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ramp");
+    let o = singlora(&[
+        "experiment",
+        "sweep",
+        "ramp",
+        "--report-only",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("no runs of the ramp sweep"),
+        "{err}"
+    );
+    std::fs::create_dir_all(&out).unwrap();
+    let line = |seed: u64, acc: f64| {
+        serde_json::json!({"experiment": "ramp", "name": format!("singlora-r8-lrdefault-kaiming_width-f0.02-s{seed}"),
+            "series": "singlora", "x": 0.02, "method": "singlora", "rank": 8, "lr": 1e-3,
+            "init": "kaiming_width", "ramp_steps": 7, "seed": seed, "eval_accuracy": acc,
+            "eval_loss": 0.5, "eval_f1_macro": acc, "adapter_params": 10, "updates": 366,
+            "seconds": 1.0, "device": "cpu"})
+        .to_string()
+    };
+    std::fs::write(
+        out.join("runs.jsonl"),
+        format!("{}\n{}\n", line(0, 0.8), line(1, 0.9)),
+    )
+    .unwrap();
+    let o = singlora(&[
+        "experiment",
+        "sweep",
+        "ramp",
+        "--report-only",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    // mean 85, sample std of (80, 90) = 7.07; the other five settings have no runs
+    assert!(
+        stdout.contains("85.00 ± 7.07 (2)") && stdout.contains("16 runs are missing"),
+        "{stdout}"
+    );
+    assert!(out.join("ramp.svg").exists() && out.join("summary.json").exists());
+}

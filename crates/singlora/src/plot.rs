@@ -508,15 +508,13 @@ fn band_polygon(
     poly
 }
 
-fn draw_bands(
-    svg: &mut String,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
+/// The series with only their finite points that `keep` accepts, x mapped by `fx`.
+fn finite_points(
     series: &[BandSeries],
-) -> DrawResult {
-    // keep the points a logarithmic axis can show
-    let series: Vec<BandSeries> = series
+    keep: impl Fn(&BandPoint) -> bool,
+    fx: impl Fn(f64) -> f64,
+) -> Vec<BandSeries> {
+    series
         .iter()
         .map(|s| BandSeries {
             label: s.label.clone(),
@@ -527,12 +525,26 @@ fn draw_bands(
                     [p.x, p.lo, p.q1, p.median, p.q3, p.hi]
                         .iter()
                         .all(|v| v.is_finite())
-                        && p.lo > 0.0
+                        && keep(p)
                 })
-                .cloned()
+                .map(|p| BandPoint {
+                    x: fx(p.x),
+                    ..p.clone()
+                })
                 .collect(),
         })
-        .collect();
+        .collect()
+}
+
+fn draw_bands(
+    svg: &mut String,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[BandSeries],
+) -> DrawResult {
+    // keep the points a logarithmic axis can show
+    let series = finite_points(series, |p| p.lo > 0.0, |x| x);
     let all = || series.iter().flat_map(|s| s.points.iter());
     let x = match min_max(all().map(|p| p.x)) {
         Some((lo, hi)) if hi > lo => (lo, hi),
@@ -645,27 +657,11 @@ fn draw_linear_bands(
     log_x: bool,
 ) -> DrawResult {
     // a log x axis is drawn as log10(x) on a linear one, labelled with x
-    let fx = |x: f64| if log_x { x.log10() } else { x };
-    let series: Vec<BandSeries> = series
-        .iter()
-        .map(|s| BandSeries {
-            label: s.label.clone(),
-            points: s
-                .points
-                .iter()
-                .filter(|p| {
-                    [p.x, p.lo, p.q1, p.median, p.q3, p.hi]
-                        .iter()
-                        .all(|v| v.is_finite())
-                        && (!log_x || p.x > 0.0)
-                })
-                .map(|p| BandPoint {
-                    x: fx(p.x),
-                    ..p.clone()
-                })
-                .collect(),
-        })
-        .collect();
+    let series = finite_points(
+        series,
+        |p| !log_x || p.x > 0.0,
+        |x| if log_x { x.log10() } else { x },
+    );
     let all = || series.iter().flat_map(|s| s.points.iter());
     let x = match min_max(all().map(|p| p.x)) {
         Some((lo, hi)) if hi > lo => {
