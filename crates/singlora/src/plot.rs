@@ -570,11 +570,34 @@ fn draw_bands(
             (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
         )
         .map_err(err)?;
+    band_chart(
+        &mut chart,
+        (x_desc, y_desc),
+        &tick,
+        &series,
+        SeriesLabelPosition::UpperRight,
+    )?;
+    root.present().map_err(err)
+}
+
+/// A band plot's grid and labels (x ticks by `x_label`, y by [`tick`]), then each series'
+/// outer band, inner band and median line, and the legend at `legend`.
+fn band_chart<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    (x_desc, y_desc): (&str, &str),
+    x_label: &dyn Fn(&f64) -> String,
+    series: &[BandSeries],
+    legend: SeriesLabelPosition,
+) -> DrawResult
+where
+    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
-        .x_label_formatter(&tick)
+        .x_label_formatter(x_label)
         .y_label_formatter(&tick)
         .x_labels(10)
         .y_labels(12)
@@ -584,27 +607,6 @@ fn draw_bands(
         .axis_desc_style((FONT, 15))
         .draw()
         .map_err(err)?;
-    band_series(&mut chart, &series)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
-}
-
-/// Each series' outer band, inner band and median line, with its legend entry.
-fn band_series<'a, X, Y>(
-    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
-    series: &[BandSeries],
-) -> DrawResult
-where
-    X: Ranged<ValueType = f64>,
-    Y: Ranged<ValueType = f64>,
-{
     for (i, s) in series.iter().enumerate() {
         if s.points.is_empty() {
             continue;
@@ -629,7 +631,14 @@ where
             .label(s.label.as_str())
             .legend(legend_line(color, 2));
     }
-    Ok(())
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(160, 160, 160))
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(err)
 }
 
 /// Like [`write_bands`] on a linear y axis (accuracies), with x on a log scale when `log_x`
@@ -688,29 +697,13 @@ fn draw_linear_bands(
             tick(v)
         }
     };
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .x_label_formatter(&x_label)
-        .y_label_formatter(&tick)
-        .x_labels(10)
-        .y_labels(12)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
-    band_series(&mut chart, &series)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(err)?;
+    band_chart(
+        &mut chart,
+        (x_desc, y_desc),
+        &x_label,
+        &series,
+        SeriesLabelPosition::LowerRight,
+    )?;
     root.present().map_err(err)
 }
 
