@@ -149,7 +149,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
         .map(str::trim)
         .filter(|m| !m.is_empty())
     {
-        let method = if m == "base" { None } else { Some(m.parse()?) };
+        let method = method_of(m)?;
         let r = run(
             &a.shape,
             shape,
@@ -213,11 +213,7 @@ pub struct ProfileArgs {
 pub fn profile(a: ProfileArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let shape = shape_of(&a.shape)?;
-    let method = if a.method == "base" {
-        None
-    } else {
-        Some(a.method.parse()?)
-    };
+    let method = method_of(&a.method)?;
     let rows = singlora::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
     if a.json {
         for r in &rows {
@@ -278,6 +274,15 @@ pub struct ScalingArgs {
     json: bool,
 }
 
+/// `base` (the frozen-base floor, no adapter) or an adapter method.
+fn method_of(name: &str) -> Result<Option<Method>> {
+    Ok(if name == "base" {
+        None
+    } else {
+        Some(name.parse()?)
+    })
+}
+
 fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
     use singlora::synthetic::LlamaShape;
     Ok(match name {
@@ -300,11 +305,7 @@ fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
 pub fn scaling(a: ScalingArgs) -> Result<()> {
     use singlora::bench::llama::{random_model, random_tokens};
     let shape = shape_of(&a.shape)?;
-    let method: Option<Method> = if a.method == "base" {
-        None
-    } else {
-        Some(a.method.parse()?)
-    };
+    let method = method_of(&a.method)?;
     let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
         .take_while(|&n| n <= a.devices.len())
         .collect();
@@ -422,7 +423,7 @@ fn kernel_profile(
         .map(str::trim)
         .filter(|m| !m.is_empty())
     {
-        let method = if m == "base" { None } else { Some(m.parse()?) };
+        let method = method_of(m)?;
         let rows = singlora::bench::llama::kernel_profile(
             &a.shape,
             shape,

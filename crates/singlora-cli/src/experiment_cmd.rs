@@ -279,11 +279,7 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
     };
     let jobs = sweep::jobs(&spec.kind, &spec.seeds, &spec.lrs)?;
     let records = if a.report_only {
-        let names: std::collections::HashSet<String> = jobs.iter().map(sweep::Job::name).collect();
-        sweep::read_records(&out)?
-            .into_iter()
-            .filter(|r| r.experiment == spec.kind && names.contains(&r.name))
-            .collect()
+        sweep::records(&spec)?
     } else {
         for p in [&spec.model, &spec.train, &spec.eval] {
             if !p.exists() {

@@ -198,8 +198,9 @@ pub fn matmul_ceiling(n: usize, dtype: DType, device: &Device) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / times[times.len() / 2] / 1e12)
 }
 
-/// Milliseconds per stage of one training step's forward and backward on the CUDA fast path
-/// (after `warmup` unprofiled steps), from timing events between the stages; with the total.
+/// Milliseconds per stage (and how many gaps each had) of one training step's forward and
+/// backward on the CUDA fast path, after two unprofiled steps, from timing events between
+/// the stages.
 #[cfg(feature = "cuda")]
 pub fn kernel_profile(
     name: &str,

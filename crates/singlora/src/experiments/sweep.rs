@@ -410,7 +410,15 @@ pub fn run(
             });
         }
     });
-    let names: HashSet<String> = all.iter().map(Job::name).collect();
+    records(spec)
+}
+
+/// The records in `spec.out` that belong to this sweep (its kind and its runs' names).
+pub fn records(spec: &SweepSpec) -> Result<Vec<Record>> {
+    let names: HashSet<String> = jobs(&spec.kind, &spec.seeds, &spec.lrs)?
+        .iter()
+        .map(Job::name)
+        .collect();
     Ok(read_records(&spec.out)?
         .into_iter()
         .filter(|r| r.experiment == spec.kind && names.contains(&r.name))
@@ -510,10 +518,10 @@ pub fn summary_markdown(kind: &str, records: &[Record]) -> String {
 }
 
 fn kind_series(kind: &str) -> &'static str {
-    match kind {
-        "init" => "init",
-        "ramp" => "method",
-        _ => "method",
+    if kind == "init" {
+        "init"
+    } else {
+        "method"
     }
 }
 

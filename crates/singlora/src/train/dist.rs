@@ -250,25 +250,20 @@ mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (vi, v) in vars.iter().enumerate() {
-            let want = g_all.get(v.as_tensor()).unwrap();
-            let scale = want
-                .abs()
+        let max_abs = |t: &Tensor| {
+            t.abs()
                 .unwrap()
                 .max_all()
                 .unwrap()
                 .to_scalar::<f32>()
-                .unwrap();
+                .unwrap()
+        };
+        for (vi, v) in vars.iter().enumerate() {
+            let want = g_all.get(v.as_tensor()).unwrap();
+            let scale = max_abs(want);
             for rank in &summed {
                 let got = rank.get(v.as_tensor()).unwrap();
-                let diff = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs(&(got - want).unwrap());
                 assert!(
                     diff <= 1e-5 * scale.max(1e-6),
                     "var {vi}: {diff} vs {scale}"

@@ -1026,8 +1026,9 @@ fn train_rank(
                 };
                 let total_count = count(idx);
                 let mine = dist::shard(idx, rank, world);
-                let (rows, weight) = if count(mine) > 0 {
-                    (mine, dist::shard_weight(count(mine), total_count))
+                let mine_count = count(mine);
+                let (rows, weight) = if mine_count > 0 {
+                    (mine, dist::shard_weight(mine_count, total_count))
                 } else {
                     let any = idx
                         .iter()
