@@ -344,6 +344,12 @@ impl ClassifierHead {
     }
 }
 
+/// The hidden rows that predict completion tokens, and those tokens (SFT).
+struct LmIndex {
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+}
+
 /// A pretrained body with adapters and, for classification, a head.
 pub struct TaskModel {
     pub body: Body,
@@ -566,8 +572,11 @@ impl TaskModel {
     }
 
     /// SFT: hidden rows that predict a completion token, and those tokens.
-    fn lm_rows(&self, batch: &Batch, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, h) = hidden.dims3()?;
+    /// Which hidden rows predict a completion token, and those tokens: row i·t + j − 1
+    /// predicts token j of row i. Read on the host (a device sync), so the CUDA fast path
+    /// asks before its forward rather than stalling the device between forward and head.
+    fn lm_row_index(batch: &Batch) -> Result<LmIndex> {
+        let (b, t) = batch.ids.dims2()?;
         let tm = batch
             .target_mask
             .as_ref()
@@ -588,6 +597,20 @@ impl TaskModel {
         if rows.is_empty() {
             return Err(Error::msg("a batch has no completion tokens to learn from"));
         }
+        Ok(LmIndex { rows, targets })
+    }
+
+    fn lm_rows(
+        &self,
+        batch: &Batch,
+        hidden: &Tensor,
+        index: Option<LmIndex>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t, h) = hidden.dims3()?;
+        let LmIndex { rows, targets } = match index {
+            Some(ix) => ix,
+            None => Self::lm_row_index(batch)?,
+        };
         let dev = hidden.device();
         let sel = hidden
             .reshape((b * t, h))?
@@ -604,13 +627,14 @@ impl TaskModel {
 
     /// The training loss of a batch (mean over rows, or over completion tokens for SFT).
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
-        self.loss_from(batch, &self.body.hidden_states(batch)?)
+        self.loss_from(batch, &self.body.hidden_states(batch)?, None)
     }
 
     /// The loss of a batch times `scale` (1/micro-batches under accumulation) and the
     /// gradients of everything trainable. On CUDA a LLaMA body's layers run their own forward
-    /// and backward (`model/llama/fast.rs`) and candle's autograd covers the final norm, head
-    /// and loss; elsewhere autograd covers the whole model. Returns the unscaled loss.
+    /// and backward (`model/llama/fast.rs`), and so do the final norm, head and loss of SFT
+    /// with a frozen head; candle's autograd covers a classification head, and the whole
+    /// model elsewhere. Returns the unscaled loss.
     pub fn loss_and_grads(
         &self,
         batch: &Batch,
@@ -635,14 +659,33 @@ impl TaskModel {
     )> {
         #[cfg(feature = "cuda")]
         if let Body::Llama(l) = &self.body {
+            let index = match self.task {
+                Task::Sft => Some(Self::lm_row_index(batch)?),
+                Task::Classify => None,
+            };
             if let Some(tape) = l.fast_forward(batch)? {
+                let dev = batch.ids.device();
+                // SFT with a frozen head: the head and loss on the fast path too
+                if let Some(ix) = &index {
+                    if let Some((loss, d_last)) = tape.lm_loss(l, &ix.rows, &ix.targets, scale)? {
+                        let mut grads = candle_core::backprop::GradStore::default();
+                        grads.insert(tape.leaf.as_tensor(), d_last);
+                        let summed = tape.backward(&mut grads, sync)?;
+                        return Ok((loss, grads, summed));
+                    }
+                }
                 let hidden = l.final_norm(tape.leaf.as_tensor())?;
-                let loss = self.loss_from(batch, &hidden)?;
+                llama::fast::mark_on(dev, "head: final norm fwd")?;
+                let loss = self.loss_from(batch, &hidden, index)?;
+                llama::fast::mark_on(dev, "head: logits and loss fwd")?;
                 let mut grads = scaled(&loss, scale)?.backward()?;
-                llama::fast::mark_on(batch.ids.device(), "final norm, head and loss")?;
+                llama::fast::mark_on(dev, "head: backward (autograd)")?;
                 let summed = tape.backward(&mut grads, sync)?;
                 return Ok((loss, grads, summed));
             }
+            let loss = self.loss_from(batch, &self.body.hidden_states(batch)?, index)?;
+            let grads = scaled(&loss, scale)?.backward()?;
+            return Ok((loss, grads, Default::default()));
         }
         let _ = sync;
         let loss = self.loss(batch)?;
@@ -650,7 +693,7 @@ impl TaskModel {
         Ok((loss, grads, Default::default()))
     }
 
-    fn loss_from(&self, batch: &Batch, hidden: &Tensor) -> Result<Tensor> {
+    fn loss_from(&self, batch: &Batch, hidden: &Tensor, index: Option<LmIndex>) -> Result<Tensor> {
         match self.task {
             Task::Classify => {
                 let logits = self.class_logits_from(batch, hidden)?;
@@ -661,7 +704,7 @@ impl TaskModel {
                 cross_entropy(&logits, labels, None)
             }
             Task::Sft => {
-                let (rows, targets) = self.lm_rows(batch, hidden)?;
+                let (rows, targets) = self.lm_rows(batch, hidden, index)?;
                 cross_entropy(&self.lm_logits(&rows)?, &targets, None)
             }
         }
@@ -702,7 +745,7 @@ impl TaskModel {
             }
             Task::Sft => {
                 let hidden = self.body.hidden_states(batch)?.detach();
-                let (rows, targets) = self.lm_rows(batch, &hidden)?;
+                let (rows, targets) = self.lm_rows(batch, &hidden, None)?;
                 let nll =
                     crate::nn::nll_rows(&self.lm_logits(&rows)?, &targets)?.to_vec1::<f32>()?;
                 out.nll_sum = nll.iter().map(|x| *x as f64).sum();

@@ -449,18 +449,19 @@ __device__ void swiglu_bwd_v8(const T* g, const T* u, const T* dy, T* out, long 
 }
 
 template <typename T>
-__device__ void rms_norm_fwd_v8(const T* x, const float* w, T* y, int d, float eps) {
-    const long base = (long)blockIdx.x * d;
+__device__ void rms_norm_fwd_v8(const T* x, const float* w, T* y, int d, float eps, const uint32_t* rows = nullptr) {
+    // with `rows`, output row i normalises input row rows[i] (a gather)
+    const long base = (long)blockIdx.x * d, xbase = rows ? (long)rows[blockIdx.x] * d : base;
     float ss = 0.f, v[8], wv[8];
     for (int j = 8 * threadIdx.x; j < d; j += 8 * blockDim.x) {
-        ld8(x, base + j, v);
+        ld8(x, xbase + j, v);
 #pragma unroll
         for (int k = 0; k < 8; k++) ss += v[k] * v[k];
     }
     ss = block_sum(ss);
     float inv = rsqrtf(ss / d + eps);
     for (int j = 8 * threadIdx.x; j < d; j += 8 * blockDim.x) {
-        ld8(x, base + j, v);
+        ld8(x, xbase + j, v);
         ld8(w, j, wv);
 #pragma unroll
         for (int k = 0; k < 8; k++) v[k] = v[k] * inv * wv[k];
@@ -469,11 +470,13 @@ __device__ void rms_norm_fwd_v8(const T* x, const float* w, T* y, int d, float e
 }
 
 template <typename T>
-__device__ void rms_norm_bwd_acc_v8(const T* x, const float* w, const T* g, T* dx, int d, float eps) {
-    const long base = (long)blockIdx.x * d;
+__device__ void rms_norm_bwd_acc_v8(const T* x, const float* w, const T* g, T* dx, int d, float eps,
+                                    const uint32_t* rows = nullptr) {
+    // with `rows`, gradient row i belongs to input (and dx) row rows[i] (a scatter-add)
+    const long base = (long)blockIdx.x * d, xbase = rows ? (long)rows[blockIdx.x] * d : base;
     float ss = 0.f, dot = 0.f, v[8], gv[8], wv[8], acc[8];
     for (int j = 8 * threadIdx.x; j < d; j += 8 * blockDim.x) {
-        ld8(x, base + j, v);
+        ld8(x, xbase + j, v);
         ld8(g, base + j, gv);
         ld8(w, j, wv);
 #pragma unroll
@@ -487,13 +490,13 @@ __device__ void rms_norm_bwd_acc_v8(const T* x, const float* w, const T* g, T* d
     float inv = rsqrtf(ss / d + eps);
     float cc = dot * inv * inv / d;
     for (int j = 8 * threadIdx.x; j < d; j += 8 * blockDim.x) {
-        ld8(x, base + j, v);
+        ld8(x, xbase + j, v);
         ld8(g, base + j, gv);
         ld8(w, j, wv);
-        ld8(dx, base + j, acc);
+        ld8(dx, xbase + j, acc);
 #pragma unroll
         for (int k = 0; k < 8; k++) acc[k] += (gv[k] * wv[k] - v[k] * cc) * inv;
-        st8(dx, base + j, acc);
+        st8(dx, xbase + j, acc);
     }
 }
 
@@ -634,6 +637,14 @@ __device__ void masked_softmax_bwd_warp_v8(const T* p, const T* dp, T* ds, long 
                                                          float eps) {                                               \
         rms_norm_bwd_acc_v8<T>(x, w, g, dx, d, eps);                                                                \
     }                                                                                                               \
+    extern "C" __global__ void rms_norm_fwd_rows_v8_##SUF(const T* x, const uint32_t* rows, const float* w, T* y,   \
+                                                          int d, float eps) {                                       \
+        rms_norm_fwd_v8<T>(x, w, y, d, eps, rows);                                                                  \
+    }                                                                                                               \
+    extern "C" __global__ void rms_norm_bwd_acc_rows_v8_##SUF(const T* x, const uint32_t* rows, const float* w,     \
+                                                              const T* g, T* dx, int d, float eps) {                \
+        rms_norm_bwd_acc_v8<T>(x, w, g, dx, d, eps, rows);                                                          \
+    }                                                                                                               \
     extern "C" __global__ void rope_split_v8_##SUF(const T* src, T* dst, const float* cs, const float* sn, int b,   \
                                                    int t, int n, int hd, int rotate, int inverse) {                 \
         rope_split_v8<T>(src, dst, cs, sn, b, t, n, hd, rotate, inverse);                                           \
@@ -649,3 +660,50 @@ __device__ void masked_softmax_bwd_warp_v8(const T* p, const T* dp, T* ds, long 
 
 INSTANTIATE_V8(float, f32)
 INSTANTIATE_V8(uint16_t, bf16)
+
+// The SFT head's cross-entropy and its gradient in one kernel, a block per row of logits z
+// (n × c, c a multiple of 8, 8-wide): out[i] = lse_i − z[i, t_i], and z overwritten by
+// g·(softmax(z_i) − onehot(t_i)), g the same for every row (the mean's scale). One pass finds
+// the row's max and sum together (rescaling the sum when the max grows), a second writes the
+// gradient; the row (64 KiB at a 32k vocabulary) is still in L2 for it. Reference: the
+// composed cross-entropy and its autograd gradient (`gpu-check`, the fast path's loss and
+// gradients).
+template <typename T>
+__device__ void xent_grad_inplace_v8(T* z, const uint32_t* t, float* out, int c, float g) {
+    const long base = (long)blockIdx.x * c;
+    const uint32_t ti = t[blockIdx.x];
+    float zt = 0.f;
+    if (threadIdx.x == 0) zt = ld(z, base + ti);  // read before any thread writes the row
+    float m = -INFINITY, s = 0.f;
+    for (int j = 8 * threadIdx.x; j < c; j += 8 * blockDim.x) {
+        float v[8];
+        ld8(z, base + j, v);
+        float mm = v[0];
+#pragma unroll
+        for (int k = 1; k < 8; k++) mm = fmaxf(mm, v[k]);
+        if (mm > m) {
+            s *= __expf(m - mm);
+            m = mm;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += __expf(v[k] - m);
+    }
+    const float mx = block_max(m);
+    s = m == -INFINITY ? 0.f : s * __expf(m - mx);
+    const float lse = mx + logf(block_sum(s));
+    if (threadIdx.x == 0) out[blockIdx.x] = lse - zt;
+    for (int j = 8 * threadIdx.x; j < c; j += 8 * blockDim.x) {
+        float v[8];
+        ld8(z, base + j, v);
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = g * (__expf(v[k] - lse) - (j + k == (int)ti ? 1.f : 0.f));
+        st8(z, base + j, v);
+    }
+}
+
+extern "C" __global__ void xent_grad_inplace_v8_f32(float* z, const uint32_t* t, float* out, int c, float g) {
+    xent_grad_inplace_v8<float>(z, t, out, c, g);
+}
+extern "C" __global__ void xent_grad_inplace_v8_bf16(uint16_t* z, const uint32_t* t, float* out, int c, float g) {
+    xent_grad_inplace_v8<uint16_t>(z, t, out, c, g);
+}

@@ -808,6 +808,88 @@ pub mod raw {
         Ok(())
     }
 
+    /// Whether the 8-wide kernels take rows of `d` at these pointers (see `v8`).
+    pub fn v8_ok(ptrs: &[u64], d: usize) -> bool {
+        super::v8(ptrs, d)
+    }
+
+    /// y[i] = RMSNorm(x[rows[i]])·w for the n rows listed (u32 indices): a gather and the
+    /// norm in one pass. d a multiple of 8, pointers 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_fwd_rows(
+        dev: &CudaDevice,
+        bf16: bool,
+        (x, rows, w, y): (u64, u64, u64, u64),
+        n: usize,
+        d: usize,
+        eps: f64,
+    ) -> candle_core::Result<()> {
+        if !super::v8(&[x, w, y], d) {
+            candle_core::bail!("rms_fwd_rows: rows of a multiple of 8, 16-byte aligned");
+        }
+        let f = dev.get_or_load_custom_func(
+            &format!("rms_norm_fwd_rows_v8_{}", suf(bf16)),
+            MODULE,
+            PTX,
+        )?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, x, rows, w, y, d as i32, eps as f32);
+        // SAFETY: x holds every listed row of d; rows n u32; y n × d; w d f32.
+        unsafe { bld.launch(rows_cfg(n)) }.w()?;
+        Ok(())
+    }
+
+    /// dx[rows[i]] += RMSNorm backward(x[rows[i]], g[i]) for the n rows listed (distinct): the
+    /// norm's backward and a scatter in one pass. As [`rms_fwd_rows`] on sizes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_bwd_acc_rows(
+        dev: &CudaDevice,
+        bf16: bool,
+        (x, rows, w, g, dx): (u64, u64, u64, u64, u64),
+        n: usize,
+        d: usize,
+        eps: f64,
+    ) -> candle_core::Result<()> {
+        if !super::v8(&[x, w, g, dx], d) {
+            candle_core::bail!("rms_bwd_acc_rows: rows of a multiple of 8, 16-byte aligned");
+        }
+        let f = dev.get_or_load_custom_func(
+            &format!("rms_norm_bwd_acc_rows_v8_{}", suf(bf16)),
+            MODULE,
+            PTX,
+        )?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, x, rows, w, g, dx, d as i32, eps as f32);
+        // SAFETY: as rms_fwd_rows, g n × d, dx as x.
+        unsafe { bld.launch(rows_cfg(n)) }.w()?;
+        Ok(())
+    }
+
+    /// Per row of logits z (n × c): out[i] = −log softmax(z_i)[t_i] (f32), and z overwritten
+    /// by its gradient g·(softmax(z_i) − onehot(t_i)). c a multiple of 8, z 16-byte aligned.
+    pub fn xent_grad_inplace(
+        dev: &CudaDevice,
+        bf16: bool,
+        (z, t, out): (u64, u64, u64),
+        n: usize,
+        c: usize,
+        g: f32,
+    ) -> candle_core::Result<()> {
+        if c % 8 != 0 || z % 16 != 0 {
+            candle_core::bail!("xent_grad_inplace: rows of a multiple of 8, 16-byte aligned");
+        }
+        let f = dev.get_or_load_custom_func(
+            &format!("xent_grad_inplace_v8_{}", suf(bf16)),
+            MODULE,
+            PTX,
+        )?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, z, t, out, c as i32, g);
+        // SAFETY: live buffers of n × c (z), n (t: u32, out: f32) elements.
+        unsafe { bld.launch(rows_cfg(n)) }.w()?;
+        Ok(())
+    }
+
     /// y = a + b over n elements.
     pub fn add(
         dev: &CudaDevice,
