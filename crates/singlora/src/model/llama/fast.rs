@@ -30,7 +30,9 @@ use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
 use crate::ops::cuda::attention::{backward_raw, forward_raw, Saved};
 use crate::ops::cuda::prof::mark;
-use crate::ops::cuda::{fresh, gemm, gemm_out, linear_output, mat_of_tensor, ptr_of, raw, Mat};
+use crate::ops::cuda::{
+    fresh, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, ptr_of, raw, Mat,
+};
 use crate::train::dist::GradSync;
 
 /// [`mark`] on a CUDA device (nothing elsewhere).
@@ -123,8 +125,133 @@ struct DoraPrep {
 
 /// What a projection's backward needs beyond its input: h = x·D, and DoRA's unscaled output.
 struct PSaved {
-    h: Option<Buf>,
+    h: Option<HSaved>,
     y_pre: Option<Buf>,
+}
+
+/// h = x·D (m × r) at `ptr` with row stride `ld`: its own buffer, or a column block of its
+/// group's (see [`Group`]).
+struct HSaved {
+    _own: Option<CudaStorage>,
+    ptr: u64,
+    ld: usize,
+}
+
+/// The adapted projections of a layer that read one input (q, k and v; gate and up), with
+/// one scale c and no DoRA: their D factors side by side (k × Σr), so that one GEMM gives
+/// every h = x·D (the input read once, not three or two times) and, in the backward, one GEMM
+/// adds every c·g_U·Dᵀ to the input's gradient (one pass over it, not three or two).
+struct Group {
+    _d: Tensor,
+    d: u64,
+    /// Σr, the row stride of the side-by-side factors and products.
+    width: usize,
+    /// Each member's first column.
+    offs: Vec<usize>,
+    c: f32,
+}
+
+/// The [`Group`] of `ps`, or None where they do not qualify (or `SINGLORA_UNGROUPED` is set:
+/// the benchmark's comparison).
+fn group_of(ps: &[Proj]) -> Result<Option<Group>> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var_os("SINGLORA_UNGROUPED").is_some()) {
+        return Ok(None);
+    }
+    let mut ds = vec![];
+    let mut offs = vec![];
+    let mut width = 0;
+    let mut c = None;
+    for p in ps {
+        let Some(f) = &p.ad else { return Ok(None) };
+        if f.dora.is_some() || c.is_some_and(|c| c != f.c) || p.k != ps[0].k {
+            return Ok(None);
+        }
+        c = Some(f.c);
+        offs.push(width);
+        width += f.r;
+        ds.push(&f._d);
+    }
+    let Some(c) = c else { return Ok(None) };
+    let d = Tensor::cat(&ds, 1)?.contiguous()?;
+    Ok(Some(Group {
+        d: tensor_ptr(&d, "grouped adapter factors")?,
+        _d: d,
+        width,
+        offs,
+        c,
+    }))
+}
+
+impl Group {
+    /// h for every member: x (m × k)·D (k × Σr), a fresh buffer.
+    fn forward(&self, dev: &CudaDevice, bf16: bool, x: u64, m: usize, k: usize) -> Result<Buf> {
+        let (h, hp) = fresh(dev, bf16, m * self.width)?;
+        // SAFETY: live buffers of the shapes given, one stream.
+        unsafe {
+            gemm(
+                dev,
+                bf16,
+                (m, self.width, k),
+                Mat {
+                    ptr: x,
+                    ld: k,
+                    trans: false,
+                },
+                Mat {
+                    ptr: self.d,
+                    ld: self.width,
+                    trans: false,
+                },
+                hp,
+                1.0,
+                0.0,
+            )?;
+        }
+        mark(dev, "adapter fwd: h = x·D")?;
+        Ok((h, hp))
+    }
+
+    /// Member i's block of a buffer of Σr columns.
+    fn block(&self, buf: u64, i: usize, bf16: bool) -> (u64, usize) {
+        let el = if bf16 { 2 } else { 4 };
+        (buf + (el * self.offs[i]) as u64, self.width)
+    }
+
+    /// dx += c·g_U (m × Σr)·Dᵀ for every member at once.
+    fn backward_dx(
+        &self,
+        dev: &CudaDevice,
+        bf16: bool,
+        gu: u64,
+        m: usize,
+        k: usize,
+        dx: u64,
+    ) -> Result<()> {
+        // SAFETY: live buffers of the shapes given, one stream.
+        unsafe {
+            gemm(
+                dev,
+                bf16,
+                (m, k, self.width),
+                Mat {
+                    ptr: gu,
+                    ld: self.width,
+                    trans: false,
+                },
+                Mat {
+                    ptr: self.d,
+                    ld: self.width,
+                    trans: true,
+                },
+                dx,
+                self.c,
+                1.0,
+            )?;
+        }
+        mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
+        Ok(())
+    }
 }
 
 /// A projection prepared for the step.
@@ -151,6 +278,8 @@ struct LayerTape {
     u: (CudaStorage, u64),
     h_gu: [PSaved; 2],
     h_down: PSaved,
+    /// The q/k/v and gate/up groups' h buffers (their members' `HSaved` point into them).
+    _h_groups: [Option<Buf>; 2],
 }
 
 /// A forward through the decoder layers, ready for its backward.
@@ -163,6 +292,8 @@ pub(crate) struct Tape {
     eps: f64,
     tables: (Tensor, Tensor),
     projs: Vec<[Proj; 7]>,
+    /// Per layer, the q/k/v and gate/up [`Group`]s where they qualify.
+    groups: Vec<[Option<Group>; 2]>,
     norms: Vec<(u64, u64)>,
     layers: Vec<LayerTape>,
     /// The embedded input (kept alive for layer 0's backward) and, when the benchmark asks
@@ -259,8 +390,16 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
 type Buf = (CudaStorage, u64);
 
 impl Proj {
-    /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns y and h = x·D (kept for the backward).
-    fn forward(&self, dev: &CudaDevice, bf16: bool, x: u64, m: usize) -> Result<(Buf, PSaved)> {
+    /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns y and h = x·D (kept for the backward). `pre_h`:
+    /// h already computed (by the projection's group) at this pointer and row stride.
+    fn forward(
+        &self,
+        dev: &CudaDevice,
+        bf16: bool,
+        x: u64,
+        m: usize,
+        pre_h: Option<(u64, usize)>,
+    ) -> Result<(Buf, PSaved)> {
         let dora = self.ad.as_ref().and_then(|f| f.dora.as_ref());
         // DoRA's bias comes after its rescaling
         let bias = if dora.is_some() {
@@ -297,30 +436,38 @@ impl Proj {
         let h = match &self.ad {
             None => None,
             Some(f) => {
-                let (h, hp) = fresh(dev, bf16, m * f.r)?;
+                let (own, hp, ld) = match pre_h {
+                    Some((p, ld)) => (None, p, ld),
+                    None => {
+                        let (h, hp) = fresh(dev, bf16, m * f.r)?;
+                        unsafe {
+                            gemm(
+                                dev,
+                                bf16,
+                                (m, f.r, self.k),
+                                xm,
+                                Mat {
+                                    ptr: f.d,
+                                    ld: f.r,
+                                    trans: false,
+                                },
+                                hp,
+                                1.0,
+                                0.0,
+                            )?;
+                        }
+                        mark(dev, "adapter fwd: h = x·D")?;
+                        (Some(h), hp, f.r)
+                    }
+                };
                 unsafe {
-                    gemm(
-                        dev,
-                        bf16,
-                        (m, f.r, self.k),
-                        xm,
-                        Mat {
-                            ptr: f.d,
-                            ld: f.r,
-                            trans: false,
-                        },
-                        hp,
-                        1.0,
-                        0.0,
-                    )?;
-                    mark(dev, "adapter fwd: h = x·D")?;
                     gemm(
                         dev,
                         bf16,
                         (m, self.n, f.r),
                         Mat {
                             ptr: hp,
-                            ld: f.r,
+                            ld,
                             trans: false,
                         },
                         Mat {
@@ -334,7 +481,11 @@ impl Proj {
                     )?;
                 }
                 mark(dev, "adapter fwd: y += c·h·Uᵀ")?;
-                Some((h, hp))
+                Some(HSaved {
+                    _own: own,
+                    ptr: hp,
+                    ld,
+                })
             }
         };
         if let Some(dp) = dora {
@@ -355,7 +506,9 @@ impl Proj {
         Ok(((y, yp), PSaved { h, y_pre: None }))
     }
 
-    /// dx (+)= g·W0 + c·(g·U)·Dᵀ, and the adapter's gradients into `grads` (f32).
+    /// dx (+)= g·W0 + c·(g·U)·Dᵀ, and the adapter's gradients into `grads` (f32). `grouped`:
+    /// g_U = g·U goes to this pointer and row stride (a block of the group's buffer), and the
+    /// group adds c·g_U·Dᵀ to dx afterwards for all its members.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -368,9 +521,10 @@ impl Proj {
         dx: u64,
         accumulate: bool,
         grads: u64,
+        grouped: Option<(u64, usize)>,
     ) -> Result<()> {
         let (n, k) = (self.n, self.k);
-        let h = saved.h.as_ref().map(|b| b.1);
+        let h = saved.h.as_ref().map(|h| (h.ptr, h.ld));
         // DoRA: the magnitude's gradient, then the gradient of the unscaled output
         let mut _scaled = None;
         let mut g = g;
@@ -414,9 +568,16 @@ impl Proj {
         let Some(f) = &self.ad else {
             return Ok(());
         };
-        let h = h.ok_or_else(|| Error::msg("fast path: an adapter without its saved product"))?;
+        let (h, h_ld) =
+            h.ok_or_else(|| Error::msg("fast path: an adapter without its saved product"))?;
         let r = f.r;
-        let (gu, gup) = fresh(dev, bf16, m * r)?;
+        let (gu, (gup, gu_ld)) = match grouped {
+            Some(block) => (None, block),
+            None => {
+                let (gu, gup) = fresh(dev, bf16, m * r)?;
+                (Some(gu), (gup, r))
+            }
+        };
         let xm = Mat {
             ptr: x,
             ld: k,
@@ -424,17 +585,18 @@ impl Proj {
         };
         let gum = Mat {
             ptr: gup,
-            ld: r,
+            ld: gu_ld,
             trans: false,
         };
         let hm = Mat {
             ptr: h,
-            ld: r,
+            ld: h_ld,
             trans: false,
         };
         unsafe {
-            gemm(
+            gemm_out_ld(
                 dev,
+                bf16,
                 bf16,
                 (m, r, n),
                 gm,
@@ -443,27 +605,29 @@ impl Proj {
                     ld: r,
                     trans: false,
                 },
-                gup,
+                (gup, gu_ld),
                 1.0,
                 0.0,
             )?;
             mark(dev, "adapter bwd: gU = g·U")?;
-            gemm(
-                dev,
-                bf16,
-                (m, k, r),
-                gum,
-                Mat {
-                    ptr: f.d,
-                    ld: r,
-                    trans: true,
-                },
-                dx,
-                f.c,
-                1.0,
-            )?;
+            if grouped.is_none() {
+                gemm(
+                    dev,
+                    bf16,
+                    (m, k, r),
+                    gum,
+                    Mat {
+                        ptr: f.d,
+                        ld: r,
+                        trans: true,
+                    },
+                    dx,
+                    f.c,
+                    1.0,
+                )?;
+                mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
+            }
         }
-        mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
         unsafe {
             match f.slot {
                 GradSlot::SingLora { off, .. } => {
@@ -526,6 +690,37 @@ impl Proj {
     }
 }
 
+/// The backward of projections that read one input x (q, k, v, or gate and up) from their
+/// output gradients `gs`: dx = Σ g_i·W0_i + c·g_U,i·D_iᵀ, the first writing dx; with their
+/// [`Group`], the g_U go side by side into one buffer and one GEMM adds the adapter terms.
+#[allow(clippy::too_many_arguments)]
+fn backward_members(
+    dev: &CudaDevice,
+    bf16: bool,
+    (ps, saved, group): (&[Proj], &[PSaved], Option<&Group>),
+    gs: &[u64],
+    x: u64,
+    m: usize,
+    dx: u64,
+    grads: u64,
+) -> Result<()> {
+    let gu = match group {
+        Some(gr) => Some(fresh(dev, bf16, m * gr.width)?),
+        None => None,
+    };
+    for (i, p) in ps.iter().enumerate() {
+        let block = match (group, &gu) {
+            (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
+            _ => None,
+        };
+        p.backward(dev, bf16, gs[i], x, &saved[i], m, dx, i > 0, grads, block)?;
+    }
+    if let (Some(gr), Some(b)) = (group, &gu) {
+        gr.backward_dx(dev, bf16, b.1, m, ps[0].k, dx)?;
+    }
+    Ok(())
+}
+
 fn layer_projs(l: &Layer) -> [&AdaptedLinear; 7] {
     [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
 }
@@ -548,6 +743,7 @@ impl Llama {
         }
         let mut grad_len = 0;
         let mut projs = vec![];
+        let mut groups = vec![];
         let mut layer_ends = vec![];
         for l in &self.layers {
             let mut ps = vec![];
@@ -558,6 +754,7 @@ impl Llama {
                 }
             }
             let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
+            groups.push([group_of(&ps[0..3])?, group_of(&ps[4..6])?]);
             projs.push(ps);
             layer_ends.push(grad_len);
         }
@@ -592,9 +789,18 @@ impl Llama {
             let hn1 = fresh(dev, bf16, m * h)?;
             raw::rms_fwd(dev, bf16, (x_ptr, ln1, hn1.1), m, h, c.eps)?;
             mark(dev, "RMSNorm fwd")?;
-            let (q, hq) = ps[0].forward(dev, bf16, hn1.1, m)?;
-            let (k, hk) = ps[1].forward(dev, bf16, hn1.1, m)?;
-            let (v, hv) = ps[2].forward(dev, bf16, hn1.1, m)?;
+            let [g_qkv, g_gu] = &groups[li];
+            let h_qkv = match g_qkv {
+                Some(gr) => Some(gr.forward(dev, bf16, hn1.1, m, h)?),
+                None => None,
+            };
+            let pre = |gr: &Option<Group>, buf: &Option<Buf>, i: usize| match (gr, buf) {
+                (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
+                _ => None,
+            };
+            let (q, hq) = ps[0].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 0))?;
+            let (k, hk) = ps[1].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 1))?;
+            let (v, hv) = ps[2].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 2))?;
             // the norms' outputs and SwiGLU's are recomputed in the backward (cheap, and
             // 2·hidden + ff values per token fewer to keep)
             drop(hn1);
@@ -610,7 +816,7 @@ impl Llama {
             )?;
             mark(dev, "attention fwd")?;
             drop((q, k, v));
-            let (o, ho) = ps[3].forward(dev, bf16, ap, m)?;
+            let (o, ho) = ps[3].forward(dev, bf16, ap, m, None)?;
             let x_mid = fresh(dev, bf16, m * h)?;
             raw::add(dev, bf16, (x_ptr, o.1, x_mid.1), m * h)?;
             mark(dev, "residual add")?;
@@ -618,13 +824,17 @@ impl Llama {
             let hn2 = fresh(dev, bf16, m * h)?;
             raw::rms_fwd(dev, bf16, (x_mid.1, ln2, hn2.1), m, h, c.eps)?;
             mark(dev, "RMSNorm fwd")?;
-            let (g, hg) = ps[4].forward(dev, bf16, hn2.1, m)?;
-            let (u, hu) = ps[5].forward(dev, bf16, hn2.1, m)?;
+            let h_gu = match g_gu {
+                Some(gr) => Some(gr.forward(dev, bf16, hn2.1, m, h)?),
+                None => None,
+            };
+            let (g, hg) = ps[4].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 0))?;
+            let (u, hu) = ps[5].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 1))?;
             drop(hn2);
             let f = fresh(dev, bf16, m * ff)?;
             raw::swiglu_fwd(dev, bf16, (g.1, u.1, f.1), m * ff)?;
             mark(dev, "SwiGLU fwd")?;
-            let (dn, hdn) = ps[6].forward(dev, bf16, f.1, m)?;
+            let (dn, hdn) = ps[6].forward(dev, bf16, f.1, m, None)?;
             drop(f);
             let x_next = fresh(dev, bf16, m * h)?;
             raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?;
@@ -643,6 +853,7 @@ impl Llama {
                 u,
                 h_gu: [hg, hu],
                 h_down: hdn,
+                _h_groups: [h_qkv, h_gu],
             });
             x_ptr = x_next.1;
             x_in = Some(x_next.0);
@@ -658,6 +869,7 @@ impl Llama {
             eps: c.eps,
             tables: (cos, sin),
             projs,
+            groups,
             norms,
             layers: tapes,
             x0,
@@ -713,7 +925,9 @@ impl Tape {
             raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
             mark(dev, "SwiGLU recompute")?;
             let df = fresh(dev, bf16, m * ff)?;
-            ps[6].backward(dev, bf16, dxp, f.1, &lt.h_down, m, df.1, false, grads_ptr)?;
+            ps[6].backward(
+                dev, bf16, dxp, f.1, &lt.h_down, m, df.1, false, grads_ptr, None,
+            )?;
             let dgu = fresh(dev, bf16, 2 * m * ff)?;
             raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
             mark(dev, "SwiGLU bwd")?;
@@ -722,26 +936,16 @@ impl Tape {
             raw::rms_fwd(dev, bf16, (lt.x_mid.1, ln2, hn2.1), m, h, self.eps)?;
             mark(dev, "RMSNorm recompute")?;
             let dhn2 = fresh(dev, bf16, m * h)?;
-            ps[4].backward(
+            let [g_qkv, g_gu] = &self.groups[li];
+            let gate_up = [dgu.1, dgu.1 + el * (m * ff) as u64];
+            backward_members(
                 dev,
                 bf16,
-                dgu.1,
+                (&ps[4..6], &lt.h_gu, g_gu.as_ref()),
+                &gate_up,
                 hn2.1,
-                &lt.h_gu[0],
                 m,
                 dhn2.1,
-                false,
-                grads_ptr,
-            )?;
-            ps[5].backward(
-                dev,
-                bf16,
-                dgu.1 + el * (m * ff) as u64,
-                hn2.1,
-                &lt.h_gu[1],
-                m,
-                dhn2.1,
-                true,
                 grads_ptr,
             )?;
             drop((dgu, hn2));
@@ -750,7 +954,9 @@ impl Tape {
             drop(dhn2);
             // attention: o, the attention block, q k v, norm 1
             let da = fresh(dev, bf16, m * nh * hd)?;
-            ps[3].backward(dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr)?;
+            ps[3].backward(
+                dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr, None,
+            )?;
             let (pk, pkp) = backward_raw(dev, bf16, &lt.att, da.1, tables, self.dims)?;
             mark(dev, "attention bwd")?;
             drop(da);
@@ -759,37 +965,15 @@ impl Tape {
             raw::rms_fwd(dev, bf16, (lt.x_in_ptr, ln1, hn1.1), m, h, self.eps)?;
             mark(dev, "RMSNorm recompute")?;
             let dhn1 = fresh(dev, bf16, m * h)?;
-            ps[0].backward(
+            let qkv = [pkp, pkp + el * nq as u64, pkp + el * (nq + nk) as u64];
+            backward_members(
                 dev,
                 bf16,
-                pkp,
+                (&ps[0..3], &lt.h_qkv, g_qkv.as_ref()),
+                &qkv,
                 hn1.1,
-                &lt.h_qkv[0],
                 m,
                 dhn1.1,
-                false,
-                grads_ptr,
-            )?;
-            ps[1].backward(
-                dev,
-                bf16,
-                pkp + el * nq as u64,
-                hn1.1,
-                &lt.h_qkv[1],
-                m,
-                dhn1.1,
-                true,
-                grads_ptr,
-            )?;
-            ps[2].backward(
-                dev,
-                bf16,
-                pkp + el * (nq + nk) as u64,
-                hn1.1,
-                &lt.h_qkv[2],
-                m,
-                dhn1.1,
-                true,
                 grads_ptr,
             )?;
             drop((pk, hn1));

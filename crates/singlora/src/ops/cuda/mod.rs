@@ -496,6 +496,26 @@ pub unsafe fn gemm_out(
     alpha: f32,
     beta: f32,
 ) -> candle_core::Result<()> {
+    gemm_out_ld(dev, bf16, c_bf16, (m, n, k), a, b, (c, n), alpha, beta)
+}
+
+/// [`gemm_out`] with C's row stride given (`c` = pointer and stride): C a column block of a
+/// wider matrix.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_out_ld(
+    dev: &CudaDevice,
+    bf16: bool,
+    c_bf16: bool,
+    (m, n, k): (usize, usize, usize),
+    a: Mat,
+    b: Mat,
+    (c, ldc): (u64, usize),
+    alpha: f32,
+    beta: f32,
+) -> candle_core::Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result, sys};
     let dt = cublas_type(bf16);
     let blas = dev.cublas_handle();
@@ -516,7 +536,7 @@ pub unsafe fn gemm_out(
         (&beta) as *const f32 as *const _,
         c as *mut _,
         cublas_type(c_bf16),
-        n as i32,
+        ldc as i32,
         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
