@@ -206,6 +206,14 @@ fn main() -> ExitCode {
     // zero-fill them again every step (~10% of a MiniLM step); idle memory still goes back.
     // SAFETY: called before any other thread exists; the option is a plain integer setting.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+    // candle sizes every CPU matmul by parsing /proc/cpuinfo unless RAYON_NUM_THREADS is set
+    // (~10% of a MiniLM step); fix its own answer once, before any thread starts
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().to_string(),
+        );
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -11,8 +11,8 @@ use super::weights::{ConfigReader, Weights};
 use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
-use crate::nn::{attention, key_lens, Activation};
-use crate::ops::{gelu_erf, layer_norm};
+use crate::nn::{key_lens, Activation};
+use crate::ops::{gelu_erf, heads_attention, layer_norm};
 
 #[derive(Debug, Clone)]
 pub struct BertConfig {
@@ -231,17 +231,11 @@ impl Bert {
             .emb_norm
             .forward(&x.reshape((b, t, h))?, self.cfg.eps)?;
         let lens = key_lens(&batch.mask)?;
-        let nh = self.cfg.heads;
-        let hd = h / nh;
-        let heads =
-            |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
         for l in &self.layers {
-            let q = heads(l.query.forward(&x)?)?;
-            let k = heads(l.key.forward(&x)?)?;
-            let v = heads(l.value.forward(&x)?)?;
-            let a = attention(&q, &k, &v, &lens, false)?
-                .transpose(1, 2)?
-                .reshape((b, t, h))?;
+            let q = l.query.forward(&x)?;
+            let k = l.key.forward(&x)?;
+            let v = l.value.forward(&x)?;
+            let a = heads_attention(&q, &k, &v, self.cfg.heads, &lens, false)?;
             let a = l.attn_out.forward(&a)?;
             let x1 = l.attn_norm.forward(&(a + &x)?, self.cfg.eps)?;
             let inter = l.inter.forward(&x1)?;

@@ -6,8 +6,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+};
 
+use super::linear::{gemm_at, View};
+use super::Real;
 use crate::error::Result;
 
 #[cfg(feature = "cuda")]
@@ -155,4 +159,418 @@ pub fn attention_block(
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// Multi-head attention without RoPE from `q`, `k`, `v` (b, t, heads·hd), heads merged:
+/// (b, t, heads·hd); batch row i attends to its first `key_lens[i]` keys (and only to earlier
+/// ones when `causal`). On the CPU (f32/f64) one op per direction: each (row, head) pair runs
+/// S = QKᵀ/√hd, the masked softmax and P·V in place in the (b, t, h·hd) layout, so no head
+/// transposes, score tensors or their gradients pass through autograd; P is kept for the
+/// backward. Elsewhere the composed [`crate::nn::attention`] on split heads.
+pub fn heads_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_lens: &[usize],
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    let hd = width / heads;
+    let native = q.device().is_cpu()
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && k.dims() == q.dims()
+        && v.dims() == q.dims()
+        && width % heads == 0
+        && key_lens.len() == b;
+    if !native {
+        let split =
+            |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, heads, hd))?.transpose(1, 2)?) };
+        let a = crate::nn::attention(&split(q)?, &split(k)?, &split(v)?, key_lens, causal)?;
+        return Ok(a.transpose(1, 2)?.reshape((b, t, width))?);
+    }
+    let op = HeadsAttention {
+        heads,
+        key_lens: Arc::new(key_lens.to_vec()),
+        causal,
+        probs: Arc::new(Mutex::new(None)),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+#[derive(Clone)]
+struct HeadsAttention {
+    heads: usize,
+    key_lens: Arc<Vec<usize>>,
+    causal: bool,
+    /// P (b, heads, t, t), written by the forward, taken by the backward.
+    probs: Arc<Mutex<Option<CpuStorage>>>,
+}
+
+/// A raw pointer the parallel loops share; every (row, head) unit writes its own elements.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: only used for disjoint writes from the units of one parallel loop.
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
+impl HeadsAttention {
+    /// (b, t, heads, hd) of a (b, t, heads·hd) input.
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, t, w) = l.shape().dims3()?;
+        if w % self.heads != 0 || b != self.key_lens.len() {
+            candle_core::bail!(
+                "heads attention: input {:?} does not fit {} heads and {} key lengths",
+                l.dims(),
+                self.heads,
+                self.key_lens.len()
+            );
+        }
+        Ok((b, t, self.heads, w / self.heads))
+    }
+
+    /// Keys a query row `i` of batch row `bi` sees: a prefix of the row.
+    fn limit(&self, bi: usize, i: usize, t: usize) -> usize {
+        let len = self.key_lens[bi].min(t);
+        if self.causal {
+            len.min(i + 1)
+        } else {
+            len
+        }
+    }
+
+    fn fwd<T: Real + 'static>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        (b, t, h, d): (usize, usize, usize, usize),
+    ) -> (Vec<T>, Vec<T>) {
+        use rayon::prelude::*;
+        let w = h * d;
+        let scale = T::from(1.0 / (d as f64).sqrt()).unwrap();
+        let mut out = vec![T::zero(); b * t * w];
+        let mut probs = vec![T::zero(); b * h * t * t];
+        let o = SharedMut(out.as_mut_ptr());
+        probs
+            .par_chunks_mut(t * t)
+            .enumerate()
+            .for_each(|(unit, p)| {
+                let (bi, hi) = (unit / h, unit % h);
+                let len = self.key_lens[bi].min(t);
+                if len == 0 {
+                    return;
+                }
+                let base = bi * t * w + hi * d;
+                let qv = View::rows(q[base..].as_ptr(), w);
+                let kv = View::rows(k[base..].as_ptr(), w);
+                let vv = View::rows(v[base..].as_ptr(), w);
+                // SAFETY: p is this unit's t × t block; the views stay inside q, k, v; the
+                // output block (t × d at row stride w) belongs to this (row, head) alone.
+                unsafe {
+                    gemm_at(
+                        p.as_mut_ptr(),
+                        t,
+                        (t, len, d),
+                        qv,
+                        kv.t(),
+                        scale,
+                        false,
+                        false,
+                    );
+                }
+                for (i, row) in p.chunks_mut(t).enumerate() {
+                    let n = self.limit(bi, i, t);
+                    if n > 0 {
+                        let max = super::max_of(&row[..n]);
+                        for x in &mut row[..n] {
+                            *x = (*x - max).fast_exp();
+                        }
+                        let inv = T::one() / super::sum_map(&row[..n], |x| x);
+                        for x in &mut row[..n] {
+                            *x *= inv;
+                        }
+                    }
+                    row[n..].iter_mut().for_each(|x| *x = T::zero());
+                }
+                let pv = View::rows(p.as_ptr(), t);
+                unsafe {
+                    gemm_at(o.at(base), w, (t, d, len), pv, vv, T::one(), false, false);
+                }
+            });
+        (out, probs)
+    }
+}
+
+fn cpu_data<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    super::cpu_slice::<T>(s, l, "heads attention")
+}
+
+impl CustomOp3 for HeadsAttention {
+    fn name(&self) -> &'static str {
+        "heads-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.dims(lq)?;
+        if lk.dims() != lq.dims() || lv.dims() != lq.dims() {
+            candle_core::bail!(
+                "heads attention: q {:?}, k {:?}, v {:?} differ",
+                lq.dims(),
+                lk.dims(),
+                lv.dims()
+            );
+        }
+        super::dispatch_float!(q, "heads attention", |T| {
+            let (out, probs) =
+                self.fwd::<T>(cpu_data(q, lq)?, cpu_data(k, lk)?, cpu_data(v, lv)?, dims);
+            *self.probs.lock().unwrap() = Some(T::to_cpu_storage_owned(probs));
+            Ok((T::to_cpu_storage_owned(out), lq.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, w) = q.dims3()?;
+        let packed = g.contiguous()?.apply_op1_no_bwd(&HeadsAttentionBackward {
+            op: self.clone(),
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+        })?;
+        let n = b * t * w;
+        let part = |i: usize| packed.narrow(0, i * n, n)?.reshape((b, t, w));
+        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+    }
+}
+
+/// The backward as an op on the output's gradient dO, giving [dq | dk | dv] flat:
+/// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − Σⱼ P⊙dP)/√hd, dQ = dS·K, dK = dSᵀ·Q per (row, head).
+struct HeadsAttentionBackward {
+    op: HeadsAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+impl HeadsAttentionBackward {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Real + 'static>(
+        &self,
+        g: &[T],
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        probs: &[T],
+        (b, t, h, d): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        use rayon::prelude::*;
+        let w = h * d;
+        let n = b * t * w;
+        let scale = T::from(1.0 / (d as f64).sqrt()).unwrap();
+        let mut grads = vec![T::zero(); 3 * n];
+        let dst = SharedMut(grads.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each(|unit| {
+            let (bi, hi) = (unit / h, unit % h);
+            let len = self.op.key_lens[bi].min(t);
+            if len == 0 {
+                return;
+            }
+            let base = bi * t * w + hi * d;
+            let p = &probs[unit * t * t..(unit + 1) * t * t];
+            let gv = View::rows(g[base..].as_ptr(), w);
+            let qv = View::rows(q[base..].as_ptr(), w);
+            let kv = View::rows(k[base..].as_ptr(), w);
+            let vv = View::rows(v[base..].as_ptr(), w);
+            let pv = View::rows(p.as_ptr(), t);
+            let mut ds = vec![T::zero(); t * len];
+            // SAFETY: ds is this unit's t × len scratch; the dq, dk, dv blocks (at row stride
+            // w in their thirds of `grads`) belong to this (row, head) alone.
+            unsafe {
+                gemm_at(
+                    dst.at(2 * n + base),
+                    w,
+                    (len, d, t),
+                    pv.t(),
+                    gv,
+                    T::one(),
+                    false,
+                    false,
+                );
+                gemm_at(
+                    ds.as_mut_ptr(),
+                    len,
+                    (t, len, d),
+                    gv,
+                    vv.t(),
+                    T::one(),
+                    false,
+                    false,
+                );
+            }
+            for (i, row) in ds.chunks_mut(len).enumerate() {
+                let lim = self.op.limit(bi, i, t);
+                let pr = &p[i * t..i * t + lim];
+                let dot = super::sum_map2(pr, &row[..lim], |x, y| x * y);
+                for (x, &pj) in row[..lim].iter_mut().zip(pr) {
+                    *x = scale * pj * (*x - dot);
+                }
+                row[lim..].iter_mut().for_each(|x| *x = T::zero());
+            }
+            let dsv = View::rows(ds.as_ptr(), len);
+            unsafe {
+                gemm_at(
+                    dst.at(base),
+                    w,
+                    (t, d, len),
+                    dsv,
+                    kv,
+                    T::one(),
+                    false,
+                    false,
+                );
+                gemm_at(
+                    dst.at(n + base),
+                    w,
+                    (len, d, t),
+                    dsv.t(),
+                    qv,
+                    T::one(),
+                    false,
+                    false,
+                );
+            }
+        });
+        grads
+    }
+}
+
+impl CustomOp1 for HeadsAttentionBackward {
+    fn name(&self) -> &'static str {
+        "heads-attention-backward"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.op.dims(lg)?;
+        let probs = self.op.probs.lock().unwrap().take().ok_or_else(|| {
+            candle_core::Error::Msg("heads attention: backward without a forward (or twice)".into())
+        })?;
+        let (qs, ql) = self.q.storage_and_layout();
+        let (ks, kl) = self.k.storage_and_layout();
+        let (vs, vl) = self.v.storage_and_layout();
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+            candle_core::bail!("heads attention backward: CPU tensors expected");
+        };
+        super::dispatch_float!(g, "heads attention backward", |T| {
+            let grads = self.run::<T>(
+                cpu_data(g, lg)?,
+                cpu_data(qs, ql)?,
+                cpu_data(ks, kl)?,
+                cpu_data(vs, vl)?,
+                T::cpu_storage_as_slice(&probs)?,
+                dims,
+            );
+            let len = grads.len();
+            Ok((T::to_cpu_storage_owned(grads), Shape::from(len)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::tests::check_grad;
+    use candle_core::Device;
+
+    /// The composed path: heads split, [`crate::nn::attention`], heads merged.
+    fn composed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        lens: &[usize],
+        causal: bool,
+    ) -> Tensor {
+        let (b, t, w) = q.dims3().unwrap();
+        let split = |x: &Tensor| {
+            x.reshape((b, t, heads, w / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        crate::nn::attention(&split(q), &split(k), &split(v), lens, causal)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, w))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn heads_attention_matches_composed_with_gradients() {
+        let dev = Device::Cpu;
+        let (b, t, heads, hd) = (3, 5, 2, 4);
+        let lens = [5, 3, 1];
+        let x = || Tensor::randn(0f64, 1.0, (b, t, heads * hd), &dev).unwrap();
+        let (q, k, v) = (x(), x(), x());
+        for causal in [false, true] {
+            let y = heads_attention(&q, &k, &v, heads, &lens, causal).unwrap();
+            let r = composed(&q, &k, &v, heads, &lens, causal);
+            assert!(max_diff(&y, &r) < 1e-12, "causal {causal}");
+            check_grad(&q, |q| heads_attention(q, &k, &v, heads, &lens, causal));
+            check_grad(&k, |k| heads_attention(&q, k, &v, heads, &lens, causal));
+            check_grad(&v, |v| heads_attention(&q, &k, v, heads, &lens, causal));
+        }
+    }
+
+    #[test]
+    fn heads_attention_f32_matches_composed() {
+        let dev = Device::Cpu;
+        let x = || Tensor::randn(0f32, 1.0, (2, 64, 96), &dev).unwrap();
+        let (q, k, v) = (x(), x(), x());
+        let y = heads_attention(&q, &k, &v, 3, &[64, 40], false).unwrap();
+        let r = composed(&q, &k, &v, 3, &[64, 40], false);
+        assert!(max_diff(&y, &r) < 1e-5);
+    }
 }

@@ -17,10 +17,10 @@ use crate::error::Result;
 
 /// A strided matrix view for gemm.
 #[derive(Clone, Copy)]
-struct View<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
+pub(super) struct View<T> {
+    pub(super) ptr: *const T,
+    pub(super) rs: isize,
+    pub(super) cs: isize,
 }
 
 fn view<'a, T: candle_core::WithDType>(
@@ -41,7 +41,16 @@ fn view<'a, T: candle_core::WithDType>(
 }
 
 impl<T> View<T> {
-    fn t(self) -> Self {
+    /// A row-major block with row stride `rs`.
+    pub(super) fn rows(ptr: *const T, rs: usize) -> Self {
+        View {
+            ptr,
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+
+    pub(super) fn t(self) -> Self {
         View {
             ptr: self.ptr,
             rs: self.cs,
@@ -63,22 +72,53 @@ fn gemm_into<T: Real + 'static>(
     accumulate: bool,
 ) {
     assert!(dst.len() >= m * n);
-    let threads = candle_core::utils::get_num_threads();
+    // SAFETY: dst holds m×n elements at row stride n.
+    unsafe {
+        gemm_at(
+            dst.as_mut_ptr(),
+            n,
+            (m, n, k),
+            lhs,
+            rhs,
+            beta,
+            accumulate,
+            true,
+        )
+    }
+}
+
+/// dst (m × n at row stride `dst_rs`) ← [dst +] beta·lhs·rhs, over rayon's threads when
+/// `parallel` (callers already inside a parallel loop pass false).
+///
+/// # Safety
+/// `dst` must address m × n elements at row stride `dst_rs` that nothing else touches during
+/// the call, and the views m × k, k × n elements at their strides.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_at<T: Real + 'static>(
+    dst: *mut T,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: View<T>,
+    rhs: View<T>,
+    beta: T,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let threads = if parallel { super::cpu_threads() } else { 1 };
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the views come from candle storages whose layouts cover m×k, k×n elements at
-    // these strides (checked by the callers' shape checks), and dst holds m×n elements.
+    // SAFETY: the caller's contract above.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.ptr,
             lhs.cs,

@@ -40,7 +40,7 @@ mod softmax;
 mod swiglu;
 mod xent;
 
-pub use attention::attention_block;
+pub use attention::{attention_block, heads_attention};
 pub use gelu::gelu_erf;
 pub use linear::{adapted_linear, frozen_linear, fused_available};
 pub use norm::{layer_norm, rms_norm};
@@ -96,6 +96,74 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // vectorises (a float-to-int cast does not, for its saturation rules)
     let ni = ((n + ROUND).to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     e * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
+}
+
+/// Lanes of the row reductions below: independent partial results, so that the compiler can
+/// vectorise them (one running sum is a serial chain of dependent adds).
+const LANES: usize = 16;
+
+/// Σᵢ f(aᵢ, bᵢ, cᵢ) over equal-length rows.
+#[inline(always)]
+pub(crate) fn sum_map3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let mut tail = T::zero();
+    for ((&x, &y), &z) in ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+    {
+        tail += f(x, y, z);
+    }
+    let mut acc = [T::zero(); LANES];
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i], z[i]);
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
+/// Σᵢ f(aᵢ, bᵢ).
+#[inline(always)]
+pub(crate) fn sum_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    sum_map3(a, b, b, |x, y, _| f(x, y))
+}
+
+/// Σᵢ f(xᵢ).
+#[inline(always)]
+pub(crate) fn sum_map<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    sum_map2(x, x, |v, _| f(v))
+}
+
+/// maxᵢ xᵢ (−∞ for an empty row).
+#[inline(always)]
+pub(crate) fn max_of<T: Real>(x: &[T]) -> T {
+    let c = x.chunks_exact(LANES);
+    let tail = c
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+    let mut acc = [T::neg_infinity(); LANES];
+    for v in c {
+        for i in 0..LANES {
+            if v[i] > acc[i] {
+                acc[i] = v[i];
+            }
+        }
+    }
+    acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
+/// candle's CPU thread count, read once: `candle_core::utils::get_num_threads` parses
+/// /proc/cpuinfo on every call, which cost more than the small attention GEMMs it sized.
+pub(crate) fn cpu_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
 /// The contiguous slice of `s` that `l` describes.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{cpu_slice, dispatch_float, host_vec, Real};
+use super::{cpu_slice, dispatch_float, host_vec, sum_map, sum_map2, sum_map3, Real};
 use crate::error::Result;
 
 #[derive(Clone)]
@@ -32,12 +32,9 @@ impl Norm {
         let mean = if self.rms {
             T::zero()
         } else {
-            x.iter().fold(T::zero(), |a, &v| a + v) / n
+            sum_map(x, |v| v) / n
         };
-        let var = x
-            .iter()
-            .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-            / n;
+        let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
         (mean, T::one() / (var + T::from(self.eps).unwrap()).sqrt())
     }
 
@@ -71,12 +68,8 @@ impl Norm {
             .zip(x.par_chunks(d).zip(g.par_chunks(d)))
             .for_each(|(o, (row, gr))| {
                 let (mean, inv) = self.stats(row);
-                let (mut sg, mut sgx) = (T::zero(), T::zero());
-                for j in 0..d {
-                    let gh = gr[j] * w[j];
-                    sg += gh;
-                    sgx += gh * (row[j] - mean) * inv;
-                }
+                let sg = sum_map2(gr, &w, |g, w| g * w);
+                let sgx = sum_map3(row, gr, &w, |x, g, w| g * w * (x - mean)) * inv;
                 let (mg, mgx) = (sg / n, sgx / n);
                 for j in 0..d {
                     let xh = (row[j] - mean) * inv;
