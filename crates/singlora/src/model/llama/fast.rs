@@ -28,7 +28,7 @@ use super::{Batch, Layer, Llama};
 use crate::adapter::{AdaptedLinear, Adapter};
 use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
-use crate::ops::cuda::attention::{backward_raw, forward_raw, Saved};
+use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved};
 use crate::ops::cuda::prof::mark;
 use crate::ops::cuda::{
     fresh, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, ptr_of, raw, Mat,
@@ -250,6 +250,112 @@ impl Group {
             )?;
         }
         mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
+        Ok(())
+    }
+
+    /// Every member's D-side gradient from one GEMM over the shared input: G = c·xᵀ·g_U
+    /// (k × Σr, f32), then member i's column block added to its slot: SingLoRA's dD into rows
+    /// 0..k of dA, LoRA's dA = that block transposed (cuBLAS geam).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_grads(
+        &self,
+        dev: &CudaDevice,
+        bf16: bool,
+        ps: &[Proj],
+        (gu, x): (u64, u64),
+        m: usize,
+        k: usize,
+        grads: u64,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::sys;
+        let w = self.width;
+        let tmp = dev.alloc_zeros::<f32>(k * w)?;
+        let tp = {
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+            let stream = dev.cuda_stream();
+            let p = tmp.device_ptr(&stream).0;
+            p
+        };
+        // SAFETY: live buffers of the shapes given, one stream (cuBLAS's, the device's).
+        unsafe {
+            gemm_out(
+                dev,
+                bf16,
+                false,
+                (k, w, m),
+                Mat {
+                    ptr: x,
+                    ld: k,
+                    trans: true,
+                },
+                Mat {
+                    ptr: gu,
+                    ld: w,
+                    trans: false,
+                },
+                tp,
+                self.c,
+                0.0,
+            )?;
+        }
+        let blas = dev.cublas_handle();
+        let one = 1f32;
+        let zero = 0f32;
+        for (i, p) in ps.iter().enumerate() {
+            let Some(f) = &p.ad else { continue };
+            let src = tp + (4 * self.offs[i]) as u64;
+            let r = f.r as i32;
+            // cuBLAS is column-major: a row-major (rows × cols, ld) block is (cols × rows, ld)
+            let status = unsafe {
+                match f.slot {
+                    // dA[0..k, :] (k × r, ld r) += G[:, block] (k × r, ld w)
+                    GradSlot::SingLora { off, .. } => {
+                        let dst = (grads + 4 * off as u64) as *mut f32;
+                        sys::cublasSgeam(
+                            *blas.handle(),
+                            sys::cublasOperation_t::CUBLAS_OP_N,
+                            sys::cublasOperation_t::CUBLAS_OP_N,
+                            r,
+                            k as i32,
+                            &one,
+                            src as *const f32,
+                            w as i32,
+                            &one,
+                            dst,
+                            r,
+                            dst,
+                            r,
+                        )
+                    }
+                    // dA (r × k, ld k) = G[:, block]ᵀ
+                    GradSlot::Lora { a_off, .. } => {
+                        let dst = (grads + 4 * a_off as u64) as *mut f32;
+                        sys::cublasSgeam(
+                            *blas.handle(),
+                            sys::cublasOperation_t::CUBLAS_OP_T,
+                            sys::cublasOperation_t::CUBLAS_OP_N,
+                            k as i32,
+                            r,
+                            &one,
+                            src as *const f32,
+                            w as i32,
+                            &zero,
+                            dst,
+                            k as i32,
+                            dst,
+                            k as i32,
+                        )
+                    }
+                }
+            };
+            if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(Error::msg(format!(
+                    "fast path: cublasSgeam failed: {status:?}"
+                )));
+            }
+        }
+        drop(tmp);
+        mark(dev, "adapter bwd: dD = c·xᵀ·gU")?;
         Ok(())
     }
 }
@@ -632,19 +738,22 @@ impl Proj {
             match f.slot {
                 GradSlot::SingLora { off, .. } => {
                     let da = grads + 4 * off as u64;
-                    // dD = c·xᵀ·g_U into rows 0..k, dU = c·gᵀ·h into rows 0..n (zeroed buffer)
-                    gemm_out(
-                        dev,
-                        bf16,
-                        false,
-                        (k, r, m),
-                        Mat { trans: true, ..xm },
-                        gum,
-                        da,
-                        f.c,
-                        1.0,
-                    )?;
-                    mark(dev, "adapter bwd: dD = c·xᵀ·gU")?;
+                    // dD = c·xᵀ·g_U into rows 0..k (the group's, grouped), dU = c·gᵀ·h into
+                    // rows 0..n (a zeroed buffer)
+                    if grouped.is_none() {
+                        gemm_out(
+                            dev,
+                            bf16,
+                            false,
+                            (k, r, m),
+                            Mat { trans: true, ..xm },
+                            gum,
+                            da,
+                            f.c,
+                            1.0,
+                        )?;
+                        mark(dev, "adapter bwd: dD = c·xᵀ·gU")?;
+                    }
                     gemm_out(
                         dev,
                         bf16,
@@ -658,18 +767,20 @@ impl Proj {
                     )?;
                 }
                 GradSlot::Lora { a_off, b_off, .. } => {
-                    // dA = c·g_Uᵀ·x (r × k), dB = c·gᵀ·h (n × r)
-                    gemm_out(
-                        dev,
-                        bf16,
-                        false,
-                        (r, k, m),
-                        Mat { trans: true, ..gum },
-                        xm,
-                        grads + 4 * a_off as u64,
-                        f.c,
-                        0.0,
-                    )?;
+                    // dA = c·g_Uᵀ·x (r × k; the group's, grouped), dB = c·gᵀ·h (n × r)
+                    if grouped.is_none() {
+                        gemm_out(
+                            dev,
+                            bf16,
+                            false,
+                            (r, k, m),
+                            Mat { trans: true, ..gum },
+                            xm,
+                            grads + 4 * a_off as u64,
+                            f.c,
+                            0.0,
+                        )?;
+                    }
                     gemm_out(
                         dev,
                         bf16,
@@ -717,6 +828,7 @@ fn backward_members(
     }
     if let (Some(gr), Some(b)) = (group, &gu) {
         gr.backward_dx(dev, bf16, b.1, m, ps[0].k, dx)?;
+        gr.backward_grads(dev, bf16, ps, (b.1, x), m, ps[0].k, grads)?;
     }
     Ok(())
 }
@@ -762,7 +874,7 @@ impl Llama {
         let m = b * t;
         let (h, ff) = (c.hidden, c.intermediate);
         let dims = (b, t, c.heads, c.kv_heads, c.head_dim);
-        let lens = key_lens(&batch.mask)?;
+        let lens = upload_lens(dev, &key_lens(&batch.mask)?)?;
         let (cos, sin) = rope_tables(&c.inv_freq, t, DType::F32, batch.ids.device())?;
         let tables = (tensor_ptr(&cos, "rope cos")?, tensor_ptr(&sin, "rope sin")?);
         let x0 = self

@@ -30,8 +30,18 @@ pub struct Saved {
     /// The probabilities, or None when the backward recomputes them (activation
     /// recomputation: b·h·t² values fewer to keep, one more QKᵀ GEMM and softmax).
     p: Option<CudaStorage>,
-    lens: CudaSlice<u32>,
+    /// The key lengths on the device (one upload per step, shared by its layers).
+    lens: std::sync::Arc<CudaSlice<u32>>,
     causal: bool,
+}
+
+/// Key lengths (one per batch row) uploaded for [`forward_raw`]: once per step, shared.
+pub fn upload_lens(
+    dev: &CudaDevice,
+    key_lens: &[usize],
+) -> candle_core::Result<std::sync::Arc<CudaSlice<u32>>> {
+    let lens: Vec<u32> = key_lens.iter().map(|&x| x as u32).collect();
+    Ok(std::sync::Arc::new(dev.clone_htod(&lens)?))
 }
 
 /// P = masked softmax(Q·Kᵀ / √d) for the heads-layout Q (b, h, t, d) and K (b, kvh, t, d).
@@ -238,7 +248,7 @@ pub fn forward(
         (qp, kp, vp),
         tables,
         (b, t, h, kvh, d),
-        key_lens,
+        &upload_lens(dev, key_lens)?,
         causal,
         false,
     )?;
@@ -254,7 +264,7 @@ pub fn forward_raw(
     (qp, kp, vp): (u64, u64, u64),
     tables: (u64, u64),
     (b, t, h, kvh, d): Dims,
-    key_lens: &[usize],
+    lens: &std::sync::Arc<CudaSlice<u32>>,
     causal: bool,
     recompute: bool,
 ) -> candle_core::Result<(CudaStorage, u64, Saved)> {
@@ -267,9 +277,7 @@ pub fn forward_raw(
     rope_raw(dev, bf16, vp, vsp, tables, (b, t, kvh, d), false, false)?;
     mark(dev, "attention: RoPE and split")?;
     let groups = b * kvh;
-    let lens: Vec<u32> = key_lens.iter().map(|&x| x as u32).collect();
-    let lens: CudaSlice<u32> = dev.clone_htod(&lens)?;
-    let (p, pp) = probabilities(dev, bf16, (qsp, ksp), &lens, (b, t, h, kvh, d), causal)?;
+    let (p, pp) = probabilities(dev, bf16, (qsp, ksp), lens, (b, t, h, kvh, d), causal)?;
     let (o, op) = fresh(dev, bf16, b * h * t * d)?;
     unsafe {
         gemm_batched(
@@ -296,7 +304,7 @@ pub fn forward_raw(
             k: ks,
             v: vs,
             p: (!recompute).then_some(p),
-            lens,
+            lens: lens.clone(),
             causal,
         },
     ))
