@@ -448,8 +448,16 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
                 return Ok(None);
             };
             let r = d.dim(1)?;
-            let d = d.to_dtype(dt)?.contiguous()?;
-            let u = u.to_dtype(dt)?.contiguous()?;
+            let (d, u) = match adapter {
+                // D and U are the first rows of one A: one cast, two (contiguous) views of it
+                // (a step prepares every adapter, and each kernel launch here is host time
+                // before the first layer can start)
+                Adapter::SingLora(a) => {
+                    let a = a.a().as_tensor().to_dtype(dt)?.contiguous()?;
+                    (a.narrow(0, 0, d.dim(0)?)?, a.narrow(0, 0, u.dim(0)?)?)
+                }
+                Adapter::Lora(_) => (d.to_dtype(dt)?.contiguous()?, u.to_dtype(dt)?.contiguous()?),
+            };
             let slot = match adapter {
                 Adapter::SingLora(a) => {
                     let off = *grad_len;
