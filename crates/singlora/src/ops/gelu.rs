@@ -7,20 +7,20 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{cpu_slice, dispatch_float};
+use super::{cpu_slice, dispatch_float, filled_vec};
 use crate::error::Result;
 
 const CHUNK: usize = 4096;
 
-/// erf for f32 inputs, computed in f32.
+/// erf for f32 inputs, computed in f32, given e = exp(−x²) (the gradient reuses it for φ).
 #[inline(always)]
-fn erf_f32(x: f32) -> f32 {
+fn erf_f32_with(x: f32, e: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * super::exp_f32(-a * a);
+    let y = 1.0 - poly * e;
     y.copysign(x)
 }
 
@@ -33,7 +33,8 @@ trait Gelu: Copy + Send + Sync {
 impl Gelu for f32 {
     #[inline(always)]
     fn phi_cdf(self) -> f32 {
-        0.5 * (1.0 + erf_f32(self * std::f32::consts::FRAC_1_SQRT_2))
+        let z = self * std::f32::consts::FRAC_1_SQRT_2;
+        0.5 * (1.0 + erf_f32_with(z, super::exp_f32(-z * z)))
     }
     #[inline(always)]
     fn value(self) -> f32 {
@@ -41,8 +42,10 @@ impl Gelu for f32 {
     }
     #[inline(always)]
     fn grad(self) -> f32 {
-        let pdf = super::exp_f32(-0.5 * self * self) * 0.398_942_3;
-        self.phi_cdf() + self * pdf
+        // exp(−z²) with z = x/√2 is exp(−x²/2): one exp serves Φ and φ
+        let z = self * std::f32::consts::FRAC_1_SQRT_2;
+        let e = super::exp_f32(-z * z);
+        0.5 * (1.0 + erf_f32_with(z, e)) + self * e * 0.398_942_3
     }
 }
 
@@ -69,14 +72,18 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch_float!(s, "gelu", |T| {
             let x = cpu_slice::<T>(s, l, "gelu")?;
-            let mut out = vec![0 as T; x.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .for_each(|(o, i)| {
-                    for (o, &v) in o.iter_mut().zip(i) {
-                        *o = v.value();
-                    }
-                });
+            // SAFETY: the chunks cover the output and every element of each is written.
+            let out = unsafe {
+                filled_vec::<T>(x.len(), |out| {
+                    out.par_chunks_mut(CHUNK)
+                        .zip(x.par_chunks(CHUNK))
+                        .for_each(|(o, i)| {
+                            for (o, &v) in o.iter_mut().zip(i) {
+                                o.write(v.value());
+                            }
+                        })
+                })
+            };
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
     }
@@ -103,14 +110,25 @@ impl CustomOp2 for GeluBackward {
         dispatch_float!(s1, "gelu backward", |T| {
             let x = cpu_slice::<T>(s1, l1, "gelu backward")?;
             let g = cpu_slice::<T>(s2, l2, "gelu backward")?;
-            let mut out = vec![0 as T; x.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(o, (xi, gi))| {
-                    for ((o, &v), &gv) in o.iter_mut().zip(xi).zip(gi) {
-                        *o = gv * v.grad();
-                    }
-                });
+            if g.len() != x.len() {
+                candle_core::bail!(
+                    "gelu backward: {} gradients for {} inputs",
+                    g.len(),
+                    x.len()
+                );
+            }
+            // SAFETY: as in the forward; g is as long as x.
+            let out = unsafe {
+                filled_vec::<T>(x.len(), |out| {
+                    out.par_chunks_mut(CHUNK)
+                        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                        .for_each(|(o, (xi, gi))| {
+                            for ((o, &v), &gv) in o.iter_mut().zip(xi).zip(gi) {
+                                o.write(gv * v.grad());
+                            }
+                        })
+                })
+            };
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }

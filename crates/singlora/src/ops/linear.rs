@@ -12,7 +12,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 
-use super::{dispatch_float, host_vec, Real};
+use super::{dispatch_float, filled_vec, host_vec, Real};
 use crate::error::Result;
 
 /// A strided matrix view for gemm.
@@ -317,10 +317,25 @@ impl InputGrad {
         let (gv, _) = view::<T>(g.0, g.1)?;
         let (guv, _) = view::<T>(gu.0, gu.1)?;
         let (dv, _) = view::<T>(d.0, d.1)?;
-        let mut dx = vec![T::zero(); m * k];
-        with_w0::<T>(&self.w0, |wv| {
-            gemm_into(&mut dx, m, k, n, gv, wv, T::one(), false)
-        })?;
+        let mut w0_result = Ok(());
+        // SAFETY: the GEMM without accumulation writes all m × k elements (row stride k).
+        let mut dx = unsafe {
+            filled_vec::<T>(m * k, |dx| {
+                w0_result = with_w0::<T>(&self.w0, |wv| {
+                    gemm_at(
+                        dx.as_mut_ptr().cast(),
+                        k,
+                        (m, k, n),
+                        gv,
+                        wv,
+                        T::one(),
+                        false,
+                        true,
+                    )
+                })
+            })
+        };
+        w0_result?;
         if self.c != 0.0 {
             gemm_into(
                 &mut dx,

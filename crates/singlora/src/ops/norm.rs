@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{cpu_slice, dispatch_float, host_vec, sum_map, sum_map2, sum_map3, Real};
+use super::{cpu_slice, dispatch_float, filled_vec, host_vec, sum_map, sum_map2, sum_map3, Real};
 use crate::error::Result;
 
 #[derive(Clone)]
@@ -44,44 +44,51 @@ impl Norm {
             .b
             .as_ref()
             .map(|b| b.iter().map(|v| T::from(*v).unwrap()).collect());
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let (mean, inv) = self.stats(row);
-                for j in 0..d {
-                    let y = (row[j] - mean) * inv * w[j];
-                    o[j] = match &b {
-                        Some(b) => y + b[j],
-                        None => y,
-                    };
-                }
-            });
-        out
+        // SAFETY: every row of the output is written in full.
+        unsafe {
+            filled_vec(x.len(), |out| {
+                out.par_chunks_mut(d)
+                    .zip(x.par_chunks(d))
+                    .for_each(|(o, row)| {
+                        let (mean, inv) = self.stats(row);
+                        for j in 0..d {
+                            let y = (row[j] - mean) * inv * w[j];
+                            o[j].write(match &b {
+                                Some(b) => y + b[j],
+                                None => y,
+                            });
+                        }
+                    })
+            })
+        }
     }
 
     fn bwd<T: Real>(&self, x: &[T], g: &[T], d: usize) -> Vec<T> {
         let w: Vec<T> = self.w.iter().map(|v| T::from(*v).unwrap()).collect();
         let n = T::from(d).unwrap();
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(o, (row, gr))| {
-                let (mean, inv) = self.stats(row);
-                let sg = sum_map2(gr, &w, |g, w| g * w);
-                let sgx = sum_map3(row, gr, &w, |x, g, w| g * w * (x - mean)) * inv;
-                let (mg, mgx) = (sg / n, sgx / n);
-                for j in 0..d {
-                    let xh = (row[j] - mean) * inv;
-                    let gh = gr[j] * w[j];
-                    o[j] = if self.rms {
-                        (gh - xh * mgx) * inv
-                    } else {
-                        (gh - mg - xh * mgx) * inv
-                    };
-                }
-            });
-        out
+        // SAFETY: every row of the output is written in full (g is as long as x: the caller
+        // checks).
+        unsafe {
+            filled_vec(x.len(), |out| {
+                out.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .for_each(|(o, (row, gr))| {
+                        let (mean, inv) = self.stats(row);
+                        let sg = sum_map2(gr, &w, |g, w| g * w);
+                        let sgx = sum_map3(row, gr, &w, |x, g, w| g * w * (x - mean)) * inv;
+                        let (mg, mgx) = (sg / n, sgx / n);
+                        for j in 0..d {
+                            let xh = (row[j] - mean) * inv;
+                            let gh = gr[j] * w[j];
+                            o[j].write(if self.rms {
+                                (gh - xh * mgx) * inv
+                            } else {
+                                (gh - mg - xh * mgx) * inv
+                            });
+                        }
+                    })
+            })
+        }
     }
 }
 
@@ -166,6 +173,13 @@ impl CustomOp2 for NormBackward {
         dispatch_float!(s1, "norm backward", |T| {
             let x = cpu_slice::<T>(s1, l1, "norm backward")?;
             let g = cpu_slice::<T>(s2, l2, "norm backward")?;
+            if g.len() != x.len() {
+                candle_core::bail!(
+                    "norm backward: {} gradients for {} inputs",
+                    g.len(),
+                    x.len()
+                );
+            }
             Ok((
                 T::to_cpu_storage_owned(self.0.bwd(x, g, d)),
                 l1.shape().clone(),
