@@ -414,6 +414,17 @@ pub(crate) struct Tape {
     pub leaf: Var,
 }
 
+/// Whether [`prepare`] will take `al` (no device work).
+fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
+    if al.is_merged() {
+        return Ok(false);
+    }
+    Ok(match al.adapter() {
+        None => true,
+        Some(a) => a.factors()?.is_some(),
+    })
+}
+
 fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Option<Proj>> {
     if al.is_merged() {
         return Ok(None);
@@ -861,23 +872,20 @@ impl Llama {
         if c.heads % c.kv_heads != 0 || c.head_dim % 2 != 0 || c.heads * c.head_dim != c.hidden {
             return Ok(None);
         }
+        // whether every projection can take this path, without launching anything: each
+        // layer's factors are prepared (cast, side by side) just before its forward, so the
+        // device starts on layer 0 while the host prepares the rest
+        for l in &self.layers {
+            for al in layer_projs(l) {
+                if !fast_path_applies(al)? {
+                    return Ok(None);
+                }
+            }
+        }
         let mut grad_len = 0;
         let mut projs = vec![];
         let mut groups = vec![];
         let mut layer_ends = vec![];
-        for l in &self.layers {
-            let mut ps = vec![];
-            for al in layer_projs(l) {
-                match prepare(al, bf16, &mut grad_len)? {
-                    Some(p) => ps.push(p),
-                    None => return Ok(None),
-                }
-            }
-            let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
-            groups.push([group_of(&ps[0..3])?, group_of(&ps[4..6])?]);
-            projs.push(ps);
-            layer_ends.push(grad_len);
-        }
         let (b, t) = batch.ids.dims2()?;
         let m = b * t;
         let (h, ff) = (c.hidden, c.intermediate);
@@ -903,13 +911,22 @@ impl Llama {
         let mut x_ptr = tensor_ptr(&x0, "embeddings")?;
         let mut tapes = vec![];
         let nd = c.heads * c.head_dim;
-        for (li, ps) in projs.iter().enumerate() {
+        for (li, l) in self.layers.iter().enumerate() {
+            let mut ps = vec![];
+            for al in layer_projs(l) {
+                ps.push(prepare(al, bf16, &mut grad_len)?.ok_or_else(|| {
+                    Error::msg(format!("fast path: {} cannot be prepared", al.name()))
+                })?);
+            }
+            let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
+            let grp = [group_of(&ps[0..3])?, group_of(&ps[4..6])?];
+            layer_ends.push(grad_len);
             let (ln1, ln2) = norms[li];
             mark(dev, "other")?;
             let hn1 = fresh(dev, bf16, m * h)?;
             raw::rms_fwd(dev, bf16, (x_ptr, ln1, hn1.1), m, h, c.eps)?;
             mark(dev, "RMSNorm fwd")?;
-            let [g_qkv, g_gu] = &groups[li];
+            let [g_qkv, g_gu] = &grp;
             let h_qkv = match g_qkv {
                 Some(gr) => Some(gr.forward(dev, bf16, hn1.1, m, h)?),
                 None => None,
@@ -975,6 +992,8 @@ impl Llama {
                 h_down: hdn,
                 _h_groups: [h_qkv, h_gu],
             });
+            projs.push(ps);
+            groups.push(grp);
             x_ptr = x_next.1;
             x_in = Some(x_next.0);
         }
