@@ -31,7 +31,7 @@ use crate::nn::{key_lens, rope_tables};
 use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved};
 use crate::ops::cuda::prof::mark;
 use crate::ops::cuda::{
-    fresh, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, ptr_of, raw, Mat,
+    fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, ptr_of, raw, Mat,
 };
 use crate::train::dist::GradSync;
 
@@ -267,7 +267,6 @@ impl Group {
         k: usize,
         grads: u64,
     ) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::cublas::sys;
         let w = self.width;
         let tmp = dev.alloc_zeros::<f32>(k * w)?;
         let tp = {
@@ -298,60 +297,27 @@ impl Group {
                 0.0,
             )?;
         }
-        let blas = dev.cublas_handle();
-        let one = 1f32;
-        let zero = 0f32;
         for (i, p) in ps.iter().enumerate() {
             let Some(f) = &p.ad else { continue };
-            let src = tp + (4 * self.offs[i]) as u64;
-            let r = f.r as i32;
+            let src = (tp + (4 * self.offs[i]) as u64, w);
             // cuBLAS is column-major: a row-major (rows × cols, ld) block is (cols × rows, ld)
-            let status = unsafe {
+            // SAFETY: live f32 buffers of the shapes given, one stream.
+            unsafe {
                 match f.slot {
                     // dA[0..k, :] (k × r, ld r) += G[:, block] (k × r, ld w)
-                    GradSlot::SingLora { off, .. } => {
-                        let dst = (grads + 4 * off as u64) as *mut f32;
-                        sys::cublasSgeam(
-                            *blas.handle(),
-                            sys::cublasOperation_t::CUBLAS_OP_N,
-                            sys::cublasOperation_t::CUBLAS_OP_N,
-                            r,
-                            k as i32,
-                            &one,
-                            src as *const f32,
-                            w as i32,
-                            &one,
-                            dst,
-                            r,
-                            dst,
-                            r,
-                        )
-                    }
+                    GradSlot::SingLora { off, .. } => geam_f32(
+                        dev,
+                        false,
+                        (f.r, k),
+                        src,
+                        1.0,
+                        (grads + 4 * off as u64, f.r),
+                    )?,
                     // dA (r × k, ld k) = G[:, block]ᵀ
                     GradSlot::Lora { a_off, .. } => {
-                        let dst = (grads + 4 * a_off as u64) as *mut f32;
-                        sys::cublasSgeam(
-                            *blas.handle(),
-                            sys::cublasOperation_t::CUBLAS_OP_T,
-                            sys::cublasOperation_t::CUBLAS_OP_N,
-                            k as i32,
-                            r,
-                            &one,
-                            src as *const f32,
-                            w as i32,
-                            &zero,
-                            dst,
-                            k as i32,
-                            dst,
-                            k as i32,
-                        )
+                        geam_f32(dev, true, (k, f.r), src, 0.0, (grads + 4 * a_off as u64, k))?
                     }
                 }
-            };
-            if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(Error::msg(format!(
-                    "fast path: cublasSgeam failed: {status:?}"
-                )));
             }
         }
         drop(tmp);

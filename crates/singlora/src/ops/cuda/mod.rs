@@ -543,6 +543,44 @@ pub unsafe fn gemm_out_ld(
     .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
 }
 
+/// C ← A (or Aᵀ with `trans`) + beta·C for f32 matrices in cuBLAS's column-major terms:
+/// C is m × n with stride `ldc`, A is m × n (n × m transposed) with stride `lda` (cuBLAS geam,
+/// C in place).
+///
+/// # Safety
+/// The pointers must address live f32 device buffers of those shapes, on `dev`'s stream.
+pub unsafe fn geam_f32(
+    dev: &CudaDevice,
+    trans: bool,
+    (m, n): (usize, usize),
+    (a, lda): (u64, usize),
+    beta: f32,
+    (c, ldc): (u64, usize),
+) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::sys;
+    let blas = dev.cublas_handle();
+    let one = 1f32;
+    let status = sys::cublasSgeam(
+        *blas.handle(),
+        cublas_op(trans),
+        cublas_op(false),
+        m as i32,
+        n as i32,
+        &one,
+        a as *const f32,
+        lda as i32,
+        &beta,
+        c as *const f32,
+        ldc as i32,
+        c as *mut f32,
+        ldc as i32,
+    );
+    if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        candle_core::bail!("cublasSgeam failed: {status:?}");
+    }
+    Ok(())
+}
+
 /// A 2-D operand of a fused linear op on the device: pointer and row stride (unit column
 /// stride required), with whether it is stored as bf16.
 pub fn mat_of(s: &CudaStorage, l: &Layout, what: &str) -> candle_core::Result<(Mat, bool)> {
