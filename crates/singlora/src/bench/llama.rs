@@ -202,6 +202,7 @@ pub fn matmul_ceiling(n: usize, dtype: DType, device: &Device) -> Result<f64> {
 /// backward on the CUDA fast path, after two unprofiled steps, from timing events between
 /// the stages.
 #[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
 pub fn kernel_profile(
     name: &str,
     shape: LlamaShape,
