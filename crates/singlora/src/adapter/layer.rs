@@ -70,6 +70,21 @@ impl AdaptedLinear {
         self.base.dims()
     }
 
+    /// gelu(forward(x)) (exact GELU); without an active adapter on the CPU one fused op.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        let (d_out, d_in) = self.dims();
+        let w0 = self.base.weight();
+        let frozen = self.adapter.is_none() || self.merged.is_some();
+        let x2 = x.reshape((x.elem_count() / d_in, d_in))?;
+        if frozen && x.device().is_cpu() && crate::ops::fused_available(&x2, w0) {
+            let mut out = x.dims().to_vec();
+            *out.last_mut().unwrap() = d_out;
+            let y = crate::ops::frozen_linear_gelu(&x2, w0, self.base.bias())?;
+            return Ok(y.reshape(out)?);
+        }
+        crate::ops::gelu_erf(&self.forward(x)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let adapter = match (&self.adapter, &self.merged) {
             (Some(a), None) => a,

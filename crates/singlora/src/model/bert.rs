@@ -12,7 +12,7 @@ use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::nn::{key_lens, Activation};
-use crate::ops::{gelu_erf, heads_attention, layer_norm};
+use crate::ops::{heads_attention, layer_norm};
 
 #[derive(Debug, Clone)]
 pub struct BertConfig {
@@ -238,10 +238,9 @@ impl Bert {
             let a = heads_attention(&q, &k, &v, self.cfg.heads, &lens, false)?;
             let a = l.attn_out.forward(&a)?;
             let x1 = l.attn_norm.forward(&(a + &x)?, self.cfg.eps)?;
-            let inter = l.inter.forward(&x1)?;
             let act = match self.cfg.act {
-                Activation::GeluErf => gelu_erf(&inter)?,
-                other => other.apply(&inter)?,
+                Activation::GeluErf => l.inter.forward_gelu(&x1)?,
+                other => other.apply(&l.inter.forward(&x1)?)?,
             };
             let f = l.out.forward(&act)?;
             x = l.out_norm.forward(&(f + x1)?, self.cfg.eps)?;

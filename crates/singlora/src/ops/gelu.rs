@@ -24,7 +24,7 @@ fn erf_f32_with(x: f32, e: f32) -> f32 {
     y.copysign(x)
 }
 
-trait Gelu: Copy + Send + Sync {
+pub(super) trait Gelu: Copy + Send + Sync {
     fn phi_cdf(self) -> Self;
     fn value(self) -> Self;
     fn grad(self) -> Self;
@@ -72,24 +72,13 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch_float!(s, "gelu", |T| {
             let x = cpu_slice::<T>(s, l, "gelu")?;
-            // SAFETY: the chunks cover the output and every element of each is written.
-            let out = unsafe {
-                filled_vec::<T>(x.len(), |out| {
-                    out.par_chunks_mut(CHUNK)
-                        .zip(x.par_chunks(CHUNK))
-                        .for_each(|(o, i)| {
-                            for (o, &v) in o.iter_mut().zip(i) {
-                                o.write(v.value());
-                            }
-                        })
-                })
-            };
+            let out = gelu_values(x);
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluBackward)?))
+        Ok(Some(gelu_backward(x, g)?))
     }
 }
 
@@ -117,21 +106,48 @@ impl CustomOp2 for GeluBackward {
                     x.len()
                 );
             }
-            // SAFETY: as in the forward; g is as long as x.
-            let out = unsafe {
-                filled_vec::<T>(x.len(), |out| {
-                    out.par_chunks_mut(CHUNK)
-                        .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                        .for_each(|(o, (xi, gi))| {
-                            for ((o, &v), &gv) in o.iter_mut().zip(xi).zip(gi) {
-                                o.write(gv * v.grad());
-                            }
-                        })
-                })
-            };
+            let out = gelu_grads(x, g);
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
+}
+
+/// gelu(x) element-wise.
+pub(super) fn gelu_values<T: Gelu>(x: &[T]) -> Vec<T> {
+    // SAFETY: the chunks cover the output and every element of each is written.
+    unsafe {
+        filled_vec::<T>(x.len(), |out| {
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(o, i)| {
+                    for (o, &v) in o.iter_mut().zip(i) {
+                        o.write(v.value());
+                    }
+                })
+        })
+    }
+}
+
+/// g ⊙ gelu′(x) element-wise; `g` as long as `x`.
+fn gelu_grads<T: Gelu + std::ops::Mul<Output = T>>(x: &[T], g: &[T]) -> Vec<T> {
+    assert_eq!(x.len(), g.len());
+    // SAFETY: as in `gelu_values`; g is as long as x.
+    unsafe {
+        filled_vec::<T>(x.len(), |out| {
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(o, (xi, gi))| {
+                    for ((o, &v), &gv) in o.iter_mut().zip(xi).zip(gi) {
+                        o.write(gv * v.grad());
+                    }
+                })
+        })
+    }
+}
+
+/// g ⊙ gelu′(x) for CPU tensors of one shape (no gradient recorded).
+pub(super) fn gelu_backward(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(&g.contiguous()?, &GeluBackward)
 }
 
 /// Exact (erf) GELU, fused on the CPU for f32/f64; candle's `gelu_erf` elsewhere.

@@ -10,7 +10,9 @@
 //! composed path of [`crate::adapter::AdaptedLinear`].
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, WithDType};
 
 use super::{dispatch_float, filled_vec, host_vec, Real};
 use crate::error::Result;
@@ -430,6 +432,53 @@ pub fn frozen_linear(x: &Tensor, w0: &Tensor, bias: Option<&Tensor>) -> Result<T
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
+/// gelu(x·W0ᵀ + b) without an adapter, one op: the pre-activation stays inside (kept for the
+/// backward) instead of being an autograd tensor whose gradient candle zero-fills and adds.
+struct FrozenGeluMatmul {
+    lin: AdaptedMatmul,
+    pre: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl candle_core::CustomOp1 for FrozenGeluMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(s, "frozen linear gelu", |T| {
+            let (m, k) = l.shape().dims2()?;
+            let (n, _) = self.lin.w0.dims2()?;
+            let (xv, _) = view::<T>(s, l)?;
+            let (mut pre, has_bias) = output_with_bias::<T>(m, n, self.lin.bias.as_ref())?;
+            self.lin.base_product(&mut pre, m, n, k, xv, has_bias)?;
+            let act = super::gelu::gelu_values(&pre);
+            *self.pre.lock().unwrap() = Some(Tensor::from_vec(pre, (m, n), &Device::Cpu)?);
+            Ok((T::to_cpu_storage_owned(act), Shape::from((m, n))))
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let pre = self.pre.lock().unwrap().take().ok_or_else(|| {
+            candle_core::Error::Msg("frozen linear gelu: backward without a forward".into())
+        })?;
+        let d_pre = super::gelu::gelu_backward(&pre, g)?;
+        Ok(Some(d_pre.matmul(&self.lin.w0)?))
+    }
+}
+
+/// gelu(x·W0ᵀ + b) (exact GELU) for 2-D `x` on the CPU (f32/f64); only x gets a gradient.
+pub fn frozen_linear_gelu(x: &Tensor, w0: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let op = FrozenGeluMatmul {
+        lin: AdaptedMatmul {
+            w0: w0.clone(),
+            bias: bias.cloned(),
+            c: 0.0,
+        },
+        pre: Arc::new(Mutex::new(None)),
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
 /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ for 2-D `x` (m × d_in), on the CPU (f32/f64).
 pub fn adapted_linear(
     x: &Tensor,
@@ -643,6 +692,20 @@ mod tests {
                 assert!(diff < 1e-12, "({n}, {k}): {diff}");
                 check_grad(&x, |x| adapted_linear(x, &w0, Some(&b), &d, &u, 0.7));
                 check_grad(&x, |x| frozen_linear(x, &w0, Some(&b)));
+                check_grad(&x, |x| frozen_linear_gelu(x, &w0, Some(&b)));
+                let fused = frozen_linear_gelu(&x, &w0, Some(&b)).unwrap();
+                let composed = crate::ops::gelu_erf(&reference(&x, &w0, &b, &d, &u, 0.0)).unwrap();
+                let diff = (fused - composed)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(diff < 1e-12, "gelu ({n}, {k}): {diff}");
             }
             // gradients into A through both prefixes, and into LoRA's A and B
             let a_val = a.as_tensor().copy().unwrap();

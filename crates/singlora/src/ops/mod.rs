@@ -42,7 +42,7 @@ mod xent;
 
 pub use attention::{attention_block, heads_attention};
 pub use gelu::gelu_erf;
-pub use linear::{adapted_linear, frozen_linear, fused_available};
+pub use linear::{adapted_linear, frozen_linear, frozen_linear_gelu, fused_available};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::rope_split;
 pub use softmax::masked_softmax;
