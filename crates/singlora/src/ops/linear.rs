@@ -500,13 +500,7 @@ pub fn adapted_linear(
 /// Whether [`adapted_linear`] runs natively for these tensors: f32/f64 on the CPU, bf16/f32
 /// on CUDA (cuBLAS), with a contiguous weight of the input's type.
 pub fn fused_available(x: &Tensor, w0: &Tensor) -> bool {
-    use candle_core::{DType, Device};
-    let native = match (x.device(), x.dtype()) {
-        (Device::Cpu, DType::F32 | DType::F64) => true,
-        (Device::Cuda(_), DType::BF16 | DType::F32) => cfg!(feature = "cuda"),
-        _ => false,
-    };
-    native && x.dtype() == w0.dtype() && w0.is_contiguous()
+    super::fused_kernels_for(x) && x.dtype() == w0.dtype() && w0.is_contiguous()
 }
 
 /// The CUDA forms: the same products through cuBLAS GEMMs that accumulate into one output

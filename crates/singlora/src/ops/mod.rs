@@ -227,6 +227,17 @@ macro_rules! dispatch_float {
 }
 pub(crate) use dispatch_float;
 
+/// Whether the fused kernels take `x`'s device and dtype: f32/f64 on the CPU, f32/bf16 on CUDA
+/// (with the `cuda` feature); elsewhere the composed candle ops run.
+pub(crate) fn fused_kernels_for(x: &candle_core::Tensor) -> bool {
+    use candle_core::{DType, Device};
+    match x.device() {
+        Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
+        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -222,13 +222,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 /// RMSNorm with a frozen `w` (fused on the CPU; composed elsewhere).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    use candle_core::{DType, Device};
-    let fused = match (x.device(), x.dtype()) {
-        (Device::Cpu, DType::F32 | DType::F64) => true,
-        (Device::Cuda(_), DType::F32 | DType::BF16) => cfg!(feature = "cuda"),
-        _ => false,
-    };
-    if !fused {
+    if !super::fused_kernels_for(x) {
         return crate::nn::rms_norm(x, w, eps);
     }
     apply(x, w, None, eps)

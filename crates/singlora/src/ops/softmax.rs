@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, Real};
@@ -191,12 +191,7 @@ pub fn masked_softmax(
     key_lens: &[usize],
     causal: bool,
 ) -> Result<Tensor> {
-    let fused = match (scores.device(), scores.dtype()) {
-        (candle_core::Device::Cpu, DType::F32 | DType::F64) => true,
-        (candle_core::Device::Cuda(_), DType::F32 | DType::BF16) => cfg!(feature = "cuda"),
-        _ => false,
-    };
-    if !fused {
+    if !super::fused_kernels_for(scores) {
         return composed(scores, scale, key_lens, causal);
     }
     let op = MaskedSoftmax {
@@ -211,7 +206,7 @@ pub fn masked_softmax(
 mod tests {
     use super::*;
     use crate::nn::tests::check_grad;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn matches_composed_softmax_and_differentiates() {
