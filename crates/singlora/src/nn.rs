@@ -242,6 +242,22 @@ pub fn additive_mask(mask: &Tensor, causal: bool, dtype: DType) -> Result<Tensor
 pub(crate) mod tests {
     use super::*;
 
+    /// max |a − b| over all elements, in f64 (for f32 tensors too).
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// Checks the gradient of sum(f(x) ⊙ g) w.r.t. x against central differences in f64.
     pub fn check_grad(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
         let var = candle_core::Var::from_tensor(x).unwrap();
@@ -421,15 +437,7 @@ pub(crate) mod tests {
         check_grad(&q, |q| attention_reference(q, &k, &v, &mask));
         let fused = attention(&q, &k, &v, &lens, true).unwrap();
         let composed = attention_reference(&q, &k, &v, &mask).unwrap();
-        let diff = (&fused - &composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        assert!(max_diff(&fused, &composed) < 1e-12);
         // causal: the first query sees only the first key, so its output is v[0]
         let o = fused;
         let first = o

@@ -505,7 +505,7 @@ impl CustomOp1 for HeadsAttentionBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::check_grad;
+    use crate::nn::tests::{check_grad, max_diff};
     use candle_core::Device;
 
     /// The composed path: heads split, [`crate::nn::attention`], heads merged.
@@ -529,21 +529,6 @@ mod tests {
             .transpose(1, 2)
             .unwrap()
             .reshape((b, t, w))
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
             .unwrap()
     }
 

@@ -643,7 +643,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::check_grad;
+    use crate::nn::tests::{check_grad, max_diff};
     use candle_core::{Device, Var};
 
     fn reference(x: &Tensor, w0: &Tensor, b: &Tensor, d: &Tensor, u: &Tensor, c: f64) -> Tensor {
@@ -673,32 +673,14 @@ mod tests {
             for (d, u) in cases {
                 let y = adapted_linear(&x, &w0, Some(&b), &d, &u, 0.7).unwrap();
                 let r = reference(&x, &w0, &b, &d, &u, 0.7);
-                let diff = (y - r)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let diff = max_diff(&y, &r);
                 assert!(diff < 1e-12, "({n}, {k}): {diff}");
                 check_grad(&x, |x| adapted_linear(x, &w0, Some(&b), &d, &u, 0.7));
                 check_grad(&x, |x| frozen_linear(x, &w0, Some(&b)));
                 check_grad(&x, |x| frozen_linear_gelu(x, &w0, Some(&b)));
                 let fused = frozen_linear_gelu(&x, &w0, Some(&b)).unwrap();
                 let composed = crate::ops::gelu_erf(&reference(&x, &w0, &b, &d, &u, 0.0)).unwrap();
-                let diff = (fused - composed)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let diff = max_diff(&fused, &composed);
                 assert!(diff < 1e-12, "gelu ({n}, {k}): {diff}");
             }
             // gradients into A through both prefixes, and into LoRA's A and B
@@ -727,16 +709,7 @@ mod tests {
         let u = Tensor::randn(0f32, 0.1, (80, 8), &dev).unwrap();
         let y = adapted_linear(&x, &w0, Some(&b), &d, &u, 2.0).unwrap();
         let r = reference(&x, &w0, &b, &d, &u, 2.0);
-        let diff = (y - r)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&y, &r);
         assert!(diff < 1e-4, "{diff}");
     }
 }
