@@ -886,7 +886,7 @@ pub mod raw {
             candle_core::bail!("rms_fwd_rows: rows of a multiple of 8, 16-byte aligned");
         }
         let f = dev.get_or_load_custom_func(
-            &format!("rms_norm_fwd_rows_v8_{}", suf(bf16)),
+            &super::pick("rms_norm_fwd_rows", true, bf16),
             MODULE,
             PTX,
         )?;
@@ -912,7 +912,7 @@ pub mod raw {
             candle_core::bail!("rms_bwd_acc_rows: rows of a multiple of 8, 16-byte aligned");
         }
         let f = dev.get_or_load_custom_func(
-            &format!("rms_norm_bwd_acc_rows_v8_{}", suf(bf16)),
+            &super::pick("rms_norm_bwd_acc_rows", true, bf16),
             MODULE,
             PTX,
         )?;
@@ -937,7 +937,7 @@ pub mod raw {
             candle_core::bail!("xent_grad_inplace: rows of a multiple of 8, 16-byte aligned");
         }
         let f = dev.get_or_load_custom_func(
-            &format!("xent_grad_inplace_v8_{}", suf(bf16)),
+            &super::pick("xent_grad_inplace", true, bf16),
             MODULE,
             PTX,
         )?;
