@@ -143,13 +143,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             "MFU"
         );
     }
-    for m in a
-        .methods
-        .split(',')
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-    {
-        let method = method_of(m)?;
+    for (_, method) in methods_of(&a.methods)? {
         let r = run(
             &a.shape,
             shape,
@@ -281,6 +275,15 @@ fn method_of(name: &str) -> Result<Option<Method>> {
     } else {
         Some(name.parse()?)
     })
+}
+
+/// The comma-separated `--methods` list: each name with its method (None for `base`).
+fn methods_of(list: &str) -> Result<Vec<(&str, Option<Method>)>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| Ok((m, method_of(m)?)))
+        .collect()
 }
 
 fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
@@ -417,13 +420,7 @@ fn kernel_profile(
     shape: singlora::synthetic::LlamaShape,
     device: &candle_core::Device,
 ) -> Result<()> {
-    for m in a
-        .methods
-        .split(',')
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-    {
-        let method = method_of(m)?;
+    for (m, method) in methods_of(&a.methods)? {
         let rows = singlora::bench::llama::kernel_profile(
             &a.shape,
             shape,
