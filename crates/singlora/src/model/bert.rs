@@ -7,6 +7,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+pub(crate) mod fast;
+
 use super::weights::{ConfigReader, Weights};
 use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
@@ -216,8 +218,8 @@ impl Bert {
         Ok(row.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()?)
     }
 
-    /// Final hidden states (b, t, h) in the model dtype.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+    /// The embeddings after their LayerNorm, (b, t, h): frozen, so without a gradient.
+    fn embed(&self, batch: &Batch) -> Result<Tensor> {
         let (b, t) = batch.ids.dims2()?;
         let h = self.cfg.hidden;
         let ids = batch.ids.flatten_all()?;
@@ -227,9 +229,12 @@ impl Bert {
         if let Some(tt) = &self.token_type {
             x = (x + tt.index_select(&batch.type_ids.flatten_all()?, 0)?)?;
         }
-        let mut x = self
-            .emb_norm
-            .forward(&x.reshape((b, t, h))?, self.cfg.eps)?;
+        self.emb_norm.forward(&x.reshape((b, t, h))?, self.cfg.eps)
+    }
+
+    /// Final hidden states (b, t, h) in the model dtype.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        let mut x = self.embed(batch)?;
         let lens = key_lens(&batch.mask)?;
         for l in &self.layers {
             let q = l.query.forward(&x)?;

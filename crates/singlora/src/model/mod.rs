@@ -688,9 +688,37 @@ impl TaskModel {
             return Ok((loss, grads, Default::default()));
         }
         let _ = sync;
+        if !bert::fast::autograd_forced() {
+            if let Some((loss, grads)) = self.bert_fast_loss_and_grads(batch, scale)? {
+                return Ok((loss, grads, Default::default()));
+            }
+        }
         let loss = self.loss(batch)?;
         let grads = scaled(&loss, scale)?.backward()?;
         Ok((loss, grads, Default::default()))
+    }
+
+    /// A BERT-family body on the CPU: the encoder layers' own forward and backward
+    /// (`model/bert/fast.rs`), candle's autograd for the pooling, head and loss from its output;
+    /// None where that path does not take the model.
+    fn bert_fast_loss_and_grads(
+        &self,
+        batch: &Batch,
+        scale: f64,
+    ) -> Result<Option<(Tensor, candle_core::backprop::GradStore)>> {
+        let Body::Bert(bert) = &self.body else {
+            return Ok(None);
+        };
+        if self.task != Task::Classify {
+            return Ok(None);
+        }
+        let Some(tape) = bert.fast_forward(batch)? else {
+            return Ok(None);
+        };
+        let loss = self.loss_from(batch, tape.leaf.as_tensor(), None)?;
+        let mut grads = scaled(&loss, scale)?.backward()?;
+        tape.backward(&mut grads)?;
+        Ok(Some((loss, grads)))
     }
 
     fn loss_from(&self, batch: &Batch, hidden: &Tensor, index: Option<LmIndex>) -> Result<Tensor> {

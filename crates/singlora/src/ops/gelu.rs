@@ -24,7 +24,7 @@ fn erf_f32_with(x: f32, e: f32) -> f32 {
     y.copysign(x)
 }
 
-pub(super) trait Gelu: Copy + Send + Sync {
+pub(crate) trait Gelu: Copy + Send + Sync {
     fn phi_cdf(self) -> Self;
     fn value(self) -> Self;
     fn grad(self) -> Self;

@@ -27,12 +27,13 @@
 //! attention block and the cross-entropy are measured in whole steps (`docs/benchmarks.md`).
 
 mod attention;
+pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 /// Whether the CUDA fast path may use its 8-wide elementwise kernels (the device check compares).
 #[cfg(feature = "cuda")]
-pub use cuda::set_vectorised;
-mod gelu;
+pub use cuda::{add_low_rank, set_low_rank_epilogue, set_vectorised, swiglu_low_rank};
+pub(crate) mod gelu;
 mod linear;
 mod norm;
 mod rope;

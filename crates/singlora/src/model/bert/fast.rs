@@ -1,0 +1,989 @@
+//! The BERT-family encoder layers' forward and backward on the CPU without candle's autograd.
+//!
+//! candle's engine starts every gradient edge from a zero tensor and adds into it; a BERT layer
+//! has a dozen such (tokens × hidden)-sized edges, about a sixth of a MiniLM step (`perf`,
+//! docs/benchmarks.md). Here every layer runs on buffers this code owns: each linear layer is
+//! one GEMM over all tokens (bias written first, the adapter's product accumulated into the
+//! same output), the attention runs per (row, head) with P kept, the residual add is fused into
+//! the LayerNorm, and the backward accumulates where gradients meet (the residual stream's
+//! gradient is the buffer the input gradients of the next linear layers add into).
+//!
+//! The boundary with candle is the encoder's output: it becomes a leaf variable, candle's
+//! autograd runs pooling, head and loss from it, and [`Tape::backward`] starts from the
+//! gradient at that leaf. Adapter gradients go into the same `GradStore` under each adapter
+//! variable, so the optimizer sees no difference; the embeddings are frozen, so the backward
+//! stops at the lowest adapted layer. SingLoRA and LoRA/rsLoRA adapters (and none) on f32
+//! weights with exact GELU take this path; DoRA, merged adapters, other activations, f64 and
+//! non-CPU devices take the autograd path, and so does everything when
+//! `SINGLORA_CPU_AUTOGRAD=1`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
+use rayon::prelude::*;
+
+use super::{Bert, Norm};
+use crate::adapter::{AdaptedLinear, Adapter};
+use crate::data::Batch;
+use crate::error::Result;
+use crate::nn::{key_lens, Activation};
+use crate::ops::cpu_gemm::{sgemm, Mat};
+use crate::ops::gelu::Gelu;
+use crate::ops::{filled_vec, host_vec, max_of, sum_map, sum_map2, Real};
+
+/// Set to `1` to train BERT-family models on the CPU through candle's autograd instead.
+pub(crate) const AUTOGRAD_ENV: &str = "SINGLORA_CPU_AUTOGRAD";
+
+/// Whether `SINGLORA_CPU_AUTOGRAD=1` asks for the autograd path.
+pub(crate) fn autograd_forced() -> bool {
+    std::env::var_os(AUTOGRAD_ENV).is_some_and(|v| v == "1")
+}
+
+/// An n-element buffer that `fill` writes in full (no zero-fill first).
+///
+/// # Safety
+/// `fill` must write all n elements through the pointer it is given.
+unsafe fn written(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    // SAFETY: the caller's contract.
+    unsafe { filled_vec::<f32>(n, |v| fill(v.as_mut_ptr().cast())) }
+}
+
+/// A raw pointer the parallel loops share; every unit writes its own elements.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for disjoint writes from the units of one parallel loop.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// A frozen f32 weight, row-major (d_out × d_in): the tensor kept alive, its data's address.
+struct Frozen {
+    _keep: Tensor,
+    ptr: *const f32,
+}
+
+impl Frozen {
+    fn of(t: &Tensor) -> Option<Self> {
+        let ptr = {
+            let (storage, layout) = t.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, _))) => v[a..].as_ptr(),
+                _ => return None,
+            }
+        };
+        // The address outlives the read guard: frozen weights are plain tensors, never
+        // variables, so nothing writes their storage in place (a merge replaces the tensor),
+        // and `_keep` holds this one alive as long as the pointer is used.
+        Some(Frozen {
+            _keep: t.clone(),
+            ptr,
+        })
+    }
+}
+
+/// The adapter's trainable variables.
+enum Vars {
+    /// SingLoRA's A (max(d_in, d_out) × r).
+    Sing(Var),
+    /// LoRA's A (r × d_in) and B (d_out × r).
+    Lora(Var, Var),
+}
+
+/// An adapter as factors of ΔW = c·U·Dᵀ (as [`Adapter::factors`] gives them), copied once.
+struct Factors {
+    /// D (d_in × r), row-major.
+    d: Vec<f32>,
+    /// U (d_out × r), row-major.
+    u: Vec<f32>,
+    r: usize,
+    c: f32,
+    vars: Vars,
+}
+
+/// A linear layer of the step: frozen weight, bias, adapter.
+struct Lin {
+    w: Frozen,
+    d_out: usize,
+    d_in: usize,
+    bias: Option<Vec<f32>>,
+    ad: Option<Factors>,
+}
+
+/// Adapter gradients of one step, per variable.
+type AdGrads = Vec<(Var, Tensor)>;
+
+impl Lin {
+    /// None where this path does not take the layer (merged, DoRA, not f32).
+    fn of(l: &AdaptedLinear) -> Result<Option<Self>> {
+        if l.is_merged() {
+            return Ok(None);
+        }
+        let base = l.base();
+        let (d_out, d_in) = l.dims();
+        let Some(w) = Frozen::of(base.weight()) else {
+            return Ok(None);
+        };
+        let bias = base.bias().map(host_vec::<f32>).transpose()?;
+        let ad = match l.adapter() {
+            None => None,
+            Some(a) => {
+                let vars = match a {
+                    Adapter::SingLora(s) => Vars::Sing(s.a().clone()),
+                    Adapter::Lora(lo) if !lo.is_dora() => {
+                        Vars::Lora(lo.a().clone(), lo.b().clone())
+                    }
+                    Adapter::Lora(_) => return Ok(None),
+                };
+                if a.params().iter().any(|p| p.var.dtype() != DType::F32) {
+                    return Ok(None);
+                }
+                let Some((d, u, c)) = a.factors()? else {
+                    return Ok(None);
+                };
+                Some(Factors {
+                    d: host_vec::<f32>(&d)?,
+                    u: host_vec::<f32>(&u)?,
+                    r: a.rank(),
+                    c: c as f32,
+                    vars,
+                })
+            }
+        };
+        Ok(Some(Lin {
+            w,
+            d_out,
+            d_in,
+            bias,
+            ad,
+        }))
+    }
+
+    /// out (m × d_out at row stride `ld`) = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns H = x·D (m × r)
+    /// for an adapted layer.
+    ///
+    /// # Safety
+    /// `x` must address m × d_in elements and `out` m × d_out writable ones (at their strides).
+    unsafe fn forward(&self, x: Mat, m: usize, out: *mut f32, ld: usize) -> Option<Vec<f32>> {
+        let (n, k) = (self.d_out, self.d_in);
+        if let Some(b) = &self.bias {
+            for i in 0..m {
+                // SAFETY: row i of `out`.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), out.add(i * ld), n) };
+            }
+        }
+        let w = Mat::rows(self.w.ptr, k);
+        // SAFETY: the caller's contract; W0 is d_out × d_in.
+        unsafe { sgemm(out, ld, (m, n, k), x, w.t(), 1.0, self.bias.is_some(), true) };
+        let ad = self.ad.as_ref()?;
+        let r = ad.r;
+        // SAFETY: h is m × r, written in full by the GEMM; D is d_in × r, U d_out × r.
+        unsafe {
+            let h = written(m * r, |h| {
+                sgemm(
+                    h,
+                    r,
+                    (m, r, k),
+                    x,
+                    Mat::rows(ad.d.as_ptr(), r),
+                    1.0,
+                    false,
+                    true,
+                )
+            });
+            let u = Mat::rows(ad.u.as_ptr(), r);
+            sgemm(
+                out,
+                ld,
+                (m, n, r),
+                Mat::rows(h.as_ptr(), r),
+                u.t(),
+                ad.c,
+                true,
+                true,
+            );
+            Some(h)
+        }
+    }
+
+    /// The backward from g = ∂L/∂y (m × d_out): dx (m × d_in at row stride `ld`, added to
+    /// when `accumulate`) = g·W0 + c·(g·U)·Dᵀ where `dx` is given, and the adapter's
+    /// gradients dD = c·xᵀ·(g·U), dU = c·gᵀ·H pushed onto `grads` as its variables' gradients.
+    ///
+    /// # Safety
+    /// `g` must address m × d_out elements, `x` m × d_in, `h` be what [`Lin::forward`]
+    /// returned for `x`, and `dx` address m × d_in writable elements.
+    unsafe fn backward(
+        &self,
+        g: Mat,
+        x: Mat,
+        h: Option<&[f32]>,
+        m: usize,
+        dx: Option<(*mut f32, usize, bool)>,
+        grads: &mut AdGrads,
+    ) -> Result<()> {
+        let (n, k) = (self.d_out, self.d_in);
+        let w = Mat::rows(self.w.ptr, k);
+        if let Some((p, ld, acc)) = dx {
+            // SAFETY: the caller's contract.
+            unsafe { sgemm(p, ld, (m, k, n), g, w, 1.0, acc, true) };
+        }
+        let (Some(ad), Some(h)) = (&self.ad, h) else {
+            return Ok(());
+        };
+        let r = ad.r;
+        let d = Mat::rows(ad.d.as_ptr(), r);
+        let u = Mat::rows(ad.u.as_ptr(), r);
+        // SAFETY: every buffer below is written in full by its GEMM; shapes as documented.
+        let (dd, du) = unsafe {
+            let gu = written(m * r, |p| sgemm(p, r, (m, r, n), g, u, 1.0, false, true));
+            let guv = Mat::rows(gu.as_ptr(), r);
+            if let Some((p, ld, _)) = dx {
+                sgemm(p, ld, (m, k, r), guv, d.t(), ad.c, true, true);
+            }
+            let dd = written(k * r, |p| {
+                sgemm(p, r, (k, r, m), x.t(), guv, ad.c, false, true)
+            });
+            let hv = Mat::rows(h.as_ptr(), r);
+            let du = written(n * r, |p| {
+                sgemm(p, r, (n, r, m), g.t(), hv, ad.c, false, true)
+            });
+            (dd, du)
+        };
+        let cpu = Device::Cpu;
+        match &ad.vars {
+            Vars::Sing(a) => {
+                // A_in = A[..d_in], A_out = A[..d_out]: shared rows get both contributions
+                let mut ga = vec![0f32; k.max(n) * r];
+                ga[..k * r].copy_from_slice(&dd);
+                for (x, y) in ga[..n * r].iter_mut().zip(&du) {
+                    *x += y;
+                }
+                grads.push((a.clone(), Tensor::from_vec(ga, (k.max(n), r), &cpu)?));
+            }
+            Vars::Lora(a, b) => {
+                // D = Aᵀ
+                let mut ga = vec![0f32; r * k];
+                for i in 0..k {
+                    for j in 0..r {
+                        ga[j * k + i] = dd[i * r + j];
+                    }
+                }
+                grads.push((a.clone(), Tensor::from_vec(ga, (r, k), &cpu)?));
+                grads.push((b.clone(), Tensor::from_vec(du, (n, r), &cpu)?));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A LayerNorm's frozen weight and bias.
+struct Ln {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    eps: f32,
+}
+
+impl Ln {
+    fn of(n: &Norm, eps: f64) -> Result<Self> {
+        Ok(Ln {
+            w: host_vec::<f32>(&n.w)?,
+            b: host_vec::<f32>(&n.b)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// s ← x̂ of s + res (row-wise, in place), returns y = x̂·w + b and 1/σ per row.
+    fn forward(&self, s: &mut [f32], res: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let h = self.w.len();
+        let rows = s.len() / h;
+        let mut inv = vec![0f32; rows];
+        // SAFETY: every row of y is written in full.
+        let y = unsafe {
+            filled_vec::<f32>(s.len(), |y| {
+                y.par_chunks_mut(h)
+                    .zip(s.par_chunks_mut(h))
+                    .zip(res.par_chunks(h))
+                    .zip(inv.par_iter_mut())
+                    .for_each(|(((y, s), res), inv)| {
+                        for (a, &b) in s.iter_mut().zip(res) {
+                            *a += b;
+                        }
+                        let n = h as f32;
+                        let mean = sum_map(s, |v| v) / n;
+                        let var = sum_map(s, |v| (v - mean) * (v - mean)) / n;
+                        let is = 1.0 / (var + self.eps).sqrt();
+                        *inv = is;
+                        for j in 0..h {
+                            let xh = (s[j] - mean) * is;
+                            s[j] = xh;
+                            y[j].write(xh * self.w[j] + self.b[j]);
+                        }
+                    })
+            })
+        };
+        (y, inv)
+    }
+
+    /// g ← ∂L/∂(input) from g = ∂L/∂y, in place: (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ, ĝ = g⊙w.
+    fn backward(&self, g: &mut [f32], xhat: &[f32], inv: &[f32]) {
+        let h = self.w.len();
+        let n = h as f32;
+        let w = &self.w;
+        g.par_chunks_mut(h)
+            .zip(xhat.par_chunks(h))
+            .zip(inv.par_iter())
+            .for_each(|((g, xh), &is)| {
+                let mg = sum_map2(g, w, |g, w| g * w) / n;
+                let mgx = crate::ops::sum_map3(g, w, xh, |g, w, x| g * w * x) / n;
+                for j in 0..h {
+                    g[j] = (g[j] * w[j] - mg - xh[j] * mgx) * is;
+                }
+            });
+    }
+}
+
+/// One encoder layer's weights for the step.
+struct LayerParams {
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    ln1: Ln,
+    inter: Lin,
+    out: Lin,
+    ln2: Ln,
+}
+
+impl LayerParams {
+    fn adapted(&self) -> bool {
+        [&self.q, &self.k, &self.v, &self.o, &self.inter, &self.out]
+            .iter()
+            .any(|l| l.ad.is_some())
+    }
+}
+
+/// What one layer's backward needs from its forward.
+struct Saved {
+    /// The layer's input (m × h).
+    x: Vec<f32>,
+    /// q | k | v (m × 3h) and their adapters' H.
+    qkv: Vec<f32>,
+    h_qkv: [Option<Vec<f32>>; 3],
+    /// P (b, heads, t, t).
+    probs: Vec<f32>,
+    /// The attention's output, merged heads (m × h), and the output projection's H.
+    ctx: Vec<f32>,
+    h_o: Option<Vec<f32>>,
+    /// x̂ and 1/σ of the attention LayerNorm, and its output (m × h).
+    xhat1: Vec<f32>,
+    inv1: Vec<f32>,
+    x1: Vec<f32>,
+    /// The intermediate pre-activation and GELU output (m × intermediate), adapters' H.
+    pre: Vec<f32>,
+    act: Vec<f32>,
+    h_inter: Option<Vec<f32>>,
+    h_out: Option<Vec<f32>>,
+    /// x̂ and 1/σ of the output LayerNorm.
+    xhat2: Vec<f32>,
+    inv2: Vec<f32>,
+}
+
+/// The encoder's forward, kept for its backward.
+pub(crate) struct Tape {
+    /// The encoder's output (b, t, h), a leaf variable: candle's autograd starts here.
+    pub(crate) leaf: Var,
+    params: Vec<LayerParams>,
+    saved: Vec<Saved>,
+    /// (b, t, h, heads, intermediate).
+    dims: (usize, usize, usize, usize, usize),
+    lens: Vec<usize>,
+}
+
+/// Attention over merged heads from q | k | v (m × 3h): per (row, head) S = QKᵀ/√hd over the
+/// row's first `lens[row]` keys, P = softmax(S), out = P·V. Returns out (m × h) and P.
+fn attention_forward(
+    qkv: &[f32],
+    lens: &[usize],
+    (b, t, h, heads): (usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let d = h / heads;
+    let ld = 3 * h;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut probs = vec![];
+    // SAFETY: every (row, head) unit writes its t × t block of P and its t × d block of the
+    // output (at row stride h) in full, zeros where a row has no keys.
+    let ctx = unsafe {
+        written(b * t * h, |o| {
+            let o = SharedMut(o);
+            probs = filled_vec::<f32>(b * heads * t * t, |probs| {
+                probs
+                    .par_chunks_mut(t * t)
+                    .enumerate()
+                    .for_each(|(unit, p)| {
+                        let (bi, hi) = (unit / heads, unit % heads);
+                        let len = lens[bi].min(t);
+                        let p: &mut [f32] = {
+                            for x in p.iter_mut() {
+                                x.write(0.0);
+                            }
+                            // SAFETY: just initialised.
+                            std::slice::from_raw_parts_mut(p.as_mut_ptr().cast(), t * t)
+                        };
+                        let base = bi * t * ld + hi * d;
+                        let ob = bi * t * h + hi * d;
+                        if len == 0 {
+                            for i in 0..t {
+                                std::slice::from_raw_parts_mut(o.at(ob + i * h), d).fill(0.0);
+                            }
+                            return;
+                        }
+                        let qv = Mat::rows(qkv[base..].as_ptr(), ld);
+                        let kv = Mat::rows(qkv[base + h..].as_ptr(), ld);
+                        let vv = Mat::rows(qkv[base + 2 * h..].as_ptr(), ld);
+                        sgemm(
+                            p.as_mut_ptr(),
+                            t,
+                            (t, len, d),
+                            qv,
+                            kv.t(),
+                            scale,
+                            false,
+                            false,
+                        );
+                        for row in p.chunks_mut(t) {
+                            let row = &mut row[..len];
+                            let max = max_of(row);
+                            for x in row.iter_mut() {
+                                *x = (*x - max).fast_exp();
+                            }
+                            let inv = 1.0 / sum_map(row, |x| x);
+                            for x in row.iter_mut() {
+                                *x *= inv;
+                            }
+                        }
+                        let pv = Mat::rows(p.as_ptr(), t);
+                        sgemm(o.at(ob), h, (t, d, len), pv, vv, 1.0, false, false);
+                    })
+            })
+        })
+    };
+    (ctx, probs)
+}
+
+/// The attention's backward from dO (m × h): dq | dk | dv (m × 3h), with dV = Pᵀ·dO,
+/// dP = dO·Vᵀ, dS = P ⊙ (dP − Σⱼ P⊙dP)/√hd, dQ = dS·K, dK = dSᵀ·Q per (row, head).
+fn attention_backward(
+    d_out: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    lens: &[usize],
+    (b, t, h, heads): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let d = h / heads;
+    let ld = 3 * h;
+    let scale = 1.0 / (d as f32).sqrt();
+    // SAFETY: every unit writes its t × d blocks of dq, dk and dv in full (zeros for keys past
+    // the row's length).
+    unsafe {
+        written(b * t * ld, |dst| {
+            let dst = SharedMut(dst);
+            (0..b * heads).into_par_iter().for_each(|unit| {
+                let (bi, hi) = (unit / heads, unit % heads);
+                let len = lens[bi].min(t);
+                let base = bi * t * ld + hi * d;
+                // rows of dk, dv past the keys (and all of dq without keys) are zero
+                for i in 0..t {
+                    if len == 0 {
+                        std::slice::from_raw_parts_mut(dst.at(base + i * ld), d).fill(0.0);
+                    }
+                    if i >= len {
+                        std::slice::from_raw_parts_mut(dst.at(base + h + i * ld), d).fill(0.0);
+                        std::slice::from_raw_parts_mut(dst.at(base + 2 * h + i * ld), d).fill(0.0);
+                    }
+                }
+                if len == 0 {
+                    return;
+                }
+                let p = &probs[unit * t * t..(unit + 1) * t * t];
+                let gv = Mat::rows(d_out[bi * t * h + hi * d..].as_ptr(), h);
+                let qv = Mat::rows(qkv[base..].as_ptr(), ld);
+                let kv = Mat::rows(qkv[base + h..].as_ptr(), ld);
+                let vv = Mat::rows(qkv[base + 2 * h..].as_ptr(), ld);
+                let pv = Mat::rows(p.as_ptr(), t);
+                // dV = Pᵀ·dO over the keys
+                sgemm(
+                    dst.at(base + 2 * h),
+                    ld,
+                    (len, d, t),
+                    pv.t(),
+                    gv,
+                    1.0,
+                    false,
+                    false,
+                );
+                let mut ds = written(t * len, |s| {
+                    sgemm(s, len, (t, len, d), gv, vv.t(), 1.0, false, false)
+                });
+                for (i, row) in ds.chunks_mut(len).enumerate() {
+                    let pr = &p[i * t..i * t + len];
+                    let dot = sum_map2(pr, row, |x, y| x * y);
+                    for (x, &pj) in row.iter_mut().zip(pr) {
+                        *x = scale * pj * (*x - dot);
+                    }
+                }
+                let dsv = Mat::rows(ds.as_ptr(), len);
+                sgemm(dst.at(base), ld, (t, d, len), dsv, kv, 1.0, false, false);
+                sgemm(
+                    dst.at(base + h),
+                    ld,
+                    (len, d, t),
+                    dsv.t(),
+                    qv,
+                    1.0,
+                    false,
+                    false,
+                );
+            });
+        })
+    }
+}
+
+impl Bert {
+    /// The encoder's forward on this path, or None where the autograd path must run (see the
+    /// module's documentation).
+    pub(crate) fn fast_forward(&self, batch: &Batch) -> Result<Option<Tape>> {
+        if !batch.ids.device().is_cpu() || self.cfg.act != Activation::GeluErf {
+            return Ok(None);
+        }
+        let mut params = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let lin = |a: &AdaptedLinear| Lin::of(a);
+            let (Some(q), Some(k), Some(v), Some(o), Some(inter), Some(out)) = (
+                lin(&l.query)?,
+                lin(&l.key)?,
+                lin(&l.value)?,
+                lin(&l.attn_out)?,
+                lin(&l.inter)?,
+                lin(&l.out)?,
+            ) else {
+                return Ok(None);
+            };
+            params.push(LayerParams {
+                q,
+                k,
+                v,
+                o,
+                ln1: Ln::of(&l.attn_norm, self.cfg.eps)?,
+                inter,
+                out,
+                ln2: Ln::of(&l.out_norm, self.cfg.eps)?,
+            });
+        }
+        let emb = self.embed(batch)?;
+        if emb.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (b, t, h) = emb.dims3()?;
+        let (heads, inter) = (self.cfg.heads, self.cfg.intermediate);
+        let lens = key_lens(&batch.mask)?;
+        let m = b * t;
+        let mut x = host_vec::<f32>(&emb)?;
+        let mut saved = Vec::with_capacity(params.len());
+        for p in &params {
+            let xv = Mat::rows(x.as_ptr(), h);
+            // SAFETY (all blocks below): buffers are allocated for the shapes the calls
+            // document, and each `written` buffer is filled in full by its call.
+            let mut h_qkv = [None, None, None];
+            let qkv = unsafe {
+                written(m * 3 * h, |dst| {
+                    for (j, lin) in [&p.q, &p.k, &p.v].into_iter().enumerate() {
+                        h_qkv[j] = lin.forward(xv, m, dst.add(j * h), 3 * h);
+                    }
+                })
+            };
+            let (ctx, probs) = attention_forward(&qkv, &lens, (b, t, h, heads));
+            let mut h_o = None;
+            let mut s1 = unsafe {
+                written(m * h, |dst| {
+                    h_o = p.o.forward(Mat::rows(ctx.as_ptr(), h), m, dst, h);
+                })
+            };
+            let (x1, inv1) = p.ln1.forward(&mut s1, &x);
+            let mut h_inter = None;
+            let pre = unsafe {
+                written(m * inter, |dst| {
+                    h_inter = p.inter.forward(Mat::rows(x1.as_ptr(), h), m, dst, inter);
+                })
+            };
+            let act = unsafe {
+                filled_vec::<f32>(pre.len(), |a| {
+                    a.par_chunks_mut(4096)
+                        .zip(pre.par_chunks(4096))
+                        .for_each(|(a, p)| {
+                            for (a, &v) in a.iter_mut().zip(p) {
+                                a.write(v.value());
+                            }
+                        })
+                })
+            };
+            let mut h_out = None;
+            let mut s2 = unsafe {
+                written(m * h, |dst| {
+                    h_out = p.out.forward(Mat::rows(act.as_ptr(), inter), m, dst, h);
+                })
+            };
+            let (x2, inv2) = p.ln2.forward(&mut s2, &x1);
+            let input = std::mem::replace(&mut x, x2);
+            saved.push(Saved {
+                x: input,
+                qkv,
+                h_qkv,
+                probs,
+                ctx,
+                h_o,
+                xhat1: s1,
+                inv1,
+                x1,
+                pre,
+                act,
+                h_inter,
+                h_out,
+                xhat2: s2,
+                inv2,
+            });
+        }
+        let leaf = Var::from_tensor(&Tensor::from_vec(x, (b, t, h), &Device::Cpu)?)?;
+        Ok(Some(Tape {
+            leaf,
+            params,
+            saved,
+            dims: (b, t, h, heads, inter),
+            lens,
+        }))
+    }
+}
+
+impl Tape {
+    /// The backward from the gradient at [`Tape::leaf`] (taken from `grads`): every adapter's
+    /// gradient goes into `grads` under its variable.
+    pub(crate) fn backward(self, grads: &mut GradStore) -> Result<()> {
+        let Some(first) = self.params.iter().position(LayerParams::adapted) else {
+            return Ok(());
+        };
+        let Some(d_leaf) = grads.remove(self.leaf.as_tensor()) else {
+            return Ok(());
+        };
+        let (b, t, h, heads, inter) = self.dims;
+        let m = b * t;
+        let mut dy = host_vec::<f32>(&d_leaf)?;
+        let mut out: AdGrads = vec![];
+        for (i, (p, s)) in self.params.iter().zip(&self.saved).enumerate().rev() {
+            if i < first {
+                break;
+            }
+            // dy: ∂L/∂(layer output) → ∂L/∂s2, the gradient of f and of x1 (residual)
+            p.ln2.backward(&mut dy, &s.xhat2, &s.inv2);
+            let g = Mat::rows(dy.as_ptr(), h);
+            // SAFETY (all blocks below): shapes as the calls document; each `written` buffer
+            // is filled in full; `dy` is m × h and only this thread touches it.
+            let mut d_act = unsafe {
+                let mut res = Ok(());
+                let v = written(m * inter, |dst| {
+                    let x = Mat::rows(s.act.as_ptr(), inter);
+                    let dx = Some((dst, inter, false));
+                    res = p.out.backward(g, x, s.h_out.as_deref(), m, dx, &mut out);
+                });
+                res?;
+                v
+            };
+            d_act
+                .par_chunks_mut(4096)
+                .zip(s.pre.par_chunks(4096))
+                .for_each(|(g, x)| {
+                    for (g, &v) in g.iter_mut().zip(x) {
+                        *g *= v.grad();
+                    }
+                });
+            // the residual's gradient (in dy) plus the intermediate layer's input gradient
+            unsafe {
+                let dx = Some((dy.as_mut_ptr(), h, true));
+                let g = Mat::rows(d_act.as_ptr(), inter);
+                let x = Mat::rows(s.x1.as_ptr(), h);
+                p.inter
+                    .backward(g, x, s.h_inter.as_deref(), m, dx, &mut out)?;
+            }
+            drop(d_act);
+            p.ln1.backward(&mut dy, &s.xhat1, &s.inv1);
+            let g = Mat::rows(dy.as_ptr(), h);
+            let d_ctx = unsafe {
+                let mut res = Ok(());
+                let v = written(m * h, |dst| {
+                    let x = Mat::rows(s.ctx.as_ptr(), h);
+                    res =
+                        p.o.backward(g, x, s.h_o.as_deref(), m, Some((dst, h, false)), &mut out);
+                });
+                res?;
+                v
+            };
+            let d_qkv = attention_backward(&d_ctx, &s.qkv, &s.probs, &self.lens, (b, t, h, heads));
+            drop(d_ctx);
+            // the residual's gradient plus q, k, v's input gradients (none below the lowest
+            // adapted layer: the embeddings are frozen)
+            let x = Mat::rows(s.x.as_ptr(), h);
+            for (j, lin) in [&p.q, &p.k, &p.v].into_iter().enumerate() {
+                let g = Mat::rows(d_qkv[j * h..].as_ptr(), 3 * h);
+                let dx = (i > first).then_some((dy.as_mut_ptr(), h, true));
+                unsafe { lin.backward(g, x, s.h_qkv[j].as_deref(), m, dx, &mut out)? };
+            }
+        }
+        for (var, g) in out {
+            let g = match grads.remove(var.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(var.as_tensor(), g);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::adapter::{AdapterKind, AdapterSpec};
+    use crate::data::{collate, Encoded, Task};
+    use crate::model::weights::{ConfigReader, Weights};
+    use crate::model::{scaled, Body, Pooling, TaskModel};
+    use crate::ramp::{RampClock, RampSchedule};
+    use crate::synthetic::BertShape;
+    use crate::target::TargetSpec;
+
+    const SHAPE: BertShape = BertShape {
+        hidden: 32,
+        intermediate: 64,
+        layers: 2,
+        heads: 4,
+        vocab: 50,
+        max_positions: 32,
+    };
+
+    fn bert(dtype: DType, act: &str) -> Bert {
+        let mut cfg_json = SHAPE.config();
+        cfg_json["hidden_act"] = act.into();
+        let path = Path::new("tiny-bert/config.json");
+        let cfg = Bert::config(&ConfigReader {
+            path,
+            value: &cfg_json,
+        })
+        .unwrap();
+        let weights = Weights::Memory(path.into(), SHAPE.tensors(7, dtype).unwrap());
+        Bert::load(&weights, cfg, dtype, &Device::Cpu).unwrap()
+    }
+
+    /// A tiny classifier with adapters of `kind` on `targets`, every trainable tensor (LoRA's
+    /// zero B and the head included) moved off its initial value so every path carries signal.
+    fn model(body: Bert, kind: Option<AdapterKind>, targets: &str, pooling: Pooling) -> TaskModel {
+        let dtype = body.word.dtype();
+        let mut tm = TaskModel::new(
+            Body::Bert(body),
+            Task::Classify,
+            Some(3),
+            pooling,
+            1,
+            &Device::Cpu,
+        )
+        .unwrap();
+        if let Some(kind) = kind {
+            let mut spec = AdapterSpec::new(kind, 4, 8.0);
+            spec.dtype = dtype;
+            let clock = RampClock::new(RampSchedule::new(4), 1);
+            clock.set_training(true);
+            let targets = TargetSpec::parse(targets, None).unwrap();
+            tm.inject(&spec, &targets, clock).unwrap();
+        }
+        for p in tm.params() {
+            let noise = Tensor::randn(0f32, 0.3, p.var.dims(), &Device::Cpu).unwrap();
+            let v = (p.var.as_tensor() + noise.to_dtype(p.var.dtype()).unwrap()).unwrap();
+            p.var.set(&v).unwrap();
+        }
+        tm
+    }
+
+    /// Rows of the given lengths (random tokens, labels 0, 1, 2, …), right-padded.
+    fn batch(lens: &[usize]) -> Batch {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let items: Vec<Encoded> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Encoded {
+                ids: (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        1 + (x % (SHAPE.vocab as u64 - 1)) as u32
+                    })
+                    .collect(),
+                type_ids: (0..n).map(|j| (j >= n / 2) as u32).collect(),
+                label: Some(i % 3),
+                target_mask: vec![0; n],
+            })
+            .collect();
+        let idx: Vec<usize> = (0..items.len()).collect();
+        collate(&items, &idx, 0, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Loss and every trainable tensor's gradient agree between this path and autograd.
+    fn check_against_autograd(tm: &TaskModel, batch: &Batch, what: &str) {
+        let scale = 0.5;
+        let (loss, grads) = tm
+            .bert_fast_loss_and_grads(batch, scale)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{what}: the fast path refused the model"));
+        let ref_loss = tm.loss(batch).unwrap();
+        let ref_grads = scaled(&ref_loss, scale).unwrap().backward().unwrap();
+        let (l, rl) = (values(&loss)[0], values(&ref_loss)[0]);
+        assert!(
+            (l - rl).abs() <= 1e-5 * rl.abs(),
+            "{what}: loss {l} vs {rl}"
+        );
+        let params = tm.params();
+        assert!(!params.is_empty());
+        for p in &params {
+            let got = values(
+                grads
+                    .get(p.var.as_tensor())
+                    .unwrap_or_else(|| panic!("{what}: no gradient for a {:?} tensor", p.role)),
+            );
+            let want = values(ref_grads.get(p.var.as_tensor()).unwrap());
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(
+                scale > 0.0,
+                "{what}: a zero reference gradient ({:?})",
+                p.role
+            );
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-5 * scale,
+                "{what}: {:?} gradient differs by {diff} (largest entry {scale})",
+                p.role
+            );
+        }
+    }
+
+    #[test]
+    fn matches_autograd_for_singlora_and_lora_with_and_without_padding() {
+        let full = batch(&[12, 12, 12, 12]);
+        let padded = batch(&[12, 7, 3, 1, 9]);
+        for kind in [AdapterKind::SingLora, AdapterKind::Lora] {
+            // the paper's targets, and every linear layer (the MLP's tall and wide weights)
+            for targets in ["query,key,value,attention.output.dense", "all-linear"] {
+                for pooling in [Pooling::Mean, Pooling::Cls] {
+                    let tm = model(bert(DType::F32, "gelu"), Some(kind), targets, pooling);
+                    for (b, name) in [(&full, "full"), (&padded, "padded")] {
+                        let what = format!("{kind:?} {targets} {pooling} {name}");
+                        check_against_autograd(&tm, b, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn adapters_on_upper_layers_only_and_head_only_match_autograd() {
+        let padded = batch(&[10, 4, 8]);
+        // the backward stops at the lowest adapted layer
+        let tm = model(
+            bert(DType::F32, "gelu"),
+            Some(AdapterKind::SingLora),
+            "re:encoder\\.layer\\.1\\..*(query|output\\.dense)$",
+            Pooling::Mean,
+        );
+        assert!(tm.adapters().iter().all(|(n, _, _)| n.contains("layer.1.")));
+        check_against_autograd(&tm, &padded, "layer 1 only");
+        let tm = model(bert(DType::F32, "gelu"), None, "", Pooling::Cls);
+        check_against_autograd(&tm, &padded, "head only");
+    }
+
+    #[test]
+    fn unsupported_models_take_the_autograd_path() {
+        let b = batch(&[6, 3]);
+        let refused = |tm: &TaskModel, what: &str| {
+            let Body::Bert(bert) = &tm.body else {
+                unreachable!()
+            };
+            assert!(bert.fast_forward(&b).unwrap().is_none(), "{what}");
+            assert!(tm.bert_fast_loss_and_grads(&b, 1.0).unwrap().is_none());
+            // and the public entry point still trains it, through autograd
+            let (loss, grads) = tm.loss_and_grads(&b, 1.0).unwrap();
+            assert!(values(&loss)[0].is_finite());
+            for p in tm.params() {
+                assert!(grads.get(p.var.as_tensor()).is_some(), "{what}");
+            }
+        };
+        let targets = "query,value";
+        let dora = model(
+            bert(DType::F32, "gelu"),
+            Some(AdapterKind::Dora),
+            targets,
+            Pooling::Mean,
+        );
+        refused(&dora, "DoRA");
+        let mut merged = model(
+            bert(DType::F32, "gelu"),
+            Some(AdapterKind::SingLora),
+            targets,
+            Pooling::Mean,
+        );
+        for l in merged.body.linears_mut() {
+            if l.name().ends_with("layer.0.attention.self.query") {
+                l.merge().unwrap();
+            }
+        }
+        let Body::Bert(merged_bert) = &merged.body else {
+            unreachable!()
+        };
+        assert!(merged_bert.fast_forward(&b).unwrap().is_none(), "merged");
+        let f64_model = model(
+            bert(DType::F64, "gelu"),
+            Some(AdapterKind::SingLora),
+            targets,
+            Pooling::Mean,
+        );
+        refused(&f64_model, "f64");
+        let tanh = model(
+            bert(DType::F32, "gelu_new"),
+            Some(AdapterKind::Lora),
+            targets,
+            Pooling::Mean,
+        );
+        refused(&tanh, "tanh GELU");
+        // the supported setting is taken
+        let ok = model(
+            bert(DType::F32, "gelu"),
+            Some(AdapterKind::SingLora),
+            targets,
+            Pooling::Mean,
+        );
+        assert!(ok.bert_fast_loss_and_grads(&b, 1.0).unwrap().is_some());
+    }
+}
