@@ -357,17 +357,157 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The adapters' low-rank epilogue kernels (bf16, tensor-core products) against composed ops
+/// in f32: r 8 and 16, h a column block of a wider buffer, a width and a row count that are
+/// not multiples of the kernels' 32-column and 16-row tiles, a term on one SwiGLU input only.
+#[cfg(feature = "cuda")]
+fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    let (m, n) = (75, 200);
+    let bf = |t: Tensor| t.to_dtype(DType::BF16);
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+    for r in [8usize, 16] {
+        let w = r + 8;
+        let a = bf(Tensor::randn(0f32, 1.0, (m, n), device)?)?;
+        let b = bf(Tensor::randn(0f32, 1.0, (m, n), device)?)?;
+        let h = bf(Tensor::randn(0f32, 1.0, (m, w), device)?)?;
+        let u = bf(Tensor::randn(0f32, 0.5, (n, r), device)?)?;
+        let u2 = bf(Tensor::randn(0f32, 0.5, (n, r), device)?)?;
+        let c = 0.75f32;
+        // the term from columns 8..8 + r of h
+        let term = |u: &Tensor| -> Result<Tensor> {
+            Ok((f32_of(&h.narrow(1, 8, r)?)?.matmul(&f32_of(u)?.t()?)? * c as f64)?)
+        };
+        let got = singlora::ops::add_low_rank(&a, &b, (&h, 8, &u, c))?;
+        let want = ((f32_of(&a)? + f32_of(&b)?)? + term(&u)?)?;
+        rows.push(Row {
+            what: format!("low-rank epilogue r={r}: a + b + c·h·Uᵀ"),
+            err: rel_err(&got, &want)?,
+            bound: 1e-2,
+        });
+        let sigmoid = |x: &Tensor| -> Result<Tensor> { Ok((x.neg()?.exp()? + 1.0)?.recip()?) };
+        // both terms written back over g and u; the gate's alone, g and u left as they were
+        for both in [true, false] {
+            let tg = (&h, 8, &u, c);
+            let tu = (&h, 8, &u2, c);
+            let (y, g2, u2o) = singlora::ops::swiglu_low_rank(
+                &a,
+                &b,
+                (Some(tg), if both { Some(tu) } else { None }),
+                both,
+            )?;
+            let gw = (f32_of(&a)? + term(&u)?)?;
+            let uw = if both {
+                (f32_of(&b)? + term(&u2)?)?
+            } else {
+                f32_of(&b)?
+            };
+            let yw = ((&gw * sigmoid(&gw)?)? * &uw)?;
+            let (g_kept, u_kept) = if both {
+                (gw.clone(), uw.clone())
+            } else {
+                (f32_of(&a)?, f32_of(&b)?)
+            };
+            let err = rel_err(&y, &yw)?
+                .max(rel_err(&g2, &g_kept)?)
+                .max(rel_err(&u2o, &u_kept)?);
+            rows.push(Row {
+                what: format!(
+                    "low-rank epilogue r={r}: SwiGLU with {} (output, g, u)",
+                    if both {
+                        "both terms, written back"
+                    } else {
+                        "the gate's term"
+                    }
+                ),
+                err,
+                bound: 1e-2,
+            });
+        }
+        // SwiGLU's backward with terms on g, u and dy, and on dy alone
+        let dy = bf(Tensor::randn(0f32, 1.0, (m, n), device)?)?;
+        let u3 = bf(Tensor::randn(0f32, 0.5, (n, r), device)?)?;
+        for all in [true, false] {
+            let (tg, tu) = (
+                all.then_some((&h, 8, &u, c)),
+                all.then_some((&h, 8, &u2, c)),
+            );
+            let (dg, du) =
+                singlora::ops::swiglu_bwd_low_rank((&a, &b, &dy), [tg, tu, Some((&h, 8, &u3, c))])?;
+            let (gw, uw) = if all {
+                ((f32_of(&a)? + term(&u)?)?, (f32_of(&b)? + term(&u2)?)?)
+            } else {
+                (f32_of(&a)?, f32_of(&b)?)
+            };
+            let dw = (f32_of(&dy)? + term(&u3)?)?;
+            let sg = sigmoid(&gw)?;
+            let dg_w = ((&dw * &uw)? * (&sg * ((&gw * (1.0 - &sg)?)? + 1.0)?)?)?;
+            let du_w = ((&dw * &gw)? * &sg)?;
+            rows.push(Row {
+                what: format!(
+                    "low-rank epilogue r={r}: SwiGLU backward with {} (dg, du)",
+                    if all {
+                        "terms on g, u, dy"
+                    } else {
+                        "dy's term"
+                    }
+                ),
+                err: rel_err(&dg, &dg_w)?.max(rel_err(&du, &du_w)?),
+                bound: 1e-2,
+            });
+        }
+        // RoPE and the head split with the term: 2 × 37 tokens, 3 heads of 64 and of 128
+        for hd in [64usize, 128] {
+            let (bt, t, heads) = (2, 37, 3);
+            let w_ = heads * hd;
+            let x = bf(Tensor::randn(0f32, 1.0, (bt * t, w_), device)?)?;
+            let hh = bf(Tensor::randn(0f32, 1.0, (bt * t, r + 8), device)?)?;
+            let uu = bf(Tensor::randn(0f32, 0.5, (w_, r), device)?)?;
+            let inv: Vec<f64> = (0..hd / 2)
+                .map(|i| 1.0 / 500f64.powf(2.0 * i as f64 / hd as f64))
+                .collect();
+            let cpu = Device::Cpu;
+            let (c64, s64) = singlora::nn::rope_tables(&inv, t, DType::F64, &cpu)?;
+            let (c32, s32) = singlora::nn::rope_tables(&inv, t, DType::F32, device)?;
+            let full = (f32_of(&x)?
+                + (f32_of(&hh.narrow(1, 8, r)?)?.matmul(&f32_of(&uu)?.t()?)? * c as f64)?)?
+                .to_device(&cpu)?
+                .to_dtype(DType::F64)?
+                .reshape((bt, t, w_))?;
+            for rotate in [true, false] {
+                let got = singlora::ops::rope_low_rank(
+                    &x.reshape((bt, t, w_))?,
+                    (&c32, &s32),
+                    heads,
+                    rotate,
+                    (&hh, 8, &uu, c),
+                )?;
+                let want = singlora::ops::rope_split(&full, &c64, &s64, heads, rotate)?;
+                rows.push(Row {
+                    what: format!(
+                        "low-rank epilogue r={r}: {} with the term, head size {hd}",
+                        if rotate { "RoPE and split" } else { "split" }
+                    ),
+                    err: rel_err(&got, &want)?,
+                    bound: 1e-2,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The LLaMA layers' own forward and backward (the CUDA fast path of `loss_and_grads`)
 /// against candle's autograd through the same model on the same device: loss and every
 /// adapter gradient (GQA, a padded row, LoRA's B made non-zero so both factors get gradients).
 fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use singlora::bench::llama::{random_model, random_tokens};
+    // head size 64: the q/k/v terms take the RoPE kernel's epilogue
     let shape = LlamaShape {
         hidden: 128,
         intermediate: 344,
         layers: 2,
-        heads: 4,
-        kv_heads: 2,
+        heads: 2,
+        kv_heads: 1,
         vocab: 256,
     };
     for (method, label) in [
@@ -412,23 +552,44 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             // the 8-wide elementwise and RMSNorm kernels against the scalar ones
             #[cfg(feature = "cuda")]
             {
+                // (the adapters' terms by their own GEMMs in both, as the scalar run has no
+                // epilogue kernels; then the epilogue against those GEMMs)
+                singlora::ops::set_low_rank_epilogue(false);
+                let unfused = model.loss_and_grads(&batch, 1.0);
                 singlora::ops::set_vectorised(false);
                 let scalar = model.loss_and_grads(&batch, 1.0);
                 singlora::ops::set_vectorised(true);
+                singlora::ops::set_low_rank_epilogue(true);
+                let (loss_u, g_u) = unfused?;
                 let (loss_s, g_s) = scalar?;
-                let mut worst: f64 = rel_err(&loss_f, &loss_s)?;
-                for p in model.params() {
-                    if let (Some(a), Some(b)) =
-                        (g_f.get(p.var.as_tensor()), g_s.get(p.var.as_tensor()))
-                    {
-                        worst = worst.max(rel_err(a, b)?);
+                for (what, (l1, g1), (l2, g2), bound) in [
+                    (
+                        "fast path: 8-wide kernels vs scalar (loss, gradients)",
+                        (&loss_u, &g_u),
+                        (&loss_s, &g_s),
+                        1e-2,
+                    ),
+                    (
+                        "fast path: low-rank epilogue vs its GEMMs (loss, gradients)",
+                        (&loss_f, &g_f),
+                        (&loss_u, &g_u),
+                        3e-2,
+                    ),
+                ] {
+                    let mut worst: f64 = rel_err(l1, l2)?;
+                    for p in model.params() {
+                        if let (Some(a), Some(b)) =
+                            (g1.get(p.var.as_tensor()), g2.get(p.var.as_tensor()))
+                        {
+                            worst = worst.max(rel_err(a, b)?);
+                        }
                     }
+                    rows.push(Row {
+                        what: what.into(),
+                        err: worst,
+                        bound,
+                    });
                 }
-                rows.push(Row {
-                    what: "fast path: 8-wide kernels vs scalar (loss, gradients)".into(),
-                    err: worst,
-                    bound: 1e-2,
-                });
             }
             // attention probabilities recomputed in the backward instead of kept
             let mut model = model;
@@ -548,6 +709,8 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
     op_checks(&device, &mut rows)?;
     adapter_checks(&device, &mut rows)?;
     if !device.is_cpu() {
+        #[cfg(feature = "cuda")]
+        low_rank_checks(&device, &mut rows)?;
         fast_path_checks(&device, &mut rows)?;
     }
     training_checks(device_name, &mut rows)?;

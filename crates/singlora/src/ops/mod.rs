@@ -30,9 +30,13 @@ mod attention;
 pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-/// Whether the CUDA fast path may use its 8-wide elementwise kernels (the device check compares).
+/// The CUDA fast path's switches (its 8-wide kernels, the adapters' low-rank epilogue) and the
+/// epilogue kernels' entries on tensors, for the device check's comparisons.
 #[cfg(feature = "cuda")]
-pub use cuda::{add_low_rank, set_low_rank_epilogue, set_vectorised, swiglu_low_rank};
+pub use cuda::{
+    add_low_rank, rope_low_rank, set_low_rank_epilogue, set_vectorised, swiglu_bwd_low_rank,
+    swiglu_low_rank,
+};
 pub(crate) mod gelu;
 mod linear;
 mod norm;

@@ -13,6 +13,15 @@
 //! go into the same `GradStore` under each adapter variable, so the optimizer sees no
 //! difference. SingLoRA and LoRA/rsLoRA adapters (and none) take this path; DoRA, merged
 //! adapters and non-CUDA devices take the autograd path. The device check compares the two.
+//!
+//! An adapter's c·h·Uᵀ is not added to its projection's output by a GEMM of its own (a read and
+//! a write of that output) where the kernel that reads the output next can add it: q, k and v
+//! in the RoPE/split kernel, o and down in the residual adds, gate and up in the SwiGLU kernels
+//! (forward, recompute and backward), and down's c·g_U·Dᵀ in the SwiGLU backward
+//! (`raw::LowRank`; tensor-core products in kernels.cu). Same call, three runs each: 7B
+//! 226.8/225.7/226.6 → 221.1/222.3/222.0 ms, TinyLlama 53.9/53.6/53.8 → 51.6/52.0/52.3 ms
+//! (`SINGLORA_UNFUSED_LR=1` for the old way). The same for the groups' c·g_U·Dᵀ in a 16-row
+//! RMSNorm backward kernel was slower (6.9 ms against 2.5 + 1.6) and is not kept.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -30,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
 use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved};
 use crate::ops::cuda::prof::mark;
+use crate::ops::cuda::raw::LowRank;
 use crate::ops::cuda::{
     fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, ptr_of, raw, Mat,
 };
@@ -352,6 +362,9 @@ struct LayerTape {
     h_down: PSaved,
     /// The q/k/v and gate/up groups' h buffers (their members' `HSaved` point into them).
     _h_groups: [Option<Buf>; 2],
+    /// gate's and up's terms where the SwiGLU kernels add them (`g` and `u` then hold the
+    /// frozen products alone); their h buffers are the ones above or in `h_gu`.
+    gu_terms: [Option<LowRank>; 2],
 }
 
 /// A forward through the decoder layers, ready for its backward.
@@ -483,6 +496,8 @@ type Buf = (CudaStorage, u64);
 impl Proj {
     /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns y and h = x·D (kept for the backward). `pre_h`:
     /// h already computed (by the projection's group) at this pointer and row stride.
+    /// `defer`: where the consumer kernels can take it, the c·h·Uᵀ term is not added to y
+    /// but returned, for the kernel that reads y next to add (one pass over y fewer).
     fn forward(
         &self,
         dev: &CudaDevice,
@@ -490,7 +505,8 @@ impl Proj {
         x: u64,
         m: usize,
         pre_h: Option<(u64, usize)>,
-    ) -> Result<(Buf, PSaved)> {
+        defer: bool,
+    ) -> Result<(Buf, PSaved, Option<LowRank>)> {
         let dora = self.ad.as_ref().and_then(|f| f.dora.as_ref());
         // DoRA's bias comes after its rescaling
         let bias = if dora.is_some() {
@@ -524,6 +540,7 @@ impl Proj {
         // letting the frozen GEMM add itself (β = 1 there) was measured: the frozen GEMM lost
         // more (+5.7%) than the skinny one saved.
         mark(dev, "frozen GEMM fwd")?;
+        let mut deferred = None;
         let h = match &self.ad {
             None => None,
             Some(f) => {
@@ -551,27 +568,38 @@ impl Proj {
                         (Some(h), hp, f.r)
                     }
                 };
-                unsafe {
-                    gemm(
-                        dev,
-                        bf16,
-                        (m, self.n, f.r),
-                        Mat {
-                            ptr: hp,
-                            ld,
-                            trans: false,
-                        },
-                        Mat {
-                            ptr: f.u,
-                            ld: f.r,
-                            trans: true,
-                        },
-                        yp,
-                        f.c,
-                        1.0,
-                    )?;
+                let lr = LowRank {
+                    h: hp,
+                    ldh: ld,
+                    u: f.u,
+                    r: f.r,
+                    c: f.c,
+                };
+                if defer && dora.is_none() && raw::lr_ok(&lr, bf16, self.n) {
+                    deferred = Some(lr);
+                } else {
+                    unsafe {
+                        gemm(
+                            dev,
+                            bf16,
+                            (m, self.n, f.r),
+                            Mat {
+                                ptr: hp,
+                                ld,
+                                trans: false,
+                            },
+                            Mat {
+                                ptr: f.u,
+                                ld: f.r,
+                                trans: true,
+                            },
+                            yp,
+                            f.c,
+                            1.0,
+                        )?;
+                    }
+                    mark(dev, "adapter fwd: y += c·h·Uᵀ")?;
                 }
-                mark(dev, "adapter fwd: y += c·h·Uᵀ")?;
                 Some(HSaved {
                     _own: own,
                     ptr: hp,
@@ -592,14 +620,17 @@ impl Proj {
                     h,
                     y_pre: Some((y, yp)),
                 },
+                None,
             ));
         }
-        Ok(((y, yp), PSaved { h, y_pre: None }))
+        Ok(((y, yp), PSaved { h, y_pre: None }, deferred))
     }
 
     /// dx (+)= g·W0 + c·(g·U)·Dᵀ, and the adapter's gradients into `grads` (f32). `grouped`:
     /// g_U = g·U goes to this pointer and row stride (a block of the group's buffer), and the
-    /// group adds c·g_U·Dᵀ to dx afterwards for all its members.
+    /// group adds c·g_U·Dᵀ to dx afterwards for all its members. `defer`: where the consumer
+    /// kernels can take it, c·g_U·Dᵀ is not added to dx but returned with g_U's buffer, for
+    /// the kernel that reads dx next to add.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -613,7 +644,8 @@ impl Proj {
         accumulate: bool,
         grads: u64,
         grouped: Option<(u64, usize)>,
-    ) -> Result<()> {
+        defer: bool,
+    ) -> Result<Option<(LowRank, CudaStorage)>> {
         let (n, k) = (self.n, self.k);
         let h = saved.h.as_ref().map(|h| (h.ptr, h.ld));
         // DoRA: the magnitude's gradient, then the gradient of the unscaled output
@@ -657,7 +689,7 @@ impl Proj {
         }
         mark(dev, "frozen GEMM bwd")?;
         let Some(f) = &self.ad else {
-            return Ok(());
+            return Ok(None);
         };
         let (h, h_ld) =
             h.ok_or_else(|| Error::msg("fast path: an adapter without its saved product"))?;
@@ -684,6 +716,7 @@ impl Proj {
             ld: h_ld,
             trans: false,
         };
+        let mut deferred = None;
         unsafe {
             gemm_out_ld(
                 dev,
@@ -701,7 +734,16 @@ impl Proj {
                 0.0,
             )?;
             mark(dev, "adapter bwd: gU = g·U")?;
-            if grouped.is_none() {
+            let lr = LowRank {
+                h: gup,
+                ldh: gu_ld,
+                u: f.d,
+                r,
+                c: f.c,
+            };
+            if grouped.is_none() && defer && f.dora.is_none() && raw::lr_ok(&lr, bf16, k) {
+                deferred = Some(lr);
+            } else if grouped.is_none() {
                 gemm(
                     dev,
                     bf16,
@@ -780,10 +822,19 @@ impl Proj {
                 }
             }
         }
-        drop(gu);
         mark(dev, "adapter bwd: dU = c·gᵀ·h (LoRA: dA, dB)")?;
-        Ok(())
+        Ok(match (deferred, gu) {
+            (Some(lr), Some(gu)) => Some((lr, gu)),
+            _ => None,
+        })
     }
+}
+
+/// Whether the fast path hands adapters' rank-r terms to the kernels that consume the
+/// projections' outputs (or input gradients) where they can; `SINGLORA_UNFUSED_LR` turns this
+/// off for the benchmark's comparison (`ops::set_low_rank_epilogue` for the device check's).
+fn fuse_terms() -> bool {
+    std::env::var_os("SINGLORA_UNFUSED_LR").is_none()
 }
 
 /// The backward of projections that read one input x (q, k, v, or gate and up) from their
@@ -809,7 +860,19 @@ fn backward_members(
             (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
             _ => None,
         };
-        p.backward(dev, bf16, gs[i], x, &saved[i], m, dx, i > 0, grads, block)?;
+        p.backward(
+            dev,
+            bf16,
+            gs[i],
+            x,
+            &saved[i],
+            m,
+            dx,
+            i > 0,
+            grads,
+            block,
+            false,
+        )?;
     }
     if let (Some(gr), Some(b)) = (group, &gu) {
         gr.backward_dx(dev, bf16, b.1, m, ps[0].k, dx)?;
@@ -877,6 +940,9 @@ impl Llama {
         let mut x_ptr = tensor_ptr(&x0, "embeddings")?;
         let mut tapes = vec![];
         let nd = c.heads * c.head_dim;
+        // adapters' rank-r terms added by the kernels that read the projections' outputs (off:
+        // `SINGLORA_UNFUSED_LR`, the benchmark's comparison)
+        let fuse = fuse_terms();
         for (li, l) in self.layers.iter().enumerate() {
             let mut ps = vec![];
             for al in layer_projs(l) {
@@ -901,9 +967,14 @@ impl Llama {
                 (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
                 _ => None,
             };
-            let (q, hq) = ps[0].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 0))?;
-            let (k, hk) = ps[1].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 1))?;
-            let (v, hv) = ps[2].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 2))?;
+            // q's, k's and v's terms go to the RoPE/split kernel (whole warps per half head)
+            let qkv_fuse = fuse && c.head_dim % 64 == 0;
+            let (q, hq, lq) =
+                ps[0].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse)?;
+            let (k, hk, lk) =
+                ps[1].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse)?;
+            let (v, hv, lv) =
+                ps[2].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse)?;
             // the norms' outputs and SwiGLU's are recomputed in the backward (cheap, and
             // 2·hidden + ff values per token fewer to keep)
             drop(hn1);
@@ -914,14 +985,17 @@ impl Llama {
                 tables,
                 dims,
                 &lens,
-                true,
-                self.recompute_attention,
+                (true, self.recompute_attention),
+                [lq.as_ref(), lk.as_ref(), lv.as_ref()],
             )?;
             mark(dev, "attention fwd")?;
             drop((q, k, v));
-            let (o, ho) = ps[3].forward(dev, bf16, ap, m, None)?;
+            let (o, ho, lo) = ps[3].forward(dev, bf16, ap, m, None, fuse)?;
             let x_mid = fresh(dev, bf16, m * h)?;
-            raw::add(dev, bf16, (x_ptr, o.1, x_mid.1), m * h)?;
+            match &lo {
+                Some(lr) => raw::add_lr(dev, bf16, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
+                None => raw::add(dev, bf16, (x_ptr, o.1, x_mid.1), m * h)?,
+            }
             mark(dev, "residual add")?;
             drop(o);
             let hn2 = fresh(dev, bf16, m * h)?;
@@ -931,16 +1005,36 @@ impl Llama {
                 Some(gr) => Some(gr.forward(dev, bf16, hn2.1, m, h)?),
                 None => None,
             };
-            let (g, hg) = ps[4].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 0))?;
-            let (u, hu) = ps[5].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 1))?;
+            // gate's and up's terms go to the SwiGLU kernel when both can (one rank)
+            let gu_fuse = fuse
+                && match (&ps[4].ad, &ps[5].ad) {
+                    (Some(a), Some(b)) => a.r == b.r,
+                    _ => true,
+                };
+            let (g, hg, lg) = ps[4].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse)?;
+            let (u, hu, lu) = ps[5].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse)?;
             drop(hn2);
             let f = fresh(dev, bf16, m * ff)?;
-            raw::swiglu_fwd(dev, bf16, (g.1, u.1, f.1), m * ff)?;
+            if lg.is_some() || lu.is_some() {
+                raw::swiglu_fwd_lr(
+                    dev,
+                    bf16,
+                    (g.1, u.1, f.1),
+                    (m, ff),
+                    (lg.as_ref(), lu.as_ref()),
+                    false,
+                )?;
+            } else {
+                raw::swiglu_fwd(dev, bf16, (g.1, u.1, f.1), m * ff)?;
+            }
             mark(dev, "SwiGLU fwd")?;
-            let (dn, hdn) = ps[6].forward(dev, bf16, f.1, m, None)?;
+            let (dn, hdn, ldn) = ps[6].forward(dev, bf16, f.1, m, None, fuse)?;
             drop(f);
             let x_next = fresh(dev, bf16, m * h)?;
-            raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?;
+            match &ldn {
+                Some(lr) => raw::add_lr(dev, bf16, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
+                None => raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?,
+            }
             mark(dev, "residual add")?;
             drop(dn);
             debug_assert_eq!(nd, h);
@@ -957,6 +1051,7 @@ impl Llama {
                 h_gu: [hg, hu],
                 h_down: hdn,
                 _h_groups: [h_qkv, h_gu],
+                gu_terms: [lg, lu],
             });
             projs.push(ps);
             groups.push(grp);
@@ -1027,16 +1122,29 @@ impl Tape {
             // MLP: down, SwiGLU, gate and up, norm 2 (adding into dxm)
             mark(dev, "other")?;
             let f = fresh(dev, bf16, m * ff)?;
-            raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
+            let [tg, tu] = lt.gu_terms.each_ref().map(|t| t.as_ref());
+            if tg.is_some() || tu.is_some() {
+                raw::swiglu_fwd_lr(dev, bf16, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
+            } else {
+                raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
+            }
             mark(dev, "SwiGLU recompute")?;
             let df = fresh(dev, bf16, m * ff)?;
-            ps[6].backward(
-                dev, bf16, dxp, f.1, &lt.h_down, m, df.1, false, grads_ptr, None,
+            // down's c·g_U·Dᵀ to the SwiGLU backward, when of the gate's and up's rank
+            let down_r = ps[6].ad.as_ref().map(|f| f.r);
+            let defer = fuse_terms() && [tg, tu].iter().flatten().all(|t| Some(t.r) == down_r);
+            let td = ps[6].backward(
+                dev, bf16, dxp, f.1, &lt.h_down, m, df.1, false, grads_ptr, None, defer,
             )?;
             let dgu = fresh(dev, bf16, 2 * m * ff)?;
-            raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
+            if tg.is_some() || tu.is_some() || td.is_some() {
+                let terms = [tg, tu, td.as_ref().map(|t| &t.0)];
+                raw::swiglu_bwd_lr(dev, (lt.g.1, lt.u.1, df.1, dgu.1), (m, ff), terms)?;
+            } else {
+                raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
+            }
             mark(dev, "SwiGLU bwd")?;
-            drop((df, f));
+            drop((df, f, td));
             let hn2 = fresh(dev, bf16, m * h)?;
             raw::rms_fwd(dev, bf16, (lt.x_mid.1, ln2, hn2.1), m, h, self.eps)?;
             mark(dev, "RMSNorm recompute")?;
@@ -1060,7 +1168,7 @@ impl Tape {
             // attention: o, the attention block, q k v, norm 1
             let da = fresh(dev, bf16, m * nh * hd)?;
             ps[3].backward(
-                dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr, None,
+                dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr, None, false,
             )?;
             let (pk, pkp) = backward_raw(dev, bf16, &lt.att, da.1, tables, self.dims)?;
             mark(dev, "attention bwd")?;

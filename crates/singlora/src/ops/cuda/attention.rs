@@ -13,6 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Tensor};
 
+use super::raw::{self, LowRank};
 use super::{
     elems_cfg, fresh, mat_of_tensor, ptr_of, rows_cfg, warp_rows_cfg, Mat, MODULE, PTX,
     WARP_ROW_MAX,
@@ -249,8 +250,8 @@ pub fn forward(
         tables,
         (b, t, h, kvh, d),
         &upload_lens(dev, key_lens)?,
-        causal,
-        false,
+        (causal, false),
+        [None; 3],
     )?;
     Ok((out, Shape::from((b, t, h * d)), saved))
 }
@@ -265,16 +266,27 @@ pub fn forward_raw(
     tables: (u64, u64),
     (b, t, h, kvh, d): Dims,
     lens: &std::sync::Arc<CudaSlice<u32>>,
-    causal: bool,
-    recompute: bool,
+    (causal, recompute): (bool, bool),
+    terms: [Option<&LowRank>; 3],
 ) -> candle_core::Result<(CudaStorage, u64, Saved)> {
     let rep = h / kvh;
     let (qs, qsp) = fresh(dev, bf16, b * h * t * d)?;
     let (ks, ksp) = fresh(dev, bf16, b * kvh * t * d)?;
     let (vs, vsp) = fresh(dev, bf16, b * kvh * t * d)?;
-    rope_raw(dev, bf16, qp, qsp, tables, (b, t, h, d), true, false)?;
-    rope_raw(dev, bf16, kp, ksp, tables, (b, t, kvh, d), true, false)?;
-    rope_raw(dev, bf16, vp, vsp, tables, (b, t, kvh, d), false, false)?;
+    // q, k, v with their projections' low-rank terms added here when the fast path defers them
+    for ((src, dst, n, rotate), term) in [
+        (qp, qsp, h, true),
+        (kp, ksp, kvh, true),
+        (vp, vsp, kvh, false),
+    ]
+    .into_iter()
+    .zip(terms)
+    {
+        match term {
+            Some(lr) => raw::rope_split_lr(dev, (src, dst), tables, (b, t, n, d), rotate, lr)?,
+            None => rope_raw(dev, bf16, src, dst, tables, (b, t, n, d), rotate, false)?,
+        }
+    }
     mark(dev, "attention: RoPE and split")?;
     let groups = b * kvh;
     let (p, pp) = probabilities(dev, bf16, (qsp, ksp), lens, (b, t, h, kvh, d), causal)?;

@@ -707,3 +707,306 @@ extern "C" __global__ void xent_grad_inplace_v8_f32(float* z, const uint32_t* t,
 extern "C" __global__ void xent_grad_inplace_v8_bf16(uint16_t* z, const uint32_t* t, float* out, int c, float g) {
     xent_grad_inplace_v8<uint16_t>(z, t, out, c, g);
 }
+
+// ---- The adapter's rank-R term c·h·Uᵀ added by the kernel that consumes a projection's
+// output, instead of a β = 1 GEMM that reads and writes that output once more (9.4 ms of a
+// 7B-shape step). h (m × R, bf16) has row stride ldh (a block of a group's buffer), U (n × R,
+// bf16) is contiguous; R is a multiple of 8 (8 and 16 built). The product runs on the tensor
+// cores (mma.sync m16n8k8, f32 accumulation): a warp takes a 16-row × 32-column tile in 4 MMAs, with the
+// MMAs' columns assigned so that each thread ends up holding 8 adjacent columns of 2 rows
+// (16-byte accesses for the elementwise part). A warp keeps its columns' U fragments in
+// registers and walks LR_ROWS rows. The plain FMA version of this was compute-bound (2 TB/s).
+// Reference: the GEMM path these replace (`gpu-check`: the kernels against composed ops, and
+// the fast path with and without them).
+#define LR_ROWS 64
+
+// 8 bf16 kept packed in a uint4: loaded, unpacked to f32, packed back (rounded as st()).
+__device__ __forceinline__ uint4 ldpk(const uint16_t* p, long i) { return *reinterpret_cast<const uint4*>(p + i); }
+__device__ __forceinline__ void unpk(uint4 r, float* o) {
+    uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        o[2 * k] = __uint_as_float(w[k] << 16);
+        o[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ uint4 pk(const float* v) {
+    uint4 r;
+    r.x = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
+    r.y = bf16_bits(v[2]) | (bf16_bits(v[3]) << 16);
+    r.z = bf16_bits(v[4]) | (bf16_bits(v[5]) << 16);
+    r.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
+    return r;
+}
+
+// The MMA tile's column l (0..7) of column group j (0..3) is column 8·(l / 2) + 2·j + l % 2 of
+// the warp's 32: thread (g, q) = (lane / 4, lane % 4) then holds columns 8q..8q+7 of rows g
+// and g + 8 after the 4 MMAs.
+template <int R>
+struct LrTile {
+    uint32_t b[4][R / 8];  // U fragments: B[k][l] = U[col(l)][k]
+    const uint16_t* h;
+    long ldh;
+    float c;
+    __device__ __forceinline__ void load(const uint16_t* h_, long ldh_, const uint16_t* u, float c_, int col0, int n) {
+        h = h_;
+        ldh = ldh_;
+        c = c_;
+        const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = col0 + 8 * (g >> 1) + 2 * j + (g & 1);
+#pragma unroll
+            for (int s = 0; s < R / 8; s++)
+                b[j][s] = (h && col < n) ? *reinterpret_cast<const uint32_t*>(u + (long)col * R + 8 * s + 2 * q) : 0u;
+        }
+    }
+    // acc[0..8): row r0 + g, columns 8q..8q+7 of the warp's 32; acc[8..16): row r0 + g + 8.
+    __device__ __forceinline__ void product(long r0, long m, float* acc) const {
+        const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+        uint32_t a[R / 4];
+#pragma unroll
+        for (int s = 0; s < R / 8; s++) {
+            a[2 * s] = r0 + g < m ? *reinterpret_cast<const uint32_t*>(h + (r0 + g) * ldh + 8 * s + 2 * q) : 0u;
+            a[2 * s + 1] = r0 + g + 8 < m ? *reinterpret_cast<const uint32_t*>(h + (r0 + g + 8) * ldh + 8 * s + 2 * q) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+            // R / 8 MMAs of k = 8 accumulating: a[2s] (g, k 8s..), a[2s + 1] (g + 8, k 8s..)
+#pragma unroll
+            for (int s = 0; s < R / 8; s++)
+                asm volatile(
+                    "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+                    "{%0,%1,%2,%3};\n"
+                    : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+                    : "r"(a[2 * s]), "r"(a[2 * s + 1]), "r"(b[j][s]));
+            acc[2 * j] = c * d0;
+            acc[2 * j + 1] = c * d1;
+            acc[8 + 2 * j] = c * d2;
+            acc[8 + 2 * j + 1] = c * d3;
+        }
+    }
+    // v[hf] (8 bf16 of row r0 + g + 8·hf, this thread's columns) += the term, rounded to bf16
+    // as a stored projection output would be. One term's 16 products live at a time, and the
+    // rows stay packed: the kernels below stay near 64-100 registers (157 with unpacked rows
+    // and every term's products at once, which left a third of the occupancy).
+    __device__ __forceinline__ void apply(long r0, long m, uint4 (&v)[2]) const {
+        if (!h) return;
+        float acc[16];
+        product(r0, m, acc);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float x[8];
+            unpk(v[hf], x);
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] += acc[8 * hf + k];
+            v[hf] = pk(x);
+        }
+    }
+};
+
+// A warp's place: 32 columns from col0 (8q.. of them its thread's), rows from r0 in 16s.
+#define LR_WARP                                                                          \
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;                     \
+    const int col0 = 32 * (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));        \
+    if (col0 >= n) return; /* whole warps only */                                        \
+    const int col = col0 + 8 * q;                                                        \
+    const bool on = col < n;                                                             \
+    const long rb = (long)blockIdx.y * LR_ROWS, re = min(m, rb + LR_ROWS);
+
+// The thread's 8 columns of rows r0 + g and r0 + g + 8 (zeros outside), packed.
+#define LR_LOAD(v, p)                                                                    \
+    _Pragma("unroll") for (int hf = 0; hf < 2; hf++) {                                   \
+        const long row = r0 + g + 8 * hf;                                                \
+        v[hf] = (on && row < m) ? ldpk(p, row * n + col) : make_uint4(0, 0, 0, 0);      \
+    }
+
+// y = a + (b + c·h·Uᵀ): the residual add after the attention output and down projections.
+template <int R>
+__device__ void add_lr(const uint16_t* __restrict__ a, const uint16_t* __restrict__ b, uint16_t* __restrict__ y,
+                       long m, int n, const uint16_t* h, long ldh, const uint16_t* u, float c) {
+    LR_WARP
+    LrTile<R> t;
+    t.load(h, ldh, u, c, col0, n);
+    for (long r0 = rb; r0 < re; r0 += 16) {
+        uint4 av[2], bv[2];
+        LR_LOAD(av, a)
+        LR_LOAD(bv, b)
+        t.apply(r0, m, bv);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const long row = r0 + g + 8 * hf;
+            if (!on || row >= m) continue;
+            float x[8], z[8];
+            unpk(av[hf], x);
+            unpk(bv[hf], z);
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] += z[k];
+            st8(y, row * n + col, x);
+        }
+    }
+}
+
+// y = silu(g')·u' with g' = g + c_g·h_g·U_gᵀ and u' likewise (h null: no term), each rounded
+// to bf16 as the projections' outputs would be stored. With `writeback`, g' and u' are written
+// over g and u (for a backward that reads them); without, the backward and the recompute add
+// the terms again (swiglu_bwd_lr, this kernel).
+template <int R>
+__device__ void swiglu_fwd_lr(uint16_t* __restrict__ gt, uint16_t* __restrict__ ut, uint16_t* __restrict__ y, long m,
+                              int n, const uint16_t* hg, long ldhg, const uint16_t* ug, float cg, const uint16_t* hu,
+                              long ldhu, const uint16_t* uu, float cu, int writeback) {
+    LR_WARP
+    LrTile<R> tg, tu;
+    tg.load(hg, ldhg, ug, cg, col0, n);
+    tu.load(hu, ldhu, uu, cu, col0, n);
+    for (long r0 = rb; r0 < re; r0 += 16) {
+        uint4 gv[2], uv[2];
+        LR_LOAD(gv, gt)
+        LR_LOAD(uv, ut)
+        tg.apply(r0, m, gv);
+        tu.apply(r0, m, uv);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const long row = r0 + g + 8 * hf, at = row * n + col;
+            if (!on || row >= m) continue;
+            if (writeback && hg) *reinterpret_cast<uint4*>(gt + at) = gv[hf];
+            if (writeback && hu) *reinterpret_cast<uint4*>(ut + at) = uv[hf];
+            float x[8], z[8];
+            unpk(gv[hf], x);
+            unpk(uv[hf], z);
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] = x[k] * (1.f / (1.f + __expf(-x[k]))) * z[k];
+            st8(y, at, x);
+        }
+    }
+}
+
+// SwiGLU's backward (swiglu_bwd) with terms on g, u (as swiglu_fwd_lr without writeback) and
+// on dy (the down projection's input gradient: its c·g_U·Dᵀ, rounded as the GEMM's β = 1
+// output would be): out[0..mn) = dg, out[mn..2mn) = du.
+template <int R>
+__device__ void swiglu_bwd_lr(const uint16_t* __restrict__ gt, const uint16_t* __restrict__ ut,
+                              const uint16_t* __restrict__ dyt, uint16_t* __restrict__ out, long m, int n,
+                              const uint16_t* hg, long ldhg, const uint16_t* ug, float cg, const uint16_t* hu,
+                              long ldhu, const uint16_t* uu, float cu, const uint16_t* hd, long ldhd,
+                              const uint16_t* ud, float cd) {
+    LR_WARP
+    LrTile<R> tg, tu, td;
+    tg.load(hg, ldhg, ug, cg, col0, n);
+    tu.load(hu, ldhu, uu, cu, col0, n);
+    td.load(hd, ldhd, ud, cd, col0, n);
+    const long mn = m * n;
+    for (long r0 = rb; r0 < re; r0 += 16) {
+        uint4 gv[2], uv[2], dv[2];
+        LR_LOAD(gv, gt)
+        LR_LOAD(uv, ut)
+        LR_LOAD(dv, dyt)
+        tg.apply(r0, m, gv);
+        tu.apply(r0, m, uv);
+        td.apply(r0, m, dv);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const long row = r0 + g + 8 * hf, at = row * n + col;
+            if (!on || row >= m) continue;
+            float x[8], z[8], d[8], dg[8];
+            unpk(gv[hf], x);
+            unpk(uv[hf], z);
+            unpk(dv[hf], d);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                float sg = 1.f / (1.f + __expf(-x[k]));
+                dg[k] = d[k] * z[k] * sg * (1.f + x[k] * (1.f - sg));
+                z[k] = d[k] * x[k] * sg;  // du
+            }
+            st8(out, at, dg);
+            st8(out, mn + at, z);
+        }
+    }
+}
+
+// RoPE and the head split (see rope_split) of q, k or v with the projection's low-rank term
+// added on the way in (forward only). A warp takes 32 pair indices of one head's first half
+// and the 32 that pair with them in the second half (hd a multiple of 64), so each thread
+// holds both halves of 8 pairs of 2 token rows.
+template <int R>
+__device__ void rope_split_lr(const uint16_t* __restrict__ src, uint16_t* __restrict__ dst, const float* cs,
+                              const float* sn, int b, int t, int nh, int hd, int rotate, const uint16_t* h, long ldh,
+                              const uint16_t* u, float c) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int half = hd / 2, per_head = half / 32;
+    const int w = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (w >= nh * per_head) return;  // whole warps only
+    const int nn = w / per_head, j0 = (w % per_head) * 32;
+    const int n = nh * hd, lo = nn * hd + j0, hi = lo + half, j = j0 + 8 * q;
+    const long m = (long)b * t;
+    const bool on = true;
+    LrTile<R> tl, th;
+    tl.load(h, ldh, u, c, lo, n);
+    th.load(h, ldh, u, c, hi, n);
+    const long rb = (long)blockIdx.y * LR_ROWS, re = min(m, rb + LR_ROWS);
+    for (long r0 = rb; r0 < re; r0 += 16) {
+        uint4 v1[2], v2[2];
+        {
+            const int col = lo + 8 * q;
+            LR_LOAD(v1, src)
+        }
+        {
+            const int col = hi + 8 * q;
+            LR_LOAD(v2, src)
+        }
+        tl.apply(r0, m, v1);
+        th.apply(r0, m, v2);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const long row = r0 + g + 8 * hf;
+            if (row >= m) continue;
+            const int bb = row / t, tt = row % t;
+            const long to = (((long)bb * nh + nn) * t + tt) * (long)hd + j;
+            if (rotate) {
+                float x1[8], x2[8], co[8], si[8], y1[8];
+                unpk(v1[hf], x1);
+                unpk(v2[hf], x2);
+                ld8(cs, (long)tt * hd + j, co);
+                ld8(sn, (long)tt * hd + j, si);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    y1[k] = x1[k] * co[k] - x2[k] * si[k];
+                    x2[k] = x2[k] * co[k] + x1[k] * si[k];
+                }
+                st8(dst, to, y1);
+                st8(dst, to + half, x2);
+            } else {
+                *reinterpret_cast<uint4*>(dst + to) = v1[hf];
+                *reinterpret_cast<uint4*>(dst + to + half) = v2[hf];
+            }
+        }
+    }
+}
+
+#define INSTANTIATE_LR(R)                                                                                          \
+    extern "C" __global__ void add_lr##R##_bf16(const uint16_t* a, const uint16_t* b, uint16_t* y, long m, int n,  \
+                                                const uint16_t* h, long ldh, const uint16_t* u, float c) {         \
+        add_lr<R>(a, b, y, m, n, h, ldh, u, c);                                                                    \
+    }                                                                                                               \
+    extern "C" __global__ void swiglu_fwd_lr##R##_bf16(uint16_t* g, uint16_t* u, uint16_t* y, long m, int n,       \
+                                                       const uint16_t* hg, long ldhg, const uint16_t* ug, float cg, \
+                                                       const uint16_t* hu, long ldhu, const uint16_t* uu,          \
+                                                       float cu, int writeback) {                                   \
+        swiglu_fwd_lr<R>(g, u, y, m, n, hg, ldhg, ug, cg, hu, ldhu, uu, cu, writeback);                             \
+    }                                                                                                               \
+    extern "C" __global__ void swiglu_bwd_lr##R##_bf16(const uint16_t* g, const uint16_t* u, const uint16_t* dy,    \
+                                                       uint16_t* out, long m, int n, const uint16_t* hg, long ldhg, \
+                                                       const uint16_t* ug, float cg, const uint16_t* hu, long ldhu, \
+                                                       const uint16_t* uu, float cu, const uint16_t* hd, long ldhd, \
+                                                       const uint16_t* ud, float cd) {                              \
+        swiglu_bwd_lr<R>(g, u, dy, out, m, n, hg, ldhg, ug, cg, hu, ldhu, uu, cu, hd, ldhd, ud, cd);                \
+    }                                                                                                               \
+    extern "C" __global__ void rope_split_lr##R##_bf16(const uint16_t* src, uint16_t* dst, const float* cs,          \
+                                                       const float* sn, int b, int t, int nh, int hd, int rotate,   \
+                                                       const uint16_t* h, long ldh, const uint16_t* u, float c) {   \
+        rope_split_lr<R>(src, dst, cs, sn, b, t, nh, hd, rotate, h, ldh, u, c);                                     \
+    }
+
+INSTANTIATE_LR(8)
+INSTANTIATE_LR(16)

@@ -23,6 +23,15 @@ pub fn set_vectorised(on: bool) {
     VECTORISED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+static LOW_RANK_EPILOGUE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the CUDA fast path may add adapters' rank-r terms in the kernels that consume the
+/// projections' outputs (`raw::add_lr`, `raw::swiglu_fwd_lr`) instead of in a GEMM of their
+/// own (on by default; the device check compares).
+pub fn set_low_rank_epilogue(on: bool) {
+    LOW_RANK_EPILOGUE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The 8-wide variant applies: 16-byte aligned pointers and a length (or row width) that is
 /// a multiple of 8.
 fn v8(ptrs: &[u64], n: usize) -> bool {
@@ -690,6 +699,140 @@ pub fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
     Ok(p)
 }
 
+/// The device pointer of a contiguous bf16 CUDA tensor, and its device.
+fn bf16_ptr(t: &Tensor, what: &str) -> candle_core::Result<(u64, CudaDevice)> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*st else {
+        candle_core::bail!("{what}: a CUDA tensor expected")
+    };
+    if t.dtype() != candle_core::DType::BF16 || !l.is_contiguous() {
+        candle_core::bail!("{what}: a contiguous bf16 tensor expected");
+    }
+    Ok((ptr_of(c)? + 2 * l.start_offset() as u64, c.device.clone()))
+}
+
+/// One adapter's term for [`add_low_rank`] and [`swiglu_low_rank`]: h = columns
+/// `off..off + r` of `h` (m × w), U (n × r), the scale c.
+pub type Term<'a> = (&'a Tensor, usize, &'a Tensor, f32);
+
+fn term(t: &Term, n: usize) -> candle_core::Result<raw::LowRank> {
+    let (h, off, u, c) = *t;
+    let (_, w) = h.dims2()?;
+    let (un, r) = u.dims2()?;
+    if un != n || off + r > w {
+        candle_core::bail!("low-rank term: U {un} × {r} for {n} columns, h {w} wide at {off}");
+    }
+    Ok(raw::LowRank {
+        h: bf16_ptr(h, "h")?.0 + 2 * off as u64,
+        ldh: w,
+        u: bf16_ptr(u, "U")?.0,
+        r,
+        c,
+    })
+}
+
+/// a + (b + c·h·Uᵀ) (bf16, m × n) through the low-rank epilogue kernel: the device check's
+/// entry to it (the fast path calls `raw::add_lr` on its own buffers).
+pub fn add_low_rank(a: &Tensor, b: &Tensor, t: Term) -> candle_core::Result<Tensor> {
+    let (m, n) = a.dims2()?;
+    let y = a.zeros_like()?;
+    let (ap, dev) = bf16_ptr(a, "a")?;
+    let lr = term(&t, n)?;
+    raw::add_lr(
+        &dev,
+        true,
+        (ap, bf16_ptr(b, "b")?.0, bf16_ptr(&y, "y")?.0),
+        (m, n),
+        &lr,
+    )?;
+    Ok(y)
+}
+
+/// (silu(g')·u', g', u') with g' = g + c_g·h_g·U_gᵀ and u' likewise (bf16, m × n), through
+/// the SwiGLU low-rank epilogue kernel (which, with `writeback`, writes g' and u' over copies
+/// of g and u; without, the copies come back unchanged).
+pub fn swiglu_low_rank(
+    g: &Tensor,
+    u: &Tensor,
+    (tg, tu): (Option<Term>, Option<Term>),
+    writeback: bool,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (m, n) = g.dims2()?;
+    let (g, u) = (g.copy()?, u.copy()?);
+    let y = g.zeros_like()?;
+    let (gp, dev) = bf16_ptr(&g, "g")?;
+    let lg = tg.map(|t| term(&t, n)).transpose()?;
+    let lu = tu.map(|t| term(&t, n)).transpose()?;
+    raw::swiglu_fwd_lr(
+        &dev,
+        true,
+        (gp, bf16_ptr(&u, "u")?.0, bf16_ptr(&y, "y")?.0),
+        (m, n),
+        (lg.as_ref(), lu.as_ref()),
+        writeback,
+    )?;
+    Ok((y, g, u))
+}
+
+/// SwiGLU's backward (dg, du) at g' = g + (g's term), u' likewise, for the output gradient
+/// dy' = dy + (dy's term) (bf16, m × n), through the backward's low-rank epilogue kernel.
+pub fn swiglu_bwd_low_rank(
+    (g, u, dy): (&Tensor, &Tensor, &Tensor),
+    [tg, tu, td]: [Option<Term>; 3],
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (m, n) = g.dims2()?;
+    let out = Tensor::zeros((2, m, n), candle_core::DType::BF16, g.device())?;
+    let (gp, dev) = bf16_ptr(g, "g")?;
+    let terms = [
+        tg.map(|t| term(&t, n)).transpose()?,
+        tu.map(|t| term(&t, n)).transpose()?,
+        td.map(|t| term(&t, n)).transpose()?,
+    ];
+    raw::swiglu_bwd_lr(
+        &dev,
+        (
+            gp,
+            bf16_ptr(u, "u")?.0,
+            bf16_ptr(dy, "dy")?.0,
+            bf16_ptr(&out, "out")?.0,
+        ),
+        (m, n),
+        [terms[0].as_ref(), terms[1].as_ref(), terms[2].as_ref()],
+    )?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+/// RoPE and the head split of x (b, t, n·hd, bf16) with the term added to x first (`rotate`
+/// false: the split alone), through the low-rank epilogue kernel: (b, n, t, hd). cos and sin
+/// f32 (t, hd), as `rope_split` takes them.
+pub fn rope_low_rank(
+    x: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    n: usize,
+    rotate: bool,
+    t_: Term,
+) -> candle_core::Result<Tensor> {
+    let (b, t, w) = x.dims3()?;
+    let hd = w / n;
+    let y = x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
+    let (xp, dev) = bf16_ptr(x, "x")?;
+    let lr = term(&t_, w)?;
+    let cs = cos.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let sn = sin.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    raw::rope_split_lr(
+        &dev,
+        (xp, bf16_ptr(&y, "y")?.0),
+        (
+            mat_of_tensor(&cs, "cos")?.0.ptr,
+            mat_of_tensor(&sn, "sin")?.0.ptr,
+        ),
+        (b, t, n, hd),
+        rotate,
+        &lr,
+    )?;
+    Ok(y)
+}
+
 /// The AdamW hyper-parameters of one update, as the kernel takes them.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
@@ -945,6 +1088,229 @@ pub mod raw {
         candle_core::builder_arg!(bld, z, t, out, c as i32, g);
         // SAFETY: live buffers of n × c (z), n (t: u32, out: f32) elements.
         unsafe { bld.launch(rows_cfg(n)) }.w()?;
+        Ok(())
+    }
+
+    /// One adapter's rank-r term c·h·Uᵀ, for a kernel that consumes the projection's output
+    /// to add (see `Lr` in kernels.cu): h (m × r) at row stride `ldh`, U (n × r) contiguous.
+    #[derive(Clone, Copy, Debug)]
+    pub struct LowRank {
+        pub h: u64,
+        pub ldh: usize,
+        pub u: u64,
+        pub r: usize,
+        pub c: f32,
+    }
+
+    /// Rows each warp of the low-rank kernels walks (LR_ROWS in kernels.cu).
+    const LR_ROWS: usize = 64;
+
+    /// Whether the consumer kernels take this term for outputs of n columns: bf16, r 8 or
+    /// 16, the 8-wide kernels and the epilogue on, 16-byte aligned rows of h and U.
+    pub fn lr_ok(lr: &LowRank, bf16: bool, n: usize) -> bool {
+        bf16 && LOW_RANK_EPILOGUE.load(std::sync::atomic::Ordering::Relaxed)
+            && matches!(lr.r, 8 | 16)
+            && super::v8(&[lr.h, lr.u], n)
+            && (lr.ldh * 2) % 16 == 0
+    }
+
+    /// Warps of 32 columns, 4 to a block; LR_ROWS rows each.
+    fn lr_cfg(m: usize, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, m.div_ceil(LR_ROWS) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn lr_check(
+        lrs: &[&LowRank],
+        bf16: bool,
+        ptrs: &[u64],
+        n: usize,
+    ) -> candle_core::Result<usize> {
+        let r = lrs[0].r;
+        if !super::v8(ptrs, n) || lrs.iter().any(|l| !lr_ok(l, bf16, n) || l.r != r) {
+            candle_core::bail!("low-rank epilogue: unsupported rank, width or alignment");
+        }
+        Ok(r)
+    }
+
+    /// y = a + (b + c·h·Uᵀ) over m × n (the residual add after an adapted projection b).
+    pub fn add_lr(
+        dev: &CudaDevice,
+        bf16: bool,
+        (a, b, y): (u64, u64, u64),
+        (m, n): (usize, usize),
+        lr: &LowRank,
+    ) -> candle_core::Result<()> {
+        let r = lr_check(&[lr], bf16, &[a, b, y], n)?;
+        let f = dev.get_or_load_custom_func(&format!("add_lr{r}_bf16"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(
+            bld,
+            a,
+            b,
+            y,
+            m as i64,
+            n as i32,
+            lr.h,
+            lr.ldh as i64,
+            lr.u,
+            lr.c
+        );
+        // SAFETY: live buffers of m × n (h: m rows of ldh, U: n × r), checked above.
+        unsafe { bld.launch(lr_cfg(m, n)) }.w()?;
+        Ok(())
+    }
+
+    /// y = silu(g')·u' over m × n, g' = g + (its term) and u' likewise; with `writeback`,
+    /// g' and u' written over g and u. At least one term; both of one rank.
+    pub fn swiglu_fwd_lr(
+        dev: &CudaDevice,
+        bf16: bool,
+        (g, u, y): (u64, u64, u64),
+        (m, n): (usize, usize),
+        (lg, lu): (Option<&LowRank>, Option<&LowRank>),
+        writeback: bool,
+    ) -> candle_core::Result<()> {
+        let present: Vec<&LowRank> = lg.iter().chain(lu.iter()).copied().collect();
+        if present.is_empty() {
+            candle_core::bail!("swiglu_fwd_lr: no low-rank term");
+        }
+        let r = lr_check(&present, bf16, &[g, u, y], n)?;
+        let none = LowRank {
+            h: 0,
+            ldh: 0,
+            u: 0,
+            r,
+            c: 0.0,
+        };
+        let (lg, lu) = (lg.unwrap_or(&none), lu.unwrap_or(&none));
+        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_lr{r}_bf16"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(
+            bld,
+            g,
+            u,
+            y,
+            m as i64,
+            n as i32,
+            lg.h,
+            lg.ldh as i64,
+            lg.u,
+            lg.c,
+            lu.h,
+            lu.ldh as i64,
+            lu.u,
+            lu.c,
+            i32::from(writeback)
+        );
+        // SAFETY: as add_lr, for both terms (a null h: none).
+        unsafe { bld.launch(lr_cfg(m, n)) }.w()?;
+        Ok(())
+    }
+
+    /// SwiGLU's backward over m × n into out (2·m·n: dg, then du) with terms on g and u (as
+    /// [`swiglu_fwd_lr`] without writeback) and on dy. At least one term; all of one rank.
+    pub fn swiglu_bwd_lr(
+        dev: &CudaDevice,
+        (g, u, dy, out): (u64, u64, u64, u64),
+        (m, n): (usize, usize),
+        terms: [Option<&LowRank>; 3],
+    ) -> candle_core::Result<()> {
+        let present: Vec<&LowRank> = terms.iter().flatten().copied().collect();
+        if present.is_empty() {
+            candle_core::bail!("swiglu_bwd_lr: no low-rank term");
+        }
+        let r = lr_check(
+            &present,
+            true,
+            &[g, u, dy, out, out + (2 * m * n) as u64],
+            n,
+        )?;
+        let none = LowRank {
+            h: 0,
+            ldh: 0,
+            u: 0,
+            r,
+            c: 0.0,
+        };
+        let [lg, lu, ld] = terms.map(|t| *t.unwrap_or(&none));
+        let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_lr{r}_bf16"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(
+            bld,
+            g,
+            u,
+            dy,
+            out,
+            m as i64,
+            n as i32,
+            lg.h,
+            lg.ldh as i64,
+            lg.u,
+            lg.c,
+            lu.h,
+            lu.ldh as i64,
+            lu.u,
+            lu.c,
+            ld.h,
+            ld.ldh as i64,
+            ld.u,
+            ld.c
+        );
+        // SAFETY: as add_lr, for the three terms (a null h: none); out 2·m·n.
+        unsafe { bld.launch(lr_cfg(m, n)) }.w()?;
+        Ok(())
+    }
+
+    /// RoPE and the head split of x (b, t, n·hd) into (b, n, t, hd), with the projection's
+    /// term added to x on the way in (`rotate` false: the split alone, for v). hd a multiple
+    /// of 64 (a warp takes 32 columns of each half of a head).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_split_lr(
+        dev: &CudaDevice,
+        (src, dst): (u64, u64),
+        (cos, sin): (u64, u64),
+        (b, t, n, hd): (usize, usize, usize, usize),
+        rotate: bool,
+        lr: &LowRank,
+    ) -> candle_core::Result<()> {
+        let r = lr_check(&[lr], true, &[src, dst, cos, sin], n * hd)?;
+        if hd % 64 != 0 {
+            candle_core::bail!("rope_split_lr: head size {hd} is not a multiple of 64");
+        }
+        let warps = n * hd / 64;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                warps.div_ceil(4) as u32,
+                (b * t).div_ceil(LR_ROWS) as u32,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = dev.get_or_load_custom_func(&format!("rope_split_lr{r}_bf16"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(
+            bld,
+            src,
+            dst,
+            cos,
+            sin,
+            b as i32,
+            t as i32,
+            n as i32,
+            hd as i32,
+            i32::from(rotate),
+            lr.h,
+            lr.ldh as i64,
+            lr.u,
+            lr.c
+        );
+        // SAFETY: src and dst of b·t·n·hd, the tables (t, hd) f32, the term as `add_lr`.
+        unsafe { bld.launch(cfg) }.w()?;
         Ok(())
     }
 
