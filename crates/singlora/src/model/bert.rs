@@ -73,6 +73,8 @@ pub struct Bert {
     emb_norm: Norm,
     layers: Vec<Layer>,
     pooler: Option<AdaptedLinear>,
+    /// Buffers of the CPU encoder path, kept between training steps.
+    fast_pool: fast::Pool,
 }
 
 impl Bert {
@@ -166,6 +168,7 @@ impl Bert {
             emb_norm,
             layers,
             pooler,
+            fast_pool: fast::Pool::default(),
         })
     }
 

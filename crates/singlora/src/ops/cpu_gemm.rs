@@ -1,4 +1,4 @@
-//! f32 GEMM on the CPU for the hand-written BERT encoder path (`model/bert_fast.rs`): one call
+//! f32 GEMM on the CPU for the hand-written BERT encoder path (`model/bert/fast.rs`): one call
 //! per product over the whole matrix, from one thread, using every core (the `gemm` crate
 //! over rayon's workers).
 
