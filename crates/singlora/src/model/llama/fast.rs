@@ -27,10 +27,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor,
-    TensorId, Var,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor, TensorId, Var,
 };
 
 use super::{Batch, Layer, Llama};
@@ -41,7 +39,7 @@ use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved}
 use crate::ops::cuda::prof::mark;
 use crate::ops::cuda::raw::LowRank;
 use crate::ops::cuda::{
-    fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, ptr_of, raw, Mat,
+    self, fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, raw, Mat,
 };
 use crate::train::dist::GradSync;
 
@@ -79,19 +77,12 @@ fn to_tensor(s: CudaStorage, shape: impl Into<Shape>, like: &Tensor) -> Result<T
 
 /// The device pointer of a contiguous CUDA tensor (bf16 or f32).
 fn tensor_ptr(t: &Tensor, what: &str) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(c) = &*storage else {
-        return Err(Error::msg(format!("{what}: expected a CUDA tensor")));
-    };
-    if !layout.is_contiguous() {
-        return Err(Error::msg(format!("{what}: expected a contiguous tensor")));
-    }
-    let el = match &c.slice {
-        CudaStorageSlice::BF16(_) => 2,
-        CudaStorageSlice::F32(_) => 4,
-        _ => return Err(Error::msg(format!("{what}: bf16 or f32 expected"))),
-    };
-    Ok(ptr_of(c)? + (el * layout.start_offset()) as u64)
+    Ok(cuda::tensor_ptr(t, what, &[DType::BF16, DType::F32])?)
+}
+
+/// The device pointer of a contiguous u32 CUDA tensor.
+fn u32_ptr(t: &Tensor, what: &str) -> Result<u64> {
+    Ok(cuda::tensor_ptr(t, what, &[DType::U32])?)
 }
 
 /// Where an adapter's gradients go in the packed f32 buffer.
@@ -761,68 +752,48 @@ impl Proj {
                 mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
             }
         }
-        unsafe {
-            match f.slot {
-                GradSlot::SingLora { off, .. } => {
-                    let da = grads + 4 * off as u64;
-                    // dD = c·xᵀ·g_U into rows 0..k (the group's, grouped), dU = c·gᵀ·h into
-                    // rows 0..n (a zeroed buffer)
-                    if grouped.is_none() {
-                        gemm_out(
-                            dev,
-                            bf16,
-                            false,
-                            (k, r, m),
-                            Mat { trans: true, ..xm },
-                            gum,
-                            da,
-                            f.c,
-                            1.0,
-                        )?;
-                        mark(dev, "adapter bwd: dD = c·xᵀ·gU")?;
-                    }
-                    gemm_out(
-                        dev,
-                        bf16,
-                        false,
-                        (n, r, m),
-                        Mat { trans: true, ..gm },
-                        hm,
-                        da,
-                        f.c,
-                        1.0,
-                    )?;
-                }
-                GradSlot::Lora { a_off, b_off, .. } => {
-                    // dA = c·g_Uᵀ·x (r × k; the group's, grouped), dB = c·gᵀ·h (n × r)
-                    if grouped.is_none() {
-                        gemm_out(
-                            dev,
-                            bf16,
-                            false,
-                            (r, k, m),
-                            Mat { trans: true, ..gum },
-                            xm,
-                            grads + 4 * a_off as u64,
-                            f.c,
-                            0.0,
-                        )?;
-                    }
-                    gemm_out(
-                        dev,
-                        bf16,
-                        false,
-                        (n, r, m),
-                        Mat { trans: true, ..gm },
-                        hm,
-                        grads + 4 * b_off as u64,
-                        f.c,
-                        0.0,
-                    )?;
-                }
+        // the weight gradients c·a·b into the f32 buffer: SingLoRA's dD = c·xᵀ·g_U into rows
+        // 0..k of dA and dU = c·gᵀ·h into rows 0..n (both added; the buffer starts zeroed),
+        // LoRA's dA = c·g_Uᵀ·x (r × k) and dB = c·gᵀ·h (n × r); grouped, the group gives the
+        // D side (dD, LoRA's dA) for all its members
+        let d_side = grouped.is_none();
+        let jobs = match f.slot {
+            GradSlot::SingLora { off, .. } => {
+                let da = grads + 4 * off as u64;
+                [
+                    d_side.then_some(((k, r, m), Mat { trans: true, ..xm }, gum, da, 1.0)),
+                    Some(((n, r, m), Mat { trans: true, ..gm }, hm, da, 1.0)),
+                ]
             }
+            GradSlot::Lora { a_off, b_off, .. } => [
+                d_side.then_some((
+                    (r, k, m),
+                    Mat { trans: true, ..gum },
+                    xm,
+                    grads + 4 * a_off as u64,
+                    0.0,
+                )),
+                Some((
+                    (n, r, m),
+                    Mat { trans: true, ..gm },
+                    hm,
+                    grads + 4 * b_off as u64,
+                    0.0,
+                )),
+            ],
+        };
+        let labels = [
+            "adapter bwd: dD = c·xᵀ·gU",
+            "adapter bwd: dU = c·gᵀ·h (LoRA: dB)",
+        ];
+        for (job, label) in jobs.into_iter().zip(labels) {
+            let Some((dims, a, b, out, beta)) = job else {
+                continue;
+            };
+            // SAFETY: live buffers of the shapes given, one stream.
+            unsafe { gemm_out(dev, bf16, false, dims, a, b, out, f.c, beta)? };
+            mark(dev, label)?;
         }
-        mark(dev, "adapter bwd: dU = c·gᵀ·h (LoRA: dA, dB)")?;
         Ok(match (deferred, gu) {
             (Some(lr), Some(gu)) => Some((lr, gu)),
             _ => None,
@@ -993,7 +964,7 @@ impl Llama {
             let (o, ho, lo) = ps[3].forward(dev, bf16, ap, m, None, fuse)?;
             let x_mid = fresh(dev, bf16, m * h)?;
             match &lo {
-                Some(lr) => raw::add_lr(dev, bf16, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
+                Some(lr) => raw::add_lr(dev, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
                 None => raw::add(dev, bf16, (x_ptr, o.1, x_mid.1), m * h)?,
             }
             mark(dev, "residual add")?;
@@ -1018,7 +989,6 @@ impl Llama {
             if lg.is_some() || lu.is_some() {
                 raw::swiglu_fwd_lr(
                     dev,
-                    bf16,
                     (g.1, u.1, f.1),
                     (m, ff),
                     (lg.as_ref(), lu.as_ref()),
@@ -1032,7 +1002,7 @@ impl Llama {
             drop(f);
             let x_next = fresh(dev, bf16, m * h)?;
             match &ldn {
-                Some(lr) => raw::add_lr(dev, bf16, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
+                Some(lr) => raw::add_lr(dev, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
                 None => raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?,
             }
             mark(dev, "residual add")?;
@@ -1124,7 +1094,7 @@ impl Tape {
             let f = fresh(dev, bf16, m * ff)?;
             let [tg, tu] = lt.gu_terms.each_ref().map(|t| t.as_ref());
             if tg.is_some() || tu.is_some() {
-                raw::swiglu_fwd_lr(dev, bf16, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
+                raw::swiglu_fwd_lr(dev, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
             } else {
                 raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
             }
@@ -1261,23 +1231,6 @@ impl Tape {
 }
 
 /// The device pointer of a contiguous u32 CUDA tensor.
-fn u32_ptr(t: &Tensor, what: &str) -> Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(c) = &*storage else {
-        return Err(Error::msg(format!("{what}: expected a CUDA tensor")));
-    };
-    let CudaStorageSlice::U32(s) = &c.slice else {
-        return Err(Error::msg(format!("{what}: u32 expected")));
-    };
-    if !layout.is_contiguous() {
-        return Err(Error::msg(format!("{what}: expected a contiguous tensor")));
-    }
-    let stream = c.device.cuda_stream();
-    let p = s.device_ptr(&stream).0;
-    Ok(p + (4 * layout.start_offset()) as u64)
-}
-
 impl Llama {
     /// The vocabulary projection's weight (vocab × hidden) where the SFT head can run on the
     /// fast path: frozen (no adapter, not merged) and without a bias; tied to the embeddings

@@ -181,16 +181,25 @@ extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* 
 // The same two, one warp per row with the row in registers (tk <= 32 * WARP_ROW_MAX): one read
 // of S (forward) or of P and dP (backward) instead of three. Blocks of 8 warps.
 #define WARP_ROW_MAX 32
+// A warp's row of the (b, h, tq, tk) scores in the warp-per-row forward kernels, its lane, and
+// the row's valid keys (as masked_softmax_fwd); false for a warp past the last row.
+__device__ __forceinline__ bool warp_row(long rows, const uint32_t* key_lens, int h, int tq, int tk, int causal,
+                                         long& row, int& lane, int& len) {
+    row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return false;
+    lane = threadIdx.x & 31;
+    int b = row / ((long)h * tq), i = row % tq;
+    len = min((int)key_lens[b], tk);
+    if (causal) len = min(len, i + 1 + tk - tq);
+    return true;
+}
 template <typename T>
 __device__ void masked_softmax_fwd_warp(const T* s, T* p, const uint32_t* key_lens, long rows, int h, int tq, int tk,
                                         float scale, int causal) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    int lane = threadIdx.x & 31;
+    long row;
+    int lane, len;
+    if (!warp_row(rows, key_lens, h, tq, tk, causal, row, lane, len)) return;
     const long base = row * tk;
-    int b = row / ((long)h * tq), i = row % tq;
-    int len = min((int)key_lens[b], tk);
-    if (causal) len = min(len, i + 1 + tk - tq);
     float v[WARP_ROW_MAX];
     float m = -INFINITY;
 #pragma unroll
@@ -543,13 +552,10 @@ __device__ void rope_split_v8(const T* src, T* dst, const float* cs, const float
 template <typename T>
 __device__ void masked_softmax_fwd_warp_v8(const T* s, T* p, const uint32_t* key_lens, long rows, int h, int tq, int tk,
                                            float scale, int causal) {
-    long row = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    int lane = threadIdx.x & 31;
+    long row;
+    int lane, len;
+    if (!warp_row(rows, key_lens, h, tq, tk, causal, row, lane, len)) return;
     const long base = row * tk;
-    int b = row / ((long)h * tq), i = row % tq;
-    int len = min((int)key_lens[b], tk);
-    if (causal) len = min(len, i + 1 + tk - tq);
     float v[WARP_ROW_MAX];
     float m = -INFINITY;
 #pragma unroll

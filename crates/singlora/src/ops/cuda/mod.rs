@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
 pub mod attention;
 pub mod prof;
@@ -699,16 +699,37 @@ pub fn ptr_of(s: &CudaStorage) -> candle_core::Result<u64> {
     Ok(p)
 }
 
-/// The device pointer of a contiguous bf16 CUDA tensor, and its device.
-fn bf16_ptr(t: &Tensor, what: &str) -> candle_core::Result<(u64, CudaDevice)> {
+/// The device pointer of a contiguous CUDA tensor of one of `dtypes` (bf16, f32 or u32), at
+/// its first element.
+pub fn tensor_ptr(t: &Tensor, what: &str, dtypes: &[DType]) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (st, l) = t.storage_and_layout();
     let Storage::Cuda(c) = &*st else {
-        candle_core::bail!("{what}: a CUDA tensor expected")
+        candle_core::bail!("{what}: expected a CUDA tensor")
     };
-    if t.dtype() != candle_core::DType::BF16 || !l.is_contiguous() {
-        candle_core::bail!("{what}: a contiguous bf16 tensor expected");
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor");
     }
-    Ok((ptr_of(c)? + 2 * l.start_offset() as u64, c.device.clone()))
+    if !dtypes.contains(&t.dtype()) {
+        candle_core::bail!("{what}: {dtypes:?} expected, got {:?}", t.dtype());
+    }
+    let stream = c.device.cuda_stream();
+    let p = match &c.slice {
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::U32(x) => x.device_ptr(&stream).0,
+        _ => candle_core::bail!("{what}: bf16, f32 or u32 expected"),
+    };
+    Ok(p + (t.dtype().size_in_bytes() * l.start_offset()) as u64)
+}
+
+/// [`tensor_ptr`] of a bf16 tensor, and its device.
+fn bf16_ptr(t: &Tensor, what: &str) -> candle_core::Result<(u64, CudaDevice)> {
+    let p = tensor_ptr(t, what, &[DType::BF16])?;
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok((p, d.clone())),
+        _ => candle_core::bail!("{what}: expected a CUDA tensor"),
+    }
 }
 
 /// One adapter's term for [`add_low_rank`] and [`swiglu_low_rank`]: h = columns
@@ -740,7 +761,6 @@ pub fn add_low_rank(a: &Tensor, b: &Tensor, t: Term) -> candle_core::Result<Tens
     let lr = term(&t, n)?;
     raw::add_lr(
         &dev,
-        true,
         (ap, bf16_ptr(b, "b")?.0, bf16_ptr(&y, "y")?.0),
         (m, n),
         &lr,
@@ -765,7 +785,6 @@ pub fn swiglu_low_rank(
     let lu = tu.map(|t| term(&t, n)).transpose()?;
     raw::swiglu_fwd_lr(
         &dev,
-        true,
         (gp, bf16_ptr(&u, "u")?.0, bf16_ptr(&y, "y")?.0),
         (m, n),
         (lg.as_ref(), lu.as_ref()),
@@ -781,7 +800,7 @@ pub fn swiglu_bwd_low_rank(
     [tg, tu, td]: [Option<Term>; 3],
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (m, n) = g.dims2()?;
-    let out = Tensor::zeros((2, m, n), candle_core::DType::BF16, g.device())?;
+    let out = Tensor::zeros((2, m, n), DType::BF16, g.device())?;
     let (gp, dev) = bf16_ptr(g, "g")?;
     let terms = [
         tg.map(|t| term(&t, n)).transpose()?,
@@ -817,8 +836,8 @@ pub fn rope_low_rank(
     let y = x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?;
     let (xp, dev) = bf16_ptr(x, "x")?;
     let lr = term(&t_, w)?;
-    let cs = cos.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    let sn = sin.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let cs = cos.to_dtype(DType::F32)?.contiguous()?;
+    let sn = sin.to_dtype(DType::F32)?.contiguous()?;
     raw::rope_split_lr(
         &dev,
         (xp, bf16_ptr(&y, "y")?.0),
@@ -859,7 +878,7 @@ pub fn adamw(
     let n = lp.shape().elem_count();
     let dev = p.device.clone();
     let get = |t: &Tensor, what: &str| -> candle_core::Result<Mat> {
-        if t.elem_count() != n || t.dtype() != candle_core::DType::F32 || !t.is_contiguous() {
+        if t.elem_count() != n || t.dtype() != DType::F32 || !t.is_contiguous() {
             candle_core::bail!("adamw: {what} must be a contiguous f32 tensor of {n} elements");
         }
         let t2 = t.reshape((1, n))?;
@@ -1123,92 +1142,110 @@ pub mod raw {
         }
     }
 
-    fn lr_check(
-        lrs: &[&LowRank],
-        bf16: bool,
+    /// A term as the kernels take it: h, ldh, U, c.
+    type KernelTerm = (u64, i64, u64, f32);
+
+    /// The terms as the kernels take them, (h, ldh, U, c) each with a null h for an absent
+    /// one, and their one rank; checked for `lr_ok` and the 8-wide kernels' `ptrs` and width.
+    fn kernel_terms<const N: usize>(
+        what: &str,
+        terms: [Option<&LowRank>; N],
         ptrs: &[u64],
         n: usize,
-    ) -> candle_core::Result<usize> {
-        let r = lrs[0].r;
-        if !super::v8(ptrs, n) || lrs.iter().any(|l| !lr_ok(l, bf16, n) || l.r != r) {
-            candle_core::bail!("low-rank epilogue: unsupported rank, width or alignment");
+    ) -> candle_core::Result<(usize, [KernelTerm; N])> {
+        let present: Vec<&LowRank> = terms.iter().flatten().copied().collect();
+        let Some(r) = present.first().map(|l| l.r) else {
+            candle_core::bail!("{what}: no low-rank term");
+        };
+        if !super::v8(ptrs, n) || present.iter().any(|l| !lr_ok(l, true, n) || l.r != r) {
+            candle_core::bail!("{what}: unsupported rank, width or alignment");
         }
-        Ok(r)
+        Ok((
+            r,
+            terms.map(|t| t.map_or((0, 0, 0, 0.0), |l| (l.h, l.ldh as i64, l.u, l.c))),
+        ))
+    }
+
+    /// Launches `{name}{r}_bf16` with the arguments in the kernels' order: pointers, the row
+    /// count (when given), int sizes, the terms, and `tail`.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's signature and describe live buffers.
+    unsafe fn launch_lr<const N: usize>(
+        dev: &CudaDevice,
+        name: &str,
+        (r, terms): (usize, [KernelTerm; N]),
+        (ptrs, rows, sizes): (&[u64], Option<i64>, &[i32]),
+        tail: &[i32],
+        cfg: LaunchConfig,
+    ) -> candle_core::Result<()> {
+        let f = dev.get_or_load_custom_func(&format!("{name}{r}_bf16"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        for p in ptrs {
+            bld.arg(p);
+        }
+        if let Some(m) = &rows {
+            bld.arg(m);
+        }
+        for a in sizes {
+            bld.arg(a);
+        }
+        for t in &terms {
+            bld.arg(&t.0);
+            bld.arg(&t.1);
+            bld.arg(&t.2);
+            bld.arg(&t.3);
+        }
+        for a in tail {
+            bld.arg(a);
+        }
+        // SAFETY: the caller's.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(())
     }
 
     /// y = a + (b + c·h·Uᵀ) over m × n (the residual add after an adapted projection b).
     pub fn add_lr(
         dev: &CudaDevice,
-        bf16: bool,
         (a, b, y): (u64, u64, u64),
         (m, n): (usize, usize),
         lr: &LowRank,
     ) -> candle_core::Result<()> {
-        let r = lr_check(&[lr], bf16, &[a, b, y], n)?;
-        let f = dev.get_or_load_custom_func(&format!("add_lr{r}_bf16"), MODULE, PTX)?;
-        let mut bld = f.builder();
-        candle_core::builder_arg!(
-            bld,
-            a,
-            b,
-            y,
-            m as i64,
-            n as i32,
-            lr.h,
-            lr.ldh as i64,
-            lr.u,
-            lr.c
-        );
+        let terms = kernel_terms("add_lr", [Some(lr)], &[a, b, y], n)?;
         // SAFETY: live buffers of m × n (h: m rows of ldh, U: n × r), checked above.
-        unsafe { bld.launch(lr_cfg(m, n)) }.w()?;
-        Ok(())
+        unsafe {
+            launch_lr(
+                dev,
+                "add_lr",
+                terms,
+                (&[a, b, y], Some(m as i64), &[n as i32]),
+                &[],
+                lr_cfg(m, n),
+            )
+        }
     }
 
     /// y = silu(g')·u' over m × n, g' = g + (its term) and u' likewise; with `writeback`,
     /// g' and u' written over g and u. At least one term; both of one rank.
     pub fn swiglu_fwd_lr(
         dev: &CudaDevice,
-        bf16: bool,
         (g, u, y): (u64, u64, u64),
         (m, n): (usize, usize),
         (lg, lu): (Option<&LowRank>, Option<&LowRank>),
         writeback: bool,
     ) -> candle_core::Result<()> {
-        let present: Vec<&LowRank> = lg.iter().chain(lu.iter()).copied().collect();
-        if present.is_empty() {
-            candle_core::bail!("swiglu_fwd_lr: no low-rank term");
-        }
-        let r = lr_check(&present, bf16, &[g, u, y], n)?;
-        let none = LowRank {
-            h: 0,
-            ldh: 0,
-            u: 0,
-            r,
-            c: 0.0,
-        };
-        let (lg, lu) = (lg.unwrap_or(&none), lu.unwrap_or(&none));
-        let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_lr{r}_bf16"), MODULE, PTX)?;
-        let mut bld = f.builder();
-        candle_core::builder_arg!(
-            bld,
-            g,
-            u,
-            y,
-            m as i64,
-            n as i32,
-            lg.h,
-            lg.ldh as i64,
-            lg.u,
-            lg.c,
-            lu.h,
-            lu.ldh as i64,
-            lu.u,
-            lu.c,
-            i32::from(writeback)
-        );
+        let terms = kernel_terms("swiglu_fwd_lr", [lg, lu], &[g, u, y], n)?;
         // SAFETY: as add_lr, for both terms (a null h: none).
-        unsafe { bld.launch(lr_cfg(m, n)) }.w()?;
-        Ok(())
+        unsafe {
+            launch_lr(
+                dev,
+                "swiglu_fwd_lr",
+                terms,
+                (&[g, u, y], Some(m as i64), &[n as i32]),
+                &[i32::from(writeback)],
+                lr_cfg(m, n),
+            )
+        }
     }
 
     /// SwiGLU's backward over m × n into out (2·m·n: dg, then du) with terms on g and u (as
@@ -1219,56 +1256,24 @@ pub mod raw {
         (m, n): (usize, usize),
         terms: [Option<&LowRank>; 3],
     ) -> candle_core::Result<()> {
-        let present: Vec<&LowRank> = terms.iter().flatten().copied().collect();
-        if present.is_empty() {
-            candle_core::bail!("swiglu_bwd_lr: no low-rank term");
-        }
-        let r = lr_check(
-            &present,
-            true,
-            &[g, u, dy, out, out + (2 * m * n) as u64],
-            n,
-        )?;
-        let none = LowRank {
-            h: 0,
-            ldh: 0,
-            u: 0,
-            r,
-            c: 0.0,
-        };
-        let [lg, lu, ld] = terms.map(|t| *t.unwrap_or(&none));
-        let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_lr{r}_bf16"), MODULE, PTX)?;
-        let mut bld = f.builder();
-        candle_core::builder_arg!(
-            bld,
-            g,
-            u,
-            dy,
-            out,
-            m as i64,
-            n as i32,
-            lg.h,
-            lg.ldh as i64,
-            lg.u,
-            lg.c,
-            lu.h,
-            lu.ldh as i64,
-            lu.u,
-            lu.c,
-            ld.h,
-            ld.ldh as i64,
-            ld.u,
-            ld.c
-        );
+        let ptrs = [g, u, dy, out, out + (2 * m * n) as u64];
+        let terms = kernel_terms("swiglu_bwd_lr", terms, &ptrs, n)?;
         // SAFETY: as add_lr, for the three terms (a null h: none); out 2·m·n.
-        unsafe { bld.launch(lr_cfg(m, n)) }.w()?;
-        Ok(())
+        unsafe {
+            launch_lr(
+                dev,
+                "swiglu_bwd_lr",
+                terms,
+                (&[g, u, dy, out], Some(m as i64), &[n as i32]),
+                &[],
+                lr_cfg(m, n),
+            )
+        }
     }
 
     /// RoPE and the head split of x (b, t, n·hd) into (b, n, t, hd), with the projection's
     /// term added to x on the way in (`rotate` false: the split alone, for v). hd a multiple
     /// of 64 (a warp takes 32 columns of each half of a head).
-    #[allow(clippy::too_many_arguments)]
     pub fn rope_split_lr(
         dev: &CudaDevice,
         (src, dst): (u64, u64),
@@ -1277,7 +1282,7 @@ pub mod raw {
         rotate: bool,
         lr: &LowRank,
     ) -> candle_core::Result<()> {
-        let r = lr_check(&[lr], true, &[src, dst, cos, sin], n * hd)?;
+        let terms = kernel_terms("rope_split_lr", [Some(lr)], &[src, dst, cos, sin], n * hd)?;
         if hd % 64 != 0 {
             candle_core::bail!("rope_split_lr: head size {hd} is not a multiple of 64");
         }
@@ -1291,27 +1296,18 @@ pub mod raw {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = dev.get_or_load_custom_func(&format!("rope_split_lr{r}_bf16"), MODULE, PTX)?;
-        let mut bld = f.builder();
-        candle_core::builder_arg!(
-            bld,
-            src,
-            dst,
-            cos,
-            sin,
-            b as i32,
-            t as i32,
-            n as i32,
-            hd as i32,
-            i32::from(rotate),
-            lr.h,
-            lr.ldh as i64,
-            lr.u,
-            lr.c
-        );
+        let sizes = [b, t, n, hd, usize::from(rotate)].map(|v| v as i32);
         // SAFETY: src and dst of b·t·n·hd, the tables (t, hd) f32, the term as `add_lr`.
-        unsafe { bld.launch(cfg) }.w()?;
-        Ok(())
+        unsafe {
+            launch_lr(
+                dev,
+                "rope_split_lr",
+                terms,
+                (&[src, dst, cos, sin], None, &sizes),
+                &[],
+                cfg,
+            )
+        }
     }
 
     /// y = a + b over n elements.
