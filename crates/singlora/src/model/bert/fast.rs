@@ -317,8 +317,23 @@ impl Lin {
             });
             (dd, du)
         };
+        ad.push_grads(k, n, dd, du, grads)
+    }
+}
+
+impl Factors {
+    /// The variables' gradients from dD (d_in × r) and dU (d_out × r), scale included.
+    fn push_grads(
+        &self,
+        k: usize,
+        n: usize,
+        dd: Vec<f32>,
+        du: Vec<f32>,
+        grads: &mut AdGrads,
+    ) -> Result<()> {
+        let r = self.r;
         let cpu = Device::Cpu;
-        match &ad.vars {
+        match &self.vars {
             Vars::Sing(a) => {
                 // A_in = A[..d_in], A_out = A[..d_out]: shared rows get both contributions
                 let mut ga = vec![0f32; k.max(n) * r];
@@ -339,6 +354,165 @@ impl Lin {
                 grads.push((a.clone(), Tensor::from_vec(ga, (r, k), &cpu)?));
                 grads.push((b.clone(), Tensor::from_vec(du, (n, r), &cpu)?));
             }
+        }
+        Ok(())
+    }
+}
+
+/// q, k and v as one linear layer of width 3h: one GEMM over the stacked weights each way,
+/// and the adapters' skinny products as one GEMM each over all three (one pass over x, g).
+struct Qkv {
+    /// W_q, W_k, W_v stacked (3h × h).
+    w: Vec<f32>,
+    h: usize,
+    /// Per adapted member: (member, first column in the concatenation, rank).
+    members: Vec<(usize, usize, usize)>,
+    /// The adapters' total rank R.
+    rank: usize,
+    /// [D_q D_k D_v] (h × R), and with each block times its scale c.
+    d: Vec<f32>,
+    d_scaled: Vec<f32>,
+    /// The U_jᵀ as blocks of an R × 3h matrix (row block of member j's columns, column block
+    /// of its outputs), and with each block times its scale.
+    u: Vec<f32>,
+    u_scaled: Vec<f32>,
+}
+
+impl Qkv {
+    fn of(lins: [&Lin; 3]) -> Self {
+        let h = lins[0].d_in;
+        let mut w = Vec::with_capacity(3 * h * h);
+        for l in lins {
+            // SAFETY: a frozen weight of d_out × d_in = h × h elements.
+            w.extend_from_slice(unsafe { std::slice::from_raw_parts(l.w.ptr, h * h) });
+        }
+        let mut members = vec![];
+        let mut rank = 0;
+        for (j, l) in lins.iter().enumerate() {
+            if let Some(ad) = &l.ad {
+                members.push((j, rank, ad.r));
+                rank += ad.r;
+            }
+        }
+        let (mut d, mut d_scaled) = (vec![0f32; h * rank], vec![0f32; h * rank]);
+        let (mut u, mut u_scaled) = (vec![0f32; rank * 3 * h], vec![0f32; rank * 3 * h]);
+        for &(j, off, r) in &members {
+            let ad = lins[j].ad.as_ref().unwrap();
+            for i in 0..h {
+                for l in 0..r {
+                    d[i * rank + off + l] = ad.d[i * r + l];
+                    d_scaled[i * rank + off + l] = ad.c * ad.d[i * r + l];
+                    // U_jᵀ[l][i] = U_j[i][l]
+                    u[(off + l) * 3 * h + j * h + i] = ad.u[i * r + l];
+                    u_scaled[(off + l) * 3 * h + j * h + i] = ad.c * ad.u[i * r + l];
+                }
+            }
+        }
+        Qkv {
+            w,
+            h,
+            members,
+            rank,
+            d,
+            d_scaled,
+            u,
+            u_scaled,
+        }
+    }
+
+    /// out (m × 3h) = x·[W_q W_k W_v]ᵀ + the adapters' products (no biases); returns
+    /// H = x·[D_q D_k D_v] (m × R) when any member is adapted.
+    ///
+    /// # Safety
+    /// `x` must address m × h elements and `out` m × 3h writable ones.
+    unsafe fn forward(&self, pool: &Pool, x: Mat, m: usize, out: *mut f32) -> Option<Vec<f32>> {
+        let (h, rank) = (self.h, self.rank);
+        let w = Mat::rows(self.w.as_ptr(), h);
+        // SAFETY: the caller's contract; W is 3h × h, D h × R, U R × 3h.
+        unsafe {
+            sgemm(out, 3 * h, (m, 3 * h, h), x, w.t(), 1.0, false, true);
+            if rank == 0 {
+                return None;
+            }
+            let hc = pool.written(m * rank, |p| {
+                sgemm(
+                    p,
+                    rank,
+                    (m, rank, h),
+                    x,
+                    Mat::rows(self.d.as_ptr(), rank),
+                    1.0,
+                    false,
+                    true,
+                )
+            });
+            let hv = Mat::rows(hc.as_ptr(), rank);
+            let u = Mat::rows(self.u_scaled.as_ptr(), 3 * h);
+            sgemm(out, 3 * h, (m, 3 * h, rank), hv, u, 1.0, true, true);
+            Some(hc)
+        }
+    }
+
+    /// The backward from g = [dq dk dv] (m × 3h): dx (m × h, added to) = g·[W_q W_k W_v] +
+    /// Σ c_j·(g_j·U_j)·D_jᵀ where given, and each adapter's dD_j = c_j·xᵀ·(g_j·U_j),
+    /// dU_j = c_j·g_jᵀ·H_j.
+    ///
+    /// # Safety
+    /// `g` must address m × 3h elements, `x` m × h, `hc` be what [`Qkv::forward`] returned,
+    /// and `dx` m × h writable elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn backward(
+        &self,
+        lins: [&Lin; 3],
+        pool: &Pool,
+        g: Mat,
+        x: Mat,
+        hc: Option<&[f32]>,
+        m: usize,
+        dx: Option<*mut f32>,
+        grads: &mut AdGrads,
+    ) -> Result<()> {
+        let (h, rank) = (self.h, self.rank);
+        let w = Mat::rows(self.w.as_ptr(), h);
+        if let Some(p) = dx {
+            // SAFETY: the caller's contract.
+            unsafe { sgemm(p, h, (m, h, 3 * h), g, w, 1.0, true, true) };
+        }
+        let Some(hc) = hc else {
+            return Ok(());
+        };
+        // SAFETY: each buffer is written in full by its GEMM; shapes as documented above.
+        let (dd, du) = unsafe {
+            let u = Mat::rows(self.u.as_ptr(), 3 * h);
+            let gu = pool.written(m * rank, |p| {
+                sgemm(p, rank, (m, rank, 3 * h), g, u.t(), 1.0, false, true)
+            });
+            let guv = Mat::rows(gu.as_ptr(), rank);
+            if let Some(p) = dx {
+                let d = Mat::rows(self.d_scaled.as_ptr(), rank);
+                sgemm(p, h, (m, h, rank), guv, d.t(), 1.0, true, true);
+            }
+            let dd = written(h * rank, |p| {
+                sgemm(p, rank, (h, rank, m), x.t(), guv, 1.0, false, true)
+            });
+            pool.give(gu);
+            let hv = Mat::rows(hc.as_ptr(), rank);
+            let du = written(3 * h * rank, |p| {
+                sgemm(p, rank, (3 * h, rank, m), g.t(), hv, 1.0, false, true)
+            });
+            (dd, du)
+        };
+        for &(j, off, r) in &self.members {
+            let ad = lins[j].ad.as_ref().unwrap();
+            let mut ddj = vec![0f32; h * r];
+            let mut duj = vec![0f32; h * r];
+            for i in 0..h {
+                for l in 0..r {
+                    ddj[i * r + l] = ad.c * dd[i * rank + off + l];
+                    duj[i * r + l] = ad.c * du[(j * h + i) * rank + off + l];
+                }
+            }
+            ad.push_grads(h, h, ddj, duj, grads)?;
         }
         Ok(())
     }
@@ -429,6 +603,7 @@ impl Ln {
 struct LayerParams {
     /// q's, k's and v's biases side by side (zeros for a missing one), if any.
     qkv_bias: Option<Vec<f32>>,
+    qkv: Qkv,
     q: Lin,
     k: Lin,
     v: Lin,
@@ -453,7 +628,7 @@ struct Saved {
     x: Vec<f32>,
     /// q | k | v (m × 3h) and their adapters' H.
     qkv: Vec<f32>,
-    h_qkv: [Option<Vec<f32>>; 3],
+    h_qkv: Option<Vec<f32>>,
     /// P (b, heads, t, t).
     probs: Vec<f32>,
     /// The attention's output, merged heads (m × h), and the output projection's H.
@@ -665,6 +840,7 @@ impl Bert {
             });
             params.push(LayerParams {
                 qkv_bias,
+                qkv: Qkv::of([&q, &k, &v]),
                 q,
                 k,
                 v,
@@ -690,12 +866,10 @@ impl Bert {
             let xv = Mat::rows(x.as_ptr(), h);
             // SAFETY (all blocks below): buffers are allocated for the shapes the calls
             // document, and each `written` buffer is filled in full by its call.
-            let mut h_qkv = [None, None, None];
+            let mut h_qkv = None;
             let mut qkv = unsafe {
                 pool.written(m * 3 * h, |dst| {
-                    for (j, lin) in [&p.q, &p.k, &p.v].into_iter().enumerate() {
-                        h_qkv[j] = lin.forward(xv, m, dst.add(j * h), 3 * h);
-                    }
+                    h_qkv = p.qkv.forward(pool, xv, m, dst);
                 })
             };
             if let Some(bias) = &p.qkv_bias {
@@ -776,12 +950,12 @@ impl Drop for Tape<'_> {
     /// The buffers go back to the pool for the next step.
     fn drop(&mut self) {
         for s in self.saved.drain(..) {
-            let optional = s.h_qkv.into_iter().chain([s.h_o, s.h_inter, s.h_out]);
+            let optional = [s.h_qkv, s.h_o, s.h_inter, s.h_out];
             for v in [
                 s.x, s.qkv, s.probs, s.ctx, s.xhat1, s.x1, s.pre, s.act, s.xhat2,
             ]
             .into_iter()
-            .chain(optional.flatten())
+            .chain(optional.into_iter().flatten())
             {
                 self.pool.give(v);
             }
@@ -858,11 +1032,11 @@ impl Tape<'_> {
             // the residual's gradient plus q, k, v's input gradients (none below the lowest
             // adapted layer: the embeddings are frozen)
             let x = Mat::rows(s.x.as_ptr(), h);
-            for (j, lin) in [&p.q, &p.k, &p.v].into_iter().enumerate() {
-                let g = Mat::rows(d_qkv[j * h..].as_ptr(), 3 * h);
-                let dx = (i > first).then_some((dy.as_mut_ptr(), h, true));
-                unsafe { lin.backward(g, x, s.h_qkv[j].as_deref(), m, dx, &mut out)? };
-            }
+            let g = Mat::rows(d_qkv.as_ptr(), 3 * h);
+            let dx = (i > first).then_some(dy.as_mut_ptr());
+            let lins = [&p.q, &p.k, &p.v];
+            let hc = s.h_qkv.as_deref();
+            unsafe { p.qkv.backward(lins, pool, g, x, hc, m, dx, &mut out)? };
             pool.give(d_qkv);
         }
         pool.give(dy);
