@@ -125,58 +125,39 @@ impl GradAccumulator {
     }
 }
 
-/// The update of one CUDA f32 parameter by one kernel, in place (p, m, v); false where that
-/// does not apply (the composed update runs instead).
+/// A slot's part of the one-launch CUDA update (`ops::cuda::adamw_multi`), with its device;
+/// None where that does not apply (not CUDA f32 and contiguous: the composed update runs).
 #[cfg(feature = "cuda")]
-fn fused_update(
-    slot: &mut Slot,
+fn cuda_job(
+    slot: &Slot,
     g: &Tensor,
     lr: f64,
-    (b1, b2, eps): (f64, f64, f64),
     decay: f64,
-    (bc1, bc2): (f64, f64),
-) -> Result<bool> {
-    use candle_core::{CudaStorage, InplaceOp1, Layout};
+) -> Result<Option<(candle_core::CudaDevice, crate::ops::cuda::AdamWJob)>> {
     let p = slot.param.var.as_tensor();
     let fits = |t: &Tensor| {
         t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims()
     };
     if !(fits(p) && fits(&slot.m) && fits(&slot.v) && fits(g)) {
-        return Ok(false);
+        return Ok(None);
     }
-    struct Update<'a> {
-        m: &'a Tensor,
-        v: &'a Tensor,
-        g: &'a Tensor,
-        h: crate::ops::cuda::AdamWStep,
-    }
-    impl InplaceOp1 for Update<'_> {
-        fn name(&self) -> &'static str {
-            "adamw"
-        }
-        fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
-            candle_core::bail!("adamw: the fused update is CUDA only")
-        }
-        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
-            crate::ops::cuda::adamw(s, l, self.m, self.v, self.g, self.h)
-        }
-    }
-    // the moments are ours alone (allocated apart, handed out and taken in only as copies),
-    // so writing them in place changes no other tensor
-    let (m, v) = (slot.m.clone(), slot.v.clone());
-    let h = crate::ops::cuda::AdamWStep {
-        lr: lr as f32,
-        beta1: b1 as f32,
-        beta2: b2 as f32,
-        eps: eps as f32,
-        decay: decay as f32,
-        bc1: bc1 as f32,
-        bc2: bc2 as f32,
+    let (candle_core::Device::Cuda(dev), true) = (p.device(), g.device().same_device(p.device()))
+    else {
+        return Ok(None);
     };
-    p.inplace_op1(&Update { m: &m, v: &v, g, h })?;
-    slot.m = m;
-    slot.v = v;
-    Ok(true)
+    let ptr = |t: &Tensor, what: &str| crate::ops::cuda::tensor_ptr(t, what, &[DType::F32]);
+    Ok(Some((
+        dev.clone(),
+        crate::ops::cuda::AdamWJob {
+            p: ptr(p, "parameter")?,
+            m: ptr(&slot.m, "first moment")?,
+            v: ptr(&slot.v, "second moment")?,
+            g: ptr(g, "gradient")?,
+            n: p.elem_count(),
+            lr: lr as f32,
+            decay: decay as f32,
+        },
+    )))
 }
 
 #[derive(Debug)]
@@ -289,6 +270,9 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
+        // CUDA parameters: one launch per device for all of them, after the loop
+        #[cfg(feature = "cuda")]
+        let mut launches: Vec<(candle_core::CudaDevice, Vec<crate::ops::cuda::AdamWJob>)> = vec![];
         for i in 0..self.slots.len() {
             let Some(g) = &acc.sums[i] else { continue };
             let role = self.slots[i].param.role;
@@ -300,7 +284,12 @@ impl AdamW {
                 1.0
             };
             #[cfg(feature = "cuda")]
-            if fused_update(slot, g, lr_i, (b1, b2, self.cfg.eps), decay, (bc1, bc2))? {
+            if let Some((dev, job)) = cuda_job(slot, g, lr_i, decay)? {
+                use candle_core::backend::BackendDevice;
+                match launches.iter_mut().find(|(d, _)| d.same_device(&dev)) {
+                    Some((_, jobs)) => jobs.push(job),
+                    None => launches.push((dev, vec![job])),
+                }
                 continue;
             }
             slot.m = ((&slot.m * b1)? + (g * (1.0 - b1))?)?.detach();
@@ -312,6 +301,20 @@ impl AdamW {
             let denom = ((&slot.v / bc2)?.sqrt()? + self.cfg.eps)?;
             let upd = ((&slot.m / bc1)? / denom)?;
             slot.param.var.set(&(p - (upd * lr_i)?)?)?;
+        }
+        #[cfg(feature = "cuda")]
+        for (dev, jobs) in &launches {
+            let h = crate::ops::cuda::AdamWStep {
+                beta1: b1 as f32,
+                beta2: b2 as f32,
+                eps: self.cfg.eps as f32,
+                bc1: bc1 as f32,
+                bc2: bc2 as f32,
+            };
+            // SAFETY: each job is one slot's parameter, moments (ours alone: allocated apart,
+            // handed out and taken in only as copies) and gradient, checked by `cuda_job`;
+            // the tensors outlive the launch (they are freed in stream order).
+            unsafe { crate::ops::cuda::adamw_multi(dev, jobs, h)? };
         }
         acc.clear();
         if let Some(c) = &self.clock {

@@ -852,55 +852,73 @@ pub fn rope_low_rank(
     Ok(y)
 }
 
-/// The AdamW hyper-parameters of one update, as the kernel takes them.
+/// The AdamW hyper-parameters of one update shared by every parameter (each [`AdamWJob`] has
+/// its own learning rate and decay), as the kernel takes them.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWStep {
-    pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
-    /// 1 − lr·wd.
-    pub decay: f32,
+    /// 1 − β₁ᵗ and 1 − β₂ᵗ.
     pub bc1: f32,
     pub bc2: f32,
 }
 
-/// p, m, v ← AdamW(p, m, v, g) in place, all f32 of one length on one device. `m` and `v` are
-/// written through their device pointers: the caller owns them exclusively.
-pub fn adamw(
-    p: &mut CudaStorage,
-    lp: &Layout,
-    m: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
+/// One parameter's part of [`adamw_multi`]: the f32 parameter, its moments and its gradient
+/// (contiguous, `n` elements each, on one device), its learning rate and decay factor
+/// (1 − lr·wd).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWJob {
+    pub p: u64,
+    pub m: u64,
+    pub v: u64,
+    pub g: u64,
+    pub n: usize,
+    pub lr: f32,
+    pub decay: f32,
+}
+
+/// Every job's AdamW update in one launch (`adamw_multi_f32`).
+///
+/// # Safety
+/// Each job's pointers must be live f32 buffers of its n elements on `dev`, p, m and v owned
+/// by the caller for the update, and no two jobs may share a p, m or v.
+pub unsafe fn adamw_multi(
+    dev: &CudaDevice,
+    jobs: &[AdamWJob],
     h: AdamWStep,
 ) -> candle_core::Result<()> {
-    let n = lp.shape().elem_count();
-    let dev = p.device.clone();
-    let get = |t: &Tensor, what: &str| -> candle_core::Result<Mat> {
-        if t.elem_count() != n || t.dtype() != DType::F32 || !t.is_contiguous() {
-            candle_core::bail!("adamw: {what} must be a contiguous f32 tensor of {n} elements");
-        }
-        let t2 = t.reshape((1, n))?;
-        Ok(mat_of_tensor(&t2, what)?.0)
+    let Some(most) = jobs.iter().map(|j| j.n).max() else {
+        return Ok(());
     };
-    let (mp, vp, gp) = (get(m, "m")?.ptr, get(v, "v")?.ptr, get(g, "gradient")?.ptr);
-    let CudaStorageSlice::F32(ps) = &mut p.slice else {
-        candle_core::bail!("adamw: the parameter must be f32");
-    };
-    let Some((a, b)) = lp.contiguous_offsets() else {
-        candle_core::bail!("adamw: the parameter must be contiguous");
-    };
-    let mut pv = ps.slice_mut(a..b);
-    let f = dev.get_or_load_custom_func("adamw_f32", MODULE, PTX)?;
+    if jobs.len() > 65535 {
+        candle_core::bail!("adamw_multi: {} parameters in one launch", jobs.len());
+    }
+    // the kernel's AdamWJob: four pointers, the length, lr and decay (48 bytes)
+    let table: Vec<u64> = jobs
+        .iter()
+        .flat_map(|j| {
+            let scal = u64::from(j.lr.to_bits()) | (u64::from(j.decay.to_bits()) << 32);
+            [j.p, j.m, j.v, j.g, j.n as u64, scal]
+        })
+        .collect();
+    let table = dev.clone_htod(&table)?;
+    let f = dev.get_or_load_custom_func("adamw_multi_f32", MODULE, PTX)?;
     let mut bld = f.builder();
-    bld.arg(&mut pv);
-    candle_core::builder_arg!(
-        bld, mp, vp, gp, n as i64, h.lr, h.beta1, h.beta2, h.eps, h.decay, h.bc1, h.bc2
-    );
-    // SAFETY: the arguments match the kernel's signature; m, v, g are live f32 buffers of n
-    // elements (checked above), distinct from p.
-    unsafe { bld.launch(elems_cfg(n)) }.w()?;
+    bld.arg(&table);
+    candle_core::builder_arg!(bld, h.beta1, h.beta2, h.eps, h.bc1, h.bc2);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            most.div_ceil(THREADS as usize).min(64) as u32,
+            jobs.len() as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the caller's, for the jobs; the table lives until the launch is queued and is
+    // freed in stream order.
+    unsafe { bld.launch(cfg) }.w()?;
     Ok(())
 }
 
