@@ -2,11 +2,13 @@
 //!
 //! candle's engine starts every gradient edge from a zero tensor and adds into it; a BERT layer
 //! has a dozen such (tokens × hidden)-sized edges, about a sixth of a MiniLM step (`perf`,
-//! docs/benchmarks.md). Here every layer runs on buffers this code owns: each linear layer is
-//! one GEMM over all tokens (the adapter's product accumulated into the same output, the bias
-//! added by the parallel pass that reads the output next: LayerNorm, GELU or the q/k/v pass), the attention runs per (row, head) with P kept, the residual add is fused into
-//! the LayerNorm, and the backward accumulates where gradients meet (the residual stream's
-//! gradient is the buffer the input gradients of the next linear layers add into).
+//! docs/benchmarks.md). Here every layer runs on buffers this code owns (kept between steps):
+//! each linear layer is one GEMM over all tokens, q, k and v one of width 3h (the adapters'
+//! products accumulated into the same output, the bias added by the parallel pass that reads
+//! the output next: LayerNorm, GELU or the q/k/v pass), the attention runs per (row, head) with
+//! P kept, the residual add is fused into the LayerNorm, and the backward accumulates where
+//! gradients meet (the residual stream's gradient is the buffer the input gradients of the next
+//! linear layers add into).
 //!
 //! The boundary with candle is the encoder's output: it becomes a leaf variable, candle's
 //! autograd runs pooling, head and loss from it, and [`Tape::backward`] starts from the
@@ -237,7 +239,14 @@ impl Lin {
     ///
     /// # Safety
     /// `x` must address m × d_in elements and `out` m × d_out writable ones (at their strides).
-    unsafe fn forward(&self, x: Mat, m: usize, out: *mut f32, ld: usize) -> Option<Vec<f32>> {
+    unsafe fn forward(
+        &self,
+        pool: &Pool,
+        x: Mat,
+        m: usize,
+        out: *mut f32,
+        ld: usize,
+    ) -> Option<Vec<f32>> {
         let (n, k) = (self.d_out, self.d_in);
         let w = Mat::rows(self.w.ptr, k);
         // SAFETY: the caller's contract; W0 is d_out × d_in.
@@ -246,7 +255,7 @@ impl Lin {
         let r = ad.r;
         // SAFETY: h is m × r, written in full by the GEMM; D is d_in × r, U d_out × r.
         unsafe {
-            let h = written(m * r, |h| {
+            let h = pool.written(m * r, |h| {
                 sgemm(
                     h,
                     r,
@@ -883,14 +892,16 @@ impl Bert {
             let mut h_o = None;
             let mut s1 = unsafe {
                 pool.written(m * h, |dst| {
-                    h_o = p.o.forward(Mat::rows(ctx.as_ptr(), h), m, dst, h);
+                    h_o = p.o.forward(pool, Mat::rows(ctx.as_ptr(), h), m, dst, h);
                 })
             };
             let (x1, inv1) = p.ln1.forward(pool, &mut s1, p.o.bias.as_deref(), &x);
             let mut h_inter = None;
             let mut pre = unsafe {
                 pool.written(m * inter, |dst| {
-                    h_inter = p.inter.forward(Mat::rows(x1.as_ptr(), h), m, dst, inter);
+                    h_inter = p
+                        .inter
+                        .forward(pool, Mat::rows(x1.as_ptr(), h), m, dst, inter);
                 })
             };
             // the bias and the GELU in one pass
@@ -911,7 +922,9 @@ impl Bert {
             let mut h_out = None;
             let mut s2 = unsafe {
                 pool.written(m * h, |dst| {
-                    h_out = p.out.forward(Mat::rows(act.as_ptr(), inter), m, dst, h);
+                    h_out = p
+                        .out
+                        .forward(pool, Mat::rows(act.as_ptr(), inter), m, dst, h);
                 })
             };
             let (x2, inv2) = p.ln2.forward(pool, &mut s2, p.out.bias.as_deref(), &x1);
@@ -1239,6 +1252,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Buffers come back between steps with the previous step's contents (of another shape
+    /// here): every one must be written in full again, so a repeated step is bit-identical.
+    #[test]
+    fn steps_on_reused_buffers_repeat_exactly() {
+        let (tm, _) = pair(Some(AdapterKind::SingLora), "all-linear", Pooling::Mean);
+        let (a, b) = (batch(&[12, 7, 3, 1, 9]), batch(&[5, 2]));
+        let step = |bt: &Batch| {
+            let (loss, grads) = tm.bert_fast_loss_and_grads(bt, 1.0).unwrap().unwrap();
+            let mut all = vec![values(&loss)];
+            for p in tm.params() {
+                all.push(values(grads.get(p.var.as_tensor()).unwrap()));
+            }
+            all
+        };
+        let first = step(&a);
+        let Body::Bert(body) = &tm.body else {
+            unreachable!()
+        };
+        assert!(!body.fast_pool.0.lock().unwrap().is_empty());
+        step(&b);
+        assert_eq!(first, step(&a));
     }
 
     #[test]
