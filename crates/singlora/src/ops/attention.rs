@@ -10,7 +10,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
 };
 
-use super::linear::{gemm_at, View};
+use super::cpu_gemm::{gemm_at, View};
 use super::Real;
 use crate::error::Result;
 

@@ -1,24 +1,31 @@
-//! f32 GEMM on the CPU for the hand-written BERT encoder path (`model/bert/fast.rs`): one call
-//! per product over the whole matrix, from one thread, using every core (the `gemm` crate
-//! over rayon's workers).
+//! GEMM on the CPU for our fused ops and the hand-written BERT encoder path
+//! (`model/bert/fast.rs`): strided views and one call per product over the whole matrix,
+//! using every core (the `gemm` crate over rayon's workers) unless the caller is already
+//! inside a parallel loop.
 
-/// A strided f32 matrix view: element (i, j) at `ptr + i·rs + j·cs`.
+use super::Real;
+
+/// A strided matrix view: element (i, j) at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
-pub(crate) struct Mat {
-    pub(crate) ptr: *const f32,
-    pub(crate) rs: usize,
-    pub(crate) cs: usize,
+pub(crate) struct View<T> {
+    pub(crate) ptr: *const T,
+    pub(crate) rs: isize,
+    pub(crate) cs: isize,
 }
 
-impl Mat {
+impl<T> View<T> {
     /// A row-major block with row stride `ld`.
-    pub(crate) fn rows(ptr: *const f32, ld: usize) -> Self {
-        Mat { ptr, rs: ld, cs: 1 }
+    pub(crate) fn rows(ptr: *const T, ld: usize) -> Self {
+        View {
+            ptr,
+            rs: ld as isize,
+            cs: 1,
+        }
     }
 
     /// The transpose (no copy).
     pub(crate) fn t(self) -> Self {
-        Mat {
+        View {
             ptr: self.ptr,
             rs: self.cs,
             cs: self.rs,
@@ -26,20 +33,21 @@ impl Mat {
     }
 }
 
-/// dst (m × n, row stride `ld`) ← [dst +] alpha·a·b, a (m × k), b (k × n); over all of rayon's
-/// threads when `parallel` (callers already inside a parallel loop pass false).
+/// dst (m × n at row stride `ld`) ← [dst +] alpha·a·b, a (m × k), b (k × n); over all of
+/// rayon's threads when `parallel` (callers already inside a parallel loop pass false). An
+/// empty product (k = 0) writes zeros, or leaves dst as it is when accumulating.
 ///
 /// # Safety
 /// `dst` must address m × n elements at row stride `ld` that nothing else touches during the
 /// call, and `a`, `b` m × k and k × n readable elements at their strides.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm(
-    dst: *mut f32,
+pub(crate) unsafe fn gemm_at<T: Real + 'static>(
+    dst: *mut T,
     ld: usize,
     (m, n, k): (usize, usize, usize),
-    a: Mat,
-    b: Mat,
-    alpha: f32,
+    a: View<T>,
+    b: View<T>,
+    alpha: T,
     accumulate: bool,
     parallel: bool,
 ) {
@@ -50,7 +58,7 @@ pub(crate) unsafe fn sgemm(
         if !accumulate {
             for i in 0..m {
                 // SAFETY: row i of dst, as the caller promises.
-                unsafe { std::slice::from_raw_parts_mut(dst.add(i * ld), n).fill(0.0) };
+                unsafe { std::slice::from_raw_parts_mut(dst.add(i * ld), n).fill(T::zero()) };
             }
         }
         return;
@@ -72,12 +80,12 @@ pub(crate) unsafe fn sgemm(
             ld as isize,
             accumulate,
             a.ptr,
-            a.cs as isize,
-            a.rs as isize,
+            a.cs,
+            a.rs,
             b.ptr,
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
+            b.cs,
+            b.rs,
+            T::one(),
             alpha,
             false,
             false,
@@ -108,7 +116,7 @@ mod tests {
     }
 
     #[test]
-    fn sgemm_matches_naive_with_transposes_and_accumulation() {
+    fn gemm_at_matches_naive_with_transposes_and_accumulation() {
         let (m, n, k) = (37, 29, 41);
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
@@ -119,21 +127,21 @@ mod tests {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let want = naive(&a, &b, m, n, k, ta, tb);
             let av = if ta {
-                Mat::rows(a.as_ptr(), m).t()
+                View::rows(a.as_ptr(), m).t()
             } else {
-                Mat::rows(a.as_ptr(), k)
+                View::rows(a.as_ptr(), k)
             };
             let bv = if tb {
-                Mat::rows(b.as_ptr(), k).t()
+                View::rows(b.as_ptr(), k).t()
             } else {
-                Mat::rows(b.as_ptr(), n)
+                View::rows(b.as_ptr(), n)
             };
             // into a wider destination (row stride n + 3), then accumulated once more at 0.5
             let ld = n + 3;
             let mut c = vec![1f32; m * ld];
             for parallel in [false, true] {
-                unsafe { sgemm(c.as_mut_ptr(), ld, (m, n, k), av, bv, 1.0, false, parallel) };
-                unsafe { sgemm(c.as_mut_ptr(), ld, (m, n, k), av, bv, 0.5, true, parallel) };
+                unsafe { gemm_at(c.as_mut_ptr(), ld, (m, n, k), av, bv, 1.0, false, parallel) };
+                unsafe { gemm_at(c.as_mut_ptr(), ld, (m, n, k), av, bv, 0.5, true, parallel) };
                 for i in 0..m {
                     for j in 0..n {
                         let (got, w) = (c[i * ld + j], 1.5 * want[i * n + j]);

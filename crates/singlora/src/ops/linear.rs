@@ -14,16 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, WithDType};
 
+use super::cpu_gemm::{gemm_at, View};
 use super::{dispatch_float, filled_vec, host_vec, Real};
 use crate::error::Result;
-
-/// A strided matrix view for gemm.
-#[derive(Clone, Copy)]
-pub(super) struct View<T> {
-    pub(super) ptr: *const T,
-    pub(super) rs: isize,
-    pub(super) cs: isize,
-}
 
 fn view<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
@@ -40,25 +33,6 @@ fn view<'a, T: candle_core::WithDType>(
         cs: st[1] as isize,
     };
     Ok((v, data))
-}
-
-impl<T> View<T> {
-    /// A row-major block with row stride `rs`.
-    pub(super) fn rows(ptr: *const T, rs: usize) -> Self {
-        View {
-            ptr,
-            rs: rs as isize,
-            cs: 1,
-        }
-    }
-
-    pub(super) fn t(self) -> Self {
-        View {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
 }
 
 /// dst (m × n, row-major) ← [dst +] beta·lhs·rhs.
@@ -85,55 +59,6 @@ fn gemm_into<T: Real + 'static>(
             beta,
             accumulate,
             true,
-        )
-    }
-}
-
-/// dst (m × n at row stride `dst_rs`) ← [dst +] beta·lhs·rhs, over rayon's threads when
-/// `parallel` (callers already inside a parallel loop pass false).
-///
-/// # Safety
-/// `dst` must address m × n elements at row stride `dst_rs` that nothing else touches during
-/// the call, and the views m × k, k × n elements at their strides.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_at<T: Real + 'static>(
-    dst: *mut T,
-    dst_rs: usize,
-    (m, n, k): (usize, usize, usize),
-    lhs: View<T>,
-    rhs: View<T>,
-    beta: T,
-    accumulate: bool,
-    parallel: bool,
-) {
-    let threads = if parallel { super::cpu_threads() } else { 1 };
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the caller's contract above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            T::one(),
-            beta,
-            false,
-            false,
-            false,
-            par,
         )
     }
 }

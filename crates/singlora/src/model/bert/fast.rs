@@ -31,7 +31,7 @@ use crate::adapter::{AdaptedLinear, Adapter};
 use crate::data::Batch;
 use crate::error::Result;
 use crate::nn::{key_lens, Activation};
-use crate::ops::cpu_gemm::{sgemm, Mat};
+use crate::ops::cpu_gemm::{gemm_at, View};
 use crate::ops::gelu::Gelu;
 use crate::ops::{filled_vec, host_vec, max_of, sum_map, sum_map2, Real};
 
@@ -242,37 +242,37 @@ impl Lin {
     unsafe fn forward(
         &self,
         pool: &Pool,
-        x: Mat,
+        x: View<f32>,
         m: usize,
         out: *mut f32,
         ld: usize,
     ) -> Option<Vec<f32>> {
         let (n, k) = (self.d_out, self.d_in);
-        let w = Mat::rows(self.w.ptr, k);
+        let w = View::rows(self.w.ptr, k);
         // SAFETY: the caller's contract; W0 is d_out × d_in.
-        unsafe { sgemm(out, ld, (m, n, k), x, w.t(), 1.0, false, true) };
+        unsafe { gemm_at(out, ld, (m, n, k), x, w.t(), 1.0, false, true) };
         let ad = self.ad.as_ref()?;
         let r = ad.r;
         // SAFETY: h is m × r, written in full by the GEMM; D is d_in × r, U d_out × r.
         unsafe {
             let h = pool.written(m * r, |h| {
-                sgemm(
+                gemm_at(
                     h,
                     r,
                     (m, r, k),
                     x,
-                    Mat::rows(ad.d.as_ptr(), r),
+                    View::rows(ad.d.as_ptr(), r),
                     1.0,
                     false,
                     true,
                 )
             });
-            let u = Mat::rows(ad.u.as_ptr(), r);
-            sgemm(
+            let u = View::rows(ad.u.as_ptr(), r);
+            gemm_at(
                 out,
                 ld,
                 (m, n, r),
-                Mat::rows(h.as_ptr(), r),
+                View::rows(h.as_ptr(), r),
                 u.t(),
                 ad.c,
                 true,
@@ -291,38 +291,38 @@ impl Lin {
     /// returned for `x`, and `dx` address m × d_in writable elements.
     unsafe fn backward(
         &self,
-        g: Mat,
-        x: Mat,
+        g: View<f32>,
+        x: View<f32>,
         h: Option<&[f32]>,
         m: usize,
         dx: Option<(*mut f32, usize, bool)>,
         grads: &mut AdGrads,
     ) -> Result<()> {
         let (n, k) = (self.d_out, self.d_in);
-        let w = Mat::rows(self.w.ptr, k);
+        let w = View::rows(self.w.ptr, k);
         if let Some((p, ld, acc)) = dx {
             // SAFETY: the caller's contract.
-            unsafe { sgemm(p, ld, (m, k, n), g, w, 1.0, acc, true) };
+            unsafe { gemm_at(p, ld, (m, k, n), g, w, 1.0, acc, true) };
         }
         let (Some(ad), Some(h)) = (&self.ad, h) else {
             return Ok(());
         };
         let r = ad.r;
-        let d = Mat::rows(ad.d.as_ptr(), r);
-        let u = Mat::rows(ad.u.as_ptr(), r);
+        let d = View::rows(ad.d.as_ptr(), r);
+        let u = View::rows(ad.u.as_ptr(), r);
         // SAFETY: every buffer below is written in full by its GEMM; shapes as documented.
         let (dd, du) = unsafe {
-            let gu = written(m * r, |p| sgemm(p, r, (m, r, n), g, u, 1.0, false, true));
-            let guv = Mat::rows(gu.as_ptr(), r);
+            let gu = written(m * r, |p| gemm_at(p, r, (m, r, n), g, u, 1.0, false, true));
+            let guv = View::rows(gu.as_ptr(), r);
             if let Some((p, ld, _)) = dx {
-                sgemm(p, ld, (m, k, r), guv, d.t(), ad.c, true, true);
+                gemm_at(p, ld, (m, k, r), guv, d.t(), ad.c, true, true);
             }
             let dd = written(k * r, |p| {
-                sgemm(p, r, (k, r, m), x.t(), guv, ad.c, false, true)
+                gemm_at(p, r, (k, r, m), x.t(), guv, ad.c, false, true)
             });
-            let hv = Mat::rows(h.as_ptr(), r);
+            let hv = View::rows(h.as_ptr(), r);
             let du = written(n * r, |p| {
-                sgemm(p, r, (n, r, m), g.t(), hv, ad.c, false, true)
+                gemm_at(p, r, (n, r, m), g.t(), hv, ad.c, false, true)
             });
             (dd, du)
         };
@@ -434,30 +434,36 @@ impl Qkv {
     ///
     /// # Safety
     /// `x` must address m × h elements and `out` m × 3h writable ones.
-    unsafe fn forward(&self, pool: &Pool, x: Mat, m: usize, out: *mut f32) -> Option<Vec<f32>> {
+    unsafe fn forward(
+        &self,
+        pool: &Pool,
+        x: View<f32>,
+        m: usize,
+        out: *mut f32,
+    ) -> Option<Vec<f32>> {
         let (h, rank) = (self.h, self.rank);
-        let w = Mat::rows(self.w.as_ptr(), h);
+        let w = View::rows(self.w.as_ptr(), h);
         // SAFETY: the caller's contract; W is 3h × h, D h × R, U R × 3h.
         unsafe {
-            sgemm(out, 3 * h, (m, 3 * h, h), x, w.t(), 1.0, false, true);
+            gemm_at(out, 3 * h, (m, 3 * h, h), x, w.t(), 1.0, false, true);
             if rank == 0 {
                 return None;
             }
             let hc = pool.written(m * rank, |p| {
-                sgemm(
+                gemm_at(
                     p,
                     rank,
                     (m, rank, h),
                     x,
-                    Mat::rows(self.d.as_ptr(), rank),
+                    View::rows(self.d.as_ptr(), rank),
                     1.0,
                     false,
                     true,
                 )
             });
-            let hv = Mat::rows(hc.as_ptr(), rank);
-            let u = Mat::rows(self.u_scaled.as_ptr(), 3 * h);
-            sgemm(out, 3 * h, (m, 3 * h, rank), hv, u, 1.0, true, true);
+            let hv = View::rows(hc.as_ptr(), rank);
+            let u = View::rows(self.u_scaled.as_ptr(), 3 * h);
+            gemm_at(out, 3 * h, (m, 3 * h, rank), hv, u, 1.0, true, true);
             Some(hc)
         }
     }
@@ -474,40 +480,40 @@ impl Qkv {
         &self,
         lins: [&Lin; 3],
         pool: &Pool,
-        g: Mat,
-        x: Mat,
+        g: View<f32>,
+        x: View<f32>,
         hc: Option<&[f32]>,
         m: usize,
         dx: Option<*mut f32>,
         grads: &mut AdGrads,
     ) -> Result<()> {
         let (h, rank) = (self.h, self.rank);
-        let w = Mat::rows(self.w.as_ptr(), h);
+        let w = View::rows(self.w.as_ptr(), h);
         if let Some(p) = dx {
             // SAFETY: the caller's contract.
-            unsafe { sgemm(p, h, (m, h, 3 * h), g, w, 1.0, true, true) };
+            unsafe { gemm_at(p, h, (m, h, 3 * h), g, w, 1.0, true, true) };
         }
         let Some(hc) = hc else {
             return Ok(());
         };
         // SAFETY: each buffer is written in full by its GEMM; shapes as documented above.
         let (dd, du) = unsafe {
-            let u = Mat::rows(self.u.as_ptr(), 3 * h);
+            let u = View::rows(self.u.as_ptr(), 3 * h);
             let gu = pool.written(m * rank, |p| {
-                sgemm(p, rank, (m, rank, 3 * h), g, u.t(), 1.0, false, true)
+                gemm_at(p, rank, (m, rank, 3 * h), g, u.t(), 1.0, false, true)
             });
-            let guv = Mat::rows(gu.as_ptr(), rank);
+            let guv = View::rows(gu.as_ptr(), rank);
             if let Some(p) = dx {
-                let d = Mat::rows(self.d_scaled.as_ptr(), rank);
-                sgemm(p, h, (m, h, rank), guv, d.t(), 1.0, true, true);
+                let d = View::rows(self.d_scaled.as_ptr(), rank);
+                gemm_at(p, h, (m, h, rank), guv, d.t(), 1.0, true, true);
             }
             let dd = written(h * rank, |p| {
-                sgemm(p, rank, (h, rank, m), x.t(), guv, 1.0, false, true)
+                gemm_at(p, rank, (h, rank, m), x.t(), guv, 1.0, false, true)
             });
             pool.give(gu);
-            let hv = Mat::rows(hc.as_ptr(), rank);
+            let hv = View::rows(hc.as_ptr(), rank);
             let du = written(3 * h * rank, |p| {
-                sgemm(p, rank, (3 * h, rank, m), g.t(), hv, 1.0, false, true)
+                gemm_at(p, rank, (3 * h, rank, m), g.t(), hv, 1.0, false, true)
             });
             (dd, du)
         };
@@ -708,10 +714,10 @@ fn attention_forward(
                             }
                             return;
                         }
-                        let qv = Mat::rows(qkv[base..].as_ptr(), ld);
-                        let kv = Mat::rows(qkv[base + h..].as_ptr(), ld);
-                        let vv = Mat::rows(qkv[base + 2 * h..].as_ptr(), ld);
-                        sgemm(
+                        let qv = View::rows(qkv[base..].as_ptr(), ld);
+                        let kv = View::rows(qkv[base + h..].as_ptr(), ld);
+                        let vv = View::rows(qkv[base + 2 * h..].as_ptr(), ld);
+                        gemm_at(
                             p.as_mut_ptr(),
                             t,
                             (t, len, d),
@@ -732,8 +738,8 @@ fn attention_forward(
                                 *x *= inv;
                             }
                         }
-                        let pv = Mat::rows(p.as_ptr(), t);
-                        sgemm(o.at(ob), h, (t, d, len), pv, vv, 1.0, false, false);
+                        let pv = View::rows(p.as_ptr(), t);
+                        gemm_at(o.at(ob), h, (t, d, len), pv, vv, 1.0, false, false);
                     })
             })
         })
@@ -777,13 +783,13 @@ fn attention_backward(
                     return;
                 }
                 let p = &probs[unit * t * t..(unit + 1) * t * t];
-                let gv = Mat::rows(d_out[bi * t * h + hi * d..].as_ptr(), h);
-                let qv = Mat::rows(qkv[base..].as_ptr(), ld);
-                let kv = Mat::rows(qkv[base + h..].as_ptr(), ld);
-                let vv = Mat::rows(qkv[base + 2 * h..].as_ptr(), ld);
-                let pv = Mat::rows(p.as_ptr(), t);
+                let gv = View::rows(d_out[bi * t * h + hi * d..].as_ptr(), h);
+                let qv = View::rows(qkv[base..].as_ptr(), ld);
+                let kv = View::rows(qkv[base + h..].as_ptr(), ld);
+                let vv = View::rows(qkv[base + 2 * h..].as_ptr(), ld);
+                let pv = View::rows(p.as_ptr(), t);
                 // dV = Pᵀ·dO over the keys
-                sgemm(
+                gemm_at(
                     dst.at(base + 2 * h),
                     ld,
                     (len, d, t),
@@ -794,7 +800,7 @@ fn attention_backward(
                     false,
                 );
                 let mut ds = written(t * len, |s| {
-                    sgemm(s, len, (t, len, d), gv, vv.t(), 1.0, false, false)
+                    gemm_at(s, len, (t, len, d), gv, vv.t(), 1.0, false, false)
                 });
                 for (i, row) in ds.chunks_mut(len).enumerate() {
                     let pr = &p[i * t..i * t + len];
@@ -803,9 +809,9 @@ fn attention_backward(
                         *x = scale * pj * (*x - dot);
                     }
                 }
-                let dsv = Mat::rows(ds.as_ptr(), len);
-                sgemm(dst.at(base), ld, (t, d, len), dsv, kv, 1.0, false, false);
-                sgemm(
+                let dsv = View::rows(ds.as_ptr(), len);
+                gemm_at(dst.at(base), ld, (t, d, len), dsv, kv, 1.0, false, false);
+                gemm_at(
                     dst.at(base + h),
                     ld,
                     (len, d, t),
@@ -872,7 +878,7 @@ impl Bert {
         let mut x = pool.copy_of(&emb)?;
         let mut saved = Vec::with_capacity(params.len());
         for p in &params {
-            let xv = Mat::rows(x.as_ptr(), h);
+            let xv = View::rows(x.as_ptr(), h);
             // SAFETY (all blocks below): buffers are allocated for the shapes the calls
             // document, and each `written` buffer is filled in full by its call.
             let mut h_qkv = None;
@@ -892,7 +898,7 @@ impl Bert {
             let mut h_o = None;
             let mut s1 = unsafe {
                 pool.written(m * h, |dst| {
-                    h_o = p.o.forward(pool, Mat::rows(ctx.as_ptr(), h), m, dst, h);
+                    h_o = p.o.forward(pool, View::rows(ctx.as_ptr(), h), m, dst, h);
                 })
             };
             let (x1, inv1) = p.ln1.forward(pool, &mut s1, p.o.bias.as_deref(), &x);
@@ -901,7 +907,7 @@ impl Bert {
                 pool.written(m * inter, |dst| {
                     h_inter = p
                         .inter
-                        .forward(pool, Mat::rows(x1.as_ptr(), h), m, dst, inter);
+                        .forward(pool, View::rows(x1.as_ptr(), h), m, dst, inter);
                 })
             };
             // the bias and the GELU in one pass
@@ -924,7 +930,7 @@ impl Bert {
                 pool.written(m * h, |dst| {
                     h_out = p
                         .out
-                        .forward(pool, Mat::rows(act.as_ptr(), inter), m, dst, h);
+                        .forward(pool, View::rows(act.as_ptr(), inter), m, dst, h);
                 })
             };
             let (x2, inv2) = p.ln2.forward(pool, &mut s2, p.out.bias.as_deref(), &x1);
@@ -997,13 +1003,13 @@ impl Tape<'_> {
             }
             // dy: ∂L/∂(layer output) → ∂L/∂s2, the gradient of f and of x1 (residual)
             p.ln2.backward(&mut dy, &s.xhat2, &s.inv2);
-            let g = Mat::rows(dy.as_ptr(), h);
+            let g = View::rows(dy.as_ptr(), h);
             // SAFETY (all blocks below): shapes as the calls document; each `written` buffer
             // is filled in full; `dy` is m × h and only this thread touches it.
             let mut d_act = unsafe {
                 let mut res = Ok(());
                 let v = pool.written(m * inter, |dst| {
-                    let x = Mat::rows(s.act.as_ptr(), inter);
+                    let x = View::rows(s.act.as_ptr(), inter);
                     let dx = Some((dst, inter, false));
                     res = p.out.backward(g, x, s.h_out.as_deref(), m, dx, &mut out);
                 });
@@ -1021,18 +1027,18 @@ impl Tape<'_> {
             // the residual's gradient (in dy) plus the intermediate layer's input gradient
             unsafe {
                 let dx = Some((dy.as_mut_ptr(), h, true));
-                let g = Mat::rows(d_act.as_ptr(), inter);
-                let x = Mat::rows(s.x1.as_ptr(), h);
+                let g = View::rows(d_act.as_ptr(), inter);
+                let x = View::rows(s.x1.as_ptr(), h);
                 p.inter
                     .backward(g, x, s.h_inter.as_deref(), m, dx, &mut out)?;
             }
             pool.give(d_act);
             p.ln1.backward(&mut dy, &s.xhat1, &s.inv1);
-            let g = Mat::rows(dy.as_ptr(), h);
+            let g = View::rows(dy.as_ptr(), h);
             let d_ctx = unsafe {
                 let mut res = Ok(());
                 let v = pool.written(m * h, |dst| {
-                    let x = Mat::rows(s.ctx.as_ptr(), h);
+                    let x = View::rows(s.ctx.as_ptr(), h);
                     res =
                         p.o.backward(g, x, s.h_o.as_deref(), m, Some((dst, h, false)), &mut out);
                 });
@@ -1044,8 +1050,8 @@ impl Tape<'_> {
             pool.give(d_ctx);
             // the residual's gradient plus q, k, v's input gradients (none below the lowest
             // adapted layer: the embeddings are frozen)
-            let x = Mat::rows(s.x.as_ptr(), h);
-            let g = Mat::rows(d_qkv.as_ptr(), 3 * h);
+            let x = View::rows(s.x.as_ptr(), h);
+            let g = View::rows(d_qkv.as_ptr(), 3 * h);
             let dx = (i > first).then_some(dy.as_mut_ptr());
             let lins = [&p.q, &p.k, &p.v];
             let hc = s.h_qkv.as_deref();
