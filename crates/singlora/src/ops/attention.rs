@@ -210,17 +210,63 @@ struct HeadsAttention {
     probs: Arc<Mutex<Option<CpuStorage>>>,
 }
 
-/// A raw pointer the parallel loops share; every (row, head) unit writes its own elements.
+/// A raw pointer the parallel loops share; every unit writes its own elements.
 #[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
 // SAFETY: only used for disjoint writes from the units of one parallel loop.
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
-    fn at(self, offset: usize) -> *mut T {
+    pub(crate) fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
+}
+
+/// One (row, head) unit of the attention's forward, for `len` > 0 keys: P (t × t) holds, in row
+/// i, the softmax of scale·q_i·Kᵀ over the first `limit(i)` keys and zeros after them, and O
+/// (t × d at row stride `o_ld`) = P·V over the `len` keys. Serial (units run in parallel).
+///
+/// # Safety
+/// `o` must address this unit's t × d block at row stride `o_ld` alone; q, k and v t × d
+/// readable elements at their strides.
+pub(crate) unsafe fn attend_unit<T: Real + 'static>(
+    p: &mut [T],
+    (q, k, v): (View<T>, View<T>, View<T>),
+    (o, o_ld): (*mut T, usize),
+    (t, d, len): (usize, usize, usize),
+    scale: T,
+    limit: impl Fn(usize) -> usize,
+) {
+    // SAFETY: p is t × t; the views and the output block are the caller's.
+    unsafe {
+        gemm_at(
+            p.as_mut_ptr(),
+            t,
+            (t, len, d),
+            q,
+            k.t(),
+            scale,
+            false,
+            false,
+        )
+    };
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        let n = limit(i);
+        if n > 0 {
+            let max = super::max_of(&row[..n]);
+            for x in &mut row[..n] {
+                *x = (*x - max).fast_exp();
+            }
+            let inv = T::one() / super::sum_map(&row[..n], |x| x);
+            for x in &mut row[..n] {
+                *x *= inv;
+            }
+        }
+        row[n..].iter_mut().for_each(|x| *x = T::zero());
+    }
+    let pv = View::rows(p.as_ptr(), t);
+    unsafe { gemm_at(o, o_ld, (t, d, len), pv, v, T::one(), false, false) };
 }
 
 impl HeadsAttention {
@@ -271,41 +317,18 @@ impl HeadsAttention {
                     return;
                 }
                 let base = bi * t * w + hi * d;
-                let qv = View::rows(q[base..].as_ptr(), w);
-                let kv = View::rows(k[base..].as_ptr(), w);
-                let vv = View::rows(v[base..].as_ptr(), w);
-                // SAFETY: p is this unit's t × t block; the views stay inside q, k, v; the
-                // output block (t × d at row stride w) belongs to this (row, head) alone.
+                let views = (
+                    View::rows(q[base..].as_ptr(), w),
+                    View::rows(k[base..].as_ptr(), w),
+                    View::rows(v[base..].as_ptr(), w),
+                );
+                // SAFETY: the views stay inside q, k, v; the output block (t × d at row stride
+                // w) belongs to this (row, head) alone.
                 unsafe {
-                    gemm_at(
-                        p.as_mut_ptr(),
-                        t,
-                        (t, len, d),
-                        qv,
-                        kv.t(),
-                        scale,
-                        false,
-                        false,
-                    );
-                }
-                for (i, row) in p.chunks_mut(t).enumerate() {
-                    let n = self.limit(bi, i, t);
-                    if n > 0 {
-                        let max = super::max_of(&row[..n]);
-                        for x in &mut row[..n] {
-                            *x = (*x - max).fast_exp();
-                        }
-                        let inv = T::one() / super::sum_map(&row[..n], |x| x);
-                        for x in &mut row[..n] {
-                            *x *= inv;
-                        }
-                    }
-                    row[n..].iter_mut().for_each(|x| *x = T::zero());
-                }
-                let pv = View::rows(p.as_ptr(), t);
-                unsafe {
-                    gemm_at(o.at(base), w, (t, d, len), pv, vv, T::one(), false, false);
-                }
+                    attend_unit(p, views, (o.at(base), w), (t, d, len), scale, |i| {
+                        self.limit(bi, i, t)
+                    })
+                };
             });
         (out, probs)
     }

@@ -26,7 +26,7 @@
 //! the adapter path of a q projection in the fused linear 0.18 / 0.76 → 0.05 / 0.20. The
 //! attention block and the cross-entropy are measured in whole steps (`docs/benchmarks.md`).
 
-mod attention;
+pub(crate) mod attention;
 pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

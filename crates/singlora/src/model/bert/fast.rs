@@ -31,9 +31,10 @@ use crate::adapter::{AdaptedLinear, Adapter};
 use crate::data::Batch;
 use crate::error::Result;
 use crate::nn::{key_lens, Activation};
+use crate::ops::attention::{attend_unit, SharedMut};
 use crate::ops::cpu_gemm::{gemm_at, View};
 use crate::ops::gelu::Gelu;
-use crate::ops::{filled_vec, host_vec, max_of, sum_map, sum_map2, Real};
+use crate::ops::{filled_vec, host_vec, sum_map, sum_map2};
 
 /// Set to `1` to train BERT-family models on the CPU through candle's autograd instead.
 pub(crate) const AUTOGRAD_ENV: &str = "SINGLORA_CPU_AUTOGRAD";
@@ -116,19 +117,6 @@ impl Pool {
         let mut v = self.take(src.len());
         v.extend_from_slice(src);
         Ok(v)
-    }
-}
-
-/// A raw pointer the parallel loops share; every unit writes its own elements.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used for disjoint writes from the units of one parallel loop.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 
@@ -714,32 +702,12 @@ fn attention_forward(
                             }
                             return;
                         }
-                        let qv = View::rows(qkv[base..].as_ptr(), ld);
-                        let kv = View::rows(qkv[base + h..].as_ptr(), ld);
-                        let vv = View::rows(qkv[base + 2 * h..].as_ptr(), ld);
-                        gemm_at(
-                            p.as_mut_ptr(),
-                            t,
-                            (t, len, d),
-                            qv,
-                            kv.t(),
-                            scale,
-                            false,
-                            false,
+                        let views = (
+                            View::rows(qkv[base..].as_ptr(), ld),
+                            View::rows(qkv[base + h..].as_ptr(), ld),
+                            View::rows(qkv[base + 2 * h..].as_ptr(), ld),
                         );
-                        for row in p.chunks_mut(t) {
-                            let row = &mut row[..len];
-                            let max = max_of(row);
-                            for x in row.iter_mut() {
-                                *x = (*x - max).fast_exp();
-                            }
-                            let inv = 1.0 / sum_map(row, |x| x);
-                            for x in row.iter_mut() {
-                                *x *= inv;
-                            }
-                        }
-                        let pv = View::rows(p.as_ptr(), t);
-                        gemm_at(o.at(ob), h, (t, d, len), pv, vv, 1.0, false, false);
+                        attend_unit(p, views, (o.at(ob), h), (t, d, len), scale, |_| len);
                     })
             })
         })
