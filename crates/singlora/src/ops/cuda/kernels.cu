@@ -399,8 +399,10 @@ __device__ __forceinline__ uint32_t bf16_bits(float v) {
     uint32_t u = __float_as_uint(v);
     return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even, as st()
 }
-__device__ __forceinline__ void ld8(const uint16_t* p, long i, float* o) {
-    uint4 r = *reinterpret_cast<const uint4*>(p + i);
+// 8 bf16 packed in a uint4: loaded, unpacked to f32, packed back (rounded as st()); ld8 and st8
+// below are these with the load or store.
+__device__ __forceinline__ uint4 ldpk(const uint16_t* p, long i) { return *reinterpret_cast<const uint4*>(p + i); }
+__device__ __forceinline__ void unpk(uint4 r, float* o) {
     uint32_t w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int k = 0; k < 4; k++) {
@@ -408,14 +410,16 @@ __device__ __forceinline__ void ld8(const uint16_t* p, long i, float* o) {
         o[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
     }
 }
-__device__ __forceinline__ void st8(uint16_t* p, long i, const float* v) {
+__device__ __forceinline__ uint4 pk(const float* v) {
     uint4 r;
     r.x = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
     r.y = bf16_bits(v[2]) | (bf16_bits(v[3]) << 16);
     r.z = bf16_bits(v[4]) | (bf16_bits(v[5]) << 16);
     r.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
-    *reinterpret_cast<uint4*>(p + i) = r;
+    return r;
 }
+__device__ __forceinline__ void ld8(const uint16_t* p, long i, float* o) { unpk(ldpk(p, i), o); }
+__device__ __forceinline__ void st8(uint16_t* p, long i, const float* v) { *reinterpret_cast<uint4*>(p + i) = pk(v); }
 __device__ __forceinline__ void ld8(const float* p, long i, float* o) {
     float4 a = *reinterpret_cast<const float4*>(p + i), b = *reinterpret_cast<const float4*>(p + i + 4);
     o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
@@ -738,24 +742,6 @@ extern "C" __global__ void xent_grad_inplace_v8_bf16(uint16_t* z, const uint32_t
 // the fast path with and without them).
 #define LR_ROWS 64
 
-// 8 bf16 kept packed in a uint4: loaded, unpacked to f32, packed back (rounded as st()).
-__device__ __forceinline__ uint4 ldpk(const uint16_t* p, long i) { return *reinterpret_cast<const uint4*>(p + i); }
-__device__ __forceinline__ void unpk(uint4 r, float* o) {
-    uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        o[2 * k] = __uint_as_float(w[k] << 16);
-        o[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
-    }
-}
-__device__ __forceinline__ uint4 pk(const float* v) {
-    uint4 r;
-    r.x = bf16_bits(v[0]) | (bf16_bits(v[1]) << 16);
-    r.y = bf16_bits(v[2]) | (bf16_bits(v[3]) << 16);
-    r.z = bf16_bits(v[4]) | (bf16_bits(v[5]) << 16);
-    r.w = bf16_bits(v[6]) | (bf16_bits(v[7]) << 16);
-    return r;
-}
 
 // The MMA tile's column l (0..7) of column group j (0..3) is column 8·(l / 2) + 2·j + l % 2 of
 // the warp's 32: thread (g, q) = (lane / 4, lane % 4) then holds columns 8q..8q+7 of rows g
