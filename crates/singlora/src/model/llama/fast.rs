@@ -184,33 +184,31 @@ fn group_of(ps: &[Proj]) -> Result<Option<Group>> {
     }))
 }
 
+/// h = x (m × k, row-major)·D (k × w, row-major, at `d`) into a fresh buffer: an adapter's
+/// (or a group's side-by-side) first factor applied to its input.
+fn x_times_d(
+    dev: &CudaDevice,
+    bf16: bool,
+    x: u64,
+    (m, k): (usize, usize),
+    (d, w): (u64, usize),
+) -> Result<Buf> {
+    let (h, hp) = fresh(dev, bf16, m * w)?;
+    let mat = |ptr, ld| Mat {
+        ptr,
+        ld,
+        trans: false,
+    };
+    // SAFETY: live buffers of the shapes given, one stream.
+    unsafe { gemm(dev, bf16, (m, w, k), mat(x, k), mat(d, w), hp, 1.0, 0.0)? };
+    mark(dev, "adapter fwd: h = x·D")?;
+    Ok((h, hp))
+}
+
 impl Group {
     /// h for every member: x (m × k)·D (k × Σr), a fresh buffer.
     fn forward(&self, dev: &CudaDevice, bf16: bool, x: u64, m: usize, k: usize) -> Result<Buf> {
-        let (h, hp) = fresh(dev, bf16, m * self.width)?;
-        // SAFETY: live buffers of the shapes given, one stream.
-        unsafe {
-            gemm(
-                dev,
-                bf16,
-                (m, self.width, k),
-                Mat {
-                    ptr: x,
-                    ld: k,
-                    trans: false,
-                },
-                Mat {
-                    ptr: self.d,
-                    ld: self.width,
-                    trans: false,
-                },
-                hp,
-                1.0,
-                0.0,
-            )?;
-        }
-        mark(dev, "adapter fwd: h = x·D")?;
-        Ok((h, hp))
+        x_times_d(dev, bf16, x, (m, k), (self.d, self.width))
     }
 
     /// Member i's block of a buffer of Σr columns.
@@ -538,24 +536,7 @@ impl Proj {
                 let (own, hp, ld) = match pre_h {
                     Some((p, ld)) => (None, p, ld),
                     None => {
-                        let (h, hp) = fresh(dev, bf16, m * f.r)?;
-                        unsafe {
-                            gemm(
-                                dev,
-                                bf16,
-                                (m, f.r, self.k),
-                                xm,
-                                Mat {
-                                    ptr: f.d,
-                                    ld: f.r,
-                                    trans: false,
-                                },
-                                hp,
-                                1.0,
-                                0.0,
-                            )?;
-                        }
-                        mark(dev, "adapter fwd: h = x·D")?;
+                        let (h, hp) = x_times_d(dev, bf16, x, (m, self.k), (f.d, f.r))?;
                         (Some(h), hp, f.r)
                     }
                 };
