@@ -269,6 +269,54 @@ pub(crate) unsafe fn attend_unit<T: Real + 'static>(
     unsafe { gemm_at(o, o_ld, (t, d, len), pv, v, T::one(), false, false) };
 }
 
+/// The backward of [`attend_unit`] from P (as it left it) and dO (t × d): dV = Pᵀ·dO,
+/// dS = scale·P ⊙ (dP − Σⱼ P⊙dP) over each row's first `limit(i)` keys (zeros after) with
+/// dP = dO·Vᵀ, dQ = dS·K (t × d) and dK = dSᵀ·Q; dK and dV only over the `len` keys.
+///
+/// # Safety
+/// dq (t × d), dk and dv (len × d) at row stride `ld` must be this unit's alone; q, k, v and
+/// dO t × d readable elements at their strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attend_unit_backward<T: Real + 'static>(
+    p: &[T],
+    (g, q, k, v): (View<T>, View<T>, View<T>, View<T>),
+    (dq, dk, dv, ld): (*mut T, *mut T, *mut T, usize),
+    (t, d, len): (usize, usize, usize),
+    scale: T,
+    limit: impl Fn(usize) -> usize,
+) {
+    let pv = View::rows(p.as_ptr(), t);
+    // SAFETY (every GEMM): the caller's blocks; ds is this unit's t × len scratch, written in
+    // full by its GEMM.
+    unsafe {
+        gemm_at(dv, ld, (len, d, t), pv.t(), g, T::one(), false, false);
+        let mut ds = super::filled_vec::<T>(t * len, |s| {
+            gemm_at(
+                s.as_mut_ptr().cast(),
+                len,
+                (t, len, d),
+                g,
+                v.t(),
+                T::one(),
+                false,
+                false,
+            )
+        });
+        for (i, row) in ds.chunks_mut(len).enumerate() {
+            let lim = limit(i);
+            let pr = &p[i * t..i * t + lim];
+            let dot = super::sum_map2(pr, &row[..lim], |x, y| x * y);
+            for (x, &pj) in row[..lim].iter_mut().zip(pr) {
+                *x = scale * pj * (*x - dot);
+            }
+            row[lim..].iter_mut().for_each(|x| *x = T::zero());
+        }
+        let dsv = View::rows(ds.as_ptr(), len);
+        gemm_at(dq, ld, (t, d, len), dsv, k, T::one(), false, false);
+        gemm_at(dk, ld, (len, d, t), dsv.t(), q, T::one(), false, false);
+    }
+}
+
 impl HeadsAttention {
     /// (b, t, heads, hd) of a (b, t, heads·hd) input.
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -427,68 +475,20 @@ impl HeadsAttentionBackward {
             }
             let base = bi * t * w + hi * d;
             let p = &probs[unit * t * t..(unit + 1) * t * t];
-            let gv = View::rows(g[base..].as_ptr(), w);
-            let qv = View::rows(q[base..].as_ptr(), w);
-            let kv = View::rows(k[base..].as_ptr(), w);
-            let vv = View::rows(v[base..].as_ptr(), w);
-            let pv = View::rows(p.as_ptr(), t);
-            let mut ds = vec![T::zero(); t * len];
-            // SAFETY: ds is this unit's t × len scratch; the dq, dk, dv blocks (at row stride
-            // w in their thirds of `grads`) belong to this (row, head) alone.
+            let views = (
+                View::rows(g[base..].as_ptr(), w),
+                View::rows(q[base..].as_ptr(), w),
+                View::rows(k[base..].as_ptr(), w),
+                View::rows(v[base..].as_ptr(), w),
+            );
+            let out = (dst.at(base), dst.at(n + base), dst.at(2 * n + base), w);
+            // SAFETY: the dq, dk, dv blocks (at row stride w in their thirds of `grads`)
+            // belong to this (row, head) alone; the views stay inside g, q, k, v.
             unsafe {
-                gemm_at(
-                    dst.at(2 * n + base),
-                    w,
-                    (len, d, t),
-                    pv.t(),
-                    gv,
-                    T::one(),
-                    false,
-                    false,
-                );
-                gemm_at(
-                    ds.as_mut_ptr(),
-                    len,
-                    (t, len, d),
-                    gv,
-                    vv.t(),
-                    T::one(),
-                    false,
-                    false,
-                );
-            }
-            for (i, row) in ds.chunks_mut(len).enumerate() {
-                let lim = self.op.limit(bi, i, t);
-                let pr = &p[i * t..i * t + lim];
-                let dot = super::sum_map2(pr, &row[..lim], |x, y| x * y);
-                for (x, &pj) in row[..lim].iter_mut().zip(pr) {
-                    *x = scale * pj * (*x - dot);
-                }
-                row[lim..].iter_mut().for_each(|x| *x = T::zero());
-            }
-            let dsv = View::rows(ds.as_ptr(), len);
-            unsafe {
-                gemm_at(
-                    dst.at(base),
-                    w,
-                    (t, d, len),
-                    dsv,
-                    kv,
-                    T::one(),
-                    false,
-                    false,
-                );
-                gemm_at(
-                    dst.at(n + base),
-                    w,
-                    (len, d, t),
-                    dsv.t(),
-                    qv,
-                    T::one(),
-                    false,
-                    false,
-                );
-            }
+                attend_unit_backward(p, views, out, (t, d, len), scale, |i| {
+                    self.op.limit(bi, i, t)
+                })
+            };
         });
         grads
     }

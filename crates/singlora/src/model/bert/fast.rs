@@ -31,7 +31,7 @@ use crate::adapter::{AdaptedLinear, Adapter};
 use crate::data::Batch;
 use crate::error::Result;
 use crate::nn::{key_lens, Activation};
-use crate::ops::attention::{attend_unit, SharedMut};
+use crate::ops::attention::{attend_unit, attend_unit_backward, SharedMut};
 use crate::ops::cpu_gemm::{gemm_at, View};
 use crate::ops::gelu::Gelu;
 use crate::ops::{filled_vec, host_vec, sum_map, sum_map2};
@@ -751,44 +751,14 @@ fn attention_backward(
                     return;
                 }
                 let p = &probs[unit * t * t..(unit + 1) * t * t];
-                let gv = View::rows(d_out[bi * t * h + hi * d..].as_ptr(), h);
-                let qv = View::rows(qkv[base..].as_ptr(), ld);
-                let kv = View::rows(qkv[base + h..].as_ptr(), ld);
-                let vv = View::rows(qkv[base + 2 * h..].as_ptr(), ld);
-                let pv = View::rows(p.as_ptr(), t);
-                // dV = Pᵀ·dO over the keys
-                gemm_at(
-                    dst.at(base + 2 * h),
-                    ld,
-                    (len, d, t),
-                    pv.t(),
-                    gv,
-                    1.0,
-                    false,
-                    false,
+                let views = (
+                    View::rows(d_out[bi * t * h + hi * d..].as_ptr(), h),
+                    View::rows(qkv[base..].as_ptr(), ld),
+                    View::rows(qkv[base + h..].as_ptr(), ld),
+                    View::rows(qkv[base + 2 * h..].as_ptr(), ld),
                 );
-                let mut ds = written(t * len, |s| {
-                    gemm_at(s, len, (t, len, d), gv, vv.t(), 1.0, false, false)
-                });
-                for (i, row) in ds.chunks_mut(len).enumerate() {
-                    let pr = &p[i * t..i * t + len];
-                    let dot = sum_map2(pr, row, |x, y| x * y);
-                    for (x, &pj) in row.iter_mut().zip(pr) {
-                        *x = scale * pj * (*x - dot);
-                    }
-                }
-                let dsv = View::rows(ds.as_ptr(), len);
-                gemm_at(dst.at(base), ld, (t, d, len), dsv, kv, 1.0, false, false);
-                gemm_at(
-                    dst.at(base + h),
-                    ld,
-                    (len, d, t),
-                    dsv.t(),
-                    qv,
-                    1.0,
-                    false,
-                    false,
-                );
+                let out = (dst.at(base), dst.at(base + h), dst.at(base + 2 * h), ld);
+                attend_unit_backward(p, views, out, (t, d, len), scale, |_| len);
             });
         })
     }
