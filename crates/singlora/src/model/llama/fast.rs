@@ -785,8 +785,10 @@ impl Proj {
 /// Whether the fast path hands adapters' rank-r terms to the kernels that consume the
 /// projections' outputs (or input gradients) where they can; `SINGLORA_UNFUSED_LR` turns this
 /// off for the benchmark's comparison (`ops::set_low_rank_epilogue` for the device check's).
+/// The variable is read once (this runs for every layer of every step).
 fn fuse_terms() -> bool {
-    std::env::var_os("SINGLORA_UNFUSED_LR").is_none()
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SINGLORA_UNFUSED_LR").is_none())
 }
 
 /// The backward of projections that read one input x (q, k, v, or gate and up) from their
