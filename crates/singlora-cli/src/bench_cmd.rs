@@ -100,7 +100,8 @@ pub struct LlamaArgs {
     /// Instead of timing steps, time the stages of one step (CUDA fast path) from events.
     #[arg(long)]
     kernel_profile: bool,
-    /// Recompute the attention probabilities in the backward instead of keeping them.
+    /// Recompute the attention probabilities in the backward instead of keeping them (on the
+    /// GEMM-and-softmax path; the fused bf16 attention kernels never keep them).
     #[arg(long)]
     recompute_attention: bool,
 }

@@ -40,9 +40,8 @@ struct Row {
 fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use candle_core::Var;
     let cpu = Device::Cpu;
-    type Op = Box<dyn Fn(&Tensor) -> singlora::Result<Tensor>>;
     let w = (Tensor::randn(0f64, 0.2, 576, &cpu)? + 1.0)?;
-    let cases: Vec<(&str, Vec<usize>, Op, Op)> = vec![
+    let cases: Vec<OpCase> = vec![
         (
             "masked softmax (causal, padded)",
             vec![2, 4, 64, 64],
@@ -103,6 +102,20 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Box::new(move |x: &Tensor| block(x, &c32, &s32)),
             )
         },
+        fused_attention_case(
+            "attention block, head size 64 (4 heads on 1 KV head, causal, padded, 100 positions)",
+            (64, 4, 1, 100),
+            &[100, 71],
+            true,
+            device,
+        )?,
+        fused_attention_case(
+            "attention block, head size 128 (2 heads, not causal, padded, 80 positions)",
+            (128, 2, 2, 80),
+            &[80, 50],
+            false,
+            device,
+        )?,
         {
             let t: Vec<u32> = (0..64u32).map(|i| (i * 37 + 11) % 1000).collect();
             let t_cpu = Tensor::new(t.as_slice(), &cpu)?;
@@ -170,6 +183,44 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+type OpCase = (
+    &'static str,
+    Vec<usize>,
+    Box<dyn Fn(&Tensor) -> singlora::Result<Tensor>>,
+    Box<dyn Fn(&Tensor) -> singlora::Result<Tensor>>,
+);
+
+/// An attention block case whose bf16 run takes the fused (flash) kernels: q, k, v side by side
+/// in the input (2, t, (heads + 2·kv_heads)·hd); several 64-row tiles, a partial last one.
+fn fused_attention_case(
+    name: &'static str,
+    (hd, heads, kv, t): (usize, usize, usize, usize),
+    lens: &[usize],
+    causal: bool,
+    device: &Device,
+) -> Result<OpCase> {
+    let half = hd / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / half as f64))
+        .collect();
+    let (c64, s64) = singlora::nn::rope_tables(&inv, t, DType::F64, &Device::Cpu)?;
+    let (c32, s32) = singlora::nn::rope_tables(&inv, t, DType::F32, device)?;
+    let lens = lens.to_vec();
+    let block = move |x: &Tensor, c: &Tensor, s: &Tensor| -> singlora::Result<Tensor> {
+        let q = x.narrow(2, 0, heads * hd)?;
+        let k = x.narrow(2, heads * hd, kv * hd)?;
+        let v = x.narrow(2, (heads + kv) * hd, kv * hd)?;
+        singlora::ops::attention_block(&q, &k, &v, c, s, heads, kv, &lens, causal)
+    };
+    let on_dev = block.clone();
+    Ok((
+        name,
+        vec![2, t, (heads + 2 * kv) * hd],
+        Box::new(move |x: &Tensor| block(x, &c64, &s64)),
+        Box::new(move |x: &Tensor| on_dev(x, &c32, &s32)),
+    ))
 }
 
 fn adapter_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
@@ -554,6 +605,9 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             {
                 // (the adapters' terms by their own GEMMs in both, as the scalar run has no
                 // epilogue kernels; then the epilogue against those GEMMs)
+                singlora::ops::set_flash_attention(false);
+                let unflashed = model.loss_and_grads(&batch, 1.0);
+                singlora::ops::set_flash_attention(true);
                 singlora::ops::set_low_rank_epilogue(false);
                 let unfused = model.loss_and_grads(&batch, 1.0);
                 singlora::ops::set_vectorised(false);
@@ -562,7 +616,14 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 singlora::ops::set_low_rank_epilogue(true);
                 let (loss_u, g_u) = unfused?;
                 let (loss_s, g_s) = scalar?;
+                let (loss_n, g_n) = unflashed?;
                 for (what, (l1, g1), (l2, g2), bound) in [
+                    (
+                        "fast path: fused attention vs GEMMs and softmax (loss, gradients)",
+                        (&loss_f, &g_f),
+                        (&loss_n, &g_n),
+                        3e-2,
+                    ),
                     (
                         "fast path: 8-wide kernels vs scalar (loss, gradients)",
                         (&loss_u, &g_u),
@@ -591,13 +652,20 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                     });
                 }
             }
-            // attention probabilities recomputed in the backward instead of kept
+            // attention probabilities recomputed in the backward instead of kept (on the
+            // GEMM-and-softmax path: the fused attention kernels keep none)
+            #[cfg(feature = "cuda")]
+            singlora::ops::set_flash_attention(false);
+            let kept = model.loss_and_grads(&batch, 1.0);
             let mut model = model;
             singlora::bench::llama::set_recompute(&mut model, true);
-            let (loss_r, g_r) = model.loss_and_grads(&batch, 1.0)?;
-            let mut worst: f64 = rel_err(&loss_f, &loss_r)?;
+            let recomputed = model.loss_and_grads(&batch, 1.0);
+            #[cfg(feature = "cuda")]
+            singlora::ops::set_flash_attention(true);
+            let ((loss_k, g_k), (loss_r, g_r)) = (kept?, recomputed?);
+            let mut worst: f64 = rel_err(&loss_k, &loss_r)?;
             for p in model.params() {
-                if let (Some(a), Some(b)) = (g_f.get(p.var.as_tensor()), g_r.get(p.var.as_tensor()))
+                if let (Some(a), Some(b)) = (g_k.get(p.var.as_tensor()), g_r.get(p.var.as_tensor()))
                 {
                     worst = worst.max(rel_err(a, b)?);
                 }

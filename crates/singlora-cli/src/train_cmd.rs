@@ -107,7 +107,8 @@ pub struct TrainArgs {
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["device", "gpus"])]
     devices: Option<Vec<String>>,
     /// LLaMA on a GPU: recompute the attention probabilities in the backward instead of
-    /// keeping them (b·heads·len² values less per layer, a few % slower).
+    /// keeping them (b·heads·len² values less per layer, a few % slower). Only f32 or head
+    /// sizes other than 64 and 128 keep them: the fused bf16 attention kernels never do.
     #[arg(long)]
     recompute_attention: bool,
     /// Shorthand for --devices cuda:0,...,cuda:N-1.

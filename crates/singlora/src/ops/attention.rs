@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
 };
 
 use super::cpu_gemm::{gemm_at, View};
@@ -77,13 +77,13 @@ impl CustomOp3 for Block {
         _q: &Tensor,
         _k: &Tensor,
         _v: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, h, kvh, d) = self.dims;
         let packed = g
             .contiguous()?
-            .apply_op1_no_bwd(&BlockBackward(self.clone()))?;
+            .apply_op2_no_bwd(&y.contiguous()?, &BlockBackward(self.clone()))?;
         let (nq, nk) = (b * t * h * d, b * t * kvh * d);
         let dq = packed.narrow(0, 0, nq)?.reshape((b, t, h * d))?;
         let dk = packed.narrow(0, nq, nk)?.reshape((b, t, kvh * d))?;
@@ -92,16 +92,23 @@ impl CustomOp3 for Block {
     }
 }
 
-/// The backward as an op on the output's gradient, giving [dq | dk | dv] flat.
+/// The backward as an op on the output's gradient and the output (which the fused kernels
+/// read), giving [dq | dk | dv] flat.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct BlockBackward(Block);
 
-impl CustomOp1 for BlockBackward {
+impl CustomOp2 for BlockBackward {
     fn name(&self) -> &'static str {
         "attention-block-backward"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         candle_core::bail!("attention block backward: the CPU takes the composed path")
     }
 
@@ -109,12 +116,20 @@ impl CustomOp1 for BlockBackward {
     fn cuda_fwd(
         &self,
         g: &candle_core::CudaStorage,
-        l: &Layout,
+        lg: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let saved = self.0.saved.lock().unwrap().take().ok_or_else(|| {
             candle_core::Error::Msg("attention block: backward without a forward (or twice)".into())
         })?;
-        super::cuda::attention::backward(&saved, (g, l), (&self.0.cos, &self.0.sin), self.0.dims)
+        super::cuda::attention::backward(
+            &saved,
+            (g, lg),
+            (y, ly),
+            (&self.0.cos, &self.0.sin),
+            self.0.dims,
+        )
     }
 }
 

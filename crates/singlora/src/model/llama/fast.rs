@@ -1123,7 +1123,7 @@ impl Tape {
             ps[3].backward(
                 dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr, None, false,
             )?;
-            let (pk, pkp) = backward_raw(dev, bf16, &lt.att, da.1, tables, self.dims)?;
+            let (pk, pkp) = backward_raw(dev, bf16, &lt.att, (da.1, lt.a.1), tables, self.dims)?;
             mark(dev, "attention bwd")?;
             drop(da);
             let (nq, nk) = (m * nh * hd, m * kvh * hd);

@@ -5,6 +5,12 @@
 //! each (batch, KV head) pair is one GEMM of rep·t rows against t keys (strided-batched cuBLAS).
 //! Inside the op no gradient edges exist for candle's autograd to pad with zero tensors; the
 //! probabilities P (bf16 or f32, as the inputs) and the rotated Q, K, V are kept for backward.
+//!
+//! For bf16 with head size 64 or 128 the scores go through the fused kernels of `flash.cu`
+//! instead (S, P and their gradients only ever in registers, tile by tile): the forward keeps the
+//! rows' log-sum-exps in place of P and writes O straight into the merged layout; the backward
+//! recomputes P from them. `SINGLORA_UNFUSED_ATTENTION=1` (or [`set_flash_attention`]) takes
+//! the GEMM-and-softmax path for comparison.
 
 use super::prof::mark;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -19,11 +25,40 @@ use super::{
     WARP_ROW_MAX,
 };
 
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+const FLASH_MODULE: &str = "singlora_flash";
+
+static FLASH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether bf16 attention of head size 64 or 128 may take the fused (flash) kernels (on by
+/// default; the device check compares with the GEMM-and-softmax path).
+pub fn set_flash_attention(on: bool) {
+    FLASH.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The fused kernels apply: bf16, a head size they are built for, not switched off (by
+/// [`set_flash_attention`], or `SINGLORA_UNFUSED_ATTENTION` read once).
+fn flash_applies(bf16: bool, d: usize) -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    bf16 && matches!(d, 64 | 128)
+        && FLASH.load(std::sync::atomic::Ordering::Relaxed)
+        && *ENV.get_or_init(|| std::env::var_os("SINGLORA_UNFUSED_ATTENTION").is_none())
+}
+
+/// A block of 4 warps per 64 rows (query or key) and (batch row, query head).
+fn flash_cfg(b: usize, t: usize, h: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (t.div_ceil(64) as u32, (b * h) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// (b, t, heads, kv_heads, hd).
 pub type Dims = (usize, usize, usize, usize, usize);
 
 /// What the forward keeps for the backward: rotated Q (b, h, t, hd), K and V (b, kvh, t, hd),
-/// and P (b, h, t, t).
+/// and P (b, h, t, t), or with the fused kernels the rows' log-sum-exps.
 pub struct Saved {
     q: CudaStorage,
     k: CudaStorage,
@@ -31,6 +66,9 @@ pub struct Saved {
     /// The probabilities, or None when the backward recomputes them (activation
     /// recomputation: b·h·t² values fewer to keep, one more QKᵀ GEMM and softmax).
     p: Option<CudaStorage>,
+    /// The fused kernels' log-sum-exp of each row's scaled scores (b, h, t) f32; when present,
+    /// the backward takes the fused kernels (and P is never formed).
+    lse: Option<CudaStorage>,
     /// The key lengths on the device (one upload per step, shared by its layers).
     lens: std::sync::Arc<CudaSlice<u32>>,
     causal: bool,
@@ -288,6 +326,40 @@ pub fn forward_raw(
         }
     }
     mark(dev, "attention: RoPE and split")?;
+    if flash_applies(bf16, d) {
+        let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
+        let (lse, lsep) = fresh(dev, false, b * h * t)?;
+        let f = dev.get_or_load_custom_func(&format!("flash_fwd{d}"), FLASH_MODULE, FLASH_PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, qsp, ksp, vsp, outp, lsep);
+        bld.arg(lens.as_ref());
+        let scale = 1.0 / (d as f32).sqrt();
+        candle_core::builder_arg!(
+            bld,
+            h as i32,
+            kvh as i32,
+            t as i32,
+            scale,
+            i32::from(causal)
+        );
+        // SAFETY: the kernel's signature; q (b, h, t, d), k and v (b, kvh, t, d), out
+        // (b, t, h·d) and lse (b, h, t) are live buffers of those sizes, lens has b entries.
+        unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
+        mark(dev, "attention: fused forward")?;
+        return Ok((
+            out,
+            outp,
+            Saved {
+                q: qs,
+                k: ks,
+                v: vs,
+                p: None,
+                lse: Some(lse),
+                lens: lens.clone(),
+                causal,
+            },
+        ));
+    }
     let groups = b * kvh;
     let (p, pp) = probabilities(dev, bf16, (qsp, ksp), lens, (b, t, h, kvh, d), causal)?;
     let (o, op) = fresh(dev, bf16, b * h * t * d)?;
@@ -316,40 +388,88 @@ pub fn forward_raw(
             k: ks,
             v: vs,
             p: (!recompute).then_some(p),
+            lse: None,
             lens: lens.clone(),
             causal,
         },
     ))
 }
 
-/// The backward from the output's gradient (b, t, h·hd): dq, dk, dv in the inputs' layouts,
-/// packed one after the other in a flat buffer.
+/// The backward from the output's gradient (b, t, h·hd), given the forward's output `o` (the
+/// same layout): dq, dk, dv in the inputs' layouts, packed one after the other in a flat buffer.
 pub fn backward(
     saved: &Saved,
     g: (&CudaStorage, &Layout),
+    o: (&CudaStorage, &Layout),
     (cos, sin): (&Tensor, &Tensor),
     (b, t, h, kvh, d): Dims,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = &g.0.device;
     let (gp, bf16) = input_ptr(g.0, g.1, b * t * h * d, "output gradient")?;
+    let (op, _) = input_ptr(o.0, o.1, b * t * h * d, "output")?;
     let tables = (
         mat_of_tensor(cos, "rope cos")?.0.ptr,
         mat_of_tensor(sin, "rope sin")?.0.ptr,
     );
-    let (out, _) = backward_raw(dev, bf16, saved, gp, tables, (b, t, h, kvh, d))?;
+    let (out, _) = backward_raw(dev, bf16, saved, (gp, op), tables, (b, t, h, kvh, d))?;
     Ok((out, Shape::from(b * t * (h + 2 * kvh) * d)))
 }
 
-/// [`backward`] on a raw pointer to the contiguous output gradient; returns the packed
-/// [dq | dk | dv] buffer and its pointer.
+/// [`backward`] on raw pointers to the contiguous output gradient and the forward's output;
+/// returns the packed [dq | dk | dv] buffer and its pointer.
 pub fn backward_raw(
+    dev: &CudaDevice,
+    bf16: bool,
+    saved: &Saved,
+    (gp, op): (u64, u64),
+    tables: (u64, u64),
+    (b, t, h, kvh, d): Dims,
+) -> candle_core::Result<(CudaStorage, u64)> {
+    let dims = (b, t, h, kvh, d);
+    let [(dqs, dqp), (dks, dkp), (dvs, dvp)] = match &saved.lse {
+        Some(lse) => flash_backward(dev, saved, ptr_of(lse)?, (gp, op), dims)?,
+        None => gemm_backward(dev, bf16, saved, gp, tables, dims)?,
+    };
+    // back through RoPE and the split, into one buffer [dq | dk | dv]
+    let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+    let (out, outp) = fresh(dev, bf16, nq + 2 * nk)?;
+    let el = if bf16 { 2 } else { 4 } as u64;
+    rope_raw(dev, bf16, dqp, outp, tables, (b, t, h, d), true, true)?;
+    rope_raw(
+        dev,
+        bf16,
+        dkp,
+        outp + el * nq as u64,
+        tables,
+        (b, t, kvh, d),
+        true,
+        true,
+    )?;
+    rope_raw(
+        dev,
+        bf16,
+        dvp,
+        outp + el * (nq + nk) as u64,
+        tables,
+        (b, t, kvh, d),
+        false,
+        true,
+    )?;
+    mark(dev, "attention: RoPE and split")?;
+    drop((dvs, dqs, dks));
+    Ok((out, outp))
+}
+
+/// The backward through the kept (or recomputed) P with cuBLAS GEMMs and the softmax kernels:
+/// dq (b, h, t, hd), dk and dv (b, kvh, t, hd), each with its pointer.
+fn gemm_backward(
     dev: &CudaDevice,
     bf16: bool,
     saved: &Saved,
     gp: u64,
     tables: (u64, u64),
     (b, t, h, kvh, d): Dims,
-) -> candle_core::Result<(CudaStorage, u64)> {
+) -> candle_core::Result<[(CudaStorage, u64); 3]> {
     let rep = h / kvh;
     let groups = b * kvh;
     let (qsp, ksp, vsp) = (ptr_of(&saved.q)?, ptr_of(&saved.k)?, ptr_of(&saved.v)?);
@@ -437,34 +557,84 @@ pub fn backward_raw(
     }
     mark(dev, "attention: dV dQ dK GEMMs")?;
     drop((d_o, dpb));
-    // back through RoPE and the split, into one buffer [dq | dk | dv]
-    let (nq, nk) = (b * t * h * d, b * t * kvh * d);
-    let (out, outp) = fresh(dev, bf16, nq + 2 * nk)?;
-    let el = if bf16 { 2 } else { 4 } as u64;
-    rope_raw(dev, bf16, dqp, outp, tables, (b, t, h, d), true, true)?;
-    rope_raw(
-        dev,
-        bf16,
-        dkp,
-        outp + el * nq as u64,
-        tables,
-        (b, t, kvh, d),
-        true,
-        true,
-    )?;
-    rope_raw(
-        dev,
-        bf16,
-        dvp,
-        outp + el * (nq + nk) as u64,
-        tables,
-        (b, t, kvh, d),
-        false,
-        true,
-    )?;
-    mark(dev, "attention: RoPE and split")?;
-    drop((dvs, dqs, dks));
-    Ok((out, outp))
+    Ok([(dqs, dqp), (dks, dkp), (dvs, dvp)])
+}
+
+/// The backward through the fused kernels (see flash.cu): Δ = rowsum(dO ⊙ O), then dK and dV
+/// per 64 keys and query head (summed over each KV head's query heads), and dQ per 64 queries.
+fn flash_backward(
+    dev: &CudaDevice,
+    saved: &Saved,
+    lsep: u64,
+    (gp, op): (u64, u64),
+    (b, t, h, kvh, d): Dims,
+) -> candle_core::Result<[(CudaStorage, u64); 3]> {
+    let rep = h / kvh;
+    let (qsp, ksp, vsp) = (ptr_of(&saved.q)?, ptr_of(&saved.k)?, ptr_of(&saved.v)?);
+    let scale = 1.0 / (d as f32).sqrt();
+    let causal = i32::from(saved.causal);
+    let rows = b * t * h;
+    let (delta, dsp) = fresh(dev, false, b * h * t)?;
+    let f = dev.get_or_load_custom_func(&format!("flash_dot{d}"), FLASH_MODULE, FLASH_PTX)?;
+    let mut bld = f.builder();
+    candle_core::builder_arg!(bld, gp, op, dsp, rows as i64, h as i32, t as i32);
+    let cfg = LaunchConfig {
+        grid_dim: ((rows * d / 8).div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: dO and O are (b, t, h·d), Δ (b, h, t); d/8 threads per row, whole rows per warp.
+    unsafe { bld.launch(cfg) }.w()?;
+    let (dqs, dqp) = fresh(dev, true, b * h * t * d)?;
+    let (dks, dkp) = fresh(dev, true, b * kvh * t * d)?;
+    let (dvs, dvp) = fresh(dev, true, b * kvh * t * d)?;
+    // per query head partial sums of dK and dV when heads share a KV head
+    let parts = if rep > 1 {
+        Some((
+            fresh(dev, false, b * h * t * d)?,
+            fresh(dev, false, b * h * t * d)?,
+        ))
+    } else {
+        None
+    };
+    let (pkp, pvp) = parts.as_ref().map_or((0, 0), |(k, v)| (k.1, v.1));
+    let f = dev.get_or_load_custom_func(&format!("flash_bwd_kv{d}"), FLASH_MODULE, FLASH_PTX)?;
+    let mut bld = f.builder();
+    candle_core::builder_arg!(bld, qsp, ksp, vsp, gp, lsep, dsp, pkp, pvp, dkp, dvp);
+    bld.arg(saved.lens.as_ref());
+    candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
+    // SAFETY: the kernel's signature on the live buffers above (the partials only when rep > 1).
+    unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
+    if let Some(((_, pkp), (_, pvp))) = &parts {
+        let n = b * kvh * t * d;
+        let f = dev.get_or_load_custom_func("flash_kv_sum", FLASH_MODULE, FLASH_PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(
+            bld,
+            *pkp,
+            *pvp,
+            dkp,
+            dvp,
+            (t * d) as i64,
+            n as i64,
+            rep as i32
+        );
+        let mut cfg = elems_cfg(n / 4);
+        cfg.grid_dim.1 = 2;
+        // SAFETY: partials (b, h, t, d) f32 and dk, dv (b, kvh, t, d); 4 values per thread.
+        unsafe { bld.launch(cfg) }.w()?;
+    }
+    drop(parts);
+    let f = dev.get_or_load_custom_func(&format!("flash_bwd_q{d}"), FLASH_MODULE, FLASH_PTX)?;
+    let mut bld = f.builder();
+    candle_core::builder_arg!(bld, qsp, ksp, vsp, gp, lsep, dsp, dqp);
+    bld.arg(saved.lens.as_ref());
+    candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
+    // SAFETY: as above.
+    unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
+    drop(delta);
+    mark(dev, "attention: fused backward")?;
+    Ok([(dqs, dqp), (dks, dkp), (dvs, dvp)])
 }
 
 /// The masked softmax forward on raw pointers: (s → p), rows = b·h·tq of tk = tq keys.

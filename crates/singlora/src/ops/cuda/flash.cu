@@ -1,0 +1,470 @@
+// Fused (flash-style) attention for bf16 with head size 64: the scores and probabilities live
+// only in registers, tile by tile, never in memory. Forward: a block of 4 warps takes 64 query
+// rows of one head and runs over the key tiles with an online softmax, writing O straight into
+// the merged (b, t, h·d) layout and the row's log-sum-exp. Backward: one kernel per 64 keys of
+// one query head recomputes P and accumulates dK and dV (partial sums per query head when the
+// heads share a KV head, summed by kv_sum), one kernel per 64 queries accumulates dQ,
+// both from Δ = rowsum(dO ⊙ O) (flash_dot). Products on the tensor cores (mma.sync m16n8k16,
+// bf16 in, f32 accumulate) with ldmatrix loads from padded shared-memory tiles.
+//
+// Masks as masked_softmax_fwd in kernels.cu: query row i of batch row b sees keys
+// j < L_i = min(key_lens[b], t, causal ? i + 1 : t), always a prefix.
+//
+// Layouts: q (b, h, t, d), k and v (b, kvh, t, d) (the RoPE/split kernel's outputs); o and dO
+// (b, t, h, d); lse and Δ (b, h, t) f32; dq (b, h, t, d); dk and dv (b, kvh, t, d).
+
+#include <stdint.h>
+
+typedef uint16_t bf16;
+
+#define FA_BM 64  // query rows per block, 16 per warp
+#define FA_BN 64  // keys per tile
+#define FA_LOG2E 1.4426950408889634f
+
+namespace {
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// c += a·b for one 16×8 tile (a: 16×16 row-major fragment, b: 16×8 column fragment).
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem(p)));
+}
+
+__device__ __forceinline__ void ldsm_t(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem(p)));
+}
+
+// 16 bytes global → shared, asynchronously; zeros when !ok (nothing is read then).
+__device__ __forceinline__ void cp16(bf16* dst, const bf16* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Rows r0 .. r0 + 63 (those < n; zeros past it) of a row-major matrix of row stride ld into a
+// shared tile of row stride D + 8 (the padding keeps ldmatrix's 8 row reads on distinct banks).
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long ld, int r0, int n) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < FA_BM * CH; i += 128) {
+        const int r = i / CH, c = (i % CH) * 8;
+        const bool ok = r0 + r < n;
+        cp16(s + r * (D + 8) + c, g + (ok ? (long)(r0 + r) * ld : 0) + c, ok);
+    }
+}
+
+// Fragment addresses in a shared tile (row stride D + 8) for the calling lane:
+// the 16×16 A operand at rows 16·w, columns 16·kk;
+template <int D>
+__device__ __forceinline__ const bf16* a_at(const bf16* s, int w, int kk, int lane) {
+    return s + (16 * w + (lane & 15)) * (D + 8) + 16 * kk + 8 * (lane >> 4);
+}
+// the B operands of two n-tiles (rows 16·p .. 16·p + 15 of the tile are the n index) at
+// columns 16·kk (the k index): B = tileᵀ;
+template <int D>
+__device__ __forceinline__ const bf16* bt_at(const bf16* s, int p, int kk, int lane) {
+    return s + (16 * p + (lane & 7) + 8 * (lane >> 4)) * (D + 8) + 16 * kk + 8 * ((lane >> 3) & 1);
+}
+// the B operands of two n-tiles (columns 16·p .. 16·p + 15) at rows 16·c (the k index), read
+// transposed: B = tile.
+template <int D>
+__device__ __forceinline__ const bf16* b_at(const bf16* s, int c, int p, int lane) {
+    return s + (16 * c + (lane & 7) + 8 * ((lane >> 3) & 1)) * (D + 8) + 16 * p + 8 * (lane >> 4);
+}
+
+// acc (16 × N) += a (16 × 16·KS fragments) · tileᵀ, tile rows = the N index (N = 8·NT).
+template <int D, int KS, int NT>
+__device__ __forceinline__ void mul_bt(float (&acc)[NT][4], const uint32_t (&a)[KS][4], const bf16* s, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+        for (int p = 0; p < NT / 2; p++) {
+            uint32_t b[4];
+            ldsm(b, bt_at<D>(s, p, kk, lane));
+            mma(acc[2 * p], a[kk], b[0], b[1]);
+            mma(acc[2 * p + 1], a[kk], b[2], b[3]);
+        }
+}
+
+// acc (16 × D) += x (16 × 16·KC, the C fragments of a 16 × 8·2KC product, packed to bf16 on the
+// way) · tile (rows = the k index).
+template <int D, int KC>
+__device__ __forceinline__ void mul_b(float (&acc)[D / 8][4], const float (&x)[2 * KC][4], const bf16* s, int lane) {
+#pragma unroll
+    for (int c = 0; c < KC; c++) {
+        const uint32_t a[4] = {pack2(x[2 * c][0], x[2 * c][1]), pack2(x[2 * c][2], x[2 * c][3]),
+                               pack2(x[2 * c + 1][0], x[2 * c + 1][1]), pack2(x[2 * c + 1][2], x[2 * c + 1][3])};
+#pragma unroll
+        for (int p = 0; p < D / 16; p++) {
+            uint32_t b[4];
+            ldsm_t(b, b_at<D>(s, c, p, lane));
+            mma(acc[2 * p], a, b[0], b[1]);
+            mma(acc[2 * p + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// The calling warp's A fragments (16 rows) of a shared tile.
+template <int D>
+__device__ __forceinline__ void frags(uint32_t (&a)[D / 16][4], const bf16* s, int w, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) ldsm(a[kk], a_at<D>(s, w, kk, lane));
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&x)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.f;
+}
+
+// The visible keys of query row i: j < lim(i).
+__device__ __forceinline__ int lim(int len, int i, int causal) { return causal ? min(len, i + 1) : len; }
+
+template <int D>
+__device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                          bf16* __restrict__ o, float* __restrict__ lse, const uint32_t* __restrict__ key_lens, int h,
+                          int kvh, int t, float scale, int causal) {
+    __shared__ __align__(16) bf16 ks[FA_BN * (D + 8)];
+    __shared__ __align__(16) bf16 vs[FA_BN * (D + 8)];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
+    const int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;  // the longest rows first
+    const int bb = bh / h, hh = bh % h, kv = bb * kvh + hh / (h / kvh);
+    const int q0 = qb * FA_BM, len = min((int)key_lens[bb], t);
+    const bf16* kg = k + (long)kv * t * D;
+    const bf16* vg = v + (long)kv * t * D;
+    // Q through the K tile into registers
+    load_tile<D>(ks, q + (long)bh * t * D, D, q0, t);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+    frags<D>(qf, ks, w, lane);
+    __syncthreads();
+    const int row[2] = {q0 + 16 * w + (lane >> 2), q0 + 16 * w + (lane >> 2) + 8};
+    const int lm[2] = {lim(len, row[0], causal), lim(len, row[1], causal)};
+    const int kend = causal ? min(len, q0 + FA_BM) : len, nkb = (kend + FA_BN - 1) / FA_BN;
+    const float sl2 = scale * FA_LOG2E;
+    float acc[D / 8][4], mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+    zero(acc);
+    if (nkb > 0) load_tile<D>(ks, kg, D, 0, t);
+    cp_commit();
+    for (int j = 0; j < nkb; j++) {
+        const int k0 = j * FA_BN;
+        cp_wait();
+        __syncthreads();
+        load_tile<D>(vs, vg, D, k0, t);  // V_j while S is computed
+        cp_commit();
+        float s[FA_BN / 8][4];
+        zero(s);
+        mul_bt<D>(s, qf, ks, lane);
+        if (k0 + FA_BN > min(lm[0], lm[1])) {
+#pragma unroll
+            for (int nt = 0; nt < FA_BN / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (k0 + 8 * nt + 2 * tg + (e & 1) >= lm[e >> 1]) s[nt][e] = -INFINITY;
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float m = mx[r];
+#pragma unroll
+            for (int nt = 0; nt < FA_BN / 8; nt++) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+            const float base = m == -INFINITY ? 0.f : m * sl2;
+            alpha[r] = exp2f(mx[r] * sl2 - base);
+            mx[r] = m;
+            float ps = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < FA_BN / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float p = exp2f(s[nt][2 * r + e] * sl2 - base);
+                    s[nt][2 * r + e] = p;
+                    ps += p;
+                }
+            sum[r] = sum[r] * alpha[r] + ps;
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            acc[i][0] *= alpha[0];
+            acc[i][1] *= alpha[0];
+            acc[i][2] *= alpha[1];
+            acc[i][3] *= alpha[1];
+        }
+        cp_wait();
+        __syncthreads();
+        if (j + 1 < nkb) load_tile<D>(ks, kg, D, k0 + FA_BN, t);  // K_{j+1} while P·V runs
+        cp_commit();
+        mul_b<D, FA_BN / 16>(acc, s, vs, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = sum[r];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        if (row[r] >= t) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        bf16* orow = o + (((long)bb * t + row[r]) * h + hh) * D + 2 * tg;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++)
+            *reinterpret_cast<uint32_t*>(orow + 8 * i) = pack2(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+        if (tg == 0) lse[(long)bh * t + row[r]] = l > 0.f ? mx[r] * scale + logf(l) : INFINITY;
+    }
+}
+
+// Δ = rowsum(dO ⊙ O) for each (b, i, head) row of the merged layout, into (b, h, t).
+template <int D>
+__device__ void flash_dot(const bf16* __restrict__ dout, const bf16* __restrict__ o, float* __restrict__ dsum, long rows,
+                          int h, int t) {
+    constexpr int G = D / 8;  // threads per row
+    const long gid = (long)blockIdx.x * blockDim.x + threadIdx.x, row = gid / G;
+    const int part = gid % G;
+    float acc = 0.f;
+    if (row < rows) {
+        const uint4 a = *reinterpret_cast<const uint4*>(dout + row * D + part * 8);
+        const uint4 b = *reinterpret_cast<const uint4*>(o + row * D + part * 8);
+        const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc += __uint_as_float(av[i] << 16) * __uint_as_float(bv[i] << 16);
+            acc += __uint_as_float(av[i] & 0xffff0000u) * __uint_as_float(bv[i] & 0xffff0000u);
+        }
+    }
+#pragma unroll
+    for (int off = G / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+    if (part == 0 && row < rows) {
+        const long bb = row / ((long)t * h), i = (row / h) % t, hh = row % h;
+        dsum[(bb * h + hh) * t + i] = acc;
+    }
+}
+
+// dK and dV of 64 keys from one query head (blockIdx.y = b·h + head). With rep = h / kvh > 1
+// the block writes f32 partial sums (b, h, t, d) into pk, pv for flash_kv_sum; otherwise bf16
+// straight into dk, dv (b, kvh, t, d).
+template <int D>
+__device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                             const bf16* __restrict__ dout, const float* __restrict__ lse,
+                             const float* __restrict__ dsum, float* __restrict__ pk, float* __restrict__ pv,
+                             bf16* __restrict__ dk, bf16* __restrict__ dv, const uint32_t* __restrict__ key_lens, int h,
+                             int kvh, int t, float scale, int causal) {
+    __shared__ __align__(16) bf16 qs[FA_BM * (D + 8)];
+    __shared__ __align__(16) bf16 ds_[FA_BM * (D + 8)];  // dO
+    __shared__ float lse_s[FA_BM], dsum_s[FA_BM];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
+    const int kb = blockIdx.x, bh = blockIdx.y;  // the keys with the most rows first
+    const int bb = bh / h, hh = bh % h, rep = h / kvh, kv = bb * kvh + hh / rep;
+    const int k0 = kb * FA_BN, len = min((int)key_lens[bb], t);
+    // this warp's 16 keys (K and V as A operands) through the shared tiles
+    load_tile<D>(qs, k + (long)kv * t * D, D, k0, t);
+    load_tile<D>(ds_, v + (long)kv * t * D, D, k0, t);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
+    uint32_t kf[D / 16][4], vf[D / 16][4];
+    frags<D>(kf, qs, w, lane);
+    frags<D>(vf, ds_, w, lane);
+    __syncthreads();
+    const int key[2] = {k0 + 16 * w + (lane >> 2), k0 + 16 * w + (lane >> 2) + 8};
+    const float sl2 = scale * FA_LOG2E;
+    float gk[D / 8][4], gv[D / 8][4];
+    zero(gk);
+    zero(gv);
+    const bf16* qg = q + (long)bh * t * D;
+    const bf16* dog = dout + ((long)bb * t * h + hh) * D;
+    const int nqb = (t + FA_BM - 1) / FA_BM;
+    for (int qb = (k0 < len) ? (causal ? k0 / FA_BM : 0) : nqb; qb < nqb; qb++) {
+        const int q0 = qb * FA_BM;
+        load_tile<D>(qs, qg, D, q0, t);
+        load_tile<D>(ds_, dog, (long)h * D, q0, t);
+        cp_commit();
+        if (threadIdx.x < FA_BM) {
+            const int r = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = r < t ? lse[(long)bh * t + r] * FA_LOG2E : 0.f;
+            dsum_s[threadIdx.x] = r < t ? dsum[(long)bh * t + r] : 0.f;
+        }
+        cp_wait();
+        __syncthreads();
+        // Pᵀ (keys × queries) = exp(scale·K·Qᵀ − lse)
+        float st[FA_BM / 8][4];
+        zero(st);
+        mul_bt<D>(st, kf, qs, lane);
+#pragma unroll
+        for (int nt = 0; nt < FA_BM / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int c = 8 * nt + 2 * tg + (e & 1), i = q0 + c, j = key[e >> 1];
+                st[nt][e] = (i < t && j < lim(len, i, causal)) ? exp2f(st[nt][e] * sl2 - lse_s[c]) : 0.f;
+            }
+        mul_b<D, FA_BM / 16>(gv, st, ds_, lane);  // dV += Pᵀ·dO
+        float dpt[FA_BM / 8][4];  // dPᵀ = V·dOᵀ
+        zero(dpt);
+        mul_bt<D>(dpt, vf, ds_, lane);
+#pragma unroll
+        for (int nt = 0; nt < FA_BM / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nt][e] *= dpt[nt][e] - dsum_s[8 * nt + 2 * tg + (e & 1)];
+        mul_b<D, FA_BM / 16>(gk, st, qs, lane);  // dK += dSᵀ·Q (scale applied at the end)
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (key[r] >= t) continue;
+        if (rep > 1) {
+            const long at = ((long)bh * t + key[r]) * D + 2 * tg;
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                *reinterpret_cast<float2*>(pk + at + 8 * i) = make_float2(gk[i][2 * r] * scale, gk[i][2 * r + 1] * scale);
+                *reinterpret_cast<float2*>(pv + at + 8 * i) = make_float2(gv[i][2 * r], gv[i][2 * r + 1]);
+            }
+        } else {
+            const long at = ((long)kv * t + key[r]) * D + 2 * tg;
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                *reinterpret_cast<uint32_t*>(dk + at + 8 * i) = pack2(gk[i][2 * r] * scale, gk[i][2 * r + 1] * scale);
+                *reinterpret_cast<uint32_t*>(dv + at + 8 * i) = pack2(gv[i][2 * r], gv[i][2 * r + 1]);
+            }
+        }
+    }
+}
+
+// dk, dv (b, kvh, t, d) bf16 = the sums over each KV head's rep query heads of the partials
+// (b, h, t, d) f32; blockIdx.y: 0 for k, 1 for v. 4 values per thread.
+__device__ void kv_sum(const float* __restrict__ pk, const float* __restrict__ pv, bf16* __restrict__ dk,
+                             bf16* __restrict__ dv, long per_kv /* t·d */, long n /* b·kvh·t·d */, int rep) {
+    const float* p = blockIdx.y ? pv : pk;
+    bf16* out = blockIdx.y ? dv : dk;
+    for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 4; i < n; i += (long)gridDim.x * blockDim.x * 4) {
+        const long kv = i / per_kv, e = i % per_kv;
+        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r = 0; r < rep; r++) {
+            const float4 x = *reinterpret_cast<const float4*>(p + (kv * rep + r) * per_kv + e);
+            s.x += x.x;
+            s.y += x.y;
+            s.z += x.z;
+            s.w += x.w;
+        }
+        *reinterpret_cast<uint2*>(out + i) = make_uint2(pack2(s.x, s.y), pack2(s.z, s.w));
+    }
+}
+
+// dQ of 64 query rows of one head.
+template <int D>
+__device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                            const bf16* __restrict__ dout, const float* __restrict__ lse,
+                            const float* __restrict__ dsum, bf16* __restrict__ dq, const uint32_t* __restrict__ key_lens,
+                            int h, int kvh, int t, float scale, int causal) {
+    __shared__ __align__(16) bf16 ks[FA_BN * (D + 8)];
+    __shared__ __align__(16) bf16 vs[FA_BN * (D + 8)];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
+    const int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+    const int bb = bh / h, hh = bh % h, kv = bb * kvh + hh / (h / kvh);
+    const int q0 = qb * FA_BM, len = min((int)key_lens[bb], t);
+    // Q and dO of this warp's rows as A operands, through the shared tiles
+    load_tile<D>(ks, q + (long)bh * t * D, D, q0, t);
+    load_tile<D>(vs, dout + ((long)bb * t * h + hh) * D, (long)h * D, q0, t);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
+    uint32_t qf[D / 16][4], of[D / 16][4];
+    frags<D>(qf, ks, w, lane);
+    frags<D>(of, vs, w, lane);
+    __syncthreads();
+    const int row[2] = {q0 + 16 * w + (lane >> 2), q0 + 16 * w + (lane >> 2) + 8};
+    const int lm[2] = {lim(len, row[0], causal), lim(len, row[1], causal)};
+    float ls[2], dl[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        ls[r] = row[r] < t ? lse[(long)bh * t + row[r]] * FA_LOG2E : 0.f;
+        dl[r] = row[r] < t ? dsum[(long)bh * t + row[r]] : 0.f;
+    }
+    const float sl2 = scale * FA_LOG2E;
+    const bf16* kg = k + (long)kv * t * D;
+    const bf16* vg = v + (long)kv * t * D;
+    float gq[D / 8][4];
+    zero(gq);
+    const int kend = causal ? min(len, q0 + FA_BM) : len, nkb = (kend + FA_BN - 1) / FA_BN;
+    for (int j = 0; j < nkb; j++) {
+        const int k0 = j * FA_BN;
+        load_tile<D>(ks, kg, D, k0, t);
+        load_tile<D>(vs, vg, D, k0, t);
+        cp_commit();
+        cp_wait();
+        __syncthreads();
+        float s[FA_BN / 8][4], dp[FA_BN / 8][4];
+        zero(s);
+        zero(dp);
+        mul_bt<D>(s, qf, ks, lane);  // S = Q·Kᵀ
+        mul_bt<D>(dp, of, vs, lane);  // dP = dO·Vᵀ
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1;
+                const float p =
+                    k0 + 8 * nt + 2 * tg + (e & 1) < lm[r] ? exp2f(s[nt][e] * sl2 - ls[r]) : 0.f;
+                s[nt][e] = p * (dp[nt][e] - dl[r]);
+            }
+        mul_b<D, FA_BN / 16>(gq, s, ks, lane);  // dQ += dS·K
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= t) continue;
+        bf16* out = dq + ((long)bh * t + row[r]) * D + 2 * tg;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++)
+            *reinterpret_cast<uint32_t*>(out + 8 * i) = pack2(gq[i][2 * r] * scale, gq[i][2 * r + 1] * scale);
+    }
+}
+
+}  // namespace
+
+#define INSTANTIATE_FLASH(D)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) flash_fwd##D(const bf16* q, const bf16* k, const bf16* v,        \
+                                                                   bf16* o, float* lse, const uint32_t* key_lens,      \
+                                                                   int h, int kvh, int t, float scale, int causal) {   \
+        flash_fwd<D>(q, k, v, o, lse, key_lens, h, kvh, t, scale, causal);                                             \
+    }                                                                                                                  \
+    extern "C" __global__ void flash_dot##D(const bf16* dout, const bf16* o, float* dsum, long rows, int h, int t) {   \
+        flash_dot<D>(dout, o, dsum, rows, h, t);                                                                       \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        flash_bwd_kv##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
+                        const float* dsum, float* pk, float* pv, bf16* dk, bf16* dv, const uint32_t* key_lens, int h,  \
+                        int kvh, int t, float scale, int causal) {                                                     \
+        flash_bwd_kv<D>(q, k, v, dout, lse, dsum, pk, pv, dk, dv, key_lens, h, kvh, t, scale, causal);                 \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        flash_bwd_q##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                \
+                       const float* dsum, bf16* dq, const uint32_t* key_lens, int h, int kvh, int t, float scale,      \
+                       int causal) {                                                                                   \
+        flash_bwd_q<D>(q, k, v, dout, lse, dsum, dq, key_lens, h, kvh, t, scale, causal);                              \
+    }
+
+INSTANTIATE_FLASH(64)
+INSTANTIATE_FLASH(128)
+
+extern "C" __global__ void flash_kv_sum(const float* pk, const float* pv, bf16* dk, bf16* dv, long per_kv, long n,
+                                        int rep) {
+    kv_sum(pk, pv, dk, dv, per_kv, n, rep);
+}
