@@ -426,10 +426,10 @@ pub fn backward_raw(
     (b, t, h, kvh, d): Dims,
 ) -> candle_core::Result<(CudaStorage, u64)> {
     let dims = (b, t, h, kvh, d);
-    let [(dqs, dqp), (dks, dkp), (dvs, dvp)] = match &saved.lse {
-        Some(lse) => flash_backward(dev, saved, ptr_of(lse)?, (gp, op), dims)?,
-        None => gemm_backward(dev, bf16, saved, gp, tables, dims)?,
-    };
+    if let Some(lse) = &saved.lse {
+        return flash_backward(dev, saved, ptr_of(lse)?, (gp, op), tables, dims);
+    }
+    let [(dqs, dqp), (dks, dkp), (dvs, dvp)] = gemm_backward(dev, bf16, saved, gp, tables, dims)?;
     // back through RoPE and the split, into one buffer [dq | dk | dv]
     let (nq, nk) = (b * t * h * d, b * t * kvh * d);
     let (out, outp) = fresh(dev, bf16, nq + 2 * nk)?;
@@ -561,19 +561,23 @@ fn gemm_backward(
 }
 
 /// The backward through the fused kernels (see flash.cu): Δ = rowsum(dO ⊙ O), then dK and dV
-/// per 64 keys and query head (summed over each KV head's query heads), and dQ per 64 queries.
+/// per 64 keys and query head (summed over each KV head's query heads), and dQ per 64 queries,
+/// each written through the inverse rotation into the packed [dq | dk | dv] it returns.
 fn flash_backward(
     dev: &CudaDevice,
     saved: &Saved,
     lsep: u64,
     (gp, op): (u64, u64),
+    (cs, sn): (u64, u64),
     (b, t, h, kvh, d): Dims,
-) -> candle_core::Result<[(CudaStorage, u64); 3]> {
+) -> candle_core::Result<(CudaStorage, u64)> {
     let rep = h / kvh;
     let (qsp, ksp, vsp) = (ptr_of(&saved.q)?, ptr_of(&saved.k)?, ptr_of(&saved.v)?);
     let scale = 1.0 / (d as f32).sqrt();
     let causal = i32::from(saved.causal);
     let rows = b * t * h;
+    let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+    let (out, outp) = fresh(dev, true, nq + 2 * nk)?;
     let (delta, dsp) = fresh(dev, false, b * h * t)?;
     let f = dev.get_or_load_custom_func(&format!("flash_dot{d}"), FLASH_MODULE, FLASH_PTX)?;
     let mut bld = f.builder();
@@ -585,9 +589,7 @@ fn flash_backward(
     };
     // SAFETY: dO and O are (b, t, h·d), Δ (b, h, t); d/8 threads per row, whole rows per warp.
     unsafe { bld.launch(cfg) }.w()?;
-    let (dqs, dqp) = fresh(dev, true, b * h * t * d)?;
-    let (dks, dkp) = fresh(dev, true, b * kvh * t * d)?;
-    let (dvs, dvp) = fresh(dev, true, b * kvh * t * d)?;
+    mark(dev, "attention: fused backward, Δ")?;
     // per query head partial sums of dK and dV when heads share a KV head
     let parts = if rep > 1 {
         Some((
@@ -598,43 +600,40 @@ fn flash_backward(
         None
     };
     let (pkp, pvp) = parts.as_ref().map_or((0, 0), |(k, v)| (k.1, v.1));
+    let (nq64, nk64) = (nq as i64, nk as i64);
     let f = dev.get_or_load_custom_func(&format!("flash_bwd_kv{d}"), FLASH_MODULE, FLASH_PTX)?;
     let mut bld = f.builder();
-    candle_core::builder_arg!(bld, qsp, ksp, vsp, gp, lsep, dsp, pkp, pvp, dkp, dvp);
+    candle_core::builder_arg!(
+        bld, qsp, ksp, vsp, gp, lsep, dsp, pkp, pvp, outp, nq64, nk64, cs, sn
+    );
     bld.arg(saved.lens.as_ref());
     candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
-    // SAFETY: the kernel's signature on the live buffers above (the partials only when rep > 1).
+    // SAFETY: the kernel's signature on the live buffers above (the partials only when rep > 1);
+    // out has nq + 2·nk elements, the tables (t, d).
     unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
     if let Some(((_, pkp), (_, pvp))) = &parts {
-        let n = b * kvh * t * d;
-        let f = dev.get_or_load_custom_func("flash_kv_sum", FLASH_MODULE, FLASH_PTX)?;
+        let f = dev.get_or_load_custom_func(&format!("kv_sum{d}"), FLASH_MODULE, FLASH_PTX)?;
         let mut bld = f.builder();
         candle_core::builder_arg!(
-            bld,
-            *pkp,
-            *pvp,
-            dkp,
-            dvp,
-            (t * d) as i64,
-            n as i64,
-            rep as i32
+            bld, *pkp, *pvp, outp, nq64, nk64, cs, sn, kvh as i32, t as i32, rep as i32
         );
-        let mut cfg = elems_cfg(n / 4);
+        let mut cfg = elems_cfg(nk / 8);
         cfg.grid_dim.1 = 2;
-        // SAFETY: partials (b, h, t, d) f32 and dk, dv (b, kvh, t, d); 4 values per thread.
+        // SAFETY: partials (b, h, t, d) f32 into out's dk and dv blocks; d/8 threads per row.
         unsafe { bld.launch(cfg) }.w()?;
     }
     drop(parts);
+    mark(dev, "attention: fused backward, dK dV")?;
     let f = dev.get_or_load_custom_func(&format!("flash_bwd_q{d}"), FLASH_MODULE, FLASH_PTX)?;
     let mut bld = f.builder();
-    candle_core::builder_arg!(bld, qsp, ksp, vsp, gp, lsep, dsp, dqp);
+    candle_core::builder_arg!(bld, qsp, ksp, vsp, gp, lsep, dsp, outp, cs, sn);
     bld.arg(saved.lens.as_ref());
     candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
     // SAFETY: as above.
     unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
     drop(delta);
-    mark(dev, "attention: fused backward")?;
-    Ok([(dqs, dqp), (dks, dkp), (dvs, dvp)])
+    mark(dev, "attention: fused backward, dQ")?;
+    Ok((out, outp))
 }
 
 /// The masked softmax forward on raw pointers: (s → p), rows = b·h·tq of tk = tq keys.

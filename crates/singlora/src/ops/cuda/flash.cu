@@ -258,31 +258,68 @@ __device__ void flash_dot(const bf16* __restrict__ dout, const bf16* __restrict_
     }
 }
 
-// dK and dV of 64 keys from one query head (blockIdx.y = b·h + head). With rep = h / kvh > 1
-// the block writes f32 partial sums (b, h, t, d) into pk, pv for flash_kv_sum; otherwise bf16
-// straight into dk, dv (b, kvh, t, d).
+// Shared tiles per operand in the backward kernels: two (the next tile loads while this one is
+// used) where they fit in the 48 KB of static shared memory.
+template <int D>
+struct Stages {
+    static constexpr int n = D <= 64 ? 2 : 1;
+};
+
+// The backward's outputs go straight into the merged layout of the attention block's input
+// gradient, through the inverse of RoPE's rotation when `rotate` (q and k): one of the thread's
+// two rows (r) of a (16 × D) C-fragment block x, times mul, at the element offset `at` of its
+// (b, position, head) row; columns j and j + D/2 are held by the same thread.
+template <int D>
+__device__ __forceinline__ void store_row(bf16* out, long at, const float (&x)[D / 8][4], int r, float mul, bool rotate,
+                                          const float* cs, const float* sn, int pos, int tg) {
+#pragma unroll
+    for (int i = 0; i < D / 16; i++) {
+        const int j = 8 * i + 2 * tg;
+        float y1[2], y2[2];
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const float x1 = x[i][2 * r + e] * mul, x2 = x[i + D / 16][2 * r + e] * mul;
+            if (rotate) {
+                const float co = cs[(long)pos * D + j + e], si = sn[(long)pos * D + j + e];
+                y1[e] = x1 * co + x2 * si;
+                y2[e] = x2 * co - x1 * si;
+            } else {
+                y1[e] = x1;
+                y2[e] = x2;
+            }
+        }
+        *reinterpret_cast<uint32_t*>(out + at + j) = pack2(y1[0], y1[1]);
+        *reinterpret_cast<uint32_t*>(out + at + j + D / 2) = pack2(y2[0], y2[1]);
+    }
+}
+
+// dK and dV of 64 keys from one query head (blockIdx.y = b·h + head), into the packed input
+// gradient out = [dq | dk | dv] (merged layouts, nq and nk elements): straight there when each
+// KV head has one query head; otherwise as f32 partial sums (b, h, t, d) in pk, pv for kv_sum.
 template <int D>
 __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                              const bf16* __restrict__ dout, const float* __restrict__ lse,
                              const float* __restrict__ dsum, float* __restrict__ pk, float* __restrict__ pv,
-                             bf16* __restrict__ dk, bf16* __restrict__ dv, const uint32_t* __restrict__ key_lens, int h,
-                             int kvh, int t, float scale, int causal) {
-    __shared__ __align__(16) bf16 qs[FA_BM * (D + 8)];
-    __shared__ __align__(16) bf16 ds_[FA_BM * (D + 8)];  // dO
-    __shared__ float lse_s[FA_BM], dsum_s[FA_BM];
+                             bf16* __restrict__ out, long nq, long nk, const float* __restrict__ cs,
+                             const float* __restrict__ sn, const uint32_t* __restrict__ key_lens, int h, int kvh, int t,
+                             float scale, int causal) {
+    constexpr int S = Stages<D>::n;
+    __shared__ __align__(16) bf16 qs[S][FA_BM * (D + 8)];
+    __shared__ __align__(16) bf16 os[S][FA_BM * (D + 8)];  // dO
+    __shared__ float lse_s[S][FA_BM], dsum_s[S][FA_BM];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
     const int kb = blockIdx.x, bh = blockIdx.y;  // the keys with the most rows first
-    const int bb = bh / h, hh = bh % h, rep = h / kvh, kv = bb * kvh + hh / rep;
+    const int bb = bh / h, hh = bh % h, rep = h / kvh, kh = hh / rep, kv = bb * kvh + kh;
     const int k0 = kb * FA_BN, len = min((int)key_lens[bb], t);
     // this warp's 16 keys (K and V as A operands) through the shared tiles
-    load_tile<D>(qs, k + (long)kv * t * D, D, k0, t);
-    load_tile<D>(ds_, v + (long)kv * t * D, D, k0, t);
+    load_tile<D>(qs[0], k + (long)kv * t * D, D, k0, t);
+    load_tile<D>(os[0], v + (long)kv * t * D, D, k0, t);
     cp_commit();
     cp_wait();
     __syncthreads();
     uint32_t kf[D / 16][4], vf[D / 16][4];
-    frags<D>(kf, qs, w, lane);
-    frags<D>(vf, ds_, w, lane);
+    frags<D>(kf, qs[0], w, lane);
+    frags<D>(vf, os[0], w, lane);
     __syncthreads();
     const int key[2] = {k0 + 16 * w + (lane >> 2), k0 + 16 * w + (lane >> 2) + 8};
     const float sl2 = scale * FA_LOG2E;
@@ -292,39 +329,53 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
     const bf16* qg = q + (long)bh * t * D;
     const bf16* dog = dout + ((long)bb * t * h + hh) * D;
     const int nqb = (t + FA_BM - 1) / FA_BM;
-    for (int qb = (k0 < len) ? (causal ? k0 / FA_BM : 0) : nqb; qb < nqb; qb++) {
+    const int qstart = (k0 < len) ? (causal ? k0 / FA_BM : 0) : nqb;
+    auto issue = [&](int qb, int st) {
         const int q0 = qb * FA_BM;
-        load_tile<D>(qs, qg, D, q0, t);
-        load_tile<D>(ds_, dog, (long)h * D, q0, t);
+        load_tile<D>(qs[st], qg, D, q0, t);
+        load_tile<D>(os[st], dog, (long)h * D, q0, t);
         cp_commit();
         if (threadIdx.x < FA_BM) {
             const int r = q0 + threadIdx.x;
-            lse_s[threadIdx.x] = r < t ? lse[(long)bh * t + r] * FA_LOG2E : 0.f;
-            dsum_s[threadIdx.x] = r < t ? dsum[(long)bh * t + r] : 0.f;
+            lse_s[st][threadIdx.x] = r < t ? lse[(long)bh * t + r] * FA_LOG2E : 0.f;
+            dsum_s[st][threadIdx.x] = r < t ? dsum[(long)bh * t + r] : 0.f;
         }
-        cp_wait();
+    };
+    if (qstart < nqb) issue(qstart, 0);
+    for (int qb = qstart; qb < nqb; qb++) {
+        const int q0 = qb * FA_BM, st = S == 2 ? (qb - qstart) & 1 : 0;
+        if (S == 2 && qb + 1 < nqb) {
+            issue(qb + 1, st ^ 1);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            cp_wait();
+        }
         __syncthreads();
         // Pᵀ (keys × queries) = exp(scale·K·Qᵀ − lse)
-        float st[FA_BM / 8][4];
-        zero(st);
-        mul_bt<D>(st, kf, qs, lane);
+        float pt[FA_BM / 8][4];
+        zero(pt);
+        mul_bt<D>(pt, kf, qs[st], lane);
+        // every query row of the tile sees every key of the block
+        const bool whole = q0 + FA_BM <= t && k0 + FA_BN <= len && (!causal || k0 + FA_BN - 1 <= q0);
 #pragma unroll
         for (int nt = 0; nt < FA_BM / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int c = 8 * nt + 2 * tg + (e & 1), i = q0 + c, j = key[e >> 1];
-                st[nt][e] = (i < t && j < lim(len, i, causal)) ? exp2f(st[nt][e] * sl2 - lse_s[c]) : 0.f;
+                const int c = 8 * nt + 2 * tg + (e & 1), i = q0 + c;
+                const bool ok = whole || (i < t && key[e >> 1] < lim(len, i, causal));
+                pt[nt][e] = ok ? exp2f(pt[nt][e] * sl2 - lse_s[st][c]) : 0.f;
             }
-        mul_b<D, FA_BM / 16>(gv, st, ds_, lane);  // dV += Pᵀ·dO
-        float dpt[FA_BM / 8][4];  // dPᵀ = V·dOᵀ
+        mul_b<D, FA_BM / 16>(gv, pt, os[st], lane);  // dV += Pᵀ·dO
+        float dpt[FA_BM / 8][4];                      // dPᵀ = V·dOᵀ
         zero(dpt);
-        mul_bt<D>(dpt, vf, ds_, lane);
+        mul_bt<D>(dpt, vf, os[st], lane);
 #pragma unroll
         for (int nt = 0; nt < FA_BM / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) st[nt][e] *= dpt[nt][e] - dsum_s[8 * nt + 2 * tg + (e & 1)];
-        mul_b<D, FA_BM / 16>(gk, st, qs, lane);  // dK += dSᵀ·Q (scale applied at the end)
+            for (int e = 0; e < 4; e++) pt[nt][e] *= dpt[nt][e] - dsum_s[st][8 * nt + 2 * tg + (e & 1)];
+        mul_b<D, FA_BM / 16>(gk, pt, qs[st], lane);  // dK += dSᵀ·Q (scale applied at the end)
         __syncthreads();
+        if (S == 1 && qb + 1 < nqb) issue(qb + 1, 0);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -337,57 +388,77 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
                 *reinterpret_cast<float2*>(pv + at + 8 * i) = make_float2(gv[i][2 * r], gv[i][2 * r + 1]);
             }
         } else {
-            const long at = ((long)kv * t + key[r]) * D + 2 * tg;
+            const long at = (((long)bb * t + key[r]) * kvh + kh) * D;
+            store_row<D>(out + nq, at, gk, r, scale, true, cs, sn, key[r], tg);
+            store_row<D>(out + nq + nk, at, gv, r, 1.f, false, cs, sn, key[r], tg);
+        }
+    }
+}
+
+// dk and dv from kv heads' rep query heads' partials (b, h, t, d) f32, summed, rotated back (k)
+// and merged into out's (b, t, kvh, d) blocks at nq and nq + nk; blockIdx.y: 0 for k, 1 for v.
+// A thread takes 4 columns of a row's first half and their partners in the second.
+template <int D>
+__device__ void kv_sum(const float* __restrict__ pk, const float* __restrict__ pv, bf16* __restrict__ out, long nq,
+                       long nk, const float* __restrict__ cs, const float* __restrict__ sn, int kvh, int t, int rep) {
+    const bool is_k = blockIdx.y == 0;
+    const float* p = is_k ? pk : pv;
+    bf16* dst = out + nq + (is_k ? 0 : nk);
+    constexpr int Q = D / 8;  // threads per row
+    const long rows = nk / D;  // (b, kvh, t)
+    for (long g = (long)blockIdx.x * blockDim.x + threadIdx.x; g < rows * Q; g += (long)gridDim.x * blockDim.x) {
+        const long row = g / Q;
+        const int j = (g % Q) * 4, pos = row % t;
+        const long kv = row / t, bb = kv / kvh, kh = kv % kvh;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), c = a;
+        for (int r = 0; r < rep; r++) {
+            const float* src = p + ((kv * rep + r) * t + pos) * D + j;
+            const float4 x = *reinterpret_cast<const float4*>(src);
+            const float4 y = *reinterpret_cast<const float4*>(src + D / 2);
+            a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
+            c.x += y.x, c.y += y.y, c.z += y.z, c.w += y.w;
+        }
+        float x1[4] = {a.x, a.y, a.z, a.w}, x2[4] = {c.x, c.y, c.z, c.w}, y1[4], y2[4];
 #pragma unroll
-            for (int i = 0; i < D / 8; i++) {
-                *reinterpret_cast<uint32_t*>(dk + at + 8 * i) = pack2(gk[i][2 * r] * scale, gk[i][2 * r + 1] * scale);
-                *reinterpret_cast<uint32_t*>(dv + at + 8 * i) = pack2(gv[i][2 * r], gv[i][2 * r + 1]);
+        for (int e = 0; e < 4; e++) {
+            if (is_k) {
+                const float co = cs[(long)pos * D + j + e], si = sn[(long)pos * D + j + e];
+                y1[e] = x1[e] * co + x2[e] * si;
+                y2[e] = x2[e] * co - x1[e] * si;
+            } else {
+                y1[e] = x1[e];
+                y2[e] = x2[e];
             }
         }
+        const long at = ((bb * t + pos) * kvh + kh) * D + j;
+        *reinterpret_cast<uint2*>(dst + at) = make_uint2(pack2(y1[0], y1[1]), pack2(y1[2], y1[3]));
+        *reinterpret_cast<uint2*>(dst + at + D / 2) = make_uint2(pack2(y2[0], y2[1]), pack2(y2[2], y2[3]));
     }
 }
 
-// dk, dv (b, kvh, t, d) bf16 = the sums over each KV head's rep query heads of the partials
-// (b, h, t, d) f32; blockIdx.y: 0 for k, 1 for v. 4 values per thread.
-__device__ void kv_sum(const float* __restrict__ pk, const float* __restrict__ pv, bf16* __restrict__ dk,
-                             bf16* __restrict__ dv, long per_kv /* t·d */, long n /* b·kvh·t·d */, int rep) {
-    const float* p = blockIdx.y ? pv : pk;
-    bf16* out = blockIdx.y ? dv : dk;
-    for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 4; i < n; i += (long)gridDim.x * blockDim.x * 4) {
-        const long kv = i / per_kv, e = i % per_kv;
-        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int r = 0; r < rep; r++) {
-            const float4 x = *reinterpret_cast<const float4*>(p + (kv * rep + r) * per_kv + e);
-            s.x += x.x;
-            s.y += x.y;
-            s.z += x.z;
-            s.w += x.w;
-        }
-        *reinterpret_cast<uint2*>(out + i) = make_uint2(pack2(s.x, s.y), pack2(s.z, s.w));
-    }
-}
-
-// dQ of 64 query rows of one head.
+// dQ of 64 query rows of one head, into out's (b, t, h, d) block at 0 (rotated back).
 template <int D>
 __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                             const bf16* __restrict__ dout, const float* __restrict__ lse,
-                            const float* __restrict__ dsum, bf16* __restrict__ dq, const uint32_t* __restrict__ key_lens,
-                            int h, int kvh, int t, float scale, int causal) {
-    __shared__ __align__(16) bf16 ks[FA_BN * (D + 8)];
-    __shared__ __align__(16) bf16 vs[FA_BN * (D + 8)];
+                            const float* __restrict__ dsum, bf16* __restrict__ out, const float* __restrict__ cs,
+                            const float* __restrict__ sn, const uint32_t* __restrict__ key_lens, int h, int kvh, int t,
+                            float scale, int causal) {
+    constexpr int S = Stages<D>::n;
+    __shared__ __align__(16) bf16 ks[S][FA_BN * (D + 8)];
+    __shared__ __align__(16) bf16 vs[S][FA_BN * (D + 8)];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
     const int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
     const int bb = bh / h, hh = bh % h, kv = bb * kvh + hh / (h / kvh);
     const int q0 = qb * FA_BM, len = min((int)key_lens[bb], t);
     // Q and dO of this warp's rows as A operands, through the shared tiles
-    load_tile<D>(ks, q + (long)bh * t * D, D, q0, t);
-    load_tile<D>(vs, dout + ((long)bb * t * h + hh) * D, (long)h * D, q0, t);
+    load_tile<D>(ks[0], q + (long)bh * t * D, D, q0, t);
+    load_tile<D>(vs[0], dout + ((long)bb * t * h + hh) * D, (long)h * D, q0, t);
     cp_commit();
     cp_wait();
     __syncthreads();
     uint32_t qf[D / 16][4], of[D / 16][4];
-    frags<D>(qf, ks, w, lane);
-    frags<D>(of, vs, w, lane);
+    frags<D>(qf, ks[0], w, lane);
+    frags<D>(of, vs[0], w, lane);
     __syncthreads();
     const int row[2] = {q0 + 16 * w + (lane >> 2), q0 + 16 * w + (lane >> 2) + 8};
     const int lm[2] = {lim(len, row[0], causal), lim(len, row[1], causal)};
@@ -403,38 +474,43 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     float gq[D / 8][4];
     zero(gq);
     const int kend = causal ? min(len, q0 + FA_BM) : len, nkb = (kend + FA_BN - 1) / FA_BN;
-    for (int j = 0; j < nkb; j++) {
-        const int k0 = j * FA_BN;
-        load_tile<D>(ks, kg, D, k0, t);
-        load_tile<D>(vs, vg, D, k0, t);
+    auto issue = [&](int j, int st) {
+        load_tile<D>(ks[st], kg, D, j * FA_BN, t);
+        load_tile<D>(vs[st], vg, D, j * FA_BN, t);
         cp_commit();
-        cp_wait();
+    };
+    if (nkb > 0) issue(0, 0);
+    for (int j = 0; j < nkb; j++) {
+        const int k0 = j * FA_BN, st = S == 2 ? j & 1 : 0;
+        if (S == 2 && j + 1 < nkb) {
+            issue(j + 1, st ^ 1);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            cp_wait();
+        }
         __syncthreads();
         float s[FA_BN / 8][4], dp[FA_BN / 8][4];
         zero(s);
         zero(dp);
-        mul_bt<D>(s, qf, ks, lane);  // S = Q·Kᵀ
-        mul_bt<D>(dp, of, vs, lane);  // dP = dO·Vᵀ
+        mul_bt<D>(s, qf, ks[st], lane);   // S = Q·Kᵀ
+        mul_bt<D>(dp, of, vs[st], lane);  // dP = dO·Vᵀ
+        const bool whole = k0 + FA_BN <= min(lm[0], lm[1]);
 #pragma unroll
         for (int nt = 0; nt < FA_BN / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = e >> 1;
-                const float p =
-                    k0 + 8 * nt + 2 * tg + (e & 1) < lm[r] ? exp2f(s[nt][e] * sl2 - ls[r]) : 0.f;
+                const bool ok = whole || k0 + 8 * nt + 2 * tg + (e & 1) < lm[r];
+                const float p = ok ? exp2f(s[nt][e] * sl2 - ls[r]) : 0.f;
                 s[nt][e] = p * (dp[nt][e] - dl[r]);
             }
-        mul_b<D, FA_BN / 16>(gq, s, ks, lane);  // dQ += dS·K
+        mul_b<D, FA_BN / 16>(gq, s, ks[st], lane);  // dQ += dS·K
         __syncthreads();
+        if (S == 1 && j + 1 < nkb) issue(j + 1, 0);
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (row[r] >= t) continue;
-        bf16* out = dq + ((long)bh * t + row[r]) * D + 2 * tg;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++)
-            *reinterpret_cast<uint32_t*>(out + 8 * i) = pack2(gq[i][2 * r] * scale, gq[i][2 * r + 1] * scale);
-    }
+    for (int r = 0; r < 2; r++)
+        if (row[r] < t) store_row<D>(out, (((long)bb * t + row[r]) * h + hh) * D, gq, r, scale, true, cs, sn, row[r], tg);
 }
 
 }  // namespace
@@ -448,23 +524,22 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     extern "C" __global__ void flash_dot##D(const bf16* dout, const bf16* o, float* dsum, long rows, int h, int t) {   \
         flash_dot<D>(dout, o, dsum, rows, h, t);                                                                       \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128)                                                                  \
-        flash_bwd_kv##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
-                        const float* dsum, float* pk, float* pv, bf16* dk, bf16* dv, const uint32_t* key_lens, int h,  \
-                        int kvh, int t, float scale, int causal) {                                                     \
-        flash_bwd_kv<D>(q, k, v, dout, lse, dsum, pk, pv, dk, dv, key_lens, h, kvh, t, scale, causal);                 \
+    extern "C" __global__ void __launch_bounds__(128) flash_bwd_kv##D(                                                \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* dsum, float* pk,  \
+        float* pv, bf16* out, long nq, long nk, const float* cs, const float* sn, const uint32_t* key_lens, int h,     \
+        int kvh, int t, float scale, int causal) {                                                                     \
+        flash_bwd_kv<D>(q, k, v, dout, lse, dsum, pk, pv, out, nq, nk, cs, sn, key_lens, h, kvh, t, scale, causal);    \
+    }                                                                                                                  \
+    extern "C" __global__ void kv_sum##D(const float* pk, const float* pv, bf16* out, long nq, long nk,               \
+                                         const float* cs, const float* sn, int kvh, int t, int rep) {                  \
+        kv_sum<D>(pk, pv, out, nq, nk, cs, sn, kvh, t, rep);                                                           \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                  \
         flash_bwd_q##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                \
-                       const float* dsum, bf16* dq, const uint32_t* key_lens, int h, int kvh, int t, float scale,      \
-                       int causal) {                                                                                   \
-        flash_bwd_q<D>(q, k, v, dout, lse, dsum, dq, key_lens, h, kvh, t, scale, causal);                              \
+                       const float* dsum, bf16* out, const float* cs, const float* sn, const uint32_t* key_lens,        \
+                       int h, int kvh, int t, float scale, int causal) {                                               \
+        flash_bwd_q<D>(q, k, v, dout, lse, dsum, out, cs, sn, key_lens, h, kvh, t, scale, causal);                     \
     }
 
 INSTANTIATE_FLASH(64)
 INSTANTIATE_FLASH(128)
-
-extern "C" __global__ void flash_kv_sum(const float* pk, const float* pv, bf16* dk, bf16* dv, long per_kv, long n,
-                                        int rep) {
-    kv_sum(pk, pv, dk, dv, per_kv, n, rep);
-}
