@@ -100,10 +100,11 @@ pub struct LlamaArgs {
     /// Instead of timing steps, time the stages of one step (CUDA fast path) from events.
     #[arg(long)]
     kernel_profile: bool,
-    /// Recompute the attention probabilities in the backward instead of keeping them (on the
-    /// GEMM-and-softmax path; the fused bf16 attention kernels never keep them).
-    #[arg(long)]
-    recompute_attention: bool,
+    /// Recompute activations in the backward instead of keeping them: the SwiGLU output, and
+    /// the attention probabilities on the GEMM-and-softmax path (the fused bf16 attention
+    /// kernels never keep them).
+    #[arg(long, alias = "recompute-attention")]
+    recompute: bool,
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
@@ -155,12 +156,12 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             a.warmup,
             a.steps,
             &device,
-            a.recompute_attention,
+            a.recompute,
         )?;
         if a.json {
             let mut v = serde_json::to_value(&r)?;
             v["impl"] = serde_json::json!("singlora");
-            v["recompute_attention"] = serde_json::json!(a.recompute_attention);
+            v["recompute"] = serde_json::json!(a.recompute);
             if let Some(c) = ceiling {
                 v["ceiling_tflops"] = serde_json::json!(c);
                 v["mfu"] = serde_json::json!(r.tflops / c);
@@ -430,7 +431,7 @@ fn kernel_profile(
             a.batch,
             a.seq,
             device,
-            a.recompute_attention,
+            a.recompute,
         )?;
         let total: f64 = rows.iter().map(|r| r.1).sum();
         if a.json {

@@ -106,11 +106,12 @@ pub struct TrainArgs {
     /// (threads; for tests). --batch-size is the global batch, split over the ranks.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["device", "gpus"])]
     devices: Option<Vec<String>>,
-    /// LLaMA on a GPU: recompute the attention probabilities in the backward instead of
-    /// keeping them (b·heads·len² values less per layer, a few % slower). Only f32 or head
-    /// sizes other than 64 and 128 keep them: the fused bf16 attention kernels never do.
-    #[arg(long)]
-    recompute_attention: bool,
+    /// LLaMA on a GPU: recompute activations in the backward instead of keeping them (a few %
+    /// slower): the SwiGLU output (b·len·intermediate values less per layer) and, for f32 or
+    /// head sizes other than 64 and 128, the attention probabilities (b·heads·len²; the fused
+    /// bf16 attention kernels never keep them).
+    #[arg(long, alias = "recompute-attention")]
+    recompute: bool,
     /// Shorthand for --devices cuda:0,...,cuda:N-1.
     #[arg(long, conflicts_with = "device")]
     gpus: Option<usize>,
@@ -186,7 +187,7 @@ impl TrainArgs {
                 (None, Some(n)) => Some((0..n).map(|i| format!("cuda:{i}")).collect()),
                 (None, None) => None,
             },
-            recompute_attention: self.recompute_attention,
+            recompute: self.recompute,
             text_column: self.text_column.clone(),
             text_pair_column: self.text_pair_column.clone(),
             label_column: self.label_column.clone(),

@@ -97,10 +97,10 @@ pub fn run(
     warmup: usize,
     steps: usize,
     device: &Device,
-    recompute_attention: bool,
+    recompute: bool,
 ) -> Result<LlamaBench> {
     let mut model = random_model(name, shape, method, rank, device)?;
-    set_recompute(&mut model, recompute_attention);
+    set_recompute(&mut model, recompute);
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     let dev = device.clone();
@@ -126,10 +126,10 @@ pub fn run(
     })
 }
 
-/// Switches the LLaMA body's attention recomputation (see `Llama::recompute_attention`).
+/// Switches the LLaMA body's activation recomputation (see `Llama::recompute`).
 pub fn set_recompute(model: &mut TaskModel, on: bool) {
     if let Body::Llama(l) = &mut model.body {
-        l.recompute_attention = on;
+        l.recompute = on;
     }
 }
 
@@ -211,11 +211,11 @@ pub fn kernel_profile(
     batch: usize,
     seq: usize,
     device: &Device,
-    recompute_attention: bool,
+    recompute: bool,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
     use crate::ops::cuda::prof;
     let mut model = random_model(name, shape, method, rank, device)?;
-    set_recompute(&mut model, recompute_attention);
+    set_recompute(&mut model, recompute);
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     model.clock.set_training(true);
     for _ in 0..2 {

@@ -106,9 +106,10 @@ pub struct Llama {
     /// Benchmarks of the frozen base: make the embedded input a leaf variable so the backward
     /// runs through every layer without any trainable parameter.
     pub grad_from_embeddings: bool,
-    /// The CUDA fast path keeps no attention probabilities and recomputes them in the
-    /// backward (b·h·t² values less per layer; one more QKᵀ GEMM and softmax).
-    pub recompute_attention: bool,
+    /// The CUDA fast path keeps no SwiGLU output and no attention probabilities and
+    /// recomputes them in the backward (b·t·ff and, off the fused attention kernels, b·h·t²
+    /// values less per layer; one more SwiGLU pass, and a QKᵀ GEMM and softmax).
+    pub recompute: bool,
 }
 
 impl Llama {
@@ -181,7 +182,7 @@ impl Llama {
             lm_head,
             dtype,
             grad_from_embeddings: false,
-            recompute_attention: false,
+            recompute: false,
         })
     }
 

@@ -84,10 +84,11 @@ pub struct TrainConfig {
     /// f32 values per gradient bucket a GPU backward sums over the ranks while it goes on.
     #[serde(default = "default_bucket")]
     pub bucket_values: usize,
-    /// LLaMA on CUDA: recompute the attention probabilities in the backward instead of
-    /// keeping them (less memory, a little more time).
-    #[serde(default)]
-    pub recompute_attention: bool,
+    /// LLaMA on CUDA: recompute activations in the backward instead of keeping them (the
+    /// SwiGLU output; the attention probabilities where the fused attention kernels do not
+    /// apply): less memory, a little more time.
+    #[serde(default, alias = "recompute_attention")]
+    pub recompute: bool,
     pub text_column: String,
     pub text_pair_column: Option<String>,
     pub label_column: String,
@@ -149,7 +150,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             devices: None,
             bucket_values: default_bucket(),
-            recompute_attention: false,
+            recompute: false,
             text_column: "text".into(),
             text_pair_column: None,
             label_column: "label".into(),
@@ -533,7 +534,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     let base_params = pre.num_params;
     let mut model = TaskModel::new(pre.body, task, n_labels, pooling, cfg.seed, &device)?;
     if let crate::model::Body::Llama(l) = &mut model.body {
-        l.recompute_attention = cfg.recompute_attention;
+        l.recompute = cfg.recompute;
     }
 
     let batches_per_epoch = data.train_items.len().div_ceil(cfg.batch_size) as u64;

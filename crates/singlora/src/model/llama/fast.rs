@@ -22,6 +22,11 @@
 //! 226.8/225.7/226.6 → 221.1/222.3/222.0 ms, TinyLlama 53.9/53.6/53.8 → 51.6/52.0/52.3 ms
 //! (`SINGLORA_UNFUSED_LR=1` for the old way). The same for the groups' c·g_U·Dᵀ in a 16-row
 //! RMSNorm backward kernel was slower (6.9 ms against 2.5 + 1.6) and is not kept.
+//!
+//! What the backward reads but the forward does not keep: the RMSNorm outputs (recomputed,
+//! and only where an adapter's weight gradients read them), and with `Llama::recompute` the
+//! SwiGLU output (otherwise kept when down has an adapter: at TinyLlama 1.0 GiB for 1 ms a
+//! step, room the fused attention's dropped probabilities made).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -347,6 +352,8 @@ struct LayerTape {
     x_mid: (CudaStorage, u64),
     g: (CudaStorage, u64),
     u: (CudaStorage, u64),
+    /// The SwiGLU output (down's input), unless the backward recomputes it.
+    f: Option<Buf>,
     h_gu: [PSaved; 2],
     h_down: PSaved,
     /// The q/k/v and gate/up groups' h buffers (their members' `HSaved` point into them).
@@ -835,6 +842,25 @@ fn backward_members(
     Ok(())
 }
 
+/// The RMSNorm output of x (with weight w) recomputed for the backward of the projections
+/// `ps` that read it, when one has an adapter (whose weight gradients need it); frozen ones
+/// need none.
+fn norm_for(
+    dev: &CudaDevice,
+    bf16: bool,
+    (x, w): (u64, u64),
+    (m, h, eps): (usize, usize, f64),
+    ps: &[Proj],
+) -> Result<Option<Buf>> {
+    if ps.iter().all(|p| p.ad.is_none()) {
+        return Ok(None);
+    }
+    let y = fresh(dev, bf16, m * h)?;
+    raw::rms_fwd(dev, bf16, (x, w, y.1), m, h, eps)?;
+    mark(dev, "RMSNorm recompute")?;
+    Ok(Some(y))
+}
+
 fn layer_projs(l: &Layer) -> [&AdaptedLinear; 7] {
     [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
 }
@@ -929,8 +955,8 @@ impl Llama {
                 ps[1].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse)?;
             let (v, hv, lv) =
                 ps[2].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse)?;
-            // the norms' outputs and SwiGLU's are recomputed in the backward (cheap, and
-            // 2·hidden + ff values per token fewer to keep)
+            // the norms' outputs are recomputed in the backward (cheap, and 2·hidden values
+            // per token fewer to keep); SwiGLU's too with `recompute`
             drop(hn1);
             let (a, ap, att) = forward_raw(
                 dev,
@@ -939,7 +965,7 @@ impl Llama {
                 tables,
                 dims,
                 &lens,
-                (true, self.recompute_attention),
+                (true, self.recompute),
                 [lq.as_ref(), lk.as_ref(), lv.as_ref()],
             )?;
             mark(dev, "attention fwd")?;
@@ -982,7 +1008,8 @@ impl Llama {
             }
             mark(dev, "SwiGLU fwd")?;
             let (dn, hdn, ldn) = ps[6].forward(dev, bf16, f.1, m, None, fuse)?;
-            drop(f);
+            // kept for down's adapter gradients unless recomputed (a frozen down needs none)
+            let f = (ps[6].ad.is_some() && !self.recompute).then_some(f);
             let x_next = fresh(dev, bf16, m * h)?;
             match &ldn {
                 Some(lr) => raw::add_lr(dev, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
@@ -1001,6 +1028,7 @@ impl Llama {
                 x_mid,
                 g,
                 u,
+                f,
                 h_gu: [hg, hu],
                 h_down: hdn,
                 _h_groups: [h_qkv, h_gu],
@@ -1074,20 +1102,29 @@ impl Tape {
             let (ln1, ln2) = self.norms[li];
             // MLP: down, SwiGLU, gate and up, norm 2 (adding into dxm)
             mark(dev, "other")?;
-            let f = fresh(dev, bf16, m * ff)?;
             let [tg, tu] = lt.gu_terms.each_ref().map(|t| t.as_ref());
-            if tg.is_some() || tu.is_some() {
-                raw::swiglu_fwd_lr(dev, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
-            } else {
-                raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
-            }
-            mark(dev, "SwiGLU recompute")?;
+            // down's input, for its adapter's gradients: kept by the forward, or recomputed here
+            let recomputed = match &lt.f {
+                Some(_) => None,
+                None if ps[6].ad.is_none() => None,
+                None => {
+                    let f = fresh(dev, bf16, m * ff)?;
+                    if tg.is_some() || tu.is_some() {
+                        raw::swiglu_fwd_lr(dev, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
+                    } else {
+                        raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
+                    }
+                    mark(dev, "SwiGLU recompute")?;
+                    Some(f)
+                }
+            };
+            let f = lt.f.as_ref().or(recomputed.as_ref()).map_or(0, |f| f.1);
             let df = fresh(dev, bf16, m * ff)?;
             // down's c·g_U·Dᵀ to the SwiGLU backward, when of the gate's and up's rank
             let down_r = ps[6].ad.as_ref().map(|f| f.r);
             let defer = fuse_terms() && [tg, tu].iter().flatten().all(|t| Some(t.r) == down_r);
             let td = ps[6].backward(
-                dev, bf16, dxp, f.1, &lt.h_down, m, df.1, false, grads_ptr, None, defer,
+                dev, bf16, dxp, f, &lt.h_down, m, df.1, false, grads_ptr, None, defer,
             )?;
             let dgu = fresh(dev, bf16, 2 * m * ff)?;
             if tg.is_some() || tu.is_some() || td.is_some() {
@@ -1097,10 +1134,8 @@ impl Tape {
                 raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
             }
             mark(dev, "SwiGLU bwd")?;
-            drop((df, f, td));
-            let hn2 = fresh(dev, bf16, m * h)?;
-            raw::rms_fwd(dev, bf16, (lt.x_mid.1, ln2, hn2.1), m, h, self.eps)?;
-            mark(dev, "RMSNorm recompute")?;
+            drop((df, recomputed, td));
+            let hn2 = norm_for(dev, bf16, (lt.x_mid.1, ln2), (m, h, self.eps), &ps[4..6])?;
             let dhn2 = fresh(dev, bf16, m * h)?;
             let [g_qkv, g_gu] = &self.groups[li];
             let gate_up = [dgu.1, dgu.1 + el * (m * ff) as u64];
@@ -1109,7 +1144,7 @@ impl Tape {
                 bf16,
                 (&ps[4..6], &lt.h_gu, g_gu.as_ref()),
                 &gate_up,
-                hn2.1,
+                hn2.as_ref().map_or(0, |b| b.1),
                 m,
                 dhn2.1,
                 grads_ptr,
@@ -1127,9 +1162,7 @@ impl Tape {
             mark(dev, "attention bwd")?;
             drop(da);
             let (nq, nk) = (m * nh * hd, m * kvh * hd);
-            let hn1 = fresh(dev, bf16, m * h)?;
-            raw::rms_fwd(dev, bf16, (lt.x_in_ptr, ln1, hn1.1), m, h, self.eps)?;
-            mark(dev, "RMSNorm recompute")?;
+            let hn1 = norm_for(dev, bf16, (lt.x_in_ptr, ln1), (m, h, self.eps), &ps[0..3])?;
             let dhn1 = fresh(dev, bf16, m * h)?;
             let qkv = [pkp, pkp + el * nq as u64, pkp + el * (nq + nk) as u64];
             backward_members(
@@ -1137,7 +1170,7 @@ impl Tape {
                 bf16,
                 (&ps[0..3], &lt.h_qkv, g_qkv.as_ref()),
                 &qkv,
-                hn1.1,
+                hn1.as_ref().map_or(0, |b| b.1),
                 m,
                 dhn1.1,
                 grads_ptr,

@@ -560,9 +560,9 @@ fn gemm_backward(
     Ok([(dqs, dqp), (dks, dkp), (dvs, dvp)])
 }
 
-/// The backward through the fused kernels (see flash.cu): Δ = rowsum(dO ⊙ O), then dK and dV
-/// per 64 keys and query head (summed over each KV head's query heads), and dQ per 64 queries,
-/// each written through the inverse rotation into the packed [dq | dk | dv] it returns.
+/// The backward through the fused kernels (see flash.cu): Δ = rowsum(dO ⊙ O) and dQ per 64
+/// queries, then dK and dV per 64 keys and query head (summed over each KV head's query
+/// heads), each written through the inverse rotation into the packed [dq | dk | dv] it returns.
 fn flash_backward(
     dev: &CudaDevice,
     saved: &Saved,
@@ -575,21 +575,18 @@ fn flash_backward(
     let (qsp, ksp, vsp) = (ptr_of(&saved.q)?, ptr_of(&saved.k)?, ptr_of(&saved.v)?);
     let scale = 1.0 / (d as f32).sqrt();
     let causal = i32::from(saved.causal);
-    let rows = b * t * h;
     let (nq, nk) = (b * t * h * d, b * t * kvh * d);
     let (out, outp) = fresh(dev, true, nq + 2 * nk)?;
     let (delta, dsp) = fresh(dev, false, b * h * t)?;
-    let f = dev.get_or_load_custom_func(&format!("flash_dot{d}"), FLASH_MODULE, FLASH_PTX)?;
+    let f = dev.get_or_load_custom_func(&format!("flash_bwd_q{d}"), FLASH_MODULE, FLASH_PTX)?;
     let mut bld = f.builder();
-    candle_core::builder_arg!(bld, gp, op, dsp, rows as i64, h as i32, t as i32);
-    let cfg = LaunchConfig {
-        grid_dim: ((rows * d / 8).div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: dO and O are (b, t, h·d), Δ (b, h, t); d/8 threads per row, whole rows per warp.
-    unsafe { bld.launch(cfg) }.w()?;
-    mark(dev, "attention: fused backward, Δ")?;
+    candle_core::builder_arg!(bld, qsp, ksp, vsp, op, gp, lsep, dsp, outp, cs, sn);
+    bld.arg(saved.lens.as_ref());
+    candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
+    // SAFETY: the kernel's signature; q (b, h, t, d), k and v (b, kvh, t, d), O and dO
+    // (b, t, h·d), lse and Δ (b, h, t), out nq + 2·nk elements, the tables (t, d).
+    unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
+    mark(dev, "attention: fused backward, Δ and dQ")?;
     // per query head partial sums of dK and dV when heads share a KV head
     let parts = if rep > 1 {
         Some((
@@ -608,8 +605,7 @@ fn flash_backward(
     );
     bld.arg(saved.lens.as_ref());
     candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
-    // SAFETY: the kernel's signature on the live buffers above (the partials only when rep > 1);
-    // out has nq + 2·nk elements, the tables (t, d).
+    // SAFETY: as above (the partials only when rep > 1).
     unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
     if let Some(((_, pkp), (_, pvp))) = &parts {
         let f = dev.get_or_load_custom_func(&format!("kv_sum{d}"), FLASH_MODULE, FLASH_PTX)?;
@@ -623,16 +619,8 @@ fn flash_backward(
         unsafe { bld.launch(cfg) }.w()?;
     }
     drop(parts);
-    mark(dev, "attention: fused backward, dK dV")?;
-    let f = dev.get_or_load_custom_func(&format!("flash_bwd_q{d}"), FLASH_MODULE, FLASH_PTX)?;
-    let mut bld = f.builder();
-    candle_core::builder_arg!(bld, qsp, ksp, vsp, gp, lsep, dsp, outp, cs, sn);
-    bld.arg(saved.lens.as_ref());
-    candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
-    // SAFETY: as above.
-    unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
     drop(delta);
-    mark(dev, "attention: fused backward, dQ")?;
+    mark(dev, "attention: fused backward, dK dV")?;
     Ok((out, outp))
 }
 

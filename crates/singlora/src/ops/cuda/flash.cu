@@ -1,11 +1,12 @@
-// Fused (flash-style) attention for bf16 with head size 64: the scores and probabilities live
-// only in registers, tile by tile, never in memory. Forward: a block of 4 warps takes 64 query
-// rows of one head and runs over the key tiles with an online softmax, writing O straight into
-// the merged (b, t, h·d) layout and the row's log-sum-exp. Backward: one kernel per 64 keys of
-// one query head recomputes P and accumulates dK and dV (partial sums per query head when the
-// heads share a KV head, summed by kv_sum), one kernel per 64 queries accumulates dQ,
-// both from Δ = rowsum(dO ⊙ O) (flash_dot). Products on the tensor cores (mma.sync m16n8k16,
-// bf16 in, f32 accumulate) with ldmatrix loads from padded shared-memory tiles.
+// Fused (flash-style) attention for bf16 with head size 64 or 128: the scores and probabilities
+// live only in registers, tile by tile, never in memory. Forward: a block of 4 warps takes 64
+// query rows of one head and runs over the key tiles with an online softmax, writing O straight
+// into the merged (b, t, h·d) layout and the row's log-sum-exp. Backward: one kernel per 64
+// queries computes Δ = rowsum(dO ⊙ O) and accumulates dQ; then one kernel per 64 keys of one
+// query head recomputes P and accumulates dK and dV (partial sums per query head when the
+// heads share a KV head, summed by kv_sum). Gradients go through the inverse rotation straight
+// into the attention block's packed input gradient. Products on the tensor cores (mma.sync
+// m16n8k16, bf16 in, f32 accumulate) with ldmatrix loads from padded shared-memory tiles.
 //
 // Masks as masked_softmax_fwd in kernels.cu: query row i of batch row b sees keys
 // j < L_i = min(key_lens[b], t, causal ? i + 1 : t), always a prefix.
@@ -232,30 +233,16 @@ __device__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k
     }
 }
 
-// Δ = rowsum(dO ⊙ O) for each (b, i, head) row of the merged layout, into (b, h, t).
-template <int D>
-__device__ void flash_dot(const bf16* __restrict__ dout, const bf16* __restrict__ o, float* __restrict__ dsum, long rows,
-                          int h, int t) {
-    constexpr int G = D / 8;  // threads per row
-    const long gid = (long)blockIdx.x * blockDim.x + threadIdx.x, row = gid / G;
-    const int part = gid % G;
+// Σ x ⊙ y over 8 bf16 pairs.
+__device__ __forceinline__ float dot8(uint4 x, uint4 y) {
+    const uint32_t xv[4] = {x.x, x.y, x.z, x.w}, yv[4] = {y.x, y.y, y.z, y.w};
     float acc = 0.f;
-    if (row < rows) {
-        const uint4 a = *reinterpret_cast<const uint4*>(dout + row * D + part * 8);
-        const uint4 b = *reinterpret_cast<const uint4*>(o + row * D + part * 8);
-        const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            acc += __uint_as_float(av[i] << 16) * __uint_as_float(bv[i] << 16);
-            acc += __uint_as_float(av[i] & 0xffff0000u) * __uint_as_float(bv[i] & 0xffff0000u);
-        }
+    for (int i = 0; i < 4; i++) {
+        acc += __uint_as_float(xv[i] << 16) * __uint_as_float(yv[i] << 16);
+        acc += __uint_as_float(xv[i] & 0xffff0000u) * __uint_as_float(yv[i] & 0xffff0000u);
     }
-#pragma unroll
-    for (int off = G / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
-    if (part == 0 && row < rows) {
-        const long bb = row / ((long)t * h), i = (row / h) % t, hh = row % h;
-        dsum[(bb * h + hh) * t + i] = acc;
-    }
+    return acc;
 }
 
 // Shared tiles per operand in the backward kernels: two (the next tile loads while this one is
@@ -436,23 +423,26 @@ __device__ void kv_sum(const float* __restrict__ pk, const float* __restrict__ p
     }
 }
 
-// dQ of 64 query rows of one head, into out's (b, t, h, d) block at 0 (rotated back).
+// dQ of 64 query rows of one head, into out's (b, t, h, d) block at 0 (rotated back); first
+// the rows' Δ = rowsum(dO ⊙ O), which it writes for flash_bwd_kv (launched after it).
 template <int D>
 __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                            const bf16* __restrict__ dout, const float* __restrict__ lse,
-                            const float* __restrict__ dsum, bf16* __restrict__ out, const float* __restrict__ cs,
+                            const bf16* __restrict__ o, const bf16* __restrict__ dout, const float* __restrict__ lse,
+                            float* __restrict__ dsum, bf16* __restrict__ out, const float* __restrict__ cs,
                             const float* __restrict__ sn, const uint32_t* __restrict__ key_lens, int h, int kvh, int t,
                             float scale, int causal) {
     constexpr int S = Stages<D>::n;
     __shared__ __align__(16) bf16 ks[S][FA_BN * (D + 8)];
     __shared__ __align__(16) bf16 vs[S][FA_BN * (D + 8)];
+    __shared__ float dl_s[FA_BM];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
     const int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
     const int bb = bh / h, hh = bh % h, kv = bb * kvh + hh / (h / kvh);
     const int q0 = qb * FA_BM, len = min((int)key_lens[bb], t);
     // Q and dO of this warp's rows as A operands, through the shared tiles
+    const long merged = ((long)bb * t * h + hh) * D;
     load_tile<D>(ks[0], q + (long)bh * t * D, D, q0, t);
-    load_tile<D>(vs[0], dout + ((long)bb * t * h + hh) * D, (long)h * D, q0, t);
+    load_tile<D>(vs[0], dout + merged, (long)h * D, q0, t);
     cp_commit();
     cp_wait();
     __syncthreads();
@@ -460,13 +450,32 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     frags<D>(qf, ks[0], w, lane);
     frags<D>(of, vs[0], w, lane);
     __syncthreads();
+    // Δ of the 64 rows, two threads a row, from dO (still in vs[0]) and O (into ks[0])
+    load_tile<D>(ks[0], o + merged, (long)h * D, q0, t);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
+    {
+        const int rr = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * (D / 2);
+        float acc = 0.f;
+#pragma unroll
+        for (int c = 0; c < D / 2; c += 8)
+            acc += dot8(*reinterpret_cast<const uint4*>(vs[0] + rr * (D + 8) + c0 + c),
+                        *reinterpret_cast<const uint4*>(ks[0] + rr * (D + 8) + c0 + c));
+        acc += __shfl_xor_sync(0xffffffff, acc, 1);
+        if (c0 == 0) {
+            dl_s[rr] = acc;
+            if (q0 + rr < t) dsum[(long)bh * t + q0 + rr] = acc;
+        }
+    }
+    __syncthreads();
     const int row[2] = {q0 + 16 * w + (lane >> 2), q0 + 16 * w + (lane >> 2) + 8};
     const int lm[2] = {lim(len, row[0], causal), lim(len, row[1], causal)};
     float ls[2], dl[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         ls[r] = row[r] < t ? lse[(long)bh * t + row[r]] * FA_LOG2E : 0.f;
-        dl[r] = row[r] < t ? dsum[(long)bh * t + row[r]] : 0.f;
+        dl[r] = dl_s[row[r] - q0];
     }
     const float sl2 = scale * FA_LOG2E;
     const bf16* kg = k + (long)kv * t * D;
@@ -521,9 +530,6 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
                                                                    int h, int kvh, int t, float scale, int causal) {   \
         flash_fwd<D>(q, k, v, o, lse, key_lens, h, kvh, t, scale, causal);                                             \
     }                                                                                                                  \
-    extern "C" __global__ void flash_dot##D(const bf16* dout, const bf16* o, float* dsum, long rows, int h, int t) {   \
-        flash_dot<D>(dout, o, dsum, rows, h, t);                                                                       \
-    }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) flash_bwd_kv##D(                                                \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* dsum, float* pk,  \
         float* pv, bf16* out, long nq, long nk, const float* cs, const float* sn, const uint32_t* key_lens, int h,     \
@@ -535,10 +541,10 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
         kv_sum<D>(pk, pv, out, nq, nk, cs, sn, kvh, t, rep);                                                           \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                  \
-        flash_bwd_q##D(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                \
-                       const float* dsum, bf16* out, const float* cs, const float* sn, const uint32_t* key_lens,        \
-                       int h, int kvh, int t, float scale, int causal) {                                               \
-        flash_bwd_q<D>(q, k, v, dout, lse, dsum, out, cs, sn, key_lens, h, kvh, t, scale, causal);                     \
+        flash_bwd_q##D(const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout, const float* lse,  \
+                       float* dsum, bf16* out, const float* cs, const float* sn, const uint32_t* key_lens, int h,      \
+                       int kvh, int t, float scale, int causal) {                                                      \
+        flash_bwd_q<D>(q, k, v, o, dout, lse, dsum, out, cs, sn, key_lens, h, kvh, t, scale, causal);                  \
     }
 
 INSTANTIATE_FLASH(64)
