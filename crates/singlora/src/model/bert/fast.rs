@@ -1133,10 +1133,12 @@ mod tests {
     }
 
     /// This path's loss and gradients (f32) are as close to the exact ones (the f64 twin through
-    /// autograd) as candle's autograd path in f32 is: within twice its error plus 1e-5 of the
-    /// largest entry. (Both f32 paths are ~1e-5 of the largest entry off the exact gradients of
-    /// these tiny models, from summation order and cancellation alone; a wrong term shows as
-    /// 1e-3 or more.)
+    /// autograd) as candle's autograd path in f32 is: within twice its error plus 1e-4 of the
+    /// largest entry (of the loss itself, for the loss). (Both f32 paths are ~1e-5 of the largest
+    /// entry off the exact gradients of these tiny models, from summation order and cancellation
+    /// alone, and the threads' summation order varies from run to run: one run in ~7 went over a
+    /// 1e-5 floor, a gradient by 4e-5 of its largest entry with autograd's at 7e-6; a wrong term
+    /// shows as 1e-3 or more.)
     fn check_against_autograd(tm: &TaskModel, twin: &TaskModel, batch: &Batch, what: &str) {
         let scale = 0.5;
         let (loss, grads) = tm
@@ -1153,7 +1155,7 @@ mod tests {
             values(&exact_loss)[0],
         );
         assert!(
-            (l - el).abs() <= 2.0 * (al - el).abs() + 1e-6 * el.abs(),
+            (l - el).abs() <= 2.0 * (al - el).abs() + 1e-4 * el.abs(),
             "{what}: loss {l}, autograd {al}, exact {el}"
         );
         let (params, exact_params) = (tm.params(), twin.params());
@@ -1173,7 +1175,7 @@ mod tests {
             assert!(largest > 0.0, "{what}: a zero gradient ({:?})", p.role);
             let (err, auto_err) = (max_diff(&got, &exact), max_diff(&auto, &exact));
             assert!(
-                err <= 2.0 * auto_err + 1e-5 * largest,
+                err <= 2.0 * auto_err + 1e-4 * largest,
                 "{what}: {:?} gradient off by {err}, autograd's by {auto_err} (largest entry {largest})",
                 p.role
             );
