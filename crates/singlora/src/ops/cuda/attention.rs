@@ -45,6 +45,24 @@ fn flash_applies(bf16: bool, d: usize) -> bool {
         && *ENV.get_or_init(|| std::env::var_os("SINGLORA_UNFUSED_ATTENTION").is_none())
 }
 
+/// How many of a KV head's `rep` query heads one dK/dV block takes: 2 where they divide.
+/// Measured at TinyLlama (rep 8; SingLoRA step, two runs each): 1 head 44.9/45.1 ms, 2
+/// 44.6/45.1, 4 45.2/45.2, 8 45.8/45.3 (fewer partials to write and sum, but fewer blocks and
+/// longer causal ones); the device check then covers both the partial sums (its 4 heads on a
+/// KV head) and the direct stores (2). `SINGLORA_FLASH_HEADS` overrides it (a divisor of rep).
+fn heads_per_block(rep: usize) -> usize {
+    static ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let set = *ENV.get_or_init(|| {
+        std::env::var("SINGLORA_FLASH_HEADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    match set {
+        Some(n) if n >= 1 && rep % n == 0 => n,
+        _ => [2, 1].into_iter().find(|n| rep % n == 0).unwrap_or(1),
+    }
+}
+
 /// A block of 4 warps per 64 rows (query or key) and (batch row, query head).
 fn flash_cfg(b: usize, t: usize, h: usize) -> LaunchConfig {
     LaunchConfig {
@@ -587,11 +605,13 @@ fn flash_backward(
     // (b, t, h·d), lse and Δ (b, h, t), out nq + 2·nk elements, the tables (t, d).
     unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
     mark(dev, "attention: fused backward, Δ and dQ")?;
-    // per query head partial sums of dK and dV when heads share a KV head
-    let parts = if rep > 1 {
+    // query heads per dK/dV block; partial sums of dK and dV (per block) when a block takes
+    // fewer than all of a KV head's query heads
+    let hpc = heads_per_block(rep);
+    let parts = if hpc < rep {
         Some((
-            fresh(dev, false, b * h * t * d)?,
-            fresh(dev, false, b * h * t * d)?,
+            fresh(dev, false, b * h / hpc * t * d)?,
+            fresh(dev, false, b * h / hpc * t * d)?,
         ))
     } else {
         None
@@ -604,18 +624,20 @@ fn flash_backward(
         bld, qsp, ksp, vsp, gp, lsep, dsp, pkp, pvp, outp, nq64, nk64, cs, sn
     );
     bld.arg(saved.lens.as_ref());
-    candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal);
-    // SAFETY: as above (the partials only when rep > 1).
-    unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
+    candle_core::builder_arg!(bld, h as i32, kvh as i32, t as i32, scale, causal, hpc as i32);
+    // SAFETY: as above (the partials only when hpc < rep).
+    unsafe { bld.launch(flash_cfg(b, t, h / hpc)) }.w()?;
     if let Some(((_, pkp), (_, pvp))) = &parts {
         let f = dev.get_or_load_custom_func(&format!("kv_sum{d}"), FLASH_MODULE, FLASH_PTX)?;
         let mut bld = f.builder();
+        let n_parts = (rep / hpc) as i32;
         candle_core::builder_arg!(
-            bld, *pkp, *pvp, outp, nq64, nk64, cs, sn, kvh as i32, t as i32, rep as i32
+            bld, *pkp, *pvp, outp, nq64, nk64, cs, sn, kvh as i32, t as i32, n_parts
         );
         let mut cfg = elems_cfg(nk / 8);
         cfg.grid_dim.1 = 2;
-        // SAFETY: partials (b, h, t, d) f32 into out's dk and dv blocks; d/8 threads per row.
+        // SAFETY: partials (b, kvh, rep / hpc, t, d) f32 into out's dk and dv blocks; d/8
+        // threads per row.
         unsafe { bld.launch(cfg) }.w()?;
     }
     drop(parts);

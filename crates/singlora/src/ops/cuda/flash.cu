@@ -280,23 +280,25 @@ __device__ __forceinline__ void store_row(bf16* out, long at, const float (&x)[D
     }
 }
 
-// dK and dV of 64 keys from one query head (blockIdx.y = b·h + head), into the packed input
-// gradient out = [dq | dk | dv] (merged layouts, nq and nk elements): straight there when each
-// KV head has one query head; otherwise as f32 partial sums (b, h, t, d) in pk, pv for kv_sum.
+// dK and dV of 64 keys from hpc query heads of one KV head (blockIdx.y = (b·h + first head) /
+// hpc), into the packed input gradient out = [dq | dk | dv] (merged layouts, nq and nk
+// elements): straight there when the block takes all of the KV head's query heads (hpc = rep);
+// otherwise as f32 partial sums (b, h / hpc, t, d) in pk, pv for kv_sum. More heads a block:
+// fewer partials to write and sum, but fewer blocks and a longer longest one (causal).
 template <int D>
 __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                              const bf16* __restrict__ dout, const float* __restrict__ lse,
                              const float* __restrict__ dsum, float* __restrict__ pk, float* __restrict__ pv,
                              bf16* __restrict__ out, long nq, long nk, const float* __restrict__ cs,
                              const float* __restrict__ sn, const uint32_t* __restrict__ key_lens, int h, int kvh, int t,
-                             float scale, int causal) {
+                             float scale, int causal, int hpc) {
     constexpr int S = Stages<D>::n;
     __shared__ __align__(16) bf16 qs[S][FA_BM * (D + 8)];
     __shared__ __align__(16) bf16 os[S][FA_BM * (D + 8)];  // dO
     __shared__ float lse_s[S][FA_BM], dsum_s[S][FA_BM];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tg = lane & 3;
-    const int kb = blockIdx.x, bh = blockIdx.y;  // the keys with the most rows first
-    const int bb = bh / h, hh = bh % h, rep = h / kvh, kh = hh / rep, kv = bb * kvh + kh;
+    const int kb = blockIdx.x, grp = blockIdx.y;  // the keys with the most rows first
+    const int bb = grp / (h / hpc), h0 = (grp % (h / hpc)) * hpc, rep = h / kvh, kh = h0 / rep, kv = bb * kvh + kh;
     const int k0 = kb * FA_BN, len = min((int)key_lens[bb], t);
     // this warp's 16 keys (K and V as A operands) through the shared tiles
     load_tile<D>(qs[0], k + (long)kv * t * D, D, k0, t);
@@ -313,26 +315,27 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
     float gk[D / 8][4], gv[D / 8][4];
     zero(gk);
     zero(gv);
-    const bf16* qg = q + (long)bh * t * D;
-    const bf16* dog = dout + ((long)bb * t * h + hh) * D;
     const int nqb = (t + FA_BM - 1) / FA_BM;
     const int qstart = (k0 < len) ? (causal ? k0 / FA_BM : 0) : nqb;
-    auto issue = [&](int qb, int st) {
-        const int q0 = qb * FA_BM;
-        load_tile<D>(qs[st], qg, D, q0, t);
-        load_tile<D>(os[st], dog, (long)h * D, q0, t);
+    // iterations: the query tiles qstart .. nqb - 1 of each of the hpc heads in turn
+    const int per = nqb - qstart, its = per * hpc;
+    auto issue = [&](int it, int st) {
+        const int q0 = (qstart + it % per) * FA_BM;
+        const long bh = (long)bb * h + h0 + it / per;
+        load_tile<D>(qs[st], q + bh * t * D, D, q0, t);
+        load_tile<D>(os[st], dout + ((long)bb * t * h + h0 + it / per) * D, (long)h * D, q0, t);
         cp_commit();
         if (threadIdx.x < FA_BM) {
             const int r = q0 + threadIdx.x;
-            lse_s[st][threadIdx.x] = r < t ? lse[(long)bh * t + r] * FA_LOG2E : 0.f;
-            dsum_s[st][threadIdx.x] = r < t ? dsum[(long)bh * t + r] : 0.f;
+            lse_s[st][threadIdx.x] = r < t ? lse[bh * t + r] * FA_LOG2E : 0.f;
+            dsum_s[st][threadIdx.x] = r < t ? dsum[bh * t + r] : 0.f;
         }
     };
-    if (qstart < nqb) issue(qstart, 0);
-    for (int qb = qstart; qb < nqb; qb++) {
-        const int q0 = qb * FA_BM, st = S == 2 ? (qb - qstart) & 1 : 0;
-        if (S == 2 && qb + 1 < nqb) {
-            issue(qb + 1, st ^ 1);
+    if (its > 0) issue(0, 0);
+    for (int it = 0; it < its; it++) {
+        const int q0 = (qstart + it % per) * FA_BM, st = S == 2 ? it & 1 : 0;
+        if (S == 2 && it + 1 < its) {
+            issue(it + 1, st ^ 1);
             asm volatile("cp.async.wait_group 1;\n" ::: "memory");
         } else {
             cp_wait();
@@ -362,13 +365,13 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
             for (int e = 0; e < 4; e++) pt[nt][e] *= dpt[nt][e] - dsum_s[st][8 * nt + 2 * tg + (e & 1)];
         mul_b<D, FA_BM / 16>(gk, pt, qs[st], lane);  // dK += dSᵀ·Q (scale applied at the end)
         __syncthreads();
-        if (S == 1 && qb + 1 < nqb) issue(qb + 1, 0);
+        if (S == 1 && it + 1 < its) issue(it + 1, 0);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (key[r] >= t) continue;
-        if (rep > 1) {
-            const long at = ((long)bh * t + key[r]) * D + 2 * tg;
+        if (hpc < rep) {
+            const long at = ((long)grp * t + key[r]) * D + 2 * tg;
 #pragma unroll
             for (int i = 0; i < D / 8; i++) {
                 *reinterpret_cast<float2*>(pk + at + 8 * i) = make_float2(gk[i][2 * r] * scale, gk[i][2 * r + 1] * scale);
@@ -382,12 +385,13 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
     }
 }
 
-// dk and dv from kv heads' rep query heads' partials (b, h, t, d) f32, summed, rotated back (k)
+// dk and dv from each KV head's `parts` partials (b, kvh, parts, t, d) f32, summed, rotated back (k)
 // and merged into out's (b, t, kvh, d) blocks at nq and nq + nk; blockIdx.y: 0 for k, 1 for v.
 // A thread takes 4 columns of a row's first half and their partners in the second.
 template <int D>
 __device__ void kv_sum(const float* __restrict__ pk, const float* __restrict__ pv, bf16* __restrict__ out, long nq,
-                       long nk, const float* __restrict__ cs, const float* __restrict__ sn, int kvh, int t, int rep) {
+                       long nk, const float* __restrict__ cs, const float* __restrict__ sn, int kvh, int t,
+                       int parts) {
     const bool is_k = blockIdx.y == 0;
     const float* p = is_k ? pk : pv;
     bf16* dst = out + nq + (is_k ? 0 : nk);
@@ -398,8 +402,8 @@ __device__ void kv_sum(const float* __restrict__ pk, const float* __restrict__ p
         const int j = (g % Q) * 4, pos = row % t;
         const long kv = row / t, bb = kv / kvh, kh = kv % kvh;
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f), c = a;
-        for (int r = 0; r < rep; r++) {
-            const float* src = p + ((kv * rep + r) * t + pos) * D + j;
+        for (int r = 0; r < parts; r++) {
+            const float* src = p + ((kv * parts + r) * t + pos) * D + j;
             const float4 x = *reinterpret_cast<const float4*>(src);
             const float4 y = *reinterpret_cast<const float4*>(src + D / 2);
             a.x += x.x, a.y += x.y, a.z += x.z, a.w += x.w;
@@ -533,12 +537,13 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     extern "C" __global__ void __launch_bounds__(128) flash_bwd_kv##D(                                                \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* dsum, float* pk,  \
         float* pv, bf16* out, long nq, long nk, const float* cs, const float* sn, const uint32_t* key_lens, int h,     \
-        int kvh, int t, float scale, int causal) {                                                                     \
-        flash_bwd_kv<D>(q, k, v, dout, lse, dsum, pk, pv, out, nq, nk, cs, sn, key_lens, h, kvh, t, scale, causal);    \
+        int kvh, int t, float scale, int causal, int hpc) {                                                            \
+        flash_bwd_kv<D>(q, k, v, dout, lse, dsum, pk, pv, out, nq, nk, cs, sn, key_lens, h, kvh, t, scale, causal,     \
+                        hpc);                                                                                          \
     }                                                                                                                  \
     extern "C" __global__ void kv_sum##D(const float* pk, const float* pv, bf16* out, long nq, long nk,               \
-                                         const float* cs, const float* sn, int kvh, int t, int rep) {                  \
-        kv_sum<D>(pk, pv, out, nq, nk, cs, sn, kvh, t, rep);                                                           \
+                                         const float* cs, const float* sn, int kvh, int t, int parts) {                \
+        kv_sum<D>(pk, pv, out, nq, nk, cs, sn, kvh, t, parts);                                                         \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                  \
         flash_bwd_q##D(const bf16* q, const bf16* k, const bf16* v, const bf16* o, const bf16* dout, const float* lse,  \
