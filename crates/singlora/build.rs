@@ -3,6 +3,7 @@
 fn main() {
     println!("cargo:rerun-if-changed=src/ops/cuda/kernels.cu");
     println!("cargo:rerun-if-changed=src/ops/cuda/flash.cu");
+    println!("cargo:rerun-if-changed=src/ops/cuda/tc.cuh");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

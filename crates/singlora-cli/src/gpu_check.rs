@@ -428,6 +428,26 @@ fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let term = |u: &Tensor| -> Result<Tensor> {
             Ok((f32_of(&h.narrow(1, 8, r)?)?.matmul(&f32_of(u)?.t()?)? * c as f64)?)
         };
+        // g·U and out + c·gᵀ·h in one pass over g (300 × 200: partial 128-row and 64-column
+        // tiles; out starts non-zero, as SingLoRA's dA does when dD is added first)
+        {
+            let g = bf(Tensor::randn(0f32, 1.0, (300, n), device)?)?;
+            let hg = bf(Tensor::randn(0f32, 1.0, (300, r), device)?)?;
+            let out = Tensor::randn(0f32, 1.0, (n, r), device)?;
+            let (gu, du) = singlora::ops::g_pass_products(&g, &u, &hg, &out, c)?;
+            let gu_want = f32_of(&g)?.matmul(&f32_of(&u)?)?;
+            let du_want = (&out + (f32_of(&g)?.t()?.matmul(&f32_of(&hg)?)? * c as f64)?)?;
+            for (what, got, want, bound) in [
+                ("g·U", &gu, &gu_want, 1e-2),
+                ("out + c·gᵀ·h", &du, &du_want, 1e-4),
+            ] {
+                rows.push(Row {
+                    what: format!("one pass over g r={r}: {what}"),
+                    err: rel_err(got, want)?,
+                    bound,
+                });
+            }
+        }
         let got = singlora::ops::add_low_rank(&a, &b, (&h, 8, &u, c))?;
         let want = ((f32_of(&a)? + f32_of(&b)?)? + term(&u)?)?;
         rows.push(Row {
@@ -608,6 +628,9 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 singlora::ops::set_flash_attention(false);
                 let unflashed = model.loss_and_grads(&batch, 1.0);
                 singlora::ops::set_flash_attention(true);
+                singlora::ops::set_g_pass(false);
+                let two_gemms = model.loss_and_grads(&batch, 1.0);
+                singlora::ops::set_g_pass(true);
                 singlora::ops::set_low_rank_epilogue(false);
                 let unfused = model.loss_and_grads(&batch, 1.0);
                 singlora::ops::set_vectorised(false);
@@ -617,7 +640,14 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 let (loss_u, g_u) = unfused?;
                 let (loss_s, g_s) = scalar?;
                 let (loss_n, g_n) = unflashed?;
+                let (loss_2, g_2) = two_gemms?;
                 for (what, (l1, g1), (l2, g2), bound) in [
+                    (
+                        "fast path: one pass over g vs two GEMMs (loss, gradients)",
+                        (&loss_f, &g_f),
+                        (&loss_2, &g_2),
+                        1e-2,
+                    ),
                     (
                         "fast path: fused attention vs GEMMs and softmax (loss, gradients)",
                         (&loss_f, &g_f),

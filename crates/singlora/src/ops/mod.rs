@@ -30,15 +30,15 @@ pub(crate) mod attention;
 pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-/// The CUDA fast path's switches (its 8-wide kernels, the adapters' low-rank epilogue, the fused
-/// attention kernels) and the epilogue kernels' entries on tensors, for the device check's
+/// The CUDA fast path's switches (its 8-wide kernels, the adapters' low-rank epilogue and one
+/// pass over g, the fused attention kernels) and the epilogue kernels' entries on tensors, for the device check's
 /// comparisons.
 #[cfg(feature = "cuda")]
 pub use cuda::attention::set_flash_attention;
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    add_low_rank, rope_low_rank, set_low_rank_epilogue, set_vectorised, swiglu_bwd_low_rank,
-    swiglu_low_rank,
+    add_low_rank, g_pass_products, rope_low_rank, set_g_pass, set_low_rank_epilogue,
+    set_vectorised, swiglu_bwd_low_rank, swiglu_low_rank,
 };
 pub(crate) mod gelu;
 mod linear;

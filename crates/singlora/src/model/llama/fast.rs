@@ -696,23 +696,41 @@ impl Proj {
             trans: false,
         };
         let mut deferred = None;
+        // dU = c·gᵀ·h goes to SingLoRA's dA rows 0..n (added; the buffer starts zeroed) or is
+        // LoRA's dB; with g_U = g·U in one pass over g where the kernel takes it
+        let (du, du_beta) = match f.slot {
+            GradSlot::SingLora { off, .. } => (grads + 4 * off as u64, 1.0),
+            GradSlot::Lora { b_off, .. } => (grads + 4 * b_off as u64, 0.0),
+        };
+        let one_pass = raw::g_pass_ok(bf16, g, n, r);
         unsafe {
-            gemm_out_ld(
-                dev,
-                bf16,
-                bf16,
-                (m, r, n),
-                gm,
-                Mat {
-                    ptr: f.u,
-                    ld: r,
-                    trans: false,
-                },
-                (gup, gu_ld),
-                1.0,
-                0.0,
-            )?;
-            mark(dev, "adapter bwd: gU = g·U")?;
+            if one_pass {
+                raw::g_pass(
+                    dev,
+                    (g, m, n),
+                    (f.u, h, h_ld, r),
+                    (gup, gu_ld),
+                    (du, f.c, du_beta),
+                )?;
+                mark(dev, "adapter bwd: gU and dU in one pass over g")?;
+            } else {
+                gemm_out_ld(
+                    dev,
+                    bf16,
+                    bf16,
+                    (m, r, n),
+                    gm,
+                    Mat {
+                        ptr: f.u,
+                        ld: r,
+                        trans: false,
+                    },
+                    (gup, gu_ld),
+                    1.0,
+                    0.0,
+                )?;
+                mark(dev, "adapter bwd: gU = g·U")?;
+            }
             let lr = LowRank {
                 h: gup,
                 ldh: gu_ld,
@@ -745,15 +763,19 @@ impl Proj {
         // LoRA's dA = c·g_Uᵀ·x (r × k) and dB = c·gᵀ·h (n × r); grouped, the group gives the
         // D side (dD, LoRA's dA) for all its members
         let d_side = grouped.is_none();
+        let du_job = (!one_pass).then_some(((n, r, m), Mat { trans: true, ..gm }, hm, du, du_beta));
         let jobs = match f.slot {
-            GradSlot::SingLora { off, .. } => {
-                let da = grads + 4 * off as u64;
-                [
-                    d_side.then_some(((k, r, m), Mat { trans: true, ..xm }, gum, da, 1.0)),
-                    Some(((n, r, m), Mat { trans: true, ..gm }, hm, da, 1.0)),
-                ]
-            }
-            GradSlot::Lora { a_off, b_off, .. } => [
+            GradSlot::SingLora { off, .. } => [
+                d_side.then_some((
+                    (k, r, m),
+                    Mat { trans: true, ..xm },
+                    gum,
+                    grads + 4 * off as u64,
+                    1.0,
+                )),
+                du_job,
+            ],
+            GradSlot::Lora { a_off, .. } => [
                 d_side.then_some((
                     (r, k, m),
                     Mat { trans: true, ..gum },
@@ -761,13 +783,7 @@ impl Proj {
                     grads + 4 * a_off as u64,
                     0.0,
                 )),
-                Some((
-                    (n, r, m),
-                    Mat { trans: true, ..gm },
-                    hm,
-                    grads + 4 * b_off as u64,
-                    0.0,
-                )),
+                du_job,
             ],
         };
         let labels = [

@@ -32,6 +32,15 @@ pub fn set_low_rank_epilogue(on: bool) {
     LOW_RANK_EPILOGUE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+static G_PASS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the CUDA fast path may compute an adapter's g·U and gᵀ·h in one pass over the
+/// output gradient g (`raw::g_pass`) instead of two GEMMs (on by default; the device check
+/// compares).
+pub fn set_g_pass(on: bool) {
+    G_PASS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The 8-wide variant applies: 16-byte aligned pointers and a length (or row width) that is
 /// a multiple of 8.
 fn v8(ptrs: &[u64], n: usize) -> bool {
@@ -768,6 +777,36 @@ pub fn add_low_rank(a: &Tensor, b: &Tensor, t: Term) -> candle_core::Result<Tens
     Ok(y)
 }
 
+/// (g·U (bf16, m × r), out + c·gᵀ·h (f32, n × r)) for g (m × n), U (n × r) and h (m × r),
+/// all bf16, through the one-pass kernel (`raw::g_pass`): the device check's entry to it.
+pub fn g_pass_products(
+    g: &Tensor,
+    u: &Tensor,
+    h: &Tensor,
+    out: &Tensor,
+    c: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (m, n) = g.dims2()?;
+    let (_, r) = u.dims2()?;
+    let (gp, dev) = bf16_ptr(g, "g")?;
+    if u.dims2()? != (n, r) || h.dims2()? != (m, r) || out.dims2()? != (n, r) {
+        candle_core::bail!("g_pass: g {m} × {n} needs U {n} × {r}, h {m} × {r}, out {n} × {r}");
+    }
+    if !raw::g_pass_ok(true, gp, n, r) {
+        candle_core::bail!("g_pass: not for r = {r}, {n} columns (or switched off)");
+    }
+    let gu = Tensor::zeros((m, r), DType::BF16, g.device())?;
+    let out = out.to_dtype(DType::F32)?.copy()?;
+    raw::g_pass(
+        &dev,
+        (gp, m, n),
+        (bf16_ptr(u, "U")?.0, bf16_ptr(h, "h")?.0, r, r),
+        (bf16_ptr(&gu, "g_U")?.0, r),
+        (tensor_ptr(&out, "out", &[DType::F32])?, c, 1.0),
+    )?;
+    Ok((gu, out))
+}
+
 /// (silu(g')·u', g', u') with g' = g + c_g·h_g·U_gᵀ and u' likewise (bf16, m × n), through
 /// the SwiGLU low-rank epilogue kernel (which, with `writeback`, writes g' and u' over copies
 /// of g and u; without, the copies come back unchanged).
@@ -1342,6 +1381,67 @@ pub mod raw {
         let cfg = if vec { super::v8_cfg(n) } else { elems_cfg(n) };
         // SAFETY: live buffers of n elements.
         unsafe { bld.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// Whether [`g_pass`] takes an output gradient g of n columns with a rank-r adapter: bf16,
+    /// r 8 or 16, whole 16-byte chunks of g's rows, and not switched off (by
+    /// [`super::set_g_pass`], or `SINGLORA_UNFUSED_GPASS` read once).
+    pub fn g_pass_ok(bf16: bool, g: u64, n: usize, r: usize) -> bool {
+        static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        bf16 && matches!(r, 8 | 16)
+            && n % 8 == 0
+            && g % 16 == 0
+            && super::G_PASS.load(std::sync::atomic::Ordering::Relaxed)
+            && *ENV.get_or_init(|| std::env::var_os("SINGLORA_UNFUSED_GPASS").is_none())
+    }
+
+    /// An adapter's two products with its projection's output gradient g (m × n) in one pass
+    /// over g (see `gpass` in kernels.cu): g_U = g·U (bf16, m × r at row stride `ldgu`) and
+    /// out = β·out + c·gᵀ·h (f32, n × r contiguous), for U (n × r, contiguous) and h (m × r at
+    /// row stride `ldh`). [`g_pass_ok`] first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn g_pass(
+        dev: &CudaDevice,
+        (g, m, n): (u64, usize, usize),
+        (u, h, ldh, r): (u64, u64, usize, usize),
+        (gu, ldgu): (u64, usize),
+        (out, c, beta): (u64, f32, f32),
+    ) -> candle_core::Result<()> {
+        let (ng, nu) = (n.div_ceil(128), m.div_ceil(128));
+        let (pg, pgp) = fresh(dev, false, ng * m * r)?;
+        let (pu, pup) = fresh(dev, false, nu * n * r)?;
+        let f = dev.get_or_load_custom_func(&format!("gpass{r}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(bld, g, m as i64, n as i32, u, h, ldh as i64, pgp, pup);
+        let cfg = LaunchConfig {
+            grid_dim: (ng as u32, nu as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: g m × n, U n × r, h m rows of ldh, the partials ng·m·r and nu·n·r f32.
+        unsafe { bld.launch(cfg) }.w()?;
+        let f = dev.get_or_load_custom_func(&format!("gpass_sum{r}"), MODULE, PTX)?;
+        let mut bld = f.builder();
+        candle_core::builder_arg!(
+            bld,
+            pgp,
+            ng as i32,
+            m as i64,
+            gu,
+            ldgu as i64,
+            pup,
+            nu as i32,
+            n as i32,
+            out,
+            c,
+            beta
+        );
+        let mut cfg = elems_cfg(m.max(n) * r);
+        cfg.grid_dim.1 = 2;
+        // SAFETY: the partials above; g_U m rows of ldgu, out n × r f32.
+        unsafe { bld.launch(cfg) }.w()?;
+        drop((pg, pu));
         Ok(())
     }
 }
