@@ -1179,3 +1179,26 @@ fn train_rank(
         train_loss: last_loss,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TrainConfig;
+
+    /// A run.json written before `recompute_attention` became `recompute` still resumes, with
+    /// the setting it had; the current name round-trips.
+    #[test]
+    fn config_reads_the_old_name_of_recompute() {
+        let mut v = serde_json::to_value(TrainConfig::default()).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        assert_eq!(
+            obj.remove("recompute"),
+            Some(serde_json::Value::Bool(false))
+        );
+        obj.insert("recompute_attention".into(), true.into());
+        let old: TrainConfig = serde_json::from_value(v).unwrap();
+        assert!(old.recompute);
+        let again: TrainConfig =
+            serde_json::from_value(serde_json::to_value(&old).unwrap()).unwrap();
+        assert!(again.recompute);
+    }
+}
