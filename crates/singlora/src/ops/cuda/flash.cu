@@ -94,6 +94,22 @@ __device__ __forceinline__ void frags(uint32_t (&a)[D / 16][4], const bf16* s, i
     for (int kk = 0; kk < D / 16; kk++) ldsm(a[kk], a_at<D>(s, w, kk, lane));
 }
 
+// The calling warp's A fragments of rows r0 .. r0 + 63 of two row-major matrices a and b (row
+// strides la, lb; rows past n zeros) through the shared tiles sa and sb, which keep the rows.
+template <int D>
+__device__ __forceinline__ void frags2(uint32_t (&fa)[D / 16][4], uint32_t (&fb)[D / 16][4], bf16* sa, bf16* sb,
+                                       const bf16* a, long la, const bf16* b, long lb, int r0, int n, int w,
+                                       int lane) {
+    load_tile<D>(sa, a, la, r0, n);
+    load_tile<D>(sb, b, lb, r0, n);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
+    frags<D>(fa, sa, w, lane);
+    frags<D>(fb, sb, w, lane);
+    __syncthreads();
+}
+
 template <int N>
 __device__ __forceinline__ void zero(float (&x)[N][4]) {
 #pragma unroll
@@ -265,15 +281,8 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
     const int bb = grp / (h / hpc), h0 = (grp % (h / hpc)) * hpc, rep = h / kvh, kh = h0 / rep, kv = bb * kvh + kh;
     const int k0 = kb * FA_BN, len = min((int)key_lens[bb], t);
     // this warp's 16 keys (K and V as A operands) through the shared tiles
-    load_tile<D>(qs[0], k + (long)kv * t * D, D, k0, t);
-    load_tile<D>(os[0], v + (long)kv * t * D, D, k0, t);
-    cp_commit();
-    cp_wait();
-    __syncthreads();
     uint32_t kf[D / 16][4], vf[D / 16][4];
-    frags<D>(kf, qs[0], w, lane);
-    frags<D>(vf, os[0], w, lane);
-    __syncthreads();
+    frags2<D>(kf, vf, qs[0], os[0], k + (long)kv * t * D, D, v + (long)kv * t * D, D, k0, t, w, lane);
     const int key[2] = {k0 + 16 * w + (lane >> 2), k0 + 16 * w + (lane >> 2) + 8};
     const float sl2 = scale * FA_LOG2E;
     float gk[D / 8][4], gv[D / 8][4];
@@ -297,14 +306,7 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
     };
     if (its > 0) issue(0, 0);
     for (int it = 0; it < its; it++) {
-        const int q0 = (qstart + it % per) * FA_BM, st = S == 2 ? it & 1 : 0;
-        if (S == 2 && it + 1 < its) {
-            issue(it + 1, st ^ 1);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        } else {
-            cp_wait();
-        }
-        __syncthreads();
+        const int q0 = (qstart + it % per) * FA_BM, st = stage_in<S>(it, its, issue);
         // Pᵀ (keys × queries) = exp(scale·K·Qᵀ − lse)
         float pt[FA_BM / 8][4];
         zero(pt);
@@ -328,8 +330,7 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
 #pragma unroll
             for (int e = 0; e < 4; e++) pt[nt][e] *= dpt[nt][e] - dsum_s[st][8 * nt + 2 * tg + (e & 1)];
         mul_b<D, FA_BM / 16>(gk, pt, qs[st], lane);  // dK += dSᵀ·Q (scale applied at the end)
-        __syncthreads();
-        if (S == 1 && it + 1 < its) issue(it + 1, 0);
+        stage_out<S>(it, its, issue);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -409,15 +410,8 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     const int q0 = qb * FA_BM, len = min((int)key_lens[bb], t);
     // Q and dO of this warp's rows as A operands, through the shared tiles
     const long merged = ((long)bb * t * h + hh) * D;
-    load_tile<D>(ks[0], q + (long)bh * t * D, D, q0, t);
-    load_tile<D>(vs[0], dout + merged, (long)h * D, q0, t);
-    cp_commit();
-    cp_wait();
-    __syncthreads();
     uint32_t qf[D / 16][4], of[D / 16][4];
-    frags<D>(qf, ks[0], w, lane);
-    frags<D>(of, vs[0], w, lane);
-    __syncthreads();
+    frags2<D>(qf, of, ks[0], vs[0], q + (long)bh * t * D, D, dout + merged, (long)h * D, q0, t, w, lane);
     // Δ of the 64 rows, two threads a row, from dO (still in vs[0]) and O (into ks[0])
     load_tile<D>(ks[0], o + merged, (long)h * D, q0, t);
     cp_commit();
@@ -458,14 +452,7 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     };
     if (nkb > 0) issue(0, 0);
     for (int j = 0; j < nkb; j++) {
-        const int k0 = j * FA_BN, st = S == 2 ? j & 1 : 0;
-        if (S == 2 && j + 1 < nkb) {
-            issue(j + 1, st ^ 1);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        } else {
-            cp_wait();
-        }
-        __syncthreads();
+        const int k0 = j * FA_BN, st = stage_in<S>(j, nkb, issue);
         float s[FA_BN / 8][4], dp[FA_BN / 8][4];
         zero(s);
         zero(dp);
@@ -482,8 +469,7 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
                 s[nt][e] = p * (dp[nt][e] - dl[r]);
             }
         mul_b<D, FA_BN / 16>(gq, s, ks[st], lane);  // dQ += dS·K
-        __syncthreads();
-        if (S == 1 && j + 1 < nkb) issue(j + 1, 0);
+        stage_out<S>(j, nkb, issue);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++)

@@ -1066,14 +1066,7 @@ __device__ void gpass(const bf16* __restrict__ g, long m, int n, const bf16* __r
         for (int j = 0; j < NT; j++) ag[j][0] = ag[j][1] = ag[j][2] = ag[j][3] = 0.f;
 #pragma unroll
         for (int cb = 0; cb < GP_S; cb++) {
-            const int i = rb * GP_S + cb, st = i & 1;
-            if (i + 1 < GP_S * GP_S) {
-                issue(i + 1, st ^ 1);
-                cp_wait_n<1>();
-            } else {
-                cp_wait();
-            }
-            __syncthreads();
+            const int i = rb * GP_S + cb, st = stage_in<2>(i, GP_S * GP_S, issue);
             const bf16* s = tile[st];
 #pragma unroll
             for (int kk = 0; kk < GP_T / 16; kk++) {
@@ -1093,7 +1086,7 @@ __device__ void gpass(const bf16* __restrict__ g, long m, int n, const bf16* __r
                     mma(au[cb][j], a, *reinterpret_cast<const uint32_t*>(&ht[8 * j + gq][row]),
                         *reinterpret_cast<const uint32_t*>(&ht[8 * j + gq][row + 8]));
             }
-            __syncthreads();  // before tile i + 2 goes into this stage
+            stage_out<2>(i, GP_S * GP_S, issue);  // (a barrier: tile i + 2 goes into this stage)
         }
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {

@@ -48,5 +48,28 @@ __device__ __forceinline__ void cp_wait_n() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Tiles 0 .. n - 1 through S shared stages (1 or 2), `issue(i, stage)` requesting tile i (one
+// cp.async group), tile 0 requested before the loop. At the top of iteration i, stage_in
+// requests tile i + 1 into the other stage (S = 2), waits for tile i and returns its stage; at
+// the bottom, after the block's last read of that stage, stage_out requests tile i + 1 into it
+// (S = 1) behind a barrier.
+template <int S, class F>
+__device__ __forceinline__ int stage_in(int i, int n, F& issue) {
+    const int st = S == 2 ? i & 1 : 0;
+    if (S == 2 && i + 1 < n) {
+        issue(i + 1, st ^ 1);
+        cp_wait_n<1>();
+    } else {
+        cp_wait();
+    }
+    __syncthreads();
+    return st;
+}
+template <int S, class F>
+__device__ __forceinline__ void stage_out(int i, int n, F& issue) {
+    __syncthreads();
+    if (S == 1 && i + 1 < n) issue(i + 1, 0);
+}
+
 
 }  // namespace tc
