@@ -344,7 +344,7 @@ pub fn forward_raw(
         }
     }
     mark(dev, "attention: RoPE and split")?;
-    let (out, outp, p, lse) = if flash_applies(bf16, d) {
+    if flash_applies(bf16, d) {
         let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
         let (lse, lsep) = fresh(dev, false, b * h * t)?;
         let f = dev.get_or_load_custom_func(&format!("flash_fwd{d}"), FLASH_MODULE, FLASH_PTX)?;
@@ -364,30 +364,40 @@ pub fn forward_raw(
         // (b, t, h·d) and lse (b, h, t) are live buffers of those sizes, lens has b entries.
         unsafe { bld.launch(flash_cfg(b, t, h)) }.w()?;
         mark(dev, "attention: fused forward")?;
-        (out, outp, None, Some(lse))
-    } else {
-        let groups = b * kvh;
-        let (p, pp) = probabilities(dev, bf16, (qsp, ksp), lens, (b, t, h, kvh, d), causal)?;
-        let (o, op) = fresh(dev, bf16, b * h * t * d)?;
-        unsafe {
-            gemm_batched(
-                dev,
-                bf16,
-                (rep * t, d, t),
-                (mat(pp, t, false), rep * t * t),
-                (mat(vsp, d, false), t * d),
-                (op, rep * t * d),
-                groups,
-                1.0,
-            )?;
-        }
-        mark(dev, "attention: PV GEMM")?;
-        let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
-        rope_raw(dev, bf16, op, outp, tables, (b, t, h, d), false, true)?;
-        mark(dev, "attention: RoPE and split")?;
-        drop(o);
-        (out, outp, (!recompute).then_some(p), None)
-    };
+        return Ok((
+            out,
+            outp,
+            Saved {
+                q: qs,
+                k: ks,
+                v: vs,
+                p: None,
+                lse: Some(lse),
+                lens: lens.clone(),
+                causal,
+            },
+        ));
+    }
+    let groups = b * kvh;
+    let (p, pp) = probabilities(dev, bf16, (qsp, ksp), lens, (b, t, h, kvh, d), causal)?;
+    let (o, op) = fresh(dev, bf16, b * h * t * d)?;
+    unsafe {
+        gemm_batched(
+            dev,
+            bf16,
+            (rep * t, d, t),
+            (mat(pp, t, false), rep * t * t),
+            (mat(vsp, d, false), t * d),
+            (op, rep * t * d),
+            groups,
+            1.0,
+        )?;
+    }
+    mark(dev, "attention: PV GEMM")?;
+    let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
+    rope_raw(dev, bf16, op, outp, tables, (b, t, h, d), false, true)?;
+    mark(dev, "attention: RoPE and split")?;
+    drop(o);
     Ok((
         out,
         outp,
@@ -395,8 +405,8 @@ pub fn forward_raw(
             q: qs,
             k: ks,
             v: vs,
-            p,
-            lse,
+            p: (!recompute).then_some(p),
+            lse: None,
             lens: lens.clone(),
             causal,
         },

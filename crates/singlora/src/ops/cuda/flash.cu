@@ -94,22 +94,6 @@ __device__ __forceinline__ void frags(uint32_t (&a)[D / 16][4], const bf16* s, i
     for (int kk = 0; kk < D / 16; kk++) ldsm(a[kk], a_at<D>(s, w, kk, lane));
 }
 
-// The calling warp's A fragments of rows r0 .. r0 + 63 of two row-major matrices a and b (row
-// strides la, lb; rows past n zeros) through the shared tiles sa and sb, which keep the rows.
-template <int D>
-__device__ __forceinline__ void frags2(uint32_t (&fa)[D / 16][4], uint32_t (&fb)[D / 16][4], bf16* sa, bf16* sb,
-                                       const bf16* a, long la, const bf16* b, long lb, int r0, int n, int w,
-                                       int lane) {
-    load_tile<D>(sa, a, la, r0, n);
-    load_tile<D>(sb, b, lb, r0, n);
-    cp_commit();
-    cp_wait();
-    __syncthreads();
-    frags<D>(fa, sa, w, lane);
-    frags<D>(fb, sb, w, lane);
-    __syncthreads();
-}
-
 template <int N>
 __device__ __forceinline__ void zero(float (&x)[N][4]) {
 #pragma unroll
@@ -281,8 +265,15 @@ __device__ void flash_bwd_kv(const bf16* __restrict__ q, const bf16* __restrict_
     const int bb = grp / (h / hpc), h0 = (grp % (h / hpc)) * hpc, rep = h / kvh, kh = h0 / rep, kv = bb * kvh + kh;
     const int k0 = kb * FA_BN, len = min((int)key_lens[bb], t);
     // this warp's 16 keys (K and V as A operands) through the shared tiles
+    load_tile<D>(qs[0], k + (long)kv * t * D, D, k0, t);
+    load_tile<D>(os[0], v + (long)kv * t * D, D, k0, t);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
     uint32_t kf[D / 16][4], vf[D / 16][4];
-    frags2<D>(kf, vf, qs[0], os[0], k + (long)kv * t * D, D, v + (long)kv * t * D, D, k0, t, w, lane);
+    frags<D>(kf, qs[0], w, lane);
+    frags<D>(vf, os[0], w, lane);
+    __syncthreads();
     const int key[2] = {k0 + 16 * w + (lane >> 2), k0 + 16 * w + (lane >> 2) + 8};
     const float sl2 = scale * FA_LOG2E;
     float gk[D / 8][4], gv[D / 8][4];
@@ -410,8 +401,15 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
     const int q0 = qb * FA_BM, len = min((int)key_lens[bb], t);
     // Q and dO of this warp's rows as A operands, through the shared tiles
     const long merged = ((long)bb * t * h + hh) * D;
+    load_tile<D>(ks[0], q + (long)bh * t * D, D, q0, t);
+    load_tile<D>(vs[0], dout + merged, (long)h * D, q0, t);
+    cp_commit();
+    cp_wait();
+    __syncthreads();
     uint32_t qf[D / 16][4], of[D / 16][4];
-    frags2<D>(qf, of, ks[0], vs[0], q + (long)bh * t * D, D, dout + merged, (long)h * D, q0, t, w, lane);
+    frags<D>(qf, ks[0], w, lane);
+    frags<D>(of, vs[0], w, lane);
+    __syncthreads();
     // Δ of the 64 rows, two threads a row, from dO (still in vs[0]) and O (into ks[0])
     load_tile<D>(ks[0], o + merged, (long)h * D, q0, t);
     cp_commit();
