@@ -36,11 +36,13 @@ pub fn set_flash_attention(on: bool) {
     FLASH.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The fused kernels apply: bf16, a head size they are built for, not switched off (by
-/// [`set_flash_attention`], or `SINGLORA_UNFUSED_ATTENTION` read once).
-fn flash_applies(bf16: bool, d: usize) -> bool {
+/// The fused kernels apply: bf16, a head size they are built for, b·h (query heads) blocks
+/// within a grid's second dimension, not switched off (by [`set_flash_attention`], or
+/// `SINGLORA_UNFUSED_ATTENTION` read once).
+fn flash_applies(bf16: bool, d: usize, b: usize, h: usize) -> bool {
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     bf16 && matches!(d, 64 | 128)
+        && b * h <= 65535
         && FLASH.load(std::sync::atomic::Ordering::Relaxed)
         && *ENV.get_or_init(|| std::env::var_os("SINGLORA_UNFUSED_ATTENTION").is_none())
 }
@@ -344,7 +346,7 @@ pub fn forward_raw(
         }
     }
     mark(dev, "attention: RoPE and split")?;
-    if flash_applies(bf16, d) {
+    if flash_applies(bf16, d, b, h) {
         let (out, outp) = fresh(dev, bf16, b * t * h * d)?;
         let (lse, lsep) = fresh(dev, false, b * h * t)?;
         let f = dev.get_or_load_custom_func(&format!("flash_fwd{d}"), FLASH_MODULE, FLASH_PTX)?;
