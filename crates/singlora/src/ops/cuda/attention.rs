@@ -61,7 +61,8 @@ fn heads_per_block(rep: usize) -> usize {
     });
     match set {
         Some(n) if n >= 1 && rep % n == 0 => n,
-        _ => [2, 1].into_iter().find(|n| rep % n == 0).unwrap_or(1),
+        _ if rep % 2 == 0 => 2,
+        _ => 1,
     }
 }
 
