@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::DType;
 use clap::Args;
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterSpec, Method};
 use singlora::data::Task;
 use singlora::model::{Pretrained, TaskModel};
-use singlora::ramp::{RampClock, RampSchedule};
-use singlora::target::TargetSpec;
 use singlora::train::parse_device;
 
 #[derive(Args, Debug)]

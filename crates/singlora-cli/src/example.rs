@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
+use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec};
 use singlora::checkpoint::Checkpoint;
 use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
-use singlora::target::TargetSpec;
 
 pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let _keep;
@@ -81,7 +81,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         "\n$ singlora export-lora --adapter ... --out {}",
         lora.display()
     );
-    singlora::export::export_lora(&adapter, &lora, None, true)?;
+    singlora::adapter::export::export_lora(&adapter, &lora, None, true)?;
     let merged_lora = dir.join("merged-from-lora");
     singlora::merge::merge_checkpoint(&base, &lora, &merged_lora, &opts)?;
     let (a, b) = (Checkpoint::open(&merged)?, Checkpoint::open(&merged_lora)?);

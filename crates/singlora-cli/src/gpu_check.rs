@@ -13,9 +13,9 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
 use singlora::linear::FrozenLinear;
-use singlora::ramp::{RampClock, RampSchedule};
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
 use singlora::train::{parse_device, train, TrainConfig};

@@ -156,7 +156,8 @@ fn run(cli: Cli) -> Result<()> {
             base,
             overwrite,
         } => {
-            let lora = singlora::export::export_lora(&adapter, &out, base.as_deref(), overwrite)?;
+            let lora =
+                singlora::adapter::export::export_lora(&adapter, &out, base.as_deref(), overwrite)?;
             println!(
                 "wrote {} : plain LoRA, r = {}, lora_alpha = {} (scale 1), {} layers",
                 out.display(),

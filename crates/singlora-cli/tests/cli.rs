@@ -4,9 +4,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::DType;
+use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec};
 use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
-use singlora::target::TargetSpec;
 
 fn singlora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_singlora"))

@@ -10,20 +10,10 @@ use std::path::Path;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::adapter::AdapterKind;
-use crate::adapter_file::AdapterFile;
+use crate::adapter::file::AdapterFile;
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::merge::base_weight;
-
-/// Trainable parameters of one adapted (d_out × d_in) weight.
-pub fn param_count(kind: AdapterKind, d_out: usize, d_in: usize, r: usize) -> usize {
-    match kind {
-        AdapterKind::SingLora => d_out.max(d_in) * r,
-        AdapterKind::Lora => r * (d_in + d_out),
-        AdapterKind::Dora => r * (d_in + d_out) + d_out,
-    }
-}
 
 /// LLaMA-family linear shapes (d_out, d_in) of q, k, v, o, gate, up, down in one block.
 pub fn llama_block_shapes(
@@ -83,14 +73,7 @@ pub fn inspect(adapter: &Path, base: Option<&Path>) -> Result<Inspection> {
     let c = &af.config;
     let mut layers = vec![];
     for (module, t) in &af.layers {
-        let shape = match c.kind {
-            AdapterKind::SingLora => match (c.layer_shapes.get(module), &ckpt) {
-                (Some(s), _) => Some(*s),
-                (None, Some(ck)) => Some(base_weight(ck, module, c.fan_in_fan_out)?.dims2()?),
-                (None, None) => None,
-            },
-            _ => Some((t["lora_B.weight"].dims()[0], t["lora_A.weight"].dims()[1])),
-        };
+        let shape = af.layer_shape(module, ckpt.as_ref())?;
         if let Some(ck) = &ckpt {
             // refuses an adapter whose shapes do not fit the base
             let w0 = base_weight(ck, module, c.fan_in_fan_out)?;
@@ -107,22 +90,16 @@ pub fn inspect(adapter: &Path, base: Option<&Path>) -> Result<Inspection> {
     let adapter_params = af.num_adapter_params();
     let head_params: usize = af.heads.values().map(|t| t.elem_count()).sum();
     let base_params = ckpt.as_ref().map(Checkpoint::num_params);
-    let method = match (c.kind, c.use_rslora) {
-        (AdapterKind::SingLora, _) => "singlora",
-        (AdapterKind::Lora, true) => "rslora",
-        (AdapterKind::Lora, false) => "lora",
-        (AdapterKind::Dora, _) => "dora",
-    };
-    let singlora = c.kind == AdapterKind::SingLora;
+    let ramps = c.kind.ramps();
     Ok(Inspection {
-        method: method.into(),
+        method: c.kind.method(c.use_rslora).to_string(),
         peft_type: c.peft_type().into(),
         r: c.r,
         lora_alpha: c.lora_alpha,
         use_rslora: c.use_rslora,
         scale: crate::adapter::scale(c.lora_alpha, c.r, c.use_rslora),
-        ramp_steps: singlora.then_some(c.ramp_steps),
-        step: singlora.then_some(c.step),
+        ramp_steps: ramps.then_some(c.ramp_steps),
+        step: ramps.then_some(c.step),
         u: c.u(),
         init: c.init.clone(),
         target_modules: c.target_modules.clone(),
@@ -226,6 +203,7 @@ impl Inspection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapter::AdapterKind;
 
     #[test]
     fn llama_7b_counts() {
@@ -233,7 +211,7 @@ mod tests {
         let count = |k| -> usize {
             32 * shapes
                 .iter()
-                .map(|(o, i)| param_count(k, *o, *i, 8))
+                .map(|(o, i)| AdapterKind::param_count(k, *o, *i, 8))
                 .sum::<usize>()
         };
         assert_eq!(count(AdapterKind::SingLora), 12_648_448);

@@ -3,18 +3,14 @@
 //! merge into the base and export as a plain LoRA.
 
 pub mod adapter;
-pub mod adapter_file;
 pub mod atomic;
 pub mod bench;
 pub mod chat;
 pub mod checkpoint;
-pub mod config;
 pub mod data;
 pub mod error;
 pub mod experiments;
-pub mod export;
 pub mod gguf;
-pub mod init;
 pub mod inspect;
 pub mod linear;
 pub mod merge;
@@ -24,10 +20,9 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod plot;
-pub mod ramp;
+pub mod rng;
 pub mod session;
 pub mod synthetic;
-pub mod target;
 pub mod tokenize;
 pub mod train;
 

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::adapter::check_finite;
-use crate::adapter_file::AdapterFile;
+use crate::adapter::file::AdapterFile;
 use crate::atomic::StagedDir;
 use crate::checkpoint::{write_safetensors, Checkpoint, TensorFile, INDEX_FILE, SINGLE_FILE};
 use crate::error::{Error, IoContext, Result};

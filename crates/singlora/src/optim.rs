@@ -24,9 +24,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::ramp::RampClock;
 use crate::adapter::{Param, ParamRole};
 use crate::error::{Error, Result};
-use crate::ramp::RampClock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {

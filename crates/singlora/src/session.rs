@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::adapter_file::AdapterFile;
+use crate::adapter::file::AdapterFile;
 use crate::data::{self, Columns, Encoded, LabelSet, Task};
 use crate::error::{Error, Result};
 use crate::model::{Pooling, Pretrained, TaskModel};

@@ -7,14 +7,14 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use crate::adapter::config::AdapterConfig;
+use crate::adapter::file::AdapterFile;
+use crate::adapter::ramp::RampClock;
+use crate::adapter::target::TargetSpec;
 use crate::adapter::{Adapter, AdapterSpec};
-use crate::adapter_file::AdapterFile;
 use crate::checkpoint::{write_safetensors, INDEX_FILE, SINGLE_FILE};
-use crate::config::AdapterConfig;
 use crate::error::{IoContext, Result};
-use crate::init::{normal, rng_for};
-use crate::ramp::RampClock;
-use crate::target::TargetSpec;
+use crate::rng::{normal, rng_for};
 
 /// The shape of a LLaMA-family decoder.
 #[derive(Debug, Clone, Copy)]
@@ -327,7 +327,7 @@ pub fn random_adapter(
     step: u64,
     ramp_steps: u64,
 ) -> Result<AdapterFile> {
-    let clock = RampClock::new(crate::ramp::RampSchedule::new(ramp_steps), step);
+    let clock = RampClock::new(crate::adapter::ramp::RampSchedule::new(ramp_steps), step);
     let mut adapters = vec![];
     for (name, (o, i)) in layers {
         let w0 = normal(

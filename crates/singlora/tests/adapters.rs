@@ -3,10 +3,10 @@
 //! square, tall and wide weights; the ramp; merge and unmerge.
 
 use candle_core::{DType, Device, Tensor, Var};
+use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
 use singlora::linear::FrozenLinear;
 use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
-use singlora::ramp::{RampClock, RampSchedule};
 
 const SHAPES: [(usize, usize); 3] = [(6, 6), (9, 5), (4, 7)]; // square, tall (d_out > d_in), wide
 const KINDS: [(AdapterKind, bool); 4] = [
@@ -17,8 +17,8 @@ const KINDS: [(AdapterKind, bool); 4] = [
 ];
 
 fn randn(seed: u64, shape: (usize, usize)) -> Tensor {
-    let mut rng = singlora::init::rng_for(seed, "test");
-    singlora::init::normal(&mut rng, 1.0, shape, DType::F64, &Device::Cpu).unwrap()
+    let mut rng = singlora::rng::rng_for(seed, "test");
+    singlora::rng::normal(&mut rng, 1.0, shape, DType::F64, &Device::Cpu).unwrap()
 }
 
 /// A layer whose every trainable tensor is random (LoRA's B too, so no gradient is trivially 0).

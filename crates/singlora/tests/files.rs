@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use singlora::adapter::file::AdapterFile;
+use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec};
-use singlora::adapter_file::AdapterFile;
 use singlora::checkpoint::{Checkpoint, TensorFile};
 use singlora::merge::{merge_checkpoint, merged_weights, MergeOptions};
 use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
-use singlora::target::TargetSpec;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft")
@@ -248,7 +248,7 @@ fn exported_lora_merges_like_singlora() {
     let adapter = tmp.path().join("ad");
     af.write(&adapter, false).unwrap();
     let lora_dir = tmp.path().join("lora");
-    let lora = singlora::export::export_lora(&adapter, &lora_dir, None, false).unwrap();
+    let lora = singlora::adapter::export::export_lora(&adapter, &lora_dir, None, false).unwrap();
     assert_eq!(lora.config.kind, AdapterKind::Lora);
     assert_eq!(lora.config.lora_alpha, 4.0);
     assert_eq!(lora.config.alpha_for("model.layers.0.mlp.down_proj"), 4.0);
@@ -268,11 +268,11 @@ fn exported_lora_merges_like_singlora() {
     // export needs shapes: from the file, or else from --base
     let mut bare = AdapterFile::read(&adapter, &Device::Cpu).unwrap();
     bare.config.layer_shapes.clear();
-    let err = singlora::export::to_lora(&bare, None)
+    let err = singlora::adapter::export::to_lora(&bare, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("--base"), "{err}");
-    singlora::export::to_lora(&bare, Some(&ck)).unwrap();
+    singlora::adapter::export::to_lora(&bare, Some(&ck)).unwrap();
 }
 
 // ---- error paths: a clear message naming the culprit, and nothing written ----

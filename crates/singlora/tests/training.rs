@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
+use singlora::adapter::file::AdapterFile;
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec, Method};
-use singlora::adapter_file::AdapterFile;
 use singlora::checkpoint::TensorFile;
 use singlora::data::{collate, encode, load_dataset, Columns, LabelSet, Task};
 use singlora::model::{ClassifierHead, Pretrained, TaskModel};
-use singlora::ramp::{RampClock, RampSchedule};
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
-use singlora::target::TargetSpec;
 use singlora::tokenize::TokenizerStyle;
 use singlora::train::{setup, train, TrainConfig};
 

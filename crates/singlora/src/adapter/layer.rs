@@ -98,33 +98,32 @@ impl AdaptedLinear {
         *out.last_mut().unwrap() = d_out;
         let w0 = self.base.weight();
         if crate::ops::fused_available(&x2, w0) {
-            if let Some((d, u, c)) = adapter.factors()? {
-                // one op: bias, base product and adapter product into one output (for DoRA
-                // the bias comes after the rescaling)
-                let dt = x2.dtype();
-                let scale = adapter.output_scale(w0)?;
-                let bias = if scale.is_some() {
-                    None
-                } else {
-                    self.base.bias()
-                };
-                let y = crate::ops::adapted_linear(
-                    &x2,
-                    w0,
-                    bias,
-                    &d.to_dtype(dt)?.contiguous()?,
-                    &u.to_dtype(dt)?.contiguous()?,
-                    c,
-                )?;
-                let y = match scale {
-                    Some(sc) => {
-                        let y = y.broadcast_mul(&sc.to_dtype(dt)?.unsqueeze(0)?)?;
-                        self.base.add_bias(&y)?
-                    }
-                    None => y,
-                };
-                return Ok(y.reshape(out)?);
-            }
+            let (d, u, c) = adapter.factors()?;
+            // one op: bias, base product and adapter product into one output (for DoRA the
+            // bias comes after the rescaling)
+            let dt = x2.dtype();
+            let scale = adapter.output_scale(w0)?;
+            let bias = if scale.is_some() {
+                None
+            } else {
+                self.base.bias()
+            };
+            let y = crate::ops::adapted_linear(
+                &x2,
+                w0,
+                bias,
+                &d.to_dtype(dt)?.contiguous()?,
+                &u.to_dtype(dt)?.contiguous()?,
+                c,
+            )?;
+            let y = match scale {
+                Some(sc) => {
+                    let y = y.broadcast_mul(&sc.to_dtype(dt)?.unsqueeze(0)?)?;
+                    self.base.add_bias(&y)?
+                }
+                None => y,
+            };
+            return Ok(y.reshape(out)?);
         }
         let y0 = self.base.forward_no_bias(&x2)?;
         let y = adapter.adapt(&x2, self.base.weight(), &y0)?;

@@ -13,8 +13,8 @@ use candle_core::{DType, Tensor, Var};
 
 use super::{take_tensor, AdapterSpec, Param, ParamRole};
 use crate::error::{Error, Result};
-use crate::init::{rng_for, uniform};
 use crate::linear::frozen_matmul;
+use crate::rng::{rng_for, uniform};
 
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
@@ -118,6 +118,11 @@ impl LoraAdapter {
 
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
+    }
+
+    /// (d_out, d_in).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.b.dims()[0], self.a.dims()[1])
     }
 
     pub fn scale(&self) -> f64 {

@@ -7,13 +7,35 @@
 //! | DoRA     | W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row | A, B, m (d_out)      |
 //!
 //! LoRA+ is LoRA with a larger learning rate for B: an optimizer rule, see [`ParamRole`].
-//! Every method implements the same hooks: [`Adapter::adapt`] (the factored forward),
-//! [`Adapter::merged_weight`] / [`Adapter::unmerged_weight`], [`Adapter::params`] and the
-//! tensors saved to and loaded from PEFT-format files.
+//!
+//! Every method implements the same hooks, and nothing outside this module asks which method
+//! it holds:
+//! - [`Adapter::adapt`]: the factored forward through candle's autograd;
+//! - [`Adapter::factors`] / [`Adapter::factors_in`] and [`Adapter::factor_layout`]: ΔW = c·U·Dᵀ
+//!   for the fused paths, and where D and U sit in the parameters, so that a fused backward
+//!   that computes dD = c·xᵀ·(g·U) and dU = c·gᵀ·(x·D) hands them back as the parameters'
+//!   gradients ([`Adapter::fold_factor_grads`] on the host, the layout itself on a device);
+//! - [`Adapter::magnitude`] / [`Adapter::output_scale`]: DoRA's trainable per-output rescale;
+//! - [`Adapter::merged_weight`] / [`Adapter::unmerged_weight`] / [`Adapter::delta_weight`];
+//! - [`Adapter::params`] (with their file-key suffixes and optimizer roles), and the tensors
+//!   read from files ([`Adapter::from_tensors`]); [`AdapterKind::param_count`] and
+//!   [`AdapterKind::file_suffixes`] from shapes alone.
+//!
+//! The rest of PEFT's tuner lives here too: `adapter_config.json` ([`config`]), adapter
+//! directories ([`file`]), target matching ([`target`]), putting adapters on a model's linear
+//! layers ([`inject`]), SingLoRA's initialisation ([`init`]) and ramp ([`ramp`]), and the
+//! export of a SingLoRA adapter as a plain LoRA ([`export`]).
 
+pub mod config;
+pub mod export;
+pub mod file;
+pub mod init;
+pub mod inject;
 mod layer;
 mod lora;
+pub mod ramp;
 mod singlora;
+pub mod target;
 
 pub use layer::AdaptedLinear;
 pub use lora::LoraAdapter;
@@ -25,9 +47,9 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::adapter::init::SingLoraInit;
+use crate::adapter::ramp::RampClock;
 use crate::error::{Error, Result};
-use crate::init::SingLoraInit;
-use crate::ramp::RampClock;
 
 /// Which adapter family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +57,60 @@ pub enum AdapterKind {
     SingLora,
     Lora,
     Dora,
+}
+
+impl AdapterKind {
+    /// Trainable parameters of one adapted (d_out × d_in) weight at rank r: SingLoRA
+    /// max(d_in, d_out)·r, LoRA r·(d_in + d_out), DoRA that plus d_out.
+    pub fn param_count(self, d_out: usize, d_in: usize, r: usize) -> usize {
+        match self {
+            AdapterKind::SingLora => d_out.max(d_in) * r,
+            AdapterKind::Lora => r * (d_in + d_out),
+            AdapterKind::Dora => r * (d_in + d_out) + d_out,
+        }
+    }
+
+    /// The tensors one layer holds in an adapter file, by key suffix.
+    pub fn file_suffixes(self) -> &'static [&'static str] {
+        match self {
+            AdapterKind::SingLora => &["singlora_A.weight"],
+            AdapterKind::Lora => &["lora_A.weight", "lora_B.weight"],
+            AdapterKind::Dora => &["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"],
+        }
+    }
+
+    /// The method a file of this kind describes (`rslora`: the config's `use_rslora`).
+    pub fn method(self, rslora: bool) -> Method {
+        match (self, rslora) {
+            (AdapterKind::SingLora, _) => Method::SingLora,
+            (AdapterKind::Lora, true) => Method::RsLora,
+            (AdapterKind::Lora, false) => Method::Lora,
+            (AdapterKind::Dora, _) => Method::Dora,
+        }
+    }
+
+    /// A layer's (d_out, d_in) from its file tensors, where they determine it.
+    pub fn shape_from_tensors(self, tensors: &BTreeMap<String, Tensor>) -> Option<(usize, usize)> {
+        match self {
+            AdapterKind::SingLora => None,
+            AdapterKind::Lora | AdapterKind::Dora => Some((
+                tensors.get("lora_B.weight")?.dims()[0],
+                tensors.get("lora_A.weight")?.dims()[1],
+            )),
+        }
+    }
+
+    /// Whether ΔW follows the ramp u(t) (SingLoRA); the others always apply in full.
+    pub fn ramps(self) -> bool {
+        self == AdapterKind::SingLora
+    }
+
+    /// Whether the tensors alone leave a layer's shape open, so that files record
+    /// `layer_shapes` and `init` (SingLoRA's A is (max(d_in, d_out), r): it does not say which
+    /// side is d_in).
+    pub fn records_layer_shapes(self) -> bool {
+        self == AdapterKind::SingLora
+    }
 }
 
 impl fmt::Display for AdapterKind {
@@ -77,6 +153,21 @@ impl Method {
 
     pub fn uses_rslora(self) -> bool {
         self == Method::RsLora
+    }
+
+    /// A learning rate that works for the method when the user gives none (LoRA+'s B then
+    /// trains 16× faster, so its base rate is lower).
+    pub fn default_lr(self) -> f64 {
+        match self {
+            Method::LoraPlus => 2e-4,
+            _ => 1e-3,
+        }
+    }
+
+    /// LoRA+: B's learning rate as a multiple of A's, `ratio` (λ) for LoRA+ and None for the
+    /// others.
+    pub fn b_lr_ratio(self, ratio: f64) -> Option<f64> {
+        (self == Method::LoraPlus).then_some(ratio)
     }
 }
 
@@ -137,6 +228,40 @@ pub struct Param {
     pub suffix: &'static str,
     pub var: Var,
     pub role: ParamRole,
+}
+
+/// Where one factor of ΔW = c·U·Dᵀ (rows × r) sits among an adapter's [`Adapter::params`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FactorSource {
+    /// The first `rows` rows of parameter i (row-major, r columns): its gradient adds into
+    /// those rows.
+    Rows(usize),
+    /// The transpose of parameter i (r × rows).
+    Transposed(usize),
+}
+
+impl FactorSource {
+    /// The parameter's index in [`Adapter::params`].
+    pub fn param(self) -> usize {
+        match self {
+            FactorSource::Rows(i) | FactorSource::Transposed(i) => i,
+        }
+    }
+}
+
+/// Where an adapter's factors D (d_in × r) and U (d_out × r) sit in its parameters: SingLoRA
+/// both in A (rows 0..d_in and 0..d_out), LoRA D = Aᵀ and U = B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FactorLayout {
+    pub d: FactorSource,
+    pub u: FactorSource,
+}
+
+impl FactorLayout {
+    /// Whether D and U live in one parameter, so that their gradients add into one buffer.
+    pub fn shared(self) -> bool {
+        self.d.param() == self.u.param()
+    }
 }
 
 /// Hyper-parameters for creating fresh adapters.
@@ -250,22 +375,126 @@ impl Adapter {
         }
     }
 
-    /// The factors (D, U, c) of ΔW = c·U·Dᵀ for the fused linear op: SingLoRA (A_in, A_out,
-    /// s·u), LoRA and DoRA (Aᵀ, B, s; DoRA's output is then rescaled by [`Self::output_scale`]).
-    pub fn factors(&self) -> Result<Option<(Tensor, Tensor, f64)>> {
+    /// (d_out, d_in) of the adapted weight.
+    pub fn dims(&self) -> (usize, usize) {
         match self {
-            Adapter::SingLora(a) => Ok(Some(a.factors()?)),
-            Adapter::Lora(a) => Ok(Some((a.a().t()?, a.b().as_tensor().clone(), a.scale()))),
+            Adapter::SingLora(a) => a.dims(),
+            Adapter::Lora(a) => a.dims(),
         }
     }
 
-    /// DoRA's magnitude variable and its detached row norms ‖W0 + s·B·A‖ (d_out each); None
-    /// for the other methods.
-    pub fn dora_parts(&self, w0: &Tensor) -> Result<Option<(Var, Tensor)>> {
+    /// The factors (D, U, c) of ΔW = c·U·Dᵀ for the forward about to run: D (d_in × r),
+    /// U (d_out × r), as views of the parameters (SingLoRA A_in, A_out, s·u; LoRA and DoRA
+    /// Aᵀ, B, s, DoRA's output then rescaled by [`Self::output_scale`]).
+    pub fn factors(&self) -> Result<(Tensor, Tensor, f64)> {
+        match self {
+            Adapter::SingLora(a) => a.factors(),
+            Adapter::Lora(a) => Ok((a.a().t()?, a.b().as_tensor().clone(), a.scale())),
+        }
+    }
+
+    /// Where D and U sit in [`Self::params`].
+    pub fn factor_layout(&self) -> FactorLayout {
+        match self {
+            Adapter::SingLora(_) => FactorLayout {
+                d: FactorSource::Rows(0),
+                u: FactorSource::Rows(0),
+            },
+            Adapter::Lora(_) => FactorLayout {
+                d: FactorSource::Transposed(0),
+                u: FactorSource::Rows(1),
+            },
+        }
+    }
+
+    /// [`Self::factors`] in `dtype`, each factor contiguous. A parameter is cast once: factors
+    /// that are row prefixes of one parameter are views of that one cast (a step prepares
+    /// every adapter, and each cast is a kernel launch).
+    pub fn factors_in(&self, dtype: DType) -> Result<(Tensor, Tensor, f64)> {
+        let (_, _, c) = self.factors()?;
+        let (d_out, d_in) = self.dims();
+        let layout = self.factor_layout();
+        let params = self.params();
+        let mut cast: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut factor = |src: FactorSource, rows: usize| -> Result<Tensor> {
+            let var = params[src.param()].var.as_tensor();
+            Ok(match src {
+                FactorSource::Rows(p) => {
+                    let t = match &cast[p] {
+                        Some(t) => t.clone(),
+                        None => {
+                            let t = var.to_dtype(dtype)?.contiguous()?;
+                            cast[p] = Some(t.clone());
+                            t
+                        }
+                    };
+                    t.narrow(0, 0, rows)?
+                }
+                FactorSource::Transposed(_) => var.t()?.to_dtype(dtype)?.contiguous()?,
+            })
+        };
+        let d = factor(layout.d, d_in)?;
+        let u = factor(layout.u, d_out)?;
+        Ok((d, u, c))
+    }
+
+    /// The parameters' gradients from the factors' gradients dD (d_in × r) and dU (d_out × r),
+    /// row-major f32 on the host, placed as [`Self::factor_layout`] says (added where D and U
+    /// share a parameter); parameters outside the factors (DoRA's magnitude) get none here.
+    pub fn fold_factor_grads(
+        &self,
+        dd: &[f32],
+        du: &[f32],
+        device: &Device,
+    ) -> Result<Vec<(Var, Tensor)>> {
+        let (d_out, d_in) = self.dims();
+        let r = self.rank();
+        let layout = self.factor_layout();
+        let mut out = vec![];
+        for (i, p) in self.params().into_iter().enumerate() {
+            let mut grad: Option<Vec<f32>> = None;
+            for (src, g, rows) in [(layout.d, dd, d_in), (layout.u, du, d_out)] {
+                if src.param() != i {
+                    continue;
+                }
+                let buf = grad.get_or_insert_with(|| vec![0f32; p.var.elem_count()]);
+                match src {
+                    FactorSource::Rows(_) => {
+                        for (x, y) in buf[..rows * r].iter_mut().zip(g) {
+                            *x += y;
+                        }
+                    }
+                    // the parameter is r × rows
+                    FactorSource::Transposed(_) => {
+                        for row in 0..rows {
+                            for j in 0..r {
+                                buf[j * rows + row] += g[row * r + j];
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(g) = grad {
+                let t = Tensor::from_vec(g, p.var.dims(), device)?;
+                out.push((p.var, t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// DoRA's magnitude variable m and its detached row norms ‖W0 + s·B·A‖ (d_out each), by
+    /// which the adapted output is rescaled: y = (x·W0ᵀ + c·x·D·Uᵀ)·diag(m/‖·‖); None for the
+    /// methods without a rescale.
+    pub fn magnitude(&self, w0: &Tensor) -> Result<Option<(Var, Tensor)>> {
         match self {
             Adapter::Lora(a) if a.is_dora() => Ok(Some(a.dora_parts(w0)?)),
             _ => Ok(None),
         }
+    }
+
+    /// Whether the adapted output is rescaled per output ([`Self::magnitude`]).
+    pub fn rescales_output(&self) -> bool {
+        matches!(self, Adapter::Lora(a) if a.is_dora())
     }
 
     /// DoRA's per-output scale m / ‖W0 + s·B·A‖ (d_out; the norm detached, as in PEFT), by
@@ -387,4 +616,96 @@ pub(crate) fn take_tensor(
         ));
     }
     Ok(t.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// For every method and shape, the factors' gradients dD = c·xᵀ·(g·U) and dU = c·gᵀ·(x·D)
+    /// folded by [`Adapter::fold_factor_grads`] equal autograd's gradients of the parameters
+    /// through [`Adapter::adapt`], and [`Adapter::factors_in`] gives the factors of
+    /// [`Adapter::factors`].
+    #[test]
+    fn folded_factor_gradients_match_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        for kind in [AdapterKind::SingLora, AdapterKind::Lora] {
+            for (d_out, d_in) in [(6, 6), (9, 5), (4, 7)] {
+                let w0 = Tensor::randn(0f32, 1.0, (d_out, d_in), &dev)?;
+                let mut spec = AdapterSpec::new(kind, 3, 6.0);
+                spec.seed = 5;
+                let clock = RampClock::new(crate::adapter::ramp::RampSchedule::new(4), 2);
+                let a = Adapter::init(&spec, "m", &w0, &clock)?;
+                // LoRA's B starts at zero: make it non-zero so both factors matter
+                for p in a.params() {
+                    if p.role == ParamRole::B {
+                        p.var.set(&p.var.as_tensor().randn_like(0.0, 0.5)?)?;
+                    }
+                }
+                let x = Tensor::randn(0f32, 1.0, (8, d_in), &dev)?;
+                let g = Tensor::randn(0f32, 1.0, (8, d_out), &dev)?;
+                let y0 = x.matmul(&w0.t()?)?;
+                let loss = (a.adapt(&x, &w0, &y0)? * &g)?.sum_all()?;
+                let grads = loss.backward()?;
+
+                let (d, u, c) = a.factors()?;
+                let gu = g.matmul(&u)?;
+                let dd = (x.t()?.matmul(&gu)? * c)?;
+                let du = (g.t()?.matmul(&x.matmul(&d)?)? * c)?;
+                let folded = a.fold_factor_grads(
+                    &dd.flatten_all()?.to_vec1::<f32>()?,
+                    &du.flatten_all()?.to_vec1::<f32>()?,
+                    &dev,
+                )?;
+                assert_eq!(folded.len(), a.params().len(), "{kind} {d_out}×{d_in}");
+                for (var, got) in folded {
+                    let want = grads.get(var.as_tensor()).expect("autograd gradient");
+                    let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(diff < 1e-4, "{kind} {d_out}×{d_in}: {diff}");
+                }
+
+                let (d2, u2, c2) = a.factors_in(DType::F64)?;
+                assert!(d2.is_contiguous() && u2.is_contiguous());
+                assert_eq!(c, c2);
+                for (p, q) in [(&d, &d2), (&u, &u2)] {
+                    let diff = (p.to_dtype(DType::F64)? - q)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f64>()?;
+                    assert_eq!(diff, 0.0, "{kind} {d_out}×{d_in}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The shape-only hooks agree with the adapters themselves.
+    #[test]
+    fn counts_and_file_tensors_match_the_adapters() -> Result<()> {
+        let dev = Device::Cpu;
+        for kind in [AdapterKind::SingLora, AdapterKind::Lora, AdapterKind::Dora] {
+            for (d_out, d_in) in [(6, 6), (9, 5), (4, 7)] {
+                let w0 = Tensor::randn(0f32, 1.0, (d_out, d_in), &dev)?;
+                let a = Adapter::init(
+                    &AdapterSpec::new(kind, 3, 3.0),
+                    "m",
+                    &w0,
+                    &RampClock::new(crate::adapter::ramp::RampSchedule::none(), 0),
+                )?;
+                assert_eq!(a.num_params(), kind.param_count(d_out, d_in, 3));
+                let suffixes: Vec<&str> = a.params().iter().map(|p| p.suffix).collect();
+                assert_eq!(suffixes, kind.file_suffixes());
+                assert_eq!(a.dims(), (d_out, d_in));
+                let tensors: BTreeMap<String, Tensor> = a
+                    .params()
+                    .iter()
+                    .map(|p| (p.suffix.to_string(), p.var.as_tensor().clone()))
+                    .collect();
+                let shape = kind.shape_from_tensors(&tensors);
+                assert!(shape.is_none_or(|s| s == (d_out, d_in)));
+                assert_eq!(shape.is_none(), kind.records_layer_shapes());
+            }
+        }
+        Ok(())
+    }
 }

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::{take_tensor, AdapterSpec, Param, ParamRole};
+use crate::adapter::ramp::RampClock;
 use crate::error::Result;
-use crate::init::rng_for;
-use crate::ramp::RampClock;
+use crate::rng::rng_for;
 
 #[derive(Debug, Clone)]
 pub struct SingLoraAdapter {
@@ -70,6 +70,11 @@ impl SingLoraAdapter {
 
     pub fn rank(&self) -> usize {
         self.a.dims()[1]
+    }
+
+    /// (d_out, d_in).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.d_out, self.d_in)
     }
 
     pub fn scale(&self) -> f64 {

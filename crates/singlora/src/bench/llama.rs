@@ -7,15 +7,15 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::{time_steps, StepTiming};
+use crate::adapter::ramp::{RampClock, RampSchedule};
+use crate::adapter::target::TargetSpec;
 use crate::adapter::{AdapterSpec, Method};
 use crate::data::{collate, Encoded, Task};
 use crate::error::Result;
 use crate::model::llama::Llama;
 use crate::model::weights::{ConfigReader, Weights};
 use crate::model::{Body, Pooling, TaskModel};
-use crate::ramp::{RampClock, RampSchedule};
 use crate::synthetic::LlamaShape;
-use crate::target::TargetSpec;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LlamaBench {

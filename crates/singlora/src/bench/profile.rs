@@ -8,13 +8,13 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
+use crate::adapter::ramp::{RampClock, RampSchedule};
 use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
 use crate::nn::{attention, rope_tables};
 use crate::ops::{rms_norm, rope_split, swiglu};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
-use crate::ramp::{RampClock, RampSchedule};
 use crate::synthetic::LlamaShape;
 
 #[derive(Debug, Clone, Serialize)]
@@ -244,7 +244,7 @@ pub fn profile(
             .linears()
             .iter()
             .filter(|(n, _)| n != "lm_head")
-            .map(|(_, (o, i))| crate::inspect::param_count(mt.kind(), *o, *i, rank))
+            .map(|(_, (o, i))| mt.kind().param_count(*o, *i, rank))
             .sum::<usize>()
             / l;
         let p = Var::from_tensor(&Tensor::randn(0f32, 0.01, per_layer * l, device)?)?;

@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 
 use super::Encoded;
 use crate::error::{Error, Result};
-use crate::init::rng_for;
+use crate::rng::rng_for;
 
 /// How many batches' worth of examples are sorted by length together when shuffling.
 const BUCKET_BATCHES: usize = 50;

@@ -6,7 +6,7 @@ use rand::seq::SliceRandom;
 
 use super::{Dataset, Record};
 use crate::error::{Error, Result};
-use crate::init::rng_for;
+use crate::rng::rng_for;
 
 /// Splits off `eval_fraction` of the rows (rounded, but at least one row on each side) as an
 /// evaluation set, chosen by a shuffle seeded from `seed`. Returns (train, eval).

@@ -33,14 +33,14 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::adapter::init::SingLoraInit;
+use crate::adapter::ramp::{RampClock, RampSchedule};
 use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method, Param};
 use crate::error::{Error, Result};
-use crate::init::{normal, rng_for, SingLoraInit};
-use crate::inspect::param_count;
 use crate::linear::FrozenLinear;
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
 use crate::plot::{BandPoint, BandSeries};
-use crate::ramp::{RampClock, RampSchedule};
+use crate::rng::{normal, rng_for};
 
 /// The paper's numbers for this experiment (final loss after 15k iterations).
 pub const PAPER_SINGLORA_LOSS: f64 = 1e-5;
@@ -146,7 +146,7 @@ impl Arm {
 
     /// Trainable parameters for Wq and Wk together (d × d each).
     pub fn params(&self, d: usize) -> usize {
-        2 * param_count(self.method.kind(), d, d, self.rank)
+        2 * self.method.kind().param_count(d, d, self.rank)
     }
 }
 

@@ -22,16 +22,17 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
 pub use crate::data::{Batch, Task};
+pub use crate::ops::FastPath;
 
-use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Param, ParamRole};
-use crate::adapter_file::AdapterFile;
+use crate::adapter::file::AdapterFile;
+use crate::adapter::ramp::RampClock;
+use crate::adapter::target::TargetSpec;
+use crate::adapter::{inject, AdaptedLinear, Adapter, AdapterSpec, Param, ParamRole};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::init::{normal, rng_for};
 use crate::linear::FrozenLinear;
 use crate::nn::cross_entropy;
-use crate::ramp::RampClock;
-use crate::target::TargetSpec;
+use crate::rng::{normal, rng_for};
 use bert::Bert;
 use llama::Llama;
 use weights::{ConfigReader, Weights};
@@ -357,6 +358,8 @@ pub struct TaskModel {
     pub head: Option<ClassifierHead>,
     pub pooling: Pooling,
     pub clock: RampClock,
+    /// Which fast-path implementations training uses (all on by default).
+    pub fast: FastPath,
 }
 
 /// Evaluation sums of one batch.
@@ -419,7 +422,8 @@ impl TaskModel {
             task,
             head,
             pooling,
-            clock: RampClock::new(crate::ramp::RampSchedule::none(), 0),
+            clock: RampClock::new(crate::adapter::ramp::RampSchedule::none(), 0),
+            fast: FastPath::default(),
         })
     }
 
@@ -430,19 +434,8 @@ impl TaskModel {
         targets: &TargetSpec,
         clock: RampClock,
     ) -> Result<Vec<String>> {
-        let names: Vec<String> = self
-            .body
-            .linears()
-            .iter()
-            .map(|l| l.name().to_string())
-            .collect();
-        let chosen = targets.select(&names, &self.body.output_layers())?;
-        for l in self.body.linears_mut() {
-            if chosen.iter().any(|c| c == l.name()) {
-                let a = Adapter::init(spec, l.name(), l.base().weight(), &clock)?;
-                l.set_adapter(Some(a))?;
-            }
-        }
+        let outputs = self.body.output_layers();
+        let chosen = inject::inject(self.body.linears_mut(), &outputs, spec, targets, &clock)?;
         self.clock = clock;
         Ok(chosen)
     }
@@ -450,29 +443,7 @@ impl TaskModel {
     /// Loads an adapter file (and its head) onto the model.
     pub fn load_adapter(&mut self, af: &AdapterFile) -> Result<()> {
         let clock = af.clock();
-        let known: Vec<String> = self
-            .body
-            .linears()
-            .iter()
-            .map(|l| l.name().to_string())
-            .collect();
-        for module in af.layers.keys() {
-            if !known.contains(module) {
-                return Err(Error::msg(format!(
-                    "the adapter has a layer `{module}` that this model does not have (its linear layers look like `{}`)",
-                    known.first().cloned().unwrap_or_default()
-                )));
-            }
-        }
-        for l in self.body.linears_mut() {
-            let a = if af.layers.contains_key(l.name()) {
-                let w0 = l.base().weight().clone();
-                Some(af.build_adapter(l.name(), &w0, &clock)?)
-            } else {
-                None
-            };
-            l.set_adapter(a)?;
-        }
+        inject::load(self.body.linears_mut(), af, &clock)?;
         if let Some(head) = &self.head {
             for p in head.params() {
                 let key = format!("{}.{}", head.name, p.suffix);
@@ -663,7 +634,7 @@ impl TaskModel {
                 Task::Sft => Some(Self::lm_row_index(batch)?),
                 Task::Classify => None,
             };
-            if let Some(tape) = l.fast_forward(batch)? {
+            if let Some(tape) = l.fast_forward(batch, &self.fast)? {
                 let dev = batch.ids.device();
                 // SFT with a frozen head: the head and loss on the fast path too
                 if let Some(ix) = &index {
@@ -688,7 +659,7 @@ impl TaskModel {
             return Ok((loss, grads, Default::default()));
         }
         let _ = sync;
-        if !bert::fast::autograd_forced() {
+        if self.fast.cpu_encoder {
             if let Some((loss, grads)) = self.bert_fast_loss_and_grads(batch, scale)? {
                 return Ok((loss, grads, Default::default()));
             }

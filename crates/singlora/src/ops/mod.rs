@@ -59,6 +59,48 @@ pub use xent::{xent_fused, xent_rows};
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 
+/// Which implementations the fast training paths use. Every choice computes the same function
+/// (to rounding); the default, everything on, is the fastest, and the device check and the
+/// benchmarks turn parts off to compare. A model holds one ([`crate::model::TaskModel::fast`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastPath {
+    /// CPU, BERT-family encoders: the layers' own forward and backward (off: candle's
+    /// autograd through the whole model).
+    pub cpu_encoder: bool,
+    /// CUDA, LLaMA: the adapters of projections that read one input (q, k, v; gate, up) share
+    /// one GEMM each way.
+    pub grouped: bool,
+    /// CUDA, LLaMA: an adapter's rank-r term added by the kernel that reads the projection's
+    /// output (or input gradient) next, instead of by a GEMM of its own.
+    pub fused_low_rank: bool,
+    /// CUDA, LLaMA: an adapter's g·U and gᵀ·h in one pass over the output gradient g, instead
+    /// of two GEMMs.
+    pub g_pass: bool,
+    /// CUDA: the fused (flash) attention kernels where they apply, instead of GEMMs and a
+    /// softmax.
+    pub flash_attention: bool,
+    /// CUDA: query heads per block of the fused attention's dK/dV kernel (a divisor of the
+    /// query heads per KV head); None: the kernel's default.
+    pub flash_heads: Option<usize>,
+    /// CUDA: the 8-wide element-wise kernels where pointers and sizes allow, instead of the
+    /// scalar ones.
+    pub vectorised: bool,
+}
+
+impl Default for FastPath {
+    fn default() -> Self {
+        Self {
+            cpu_encoder: true,
+            grouped: true,
+            fused_low_rank: true,
+            g_pass: true,
+            flash_attention: true,
+            flash_heads: None,
+            vectorised: true,
+        }
+    }
+}
+
 /// The float types the CPU kernels handle.
 pub(crate) trait Real:
     WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync

@@ -22,18 +22,18 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::adapter::{AdapterKind, AdapterSpec, Method};
-use crate::adapter_file::AdapterFile;
+use crate::adapter::config::AdapterConfig;
+use crate::adapter::file::AdapterFile;
+use crate::adapter::init::SingLoraInit;
+use crate::adapter::ramp::{RampClock, RampSchedule};
+use crate::adapter::target::TargetSpec;
+use crate::adapter::{AdapterSpec, Method};
 use crate::atomic::StagedDir;
-use crate::config::AdapterConfig;
 use crate::data::{self, Columns, Dataset, Encoded, LabelSet, Task};
 use crate::error::{Error, IoContext, Result};
-use crate::init::SingLoraInit;
 use crate::metrics::{ClassificationMetrics, MetricsLog};
 use crate::model::{Pooling, Pretrained, TaskModel};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
-use crate::ramp::{RampClock, RampSchedule};
-use crate::target::TargetSpec;
 use dist::{Collective, LocalGroup};
 use schedule::{lr_at, Schedule};
 use state::TrainerState;
@@ -164,14 +164,6 @@ impl Default for TrainConfig {
     }
 }
 
-/// A learning rate that works for the method when the user gives none.
-pub fn default_lr(method: Method) -> f64 {
-    match method {
-        Method::LoraPlus => 2e-4,
-        _ => 1e-3,
-    }
-}
-
 pub fn parse_task(s: &str) -> Result<Task> {
     match s {
         "classify" | "classification" => Ok(Task::Classify),
@@ -251,7 +243,7 @@ impl TrainConfig {
     }
 
     pub fn learning_rate(&self) -> Result<f64> {
-        Ok(self.lr.unwrap_or(default_lr(self.method()?)))
+        Ok(self.lr.unwrap_or(self.method()?.default_lr()))
     }
 }
 
@@ -546,10 +538,10 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     let warmup = cfg
         .warmup_steps
         .unwrap_or((cfg.warmup_ratio * total as f64).round() as u64);
-    let ramp = match (method.kind(), cfg.ramp_steps) {
-        (AdapterKind::SingLora, Some(t)) => RampSchedule::new(t),
-        (AdapterKind::SingLora, None) => RampSchedule::fraction_of(total, cfg.ramp_fraction),
-        _ => RampSchedule::none(),
+    let ramp = match (method.kind().ramps(), cfg.ramp_steps) {
+        (true, Some(t)) => RampSchedule::new(t),
+        (true, None) => RampSchedule::fraction_of(total, cfg.ramp_fraction),
+        (false, _) => RampSchedule::none(),
     };
     let spec = AdapterSpec {
         kind: method.kind(),
@@ -574,17 +566,12 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     } else {
         model.inject(&spec, &targets, clock)?
     };
-    let mut adapter_config =
-        AdapterConfig::lora(spec.kind, spec.r, spec.alpha, spec.rslora, &targets);
-    adapter_config.ramp_steps = ramp.ramp_steps;
+    let mut adapter_config = AdapterConfig::for_spec(&spec, ramp, &targets);
     adapter_config.base_model_name_or_path = Some(cfg.model.to_string_lossy().into_owned());
     adapter_config.task_type = Some(match task {
         Task::Classify => "SEQ_CLS".into(),
         Task::Sft => "CAUSAL_LM".into(),
     });
-    if spec.kind == AdapterKind::SingLora {
-        adapter_config.init = Some(init.to_string());
-    }
     if let Some(h) = &model.head {
         adapter_config.modules_to_save = vec![h.name.clone()];
         adapter_config.labels = data.labels.as_ref().map(|l| l.names.clone());
@@ -658,7 +645,10 @@ fn write_adapter_in_place(af: &AdapterFile, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     let staged = StagedDir::new(&dir.join(".adapter"), true)?;
     af.write_into(staged.path())?;
-    for f in [crate::config::CONFIG_FILE, crate::config::WEIGHTS_FILE] {
+    for f in [
+        crate::adapter::config::CONFIG_FILE,
+        crate::adapter::config::WEIGHTS_FILE,
+    ] {
         std::fs::rename(staged.path().join(f), dir.join(f)).at(&dir.join(f))?;
     }
     Ok(())
@@ -923,7 +913,7 @@ fn train_rank(
     let opt_cfg = AdamWConfig {
         lr: cfg.learning_rate()?,
         weight_decay: cfg.weight_decay,
-        lora_plus_ratio: (s.method == Method::LoraPlus).then_some(cfg.lora_plus_ratio),
+        lora_plus_ratio: s.method.b_lr_ratio(cfg.lora_plus_ratio),
         ..Default::default()
     };
     let mut opt = AdamW::new(params, opt_cfg);

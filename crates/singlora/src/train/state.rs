@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::adapter_file::AdapterFile;
+use crate::adapter::file::AdapterFile;
 use crate::atomic::StagedDir;
 use crate::checkpoint::{read_json, write_safetensors, TensorFile};
 use crate::error::{Error, IoContext, Result};

@@ -16,8 +16,8 @@
 //! variable, so the optimizer sees no difference; the embeddings are frozen, so the backward
 //! stops at the lowest adapted layer. SingLoRA and LoRA/rsLoRA adapters (and none) on f32
 //! weights with exact GELU take this path; DoRA, merged adapters, other activations, f64 and
-//! non-CPU devices take the autograd path, and so does everything when
-//! `SINGLORA_CPU_AUTOGRAD=1`.
+//! non-CPU devices take the autograd path, and so does everything when the model's
+//! [`crate::ops::FastPath::cpu_encoder`] is off.
 
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
@@ -35,14 +35,6 @@ use crate::ops::attention::{attend_unit, attend_unit_backward, SharedMut};
 use crate::ops::cpu_gemm::{gemm_at, View};
 use crate::ops::gelu::Gelu;
 use crate::ops::{filled_vec, host_vec, sum_map, sum_map2};
-
-/// Set to `1` to train BERT-family models on the CPU through candle's autograd instead.
-pub(crate) const AUTOGRAD_ENV: &str = "SINGLORA_CPU_AUTOGRAD";
-
-/// Whether `SINGLORA_CPU_AUTOGRAD=1` asks for the autograd path.
-pub(crate) fn autograd_forced() -> bool {
-    std::env::var_os(AUTOGRAD_ENV).is_some_and(|v| v == "1")
-}
 
 /// An n-element buffer that `fill` writes in full (no zero-fill first).
 ///
@@ -145,14 +137,6 @@ impl Frozen {
     }
 }
 
-/// The adapter's trainable variables.
-enum Vars {
-    /// SingLoRA's A (max(d_in, d_out) × r).
-    Sing(Var),
-    /// LoRA's A (r × d_in) and B (d_out × r).
-    Lora(Var, Var),
-}
-
 /// An adapter as factors of ΔW = c·U·Dᵀ (as [`Adapter::factors`] gives them), copied once.
 struct Factors {
     /// D (d_in × r), row-major.
@@ -161,7 +145,8 @@ struct Factors {
     u: Vec<f32>,
     r: usize,
     c: f32,
-    vars: Vars,
+    /// The adapter, whose hooks turn dD and dU into its parameters' gradients.
+    adapter: Adapter,
 }
 
 /// A linear layer of the step: frozen weight, bias, adapter.
@@ -191,25 +176,16 @@ impl Lin {
         let ad = match l.adapter() {
             None => None,
             Some(a) => {
-                let vars = match a {
-                    Adapter::SingLora(s) => Vars::Sing(s.a().clone()),
-                    Adapter::Lora(lo) if !lo.is_dora() => {
-                        Vars::Lora(lo.a().clone(), lo.b().clone())
-                    }
-                    Adapter::Lora(_) => return Ok(None),
-                };
-                if a.params().iter().any(|p| p.var.dtype() != DType::F32) {
+                if a.rescales_output() || a.params().iter().any(|p| p.var.dtype() != DType::F32) {
                     return Ok(None);
                 }
-                let Some((d, u, c)) = a.factors()? else {
-                    return Ok(None);
-                };
+                let (d, u, c) = a.factors()?;
                 Some(Factors {
                     d: host_vec::<f32>(&d)?,
                     u: host_vec::<f32>(&u)?,
                     r: a.rank(),
                     c: c as f32,
-                    vars,
+                    adapter: a.clone(),
                 })
             }
         };
@@ -314,44 +290,14 @@ impl Lin {
             });
             (dd, du)
         };
-        ad.push_grads(k, n, dd, du, grads)
+        ad.push_grads(&dd, &du, grads)
     }
 }
 
 impl Factors {
     /// The variables' gradients from dD (d_in × r) and dU (d_out × r), scale included.
-    fn push_grads(
-        &self,
-        k: usize,
-        n: usize,
-        dd: Vec<f32>,
-        du: Vec<f32>,
-        grads: &mut AdGrads,
-    ) -> Result<()> {
-        let r = self.r;
-        let cpu = Device::Cpu;
-        match &self.vars {
-            Vars::Sing(a) => {
-                // A_in = A[..d_in], A_out = A[..d_out]: shared rows get both contributions
-                let mut ga = vec![0f32; k.max(n) * r];
-                ga[..k * r].copy_from_slice(&dd);
-                for (x, y) in ga[..n * r].iter_mut().zip(&du) {
-                    *x += y;
-                }
-                grads.push((a.clone(), Tensor::from_vec(ga, (k.max(n), r), &cpu)?));
-            }
-            Vars::Lora(a, b) => {
-                // D = Aᵀ
-                let mut ga = vec![0f32; r * k];
-                for i in 0..k {
-                    for j in 0..r {
-                        ga[j * k + i] = dd[i * r + j];
-                    }
-                }
-                grads.push((a.clone(), Tensor::from_vec(ga, (r, k), &cpu)?));
-                grads.push((b.clone(), Tensor::from_vec(du, (n, r), &cpu)?));
-            }
-        }
+    fn push_grads(&self, dd: &[f32], du: &[f32], grads: &mut AdGrads) -> Result<()> {
+        grads.extend(self.adapter.fold_factor_grads(dd, du, &Device::Cpu)?);
         Ok(())
     }
 }
@@ -515,7 +461,7 @@ impl Qkv {
                     duj[i * r + l] = ad.c * du[(j * h + i) * rank + off + l];
                 }
             }
-            ad.push_grads(h, h, ddj, duj, grads)?;
+            ad.push_grads(&ddj, &duj, grads)?;
         }
         Ok(())
     }
@@ -1013,13 +959,13 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::adapter::ramp::{RampClock, RampSchedule};
+    use crate::adapter::target::TargetSpec;
     use crate::adapter::{AdapterKind, AdapterSpec};
     use crate::data::{collate, Encoded, Task};
     use crate::model::weights::{ConfigReader, Weights};
     use crate::model::{scaled, Body, Pooling, TaskModel};
-    use crate::ramp::{RampClock, RampSchedule};
     use crate::synthetic::BertShape;
-    use crate::target::TargetSpec;
 
     const SHAPE: BertShape = BertShape {
         hidden: 32,

@@ -7,26 +7,24 @@
 //!
 //! The boundary with candle is the residual stream after the last layer: it becomes a leaf
 //! variable, and the gradient at that leaf starts this backward. For SFT with a frozen head
-//! [`Tape::lm_loss`] computes the final norm, the logits, the loss and their backward here too
-//! (at 7B shape 3.2 ms against 7.9 through candle; at TinyLlama's 4 ms and 0.8 GiB less);
+//! [`Tape::lm_loss`] computes the final norm, the logits, the loss and their backward here too;
 //! otherwise candle's autograd does, from the leaf. Adapter gradients (f32, one packed buffer)
 //! go into the same `GradStore` under each adapter variable, so the optimizer sees no
-//! difference. SingLoRA and LoRA/rsLoRA adapters (and none) take this path; DoRA, merged
-//! adapters and non-CUDA devices take the autograd path. The device check compares the two.
+//! difference. Every adapter whose factor U is stored as rows takes this path (the adapter's
+//! [`FactorLayout`] says where dD and dU go; DoRA's magnitude is handled by its own kernels);
+//! merged adapters and non-CUDA devices take the autograd path. The device check compares the
+//! two.
 //!
 //! An adapter's c·h·Uᵀ is not added to its projection's output by a GEMM of its own (a read and
 //! a write of that output) where the kernel that reads the output next can add it: q, k and v
 //! in the RoPE/split kernel, o and down in the residual adds, gate and up in the SwiGLU kernels
 //! (forward, recompute and backward), and down's c·g_U·Dᵀ in the SwiGLU backward
-//! (`raw::LowRank`; tensor-core products in kernels.cu). Same call, three runs each: 7B
-//! 226.8/225.7/226.6 → 221.1/222.3/222.0 ms, TinyLlama 53.9/53.6/53.8 → 51.6/52.0/52.3 ms
-//! (`SINGLORA_UNFUSED_LR=1` for the old way). The same for the groups' c·g_U·Dᵀ in a 16-row
-//! RMSNorm backward kernel was slower (6.9 ms against 2.5 + 1.6) and is not kept.
+//! (`raw::LowRank`; tensor-core products in kernels.cu).
 //!
 //! What the backward reads but the forward does not keep: the RMSNorm outputs (recomputed,
 //! and only where an adapter's weight gradients read them), and with `Llama::recompute` the
-//! SwiGLU output (otherwise kept when down has an adapter: at TinyLlama 1.0 GiB for 1 ms a
-//! step, room the fused attention's dropped probabilities made).
+//! SwiGLU output (otherwise kept when down has an adapter: about 1 GiB at TinyLlama shape for
+//! 1 ms a step).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -37,7 +35,7 @@ use candle_core::{
 };
 
 use super::{Batch, Layer, Llama};
-use crate::adapter::{AdaptedLinear, Adapter};
+use crate::adapter::{AdaptedLinear, FactorLayout, FactorSource};
 use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
 use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved};
@@ -46,6 +44,7 @@ use crate::ops::cuda::raw::LowRank;
 use crate::ops::cuda::{
     self, fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, raw, Mat,
 };
+use crate::ops::FastPath;
 use crate::train::dist::GradSync;
 
 /// [`mark`] on a CUDA device (nothing elsewhere).
@@ -90,18 +89,29 @@ fn u32_ptr(t: &Tensor, what: &str) -> Result<u64> {
     Ok(cuda::tensor_ptr(t, what, &[DType::U32])?)
 }
 
-/// Where an adapter's gradients go in the packed f32 buffer.
-enum GradSlot {
-    /// SingLoRA: dA (rows × r), rows = max(d_in, d_out); dD adds into rows 0..d_in, dU into
-    /// rows 0..d_out.
-    SingLora { var: Var, off: usize },
-    /// LoRA: dA (r × d_in) and dB (d_out × r).
-    Lora {
-        a: Var,
-        a_off: usize,
-        b: Var,
-        b_off: usize,
-    },
+/// Where an adapter's gradients go in the packed f32 buffer: each of its parameters' offset
+/// (in [`crate::adapter::Adapter::params`] order), and where its factors D and U sit among them.
+struct GradSlot {
+    params: Vec<(Var, usize)>,
+    layout: FactorLayout,
+}
+
+impl GradSlot {
+    /// The offset of the parameter that holds factor `src`.
+    fn offset(&self, src: FactorSource) -> usize {
+        self.params[src.param()].1
+    }
+
+    /// The GEMMs' β for a factor's gradient: 1 (add) where D and U share a parameter, so that
+    /// the second adds to the first; 0 (write) where the factor is the parameter's only
+    /// writer (the buffer starts zeroed either way).
+    fn beta(&self) -> f32 {
+        if self.layout.shared() {
+            1.0
+        } else {
+            0.0
+        }
+    }
 }
 
 /// An adapter prepared for the step: factors D (k × r) and U (n × r) in the activations'
@@ -125,7 +135,7 @@ struct DoraPrep {
     scale_p: u64,
     _inv_norm: Tensor,
     inv_p: u64,
-    mag: Var,
+    /// The magnitude's offset in the packed gradient buffer.
     off: usize,
 }
 
@@ -157,13 +167,8 @@ struct Group {
     c: f32,
 }
 
-/// The [`Group`] of `ps`, or None where they do not qualify (or `SINGLORA_UNGROUPED` is set:
-/// the benchmark's comparison).
+/// The [`Group`] of `ps`, or None where they do not qualify.
 fn group_of(ps: &[Proj]) -> Result<Option<Group>> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *OFF.get_or_init(|| std::env::var_os("SINGLORA_UNGROUPED").is_some()) {
-        return Ok(None);
-    }
     let mut ds = vec![];
     let mut offs = vec![];
     let mut width = 0;
@@ -306,20 +311,15 @@ impl Group {
             let src = (tp + (4 * self.offs[i]) as u64, w);
             // cuBLAS is column-major: a row-major (rows × cols, ld) block is (cols × rows, ld)
             // SAFETY: live f32 buffers of the shapes given, one stream.
+            let dst = grads + 4 * f.slot.offset(f.slot.layout.d) as u64;
+            let beta = f.slot.beta();
             unsafe {
-                match f.slot {
-                    // dA[0..k, :] (k × r, ld r) += G[:, block] (k × r, ld w)
-                    GradSlot::SingLora { off, .. } => geam_f32(
-                        dev,
-                        false,
-                        (f.r, k),
-                        src,
-                        1.0,
-                        (grads + 4 * off as u64, f.r),
-                    )?,
-                    // dA (r × k, ld k) = G[:, block]ᵀ
-                    GradSlot::Lora { a_off, .. } => {
-                        geam_f32(dev, true, (k, f.r), src, 0.0, (grads + 4 * a_off as u64, k))?
+                match f.slot.layout.d {
+                    // D is rows 0..k of its parameter: P[0..k, :] (k × r, ld r) (+)= G[:, block]
+                    FactorSource::Rows(_) => geam_f32(dev, false, (f.r, k), src, beta, (dst, f.r))?,
+                    // D = Pᵀ: P (r × k, ld k) (+)= G[:, block]ᵀ
+                    FactorSource::Transposed(_) => {
+                        geam_f32(dev, true, (k, f.r), src, beta, (dst, k))?
                     }
                 }
             }
@@ -367,6 +367,8 @@ struct LayerTape {
 pub(crate) struct Tape {
     dev: CudaDevice,
     bf16: bool,
+    /// The implementation choices this step runs with.
+    fast: FastPath,
     dims: (usize, usize, usize, usize, usize),
     hidden: usize,
     ff: usize,
@@ -394,10 +396,15 @@ fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
     if al.is_merged() {
         return Ok(false);
     }
-    Ok(match al.adapter() {
-        None => true,
-        Some(a) => a.factors()?.is_some(),
-    })
+    Ok(al
+        .adapter()
+        .is_none_or(|a| layout_supported(a.factor_layout())))
+}
+
+/// The backward below writes dU = c·gᵀ·h as rows of its parameter (one pass over g with g·U),
+/// so U must be stored as rows; D may be either way.
+fn layout_supported(layout: FactorLayout) -> bool {
+    matches!(layout.u, FactorSource::Rows(_))
 }
 
 fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Option<Proj>> {
@@ -411,69 +418,53 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
     let ad = match al.adapter() {
         None => None,
         Some(adapter) => {
-            let dora = match adapter.dora_parts(w)? {
+            if !layout_supported(adapter.factor_layout()) {
+                return Ok(None);
+            }
+            let params: Vec<(Var, usize)> = adapter
+                .params()
+                .into_iter()
+                .map(|p| {
+                    let off = *grad_len;
+                    *grad_len += p.var.elem_count();
+                    (p.var, off)
+                })
+                .collect();
+            let dora = match adapter.magnitude(w)? {
                 None => None,
                 Some((mag, norm)) => {
                     let scale = (mag.as_tensor().detach() / &norm)?
                         .to_dtype(DType::F32)?
                         .contiguous()?;
                     let inv_norm = norm.recip()?.to_dtype(DType::F32)?.contiguous()?;
-                    let off = *grad_len;
-                    *grad_len += mag.elem_count();
+                    let off = params
+                        .iter()
+                        .find(|(v, _)| v.id() == mag.id())
+                        .map(|(_, off)| *off)
+                        .ok_or_else(|| {
+                            Error::msg("fast path: a magnitude outside the parameters")
+                        })?;
                     Some(DoraPrep {
                         scale_p: tensor_ptr(&scale, "DoRA scale")?,
                         inv_p: tensor_ptr(&inv_norm, "DoRA norm")?,
                         _scale: scale,
                         _inv_norm: inv_norm,
-                        mag,
                         off,
                     })
                 }
             };
-            let Some((d, u, c)) = adapter.factors()? else {
-                return Ok(None);
-            };
-            let r = d.dim(1)?;
-            let (d, u) = match adapter {
-                // D and U are the first rows of one A: one cast, two (contiguous) views of it
-                // (a step prepares every adapter, and each kernel launch here is host time
-                // before the first layer can start)
-                Adapter::SingLora(a) => {
-                    let a = a.a().as_tensor().to_dtype(dt)?.contiguous()?;
-                    (a.narrow(0, 0, d.dim(0)?)?, a.narrow(0, 0, u.dim(0)?)?)
-                }
-                Adapter::Lora(_) => (d.to_dtype(dt)?.contiguous()?, u.to_dtype(dt)?.contiguous()?),
-            };
-            let slot = match adapter {
-                Adapter::SingLora(a) => {
-                    let off = *grad_len;
-                    *grad_len += a.a().elem_count();
-                    GradSlot::SingLora {
-                        var: a.a().clone(),
-                        off,
-                    }
-                }
-                Adapter::Lora(a) => {
-                    let a_off = *grad_len;
-                    *grad_len += a.a().elem_count();
-                    let b_off = *grad_len;
-                    *grad_len += a.b().elem_count();
-                    GradSlot::Lora {
-                        a: a.a().clone(),
-                        a_off,
-                        b: a.b().clone(),
-                        b_off,
-                    }
-                }
-            };
+            let (d, u, c) = adapter.factors_in(dt)?;
             Some(Factors {
                 d: tensor_ptr(&d, "adapter factor D")?,
                 u: tensor_ptr(&u, "adapter factor U")?,
                 _d: d,
                 _u: u,
                 c: c as f32,
-                r,
-                slot,
+                r: adapter.rank(),
+                slot: GradSlot {
+                    params,
+                    layout: adapter.factor_layout(),
+                },
                 dora,
             })
         }
@@ -698,10 +689,10 @@ impl Proj {
         let mut deferred = None;
         // dU = c·gᵀ·h goes to SingLoRA's dA rows 0..n (added; the buffer starts zeroed) or is
         // LoRA's dB; with g_U = g·U in one pass over g where the kernel takes it
-        let (du, du_beta) = match f.slot {
-            GradSlot::SingLora { off, .. } => (grads + 4 * off as u64, 1.0),
-            GradSlot::Lora { b_off, .. } => (grads + 4 * b_off as u64, 0.0),
-        };
+        let (du, du_beta) = (
+            grads + 4 * f.slot.offset(f.slot.layout.u) as u64,
+            f.slot.beta(),
+        );
         let one_pass = raw::g_pass_ok(bf16, g, n, r);
         unsafe {
             if one_pass {
@@ -758,38 +749,19 @@ impl Proj {
                 mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
             }
         }
-        // the weight gradients c·a·b into the f32 buffer: SingLoRA's dD = c·xᵀ·g_U into rows
-        // 0..k of dA and dU = c·gᵀ·h into rows 0..n (both added; the buffer starts zeroed),
-        // LoRA's dA = c·g_Uᵀ·x (r × k) and dB = c·gᵀ·h (n × r); grouped, the group gives the
-        // D side (dD, LoRA's dA) for all its members
-        let d_side = grouped.is_none();
+        // the factors' gradients c·a·b into the f32 buffer where the slot says: dD = c·xᵀ·g_U
+        // as rows of its parameter, or its transpose c·g_Uᵀ·x (r × k); dU = c·gᵀ·h (n × r);
+        // grouped, the group gives the D side for all its members
+        let d_off = grads + 4 * f.slot.offset(f.slot.layout.d) as u64;
+        let d_job = grouped.is_none().then(|| match f.slot.layout.d {
+            FactorSource::Rows(_) => ((k, r, m), Mat { trans: true, ..xm }, gum, d_off, du_beta),
+            FactorSource::Transposed(_) => {
+                ((r, k, m), Mat { trans: true, ..gum }, xm, d_off, du_beta)
+            }
+        });
         let du_job = (!one_pass).then_some(((n, r, m), Mat { trans: true, ..gm }, hm, du, du_beta));
-        let jobs = match f.slot {
-            GradSlot::SingLora { off, .. } => [
-                d_side.then_some((
-                    (k, r, m),
-                    Mat { trans: true, ..xm },
-                    gum,
-                    grads + 4 * off as u64,
-                    1.0,
-                )),
-                du_job,
-            ],
-            GradSlot::Lora { a_off, .. } => [
-                d_side.then_some((
-                    (r, k, m),
-                    Mat { trans: true, ..gum },
-                    xm,
-                    grads + 4 * a_off as u64,
-                    0.0,
-                )),
-                du_job,
-            ],
-        };
-        let labels = [
-            "adapter bwd: dD = c·xᵀ·gU",
-            "adapter bwd: dU = c·gᵀ·h (LoRA: dB)",
-        ];
+        let jobs = [d_job, du_job];
+        let labels = ["adapter bwd: dD = c·xᵀ·gU", "adapter bwd: dU = c·gᵀ·h"];
         for (job, label) in jobs.into_iter().zip(labels) {
             let Some((dims, a, b, out, beta)) = job else {
                 continue;
@@ -803,15 +775,6 @@ impl Proj {
             _ => None,
         })
     }
-}
-
-/// Whether the fast path hands adapters' rank-r terms to the kernels that consume the
-/// projections' outputs (or input gradients) where they can; `SINGLORA_UNFUSED_LR` turns this
-/// off for the benchmark's comparison (`ops::set_low_rank_epilogue` for the device check's).
-/// The variable is read once (this runs for every layer of every step).
-fn fuse_terms() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("SINGLORA_UNFUSED_LR").is_none())
 }
 
 /// The backward of projections that read one input x (q, k, v, or gate and up) from their
@@ -884,7 +847,7 @@ fn layer_projs(l: &Layer) -> [&AdaptedLinear; 7] {
 impl Llama {
     /// The decoder layers' forward on CUDA, recorded for [`Tape::backward`]; None where this
     /// path does not apply (then the autograd path runs).
-    pub(crate) fn fast_forward(&self, batch: &Batch) -> Result<Option<Tape>> {
+    pub(crate) fn fast_forward(&self, batch: &Batch, fast: &FastPath) -> Result<Option<Tape>> {
         let candle_core::Device::Cuda(dev) = batch.ids.device() else {
             return Ok(None);
         };
@@ -936,9 +899,8 @@ impl Llama {
         let mut x_ptr = tensor_ptr(&x0, "embeddings")?;
         let mut tapes = vec![];
         let nd = c.heads * c.head_dim;
-        // adapters' rank-r terms added by the kernels that read the projections' outputs (off:
-        // `SINGLORA_UNFUSED_LR`, the benchmark's comparison)
-        let fuse = fuse_terms();
+        // adapters' rank-r terms added by the kernels that read the projections' outputs
+        let fuse = fast.fused_low_rank;
         for (li, l) in self.layers.iter().enumerate() {
             let mut ps = vec![];
             for al in layer_projs(l) {
@@ -947,7 +909,11 @@ impl Llama {
                 })?);
             }
             let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
-            let grp = [group_of(&ps[0..3])?, group_of(&ps[4..6])?];
+            let grp = if fast.grouped {
+                [group_of(&ps[0..3])?, group_of(&ps[4..6])?]
+            } else {
+                [None, None]
+            };
             layer_ends.push(grad_len);
             let (ln1, ln2) = norms[li];
             mark(dev, "other")?;
@@ -1060,6 +1026,7 @@ impl Llama {
         Ok(Some(Tape {
             dev: dev.clone(),
             bf16,
+            fast: *fast,
             dims,
             hidden: h,
             ff,
@@ -1138,7 +1105,8 @@ impl Tape {
             let df = fresh(dev, bf16, m * ff)?;
             // down's c·g_U·Dᵀ to the SwiGLU backward, when of the gate's and up's rank
             let down_r = ps[6].ad.as_ref().map(|f| f.r);
-            let defer = fuse_terms() && [tg, tu].iter().flatten().all(|t| Some(t.r) == down_r);
+            let defer =
+                self.fast.fused_low_rank && [tg, tu].iter().flatten().all(|t| Some(t.r) == down_r);
             let td = ps[6].backward(
                 dev, bf16, dxp, f, &lt.h_down, m, df.1, false, grads_ptr, None, defer,
             )?;
@@ -1221,40 +1189,18 @@ impl Tape {
             for p in ps {
                 let Some(f) = &p.ad else { continue };
                 if sync.is_some() {
-                    match &f.slot {
-                        GradSlot::SingLora { var, .. } => {
-                            summed.insert(var.id());
-                        }
-                        GradSlot::Lora { a, b, .. } => {
-                            summed.extend([a.id(), b.id()]);
-                        }
-                    }
-                    if let Some(dp) = &f.dora {
-                        summed.insert(dp.mag.id());
-                    }
+                    summed.extend(f.slot.params.iter().map(|(v, _)| v.id()));
                 }
                 if f.c == 0.0 {
                     // u(t) = 0: the adapter does not enter the loss (as on the autograd path,
                     // no gradient at all, so no weight decay either)
                     continue;
                 }
-                match &f.slot {
-                    GradSlot::SingLora { var, off } => {
-                        let g = flat
-                            .narrow(0, *off, var.elem_count())?
-                            .reshape(var.shape())?;
-                        grads.insert(var.as_tensor(), g);
-                    }
-                    GradSlot::Lora { a, a_off, b, b_off } => {
-                        let ga = flat.narrow(0, *a_off, a.elem_count())?.reshape(a.shape())?;
-                        let gb = flat.narrow(0, *b_off, b.elem_count())?.reshape(b.shape())?;
-                        grads.insert(a.as_tensor(), ga);
-                        grads.insert(b.as_tensor(), gb);
-                    }
-                }
-                if let Some(dp) = &f.dora {
-                    let gm = flat.narrow(0, dp.off, dp.mag.elem_count())?;
-                    grads.insert(dp.mag.as_tensor(), gm.reshape(dp.mag.shape())?);
+                for (var, off) in &f.slot.params {
+                    let g = flat
+                        .narrow(0, *off, var.elem_count())?
+                        .reshape(var.shape())?;
+                    grads.insert(var.as_tensor(), g);
                 }
             }
         }

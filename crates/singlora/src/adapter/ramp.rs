@@ -7,7 +7,7 @@
 //! exactly the pretrained one. `T = 0` means no ramp (u ≡ 1).
 //!
 //! ```
-//! use singlora::ramp::{RampClock, RampSchedule};
+//! use singlora::adapter::ramp::{RampClock, RampSchedule};
 //! let clock = RampClock::new(RampSchedule::new(4), 0);
 //! assert_eq!(clock.u(), 0.0); // evaluation before any update: the base model
 //! clock.set_training(true);

@@ -6,7 +6,7 @@
 //! the same rules and win over targets.
 //!
 //! ```
-//! use singlora::target::TargetSpec;
+//! use singlora::adapter::target::TargetSpec;
 //! let spec = TargetSpec::parse("q_proj,re:.*\\.mlp\\.(up|down)_proj", Some("layers.0.self_attn.q_proj"))?;
 //! assert!(spec.matches("model.layers.1.self_attn.q_proj"));
 //! assert!(!spec.matches("model.layers.0.self_attn.q_proj"));

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use serde_json::{json, Map, Value};
 
-use crate::adapter::{scale, AdapterKind};
+use crate::adapter::ramp::RampSchedule;
+use crate::adapter::target::TargetSpec;
+use crate::adapter::{scale, AdapterKind, AdapterSpec};
 use crate::error::{Error, Result};
-use crate::ramp::RampSchedule;
-use crate::target::TargetSpec;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -238,10 +238,28 @@ impl AdapterConfig {
         c
     }
 
+    /// The config of adapters made from `spec` on the modules `targets` selects, ramping by
+    /// `ramp` where the method ramps, recording SingLoRA's initialisation.
+    pub fn for_spec(spec: &AdapterSpec, ramp: RampSchedule, targets: &TargetSpec) -> Self {
+        let ramp = if spec.kind.ramps() {
+            ramp
+        } else {
+            RampSchedule::none()
+        };
+        let mut c = Self::singlora(spec.r, spec.alpha, ramp, targets);
+        c.kind = spec.kind;
+        c.use_rslora = spec.rslora;
+        if spec.kind == AdapterKind::SingLora {
+            c.init = Some(spec.init.to_string());
+        }
+        c
+    }
+
     pub fn ramp(&self) -> RampSchedule {
-        match self.kind {
-            AdapterKind::SingLora => RampSchedule::new(self.ramp_steps),
-            _ => RampSchedule::none(),
+        if self.kind.ramps() {
+            RampSchedule::new(self.ramp_steps)
+        } else {
+            RampSchedule::none()
         }
     }
 

@@ -10,11 +10,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapter::file::AdapterFile;
 use crate::adapter::AdapterKind;
-use crate::adapter_file::AdapterFile;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::merge::base_weight;
 
 /// The LoRA image of a SingLoRA adapter file. `base` supplies layer shapes when the file does
 /// not record them (adapters written by other tools).
@@ -28,15 +27,11 @@ pub fn to_lora(af: &AdapterFile, base: Option<&Checkpoint>) -> Result<AdapterFil
     let u = af.config.u();
     let mut layers = BTreeMap::new();
     for (module, tensors) in &af.layers {
-        let (d_out, d_in) = match (af.config.layer_shapes.get(module), base) {
-            (Some(s), _) => *s,
-            (None, Some(ckpt)) => base_weight(ckpt, module, af.config.fan_in_fan_out)?.dims2()?,
-            (None, None) => {
-                return Err(Error::msg(format!(
-                    "the adapter does not record the shape of `{module}` (no `layer_shapes` in its config); pass --base"
-                )))
-            }
-        };
+        let (d_out, d_in) = af.layer_shape(module, base)?.ok_or_else(|| {
+            Error::msg(format!(
+                "the adapter does not record the shape of `{module}` (no `layer_shapes` in its config); pass --base"
+            ))
+        })?;
         let a = &tensors["singlora_A.weight"];
         let (n, r) = a.dims2()?;
         if n != d_out.max(d_in) {

@@ -10,12 +10,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::adapter::{check_finite, Adapter, AdapterKind};
+use crate::adapter::config::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapter::ramp::RampClock;
+use crate::adapter::{check_finite, Adapter};
 use crate::atomic::StagedDir;
-use crate::checkpoint::{write_safetensors, TensorFile};
-use crate::config::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
+use crate::checkpoint::{write_safetensors, Checkpoint, TensorFile};
 use crate::error::{Error, Result};
-use crate::ramp::RampClock;
 
 pub const KEY_PREFIX: &str = "base_model.model.";
 
@@ -109,11 +109,7 @@ impl AdapterFile {
 
     /// Each layer holds exactly the tensors its method needs.
     fn check_layout(&self, path: &Path) -> Result<()> {
-        let want: &[&str] = match self.config.kind {
-            AdapterKind::SingLora => &["singlora_A.weight"],
-            AdapterKind::Lora => &["lora_A.weight", "lora_B.weight"],
-            AdapterKind::Dora => &["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"],
-        };
+        let want = self.config.kind.file_suffixes();
         for (module, tensors) in &self.layers {
             for w in want {
                 if !tensors.contains_key(*w) {
@@ -139,6 +135,31 @@ impl AdapterFile {
             }
         }
         Ok(())
+    }
+
+    /// The (d_out, d_in) of `module`: from the recorded `layer_shapes` or the tensors, else
+    /// from `base`; None where neither says.
+    pub fn layer_shape(
+        &self,
+        module: &str,
+        base: Option<&Checkpoint>,
+    ) -> Result<Option<(usize, usize)>> {
+        if let Some(s) = self.config.layer_shapes.get(module) {
+            return Ok(Some(*s));
+        }
+        if let Some(s) = self
+            .layers
+            .get(module)
+            .and_then(|t| self.config.kind.shape_from_tensors(t))
+        {
+            return Ok(Some(s));
+        }
+        match base {
+            Some(ck) => Ok(Some(
+                crate::merge::base_weight(ck, module, self.config.fan_in_fan_out)?.dims2()?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// The ramp clock at the saved step.
@@ -192,7 +213,7 @@ impl AdapterFile {
                     ))
                 })
                 .collect::<Result<BTreeMap<_, _>>>()?;
-            if config.kind == AdapterKind::SingLora {
+            if config.kind.records_layer_shapes() {
                 config.layer_shapes.insert(module.to_string(), shape);
             }
             layers.insert(module.to_string(), tensors);
