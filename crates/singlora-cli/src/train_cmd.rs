@@ -1,133 +1,28 @@
 //! `singlora train`, `eval` and `predict`: argument parsing and printing.
 
 use std::io::{BufRead, IsTerminal};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use singlora::data::Columns;
+use singlora::device::DeviceSpec;
+use singlora::eval::EvalResult;
 use singlora::session::Session;
-use singlora::train::{parse_device, setup, train as run_training, TrainConfig};
+use singlora::train::{
+    setup, train as run_training, Observer, Plan, TrainConfig, TrainSummary, UpdateReport,
+};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a GGUF file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Training data (.jsonl or .csv).
-    #[arg(long)]
-    train: PathBuf,
-    /// Evaluation data (same format).
-    #[arg(long)]
-    eval: Option<PathBuf>,
-    /// Hold out this fraction of --train for evaluation when no --eval is given.
-    #[arg(long)]
-    eval_fraction: Option<f64>,
-    /// classify or sft.
-    #[arg(long, default_value = "classify")]
-    task: String,
-    /// singlora, lora, rslora, lora-plus or dora.
-    #[arg(long, default_value = "singlora")]
-    method: String,
-    #[arg(long, default_value_t = 8)]
-    rank: usize,
-    #[arg(long, default_value_t = 8.0)]
-    alpha: f64,
-    /// Comma-separated module names or suffixes, re:REGEX, or all-linear (default: the paper's
-    /// targets for the model family).
-    #[arg(long)]
-    targets: Option<String>,
-    /// Modules to leave alone (same syntax as --targets).
-    #[arg(long)]
-    exclude: Option<String>,
-    /// Learning rate (default: 1e-3; 2e-4 for lora-plus, whose B gets 16x).
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    /// Stop after this many optimizer updates (overrides --epochs).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Micro-batches per optimizer update.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 128)]
-    max_length: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// LoRA+: B's learning rate as a multiple of A's.
-    #[arg(long, default_value_t = 16.0)]
-    lora_plus_ratio: f64,
-    #[arg(long)]
-    warmup_steps: Option<u64>,
-    #[arg(long, default_value_t = 0.06)]
-    warmup_ratio: f64,
-    /// linear, cosine or constant.
-    #[arg(long, default_value = "linear")]
-    schedule: String,
-    /// Clip the gradient norm (0 to disable).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    /// Evaluate every N updates (default: each epoch) and at the end.
-    #[arg(long)]
-    eval_every: Option<u64>,
-    /// SingLoRA ramp length T in updates (default: 1% of the updates; 0 = no ramp).
-    #[arg(long)]
-    ramp_steps: Option<u64>,
-    /// SingLoRA's ramp T as a fraction of the optimizer updates, when --ramp-steps is not given.
-    #[arg(long, default_value_t = 0.01)]
-    ramp_fraction: f64,
-    /// SingLoRA init: kaiming_width, gaussian_width, kaiming_rank or gaussian:STD.
-    #[arg(long, default_value = "kaiming_width")]
-    init: String,
-    /// Scale by alpha/sqrt(r) instead of alpha/r.
-    #[arg(long)]
-    rslora: bool,
-    /// SFT: do not wrap prompts in the model's chat template (used by default when the
-    /// model has one; `predict` must then be given the same flag).
-    #[arg(long)]
-    no_chat_template: bool,
-    /// Classification pooling: cls, mean or last (default: by model).
-    #[arg(long)]
-    pooling: Option<String>,
-    /// Checkpoint every N updates (a final one is always written).
-    #[arg(long)]
-    save_every: Option<u64>,
-    #[arg(long, default_value_t = 3)]
-    keep_checkpoints: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Data-parallel training, one rank per device: cuda:0,cuda:1,... (NCCL), or cpu,cpu,...
-    /// (threads; for tests). --batch-size is the global batch, split over the ranks.
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["device", "gpus"])]
-    devices: Option<Vec<String>>,
-    /// LLaMA on a GPU: recompute activations in the backward instead of keeping them (a few %
-    /// slower): the SwiGLU output (b·len·intermediate values less per layer) and, for f32 or
-    /// head sizes other than 64 and 128, the attention probabilities (b·heads·len²; the fused
-    /// bf16 attention kernels never keep them).
-    #[arg(long, alias = "recompute-attention")]
-    recompute: bool,
+    #[command(flatten)]
+    config: TrainConfig,
     /// Shorthand for --devices cuda:0,...,cuda:N-1.
-    #[arg(long, conflicts_with = "device")]
+    #[arg(long, conflicts_with_all = ["device", "devices"])]
     gpus: Option<usize>,
-    #[arg(long, default_value = "text")]
-    text_column: String,
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    #[arg(long, default_value = "label")]
-    label_column: String,
-    #[arg(long, default_value = "prompt")]
-    prompt_column: String,
-    #[arg(long, default_value = "completion")]
-    completion_column: String,
-    /// Drop malformed rows (reported) instead of refusing to start.
-    #[arg(long)]
-    skip_bad_rows: bool,
     /// Print the modules that match, the parameter count and the plan; train nothing.
     #[arg(long)]
     dry_run: bool,
@@ -147,56 +42,18 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
-        Ok(TrainConfig {
-            model: self.model.clone(),
-            train: self.train.clone(),
-            eval: self.eval.clone(),
-            task: self.task.clone(),
-            method: self.method.clone(),
-            rank: self.rank,
-            alpha: self.alpha,
-            targets: self.targets.clone(),
-            exclude: self.exclude.clone(),
-            lr: self.lr,
-            epochs: self.epochs,
-            max_steps: self.max_steps,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_length: self.max_length,
-            seed: self.seed,
-            weight_decay: self.weight_decay,
-            lora_plus_ratio: self.lora_plus_ratio,
-            warmup_steps: self.warmup_steps,
-            warmup_ratio: self.warmup_ratio,
-            schedule: self.schedule.parse()?,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
-            eval_every: self.eval_every,
-            eval_fraction: self.eval_fraction,
-            ramp_steps: self.ramp_steps,
-            ramp_fraction: self.ramp_fraction,
-            init: self.init.clone(),
-            rslora: self.rslora,
-            pooling: self.pooling.clone(),
-            chat_template: !self.no_chat_template,
-            save_every: self.save_every,
-            keep_checkpoints: self.keep_checkpoints,
-            device: self.device.clone(),
-            devices: match (&self.devices, self.gpus) {
-                (Some(d), _) => Some(d.clone()),
-                (None, Some(0)) => return Err(anyhow::anyhow!("--gpus must be at least 1")),
-                (None, Some(n)) => Some((0..n).map(|i| format!("cuda:{i}")).collect()),
-                (None, None) => None,
-            },
-            recompute: self.recompute,
-            text_column: self.text_column.clone(),
-            text_pair_column: self.text_pair_column.clone(),
-            label_column: self.label_column.clone(),
-            prompt_column: self.prompt_column.clone(),
-            completion_column: self.completion_column.clone(),
-            skip_bad_rows: self.skip_bad_rows,
-            quiet: self.quiet,
-            ..TrainConfig::default()
-        })
+        let mut cfg = self.config.clone();
+        match self.gpus {
+            Some(0) => bail!("--gpus must be at least 1"),
+            Some(n) => cfg.devices = Some((0..n).map(DeviceSpec::Cuda).collect()),
+            None => {}
+        }
+        // the documented way to train BERT-family encoders through candle's autograd instead
+        // of their own CPU forward and backward
+        if std::env::var_os("SINGLORA_CPU_AUTOGRAD").is_some_and(|v| v == "1") {
+            cfg.fast.cpu_encoder = false;
+        }
+        Ok(cfg)
     }
 }
 
@@ -208,7 +65,13 @@ pub fn train(args: TrainArgs) -> Result<()> {
         println!("(dry run: nothing trained)");
         return Ok(());
     }
-    let summary = run_training(cfg, &args.out, args.resume, args.overwrite)?;
+    let summary = run_training(
+        cfg,
+        &args.out,
+        args.resume,
+        args.overwrite,
+        progress(args.quiet)?,
+    )?;
     if summary.interrupted {
         println!(
             "interrupted after {} of {} updates; resume with: singlora train --resume --out {} (other flags are read from run.json)",
@@ -237,6 +100,128 @@ pub fn train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Ctrl-C asks a run to stop at the next update, with a checkpoint (one handler per process).
+fn ctrl_c() -> Result<&'static AtomicBool> {
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            ctrlc::set_handler(|| FLAG.store(true, Ordering::SeqCst)).map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("could not install the Ctrl-C handler: {e}"))?;
+    FLAG.store(false, Ordering::SeqCst);
+    Ok(&FLAG)
+}
+
+/// The observer of a `train` run: progress on stderr (none when `quiet`), Ctrl-C as a stop.
+pub fn progress(quiet: bool) -> Result<Arc<dyn Observer>> {
+    Ok(Arc::new(Progress::new(quiet)?))
+}
+
+/// Training progress on stderr: a bar with loss, throughput and ETA on a terminal, a line
+/// every 10 updates otherwise; nothing with --quiet.
+struct Progress {
+    quiet: bool,
+    bar: Mutex<Option<ProgressBar>>,
+    stop: &'static AtomicBool,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Result<Self> {
+        Ok(Self {
+            quiet,
+            bar: Mutex::new(None),
+            stop: ctrl_c()?,
+        })
+    }
+
+    fn say(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
+        match &*self.bar.lock().unwrap() {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn started(&self, plan: &Plan, from_step: u64) {
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return;
+        }
+        let b = ProgressBar::new(plan.total_updates);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} updates ({eta} left) {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        b.set_position(from_step);
+        *self.bar.lock().unwrap() = Some(b);
+    }
+
+    fn resumed(&self, run_dir: &Path, step: u64) {
+        self.say(&format!(
+            "resuming {} from update {step}",
+            run_dir.display()
+        ));
+    }
+
+    fn updated(&self, r: &UpdateReport) {
+        if self.quiet {
+            return;
+        }
+        let msg = format!(
+            "loss {:.4} lr {:.2e} u {:.3} {:.0} tok/s",
+            r.loss, r.lr, r.u, r.tokens_per_s
+        );
+        match &*self.bar.lock().unwrap() {
+            Some(b) => {
+                b.set_position(r.step);
+                b.set_message(msg);
+            }
+            None if r.step % 10 == 0 || r.step == r.total => {
+                eprintln!("step {}/{} {msg}", r.step, r.total)
+            }
+            None => {}
+        }
+    }
+
+    fn evaluated(&self, step: u64, e: &EvalResult) {
+        match step {
+            0 => self.say(&format!("before training: {}", e.summary())),
+            _ => self.say(&format!("update {step}: {}", e.summary())),
+        }
+    }
+
+    fn class_report(&self, text: &str) {
+        self.say(text);
+    }
+
+    fn finished(&self, s: &TrainSummary) {
+        if let Some(b) = self.bar.lock().unwrap().take() {
+            b.finish_and_clear();
+        }
+        if s.interrupted {
+            self.say(&format!(
+                "stopped at update {} of {}; the checkpoint is saved: resume with --resume {}",
+                s.steps,
+                s.total_steps,
+                s.run_dir.display()
+            ));
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[arg(long)]
@@ -251,17 +236,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value = "text")]
-    text_column: String,
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    #[arg(long, default_value = "label")]
-    label_column: String,
-    #[arg(long, default_value = "prompt")]
-    prompt_column: String,
-    #[arg(long, default_value = "completion")]
-    completion_column: String,
+    device: DeviceSpec,
+    #[command(flatten)]
+    columns: Columns,
     #[arg(long)]
     skip_bad_rows: bool,
     /// Print JSON.
@@ -273,18 +250,17 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let mut s = Session::load(&a.model, &a.adapter, parse_device(&a.device)?)?;
+    let mut s = Session::load(&a.model, &a.adapter, a.device.open()?)?;
     if a.no_chat_template {
         s.chat = None;
     }
-    let cols = Columns {
-        text: a.text_column,
-        text_pair: a.text_pair_column,
-        label: a.label_column,
-        prompt: a.prompt_column,
-        completion: a.completion_column,
-    };
-    let r = s.eval_file(&a.data, &cols, a.max_length, a.batch_size, a.skip_bad_rows)?;
+    let r = s.eval_file(
+        &a.data,
+        &a.columns,
+        a.max_length,
+        a.batch_size,
+        a.skip_bad_rows,
+    )?;
     if a.json {
         let mut v = r.to_json(s.adapter.config.step);
         if let (Some(m), Some(l)) = (&r.metrics, &s.labels) {
@@ -320,7 +296,7 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
@@ -330,7 +306,7 @@ pub struct PredictArgs {
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
-    let mut s = Session::load(&a.model, &a.adapter, parse_device(&a.device)?)?;
+    let mut s = Session::load(&a.model, &a.adapter, a.device.open()?)?;
     if a.no_chat_template {
         s.chat = None;
     }

@@ -11,9 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapter::file::AdapterFile;
 use crate::data::{self, Columns, Encoded, LabelSet, Task};
 use crate::error::{Error, Result};
+use crate::eval::{evaluate, EvalResult};
 use crate::model::{Pooling, Pretrained, TaskModel};
 use crate::tokenize::{special_tokens, SpecialTokens};
-use crate::train::{evaluate, EvalResult};
 
 pub struct Session {
     pub model: TaskModel,
@@ -61,7 +61,7 @@ impl Session {
         let special = special_tokens(&pre.tokenizer, Some(&pre.config));
         let tokenizer = pre.tokenizer.clone();
         let chat = match task {
-            Task::Sft => crate::train::chat_template(&pre)?,
+            Task::Sft => pre.chat_template()?,
             Task::Classify => None,
         };
         let n = labels.as_ref().map(|l| l.names.len());

@@ -8,6 +8,22 @@ use candle_core::{DType, Device, Tensor};
 use singlora::data::{collate, Encoded};
 use singlora::model::{Body, Pretrained};
 
+/// A training run that reports nothing.
+fn run_train(
+    cfg: singlora::train::TrainConfig,
+    out: &std::path::Path,
+    resume: bool,
+    overwrite: bool,
+) -> singlora::Result<singlora::train::TrainSummary> {
+    singlora::train::train(
+        cfg,
+        out,
+        resume,
+        overwrite,
+        std::sync::Arc::new(singlora::train::Silent),
+    )
+}
+
 fn minilm() -> Option<PathBuf> {
     let p = std::env::var_os("SINGLORA_MINILM")
         .map(PathBuf::from)
@@ -116,15 +132,14 @@ fn smollm2_gguf_trains_and_merges_to_safetensors() {
     let cfg = singlora::train::TrainConfig {
         model: gguf.clone(),
         train: data.clone(),
-        task: "sft".into(),
+        task: singlora::data::Task::Sft,
         batch_size: 4,
         max_steps: Some(3),
         lr: Some(5e-3),
         ramp_steps: Some(0),
-        quiet: true,
         ..Default::default()
     };
-    let s = singlora::train::train(cfg, &run, false, false).unwrap();
+    let s = run_train(cfg, &run, false, false).unwrap();
     assert_eq!(s.steps, 3);
     let merged = tmp.path().join("merged");
     singlora::merge::merge_checkpoint(&gguf, &run, &merged, &Default::default()).unwrap();

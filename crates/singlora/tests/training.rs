@@ -15,7 +15,17 @@ use singlora::data::{collate, encode, load_dataset, Columns, LabelSet, Task};
 use singlora::model::{ClassifierHead, Pretrained, TaskModel};
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
-use singlora::train::{setup, train, TrainConfig};
+use singlora::train::{setup, train, Silent, TrainConfig, TrainSummary};
+
+/// A training run that reports nothing.
+fn run_train(
+    cfg: TrainConfig,
+    out: &std::path::Path,
+    resume: bool,
+    overwrite: bool,
+) -> singlora::Result<TrainSummary> {
+    train(cfg, out, resume, overwrite, std::sync::Arc::new(Silent))
+}
 
 const WORDS: &[&str] = &[
     "the", "a", "movie", "film", "plot", "acting", "was", "is", "very", "really", "quite", "story",
@@ -109,7 +119,6 @@ fn base_cfg(model: &Path, train: &Path, eval: Option<&Path>) -> TrainConfig {
         batch_size: 8,
         epochs: 4,
         lr: Some(1e-2),
-        quiet: true,
         ..TrainConfig::default()
     }
 }
@@ -137,7 +146,7 @@ fn bert_classification_trains_and_writes_every_output() {
         lr: Some(3e-2),
         ..base_cfg(&model, &train_f, Some(&eval_f))
     };
-    let s = train(cfg, &run, false, false).unwrap();
+    let s = run_train(cfg, &run, false, false).unwrap();
     assert_eq!(s.steps, 80);
     let l = losses(&run);
     assert_eq!(l.len(), 80);
@@ -239,13 +248,13 @@ fn llama_sft_and_classification_train() {
     let data = sft_data(tmp.path(), 48);
     let run = tmp.path().join("sft");
     let cfg = TrainConfig {
-        task: "sft".into(),
+        task: Task::Sft,
         eval_fraction: Some(0.25),
         epochs: 10,
         lr: Some(3e-2),
         ..base_cfg(&model, &data, None)
     };
-    let s = train(cfg, &run, false, false).unwrap();
+    let s = run_train(cfg, &run, false, false).unwrap();
     let l = losses(&run);
     assert!(
         mean(&l[l.len() - 3..]) < 0.7 * l[0],
@@ -264,10 +273,10 @@ fn llama_sft_and_classification_train() {
     let (train_f, eval_f) = classification_data(tmp.path(), 64, 16);
     let run = tmp.path().join("cls");
     let cfg = TrainConfig {
-        method: "dora".into(),
+        method: Method::Dora,
         ..base_cfg(&model, &train_f, Some(&eval_f))
     };
-    let s = train(cfg, &run, false, false).unwrap();
+    let s = run_train(cfg, &run, false, false).unwrap();
     let l = losses(&run);
     assert!(
         mean(&l[l.len() - 4..]) < 0.8 * mean(&l[..4]),
@@ -304,7 +313,7 @@ fn resume_ends_bit_identical() {
     let (train_f, eval_f) = classification_data(tmp.path(), 40, 8);
     for (method, accum) in [("singlora", 1), ("lora-plus", 2), ("dora", 1)] {
         let cfg = TrainConfig {
-            method: method.into(),
+            method: method.parse().unwrap(),
             grad_accum: accum,
             epochs: 3,
             save_every: Some(2),
@@ -313,10 +322,10 @@ fn resume_ends_bit_identical() {
             ..base_cfg(&model, &train_f, Some(&eval_f))
         };
         let full = tmp.path().join(format!("full-{method}"));
-        let s_full = train(cfg.clone(), &full, false, false).unwrap();
+        let s_full = run_train(cfg.clone(), &full, false, false).unwrap();
         let part = tmp.path().join(format!("part-{method}"));
         // stop mid-epoch (5 batches per epoch at batch 8) as a Ctrl-C would
-        let stopped = train(
+        let stopped = run_train(
             TrainConfig {
                 stop_after: Some(4),
                 ..cfg.clone()
@@ -328,9 +337,8 @@ fn resume_ends_bit_identical() {
         .unwrap();
         assert!(stopped.interrupted && stopped.steps == 4);
         assert!(!part.join("adapter_model.safetensors").exists());
-        let resumed = train(
+        let resumed = run_train(
             TrainConfig {
-                quiet: true,
                 ..TrainConfig::default()
             },
             &part,
@@ -369,7 +377,7 @@ fn existing_run_dir_is_refused() {
     let run = tmp.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(run.join("keep"), "x").unwrap();
-    let err = train(base_cfg(&model, &train_f, None), &run, false, false)
+    let err = run_train(base_cfg(&model, &train_f, None), &run, false, false)
         .err()
         .unwrap()
         .to_string();
@@ -378,7 +386,7 @@ fn existing_run_dir_is_refused() {
         "{err}"
     );
     assert!(run.join("keep").exists());
-    let err = train(
+    let err = run_train(
         base_cfg(&model, &train_f, None),
         &tmp.path().join("none"),
         true,
@@ -404,8 +412,8 @@ fn every_trainable_tensor_gets_a_gradient() {
     ] {
         for method in Method::ALL {
             let cfg = TrainConfig {
-                method: method.to_string(),
-                task: task.into(),
+                method,
+                task: task.parse().unwrap(),
                 targets: Some("all-linear".into()),
                 ..base_cfg(model, data, None)
             };
@@ -576,8 +584,8 @@ fn data_parallel_ranks_match_one_process() {
     ];
     for (name, model, data, eval, task, method, accum) in cases {
         let cfg = TrainConfig {
-            task: task.into(),
-            method: method.into(),
+            task: task.parse().unwrap(),
+            method: method.parse().unwrap(),
             batch_size: 4,
             grad_accum: accum,
             epochs: 2,
@@ -586,10 +594,10 @@ fn data_parallel_ranks_match_one_process() {
             ..base_cfg(model, data, eval.map(|p| p.as_path()))
         };
         let one = tmp.path().join(format!("{name}-one"));
-        let s1 = train(cfg.clone(), &one, false, false).unwrap();
+        let s1 = run_train(cfg.clone(), &one, false, false).unwrap();
         let three = tmp.path().join(format!("{name}-three"));
-        let devices = Some(vec!["cpu".to_string(); 3]);
-        let s3 = train(TrainConfig { devices, ..cfg }, &three, false, false).unwrap();
+        let devices = Some(vec![singlora::device::DeviceSpec::Cpu; 3]);
+        let s3 = run_train(TrainConfig { devices, ..cfg }, &three, false, false).unwrap();
         assert_eq!(s1.steps, s3.steps, "{name}");
         let (a1, a3) = (adapter_tensors(&one), adapter_tensors(&three));
         assert_eq!(a1.len(), a3.len());
@@ -632,12 +640,12 @@ fn bad_device_lists_are_refused() {
     let (train_f, _) = classification_data(tmp.path(), 12, 0);
     let run = |devices: &[&str], batch: usize| {
         let cfg = TrainConfig {
-            devices: Some(devices.iter().map(|d| d.to_string()).collect()),
+            devices: Some(devices.iter().map(|d| d.parse().unwrap()).collect()),
             batch_size: batch,
             ..base_cfg(&model, &train_f, None)
         };
         let out = tmp.path().join("run");
-        let e = train(cfg, &out, false, true).unwrap_err().to_string();
+        let e = run_train(cfg, &out, false, true).unwrap_err().to_string();
         assert!(!out.exists(), "nothing written for {devices:?}");
         e
     };
@@ -667,13 +675,13 @@ fn data_parallel_resume_ends_bit_identical() {
         batch_size: 6,
         epochs: 2,
         save_every: Some(2),
-        devices: Some(vec!["cpu".into(); 2]),
+        devices: Some(vec![singlora::device::DeviceSpec::Cpu; 2]),
         ..base_cfg(&model, &train_f, Some(&eval_f))
     };
     let full = tmp.path().join("full");
-    let s_full = train(cfg.clone(), &full, false, false).unwrap();
+    let s_full = run_train(cfg.clone(), &full, false, false).unwrap();
     let part = tmp.path().join("part");
-    let stopped = train(
+    let stopped = run_train(
         TrainConfig {
             stop_after: Some(3),
             ..cfg
@@ -684,9 +692,8 @@ fn data_parallel_resume_ends_bit_identical() {
     )
     .unwrap();
     assert!(stopped.interrupted && stopped.steps == 3);
-    let resumed = train(
+    let resumed = run_train(
         TrainConfig {
-            quiet: true,
             ..TrainConfig::default()
         },
         &part,

@@ -56,6 +56,8 @@ impl FromStr for SingLoraInit {
     }
 }
 
+crate::serde_via_str!(SingLoraInit);
+
 impl SingLoraInit {
     /// Draws A of shape (n, r).
     pub fn sample(

@@ -197,6 +197,8 @@ impl FromStr for Method {
     }
 }
 
+crate::serde_via_str!(Method);
+
 /// The scale s in ΔW = s·…: α/r, or α/√r with rsLoRA.
 pub fn scale(alpha: f64, r: usize, rslora: bool) -> f64 {
     if rslora {

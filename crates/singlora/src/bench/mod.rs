@@ -78,7 +78,7 @@ pub fn time_steps_in(
     warmup: usize,
     steps: usize,
     mut sync: impl FnMut() -> Result<()>,
-    group: Option<&dyn crate::train::dist::Collective>,
+    group: Option<&dyn crate::dist::Collective>,
 ) -> Result<StepTiming> {
     let mut opt =
         AdamW::new(model.params(), AdamWConfig::default()).with_clock(model.clock.clone());
@@ -94,7 +94,7 @@ pub fn time_steps_in(
         let (_loss, mut grads, summed) =
             model.loss_and_grads_synced(batch, 1.0, group.and_then(|g| g.as_grad_sync()))?;
         if let Some(g) = group {
-            crate::train::dist::all_reduce_grads(&vars, &mut grads, &summed, g)?;
+            crate::dist::all_reduce_grads(&vars, &mut grads, &summed, g)?;
         }
         sync()?;
         let t1 = Instant::now();

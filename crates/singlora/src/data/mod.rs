@@ -54,15 +54,33 @@ impl FromStr for Task {
     }
 }
 
-/// The names of the CSV columns / JSON fields that hold each part of an example.
-#[derive(Debug, Clone, PartialEq, Eq)]
+crate::serde_via_str!(Task);
+
+/// The names of the CSV columns / JSON fields that hold each part of an example (the
+/// `--text-column` … flags; `text_column` … in `run.json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
+#[serde(default)]
 pub struct Columns {
+    #[arg(long = "text-column", id = "text_column", default_value = "text")]
+    #[serde(rename = "text_column")]
     pub text: String,
     /// The second text of a pair. `None`: a `text_pair` column / field is used where present.
     /// `Some(name)`: every row must have it.
+    #[arg(long = "text-pair-column", id = "text_pair_column")]
+    #[serde(rename = "text_pair_column")]
     pub text_pair: Option<String>,
+    #[arg(long = "label-column", id = "label_column", default_value = "label")]
+    #[serde(rename = "label_column")]
     pub label: String,
+    #[arg(long = "prompt-column", id = "prompt_column", default_value = "prompt")]
+    #[serde(rename = "prompt_column")]
     pub prompt: String,
+    #[arg(
+        long = "completion-column",
+        id = "completion_column",
+        default_value = "completion"
+    )]
+    #[serde(rename = "completion_column")]
     pub completion: String,
 }
 
@@ -70,14 +88,9 @@ pub struct Columns {
 pub const DEFAULT_TEXT_PAIR: &str = "text_pair";
 
 impl Default for Columns {
+    /// The flags' defaults.
     fn default() -> Self {
-        Columns {
-            text: "text".into(),
-            text_pair: None,
-            label: "label".into(),
-            prompt: "prompt".into(),
-            completion: "completion".into(),
-        }
+        crate::cli_defaults(&[])
     }
 }
 

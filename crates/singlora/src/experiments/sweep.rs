@@ -204,13 +204,13 @@ pub fn read_records(dir: &Path) -> Result<Vec<Record>> {
         .collect()
 }
 
-fn train_config(spec: &SweepSpec, job: &Job, device: &str) -> TrainConfig {
-    TrainConfig {
+fn train_config(spec: &SweepSpec, job: &Job, device: &str) -> Result<TrainConfig> {
+    Ok(TrainConfig {
         model: spec.model.clone(),
         train: spec.train.clone(),
         eval: Some(spec.eval.clone()),
-        task: "classify".into(),
-        method: job.method.clone(),
+        task: crate::data::Task::Classify,
+        method: job.method.parse()?,
         rank: job.rank,
         alpha: job.rank as f64,
         lr: job.lr,
@@ -218,13 +218,12 @@ fn train_config(spec: &SweepSpec, job: &Job, device: &str) -> TrainConfig {
         batch_size: spec.batch_size,
         max_length: spec.max_length,
         seed: job.seed,
-        init: job.init.clone(),
+        init: job.init.parse()?,
         ramp_steps: job.ramp_steps,
         ramp_fraction: job.ramp_fraction,
-        device: device.to_string(),
-        quiet: true,
+        device: device.parse()?,
         ..TrainConfig::default()
-    }
+    })
 }
 
 /// `singlora train` arguments for `cfg` (the settings a sweep changes).
@@ -236,9 +235,9 @@ fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
         "--train".into(),
         cfg.train.display().to_string(),
         "--task".into(),
-        cfg.task.clone(),
+        cfg.task.to_string(),
         "--method".into(),
-        cfg.method.clone(),
+        cfg.method.to_string(),
         "--rank".into(),
         cfg.rank.to_string(),
         "--alpha".into(),
@@ -252,11 +251,11 @@ fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
         "--seed".into(),
         cfg.seed.to_string(),
         "--init".into(),
-        cfg.init.clone(),
+        cfg.init.to_string(),
         "--ramp-fraction".into(),
         cfg.ramp_fraction.to_string(),
         "--device".into(),
-        cfg.device.clone(),
+        cfg.device.to_string(),
         "--out".into(),
         dir.display().to_string(),
         "--overwrite".into(),
@@ -276,12 +275,18 @@ fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
 
 fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
     let dir = spec.out.join("runs").join(job.name());
-    let cfg = train_config(spec, job, device);
-    let lr = cfg.learning_rate()?;
+    let cfg = train_config(spec, job, device)?;
+    let lr = cfg.learning_rate();
     let t0 = Instant::now();
     match &spec.exe {
         None => {
-            train(cfg, &dir, false, true)?;
+            train(
+                cfg,
+                &dir,
+                false,
+                true,
+                std::sync::Arc::new(crate::train::Silent),
+            )?;
         }
         Some(exe) => {
             let o = std::process::Command::new(exe)

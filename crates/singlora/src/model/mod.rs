@@ -135,6 +135,8 @@ impl FromStr for Pooling {
     }
 }
 
+crate::serde_via_str!(Pooling);
+
 pub enum Body {
     Bert(Bert),
     Llama(Llama),
@@ -264,6 +266,21 @@ impl Pretrained {
             mean_pooling_hint,
             num_params,
         })
+    }
+
+    /// The model's chat template (from tokenizer_config.json or the GGUF metadata), compiled
+    /// with its bos/eos token strings; None when the model has none.
+    pub fn chat_template(&self) -> Result<Option<crate::chat::ChatTemplate>> {
+        let Some(src) = &self.chat_template else {
+            return Ok(None);
+        };
+        let special = crate::tokenize::special_tokens(&self.tokenizer, Some(&self.config));
+        let name = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
+        Ok(Some(crate::chat::ChatTemplate::new(
+            src,
+            name(special.bos),
+            name(special.eos),
+        )?))
     }
 
     /// The pooling a classifier on this model uses by default.
@@ -622,7 +639,7 @@ impl TaskModel {
         &self,
         batch: &Batch,
         scale: f64,
-        sync: Option<&dyn crate::train::dist::GradSync>,
+        sync: Option<&dyn crate::dist::GradSync>,
     ) -> Result<(
         Tensor,
         candle_core::backprop::GradStore,

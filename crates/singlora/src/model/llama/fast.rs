@@ -36,6 +36,7 @@ use candle_core::{
 
 use super::{Batch, Layer, Llama};
 use crate::adapter::{AdaptedLinear, FactorLayout, FactorSource};
+use crate::dist::GradSync;
 use crate::error::{Error, Result};
 use crate::nn::{key_lens, rope_tables};
 use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved};
@@ -45,7 +46,6 @@ use crate::ops::cuda::{
     self, fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, raw, Mat,
 };
 use crate::ops::FastPath;
-use crate::train::dist::GradSync;
 
 /// [`mark`] on a CUDA device (nothing elsewhere).
 pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {

@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr};
 use candle_core::cuda_backend::cudarc::nccl::{result, sys};
 use candle_core::{DType, Device, Storage, Tensor};
 
-use super::dist::{Collective, GradSync};
+use super::{Collective, GradSync};
 use crate::error::{Error, Result};
 
 fn nccl_error(what: &str, e: result::NcclError) -> Error {
@@ -34,9 +34,6 @@ unsafe impl Sync for GroupId {}
 
 impl GroupId {
     pub fn new() -> Result<Self> {
-        if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
-            std::env::set_var("NCCL_NVLS_ENABLE", "0");
-        }
         result::get_uniqueid()
             .map(GroupId)
             .map_err(|e| nccl_error("could not make a group id (is libnccl.so.2 found?)", e))

@@ -1,0 +1,295 @@
+//! Everything a run needs before its first update, built from a [`TrainConfig`]: the device,
+//! the model with its adapters (or, for a linear probe, none), the encoded data, the adapter
+//! config the files will carry, and the [`Plan`] that `--dry-run` prints and `run.json`
+//! records.
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::adapter::config::AdapterConfig;
+use crate::adapter::file::AdapterFile;
+use crate::adapter::ramp::{RampClock, RampSchedule};
+use crate::adapter::target::TargetSpec;
+use crate::adapter::AdapterSpec;
+use crate::data::{self, Dataset, Encoded, LabelSet, Task};
+use crate::error::{Error, Result};
+use crate::eval::{evaluate, EvalResult};
+use crate::model::{Pretrained, TaskModel};
+
+use super::TrainConfig;
+
+/// Data, encoded and ready.
+pub struct PreparedData {
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+    pub labels: Option<LabelSet>,
+    pub train_items: Vec<Encoded>,
+    pub eval_items: Vec<Encoded>,
+    pub pad_id: u32,
+}
+
+/// Loads and encodes the training (and evaluation) data.
+pub fn prepare_data(cfg: &TrainConfig, pre: &Pretrained) -> Result<PreparedData> {
+    let task = cfg.task;
+    let cols = &cfg.columns;
+    let train = data::load_dataset(&cfg.train, task, cols, cfg.skip_bad_rows)?;
+    let (train, eval) = match (&cfg.eval, cfg.eval_fraction) {
+        (Some(p), _) => (
+            train,
+            Some(data::load_dataset(p, task, cols, cfg.skip_bad_rows)?),
+        ),
+        (None, Some(f)) if f > 0.0 => {
+            let (t, e) = data::split_fraction(train, f, cfg.seed)?;
+            (t, Some(e))
+        }
+        (None, _) => (train, None),
+    };
+    let labels = match task {
+        Task::Classify => {
+            let l = LabelSet::from_dataset(&train)?;
+            if let Some(e) = &eval {
+                l.check(e)?;
+            }
+            Some(l)
+        }
+        Task::Sft => None,
+    };
+    let special = crate::tokenize::special_tokens(&pre.tokenizer, Some(&pre.config));
+    let eos = match task {
+        Task::Sft => special.eos,
+        Task::Classify => None,
+    };
+    let chat = match task {
+        Task::Sft if cfg.chat_template => pre.chat_template()?,
+        _ => None,
+    };
+    let enc = |ds: &Dataset| {
+        data::encode_with(
+            &pre.tokenizer,
+            ds,
+            labels.as_ref(),
+            cfg.max_length,
+            eos,
+            chat.as_ref(),
+        )
+    };
+    let train_items = enc(&train)?;
+    let eval_items = match &eval {
+        Some(e) => enc(e)?,
+        None => vec![],
+    };
+    Ok(PreparedData {
+        train,
+        eval,
+        labels,
+        train_items,
+        eval_items,
+        pad_id: special.pad,
+    })
+}
+
+/// The plan `--dry-run` prints and `run.json` records.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub family: String,
+    pub adapted_modules: Vec<String>,
+    pub adapter_params: usize,
+    pub head_params: usize,
+    pub base_params: usize,
+    pub train_rows: usize,
+    pub eval_rows: usize,
+    pub labels: Option<Vec<String>>,
+    pub updates_per_epoch: u64,
+    pub total_updates: u64,
+    pub warmup_updates: u64,
+    pub ramp_steps: u64,
+    pub lr: f64,
+    pub pooling: Option<String>,
+}
+
+impl Plan {
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "model family   {}\nadapted        {} modules\n",
+            self.family,
+            self.adapted_modules.len()
+        );
+        for m in &self.adapted_modules {
+            s += &format!("  {m}\n");
+        }
+        s += &format!(
+            "trainable      {} adapter + {} head parameters ({:.4}% of {} base parameters)\n",
+            crate::inspect::thousands(self.adapter_params),
+            crate::inspect::thousands(self.head_params),
+            100.0 * (self.adapter_params + self.head_params) as f64
+                / self.base_params.max(1) as f64,
+            crate::inspect::thousands(self.base_params)
+        );
+        s += &format!(
+            "data           {} train rows, {} eval rows\n",
+            self.train_rows, self.eval_rows
+        );
+        if let Some(l) = &self.labels {
+            s += &format!("labels         {}\n", l.join(", "));
+        }
+        if let Some(p) = &self.pooling {
+            s += &format!("pooling        {p}\n");
+        }
+        s += &format!(
+            "updates        {} per epoch, {} in total, {} warm-up, lr {:e}\nramp           T = {} updates\n",
+            self.updates_per_epoch, self.total_updates, self.warmup_updates, self.lr, self.ramp_steps
+        );
+        s
+    }
+}
+
+/// Everything needed to train, built from a config.
+pub struct Setup {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    pub model: TaskModel,
+    pub data: PreparedData,
+    pub plan: Plan,
+    pub adapter_config: AdapterConfig,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub base_config: Value,
+}
+
+/// Loads model and data, injects adapters and computes the plan.
+pub fn setup(cfg: TrainConfig) -> Result<Setup> {
+    let (task, method) = (cfg.task, cfg.method);
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.rank == 0 {
+        return Err(Error::msg(
+            "--batch-size, --grad-accum and --rank must be at least 1",
+        ));
+    }
+    let device = cfg.device.open()?;
+    // frozen weights: f32 on the CPU, bf16 on a GPU
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let pre = Pretrained::load(&cfg.model, dtype, &device)?;
+    let family = pre.body.family();
+    let data = prepare_data(&cfg, &pre)?;
+    let pooling = cfg.pooling.unwrap_or_else(|| pre.default_pooling());
+    let n_labels = data.labels.as_ref().map(|l| l.names.len());
+    let tokenizer = pre.tokenizer.clone();
+    let base_config = pre.config.clone();
+    let base_params = pre.num_params;
+    let mut model = TaskModel::new(pre.body, task, n_labels, pooling, cfg.seed, &device)?;
+    model.fast = cfg.fast;
+    if let crate::model::Body::Llama(l) = &mut model.body {
+        l.recompute = cfg.recompute;
+    }
+
+    let batches_per_epoch = data.train_items.len().div_ceil(cfg.batch_size) as u64;
+    let updates_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64);
+    let total = cfg
+        .max_steps
+        .unwrap_or(updates_per_epoch * cfg.epochs as u64)
+        .max(1);
+    let warmup = cfg
+        .warmup_steps
+        .unwrap_or((cfg.warmup_ratio * total as f64).round() as u64);
+    let ramp = match (method.kind().ramps(), cfg.ramp_steps) {
+        (true, Some(t)) => RampSchedule::new(t),
+        (true, None) => RampSchedule::fraction_of(total, cfg.ramp_fraction),
+        (false, _) => RampSchedule::none(),
+    };
+    let spec = AdapterSpec {
+        kind: method.kind(),
+        r: cfg.rank,
+        alpha: cfg.alpha,
+        rslora: cfg.rslora || method.uses_rslora(),
+        init: cfg.init,
+        seed: cfg.seed,
+        dtype: DType::F32,
+    };
+    let targets = TargetSpec::parse(
+        cfg.targets.as_deref().unwrap_or(family.default_targets()),
+        cfg.exclude.as_deref(),
+    )?;
+    let clock = RampClock::new(ramp, 0);
+    let adapted = if cfg.head_only {
+        if task != Task::Classify {
+            return Err(Error::msg("head-only training needs --task classify"));
+        }
+        model.clock = clock;
+        vec![]
+    } else {
+        model.inject(&spec, &targets, clock)?
+    };
+    let mut adapter_config = AdapterConfig::for_spec(&spec, ramp, &targets);
+    adapter_config.base_model_name_or_path = Some(cfg.model.to_string_lossy().into_owned());
+    adapter_config.task_type = Some(match task {
+        Task::Classify => "SEQ_CLS".into(),
+        Task::Sft => "CAUSAL_LM".into(),
+    });
+    if let Some(h) = &model.head {
+        adapter_config.modules_to_save = vec![h.name.clone()];
+        adapter_config.labels = data.labels.as_ref().map(|l| l.names.clone());
+        adapter_config.pooling = Some(pooling.to_string());
+    }
+    let adapter_params: usize = model
+        .adapters()
+        .iter()
+        .map(|(_, _, a)| a.num_params())
+        .sum();
+    let head_params = model
+        .head
+        .as_ref()
+        .map_or(0, |h| h.params().iter().map(|p| p.var.elem_count()).sum());
+    let plan = Plan {
+        family: format!("{family:?}"),
+        adapted_modules: adapted,
+        adapter_params,
+        head_params,
+        base_params,
+        train_rows: data.train_items.len(),
+        eval_rows: data.eval_items.len(),
+        labels: data.labels.as_ref().map(|l| l.names.clone()),
+        updates_per_epoch,
+        total_updates: total,
+        warmup_updates: warmup,
+        ramp_steps: ramp.ramp_steps,
+        lr: cfg.learning_rate(),
+        pooling: (task == Task::Classify).then(|| pooling.to_string()),
+    };
+    Ok(Setup {
+        cfg,
+        device,
+        model,
+        data,
+        plan,
+        adapter_config,
+        tokenizer,
+        base_config,
+    })
+}
+
+impl Setup {
+    /// The adapter (with head and labels) as it stands.
+    pub fn adapter_file(&self) -> Result<AdapterFile> {
+        let mut config = self.adapter_config.clone();
+        config.step = self.model.clock.step();
+        AdapterFile::from_adapters(config, self.model.adapters(), self.model.head_tensors())
+    }
+
+    pub fn evaluate(&self) -> Result<Option<EvalResult>> {
+        if self.data.eval_items.is_empty() {
+            return Ok(None);
+        }
+        let n_labels = self.data.labels.as_ref().map(|l| l.names.len());
+        Ok(Some(evaluate(
+            &self.model,
+            &self.data.eval_items,
+            self.cfg.batch_size * 2,
+            self.data.pad_id,
+            n_labels,
+            &self.device,
+        )?))
+    }
+}
