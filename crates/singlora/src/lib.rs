@@ -5,13 +5,11 @@
 pub mod adapter;
 pub mod adapter_file;
 pub mod atomic;
-pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
-pub mod experiments;
 pub mod export;
 pub mod gguf;
 pub mod init;

@@ -1,4 +1,4 @@
-//! `singlora bench`: timed training steps (benchmarks print tables; tests never time).
+//! `singlora-lab bench-*`: timed training steps (benchmarks print tables; tests never time).
 
 use std::path::PathBuf;
 
@@ -9,8 +9,10 @@ use singlora::adapter::{AdapterSpec, Method};
 use singlora::data::Task;
 use singlora::model::{Pretrained, TaskModel};
 use singlora::ramp::{RampClock, RampSchedule};
+use singlora::synthetic::LlamaShape;
 use singlora::target::TargetSpec;
 use singlora::train::parse_device;
+use singlora_lab::shapes;
 
 #[derive(Args, Debug)]
 pub struct StepArgs {
@@ -56,10 +58,11 @@ pub fn step(a: StepArgs) -> Result<()> {
         &TargetSpec::parse(&a.targets, None)?,
         RampClock::new(RampSchedule::none(), 0),
     )?;
-    let batch = singlora::bench::random_batch(a.batch, a.seq, vocab, 2, &device)?;
+    let batch = singlora_lab::bench::random_batch(a.batch, a.seq, vocab, 2, &device)?;
     let dev = device.clone();
-    let t =
-        singlora::bench::time_steps(&model, &batch, a.warmup, a.steps, || Ok(dev.synchronize()?))?;
+    let t = singlora_lab::bench::time_steps(&model, &batch, a.warmup, a.steps, || {
+        Ok(dev.synchronize()?)
+    })?;
     if a.json {
         println!("{}", serde_json::to_string(&t)?);
     } else {
@@ -108,7 +111,7 @@ pub struct LlamaArgs {
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
-    use singlora::bench::llama::{matmul_ceiling, run};
+    use singlora_lab::bench::llama::{matmul_ceiling, run};
     let device = parse_device(&a.device)?;
     let shape = shape_of(&a.shape)?;
     if a.kernel_profile {
@@ -210,7 +213,8 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let shape = shape_of(&a.shape)?;
     let method = method_of(&a.method)?;
-    let rows = singlora::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
+    let rows =
+        singlora_lab::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
     if a.json {
         for r in &rows {
             println!("{}", serde_json::to_string(r)?);
@@ -288,11 +292,10 @@ fn methods_of(list: &str) -> Result<Vec<(&str, Option<Method>)>> {
         .collect()
 }
 
-fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
-    use singlora::synthetic::LlamaShape;
+fn shape_of(name: &str) -> Result<LlamaShape> {
     Ok(match name {
-        "tinyllama" => LlamaShape::TINYLLAMA,
-        "7b" => LlamaShape::LLAMA_7B,
+        "tinyllama" => shapes::TINYLLAMA,
+        "7b" => shapes::LLAMA_7B,
         "tiny" => LlamaShape {
             hidden: 64,
             intermediate: 176,
@@ -308,7 +311,7 @@ fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
 /// Data-parallel scaling: the same per-GPU step on 1, 2, 4, … GPUs, adapter gradients summed
 /// over NCCL (overlapping the backward) before every update.
 pub fn scaling(a: ScalingArgs) -> Result<()> {
-    use singlora::bench::llama::{random_model, random_tokens};
+    use singlora_lab::bench::llama::{random_model, random_tokens};
     let shape = shape_of(&a.shape)?;
     let method = method_of(&a.method)?;
     let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
@@ -334,7 +337,7 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
                 .map(Some)
                 .collect()
         };
-        let results: Vec<Result<(singlora::bench::StepTiming, Option<u64>)>> =
+        let results: Vec<Result<(singlora_lab::bench::StepTiming, Option<u64>)>> =
             std::thread::scope(|s| {
                 let hs: Vec<_> = devices
                     .iter()
@@ -351,14 +354,15 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
                             let b = random_tokens(a.batch, a.seq, shape.vocab, &device)?;
                             let mut peak = 0u64;
                             let d = device.clone();
-                            let t = singlora::bench::time_steps_in(
+                            let t = singlora_lab::bench::time_steps_in(
                                 &model,
                                 &b,
                                 a.warmup,
                                 a.steps,
                                 || {
                                     d.synchronize()?;
-                                    if let Some(m) = singlora::bench::llama::device_memory_used(&d)
+                                    if let Some(m) =
+                                        singlora_lab::bench::llama::device_memory_used(&d)
                                     {
                                         peak = peak.max(m);
                                     }
@@ -417,13 +421,9 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-fn kernel_profile(
-    a: &LlamaArgs,
-    shape: singlora::synthetic::LlamaShape,
-    device: &candle_core::Device,
-) -> Result<()> {
+fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device) -> Result<()> {
     for (m, method) in methods_of(&a.methods)? {
-        let rows = singlora::bench::llama::kernel_profile(
+        let rows = singlora_lab::bench::llama::kernel_profile(
             &a.shape,
             shape,
             method,
@@ -460,10 +460,6 @@ fn kernel_profile(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn kernel_profile(
-    _: &LlamaArgs,
-    _: singlora::synthetic::LlamaShape,
-    _: &candle_core::Device,
-) -> Result<()> {
+fn kernel_profile(_: &LlamaArgs, _: LlamaShape, _: &candle_core::Device) -> Result<()> {
     anyhow::bail!("--kernel-profile times the CUDA fast path: build with the `cuda` feature")
 }
