@@ -272,7 +272,7 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
         out: out.clone(),
         keep_runs: a.keep_runs,
         // on GPUs, one process per run (threads of one process serialise on the driver)
-        exe: if a.processes || a.devices.iter().any(|d| d != "cpu") {
+        exe: if !a.report_only && (a.processes || a.devices.iter().any(|d| d != "cpu")) {
             Some(singlora_exe()?)
         } else {
             None

@@ -21,7 +21,8 @@ fn text(o: &Output) -> (String, String) {
 }
 
 /// `example-adapters` writes one adapter of each method for the base's seven projections, in
-/// PEFT's file layout and with PEFT's flags for rsLoRA and DoRA.
+/// PEFT's file layout: LoRA, rsLoRA and DoRA as PEFT LoRA adapters with its flags, SingLoRA
+/// as its own type.
 #[test]
 fn example_adapters_for_a_base() {
     let tmp = tempfile::tempdir().unwrap();
@@ -48,11 +49,11 @@ fn example_adapters_for_a_base() {
         stdout.contains("wrote lora, rslora, dora and singlora adapters"),
         "{stdout}"
     );
-    for (name, rslora, dora) in [
-        ("lora", false, false),
-        ("rslora", true, false),
-        ("dora", false, true),
-        ("singlora", false, false),
+    for (name, peft_type, rslora, dora) in [
+        ("lora", "LORA", false, Some(false)),
+        ("rslora", "LORA", true, Some(false)),
+        ("dora", "LORA", false, Some(true)),
+        ("singlora", "SINGLORA", false, None),
     ] {
         let dir = out.join(name);
         assert!(dir.join("adapter_model.safetensors").is_file(), "{name}");
@@ -60,9 +61,16 @@ fn example_adapters_for_a_base() {
             &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
+        assert_eq!(cfg["peft_type"], peft_type, "{name}");
         assert_eq!(cfg["r"], 4, "{name}");
         assert_eq!(cfg["use_rslora"], rslora, "{name}");
-        assert_eq!(cfg["use_dora"], dora, "{name}");
+        assert_eq!(
+            cfg.get("use_dora").and_then(|v| v.as_bool()),
+            dora,
+            "{name}"
+        );
+        let modules = cfg["target_modules"].as_array().map_or(0, Vec::len);
+        assert_eq!(modules, 7, "{name}: {}", cfg["target_modules"]);
     }
 }
 
