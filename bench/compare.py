@@ -1,4 +1,4 @@
-"""Side-by-side table of the GPU benchmark JSON lines (singlora's bench-llama --json and
+"""Side-by-side table of the GPU benchmark JSON lines (singlora-lab's bench-llama --json and
 bench/torch_llama.py), with each step time as a ratio to PyTorch's frozen base (eager and
 compiled) and to PEFT LoRA.
 

@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-echo "== gpu-check"; timeout 180 .carry/run gpu-check --device cuda 2>&1 | tee "$OUT/gpu-check.txt"
-echo "== PEFT loads what singlora writes"; timeout 120 "$PY" scripts/check_peft_loads.py .carry/run 2>&1 | grep -vi warn | tee "$OUT/peft-check.txt"
+echo "== gpu-check"; timeout 180 .carry/lab gpu-check --device cuda 2>&1 | tee "$OUT/gpu-check.txt"
+echo "== PEFT loads what singlora writes"; timeout 120 "$PY" scripts/check_peft_loads.py .carry/run .carry/lab 2>&1 | grep -vi warn | tee "$OUT/peft-check.txt"
 for s in "${@:-tinyllama 7b}"; do
   for s1 in $s; do
-    echo "== bench $s1"; timeout 300 .carry/run bench-llama --shape "$s1" --methods base,singlora,lora,dora --ceiling --json 2>&1 | tee "$OUT/singlora-$s1.jsonl"
+    echo "== bench $s1"; timeout 300 .carry/lab bench-llama --shape "$s1" --methods base,singlora,lora,dora --ceiling --json 2>&1 | tee "$OUT/singlora-$s1.jsonl"
   done
 done

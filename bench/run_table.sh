@@ -13,16 +13,16 @@ PY=${PYTHON:-$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)}
 out=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 for s in tinyllama 7b; do
-  timeout 120 .carry/run bench-llama --shape $s --methods base,singlora,lora,dora --ceiling --json > $out/singlora-$s.jsonl 2>/dev/null
+  timeout 120 .carry/lab bench-llama --shape $s --methods base,singlora,lora,dora --ceiling --json > $out/singlora-$s.jsonl 2>/dev/null
 done
 for s in tinyllama 7b; do
   timeout 150 "$PY" bench/torch_llama.py --shape $s --methods base --eager-and-compiled > $out/torch-$s.jsonl 2>/dev/null
 done
 for s in tinyllama 7b; do
-  timeout 60 .carry/run bench-llama --shape $s --methods base,singlora --json > $out/again-$s.jsonl 2>/dev/null
+  timeout 60 .carry/lab bench-llama --shape $s --methods base,singlora --json > $out/again-$s.jsonl 2>/dev/null
 done
-timeout 90 .carry/run bench-llama --shape 7b --batch 2 --seq 2048 --methods base,singlora --json > $out/long-7b.jsonl 2>/dev/null
-timeout 60 .carry/run bench-llama --shape tinyllama --methods base,singlora --recompute --json > $out/recompute-tinyllama.jsonl 2>/dev/null
+timeout 90 .carry/lab bench-llama --shape 7b --batch 2 --seq 2048 --methods base,singlora --json > $out/long-7b.jsonl 2>/dev/null
+timeout 60 .carry/lab bench-llama --shape tinyllama --methods base,singlora --recompute --json > $out/recompute-tinyllama.jsonl 2>/dev/null
 "$PY" bench/compare.py $out/singlora-tinyllama.jsonl $out/singlora-7b.jsonl $out/torch-*.jsonl | tee "$OUT/table.md"
 for f in again-tinyllama again-7b long-7b recompute-tinyllama; do
   echo "== $f"

@@ -1,4 +1,4 @@
-"""PyTorch DDP + PEFT beside `singlora bench-scaling`: the same LLaMA-shaped step as
+"""PyTorch DDP + PEFT beside `singlora-lab bench-scaling`: the same LLaMA-shaped step as
 bench/torch_llama.py (random bf16 frozen base, batch x seq random tokens per GPU, causal-LM loss,
 AdamW on the adapters), one process per GPU under torchrun, the adapters' gradients all-reduced
 by DistributedDataParallel (frozen weights are not registered, so only adapter gradients

@@ -16,7 +16,7 @@ for kind in ${KINDS:-rank init ramp lr}; do
   if [ -f "runs/carry/sweeps/$kind/runs.jsonl" ] && [ ! -f "$out/$kind/runs.jsonl" ]; then
     cp "runs/carry/sweeps/$kind/runs.jsonl" "$out/$kind/runs.jsonl"
   fi
-  .carry/run experiment sweep "$kind" --model runs/carry/all-MiniLM-L6-v2 \
+  .carry/lab experiment sweep "$kind" --model runs/carry/all-MiniLM-L6-v2 \
     --train runs/carry/rotten_tomatoes/train.jsonl --eval runs/carry/rotten_tomatoes/eval.jsonl \
     --devices "$devs" --jobs-per-device "$per" --out "$out/$kind" ${SWEEP_ARGS:-} 2>> "$out/$kind.log" | head -12
   tail -2 "$out/$kind.log"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds the CUDA `singlora` binary for the H200 (sm_90) on a machine without a GPU or a CUDA
-# toolkit, and leaves it compressed in .carry/ for the `device` tool (the recipe of
-# ../shared/GPU.md). A cold build takes ~30 minutes on 2 cores (candle-kernels); keep target/.
+# Builds the CUDA `singlora` and `singlora-lab` binaries for the H200 (sm_90) on a machine
+# without a GPU or a CUDA toolkit, and leaves them compressed in .carry/ for the `device` tool
+# (the recipe of ../shared/GPU.md). A cold build takes ~30 minutes on 2 cores (candle-kernels);
+# keep target/.
 #
-#   scripts/build-cuda.sh            # -> .carry/singlora.xz and .carry/run (the wrapper)
+#   scripts/build-cuda.sh   # -> .carry/singlora.xz, .carry/singlora-lab.xz and their wrappers
+#                           #    .carry/run (singlora) and .carry/lab (singlora-lab)
 #
 # Environment: SINGLORA_CUDA_VENV (default ~/.cache/singlora/cuda-venv) holds the PyPI toolkit.
 set -euo pipefail
@@ -54,20 +56,28 @@ export CUDA_HOME="$SP" CUDA_PATH="$SP" PATH="$SP/bin:$PATH" CUDA_COMPUTE_CAP=90 
   LIBRARY_PATH="$SP/lib:$SP/lib/stubs" NVCC_CCBIN=${NVCC_CCBIN:-gcc}
 # a target dir of its own, so the CPU build in target/ stays usable
 export CARGO_TARGET_DIR=${SINGLORA_CUDA_TARGET:-target/cuda}
-cargo build --release --features "$FEATURES" -p singlora-cli
+cargo build --release --features "$FEATURES" -p singlora-cli -p singlora-lab
 
-# 4. one compressed binary and a wrapper that finds the GPU machine's CUDA 13 libraries
+# 4. the binaries compressed, and per binary a wrapper that finds the GPU machine's CUDA 13
+# libraries: .carry/run for singlora, .carry/lab for singlora-lab
 mkdir -p .carry
-strip -o .carry/singlora "$CARGO_TARGET_DIR/release/singlora"
-xz -T2 -6 -f .carry/singlora
-cat > .carry/run <<'SH'
+for b in singlora singlora-lab; do
+  strip -o ".carry/$b" "$CARGO_TARGET_DIR/release/$b"
+  xz -T2 -6 -f ".carry/$b"
+done
+wrapper() { # WRAPPER BINARY
+  sed "s/@BIN@/$2/g; s/@WRAPPER@/$1/g" > ".carry/$1" <<'SH'
 #!/usr/bin/env bash
-# Unpacks the CUDA singlora binary (once) and runs it: .carry/run ARGS...
+# Runs the CUDA @BIN@ binary: .carry/@WRAPPER@ ARGS...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-# one unpacked copy per build (a warm machine may hold an older one)
-bin=${SINGLORA_BIN:-/tmp/singlora-cuda-$(cksum < "$here/singlora.xz" | cut -d' ' -f1)}
-[ -x "$bin" ] || { xz -dc "$here/singlora.xz" > "$bin"; chmod +x "$bin"; }
+# Both binaries are unpacked once, side by side (singlora-lab runs the singlora beside it), in
+# one directory per build (a warm machine may hold an older one).
+dir=${SINGLORA_BIN_DIR:-/tmp/singlora-cuda-$(cat "$here/singlora.xz" "$here/singlora-lab.xz" | cksum | cut -d' ' -f1)}
+mkdir -p "$dir"
+for b in singlora singlora-lab; do
+  [ -x "$dir/$b" ] || { xz -dc "$here/$b.xz" > "$dir/$b"; chmod +x "$dir/$b"; }
+done
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 # NCCL from the torch venv (nvidia-nccl-cu13), unless the system has one
 for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
@@ -75,7 +85,10 @@ for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
 done
 # NVLink multicast (NVLS) stays off on the lent machines
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-exec "$bin" "$@"
+exec "$dir/@BIN@" "$@"
 SH
-chmod +x .carry/run
+  chmod +x ".carry/$1"
+}
+wrapper run singlora
+wrapper lab singlora-lab
 ls -la .carry/

@@ -1,13 +1,14 @@
 """The other direction of PEFT compatibility: PEFT loads what singlora writes.
 
 Run where torch, transformers and peft are installed (the GPU machine has them; so does any
-Python environment with `pip install torch transformers peft`), with a `singlora` binary:
+Python environment with `pip install torch transformers peft`), with the `singlora` and
+`singlora-lab` binaries (default: target/release/singlora and target/release/singlora-lab):
 
-    python scripts/check_peft_loads.py path/to/singlora
+    python scripts/check_peft_loads.py path/to/singlora path/to/singlora-lab
 
 It builds a tiny LLaMA checkpoint with transformers, has singlora write random LoRA, rsLoRA
-and DoRA adapters (through `singlora example-adapters`) and a SingLoRA adapter exported with
-`singlora export-lora`, loads each with PeftModel.from_pretrained, and checks that PEFT's
+and DoRA adapters (through `singlora-lab example-adapters`) and a SingLoRA adapter exported
+with `singlora export-lora`, loads each with PeftModel.from_pretrained, and checks that PEFT's
 merge_and_unload gives the same weights as `singlora merge` and the same logits as the merged
 model. Prints one line per case and exits non-zero on any mismatch.
 """
@@ -23,6 +24,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 singlora = sys.argv[1] if len(sys.argv) > 1 else "target/release/singlora"
+singlora_lab = sys.argv[2] if len(sys.argv) > 2 else "target/release/singlora-lab"
 tmp = tempfile.mkdtemp()
 base = os.path.join(tmp, "base")
 cfg = transformers.LlamaConfig(
@@ -37,16 +39,16 @@ with torch.no_grad():
 m.save_pretrained(base, safe_serialization=True)
 
 
-def run(*args):
-    r = subprocess.run([singlora, *args], capture_output=True, text=True)
+def run(*args, binary=singlora):
+    r = subprocess.run([binary, *args], capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout, r.stderr)
-        raise SystemExit(f"singlora {' '.join(args)} failed")
+        raise SystemExit(f"{binary} {' '.join(args)} failed")
     return r.stdout
 
 
 adapters = os.path.join(tmp, "adapters")
-run("example-adapters", "--base", base, "--out", adapters)
+run("example-adapters", "--base", base, "--out", adapters, binary=singlora_lab)
 run("export-lora", "--adapter", os.path.join(adapters, "singlora"), "--out", os.path.join(adapters, "singlora-as-lora"))
 
 ids = torch.tensor([[1, 5, 9, 3, 7, 2]])

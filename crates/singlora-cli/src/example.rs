@@ -1,6 +1,6 @@
 //! `singlora example`: the adapter-file path end to end on a tiny generated model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
@@ -93,35 +93,5 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     }
     println!("merging the exported LoRA gives the same checkpoint: max difference {max:.2e}");
     ensure!(max < 1e-6, "exported LoRA merges differently ({max})");
-    Ok(())
-}
-
-/// Random non-trivial adapters of every method on the seven projections of `base`.
-pub fn adapters(base: &Path, out: &Path) -> Result<()> {
-    let ckpt = Checkpoint::open(base)?;
-    let targets = TargetSpec::parse(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        None,
-    )?;
-    let layers: Vec<_> = ckpt
-        .matrices()
-        .into_iter()
-        .filter(|(n, _)| targets.matches(n))
-        .collect();
-    for (name, kind, rslora) in [
-        ("lora", AdapterKind::Lora, false),
-        ("rslora", AdapterKind::Lora, true),
-        ("dora", AdapterKind::Dora, false),
-        ("singlora", AdapterKind::SingLora, false),
-    ] {
-        let mut spec = AdapterSpec::new(kind, 4, 8.0);
-        spec.rslora = rslora;
-        spec.seed = 3;
-        random_adapter(&spec, &layers, &targets, 3, 4)?.write(&out.join(name), true)?;
-    }
-    println!(
-        "wrote lora, rslora, dora and singlora adapters under {}",
-        out.display()
-    );
     Ok(())
 }

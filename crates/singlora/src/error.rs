@@ -102,7 +102,7 @@ impl Error {
 }
 
 /// `std::fs` calls with the path attached to the error.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
     fn at(self, path: &Path) -> Result<T>;
 }
 

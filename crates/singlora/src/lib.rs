@@ -39,7 +39,6 @@ pub(crate) fn cli_defaults<T: clap::Args + clap::FromArgMatches>(args: &[&str]) 
 
 pub mod adapter;
 pub mod atomic;
-pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod data;
@@ -47,7 +46,6 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;
-pub mod experiments;
 pub mod gguf;
 pub mod inspect;
 pub mod linear;

@@ -9,6 +9,9 @@
 //!
 //! Text is emitted as SVG `<text>` elements and laid out with plotters' built-in size estimate,
 //! so no font files, fontconfig or font backend are needed; the viewer picks the font.
+//!
+//! The chart size, font, colours and axis helpers are public so that other charts (the lab's
+//! band plots of repeated runs) are drawn in the same style.
 
 use std::path::Path;
 
@@ -18,9 +21,12 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-const WIDTH: u32 = 1280;
-const HEIGHT: u32 = 540;
-const FONT: &str = "sans-serif";
+/// Width of a chart in pixels.
+pub const WIDTH: u32 = 1280;
+/// Height of the curves chart in pixels.
+pub const HEIGHT: u32 = 540;
+/// The font family of every text (the viewer resolves it).
+pub const FONT: &str = "sans-serif";
 /// The raw loss line keeps at most this many points (the minimum and maximum of each bucket),
 /// so that a long run still gives an SVG of reasonable size.
 const MAX_RAW_POINTS: usize = 4000;
@@ -30,7 +36,16 @@ const EVAL_LOSS_COLOR: RGBColor = RGBColor(214, 39, 40);
 const ACCURACY_COLOR: RGBColor = RGBColor(44, 160, 44);
 const F1_COLOR: RGBColor = RGBColor(148, 103, 189);
 const PERPLEXITY_COLOR: RGBColor = RGBColor(255, 127, 14);
-const GRID_COLOR: RGBColor = RGBColor(225, 225, 225);
+/// The colour of the grid lines.
+pub const GRID_COLOR: RGBColor = RGBColor(225, 225, 225);
+/// The series colours, in the order other charts cycle through them.
+pub const PALETTE: [RGBColor; 5] = [
+    LOSS_COLOR,
+    EVAL_LOSS_COLOR,
+    ACCURACY_COLOR,
+    F1_COLOR,
+    PERPLEXITY_COLOR,
+];
 
 /// Title of the left panel.
 pub const LOSS_PANEL: &str = "training loss";
@@ -112,7 +127,8 @@ impl Curves {
     }
 }
 
-fn min_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+/// The smallest and largest of `values`; None when there are none.
+pub fn min_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     values.fold(None, |acc, v| match acc {
         None => Some((v, v)),
         Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
@@ -120,13 +136,13 @@ fn min_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 }
 
 /// A range around a single value.
-fn widen(v: f64) -> (f64, f64) {
+pub fn widen(v: f64) -> (f64, f64) {
     let pad = (v.abs() * 0.05).max(0.5);
     (v - pad, v + pad)
 }
 
 /// A value range with a margin of 5% each side; a constant gets a range around it.
-fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
     match min_max(values) {
         None => (0.0, 1.0),
         Some((lo, hi)) if hi - lo <= 1e-12 * lo.abs().max(hi.abs()).max(1e-300) => widen(lo),
@@ -183,7 +199,7 @@ fn decimate(points: &[(f64, f64)], max: usize) -> Points {
 /// Tick positions for a logarithmic axis over `lo..hi` (both positive): 1-2-5 steps per decade
 /// where that gives at least three, every 1..9 multiple where the range is narrower, and evenly
 /// spaced round values where it is narrower still.
-fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let decades = lo.log10().floor() as i32..=hi.log10().ceil() as i32;
     for multipliers in [
         &[1.0, 2.0, 5.0][..],
@@ -220,7 +236,7 @@ fn linear_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
 
 /// Tick labels: integers as such, other values with up to four decimals, extremes in
 /// scientific notation.
-fn tick(v: &f64) -> String {
+pub fn tick(v: &f64) -> String {
     let v = *v;
     if v == 0.0 {
         return "0".into();
@@ -243,7 +259,8 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+/// A legend entry's sample: a line of `color`, `width` pixels wide.
+pub fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
     move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
 }
 
@@ -470,259 +487,6 @@ pub fn write_curves(path: &Path, lines: &[Value], title: &str) -> Result<()> {
     crate::atomic::write_file(path, svg.as_bytes())
 }
 
-/// One series of a band plot: at each x, the median over repeated runs (drawn as a line), the
-/// inner band (e.g. the quartiles, shaded) and the outer band (e.g. min to max, shaded lighter).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BandPoint {
-    pub x: f64,
-    pub lo: f64,
-    pub q1: f64,
-    pub median: f64,
-    pub q3: f64,
-    pub hi: f64,
-}
-
-/// A labelled series of [`BandPoint`]s, sorted by x.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BandSeries {
-    pub label: String,
-    pub points: Vec<BandPoint>,
-}
-
-const BAND_COLORS: [RGBColor; 5] = [
-    LOSS_COLOR,
-    EVAL_LOSS_COLOR,
-    ACCURACY_COLOR,
-    F1_COLOR,
-    PERPLEXITY_COLOR,
-];
-
-/// The filled region between `lower` and `upper` over the points' x (a closed polygon).
-fn band_polygon(
-    points: &[BandPoint],
-    lower: fn(&BandPoint) -> f64,
-    upper: fn(&BandPoint) -> f64,
-) -> Points {
-    let mut poly: Points = points.iter().map(|p| (p.x, upper(p))).collect();
-    poly.extend(points.iter().rev().map(|p| (p.x, lower(p))));
-    poly
-}
-
-/// The series with only their finite points that `keep` accepts, x mapped by `fx`.
-fn finite_points(
-    series: &[BandSeries],
-    keep: impl Fn(&BandPoint) -> bool,
-    fx: impl Fn(f64) -> f64,
-) -> Vec<BandSeries> {
-    series
-        .iter()
-        .map(|s| BandSeries {
-            label: s.label.clone(),
-            points: s
-                .points
-                .iter()
-                .filter(|p| {
-                    [p.x, p.lo, p.q1, p.median, p.q3, p.hi]
-                        .iter()
-                        .all(|v| v.is_finite())
-                        && keep(p)
-                })
-                .map(|p| BandPoint {
-                    x: fx(p.x),
-                    ..p.clone()
-                })
-                .collect(),
-        })
-        .collect()
-}
-
-fn draw_bands(
-    svg: &mut String,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    series: &[BandSeries],
-) -> DrawResult {
-    // keep the points a logarithmic axis can show
-    let series = finite_points(series, |p| p.lo > 0.0, |x| x);
-    let all = || series.iter().flat_map(|s| s.points.iter());
-    let x = match min_max(all().map(|p| p.x)) {
-        Some((lo, hi)) if hi > lo => (lo, hi),
-        Some((lo, _)) => widen(lo),
-        None => (0.0, 1.0),
-    };
-    let (lo, hi) = min_max(all().flat_map(|p| [p.lo, p.hi])).unwrap_or((1e-3, 1.0));
-    let (lo, hi) = if hi / lo < 1.0 + 1e-9 {
-        (lo / 2.0, hi * 2.0)
-    } else {
-        let m = (hi / lo).powf(0.04);
-        (lo / m, hi * m)
-    };
-    let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT + 180)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
-        .margin(16)
-        .x_label_area_size(45)
-        .y_label_area_size(75)
-        .build_cartesian_2d(
-            x.0..x.1,
-            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-        )
-        .map_err(err)?;
-    band_chart(
-        &mut chart,
-        (x_desc, y_desc),
-        &tick,
-        &series,
-        SeriesLabelPosition::UpperRight,
-    )?;
-    root.present().map_err(err)
-}
-
-/// A band plot's grid and labels (x ticks by `x_label`, y by [`tick`]), then each series'
-/// outer band, inner band and median line, and the legend at `legend`.
-fn band_chart<'a, X, Y>(
-    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
-    (x_desc, y_desc): (&str, &str),
-    x_label: &dyn Fn(&f64) -> String,
-    series: &[BandSeries],
-    legend: SeriesLabelPosition,
-) -> DrawResult
-where
-    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
-    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
-{
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .x_label_formatter(x_label)
-        .y_label_formatter(&tick)
-        .x_labels(10)
-        .y_labels(12)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
-    for (i, s) in series.iter().enumerate() {
-        if s.points.is_empty() {
-            continue;
-        }
-        let color = BAND_COLORS[i % BAND_COLORS.len()];
-        chart
-            .draw_series(std::iter::once(Polygon::new(
-                band_polygon(&s.points, |p| p.lo, |p| p.hi),
-                color.mix(0.12).filled(),
-            )))
-            .map_err(err)?;
-        chart
-            .draw_series(std::iter::once(Polygon::new(
-                band_polygon(&s.points, |p| p.q1, |p| p.q3),
-                color.mix(0.3).filled(),
-            )))
-            .map_err(err)?;
-        let line: Points = s.points.iter().map(|p| (p.x, p.median)).collect();
-        chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))
-            .map_err(err)?
-            .label(s.label.as_str())
-            .legend(legend_line(color, 2));
-    }
-    chart
-        .configure_series_labels()
-        .position(legend)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(err)
-}
-
-/// Like [`write_bands`] on a linear y axis (accuracies), with x on a log scale when `log_x`
-/// (learning rates). The inner band is whatever the caller puts in q1..q3 (e.g. ±1 std).
-pub fn write_linear_bands(
-    path: &Path,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    series: &[BandSeries],
-    log_x: bool,
-) -> Result<()> {
-    let mut svg = String::new();
-    draw_linear_bands(&mut svg, title, x_desc, y_desc, series, log_x)
-        .map_err(|e| Error::msg(format!("{}: cannot draw the bands: {e}", path.display())))?;
-    crate::atomic::write_file(path, svg.as_bytes())
-}
-
-fn draw_linear_bands(
-    svg: &mut String,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    series: &[BandSeries],
-    log_x: bool,
-) -> DrawResult {
-    // a log x axis is drawn as log10(x) on a linear one, labelled with x
-    let series = finite_points(
-        series,
-        |p| !log_x || p.x > 0.0,
-        |x| if log_x { x.log10() } else { x },
-    );
-    let all = || series.iter().flat_map(|s| s.points.iter());
-    let x = match min_max(all().map(|p| p.x)) {
-        Some((lo, hi)) if hi > lo => {
-            let pad = 0.03 * (hi - lo);
-            (lo - pad, hi + pad)
-        }
-        Some((lo, _)) => widen(lo),
-        None => (0.0, 1.0),
-    };
-    let y = padded(all().flat_map(|p| [p.lo, p.hi]));
-    let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT + 180)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
-        .margin(16)
-        .x_label_area_size(45)
-        .y_label_area_size(75)
-        .build_cartesian_2d(x.0..x.1, y.0..y.1)
-        .map_err(err)?;
-    let x_label = |v: &f64| {
-        if log_x {
-            format!("{:.1e}", 10f64.powf(*v))
-        } else {
-            tick(v)
-        }
-    };
-    band_chart(
-        &mut chart,
-        (x_desc, y_desc),
-        &x_label,
-        &series,
-        SeriesLabelPosition::LowerRight,
-    )?;
-    root.present().map_err(err)
-}
-
-/// Draws repeated-run curves on a logarithmic y axis: per series the median as a line, the
-/// quartile band shaded and the min–max band shaded lighter. Non-finite and non-positive
-/// points are left out; the file is written through a temporary file and a rename.
-pub fn write_bands(
-    path: &Path,
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    series: &[BandSeries],
-) -> Result<()> {
-    let mut svg = String::new();
-    draw_bands(&mut svg, title, x_desc, y_desc, series)
-        .map_err(|e| Error::msg(format!("{}: cannot draw the bands: {e}", path.display())))?;
-    crate::atomic::write_file(path, svg.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -862,53 +626,6 @@ mod tests {
             t.len() >= 3 && t.iter().all(|v| (3.3..=3.6).contains(v)),
             "{t:?}"
         );
-    }
-
-    #[test]
-    fn band_plot() {
-        let series: Vec<BandSeries> = ["singlora r=16", "lora r=8"]
-            .iter()
-            .enumerate()
-            .map(|(k, label)| BandSeries {
-                label: label.to_string(),
-                points: (0..50)
-                    .map(|i| {
-                        let m = 10f64.powf(-(i as f64) / (10.0 + 5.0 * k as f64));
-                        BandPoint {
-                            x: i as f64 * 100.0,
-                            lo: m / 3.0,
-                            q1: m / 1.5,
-                            median: m,
-                            q3: m * 1.5,
-                            hi: m * 3.0,
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bands.svg");
-        write_bands(
-            &path,
-            "attention fit",
-            "optimizer step",
-            "loss (log)",
-            &series,
-        )
-        .unwrap();
-        let svg = std::fs::read_to_string(&path).unwrap();
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        for label in ["attention fit", "singlora r=16", "lora r=8", "loss (log)"] {
-            assert!(svg.contains(label), "missing {label}");
-        }
-        assert_eq!(svg.matches("<polygon").count(), 4, "two bands per series");
-        assert!(svg.contains("<polyline"));
-        // nothing drawable still gives a valid file
-        let empty = [BandSeries {
-            label: "none".into(),
-            points: vec![],
-        }];
-        write_bands(&path, "empty", "x", "y", &empty).unwrap();
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Tiny checkpoints with the real Hugging Face file layout and seeded random weights, for tests,
-//! the example and benchmarks (no model weights live in the repository).
+//! the example and the device check (no model weights live in the repository).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -111,58 +111,6 @@ impl LlamaShape {
                 *t = (t.squeeze(0)? + 1.0)?;
             }
         }
-        Ok(out)
-    }
-}
-
-impl LlamaShape {
-    /// TinyLlama-1.1B: hidden 2048, 22 layers, 32 heads, 4 KV heads, ff 5632, vocab 32000.
-    pub const TINYLLAMA: LlamaShape = LlamaShape {
-        hidden: 2048,
-        intermediate: 5632,
-        layers: 22,
-        heads: 32,
-        kv_heads: 4,
-        vocab: 32000,
-    };
-
-    /// LLaMA-7B: hidden 4096, 32 layers, 32 heads, ff 11008, vocab 32000.
-    pub const LLAMA_7B: LlamaShape = LlamaShape {
-        hidden: 4096,
-        intermediate: 11008,
-        layers: 32,
-        heads: 32,
-        kv_heads: 32,
-        vocab: 32000,
-    };
-
-    /// Random weights made on `device` (N(0, 0.02²), norms 1), for benchmarks at sizes where
-    /// host-side generation would dominate.
-    pub fn device_tensors(
-        &self,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        let mut out = BTreeMap::new();
-        let mut put = |name: String, shape: (usize, usize)| -> Result<()> {
-            let t = Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?;
-            out.insert(name, t);
-            Ok(())
-        };
-        put(
-            "model.embed_tokens.weight".into(),
-            (self.vocab, self.hidden),
-        )?;
-        for (name, shape) in self.linears() {
-            put(format!("{name}.weight"), shape)?;
-        }
-        let ones = Tensor::ones(self.hidden, dtype, device)?;
-        for l in 0..self.layers {
-            for n in ["input_layernorm", "post_attention_layernorm"] {
-                out.insert(format!("model.layers.{l}.{n}.weight"), ones.clone());
-            }
-        }
-        out.insert("model.norm.weight".into(), ones);
         Ok(out)
     }
 }

@@ -241,9 +241,13 @@ fn nccl_makers(_world: usize, _bucket: usize) -> Result<Vec<MakeCollective>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::Method;
-    use crate::bench::llama::random_model;
-    use crate::data::{collate, Encoded};
+    use crate::adapter::ramp::{RampClock, RampSchedule};
+    use crate::adapter::target::TargetSpec;
+    use crate::adapter::{AdapterKind, AdapterSpec};
+    use crate::data::{collate, Encoded, Task};
+    use crate::model::llama::Llama;
+    use crate::model::weights::{ConfigReader, Weights};
+    use crate::model::{Body, Pooling, TaskModel};
     use crate::synthetic::LlamaShape;
     use candle_core::Device;
 
@@ -257,13 +261,34 @@ mod tests {
         assert!((w - 1.0).abs() < 1e-15);
     }
 
+    /// A LLaMA of `shape` (seeded random weights, f32 on the CPU) for SFT, with SingLoRA of
+    /// rank 4 on all seven projections (u = 1 from the start).
+    fn singlora_llama(shape: LlamaShape, dev: &Device) -> TaskModel {
+        let config = shape.config();
+        let path = std::path::Path::new("tiny-llama/config.json");
+        let reader = ConfigReader {
+            path,
+            value: &config,
+        };
+        let weights = Weights::Memory(path.into(), shape.tensors(1, DType::F32).unwrap());
+        let llama = Llama::load(&weights, Llama::config(&reader).unwrap(), DType::F32, dev);
+        let body = Body::Llama(llama.unwrap());
+        let mut model = TaskModel::new(body, Task::Sft, None, Pooling::Last, 0, dev).unwrap();
+        let spec = AdapterSpec::new(AdapterKind::SingLora, 4, 4.0);
+        let targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+        let targets = TargetSpec::parse(targets, None).unwrap();
+        let clock = RampClock::new(RampSchedule::none(), 0);
+        model.inject(&spec, &targets, clock).unwrap();
+        model
+    }
+
     /// Gradients from shards, weighted and summed over a group of ranks, equal the gradient of
     /// the global batch in one process (a tiny LLaMA with SingLoRA, f32 on the CPU).
     #[test]
     fn summed_shard_gradients_equal_the_global_gradient() {
         let dev = Device::Cpu;
         let shape = LlamaShape::TINY;
-        let model = random_model("dist", shape, Some(Method::SingLora), 4, &dev).unwrap();
+        let model = singlora_llama(shape, &dev);
         let vars: Vec<Var> = model.params().into_iter().map(|p| p.var).collect();
         let mut x: u64 = 7;
         let items: Vec<Encoded> = (0..5)

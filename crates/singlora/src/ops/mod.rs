@@ -35,6 +35,9 @@ pub(crate) mod cuda;
 /// comparisons.
 #[cfg(feature = "cuda")]
 pub use cuda::attention::set_flash_attention;
+/// Timing events between the stages of the CUDA fast path's step, for the lab's kernel profile.
+#[cfg(feature = "cuda")]
+pub use cuda::prof;
 #[cfg(feature = "cuda")]
 pub use cuda::{
     add_low_rank, g_pass_products, rope_low_rank, set_g_pass, set_low_rank_epilogue,

@@ -1,6 +1,6 @@
 //! CUDA launches of the fused kernels in `kernels.cu` (compiled to PTX by build.rs): masked
 //! softmax and RMSNorm, forward and backward, for bf16 and f32 storage with f32 arithmetic.
-//! Their CPU references are the CPU paths of the same ops; `singlora gpu-check` compares them.
+//! Their CPU references are the CPU paths of the same ops; `singlora-lab gpu-check` compares them.
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,

@@ -1,7 +1,7 @@
 //! Trainable-parameter counts of the paper's settings, from the weight shapes alone.
 //!
 //! Per adapted (d_out × d_in) weight: SingLoRA n·r with n = max(d_in, d_out), LoRA
-//! r·(d_in + d_out), DoRA that plus d_out ([`crate::adapter::AdapterKind::param_count`]). Shapes are in
+//! r·(d_in + d_out), DoRA that plus d_out ([`singlora::adapter::AdapterKind::param_count`]). Shapes are in
 //! `nn.Linear` orientation (d_out, d_in); GPT-2's Conv1D weights, stored (d_in, d_out), are
 //! listed transposed. [`count_with_adapters`] builds the library's adapters for every distinct
 //! shape and counts their tensors, so the table is checked against the product code.
@@ -22,10 +22,10 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::adapter::ramp::{RampClock, RampSchedule};
-use crate::adapter::{Adapter, AdapterKind, AdapterSpec};
-use crate::error::Result;
-use crate::inspect::{llama_block_shapes, thousands};
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::{Adapter, AdapterKind, AdapterSpec};
+use singlora::error::Result;
+use singlora::inspect::{llama_block_shapes, thousands};
 
 /// A model, the modules adapted in each of its blocks, and the ranks.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -222,7 +222,7 @@ pub fn paper_counts() -> Result<Vec<Counts>> {
             let c = count(s);
             let built = count_with_adapters(s)?;
             if built != (c.singlora, c.lora) {
-                return Err(crate::Error::msg(format!(
+                return Err(singlora::Error::msg(format!(
                     "{} {}: shapes give ({}, {}), built adapters ({}, {})",
                     s.model, s.targets, c.singlora, c.lora, built.0, built.1
                 )));

@@ -1,4 +1,4 @@
-//! Reproductions of the paper's claims, as library code that the `singlora experiment`
+//! Reproductions of the paper's claims, as library code that the `singlora-lab experiment`
 //! subcommands run (results and settings in `docs/results.md`).
 //!
 //! - [`attention_fit`]: the synthetic experiment of the paper's figure 1, fitting a target

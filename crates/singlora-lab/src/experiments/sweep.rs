@@ -20,9 +20,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::error::{Error, IoContext, Result};
-use crate::plot::{BandPoint, BandSeries};
-use crate::train::{train, TrainConfig};
+use crate::bands::{BandPoint, BandSeries};
+use singlora::error::{Error, IoContext, Result};
+use singlora::train::{train, TrainConfig};
 
 /// The experiments this module knows.
 pub const KINDS: [&str; 4] = ["lr", "rank", "init", "ramp"];
@@ -209,7 +209,7 @@ fn train_config(spec: &SweepSpec, job: &Job, device: &str) -> Result<TrainConfig
         model: spec.model.clone(),
         train: spec.train.clone(),
         eval: Some(spec.eval.clone()),
-        task: crate::data::Task::Classify,
+        task: singlora::data::Task::Classify,
         method: job.method.parse()?,
         rank: job.rank,
         alpha: job.rank as f64,
@@ -285,7 +285,7 @@ fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
                 &dir,
                 false,
                 true,
-                std::sync::Arc::new(crate::train::Silent),
+                std::sync::Arc::new(singlora::train::Silent),
             )?;
         }
         Some(exe) => {
@@ -305,7 +305,7 @@ fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
     }
     let seconds = t0.elapsed().as_secs_f64();
     // the final evaluation and the plan, from the run's own files
-    let lines = crate::metrics::read_metrics(&dir.join("metrics.jsonl"))?;
+    let lines = singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?;
     let ev = lines
         .iter()
         .rev()
@@ -318,7 +318,7 @@ fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
         .and_then(|l| l["step"].as_u64())
         .unwrap_or(0);
     let f = |k: &str| ev[k].as_f64().unwrap_or(f64::NAN);
-    let run: serde_json::Value = crate::checkpoint::read_json(&dir.join("run.json"))?;
+    let run: serde_json::Value = singlora::checkpoint::read_json(&dir.join("run.json"))?;
     let plan = &run["plan"];
     let params =
         plan["adapter_params"].as_u64().unwrap_or(0) + plan["head_params"].as_u64().unwrap_or(0);
@@ -562,7 +562,7 @@ pub fn write_plot(kind: &str, records: &[Record], path: &Path, title: &str) -> R
         "ramp" => "ramp length T (fraction of the updates)",
         _ => "x",
     };
-    crate::plot::write_linear_bands(
+    crate::bands::write_linear_bands(
         path,
         title,
         x_desc,
@@ -575,7 +575,7 @@ pub fn write_plot(kind: &str, records: &[Record], path: &Path, title: &str) -> R
 /// Writes `summary.md`, `summary.json` and `KIND.svg` into `out` from `records`.
 pub fn report(kind: &str, records: &[Record], out: &Path, title: &str) -> Result<String> {
     let md = summary_markdown(kind, records);
-    crate::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
+    singlora::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
     let g = grouped(records);
     let v: Vec<_> = g
         .iter()
@@ -586,7 +586,7 @@ pub fn report(kind: &str, records: &[Record], out: &Path, title: &str) -> Result
             })
         })
         .collect();
-    crate::atomic::write_file(
+    singlora::atomic::write_file(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&v).unwrap().as_bytes(),
     )?;

@@ -7,15 +7,15 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::{time_steps, StepTiming};
-use crate::adapter::ramp::{RampClock, RampSchedule};
-use crate::adapter::target::TargetSpec;
-use crate::adapter::{AdapterSpec, Method};
-use crate::data::{collate, Encoded, Task};
-use crate::error::Result;
-use crate::model::llama::Llama;
-use crate::model::weights::{ConfigReader, Weights};
-use crate::model::{Body, Pooling, TaskModel};
-use crate::synthetic::LlamaShape;
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::target::TargetSpec;
+use singlora::adapter::{AdapterSpec, Method};
+use singlora::data::{collate, Encoded, Task};
+use singlora::error::Result;
+use singlora::model::llama::Llama;
+use singlora::model::weights::{ConfigReader, Weights};
+use singlora::model::{Body, Pooling, TaskModel};
+use singlora::synthetic::LlamaShape;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LlamaBench {
@@ -61,7 +61,7 @@ pub fn random_tokens(
     seq: usize,
     vocab: usize,
     device: &Device,
-) -> Result<crate::data::Batch> {
+) -> Result<singlora::data::Batch> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let items: Vec<Encoded> = (0..batch)
         .map(|_| {
@@ -148,7 +148,7 @@ pub fn random_model(
     } else {
         DType::BF16
     };
-    let tensors = shape.device_tensors(dtype, device)?;
+    let tensors = crate::shapes::device_tensors(&shape, dtype, device)?;
     let config = shape.config();
     let path = std::path::PathBuf::from(format!("random-{name}"));
     let reader = ConfigReader {
@@ -213,7 +213,7 @@ pub fn kernel_profile(
     device: &Device,
     recompute: bool,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
-    use crate::ops::cuda::prof;
+    use singlora::ops::prof;
     let mut model = random_model(name, shape, method, rank, device)?;
     set_recompute(&mut model, recompute);
     let b = random_tokens(batch, seq, shape.vocab, device)?;

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use crate::data::{collate, Batch, Encoded};
-use crate::error::Result;
-use crate::model::TaskModel;
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
+use singlora::data::{collate, Batch, Encoded};
+use singlora::error::Result;
+use singlora::model::TaskModel;
+use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
 
 /// Timing of repeated training steps.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -27,6 +27,7 @@ pub struct StepTiming {
     pub optimizer_ms: f64,
 }
 
+/// The middle value (the upper one of an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -78,7 +79,7 @@ pub fn time_steps_in(
     warmup: usize,
     steps: usize,
     mut sync: impl FnMut() -> Result<()>,
-    group: Option<&dyn crate::dist::Collective>,
+    group: Option<&dyn singlora::dist::Collective>,
 ) -> Result<StepTiming> {
     let mut opt =
         AdamW::new(model.params(), AdamWConfig::default()).with_clock(model.clock.clone());
@@ -94,7 +95,7 @@ pub fn time_steps_in(
         let (_loss, mut grads, summed) =
             model.loss_and_grads_synced(batch, 1.0, group.and_then(|g| g.as_grad_sync()))?;
         if let Some(g) = group {
-            crate::dist::all_reduce_grads(&vars, &mut grads, &summed, g)?;
+            singlora::dist::all_reduce_grads(&vars, &mut grads, &summed, g)?;
         }
         sync()?;
         let t1 = Instant::now();

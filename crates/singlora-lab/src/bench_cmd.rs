@@ -1,4 +1,4 @@
-//! `singlora bench`: timed training steps (benchmarks print tables; tests never time).
+//! `singlora-lab bench-*`: timed training steps (benchmarks print tables; tests never time).
 
 use std::path::PathBuf;
 
@@ -9,7 +9,10 @@ use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterSpec, Method};
 use singlora::data::Task;
+use singlora::device::DeviceSpec;
 use singlora::model::{Pretrained, TaskModel};
+use singlora::synthetic::LlamaShape;
+use singlora_lab::shapes;
 
 #[derive(Args, Debug)]
 pub struct StepArgs {
@@ -31,14 +34,18 @@ pub struct StepArgs {
     #[arg(long, default_value = "query,key,value,attention.output.dense")]
     targets: String,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
+    /// BERT-family encoders on the CPU: candle's autograd instead of the layers' own forward
+    /// and backward (what `SINGLORA_CPU_AUTOGRAD=1` does to `singlora train`).
+    #[arg(long)]
+    cpu_autograd: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn step(a: StepArgs) -> Result<()> {
-    let device = a.device.parse::<singlora::device::DeviceSpec>()?.open()?;
+    let device = a.device.open()?;
     let dtype = if device.is_cpu() {
         DType::F32
     } else {
@@ -48,6 +55,7 @@ pub fn step(a: StepArgs) -> Result<()> {
     let pooling = pre.default_pooling();
     let vocab = pre.tokenizer.get_vocab_size(true);
     let mut model = TaskModel::new(pre.body, Task::Classify, Some(2), pooling, 0, &device)?;
+    model.fast.cpu_encoder = !a.cpu_autograd;
     let method: Method = a.method.parse()?;
     let spec = AdapterSpec::new(method.kind(), a.rank, a.rank as f64);
     model.inject(
@@ -55,10 +63,11 @@ pub fn step(a: StepArgs) -> Result<()> {
         &TargetSpec::parse(&a.targets, None)?,
         RampClock::new(RampSchedule::none(), 0),
     )?;
-    let batch = singlora::bench::random_batch(a.batch, a.seq, vocab, 2, &device)?;
+    let batch = singlora_lab::bench::random_batch(a.batch, a.seq, vocab, 2, &device)?;
     let dev = device.clone();
-    let t =
-        singlora::bench::time_steps(&model, &batch, a.warmup, a.steps, || Ok(dev.synchronize()?))?;
+    let t = singlora_lab::bench::time_steps(&model, &batch, a.warmup, a.steps, || {
+        Ok(dev.synchronize()?)
+    })?;
     if a.json {
         println!("{}", serde_json::to_string(&t)?);
     } else {
@@ -89,7 +98,7 @@ pub struct LlamaArgs {
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     #[arg(long, default_value = "cuda")]
-    device: String,
+    device: DeviceSpec,
     /// Also measure the bf16 matmul ceiling (8192³) for the utilisation column.
     #[arg(long)]
     ceiling: bool,
@@ -107,8 +116,8 @@ pub struct LlamaArgs {
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
-    use singlora::bench::llama::{matmul_ceiling, run};
-    let device = a.device.parse::<singlora::device::DeviceSpec>()?.open()?;
+    use singlora_lab::bench::llama::{matmul_ceiling, run};
+    let device = a.device.open()?;
     let shape = shape_of(&a.shape)?;
     if a.kernel_profile {
         return kernel_profile(&a, shape, &device);
@@ -200,16 +209,17 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 8)]
     rank: usize,
     #[arg(long, default_value = "cuda")]
-    device: String,
+    device: DeviceSpec,
     #[arg(long)]
     json: bool,
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
-    let device = a.device.parse::<singlora::device::DeviceSpec>()?.open()?;
+    let device = a.device.open()?;
     let shape = shape_of(&a.shape)?;
     let method = method_of(&a.method)?;
-    let rows = singlora::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
+    let rows =
+        singlora_lab::bench::profile::profile(shape, method, a.rank, a.batch, a.seq, &device)?;
     if a.json {
         for r in &rows {
             println!("{}", serde_json::to_string(r)?);
@@ -261,7 +271,7 @@ pub struct ScalingArgs {
     warmup: usize,
     /// The GPUs; rows are measured on the first 1, 2, 4, … of them (and all).
     #[arg(long, value_delimiter = ',', default_value = "cuda:0,cuda:1")]
-    devices: Vec<String>,
+    devices: Vec<DeviceSpec>,
     /// f32 values per gradient bucket.
     #[arg(long, default_value_t = singlora::dist::default_bucket())]
     bucket: usize,
@@ -287,11 +297,10 @@ fn methods_of(list: &str) -> Result<Vec<(&str, Option<Method>)>> {
         .collect()
 }
 
-fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
-    use singlora::synthetic::LlamaShape;
+fn shape_of(name: &str) -> Result<LlamaShape> {
     Ok(match name {
-        "tinyllama" => LlamaShape::TINYLLAMA,
-        "7b" => LlamaShape::LLAMA_7B,
+        "tinyllama" => shapes::TINYLLAMA,
+        "7b" => shapes::LLAMA_7B,
         "tiny" => LlamaShape {
             hidden: 64,
             intermediate: 176,
@@ -307,7 +316,7 @@ fn shape_of(name: &str) -> Result<singlora::synthetic::LlamaShape> {
 /// Data-parallel scaling: the same per-GPU step on 1, 2, 4, … GPUs, adapter gradients summed
 /// over NCCL (overlapping the backward) before every update.
 pub fn scaling(a: ScalingArgs) -> Result<()> {
-    use singlora::bench::llama::{random_model, random_tokens};
+    use singlora_lab::bench::llama::{random_model, random_tokens};
     let shape = shape_of(&a.shape)?;
     let method = method_of(&a.method)?;
     let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2))
@@ -328,18 +337,12 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
         let makers: Vec<Option<singlora::dist::MakeCollective>> = if n == 1 {
             vec![None]
         } else {
-            singlora::dist::group_makers(
-                &devices
-                    .iter()
-                    .map(|d| d.parse())
-                    .collect::<singlora::Result<Vec<_>>>()?,
-                a.bucket,
-            )?
-            .into_iter()
-            .map(Some)
-            .collect()
+            singlora::dist::group_makers(devices, a.bucket)?
+                .into_iter()
+                .map(Some)
+                .collect()
         };
-        let results: Vec<Result<(singlora::bench::StepTiming, Option<u64>)>> =
+        let results: Vec<Result<(singlora_lab::bench::StepTiming, Option<u64>)>> =
             std::thread::scope(|s| {
                 let hs: Vec<_> = devices
                     .iter()
@@ -347,7 +350,7 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
                     .map(|(dev, make)| {
                         let a = &a;
                         s.spawn(move || -> Result<_> {
-                            let device = dev.parse::<singlora::device::DeviceSpec>()?.open()?;
+                            let device = dev.open()?;
                             let model = random_model(&a.shape, shape, method, a.rank, &device)?;
                             let group = match make {
                                 Some(m) => Some(m(&device)?),
@@ -356,14 +359,15 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
                             let b = random_tokens(a.batch, a.seq, shape.vocab, &device)?;
                             let mut peak = 0u64;
                             let d = device.clone();
-                            let t = singlora::bench::time_steps_in(
+                            let t = singlora_lab::bench::time_steps_in(
                                 &model,
                                 &b,
                                 a.warmup,
                                 a.steps,
                                 || {
                                     d.synchronize()?;
-                                    if let Some(m) = singlora::bench::llama::device_memory_used(&d)
+                                    if let Some(m) =
+                                        singlora_lab::bench::llama::device_memory_used(&d)
                                     {
                                         peak = peak.max(m);
                                     }
@@ -422,13 +426,9 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-fn kernel_profile(
-    a: &LlamaArgs,
-    shape: singlora::synthetic::LlamaShape,
-    device: &candle_core::Device,
-) -> Result<()> {
+fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device) -> Result<()> {
     for (m, method) in methods_of(&a.methods)? {
-        let rows = singlora::bench::llama::kernel_profile(
+        let rows = singlora_lab::bench::llama::kernel_profile(
             &a.shape,
             shape,
             method,
@@ -465,10 +465,6 @@ fn kernel_profile(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn kernel_profile(
-    _: &LlamaArgs,
-    _: singlora::synthetic::LlamaShape,
-    _: &candle_core::Device,
-) -> Result<()> {
+fn kernel_profile(_: &LlamaArgs, _: LlamaShape, _: &candle_core::Device) -> Result<()> {
     anyhow::bail!("--kernel-profile times the CUDA fast path: build with the `cuda` feature")
 }

@@ -8,14 +8,15 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
-use crate::adapter::ramp::{RampClock, RampSchedule};
-use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method};
-use crate::error::Result;
-use crate::linear::FrozenLinear;
-use crate::nn::{attention, rope_tables};
-use crate::ops::{rms_norm, rope_split, swiglu};
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
-use crate::synthetic::LlamaShape;
+use super::median;
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method};
+use singlora::error::Result;
+use singlora::linear::FrozenLinear;
+use singlora::nn::{attention, rope_tables};
+use singlora::ops::{rms_norm, rope_split, swiglu};
+use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
+use singlora::synthetic::LlamaShape;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProfileRow {
@@ -28,11 +29,6 @@ pub struct ProfileRow {
     pub per_step: usize,
     /// forward + backward, times occurrences.
     pub step_ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// Times `f` (forward) and its backward (candle seeds a non-scalar output with ones, so the
@@ -187,7 +183,7 @@ pub fn profile(
     );
     let s = var(&[batch, nh, seq, seq])?;
     let t = time_fb(device, reps, &[s], &|x| {
-        crate::ops::masked_softmax(&x[0], 0.088, &lens, true)
+        singlora::ops::masked_softmax(&x[0], 0.088, &lens, true)
     })?;
     push("attention (part)", "masked softmax alone", t, l);
     // norms
@@ -235,7 +231,7 @@ pub fn profile(
     let targets = Tensor::zeros(m, DType::U32, device)?;
     let lm = FrozenLinear::new(emb, None);
     let t = time_fb(device, reps, &[hidden], &|v| {
-        crate::nn::cross_entropy(&lm.forward(&v[0])?, &targets, None)
+        singlora::nn::cross_entropy(&lm.forward(&v[0])?, &targets, None)
     })?;
     push("head + loss", "vocabulary GEMM and cross-entropy", t, 1);
     // optimizer over the adapter's parameter count
@@ -248,10 +244,10 @@ pub fn profile(
             .sum::<usize>()
             / l;
         let p = Var::from_tensor(&Tensor::randn(0f32, 0.01, per_layer * l, device)?)?;
-        let params = vec![crate::adapter::Param {
+        let params = vec![singlora::adapter::Param {
             suffix: "all",
             var: p.clone(),
-            role: crate::adapter::ParamRole::A,
+            role: singlora::adapter::ParamRole::A,
         }];
         let mut opt = AdamW::new(params, AdamWConfig::default());
         let mut acc = GradAccumulator::new(opt.vars());

@@ -1,4 +1,4 @@
-//! `singlora gpu-check`: the device path against the CPU on the same inputs.
+//! `singlora-lab gpu-check`: the device path against the CPU on the same inputs.
 //!
 //! 1. Every adapter method, square / tall / wide: forward and all adapter gradients with a bf16
 //!    frozen weight and bf16 activations on the device, against an f64 CPU reference.
@@ -570,7 +570,7 @@ fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
 /// against candle's autograd through the same model on the same device: loss and every
 /// adapter gradient (GQA, a padded row, LoRA's B made non-zero so both factors get gradients).
 fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
-    use singlora::bench::llama::{random_model, random_tokens};
+    use singlora_lab::bench::llama::{random_model, random_tokens};
     // head size 64: the q/k/v terms take the RoPE kernel's epilogue
     let shape = LlamaShape {
         hidden: 128,
@@ -687,7 +687,7 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             singlora::ops::set_flash_attention(false);
             let kept = model.loss_and_grads(&batch, 1.0);
             let mut model = model;
-            singlora::bench::llama::set_recompute(&mut model, true);
+            singlora_lab::bench::llama::set_recompute(&mut model, true);
             let recomputed = model.loss_and_grads(&batch, 1.0);
             #[cfg(feature = "cuda")]
             singlora::ops::set_flash_attention(true);

@@ -33,14 +33,14 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::adapter::init::SingLoraInit;
-use crate::adapter::ramp::{RampClock, RampSchedule};
-use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method, Param};
-use crate::error::{Error, Result};
-use crate::linear::FrozenLinear;
-use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
-use crate::plot::{BandPoint, BandSeries};
-use crate::rng::{normal, rng_for};
+use crate::bands::{BandPoint, BandSeries};
+use singlora::adapter::init::SingLoraInit;
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method, Param};
+use singlora::error::{Error, Result};
+use singlora::linear::FrozenLinear;
+use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
+use singlora::rng::{normal, rng_for};
 
 /// The paper's numbers for this experiment (final loss after 15k iterations).
 pub const PAPER_SINGLORA_LOSS: f64 = 1e-5;
@@ -549,7 +549,7 @@ pub fn render_table(summaries: &[ArmSummary]) -> String {
         s.push_str(&format!(
             "| {} | {} | {}{} | {:.3e} | {:.3e} ± {:.2e} | {:.2e} … {:.2e} | {:.3e} |\n",
             a.arm,
-            crate::inspect::thousands(a.params),
+            singlora::inspect::thousands(a.params),
             a.seeds,
             diverged,
             a.median_final,
@@ -594,7 +594,7 @@ pub fn write_jsonl(path: &Path, runs: &[FitRun]) -> Result<()> {
         s.push_str(&run_json(run).to_string());
         s.push('\n');
     }
-    crate::atomic::write_file(path, s.as_bytes())
+    singlora::atomic::write_file(path, s.as_bytes())
 }
 
 /// Per arm, the median, quartiles and range of the loss over seeds at each recorded step.
@@ -636,7 +636,7 @@ pub fn bands(runs: &[FitRun], arms: &[Arm]) -> Vec<BandSeries> {
 
 fn arm_params(runs: &[&FitRun]) -> String {
     runs.first()
-        .map_or("?".into(), |r| crate::inspect::thousands(r.params))
+        .map_or("?".into(), |r| singlora::inspect::thousands(r.params))
 }
 
 /// Draws the loss curves (median line, quartile band, min–max band, log y) as an SVG.
@@ -653,7 +653,7 @@ pub fn write_plot(path: &Path, runs: &[FitRun], arms: &[Arm], cfg: &FitConfig) -
         k = cfg.target_rank,
         lr = cfg.lr,
     );
-    crate::plot::write_bands(
+    crate::bands::write_bands(
         path,
         &title,
         "optimizer updates",

@@ -1,12 +1,12 @@
-//! `singlora experiment`: reproductions of the paper's claims (the work is in
-//! `singlora::experiments`).
+//! `singlora-lab experiment`: reproductions of the paper's claims (the work is in
+//! [`singlora_lab::experiments`]).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
-use singlora::experiments::{attention_fit, param_counts};
+use singlora_lab::experiments::{attention_fit, param_counts};
 
 #[derive(Args, Debug)]
 pub struct ExperimentArgs {
@@ -76,7 +76,8 @@ struct SweepArgs {
     /// Only summarise the runs already in OUT.
     #[arg(long)]
     report_only: bool,
-    /// One `singlora train` process per run (the default on GPUs) instead of threads.
+    /// One `singlora train` process per run (the default on GPUs) instead of threads; the
+    /// `singlora` binary is the one beside this one.
     #[arg(long)]
     processes: bool,
     /// Output directory (default: runs/sweep-KIND).
@@ -246,8 +247,8 @@ fn attention(f: FitArgs) -> Result<()> {
 }
 
 fn sweep_cmd(a: SweepArgs) -> Result<()> {
-    use singlora::experiments::sweep;
-    let cache = crate::demo::cache_dir(a.cache.clone());
+    use singlora_lab::experiments::sweep;
+    let cache = singlora::data::cache_dir(a.cache.clone());
     let out = a
         .out
         .clone()
@@ -271,8 +272,8 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
         out: out.clone(),
         keep_runs: a.keep_runs,
         // on GPUs, one process per run (threads of one process serialise on the driver)
-        exe: if a.processes || a.devices.iter().any(|d| d != "cpu") {
-            Some(std::env::current_exe()?)
+        exe: if !a.report_only && (a.processes || a.devices.iter().any(|d| d != "cpu")) {
+            Some(singlora_exe()?)
         } else {
             None
         },
@@ -338,4 +339,19 @@ fn sweep_cmd(a: SweepArgs) -> Result<()> {
         out.join(format!("{}.svg", spec.kind)).display()
     );
     Ok(())
+}
+
+/// The `singlora` binary beside this one (cargo builds both into one directory; the device
+/// wrappers unpack both into one), which the sweep runs as `singlora train` processes.
+fn singlora_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?
+        .with_file_name(format!("singlora{}", std::env::consts::EXE_SUFFIX));
+    if !exe.is_file() {
+        anyhow::bail!(
+            "{} does not exist: the sweep runs `singlora train` processes from the binary beside \
+             singlora-lab (cargo build -p singlora-cli)",
+            exe.display()
+        );
+    }
+    Ok(exe)
 }
