@@ -306,6 +306,43 @@ fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// A run directory written before the settings were typed (its run.json holds the method as
+/// the user spelled it, and lacks the keys added since) resumes and ends bit-identical to an
+/// uninterrupted run.
+#[test]
+fn an_old_run_directory_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path(), DType::F32);
+    let (train_f, eval_f) = classification_data(tmp.path(), 40, 8);
+    let cfg = TrainConfig {
+        method: Method::LoraPlus,
+        epochs: 2,
+        save_every: Some(2),
+        ..base_cfg(&model, &train_f, Some(&eval_f))
+    };
+    let full = tmp.path().join("full");
+    run_train(cfg.clone(), &full, false, false).unwrap();
+    let part = tmp.path().join("part");
+    let stop = TrainConfig {
+        stop_after: Some(3),
+        ..cfg
+    };
+    assert!(run_train(stop, &part, false, false).unwrap().interrupted);
+    let p = part.join("run.json");
+    let mut run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let c = run["config"].as_object_mut().unwrap();
+    for later in ["devices", "bucket_values", "recompute", "head_only"] {
+        assert!(c.remove(later).is_some(), "{later}");
+    }
+    c.insert("method".into(), "lora_plus".into());
+    c.insert("device".into(), "cpu".into());
+    std::fs::write(&p, serde_json::to_string_pretty(&run).unwrap()).unwrap();
+    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
+    assert!(!resumed.interrupted);
+    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+}
+
 #[test]
 fn resume_ends_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
