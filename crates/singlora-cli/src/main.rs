@@ -112,8 +112,9 @@ fn run(cli: Cli) -> Result<()> {
             base,
             overwrite,
         } => {
-            let lora =
+            let (lora, cleaned) =
                 singlora::adapter::export::export_lora(&adapter, &out, base.as_deref(), overwrite)?;
+            print_cleaned(&cleaned);
             println!(
                 "wrote {} : plain LoRA, r = {}, lora_alpha = {} (scale 1), {} layers",
                 out.display(),
@@ -139,7 +140,18 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Says which temporary outputs of interrupted runs were removed.
+fn print_cleaned(paths: &[PathBuf]) {
+    for p in paths {
+        eprintln!(
+            "removed {}, left by an interrupted singlora process",
+            p.display()
+        );
+    }
+}
+
 fn print_merge(out: &Path, r: &singlora::merge::MergeReport) {
+    print_cleaned(&r.cleaned);
     println!(
         "merged {} layers (u = {:.4}, max |W - W0| = {:.3e}) into {} ({})",
         r.layers,

@@ -35,6 +35,8 @@ pub struct MergeReport {
     pub max_abs_change: f64,
     pub heads: Vec<String>,
     pub files: Vec<String>,
+    /// Temporary outputs of interrupted singlora processes, removed before writing.
+    pub cleaned: Vec<std::path::PathBuf>,
 }
 
 /// Loads `module`'s base weight as (d_out, d_in), undoing a Conv1D (fan_in_fan_out) layout.
@@ -107,12 +109,12 @@ pub fn merged_weights(
 /// metadata, and the tokenizer (with its chat template) as tokenizer.json.
 fn merge_gguf(
     base: &Path,
-    af: &AdapterFile,
+    (adapter, af): (&Path, &AdapterFile),
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
+    let (staged, cleaned) = output_dir(base, adapter, out, opts)?;
     let g = crate::gguf::load_gguf(base, DType::F32)?;
-    let staged = StagedDir::new(out, opts.overwrite)?;
     let (merged, max_abs_change) = merge_layers(af, |name| {
         g.tensors.get(name).cloned().ok_or_else(|| {
             Error::msg(format!(
@@ -152,6 +154,7 @@ fn merge_gguf(
         max_abs_change,
         heads: af.heads.keys().cloned().collect(),
         files: vec![SINGLE_FILE.to_string()],
+        cleaned,
     })
 }
 
@@ -211,6 +214,21 @@ pub fn classifier_config(config: &Value, labels: &[String]) -> Value {
     c
 }
 
+/// The merged model's staged directory: `out` may not overlap the base or the adapter, and
+/// replaces only a model singlora merged (with `--overwrite`).
+fn output_dir(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<(StagedDir, Vec<std::path::PathBuf>)> {
+    StagedDir::output(
+        out,
+        opts.overwrite,
+        &[("--base", base), ("--adapter", adapter)],
+    )
+}
+
 /// Merges the adapter directory `adapter` into the checkpoint `base`, writing `out`.
 pub fn merge_checkpoint(
     base: &Path,
@@ -221,11 +239,11 @@ pub fn merge_checkpoint(
     if let Some(gguf) = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists())
     {
         let af = AdapterFile::read(adapter, &Device::Cpu)?;
-        return merge_gguf(&gguf, &af, out, opts);
+        return merge_gguf(&gguf, (adapter, &af), out, opts);
     }
     let ckpt = Checkpoint::open(base)?;
     let af = AdapterFile::read(adapter, &Device::Cpu)?;
-    let staged = StagedDir::new(out, opts.overwrite)?;
+    let (staged, cleaned) = output_dir(base, adapter, out, opts)?;
     let (mut merged, max_abs_change) = merged_weights(&ckpt, &af)?;
 
     let mut heads: BTreeMap<String, Tensor> = af.heads.clone();
@@ -302,6 +320,7 @@ pub fn merge_checkpoint(
         max_abs_change,
         heads: af.heads.keys().cloned().collect(),
         files,
+        cleaned,
     })
 }
 

@@ -248,7 +248,8 @@ fn exported_lora_merges_like_singlora() {
     let adapter = tmp.path().join("ad");
     af.write(&adapter, false).unwrap();
     let lora_dir = tmp.path().join("lora");
-    let lora = singlora::adapter::export::export_lora(&adapter, &lora_dir, None, false).unwrap();
+    let (lora, _) =
+        singlora::adapter::export::export_lora(&adapter, &lora_dir, None, false).unwrap();
     assert_eq!(lora.config.kind, AdapterKind::Lora);
     assert_eq!(lora.config.lora_alpha, 4.0);
     assert_eq!(lora.config.alpha_for("model.layers.0.mlp.down_proj"), 4.0);

@@ -82,12 +82,14 @@ pub fn export_lora(
     out: &Path,
     base: Option<&Path>,
     overwrite: bool,
-) -> Result<AdapterFile> {
+) -> Result<(AdapterFile, Vec<std::path::PathBuf>)> {
     let af = AdapterFile::read(adapter, &Device::Cpu)?;
     let ckpt = base.map(Checkpoint::open).transpose()?;
     let lora = to_lora(&af, ckpt.as_ref())?;
-    lora.write(out, overwrite)?;
-    Ok(lora)
+    let mut inputs = vec![("--adapter", adapter)];
+    inputs.extend(base.map(|b| ("--base", b)));
+    let cleaned = lora.write_output(out, overwrite, &inputs)?;
+    Ok((lora, cleaned))
 }
 
 /// ΔW of one layer of a LoRA-family file in f64 (B·A·s), for checks.

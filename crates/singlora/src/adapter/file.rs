@@ -240,12 +240,24 @@ impl AdapterFile {
     }
 
     /// Writes the directory atomically; refuses NaN/Inf and an existing `dir` unless
-    /// `overwrite`.
+    /// `overwrite` (and singlora wrote it).
     pub fn write(&self, dir: &Path, overwrite: bool) -> Result<()> {
-        let staged = StagedDir::new(dir, overwrite)?;
+        self.write_output(dir, overwrite, &[])?;
+        Ok(())
+    }
+
+    /// [`Self::write`] for an output made from `inputs` (role, path), which it may not overlap;
+    /// returns what interrupted writes had left beside it and was removed.
+    pub fn write_output(
+        &self,
+        dir: &Path,
+        overwrite: bool,
+        inputs: &[(&str, &Path)],
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let (staged, cleaned) = StagedDir::output(dir, overwrite, inputs)?;
         self.write_into(staged.path())?;
         staged.commit()?;
-        Ok(())
+        Ok(cleaned)
     }
 
     /// Writes the two files into an existing directory (the caller makes it atomic).

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod observer;
 mod run;
+pub mod rundir;
 pub mod schedule;
 pub mod setup;
 pub mod state;
@@ -28,7 +29,8 @@ pub use setup::{prepare_data, setup, Plan, PreparedData, Setup};
 
 use crate::error::{Error, Result};
 use crate::eval::EvalResult;
-use run::{RankCtx, Trainer};
+use run::{RankCtx, Start, Trainer};
+use rundir::RunDir;
 
 /// What a finished (or interrupted) run reports.
 #[derive(Debug, Clone)]
@@ -55,6 +57,15 @@ pub fn train(
     overwrite: bool,
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
+    let held = if resume {
+        let held = RunDir::resume(out)?;
+        if !held.cleaned.is_empty() {
+            observer.cleaned(&held.cleaned);
+        }
+        Some(held)
+    } else {
+        None
+    };
     let cfg = if resume {
         let p = out.join("run.json");
         let saved = crate::checkpoint::read_json(&p)?;
@@ -70,13 +81,24 @@ pub fn train(
                 out.display()
             )));
         }
+        let mut inputs = vec![("--model", cfg.model.as_path()), ("--train", &cfg.train)];
+        inputs.extend(cfg.eval.as_deref().map(|e| ("--eval", e)));
+        crate::atomic::check_disjoint(out, &inputs)?;
+        crate::atomic::check_replaceable(out, overwrite)?;
         cfg
+    };
+    // rank 0 holds the run directory (a resumed one now, a fresh one once set up)
+    let mut held = held;
+    let mut start = |rank: usize| match (resume, rank) {
+        (true, 0) => Start::Resume(held.take()),
+        (true, _) => Start::Resume(None),
+        (false, _) => Start::Fresh { overwrite },
     };
     let devices = cfg.rank_devices();
     if devices.len() == 1 {
         let mut cfg = cfg;
         cfg.device = devices[0];
-        return Trainer::start(cfg, out, resume, None, observer.as_ref())?.run();
+        return Trainer::start(cfg, out, start(0), None, observer.as_ref())?.run();
     }
     let world = devices.len();
     if cfg.batch_size < world {
@@ -96,12 +118,13 @@ pub fn train(
             Arc::new(StopOnly(observer.clone()))
         };
         let (tx, out) = (tx.clone(), out.to_path_buf());
+        let first = start(rank);
         std::thread::Builder::new()
             .name(format!("rank {rank}"))
             .spawn(move || {
                 let ctx = RankCtx { rank, world, make };
                 let r =
-                    Trainer::start(c, &out, resume, Some(ctx), obs.as_ref()).and_then(Trainer::run);
+                    Trainer::start(c, &out, first, Some(ctx), obs.as_ref()).and_then(Trainer::run);
                 let _ = tx.send((rank, r));
             })
             .map_err(|e| Error::msg(format!("could not start rank {rank}: {e}")))?;

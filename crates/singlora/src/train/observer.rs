@@ -33,6 +33,8 @@ pub trait Observer: Send + Sync {
     fn started(&self, _plan: &Plan, _from_step: u64) {}
     /// The run in `run_dir` resumes from its checkpoint at update `step`.
     fn resumed(&self, _run_dir: &Path, _step: u64) {}
+    /// Temporary files and directories that interrupted runs had left were removed.
+    fn cleaned(&self, _paths: &[std::path::PathBuf]) {}
     /// After each optimizer update.
     fn updated(&self, _report: &UpdateReport) {}
     /// After each evaluation; `step` 0 is the model before training.

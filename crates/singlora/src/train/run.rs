@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::observer::{Observer, UpdateReport};
 use super::setup::{setup, Setup};
+use super::rundir::RunDir;
 use super::state::{self, TrainerState};
 use super::{schedule::lr_at, TrainConfig, TrainSummary};
 use crate::adapter::file::AdapterFile;
@@ -53,6 +54,16 @@ pub(super) struct Trainer<'a> {
     /// metrics.jsonl, on rank 0.
     log: Option<MetricsLog>,
     obs: &'a dyn Observer,
+    /// The run directory, held (locked) by rank 0 for the run's life.
+    _run_dir: Option<RunDir>,
+}
+
+/// How a rank starts.
+pub(super) enum Start {
+    /// A fresh run; rank 0 makes the run directory once the set-up has succeeded.
+    Fresh { overwrite: bool },
+    /// A resumed run; rank 0 holds the directory.
+    Resume(Option<RunDir>),
 }
 
 /// One optimizer update's sums over its micro-batches (and the ranks).
@@ -68,7 +79,7 @@ impl<'a> Trainer<'a> {
     pub(super) fn start(
         cfg: TrainConfig,
         out: &Path,
-        resume: bool,
+        start: Start,
         dist: Option<RankCtx>,
         obs: &'a dyn Observer,
     ) -> Result<Self> {
@@ -95,7 +106,9 @@ impl<'a> Trainer<'a> {
             ..Default::default()
         };
         let mut opt = AdamW::new(s.model.params(), opt_cfg);
-        if resume {
+        let mut run_dir = None;
+        if let Start::Resume(held) = start {
+            run_dir = held;
             let (step, dir) = state::list(out)?.pop().ok_or_else(|| {
                 Error::msg(format!("{}: no checkpoint to resume from", out.display()))
             })?;
@@ -107,12 +120,15 @@ impl<'a> Trainer<'a> {
             if rank == 0 {
                 obs.resumed(out, step);
             }
-        } else if rank == 0 {
-            if out.exists() {
-                std::fs::remove_dir_all(out).at(out)?;
+        } else if let (Start::Fresh { overwrite }, 0) = (start, rank) {
+            let mut inputs = vec![("--model", cfg.model.as_path()), ("--train", &cfg.train)];
+            inputs.extend(cfg.eval.as_deref().map(|e| ("--eval", e)));
+            let held = RunDir::create(out, overwrite, &inputs)?;
+            if !held.cleaned.is_empty() {
+                obs.cleaned(&held.cleaned);
             }
-            std::fs::create_dir_all(out).at(out)?;
             write_run_json(&s, out, world)?;
+            run_dir = Some(held);
         }
         let opt = opt.with_clock(s.model.clock.clone());
         let log = if rank == 0 {
@@ -136,6 +152,7 @@ impl<'a> Trainer<'a> {
             st,
             log,
             obs,
+            _run_dir: run_dir,
         })
     }
 
