@@ -223,7 +223,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
             ..base.clone()
         },
         &runs.join("head-only"),
-        false,
         true,
         progress.clone(),
     )?;
@@ -245,7 +244,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
             ..base
         },
         &runs.join(a.method.to_string()),
-        false,
         true,
         progress.clone(),
     )?;

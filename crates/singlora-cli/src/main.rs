@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod demo;
 mod example;
@@ -83,9 +83,22 @@ enum Command {
     },
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The `train` settings given on the command line (not defaults), by name.
+fn given_train_settings(m: &clap::ArgMatches) -> Vec<String> {
+    let Some(("train", t)) = m.subcommand() else {
+        return vec![];
+    };
+    t.ids()
+        .filter(|id| t.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
+}
+
+fn run(matches: clap::ArgMatches) -> Result<()> {
+    let given = given_train_settings(&matches);
+    let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
-        Command::Train(args) => train_cmd::train(*args)?,
+        Command::Train(args) => train_cmd::train(*args, &given)?,
         Command::Eval(args) => train_cmd::eval(args)?,
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
@@ -166,5 +179,5 @@ fn print_merge(out: &Path, r: &singlora::merge::MergeReport) {
 }
 
 fn main() -> ExitCode {
-    process::run(|| run(Cli::parse()))
+    process::run(|| run(Cli::command().get_matches()))
 }

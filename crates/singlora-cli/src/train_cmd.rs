@@ -13,7 +13,8 @@ use singlora::device::DeviceSpec;
 use singlora::eval::EvalResult;
 use singlora::session::Session;
 use singlora::train::{
-    setup, train as run_training, Observer, Plan, TrainConfig, TrainSummary, UpdateReport,
+    resume as resume_run, setup, train as run_training, Observer, Plan, ResumeChanges, TrainConfig,
+    TrainSummary, UpdateReport,
 };
 
 #[derive(Args, Debug)]
@@ -28,19 +29,30 @@ pub struct TrainArgs {
     dry_run: bool,
     /// The run directory.
     #[arg(long)]
-    out: PathBuf,
-    /// Continue the run in --out from its newest checkpoint (with its saved settings).
-    #[arg(long)]
-    resume: bool,
-    /// Replace an existing --out.
-    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in RUN_DIR (or --out) from its newest checkpoint, with the settings in
+    /// its run.json; only --max-steps, --epochs, --save-every, --keep-checkpoints,
+    /// --eval-every, --device/--devices/--gpus and --recompute may change.
+    #[arg(long, value_name = "RUN_DIR", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
+    /// Replace an existing --out (only a run directory singlora wrote).
+    #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
 }
 
+/// The command-line flag of a setting (its `run.json` key).
+fn flag(key: &str) -> String {
+    match key {
+        "chat_template" => "--no-chat-template".into(),
+        k => format!("--{}", k.replace('_', "-")),
+    }
+}
+
 impl TrainArgs {
+    /// The settings as given, with --gpus and the environment's CPU-path switch applied.
     fn config(&self) -> Result<TrainConfig> {
         let mut cfg = self.config.clone();
         match self.gpus {
@@ -55,26 +67,104 @@ impl TrainArgs {
         }
         Ok(cfg)
     }
+
+    /// The run directory: --resume's, or --out.
+    fn run_dir(&self) -> Result<PathBuf> {
+        match (&self.resume, &self.out) {
+            (Some(Some(r)), Some(o)) if r != o => {
+                bail!(
+                    "--resume {} and --out {} name different runs",
+                    r.display(),
+                    o.display()
+                )
+            }
+            (Some(Some(r)), _) => Ok(r.clone()),
+            (_, Some(o)) => Ok(o.clone()),
+            (Some(None), None) => bail!("--resume needs the run directory: --resume RUN_DIR"),
+            (None, None) => bail!("--out is required: the run directory to write"),
+        }
+    }
+
+    /// What a resume changes: the resumable settings given on the command line; any other
+    /// setting given must equal the run's, else the resume is refused naming it.
+    fn resume_changes(&self, run: &TrainConfig, given: &[String]) -> Result<ResumeChanges> {
+        let cfg = self.config()?;
+        let mine = serde_json::to_value(&cfg)?;
+        let theirs = serde_json::to_value(run)?;
+        let mut changes = ResumeChanges {
+            fast: cfg.fast,
+            ..Default::default()
+        };
+        for key in given {
+            let key = if key == "gpus" {
+                "devices"
+            } else {
+                key.as_str()
+            };
+            if ResumeChanges::KEYS.contains(&key) {
+                match key {
+                    "max_steps" => changes.max_steps = cfg.max_steps,
+                    "epochs" => changes.epochs = Some(cfg.epochs),
+                    "save_every" => changes.save_every = cfg.save_every,
+                    "keep_checkpoints" => changes.keep_checkpoints = Some(cfg.keep_checkpoints),
+                    "eval_every" => changes.eval_every = cfg.eval_every,
+                    "device" => changes.device = Some(cfg.device),
+                    "devices" => changes.devices = cfg.devices.clone(),
+                    _ => changes.recompute = Some(cfg.recompute),
+                }
+                continue;
+            }
+            let (Some(a), Some(b)) = (mine.get(key), theirs.get(key)) else {
+                continue;
+            };
+            if a != b {
+                bail!(
+                    "{} {a} conflicts with the run's {b} (its run.json): a resumed run keeps its settings; only {} may change",
+                    flag(key),
+                    ResumeChanges::KEYS.map(flag).join(", ")
+                );
+            }
+        }
+        Ok(changes)
+    }
 }
 
-pub fn train(args: TrainArgs) -> Result<()> {
+pub fn train(args: TrainArgs, given: &[String]) -> Result<()> {
+    let out = args.run_dir()?;
+    if args.resume.is_some() {
+        let run = singlora::train::run_config(&out)?;
+        let changes = args.resume_changes(&run, given)?;
+        if args.dry_run {
+            let mut cfg = run;
+            cfg.max_steps = changes.max_steps.or(cfg.max_steps);
+            print!("{}", setup(cfg)?.plan.render());
+            println!("(dry run: nothing trained)");
+            return Ok(());
+        }
+        let summary = resume_run(&out, &changes, progress(args.quiet)?)?;
+        return report(&summary);
+    }
     let cfg = args.config()?;
+    for (field, value) in [("--model", &cfg.model), ("--train", &cfg.train)] {
+        if value.as_os_str().is_empty() {
+            bail!("{field} is required (or --resume RUN_DIR to continue a run)");
+        }
+    }
     if args.dry_run {
         let s = setup(cfg)?;
         print!("{}", s.plan.render());
         println!("(dry run: nothing trained)");
         return Ok(());
     }
-    let summary = run_training(
-        cfg,
-        &args.out,
-        args.resume,
-        args.overwrite,
-        progress(args.quiet)?,
-    )?;
+    let summary = run_training(cfg, &out, args.overwrite, progress(args.quiet)?)?;
+    report(&summary)
+}
+
+/// What a finished or interrupted run says on stdout.
+fn report(summary: &TrainSummary) -> Result<()> {
     if summary.interrupted {
         println!(
-            "interrupted after {} of {} updates; resume with: singlora train --resume --out {} (other flags are read from run.json)",
+            "interrupted after {} of {} updates; resume with: singlora train --resume {}",
             summary.steps,
             summary.total_steps,
             summary.run_dir.display()
@@ -199,6 +289,15 @@ impl Observer for Progress {
         }
     }
 
+    fn cleaned(&self, paths: &[std::path::PathBuf]) {
+        for p in paths {
+            self.say(&format!(
+                "removed {}, left by an interrupted singlora process",
+                p.display()
+            ));
+        }
+    }
+
     fn class_report(&self, text: &str) {
         self.say(text);
     }
@@ -209,7 +308,7 @@ impl Observer for Progress {
         }
         if s.interrupted {
             self.say(&format!(
-                "stopped at update {} of {}; the checkpoint is saved: resume with --resume {}",
+                "stopped at update {} of {}; the checkpoint is saved: resume with singlora train --resume {}",
                 s.steps,
                 s.total_steps,
                 s.run_dir.display()

@@ -354,3 +354,234 @@ fn train_on_several_devices() {
         assert!(!tmp.path().join("run2").exists());
     }
 }
+
+/// Every file under `dir` with its contents, to show that a refused command changed nothing.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `--out` pointing at an input, at a folder holding one, or inside one is refused before
+/// anything is written or deleted, for `train` and `merge` alike, and `--overwrite` does not
+/// replace a folder singlora did not write.
+#[test]
+fn outputs_never_overlap_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    setup(root, AdapterKind::SingLora);
+    let model = tiny_bert(root);
+    let data = root.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    let before = snapshot(root);
+    let train = |out: &str, cwd: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_singlora"))
+            .current_dir(cwd)
+            .args([
+                "train",
+                "--model",
+                &model,
+                "--train",
+                data.to_str().unwrap(),
+                "--out",
+                out,
+                "--overwrite",
+                "--max-steps",
+                "1",
+                "--quiet",
+            ])
+            .output()
+            .unwrap()
+    };
+    for (out, cwd, input) in [
+        (".", root, "--model"),
+        (model.as_str(), root, "--model"),
+        (data.to_str().unwrap(), root, "--train"),
+        ("run", Path::new(&model), "--model"),
+    ] {
+        let o = train(out, cwd);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}: {err}");
+        assert!(
+            err.contains(input) && err.contains("choose an output"),
+            "{out}: {err}"
+        );
+    }
+    let base = p(root, "base");
+    let adapter = p(root, "adapter");
+    let merge = |out: &str| {
+        singlora(&[
+            "merge",
+            "--base",
+            &base,
+            "--adapter",
+            &adapter,
+            "--out",
+            out,
+            "--overwrite",
+        ])
+    };
+    for (out, input) in [
+        (base.clone(), "--base"),
+        (adapter.clone(), "--adapter"),
+        (p(root, ""), "--base"),
+        (p(root, "base/merged"), "--base"),
+    ] {
+        let o = merge(&out);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}: {err}");
+        assert!(err.contains(input), "{out}: {err}");
+    }
+    assert_eq!(snapshot(root), before, "a refused command changed files");
+    // --overwrite replaces only singlora's own outputs
+    let mine = root.join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep").unwrap();
+    let o = merge(mine.to_str().unwrap());
+    let (_, err) = text(&o);
+    assert!(err.contains("not written by singlora"), "{err}");
+    assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep");
+    let merged = p(root, "merged");
+    assert!(merge(&merged).status.success());
+    assert!(
+        merge(&merged).status.success(),
+        "a merged model is replaced"
+    );
+}
+
+/// A second process cannot train into a run another one holds: it is refused at once, naming
+/// the holder, and the holder's files are untouched.
+#[test]
+fn a_run_in_use_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = tiny_bert(root);
+    let data = root.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    let run = p(root, "run");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_singlora"))
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--train",
+            data.to_str().unwrap(),
+            "--out",
+            &run,
+            "--max-steps",
+            "1000000",
+            "--quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = first.id().to_string();
+    let lock = root.join("run").join(".lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).unwrap_or_default() != pid {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = singlora(&["train", "--resume", "--out", &run]);
+    let overwrite = singlora(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        data.to_str().unwrap(),
+        "--out",
+        &run,
+        "--overwrite",
+    ]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    for o in [second, overwrite] {
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("is in use by process {pid}")),
+            "{err}"
+        );
+    }
+    assert!(root.join("run").join("run.json").exists());
+}
+
+/// `train --resume RUN_DIR` works alone, with everything from the run's run.json; settings
+/// that may change on resume (--max-steps) are applied, others are refused by name unless they
+/// equal the run's.
+#[test]
+fn resume_takes_the_run_directory_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = tiny_bert(root);
+    let data = root.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    let run = p(root, "run");
+    let o = singlora(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        data.to_str().unwrap(),
+        "--out",
+        &run,
+        "--max-steps",
+        "2",
+        "--rank",
+        "4",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = singlora(&["train", "--resume", &run, "--rank", "8"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--rank 8 conflicts with the run's 4") && err.contains("--max-steps"),
+        "{err}"
+    );
+    let o = singlora(&[
+        "train",
+        "--resume",
+        &run,
+        "--max-steps",
+        "5",
+        "--rank",
+        "4",
+        "--quiet",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("trained 5 updates"), "{out}");
+    let o = singlora(&["train", "--resume"]);
+    assert!(text(&o).1.contains("--resume RUN_DIR"), "{:?}", text(&o));
+    let o = singlora(&["train", "--out", &p(root, "other")]);
+    assert!(text(&o).1.contains("--model is required"), "{:?}", text(&o));
+}

@@ -379,7 +379,7 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
                 ..TrainConfig::default()
             };
             let dir = root.join(out);
-            train(cfg, &dir, false, true, std::sync::Arc::new(Silent))?;
+            train(cfg, &dir, true, std::sync::Arc::new(Silent))?;
             run_losses(&dir)
         };
         let l_cpu = run("cpu", "cpu-run")?;
@@ -761,7 +761,7 @@ fn data_parallel_checks(devices: &[String], rows: &mut Vec<Row>) -> Result<()> {
                 ..TrainConfig::default()
             };
             let dir = root.join(out);
-            train(cfg, &dir, false, true, std::sync::Arc::new(Silent))?;
+            train(cfg, &dir, true, std::sync::Arc::new(Silent))?;
             run_losses(&dir)
         };
         let l1 = run(None, "one")?;

@@ -15,16 +15,26 @@ use singlora::data::{collate, encode, load_dataset, Columns, LabelSet, Task};
 use singlora::model::{ClassifierHead, Pretrained, TaskModel};
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
-use singlora::train::{setup, train, Silent, TrainConfig, TrainSummary};
+use singlora::train::{setup, TrainConfig};
 
-/// A training run that reports nothing.
+/// A training run that reports nothing: a fresh one, or the run in `out` resumed (with `cfg`'s
+/// `stop_after`).
 fn run_train(
-    cfg: TrainConfig,
+    cfg: singlora::train::TrainConfig,
     out: &std::path::Path,
     resume: bool,
     overwrite: bool,
-) -> singlora::Result<TrainSummary> {
-    train(cfg, out, resume, overwrite, std::sync::Arc::new(Silent))
+) -> singlora::Result<singlora::train::TrainSummary> {
+    let silent = std::sync::Arc::new(singlora::train::Silent);
+    if resume {
+        let changes = singlora::train::ResumeChanges {
+            stop_after: cfg.stop_after,
+            ..Default::default()
+        };
+        singlora::train::resume(out, &changes, silent)
+    } else {
+        singlora::train::train(cfg, out, overwrite, silent)
+    }
 }
 
 const WORDS: &[&str] = &[

@@ -283,7 +283,6 @@ fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
             train(
                 cfg,
                 &dir,
-                false,
                 true,
                 std::sync::Arc::new(singlora::train::Silent),
             )?;

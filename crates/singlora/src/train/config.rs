@@ -20,10 +20,10 @@ use super::schedule::Schedule;
 #[serde(default)]
 pub struct TrainConfig {
     /// Base model: a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a GGUF file.
-    #[arg(long)]
+    #[arg(long, default_value = "", hide_default_value = true, value_parser = any_path)]
     pub model: PathBuf,
     /// Training data (.jsonl or .csv).
-    #[arg(long)]
+    #[arg(long, default_value = "", hide_default_value = true, value_parser = any_path)]
     pub train: PathBuf,
     /// Evaluation data (same format).
     #[arg(long)]
@@ -149,12 +149,13 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     /// The command line's defaults, with empty model and data paths.
     fn default() -> Self {
-        // clap refuses empty paths: parse placeholders for the required ones, then empty them
-        let mut c: Self = crate::cli_defaults(&["--model", "-", "--train", "-"]);
-        c.model = PathBuf::new();
-        c.train = PathBuf::new();
-        c
+        crate::cli_defaults(&[])
     }
+}
+
+/// A path as given (empty when not given: a resumed run takes its paths from `run.json`).
+fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 impl TrainConfig {

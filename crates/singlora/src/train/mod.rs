@@ -29,6 +29,7 @@ pub use setup::{prepare_data, setup, Plan, PreparedData, Setup};
 
 use crate::error::{Error, Result};
 use crate::eval::EvalResult;
+use crate::ops::FastPath;
 use run::{RankCtx, Start, Trainer};
 use rundir::RunDir;
 
@@ -46,54 +47,127 @@ pub struct TrainSummary {
     pub train_loss: Option<f64>,
 }
 
-/// Runs (or resumes) training into `out`: on one device, or data-parallel over
-/// `cfg.devices` (one thread per device; a failure on any rank ends the run with its error).
-/// `resume` continues the run in `out` with the settings in its `run.json` (the caller's
-/// `stop_after` and `fast` kept); `overwrite` replaces an existing `out`.
+/// What may change when a run resumes; everything else is the run's, from its `run.json`.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeChanges {
+    /// Train to this many updates in all (a longer or shorter run).
+    pub max_steps: Option<u64>,
+    /// Train for this many epochs in all (when the run is not bounded by `max_steps`).
+    pub epochs: Option<usize>,
+    pub save_every: Option<u64>,
+    pub keep_checkpoints: Option<usize>,
+    pub eval_every: Option<u64>,
+    /// Continue on another device, or other devices.
+    pub device: Option<crate::device::DeviceSpec>,
+    pub devices: Option<Vec<crate::device::DeviceSpec>>,
+    pub recompute: Option<bool>,
+    /// Stop after this many updates in all, as if interrupted (tests).
+    pub stop_after: Option<u64>,
+    pub fast: FastPath,
+}
+
+impl ResumeChanges {
+    /// The settings (by `run.json` key) that may change on resume.
+    pub const KEYS: [&'static str; 8] = [
+        "max_steps",
+        "epochs",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "device",
+        "devices",
+        "recompute",
+    ];
+
+    fn apply(&self, c: &mut TrainConfig) {
+        if let Some(n) = self.max_steps {
+            c.max_steps = Some(n);
+        }
+        if let Some(n) = self.epochs {
+            c.epochs = n;
+        }
+        if let Some(n) = self.save_every {
+            c.save_every = Some(n);
+        }
+        if let Some(n) = self.keep_checkpoints {
+            c.keep_checkpoints = n;
+        }
+        if let Some(n) = self.eval_every {
+            c.eval_every = Some(n);
+        }
+        if let Some(d) = self.device {
+            c.device = d;
+            c.devices = None;
+        }
+        if let Some(d) = &self.devices {
+            c.devices = Some(d.clone());
+        }
+        if let Some(r) = self.recompute {
+            c.recompute = r;
+        }
+        c.stop_after = self.stop_after;
+        c.fast = self.fast;
+    }
+}
+
+/// The settings of the run in `out`, from its `run.json`.
+pub fn run_config(out: &Path) -> Result<TrainConfig> {
+    let p = out.join("run.json");
+    let saved = crate::checkpoint::read_json(&p)?;
+    serde_json::from_value(saved["config"].clone())
+        .map_err(|e| Error::bad_file(&p, format!("is not a run description: {e}")))
+}
+
+/// Trains a fresh run into `out`: on one device, or data-parallel over `cfg.devices` (one
+/// thread per device; a failure on any rank ends the run with its error). `overwrite`
+/// replaces an existing run there.
 pub fn train(
     cfg: TrainConfig,
     out: &Path,
-    resume: bool,
     overwrite: bool,
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
-    let held = if resume {
-        let held = RunDir::resume(out)?;
-        if !held.cleaned.is_empty() {
-            observer.cleaned(&held.cleaned);
-        }
-        Some(held)
-    } else {
-        None
-    };
-    let cfg = if resume {
-        let p = out.join("run.json");
-        let saved = crate::checkpoint::read_json(&p)?;
-        let mut c: TrainConfig = serde_json::from_value(saved["config"].clone())
-            .map_err(|e| Error::bad_file(&p, format!("is not a run description: {e}")))?;
-        c.stop_after = cfg.stop_after;
-        c.fast = cfg.fast;
-        c
-    } else {
-        if out.exists() && !overwrite {
-            return Err(Error::msg(format!(
-                "{} already exists; pass --resume to continue that run or --overwrite to replace it",
-                out.display()
-            )));
-        }
-        let mut inputs = vec![("--model", cfg.model.as_path()), ("--train", &cfg.train)];
-        inputs.extend(cfg.eval.as_deref().map(|e| ("--eval", e)));
-        crate::atomic::check_disjoint(out, &inputs)?;
-        crate::atomic::check_replaceable(out, overwrite)?;
-        cfg
-    };
-    // rank 0 holds the run directory (a resumed one now, a fresh one once set up)
-    let mut held = held;
-    let mut start = |rank: usize| match (resume, rank) {
-        (true, 0) => Start::Resume(held.take()),
-        (true, _) => Start::Resume(None),
-        (false, _) => Start::Fresh { overwrite },
-    };
+    if out.exists() && !overwrite {
+        return Err(Error::msg(format!(
+            "{} already exists; pass --resume to continue that run or --overwrite to replace it",
+            out.display()
+        )));
+    }
+    if cfg.model.as_os_str().is_empty() || cfg.train.as_os_str().is_empty() {
+        return Err(Error::msg("a run needs --model and --train"));
+    }
+    let mut inputs = vec![("--model", cfg.model.as_path()), ("--train", &cfg.train)];
+    inputs.extend(cfg.eval.as_deref().map(|e| ("--eval", e)));
+    crate::atomic::check_disjoint(out, &inputs)?;
+    crate::atomic::check_replaceable(out, overwrite)?;
+    run(cfg, out, |_| Start::Fresh { overwrite }, observer)
+}
+
+/// Resumes the run in `out` from its newest complete checkpoint, with the settings of its
+/// `run.json` and `changes` applied.
+pub fn resume(
+    out: &Path,
+    changes: &ResumeChanges,
+    observer: Arc<dyn Observer>,
+) -> Result<TrainSummary> {
+    let held = RunDir::resume(out)?;
+    if !held.cleaned.is_empty() {
+        observer.cleaned(&held.cleaned);
+    }
+    let mut cfg = run_config(out)?;
+    changes.apply(&mut cfg);
+    // rank 0 holds the run directory
+    let mut held = Some(held);
+    run(cfg, out, |_| Start::Resume(held.take()), observer)
+}
+
+/// Runs the ranks; `start` gives each rank (in order, rank 0 first) how it starts.
+fn run(
+    cfg: TrainConfig,
+    out: &Path,
+    mut start: impl FnMut(usize) -> Start,
+    observer: Arc<dyn Observer>,
+) -> Result<TrainSummary> {
     let devices = cfg.rank_devices();
     if devices.len() == 1 {
         let mut cfg = cfg;

@@ -9,8 +9,8 @@ use candle_core::{DType, Tensor, Var};
 use serde_json::{json, Value};
 
 use super::observer::{Observer, UpdateReport};
-use super::setup::{setup, Setup};
 use super::rundir::RunDir;
+use super::setup::{setup, Setup};
 use super::state::{self, TrainerState};
 use super::{schedule::lr_at, TrainConfig, TrainSummary};
 use crate::adapter::file::AdapterFile;
