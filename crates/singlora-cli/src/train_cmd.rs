@@ -106,6 +106,7 @@ impl TrainArgs {
                     "max_steps" => changes.max_steps = cfg.max_steps,
                     "epochs" => changes.epochs = Some(cfg.epochs),
                     "save_every" => changes.save_every = cfg.save_every,
+                    "save_minutes" => changes.save_minutes = Some(cfg.save_minutes),
                     "keep_checkpoints" => changes.keep_checkpoints = Some(cfg.keep_checkpoints),
                     "eval_every" => changes.eval_every = cfg.eval_every,
                     "device" => changes.device = Some(cfg.device),
@@ -160,7 +161,8 @@ pub fn train(args: TrainArgs, given: &[String]) -> Result<()> {
     report(&summary)
 }
 
-/// What a finished or interrupted run says on stdout.
+/// What a finished or interrupted run says on stdout; a run a signal stopped (with its
+/// checkpoint written) ends the process with the signal's exit code.
 fn report(summary: &TrainSummary) -> Result<()> {
     if summary.interrupted {
         println!(
@@ -169,6 +171,11 @@ fn report(summary: &TrainSummary) -> Result<()> {
             summary.total_steps,
             summary.run_dir.display()
         );
+        if let Some(code) = Signals::get()?.exit_code() {
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            std::process::exit(code);
+        }
         return Ok(());
     }
     println!(
@@ -190,19 +197,53 @@ fn report(summary: &TrainSummary) -> Result<()> {
     Ok(())
 }
 
-/// Ctrl-C asks a run to stop at the next update, with a checkpoint (one handler per process).
-fn ctrl_c() -> Result<&'static AtomicBool> {
-    static FLAG: AtomicBool = AtomicBool::new(false);
-    static INSTALLED: std::sync::OnceLock<std::result::Result<(), String>> =
-        std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            ctrlc::set_handler(|| FLAG.store(true, Ordering::SeqCst)).map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(|e| anyhow::anyhow!("could not install the Ctrl-C handler: {e}"))?;
-    FLAG.store(false, Ordering::SeqCst);
-    Ok(&FLAG)
+/// Stop requests from signals: Ctrl-C (SIGINT) or SIGTERM (what schedulers and `docker stop`
+/// send) asks a run to stop at the next update with a checkpoint; the same signal again ends
+/// the process at once. Installed once per process.
+struct Signals {
+    int: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn get() -> Result<&'static Signals> {
+        static SIGNALS: std::sync::OnceLock<std::result::Result<Signals, String>> =
+            std::sync::OnceLock::new();
+        SIGNALS
+            .get_or_init(|| Signals::install().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("could not install the signal handlers: {e}"))
+    }
+
+    /// Forgets earlier signals (a run starts).
+    fn reset(&self) {
+        self.int.store(false, Ordering::SeqCst);
+        self.term.store(false, Ordering::SeqCst);
+    }
+
+    fn install() -> std::io::Result<Signals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        use signal_hook::flag;
+        let int = Arc::new(AtomicBool::new(false));
+        let term = Arc::new(AtomicBool::new(false));
+        // the first action sees the flag the second sets: set already means a second signal
+        flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&int))?;
+        flag::register(SIGINT, Arc::clone(&int))?;
+        flag::register_conditional_shutdown(SIGTERM, 143, Arc::clone(&term))?;
+        flag::register(SIGTERM, Arc::clone(&term))?;
+        Ok(Signals { int, term })
+    }
+
+    /// The shell's exit code for the signal that stopped a run: 130 (SIGINT) or 143 (SIGTERM).
+    fn exit_code(&self) -> Option<i32> {
+        if self.int.load(Ordering::SeqCst) {
+            Some(130)
+        } else if self.term.load(Ordering::SeqCst) {
+            Some(143)
+        } else {
+            None
+        }
+    }
 }
 
 /// The observer of a `train` run: progress on stderr (none when `quiet`), Ctrl-C as a stop.
@@ -215,7 +256,7 @@ pub fn progress(quiet: bool) -> Result<Arc<dyn Observer>> {
 struct Progress {
     quiet: bool,
     bar: Mutex<Option<ProgressBar>>,
-    stop: &'static AtomicBool,
+    signals: &'static Signals,
 }
 
 impl Progress {
@@ -223,7 +264,11 @@ impl Progress {
         Ok(Self {
             quiet,
             bar: Mutex::new(None),
-            stop: ctrl_c()?,
+            signals: {
+                let s = Signals::get()?;
+                s.reset();
+                s
+            },
         })
     }
 
@@ -298,6 +343,13 @@ impl Observer for Progress {
         }
     }
 
+    fn skipped_checkpoint(&self, dir: &Path, why: &str) {
+        self.say(&format!(
+            "checkpoint {} cannot be read ({why}); resuming from the one before",
+            dir.display()
+        ));
+    }
+
     fn class_report(&self, text: &str) {
         self.say(text);
     }
@@ -317,7 +369,7 @@ impl Observer for Progress {
     }
 
     fn stop_requested(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.signals.exit_code().is_some()
     }
 }
 

@@ -585,3 +585,84 @@ fn resume_takes_the_run_directory_alone() {
     let o = singlora(&["train", "--out", &p(root, "other")]);
     assert!(text(&o).1.contains("--model is required"), "{:?}", text(&o));
 }
+
+/// Ctrl-C (SIGINT) and SIGTERM stop a run at the next update with a checkpoint and exit 130
+/// and 143; the run then resumes to its end.
+#[test]
+fn signals_checkpoint_and_exit_non_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = tiny_bert(root);
+    let data = root.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let run = root.join(format!("run-{signal}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_singlora"))
+            .args([
+                "train",
+                "--model",
+                &model,
+                "--train",
+                data.to_str().unwrap(),
+                "--out",
+                run.to_str().unwrap(),
+                "--max-steps",
+                "1000000",
+                "--quiet",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // wait for training to be under way (metrics.jsonl has an update)
+        let metrics = run.join("metrics.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .contains("\"loss\"")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "training never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let killed = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let o = child.wait_with_output().unwrap();
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(code), "{signal}: {out}\n{err}");
+        assert!(
+            out.contains(&format!(
+                "resume with: singlora train --resume {}",
+                run.display()
+            )),
+            "{out}"
+        );
+        assert!(
+            run.join("checkpoints").read_dir().unwrap().count() >= 1,
+            "no checkpoint"
+        );
+    }
+    let run = p(root, "run-INT");
+    let saved: u64 = std::fs::read_dir(root.join("run-INT").join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .max()
+        .unwrap();
+    let to = (saved + 2).to_string();
+    let o = singlora(&["train", "--resume", &run, "--max-steps", &to, "--quiet"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains(&format!("trained {to} updates")), "{out}");
+}

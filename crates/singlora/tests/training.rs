@@ -316,6 +316,43 @@ fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// A damaged newest checkpoint is passed over: the run resumes from the one before (and says
+/// so) and still ends bit-identical to an uninterrupted run.
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
+    struct Skips(std::sync::Mutex<Vec<std::path::PathBuf>>);
+    impl singlora::train::Observer for Skips {
+        fn skipped_checkpoint(&self, dir: &Path, _why: &str) {
+            self.0.lock().unwrap().push(dir.to_path_buf());
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path(), DType::F32);
+    let (train_f, eval_f) = classification_data(tmp.path(), 40, 8);
+    let cfg = TrainConfig {
+        epochs: 2,
+        save_every: Some(1),
+        ..base_cfg(&model, &train_f, Some(&eval_f))
+    };
+    let full = tmp.path().join("full");
+    run_train(cfg.clone(), &full, false, false).unwrap();
+    let part = tmp.path().join("part");
+    let stop = TrainConfig {
+        stop_after: Some(4),
+        ..cfg
+    };
+    assert!(run_train(stop, &part, false, false).unwrap().interrupted);
+    let newest = part.join("checkpoints").join("step-4");
+    let optim = newest.join("optimizer.safetensors");
+    let bytes = std::fs::read(&optim).unwrap();
+    std::fs::write(&optim, &bytes[..bytes.len() / 2]).unwrap();
+    let skips = std::sync::Arc::new(Skips(Default::default()));
+    let resumed = singlora::train::resume(&part, &Default::default(), skips.clone()).unwrap();
+    assert_eq!(*skips.0.lock().unwrap(), vec![newest]);
+    assert!(!resumed.interrupted);
+    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+}
+
 /// A run directory written before the settings were typed (its run.json holds the method as
 /// the user spelled it, and lacks the keys added since) resumes and ends bit-identical to an
 /// uninterrupted run.

@@ -107,6 +107,11 @@ pub struct TrainConfig {
     /// Checkpoint every N updates (a final one is always written).
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Also checkpoint when this many minutes have passed since the last one (0: only by
+    /// --save-every, at the end and on a stop).
+    #[arg(long, default_value_t = 30.0)]
+    pub save_minutes: f64,
+    /// Checkpoints to keep (the newest).
     #[arg(long, default_value_t = 3)]
     pub keep_checkpoints: usize,
     /// cpu, cuda or cuda:N.
@@ -255,6 +260,8 @@ mod tests {
             .keys()
             .map(|k| k.replace("recompute_attention", "recompute"))
             .collect();
+        // settings added since
+        old_keys.push("save_minutes".into());
         keys.sort();
         old_keys.sort();
         assert_eq!(keys, old_keys);

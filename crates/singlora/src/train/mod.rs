@@ -55,6 +55,7 @@ pub struct ResumeChanges {
     /// Train for this many epochs in all (when the run is not bounded by `max_steps`).
     pub epochs: Option<usize>,
     pub save_every: Option<u64>,
+    pub save_minutes: Option<f64>,
     pub keep_checkpoints: Option<usize>,
     pub eval_every: Option<u64>,
     /// Continue on another device, or other devices.
@@ -68,10 +69,11 @@ pub struct ResumeChanges {
 
 impl ResumeChanges {
     /// The settings (by `run.json` key) that may change on resume.
-    pub const KEYS: [&'static str; 8] = [
+    pub const KEYS: [&'static str; 9] = [
         "max_steps",
         "epochs",
         "save_every",
+        "save_minutes",
         "keep_checkpoints",
         "eval_every",
         "device",
@@ -88,6 +90,9 @@ impl ResumeChanges {
         }
         if let Some(n) = self.save_every {
             c.save_every = Some(n);
+        }
+        if let Some(m) = self.save_minutes {
+            c.save_minutes = m;
         }
         if let Some(n) = self.keep_checkpoints {
             c.keep_checkpoints = n;

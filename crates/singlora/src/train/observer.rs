@@ -35,6 +35,8 @@ pub trait Observer: Send + Sync {
     fn resumed(&self, _run_dir: &Path, _step: u64) {}
     /// Temporary files and directories that interrupted runs had left were removed.
     fn cleaned(&self, _paths: &[std::path::PathBuf]) {}
+    /// A checkpoint could not be read (`why`) and an older one is tried.
+    fn skipped_checkpoint(&self, _dir: &Path, _why: &str) {}
     /// After each optimizer update.
     fn updated(&self, _report: &UpdateReport) {}
     /// After each evaluation; `step` 0 is the model before training.

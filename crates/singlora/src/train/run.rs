@@ -109,13 +109,39 @@ impl<'a> Trainer<'a> {
         let mut run_dir = None;
         if let Start::Resume(held) = start {
             run_dir = held;
-            let (step, dir) = state::list(out)?.pop().ok_or_else(|| {
-                Error::msg(format!("{}: no checkpoint to resume from", out.display()))
+            // the newest checkpoint that loads whole; a damaged one is passed over and said
+            let found = state::list(out)?;
+            if found.is_empty() {
+                return Err(Error::msg(format!(
+                    "{}: no checkpoint to resume from",
+                    out.display()
+                )));
+            }
+            let mut loaded = None;
+            for (step, dir) in found.iter().rev() {
+                let attempt = state::load(dir, &s.device).and_then(|(af, opt_state, saved)| {
+                    s.model.load_adapter(&af)?;
+                    let mut o = AdamW::new(s.model.params(), opt_cfg);
+                    o.load_state(opt_state)?;
+                    Ok((o, saved))
+                });
+                match attempt {
+                    Ok(x) => {
+                        loaded = Some((*step, x));
+                        break;
+                    }
+                    Err(e) if rank == 0 => obs.skipped_checkpoint(dir, &e.to_string()),
+                    Err(_) => {}
+                }
+            }
+            let (step, (o, saved)) = loaded.ok_or_else(|| {
+                Error::msg(format!(
+                    "{}: none of its {} checkpoints can be read (see above)",
+                    out.display(),
+                    found.len()
+                ))
             })?;
-            let (af, opt_state, saved) = state::load(&dir, &s.device)?;
-            s.model.load_adapter(&af)?;
-            opt = AdamW::new(s.model.params(), opt_cfg);
-            opt.load_state(opt_state)?;
+            opt = o;
             st = saved;
             if rank == 0 {
                 obs.resumed(out, step);
@@ -194,6 +220,7 @@ impl<'a> Trainer<'a> {
         let mut final_eval = None;
         let mut last_loss = None;
         let mut window_start = Instant::now();
+        let mut last_save = Instant::now();
         let mut stopped_early = false;
 
         'outer: while self.st.step < total {
@@ -269,7 +296,9 @@ impl<'a> Trainer<'a> {
                 let save_now = self
                     .cfg
                     .save_every
-                    .is_some_and(|n| n > 0 && self.st.step % n == 0);
+                    .is_some_and(|n| n > 0 && self.st.step % n == 0)
+                    || (self.cfg.save_minutes > 0.0
+                        && last_save.elapsed().as_secs_f64() >= 60.0 * self.cfg.save_minutes);
                 let stop = sums.stop || self.cfg.stop_after.is_some_and(|n| self.st.step >= n);
                 if self.lead() && (save_now || stop || is_last) {
                     state::save(
@@ -279,6 +308,7 @@ impl<'a> Trainer<'a> {
                         &self.st,
                         self.cfg.keep_checkpoints.max(1),
                     )?;
+                    last_save = Instant::now();
                 }
                 if stop && !is_last {
                     stopped_early = true;
