@@ -12,8 +12,7 @@ use crate::adapter::ramp::{RampClock, RampSchedule};
 use crate::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
-use crate::nn::{attention, rope_tables};
-use crate::ops::{rms_norm, rope_split, swiglu};
+use crate::ops::{masked_attention, rms_norm, rope_split, rope_tables, swiglu};
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
 use crate::synthetic::LlamaShape;
 
@@ -177,7 +176,7 @@ pub fn profile(
     let v = var(&[batch, kvh, seq, hd])?;
     let lens = vec![seq; batch];
     let t = time_fb(device, reps, &[q.clone(), k.clone(), v.clone()], &|x| {
-        attention(&x[0], &x[1], &x[2], &lens, true)
+        masked_attention(&x[0], &x[1], &x[2], &lens, true)
     })?;
     push(
         "attention",
@@ -235,7 +234,7 @@ pub fn profile(
     let targets = Tensor::zeros(m, DType::U32, device)?;
     let lm = FrozenLinear::new(emb, None);
     let t = time_fb(device, reps, &[hidden], &|v| {
-        crate::nn::cross_entropy(&lm.forward(&v[0])?, &targets, None)
+        crate::ops::cross_entropy(&lm.forward(&v[0])?, &targets, None)
     })?;
     push("head + loss", "vocabulary GEMM and cross-entropy", t, 1);
     // optimizer over the adapter's parameter count

@@ -2,7 +2,8 @@
 //!
 //! f64 uses libm's erf; f32 uses a rational approximation of erf (Abramowitz & Stegun 7.1.26,
 //! |error| < 1.5e-7, below f32's resolution near 1) that the compiler can vectorise, where
-//! libm's branchy erff was 4% of a MiniLM training step.
+//! libm's branchy erff was 4% of a MiniLM training step. The CPU only (elsewhere candle's
+//! `gelu_erf`, the reference); also the activations by their Hugging Face names.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -150,6 +151,38 @@ pub(super) fn gelu_backward(x: &Tensor, g: &Tensor) -> candle_core::Result<Tenso
     x.apply_op2_no_bwd(&g.contiguous()?, &GeluBackward)
 }
 
+/// Activation functions by their Hugging Face `hidden_act` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// exact GELU (erf), HF "gelu"
+    GeluErf,
+    /// tanh approximation, HF "gelu_new" / "gelu_pytorch_tanh"
+    GeluTanh,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "silu" | "swish" => Some(Activation::Silu),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Silu => x.silu()?,
+            Activation::Relu => x.relu()?,
+        })
+    }
+}
+
 /// Exact (erf) GELU, fused on the CPU for f32/f64; candle's `gelu_erf` elsewhere.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu()
@@ -163,7 +196,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::{check_grad, max_diff};
+    use crate::ops::reference::tests::{check_grad, max_diff, randn};
     use candle_core::Device;
 
     #[test]
@@ -181,6 +214,13 @@ mod tests {
             );
             let exact_g = (v as f64).grad();
             assert!(((v.grad() as f64) - exact_g).abs() < 2e-6, "gelu'({v})");
+        }
+    }
+
+    #[test]
+    fn activations_grad() {
+        for a in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+            check_grad(&randn(&[2, 5]), |x| a.apply(x));
         }
     }
 }

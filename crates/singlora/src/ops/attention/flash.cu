@@ -14,7 +14,7 @@
 // Layouts: q (b, h, t, d), k and v (b, kvh, t, d) (the RoPE/split kernel's outputs); o and dO
 // (b, t, h, d); lse and Δ (b, h, t) f32; dq (b, h, t, d); dk and dv (b, kvh, t, d).
 
-#include "tc.cuh"
+#include "../cuda/tc.cuh"
 
 #define FA_BM 64  // query rows per block, 16 per warp
 #define FA_BN 64  // keys per tile
