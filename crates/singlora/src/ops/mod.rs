@@ -219,7 +219,7 @@ pub(crate) fn max_of<T: Real>(x: &[T]) -> T {
 }
 
 /// A vector of `n` elements that `fill` writes, without zero-filling it first (a memset of
-/// every activation-sized output was ~4% of a MiniLM step).
+/// every activation-sized output costs ~4% of a MiniLM step).
 ///
 /// # Safety
 /// `fill` must write every element of the slice it is given.
@@ -317,6 +317,19 @@ macro_rules! cpu_composed {
     (3, $what:literal) => { $crate::ops::cpu_composed!(@fn $what, s1 l1, s2 l2, s3 l3); };
 }
 pub(crate) use cpu_composed;
+
+/// A CustomOp's `cpu_fwd`: `|self, (storage, layout), …| body`, one pair per input.
+macro_rules! cpu_fwd {
+    (|$self:ident $(, ($s:ident, $l:ident))+| $body:expr) => {
+        fn cpu_fwd(
+            &$self,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $body
+        }
+    };
+}
+pub(crate) use cpu_fwd;
 
 /// A CustomOp's `cuda_fwd` (with the `cuda` feature): `|self, a, …| body` with each input a
 /// (storage, layout) pair.

@@ -246,15 +246,7 @@ impl CustomOp3 for HeadsAttention {
         "heads-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        lq: &Layout,
-        k: &CpuStorage,
-        lk: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    crate::ops::cpu_fwd!(|self, (q, lq), (k, lk), (v, lv)| {
         let dims = self.dims(lq)?;
         if lk.dims() != lq.dims() || lv.dims() != lq.dims() {
             candle_core::bail!(
@@ -270,7 +262,7 @@ impl CustomOp3 for HeadsAttention {
             *self.probs.lock().unwrap() = Some(T::to_cpu_storage_owned(probs));
             Ok((T::to_cpu_storage_owned(out), lq.shape().clone()))
         })
-    }
+    });
 
     fn bwd(
         &self,
@@ -351,7 +343,7 @@ impl CustomOp1 for HeadsAttentionBackward {
         "heads-attention-backward"
     }
 
-    fn cpu_fwd(&self, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    crate::ops::cpu_fwd!(|self, (g, lg)| {
         let dims = self.op.dims(lg)?;
         let probs = self.op.probs.lock().unwrap().take().ok_or_else(|| {
             candle_core::Error::Msg("heads attention: backward without a forward (or twice)".into())
@@ -374,5 +366,5 @@ impl CustomOp1 for HeadsAttentionBackward {
             let len = grads.len();
             Ok((T::to_cpu_storage_owned(grads), Shape::from(len)))
         })
-    }
+    });
 }

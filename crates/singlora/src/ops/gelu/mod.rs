@@ -2,10 +2,10 @@
 //!
 //! f64 uses libm's erf; f32 uses a rational approximation of erf (Abramowitz & Stegun 7.1.26,
 //! |error| < 1.5e-7, below f32's resolution near 1) that the compiler can vectorise, where
-//! libm's branchy erff was 4% of a MiniLM training step. The CPU only (elsewhere candle's
+//! libm's branchy erff takes 4% of a MiniLM training step. The CPU only (elsewhere candle's
 //! `gelu_erf`, the reference); also the activations by their Hugging Face names.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, filled_vec};
@@ -70,13 +70,13 @@ impl CustomOp1 for GeluErf {
         "gelu-erf"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         dispatch_float!(s, "gelu", |T| {
             let x = cpu_slice::<T>(s, l, "gelu")?;
             let out = gelu_values(x);
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
-    }
+    });
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(gelu_backward(x, g)?))
@@ -90,13 +90,7 @@ impl CustomOp2 for GeluBackward {
         "gelu-erf-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
         dispatch_float!(s1, "gelu backward", |T| {
             let x = cpu_slice::<T>(s1, l1, "gelu backward")?;
             let g = cpu_slice::<T>(s2, l2, "gelu backward")?;
@@ -110,7 +104,7 @@ impl CustomOp2 for GeluBackward {
             let out = gelu_grads(x, g);
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
-    }
+    });
 }
 
 /// gelu(x) element-wise.

@@ -171,21 +171,13 @@ impl CustomOp3 for AdaptedMatmul {
         "adapted-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2), (s3, l3)| {
         dispatch_float!(s1, "fused linear", |T| self.fwd::<T>(
             (s1, l1),
             (s2, l2),
             (s3, l3)
         ))
-    }
+    });
 
     super::cuda_fwd!(|self, x, d, u| cuda::adapted_fwd(self, x, Some((d, u))));
 
@@ -261,21 +253,13 @@ impl CustomOp3 for InputGrad {
 
     super::cuda_fwd!(|self, g, gu, d| cuda::input_grad(self, g, gu, d));
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2), (s3, l3)| {
         dispatch_float!(s1, "fused linear backward", |T| self.run::<T>(
             (s1, l1),
             (s2, l2),
             (s3, l3)
         ))
-    }
+    });
 }
 
 /// y = x·W0ᵀ + b without an adapter: the bias written first, the product accumulated.
@@ -286,7 +270,7 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         dispatch_float!(s, "frozen linear", |T| {
             let (m, k) = l.shape().dims2()?;
             let (n, _) = self.0.w0.dims2()?;
@@ -295,7 +279,7 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
             self.0.base_product(&mut y, m, n, k, xv, has_bias)?;
             Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
         })
-    }
+    });
 
     super::cuda_fwd!(|self, x| cuda::adapted_fwd(&self.0, x, None));
 
@@ -326,7 +310,7 @@ impl candle_core::CustomOp1 for FrozenGeluMatmul {
         "frozen-linear-gelu"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         dispatch_float!(s, "frozen linear gelu", |T| {
             let (m, k) = l.shape().dims2()?;
             let (n, _) = self.lin.w0.dims2()?;
@@ -337,7 +321,7 @@ impl candle_core::CustomOp1 for FrozenGeluMatmul {
             *self.pre.lock().unwrap() = Some(Tensor::from_vec(pre, (m, n), &Device::Cpu)?);
             Ok((T::to_cpu_storage_owned(act), Shape::from((m, n))))
         })
-    }
+    });
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let pre = self.pre.lock().unwrap().take().ok_or_else(|| {

@@ -7,8 +7,8 @@
 // An adapter's two products with its projection's output gradient g (m × n, row-major,
 // bf16), in one pass over g instead of two GEMMs that each read it: g_U = g·U (m × r) and
 // dU = gᵀ·h (n × r), with U (n × r) and h (m × r) bf16. A block of 4 warps takes a 128 × 128
-// piece of g in 64 × 64 tiles (cp.async, two stages; all four at once measured slower, 3.48
-// against 3.22 ms a TinyLlama step: fewer blocks fit an SM) and keeps both products' partial
+// piece of g in 64 × 64 tiles (cp.async, two stages: all four tiles at once would let fewer
+// blocks fit an SM, 3.48 against 3.22 ms a TinyLlama step) and keeps both products' partial
 // sums in tensor-core accumulators (mma.sync m16n8k16): g_U over the piece's columns, dU over
 // its rows. They go to f32 buffers pg (n / 128, m, r) and pu (m / 128, n, r) for gpass_sum,
 // small enough to stay in L2. n a multiple of 8 (whole 16-byte chunks); rows and columns past

@@ -5,12 +5,12 @@
 #pragma once
 #include "../cuda/common.cuh"
 
-// h (m × R, bf16) has row stride ldh (a block of a group's buffer), U (n × R,
-// bf16) is contiguous; R is a multiple of 8 (8 and 16 built). The product runs on the tensor
-// cores (mma.sync m16n8k8, f32 accumulation): a warp takes a 16-row × 32-column tile in 4 MMAs, with the
-// MMAs' columns assigned so that each thread ends up holding 8 adjacent columns of 2 rows
-// (16-byte accesses for the elementwise part). A warp keeps its columns' U fragments in
-// registers and walks LR_ROWS rows. The plain FMA version of this was compute-bound (2 TB/s).
+// h (m × R, bf16) has row stride ldh (a block of a group's buffer), U (n × R, bf16) is
+// contiguous; R is a multiple of 8 (8 and 16 built). The product runs on the tensor cores
+// (mma.sync m16n8k8, f32 accumulation; with FMAs it would be compute-bound, at 2 TB/s): a warp
+// takes a 16-row × 32-column tile in 4 MMAs, with the MMAs' columns assigned so that each
+// thread ends up holding 8 adjacent columns of 2 rows (16-byte accesses for the elementwise
+// part). A warp keeps its columns' U fragments in registers and walks LR_ROWS rows.
 // Reference: the GEMM path these replace (`gpu-check`: the kernels against composed ops, and
 // the fast path with and without them).
 #define LR_ROWS 64

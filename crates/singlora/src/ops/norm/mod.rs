@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, filled_vec, host_vec, sum_map, sum_map2, sum_map3, Real};
@@ -116,7 +116,7 @@ impl CustomOp1 for Norm {
         }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         let d = *l.dims().last().unwrap();
         if d != self.w.len() {
             candle_core::bail!("{}: {d} features but {} weights", self.name(), self.w.len());
@@ -125,7 +125,7 @@ impl CustomOp1 for Norm {
             let x = cpu_slice::<T>(s, l, self.name())?;
             Ok((T::to_cpu_storage_owned(self.fwd(x, d)), l.shape().clone()))
         })
-    }
+    });
 
     super::cuda_fwd!(|self, x| cuda::forward(x, self.device_weight()?, self.eps));
 
@@ -146,13 +146,7 @@ impl CustomOp2 for NormBackward {
 
     super::cuda_fwd!(|self, x, g| cuda::backward(x, g, self.0.device_weight()?, self.0.eps));
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
         let d = *l1.dims().last().unwrap();
         dispatch_float!(s1, "norm backward", |T| {
             let x = cpu_slice::<T>(s1, l1, "norm backward")?;
@@ -169,7 +163,7 @@ impl CustomOp2 for NormBackward {
                 l1.shape().clone(),
             ))
         })
-    }
+    });
 }
 
 fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, DType, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, Real};
@@ -77,7 +77,7 @@ impl CustomOp1 for MaskedSoftmax {
         "masked-softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         let dims = l.dims();
         if dims.len() != 4 || dims[0] != self.key_lens.len() {
             candle_core::bail!(
@@ -92,7 +92,7 @@ impl CustomOp1 for MaskedSoftmax {
                 l.shape().clone(),
             ))
         })
-    }
+    });
 
     super::cuda_fwd!(|self, s| cuda::forward(s, &self.key_lens, self.causal, self.scale));
 
@@ -131,13 +131,7 @@ impl CustomOp2 for SoftmaxBackward {
 
     super::cuda_fwd!(|self, p, dp| cuda::backward(p, dp, self.scale));
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
         let tk = *l1.dims().last().unwrap();
         dispatch_float!(s1, "masked softmax backward", |T| {
             let p = cpu_slice::<T>(s1, l1, "softmax backward")?;
@@ -147,7 +141,7 @@ impl CustomOp2 for SoftmaxBackward {
                 l1.shape().clone(),
             ))
         })
-    }
+    });
 }
 
 type MaskKey = (Vec<usize>, bool, usize, usize, candle_core::DType);
