@@ -2,8 +2,9 @@
 //! several, each with its own backward (also fused). Each op lives in its own folder
 //! (`ops/<op>/`): the candle op and its CPU code in `mod.rs`, its CUDA launchers in `cuda.rs`,
 //! its kernels in `<op>.cu`; the CUDA plumbing they share (launch context and helper, cuBLAS
-//! GEMMs, buffers) is in `ops/cuda/`. Every op has a composed reference in [`reference`], which
-//! calls no fused op, and tests against it (values and finite-difference gradients).
+//! GEMMs, buffers) is in `ops/cuda/`. Every op has a composed reference in
+//! [`reference`](mod@reference), which calls no fused op, and tests against it (values and
+//! finite-difference gradients).
 //!
 //! | op | forward | backward |
 //! |---|---|---|
@@ -80,19 +81,22 @@ pub struct FastPath {
     /// one GEMM each way.
     pub grouped: bool,
     /// CUDA, LLaMA: an adapter's rank-r term added by the kernel that reads the projection's
-    /// output (or input gradient) next, instead of by a GEMM of its own.
+    /// output (or input gradient) next, instead of by a GEMM of its own (`low_rank/`; bf16
+    /// and the 8-wide kernels only).
     pub fused_low_rank: bool,
     /// CUDA, LLaMA: an adapter's g·U and gᵀ·h in one pass over the output gradient g, instead
     /// of two GEMMs.
     pub g_pass: bool,
-    /// CUDA: the fused (flash) attention kernels where they apply, instead of GEMMs and a
-    /// softmax.
+    /// CUDA: the fused (flash) attention kernels where they apply (bf16, head size 64 or
+    /// 128), instead of GEMMs and a softmax; on the LLaMA fast path and in the autograd path's
+    /// [`attention_block`].
     pub flash_attention: bool,
     /// CUDA: query heads per block of the fused attention's dK/dV kernel (a divisor of the
     /// query heads per KV head); None: the kernel's default.
     pub flash_heads: Option<usize>,
-    /// CUDA: the 8-wide element-wise kernels where pointers and sizes allow, instead of the
-    /// scalar ones.
+    /// CUDA: the 8-wide element-wise and row-wise kernels where pointers and sizes allow,
+    /// instead of the scalar ones (off, also what only has 8-wide kernels: the low-rank
+    /// epilogue and the SFT head's loss on the LLaMA fast path).
     pub vectorised: bool,
 }
 
