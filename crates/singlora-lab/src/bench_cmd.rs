@@ -10,7 +10,7 @@ use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterSpec, Method};
 use singlora::data::Task;
 use singlora::device::DeviceSpec;
-use singlora::model::{Pretrained, TaskModel};
+use singlora::model::{FastPath, Pretrained, TaskModel};
 use singlora::synthetic::LlamaShape;
 use singlora_lab::shapes;
 
@@ -113,11 +113,54 @@ pub struct LlamaArgs {
     /// kernels never keep them).
     #[arg(long, alias = "recompute-attention")]
     recompute: bool,
+    #[command(flatten)]
+    fast: FastArgs,
+}
+
+/// The CUDA fast path's kernel choices, each on unless turned off here (to compare: every
+/// choice computes the same function).
+#[derive(Args, Debug)]
+pub struct FastArgs {
+    /// Separate GEMMs for each adapter of q, k, v (and gate, up) instead of one shared per input.
+    #[arg(long)]
+    no_grouped: bool,
+    /// The adapters' rank-r terms by GEMMs of their own instead of in the kernels that read the
+    /// projections' outputs next.
+    #[arg(long)]
+    no_fused_low_rank: bool,
+    /// An adapter's g·U and gᵀ·h by two GEMMs instead of one pass over g.
+    #[arg(long)]
+    no_g_pass: bool,
+    /// GEMMs and a softmax instead of the fused (flash) attention kernels.
+    #[arg(long)]
+    no_flash_attention: bool,
+    /// Query heads per block of the fused attention's dK/dV kernel (a divisor of the query
+    /// heads per KV head; otherwise the default).
+    #[arg(long)]
+    flash_heads: Option<usize>,
+    /// The scalar element-wise and row-wise kernels instead of the 8-wide ones.
+    #[arg(long)]
+    no_vectorised: bool,
+}
+
+impl FastArgs {
+    fn fast_path(&self) -> FastPath {
+        FastPath {
+            grouped: !self.no_grouped,
+            fused_low_rank: !self.no_fused_low_rank,
+            g_pass: !self.no_g_pass,
+            flash_attention: !self.no_flash_attention,
+            flash_heads: self.flash_heads,
+            vectorised: !self.no_vectorised,
+            ..FastPath::default()
+        }
+    }
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
     use singlora_lab::bench::llama::{matmul_ceiling, run};
     let device = a.device.open()?;
+    let fast = a.fast.fast_path();
     let shape = shape_of(&a.shape)?;
     if a.kernel_profile {
         return kernel_profile(&a, shape, &device);
@@ -165,11 +208,15 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             a.steps,
             &device,
             a.recompute,
+            fast,
         )?;
         if a.json {
             let mut v = serde_json::to_value(&r)?;
             v["impl"] = serde_json::json!("singlora");
             v["recompute"] = serde_json::json!(a.recompute);
+            if fast != FastPath::default() {
+                v["fast"] = serde_json::json!(format!("{fast:?}"));
+            }
             if let Some(c) = ceiling {
                 v["ceiling_tflops"] = serde_json::json!(c);
                 v["mfu"] = serde_json::json!(r.tflops / c);
@@ -437,6 +484,7 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
             a.seq,
             device,
             a.recompute,
+            a.fast.fast_path(),
         )?;
         let total: f64 = rows.iter().map(|r| r.1).sum();
         if a.json {

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
 use singlora::linear::FrozenLinear;
+use singlora::model::FastPath;
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
 use singlora::train::{train, Silent, TrainConfig};
@@ -71,8 +72,8 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let inv: Vec<f64> = (0..16)
                 .map(|i| 1.0 / 500f64.powf(i as f64 / 16.0))
                 .collect();
-            let (c64, s64) = singlora::nn::rope_tables(&inv, 48, DType::F64, &cpu)?;
-            let (c32, s32) = singlora::nn::rope_tables(&inv, 48, DType::F32, device)?;
+            let (c64, s64) = singlora::ops::rope_tables(&inv, 48, DType::F64, &cpu)?;
+            let (c32, s32) = singlora::ops::rope_tables(&inv, 48, DType::F32, device)?;
             (
                 "rope + head split",
                 vec![2, 48, 192],
@@ -87,13 +88,14 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         {
             // GQA (4 query heads on 2 KV heads of 16), causal, the second row padded
             let inv: Vec<f64> = (0..8).map(|i| 1.0 / 100f64.powf(i as f64 / 8.0)).collect();
-            let (c64, s64) = singlora::nn::rope_tables(&inv, 40, DType::F64, &cpu)?;
-            let (c32, s32) = singlora::nn::rope_tables(&inv, 40, DType::F32, device)?;
+            let (c64, s64) = singlora::ops::rope_tables(&inv, 40, DType::F64, &cpu)?;
+            let (c32, s32) = singlora::ops::rope_tables(&inv, 40, DType::F32, device)?;
             let block = |x: &Tensor, c: &Tensor, s: &Tensor| -> singlora::Result<Tensor> {
                 let q = x.narrow(2, 0, 64)?;
                 let k = x.narrow(2, 64, 32)?;
                 let v = x.narrow(2, 96, 32)?;
-                singlora::ops::attention_block(&q, &k, &v, c, s, 4, 2, &[40, 29], true)
+                let fast = FastPath::default();
+                singlora::ops::attention_block(&q, &k, &v, (c, s), (4, 2), &[40, 29], true, &fast)
             };
             (
                 "attention block (rope, GQA, causal, padded)",
@@ -123,8 +125,8 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             (
                 "cross-entropy (64 rows of 1000)",
                 vec![64, 1000],
-                Box::new(move |x: &Tensor| singlora::nn::cross_entropy(x, &t_cpu, None)),
-                Box::new(move |x: &Tensor| singlora::nn::cross_entropy(x, &t_dev, None)),
+                Box::new(move |x: &Tensor| singlora::ops::cross_entropy(x, &t_cpu, None)),
+                Box::new(move |x: &Tensor| singlora::ops::cross_entropy(x, &t_dev, None)),
             )
         },
         (
@@ -205,14 +207,15 @@ fn fused_attention_case(
     let inv: Vec<f64> = (0..half)
         .map(|i| 1.0 / 10000f64.powf(i as f64 / half as f64))
         .collect();
-    let (c64, s64) = singlora::nn::rope_tables(&inv, t, DType::F64, &Device::Cpu)?;
-    let (c32, s32) = singlora::nn::rope_tables(&inv, t, DType::F32, device)?;
+    let (c64, s64) = singlora::ops::rope_tables(&inv, t, DType::F64, &Device::Cpu)?;
+    let (c32, s32) = singlora::ops::rope_tables(&inv, t, DType::F32, device)?;
     let lens = lens.to_vec();
     let block = move |x: &Tensor, c: &Tensor, s: &Tensor| -> singlora::Result<Tensor> {
         let q = x.narrow(2, 0, heads * hd)?;
         let k = x.narrow(2, heads * hd, kv * hd)?;
         let v = x.narrow(2, (heads + kv) * hd, kv * hd)?;
-        singlora::ops::attention_block(&q, &k, &v, c, s, heads, kv, &lens, causal)
+        let fast = FastPath::default();
+        singlora::ops::attention_block(&q, &k, &v, (c, s), (heads, kv), &lens, causal, &fast)
     };
     let on_dev = block.clone();
     Ok((
@@ -536,8 +539,8 @@ fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 .map(|i| 1.0 / 500f64.powf(2.0 * i as f64 / hd as f64))
                 .collect();
             let cpu = Device::Cpu;
-            let (c64, s64) = singlora::nn::rope_tables(&inv, t, DType::F64, &cpu)?;
-            let (c32, s32) = singlora::nn::rope_tables(&inv, t, DType::F32, device)?;
+            let (c64, s64) = singlora::ops::rope_tables(&inv, t, DType::F64, &cpu)?;
+            let (c32, s32) = singlora::ops::rope_tables(&inv, t, DType::F32, device)?;
             let full = (f32_of(&x)?
                 + (f32_of(&hh.narrow(1, 8, r)?)?.matmul(&f32_of(&uu)?.t()?)? * c as f64)?)?
                 .to_device(&cpu)?
@@ -586,7 +589,7 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         ("rslora", "rslora"),
         ("dora", "dora"),
     ] {
-        let model = random_model("check", shape, Some(method.parse()?), 8, device)?;
+        let mut model = random_model("check", shape, Some(method.parse()?), 8, device)?;
         for p in model.params() {
             if p.suffix.contains("lora_B") {
                 p.var.set(&(p.var.as_tensor().randn_like(0.0, 0.02)?))?;
@@ -619,23 +622,25 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             bound: 3e-2,
         });
         if method == "singlora" {
-            // the 8-wide elementwise and RMSNorm kernels against the scalar ones
+            // the fast path's other kernel choices against its default (all on)
             #[cfg(feature = "cuda")]
             {
-                // (the adapters' terms by their own GEMMs in both, as the scalar run has no
-                // epilogue kernels; then the epilogue against those GEMMs)
-                singlora::ops::set_flash_attention(false);
-                let unflashed = model.loss_and_grads(&batch, 1.0);
-                singlora::ops::set_flash_attention(true);
-                singlora::ops::set_g_pass(false);
-                let two_gemms = model.loss_and_grads(&batch, 1.0);
-                singlora::ops::set_g_pass(true);
-                singlora::ops::set_low_rank_epilogue(false);
-                let unfused = model.loss_and_grads(&batch, 1.0);
-                singlora::ops::set_vectorised(false);
-                let scalar = model.loss_and_grads(&batch, 1.0);
-                singlora::ops::set_vectorised(true);
-                singlora::ops::set_low_rank_epilogue(true);
+                let mut with = |f: fn(&mut FastPath)| {
+                    f(&mut model.fast);
+                    let r = model.loss_and_grads(&batch, 1.0);
+                    model.fast = FastPath::default();
+                    r
+                };
+                let unflashed = with(|f| f.flash_attention = false);
+                let two_gemms = with(|f| f.g_pass = false);
+                // the 8-wide elementwise and RMSNorm kernels against the scalar ones, with the
+                // adapters' terms by their own GEMMs in both (the scalar run has no epilogue
+                // kernels); then the epilogue against those GEMMs
+                let unfused = with(|f| f.fused_low_rank = false);
+                let scalar = with(|f| {
+                    f.fused_low_rank = false;
+                    f.vectorised = false;
+                });
                 let (loss_u, g_u) = unfused?;
                 let (loss_s, g_s) = scalar?;
                 let (loss_n, g_n) = unflashed?;
@@ -683,14 +688,11 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             }
             // attention probabilities recomputed in the backward instead of kept (on the
             // GEMM-and-softmax path: the fused attention kernels keep none)
-            #[cfg(feature = "cuda")]
-            singlora::ops::set_flash_attention(false);
+            model.fast.flash_attention = false;
             let kept = model.loss_and_grads(&batch, 1.0);
-            let mut model = model;
             singlora_lab::bench::llama::set_recompute(&mut model, true);
             let recomputed = model.loss_and_grads(&batch, 1.0);
-            #[cfg(feature = "cuda")]
-            singlora::ops::set_flash_attention(true);
+            model.fast = FastPath::default();
             let ((loss_k, g_k), (loss_r, g_r)) = (kept?, recomputed?);
             let mut worst: f64 = rel_err(&loss_k, &loss_r)?;
             for p in model.params() {

@@ -52,7 +52,6 @@ pub mod linear;
 pub mod merge;
 pub mod metrics;
 pub mod model;
-pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod plot;

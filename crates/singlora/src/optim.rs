@@ -125,7 +125,7 @@ impl GradAccumulator {
     }
 }
 
-/// A slot's part of the one-launch CUDA update (`ops::cuda::adamw_multi`), with its device;
+/// A slot's part of the one-launch CUDA update (`ops::adamw::adamw_multi`), with its device;
 /// None where that does not apply (not CUDA f32 and contiguous: the composed update runs).
 #[cfg(feature = "cuda")]
 fn cuda_job(
@@ -133,7 +133,7 @@ fn cuda_job(
     g: &Tensor,
     lr: f64,
     decay: f64,
-) -> Result<Option<(candle_core::CudaDevice, crate::ops::cuda::AdamWJob)>> {
+) -> Result<Option<(candle_core::CudaDevice, crate::ops::adamw::AdamWJob)>> {
     let p = slot.param.var.as_tensor();
     let fits = |t: &Tensor| {
         t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == p.dims()
@@ -148,7 +148,7 @@ fn cuda_job(
     let ptr = |t: &Tensor, what: &str| crate::ops::cuda::tensor_ptr(t, what, &[DType::F32]);
     Ok(Some((
         dev.clone(),
-        crate::ops::cuda::AdamWJob {
+        crate::ops::adamw::AdamWJob {
             p: ptr(p, "parameter")?,
             m: ptr(&slot.m, "first moment")?,
             v: ptr(&slot.v, "second moment")?,
@@ -272,7 +272,7 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(t);
         // CUDA parameters: one launch per device for all of them, after the loop
         #[cfg(feature = "cuda")]
-        let mut launches: Vec<(candle_core::CudaDevice, Vec<crate::ops::cuda::AdamWJob>)> = vec![];
+        let mut launches: Vec<(candle_core::CudaDevice, Vec<crate::ops::adamw::AdamWJob>)> = vec![];
         for i in 0..self.slots.len() {
             let Some(g) = &acc.sums[i] else { continue };
             let role = self.slots[i].param.role;
@@ -304,7 +304,7 @@ impl AdamW {
         }
         #[cfg(feature = "cuda")]
         for (dev, jobs) in &launches {
-            let h = crate::ops::cuda::AdamWStep {
+            let h = crate::ops::adamw::AdamWStep {
                 beta1: b1 as f32,
                 beta2: b2 as f32,
                 eps: self.cfg.eps as f32,
@@ -314,7 +314,7 @@ impl AdamW {
             // SAFETY: each job is one slot's parameter, moments (ours alone: allocated apart,
             // handed out and taken in only as copies) and gradient, checked by `cuda_job`;
             // the tensors outlive the launch (they are freed in stream order).
-            unsafe { crate::ops::cuda::adamw_multi(dev, jobs, h)? };
+            unsafe { crate::ops::adamw::adamw_multi(dev, jobs, h)? };
         }
         acc.clear();
         if let Some(c) = &self.clock {

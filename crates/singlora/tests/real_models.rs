@@ -178,7 +178,9 @@ fn smollm2_gguf_trains_and_merges_to_safetensors() {
     }];
     let batch = collate(&items, &[0], 0, &Device::Cpu).unwrap();
     let a = sess.model.next_token_logits(&batch).unwrap();
-    let h = plain.hidden_states(&batch).unwrap();
+    let h = plain
+        .hidden_states(&batch, &singlora::model::FastPath::default())
+        .unwrap();
     let t = h.dim(1).unwrap();
     let b = plain
         .lm_logits(&h.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap())

@@ -14,7 +14,7 @@ use singlora::data::{collate, Encoded, Task};
 use singlora::error::Result;
 use singlora::model::llama::Llama;
 use singlora::model::weights::{ConfigReader, Weights};
-use singlora::model::{Body, Pooling, TaskModel};
+use singlora::model::{Body, FastPath, Pooling, TaskModel};
 use singlora::synthetic::LlamaShape;
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,7 +85,8 @@ pub fn random_tokens(
     collate(&items, &idx, 0, device)
 }
 
-/// Builds the model (`method` None = frozen base) and times `steps` training steps.
+/// Builds the model (`method` None = frozen base) and times `steps` training steps with the
+/// kernel choices `fast`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     name: &str,
@@ -98,9 +99,11 @@ pub fn run(
     steps: usize,
     device: &Device,
     recompute: bool,
+    fast: FastPath,
 ) -> Result<LlamaBench> {
     let mut model = random_model(name, shape, method, rank, device)?;
     set_recompute(&mut model, recompute);
+    model.fast = fast;
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     let dev = device.clone();
@@ -200,7 +203,7 @@ pub fn matmul_ceiling(n: usize, dtype: DType, device: &Device) -> Result<f64> {
 
 /// Milliseconds per stage (and how many gaps each had) of one training step's forward and
 /// backward on the CUDA fast path, after two unprofiled steps, from timing events between
-/// the stages.
+/// the stages, with the kernel choices `fast`.
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 pub fn kernel_profile(
@@ -212,10 +215,12 @@ pub fn kernel_profile(
     seq: usize,
     device: &Device,
     recompute: bool,
+    fast: FastPath,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
     use singlora::ops::prof;
     let mut model = random_model(name, shape, method, rank, device)?;
     set_recompute(&mut model, recompute);
+    model.fast = fast;
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     model.clock.set_training(true);
     for _ in 0..2 {

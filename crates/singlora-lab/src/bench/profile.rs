@@ -13,8 +13,7 @@ use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::{AdaptedLinear, Adapter, AdapterSpec, Method};
 use singlora::error::Result;
 use singlora::linear::FrozenLinear;
-use singlora::nn::{attention, rope_tables};
-use singlora::ops::{rms_norm, rope_split, swiglu};
+use singlora::ops::{masked_attention, rms_norm, rope_split, rope_tables, swiglu};
 use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
 use singlora::synthetic::LlamaShape;
 
@@ -173,7 +172,7 @@ pub fn profile(
     let v = var(&[batch, kvh, seq, hd])?;
     let lens = vec![seq; batch];
     let t = time_fb(device, reps, &[q.clone(), k.clone(), v.clone()], &|x| {
-        attention(&x[0], &x[1], &x[2], &lens, true)
+        masked_attention(&x[0], &x[1], &x[2], &lens, true)
     })?;
     push(
         "attention",
@@ -231,7 +230,7 @@ pub fn profile(
     let targets = Tensor::zeros(m, DType::U32, device)?;
     let lm = FrozenLinear::new(emb, None);
     let t = time_fb(device, reps, &[hidden], &|v| {
-        singlora::nn::cross_entropy(&lm.forward(&v[0])?, &targets, None)
+        singlora::ops::cross_entropy(&lm.forward(&v[0])?, &targets, None)
     })?;
     push("head + loss", "vocabulary GEMM and cross-entropy", t, 1);
     // optimizer over the adapter's parameter count

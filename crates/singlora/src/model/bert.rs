@@ -13,8 +13,7 @@ use super::weights::{ConfigReader, Weights};
 use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
-use crate::nn::{key_lens, Activation};
-use crate::ops::{heads_attention, layer_norm};
+use crate::ops::{heads_attention, key_lens, layer_norm, Activation};
 
 #[derive(Debug, Clone)]
 pub struct BertConfig {

@@ -12,8 +12,7 @@ use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
-use crate::nn::{key_lens, rope_tables};
-use crate::ops::{attention_block, rms_norm, swiglu};
+use crate::ops::{attention_block, key_lens, rms_norm, rope_tables, swiglu, FastPath};
 
 #[cfg(feature = "cuda")]
 pub(crate) mod fast;
@@ -212,8 +211,8 @@ impl Llama {
         v
     }
 
-    /// Final hidden states (b, t, h), normalised.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+    /// Final hidden states (b, t, h), normalised; `fast` chooses the attention's CUDA kernels.
+    pub fn hidden_states(&self, batch: &Batch, fast: &FastPath) -> Result<Tensor> {
         let (b, t) = batch.ids.dims2()?;
         let c = &self.cfg;
         let mut x = self
@@ -237,12 +236,11 @@ impl Llama {
                 &l.q.forward(&hn)?,
                 &l.k.forward(&hn)?,
                 &l.v.forward(&hn)?,
-                &cos,
-                &sin,
-                c.heads,
-                c.kv_heads,
+                (&cos, &sin),
+                (c.heads, c.kv_heads),
                 &lens,
                 true,
+                fast,
             )?;
             x = (x + l.o.forward(&a)?)?;
             let hn = rms_norm(&x, &l.ln2, c.eps)?;

@@ -31,7 +31,7 @@ use crate::adapter::{inject, AdaptedLinear, Adapter, AdapterSpec, Param, ParamRo
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::linear::FrozenLinear;
-use crate::nn::cross_entropy;
+use crate::ops::cross_entropy;
 use crate::rng::{normal, rng_for};
 use bert::Bert;
 use llama::Llama;
@@ -180,10 +180,11 @@ impl Body {
             .collect()
     }
 
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+    /// `fast` chooses the CUDA kernels (LLaMA's attention).
+    pub fn hidden_states(&self, batch: &Batch, fast: &FastPath) -> Result<Tensor> {
         match self {
             Body::Bert(b) => b.hidden_states(batch),
-            Body::Llama(l) => l.hidden_states(batch),
+            Body::Llama(l) => l.hidden_states(batch, fast),
         }
     }
 }
@@ -547,7 +548,7 @@ impl TaskModel {
 
     /// Classification logits (b, n_labels), f32.
     pub fn class_logits(&self, batch: &Batch) -> Result<Tensor> {
-        let hidden = self.body.hidden_states(batch)?;
+        let hidden = self.body.hidden_states(batch, &self.fast)?;
         self.class_logits_from(batch, &hidden)
     }
 
@@ -615,7 +616,7 @@ impl TaskModel {
 
     /// The training loss of a batch (mean over rows, or over completion tokens for SFT).
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
-        self.loss_from(batch, &self.body.hidden_states(batch)?, None)
+        self.loss_from(batch, &self.body.hidden_states(batch, &self.fast)?, None)
     }
 
     /// The loss of a batch times `scale` (1/micro-batches under accumulation) and the
@@ -671,7 +672,8 @@ impl TaskModel {
                 let summed = tape.backward(&mut grads, sync)?;
                 return Ok((loss, grads, summed));
             }
-            let loss = self.loss_from(batch, &self.body.hidden_states(batch)?, index)?;
+            let loss =
+                self.loss_from(batch, &self.body.hidden_states(batch, &self.fast)?, index)?;
             let grads = scaled(&loss, scale)?.backward()?;
             return Ok((loss, grads, Default::default()));
         }
@@ -728,7 +730,7 @@ impl TaskModel {
 
     /// Next-token logits (vocab) after the last position of a one-row batch.
     pub fn next_token_logits(&self, batch: &Batch) -> Result<Tensor> {
-        let hidden = self.body.hidden_states(batch)?.detach();
+        let hidden = self.body.hidden_states(batch, &self.fast)?.detach();
         let (b, t, h) = hidden.dims3()?;
         let last = hidden.narrow(1, t - 1, 1)?.reshape((b, h))?;
         Ok(self.lm_logits(&last)?.squeeze(0)?)
@@ -740,7 +742,7 @@ impl TaskModel {
         match self.task {
             Task::Classify => {
                 let logits = self.class_logits(batch)?.detach();
-                let probs = crate::nn::softmax_last(&logits)?;
+                let probs = crate::ops::reference::softmax_last(&logits)?;
                 out.probs = probs.to_vec2::<f32>()?;
                 out.preds = logits
                     .argmax(1)?
@@ -749,7 +751,7 @@ impl TaskModel {
                     .map(|x| x as usize)
                     .collect();
                 if let Some(labels) = &batch.labels {
-                    let nll = crate::nn::nll_rows(&logits, labels)?.to_vec1::<f32>()?;
+                    let nll = crate::ops::nll_rows(&logits, labels)?.to_vec1::<f32>()?;
                     out.nll_sum = nll.iter().map(|x| *x as f64).sum();
                     out.count = nll.len();
                     out.labels = labels
@@ -760,10 +762,10 @@ impl TaskModel {
                 }
             }
             Task::Sft => {
-                let hidden = self.body.hidden_states(batch)?.detach();
+                let hidden = self.body.hidden_states(batch, &self.fast)?.detach();
                 let (rows, targets) = self.lm_rows(batch, &hidden, None)?;
                 let nll =
-                    crate::nn::nll_rows(&self.lm_logits(&rows)?, &targets)?.to_vec1::<f32>()?;
+                    crate::ops::nll_rows(&self.lm_logits(&rows)?, &targets)?.to_vec1::<f32>()?;
                 out.nll_sum = nll.iter().map(|x| *x as f64).sum();
                 out.count = nll.len();
             }

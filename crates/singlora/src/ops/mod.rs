@@ -1,6 +1,10 @@
 //! Fused, differentiable operations: one pass over memory where candle's composed ops take
-//! several, each with its own backward (also fused). Every op keeps a composed reference in
-//! [`crate::nn`] and a test against it (values and finite-difference gradients).
+//! several, each with its own backward (also fused). Each op lives in its own folder
+//! (`ops/<op>/`): the candle op and its CPU code in `mod.rs`, its CUDA launchers in `cuda.rs`,
+//! its kernels in `<op>.cu`; the CUDA plumbing they share (launch context and helper, cuBLAS
+//! GEMMs, buffers) is in `ops/cuda/`. Every op has a composed reference in
+//! [`reference`](mod@reference), which calls no fused op, and tests against it (values and
+//! finite-difference gradients).
 //!
 //! | op | forward | backward |
 //! |---|---|---|
@@ -9,6 +13,7 @@
 //! | [`rms_norm`] | x/rms·w | (ĝ − x̂·mean(ĝ⊙x̂))/rms |
 //! | [`gelu_erf`] | x·Φ(x) | g·(Φ(x) + x·φ(x)) |
 //! | [`attention_block`] (CUDA) | RoPE, head split, softmax(QKᵀ/√d)·V with GQA, head merge | all of it, P kept |
+//! | [`heads_attention`] (CPU) | softmax(QKᵀ/√d)·V per (row, head) in the merged layout | all of it, P kept |
 //! | [`rope_split`] (CUDA) | heads split (b, t, n·hd) → (b, n, t, hd), rotated | inverse rotation, back to (b, t, n·hd) |
 //! | [`swiglu`] (CUDA) | silu(g)·u | dg = dy·u·silu′(g), du = dy·silu(g) |
 //! | [`xent_rows`] (CUDA) | per-row −log softmax(z)[t], lse kept | dz = g·(softmax(z) − onehot(t)) |
@@ -17,50 +22,55 @@
 //! Norm weights are frozen constants here (only the input gets a gradient). The CPU kernels
 //! run rows in parallel with rayon; tensors must be contiguous f32 or f64.
 //!
-//! On CUDA (feature `cuda`, kernels in `cuda/kernels.cu`, f32 arithmetic on bf16 or f32
-//! storage) the same ops run as single kernels. Measured per call at LLaMA-7B shape (4096
-//! tokens × 4096, H200, bf16, forward / backward through autograd, 2026-11-29), against the
-//! composed candle ops they replace: RMSNorm 1.02 / 3.29 → 0.06 / 0.18 ms; RoPE with the
-//! head split 0.97 / 2.28 (plus a 0.22 / 0.66 copy) → 0.10 / 0.20; SwiGLU (ff = 11008)
-//! 0.45 / 2.90 → 0.15 / 0.68; masked softmax (8 × 32 × 512 × 512) 0.51 / 1.50 → 0.19 / 0.60;
-//! the adapter path of a q projection in the fused linear 0.18 / 0.76 → 0.05 / 0.20. The
-//! attention block and the cross-entropy are measured in whole steps (`docs/benchmarks.md`).
+//! On CUDA (feature `cuda`; f32 arithmetic on bf16 or f32 storage) the same ops run as single
+//! kernels, each replacing several composed ops that read and write the whole tensor once
+//! each, forward and backward. The CUDA fast path of the LLaMA layers
+//! (`model/llama/fast.rs`) drives the same kernels on its own buffers, and adds the
+//! adapters' low-rank terms inside them (`low_rank/`, with the residual add in `residual/`);
+//! [`FastPath`] holds its choices among kernels that compute the same function. AdamW's
+//! one-launch update is in `adamw/`.
 
+#[cfg(feature = "cuda")]
+pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-/// The CUDA fast path's switches (its 8-wide kernels, the adapters' low-rank epilogue and one
-/// pass over g, the fused attention kernels) and the epilogue kernels' entries on tensors, for the device check's
-/// comparisons.
-#[cfg(feature = "cuda")]
-pub use cuda::attention::set_flash_attention;
 /// Timing events between the stages of the CUDA fast path's step, for the lab's kernel profile.
 #[cfg(feature = "cuda")]
 pub use cuda::prof;
-#[cfg(feature = "cuda")]
-pub use cuda::{
-    add_low_rank, g_pass_products, rope_low_rank, set_g_pass, set_low_rank_epilogue,
-    set_vectorised, swiglu_bwd_low_rank, swiglu_low_rank,
-};
 pub(crate) mod gelu;
-mod linear;
-mod norm;
-mod rope;
-mod softmax;
-mod swiglu;
-mod xent;
+pub(crate) mod linear;
+#[cfg(feature = "cuda")]
+pub(crate) mod low_rank;
+pub(crate) mod norm;
+pub mod reference;
+#[cfg(feature = "cuda")]
+pub(crate) mod residual;
+pub(crate) mod rope;
+pub(crate) mod softmax;
+pub(crate) mod swiglu;
+pub(crate) mod xent;
 
-pub use attention::{attention_block, heads_attention};
-pub use gelu::gelu_erf;
+pub use attention::{attention_block, heads_attention, masked_attention};
+pub use gelu::{gelu_erf, Activation};
 pub use linear::{adapted_linear, frozen_linear, frozen_linear_gelu, fused_available};
 pub use norm::{layer_norm, rms_norm};
-pub use rope::rope_split;
-pub use softmax::masked_softmax;
+pub use rope::{rope_split, rope_tables};
+pub use softmax::{key_lens, masked_softmax};
 pub use swiglu::swiglu;
-pub use xent::{xent_fused, xent_rows};
+pub use xent::{cross_entropy, nll_rows, xent_fused, xent_rows};
+/// The low-rank epilogue and one-pass kernels on tensors, for the device check's comparisons
+/// with composed ops.
+#[cfg(feature = "cuda")]
+pub use {
+    low_rank::{g_pass_products, Term},
+    residual::add_low_rank,
+    rope::cuda::rope_low_rank,
+    swiglu::cuda::{swiglu_bwd_low_rank, swiglu_low_rank},
+};
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 
 /// Which implementations the fast training paths use. Every choice computes the same function
 /// (to rounding); the default, everything on, is the fastest, and the device check and the
@@ -74,19 +84,22 @@ pub struct FastPath {
     /// one GEMM each way.
     pub grouped: bool,
     /// CUDA, LLaMA: an adapter's rank-r term added by the kernel that reads the projection's
-    /// output (or input gradient) next, instead of by a GEMM of its own.
+    /// output (or input gradient) next, instead of by a GEMM of its own (`low_rank/`; bf16
+    /// and the 8-wide kernels only).
     pub fused_low_rank: bool,
     /// CUDA, LLaMA: an adapter's g·U and gᵀ·h in one pass over the output gradient g, instead
     /// of two GEMMs.
     pub g_pass: bool,
-    /// CUDA: the fused (flash) attention kernels where they apply, instead of GEMMs and a
-    /// softmax.
+    /// CUDA: the fused (flash) attention kernels where they apply (bf16, head size 64 or
+    /// 128), instead of GEMMs and a softmax; on the LLaMA fast path and in the autograd path's
+    /// [`attention_block`].
     pub flash_attention: bool,
     /// CUDA: query heads per block of the fused attention's dK/dV kernel (a divisor of the
     /// query heads per KV head); None: the kernel's default.
     pub flash_heads: Option<usize>,
-    /// CUDA: the 8-wide element-wise kernels where pointers and sizes allow, instead of the
-    /// scalar ones.
+    /// CUDA: the 8-wide element-wise and row-wise kernels where pointers and sizes allow,
+    /// instead of the scalar ones (off, also what only has 8-wide kernels: the low-rank
+    /// epilogue and the SFT head's loss on the LLaMA fast path).
     pub vectorised: bool,
 }
 
@@ -213,7 +226,7 @@ pub(crate) fn max_of<T: Real>(x: &[T]) -> T {
 }
 
 /// A vector of `n` elements that `fill` writes, without zero-filling it first (a memset of
-/// every activation-sized output was ~4% of a MiniLM step).
+/// every activation-sized output costs ~4% of a MiniLM step).
 ///
 /// # Safety
 /// `fill` must write every element of the slice it is given.
@@ -282,14 +295,73 @@ pub(crate) use dispatch_float;
 
 /// Whether the fused kernels take `x`'s device and dtype: f32/f64 on the CPU, f32/bf16 on CUDA
 /// (with the `cuda` feature); elsewhere the composed candle ops run.
-pub(crate) fn fused_kernels_for(x: &candle_core::Tensor) -> bool {
-    use candle_core::{DType, Device};
+pub(crate) fn fused_kernels_for(x: &Tensor) -> bool {
     match x.device() {
-        Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
-        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16),
-        _ => false,
+        candle_core::Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
+        _ => cuda_kernels_for(x),
     }
 }
+
+/// Whether the CUDA kernels take `x`: f32 or bf16 on a CUDA device, with the `cuda` feature.
+pub(crate) fn cuda_kernels_for(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
+}
+
+/// A CustomOp's `cpu_fwd` for the ops whose CPU path is composed instead (the op is built for
+/// CUDA tensors only, so it is never called): `N` inputs, the op's name for the error.
+macro_rules! cpu_composed {
+    (@fn $what:literal, $($s:ident $l:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let _ = ($($s, $l),+);
+            candle_core::bail!(concat!($what, ": the CPU takes the composed path"))
+        }
+    };
+    (1, $what:literal) => { $crate::ops::cpu_composed!(@fn $what, s1 l1); };
+    (2, $what:literal) => { $crate::ops::cpu_composed!(@fn $what, s1 l1, s2 l2); };
+    (3, $what:literal) => { $crate::ops::cpu_composed!(@fn $what, s1 l1, s2 l2, s3 l3); };
+}
+pub(crate) use cpu_composed;
+
+/// A CustomOp's `cpu_fwd`: `|self, (storage, layout), …| body`, one pair per input.
+macro_rules! cpu_fwd {
+    (|$self:ident $(, ($s:ident, $l:ident))+| $body:expr) => {
+        fn cpu_fwd(
+            &$self,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $body
+        }
+    };
+}
+pub(crate) use cpu_fwd;
+
+/// A CustomOp's `cuda_fwd` (with the `cuda` feature): `|self, a, …| body` with each input a
+/// (storage, layout) pair.
+macro_rules! cuda_fwd {
+    (@fn $self:ident, $body:expr, $($a:ident $s:ident $l:ident),+) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &$self,
+            $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $(let $a = ($s, $l);)+
+            $body
+        }
+    };
+    (|$self:ident, $a:ident| $body:expr) => {
+        $crate::ops::cuda_fwd!(@fn $self, $body, $a s1 l1);
+    };
+    (|$self:ident, $a:ident, $b:ident| $body:expr) => {
+        $crate::ops::cuda_fwd!(@fn $self, $body, $a s1 l1, $b s2 l2);
+    };
+    (|$self:ident, $a:ident, $b:ident, $c:ident| $body:expr) => {
+        $crate::ops::cuda_fwd!(@fn $self, $body, $a s1 l1, $b s2 l2, $c s3 l3);
+    };
+}
+pub(crate) use cuda_fwd;
 
 #[cfg(test)]
 mod tests {

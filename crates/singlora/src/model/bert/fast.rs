@@ -30,11 +30,10 @@ use super::{Bert, Norm};
 use crate::adapter::{AdaptedLinear, Adapter};
 use crate::data::Batch;
 use crate::error::Result;
-use crate::nn::{key_lens, Activation};
 use crate::ops::attention::{attend_unit, attend_unit_backward, SharedMut};
 use crate::ops::cpu_gemm::{gemm_at, View};
 use crate::ops::gelu::Gelu;
-use crate::ops::{filled_vec, host_vec, sum_map, sum_map2};
+use crate::ops::{filled_vec, host_vec, key_lens, sum_map, sum_map2, Activation};
 
 /// An n-element buffer that `fill` writes in full (no zero-fill first).
 ///

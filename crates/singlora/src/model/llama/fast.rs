@@ -19,7 +19,7 @@
 //! a write of that output) where the kernel that reads the output next can add it: q, k and v
 //! in the RoPE/split kernel, o and down in the residual adds, gate and up in the SwiGLU kernels
 //! (forward, recompute and backward), and down's c·g_U·Dᵀ in the SwiGLU backward
-//! (`raw::LowRank`; tensor-core products in kernels.cu).
+//! ([`LowRank`]; the kernels in `ops/low_rank`, `ops/residual`, `ops/swiglu` and `ops/rope`).
 //!
 //! What the backward reads but the forward does not keep: the RMSNorm outputs (recomputed,
 //! and only where an adapter's weight gradients read them), and with `Llama::recompute` the
@@ -38,14 +38,19 @@ use super::{Batch, Layer, Llama};
 use crate::adapter::{AdaptedLinear, FactorLayout, FactorSource};
 use crate::dist::GradSync;
 use crate::error::{Error, Result};
-use crate::nn::{key_lens, rope_tables};
-use crate::ops::cuda::attention::{backward_raw, forward_raw, upload_lens, Saved};
+use crate::ops::attention::cuda::{backward_raw, forward_raw, Saved};
 use crate::ops::cuda::prof::mark;
-use crate::ops::cuda::raw::LowRank;
 use crate::ops::cuda::{
-    self, fresh, geam_f32, gemm, gemm_out, gemm_out_ld, linear_output, mat_of_tensor, raw, Mat,
+    self, geam_f32, gemm, gemm_out, gemm_out_ld, mat_of_tensor, upload_lens, Ctx, Mat,
 };
-use crate::ops::FastPath;
+use crate::ops::linear::cuda::{col_dot, col_scale, linear_output};
+use crate::ops::low_rank::{g_pass, g_pass_ok, lr_ok, LowRank};
+use crate::ops::norm::cuda::{rms_bwd_acc, rms_bwd_acc_rows, rms_fwd, rms_fwd_rows};
+use crate::ops::residual::{add, add_lr};
+use crate::ops::swiglu::cuda::{swiglu_bwd, swiglu_bwd_lr, swiglu_fwd, swiglu_fwd_lr};
+use crate::ops::xent::cuda::xent_grad_inplace;
+use crate::ops::{key_lens, rope_tables, FastPath};
+use crate::dist::GradSync;
 
 /// [`mark`] on a CUDA device (nothing elsewhere).
 pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {
@@ -196,29 +201,18 @@ fn group_of(ps: &[Proj]) -> Result<Option<Group>> {
 
 /// h = x (m × k, row-major)·D (k × w, row-major, at `d`) into a fresh buffer: an adapter's
 /// (or a group's side-by-side) first factor applied to its input.
-fn x_times_d(
-    dev: &CudaDevice,
-    bf16: bool,
-    x: u64,
-    (m, k): (usize, usize),
-    (d, w): (u64, usize),
-) -> Result<Buf> {
-    let (h, hp) = fresh(dev, bf16, m * w)?;
-    let mat = |ptr, ld| Mat {
-        ptr,
-        ld,
-        trans: false,
-    };
+fn x_times_d(cx: &Ctx, x: u64, (m, k): (usize, usize), (d, w): (u64, usize)) -> Result<Buf> {
+    let (h, hp) = cx.fresh(m * w)?;
     // SAFETY: live buffers of the shapes given, one stream.
-    unsafe { gemm(dev, bf16, (m, w, k), mat(x, k), mat(d, w), hp, 1.0, 0.0)? };
-    mark(dev, "adapter fwd: h = x·D")?;
+    unsafe { gemm(cx, (m, w, k), Mat::new(x, k), Mat::new(d, w), hp, 1.0, 0.0)? };
+    cx.mark("adapter fwd: h = x·D")?;
     Ok((h, hp))
 }
 
 impl Group {
     /// h for every member: x (m × k)·D (k × Σr), a fresh buffer.
-    fn forward(&self, dev: &CudaDevice, bf16: bool, x: u64, m: usize, k: usize) -> Result<Buf> {
-        x_times_d(dev, bf16, x, (m, k), (self.d, self.width))
+    fn forward(&self, cx: &Ctx, x: u64, m: usize, k: usize) -> Result<Buf> {
+        x_times_d(cx, x, (m, k), (self.d, self.width))
     }
 
     /// Member i's block of a buffer of Σr columns.
@@ -228,37 +222,21 @@ impl Group {
     }
 
     /// dx += c·g_U (m × Σr)·Dᵀ for every member at once.
-    fn backward_dx(
-        &self,
-        dev: &CudaDevice,
-        bf16: bool,
-        gu: u64,
-        m: usize,
-        k: usize,
-        dx: u64,
-    ) -> Result<()> {
+    fn backward_dx(&self, cx: &Ctx, gu: u64, m: usize, k: usize, dx: u64) -> Result<()> {
+        let (w, d) = (self.width, self.d);
         // SAFETY: live buffers of the shapes given, one stream.
         unsafe {
             gemm(
-                dev,
-                bf16,
-                (m, k, self.width),
-                Mat {
-                    ptr: gu,
-                    ld: self.width,
-                    trans: false,
-                },
-                Mat {
-                    ptr: self.d,
-                    ld: self.width,
-                    trans: true,
-                },
+                cx,
+                (m, k, w),
+                Mat::new(gu, w),
+                Mat::new(d, w).t(),
                 dx,
                 self.c,
                 1.0,
-            )?;
-        }
-        mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
+            )?
+        };
+        cx.mark("adapter bwd: dx += c·gU·Dᵀ")?;
         Ok(())
     }
 
@@ -268,8 +246,7 @@ impl Group {
     #[allow(clippy::too_many_arguments)]
     fn backward_grads(
         &self,
-        dev: &CudaDevice,
-        bf16: bool,
+        cx: &Ctx,
         ps: &[Proj],
         (gu, x): (u64, u64),
         m: usize,
@@ -277,35 +254,11 @@ impl Group {
         grads: u64,
     ) -> Result<()> {
         let w = self.width;
-        let tmp = dev.alloc_zeros::<f32>(k * w)?;
-        let tp = {
-            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-            let stream = dev.cuda_stream();
-            let p = tmp.device_ptr(&stream).0;
-            p
-        };
+        let tmp = cx.dev.alloc_zeros::<f32>(k * w)?;
+        let tp = cuda::slice_ptr(&tmp);
+        let (xt, gum) = (Mat::new(x, k).t(), Mat::new(gu, w));
         // SAFETY: live buffers of the shapes given, one stream (cuBLAS's, the device's).
-        unsafe {
-            gemm_out(
-                dev,
-                bf16,
-                false,
-                (k, w, m),
-                Mat {
-                    ptr: x,
-                    ld: k,
-                    trans: true,
-                },
-                Mat {
-                    ptr: gu,
-                    ld: w,
-                    trans: false,
-                },
-                tp,
-                self.c,
-                0.0,
-            )?;
-        }
+        unsafe { gemm_out(cx, false, (k, w, m), xt, gum, tp, self.c, 0.0)? };
         for (i, p) in ps.iter().enumerate() {
             let Some(f) = &p.ad else { continue };
             let src = (tp + (4 * self.offs[i]) as u64, w);
@@ -316,16 +269,16 @@ impl Group {
             unsafe {
                 match f.slot.layout.d {
                     // D is rows 0..k of its parameter: P[0..k, :] (k × r, ld r) (+)= G[:, block]
-                    FactorSource::Rows(_) => geam_f32(dev, false, (f.r, k), src, beta, (dst, f.r))?,
+                    FactorSource::Rows(_) => geam_f32(cx, false, (f.r, k), src, beta, (dst, f.r))?,
                     // D = Pᵀ: P (r × k, ld k) (+)= G[:, block]ᵀ
                     FactorSource::Transposed(_) => {
-                        geam_f32(dev, true, (k, f.r), src, beta, (dst, k))?
+                        geam_f32(cx, true, (k, f.r), src, beta, (dst, k))?
                     }
                 }
             }
         }
         drop(tmp);
-        mark(dev, "adapter bwd: dD = c·xᵀ·gU")?;
+        cx.mark("adapter bwd: dD = c·xᵀ·gU")?;
         Ok(())
     }
 }
@@ -487,8 +440,7 @@ impl Proj {
     /// but returned, for the kernel that reads y next to add (one pass over y fewer).
     fn forward(
         &self,
-        dev: &CudaDevice,
-        bf16: bool,
+        cx: &Ctx,
         x: u64,
         m: usize,
         pre_h: Option<(u64, usize)>,
@@ -501,32 +453,15 @@ impl Proj {
         } else {
             self.bias.as_ref()
         };
-        let (y, yp, had_bias) = linear_output(dev, bf16, m, self.n, bias)?;
-        let xm = Mat {
-            ptr: x,
-            ld: self.k,
-            trans: false,
-        };
+        let (y, yp, had_bias) = linear_output(cx.dev, cx.bf16, m, self.n, bias)?;
+        let beta = if had_bias { 1.0 } else { 0.0 };
+        let xm = Mat::new(x, self.k);
         // SAFETY (every GEMM here): live buffers of the shapes given, one stream.
-        unsafe {
-            gemm(
-                dev,
-                bf16,
-                (m, self.n, self.k),
-                xm,
-                Mat {
-                    trans: true,
-                    ..self.w0
-                },
-                yp,
-                1.0,
-                if had_bias { 1.0 } else { 0.0 },
-            )?;
-        }
-        // The adapter's rank-r product is added to y afterwards (β = 1). Writing it first and
-        // letting the frozen GEMM add itself (β = 1 there) was measured: the frozen GEMM lost
-        // more (+5.7%) than the skinny one saved.
-        mark(dev, "frozen GEMM fwd")?;
+        unsafe { gemm(cx, (m, self.n, self.k), xm, self.w0.t(), yp, 1.0, beta)? };
+        // The adapter's rank-r product is added to y afterwards (β = 1): accumulating the frozen
+        // GEMM into the term written first instead costs that GEMM more (+5.7%) than it saves
+        // the skinny one.
+        cx.mark("frozen GEMM fwd")?;
         let mut deferred = None;
         let h = match &self.ad {
             None => None,
@@ -534,7 +469,7 @@ impl Proj {
                 let (own, hp, ld) = match pre_h {
                     Some((p, ld)) => (None, p, ld),
                     None => {
-                        let (h, hp) = x_times_d(dev, bf16, x, (m, self.k), (f.d, f.r))?;
+                        let (h, hp) = x_times_d(cx, x, (m, self.k), (f.d, f.r))?;
                         (Some(h), hp, f.r)
                     }
                 };
@@ -545,30 +480,12 @@ impl Proj {
                     r: f.r,
                     c: f.c,
                 };
-                if defer && dora.is_none() && raw::lr_ok(&lr, bf16, self.n) {
+                if defer && dora.is_none() && lr_ok(cx, &lr, self.n) {
                     deferred = Some(lr);
                 } else {
-                    unsafe {
-                        gemm(
-                            dev,
-                            bf16,
-                            (m, self.n, f.r),
-                            Mat {
-                                ptr: hp,
-                                ld,
-                                trans: false,
-                            },
-                            Mat {
-                                ptr: f.u,
-                                ld: f.r,
-                                trans: true,
-                            },
-                            yp,
-                            f.c,
-                            1.0,
-                        )?;
-                    }
-                    mark(dev, "adapter fwd: y += c·h·Uᵀ")?;
+                    let (hm, ut) = (Mat::new(hp, ld), Mat::new(f.u, f.r).t());
+                    unsafe { gemm(cx, (m, self.n, f.r), hm, ut, yp, f.c, 1.0)? };
+                    cx.mark("adapter fwd: y += c·h·Uᵀ")?;
                 }
                 Some(HSaved {
                     _own: own,
@@ -578,12 +495,12 @@ impl Proj {
             }
         };
         if let Some(dp) = dora {
-            let (out, outp) = fresh(dev, bf16, m * self.n)?;
+            let (out, outp) = cx.fresh(m * self.n)?;
             let bp = match &self.bias {
                 Some(b) => tensor_ptr(b, "bias")?,
                 None => 0,
             };
-            raw::col_scale(dev, bf16, (yp, dp.scale_p, bp, outp), m, self.n)?;
+            col_scale(cx, (yp, dp.scale_p, bp, outp), m, self.n)?;
             return Ok((
                 (out, outp),
                 PSaved {
@@ -604,14 +521,12 @@ impl Proj {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
-        dev: &CudaDevice,
-        bf16: bool,
+        cx: &Ctx,
         g: u64,
         x: u64,
         saved: &PSaved,
         m: usize,
-        dx: u64,
-        accumulate: bool,
+        (dx, accumulate): (u64, bool),
         grads: u64,
         grouped: Option<(u64, usize)>,
         defer: bool,
@@ -627,37 +542,17 @@ impl Proj {
                 .as_ref()
                 .ok_or_else(|| Error::msg("fast path: DoRA without its saved output"))?
                 .1;
-            raw::col_dot(
-                dev,
-                bf16,
-                (g, yp, dp.inv_p, grads + 4 * dp.off as u64),
-                m,
-                n,
-            )?;
-            let (gs, gsp) = fresh(dev, bf16, m * n)?;
-            raw::col_scale(dev, bf16, (g, dp.scale_p, 0, gsp), m, n)?;
+            col_dot(cx, (g, yp, dp.inv_p, grads + 4 * dp.off as u64), m, n)?;
+            let (gs, gsp) = cx.fresh(m * n)?;
+            col_scale(cx, (g, dp.scale_p, 0, gsp), m, n)?;
             g = gsp;
             _scaled = Some(gs);
         }
-        let gm = Mat {
-            ptr: g,
-            ld: n,
-            trans: false,
-        };
+        let gm = Mat::new(g, n);
+        let beta = if accumulate { 1.0 } else { 0.0 };
         // dx (+)= g·W0, then the adapter's c·(g·U)·Dᵀ added to it (see `forward` on the order)
-        unsafe {
-            gemm(
-                dev,
-                bf16,
-                (m, k, n),
-                gm,
-                self.w0,
-                dx,
-                1.0,
-                if accumulate { 1.0 } else { 0.0 },
-            )?;
-        }
-        mark(dev, "frozen GEMM bwd")?;
+        unsafe { gemm(cx, (m, k, n), gm, self.w0, dx, 1.0, beta)? };
+        cx.mark("frozen GEMM bwd")?;
         let Some(f) = &self.ad else {
             return Ok(None);
         };
@@ -667,25 +562,11 @@ impl Proj {
         let (gu, (gup, gu_ld)) = match grouped {
             Some(block) => (None, block),
             None => {
-                let (gu, gup) = fresh(dev, bf16, m * r)?;
+                let (gu, gup) = cx.fresh(m * r)?;
                 (Some(gu), (gup, r))
             }
         };
-        let xm = Mat {
-            ptr: x,
-            ld: k,
-            trans: false,
-        };
-        let gum = Mat {
-            ptr: gup,
-            ld: gu_ld,
-            trans: false,
-        };
-        let hm = Mat {
-            ptr: h,
-            ld: h_ld,
-            trans: false,
-        };
+        let (xm, gum, hm) = (Mat::new(x, k), Mat::new(gup, gu_ld), Mat::new(h, h_ld));
         let mut deferred = None;
         // dU = c·gᵀ·h goes to SingLoRA's dA rows 0..n (added; the buffer starts zeroed) or is
         // LoRA's dB; with g_U = g·U in one pass over g where the kernel takes it
@@ -693,34 +574,21 @@ impl Proj {
             grads + 4 * f.slot.offset(f.slot.layout.u) as u64,
             f.slot.beta(),
         );
-        let one_pass = raw::g_pass_ok(bf16, g, n, r);
+        let one_pass = g_pass_ok(cx, g, n, r);
         unsafe {
             if one_pass {
-                raw::g_pass(
-                    dev,
+                g_pass(
+                    cx.dev,
                     (g, m, n),
                     (f.u, h, h_ld, r),
                     (gup, gu_ld),
                     (du, f.c, du_beta),
                 )?;
-                mark(dev, "adapter bwd: gU and dU in one pass over g")?;
+                cx.mark("adapter bwd: gU and dU in one pass over g")?;
             } else {
-                gemm_out_ld(
-                    dev,
-                    bf16,
-                    bf16,
-                    (m, r, n),
-                    gm,
-                    Mat {
-                        ptr: f.u,
-                        ld: r,
-                        trans: false,
-                    },
-                    (gup, gu_ld),
-                    1.0,
-                    0.0,
-                )?;
-                mark(dev, "adapter bwd: gU = g·U")?;
+                let um = Mat::new(f.u, r);
+                gemm_out_ld(cx, cx.bf16, (m, r, n), gm, um, (gup, gu_ld), 1.0, 0.0)?;
+                cx.mark("adapter bwd: gU = g·U")?;
             }
             let lr = LowRank {
                 h: gup,
@@ -729,24 +597,11 @@ impl Proj {
                 r,
                 c: f.c,
             };
-            if grouped.is_none() && defer && f.dora.is_none() && raw::lr_ok(&lr, bf16, k) {
+            if grouped.is_none() && defer && f.dora.is_none() && lr_ok(cx, &lr, k) {
                 deferred = Some(lr);
             } else if grouped.is_none() {
-                gemm(
-                    dev,
-                    bf16,
-                    (m, k, r),
-                    gum,
-                    Mat {
-                        ptr: f.d,
-                        ld: r,
-                        trans: true,
-                    },
-                    dx,
-                    f.c,
-                    1.0,
-                )?;
-                mark(dev, "adapter bwd: dx += c·gU·Dᵀ")?;
+                gemm(cx, (m, k, r), gum, Mat::new(f.d, r).t(), dx, f.c, 1.0)?;
+                cx.mark("adapter bwd: dx += c·gU·Dᵀ")?;
             }
         }
         // the factors' gradients c·a·b into the f32 buffer where the slot says: dD = c·xᵀ·g_U
@@ -754,12 +609,10 @@ impl Proj {
         // grouped, the group gives the D side for all its members
         let d_off = grads + 4 * f.slot.offset(f.slot.layout.d) as u64;
         let d_job = grouped.is_none().then(|| match f.slot.layout.d {
-            FactorSource::Rows(_) => ((k, r, m), Mat { trans: true, ..xm }, gum, d_off, du_beta),
-            FactorSource::Transposed(_) => {
-                ((r, k, m), Mat { trans: true, ..gum }, xm, d_off, du_beta)
-            }
+            FactorSource::Rows(_) => ((k, r, m), xm.t(), gum, d_off, du_beta),
+            FactorSource::Transposed(_) => ((r, k, m), gum.t(), xm, d_off, du_beta),
         });
-        let du_job = (!one_pass).then_some(((n, r, m), Mat { trans: true, ..gm }, hm, du, du_beta));
+        let du_job = (!one_pass).then_some(((n, r, m), gm.t(), hm, du, du_beta));
         let jobs = [d_job, du_job];
         let labels = ["adapter bwd: dD = c·xᵀ·gU", "adapter bwd: dU = c·gᵀ·h"];
         for (job, label) in jobs.into_iter().zip(labels) {
@@ -767,8 +620,8 @@ impl Proj {
                 continue;
             };
             // SAFETY: live buffers of the shapes given, one stream.
-            unsafe { gemm_out(dev, bf16, false, dims, a, b, out, f.c, beta)? };
-            mark(dev, label)?;
+            unsafe { gemm_out(cx, false, dims, a, b, out, f.c, beta)? };
+            cx.mark(label)?;
         }
         Ok(match (deferred, gu) {
             (Some(lr), Some(gu)) => Some((lr, gu)),
@@ -782,8 +635,7 @@ impl Proj {
 /// [`Group`], the g_U go side by side into one buffer and one GEMM adds the adapter terms.
 #[allow(clippy::too_many_arguments)]
 fn backward_members(
-    dev: &CudaDevice,
-    bf16: bool,
+    cx: &Ctx,
     (ps, saved, group): (&[Proj], &[PSaved], Option<&Group>),
     gs: &[u64],
     x: u64,
@@ -792,31 +644,19 @@ fn backward_members(
     grads: u64,
 ) -> Result<()> {
     let gu = match group {
-        Some(gr) => Some(fresh(dev, bf16, m * gr.width)?),
+        Some(gr) => Some(cx.fresh(m * gr.width)?),
         None => None,
     };
     for (i, p) in ps.iter().enumerate() {
         let block = match (group, &gu) {
-            (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
+            (Some(gr), Some(b)) => Some(gr.block(b.1, i, cx.bf16)),
             _ => None,
         };
-        p.backward(
-            dev,
-            bf16,
-            gs[i],
-            x,
-            &saved[i],
-            m,
-            dx,
-            i > 0,
-            grads,
-            block,
-            false,
-        )?;
+        p.backward(cx, gs[i], x, &saved[i], m, (dx, i > 0), grads, block, false)?;
     }
     if let (Some(gr), Some(b)) = (group, &gu) {
-        gr.backward_dx(dev, bf16, b.1, m, ps[0].k, dx)?;
-        gr.backward_grads(dev, bf16, ps, (b.1, x), m, ps[0].k, grads)?;
+        gr.backward_dx(cx, b.1, m, ps[0].k, dx)?;
+        gr.backward_grads(cx, ps, (b.1, x), m, ps[0].k, grads)?;
     }
     Ok(())
 }
@@ -825,8 +665,7 @@ fn backward_members(
 /// `ps` that read it, when one has an adapter (whose weight gradients need it); frozen ones
 /// need none.
 fn norm_for(
-    dev: &CudaDevice,
-    bf16: bool,
+    cx: &Ctx,
     (x, w): (u64, u64),
     (m, h, eps): (usize, usize, f64),
     ps: &[Proj],
@@ -834,9 +673,9 @@ fn norm_for(
     if ps.iter().all(|p| p.ad.is_none()) {
         return Ok(None);
     }
-    let y = fresh(dev, bf16, m * h)?;
-    raw::rms_fwd(dev, bf16, (x, w, y.1), m, h, eps)?;
-    mark(dev, "RMSNorm recompute")?;
+    let y = cx.fresh(m * h)?;
+    rms_fwd(cx, (x, w, y.1), m, h, eps)?;
+    cx.mark("RMSNorm recompute")?;
     Ok(Some(y))
 }
 
@@ -856,6 +695,7 @@ impl Llama {
             DType::F32 => false,
             _ => return Ok(None),
         };
+        let cx = Ctx::new(dev, bf16, *fast);
         let c = &self.cfg;
         if c.heads % c.kv_heads != 0 || c.head_dim % 2 != 0 || c.heads * c.head_dim != c.hidden {
             return Ok(None);
@@ -916,13 +756,13 @@ impl Llama {
             };
             layer_ends.push(grad_len);
             let (ln1, ln2) = norms[li];
-            mark(dev, "other")?;
-            let hn1 = fresh(dev, bf16, m * h)?;
-            raw::rms_fwd(dev, bf16, (x_ptr, ln1, hn1.1), m, h, c.eps)?;
-            mark(dev, "RMSNorm fwd")?;
+            cx.mark("other")?;
+            let hn1 = cx.fresh(m * h)?;
+            rms_fwd(&cx, (x_ptr, ln1, hn1.1), m, h, c.eps)?;
+            cx.mark("RMSNorm fwd")?;
             let [g_qkv, g_gu] = &grp;
             let h_qkv = match g_qkv {
-                Some(gr) => Some(gr.forward(dev, bf16, hn1.1, m, h)?),
+                Some(gr) => Some(gr.forward(&cx, hn1.1, m, h)?),
                 None => None,
             };
             let pre = |gr: &Option<Group>, buf: &Option<Buf>, i: usize| match (gr, buf) {
@@ -931,18 +771,14 @@ impl Llama {
             };
             // q's, k's and v's terms go to the RoPE/split kernel (whole warps per half head)
             let qkv_fuse = fuse && c.head_dim % 64 == 0;
-            let (q, hq, lq) =
-                ps[0].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse)?;
-            let (k, hk, lk) =
-                ps[1].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse)?;
-            let (v, hv, lv) =
-                ps[2].forward(dev, bf16, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse)?;
+            let (q, hq, lq) = ps[0].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse)?;
+            let (k, hk, lk) = ps[1].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse)?;
+            let (v, hv, lv) = ps[2].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse)?;
             // the norms' outputs are recomputed in the backward (cheap, and 2·hidden values
             // per token fewer to keep); SwiGLU's too with `recompute`
             drop(hn1);
             let (a, ap, att) = forward_raw(
-                dev,
-                bf16,
+                &cx,
                 (q.1, k.1, v.1),
                 tables,
                 dims,
@@ -950,21 +786,21 @@ impl Llama {
                 (true, self.recompute),
                 [lq.as_ref(), lk.as_ref(), lv.as_ref()],
             )?;
-            mark(dev, "attention fwd")?;
+            cx.mark("attention fwd")?;
             drop((q, k, v));
-            let (o, ho, lo) = ps[3].forward(dev, bf16, ap, m, None, fuse)?;
-            let x_mid = fresh(dev, bf16, m * h)?;
+            let (o, ho, lo) = ps[3].forward(&cx, ap, m, None, fuse)?;
+            let x_mid = cx.fresh(m * h)?;
             match &lo {
-                Some(lr) => raw::add_lr(dev, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
-                None => raw::add(dev, bf16, (x_ptr, o.1, x_mid.1), m * h)?,
+                Some(lr) => add_lr(&cx, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
+                None => add(&cx, (x_ptr, o.1, x_mid.1), m * h)?,
             }
-            mark(dev, "residual add")?;
+            cx.mark("residual add")?;
             drop(o);
-            let hn2 = fresh(dev, bf16, m * h)?;
-            raw::rms_fwd(dev, bf16, (x_mid.1, ln2, hn2.1), m, h, c.eps)?;
-            mark(dev, "RMSNorm fwd")?;
+            let hn2 = cx.fresh(m * h)?;
+            rms_fwd(&cx, (x_mid.1, ln2, hn2.1), m, h, c.eps)?;
+            cx.mark("RMSNorm fwd")?;
             let h_gu = match g_gu {
-                Some(gr) => Some(gr.forward(dev, bf16, hn2.1, m, h)?),
+                Some(gr) => Some(gr.forward(&cx, hn2.1, m, h)?),
                 None => None,
             };
             // gate's and up's terms go to the SwiGLU kernel when both can (one rank)
@@ -973,31 +809,26 @@ impl Llama {
                     (Some(a), Some(b)) => a.r == b.r,
                     _ => true,
                 };
-            let (g, hg, lg) = ps[4].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse)?;
-            let (u, hu, lu) = ps[5].forward(dev, bf16, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse)?;
+            let (g, hg, lg) = ps[4].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse)?;
+            let (u, hu, lu) = ps[5].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse)?;
             drop(hn2);
-            let f = fresh(dev, bf16, m * ff)?;
+            let f = cx.fresh(m * ff)?;
             if lg.is_some() || lu.is_some() {
-                raw::swiglu_fwd_lr(
-                    dev,
-                    (g.1, u.1, f.1),
-                    (m, ff),
-                    (lg.as_ref(), lu.as_ref()),
-                    false,
-                )?;
+                let terms = (lg.as_ref(), lu.as_ref());
+                swiglu_fwd_lr(&cx, (g.1, u.1, f.1), (m, ff), terms, false)?;
             } else {
-                raw::swiglu_fwd(dev, bf16, (g.1, u.1, f.1), m * ff)?;
+                swiglu_fwd(&cx, (g.1, u.1, f.1), m * ff)?;
             }
-            mark(dev, "SwiGLU fwd")?;
-            let (dn, hdn, ldn) = ps[6].forward(dev, bf16, f.1, m, None, fuse)?;
+            cx.mark("SwiGLU fwd")?;
+            let (dn, hdn, ldn) = ps[6].forward(&cx, f.1, m, None, fuse)?;
             // kept for down's adapter gradients unless recomputed (a frozen down needs none)
             let f = (ps[6].ad.is_some() && !self.recompute).then_some(f);
-            let x_next = fresh(dev, bf16, m * h)?;
+            let x_next = cx.fresh(m * h)?;
             match &ldn {
-                Some(lr) => raw::add_lr(dev, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
-                None => raw::add(dev, bf16, (x_mid.1, dn.1, x_next.1), m * h)?,
+                Some(lr) => add_lr(&cx, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
+                None => add(&cx, (x_mid.1, dn.1, x_next.1), m * h)?,
             }
-            mark(dev, "residual add")?;
+            cx.mark("residual add")?;
             drop(dn);
             debug_assert_eq!(nd, h);
             tapes.push(LayerTape {
@@ -1046,6 +877,11 @@ impl Llama {
 }
 
 impl Tape {
+    /// The launch context of this step's kernels.
+    fn cx(&self) -> Ctx<'_> {
+        Ctx::new(&self.dev, self.bf16, self.fast)
+    }
+
     /// The backward from the gradient at [`Tape::leaf`] (taken from `grads`): the adapter
     /// variables' gradients (and the embeddings' when asked) go into `grads`. With `sync`
     /// (data parallelism), each bucket of finished layers' adapter gradients is summed over
@@ -1060,10 +896,11 @@ impl Tape {
             // every rank)
             return Ok(HashSet::new());
         };
-        let (dev, bf16) = (&self.dev, self.bf16);
+        let cx = self.cx();
+        let dev = cx.dev;
         let (b, t, nh, kvh, hd) = self.dims;
         let (m, h, ff) = (b * t, self.hidden, self.ff);
-        let el: u64 = if bf16 { 2 } else { 4 };
+        let el = cx.elem();
         let tables = (
             tensor_ptr(&self.tables.0, "rope cos")?,
             tensor_ptr(&self.tables.1, "rope sin")?,
@@ -1072,60 +909,62 @@ impl Tape {
         let dxm = d_last.to_dtype(self.x0.dtype())?.copy()?.contiguous()?;
         let dxp = tensor_ptr(&dxm, "gradient")?;
         let packed = dev.alloc_zeros::<f32>(self.grad_len.max(1))?;
-        let grads_ptr = {
-            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-            let stream = dev.cuda_stream();
-            let p = packed.device_ptr(&stream).0;
-            p
-        };
+        let grads_ptr = cuda::slice_ptr(&packed);
         // the packed values not yet handed to `sync`: pending_start..pending_end
         let mut pending_end = self.grad_len;
         for (li, lt) in self.layers.iter().enumerate().rev() {
             let ps = &self.projs[li];
             let (ln1, ln2) = self.norms[li];
             // MLP: down, SwiGLU, gate and up, norm 2 (adding into dxm)
-            mark(dev, "other")?;
+            cx.mark("other")?;
             let [tg, tu] = lt.gu_terms.each_ref().map(|t| t.as_ref());
             // down's input, for its adapter's gradients: kept by the forward, or recomputed here
             let recomputed = match &lt.f {
                 Some(_) => None,
                 None if ps[6].ad.is_none() => None,
                 None => {
-                    let f = fresh(dev, bf16, m * ff)?;
+                    let f = cx.fresh(m * ff)?;
                     if tg.is_some() || tu.is_some() {
-                        raw::swiglu_fwd_lr(dev, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
+                        swiglu_fwd_lr(&cx, (lt.g.1, lt.u.1, f.1), (m, ff), (tg, tu), false)?;
                     } else {
-                        raw::swiglu_fwd(dev, bf16, (lt.g.1, lt.u.1, f.1), m * ff)?;
+                        swiglu_fwd(&cx, (lt.g.1, lt.u.1, f.1), m * ff)?;
                     }
-                    mark(dev, "SwiGLU recompute")?;
+                    cx.mark("SwiGLU recompute")?;
                     Some(f)
                 }
             };
             let f = lt.f.as_ref().or(recomputed.as_ref()).map_or(0, |f| f.1);
-            let df = fresh(dev, bf16, m * ff)?;
+            let df = cx.fresh(m * ff)?;
             // down's c·g_U·Dᵀ to the SwiGLU backward, when of the gate's and up's rank
             let down_r = ps[6].ad.as_ref().map(|f| f.r);
             let defer =
                 self.fast.fused_low_rank && [tg, tu].iter().flatten().all(|t| Some(t.r) == down_r);
             let td = ps[6].backward(
-                dev, bf16, dxp, f, &lt.h_down, m, df.1, false, grads_ptr, None, defer,
+                &cx,
+                dxp,
+                f,
+                &lt.h_down,
+                m,
+                (df.1, false),
+                grads_ptr,
+                None,
+                defer,
             )?;
-            let dgu = fresh(dev, bf16, 2 * m * ff)?;
+            let dgu = cx.fresh(2 * m * ff)?;
             if tg.is_some() || tu.is_some() || td.is_some() {
                 let terms = [tg, tu, td.as_ref().map(|t| &t.0)];
-                raw::swiglu_bwd_lr(dev, (lt.g.1, lt.u.1, df.1, dgu.1), (m, ff), terms)?;
+                swiglu_bwd_lr(&cx, (lt.g.1, lt.u.1, df.1, dgu.1), (m, ff), terms)?;
             } else {
-                raw::swiglu_bwd(dev, bf16, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
+                swiglu_bwd(&cx, (lt.g.1, lt.u.1, df.1, dgu.1), m * ff)?;
             }
-            mark(dev, "SwiGLU bwd")?;
+            cx.mark("SwiGLU bwd")?;
             drop((df, recomputed, td));
-            let hn2 = norm_for(dev, bf16, (lt.x_mid.1, ln2), (m, h, self.eps), &ps[4..6])?;
-            let dhn2 = fresh(dev, bf16, m * h)?;
+            let hn2 = norm_for(&cx, (lt.x_mid.1, ln2), (m, h, self.eps), &ps[4..6])?;
+            let dhn2 = cx.fresh(m * h)?;
             let [g_qkv, g_gu] = &self.groups[li];
             let gate_up = [dgu.1, dgu.1 + el * (m * ff) as u64];
             backward_members(
-                dev,
-                bf16,
+                &cx,
                 (&ps[4..6], &lt.h_gu, g_gu.as_ref()),
                 &gate_up,
                 hn2.as_ref().map_or(0, |b| b.1),
@@ -1134,24 +973,22 @@ impl Tape {
                 grads_ptr,
             )?;
             drop((dgu, hn2));
-            raw::rms_bwd_acc(dev, bf16, (lt.x_mid.1, ln2, dhn2.1, dxp), m, h, self.eps)?;
-            mark(dev, "RMSNorm bwd")?;
+            rms_bwd_acc(&cx, (lt.x_mid.1, ln2, dhn2.1, dxp), m, h, self.eps)?;
+            cx.mark("RMSNorm bwd")?;
             drop(dhn2);
             // attention: o, the attention block, q k v, norm 1
-            let da = fresh(dev, bf16, m * nh * hd)?;
-            ps[3].backward(
-                dev, bf16, dxp, lt.a.1, &lt.h_o, m, da.1, false, grads_ptr, None, false,
-            )?;
-            let (pk, pkp) = backward_raw(dev, bf16, &lt.att, (da.1, lt.a.1), tables, self.dims)?;
-            mark(dev, "attention bwd")?;
+            let da = cx.fresh(m * nh * hd)?;
+            let da_out = (da.1, false);
+            ps[3].backward(&cx, dxp, lt.a.1, &lt.h_o, m, da_out, grads_ptr, None, false)?;
+            let (pk, pkp) = backward_raw(&cx, &lt.att, (da.1, lt.a.1), tables, self.dims)?;
+            cx.mark("attention bwd")?;
             drop(da);
             let (nq, nk) = (m * nh * hd, m * kvh * hd);
-            let hn1 = norm_for(dev, bf16, (lt.x_in_ptr, ln1), (m, h, self.eps), &ps[0..3])?;
-            let dhn1 = fresh(dev, bf16, m * h)?;
+            let hn1 = norm_for(&cx, (lt.x_in_ptr, ln1), (m, h, self.eps), &ps[0..3])?;
+            let dhn1 = cx.fresh(m * h)?;
             let qkv = [pkp, pkp + el * nq as u64, pkp + el * (nq + nk) as u64];
             backward_members(
-                dev,
-                bf16,
+                &cx,
                 (&ps[0..3], &lt.h_qkv, g_qkv.as_ref()),
                 &qkv,
                 hn1.as_ref().map_or(0, |b| b.1),
@@ -1160,8 +997,8 @@ impl Tape {
                 grads_ptr,
             )?;
             drop((pk, hn1));
-            raw::rms_bwd_acc(dev, bf16, (lt.x_in_ptr, ln1, dhn1.1, dxp), m, h, self.eps)?;
-            mark(dev, "RMSNorm bwd")?;
+            rms_bwd_acc(&cx, (lt.x_in_ptr, ln1, dhn1.1, dxp), m, h, self.eps)?;
+            cx.mark("RMSNorm bwd")?;
             drop(dhn1);
             // layer li's adapter gradients are final: hand a full bucket over
             if let Some(sync) = sync {
@@ -1243,7 +1080,7 @@ impl Tape {
         let Some(w) = model.frozen_head_weight() else {
             return Ok(None);
         };
-        let (dev, bf16) = (&self.dev, self.bf16);
+        let cx = self.cx();
         let (vocab, h) = w.dims2()?;
         let x = self.leaf.as_tensor();
         let (b, t, _) = x.dims3()?;
@@ -1254,86 +1091,45 @@ impl Tape {
         }
         let xp = tensor_ptr(x, "the residual stream")?;
         let normp = tensor_ptr(&model.norm, "final norm")?;
-        // the 8-wide kernels only (none when the device check switches them off)
-        if !raw::v8_ok(&[xp, normp, wm.ptr], h) || !raw::v8_ok(&[], vocab) {
+        // the 8-wide kernels only (none where the choices turn them off)
+        if !cx.v8(&[xp, normp, wm.ptr], h) || !cx.v8(&[], vocab) {
             return Ok(None);
         }
         let device = x.device();
         let rows_t = Tensor::new(rows, device)?;
         let targets_t = Tensor::new(targets, device)?;
         let rows_p = u32_ptr(&rows_t, "head rows")?;
-        let hn = fresh(dev, bf16, n * h)?;
-        raw::rms_fwd_rows(dev, bf16, (xp, rows_p, normp, hn.1), n, h, self.eps)?;
-        let z = fresh(dev, bf16, n * vocab)?;
+        let hn = cx.fresh(n * h)?;
+        rms_fwd_rows(&cx, (xp, rows_p, normp, hn.1), n, h, self.eps)?;
+        let z = cx.fresh(n * vocab)?;
         // SAFETY (both GEMMs): live buffers of the shapes given, one stream.
-        unsafe {
-            gemm(
-                dev,
-                bf16,
-                (n, vocab, h),
-                Mat {
-                    ptr: hn.1,
-                    ld: h,
-                    trans: false,
-                },
-                Mat { trans: true, ..wm },
-                z.1,
-                1.0,
-                0.0,
-            )?;
-        }
-        mark(dev, "head: logits")?;
+        unsafe { gemm(&cx, (n, vocab, h), Mat::new(hn.1, h), wm.t(), z.1, 1.0, 0.0)? };
+        cx.mark("head: logits")?;
         let nll = Tensor::zeros(n, DType::F32, device)?;
         let g = (scale / n as f64) as f32;
-        raw::xent_grad_inplace(
-            dev,
-            bf16,
-            (
-                z.1,
-                u32_ptr(&targets_t, "targets")?,
-                tensor_ptr(&nll, "losses")?,
-            ),
-            n,
-            vocab,
-            g,
-        )?;
-        mark(dev, "head: cross-entropy and its gradient")?;
+        let nll_p = tensor_ptr(&nll, "losses")?;
+        let targets_p = u32_ptr(&targets_t, "targets")?;
+        xent_grad_inplace(&cx, (z.1, targets_p, nll_p), n, vocab, g)?;
+        cx.mark("head: cross-entropy and its gradient")?;
         drop(hn);
-        let dhn = fresh(dev, bf16, n * h)?;
+        let dhn = cx.fresh(n * h)?;
         unsafe {
             gemm(
-                dev,
-                bf16,
+                &cx,
                 (n, h, vocab),
-                Mat {
-                    ptr: z.1,
-                    ld: vocab,
-                    trans: false,
-                },
+                Mat::new(z.1, vocab),
                 wm,
                 dhn.1,
                 1.0,
                 0.0,
-            )?;
-        }
+            )?
+        };
         drop(z);
-        mark(dev, "head: gradient GEMM")?;
+        cx.mark("head: gradient GEMM")?;
         let d_last = Tensor::zeros((b, t, h), x.dtype(), device)?;
-        raw::rms_bwd_acc_rows(
-            dev,
-            bf16,
-            (
-                xp,
-                rows_p,
-                normp,
-                dhn.1,
-                tensor_ptr(&d_last, "head gradient")?,
-            ),
-            n,
-            h,
-            self.eps,
-        )?;
-        mark(dev, "head: norm backward and scatter")?;
+        let d_last_p = tensor_ptr(&d_last, "head gradient")?;
+        rms_bwd_acc_rows(&cx, (xp, rows_p, normp, dhn.1, d_last_p), n, h, self.eps)?;
+        cx.mark("head: norm backward and scatter")?;
         Ok(Some((nll.mean_all()?, d_last)))
     }
 }

@@ -1,5 +1,6 @@
-// Tensor-core and shared-memory helpers shared by the kernels of flash.cu and kernels.cu:
-// bf16 packing, mma.sync m16n8k16 (bf16 in, f32 accumulate), ldmatrix and cp.async.
+// Tensor-core and shared-memory helpers shared by the kernels of attention/flash.cu and
+// low_rank/low_rank.cu: bf16 packing, mma.sync m16n8k16 (bf16 in, f32 accumulate), ldmatrix
+// and cp.async.
 #pragma once
 #include <stdint.h>
 

@@ -1,14 +1,30 @@
 //! Attention softmax in one pass: P = softmax(scale·S) over the valid keys of each row, zero
 //! elsewhere. A key j of batch row b is valid when j < key_len[b] (right padding) and, when
-//! causal, j ≤ i + (t_k − t_q). Backward: dS = scale·P ⊙ (dP − Σⱼ P⊙dP), one pass.
+//! causal, j ≤ i + (t_k − t_q). Backward: dS = scale·P ⊙ (dP − Σⱼ P⊙dP), one pass. CPU code
+//! here (rows in parallel), CUDA launchers in `cuda.rs`, kernels in `softmax.cu`.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, DType, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, Real};
 use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
+/// Real-token counts per row of a (b, t) 1/0 mask (one host read): the key lengths the masked
+/// softmax and the attention ops take.
+pub fn key_lens(mask: &Tensor) -> Result<Vec<usize>> {
+    Ok(mask
+        .to_dtype(DType::F32)?
+        .sum(1)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|x| x.round() as usize)
+        .collect())
+}
 
 #[derive(Clone)]
 struct MaskedSoftmax {
@@ -61,7 +77,7 @@ impl CustomOp1 for MaskedSoftmax {
         "masked-softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         let dims = l.dims();
         if dims.len() != 4 || dims[0] != self.key_lens.len() {
             candle_core::bail!(
@@ -76,16 +92,9 @@ impl CustomOp1 for MaskedSoftmax {
                 l.shape().clone(),
             ))
         })
-    }
+    });
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::masked_softmax_fwd(s, l, &self.key_lens, self.causal, self.scale)
-    }
+    super::cuda_fwd!(|self, s| cuda::forward(s, &self.key_lens, self.causal, self.scale));
 
     fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dp = dp.contiguous()?;
@@ -120,24 +129,9 @@ impl CustomOp2 for SoftmaxBackward {
         "masked-softmax-backward"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::masked_softmax_bwd(s1, l1, s2, l2, self.scale)
-    }
+    super::cuda_fwd!(|self, p, dp| cuda::backward(p, dp, self.scale));
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
         let tk = *l1.dims().last().unwrap();
         dispatch_float!(s1, "masked softmax backward", |T| {
             let p = cpu_slice::<T>(s1, l1, "softmax backward")?;
@@ -147,7 +141,7 @@ impl CustomOp2 for SoftmaxBackward {
                 l1.shape().clone(),
             ))
         })
-    }
+    });
 }
 
 type MaskKey = (Vec<usize>, bool, usize, usize, candle_core::DType);
@@ -181,7 +175,7 @@ fn additive_mask(scores: &Tensor, key_lens: &[usize], causal: bool) -> Result<Te
 /// The same from candle ops and an additive mask (devices without the fused kernel).
 fn composed(scores: &Tensor, scale: f64, key_lens: &[usize], causal: bool) -> Result<Tensor> {
     let mask = additive_mask(scores, key_lens, causal)?;
-    crate::nn::softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
+    super::reference::softmax_last(&(scores * scale)?.broadcast_add(&mask)?)
 }
 
 /// softmax(scale·S) over valid keys for scores S (b, h, t_q, t_k); `key_lens` has b entries.
@@ -205,32 +199,23 @@ pub fn masked_softmax(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::{check_grad, max_diff};
-    use candle_core::{DType, Device};
+    use crate::ops::reference::tests::{check_grad, max_diff, values};
+    use candle_core::Device;
 
     #[test]
-    fn matches_composed_softmax_and_differentiates() {
+    fn matches_reference_and_differentiates() {
         let (b, h, t) = (2, 3, 5);
         let s = Tensor::randn(0f64, 2.0, (b, h, t, t), &Device::Cpu).unwrap();
         for causal in [false, true] {
             let lens = [5usize, 3];
             let fused = masked_softmax(&s, 0.5, &lens, causal).unwrap();
-            let pad = Tensor::new(
-                &[[1f32, 1., 1., 1., 1.], [1., 1., 1., 0., 0.]],
-                &Device::Cpu,
-            )
-            .unwrap();
-            let mask = crate::nn::additive_mask(&pad, causal, DType::F64).unwrap();
-            let reference =
-                crate::nn::softmax_last(&(&s * 0.5).unwrap().broadcast_add(&mask).unwrap())
-                    .unwrap();
+            let reference = crate::ops::reference::masked_softmax(&s, 0.5, &lens, causal).unwrap();
             assert!(max_diff(&fused, &reference) < 1e-12);
             check_grad(&s, |x| masked_softmax(x, 0.5, &lens, causal));
             // the composed path (other devices), twice to go through its mask cache
             for _ in 0..2 {
                 let c = composed(&s, 0.5, &lens, causal).unwrap();
-                let f = masked_softmax(&s, 0.5, &lens, causal).unwrap();
-                assert!(max_diff(&c, &f) < 1e-12);
+                assert!(max_diff(&c, &reference) < 1e-12);
             }
         }
     }
@@ -239,13 +224,13 @@ mod tests {
     fn f32_rows_sum_to_one() {
         let s = Tensor::randn(0f32, 3.0, (1, 2, 4, 4), &Device::Cpu).unwrap();
         let p = masked_softmax(&s, 1.0, &[4], true).unwrap();
-        let sums = p
-            .sum(3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let sums = values(&p.sum(3).unwrap());
         assert!(sums.iter().all(|x| (x - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn key_lens_count_real_tokens() {
+        let mask = Tensor::new(&[[1f32, 1., 0.], [1., 1., 1.]], &Device::Cpu).unwrap();
+        assert_eq!(key_lens(&mask).unwrap(), [2, 3]);
     }
 }

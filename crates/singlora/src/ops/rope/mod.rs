@@ -4,10 +4,38 @@
 //! (b, t, n·hd) layout), where candle's composed version takes a strided copy, two narrows, a
 //! negation, a concatenation and three broadcast products, each with its own backward pass.
 //! The CPU runs the composed version, which is the reference the device check compares with.
+//! CUDA launchers in `cuda.rs`, kernels in `rope.cu`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, DType, Device, Tensor};
 
 use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
+/// cos and sin tables (t, head_dim) for positions 0..t, rotate-half layout.
+pub fn rope_tables(
+    inv_freq: &[f64],
+    t: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(t * 2 * half);
+    let mut sin = Vec::with_capacity(t * 2 * half);
+    for p in 0..t {
+        for _ in 0..2 {
+            for f in inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (t, 2 * half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (t, 2 * half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
 
 #[derive(Clone)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -25,26 +53,12 @@ impl CustomOp1 for RopeSplit {
         "rope-split"
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("rope split: the CPU takes the composed path")
-    }
+    super::cpu_composed!(1, "rope split");
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::rope_split(
-            s,
-            l,
-            &self.cos,
-            &self.sin,
-            self.dims,
-            self.rotate,
-            self.inverse,
-        )
-    }
+    super::cuda_fwd!(|self, x| {
+        let tables = (&self.cos, &self.sin);
+        cuda::forward(x, tables, self.dims, self.rotate, self.inverse)
+    });
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let inv = RopeSplit {
@@ -66,16 +80,8 @@ pub fn rope_split(
 ) -> Result<Tensor> {
     let (b, t, width) = x.dims3()?;
     let hd = width / heads;
-    let fused = matches!(x.device(), candle_core::Device::Cuda(_))
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && cfg!(feature = "cuda");
-    if !fused {
-        let y = x.reshape((b, t, heads, hd))?.transpose(1, 2)?;
-        if !rotate {
-            return Ok(y);
-        }
-        let dt = x.dtype();
-        return crate::nn::rope(&y, &cos.to_dtype(dt)?, &sin.to_dtype(dt)?);
+    if !super::cuda_kernels_for(x) {
+        return super::reference::rope_split(x, cos, sin, heads, rotate);
     }
     let op = RopeSplit {
         cos: cos.to_dtype(DType::F32)?.contiguous()?,

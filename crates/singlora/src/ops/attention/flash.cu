@@ -8,13 +8,13 @@
 // into the attention block's packed input gradient. Products on the tensor cores (mma.sync
 // m16n8k16, bf16 in, f32 accumulate) with ldmatrix loads from padded shared-memory tiles.
 //
-// Masks as masked_softmax_fwd in kernels.cu: query row i of batch row b sees keys
+// Masks as masked_softmax_fwd in softmax/softmax.cu: query row i of batch row b sees keys
 // j < L_i = min(key_lens[b], t, causal ? i + 1 : t), always a prefix.
 //
 // Layouts: q (b, h, t, d), k and v (b, kvh, t, d) (the RoPE/split kernel's outputs); o and dO
 // (b, t, h, d); lse and Δ (b, h, t) f32; dq (b, h, t, d); dk and dv (b, kvh, t, d).
 
-#include "tc.cuh"
+#include "../cuda/tc.cuh"
 
 #define FA_BM 64  // query rows per block, 16 per warp
 #define FA_BN 64  // keys per tile
@@ -500,9 +500,10 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
         flash_bwd_q<D>(q, k, v, o, dout, lse, dsum, out, cs, sn, key_lens, h, kvh, t, scale, causal);                  \
     }
 
-// Blocks per SM the register allocation must allow (forward, dK/dV) at head size 64: 4 and 3
-// (128 and 168 registers, a few bytes spilled) instead of the 3 and 2 the unbounded kernels
-// got (134 and 237); TinyLlama profile: dK/dV 3.06 → 2.65 ms, forward 1.42 → 1.34 ms a step.
-// At head size 128 the dK/dV kernel would spill ~1.7 KB for 3, so it keeps its 255.
+// Blocks per SM the register allocation must allow (forward, dK/dV). Head size 64: 4 and 3
+// (128 and 168 registers, a few bytes spilled), one more block each than an unbounded
+// allocation leaves room for (134 and 237 registers), which makes both kernels faster
+// (TinyLlama profile, a step: dK/dV 2.65 against 3.06 ms, forward 1.34 against 1.42 ms). Head
+// size 128: 1, since 3 blocks of the dK/dV kernel would spill ~1.7 KB.
 INSTANTIATE_FLASH(64, 4, 3)
 INSTANTIATE_FLASH(128, 1, 1)

@@ -2,9 +2,10 @@
 //!
 //! f64 uses libm's erf; f32 uses a rational approximation of erf (Abramowitz & Stegun 7.1.26,
 //! |error| < 1.5e-7, below f32's resolution near 1) that the compiler can vectorise, where
-//! libm's branchy erff was 4% of a MiniLM training step.
+//! libm's branchy erff takes 4% of a MiniLM training step. The CPU only (elsewhere candle's
+//! `gelu_erf`, the reference); also the activations by their Hugging Face names.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, filled_vec};
@@ -69,13 +70,13 @@ impl CustomOp1 for GeluErf {
         "gelu-erf"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         dispatch_float!(s, "gelu", |T| {
             let x = cpu_slice::<T>(s, l, "gelu")?;
             let out = gelu_values(x);
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
-    }
+    });
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(gelu_backward(x, g)?))
@@ -89,13 +90,7 @@ impl CustomOp2 for GeluBackward {
         "gelu-erf-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
         dispatch_float!(s1, "gelu backward", |T| {
             let x = cpu_slice::<T>(s1, l1, "gelu backward")?;
             let g = cpu_slice::<T>(s2, l2, "gelu backward")?;
@@ -109,7 +104,7 @@ impl CustomOp2 for GeluBackward {
             let out = gelu_grads(x, g);
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
-    }
+    });
 }
 
 /// gelu(x) element-wise.
@@ -150,6 +145,38 @@ pub(super) fn gelu_backward(x: &Tensor, g: &Tensor) -> candle_core::Result<Tenso
     x.apply_op2_no_bwd(&g.contiguous()?, &GeluBackward)
 }
 
+/// Activation functions by their Hugging Face `hidden_act` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// exact GELU (erf), HF "gelu"
+    GeluErf,
+    /// tanh approximation, HF "gelu_new" / "gelu_pytorch_tanh"
+    GeluTanh,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "silu" | "swish" => Some(Activation::Silu),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Silu => x.silu()?,
+            Activation::Relu => x.relu()?,
+        })
+    }
+}
+
 /// Exact (erf) GELU, fused on the CPU for f32/f64; candle's `gelu_erf` elsewhere.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu()
@@ -163,7 +190,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::{check_grad, max_diff};
+    use crate::ops::reference::tests::{check_grad, max_diff, randn};
     use candle_core::Device;
 
     #[test]
@@ -181,6 +208,13 @@ mod tests {
             );
             let exact_g = (v as f64).grad();
             assert!(((v.grad() as f64) - exact_g).abs() < 2e-6, "gelu'({v})");
+        }
+    }
+
+    #[test]
+    fn activations_grad() {
+        for a in [Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+            check_grad(&randn(&[2, 5]), |x| a.apply(x));
         }
     }
 }

@@ -2,15 +2,19 @@
 //!
 //! LayerNorm: y = x̂·w + b, x̂ = (x − μ)/σ, σ = √(var + ε); dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ.
 //! RMSNorm:  y = x̂·w, x̂ = x/r, r = √(mean x² + ε);       dx = (ĝ − x̂·mean(ĝ⊙x̂))/r.
-//! (ĝ = g⊙w.) The backward recomputes the row statistics from x instead of storing them.
+//! (ĝ = g⊙w.) The backward recomputes the row statistics from x instead of storing them. CPU
+//! code here (rows in parallel), CUDA launchers (RMSNorm) in `cuda.rs`, kernels in `norm.cu`.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CustomOp1, CustomOp2, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{cpu_slice, dispatch_float, filled_vec, host_vec, sum_map, sum_map2, sum_map3, Real};
 use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 #[derive(Clone)]
 struct Norm {
@@ -26,6 +30,17 @@ struct Norm {
 }
 
 impl Norm {
+    /// The weight on the device (RMSNorm's: LayerNorm has no CUDA kernel).
+    #[cfg(feature = "cuda")]
+    fn device_weight(&self) -> candle_core::Result<&Tensor> {
+        if !self.rms {
+            candle_core::bail!("layer norm has no CUDA kernel yet");
+        }
+        self.w_dev
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("rms norm: no device weight".into()))
+    }
+
     /// (mean, 1/σ) of a row.
     fn stats<T: Real>(&self, x: &[T]) -> (T, T) {
         let n = T::from(x.len()).unwrap();
@@ -101,7 +116,7 @@ impl CustomOp1 for Norm {
         }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         let d = *l.dims().last().unwrap();
         if d != self.w.len() {
             candle_core::bail!("{}: {d} features but {} weights", self.name(), self.w.len());
@@ -110,23 +125,9 @@ impl CustomOp1 for Norm {
             let x = cpu_slice::<T>(s, l, self.name())?;
             Ok((T::to_cpu_storage_owned(self.fwd(x, d)), l.shape().clone()))
         })
-    }
+    });
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        if !self.rms {
-            candle_core::bail!("layer norm has no CUDA kernel yet");
-        }
-        let w = self
-            .w_dev
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("rms norm: no device weight".into()))?;
-        super::cuda::rms_norm_fwd(s, l, w, self.eps)
-    }
+    super::cuda_fwd!(|self, x| cuda::forward(x, self.device_weight()?, self.eps));
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(
@@ -143,32 +144,9 @@ impl CustomOp2 for NormBackward {
         "norm-backward"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        if !self.0.rms {
-            candle_core::bail!("layer norm has no CUDA kernel yet");
-        }
-        let w = self
-            .0
-            .w_dev
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("rms norm: no device weight".into()))?;
-        super::cuda::rms_norm_bwd(s1, l1, s2, l2, w, self.0.eps)
-    }
+    super::cuda_fwd!(|self, x, g| cuda::backward(x, g, self.0.device_weight()?, self.0.eps));
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
         let d = *l1.dims().last().unwrap();
         dispatch_float!(s1, "norm backward", |T| {
             let x = cpu_slice::<T>(s1, l1, "norm backward")?;
@@ -185,7 +163,7 @@ impl CustomOp2 for NormBackward {
                 l1.shape().clone(),
             ))
         })
-    }
+    });
 }
 
 fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
@@ -215,7 +193,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     if !x.device().is_cpu()
         || !matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
     {
-        return crate::nn::layer_norm(x, w, b, eps);
+        return super::reference::layer_norm(x, w, b, eps);
     }
     apply(x, w, Some(b), eps)
 }
@@ -223,7 +201,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 /// RMSNorm with a frozen `w` (fused on the CPU; composed elsewhere).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if !super::fused_kernels_for(x) {
-        return crate::nn::rms_norm(x, w, eps);
+        return super::reference::rms_norm(x, w, eps);
     }
     apply(x, w, None, eps)
 }
@@ -231,18 +209,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::{check_grad, max_diff};
+    use crate::ops::reference::tests::{check_grad, max_diff};
     use candle_core::Device;
 
     #[test]
-    fn match_composed_and_differentiate() {
+    fn match_reference_and_differentiate() {
         let x = Tensor::randn(0f64, 2.0, (3, 4, 7), &Device::Cpu).unwrap();
         let w = (Tensor::randn(0f64, 0.5, 7, &Device::Cpu).unwrap() + 1.0).unwrap();
         let b = Tensor::randn(0f64, 0.5, 7, &Device::Cpu).unwrap();
         let f = layer_norm(&x, &w, &b, 1e-5).unwrap();
-        assert!(max_diff(&f, &crate::nn::layer_norm(&x, &w, &b, 1e-5).unwrap()) < 1e-12);
+        assert!(
+            max_diff(
+                &f,
+                &crate::ops::reference::layer_norm(&x, &w, &b, 1e-5).unwrap()
+            ) < 1e-12
+        );
         let f = rms_norm(&x, &w, 1e-6).unwrap();
-        assert!(max_diff(&f, &crate::nn::rms_norm(&x, &w, 1e-6).unwrap()) < 1e-12);
+        assert!(max_diff(&f, &crate::ops::reference::rms_norm(&x, &w, 1e-6).unwrap()) < 1e-12);
         check_grad(&x, |x| layer_norm(x, &w, &b, 1e-5));
         check_grad(&x, |x| rms_norm(x, &w, 1e-6));
     }

@@ -1,187 +1,24 @@
-//! The attention block from the projections to the merged heads: RoPE and the head split of
-//! q, k, v (b, t, n·hd), causal/padded softmax attention with grouped-query heads, and the
-//! merge back to (b, t, h·hd). On CUDA one op does all of it, forward and backward (see
-//! `ops/cuda/attention.rs`); elsewhere it is composed from [`rope_split`](super::rope_split)
-//! and [`crate::nn::attention`], which is also the reference the device check compares with.
+//! Multi-head attention without RoPE on the CPU as one op per direction, in the (b, t, h·hd)
+//! layout: each (row, head) pair runs S = QKᵀ/√hd, the masked softmax and P·V in place, so no
+//! head transposes, score tensors or their gradients pass through autograd. The (row, head)
+//! units are also the BERT encoder's own forward and backward (`model/bert/fast.rs`).
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
 };
 
-use super::cpu_gemm::{gemm_at, View};
-use super::Real;
 use crate::error::Result;
-
-#[cfg(feature = "cuda")]
-type Saved = super::cuda::attention::Saved;
-#[cfg(not(feature = "cuda"))]
-type Saved = ();
-
-#[derive(Clone)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct Block {
-    cos: Tensor,
-    sin: Tensor,
-    /// (b, t, heads, kv_heads, hd).
-    dims: (usize, usize, usize, usize, usize),
-    key_lens: Vec<usize>,
-    causal: bool,
-    /// Filled by the forward, taken by the backward.
-    saved: Arc<Mutex<Option<Saved>>>,
-}
-
-impl CustomOp3 for Block {
-    fn name(&self) -> &'static str {
-        "attention-block"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("attention block: the CPU takes the composed path")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        lq: &Layout,
-        k: &candle_core::CudaStorage,
-        lk: &Layout,
-        v: &candle_core::CudaStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (out, shape, saved) = super::cuda::attention::forward(
-            (q, lq),
-            (k, lk),
-            (v, lv),
-            (&self.cos, &self.sin),
-            self.dims,
-            &self.key_lens,
-            self.causal,
-        )?;
-        *self.saved.lock().unwrap() = Some(saved);
-        Ok((out, shape))
-    }
-
-    fn bwd(
-        &self,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        y: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, h, kvh, d) = self.dims;
-        let packed = g
-            .contiguous()?
-            .apply_op2_no_bwd(&y.contiguous()?, &BlockBackward(self.clone()))?;
-        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
-        let dq = packed.narrow(0, 0, nq)?.reshape((b, t, h * d))?;
-        let dk = packed.narrow(0, nq, nk)?.reshape((b, t, kvh * d))?;
-        let dv = packed.narrow(0, nq + nk, nk)?.reshape((b, t, kvh * d))?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// The backward as an op on the output's gradient and the output (which the fused kernels
-/// read), giving [dq | dk | dv] flat.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct BlockBackward(Block);
-
-impl CustomOp2 for BlockBackward {
-    fn name(&self) -> &'static str {
-        "attention-block-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("attention block backward: the CPU takes the composed path")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        g: &candle_core::CudaStorage,
-        lg: &Layout,
-        y: &candle_core::CudaStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let saved = self.0.saved.lock().unwrap().take().ok_or_else(|| {
-            candle_core::Error::Msg("attention block: backward without a forward (or twice)".into())
-        })?;
-        super::cuda::attention::backward(
-            &saved,
-            (g, lg),
-            (y, ly),
-            (&self.0.cos, &self.0.sin),
-            self.0.dims,
-        )
-    }
-}
-
-/// Attention from the projections' outputs `q` (b, t, heads·hd), `k`, `v` (b, t, kv_heads·hd)
-/// with RoPE tables `cos`, `sin` (t, hd): softmax(QKᵀ/√hd) V over the first `key_lens[i]` keys
-/// of each row (and only earlier positions when `causal`), heads merged: (b, t, heads·hd).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_block(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    key_lens: &[usize],
-    causal: bool,
-) -> Result<Tensor> {
-    let (b, t, width) = q.dims3()?;
-    let hd = width / heads;
-    let fused = matches!(q.device(), candle_core::Device::Cuda(_))
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
-        && k.dtype() == q.dtype()
-        && v.dtype() == q.dtype()
-        && heads % kv_heads == 0
-        && hd % 2 == 0
-        && cfg!(feature = "cuda");
-    if !fused {
-        let qh = super::rope_split(q, cos, sin, heads, true)?;
-        let kh = super::rope_split(k, cos, sin, kv_heads, true)?;
-        let vh = super::rope_split(v, cos, sin, kv_heads, false)?;
-        let a = crate::nn::attention(&qh, &kh, &vh, key_lens, causal)?;
-        return Ok(a.transpose(1, 2)?.reshape((b, t, width))?);
-    }
-    let op = Block {
-        cos: cos.to_dtype(DType::F32)?.contiguous()?,
-        sin: sin.to_dtype(DType::F32)?.contiguous()?,
-        dims: (b, t, heads, kv_heads, hd),
-        key_lens: key_lens.to_vec(),
-        causal,
-        saved: Arc::new(Mutex::new(None)),
-    };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
-}
+use crate::ops::cpu_gemm::{gemm_at, View};
+use crate::ops::{cpu_slice, dispatch_float, filled_vec, max_of, sum_map, sum_map2, Real};
 
 /// Multi-head attention without RoPE from `q`, `k`, `v` (b, t, heads·hd), heads merged:
 /// (b, t, heads·hd); batch row i attends to its first `key_lens[i]` keys (and only to earlier
 /// ones when `causal`). On the CPU (f32/f64) one op per direction: each (row, head) pair runs
 /// S = QKᵀ/√hd, the masked softmax and P·V in place in the (b, t, h·hd) layout, so no head
 /// transposes, score tensors or their gradients pass through autograd; P is kept for the
-/// backward. Elsewhere the composed [`crate::nn::attention`] on split heads.
+/// backward. Elsewhere [`super::masked_attention`] on split heads.
 pub fn heads_attention(
     q: &Tensor,
     k: &Tensor,
@@ -203,7 +40,7 @@ pub fn heads_attention(
     if !native {
         let split =
             |x: &Tensor| -> Result<Tensor> { Ok(x.reshape((b, t, heads, hd))?.transpose(1, 2)?) };
-        let a = crate::nn::attention(&split(q)?, &split(k)?, &split(v)?, key_lens, causal)?;
+        let a = super::masked_attention(&split(q)?, &split(k)?, &split(v)?, key_lens, causal)?;
         return Ok(a.transpose(1, 2)?.reshape((b, t, width))?);
     }
     let op = HeadsAttention {
@@ -269,11 +106,11 @@ pub(crate) unsafe fn attend_unit<T: Real + 'static>(
     for (i, row) in p.chunks_mut(t).enumerate() {
         let n = limit(i);
         if n > 0 {
-            let max = super::max_of(&row[..n]);
+            let max = max_of(&row[..n]);
             for x in &mut row[..n] {
                 *x = (*x - max).fast_exp();
             }
-            let inv = T::one() / super::sum_map(&row[..n], |x| x);
+            let inv = T::one() / sum_map(&row[..n], |x| x);
             for x in &mut row[..n] {
                 *x *= inv;
             }
@@ -305,7 +142,7 @@ pub(crate) unsafe fn attend_unit_backward<T: Real + 'static>(
     // full by its GEMM.
     unsafe {
         gemm_at(dv, ld, (len, d, t), pv.t(), g, T::one(), false, false);
-        let mut ds = super::filled_vec::<T>(t * len, |s| {
+        let mut ds = filled_vec::<T>(t * len, |s| {
             gemm_at(
                 s.as_mut_ptr().cast(),
                 len,
@@ -320,7 +157,7 @@ pub(crate) unsafe fn attend_unit_backward<T: Real + 'static>(
         for (i, row) in ds.chunks_mut(len).enumerate() {
             let lim = limit(i);
             let pr = &p[i * t..i * t + lim];
-            let dot = super::sum_map2(pr, &row[..lim], |x, y| x * y);
+            let dot = sum_map2(pr, &row[..lim], |x, y| x * y);
             for (x, &pj) in row[..lim].iter_mut().zip(pr) {
                 *x = scale * pj * (*x - dot);
             }
@@ -401,7 +238,7 @@ fn cpu_data<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<&'a [T]> {
-    super::cpu_slice::<T>(s, l, "heads attention")
+    cpu_slice::<T>(s, l, "heads attention")
 }
 
 impl CustomOp3 for HeadsAttention {
@@ -409,15 +246,7 @@ impl CustomOp3 for HeadsAttention {
         "heads-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        lq: &Layout,
-        k: &CpuStorage,
-        lk: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    crate::ops::cpu_fwd!(|self, (q, lq), (k, lk), (v, lv)| {
         let dims = self.dims(lq)?;
         if lk.dims() != lq.dims() || lv.dims() != lq.dims() {
             candle_core::bail!(
@@ -427,13 +256,13 @@ impl CustomOp3 for HeadsAttention {
                 lv.dims()
             );
         }
-        super::dispatch_float!(q, "heads attention", |T| {
+        dispatch_float!(q, "heads attention", |T| {
             let (out, probs) =
                 self.fwd::<T>(cpu_data(q, lq)?, cpu_data(k, lk)?, cpu_data(v, lv)?, dims);
             *self.probs.lock().unwrap() = Some(T::to_cpu_storage_owned(probs));
             Ok((T::to_cpu_storage_owned(out), lq.shape().clone()))
         })
-    }
+    });
 
     fn bwd(
         &self,
@@ -514,7 +343,7 @@ impl CustomOp1 for HeadsAttentionBackward {
         "heads-attention-backward"
     }
 
-    fn cpu_fwd(&self, g: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    crate::ops::cpu_fwd!(|self, (g, lg)| {
         let dims = self.op.dims(lg)?;
         let probs = self.op.probs.lock().unwrap().take().ok_or_else(|| {
             candle_core::Error::Msg("heads attention: backward without a forward (or twice)".into())
@@ -525,7 +354,7 @@ impl CustomOp1 for HeadsAttentionBackward {
         let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
             candle_core::bail!("heads attention backward: CPU tensors expected");
         };
-        super::dispatch_float!(g, "heads attention backward", |T| {
+        dispatch_float!(g, "heads attention backward", |T| {
             let grads = self.run::<T>(
                 cpu_data(g, lg)?,
                 cpu_data(qs, ql)?,
@@ -537,63 +366,5 @@ impl CustomOp1 for HeadsAttentionBackward {
             let len = grads.len();
             Ok((T::to_cpu_storage_owned(grads), Shape::from(len)))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::tests::{check_grad, max_diff};
-    use candle_core::Device;
-
-    /// The composed path: heads split, [`crate::nn::attention`], heads merged.
-    fn composed(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        lens: &[usize],
-        causal: bool,
-    ) -> Tensor {
-        let (b, t, w) = q.dims3().unwrap();
-        let split = |x: &Tensor| {
-            x.reshape((b, t, heads, w / heads))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-        };
-        crate::nn::attention(&split(q), &split(k), &split(v), lens, causal)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, t, w))
-            .unwrap()
-    }
-
-    #[test]
-    fn heads_attention_matches_composed_with_gradients() {
-        let dev = Device::Cpu;
-        let (b, t, heads, hd) = (3, 5, 2, 4);
-        let lens = [5, 3, 1];
-        let x = || Tensor::randn(0f64, 1.0, (b, t, heads * hd), &dev).unwrap();
-        let (q, k, v) = (x(), x(), x());
-        for causal in [false, true] {
-            let y = heads_attention(&q, &k, &v, heads, &lens, causal).unwrap();
-            let r = composed(&q, &k, &v, heads, &lens, causal);
-            assert!(max_diff(&y, &r) < 1e-12, "causal {causal}");
-            check_grad(&q, |q| heads_attention(q, &k, &v, heads, &lens, causal));
-            check_grad(&k, |k| heads_attention(&q, k, &v, heads, &lens, causal));
-            check_grad(&v, |v| heads_attention(&q, &k, v, heads, &lens, causal));
-        }
-    }
-
-    #[test]
-    fn heads_attention_f32_matches_composed() {
-        let dev = Device::Cpu;
-        let x = || Tensor::randn(0f32, 1.0, (2, 64, 96), &dev).unwrap();
-        let (q, k, v) = (x(), x(), x());
-        let y = heads_attention(&q, &k, &v, 3, &[64, 40], false).unwrap();
-        let r = composed(&q, &k, &v, 3, &[64, 40], false);
-        assert!(max_diff(&y, &r) < 1e-5);
-    }
+    });
 }

@@ -7,7 +7,8 @@
 //! dx = g·W0 + c·g_U·Dᵀ (again one output), dD = c·xᵀ·g_U, dU = c·gᵀ·(x·D); W0 and b, frozen,
 //! get nothing. CPU kernels call the `gemm` crate directly; CUDA calls cuBLAS (bf16 or f32
 //! storage, f32 accumulation, the scale c applied in f32 as GEMM's α); other devices use the
-//! composed path of [`crate::adapter::AdaptedLinear`].
+//! composed path of [`crate::adapter::AdaptedLinear`]. CUDA forms in `cuda.rs`, its kernels in
+//! `linear.cu`.
 
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,9 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor,
 use super::cpu_gemm::{gemm_at, View};
 use super::{dispatch_float, filled_vec, host_vec, Real};
 use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 fn view<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
@@ -167,34 +171,15 @@ impl CustomOp3 for AdaptedMatmul {
         "adapted-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2), (s3, l3)| {
         dispatch_float!(s1, "fused linear", |T| self.fwd::<T>(
             (s1, l1),
             (s2, l2),
             (s3, l3)
         ))
-    }
+    });
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::adapted_fwd(self, (s1, l1), Some(((s2, l2), (s3, l3))))
-    }
+    super::cuda_fwd!(|self, x, d, u| cuda::adapted_fwd(self, x, Some((d, u))));
 
     fn bwd(
         &self,
@@ -207,14 +192,7 @@ impl CustomOp3 for AdaptedMatmul {
         let g = g.contiguous()?;
         let g_u = g.matmul(u)?; // (m, r)
         let dx = if x.track_op() {
-            Some(g.apply_op3_no_bwd(
-                &g_u,
-                d,
-                &InputGrad {
-                    w0: self.w0.clone(),
-                    c: self.c,
-                },
-            )?)
+            Some(g.apply_op3_no_bwd(&g_u, d, &InputGrad(self.clone()))?)
         } else {
             None
         };
@@ -225,11 +203,8 @@ impl CustomOp3 for AdaptedMatmul {
     }
 }
 
-/// dx = g·W0 + c·g_U·Dᵀ into one buffer.
-struct InputGrad {
-    w0: Tensor,
-    c: f64,
-}
+/// dx = g·W0 + c·g_U·Dᵀ into one buffer, for the adapted linear op it holds.
+struct InputGrad(AdaptedMatmul);
 
 impl InputGrad {
     fn run<T: Real + 'static>(
@@ -238,8 +213,9 @@ impl InputGrad {
         gu: (&CpuStorage, &Layout),
         d: (&CpuStorage, &Layout),
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let AdaptedMatmul { w0, c, .. } = &self.0;
         let (m, n) = g.1.shape().dims2()?;
-        let (_, k) = self.w0.dims2()?;
+        let (_, k) = w0.dims2()?;
         let r = gu.1.dims()[1];
         let (gv, _) = view::<T>(g.0, g.1)?;
         let (guv, _) = view::<T>(gu.0, gu.1)?;
@@ -248,7 +224,7 @@ impl InputGrad {
         // SAFETY: the GEMM without accumulation writes all m × k elements (row stride k).
         let mut dx = unsafe {
             filled_vec::<T>(m * k, |dx| {
-                w0_result = with_w0::<T>(&self.w0, |wv| {
+                w0_result = with_w0::<T>(w0, |wv| {
                     gemm_at(
                         dx.as_mut_ptr().cast(),
                         k,
@@ -263,17 +239,8 @@ impl InputGrad {
             })
         };
         w0_result?;
-        if self.c != 0.0 {
-            gemm_into(
-                &mut dx,
-                m,
-                k,
-                r,
-                guv,
-                dv.t(),
-                T::from(self.c).unwrap(),
-                true,
-            );
+        if *c != 0.0 {
+            gemm_into(&mut dx, m, k, r, guv, dv.t(), T::from(*c).unwrap(), true);
         }
         Ok((T::to_cpu_storage_owned(dx), Shape::from((m, k))))
     }
@@ -284,34 +251,15 @@ impl CustomOp3 for InputGrad {
         "adapted-linear-input-grad"
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::input_grad(self, (s1, l1), (s2, l2), (s3, l3))
-    }
+    super::cuda_fwd!(|self, g, gu, d| cuda::input_grad(self, g, gu, d));
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2), (s3, l3)| {
         dispatch_float!(s1, "fused linear backward", |T| self.run::<T>(
             (s1, l1),
             (s2, l2),
             (s3, l3)
         ))
-    }
+    });
 }
 
 /// y = x·W0ᵀ + b without an adapter: the bias written first, the product accumulated.
@@ -322,7 +270,7 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         dispatch_float!(s, "frozen linear", |T| {
             let (m, k) = l.shape().dims2()?;
             let (n, _) = self.0.w0.dims2()?;
@@ -331,16 +279,9 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
             self.0.base_product(&mut y, m, n, k, xv, has_bias)?;
             Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
         })
-    }
+    });
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::adapted_fwd(&self.0, (s, l), None)
-    }
+    super::cuda_fwd!(|self, x| cuda::adapted_fwd(&self.0, x, None));
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(g.matmul(&self.0.w0)?))
@@ -369,7 +310,7 @@ impl candle_core::CustomOp1 for FrozenGeluMatmul {
         "frozen-linear-gelu"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    super::cpu_fwd!(|self, (s, l)| {
         dispatch_float!(s, "frozen linear gelu", |T| {
             let (m, k) = l.shape().dims2()?;
             let (n, _) = self.lin.w0.dims2()?;
@@ -380,7 +321,7 @@ impl candle_core::CustomOp1 for FrozenGeluMatmul {
             *self.pre.lock().unwrap() = Some(Tensor::from_vec(pre, (m, n), &Device::Cpu)?);
             Ok((T::to_cpu_storage_owned(act), Shape::from((m, n))))
         })
-    }
+    });
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let pre = self.pre.lock().unwrap().take().ok_or_else(|| {
@@ -428,160 +369,18 @@ pub fn fused_available(x: &Tensor, w0: &Tensor) -> bool {
     super::fused_kernels_for(x) && x.dtype() == w0.dtype() && w0.is_contiguous()
 }
 
-/// The CUDA forms: the same products through cuBLAS GEMMs that accumulate into one output
-/// (β = 1) rather than the `gemm` crate.
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::{CudaStorage, Layout, Shape};
-
-    use super::{AdaptedMatmul, InputGrad};
-    use crate::ops::cuda::{fresh, gemm, linear_output, mat_of, mat_of_tensor, Mat};
-
-    type Arg<'a> = (&'a CudaStorage, &'a Layout);
-
-    fn same_type(what: &str, a: bool, b: bool) -> candle_core::Result<()> {
-        if a != b {
-            candle_core::bail!("{what}: operands of different types (bf16 and f32)");
-        }
-        Ok(())
-    }
-
-    /// y = x·W0ᵀ + b [+ c·(x·D)·Uᵀ].
-    pub(super) fn adapted_fwd(
-        op: &AdaptedMatmul,
-        x: Arg<'_>,
-        factors: Option<(Arg<'_>, Arg<'_>)>,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = &x.0.device;
-        let (m, k) = x.1.shape().dims2()?;
-        let (n, k2) = op.w0.dims2()?;
-        if k != k2 {
-            candle_core::bail!(
-                "fused linear: x {:?} does not fit W0 {:?}",
-                x.1.dims(),
-                op.w0.dims()
-            );
-        }
-        let (xm, bf16) = mat_of(x.0, x.1, "fused linear input")?;
-        let (wm, wb) = mat_of_tensor(&op.w0, "fused linear weight")?;
-        same_type("fused linear", bf16, wb)?;
-        let (y, yp, had_bias) = linear_output(dev, bf16, m, n, op.bias.as_ref())?;
-        let beta = if had_bias { 1.0 } else { 0.0 };
-        // SAFETY: every pointer addresses a live buffer of the shape given; one stream.
-        unsafe {
-            gemm(
-                dev,
-                bf16,
-                (m, n, k),
-                xm,
-                Mat { trans: true, ..wm },
-                yp,
-                1.0,
-                beta,
-            )?;
-        }
-        if let (Some((d, u)), true) = (factors, op.c != 0.0) {
-            let r = d.1.dims()[1];
-            if d.1.dims() != [k, r] || u.1.dims() != [n, r] {
-                candle_core::bail!(
-                    "fused linear: D {:?}, U {:?} do not fit ({k}, r), ({n}, r)",
-                    d.1.dims(),
-                    u.1.dims()
-                );
-            }
-            let (dm, db) = mat_of(d.0, d.1, "adapter factor D")?;
-            let (um, ub) = mat_of(u.0, u.1, "adapter factor U")?;
-            same_type("fused linear factor D", bf16, db)?;
-            same_type("fused linear factor U", bf16, ub)?;
-            let (h, hp) = fresh(dev, bf16, m * r)?;
-            let hm = Mat {
-                ptr: hp,
-                ld: r,
-                trans: false,
-            };
-            // SAFETY: as above; h lives until the end of this scope, after both launches.
-            unsafe {
-                gemm(dev, bf16, (m, r, k), xm, dm, hp, 1.0, 0.0)?;
-                gemm(
-                    dev,
-                    bf16,
-                    (m, n, r),
-                    hm,
-                    Mat { trans: true, ..um },
-                    yp,
-                    op.c as f32,
-                    1.0,
-                )?;
-            }
-            drop(h);
-        }
-        Ok((y, Shape::from((m, n))))
-    }
-
-    /// dx = g·W0 + c·g_U·Dᵀ.
-    pub(super) fn input_grad(
-        op: &InputGrad,
-        g: Arg<'_>,
-        gu: Arg<'_>,
-        d: Arg<'_>,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = &g.0.device;
-        let (m, n) = g.1.shape().dims2()?;
-        let (n2, k) = op.w0.dims2()?;
-        let r = gu.1.dims()[1];
-        if n != n2 || d.1.dims() != [k, r] {
-            candle_core::bail!(
-                "fused linear backward: g {:?}, W0 {:?}, D {:?} do not fit",
-                g.1.dims(),
-                op.w0.dims(),
-                d.1.dims()
-            );
-        }
-        let (gm, bf16) = mat_of(g.0, g.1, "fused linear gradient")?;
-        let (wm, wb) = mat_of_tensor(&op.w0, "fused linear weight")?;
-        let (gum, gub) = mat_of(gu.0, gu.1, "fused linear g·U")?;
-        let (dm, db) = mat_of(d.0, d.1, "adapter factor D")?;
-        same_type("fused linear backward", bf16, wb)?;
-        same_type("fused linear backward", bf16, gub)?;
-        same_type("fused linear backward", bf16, db)?;
-        let (dx, dxp, _) = linear_output(dev, bf16, m, k, None)?;
-        // SAFETY: as above.
-        unsafe {
-            gemm(dev, bf16, (m, k, n), gm, wm, dxp, 1.0, 0.0)?;
-            if op.c != 0.0 {
-                gemm(
-                    dev,
-                    bf16,
-                    (m, k, r),
-                    gum,
-                    Mat { trans: true, ..dm },
-                    dxp,
-                    op.c as f32,
-                    1.0,
-                )?;
-            }
-        }
-        Ok((dx, Shape::from((m, k))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::tests::{check_grad, max_diff};
+    use crate::ops::reference::tests::{check_grad, max_diff};
     use candle_core::{Device, Var};
 
     fn reference(x: &Tensor, w0: &Tensor, b: &Tensor, d: &Tensor, u: &Tensor, c: f64) -> Tensor {
-        let y = x
-            .matmul(&w0.t().unwrap())
-            .unwrap()
-            .broadcast_add(b)
-            .unwrap();
-        (y + (x.matmul(d).unwrap().matmul(&u.t().unwrap()).unwrap() * c).unwrap()).unwrap()
+        crate::ops::reference::linear(x, w0, Some(b), (d, u, c)).unwrap()
     }
 
     #[test]
-    fn matches_composed_with_strided_factors() {
+    fn matches_reference_with_strided_factors() {
         let dev = Device::Cpu;
         for (n, k) in [(6, 6), (9, 5), (4, 7)] {
             let x = Tensor::randn(0f64, 1.0, (5, k), &dev).unwrap();
@@ -604,7 +403,7 @@ mod tests {
                 check_grad(&x, |x| frozen_linear(x, &w0, Some(&b)));
                 check_grad(&x, |x| frozen_linear_gelu(x, &w0, Some(&b)));
                 let fused = frozen_linear_gelu(&x, &w0, Some(&b)).unwrap();
-                let composed = crate::ops::gelu_erf(&reference(&x, &w0, &b, &d, &u, 0.0)).unwrap();
+                let composed = reference(&x, &w0, &b, &d, &u, 0.0).gelu_erf().unwrap();
                 let diff = max_diff(&fused, &composed);
                 assert!(diff < 1e-12, "gelu ({n}, {k}): {diff}");
             }
@@ -625,7 +424,7 @@ mod tests {
     }
 
     #[test]
-    fn f32_matches_composed() {
+    fn f32_matches_reference() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (64, 48), &dev).unwrap();
         let w0 = Tensor::randn(0f32, 0.1, (80, 48), &dev).unwrap();

@@ -1,0 +1,284 @@
+//! Attention ops. [`attention_block`]: from the projections to the merged heads, RoPE and the
+//! head split of q, k, v (b, t, n·hd), causal/padded softmax attention with grouped-query
+//! heads, and the merge back to (b, t, h·hd); on CUDA one op does all of it, forward and
+//! backward (launchers in `cuda.rs`, the fused kernels in `flash.cu`), elsewhere it is
+//! composed from [`rope_split`](super::rope_split) and [`masked_attention`].
+//! [`heads_attention`] (`heads.rs`): the same without RoPE on the CPU, one op per direction.
+//! Their references: [`super::reference::attention`].
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CustomOp2, CustomOp3, DType, Tensor};
+
+use super::FastPath;
+use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+mod heads;
+
+pub use heads::heads_attention;
+pub(crate) use heads::{attend_unit, attend_unit_backward, SharedMut};
+
+#[cfg(feature = "cuda")]
+type Saved = cuda::Saved;
+#[cfg(not(feature = "cuda"))]
+type Saved = ();
+
+/// Scaled dot-product attention on (b, h, t, d) tensors; batch row i attends to its first
+/// `key_lens[i]` keys (right padding), and only to earlier ones when `causal`. K and V may have
+/// fewer heads (grouped-query attention): each is shared by h / h_kv query heads. The softmax
+/// is [`super::masked_softmax`] (fused on the CPU and CUDA).
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_lens: &[usize],
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let (k, v) = if h_kv != h {
+        let rep = h / h_kv;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, h_kv, rep, t, d))?
+                .reshape((b, h, t, d))?)
+        };
+        (expand(k)?, expand(v)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    // Kᵀ as a strided view: the batched GEMM takes it transposed, no copy
+    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+    let p = super::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), key_lens, causal)?;
+    Ok(p.matmul(&v.contiguous()?)?)
+}
+
+#[derive(Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Block {
+    cos: Tensor,
+    sin: Tensor,
+    /// (b, t, heads, kv_heads, hd).
+    dims: (usize, usize, usize, usize, usize),
+    key_lens: Vec<usize>,
+    causal: bool,
+    /// The kernels to take (flash or GEMMs and softmax; 8-wide or scalar).
+    fast: FastPath,
+    /// Filled by the forward, taken by the backward.
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl CustomOp3 for Block {
+    fn name(&self) -> &'static str {
+        "attention-block"
+    }
+
+    super::cpu_composed!(3, "attention block");
+
+    super::cuda_fwd!(|self, q, k, v| {
+        let rope = (&self.cos, &self.sin);
+        let (dims, lens, fast) = (self.dims, &self.key_lens, self.fast);
+        let (out, shape, saved) = cuda::forward(q, k, v, rope, dims, lens, self.causal, fast)?;
+        *self.saved.lock().unwrap() = Some(saved);
+        Ok((out, shape))
+    });
+
+    fn bwd(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, t, h, kvh, d) = self.dims;
+        let packed = g
+            .contiguous()?
+            .apply_op2_no_bwd(&y.contiguous()?, &BlockBackward(self.clone()))?;
+        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
+        let dq = packed.narrow(0, 0, nq)?.reshape((b, t, h * d))?;
+        let dk = packed.narrow(0, nq, nk)?.reshape((b, t, kvh * d))?;
+        let dv = packed.narrow(0, nq + nk, nk)?.reshape((b, t, kvh * d))?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward as an op on the output's gradient and the output (which the fused kernels
+/// read), giving [dq | dk | dv] flat.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct BlockBackward(Block);
+
+impl CustomOp2 for BlockBackward {
+    fn name(&self) -> &'static str {
+        "attention-block-backward"
+    }
+
+    super::cpu_composed!(2, "attention block backward");
+
+    super::cuda_fwd!(|self, g, y| {
+        let saved = self.0.saved.lock().unwrap().take().ok_or_else(|| {
+            candle_core::Error::Msg("attention block: backward without a forward (or twice)".into())
+        })?;
+        let rope = (&self.0.cos, &self.0.sin);
+        cuda::backward(&saved, g, y, rope, self.0.dims, self.0.fast)
+    });
+}
+
+/// Attention from the projections' outputs `q` (b, t, heads·hd), `k`, `v` (b, t, kv_heads·hd)
+/// with RoPE tables `cos`, `sin` (t, hd): softmax(QKᵀ/√hd) V over the first `key_lens[i]` keys
+/// of each row (and only earlier positions when `causal`), heads merged: (b, t, heads·hd).
+/// On CUDA the kernels `fast` chooses (the fused attention, the 8-wide kernels).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    key_lens: &[usize],
+    causal: bool,
+    fast: &FastPath,
+) -> Result<Tensor> {
+    let (b, t, width) = q.dims3()?;
+    let hd = width / heads;
+    let fused = super::cuda_kernels_for(q)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && heads % kv_heads == 0
+        && hd % 2 == 0;
+    if !fused {
+        let qh = super::rope_split(q, cos, sin, heads, true)?;
+        let kh = super::rope_split(k, cos, sin, kv_heads, true)?;
+        let vh = super::rope_split(v, cos, sin, kv_heads, false)?;
+        let a = masked_attention(&qh, &kh, &vh, key_lens, causal)?;
+        return Ok(a.transpose(1, 2)?.reshape((b, t, width))?);
+    }
+    let op = Block {
+        cos: cos.to_dtype(DType::F32)?.contiguous()?,
+        sin: sin.to_dtype(DType::F32)?.contiguous()?,
+        dims: (b, t, heads, kv_heads, hd),
+        key_lens: key_lens.to_vec(),
+        causal,
+        fast: *fast,
+        saved: Arc::new(Mutex::new(None)),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::reference::tests::{check_grad, max_diff, randn};
+    use crate::ops::reference::{additive_mask, lens_mask};
+    use candle_core::Device;
+
+    /// The reference on split heads (b, h, t, d), its mask from the key lengths.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize], causal: bool) -> Tensor {
+        let t = q.dim(2).unwrap();
+        let mask = lens_mask(lens, t, &Device::Cpu).unwrap();
+        let mask = additive_mask(&mask, causal, q.dtype()).unwrap();
+        crate::ops::reference::attention(q, k, v, &mask).unwrap()
+    }
+
+    #[test]
+    fn masked_attention_matches_reference_with_gqa() {
+        let (b, h, hkv, t, d) = (2, 4, 2, 3, 2);
+        let (q, k, v) = (
+            randn(&[b, h, t, d]),
+            randn(&[b, hkv, t, d]),
+            randn(&[b, hkv, t, d]),
+        );
+        let lens = [3usize, 2];
+        for causal in [false, true] {
+            let got = masked_attention(&q, &k, &v, &lens, causal).unwrap();
+            assert!(max_diff(&got, &reference(&q, &k, &v, &lens, causal)) < 1e-12);
+            check_grad(&q, |q| masked_attention(q, &k, &v, &lens, causal));
+            check_grad(&k, |k| masked_attention(&q, k, &v, &lens, causal));
+            check_grad(&v, |v| masked_attention(&q, &k, v, &lens, causal));
+        }
+    }
+
+    /// [`reference`] on the merged layout (b, t, heads·hd).
+    fn merged_reference(
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        heads: usize,
+        lens: &[usize],
+        causal: bool,
+    ) -> Tensor {
+        let (b, t, w) = q.dims3().unwrap();
+        let split = |x: &Tensor| {
+            x.reshape((b, t, heads, w / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        reference(&split(q), &split(k), &split(v), lens, causal)
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, w))
+            .unwrap()
+    }
+
+    #[test]
+    fn heads_attention_matches_reference_with_gradients() {
+        let (b, t, heads, hd) = (3, 5, 2, 4);
+        let lens = [5, 3, 1];
+        let (q, k, v) = (
+            randn(&[b, t, heads * hd]),
+            randn(&[b, t, heads * hd]),
+            randn(&[b, t, heads * hd]),
+        );
+        for causal in [false, true] {
+            let y = heads_attention(&q, &k, &v, heads, &lens, causal).unwrap();
+            let r = merged_reference((&q, &k, &v), heads, &lens, causal);
+            assert!(max_diff(&y, &r) < 1e-12, "causal {causal}");
+            check_grad(&q, |q| heads_attention(q, &k, &v, heads, &lens, causal));
+            check_grad(&k, |k| heads_attention(&q, k, &v, heads, &lens, causal));
+            check_grad(&v, |v| heads_attention(&q, &k, v, heads, &lens, causal));
+        }
+    }
+
+    #[test]
+    fn heads_attention_f32_matches_reference() {
+        let x = || Tensor::randn(0f32, 1.0, (2, 64, 96), &Device::Cpu).unwrap();
+        let (q, k, v) = (x(), x(), x());
+        let y = heads_attention(&q, &k, &v, 3, &[64, 40], false).unwrap();
+        let r = merged_reference((&q, &k, &v), 3, &[64, 40], false);
+        assert!(max_diff(&y, &r) < 1e-5);
+    }
+
+    #[test]
+    fn attention_block_composed_matches_reference() {
+        // the CPU path: RoPE and the split, masked attention, the merge
+        let (b, t, heads, kv, hd) = (2, 4, 4, 2, 4);
+        let inv = [1.0, 0.1];
+        let (cos, sin) = super::super::rope_tables(&inv, t, DType::F64, &Device::Cpu).unwrap();
+        let (q, k, v) = (
+            randn(&[b, t, heads * hd]),
+            randn(&[b, t, kv * hd]),
+            randn(&[b, t, kv * hd]),
+        );
+        let lens = [4usize, 3];
+        let fast = FastPath::default();
+        let got =
+            attention_block(&q, &k, &v, (&cos, &sin), (heads, kv), &lens, true, &fast).unwrap();
+        let rs = |x: &Tensor, n, rotate| {
+            crate::ops::reference::rope_split(x, &cos, &sin, n, rotate).unwrap()
+        };
+        let want = reference(
+            &rs(&q, heads, true),
+            &rs(&k, kv, true),
+            &rs(&v, kv, false),
+            &lens,
+            true,
+        )
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, heads * hd))
+        .unwrap();
+        assert!(max_diff(&got, &want) < 1e-12);
+    }
+}
