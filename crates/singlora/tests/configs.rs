@@ -12,6 +12,7 @@ use singlora::data::{collate, Encoded};
 use singlora::model::bert::Bert;
 use singlora::model::llama::{Llama, LlamaConfig};
 use singlora::model::weights::{ConfigReader, Weights};
+use singlora::model::{Body, Pooling, Task, TaskModel};
 use singlora::nn::rope_tables;
 
 fn fixtures() -> PathBuf {
@@ -299,46 +300,62 @@ fn edited_model(name: &str, edit: impl FnOnce(&mut Value)) -> (tempfile::TempDir
     (tmp, config)
 }
 
-#[test]
-fn checkpoint_tensors_the_config_gives_no_place_are_refused() {
-    // biases in the file, none in config.json: transformers would drop them, and so would we
-    let (tmp, config) = edited_model("llama_biases_linear", |c| {
-        c["attention_bias"] = json!(false);
-        c["mlp_bias"] = json!(false);
-    });
+/// The refusal to load fixture model `name` with its config.json edited by `edit`, checked to
+/// name the checkpoint and each of `words`.
+fn refusal_of_edited(name: &str, edit: impl FnOnce(&mut Value), words: &[&str]) {
+    let (tmp, config) = edited_model(name, edit);
     let e = err_text(logits(tmp.path(), &config, &[1, 2]));
     assert!(
-        e.contains(&tmp.path().display().to_string())
-            && e.contains("o_proj.bias")
-            && e.contains("attention_bias"),
-        "{e}"
+        e.contains(&tmp.path().display().to_string()),
+        "no file in: {e}"
     );
-    // the same file as a Mistral, whose class has no biases
-    let (tmp, config) = edited_model("llama_biases_linear", |c| {
-        c["model_type"] = json!("mistral")
-    });
-    let e = err_text(logits(tmp.path(), &config, &[1, 2]));
-    assert!(e.contains("q_proj.bias"), "{e}");
-    // a head of its own in the file while config.json ties it to the embedding
-    let (tmp, config) = edited_model("llama_biases_linear", |c| {
-        c["tie_word_embeddings"] = json!(true)
-    });
-    let e = err_text(logits(tmp.path(), &config, &[1, 2]));
-    assert!(
-        e.contains("lm_head.weight") && e.contains("tie_word_embeddings"),
-        "{e}"
-    );
+    for w in words {
+        assert!(e.contains(w), "no {w} in: {e}");
+    }
 }
 
 #[test]
-fn a_checkpoint_without_a_vocabulary_head_serves_no_logits() {
-    // untied, and the file has no lm_head.weight (a bare LlamaModel)
-    let (tmp, config) = edited_model("llama3_tied", |c| c["tie_word_embeddings"] = json!(false));
-    let e = err_text(logits(tmp.path(), &config, &[1, 2]));
-    assert!(
-        e.contains("lm_head.weight") && e.contains("tie_word_embeddings"),
-        "{e}"
+fn checkpoint_tensors_the_config_gives_no_place_are_refused() {
+    // biases in the file, none in config.json: transformers would drop them, and so would we
+    let no_biases = |c: &mut Value| {
+        c["attention_bias"] = json!(false);
+        c["mlp_bias"] = json!(false);
+    };
+    refusal_of_edited(
+        "llama_biases_linear",
+        no_biases,
+        &["o_proj.bias", "attention_bias"],
     );
+    // the same file as a Mistral, whose class has no biases
+    let mistral = |c: &mut Value| c["model_type"] = json!("mistral");
+    refusal_of_edited("llama_biases_linear", mistral, &["q_proj.bias"]);
+    // a head of its own in the file while config.json ties it to the embedding
+    let tied = |c: &mut Value| c["tie_word_embeddings"] = json!(true);
+    refusal_of_edited(
+        "llama_biases_linear",
+        tied,
+        &["lm_head.weight", "tie_word_embeddings"],
+    );
+    // untied, and the file has no lm_head.weight (a bare LlamaModel): no vocabulary logits
+    let untied = |c: &mut Value| c["tie_word_embeddings"] = json!(false);
+    refusal_of_edited(
+        "llama3_tied",
+        untied,
+        &["lm_head.weight", "tie_word_embeddings"],
+    );
+    // such a model still classifies, and SFT is refused before any training starts
+    let (tmp, config) = edited_model("llama3_tied", untied);
+    let path = tmp.path().join("config.json");
+    let weights = Weights::Checkpoint(Checkpoint::open(tmp.path()).unwrap());
+    let cfg = llama_config(&path, &config).unwrap();
+    let body = || {
+        let l = Llama::load(&weights, cfg.clone(), DType::F32, &Device::Cpu).unwrap();
+        Body::Llama(l)
+    };
+    let new = |task, labels| TaskModel::new(body(), task, labels, Pooling::Last, 0, &Device::Cpu);
+    new(Task::Classify, Some(2)).unwrap();
+    let e = err_text(new(Task::Sft, None));
+    assert!(e.contains(&tmp.path().display().to_string()), "{e}");
 }
 
 #[test]

@@ -23,6 +23,7 @@
 //! the frozen base runs as in evaluation mode.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -334,8 +335,8 @@ pub struct Llama {
     norm: Tensor,
     /// None when tied to the embedding, or when the checkpoint has no head.
     lm_head: Option<AdaptedLinear>,
-    /// False for a checkpoint without a vocabulary projection of any kind.
-    has_vocab_head: bool,
+    /// The checkpoint, where it has no vocabulary projection of any kind.
+    headless: Option<PathBuf>,
     dtype: DType,
     /// Benchmarks of the frozen base: make the embedded input a leaf variable so the backward
     /// runs through every layer without any trainable parameter.
@@ -489,10 +490,10 @@ impl Llama {
         // a non-persistent buffer that older checkpoints saved and transformers recomputes
         let owned = |n: &str| owned(n) && !n.ends_with(".rotary_emb.inv_freq");
         refuse_unread(w, &read, owned)?;
-        let (lm_head, has_vocab_head) = match lm_head {
-            VocabHead::Own(l) => (Some(l), true),
-            VocabHead::Tied => (None, true),
-            VocabHead::Missing => (None, false),
+        let (lm_head, headless) = match lm_head {
+            VocabHead::Own(l) => (Some(l), None),
+            VocabHead::Tied => (None, None),
+            VocabHead::Missing => (None, Some(w.source())),
         };
         Ok(Self {
             cfg,
@@ -500,7 +501,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            has_vocab_head,
+            headless,
             dtype,
             grad_from_embeddings: false,
             recompute: false,
@@ -511,7 +512,21 @@ impl Llama {
     /// tied to the embedding. A bare `LlamaModel` checkpoint with untied embeddings has
     /// neither, and serves classification only.
     pub fn has_vocab_head(&self) -> bool {
-        self.has_vocab_head
+        self.headless.is_none()
+    }
+
+    /// The refusal of vocabulary logits from a checkpoint without a head.
+    pub(crate) fn no_vocab_head(&self) -> Error {
+        let source = self
+            .headless
+            .as_deref()
+            .unwrap_or(Path::new("the checkpoint"));
+        Error::msg(format!(
+            "{}: no `lm_head.weight`, and config.json does not tie the head to the embedding \
+             (`tie_word_embeddings` is false): without a vocabulary projection the model serves \
+             classification, not SFT or generation",
+            source.display()
+        ))
     }
 
     /// Refuses a sequence of `t` tokens that would reach past the sliding attention window,
@@ -603,17 +618,8 @@ impl Llama {
     pub fn lm_logits(&self, rows: &Tensor) -> Result<Tensor> {
         match &self.lm_head {
             Some(head) => head.forward(rows),
-            None if self.has_vocab_head => Ok(frozen_matmul(rows, &self.embed)?),
-            None => Err(no_vocab_head()),
+            None if self.has_vocab_head() => Ok(frozen_matmul(rows, &self.embed)?),
+            None => Err(self.no_vocab_head()),
         }
     }
-}
-
-/// The refusal of vocabulary logits from a checkpoint without a head.
-pub(crate) fn no_vocab_head() -> Error {
-    Error::msg(
-        "this checkpoint has no `lm_head.weight` and config.json does not tie the head to the \
-         embedding (`tie_word_embeddings` is false): it has no vocabulary projection, so it \
-         cannot be used for SFT or generation (classification works)",
-    )
 }

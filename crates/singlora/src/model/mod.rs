@@ -426,7 +426,7 @@ impl TaskModel {
             }
             (Task::Classify, None) => return Err(Error::msg("classification needs a label set")),
             (Task::Sft, _) => match &body {
-                Body::Llama(l) if !l.has_vocab_head() => return Err(llama::no_vocab_head()),
+                Body::Llama(l) if !l.has_vocab_head() => return Err(l.no_vocab_head()),
                 Body::Llama(_) => None,
                 Body::Bert(_) => {
                     return Err(Error::msg(
