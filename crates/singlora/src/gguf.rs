@@ -5,6 +5,10 @@
 //! from llama.cpp's interleaved RoPE order into HF's rotate-half order, and the byte-level BPE
 //! vocabulary stored under `tokenizer.ggml.*` becomes a `tokenizers::Tokenizer`. The result
 //! can be fine-tuned exactly like a model loaded from `config.json` + safetensors.
+//!
+//! The metadata are read as llama.cpp reads them (RoPE scaling's type defaulting to linear, the
+//! older `rope.scale_linear` key), and a `llama.*` key or a tensor this loader does not
+//! implement (YaRN, `rope_freqs`, biases, partial rotary) is refused by name, never ignored.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -415,26 +419,108 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
     })
 }
 
+/// The `llama.*` metadata keys this loader reads or knows to leave the math alone; any other is
+/// refused rather than ignored, since llama.cpp may act on it.
+const KNOWN_LLAMA_KEYS: &[&str] = &[
+    "llama.context_length",
+    "llama.embedding_length",
+    "llama.block_count",
+    "llama.feed_forward_length",
+    "llama.vocab_size",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.attention.key_length",
+    "llama.attention.value_length",
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.rope.dimension_count",
+    "llama.rope.freq_base",
+    "llama.rope.scaling.type",
+    "llama.rope.scaling.factor",
+    "llama.rope.scale_linear",
+    "llama.rope.scaling.attn_factor",
+    // YaRN's pre-training context and a flag for the record: neither enters linear scaling
+    "llama.rope.scaling.original_context_length",
+    "llama.rope.scaling.finetuned",
+    "llama.expert_count",
+    "llama.expert_used_count",
+];
+
+fn refuse_unknown_keys(m: &Meta) -> Result<()> {
+    let mut unknown: Vec<&str> = m
+        .content
+        .metadata
+        .keys()
+        .map(String::as_str)
+        .filter(|k| k.starts_with("llama.") && !KNOWN_LLAMA_KEYS.contains(k))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    Err(Error::bad_file(
+        m.path,
+        format!(
+            "metadata {} not supported: llama.cpp may change the model's math by it, and \
+             singlora does not implement it",
+            unknown
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// RoPE scaling as llama.cpp applies it: the type defaults to linear, the factor comes from
+/// `rope.scaling.factor` or the older `rope.scale_linear` (0 or absent: none), and type `none`
+/// never scales; `rope.scaling.attn_factor` would scale the rotated values themselves.
 fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
-    let kind = m.string("llama.rope.scaling.type")?;
-    match kind {
-        None | Some("none") => Ok(None),
-        Some("linear") => {
-            let factor = m
-                .float("llama.rope.scaling.factor")?
-                .ok_or_else(|| m.missing("llama.rope.scaling.factor"))?;
+    if let Some(a) = m.float("llama.rope.scaling.attn_factor")? {
+        if a != 1.0 {
+            return Err(Error::bad_file(
+                m.path,
+                format!(
+                    "metadata `llama.rope.scaling.attn_factor` = {a} (a scale on RoPE's \
+                     cos/sin) is not supported"
+                ),
+            ));
+        }
+    }
+    let factor = match m.float("llama.rope.scaling.factor")? {
+        Some(f) => Some(("llama.rope.scaling.factor", f)),
+        None => m
+            .float("llama.rope.scale_linear")?
+            .map(|f| ("llama.rope.scale_linear", f)),
+    };
+    let factor = factor.filter(|(_, f)| *f != 0.0 && *f != 1.0);
+    match (
+        m.string("llama.rope.scaling.type")?.unwrap_or("linear"),
+        factor,
+    ) {
+        ("none", _) | ("linear", None) => Ok(None),
+        ("linear", Some((key, f))) => {
+            if !(f.is_finite() && f > 0.0) {
+                return Err(Error::bad_file(
+                    m.path,
+                    format!("metadata `{key}` = {f} is not a RoPE scaling factor"),
+                ));
+            }
             Ok(Some(
-                json!({"type": "linear", "rope_type": "linear", "factor": factor}),
+                json!({"type": "linear", "rope_type": "linear", "factor": f}),
             ))
         }
-        Some(other) => Err(Error::bad_file(
+        (other, _) => Err(Error::bad_file(
             m.path,
-            format!("RoPE scaling `{other}` is not supported (only none and linear)"),
+            format!(
+                "metadata `llama.rope.scaling.type` = `{other}` is not supported (none and \
+                 linear are)"
+            ),
         )),
     }
 }
 
 fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
+    refuse_unknown_keys(m)?;
     let eps = m
         .float("llama.attention.layer_norm_rms_epsilon")?
         .ok_or_else(|| m.missing("llama.attention.layer_norm_rms_epsilon"))?;
@@ -787,7 +873,9 @@ pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
     }
     if !unknown.is_empty() {
         let hint = if unknown.iter().any(|n| n.starts_with("rope_freqs")) {
-            " (`rope_freqs` holds LLaMA 3.1-style RoPE scaling, which is not supported)"
+            " (`rope_freqs` holds per-frequency RoPE factors, LLaMA 3.1's scaling as llama.cpp \
+             stores it, which singlora does not implement for GGUF files; load the Hugging Face \
+             checkpoint instead, whose config.json llama3 scaling is implemented)"
         } else {
             ""
         };
@@ -1008,6 +1096,17 @@ mod tests {
         extra_tensor: Option<&str>,
         tied: bool,
     ) -> BTreeMap<String, Tensor> {
+        write_tiny_with(path, arch, extra_tensor, tied, vec![])
+    }
+
+    /// [`write_tiny`] with `extra` metadata after the usual keys (replacing any of them).
+    fn write_tiny_with(
+        path: &Path,
+        arch: &str,
+        extra_tensor: Option<&str>,
+        tied: bool,
+        extra: Vec<(&str, Value)>,
+    ) -> BTreeMap<String, Tensor> {
         let dev = Device::Cpu;
         let mut hf = BTreeMap::new();
         let mut gg: Vec<(String, QTensor)> = vec![];
@@ -1123,6 +1222,11 @@ mod tests {
             ("tokenizer.ggml.add_bos_token", Value::Bool(tied)),
             ("tokenizer.chat_template", Value::String("{{ x }}".into())),
         ];
+        let mut md: Vec<(&str, Value)> = md
+            .into_iter()
+            .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+            .collect();
+        md.extend(extra);
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = gg.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut f = File::create(path).unwrap();
@@ -1230,6 +1334,86 @@ mod tests {
         assert!(e.contains("fake.gguf") && e.contains("not a GGUF"), "{e}");
         // Several .gguf files in one directory: no single answer.
         assert_eq!(find_gguf(dir.path()), None);
+    }
+
+    /// The RoPE settings a GGUF file implies, through the config.json it becomes.
+    fn rope_of(extra: Vec<(&str, Value)>) -> Result<crate::model::llama::LlamaConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rope.gguf");
+        write_tiny_with(&p, "llama", None, false, extra);
+        let m = load_gguf(&p, DType::F32)?;
+        crate::model::llama::Llama::config(&crate::model::weights::ConfigReader {
+            path: &p,
+            value: &m.config,
+        })
+    }
+
+    #[test]
+    fn rope_metadata_is_read_as_llama_cpp_reads_it() {
+        let plain = rope_of(vec![]).unwrap().inv_freq;
+        let hd = HIDDEN / HEADS;
+        for (i, f) in plain.iter().enumerate() {
+            let want = 100000f64.powf(-2.0 * i as f64 / hd as f64);
+            assert!((f - want).abs() <= 1e-15 * want, "{i}: {f} vs {want}");
+        }
+        let s = |x: &str| Value::String(x.into());
+        let cases: Vec<(Vec<(&str, Value)>, f64)> = vec![
+            // llama.cpp's type defaults to linear, so a factor alone scales
+            (vec![("llama.rope.scaling.factor", Value::F32(4.0))], 4.0),
+            (vec![("llama.rope.scale_linear", Value::F32(2.0))], 2.0),
+            (
+                vec![
+                    ("llama.rope.scaling.type", s("linear")),
+                    ("llama.rope.scaling.factor", Value::F32(8.0)),
+                    ("llama.rope.scaling.attn_factor", Value::F32(1.0)),
+                ],
+                8.0,
+            ),
+            // type none never scales; a factor of 0 or 1 is none
+            (
+                vec![
+                    ("llama.rope.scaling.type", s("none")),
+                    ("llama.rope.scaling.factor", Value::F32(4.0)),
+                ],
+                1.0,
+            ),
+            (vec![("llama.rope.scaling.factor", Value::F32(0.0))], 1.0),
+        ];
+        for (extra, factor) in cases {
+            let what = format!("{extra:?}");
+            let got = rope_of(extra).unwrap().inv_freq;
+            for (g, p) in got.iter().zip(&plain) {
+                assert!(
+                    (g * factor - p).abs() <= 1e-15 * p,
+                    "{what}: {g} vs {p}/{factor}"
+                );
+            }
+        }
+        let refused: Vec<(Vec<(&str, Value)>, &str)> = vec![
+            (
+                vec![
+                    ("llama.rope.scaling.type", s("yarn")),
+                    ("llama.rope.scaling.factor", Value::F32(4.0)),
+                ],
+                "llama.rope.scaling.type",
+            ),
+            (
+                vec![("llama.rope.scaling.attn_factor", Value::F32(2.0))],
+                "llama.rope.scaling.attn_factor",
+            ),
+            (
+                vec![("llama.attention.sliding_window", Value::U32(64))],
+                "llama.attention.sliding_window",
+            ),
+            (
+                vec![("llama.rope.dimension_count", Value::U32(2))],
+                "partial rotary",
+            ),
+        ];
+        for (extra, named) in refused {
+            let e = rope_of(extra).unwrap_err().to_string();
+            assert!(e.contains("rope.gguf") && e.contains(named), "{e}");
+        }
     }
 
     /// A plain LLaMA forward pass (no cache) returning the mean next-token loss and the logits.

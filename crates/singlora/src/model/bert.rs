@@ -4,12 +4,26 @@
 //! a = LN(x + O·attn(Q·x, K·x, V·x)), x = LN(a + W_out·act(W_in·a)). Tensor names with or without
 //! a `bert.` / `roberta.` prefix, and `LayerNorm.gamma/beta` as older checkpoints write them.
 //! RoBERTa numbers positions from `pad_token_id + 1` over the real tokens.
+//!
+//! config.json is read as transformers 5 reads it, and every key that changes this math is
+//! implemented or refused by name: absolute position embeddings only
+//! (`position_embedding_type`), no causal mask (`is_decoder`), no embedding projection
+//! (ELECTRA's `embedding_size` ≠ `hidden_size`), the activations of [`Activation::from_hf`];
+//! the embedding tables must have the shapes `vocab_size`, `max_position_embeddings` and
+//! `type_vocab_size` declare, and a tensor of the encoder that the config gives no place
+//! (cross-attention, say) is refused rather than dropped. Heads of other tasks in the file
+//! (`cls.*`, `lm_head.*`) are not the encoder's and are left alone, as `BertModel` does.
+//!
+//! Dropout (`hidden_dropout_prob`, `attention_probs_dropout_prob`) is a training-time
+//! regulariser that singlora does not apply: the frozen base runs as in evaluation mode.
+
+use std::collections::BTreeSet;
 
 use candle_core::{DType, Device, Tensor};
 
 pub(crate) mod fast;
 
-use super::weights::{ConfigReader, Weights};
+use super::weights::{refuse_unread, ConfigReader, Weights};
 use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
@@ -26,6 +40,8 @@ pub struct BertConfig {
     pub max_positions: usize,
     pub roberta: bool,
     pub pad_token_id: usize,
+    pub vocab: usize,
+    pub type_vocab: usize,
 }
 
 struct Norm {
@@ -34,12 +50,20 @@ struct Norm {
 }
 
 impl Norm {
-    fn load(w: &Weights, base: &str, hidden: usize, device: &Device) -> Result<Self> {
+    /// Loads `base`'s weight and bias, recording their names in `read`.
+    fn load(
+        w: &Weights,
+        base: &str,
+        hidden: usize,
+        device: &Device,
+        read: &mut BTreeSet<String>,
+    ) -> Result<Self> {
         let (wn, bn) = if w.contains(&format!("{base}.weight")) {
             (format!("{base}.weight"), format!("{base}.bias"))
         } else {
             (format!("{base}.gamma"), format!("{base}.beta"))
         };
+        read.extend([wn.clone(), bn.clone()]);
         Ok(Self {
             w: w.get_shaped(&wn, &[hidden], DType::F32, device)?,
             b: w.get_shaped(&bn, &[hidden], DType::F32, device)?,
@@ -78,27 +102,47 @@ pub struct Bert {
 
 impl Bert {
     pub fn config(c: &ConfigReader) -> Result<BertConfig> {
-        let model_type = c.str_or("model_type", "bert");
-        let act_name = c.str_or("hidden_act", "gelu");
+        let model_type = c.str_or("model_type", "bert")?;
+        let roberta = matches!(model_type, "roberta" | "xlm-roberta" | "camembert");
+        let act_name = c.str_or("hidden_act", "gelu")?;
         let act = Activation::from_hf(act_name).ok_or_else(|| {
-            Error::bad_field(
-                c.path,
+            c.unsupported(
                 "hidden_act",
-                format!("`{act_name}` is not supported"),
+                "gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish and relu are implemented",
             )
         })?;
+        c.refuse_unless(
+            "position_embedding_type",
+            |v| v.as_str() == Some("absolute"),
+            "only absolute position embeddings are implemented",
+        )?;
+        c.refuse_unless(
+            "is_decoder",
+            |v| v.as_bool() == Some(false),
+            "a BERT-family decoder (causal attention) is not implemented",
+        )?;
+        let hidden = c.usize("hidden_size")?;
+        if model_type == "electra" && c.usize_or("embedding_size", Some(128))? != hidden {
+            return Err(c.unsupported(
+                "embedding_size",
+                "ELECTRA's projection of the embeddings up to `hidden_size` is not implemented",
+            ));
+        }
         let cfg = BertConfig {
-            hidden: c.usize("hidden_size")?,
+            hidden,
             layers: c.usize("num_hidden_layers")?,
             heads: c.usize("num_attention_heads")?,
             intermediate: c.usize("intermediate_size")?,
             act,
             eps: c.f64_or("layer_norm_eps", 1e-12)?,
             max_positions: c.usize_or("max_position_embeddings", Some(512))?,
-            roberta: matches!(model_type, "roberta" | "xlm-roberta" | "camembert"),
-            pad_token_id: c.usize_or("pad_token_id", Some(0))?,
+            roberta,
+            // RoBERTa's classes default to 1, BERT's to 0
+            pad_token_id: c.usize_or("pad_token_id", Some(usize::from(roberta)))?,
+            vocab: c.usize_or("vocab_size", Some(30522))?,
+            type_vocab: c.usize_or("type_vocab_size", Some(2))?,
         };
-        if cfg.hidden % cfg.heads != 0 {
+        if cfg.heads == 0 || cfg.hidden % cfg.heads != 0 {
             return Err(Error::bad_field(
                 c.path,
                 "num_attention_heads",
@@ -122,42 +166,65 @@ impl Bert {
             .to_string();
         let h = cfg.hidden;
         let p = |s: &str| format!("{prefix}{s}");
-        let word = w.get(&p("embeddings.word_embeddings.weight"), dtype, device)?;
-        let pos = w.get(&p("embeddings.position_embeddings.weight"), dtype, device)?;
-        let token_type = if w.contains(&p("embeddings.token_type_embeddings.weight")) {
-            Some(w.get(&p("embeddings.token_type_embeddings.weight"), dtype, device)?)
-        } else {
-            None
+        let mut read = BTreeSet::new();
+        let table = |s: &str, rows: usize, read: &mut BTreeSet<String>| {
+            read.insert(p(s));
+            w.get_shaped(&p(s), &[rows, h], dtype, device)
         };
-        let emb_norm = Norm::load(w, &p("embeddings.LayerNorm"), h, device)?;
-        let mut layers = vec![];
-        for i in 0..cfg.layers {
-            let l = |s: &str| p(&format!("encoder.layer.{i}.{s}"));
-            let lin = |s: &str, o, inp| load_linear(w, &l(s), o, inp, true, dtype, device);
-            layers.push(Layer {
-                query: lin("attention.self.query", h, h)?,
-                key: lin("attention.self.key", h, h)?,
-                value: lin("attention.self.value", h, h)?,
-                attn_out: lin("attention.output.dense", h, h)?,
-                attn_norm: Norm::load(w, &l("attention.output.LayerNorm"), h, device)?,
-                inter: lin("intermediate.dense", cfg.intermediate, h)?,
-                out: lin("output.dense", h, cfg.intermediate)?,
-                out_norm: Norm::load(w, &l("output.LayerNorm"), h, device)?,
-            });
-        }
-        let pooler = if w.contains(&p("pooler.dense.weight")) {
-            Some(load_linear(
-                w,
-                &p("pooler.dense"),
-                h,
-                h,
-                true,
-                dtype,
-                device,
+        let word = table("embeddings.word_embeddings.weight", cfg.vocab, &mut read)?;
+        let pos = table(
+            "embeddings.position_embeddings.weight",
+            cfg.max_positions,
+            &mut read,
+        )?;
+        let token_type = if w.contains(&p("embeddings.token_type_embeddings.weight")) {
+            Some(table(
+                "embeddings.token_type_embeddings.weight",
+                cfg.type_vocab,
+                &mut read,
             )?)
         } else {
             None
         };
+        let emb_norm = Norm::load(w, &p("embeddings.LayerNorm"), h, device, &mut read)?;
+        let lin = |name: String, o, inp, read: &mut BTreeSet<String>| {
+            read.extend([format!("{name}.weight"), format!("{name}.bias")]);
+            load_linear(w, &name, o, inp, true, dtype, device)
+        };
+        let mut layers = vec![];
+        for i in 0..cfg.layers {
+            let l = |s: &str| p(&format!("encoder.layer.{i}.{s}"));
+            let r = &mut read;
+            layers.push(Layer {
+                query: lin(l("attention.self.query"), h, h, r)?,
+                key: lin(l("attention.self.key"), h, h, r)?,
+                value: lin(l("attention.self.value"), h, h, r)?,
+                attn_out: lin(l("attention.output.dense"), h, h, r)?,
+                attn_norm: Norm::load(w, &l("attention.output.LayerNorm"), h, device, r)?,
+                inter: lin(l("intermediate.dense"), cfg.intermediate, h, r)?,
+                out: lin(l("output.dense"), h, cfg.intermediate, r)?,
+                out_norm: Norm::load(w, &l("output.LayerNorm"), h, device, r)?,
+            });
+        }
+        let pooler = if w.contains(&p("pooler.dense.weight")) {
+            Some(lin(p("pooler.dense"), h, h, &mut read)?)
+        } else {
+            None
+        };
+        // the encoder's own tensors; `position_ids` and `token_type_ids` are index buffers
+        // that older checkpoints saved
+        let owned = |n: &str| {
+            n.strip_prefix(prefix.as_str()).is_some_and(|rest| {
+                ["embeddings.", "encoder.", "pooler."]
+                    .iter()
+                    .any(|s| rest.starts_with(s))
+                    && !matches!(
+                        rest,
+                        "embeddings.position_ids" | "embeddings.token_type_ids"
+                    )
+            })
+        };
+        refuse_unread(w, &read, owned)?;
         Ok(Self {
             cfg,
             prefix,
@@ -205,6 +272,15 @@ impl Bert {
         let device = batch.ids.device();
         if self.cfg.roberta {
             // positions count real tokens from pad + 1; padding gets the pad position
+            if self.cfg.pad_token_id + t >= self.cfg.max_positions {
+                return Err(Error::msg(format!(
+                    "sequence of {t} tokens needs RoBERTa positions up to {} (they start after \
+                     pad_token_id {}), beyond max_position_embeddings {}",
+                    self.cfg.pad_token_id + t,
+                    self.cfg.pad_token_id,
+                    self.cfg.max_positions
+                )));
+            }
             let mask = batch.mask.to_dtype(DType::F32)?;
             let csum = mask.cumsum(1)?;
             let pos = ((csum * &mask)? + self.cfg.pad_token_id as f64)?;

@@ -426,14 +426,15 @@ impl TaskModel {
                 )?)
             }
             (Task::Classify, None) => return Err(Error::msg("classification needs a label set")),
-            (Task::Sft, _) => {
-                if body.family() != Family::Llama {
+            (Task::Sft, _) => match &body {
+                Body::Llama(l) if !l.has_vocab_head() => return Err(l.no_vocab_head()),
+                Body::Llama(_) => None,
+                Body::Bert(_) => {
                     return Err(Error::msg(
                         "--task sft needs a decoder (LLaMA-family) model",
-                    ));
+                    ))
                 }
-                None
-            }
+            },
         };
         Ok(Self {
             body,
@@ -646,6 +647,10 @@ impl TaskModel {
         candle_core::backprop::GradStore,
         std::collections::HashSet<candle_core::TensorId>,
     )> {
+        if let Body::Llama(l) = &self.body {
+            // the CUDA layers below do not pass through `hidden_states`, which checks this too
+            l.check_len(batch.ids.dim(1)?)?;
+        }
         #[cfg(feature = "cuda")]
         if let Body::Llama(l) = &self.body {
             let index = match self.task {

@@ -1,7 +1,7 @@
 //! Where a model's frozen weights come from: a safetensors checkpoint directory, or tensors
 //! already in memory (a dequantised GGUF file), loaded onto a device in a chosen dtype.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -88,19 +88,65 @@ impl Weights {
     }
 }
 
-/// Reads a typed field of config.json, naming it on error.
+/// Refuses tensors of the model's own namespace (`owned`) that loading did not `read`: a
+/// bias or a layer that config.json does not declare would otherwise drop out of the math
+/// without a word.
+pub fn refuse_unread(
+    w: &Weights,
+    read: &BTreeSet<String>,
+    owned: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let unread: Vec<String> = w
+        .names()
+        .into_iter()
+        .filter(|n| owned(n) && !read.contains(n))
+        .collect();
+    if unread.is_empty() {
+        return Ok(());
+    }
+    let shown = unread
+        .iter()
+        .take(6)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = unread.len().saturating_sub(6);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    Err(Error::msg(format!(
+        "{}: the checkpoint has tensors that config.json gives no place in the model: \
+         {shown}{more}. Using the model without them would compute something else than \
+         transformers does; check config.json (e.g. `attention_bias`, `mlp_bias`, the model \
+         type) against the checkpoint",
+        w.source().display()
+    )))
+}
+
+/// Reads a typed field of config.json, naming it on error. A field name with dots reaches into
+/// nested objects (`rope_parameters.factor`); HF's keys have no dots of their own.
 pub struct ConfigReader<'a> {
     pub path: &'a Path,
     pub value: &'a Value,
 }
 
 impl ConfigReader<'_> {
+    /// The value of `field`, None when absent or null (transformers reads both as unset).
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        field
+            .split('.')
+            .try_fold(self.value, |v, key| v.get(key))
+            .filter(|v| !v.is_null())
+    }
+
     pub fn usize(&self, field: &str) -> Result<usize> {
         self.usize_or(field, None)
     }
 
     pub fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
-        match (self.value.get(field).filter(|v| !v.is_null()), default) {
+        match (self.get(field), default) {
             (Some(v), _) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
                 Error::bad_field(
                     self.path,
@@ -117,17 +163,28 @@ impl ConfigReader<'_> {
         }
     }
 
+    pub fn f64_opt(&self, field: &str) -> Result<Option<f64>> {
+        self.get(field)
+            .map(|v| {
+                v.as_f64().ok_or_else(|| {
+                    Error::bad_field(self.path, field, format!("must be a number, found {v}"))
+                })
+            })
+            .transpose()
+    }
+
     pub fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
-        match self.value.get(field).filter(|v| !v.is_null()) {
-            Some(v) => v.as_f64().ok_or_else(|| {
-                Error::bad_field(self.path, field, format!("must be a number, found {v}"))
-            }),
-            None => Ok(default),
-        }
+        Ok(self.f64_opt(field)?.unwrap_or(default))
+    }
+
+    /// A number the math cannot do without.
+    pub fn f64_req(&self, field: &str) -> Result<f64> {
+        self.f64_opt(field)?
+            .ok_or_else(|| Error::bad_field(self.path, field, "is required but missing"))
     }
 
     pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
-        match self.value.get(field).filter(|v| !v.is_null()) {
+        match self.get(field) {
             Some(v) => v.as_bool().ok_or_else(|| {
                 Error::bad_field(
                     self.path,
@@ -139,10 +196,41 @@ impl ConfigReader<'_> {
         }
     }
 
-    pub fn str_or<'b>(&'b self, field: &str, default: &'b str) -> &'b str {
-        self.value
-            .get(field)
-            .and_then(Value::as_str)
-            .unwrap_or(default)
+    pub fn str_opt(&self, field: &str) -> Result<Option<&str>> {
+        self.get(field)
+            .map(|v| {
+                v.as_str().ok_or_else(|| {
+                    Error::bad_field(self.path, field, format!("must be a string, found {v}"))
+                })
+            })
+            .transpose()
+    }
+
+    pub fn str_or<'b>(&'b self, field: &str, default: &'b str) -> Result<&'b str> {
+        Ok(self.str_opt(field)?.unwrap_or(default))
+    }
+
+    /// The refusal of `field`'s value: a setting that changes the model's math and that
+    /// singlora does not implement. `hint` says what is supported or what to do.
+    pub fn unsupported(&self, field: &str, hint: impl Into<String>) -> Error {
+        Error::Unsupported {
+            path: self.path.to_path_buf(),
+            field: field.to_string(),
+            value: self.get(field).map_or("null".into(), Value::to_string),
+            hint: hint.into(),
+        }
+    }
+
+    /// Refuses `field` when it is set and `supported` says no to its value.
+    pub fn refuse_unless(
+        &self,
+        field: &str,
+        supported: impl Fn(&Value) -> bool,
+        hint: &str,
+    ) -> Result<()> {
+        match self.get(field) {
+            Some(v) if !supported(v) => Err(self.unsupported(field, hint)),
+            _ => Ok(()),
+        }
     }
 }

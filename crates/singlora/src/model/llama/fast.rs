@@ -50,7 +50,6 @@ use crate::ops::residual::{add, add_lr};
 use crate::ops::swiglu::cuda::{swiglu_bwd, swiglu_bwd_lr, swiglu_fwd, swiglu_fwd_lr};
 use crate::ops::xent::cuda::xent_grad_inplace;
 use crate::ops::{key_lens, rope_tables, FastPath};
-use crate::dist::GradSync;
 
 /// [`mark`] on a CUDA device (nothing elsewhere).
 pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {
