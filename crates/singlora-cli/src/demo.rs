@@ -12,7 +12,6 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use singlora::adapter::Method;
-use singlora::data::cache_dir;
 use singlora::device::DeviceSpec;
 use singlora::train::{train as run_training, TrainConfig};
 
@@ -188,7 +187,7 @@ pub fn ensure_data(cache: &Path) -> Result<(PathBuf, PathBuf)> {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let cache = cache_dir(a.cache.clone());
+    let cache = crate::process::cache_dir(a.cache.clone());
     let model = ensure_model(&cache)?;
     let (train, eval) = ensure_data(&cache)?;
     println!(

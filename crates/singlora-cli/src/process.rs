@@ -1,7 +1,18 @@
 //! Process set-up shared by the `singlora` and `singlora-lab` binaries (the lab includes this
-//! file), so that benchmarks run training steps exactly as `singlora train` does.
+//! file), so that benchmarks run training steps exactly as `singlora train` does, and the
+//! cache both fetch into.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// The directory where `singlora demo` keeps what it fetches (the model under
+/// `all-MiniLM-L6-v2/`, the data set under `rotten_tomatoes/`): `arg`, else `$SINGLORA_CACHE`,
+/// else `~/.cache/singlora`.
+pub fn cache_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("SINGLORA_CACHE").map(PathBuf::from))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/singlora")))
+        .unwrap_or_else(|| PathBuf::from(".singlora-cache"))
+}
 
 // Training allocates and frees large activation buffers every step; mimalloc keeps them mapped
 // instead of returning them to the kernel and faulting them back in (a third of a CPU step).

