@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's side-by-side table in one device call (after scripts/build-cuda.sh here; ~4 min):
+# The side-by-side speed table of docs/benchmarks.md in one device call (after scripts/build-cuda.sh here; ~4 min):
 #   bash bench/run_table.sh
 # Ours at both shapes (frozen base, SingLoRA, LoRA, DoRA, with the matmul ceiling), PyTorch's
 # frozen base eager and under torch.compile at both shapes, then a second run of ours, 7B at

@@ -265,6 +265,40 @@ pub fn legend_line(color: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathEl
 }
 
 /// A panel with a title and a line of text instead of a chart.
+/// The panels' common axes: step on x, `$y_desc` on y, light grid, 8 labels each.
+macro_rules! mesh {
+    ($chart:expr, $y_desc:expr) => {
+        $chart
+            .configure_mesh()
+            .x_desc("optimizer step")
+            .y_desc($y_desc)
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
+            .x_labels(8)
+            .y_labels(8)
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(GRID_COLOR)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .draw()
+            .map_err(err)?
+    };
+}
+
+/// The panels' legend box, at `$position` (a `SeriesLabelPosition`).
+macro_rules! legend {
+    ($chart:expr, $position:ident) => {
+        $chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::$position)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(160, 160, 160))
+            .label_font((FONT, 13))
+            .draw()
+            .map_err(err)
+    };
+}
+
 fn message_panel(area: &Area, title: &str, message: &str) -> DrawResult {
     let inner = area
         .margin(12, 12, 12, 12)
@@ -294,20 +328,7 @@ fn loss_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
         .y_label_area_size(65)
         .build_cartesian_2d(x.0..x.1, y.0..y.1)
         .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("loss")
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .x_labels(8)
-        .y_labels(8)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
+    mesh!(chart, "loss");
     if !c.loss.is_empty() {
         let smooth = smoothed(&c.loss);
         let raw_style = if smooth.is_some() {
@@ -350,14 +371,7 @@ fn loss_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
             .label("eval loss")
             .legend(legend_line(EVAL_LOSS_COLOR, 2));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(err)
+    legend!(chart, UpperRight)
 }
 
 fn classification_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
@@ -368,20 +382,7 @@ fn classification_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
         .y_label_area_size(65)
         .build_cartesian_2d(x.0..x.1, 0.0..1.0)
         .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("fraction of examples")
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .x_labels(8)
-        .y_labels(8)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
+    mesh!(chart, "fraction of examples");
     for (points, color, label) in [
         (&c.accuracy, ACCURACY_COLOR, "accuracy"),
         (&c.f1_macro, F1_COLOR, "macro-F1"),
@@ -396,14 +397,7 @@ fn classification_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
             .label(label)
             .legend(legend_line(color, 2));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(err)
+    legend!(chart, LowerRight)
 }
 
 fn perplexity_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
@@ -425,20 +419,7 @@ fn perplexity_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
             (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
         )
         .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("optimizer step")
-        .y_desc("perplexity (log scale)")
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .x_labels(8)
-        .y_labels(8)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
+    mesh!(chart, "perplexity (log scale)");
     chart
         .draw_series(
             LineSeries::new(c.perplexity.clone(), PERPLEXITY_COLOR.stroke_width(2)).point_size(3),
@@ -446,14 +427,7 @@ fn perplexity_panel(area: &Area, c: &Curves, x: (f64, f64)) -> DrawResult {
         .map_err(err)?
         .label("eval perplexity")
         .legend(legend_line(PERPLEXITY_COLOR, 2));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 13))
-        .draw()
-        .map_err(err)
+    legend!(chart, UpperRight)
 }
 
 fn draw(svg: &mut String, lines: &[Value], title: &str) -> DrawResult {
