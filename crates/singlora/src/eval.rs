@@ -17,6 +17,8 @@ pub struct EvalResult {
     pub metrics: Option<ClassificationMetrics>,
     pub perplexity: Option<f64>,
     pub n: usize,
+    /// Classification: the predicted class of each item, in the items' order (empty for SFT).
+    pub predictions: Vec<usize>,
 }
 
 impl EvalResult {
@@ -66,14 +68,18 @@ pub fn evaluate(
     let mut count = 0usize;
     let mut preds = vec![];
     let mut labels = vec![];
+    // (item index, prediction): batches group items by length
+    let mut by_item = vec![];
     for idx in data::epoch_batches(&lengths, batch_size, 0, 0, false) {
         let batch = data::collate(items, &idx, pad_id, device)?;
         let s = model.eval_batch(&batch)?;
         nll += s.nll_sum;
         count += s.count;
+        by_item.extend(idx.iter().copied().zip(s.preds.iter().copied()));
         preds.extend(s.preds);
         labels.extend(s.labels);
     }
+    by_item.sort_unstable();
     model.clock.set_training(was);
     let loss = nll / count.max(1) as f64;
     Ok(match (model.task, n_labels) {
@@ -82,12 +88,14 @@ pub fn evaluate(
             metrics: Some(ClassificationMetrics::compute(&preds, &labels, n)),
             perplexity: None,
             n: count,
+            predictions: by_item.into_iter().map(|(_, p)| p).collect(),
         },
         _ => EvalResult {
             loss,
             metrics: None,
             perplexity: Some(crate::metrics::perplexity(loss)),
             n: count,
+            predictions: vec![],
         },
     })
 }

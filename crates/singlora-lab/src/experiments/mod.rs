@@ -8,7 +8,10 @@
 //!   GPT-2) from the weight shapes, checked against adapters built by the library.
 //! - [`sweep`]: training sweeps on a real model and data set (learning rate, rank and
 //!   parameter budget, initialisation, ramp length), many runs at once per device.
+//! - [`snli`]: the pre-registered SNLI comparison of the methods (learning rate picked on dev,
+//!   seeds scored on test).
 
 pub mod attention_fit;
 pub mod param_counts;
+pub mod snli;
 pub mod sweep;

@@ -227,7 +227,7 @@ fn train_config(spec: &SweepSpec, job: &Job, device: &str) -> Result<TrainConfig
 }
 
 /// `singlora train` arguments for `cfg` (the settings a sweep changes).
-fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
+pub(crate) fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "train".into(),
         "--model".into(),
@@ -270,26 +270,22 @@ fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
     if let Some(t) = cfg.ramp_steps {
         a.extend(["--ramp-steps".into(), t.to_string()]);
     }
+    if let Some(t) = &cfg.targets {
+        a.extend(["--targets".into(), t.clone()]);
+    }
     a
 }
 
-fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
-    let dir = spec.out.join("runs").join(job.name());
-    let cfg = train_config(spec, job, device)?;
-    let lr = cfg.learning_rate();
-    let t0 = Instant::now();
-    match &spec.exe {
+/// Trains `cfg` into `dir` (replacing an earlier attempt): in this process, or as a
+/// `singlora train` child process of `exe`.
+pub(crate) fn train_run(cfg: TrainConfig, dir: &Path, exe: Option<&Path>) -> Result<()> {
+    match exe {
         None => {
-            train(
-                cfg,
-                &dir,
-                true,
-                std::sync::Arc::new(singlora::train::Silent),
-            )?;
+            train(cfg, dir, true, std::sync::Arc::new(singlora::train::Silent))?;
         }
         Some(exe) => {
             let o = std::process::Command::new(exe)
-                .args(train_args(&cfg, &dir))
+                .args(train_args(&cfg, dir))
                 .output()
                 .map_err(|e| Error::msg(format!("{}: {e}", exe.display())))?;
             if !o.status.success() {
@@ -302,39 +298,118 @@ fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
             }
         }
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    // the final evaluation and the plan, from the run's own files
+    Ok(())
+}
+
+/// The run's last evaluation line and its number of updates, from its metrics.jsonl.
+pub(crate) fn final_eval(dir: &Path) -> Result<(serde_json::Value, u64)> {
     let lines = singlora::metrics::read_metrics(&dir.join("metrics.jsonl"))?;
     let ev = lines
         .iter()
         .rev()
         .find(|l| l.get("eval_accuracy").is_some())
-        .ok_or_else(|| Error::msg(format!("{}: no eval accuracy in metrics.jsonl", job.name())))?;
+        .cloned()
+        .ok_or_else(|| {
+            Error::msg(format!(
+                "{}: no eval accuracy in metrics.jsonl",
+                dir.display()
+            ))
+        })?;
     let updates = lines
         .iter()
         .rev()
         .find(|l| l.get("loss").is_some())
         .and_then(|l| l["step"].as_u64())
         .unwrap_or(0);
+    Ok((ev, updates))
+}
+
+/// Removes everything of a finished run but run.json and metrics.jsonl.
+pub(crate) fn prune_run(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let p = entry.at(dir)?.path();
+        let keep = p
+            .file_name()
+            .is_some_and(|n| n == "run.json" || n == "metrics.jsonl");
+        if !keep {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).at(&p)?;
+            } else {
+                std::fs::remove_file(&p).at(&p)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `jobs` with one worker thread per entry of `workers` (a device name each), appending
+/// each result to the JSON-lines file `log` as it finishes. No job starts after `deadline`. A
+/// job that fails is reported on stderr and left out (a rerun retries it). Returns how many
+/// finished.
+pub(crate) fn run_queue<J: Send, R: Serialize>(
+    jobs: Vec<J>,
+    workers: &[String],
+    log: &Path,
+    deadline: Option<Instant>,
+    name: impl Fn(&J) -> String + Sync,
+    run_one: impl Fn(&J, &str) -> Result<R> + Sync,
+    progress: impl Fn(&R, usize, usize) + Sync,
+) -> Result<usize> {
+    let total = jobs.len();
+    let queue = Mutex::new(jobs.into_iter().rev().collect::<Vec<_>>());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .at(log)?;
+    let log_state = Mutex::new((file, 0usize));
+    std::thread::scope(|s| {
+        for device in workers {
+            let (queue, log_state, progress, name, run_one) =
+                (&queue, &log_state, &progress, &name, &run_one);
+            s.spawn(move || loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let Some(job) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                match run_one(&job, device) {
+                    Ok(rec) => {
+                        use std::io::Write;
+                        let mut l = log_state.lock().unwrap();
+                        let line = serde_json::to_string(&rec).unwrap_or_default();
+                        if let Err(e) = writeln!(l.0, "{line}") {
+                            eprintln!("{}: {e}", log.display());
+                        }
+                        l.1 += 1;
+                        progress(&rec, l.1, total);
+                    }
+                    Err(e) => eprintln!("{} on {device} failed: {e}", name(&job)),
+                }
+            });
+        }
+    });
+    let done = log_state.lock().unwrap().1;
+    Ok(done)
+}
+
+fn run_one(spec: &SweepSpec, job: &Job, device: &str) -> Result<Record> {
+    let dir = spec.out.join("runs").join(job.name());
+    let cfg = train_config(spec, job, device)?;
+    let lr = cfg.learning_rate();
+    let t0 = Instant::now();
+    train_run(cfg, &dir, spec.exe.as_deref())?;
+    let seconds = t0.elapsed().as_secs_f64();
+    // the final evaluation and the plan, from the run's own files
+    let (ev, updates) = final_eval(&dir)?;
     let f = |k: &str| ev[k].as_f64().unwrap_or(f64::NAN);
     let run: serde_json::Value = singlora::checkpoint::read_json(&dir.join("run.json"))?;
     let plan = &run["plan"];
     let params =
         plan["adapter_params"].as_u64().unwrap_or(0) + plan["head_params"].as_u64().unwrap_or(0);
     if !spec.keep_runs {
-        for entry in std::fs::read_dir(&dir).at(&dir)? {
-            let p = entry.at(&dir)?.path();
-            let keep = p
-                .file_name()
-                .is_some_and(|n| n == "run.json" || n == "metrics.jsonl");
-            if !keep {
-                if p.is_dir() {
-                    std::fs::remove_dir_all(&p).at(&p)?;
-                } else {
-                    std::fs::remove_file(&p).at(&p)?;
-                }
-            }
-        }
+        prune_run(&dir)?;
     }
     Ok(Record {
         experiment: spec.kind.clone(),
@@ -376,44 +451,20 @@ pub fn run(
         .filter(|j| !done.contains(&j.name()))
         .cloned()
         .collect();
-    let total = todo.len();
-    let queue = Mutex::new(todo.into_iter().rev().collect::<Vec<_>>());
-    let log = Mutex::new((
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(spec.out.join("runs.jsonl"))
-            .at(&spec.out.join("runs.jsonl"))?,
-        0usize,
-    ));
     let workers: Vec<String> = spec
         .devices
         .iter()
         .flat_map(|d| std::iter::repeat_n(d.clone(), spec.jobs_per_device.max(1)))
         .collect();
-    std::thread::scope(|s| {
-        for device in &workers {
-            let (queue, log, progress) = (&queue, &log, &progress);
-            s.spawn(move || loop {
-                let Some(job) = queue.lock().unwrap().pop() else {
-                    break;
-                };
-                match run_one(spec, &job, device) {
-                    Ok(rec) => {
-                        use std::io::Write;
-                        let mut l = log.lock().unwrap();
-                        let line = serde_json::to_string(&rec).unwrap_or_default();
-                        if let Err(e) = writeln!(l.0, "{line}") {
-                            eprintln!("runs.jsonl: {e}");
-                        }
-                        l.1 += 1;
-                        progress(&rec, l.1, total);
-                    }
-                    Err(e) => eprintln!("{} on {device} failed: {e}", job.name()),
-                }
-            });
-        }
-    });
+    run_queue(
+        todo,
+        &workers,
+        &spec.out.join("runs.jsonl"),
+        None,
+        Job::name,
+        |job, device| run_one(spec, job, device),
+        progress,
+    )?;
     records(spec)
 }
 
