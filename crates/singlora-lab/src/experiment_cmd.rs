@@ -66,7 +66,10 @@ struct SnliArgs {
     /// Start no run after this many minutes (the runs under way finish).
     #[arg(long)]
     minutes: Option<f64>,
-    /// Output directory (runs.jsonl, runs/).
+    /// Only write OUT/summary.md and OUT/lr.svg from the runs already in OUT.
+    #[arg(long)]
+    report_only: bool,
+    /// Output directory (runs.jsonl, runs/, summary.md, lr.svg).
     #[arg(long, default_value = "docs/results/snli")]
     out: PathBuf,
 }
@@ -299,6 +302,14 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
         return Ok(());
     }
     let model = a.model.unwrap_or_else(|| cache.join("all-MiniLM-L6-v2"));
+    if a.report_only {
+        let records: Vec<snli::Record> = snli::read_records(&a.out)?
+            .into_iter()
+            .filter(|r| r.train_rows == a.train_rows)
+            .collect();
+        println!("{}", snli::report(&records, &data, &a.out)?);
+        return Ok(());
+    }
     for p in [&model, &data] {
         if !p.exists() {
             anyhow::bail!(
@@ -341,6 +352,7 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
         records.len(),
         a.out.join("runs.jsonl").display()
     );
+    println!("{}", snli::report(&records, &spec.data, &a.out)?);
     Ok(())
 }
 

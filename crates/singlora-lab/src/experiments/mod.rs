@@ -10,8 +10,10 @@
 //!   parameter budget, initialisation, ramp length), many runs at once per device.
 //! - [`snli`]: the pre-registered SNLI comparison of the methods (learning rate picked on dev,
 //!   seeds scored on test).
+//! - [`stats`]: McNemar's exact test and a bootstrap over seeds and test items.
 
 pub mod attention_fit;
 pub mod param_counts;
 pub mod snli;
+pub mod stats;
 pub mod sweep;

@@ -400,6 +400,225 @@ pub fn prepare(src: &Path, dir: &Path) -> Result<[usize; 3]> {
     Ok([train.len(), dev.len(), test.len()])
 }
 
+/// The gold label of each test row, as indices into `labels`.
+fn test_truth(data: &Path, labels: &[String]) -> Result<Vec<u8>> {
+    let p = data.join("test.jsonl");
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .map_err(|e| Error::bad_file(&p, format!("line {}: {e}", i + 1)))?;
+            let name = v["label"].as_str().unwrap_or_default();
+            labels
+                .iter()
+                .position(|n| n == name)
+                .map(|k| k as u8)
+                .ok_or_else(|| {
+                    Error::bad_file(&p, format!("line {}: label {name:?} unknown", i + 1))
+                })
+        })
+        .collect()
+}
+
+/// A p-value: two decimals, or one significant digit below 0.01.
+fn fmt_p(p: f64) -> String {
+    if p >= 0.01 {
+        format!("{p:.2}")
+    } else {
+        format!("{p:.0e}")
+    }
+}
+
+fn predictions(r: &Record) -> Vec<u8> {
+    r.test_predictions
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| c.to_digit(36).map_or(u8::MAX, |d| d as u8))
+        .collect()
+}
+
+/// `summary.md` and `lr.svg` in `out` from the records of one training-set size: the
+/// selection grid on dev, then the test table with intervals and the comparison with
+/// [`REFERENCE`]. Returns the markdown.
+pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
+    use super::stats::{bootstrap_mean, discordant, mcnemar_exact};
+    use std::fmt::Write as _;
+    let rows = records.first().map_or(0, |r| r.train_rows);
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### Learning rate picked on dev (seed {SELECT_SEED}, {rows} training pairs)\n"
+    );
+    let _ = write!(md, "| configuration |");
+    for lr in LR_GRID {
+        let _ = write!(md, " {lr:.0e} |");
+    }
+    let _ = writeln!(md, " picked |\n|---|{}---|", "---|".repeat(LR_GRID.len()));
+    let picked = picked_rates(records);
+    let mut series = vec![];
+    for &(config, _, _) in &CONFIGS {
+        let _ = write!(md, "| {config} |");
+        let mut points = vec![];
+        for lr in LR_GRID {
+            match records
+                .iter()
+                .find(|r| r.stage == Stage::Select && r.config == config && r.lr == lr)
+            {
+                Some(r) => {
+                    let acc = 100.0 * r.dev_accuracy;
+                    let _ = write!(md, " {acc:.2} |");
+                    points.push(crate::bands::BandPoint {
+                        x: lr,
+                        lo: acc,
+                        q1: acc,
+                        median: acc,
+                        q3: acc,
+                        hi: acc,
+                    });
+                }
+                None => {
+                    let _ = write!(md, " – |");
+                }
+            }
+        }
+        let _ = writeln!(
+            md,
+            " {} |",
+            picked
+                .get(config)
+                .map_or("–".into(), |lr| format!("{lr:.0e}"))
+        );
+        if !points.is_empty() {
+            series.push(crate::bands::BandSeries {
+                label: config.into(),
+                points,
+            });
+        }
+    }
+    if !series.is_empty() {
+        crate::bands::write_linear_bands(
+            &out.join("lr.svg"),
+            &format!("SNLI dev accuracy against learning rate (MiniLM, {rows} pairs, seed 0)"),
+            "learning rate (LoRA+: of A)",
+            "dev accuracy (%)",
+            &series,
+            true,
+        )?;
+    }
+
+    let tests: Vec<&Record> = records.iter().filter(|r| r.stage == Stage::Test).collect();
+    let Some(first) = tests.first() else {
+        let _ = writeln!(md, "\nNo test runs yet.");
+        singlora::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
+        return Ok(md);
+    };
+    let truth = test_truth(data, &first.labels)?;
+    let by_seed = |config: &str| -> BTreeMap<u64, &Record> {
+        tests
+            .iter()
+            .filter(|r| r.config == config)
+            .map(|r| (r.seed, *r))
+            .collect()
+    };
+    let reference = by_seed(REFERENCE);
+    let _ = writeln!(
+        md,
+        "\n### Test accuracy (9,824 SNLI test pairs; seeds {}–{})\n",
+        TEST_SEEDS[0],
+        TEST_SEEDS[TEST_SEEDS.len() - 1]
+    );
+    let _ = writeln!(
+        md,
+        "| configuration | trainable params | lr | accuracy per seed (%) | mean ± std | mean, 95% interval | − {REFERENCE}, 95% interval | McNemar p per seed |\n|---|---|---|---|---|---|---|---|"
+    );
+    for &(config, _, _) in &CONFIGS {
+        let runs = by_seed(config);
+        if runs.is_empty() {
+            continue;
+        }
+        for r in runs.values() {
+            if r.labels != first.labels {
+                return Err(Error::msg(format!(
+                    "{}: label order {:?} differs from {:?}",
+                    r.name, r.labels, first.labels
+                )));
+            }
+        }
+        let accs: Vec<f64> = runs
+            .values()
+            .map(|r| 100.0 * r.test_accuracy.unwrap_or(f64::NAN))
+            .collect();
+        let (m, sd) = super::sweep::mean_std(&accs);
+        let correct: Vec<Vec<i8>> = runs
+            .values()
+            .map(|r| {
+                predictions(r)
+                    .iter()
+                    .zip(&truth)
+                    .map(|(p, t)| (p == t) as i8)
+                    .collect()
+            })
+            .collect();
+        let ci = bootstrap_mean(&correct, 10_000, 0);
+        let paired: Vec<(&Record, &Record)> = runs
+            .iter()
+            .filter_map(|(s, r)| reference.get(s).map(|q| (*r, *q)))
+            .collect();
+        let (diff, ps) = if config == REFERENCE || paired.is_empty() {
+            ("–".to_string(), "–".to_string())
+        } else {
+            let d: Vec<Vec<i8>> = paired
+                .iter()
+                .map(|(a, b)| {
+                    predictions(a)
+                        .iter()
+                        .zip(predictions(b))
+                        .zip(&truth)
+                        .map(|((x, y), t)| (x == t) as i8 - (y == *t) as i8)
+                        .collect()
+                })
+                .collect();
+            let di = bootstrap_mean(&d, 10_000, 0);
+            let ps: Vec<String> = paired
+                .iter()
+                .map(|(a, b)| {
+                    let (only_a, only_b) = discordant(&predictions(a), &predictions(b), &truth);
+                    fmt_p(mcnemar_exact(only_a, only_b))
+                })
+                .collect();
+            (
+                format!(
+                    "{:+.2} [{:+.2}, {:+.2}] ({} pairs)",
+                    100.0 * di.estimate,
+                    100.0 * di.lo,
+                    100.0 * di.hi,
+                    paired.len()
+                ),
+                ps.join(", "),
+            )
+        };
+        let first_run = runs.values().next().expect("non-empty");
+        let _ = writeln!(
+            md,
+            "| {config} | {} | {:.0e} | {} | {m:.2} ± {sd:.2} | {:.2} [{:.2}, {:.2}] | {diff} | {ps} |",
+            first_run.trainable_params,
+            first_run.lr,
+            accs.iter()
+                .map(|a| format!("{a:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            100.0 * ci.estimate,
+            100.0 * ci.lo,
+            100.0 * ci.hi,
+        );
+    }
+    singlora::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
+    Ok(md)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
