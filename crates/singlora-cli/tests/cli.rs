@@ -667,19 +667,9 @@ fn signals_checkpoint_and_exit_non_zero() {
     assert!(out.contains(&format!("trained {to} updates")), "{out}");
 }
 
-/// Every file and folder under `dir` (itself included).
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
+#[cfg(unix)]
+#[path = "../../singlora/tests/support/modes.rs"]
+mod modes;
 
 /// A run directory (adapters, checkpoints, metrics, run.json) and a merged model can be read by
 /// other users as the umask allows: the modes a plain create gives here (0644 and 0755 under
@@ -687,20 +677,9 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[cfg(unix)]
 #[test]
 fn outputs_get_the_modes_the_umask_gives() {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
-    std::fs::write(root.join("probe"), b"").unwrap();
-    std::fs::create_dir(root.join("probe-dir")).unwrap();
-    let (file, folder) = (mode(&root.join("probe")), mode(&root.join("probe-dir")));
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    if status
-        .lines()
-        .any(|l| l.split_whitespace().eq(["Umask:", "0022"]))
-    {
-        assert_eq!((file, folder), (0o644, 0o755));
-    }
+    let modes = modes::expected_modes(root);
     let model = tiny_bert(root);
     let data = root.join("d.jsonl");
     std::fs::write(
@@ -735,16 +714,15 @@ fn outputs_get_the_modes_the_umask_gives() {
         &merged,
     ]);
     assert!(o.status.success(), "{:?}", text(&o));
-    let mut checked = 0;
-    for dir in [&run, &merged] {
-        for e in walk(Path::new(dir)) {
-            let is_dir = std::fs::symlink_metadata(&e).unwrap().is_dir();
-            let want = if is_dir { folder } else { file };
-            assert_eq!(mode(&e), want, "{} is {:o}", e.display(), mode(&e));
-            checked += usize::from(e.extension().is_some_and(|x| x == "safetensors"));
-        }
-    }
-    assert!(checked >= 3, "adapter, checkpoint and merged weights");
+    let checked: Vec<_> = [&run, &merged]
+        .iter()
+        .flat_map(|d| modes::assert_default_modes(Path::new(d), modes))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    assert!(
+        checked.len() >= 3,
+        "adapter, checkpoint and merged weights: {checked:?}"
+    );
 }
 
 /// An adapter whose config lists a layer its file lacks fails every command, naming it.

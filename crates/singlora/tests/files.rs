@@ -934,64 +934,14 @@ fn adapter_config_and_file_must_name_the_same_layers() {
     refused_everywhere(&s, &["`score`", "modules_to_save"]);
 }
 
-/// The mode a file or directory created here gets from the process's umask, found by making
-/// one the ordinary way (and, under the usual umask 022, 0644 and 0755).
 #[cfg(unix)]
-fn expected_modes(dir: &Path) -> (u32, u32) {
-    use std::os::unix::fs::PermissionsExt;
-    let f = dir.join("probe-file");
-    std::fs::write(&f, b"").unwrap();
-    let d = dir.join("probe-dir");
-    std::fs::create_dir(&d).unwrap();
-    let modes = (
-        std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
-        std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
-    );
-    std::fs::remove_file(&f).unwrap();
-    std::fs::remove_dir(&d).unwrap();
-    let umask = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string()))
-        });
-    if umask.as_deref() == Some("0022") {
-        assert_eq!(modes, (0o644, 0o755));
-    }
-    modes
-}
-
-/// Every file and directory under `dir` has the modes a plain `create` gives.
-#[cfg(unix)]
-pub fn assert_default_modes(dir: &Path, (file, folder): (u32, u32)) {
-    use std::os::unix::fs::PermissionsExt;
-    let mut checked = 0;
-    for e in walk(dir) {
-        let m = std::fs::symlink_metadata(&e).unwrap();
-        let mode = m.permissions().mode() & 0o777;
-        let want = if m.is_dir() { folder } else { file };
-        assert_eq!(mode, want, "{} is {mode:o}, expected {want:o}", e.display());
-        checked += 1;
-    }
-    assert!(checked > 1, "nothing under {}", dir.display());
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
+#[path = "support/modes.rs"]
+mod modes;
 
 #[cfg(unix)]
 #[test]
 fn outputs_are_readable_as_the_umask_allows() {
+    use modes::{assert_default_modes, expected_modes};
     let tmp = tempfile::tempdir().unwrap();
     let modes = expected_modes(tmp.path());
     let base = tmp.path().join("base");
@@ -1019,9 +969,5 @@ fn outputs_are_readable_as_the_umask_allows() {
         None,
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&single).unwrap().permissions().mode() & 0o777,
-        modes.0
-    );
+    assert_eq!(modes::mode(&single), modes.0);
 }
