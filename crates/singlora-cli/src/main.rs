@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use singlora::merge::{HeadPlacement, HEAD_FILE, HEAD_INFO};
 
 mod demo;
 mod example;
@@ -173,8 +174,20 @@ fn print_merge(out: &Path, r: &singlora::merge::MergeReport) {
         out.display(),
         r.files.join(", ")
     );
-    if !r.heads.is_empty() {
-        println!("wrote head tensors: {}", r.heads.join(", "));
+    match &r.head {
+        Some(HeadPlacement::Checkpoint { architecture }) => println!(
+            "wrote the classification head ({}) into the checkpoint as {architecture}, which transformers scores as singlora does",
+            r.heads.join(", ")
+        ),
+        Some(HeadPlacement::Separate { pooling, reason }) => println!(
+            "kept the classification head ({}, {pooling} pooling) out of the checkpoint's architecture: {reason}.\n\
+             It is in {HEAD_FILE}, with the pooling and labels in {HEAD_INFO}; config.json is the base's",
+            r.heads.join(", ")
+        ),
+        None if !r.heads.is_empty() => {
+            println!("wrote head tensors: {}", r.heads.join(", "))
+        }
+        None => {}
     }
 }
 

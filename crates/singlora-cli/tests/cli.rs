@@ -666,3 +666,103 @@ fn signals_checkpoint_and_exit_non_zero() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains(&format!("trained {to} updates")), "{out}");
 }
+
+#[cfg(unix)]
+#[path = "../../singlora/tests/support/modes.rs"]
+mod modes;
+
+/// A run directory (adapters, checkpoints, metrics, run.json) and a merged model can be read by
+/// other users as the umask allows: the modes a plain create gives here (0644 and 0755 under
+/// the usual umask 022).
+#[cfg(unix)]
+#[test]
+fn outputs_get_the_modes_the_umask_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let modes = modes::expected_modes(root);
+    let model = tiny_bert(root);
+    let data = root.join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
+    )
+    .unwrap();
+    let run = p(root, "run");
+    let o = singlora(&[
+        "train",
+        "--model",
+        &model,
+        "--train",
+        data.to_str().unwrap(),
+        "--out",
+        &run,
+        "--max-steps",
+        "3",
+        "--save-every",
+        "1",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let merged = p(root, "merged");
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &model,
+        "--adapter",
+        &run,
+        "--out",
+        &merged,
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let checked: Vec<_> = [&run, &merged]
+        .iter()
+        .flat_map(|d| modes::assert_default_modes(Path::new(d), modes))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    assert!(
+        checked.len() >= 3,
+        "adapter, checkpoint and merged weights: {checked:?}"
+    );
+}
+
+/// An adapter whose config lists a layer its file lacks fails every command, naming it.
+#[test]
+fn incomplete_adapter_fails_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path(), AdapterKind::SingLora);
+    let dir = tmp.path().join("adapter");
+    let af = singlora::adapter::file::AdapterFile::read(&dir, &candle_core::Device::Cpu).unwrap();
+    let missing = "model.layers.1.mlp.up_proj";
+    let tensors: std::collections::BTreeMap<_, _> = af
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| !k.contains(missing))
+        .collect();
+    singlora::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, None)
+        .unwrap();
+    let (base, adapter) = (p(tmp.path(), "base"), p(tmp.path(), "adapter"));
+    for args in [
+        vec![
+            "merge",
+            "--base",
+            &base,
+            "--adapter",
+            &adapter,
+            "--out",
+            "OUT",
+        ],
+        vec!["export-lora", "--adapter", &adapter, "--out", "OUT"],
+        vec!["inspect", "--adapter", &adapter],
+    ] {
+        let out = p(tmp.path(), "out");
+        let args: Vec<&str> = args
+            .into_iter()
+            .map(|a| if a == "OUT" { out.as_str() } else { a })
+            .collect();
+        let o = singlora(&args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(&format!("`{missing}`")), "{args:?}: {err}");
+        assert!(!Path::new(&out).exists());
+    }
+}

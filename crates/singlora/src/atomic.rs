@@ -11,6 +11,7 @@
 //!   `.NAME.tmp-…`), so a later start removes those an interrupted process left
 //!   ([`clean_stale`]), and only those.
 
+use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -190,8 +191,26 @@ pub fn check_replaceable(out: &Path, overwrite: bool) -> Result<()> {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes what `fill` writes to `path` through a temporary file and a rename. The file is
+/// created as `File::create` creates files (mode 0666 less the umask, usually 0644), so other
+/// users and servers can read a model exactly as they can read its config.json.
+pub fn write_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = temp_sibling(path, "tmp");
-    std::fs::write(&tmp, bytes).at(&tmp)?;
+    let written = std::fs::File::create(&tmp).and_then(|f| {
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w)?;
+        w.flush()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)

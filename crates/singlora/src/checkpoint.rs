@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
+use safetensors::{SafeTensors, View};
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
@@ -107,7 +107,10 @@ impl TensorFile {
     }
 }
 
-/// Writes tensors as a safetensors file with `{"format": "pt"}` metadata (transformers needs it).
+/// Writes tensors as a safetensors file with `{"format": "pt"}` metadata (transformers needs it),
+/// atomically and with the mode every output gets ([`crate::atomic::write_with`]). Tensors are
+/// laid out as the safetensors crate lays them out: larger dtypes first, then by name, so each
+/// one starts aligned to its element size.
 pub fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, Tensor>,
@@ -115,16 +118,38 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut meta = metadata.cloned().unwrap_or_default();
     meta.entry("format".into()).or_insert_with(|| "pt".into());
-    let contiguous: Vec<(String, Tensor)> = tensors
+    let mut entries: Vec<(&str, Tensor)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(
-        contiguous.iter().map(|(k, t)| (k.as_str(), t)),
-        Some(meta),
-        path,
-    )
-    .map_err(|e| Error::bad_file(path, format!("could not be written: {e}")))
+    entries.sort_by(|(a, x), (b, y)| View::dtype(y).cmp(&View::dtype(x)).then(a.cmp(b)));
+    let mut infos = Vec::with_capacity(entries.len());
+    let mut offset = 0;
+    for (name, t) in &entries {
+        let n = View::data_len(t);
+        infos.push((
+            name.to_string(),
+            TensorInfo {
+                dtype: View::dtype(t),
+                shape: t.dims().to_vec(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offset += n;
+    }
+    let bad =
+        |e: &dyn std::fmt::Display| Error::bad_file(path, format!("could not be written: {e}"));
+    let header = Metadata::new(Some(meta), infos).map_err(|e| bad(&e))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| bad(&e))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    crate::atomic::write_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, t) in &entries {
+            w.write_all(&View::data(t))?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads a JSON file, naming it in errors.

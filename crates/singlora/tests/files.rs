@@ -203,6 +203,12 @@ fn merge_with_dtype_and_head() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let shape = tiny_base(&base, DType::F32, 2);
+    singlora::synthetic::write_tokenizer(
+        &base,
+        &["a", "b"],
+        singlora::tokenize::TokenizerStyle::Llama,
+    )
+    .unwrap();
     let mut af = adapter_for(&shape, AdapterKind::Lora, 0, 0);
     af.config.modules_to_save = vec!["score".into()];
     af.config.labels = Some(vec!["neg".into(), "pos".into()]);
@@ -230,6 +236,7 @@ fn merge_with_dtype_and_head() {
     assert_eq!(cfg["id2label"]["1"], "pos");
     assert_eq!(cfg["label2id"]["neg"], 0);
     assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(cfg["pad_token_id"], 0);
     assert_eq!(cfg["torch_dtype"], "bfloat16");
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
@@ -303,7 +310,12 @@ fn setup(kind: AdapterKind) -> Setup {
 }
 
 fn merge_err(s: &Setup) -> String {
-    let err = merge_checkpoint(&s.base, &s.adapter, &s.out, &MergeOptions::default())
+    merge_err_with(s, &MergeOptions::default())
+}
+
+/// The error of a merge that must fail, having checked that it left nothing behind.
+fn merge_err_with(s: &Setup, opts: &MergeOptions) -> String {
+    let err = merge_checkpoint(&s.base, &s.adapter, &s.out, opts)
         .unwrap_err()
         .to_string();
     assert!(!s.out.exists(), "a failed merge left {}", s.out.display());
@@ -555,4 +567,407 @@ fn existing_output_is_kept_unless_overwrite() {
         std::fs::read_to_string(s.out.join("precious")).unwrap(),
         "keep me"
     );
+}
+
+/// The tensor a message names in backquotes, and the element count of that tensor in `ckpt`.
+fn named_tensor(err: &str, ckpt: &Checkpoint) -> (String, usize) {
+    let name = err.split('`').nth(1).unwrap_or_default().to_string();
+    let meta = ckpt
+        .meta(&name)
+        .unwrap_or_else(|| panic!("`{name}` is no tensor of the base: {err}"));
+    (name, meta.shape.iter().product())
+}
+
+/// Replaces tensors of the adapter file (keys without the `base_model.model.` prefix).
+fn replace_adapter_tensors(dir: &Path, with: &[(&str, Tensor)]) {
+    let af = AdapterFile::read(dir, &Device::Cpu).unwrap();
+    let mut tensors = af.tensors();
+    for (k, t) in with {
+        tensors.insert(format!("base_model.model.{k}"), t.clone());
+    }
+    singlora::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, None)
+        .unwrap();
+}
+
+#[test]
+fn merge_refuses_values_the_output_dtype_cannot_hold() {
+    // a scale that is finite in f64 and beyond f32: every merged value overflows
+    let s = setup(AdapterKind::Lora);
+    edit_config(&s.adapter, |v| v["lora_alpha"] = 1e300.into());
+    let err = merge_err(&s);
+    let base = Checkpoint::open(&s.base).unwrap();
+    let (name, n) = named_tensor(&err, &base);
+    assert!(name.ends_with("_proj.weight"), "{err}");
+    assert!(
+        err.contains(&format!("{n} of {n}")) && err.contains("f32"),
+        "{err}"
+    );
+
+    // one base weight of 3e38 pushed past f32's largest value by a uniform ΔW of 1e38
+    let s = setup(AdapterKind::Lora);
+    let module = "model.layers.0.self_attn.q_proj";
+    let mut tensors = TensorFile::open(&s.base.join("model.safetensors"))
+        .unwrap()
+        .load_all(&Device::Cpu)
+        .unwrap();
+    let mut w = tensors[&format!("{module}.weight")]
+        .to_vec2::<f32>()
+        .unwrap();
+    w[2][5] = 3e38;
+    tensors.insert(
+        format!("{module}.weight"),
+        Tensor::new(w, &Device::Cpu).unwrap(),
+    );
+    singlora::checkpoint::write_safetensors(&s.base.join("model.safetensors"), &tensors, None)
+        .unwrap();
+    // s = 8 / 4 = 2, ΔW = 2 · 4 · 1 · 1.25e37 = 1e38 everywhere
+    replace_adapter_tensors(
+        &s.adapter,
+        &[
+            (
+                &format!("{module}.lora_A.weight"),
+                Tensor::ones((4, 16), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                &format!("{module}.lora_B.weight"),
+                (Tensor::ones((16, 4), DType::F32, &Device::Cpu).unwrap() * 1.25e37).unwrap(),
+            ),
+        ],
+    );
+    let err = merge_err(&s);
+    assert!(
+        err.contains(&format!("`{module}.weight`")) && err.contains("1 of 256"),
+        "{err}"
+    );
+
+    // SingLoRA entries of 200 merged with --dtype f16: ΔW = s·u·r·200² = 160000 > 65504
+    let s = setup(AdapterKind::SingLora);
+    let module = "model.layers.1.mlp.up_proj";
+    replace_adapter_tensors(
+        &s.adapter,
+        &[(
+            &format!("{module}.singlora_A.weight"),
+            (Tensor::ones((24, 4), DType::F32, &Device::Cpu).unwrap() * 200.0).unwrap(),
+        )],
+    );
+    let f16 = MergeOptions {
+        overwrite: false,
+        dtype: Some(DType::F16),
+    };
+    let err = merge_err_with(&s, &f16);
+    assert!(
+        err.contains(&format!("`{module}.weight`")) && err.contains("384 of 384"),
+        "{err}"
+    );
+    assert!(err.contains("f16"), "{err}");
+
+    // a tensor the merge does not touch, out of f16's range after the cast
+    let s = setup(AdapterKind::SingLora);
+    let mut tensors = TensorFile::open(&s.base.join("model.safetensors"))
+        .unwrap()
+        .load_all(&Device::Cpu)
+        .unwrap();
+    let emb = "model.embed_tokens.weight";
+    let mut e = tensors[emb].to_vec2::<f32>().unwrap();
+    e[0][0] = 1e5;
+    e[3][1] = -7e4;
+    tensors.insert(emb.into(), Tensor::new(e, &Device::Cpu).unwrap());
+    singlora::checkpoint::write_safetensors(&s.base.join("model.safetensors"), &tensors, None)
+        .unwrap();
+    let err = merge_err_with(&s, &f16);
+    assert!(
+        err.contains(&format!("`{emb}`")) && err.contains("2 of 512"),
+        "{err}"
+    );
+}
+
+/// A tensor of `dtype` with raw little-endian bytes, written straight through safetensors.
+fn forge_adapter_tensor(dir: &Path, key: &str, dtype: safetensors::Dtype, shape: &[usize]) {
+    let p = dir.join("adapter_model.safetensors");
+    let file = TensorFile::open(&p).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
+    for name in file.names() {
+        let t = file.load(name, &Device::Cpu).unwrap();
+        let bytes: Vec<u8> = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        owned.push((
+            name.to_string(),
+            safetensors::Dtype::F32,
+            t.dims().to_vec(),
+            bytes,
+        ));
+    }
+    let n: usize = shape.iter().product();
+    let bytes: Vec<u8> = (0..n as i32)
+        .flat_map(|i| {
+            let v = i * 7 - 3;
+            match dtype.bitsize() / 8 {
+                1 => vec![v as u8],
+                2 => (v as i16).to_le_bytes().to_vec(),
+                4 => v.to_le_bytes().to_vec(),
+                _ => (v as i64).to_le_bytes().to_vec(),
+            }
+        })
+        .collect();
+    owned.retain(|(k, ..)| k != key);
+    owned.push((key.to_string(), dtype, shape.to_vec(), bytes));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(k, d, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    drop(file);
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+}
+
+#[test]
+fn adapter_tensors_must_be_float() {
+    for (kind, suffix, shape) in [
+        (AdapterKind::Lora, "lora_B.weight", [16usize, 4]),
+        (AdapterKind::SingLora, "singlora_A.weight", [16, 4]),
+    ] {
+        for dtype in [
+            safetensors::Dtype::I32,
+            safetensors::Dtype::I64,
+            safetensors::Dtype::U8,
+        ] {
+            let s = setup(kind);
+            let key = format!("base_model.model.model.layers.0.self_attn.q_proj.{suffix}");
+            forge_adapter_tensor(&s.adapter, &key, dtype, &shape);
+            let err = merge_err(&s);
+            assert!(
+                err.contains("adapter_model.safetensors")
+                    && err.contains(&format!("`{key}`"))
+                    && err.contains(&format!("{dtype:?}")),
+                "{dtype:?}: {err}"
+            );
+            // every reader refuses it the same way
+            let err = AdapterFile::read(&s.adapter, &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("{dtype:?}")), "{err}");
+        }
+    }
+    // a head stored as integers
+    let s = setup(AdapterKind::Lora);
+    edit_config(&s.adapter, |v| {
+        v["modules_to_save"] = serde_json::json!(["score"]);
+        v["labels"] = serde_json::json!(["a", "b"]);
+    });
+    forge_adapter_tensor(
+        &s.adapter,
+        "base_model.model.score.weight",
+        safetensors::Dtype::I32,
+        &[2, 16],
+    );
+    let err = merge_err(&s);
+    assert!(
+        err.contains("`base_model.model.score.weight`") && err.contains("I32"),
+        "{err}"
+    );
+}
+
+#[test]
+fn integer_base_weight_of_an_adapted_layer_is_refused() {
+    let s = setup(AdapterKind::Lora);
+    let mut tensors = TensorFile::open(&s.base.join("model.safetensors"))
+        .unwrap()
+        .load_all(&Device::Cpu)
+        .unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    tensors.insert(
+        name.into(),
+        Tensor::ones((16, 24), DType::I64, &Device::Cpu).unwrap(),
+    );
+    // an integer buffer the merge does not touch is copied unchanged
+    let buffer = Tensor::new(&[3i64, -1, 7], &Device::Cpu).unwrap();
+    tensors.insert("model.rope_buffer".into(), buffer.clone());
+    singlora::checkpoint::write_safetensors(&s.base.join("model.safetensors"), &tensors, None)
+        .unwrap();
+    let err = merge_err(&s);
+    assert!(
+        err.contains(&format!("`{name}`"))
+            && err.contains("I64")
+            && err.contains("model.safetensors"),
+        "{err}"
+    );
+
+    let s = setup(AdapterKind::Lora);
+    let mut tensors = TensorFile::open(&s.base.join("model.safetensors"))
+        .unwrap()
+        .load_all(&Device::Cpu)
+        .unwrap();
+    tensors.insert("model.rope_buffer".into(), buffer.clone());
+    singlora::checkpoint::write_safetensors(&s.base.join("model.safetensors"), &tensors, None)
+        .unwrap();
+    for dtype in [None, Some(DType::BF16)] {
+        let out = s.out.with_extension(format!("{dtype:?}"));
+        let opts = MergeOptions {
+            overwrite: false,
+            dtype,
+        };
+        merge_checkpoint(&s.base, &s.adapter, &out, &opts).unwrap();
+        let m = Checkpoint::open(&out).unwrap();
+        let got = m.load("model.rope_buffer", &Device::Cpu).unwrap();
+        assert_eq!(got.dtype(), DType::I64);
+        assert_eq!(got.to_vec1::<i64>().unwrap(), vec![3, -1, 7]);
+    }
+}
+
+/// Removes the tensors of `module` from an adapter file, leaving its config as it is.
+fn drop_layer_from_file(dir: &Path, module: &str) {
+    let af = AdapterFile::read(dir, &Device::Cpu).unwrap();
+    let prefix = format!("base_model.model.{module}.");
+    let tensors: BTreeMap<String, Tensor> = af
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(&prefix))
+        .collect();
+    singlora::checkpoint::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, None)
+        .unwrap();
+}
+
+/// Every way an adapter directory is read refuses it with `want` in the message: merge,
+/// export-lora, inspect and the loader behind eval and predict.
+fn refused_everywhere(s: &Setup, want: &[&str]) {
+    let check = |what: &str, err: String| {
+        for w in want {
+            assert!(err.contains(w), "{what}: `{w}` not in: {err}");
+        }
+    };
+    check("merge", merge_err(s));
+    let out = s.out.with_file_name("exported");
+    let err = singlora::adapter::export::export_lora(&s.adapter, &out, Some(&s.base), false);
+    if let Err(e) = err {
+        check("export-lora", e.to_string());
+    } else {
+        panic!("export-lora accepted the adapter");
+    }
+    assert!(!out.exists());
+    match singlora::inspect::inspect(&s.adapter, Some(&s.base)) {
+        Err(e) => check("inspect", e.to_string()),
+        Ok(_) => panic!("inspect accepted the adapter"),
+    }
+    match AdapterFile::read(&s.adapter, &Device::Cpu) {
+        Err(e) => check("AdapterFile::read", e.to_string()),
+        Ok(_) => panic!("the loader accepted the adapter"),
+    }
+}
+
+#[test]
+fn adapter_config_and_file_must_name_the_same_layers() {
+    // layer_shapes lists 14 layers, the file holds 13
+    let s = setup(AdapterKind::SingLora);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["layer_shapes"].as_object().unwrap().len(), 14);
+    let missing = "model.layers.1.self_attn.v_proj";
+    drop_layer_from_file(&s.adapter, missing);
+    refused_everywhere(
+        &s,
+        &[
+            &format!("`{missing}`"),
+            "layer_shapes",
+            "adapter_model.safetensors",
+        ],
+    );
+
+    // the file holds a layer layer_shapes does not list
+    let s = setup(AdapterKind::SingLora);
+    let extra = "model.layers.0.mlp.gate_proj";
+    edit_config(&s.adapter, |v| {
+        v["layer_shapes"].as_object_mut().unwrap().remove(extra);
+    });
+    refused_everywhere(
+        &s,
+        &[&format!("`{extra}`"), "layer_shapes", "adapter_config.json"],
+    );
+
+    // a LoRA file with a layer its target_modules do not select
+    let s = setup(AdapterKind::Lora);
+    edit_config(&s.adapter, |v| {
+        v["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]);
+    });
+    refused_everywhere(
+        &s,
+        &[
+            "`model.layers.0.mlp.down_proj`",
+            "target_modules",
+            "adapter_config.json",
+        ],
+    );
+    // ... or that exclude_modules leaves out
+    let s = setup(AdapterKind::Dora);
+    edit_config(&s.adapter, |v| {
+        v["exclude_modules"] = serde_json::json!(["layers.1.mlp.up_proj"]);
+    });
+    refused_everywhere(
+        &s,
+        &[
+            "`model.layers.1.mlp.up_proj`",
+            "target_modules",
+            "adapter_config.json",
+        ],
+    );
+
+    // modules_to_save names a head the file does not hold
+    let s = setup(AdapterKind::Lora);
+    edit_config(&s.adapter, |v| {
+        v["modules_to_save"] = serde_json::json!(["score"]);
+        v["labels"] = serde_json::json!(["a", "b"]);
+    });
+    refused_everywhere(&s, &["`score`", "modules_to_save"]);
+}
+
+#[cfg(unix)]
+#[path = "support/modes.rs"]
+mod modes;
+
+#[cfg(unix)]
+#[test]
+fn outputs_are_readable_as_the_umask_allows() {
+    use modes::{assert_default_modes, expected_modes};
+    let tmp = tempfile::tempdir().unwrap();
+    let modes = expected_modes(tmp.path());
+    let base = tmp.path().join("base");
+    let shape = tiny_base(&base, DType::F32, 2);
+    assert_default_modes(&base, modes);
+    let adapter = tmp.path().join("adapter");
+    adapter_for(&shape, AdapterKind::SingLora, 3, 4)
+        .write(&adapter, false)
+        .unwrap();
+    assert_default_modes(&adapter, modes);
+    let out = tmp.path().join("merged");
+    merge_checkpoint(&base, &adapter, &out, &MergeOptions::default()).unwrap();
+    assert_default_modes(&out, modes);
+    let lora = tmp.path().join("lora");
+    singlora::adapter::export::export_lora(&adapter, &lora, None, false).unwrap();
+    assert_default_modes(&lora, modes);
+    // a single file written in place
+    let single = tmp.path().join("single.safetensors");
+    singlora::checkpoint::write_safetensors(
+        &single,
+        &BTreeMap::from([(
+            "x".to_string(),
+            Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+        )]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(modes::mode(&single), modes.0);
 }

@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use safetensors::Dtype;
 
 use crate::adapter::config::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE};
 use crate::adapter::ramp::RampClock;
+use crate::adapter::target::TargetSpec;
 use crate::adapter::{check_finite, Adapter};
 use crate::atomic::StagedDir;
 use crate::checkpoint::{write_safetensors, Checkpoint, TensorFile};
@@ -47,8 +49,10 @@ fn split_key(key: &str) -> Option<(&str, &'static str)> {
 }
 
 impl AdapterFile {
-    /// Reads and validates an adapter directory: config fields, tensor keys, the tensors each
-    /// method needs, and finiteness of every tensor.
+    /// Reads and validates an adapter directory: config fields, tensor keys and dtypes (F32,
+    /// F16 or BF16), the tensors each method needs, finiteness of every tensor, and that the
+    /// config and the file name the same layers. Every command that reads an adapter (merge,
+    /// export-lora, inspect, eval, predict) comes through here.
     pub fn read(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::msg(format!(
@@ -62,6 +66,16 @@ impl AdapterFile {
         let mut layers: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
         let mut heads = BTreeMap::new();
         for key in file.names() {
+            let dtype = file.meta(key).map(|m| m.dtype);
+            if !matches!(dtype, Some(Dtype::F32 | Dtype::F16 | Dtype::BF16)) {
+                return Err(Error::bad_file(
+                    &path,
+                    format!(
+                        "tensor `{key}` is {}; adapter tensors must be F32, F16 or BF16",
+                        dtype.map_or("unreadable".into(), |d| format!("{d:?}"))
+                    ),
+                ));
+            }
             let t = file.load(key, device)?;
             check_finite(&t, key).map_err(|e| Error::bad_file(&path, e.to_string()))?;
             let name = key.strip_prefix(KEY_PREFIX).ok_or_else(|| {
@@ -104,7 +118,79 @@ impl AdapterFile {
             heads,
         };
         af.check_layout(&path)?;
+        af.check_agreement(&dir.join(CONFIG_FILE), &path)?;
         Ok(af)
+    }
+
+    /// The config and the tensors name the same layers: each layer `layer_shapes` lists has
+    /// tensors and each layer with tensors is listed (when the config lists any) and selected
+    /// by `target_modules` / `exclude_modules`; `modules_to_save` names a head the file holds.
+    fn check_agreement(&self, config_path: &Path, weights_path: &Path) -> Result<()> {
+        let shapes = &self.config.layer_shapes;
+        if !shapes.is_empty() {
+            if let Some(m) = shapes.keys().find(|m| !self.layers.contains_key(*m)) {
+                return Err(Error::bad_file(
+                    weights_path,
+                    format!(
+                        "holds no tensors for layer `{m}`, which {CONFIG_FILE} lists in `layer_shapes` ({} layers listed, {} in the file): the file is incomplete, or it and the config belong to different adapters",
+                        shapes.len(),
+                        self.layers.len()
+                    ),
+                ));
+            }
+            if let Some(m) = self.layers.keys().find(|m| !shapes.contains_key(*m)) {
+                return Err(Error::bad_field(
+                    config_path,
+                    "layer_shapes",
+                    format!(
+                        "does not list layer `{m}`, which {WEIGHTS_FILE} holds: the config and the tensors belong to different adapters"
+                    ),
+                ));
+            }
+        }
+        let targets = TargetSpec::from_json(
+            &self.config.target_modules,
+            Some(&self.config.exclude_modules),
+        )
+        .map_err(|msg| Error::bad_field(config_path, "target_modules", msg))?;
+        if let Some(m) = self.layers.keys().find(|m| !targets.matches(m)) {
+            return Err(Error::bad_field(
+                config_path,
+                "target_modules",
+                format!(
+                    "does not select layer `{m}` (exclude_modules applied), which {WEIGHTS_FILE} holds: the config and the tensors belong to different adapters"
+                ),
+            ));
+        }
+        // PEFT lists both `classifier` and `score` for a sequence classifier and saves the one
+        // the model has, so one listed head with tensors is enough.
+        let has_head = |m: &String| {
+            self.heads.keys().any(|k| {
+                k.strip_prefix(m.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            })
+        };
+        let listed = &self.config.modules_to_save;
+        if !listed.is_empty() && !listed.iter().any(has_head) {
+            return Err(Error::bad_field(
+                config_path,
+                "modules_to_save",
+                format!(
+                    "lists {} but {WEIGHTS_FILE} holds no tensors of {}",
+                    listed
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if listed.len() == 1 {
+                        "it"
+                    } else {
+                        "any of them"
+                    }
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Each layer holds exactly the tensors its method needs.

@@ -100,6 +100,14 @@ pub struct Bert {
     fast_pool: fast::Pool,
 }
 
+/// The prefix of a BERT-family checkpoint's encoder tensors (none for a bare BertModel such as
+/// MiniLM, `bert.` / `roberta.` / `model.` inside a task model), found by its word embeddings.
+pub fn tensor_prefix(contains: impl Fn(&str) -> bool) -> Option<&'static str> {
+    ["", "bert.", "roberta.", "model."]
+        .into_iter()
+        .find(|p| contains(&format!("{p}embeddings.word_embeddings.weight")))
+}
+
 impl Bert {
     pub fn config(c: &ConfigReader) -> Result<BertConfig> {
         let model_type = c.str_or("model_type", "bert")?;
@@ -154,9 +162,7 @@ impl Bert {
 
     /// `dtype` is the dtype of the frozen linear weights (f32 on CPU; bf16 on GPU).
     pub fn load(w: &Weights, cfg: BertConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let prefix = ["", "bert.", "roberta.", "model."]
-            .into_iter()
-            .find(|p| w.contains(&format!("{p}embeddings.word_embeddings.weight")))
+        let prefix = tensor_prefix(|n| w.contains(n))
             .ok_or_else(|| {
                 Error::msg(format!(
                     "{}: no `embeddings.word_embeddings.weight` (with or without a bert./roberta. prefix): not a BERT-family checkpoint",

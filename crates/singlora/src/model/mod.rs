@@ -137,6 +137,20 @@ impl FromStr for Pooling {
 
 crate::serde_via_str!(Pooling);
 
+impl Pooling {
+    /// A classifier's pooling when none is asked for: the last token for decoders; for
+    /// encoders the mean on sentence-transformers models, else [CLS] through the pooler where
+    /// the checkpoint has one, else the mean.
+    pub fn default_for(family: Family, has_pooler: bool, sentence_transformers: bool) -> Self {
+        match family {
+            Family::Llama => Pooling::Last,
+            Family::Bert if sentence_transformers => Pooling::Mean,
+            Family::Bert if has_pooler => Pooling::Cls,
+            Family::Bert => Pooling::Mean,
+        }
+    }
+}
+
 pub enum Body {
     Bert(Bert),
     Llama(Llama),
@@ -255,8 +269,7 @@ impl Pretrained {
                 device,
             )?),
         };
-        let mean_pooling_hint =
-            path.join("1_Pooling").is_dir() || path.join("modules.json").exists();
+        let mean_pooling_hint = is_sentence_transformers(path);
         Ok(Self {
             body,
             config,
@@ -286,13 +299,14 @@ impl Pretrained {
 
     /// The pooling a classifier on this model uses by default.
     pub fn default_pooling(&self) -> Pooling {
-        match (&self.body, self.mean_pooling_hint) {
-            (Body::Llama(_), _) => Pooling::Last,
-            (Body::Bert(_), true) => Pooling::Mean,
-            (Body::Bert(b), false) if b.has_pooler() => Pooling::Cls,
-            (Body::Bert(_), false) => Pooling::Mean,
-        }
+        let has_pooler = matches!(&self.body, Body::Bert(b) if b.has_pooler());
+        Pooling::default_for(self.body.family(), has_pooler, self.mean_pooling_hint)
     }
+}
+
+/// Whether `dir` is a sentence-transformers model (whose embeddings pool by the mean).
+pub fn is_sentence_transformers(dir: &Path) -> bool {
+    dir.join("1_Pooling").is_dir() || dir.join("modules.json").exists()
 }
 
 fn read_chat_template(dir: &Path) -> Option<String> {

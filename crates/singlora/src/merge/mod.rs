@@ -3,9 +3,11 @@
 //! W = W0 + s·u·A_out·A_inᵀ (SingLoRA, u from the saved step), W0 + s·B·A (LoRA, rsLoRA) or
 //! m ⊙ V/‖V‖ (DoRA), computed in f64 and cast once to the base dtype (or `--dtype`). The output
 //! has the base's tensor names, dtypes and sharding, with config.json, the tokenizer and every
-//! other file copied; a trained head (`modules_to_save`) is written into it and its labels into
-//! config.json. Non-finite results are refused, and nothing appears at the destination unless
-//! the whole checkpoint was written.
+//! other file copied. A trained classification head (`modules_to_save`) goes into it, with its
+//! labels and class in config.json, where a transformers class scores it as it was trained;
+//! otherwise beside it ([`head`]). Every tensor computed or cast is checked in its output dtype:
+//! one that holds NaN or ±∞ there is refused by name, and nothing appears at the destination
+//! unless the whole checkpoint was written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,8 +18,15 @@ use serde_json::{json, Value};
 use crate::adapter::check_finite;
 use crate::adapter::file::AdapterFile;
 use crate::atomic::StagedDir;
-use crate::checkpoint::{write_safetensors, Checkpoint, TensorFile, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{
+    float_dtype, write_safetensors, Checkpoint, TensorFile, INDEX_FILE, SINGLE_FILE,
+};
 use crate::error::{Error, IoContext, Result};
+
+pub mod head;
+
+use head::BaseFacts;
+pub use head::{classifier_config, HeadPlacement, HEAD_FILE, HEAD_INFO};
 
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
@@ -34,21 +43,54 @@ pub struct MergeReport {
     /// Largest |W − W0| over all merged weights.
     pub max_abs_change: f64,
     pub heads: Vec<String>,
+    /// Where a trained classification head went (None without one).
+    pub head: Option<HeadPlacement>,
     pub files: Vec<String>,
     /// Temporary outputs of interrupted singlora processes, removed before writing.
     pub cleaned: Vec<std::path::PathBuf>,
 }
 
+impl MergeReport {
+    /// The report of merging `af` (with no files yet).
+    fn of(
+        af: &AdapterFile,
+        max_abs_change: f64,
+        head: Option<HeadPlacement>,
+        cleaned: Vec<std::path::PathBuf>,
+    ) -> Self {
+        Self {
+            layers: af.layers.len(),
+            u: af.config.u(),
+            max_abs_change,
+            heads: af.heads.keys().cloned().collect(),
+            head,
+            files: vec![],
+            cleaned,
+        }
+    }
+}
+
 /// Loads `module`'s base weight as (d_out, d_in), undoing a Conv1D (fan_in_fan_out) layout.
+/// The weight must be a float tensor: an integer or 8-bit one (a quantised checkpoint) cannot
+/// take W0 + ΔW.
 pub(crate) fn base_weight(ckpt: &Checkpoint, module: &str, fan_in_fan_out: bool) -> Result<Tensor> {
     let name = format!("{module}.weight");
-    let t = ckpt.load(&name, &Device::Cpu).map_err(|_| {
-        Error::msg(format!(
+    let (Some(file), Some(meta)) = (ckpt.file_of(&name), ckpt.meta(&name)) else {
+        return Err(Error::msg(format!(
             "the adapter has a layer `{module}` but the base {} has no tensor `{name}`",
             ckpt.dir().display()
-        ))
-    })?;
-    as_matrix(t, &name, fan_in_fan_out)
+        )));
+    };
+    if float_dtype(meta.dtype).is_none() {
+        return Err(Error::bad_file(
+            file.path(),
+            format!(
+                "tensor `{name}` is {:?}, but the weight of an adapted layer must be F32, F16, BF16 or F64",
+                meta.dtype
+            ),
+        ));
+    }
+    as_matrix(file.load(&name, &Device::Cpu)?, &name, fan_in_fan_out)
 }
 
 fn as_matrix(t: Tensor, name: &str, fan_in_fan_out: bool) -> Result<Tensor> {
@@ -66,10 +108,12 @@ fn as_matrix(t: Tensor, name: &str, fan_in_fan_out: bool) -> Result<Tensor> {
 }
 
 /// Merges every adapted layer of `af` on the CPU, with `load` giving a base tensor by name;
-/// returns the merged tensors (in the base dtype) and the largest |W − W0|.
+/// returns the merged tensors, cast once from f64 to `dtype` (default: the base weight's), and
+/// the largest |W − W0|.
 fn merge_layers(
     af: &AdapterFile,
     load: impl Fn(&str) -> Result<Tensor>,
+    dtype: Option<DType>,
 ) -> Result<(BTreeMap<String, Tensor>, f64)> {
     let clock = af.clock();
     let fifo = af.config.fan_in_fan_out;
@@ -87,9 +131,59 @@ fn merge_layers(
             .to_scalar::<f64>()?;
         max_change = max_change.max(change);
         let w = if fifo { w.t()?.contiguous()? } else { w };
-        out.insert(name, w.to_dtype(w0.dtype())?);
+        let w = w.to_dtype(dtype.unwrap_or(w0.dtype()))?;
+        check_representable(&name, &w)?;
+        out.insert(name, w);
     }
     Ok((out, max_change))
+}
+
+/// Refuses a tensor about to be written that holds NaN or ±∞ once cast to its output dtype
+/// (a value past f16's 65504 or f32's 3.4e38 becomes infinite in the cast).
+fn check_representable(name: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Ok(());
+    }
+    let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    if bad == 0 {
+        return Ok(());
+    }
+    let dt = dtype_short(t.dtype());
+    Err(Error::bad_tensor(
+        name,
+        format!(
+            "{bad} of {} values are NaN or infinite in {dt}, the output dtype (its largest finite value is {:.4e}); nothing was written",
+            v.len(),
+            largest_finite(t.dtype())
+        ),
+    ))
+}
+
+fn largest_finite(dt: DType) -> f64 {
+    match dt {
+        DType::F16 => half::f16::MAX.to_f64(),
+        DType::BF16 => half::bf16::MAX.to_f64(),
+        DType::F32 => f32::MAX as f64,
+        _ => f64::MAX,
+    }
+}
+
+fn dtype_short(dt: DType) -> &'static str {
+    match dt {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        _ => "a non-float dtype",
+    }
+}
+
+/// `t` cast to `dtype`, refused if the cast leaves non-finite values.
+fn output_tensor(name: &str, t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let t = t.to_dtype(dtype)?;
+    check_representable(name, &t)?;
+    Ok(t)
 }
 
 /// Merges into `W` for every adapted layer of `af`, on the CPU; returns the merged tensors
@@ -98,10 +192,23 @@ pub fn merged_weights(
     ckpt: &Checkpoint,
     af: &AdapterFile,
 ) -> Result<(BTreeMap<String, Tensor>, f64)> {
-    merge_layers(af, |name| {
-        let module = name.strip_suffix(".weight").unwrap_or(name);
-        base_weight(ckpt, module, false)
-    })
+    merged_weights_as(ckpt, af, None)
+}
+
+/// [`merged_weights`] cast to `dtype` (None: the base's).
+fn merged_weights_as(
+    ckpt: &Checkpoint,
+    af: &AdapterFile,
+    dtype: Option<DType>,
+) -> Result<(BTreeMap<String, Tensor>, f64)> {
+    merge_layers(
+        af,
+        |name| {
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            base_weight(ckpt, module, false)
+        },
+        dtype,
+    )
 }
 
 /// Merges an adapter trained on a GGUF model into a Hugging Face checkpoint: every tensor
@@ -115,26 +222,41 @@ fn merge_gguf(
 ) -> Result<MergeReport> {
     let (staged, cleaned) = output_dir(base, adapter, out, opts)?;
     let g = crate::gguf::load_gguf(base, DType::F32)?;
-    let (merged, max_abs_change) = merge_layers(af, |name| {
-        g.tensors.get(name).cloned().ok_or_else(|| {
-            Error::msg(format!(
-                "the adapter has a layer for `{name}` but {} has no such tensor",
-                base.display()
-            ))
-        })
-    })?;
     let dtype = opts.dtype.unwrap_or(DType::F32);
+    let (merged, max_abs_change) = merge_layers(
+        af,
+        |name| {
+            g.tensors.get(name).cloned().ok_or_else(|| {
+                Error::msg(format!(
+                    "the adapter has a layer for `{name}` but {} has no such tensor",
+                    base.display()
+                ))
+            })
+        },
+        Some(dtype),
+    )?;
+    let facts = BaseFacts {
+        config: &g.config,
+        pooler: None,
+        sentence_transformers: false,
+        tokenizer: Some(&g.tokenizer),
+    };
+    let (head, head_config) = place_head(&facts, af, (base, adapter))?;
     let mut tensors = g.tensors.clone();
     tensors.extend(merged);
-    tensors.extend(af.heads.clone());
-    for t in tensors.values_mut() {
+    if let Some(HeadPlacement::Separate { pooling, reason }) = &head {
+        let labels = af.config.labels.as_deref().unwrap_or_default();
+        head::write_separate(staged.path(), &af.heads, labels, (*pooling, reason), None)?;
+    } else {
+        tensors.extend(af.heads.clone());
+    }
+    // every tensor was dequantised, so every one is checked in the dtype it is written in
+    for (name, t) in tensors.iter_mut() {
         *t = t.to_dtype(dtype)?;
+        check_representable(name, t)?;
     }
     write_safetensors(&staged.path().join(SINGLE_FILE), &tensors, None)?;
-    let mut config = g.config.clone();
-    if let Some(labels) = &af.config.labels {
-        config = classifier_config(&config, labels);
-    }
+    let mut config = head_config.unwrap_or_else(|| g.config.clone());
     config["torch_dtype"] = json!(dtype_name(dtype));
     let p = staged.path().join("config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&config).unwrap()).at(&p)?;
@@ -149,12 +271,8 @@ fn merge_gguf(
     }
     staged.commit()?;
     Ok(MergeReport {
-        layers: af.layers.len(),
-        u: af.config.u(),
-        max_abs_change,
-        heads: af.heads.keys().cloned().collect(),
         files: vec![SINGLE_FILE.to_string()],
-        cleaned,
+        ..MergeReport::of(af, max_abs_change, head, cleaned)
     })
 }
 
@@ -187,31 +305,26 @@ fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// config.json for a merged classifier: labels and the ForSequenceClassification class.
-pub fn classifier_config(config: &Value, labels: &[String]) -> Value {
-    let mut c = config.clone();
-    let id2label: serde_json::Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i.to_string(), json!(l)))
-        .collect();
-    let label2id: serde_json::Map<String, Value> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.clone(), json!(i)))
-        .collect();
-    c["id2label"] = Value::Object(id2label);
-    c["label2id"] = Value::Object(label2id);
-    c["num_labels"] = json!(labels.len());
-    let arch = match c.get("model_type").and_then(Value::as_str) {
-        Some("llama") => "LlamaForSequenceClassification",
-        Some("mistral") => "MistralForSequenceClassification",
-        Some("qwen2") => "Qwen2ForSequenceClassification",
-        Some("roberta") => "RobertaForSequenceClassification",
-        _ => "BertForSequenceClassification",
+/// Where the adapter's classification head goes, and the config.json that goes with it (None:
+/// the base's). A head without labels (one PEFT trained through a transformers class) goes into
+/// the checkpoint as it is.
+fn place_head(
+    facts: &BaseFacts,
+    af: &AdapterFile,
+    (base_config, adapter): (&Path, &Path),
+) -> Result<(Option<HeadPlacement>, Option<Value>)> {
+    let Some(labels) = &af.config.labels else {
+        return Ok((None, None));
     };
-    c["architectures"] = json!([arch]);
-    c
+    if af.heads.is_empty() {
+        return Err(Error::bad_field(
+            adapter.join(crate::adapter::config::CONFIG_FILE),
+            "labels",
+            "names labels but the adapter holds no classification head (modules_to_save)",
+        ));
+    }
+    let (placement, config) = head::place(facts, &af.config, labels, base_config)?;
+    Ok((Some(placement), config))
 }
 
 /// The merged model's staged directory: `out` may not overlap the base or the adapter, and
@@ -244,9 +357,30 @@ pub fn merge_checkpoint(
     let ckpt = Checkpoint::open(base)?;
     let af = AdapterFile::read(adapter, &Device::Cpu)?;
     let (staged, cleaned) = output_dir(base, adapter, out, opts)?;
-    let (mut merged, max_abs_change) = merged_weights(&ckpt, &af)?;
+    let (mut merged, max_abs_change) = merged_weights_as(&ckpt, &af, opts.dtype)?;
 
-    let mut heads: BTreeMap<String, Tensor> = af.heads.clone();
+    let tokenizer = crate::tokenize::load_tokenizer(base).ok();
+    let facts = BaseFacts {
+        config: ckpt.config(),
+        pooler: crate::model::bert::tensor_prefix(|n| ckpt.contains(n))
+            .filter(|p| ckpt.contains(&format!("{p}pooler.dense.weight")))
+            .map(str::to_string),
+        sentence_transformers: crate::model::is_sentence_transformers(base),
+        tokenizer: tokenizer.as_ref(),
+    };
+    let (head, head_config) = place_head(&facts, &af, (&base.join("config.json"), adapter))?;
+    // a head kept out of the checkpoint is written beside it, not into it
+    let mut heads: BTreeMap<String, Tensor> = match &head {
+        Some(HeadPlacement::Separate { pooling, reason }) => {
+            head::check_no_stale_head(ckpt.names(), &af.heads, reason)?;
+            let labels = af.config.labels.as_deref().unwrap_or_default();
+            let pooler = facts.pooler.as_deref();
+            head::write_separate(staged.path(), &af.heads, labels, (*pooling, reason), pooler)?;
+            BTreeMap::new()
+        }
+        _ => af.heads.clone(),
+    };
+    let heads_written = !heads.is_empty();
     let mut index_map: BTreeMap<String, String> = BTreeMap::new();
     let mut files = vec![];
     let n_files = ckpt.files().len();
@@ -257,21 +391,27 @@ pub fn merge_checkpoint(
             if !std::ptr::eq(ckpt.file_of(name).unwrap(), file) {
                 continue;
             }
-            let t = match merged.remove(name).or_else(|| heads.remove(name)) {
+            let t = match merged.remove(name) {
                 Some(t) => t,
-                None => file.load(name, &Device::Cpu)?,
+                None => match heads.remove(name) {
+                    Some(t) => output_tensor(name, &t, opts.dtype.unwrap_or(t.dtype()))?,
+                    None => {
+                        let t = file.load(name, &Device::Cpu)?;
+                        match opts.dtype {
+                            Some(dt) if t.dtype().is_float() => output_tensor(name, &t, dt)?,
+                            // copied as the base has it
+                            _ => t,
+                        }
+                    }
+                },
             };
             tensors.insert(name.to_string(), t);
         }
         if i + 1 == n_files {
             // heads the base lacks (a new classifier) go into the last file
-            tensors.append(&mut heads);
-        }
-        if let Some(dt) = opts.dtype {
-            for t in tensors.values_mut() {
-                if t.dtype().is_float() {
-                    *t = t.to_dtype(dt)?;
-                }
+            for (name, t) in std::mem::take(&mut heads) {
+                let t = output_tensor(&name, &t, opts.dtype.unwrap_or(t.dtype()))?;
+                tensors.insert(name, t);
             }
         }
         let fname = file
@@ -290,7 +430,7 @@ pub fn merge_checkpoint(
     if let Some(index) = ckpt.index() {
         let mut index = index.clone();
         index["weight_map"] = json!(index_map);
-        if opts.dtype.is_some() || !af.heads.is_empty() {
+        if opts.dtype.is_some() || heads_written {
             let mut total = 0usize;
             for f in &files {
                 let tf = TensorFile::open(&staged.path().join(f))?;
@@ -304,10 +444,7 @@ pub fn merge_checkpoint(
         let p = staged.path().join(INDEX_FILE);
         std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap()).at(&p)?;
     }
-    let mut config = ckpt.config().clone();
-    if let Some(labels) = &af.config.labels {
-        config = classifier_config(&config, labels);
-    }
+    let mut config = head_config.unwrap_or_else(|| ckpt.config().clone());
     if let Some(dt) = opts.dtype {
         config["torch_dtype"] = json!(dtype_name(dt));
     }
@@ -315,12 +452,8 @@ pub fn merge_checkpoint(
     std::fs::write(&p, serde_json::to_string_pretty(&config).unwrap()).at(&p)?;
     staged.commit()?;
     Ok(MergeReport {
-        layers: af.layers.len(),
-        u: af.config.u(),
-        max_abs_change,
-        heads: af.heads.keys().cloned().collect(),
         files,
-        cleaned,
+        ..MergeReport::of(&af, max_abs_change, head, cleaned)
     })
 }
 
