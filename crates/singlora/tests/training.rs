@@ -771,3 +771,39 @@ fn data_parallel_resume_ends_bit_identical() {
     assert_eq!(resumed.steps, s_full.steps);
     assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
 }
+
+#[test]
+fn evaluation_predictions_follow_the_file_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path(), DType::F32);
+    let (train_f, eval_f) = classification_data(tmp.path(), 32, 24);
+    let run = tmp.path().join("run");
+    let cfg = TrainConfig {
+        epochs: 2,
+        lr: Some(3e-2),
+        ..base_cfg(&model, &train_f, Some(&eval_f))
+    };
+    run_train(cfg, &run, false, false).unwrap();
+    let session = singlora::session::Session::load(&model, &run, Device::Cpu).unwrap();
+    let res = session
+        .eval_file(&eval_f, &Columns::default(), 64, 5, false)
+        .unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&eval_f)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(res.predictions.len(), rows.len());
+    let names = &session.labels.as_ref().unwrap().names;
+    let mut correct = 0;
+    for (row, &p) in rows.iter().zip(&res.predictions) {
+        // the same row scored alone
+        let alone = session
+            .classify(&[row["text"].as_str().unwrap().to_string()], 64)
+            .unwrap();
+        assert_eq!(names[p], alone[0].label, "{row}");
+        correct += (names[p] == row["label"].as_str().unwrap()) as usize;
+    }
+    let acc = res.metrics.unwrap().accuracy;
+    assert!((acc - correct as f64 / rows.len() as f64).abs() < 1e-12);
+}
