@@ -78,6 +78,8 @@ pub struct Job {
 pub enum Stage {
     Select,
     Test,
+    /// A test run at a multiple of the picked rate (learning-rate stability).
+    Stability,
 }
 
 impl Job {
@@ -85,8 +87,13 @@ impl Job {
         let stage = match self.stage {
             Stage::Select => "select",
             Stage::Test => "test",
+            Stage::Stability => "stab",
         };
-        format!("{stage}-{}-lr{:.0e}-s{}", self.config, self.lr, self.seed)
+        match self.stage {
+            // multiples of the picked rate need more digits
+            Stage::Stability => format!("{stage}-{}-lr{:.3e}-s{}", self.config, self.lr, self.seed),
+            _ => format!("{stage}-{}-lr{:.0e}-s{}", self.config, self.lr, self.seed),
+        }
     }
 }
 
@@ -181,6 +188,47 @@ pub fn test_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
         .collect()
 }
 
+/// Learning-rate stability: the picked rate times these (×1 is the test runs themselves).
+pub const STABILITY_FACTORS: [f64; 5] = [0.25, 0.5, 1.0, 2.0, 4.0];
+/// The order in which the configurations' stability runs are made.
+pub const STABILITY_ORDER: [&str; 6] = [
+    "singlora-r8",
+    "lora-r8",
+    "singlora-r16",
+    "loraplus-r8",
+    "rslora-r8",
+    "dora-r8",
+];
+/// A run whose test accuracy is below this has collapsed (chance is about 0.34).
+pub const COLLAPSED_BELOW: f64 = 0.40;
+
+/// The stability runs (every factor but 1, every test seed) of each configuration whose rate
+/// is picked, in [`STABILITY_ORDER`].
+pub fn stability_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
+    let mut out = vec![];
+    for name in STABILITY_ORDER {
+        let Some(&(config, method, rank)) = CONFIGS.iter().find(|c| c.0 == name) else {
+            continue;
+        };
+        let Some(&lr) = picked.get(config) else {
+            continue;
+        };
+        for f in STABILITY_FACTORS.iter().filter(|&&f| f != 1.0) {
+            for &seed in &TEST_SEEDS {
+                out.push(Job {
+                    stage: Stage::Stability,
+                    config,
+                    method,
+                    rank,
+                    lr: lr * f,
+                    seed,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// The records in `out/runs.jsonl` (none if it does not exist).
 pub fn read_records(out: &Path) -> Result<Vec<Record>> {
     let p = out.join("runs.jsonl");
@@ -250,7 +298,7 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
     let trainable_params =
         plan["adapter_params"].as_u64().unwrap_or(0) + plan["head_params"].as_u64().unwrap_or(0);
     let (mut test_accuracy, mut test_predictions, mut labels) = (None, None, vec![]);
-    if job.stage == Stage::Test {
+    if job.stage != Stage::Select {
         let dev = device.parse::<singlora::device::DeviceSpec>()?.open()?;
         let session = singlora::session::Session::load(&spec.model, &dir, dev)?;
         let res = session.eval_file(
@@ -306,12 +354,13 @@ pub fn run(
         .flat_map(|d| std::iter::repeat_n(d.clone(), spec.jobs_per_device.max(1)))
         .collect();
     let log = spec.out.join("runs.jsonl");
-    for stage in [Stage::Select, Stage::Test] {
+    for stage in [Stage::Select, Stage::Test, Stage::Stability] {
         let records = records(spec)?;
         let done: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
         let jobs = match stage {
             Stage::Select => select_jobs(),
             Stage::Test => test_jobs(&picked_rates(&records)),
+            Stage::Stability => stability_jobs(&picked_rates(&records)),
         };
         let todo: Vec<Job> = jobs
             .into_iter()
@@ -615,8 +664,89 @@ pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
             100.0 * ci.hi,
         );
     }
+    stability_table(&mut md, records, &picked);
     singlora::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
     Ok(md)
+}
+
+/// The stability table: test accuracy at each multiple of the picked rate (the ×1 column is
+/// the test runs), the spread of the means over the whole window and over the two 2× windows
+/// around the picked rate, and the collapsed runs.
+fn stability_table(md: &mut String, records: &[Record], picked: &BTreeMap<&'static str, f64>) {
+    use std::fmt::Write as _;
+    let runs_at = |config: &str, lr: f64| -> Vec<f64> {
+        records
+            .iter()
+            .filter(|r| {
+                r.config == config
+                    && matches!(r.stage, Stage::Test | Stage::Stability)
+                    && (r.lr - lr).abs() <= 1e-9 * lr
+            })
+            .filter_map(|r| r.test_accuracy)
+            .map(|a| 100.0 * a)
+            .collect()
+    };
+    if !records.iter().any(|r| r.stage == Stage::Stability) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n### Learning-rate stability (test accuracy, seeds {}–{}; collapsed: below {:.0}%)\n",
+        TEST_SEEDS[0],
+        TEST_SEEDS[TEST_SEEDS.len() - 1],
+        100.0 * COLLAPSED_BELOW
+    );
+    let _ = write!(md, "| configuration |");
+    for f in STABILITY_FACTORS {
+        let _ = write!(md, " ×{f} |");
+    }
+    let _ = writeln!(
+        md,
+        " spread ×0.25…×4 | spread ×0.5…×1 | spread ×1…×2 | collapsed |\n|---|{}---|---|---|---|",
+        "---|".repeat(STABILITY_FACTORS.len())
+    );
+    for name in STABILITY_ORDER {
+        let Some(&lr) = picked.get(name) else {
+            continue;
+        };
+        let mut means = vec![];
+        let (mut collapsed, mut total) = (0, 0);
+        let _ = write!(md, "| {name} |");
+        for f in STABILITY_FACTORS {
+            let accs = runs_at(name, lr * f);
+            total += accs.len();
+            collapsed += accs
+                .iter()
+                .filter(|&&a| a < 100.0 * COLLAPSED_BELOW)
+                .count();
+            if accs.is_empty() {
+                means.push(None);
+                let _ = write!(md, " – |");
+            } else {
+                let (m, sd) = super::sweep::mean_std(&accs);
+                means.push(Some(m));
+                let _ = write!(md, " {m:.2} ± {sd:.2} ({}) at {:.2e} |", accs.len(), lr * f);
+            }
+        }
+        let spread = |lo: usize, hi: usize| -> String {
+            let w: Option<Vec<f64>> = means[lo..=hi].iter().copied().collect();
+            match w {
+                Some(w) => {
+                    let max = w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let min = w.iter().copied().fold(f64::INFINITY, f64::min);
+                    format!("{:.2}", max - min)
+                }
+                None => "–".into(),
+            }
+        };
+        let _ = writeln!(
+            md,
+            " {} | {} | {} | {collapsed} of {total} |",
+            spread(0, 4),
+            spread(1, 2),
+            spread(2, 3)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -671,13 +801,24 @@ mod tests {
         let jobs: Vec<Job> = select_jobs()
             .into_iter()
             .chain(test_jobs(&picked))
+            .chain(stability_jobs(&picked))
             .collect();
         let names: HashSet<String> = jobs.iter().map(Job::name).collect();
         assert_eq!(names.len(), jobs.len());
+        let stability = (STABILITY_FACTORS.len() - 1) * TEST_SEEDS.len();
         assert_eq!(
             jobs.len(),
-            CONFIGS.len() * (LR_GRID.len() + TEST_SEEDS.len())
+            CONFIGS.len() * (LR_GRID.len() + TEST_SEEDS.len() + stability)
         );
+        // a stability run sits at a multiple of the picked rate, never at the rate itself
+        let stab = stability_jobs(&BTreeMap::from([("lora-r8", 2e-3)]));
+        let lrs: HashSet<u64> = stab.iter().map(|j| j.lr.to_bits()).collect();
+        let want: HashSet<u64> = [5e-4, 1e-3, 4e-3, 8e-3]
+            .iter()
+            .map(|l: &f64| l.to_bits())
+            .collect();
+        assert_eq!(lrs, want);
+        assert_eq!(stab.len(), stability);
     }
 
     #[test]
