@@ -4,7 +4,7 @@
 # (all-MiniLM-L6-v2/ and snli/ from ~/.cache/singlora), the runs so far from
 # docs/results/snli/runs.jsonl. runs.jsonl, summary.md, lr.svg, the log and the runs' own
 # files (a .tgz) go to $OUT.
-#   bash bench/snli_device.sh PARTS_DIR MINUTES [TRAIN_ROWS]
+#   [JOBS=6] bash bench/snli_device.sh PARTS_DIR MINUTES [TRAIN_ROWS]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts=$1; minutes=$2; rows=${3:-20000}
@@ -16,7 +16,7 @@ fi
 mkdir -p "$OUT/snli"
 cp docs/results/snli/runs.jsonl "$OUT/snli/" 2>/dev/null || true
 timeout $(( ${minutes%.*} * 60 + 150 )) .carry/lab experiment snli --model $work/all-MiniLM-L6-v2 \
-  --data $work/snli --train-rows "$rows" --devices cuda --jobs-per-device 6 \
+  --data $work/snli --train-rows "$rows" --devices cuda --jobs-per-device "${JOBS:-6}" \
   --minutes "$minutes" --out "$OUT/snli" > "$OUT/snli.log" 2>&1
 echo "exit $?" >> "$OUT/snli.log"
 tar czf "$OUT/snli-runs.tgz" -C "$OUT/snli" runs 2>/dev/null && rm -rf "$OUT/snli/runs"
