@@ -84,23 +84,23 @@ enum Command {
     },
 }
 
-/// The `train` settings given on the command line (not defaults), by name.
-fn given_train_settings(m: &clap::ArgMatches) -> Vec<String> {
-    let Some(("train", t)) = m.subcommand() else {
+/// The settings of the subcommand given on the command line (not defaults), by name.
+fn given_settings(m: &clap::ArgMatches) -> Vec<String> {
+    let Some((_, sub)) = m.subcommand() else {
         return vec![];
     };
-    t.ids()
-        .filter(|id| t.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+    sub.ids()
+        .filter(|id| sub.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
         .map(|id| id.to_string())
         .collect()
 }
 
 fn run(matches: clap::ArgMatches) -> Result<()> {
-    let given = given_train_settings(&matches);
+    let given = given_settings(&matches);
     let cli = Cli::from_arg_matches(&matches)?;
     match cli.command {
         Command::Train(args) => train_cmd::train(*args, &given)?,
-        Command::Eval(args) => train_cmd::eval(args)?,
+        Command::Eval(args) => train_cmd::eval(args, &given)?,
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
         Command::Merge {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use singlora::data::Columns;
+use singlora::data::{list_rows, DataSettings, RowReport, Truncation};
 use singlora::device::DeviceSpec;
 use singlora::eval::EvalResult;
 use singlora::session::Session;
@@ -138,9 +138,7 @@ pub fn train(args: TrainArgs, given: &[String]) -> Result<()> {
         if args.dry_run {
             let mut cfg = run;
             cfg.max_steps = changes.max_steps.or(cfg.max_steps);
-            print!("{}", setup(cfg)?.plan.render());
-            println!("(dry run: nothing trained)");
-            return Ok(());
+            return dry_run(cfg, args.quiet);
         }
         let summary = resume_run(&out, &changes, progress(args.quiet)?)?;
         return report(&summary);
@@ -152,13 +150,25 @@ pub fn train(args: TrainArgs, given: &[String]) -> Result<()> {
         }
     }
     if args.dry_run {
-        let s = setup(cfg)?;
-        print!("{}", s.plan.render());
-        println!("(dry run: nothing trained)");
-        return Ok(());
+        return dry_run(cfg, args.quiet);
     }
     let summary = run_training(cfg, &out, args.overwrite, progress(args.quiet)?)?;
     report(&summary)
+}
+
+/// Prints the plan, with the warnings and the rows left out or cut, and trains nothing.
+fn dry_run(cfg: TrainConfig, quiet: bool) -> Result<()> {
+    let s = setup(cfg)?;
+    let said = Progress::new(quiet)?;
+    for w in &s.warnings {
+        said.warning(w);
+    }
+    if !s.data.report.is_empty() {
+        said.rows_report(&s.data.report);
+    }
+    print!("{}", s.plan.render());
+    println!("(dry run: nothing trained)");
+    Ok(())
 }
 
 /// What a finished or interrupted run says on stdout; a run a signal stopped (with its
@@ -300,6 +310,14 @@ impl Observer for Progress {
         *self.bar.lock().unwrap() = Some(b);
     }
 
+    fn warning(&self, text: &str) {
+        self.say(&format!("warning: {text}"));
+    }
+
+    fn rows_report(&self, report: &RowReport) {
+        self.say(rows_text(report).trim_end());
+    }
+
     fn resumed(&self, run_dir: &Path, step: u64) {
         self.say(&format!(
             "resuming {} from update {step}",
@@ -373,45 +391,112 @@ impl Observer for Progress {
     }
 }
 
+/// Which rows were left out or cut, and why: the first of each kind by `FILE:LINE`.
+fn rows_text(r: &RowReport) -> String {
+    let rows = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut s = String::new();
+    if !r.skipped.is_empty() {
+        s += &format!(
+            "{} left out (--skip-bad-rows):{}\n",
+            rows(r.skipped.len(), "malformed row"),
+            list_rows(&r.skipped)
+        );
+    }
+    if !r.truncated.is_empty() {
+        s += &format!(
+            "{} cut to --max-length {} tokens (--truncation {}):{}\n",
+            rows(r.truncated.len(), "row"),
+            r.max_length,
+            r.truncation,
+            list_rows(&r.truncated)
+        );
+    }
+    if !r.dropped.is_empty() {
+        s += &format!(
+            "{} longer than --max-length {} tokens left out (--truncation drop):{}\n",
+            rows(r.dropped.len(), "row"),
+            r.max_length,
+            list_rows(&r.dropped)
+        );
+    }
+    s
+}
+
+/// The settings of the run `adapter` belongs to (a run directory, its best/ or a checkpoint).
+fn run_of(adapter: &Path) -> Result<Option<TrainConfig>> {
+    match singlora::train::run_of_adapter(adapter) {
+        Some(run) => Ok(Some(singlora::train::run_config(&run)?)),
+        None => Ok(None),
+    }
+}
+
+/// `--model`, or the run's.
+fn model_of(model: &Option<PathBuf>, adapter: &Path, run: Option<&TrainConfig>) -> Result<PathBuf> {
+    match (model, run) {
+        (Some(m), _) => Ok(m.clone()),
+        (None, Some(r)) => Ok(r.model.clone()),
+        (None, None) => bail!(
+            "--model is required: {} is not in a run directory, whose run.json would name the model",
+            adapter.display()
+        ),
+    }
+}
+
+/// The run's data settings (the defaults outside a run), with those given on the command line
+/// (`given`, by name) taken from `mine`.
+fn with_given(
+    run: Option<&TrainConfig>,
+    mine: &DataSettings,
+    given: &[String],
+) -> Result<DataSettings> {
+    let Some(run) = run else {
+        return Ok(mine.clone());
+    };
+    let mut settings = serde_json::to_value(&run.data)?;
+    let mine = serde_json::to_value(mine)?;
+    for key in given {
+        if let Some(v) = mine.get(key) {
+            settings[key] = v.clone();
+        }
+    }
+    Ok(serde_json::from_value(settings)?)
+}
+
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// The base model (default: the one the adapter's run was trained on).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// An adapter directory (a run directory, or its best/ or a checkpoint).
     #[arg(long)]
     adapter: PathBuf,
     #[arg(long)]
     data: PathBuf,
-    #[arg(long, default_value_t = 128)]
-    max_length: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    #[command(flatten)]
-    columns: Columns,
-    #[arg(long)]
-    skip_bad_rows: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// SFT: score prompts as they are, not in the model's chat template (match training).
-    #[arg(long)]
-    no_chat_template: bool,
+    /// How the data is read and tokenized: an adapter in a run takes the run's settings, and
+    /// flags given here override them.
+    #[command(
+        flatten,
+        next_help_heading = "Data settings (default for an adapter in a run: the run's)"
+    )]
+    settings: DataSettings,
 }
 
-pub fn eval(a: EvalArgs) -> Result<()> {
-    let mut s = Session::load(&a.model, &a.adapter, a.device.open()?)?;
-    if a.no_chat_template {
-        s.chat = None;
+pub fn eval(a: EvalArgs, given: &[String]) -> Result<()> {
+    let run = run_of(&a.adapter)?;
+    let model = model_of(&a.model, &a.adapter, run.as_ref())?;
+    let settings = with_given(run.as_ref(), &a.settings, given)?;
+    let s = Session::load(&model, &a.adapter, a.device.open()?)?;
+    let (r, rows) = s.eval_file(&a.data, &settings, a.batch_size)?;
+    if !rows.is_empty() {
+        eprint!("{}", rows_text(&rows));
     }
-    let r = s.eval_file(
-        &a.data,
-        &a.columns,
-        a.max_length,
-        a.batch_size,
-        a.skip_bad_rows,
-    )?;
     if a.json {
         let mut v = r.to_json(s.adapter.config.step);
         if let (Some(m), Some(l)) = (&r.metrics, &s.labels) {
@@ -435,14 +520,20 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
+    /// The base model (default: the one the adapter's run was trained on).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long)]
     adapter: PathBuf,
     /// Texts (classification) or prompts (SFT); read from stdin, one per line, when none given.
     texts: Vec<String>,
-    #[arg(long, default_value_t = 128)]
-    max_length: usize,
+    /// Tokens per text (default: the run's --max-length, else 128).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// The end of a long text kept: right or left (default: the run's --truncation; its drop
+    /// keeps the start).
+    #[arg(long)]
+    truncation: Option<Truncation>,
     /// SFT: most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -451,16 +542,22 @@ pub struct PredictArgs {
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
-    /// SFT: send prompts as they are, not in the model's chat template (match training).
+    /// SFT: send prompts as they are, not in the model's chat template (default: as the run
+    /// was trained).
     #[arg(long)]
     no_chat_template: bool,
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
-    let mut s = Session::load(&a.model, &a.adapter, a.device.open()?)?;
-    if a.no_chat_template {
+    let run = run_of(&a.adapter)?;
+    let model = model_of(&a.model, &a.adapter, run.as_ref())?;
+    let settings = run.map(|r| r.data).unwrap_or_default();
+    let mut s = Session::load(&model, &a.adapter, a.device.open()?)?;
+    if a.no_chat_template || !settings.chat_template {
         s.chat = None;
     }
+    let max_length = a.max_length.unwrap_or(settings.max_length);
+    let truncation = a.truncation.unwrap_or(settings.truncation);
     let texts = if a.texts.is_empty() {
         if std::io::stdin().is_terminal() {
             eprintln!("(reading texts from stdin, one per line; end with Ctrl-D)");
@@ -477,7 +574,10 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         bail!("no texts to predict");
     }
     if s.labels.is_some() {
-        for (t, p) in texts.iter().zip(s.classify(&texts, a.max_length)?) {
+        for (t, p) in texts
+            .iter()
+            .zip(s.classify(&texts, max_length, truncation)?)
+        {
             if a.json {
                 println!(
                     "{}",

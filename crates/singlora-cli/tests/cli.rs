@@ -1,6 +1,6 @@
 //! The binary as a user runs it: exit codes, messages, and no partial output.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::DType;
@@ -204,12 +204,31 @@ fn tiny_bert(dir: &Path) -> String {
     m.to_string_lossy().into_owned()
 }
 
+/// Two rows of classification data in `dir/NAME` (one of each label), for the tiny BERT.
+fn two_rows(dir: &Path, name: &str) -> PathBuf {
+    let data = dir.join(name);
+    std::fs::write(
+        &data,
+        format!(
+            "{}\n{}\n",
+            row("good movie", "pos"),
+            row("bad movie", "neg")
+        ),
+    )
+    .unwrap();
+    data
+}
+
+/// A JSONL classification row.
+fn row(text: &str, label: &str) -> String {
+    serde_json::json!({"text": text, "label": label}).to_string()
+}
+
 #[test]
 fn train_dry_run_prints_the_plan() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_bert(tmp.path());
-    let data = tmp.path().join("d.jsonl");
-    std::fs::write(&data, "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n").unwrap();
+    let data = two_rows(tmp.path(), "d.jsonl");
     let out = p(tmp.path(), "run");
     let o = singlora(&[
         "train",
@@ -263,8 +282,7 @@ fn train_refuses_bad_rows_and_typos_before_writing() {
         "{err}"
     );
     assert!(!tmp.path().join("run").exists());
-    let good = tmp.path().join("g.jsonl");
-    std::fs::write(&good, "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n").unwrap();
+    let good = two_rows(tmp.path(), "g.jsonl");
     let o = singlora(&[
         "train",
         "--model",
@@ -383,12 +401,7 @@ fn outputs_never_overlap_inputs() {
     let root = tmp.path();
     setup(root, AdapterKind::SingLora);
     let model = tiny_bert(root);
-    let data = root.join("d.jsonl");
-    std::fs::write(
-        &data,
-        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
-    )
-    .unwrap();
+    let data = two_rows(root, "d.jsonl");
     let before = snapshot(root);
     let train = |out: &str, cwd: &Path| {
         Command::new(env!("CARGO_BIN_EXE_singlora"))
@@ -472,12 +485,7 @@ fn a_run_in_use_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let model = tiny_bert(root);
-    let data = root.join("d.jsonl");
-    std::fs::write(
-        &data,
-        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
-    )
-    .unwrap();
+    let data = two_rows(root, "d.jsonl");
     let run = p(root, "run");
     let mut first = Command::new(env!("CARGO_BIN_EXE_singlora"))
         .args([
@@ -538,12 +546,7 @@ fn resume_takes_the_run_directory_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let model = tiny_bert(root);
-    let data = root.join("d.jsonl");
-    std::fs::write(
-        &data,
-        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
-    )
-    .unwrap();
+    let data = two_rows(root, "d.jsonl");
     let run = p(root, "run");
     let o = singlora(&[
         "train",
@@ -593,12 +596,7 @@ fn signals_checkpoint_and_exit_non_zero() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let model = tiny_bert(root);
-    let data = root.join("d.jsonl");
-    std::fs::write(
-        &data,
-        "{\"text\": \"good movie\", \"label\": \"pos\"}\n{\"text\": \"bad movie\", \"label\": \"neg\"}\n",
-    )
-    .unwrap();
+    let data = two_rows(root, "d.jsonl");
     for (signal, code) in [("INT", 130), ("TERM", 143)] {
         let run = root.join(format!("run-{signal}"));
         let child = Command::new(env!("CARGO_BIN_EXE_singlora"))
@@ -765,4 +763,213 @@ fn incomplete_adapter_fails_every_command() {
         assert!(err.contains(&format!("`{missing}`")), "{args:?}: {err}");
         assert!(!Path::new(&out).exists());
     }
+}
+
+/// `singlora train --model MODEL --train DATA --out OUT` with `extra` flags.
+fn train(model: &str, data: &Path, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--model", model, "--train", data.to_str().unwrap()];
+    args.extend(["--out", out]);
+    args.extend_from_slice(extra);
+    singlora(&args)
+}
+
+fn run_json(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap()
+}
+
+/// Settings no run can mean are refused before anything is loaded or written, naming the flag
+/// (and, for a rank the layers cannot hold, the layer).
+#[test]
+fn train_refuses_settings_that_cannot_be_meant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = two_rows(tmp.path(), "d.jsonl");
+    let out = p(tmp.path(), "run");
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--alpha", "0"], &["--alpha"]),
+        (&["--alpha", "nan"], &["--alpha"]),
+        (&["--alpha=-8"], &["--alpha -8: must be positive"]),
+        (&["--alpha", "1e12"], &["--alpha"]),
+        (&["--lr", "0"], &["--lr"]),
+        (&["--lr=-0.001"], &["--lr -0.001: must be positive"]),
+        (&["--lr", "inf"], &["--lr"]),
+        (&["--weight-decay", "nan"], &["--weight-decay"]),
+        (&["--weight-decay=-0.1"], &["--weight-decay -0.1"]),
+        (&["--warmup-ratio", "2"], &["--warmup-ratio", "[0, 1]"]),
+        (&["--max-steps", "0"], &["--max-steps"]),
+        (&["--epochs", "0"], &["--epochs"]),
+        (
+            &["--rank", "17"],
+            &["rank 17", "encoder.layer.0.attention.self.query", "16"],
+        ),
+    ];
+    for (flags, words) in cases {
+        let mut extra = flags.to_vec();
+        extra.push("--dry-run");
+        let o = train(&model, &data, &out, &extra);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {err}");
+        for w in *words {
+            assert!(err.contains(w), "{flags:?}: `{w}` not in {err}");
+        }
+    }
+    assert!(!tmp.path().join("run").exists());
+}
+
+/// `--skip-bad-rows` reports each row it drops as FILE:LINE: reason (the first 20, then a
+/// count), rows cut at --max-length are counted and reported, and run.json records both.
+#[test]
+fn skipped_and_truncated_rows_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = tmp.path().join("d.jsonl");
+    let mut rows = vec![row("good movie", "pos"), row("bad movie", "neg")];
+    rows.extend((0..25).map(|_| row("", "neg")));
+    rows.push(row(&"good movie ".repeat(20), "pos"));
+    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    let out = p(tmp.path(), "run");
+    let o = train(
+        &model,
+        &data,
+        &out,
+        &["--skip-bad-rows", "--max-length", "8", "--max-steps", "1"],
+    );
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let d = data.display();
+    assert!(err.contains("25 malformed rows left out"), "{err}");
+    for line in 3..23 {
+        assert!(
+            err.contains(&format!("{d}:{line}: field `text` is empty")),
+            "{err}"
+        );
+    }
+    assert!(!err.contains(&format!("{d}:23:")), "{err}");
+    assert!(err.contains("… and 5 more"), "{err}");
+    assert!(err.contains("1 row cut to --max-length 8 tokens"), "{err}");
+    assert!(err.contains(&format!("{d}:28: ")), "{err}");
+    let plan = &run_json(&tmp.path().join("run"))["plan"];
+    assert_eq!(plan["skipped_rows"], 25, "{plan}");
+    assert_eq!(plan["truncated_rows"], 1, "{plan}");
+    assert_eq!(plan["train_rows"], 3, "{plan}");
+
+    // --truncation drop leaves the long row out, said as much
+    let o = train(
+        &model,
+        &data,
+        &out,
+        &[
+            "--skip-bad-rows",
+            "--max-length",
+            "8",
+            "--max-steps",
+            "1",
+            "--truncation",
+            "drop",
+            "--overwrite",
+        ],
+    );
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 row longer than --max-length 8 tokens left out"),
+        "{err}"
+    );
+    let plan = &run_json(&tmp.path().join("run"))["plan"];
+    assert_eq!(
+        (plan["train_rows"].as_u64(), plan["dropped_rows"].as_u64()),
+        (Some(2), Some(1))
+    );
+}
+
+/// `eval` and `predict` on a run directory (or its best/ or a checkpoint) take the model,
+/// columns and data settings from its run.json; flags given override them.
+#[test]
+fn eval_and_predict_take_the_runs_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let model = tiny_bert(root);
+    let data = root.join("s.jsonl");
+    let rows: Vec<String> = [("good movie", "pos"), ("bad movie", "neg")]
+        .iter()
+        .map(|(t, l)| serde_json::json!({"sentence": t, "y": l}).to_string())
+        .collect();
+    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    let run = p(root, "run");
+    let o = train(
+        &model,
+        &data,
+        &run,
+        &[
+            "--eval",
+            data.to_str().unwrap(),
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "y",
+            "--max-length",
+            "16",
+            "--max-steps",
+            "2",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{:?}", text(&o));
+    let data_arg = data.to_str().unwrap();
+    for adapter in [
+        run.clone(),
+        p(root, "run/best"),
+        p(root, "run/checkpoints/step-2"),
+    ] {
+        let o = singlora(&["eval", "--adapter", &adapter, "--data", data_arg, "--json"]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{adapter}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(v["eval_accuracy"].is_number(), "{out}");
+    }
+    let o = singlora(&["predict", "--adapter", &run, "good movie"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.ends_with("\tgood movie\n"), "{out}");
+    // a flag given wins over the run's setting
+    let o = singlora(&[
+        "eval",
+        "--adapter",
+        &run,
+        "--data",
+        data_arg,
+        "--text-column",
+        "text",
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("missing field `text`"),
+        "{err}"
+    );
+    let o = singlora(&[
+        "eval",
+        "--adapter",
+        &run,
+        "--model",
+        &p(root, "nowhere"),
+        "--data",
+        data_arg,
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("nowhere"), "{err}");
+    // an adapter outside a run needs --model
+    let adapter = root.join("copy");
+    std::fs::create_dir(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(root.join("run").join(f), adapter.join(f)).unwrap();
+    }
+    let o = singlora(&[
+        "eval",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        data_arg,
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--model"), "{err}");
 }

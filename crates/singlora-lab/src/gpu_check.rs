@@ -352,10 +352,11 @@ fn run_losses(dir: &Path) -> Result<Vec<f64>> {
 /// The eval loss of the adapter in `run` on `data`, applied to `model` on the CPU in f32.
 fn cpu_eval_loss(model: &Path, run: &Path, data: &Path) -> Result<f64> {
     let s = singlora::session::Session::load(model, run, Device::Cpu)?;
-    Ok(
-        s.eval_file(data, &singlora::data::Columns::default(), 64, 16, false)?
-            .loss,
-    )
+    let settings = singlora::data::DataSettings {
+        max_length: 64,
+        ..Default::default()
+    };
+    Ok(s.eval_file(data, &settings, 16)?.0.loss)
 }
 
 fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {

@@ -9,7 +9,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::file::AdapterFile;
-use crate::data::{self, Columns, Encoded, LabelSet, Task};
+use crate::data::{
+    self, DataSettings, Dataset, EncodeOptions, Example, LabelSet, Record, RowReport, Task,
+    Truncation,
+};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalResult};
 use crate::model::{Pooling, Pretrained, TaskModel};
@@ -78,65 +81,86 @@ impl Session {
         })
     }
 
-    /// Evaluates on a data file (its labels must be among the adapter's).
+    /// Evaluates on a data file (its labels must be among the adapter's), read and tokenized
+    /// as `settings` say; also gives the rows left out or cut.
     pub fn eval_file(
         &self,
         path: &Path,
-        columns: &Columns,
-        max_length: usize,
+        settings: &DataSettings,
         batch_size: usize,
-        skip_bad_rows: bool,
-    ) -> Result<EvalResult> {
-        let ds = data::load_dataset(path, self.model.task, columns, skip_bad_rows)?;
+    ) -> Result<(EvalResult, RowReport)> {
+        let ds = data::load_dataset(
+            path,
+            self.model.task,
+            &settings.columns,
+            settings.skip_bad_rows,
+        )?;
         if let Some(l) = &self.labels {
             l.check(&ds)?;
         }
-        let eos = (self.model.task == Task::Sft)
-            .then_some(self.special.eos)
-            .flatten();
-        let items = data::encode_with(
-            &self.tokenizer,
-            &ds,
-            self.labels.as_ref(),
-            max_length,
-            eos,
-            self.chat.as_ref(),
-        )?;
-        evaluate(
+        let opts = EncodeOptions {
+            max_length: settings.max_length,
+            eos: self.special.eos.filter(|_| self.model.task == Task::Sft),
+            chat: self.chat.as_ref().filter(|_| settings.chat_template),
+            truncation: settings.truncation,
+        };
+        let rows = data::encode_with(&self.tokenizer, &ds, self.labels.as_ref(), &opts)?;
+        let mut report = RowReport {
+            max_length: settings.max_length,
+            truncation: settings.truncation,
+            ..Default::default()
+        };
+        report.add(&ds, &rows);
+        let result = evaluate(
             &self.model,
-            &items,
+            &rows.items,
             batch_size,
             self.special.pad,
             self.labels.as_ref().map(|l| l.names.len()),
             &self.device,
-        )
+        )?;
+        Ok((result, report))
     }
 
-    /// Labels with probabilities for each text.
-    pub fn classify(&self, texts: &[String], max_length: usize) -> Result<Vec<Prediction>> {
+    /// Labels with probabilities for each text, cut to `max_length` tokens at the end
+    /// `truncation` keeps (`drop` cuts as `right` does: every text gets a prediction).
+    pub fn classify(
+        &self,
+        texts: &[String],
+        max_length: usize,
+        truncation: Truncation,
+    ) -> Result<Vec<Prediction>> {
         let labels = self.labels.as_ref().ok_or_else(|| {
             Error::msg("this adapter has no labels: it was not trained for classification")
         })?;
-        let mut tok = self.tokenizer.clone();
-        tok.with_truncation(Some(tokenizers::TruncationParams {
-            max_length,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
-        let items: Vec<Encoded> = texts
-            .iter()
-            .map(|t| {
-                let enc = tok
-                    .encode(t.as_str(), true)
-                    .map_err(|e| Error::msg(format!("cannot tokenize {t:?}: {e}")))?;
-                Ok(Encoded {
-                    ids: enc.get_ids().to_vec(),
-                    type_ids: enc.get_type_ids().to_vec(),
-                    label: None,
-                    target_mask: vec![0; enc.get_ids().len()],
+        let ds = Dataset {
+            path: "(texts to predict)".into(),
+            records: texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Record {
+                    line: i + 1,
+                    // a placeholder label: the rows are only tokenized
+                    example: Example::Classify {
+                        text: t.clone(),
+                        text_pair: None,
+                        label: labels.names[0].clone(),
+                    },
                 })
-            })
-            .collect::<Result<_>>()?;
+                .collect(),
+            skipped: vec![],
+        };
+        let opts = EncodeOptions {
+            truncation: match truncation {
+                Truncation::Drop => Truncation::Right,
+                t => t,
+            },
+            ..EncodeOptions::new(max_length)
+        };
+        let mut items = data::encode_with(&self.tokenizer, &ds, Some(labels), &opts)?.items;
+        for item in &mut items {
+            item.label = None;
+        }
         let mut out = Vec::with_capacity(texts.len());
         for chunk in (0..items.len()).collect::<Vec<_>>().chunks(16) {
             let batch = data::collate(&items, chunk, self.special.pad, &self.device)?;

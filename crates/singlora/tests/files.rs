@@ -971,3 +971,32 @@ fn outputs_are_readable_as_the_umask_allows() {
     .unwrap();
     assert_eq!(modes::mode(&single), modes.0);
 }
+
+/// `fan_in_fan_out` (weights stored transposed, as GPT-2's Conv1D) cannot describe a LLaMA
+/// weight: merging or loading such an adapter onto a LLaMA model is refused, naming a layer.
+#[test]
+fn fan_in_fan_out_on_llama_weights_is_refused() {
+    for kind in [AdapterKind::SingLora, AdapterKind::Lora] {
+        let s = setup(kind);
+        edit_config(&s.adapter, |v| v["fan_in_fan_out"] = true.into());
+        let err = merge_err(&s);
+        assert!(
+            err.contains("fan_in_fan_out") && err.contains("model.layers.0."),
+            "{err}"
+        );
+        singlora::synthetic::write_tokenizer(
+            &s.base,
+            &["a", "b"],
+            singlora::tokenize::TokenizerStyle::Llama,
+        )
+        .unwrap();
+        let err = match singlora::session::Session::load(&s.base, &s.adapter, Device::Cpu) {
+            Ok(_) => panic!("{kind}: an adapter with fan_in_fan_out was loaded onto LLaMA"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("adapter_config.json") && err.contains("fan_in_fan_out"),
+            "{err}"
+        );
+    }
+}

@@ -74,7 +74,7 @@ fn max_abs(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
 /// the order of the labels.
 fn singlora_probs(model: &Path, adapter: &Path) -> Vec<Vec<f64>> {
     let s = Session::load(model, adapter, Device::Cpu).unwrap();
-    s.classify(&texts(), 64)
+    s.classify(&texts(), 64, singlora::data::Truncation::Right)
         .unwrap()
         .into_iter()
         .map(|p| p.probabilities.iter().map(|(_, x)| *x as f64).collect())

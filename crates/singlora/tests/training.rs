@@ -11,7 +11,9 @@ use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec, Method};
 use singlora::checkpoint::TensorFile;
-use singlora::data::{collate, encode, load_dataset, Columns, LabelSet, Task};
+use singlora::data::{
+    collate, encode, load_dataset, Columns, DataSettings, LabelSet, Task, Truncation,
+};
 use singlora::model::{ClassifierHead, Pretrained, TaskModel};
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
@@ -213,8 +215,10 @@ fn bert_classification_trains_and_writes_every_output() {
     assert!(af.heads.contains_key("classifier.weight") && af.heads.contains_key("classifier.bias"));
     // the adapter reloads onto the model and evaluates to the same numbers
     let sess = singlora::session::Session::load(&model, &run, Device::Cpu).unwrap();
-    let cols = Columns::default();
-    let again = sess.eval_file(&eval_f, &cols, 128, 16, false).unwrap();
+    let (again, report) = sess
+        .eval_file(&eval_f, &DataSettings::default(), 16)
+        .unwrap();
+    assert!(report.is_empty());
     let fin = s.final_eval.unwrap();
     assert!(
         (again.loss - fin.loss).abs() < 1e-5,
@@ -229,6 +233,7 @@ fn bert_classification_trains_and_writes_every_output() {
                 "the movie was awful".to_string(),
             ],
             128,
+            Truncation::Right,
         )
         .unwrap();
     assert_eq!(preds[0].probabilities.len(), 2);
@@ -785,9 +790,11 @@ fn evaluation_predictions_follow_the_file_order() {
     };
     run_train(cfg, &run, false, false).unwrap();
     let session = singlora::session::Session::load(&model, &run, Device::Cpu).unwrap();
-    let res = session
-        .eval_file(&eval_f, &Columns::default(), 64, 5, false)
-        .unwrap();
+    let settings = singlora::data::DataSettings {
+        max_length: 64,
+        ..Default::default()
+    };
+    let (res, _) = session.eval_file(&eval_f, &settings, 5).unwrap();
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&eval_f)
         .unwrap()
         .lines()
@@ -799,11 +806,86 @@ fn evaluation_predictions_follow_the_file_order() {
     for (row, &p) in rows.iter().zip(&res.predictions) {
         // the same row scored alone
         let alone = session
-            .classify(&[row["text"].as_str().unwrap().to_string()], 64)
+            .classify(
+                &[row["text"].as_str().unwrap().to_string()],
+                64,
+                singlora::data::Truncation::Right,
+            )
             .unwrap();
         assert_eq!(names[p], alone[0].label, "{row}");
         correct += (names[p] == row["label"].as_str().unwrap()) as usize;
     }
     let acc = res.metrics.unwrap().accuracy;
     assert!((acc - correct as f64 / rows.len() as f64).abs() < 1e-12);
+}
+
+/// A library run reports, through its observer and before training, the prompt/completion
+/// rows cut at `max_length` (with `--truncation left`, keeping each completion and its eos)
+/// and a ramp longer than the run; run.json records the count.
+#[test]
+fn sft_rows_cut_at_max_length_are_reported_to_the_observer() {
+    #[derive(Default)]
+    struct Notes {
+        rows: std::sync::Mutex<Vec<singlora::data::RowReport>>,
+        warnings: std::sync::Mutex<Vec<String>>,
+    }
+    impl singlora::train::Observer for Notes {
+        fn rows_report(&self, report: &singlora::data::RowReport) {
+            self.rows.lock().unwrap().push(report.clone());
+        }
+        fn warning(&self, text: &str) {
+            self.warnings.lock().unwrap().push(text.to_string());
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_llama(tmp.path(), DType::F32);
+    let data = tmp.path().join("sft.jsonl");
+    let long = "the movie was very good and the plot was quite nice";
+    write_rows(
+        &data,
+        [("the movie", "good"), (long, "great"), ("a film", "bad")]
+            .into_iter()
+            .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c})),
+    );
+    let cfg = TrainConfig {
+        task: Task::Sft,
+        max_steps: Some(2),
+        ramp_steps: Some(10),
+        data: DataSettings {
+            max_length: 6,
+            truncation: Truncation::Left,
+            ..DataSettings::default()
+        },
+        ..base_cfg(&model, &data, None)
+    };
+    let s = setup(cfg.clone()).unwrap();
+    // <s>, the end of the prompt, then `great` and eos whole
+    let cut = &s.data.train_items[1];
+    assert_eq!(cut.ids.len(), 6);
+    assert_eq!(&cut.target_mask[4..], &[1, 1]);
+    assert_eq!(cut.ids[5], 3);
+    let notes = std::sync::Arc::new(Notes::default());
+    let run = tmp.path().join("run");
+    singlora::train::train(cfg, &run, false, notes.clone()).unwrap();
+    let rows = notes.rows.lock().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].skipped.is_empty() && rows[0].dropped.is_empty());
+    let lines: Vec<String> = rows[0].truncated.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        lines,
+        vec![format!(
+            "{}:2: longer than 6 tokens: the start of the prompt cut",
+            data.display()
+        )]
+    );
+    let warnings = notes.warnings.lock().unwrap();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("ramp of 10 updates is longer than the run's 2"),
+        "{warnings:?}"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(saved["plan"]["truncated_rows"], 1);
+    assert_eq!(saved["config"]["truncation"], "left");
 }

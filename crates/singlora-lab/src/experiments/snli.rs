@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sweep::{final_eval, prune_run, run_queue, train_run};
 use singlora::adapter::Method;
-use singlora::data::{Columns, Task};
+use singlora::data::{DataSettings, Task};
 use singlora::error::{Error, IoContext, Result};
 use singlora::train::TrainConfig;
 
@@ -285,7 +285,10 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
         lr: Some(job.lr),
         epochs: 1,
         batch_size: spec.batch_size,
-        max_length: spec.max_length,
+        data: DataSettings {
+            max_length: spec.max_length,
+            ..DataSettings::default()
+        },
         seed: job.seed,
         device: device.parse()?,
         ..TrainConfig::default()
@@ -301,13 +304,11 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
     if job.stage != Stage::Select {
         let dev = device.parse::<singlora::device::DeviceSpec>()?.open()?;
         let session = singlora::session::Session::load(&spec.model, &dir, dev)?;
-        let res = session.eval_file(
-            &spec.data.join("test.jsonl"),
-            &Columns::default(),
-            spec.max_length,
-            128,
-            false,
-        )?;
+        let settings = DataSettings {
+            max_length: spec.max_length,
+            ..DataSettings::default()
+        };
+        let (res, _) = session.eval_file(&spec.data.join("test.jsonl"), &settings, 128)?;
         test_accuracy = res.metrics.as_ref().map(|m| m.accuracy);
         test_predictions = Some(
             res.predictions

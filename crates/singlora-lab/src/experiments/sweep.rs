@@ -216,7 +216,10 @@ fn train_config(spec: &SweepSpec, job: &Job, device: &str) -> Result<TrainConfig
         lr: job.lr,
         epochs: spec.epochs,
         batch_size: spec.batch_size,
-        max_length: spec.max_length,
+        data: singlora::data::DataSettings {
+            max_length: spec.max_length,
+            ..Default::default()
+        },
         seed: job.seed,
         init: job.init.parse()?,
         ramp_steps: job.ramp_steps,
@@ -247,7 +250,7 @@ pub(crate) fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
         "--batch-size".into(),
         cfg.batch_size.to_string(),
         "--max-length".into(),
-        cfg.max_length.to_string(),
+        cfg.data.max_length.to_string(),
         "--seed".into(),
         cfg.seed.to_string(),
         "--init".into(),

@@ -5,6 +5,10 @@
 //! singlora does not implement (`layers_to_transform`, a non-default `bias`, …) is refused,
 //! never silently dropped. `rank_pattern` / `alpha_pattern` are honoured with PEFT's rule: the
 //! first key `k` (in file order) for which the module path matches `(.*\.)?(k)$`.
+//!
+//! [`AdapterConfig::validate`] (run on every file read) refuses values no adapter means: a
+//! `lora_alpha` that is not positive or scales the update beyond [`MAX_SCALE`], and an `init`
+//! that names no initialisation.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,10 +16,12 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use serde_json::{json, Map, Value};
 
+use crate::adapter::init::SingLoraInit;
 use crate::adapter::ramp::RampSchedule;
 use crate::adapter::target::TargetSpec;
-use crate::adapter::{scale, AdapterKind, AdapterSpec};
+use crate::adapter::{scale, AdapterKind, AdapterSpec, MAX_SCALE};
 use crate::error::{Error, Result};
+use crate::model::Family;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -374,7 +380,7 @@ impl AdapterConfig {
                 }
             }
         }
-        Ok(Self {
+        let config = Self {
             kind,
             r,
             lora_alpha,
@@ -397,7 +403,69 @@ impl AdapterConfig {
             pooling: f.string("pooling")?,
             layer_shapes,
             source: Some(path.to_path_buf()),
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The file the config was read from, or its usual name.
+    fn path(&self) -> &Path {
+        self.source.as_deref().unwrap_or(Path::new(CONFIG_FILE))
+    }
+
+    /// Refuses values no adapter means, naming the file and field: a `lora_alpha` (or
+    /// `alpha_pattern` value) that is not positive or whose scale α/r (α/√r with rsLoRA)
+    /// exceeds [`MAX_SCALE`], and an `init` that names no initialisation.
+    pub fn validate(&self) -> Result<()> {
+        let alphas = std::iter::once(("lora_alpha".to_string(), self.lora_alpha, self.r)).chain(
+            self.alpha_pattern
+                .iter()
+                .map(|(k, a)| (format!("alpha_pattern.{k}"), *a, self.rank_for(k))),
+        );
+        for (field, alpha, r) in alphas {
+            let s = scale(alpha, r, self.use_rslora);
+            let why = if !(alpha.is_finite() && alpha > 0.0) {
+                format!("must be a positive number, found {alpha} (the update is scaled by α/r)")
+            } else if s > MAX_SCALE {
+                format!(
+                    "{alpha} scales the update by {s:e} at r = {r}; scales above {MAX_SCALE} are \
+                     taken for a mistake"
+                )
+            } else {
+                continue;
+            };
+            return Err(Error::bad_field(self.path(), field, why));
+        }
+        if let Some(init) = &self.init {
+            if let Err(e) = init.parse::<SingLoraInit>() {
+                return Err(Error::bad_field(self.path(), "init", e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses `fan_in_fan_out` (weights stored (d_in, d_out), as GPT-2's Conv1D) on a model of
+    /// `family`, whose linear weights are stored (d_out, d_in); `layer`, an adapted layer, is
+    /// named in the message. A model of no family singlora knows (`None`) may be transposed.
+    pub fn check_weight_layout(
+        &self,
+        family: Option<Family>,
+        layer: Option<&String>,
+    ) -> Result<()> {
+        let layer = layer.map_or("", String::as_str);
+        match family {
+            Some(family) if self.fan_in_fan_out => Err(Error::Unsupported {
+                path: self.path().to_path_buf(),
+                field: "fan_in_fan_out".into(),
+                value: "true".into(),
+                hint: format!(
+                    "it says the weights are stored transposed, as GPT-2's Conv1D, but \
+                     {family:?}-family weights such as `{layer}` are stored (out, in); set it to \
+                     false"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Reads `DIR/adapter_config.json`.
@@ -543,6 +611,39 @@ mod tests {
             );
             assert!(err.contains("cfg.json"), "{err}");
         }
+    }
+
+    /// Values a file can hold but no adapter can mean: refused naming the file and field.
+    #[test]
+    fn values_no_adapter_means_are_refused() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("lora_alpha", json!(0), "lora_alpha"),
+            ("lora_alpha", json!(-16), "lora_alpha"),
+            ("lora_alpha", json!(1e12), "lora_alpha"),
+            (
+                "alpha_pattern",
+                json!({"q_proj": 0}),
+                "alpha_pattern.q_proj",
+            ),
+            ("init", json!("bogus"), "init"),
+        ];
+        for (field, value, named) in cases {
+            let mut v = base();
+            v[field] = value.clone();
+            let err = match parse(v) {
+                Ok(_) => panic!("{field} = {value} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains("cfg.json") && err.contains(&format!("`{named}`")),
+                "{field} = {value}: {err}"
+            );
+        }
+        // a LoRA file may leave `init` out, and any positive alpha of sane size is fine
+        let mut v = base();
+        v["lora_alpha"] = json!(0.5);
+        v["init"] = json!("gaussian:0.01");
+        parse(v).unwrap();
     }
 
     #[test]

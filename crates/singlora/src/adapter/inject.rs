@@ -18,6 +18,21 @@ pub fn inject(
 ) -> Result<Vec<String>> {
     let names: Vec<String> = linears.iter().map(|l| l.name().to_string()).collect();
     let chosen = targets.select(&names, output_layers)?;
+    for l in linears
+        .iter()
+        .filter(|l| chosen.iter().any(|c| c == l.name()))
+    {
+        let (d_out, d_in) = l.dims();
+        let most = d_out.min(d_in);
+        if spec.r > most {
+            return Err(Error::msg(format!(
+                "rank {} is more than layer `{}` ({d_out} × {d_in}) can use: its update has rank \
+                 at most {most}; lower the rank to {most} or leave the layer out of the targets",
+                spec.r,
+                l.name()
+            )));
+        }
+    }
     for l in linears.iter_mut() {
         if chosen.iter().any(|c| c == l.name()) {
             let a = Adapter::init(spec, l.name(), l.base().weight(), clock)?;

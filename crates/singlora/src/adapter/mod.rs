@@ -208,6 +208,10 @@ pub fn scale(alpha: f64, r: usize, rslora: bool) -> f64 {
     }
 }
 
+/// The largest scale taken for intended (typical ones lie between 0.1 and 16); an alpha that
+/// gives more is refused, on the command line and in adapter files.
+pub const MAX_SCALE: f64 = 1000.0;
+
 /// What a trainable tensor is, for optimizer groups (LoRA+ gives B λ times A's rate;
 /// weight decay skips magnitudes, norms and biases).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,9 +1,17 @@
 //! Tokenisation of a dataset. Classification: text (and text pair) with the tokenizer's special
 //! tokens, truncated longest-first to `max_length` by the tokenizer itself so the special
 //! tokens survive. SFT: prompt (with special tokens) ++ completion (without) ++ eos, with a
-//! target mask of 1 on the completion and eos; too-long rows lose the end of the completion,
-//! and when the prompt alone would leave less than a quarter of `max_length` to the
-//! completion, they lose the start of the prompt (its leading special tokens are kept).
+//! target mask of 1 on the completion and eos.
+//!
+//! Rows longer than `max_length` follow [`Truncation`]: `right` (the default) keeps the start,
+//! so an SFT row loses the end of its completion, and, when the prompt alone would leave less
+//! than a quarter of `max_length` to the completion, the start of its prompt (its leading
+//! special tokens are kept); `left` keeps the end (the completion and eos), cutting the start
+//! after the leading special tokens; `drop` leaves such rows out. Rows cut or left out are
+//! returned in [`EncodedRows`] as `FILE:LINE: what`. Long texts are tokenized only as far as
+//! the kept tokens reach ([`super::truncate`]), with the same result as tokenizing them whole;
+//! the one exception is a pair of texts both over 1 MiB, where which of the two keeps the odd
+//! token of an odd budget follows their tokenized parts.
 
 use std::collections::HashMap;
 
@@ -11,7 +19,9 @@ use tokenizers::{
     PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
-use super::{Dataset, Example, LabelSet, Record};
+use super::truncate::{bytes_per_token, tokenizable_part, Keep, Truncation};
+use super::{BadRow, Dataset, Example, LabelSet, Record};
+use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 
 /// One tokenised example.
@@ -36,8 +46,43 @@ impl Encoded {
     }
 }
 
-/// Tokenises every record of `ds` (see the module documentation). `labels` is required for
-/// classification data; `eos` is appended to SFT completions when given.
+/// How [`encode_with`] tokenizes rows.
+#[derive(Clone, Copy)]
+pub struct EncodeOptions<'a> {
+    pub max_length: usize,
+    /// Appended to SFT completions.
+    pub eos: Option<u32>,
+    /// SFT: prompts are wrapped in this chat template (a user turn, the assistant's turn
+    /// opened) and tokenized without added special tokens.
+    pub chat: Option<&'a ChatTemplate>,
+    pub truncation: Truncation,
+}
+
+impl EncodeOptions<'_> {
+    /// `max_length` tokens, cut at the right; no eos, no chat template.
+    pub fn new(max_length: usize) -> Self {
+        Self {
+            max_length,
+            eos: None,
+            chat: None,
+            truncation: Truncation::Right,
+        }
+    }
+}
+
+/// The encoded rows of a dataset, in file order, and the rows longer than `max_length`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EncodedRows {
+    pub items: Vec<Encoded>,
+    /// Rows cut to `max_length` tokens, with what was cut.
+    pub truncated: Vec<BadRow>,
+    /// Rows left out for their length (`Truncation::Drop`).
+    pub dropped: Vec<BadRow>,
+}
+
+/// Tokenises every record of `ds` (see the module documentation), cutting long rows at the
+/// right. `labels` is required for classification data; `eos` is appended to SFT completions
+/// when given.
 pub fn encode(
     tok: &Tokenizer,
     ds: &Dataset,
@@ -45,19 +90,33 @@ pub fn encode(
     max_length: usize,
     eos: Option<u32>,
 ) -> Result<Vec<Encoded>> {
-    encode_with(tok, ds, labels, max_length, eos, None)
+    let opts = EncodeOptions {
+        eos,
+        ..EncodeOptions::new(max_length)
+    };
+    Ok(encode_with(tok, ds, labels, &opts)?.items)
 }
 
-/// [`encode`], with SFT prompts wrapped by a chat template (a user turn, the assistant's turn
-/// opened) when one is given; the rendered prompt is tokenized without added special tokens.
+/// [`encode`] with every option, and the rows cut or left out for their length.
 pub fn encode_with(
     tok: &Tokenizer,
     ds: &Dataset,
     labels: Option<&LabelSet>,
-    max_length: usize,
-    eos: Option<u32>,
-    chat: Option<&crate::chat::ChatTemplate>,
-) -> Result<Vec<Encoded>> {
+    opts: &EncodeOptions,
+) -> Result<EncodedRows> {
+    encode_rows(tok, ds, labels, opts, Some(bytes_per_token(tok)))
+}
+
+/// [`encode_with`]; `bytes_per_token` starts the search for the part of a long text to
+/// tokenize, `None` tokenizes every text whole.
+fn encode_rows(
+    tok: &Tokenizer,
+    ds: &Dataset,
+    labels: Option<&LabelSet>,
+    opts: &EncodeOptions,
+    bytes_per_token: Option<usize>,
+) -> Result<EncodedRows> {
+    let max_length = opts.max_length;
     if max_length == 0 {
         return Err(Error::msg("max_length must be at least 1"));
     }
@@ -98,7 +157,10 @@ pub fn encode_with(
         }
         let mut t = tok.clone();
         t.with_truncation(Some(TruncationParams {
-            direction: TruncationDirection::Right,
+            direction: match opts.truncation {
+                Truncation::Left => TruncationDirection::Left,
+                Truncation::Right | Truncation::Drop => TruncationDirection::Right,
+            },
             max_length,
             strategy: TruncationStrategy::LongestFirst,
             stride: 0,
@@ -108,15 +170,13 @@ pub fn encode_with(
     } else {
         None
     };
-    if has_sft {
-        if max_length < 2 {
-            return Err(Error::msg(format!(
-                "max_length {max_length} is too short for prompt/completion data; use at least 2"
-            )));
-        }
-        tok.with_truncation(None)
-            .map_err(|e| Error::msg(format!("cannot disable truncation: {e}")))?;
+    if has_sft && max_length < 2 {
+        return Err(Error::msg(format!(
+            "max_length {max_length} is too short for prompt/completion data; use at least 2"
+        )));
     }
+    tok.with_truncation(None)
+        .map_err(|e| Error::msg(format!("cannot disable truncation: {e}")))?;
     let label_index: Option<HashMap<&str, usize>> = labels.map(|set| {
         set.names
             .iter()
@@ -124,10 +184,19 @@ pub fn encode_with(
             .map(|(i, n)| (n.as_str(), i))
             .collect()
     });
+    let row = RowEncoder {
+        tok: &tok,
+        ds,
+        opts,
+        bytes_per_token,
+    };
 
-    let mut out = Vec::with_capacity(ds.records.len());
+    let mut out = EncodedRows {
+        items: Vec::with_capacity(ds.records.len()),
+        ..Default::default()
+    };
     for record in &ds.records {
-        let enc = match &record.example {
+        let fitted = match &record.example {
             Example::Classify {
                 text,
                 text_pair,
@@ -149,120 +218,258 @@ pub fn encode_with(
                 let t = classify_tok
                     .as_ref()
                     .expect("built for classification rows");
-                encode_classify(t, ds, record, text, text_pair.as_deref(), label)?
+                row.classify(t, record, text, text_pair.as_deref(), label)?
             }
-            Example::Sft { prompt, completion } => {
-                encode_sft(&tok, ds, record, prompt, completion, max_length, eos, chat)?
-            }
+            Example::Sft { prompt, completion } => row.sft(record, prompt, completion)?,
         };
-        debug_assert!(enc.ids.len() <= max_length);
-        out.push(enc);
+        let note = |reason: String| BadRow {
+            path: ds.path.clone(),
+            line: record.line,
+            reason,
+        };
+        match fitted.cut {
+            None => out.items.push(fitted.enc),
+            Some(_) if opts.truncation == Truncation::Drop => out.dropped.push(note(format!(
+                "longer than {max_length} tokens: left out (--truncation drop)"
+            ))),
+            Some(what) => {
+                out.truncated
+                    .push(note(format!("longer than {max_length} tokens: {what} cut")));
+                out.items.push(fitted.enc);
+            }
+        }
+        debug_assert!(out.items.last().is_none_or(|e| e.ids.len() <= max_length));
+    }
+    if out.items.is_empty() && !out.dropped.is_empty() {
+        return Err(Error::bad_file(
+            &ds.path,
+            format!(
+                "every row is longer than {max_length} tokens, and --truncation drop leaves them \
+                 all out"
+            ),
+        ));
     }
     Ok(out)
 }
 
-fn tokenizer_error(ds: &Dataset, record: &Record, e: impl std::fmt::Display) -> Error {
-    Error::msg(format!("{}: cannot tokenize: {e}", ds.locate(record)))
+/// The largest text of a pair tokenized whole when the other is long too (see
+/// [`RowEncoder::classify`]).
+const WHOLE_PAIR_BYTES: usize = 1 << 20;
+
+/// A row's tokens, and what was cut from it to fit `max_length` (None: nothing).
+struct Fitted {
+    enc: Encoded,
+    cut: Option<String>,
 }
 
-fn encode_classify(
-    tok: &Tokenizer,
-    ds: &Dataset,
-    record: &Record,
-    text: &str,
-    text_pair: Option<&str>,
-    label: usize,
-) -> Result<Encoded> {
-    let enc = match text_pair {
-        Some(pair) => tok.encode((text, pair), true),
-        None => tok.encode(text, true),
-    }
-    .map_err(|e| tokenizer_error(ds, record, e))?;
-    if enc.is_empty() {
-        return Err(Error::msg(format!(
-            "{}: the text encodes to no tokens",
-            ds.locate(record)
-        )));
-    }
-    Ok(Encoded {
-        ids: enc.get_ids().to_vec(),
-        type_ids: enc.get_type_ids().to_vec(),
-        label: Some(label),
-        target_mask: vec![0; enc.len()],
-    })
+/// Encodes the rows of one dataset.
+struct RowEncoder<'a> {
+    /// The tokenizer, without truncation or padding.
+    tok: &'a Tokenizer,
+    ds: &'a Dataset,
+    opts: &'a EncodeOptions<'a>,
+    bytes_per_token: Option<usize>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn encode_sft(
-    tok: &Tokenizer,
-    ds: &Dataset,
-    record: &Record,
-    prompt: &str,
-    completion: &str,
-    max_length: usize,
-    eos: Option<u32>,
-    chat: Option<&crate::chat::ChatTemplate>,
-) -> Result<Encoded> {
-    let p = match chat {
-        None => tok.encode(prompt, true),
-        Some(c) => {
-            let text = c
-                .user_prompt(prompt)
-                .map_err(|e| Error::msg(format!("{}: {e}", ds.locate(record))))?;
-            tok.encode(text, false)
+impl RowEncoder<'_> {
+    fn error(&self, record: &Record, e: impl std::fmt::Display) -> Error {
+        Error::msg(format!("{}: cannot tokenize: {e}", self.ds.locate(record)))
+    }
+
+    /// The ids of `text`.
+    fn ids(&self, record: &Record, text: &str, special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .tok
+            .encode(text, special)
+            .map_err(|e| self.error(record, e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The part of `text` that decides its `max_length` tokens at the `keep` end; `ids` gives
+    /// the tokens of a part.
+    fn part<'t>(
+        &self,
+        text: &'t str,
+        keep: Keep,
+        ids: impl Fn(&str) -> Result<Vec<u32>>,
+    ) -> Result<&'t str> {
+        match self.bytes_per_token {
+            Some(b) => tokenizable_part(text, self.opts.max_length, keep, b, ids),
+            None => Ok(text),
         }
     }
-    .map_err(|e| tokenizer_error(ds, record, e))?;
-    let c = tok
-        .encode(completion, false)
-        .map_err(|e| tokenizer_error(ds, record, e))?;
-    let mut p_ids = p.get_ids().to_vec();
-    let mut p_types = p.get_type_ids().to_vec();
-    let mut comp: Vec<u32> = c.get_ids().to_vec();
-    comp.extend(eos);
-    if comp.is_empty() {
-        return Err(Error::msg(format!(
-            "{}: the completion encodes to no tokens",
-            ds.locate(record)
-        )));
-    }
-    if p_ids.len() + comp.len() > max_length {
-        // At least a quarter of max_length for the completion (the whole of a shorter one),
-        // and at least one prompt position.
-        let min_comp = comp.len().min((max_length / 4).max(1)).min(max_length - 1);
-        let keep_prompt = p_ids.len().min(max_length - min_comp);
-        if keep_prompt < p_ids.len() {
-            // Drop from the start of the prompt, after its leading special tokens (bos).
-            let specials = p
-                .get_special_tokens_mask()
-                .iter()
-                .take_while(|&&m| m == 1)
-                .count();
-            let drop = p_ids.len() - keep_prompt;
-            let (from, to) = if keep_prompt > specials && specials + drop <= p_ids.len() {
-                (specials, specials + drop)
-            } else {
-                (0, drop)
+
+    fn classify(
+        &self,
+        tok: &Tokenizer,
+        record: &Record,
+        text: &str,
+        text_pair: Option<&str>,
+        label: usize,
+    ) -> Result<Fitted> {
+        let keep = match self.opts.truncation {
+            Truncation::Left => Keep::End,
+            Truncation::Right | Truncation::Drop => Keep::Start,
+        };
+        let ids = |p: &str| self.ids(record, p, false);
+        let enc = match text_pair {
+            Some(pair) => {
+                let (a, b) = (self.part(text, keep, ids)?, self.part(pair, keep, ids)?);
+                // Of two long texts, longest-first truncation gives the longer the odd position,
+                // which only the whole texts tell; beyond a size, the parts decide.
+                let whole = (a.len(), b.len()) != (text.len(), pair.len())
+                    && text.len().max(pair.len()) <= WHOLE_PAIR_BYTES;
+                match whole {
+                    true => tok.encode((text, pair), true),
+                    false => tok.encode((a, b), true),
+                }
+            }
+            None => tok.encode(self.part(text, keep, ids)?, true),
+        }
+        .map_err(|e| self.error(record, e))?;
+        if enc.is_empty() {
+            return Err(Error::msg(format!(
+                "{}: the text encodes to no tokens",
+                self.ds.locate(record)
+            )));
+        }
+        let cut = (!enc.get_overflowing().is_empty()).then(|| {
+            let side = match keep {
+                Keep::Start => "the end",
+                Keep::End => "the start",
             };
-            p_ids.drain(from..to);
-            p_types.drain(from..to);
-        }
-        comp.truncate(max_length - p_ids.len());
+            match text_pair {
+                Some(_) => format!("{side} of the longer text"),
+                None => format!("{side} of the text"),
+            }
+        });
+        Ok(Fitted {
+            enc: Encoded {
+                ids: enc.get_ids().to_vec(),
+                type_ids: enc.get_type_ids().to_vec(),
+                label: Some(label),
+                target_mask: vec![0; enc.len()],
+            },
+            cut,
+        })
     }
-    let n_prompt = p_ids.len();
-    let n_comp = comp.len();
-    let mut ids = p_ids;
-    ids.extend_from_slice(&comp);
-    let mut type_ids = p_types;
-    type_ids.extend(std::iter::repeat_n(0, n_comp));
-    let mut target_mask = vec![0u8; n_prompt];
-    target_mask.extend(std::iter::repeat_n(1u8, n_comp));
-    Ok(Encoded {
-        ids,
-        type_ids,
-        label: None,
-        target_mask,
-    })
+
+    fn sft(&self, record: &Record, prompt: &str, completion: &str) -> Result<Fitted> {
+        let (max_length, chat) = (self.opts.max_length, self.opts.chat);
+        let render = |p: &str| -> Result<Option<String>> {
+            chat.map(|c| c.user_prompt(p))
+                .transpose()
+                .map_err(|e| Error::msg(format!("{}: {e}", self.ds.locate(record))))
+        };
+        let encode_prompt = |p: &str| -> Result<tokenizers::Encoding> {
+            match render(p)? {
+                None => self.tok.encode(p, true),
+                Some(text) => self.tok.encode(text, false),
+            }
+            .map_err(|e| self.error(record, e))
+        };
+        // Both modes keep the end of a long prompt; the completion keeps its start (right) or
+        // its end (left).
+        let prompt = self.part(prompt, Keep::End, |p| {
+            Ok(encode_prompt(p)?.get_ids().to_vec())
+        })?;
+        let comp_keep = match self.opts.truncation {
+            Truncation::Left => Keep::End,
+            Truncation::Right | Truncation::Drop => Keep::Start,
+        };
+        let completion = self.part(completion, comp_keep, |c| self.ids(record, c, false))?;
+        let p = encode_prompt(prompt)?;
+        let mut comp = self.ids(record, completion, false)?;
+        comp.extend(self.opts.eos);
+        if comp.is_empty() {
+            return Err(Error::msg(format!(
+                "{}: the completion encodes to no tokens",
+                self.ds.locate(record)
+            )));
+        }
+        let mut p_ids = p.get_ids().to_vec();
+        let mut p_types = p.get_type_ids().to_vec();
+        // the prompt's leading special tokens (bos), kept whenever the prompt is cut
+        let specials = p
+            .get_special_tokens_mask()
+            .iter()
+            .take_while(|&&m| m == 1)
+            .count();
+        let (n_prompt, n_comp) = (p_ids.len(), comp.len());
+        let fits = n_prompt + n_comp <= max_length;
+        match self.opts.truncation {
+            _ if fits => {}
+            Truncation::Left => {
+                let head = specials.min(max_length - 1);
+                if n_comp < max_length - head {
+                    // the start of the prompt after its leading special tokens
+                    let drop = n_prompt + n_comp - max_length;
+                    p_ids.drain(head..head + drop);
+                    p_types.drain(head..head + drop);
+                } else {
+                    // The completion fills the rest: the prompt keeps its leading special
+                    // tokens or, having none, its last token (a position before the targets).
+                    let keep = if head > 0 || n_prompt == 0 {
+                        0..head
+                    } else {
+                        n_prompt - 1..n_prompt
+                    };
+                    p_ids = p_ids[keep.clone()].to_vec();
+                    p_types = p_types[keep].to_vec();
+                    comp.drain(..n_comp - (max_length - p_ids.len()));
+                }
+            }
+            Truncation::Right | Truncation::Drop => {
+                // At least a quarter of max_length for the completion (the whole of a shorter
+                // one), and at least one prompt position.
+                let min_comp = n_comp.min((max_length / 4).max(1)).min(max_length - 1);
+                let keep_prompt = n_prompt.min(max_length - min_comp);
+                if keep_prompt < n_prompt {
+                    // Drop from the start of the prompt, after its leading special tokens.
+                    let drop = n_prompt - keep_prompt;
+                    let (from, to) = if keep_prompt > specials && specials + drop <= n_prompt {
+                        (specials, specials + drop)
+                    } else {
+                        (0, drop)
+                    };
+                    p_ids.drain(from..to);
+                    p_types.drain(from..to);
+                }
+                comp.truncate(max_length - p_ids.len());
+            }
+        }
+        let cut = (!fits).then(|| {
+            let mut what = vec![];
+            if p_ids.len() < n_prompt {
+                what.push("the start of the prompt");
+            }
+            if comp.len() < n_comp {
+                what.push(match (self.opts.truncation, self.opts.eos) {
+                    (Truncation::Left, _) => "the start of the completion",
+                    (_, Some(_)) => "the end of the completion and its end-of-sequence token",
+                    (_, None) => "the end of the completion",
+                });
+            }
+            what.join(" and ")
+        });
+        let n_prompt = p_ids.len();
+        let n_comp = comp.len();
+        let mut ids = p_ids;
+        ids.extend_from_slice(&comp);
+        let mut type_ids = p_types;
+        type_ids.extend(std::iter::repeat_n(0, n_comp));
+        let mut target_mask = vec![0u8; n_prompt];
+        target_mask.extend(std::iter::repeat_n(1u8, n_comp));
+        Ok(Fitted {
+            enc: Encoded {
+                ids,
+                type_ids,
+                label: None,
+                target_mask,
+            },
+            cut,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -384,7 +591,12 @@ mod tests {
         )
         .unwrap();
         let ds = sft_ds(&[("a b", "d e")]);
-        let enc = &encode_with(&tok, &ds, None, 64, Some(3), Some(&chat)).unwrap()[0];
+        let opts = EncodeOptions {
+            eos: Some(3),
+            chat: Some(&chat),
+            ..EncodeOptions::new(64)
+        };
+        let enc = &encode_with(&tok, &ds, None, &opts).unwrap().items[0];
         assert_eq!(
             enc.ids,
             vec![2, id("a"), id("b"), id("c"), id("d"), id("e"), 3]
@@ -395,9 +607,11 @@ mod tests {
         assert_eq!(plain.ids, vec![2, id("a"), id("b"), id("d"), id("e"), 3]);
         // a template that fails names the row
         let bad = crate::chat::ChatTemplate::new("{{ raise_exception('x') }}", None, None).unwrap();
-        let err = encode_with(&tok, &ds, None, 64, Some(3), Some(&bad))
-            .unwrap_err()
-            .to_string();
+        let opts = EncodeOptions {
+            chat: Some(&bad),
+            ..opts
+        };
+        let err = encode_with(&tok, &ds, None, &opts).unwrap_err().to_string();
         assert!(err.contains("s.jsonl:1"), "{err}");
     }
 
@@ -470,5 +684,213 @@ mod tests {
             }
         }
         assert!(encode(&tok, &sft_ds(&[("a", "b")]), None, 1, None).is_err());
+    }
+
+    fn with(truncation: Truncation, max_length: usize, eos: Option<u32>) -> EncodeOptions<'static> {
+        EncodeOptions {
+            eos,
+            truncation,
+            ..EncodeOptions::new(max_length)
+        }
+    }
+
+    #[test]
+    fn left_truncation_keeps_the_completion_and_its_eos() {
+        let tok = word_level_tokenizer(WORDS, TokenizerStyle::Llama);
+        // <s> + 8 prompt words + 3 completion words + eos = 13 tokens into 8
+        let ds = sft_ds(&[("a b c d e f g h", "i j k"), ("a", "b")]);
+        let rows = encode_with(&tok, &ds, None, &with(Truncation::Left, 8, Some(3))).unwrap();
+        let want: Vec<u32> = [2]
+            .into_iter()
+            .chain(["f", "g", "h", "i", "j", "k"].map(id))
+            .chain([3])
+            .collect();
+        assert_eq!(rows.items[0].ids, want);
+        assert_eq!(rows.items[0].target_mask, [vec![0; 4], vec![1; 4]].concat());
+        assert_eq!(rows.items[1].ids, vec![2, id("a"), id("b"), 3]);
+        assert_eq!(rows.truncated.len(), 1);
+        assert_eq!(rows.truncated[0].line, 1);
+        assert!(
+            rows.truncated[0].reason.contains("the start of the prompt"),
+            "{}",
+            rows.truncated[0]
+        );
+        // a completion longer than max_length keeps its end after <s>
+        let ds = sft_ds(&[("a b", "c d e f g h i j k")]);
+        let e = &encode_with(&tok, &ds, None, &with(Truncation::Left, 5, Some(3)))
+            .unwrap()
+            .items[0];
+        assert_eq!(e.ids, vec![2, id("i"), id("j"), id("k"), 3]);
+        assert_eq!(e.target_mask, vec![0, 1, 1, 1, 1]);
+        // classification keeps the end of the text, and its special tokens
+        let tok = word_level_tokenizer(WORDS, TokenizerStyle::Bert);
+        let ds = classify_ds(&[("a b c d e f", None, "x")]);
+        let labels = LabelSet {
+            names: vec!["x".into()],
+        };
+        let rows = encode_with(&tok, &ds, Some(&labels), &with(Truncation::Left, 5, None)).unwrap();
+        assert_eq!(rows.items[0].ids, vec![2, id("d"), id("e"), id("f"), 3]);
+        assert!(rows.truncated[0].reason.contains("the start of the text"));
+    }
+
+    #[test]
+    fn right_truncation_is_counted_and_drop_leaves_rows_out() {
+        let tok = word_level_tokenizer(WORDS, TokenizerStyle::Llama);
+        // 1 + 2 + 2 + 1 = 6 tokens: fits 6 exactly, not 5
+        let ds = sft_ds(&[("a b", "c d"), ("a b c d e f", "g h"), ("a", "b")]);
+        let rows = encode_with(&tok, &ds, None, &with(Truncation::Right, 6, Some(3))).unwrap();
+        assert_eq!(rows.items.len(), 3);
+        let lines: Vec<usize> = rows.truncated.iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![2]);
+        let reason = &rows.truncated[0].reason;
+        assert!(
+            reason.starts_with("longer than 6 tokens: ")
+                && reason.contains("the end of the completion and its end-of-sequence token"),
+            "{reason}"
+        );
+        let rows = encode_with(&tok, &ds, None, &with(Truncation::Drop, 6, Some(3))).unwrap();
+        assert_eq!(rows.items.len(), 2);
+        assert!(rows.truncated.is_empty());
+        assert_eq!(rows.dropped.len(), 1);
+        assert_eq!(
+            rows.dropped[0].to_string(),
+            "s.jsonl:2: longer than 6 tokens: left out (--truncation drop)"
+        );
+        let err = encode_with(&tok, &ds, None, &with(Truncation::Drop, 2, Some(3)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s.jsonl") && err.contains("every row"),
+            "{err}"
+        );
+        // classification: exactly max_length is not cut, one more is
+        let tok = word_level_tokenizer(WORDS, TokenizerStyle::Bert);
+        let ds = classify_ds(&[
+            ("a b c", None, "x"),
+            ("a b c d", None, "x"),
+            ("a b", Some("c d"), "x"),
+        ]);
+        let labels = LabelSet {
+            names: vec!["x".into()],
+        };
+        let rows =
+            encode_with(&tok, &ds, Some(&labels), &with(Truncation::Right, 5, None)).unwrap();
+        let lines: Vec<usize> = rows.truncated.iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![2, 3]);
+        assert!(rows.truncated[1].reason.contains("the longer text"));
+    }
+
+    /// Rows of random words over `vocab` and other characters, of every length up to `max`.
+    fn random_texts(n: usize, max: usize, vocab: &[&str], seed: u64) -> Vec<String> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let extra = ["é", "ß", "日本", "!", ",", "  ", "\n", "xyzzy", "A"];
+        (0..n)
+            .map(|_| {
+                let len = rng.random_range(0..max);
+                let mut s = String::new();
+                while s.len() < len {
+                    if rng.random_bool(0.8) {
+                        s.push_str(vocab[rng.random_range(0..vocab.len())]);
+                    } else {
+                        s.push_str(extra[rng.random_range(0..extra.len())]);
+                    }
+                    if rng.random_bool(0.7) {
+                        s.push(' ');
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// A byte-level BPE (GPT-2 style, split into words first) or, without `words`, one merge
+    /// table over the whole text (Llama-2 style, no pre-tokenizer), trained on `corpus`.
+    fn bpe(corpus: &[String], words: bool) -> Tokenizer {
+        use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        use tokenizers::processors::template::TemplateProcessing;
+        use tokenizers::AddedToken;
+        let mut tok = Tokenizer::new(BPE::default());
+        if words {
+            tok.with_pre_tokenizer(Some(ByteLevel::default()));
+        }
+        let specials = ["<s>", "</s>"].map(|s| AddedToken::from(s, true));
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(300)
+            .show_progress(false)
+            .special_tokens(specials.to_vec())
+            .build()
+            .into();
+        tok.train(&mut trainer, corpus.iter()).unwrap();
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        let post = TemplateProcessing::builder()
+            .try_single("<s> $A")
+            .and_then(|b| b.try_pair("<s> $A </s> $B:1"))
+            .unwrap()
+            .special_tokens(vec![("<s>", id("<s>")), ("</s>", id("</s>"))])
+            .build()
+            .unwrap();
+        tok.with_post_processor(Some(post));
+        tok
+    }
+
+    /// Tokenizing only the part of a long text that reaches the kept tokens gives what
+    /// tokenizing the whole text gives, for every truncation, row length and kind of
+    /// tokenizer; first cuts of 1 byte per token make most rows go through the check.
+    #[test]
+    fn tokenizing_part_of_a_row_equals_tokenizing_it_whole() {
+        let vocab = ["the", "movie", "plot", "a", "b", "c", "good", "was"];
+        let corpus = random_texts(200, 400, &vocab, 1);
+        let tokenizers = [
+            word_level_tokenizer(WORDS, TokenizerStyle::Bert),
+            word_level_tokenizer(WORDS, TokenizerStyle::Llama),
+            bpe(&corpus, true),
+            bpe(&corpus, false),
+        ];
+        let texts = random_texts(60, 3000, &vocab, 2);
+        for (k, tok) in tokenizers.iter().enumerate() {
+            let rows: Vec<(String, Option<String>)> = texts
+                .chunks(2)
+                .enumerate()
+                .map(|(i, p)| match i % 4 {
+                    // a short row, so that --truncation drop keeps some
+                    1 => ("a b".to_string(), None),
+                    _ => (p[0].clone() + "x", (i % 3 == 0).then(|| p[1].clone() + "y")),
+                })
+                .collect();
+            let classify = classify_ds(
+                &rows
+                    .iter()
+                    .map(|(t, p)| (t.as_str(), p.as_deref(), "x"))
+                    .collect::<Vec<_>>(),
+            );
+            let sft = sft_ds(
+                &rows
+                    .iter()
+                    .map(|(t, p)| (t.as_str(), p.as_deref().unwrap_or("b c")))
+                    .collect::<Vec<_>>(),
+            );
+            let labels = LabelSet {
+                names: vec!["x".into()],
+            };
+            for truncation in [Truncation::Right, Truncation::Left, Truncation::Drop] {
+                for max_length in [8, 33] {
+                    let opts = with(truncation, max_length, Some(3));
+                    for (ds, labels) in [(&classify, Some(&labels)), (&sft, None)] {
+                        let whole = encode_rows(tok, ds, labels, &opts, None).unwrap();
+                        for bytes_per_token in [1, 8] {
+                            let part =
+                                encode_rows(tok, ds, labels, &opts, Some(bytes_per_token)).unwrap();
+                            assert!(
+                                part == whole,
+                                "tokenizer {k}, {truncation}, max_length {max_length}, {bytes_per_token} bytes per token"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

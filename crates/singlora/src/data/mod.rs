@@ -1,14 +1,16 @@
 //! Training data for sequence classification and supervised fine-tuning (SFT): loading JSONL,
 //! CSV and TSV files into [`Dataset`]s with every bad row reported as `FILE:LINE: reason`,
-//! label sets, train/eval splits, tokenisation with truncation ([`encode`]), length-bucketed
-//! batch schedules that are a pure function of (seed, epoch) ([`epoch_batches`]), and
-//! dynamically padded batches ([`collate`]).
+//! label sets, train/eval splits, tokenisation with truncation ([`encode`], [`Truncation`]),
+//! length-bucketed batch schedules that are a pure function of (seed, epoch)
+//! ([`epoch_batches`]), and dynamically padded batches ([`collate`]). [`DataSettings`] are the
+//! settings `train`, `eval` and `predict` share.
 
 mod batch;
 mod encode;
 mod labels;
 mod rows;
 mod split;
+mod truncate;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,10 +19,11 @@ use std::str::FromStr;
 use crate::error::Error;
 
 pub use batch::{collate, epoch_batches, Batch};
-pub use encode::{encode, encode_with, Encoded};
+pub use encode::{encode, encode_with, EncodeOptions, Encoded, EncodedRows};
 pub use labels::LabelSet;
 pub use rows::load_dataset;
 pub use split::{split_every_nth, split_fraction};
+pub use truncate::Truncation;
 
 /// What the data trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,5 +167,74 @@ impl Dataset {
     }
 }
 
-/// How many offending rows an error message lists.
-pub(crate) const MAX_LISTED: usize = 20;
+/// How many offending rows a message lists.
+pub const MAX_LISTED: usize = 20;
+
+/// `rows` as lines `  FILE:LINE: reason`: the first [`MAX_LISTED`], then how many more.
+pub fn list_rows(rows: &[BadRow]) -> String {
+    let mut s = String::new();
+    for row in rows.iter().take(MAX_LISTED) {
+        s.push_str(&format!("\n  {row}"));
+    }
+    if rows.len() > MAX_LISTED {
+        s.push_str(&format!("\n  … and {} more", rows.len() - MAX_LISTED));
+    }
+    s
+}
+
+/// How data files are read and tokenized: the settings `train`, `eval` and `predict` share
+/// (`eval` and `predict` on a run take them from its `run.json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
+#[serde(default)]
+pub struct DataSettings {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub columns: Columns,
+    /// Tokens per example, special tokens included.
+    #[arg(long, default_value_t = 128)]
+    pub max_length: usize,
+    /// Rows longer than --max-length: right keeps their start (an SFT completion loses its
+    /// end), left keeps their end (the completion and its end-of-sequence token), drop leaves
+    /// them out; rows cut or left out are reported.
+    #[arg(long, default_value = "right")]
+    pub truncation: Truncation,
+    /// Drop malformed rows (reported) instead of refusing to start.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// SFT: do not wrap prompts in the model's chat template (used by default when the model
+    /// has one).
+    #[arg(long = "no-chat-template", action = clap::ArgAction::SetFalse)]
+    pub chat_template: bool,
+}
+
+impl Default for DataSettings {
+    /// The flags' defaults.
+    fn default() -> Self {
+        crate::cli_defaults(&[])
+    }
+}
+
+/// The rows of the data not used as written: malformed rows left out (`--skip-bad-rows`), rows
+/// cut to `max_length` tokens, and rows left out for their length (`--truncation drop`), each
+/// as `FILE:LINE: reason`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowReport {
+    pub max_length: usize,
+    pub truncation: Truncation,
+    pub skipped: Vec<BadRow>,
+    pub truncated: Vec<BadRow>,
+    pub dropped: Vec<BadRow>,
+}
+
+impl RowReport {
+    pub fn is_empty(&self) -> bool {
+        self.skipped.is_empty() && self.truncated.is_empty() && self.dropped.is_empty()
+    }
+
+    /// Adds a dataset's malformed rows and its rows cut or left out at `max_length`.
+    pub fn add(&mut self, ds: &Dataset, rows: &EncodedRows) {
+        self.skipped.extend(ds.skipped.iter().cloned());
+        self.truncated.extend(rows.truncated.iter().cloned());
+        self.dropped.extend(rows.dropped.iter().cloned());
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::{BadRow, Columns, Dataset, Example, Record, Task, DEFAULT_TEXT_PAIR, MAX_LISTED};
+use super::{BadRow, Columns, Dataset, Example, Record, Task, DEFAULT_TEXT_PAIR};
 use crate::error::{Error, IoContext, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,12 +112,7 @@ fn bad_rows_error(path: &Path, bad: &[BadRow], good: usize) -> Error {
         if bad.len() == 1 { "" } else { "s" },
         good
     );
-    for row in bad.iter().take(MAX_LISTED) {
-        msg.push_str(&format!("\n  {row}"));
-    }
-    if bad.len() > MAX_LISTED {
-        msg.push_str(&format!("\n  … and {} more", bad.len() - MAX_LISTED));
-    }
+    msg.push_str(&super::list_rows(bad));
     msg.push_str("\nfix them, or pass --skip-bad-rows to drop them and train on the rest");
     Error::msg(msg)
 }

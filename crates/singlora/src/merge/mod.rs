@@ -22,6 +22,7 @@ use crate::checkpoint::{
     float_dtype, write_safetensors, Checkpoint, TensorFile, INDEX_FILE, SINGLE_FILE,
 };
 use crate::error::{Error, IoContext, Result};
+use crate::model::Family;
 
 pub mod head;
 
@@ -352,10 +353,15 @@ pub fn merge_checkpoint(
     if let Some(gguf) = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists())
     {
         let af = AdapterFile::read(adapter, &Device::Cpu)?;
+        af.config
+            .check_weight_layout(Some(Family::Llama), af.layers.keys().next())?;
         return merge_gguf(&gguf, (adapter, &af), out, opts);
     }
     let ckpt = Checkpoint::open(base)?;
     let af = AdapterFile::read(adapter, &Device::Cpu)?;
+    let family = Family::detect(ckpt.config(), ckpt.dir()).ok();
+    af.config
+        .check_weight_layout(family, af.layers.keys().next())?;
     let (staged, cleaned) = output_dir(base, adapter, out, opts)?;
     let (mut merged, max_abs_change) = merged_weights_as(&ckpt, &af, opts.dtype)?;
 

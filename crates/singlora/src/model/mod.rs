@@ -475,6 +475,8 @@ impl TaskModel {
 
     /// Loads an adapter file (and its head) onto the model.
     pub fn load_adapter(&mut self, af: &AdapterFile) -> Result<()> {
+        af.config
+            .check_weight_layout(Some(self.body.family()), af.layers.keys().next())?;
         let clock = af.clock();
         inject::load(self.body.linears_mut(), af, &clock)?;
         if let Some(head) = &self.head {

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::init::SingLoraInit;
-use crate::adapter::Method;
-use crate::data::{Columns, Task};
+use crate::adapter::{Method, MAX_SCALE};
+use crate::data::{DataSettings, Task};
 use crate::device::DeviceSpec;
+use crate::error::{Error, Result};
 use crate::model::Pooling;
 use crate::ops::FastPath;
 
@@ -62,8 +63,6 @@ pub struct TrainConfig {
     /// Micro-batches per optimizer update.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 128)]
-    pub max_length: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 0.0)]
@@ -100,10 +99,6 @@ pub struct TrainConfig {
     /// Classification pooling: cls, mean or last (default: by model).
     #[arg(long)]
     pub pooling: Option<Pooling>,
-    /// SFT: do not wrap prompts in the model's chat template (used by default when the
-    /// model has one; `predict` must then be given the same flag).
-    #[arg(long = "no-chat-template", action = clap::ArgAction::SetFalse)]
-    pub chat_template: bool,
     /// Checkpoint every N updates (a final one is always written).
     #[arg(long)]
     pub save_every: Option<u64>,
@@ -131,12 +126,10 @@ pub struct TrainConfig {
     #[arg(long, alias = "recompute-attention")]
     #[serde(alias = "recompute_attention")]
     pub recompute: bool,
+    /// How the data files are read and tokenized.
     #[command(flatten)]
     #[serde(flatten)]
-    pub columns: Columns,
-    /// Drop malformed rows (reported) instead of refusing to start.
-    #[arg(long)]
-    pub skip_bad_rows: bool,
+    pub data: DataSettings,
     /// Train only the classification head (a linear probe of the frozen model).
     #[arg(skip)]
     pub head_only: bool,
@@ -159,11 +152,117 @@ impl Default for TrainConfig {
 }
 
 /// A path as given (empty when not given: a resumed run takes its paths from `run.json`).
-fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+fn any_path(s: &str) -> std::result::Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
 }
 
+/// `value` unless it is NaN or infinite.
+fn finite(flag: &str, value: f64) -> Result<f64> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(Error::msg(format!(
+            "{flag} {value}: must be a finite number"
+        )))
+    }
+}
+
 impl TrainConfig {
+    /// Refuses settings no run can mean, naming the flag: zero counts, a non-finite or
+    /// non-positive learning rate or alpha, an alpha whose scale exceeds [`MAX_SCALE`], a
+    /// negative weight decay, fractions outside [0, 1]. [`super::setup`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        let refuse = |flag: &str, value: &dyn std::fmt::Display, why: &str| {
+            Err(Error::msg(format!("{flag} {value}: {why}")))
+        };
+        for (flag, n) in [
+            ("--rank", self.rank),
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--max-length", self.data.max_length),
+        ] {
+            if n == 0 {
+                return refuse(flag, &n, "must be at least 1");
+            }
+        }
+        match self.max_steps {
+            Some(0) => {
+                return refuse(
+                    "--max-steps",
+                    &0,
+                    "trains nothing; give at least 1 (or leave it out to train --epochs)",
+                )
+            }
+            None if self.epochs == 0 => {
+                return refuse("--epochs", &0, "trains nothing; give at least 1")
+            }
+            _ => {}
+        }
+        let alpha = finite("--alpha", self.alpha)?;
+        if alpha <= 0.0 {
+            return refuse(
+                "--alpha",
+                &alpha,
+                "must be positive (the adapter's update is scaled by alpha/rank)",
+            );
+        }
+        let rslora = self.rslora || self.method.uses_rslora();
+        let s = crate::adapter::scale(alpha, self.rank, rslora);
+        if s > MAX_SCALE {
+            return refuse(
+                "--alpha",
+                &alpha,
+                &format!(
+                    "scales the update by {s:e} at rank {}; scales above {MAX_SCALE} are taken for a mistake (alpha is usually 1 to 2 times the rank)",
+                    self.rank
+                ),
+            );
+        }
+        if let Some(lr) = self.lr {
+            if finite("--lr", lr)? <= 0.0 {
+                return refuse("--lr", &lr, "must be positive");
+            }
+        }
+        if finite("--weight-decay", self.weight_decay)? < 0.0 {
+            return refuse("--weight-decay", &self.weight_decay, "must be 0 or more");
+        }
+        for (flag, f) in [
+            ("--warmup-ratio", self.warmup_ratio),
+            ("--ramp-fraction", self.ramp_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&finite(flag, f)?) {
+                return refuse(flag, &f, "must be in [0, 1]");
+            }
+        }
+        if let Some(f) = self.eval_fraction {
+            if !(0.0..1.0).contains(&finite("--eval-fraction", f)?) {
+                return refuse("--eval-fraction", &f, "must be in [0, 1)");
+            }
+        }
+        if finite("--lora-plus-ratio", self.lora_plus_ratio)? <= 0.0 {
+            return refuse(
+                "--lora-plus-ratio",
+                &self.lora_plus_ratio,
+                "must be positive",
+            );
+        }
+        if finite("--max-grad-norm", self.max_grad_norm)? < 0.0 {
+            return refuse(
+                "--max-grad-norm",
+                &self.max_grad_norm,
+                "must be 0 (no clipping) or more",
+            );
+        }
+        if finite("--save-minutes", self.save_minutes)? < 0.0 {
+            return refuse(
+                "--save-minutes",
+                &self.save_minutes,
+                "must be 0 (no timed checkpoints) or more",
+            );
+        }
+        Ok(())
+    }
+
     /// The learning rate: the given one, or the method's default.
     pub fn learning_rate(&self) -> f64 {
         self.lr.unwrap_or(self.method.default_lr())
@@ -203,6 +302,7 @@ mod zero_is_null {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::{Columns, Truncation};
     use serde_json::{json, Value};
 
     /// The `config` of a `run.json` written before the settings were typed (strings for the
@@ -240,9 +340,11 @@ mod tests {
         assert_eq!(c.pooling, Some(Pooling::Mean));
         assert_eq!(c.schedule, Schedule::Cosine);
         assert_eq!(c.clip(), None);
-        assert!(c.recompute && !c.chat_template && c.skip_bad_rows);
-        assert_eq!(c.columns.text, "sentence");
-        assert_eq!(c.columns.label, "y");
+        assert!(c.recompute && !c.data.chat_template && c.data.skip_bad_rows);
+        assert_eq!(c.data.columns.text, "sentence");
+        assert_eq!(c.data.columns.label, "y");
+        assert_eq!(c.data.max_length, 64);
+        assert_eq!(c.data.truncation, Truncation::Right);
         assert_eq!((c.rank, c.grad_accum, c.bucket_values), (4, 2, 1024));
         assert_eq!(c.learning_rate(), 2e-4);
     }
@@ -262,6 +364,7 @@ mod tests {
             .collect();
         // settings added since
         old_keys.push("save_minutes".into());
+        old_keys.push("truncation".into());
         keys.sort();
         old_keys.sort();
         assert_eq!(keys, old_keys);
@@ -284,8 +387,9 @@ mod tests {
         assert_eq!(c.method, Method::SingLora);
         assert_eq!(c.init, SingLoraInit::KaimingWidth);
         assert_eq!(c.clip(), Some(1.0));
-        assert!(c.chat_template && !c.recompute);
-        assert_eq!(c.columns, Columns::default());
+        assert!(c.data.chat_template && !c.recompute);
+        assert_eq!(c.data, DataSettings::default());
+        assert_eq!(c.data.columns, Columns::default());
         assert_eq!(c.bucket_values, crate::dist::default_bucket());
         assert_eq!(c.rank_devices(), vec![DeviceSpec::Cpu]);
         let bad = serde_json::from_value::<TrainConfig>(json!({"method": "lorax"}));
@@ -293,5 +397,68 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown method `lorax`"));
+    }
+
+    /// Each refusal names its flag and says why; the defaults pass.
+    #[test]
+    fn validate_names_the_flag_at_fault() {
+        TrainConfig::default().validate().unwrap();
+        type Edit = fn(&mut TrainConfig);
+        let cases: [(Edit, &str); 14] = [
+            (|c| c.alpha = 0.0, "--alpha 0: must be positive"),
+            (
+                |c| c.alpha = f64::NAN,
+                "--alpha NaN: must be a finite number",
+            ),
+            (
+                |c| c.alpha = 1e6,
+                "--alpha 1000000: scales the update by 1.25e5",
+            ),
+            (|c| c.lr = Some(-1e-3), "--lr -0.001: must be positive"),
+            (
+                |c| c.lr = Some(f64::INFINITY),
+                "--lr inf: must be a finite number",
+            ),
+            (|c| c.weight_decay = f64::NAN, "--weight-decay NaN"),
+            (
+                |c| c.weight_decay = -0.01,
+                "--weight-decay -0.01: must be 0 or more",
+            ),
+            (
+                |c| c.warmup_ratio = 2.0,
+                "--warmup-ratio 2: must be in [0, 1]",
+            ),
+            (|c| c.max_steps = Some(0), "--max-steps 0: trains nothing"),
+            (|c| c.epochs = 0, "--epochs 0: trains nothing"),
+            (|c| c.rank = 0, "--rank 0: must be at least 1"),
+            (|c| c.data.max_length = 0, "--max-length 0"),
+            (
+                |c| c.eval_fraction = Some(1.0),
+                "--eval-fraction 1: must be in [0, 1)",
+            ),
+            (|c| c.max_grad_norm = -1.0, "--max-grad-norm -1"),
+        ];
+        for (edit, want) in cases {
+            let mut c = TrainConfig::default();
+            edit(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
+        // --max-steps given: --epochs is not used
+        let c = TrainConfig {
+            epochs: 0,
+            max_steps: Some(5),
+            ..TrainConfig::default()
+        };
+        c.validate().unwrap();
+        // the scale, not alpha alone: rsLoRA divides by sqrt(r)
+        let c = TrainConfig {
+            alpha: 8000.0,
+            rank: 16,
+            ..TrainConfig::default()
+        };
+        c.validate().unwrap();
+        let c = TrainConfig { rslora: true, ..c };
+        assert!(c.validate().is_err());
     }
 }

@@ -123,6 +123,25 @@ pub fn run_config(out: &Path) -> Result<TrainConfig> {
         .map_err(|e| Error::bad_file(&p, format!("is not a run description: {e}")))
 }
 
+/// The run directory an adapter directory belongs to: the run itself, its `best/` or one of
+/// its `checkpoints/step-N/`; None for an adapter outside a run.
+pub fn run_of_adapter(adapter: &Path) -> Option<PathBuf> {
+    let is_run = |d: &Path| d.join("run.json").is_file();
+    let parent = adapter.parent();
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    if is_run(adapter) {
+        return Some(adapter.to_path_buf());
+    }
+    let up = match name(adapter).as_deref() {
+        Some("best") => parent,
+        Some(n) if n.starts_with("step-") => parent
+            .filter(|p| name(p).as_deref() == Some("checkpoints"))
+            .and_then(Path::parent),
+        _ => None,
+    }?;
+    is_run(up).then(|| up.to_path_buf())
+}
+
 /// Trains a fresh run into `out`: on one device, or data-parallel over `cfg.devices` (one
 /// thread per device; a failure on any rank ends the run with its error). `overwrite`
 /// replaces an existing run there.

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::setup::Plan;
 use super::TrainSummary;
+use crate::data::RowReport;
 use crate::eval::EvalResult;
 
 /// The figures of one optimizer update (the same as its line of `metrics.jsonl`).
@@ -29,6 +30,12 @@ pub struct UpdateReport {
 /// Receives a run's events (on the first rank only in data-parallel runs). Every method has
 /// an empty default.
 pub trait Observer: Send + Sync {
+    /// A setting is allowed but probably not meant (`text` says which and why); before
+    /// training.
+    fn warning(&self, _text: &str) {}
+    /// Rows of the data were left out or cut at `max_length` (the report is not empty);
+    /// before training.
+    fn rows_report(&self, _report: &RowReport) {}
     /// Training starts, or resumes after update `from_step`.
     fn started(&self, _plan: &Plan, _from_step: u64) {}
     /// The run in `run_dir` resumes from its checkpoint at update `step`.

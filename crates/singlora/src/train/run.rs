@@ -86,6 +86,14 @@ impl<'a> Trainer<'a> {
         let mut s = setup(cfg)?;
         let cfg = s.cfg.clone();
         let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world));
+        if rank == 0 {
+            for w in &s.warnings {
+                obs.warning(w);
+            }
+            if !s.data.report.is_empty() {
+                obs.rows_report(&s.data.report);
+            }
+        }
         let group = match dist {
             Some(d) => Some((d.make)(&s.device)?),
             None => None,

@@ -12,7 +12,7 @@ use crate::adapter::file::AdapterFile;
 use crate::adapter::ramp::{RampClock, RampSchedule};
 use crate::adapter::target::TargetSpec;
 use crate::adapter::AdapterSpec;
-use crate::data::{self, Dataset, Encoded, LabelSet, Task};
+use crate::data::{self, Dataset, EncodeOptions, Encoded, LabelSet, RowReport, Task};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalResult};
 use crate::model::{Pretrained, TaskModel};
@@ -27,18 +27,20 @@ pub struct PreparedData {
     pub train_items: Vec<Encoded>,
     pub eval_items: Vec<Encoded>,
     pub pad_id: u32,
+    /// The rows left out or cut, of both files.
+    pub report: RowReport,
 }
 
 /// Loads and encodes the training (and evaluation) data.
 pub fn prepare_data(cfg: &TrainConfig, pre: &Pretrained) -> Result<PreparedData> {
     let task = cfg.task;
-    let cols = &cfg.columns;
-    let train = data::load_dataset(&cfg.train, task, cols, cfg.skip_bad_rows)?;
+    let settings = &cfg.data;
+    let load = |p: &std::path::Path| {
+        data::load_dataset(p, task, &settings.columns, settings.skip_bad_rows)
+    };
+    let train = load(&cfg.train)?;
     let (train, eval) = match (&cfg.eval, cfg.eval_fraction) {
-        (Some(p), _) => (
-            train,
-            Some(data::load_dataset(p, task, cols, cfg.skip_bad_rows)?),
-        ),
+        (Some(p), _) => (train, Some(load(p)?)),
         (None, Some(f)) if f > 0.0 => {
             let (t, e) = data::split_fraction(train, f, cfg.seed)?;
             (t, Some(e))
@@ -56,23 +58,25 @@ pub fn prepare_data(cfg: &TrainConfig, pre: &Pretrained) -> Result<PreparedData>
         Task::Sft => None,
     };
     let special = crate::tokenize::special_tokens(&pre.tokenizer, Some(&pre.config));
-    let eos = match task {
-        Task::Sft => special.eos,
-        Task::Classify => None,
-    };
     let chat = match task {
-        Task::Sft if cfg.chat_template => pre.chat_template()?,
+        Task::Sft if settings.chat_template => pre.chat_template()?,
         _ => None,
     };
-    let enc = |ds: &Dataset| {
-        data::encode_with(
-            &pre.tokenizer,
-            ds,
-            labels.as_ref(),
-            cfg.max_length,
-            eos,
-            chat.as_ref(),
-        )
+    let opts = EncodeOptions {
+        max_length: settings.max_length,
+        eos: special.eos.filter(|_| task == Task::Sft),
+        chat: chat.as_ref(),
+        truncation: settings.truncation,
+    };
+    let mut report = RowReport {
+        max_length: settings.max_length,
+        truncation: settings.truncation,
+        ..Default::default()
+    };
+    let mut enc = |ds: &Dataset| -> Result<Vec<Encoded>> {
+        let rows = data::encode_with(&pre.tokenizer, ds, labels.as_ref(), &opts)?;
+        report.add(ds, &rows);
+        Ok(rows.items)
     };
     let train_items = enc(&train)?;
     let eval_items = match &eval {
@@ -86,6 +90,7 @@ pub fn prepare_data(cfg: &TrainConfig, pre: &Pretrained) -> Result<PreparedData>
         train_items,
         eval_items,
         pad_id: special.pad,
+        report,
     })
 }
 
@@ -99,6 +104,12 @@ pub struct Plan {
     pub base_params: usize,
     pub train_rows: usize,
     pub eval_rows: usize,
+    /// Malformed rows left out (`--skip-bad-rows`).
+    pub skipped_rows: usize,
+    /// Rows cut to `--max-length` tokens.
+    pub truncated_rows: usize,
+    /// Rows longer than `--max-length` left out (`--truncation drop`).
+    pub dropped_rows: usize,
     pub labels: Option<Vec<String>>,
     pub updates_per_epoch: u64,
     pub total_updates: u64,
@@ -130,6 +141,12 @@ impl Plan {
             "data           {} train rows, {} eval rows\n",
             self.train_rows, self.eval_rows
         );
+        if self.skipped_rows + self.truncated_rows + self.dropped_rows > 0 {
+            s += &format!(
+                "               ({} malformed rows left out, {} cut to --max-length, {} longer left out)\n",
+                self.skipped_rows, self.truncated_rows, self.dropped_rows
+            );
+        }
         if let Some(l) = &self.labels {
             s += &format!("labels         {}\n", l.join(", "));
         }
@@ -154,16 +171,14 @@ pub struct Setup {
     pub adapter_config: AdapterConfig,
     pub tokenizer: tokenizers::Tokenizer,
     pub base_config: Value,
+    /// Settings that are allowed but probably not meant, in words.
+    pub warnings: Vec<String>,
 }
 
 /// Loads model and data, injects adapters and computes the plan.
 pub fn setup(cfg: TrainConfig) -> Result<Setup> {
+    cfg.validate()?;
     let (task, method) = (cfg.task, cfg.method);
-    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.rank == 0 {
-        return Err(Error::msg(
-            "--batch-size, --grad-accum and --rank must be at least 1",
-        ));
-    }
     let device = cfg.device.open()?;
     // frozen weights: f32 on the CPU, bf16 on a GPU
     let dtype = if device.is_cpu() {
@@ -199,6 +214,22 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         (true, None) => RampSchedule::fraction_of(total, cfg.ramp_fraction),
         (false, _) => RampSchedule::none(),
     };
+    let mut warnings = vec![];
+    if warmup > total {
+        warnings.push(format!(
+            "the warm-up of {warmup} updates is longer than the run's {total}: the learning rate \
+             ends at {:.3} of --lr",
+            total as f64 / warmup as f64
+        ));
+    }
+    if ramp.ramp_steps > total {
+        warnings.push(format!(
+            "SingLoRA's ramp of {} updates is longer than the run's {total}: u ends at {:.3}, so \
+             the adapter never acts in full",
+            ramp.ramp_steps,
+            ramp.u(total)
+        ));
+    }
     let spec = AdapterSpec {
         kind: method.kind(),
         r: cfg.rank,
@@ -250,6 +281,9 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         base_params,
         train_rows: data.train_items.len(),
         eval_rows: data.eval_items.len(),
+        skipped_rows: data.report.skipped.len(),
+        truncated_rows: data.report.truncated.len(),
+        dropped_rows: data.report.dropped.len(),
         labels: data.labels.as_ref().map(|l| l.names.clone()),
         updates_per_epoch,
         total_updates: total,
@@ -267,6 +301,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         adapter_config,
         tokenizer,
         base_config,
+        warnings,
     })
 }
 
