@@ -591,13 +591,33 @@ fn replace_adapter_tensors(dir: &Path, with: &[(&str, Tensor)]) {
 
 #[test]
 fn merge_refuses_values_the_output_dtype_cannot_hold() {
-    // a scale that is finite in f64 and beyond f32: every merged value overflows
+    // a scale finite in f64 and far beyond f32 is refused as a mistake before any merging
     let s = setup(AdapterKind::Lora);
     edit_config(&s.adapter, |v| v["lora_alpha"] = 1e300.into());
     let err = merge_err(&s);
+    assert!(err.contains("lora_alpha"), "{err}");
+
+    // adapter values finite in f32 whose product is not: every merged value of the layer
+    // overflows (s = 8 / 4 = 2, ΔW = 2 · 4 · 1 · 1e38 = 8e38 everywhere)
+    let s = setup(AdapterKind::Lora);
+    let module = "model.layers.0.self_attn.q_proj";
+    replace_adapter_tensors(
+        &s.adapter,
+        &[
+            (
+                &format!("{module}.lora_A.weight"),
+                Tensor::ones((4, 16), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                &format!("{module}.lora_B.weight"),
+                (Tensor::ones((16, 4), DType::F32, &Device::Cpu).unwrap() * 1e38).unwrap(),
+            ),
+        ],
+    );
+    let err = merge_err(&s);
     let base = Checkpoint::open(&s.base).unwrap();
     let (name, n) = named_tensor(&err, &base);
-    assert!(name.ends_with("_proj.weight"), "{err}");
+    assert_eq!(name, format!("{module}.weight"), "{err}");
     assert!(
         err.contains(&format!("{n} of {n}")) && err.contains("f32"),
         "{err}"
