@@ -4,29 +4,31 @@
 //! memory and may return any `Err`; a panic, abort, hang or runaway allocation is the bug.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
 use singlora::adapter::config::AdapterConfig;
 use singlora::adapter::file::AdapterFile;
-use singlora::checkpoint::{float_dtype, TensorFile};
+use singlora::checkpoint::{float_dtype, Checkpoint, TensorFile, INDEX_FILE, SINGLE_FILE};
 use singlora::data::{load_dataset_bytes, Columns, LabelSet, Task};
 use singlora::gguf::load_gguf_bytes;
 
 /// The target names, as the folders under `fuzz/corpus/` and `fuzz/regressions/` are named.
 pub const TARGETS: &[&str] = &[
     "safetensors",
+    "checkpoint",
     "adapter_config",
     "adapter_file",
     "gguf",
     "rows",
 ];
 
-/// Runs the entry function of `target` on `data`.
-pub fn run(target: &str, data: &[u8]) {
+/// Runs the entry function of `target` on `data` (`checkpoint` writes its files into `dir`).
+pub fn run(target: &str, data: &[u8], dir: &Path) {
     match target {
         "safetensors" => safetensors(data),
+        "checkpoint" => checkpoint_in(dir, data),
         "adapter_config" => adapter_config(data),
         "adapter_file" => adapter_file(data),
         "gguf" => gguf(data),
@@ -54,6 +56,63 @@ pub fn safetensors(data: &[u8]) {
         }
     }
 }
+
+/// A checkpoint directory in one input: a little-endian u32 length, that many bytes of
+/// `model.safetensors.index.json`, then the one shard it may name,
+/// `model-00001-of-00001.safetensors`; with a length of 0 there is no index and the rest is
+/// `model.safetensors`. The files are written into a directory of this process's own.
+pub fn checkpoint(data: &[u8]) {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let base = Path::new("/dev/shm");
+        let base = if base.is_dir() {
+            base.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("singlora-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
+    checkpoint_in(dir, data);
+}
+
+/// [`checkpoint`] in the directory `dir`.
+pub fn checkpoint_in(dir: &Path, data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > rest.len() {
+        return;
+    }
+    let (index, shard) = rest.split_at(len);
+    for f in [INDEX_FILE, SINGLE_FILE, SHARD] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    std::fs::write(dir.join("config.json"), "{}").unwrap();
+    if index.is_empty() {
+        std::fs::write(dir.join(SINGLE_FILE), shard).unwrap();
+    } else {
+        std::fs::write(dir.join(INDEX_FILE), index).unwrap();
+        std::fs::write(dir.join(SHARD), shard).unwrap();
+    }
+    let Ok(ck) = Checkpoint::open(dir) else {
+        return;
+    };
+    let _ = ck.num_params();
+    let _ = ck.matrices();
+    let names: Vec<String> = ck.names().map(str::to_string).collect();
+    for name in &names {
+        assert!(
+            ck.meta(name).is_some() && ck.file_of(name).is_some(),
+            "{name}"
+        );
+        let _ = ck.load(name, &Device::Cpu);
+    }
+}
+
+const SHARD: &str = "model-00001-of-00001.safetensors";
 
 /// `adapter_config.json`: parsing, the per-module rank/alpha patterns, and writing it back.
 pub fn adapter_config(data: &[u8]) {

@@ -69,6 +69,20 @@ def seeds_safetensors():
         ("s", "F32", [], None), ("z", "F32", [0, 5], b""), ("n", "F32", [1], struct.pack("<f", float("nan")))]))
 
 
+def seeds_checkpoint():
+    shard = safetensors([("model.embed_tokens.weight", "F32", [3, 2], None),
+                         ("model.layers.0.mlp.up_proj.weight", "BF16", [2, 2], None),
+                         ("model.norm.weight", "F16", [2], None)], {"format": "pt"})
+    name = "model-00001-of-00001.safetensors"
+    index = {"metadata": {"total_size": len(shard)},
+             "weight_map": {"model.embed_tokens.weight": name,
+                            "model.layers.0.mlp.up_proj.weight": name,
+                            "model.norm.weight": name}}
+    i = json.dumps(index).encode()
+    out("checkpoint", "sharded", struct.pack("<I", len(i)) + i + shard)
+    out("checkpoint", "single", struct.pack("<I", 0) + shard)
+
+
 # --- adapter_config / adapter_file ---------------------------------------------------------------
 
 SINGLORA = {"peft_type": "SINGLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "m",
@@ -262,6 +276,7 @@ if __name__ == "__main__":
     seeds_adapter()
     seeds_gguf()
     seeds_rows()
+    seeds_checkpoint()
     for t in sorted(os.listdir(os.path.join(HERE, "corpus"))):
         files = os.listdir(os.path.join(HERE, "corpus", t))
         size = sum(os.path.getsize(os.path.join(HERE, "corpus", t, f)) for f in files)

@@ -268,13 +268,17 @@ impl Checkpoint {
                 })?;
             let mut shard_of: BTreeMap<String, usize> = BTreeMap::new();
             for (tensor, shard) in map {
-                let shard = shard.as_str().ok_or_else(|| {
-                    Error::bad_field(
-                        &index_path,
-                        format!("weight_map.{tensor}"),
-                        "must be a file name",
-                    )
-                })?;
+                // A file beside the index: no directories, so the index cannot name any file.
+                let shard = shard
+                    .as_str()
+                    .filter(|s| Path::new(s).file_name() == Some(std::ffi::OsStr::new(s)))
+                    .ok_or_else(|| {
+                        Error::bad_field(
+                            &index_path,
+                            format!("weight_map.{tensor}"),
+                            format!("must be the name of a file beside the index, found {shard}"),
+                        )
+                    })?;
                 let i = match shard_of.get(shard) {
                     Some(i) => *i,
                     None => {
