@@ -37,6 +37,14 @@ pub fn run(target: &str, data: &[u8], dir: &Path) {
     }
 }
 
+/// Two files in one input: a little-endian u32 length, that many bytes of the first file, then
+/// the second; `None` where the length runs past the input.
+pub fn two_files(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = data.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
 /// A safetensors file: header, tensor table, then every tensor loaded and cast to f32 as the
 /// model loader does (`Weights::get`).
 pub fn safetensors(data: &[u8]) {
@@ -79,14 +87,9 @@ pub fn checkpoint(data: &[u8]) {
 
 /// [`checkpoint`] in the directory `dir`.
 pub fn checkpoint_in(dir: &Path, data: &[u8]) {
-    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+    let Some((index, shard)) = two_files(data) else {
         return;
     };
-    let len = u32::from_le_bytes(*len) as usize;
-    if len > rest.len() {
-        return;
-    }
-    let (index, shard) = rest.split_at(len);
     for f in [INDEX_FILE, SINGLE_FILE, SHARD] {
         let _ = std::fs::remove_file(dir.join(f));
     }
@@ -138,14 +141,9 @@ pub fn adapter_config(data: &[u8]) {
 /// An adapter directory in one input: a little-endian u32 length, that many bytes of
 /// `adapter_config.json`, then `adapter_model.safetensors`.
 pub fn adapter_file(data: &[u8]) {
-    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+    let Some((config, weights)) = two_files(data) else {
         return;
     };
-    let len = u32::from_le_bytes(*len) as usize;
-    if len > rest.len() {
-        return;
-    }
-    let (config, weights) = rest.split_at(len);
     let Ok(text) = std::str::from_utf8(config) else {
         return;
     };

@@ -1,7 +1,7 @@
 //! Replays the fuzz corpus (`fuzz/corpus/<target>/`) and every input that once crashed a reader
 //! (`fuzz/regressions/<target>/`) through the same entry functions the cargo-fuzz targets call
 //! (`fuzz/harness.rs`), on stable and in seconds. A reader may refuse an input with an error;
-//! it must not panic. See `fuzz/README.md`.
+//! it must not panic. See `docs/fuzzing.md`.
 
 use std::path::{Path, PathBuf};
 
@@ -110,8 +110,7 @@ fn crash_inputs_are_refused_with_a_message() {
     };
     let adapter = |f: &str| {
         let data = read(f);
-        let (len, rest) = data.split_first_chunk::<4>().unwrap();
-        let (config, weights) = rest.split_at(u32::from_le_bytes(*len) as usize);
+        let (config, weights) = harness::two_files(&data).unwrap();
         let config = std::str::from_utf8(config).unwrap();
         let config =
             AdapterConfig::from_json_str(config, Path::new("adapter_config.json")).unwrap();
@@ -129,6 +128,10 @@ fn crash_inputs_are_refused_with_a_message() {
         (
             gguf("gguf/block-count-huge"),
             "in.gguf: llama.block_count = 1099511627776 layers",
+        ),
+        (
+            gguf("gguf/block-count-more-than-tensors"),
+            "in.gguf: llama.block_count = 4194305 layers, but the file holds only 12 tensors",
         ),
         (
             gguf("gguf/key-length-overflow"),
