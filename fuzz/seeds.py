@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes small, valid seed inputs for every fuzz target into fuzz/corpus/<target>/.
 
-The fuzzer grows the corpus from these; `cargo fuzz cmin` then keeps what adds coverage.
+The fuzzer grows the corpus from these; shrink_corpus.py then keeps a small part that adds coverage.
 Run from anywhere: python3 fuzz/seeds.py
 """
 import json
@@ -280,4 +280,4 @@ if __name__ == "__main__":
     for t in sorted(os.listdir(os.path.join(HERE, "corpus"))):
         files = os.listdir(os.path.join(HERE, "corpus", t))
         size = sum(os.path.getsize(os.path.join(HERE, "corpus", t, f)) for f in files)
-        print(f"{t}: {len(files)} seeds, {size} bytes")
+        print(f"{t}: {len(files)} inputs, {size} bytes")
