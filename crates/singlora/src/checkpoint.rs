@@ -29,11 +29,29 @@ pub struct TensorMeta {
     offsets: (usize, usize),
 }
 
+/// The bytes of a safetensors file: memory-mapped from disk, or owned (read from elsewhere).
+#[derive(Debug)]
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped, validated safetensors file.
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     data_start: usize,
     tensors: BTreeMap<String, TensorMeta>,
     metadata: Option<HashMap<String, String>>,
@@ -44,6 +62,17 @@ impl TensorFile {
         let file = File::open(path).at(path)?;
         // SAFETY: the map is read-only and the file is not modified while mapped by this process.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+        Self::from_bytes_(path, Bytes::Mapped(mmap))
+    }
+
+    /// Parses and validates a safetensors file already in memory; `path` names it in errors.
+    /// [`TensorFile::open`] does the same on a memory-mapped file.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_bytes_(path, Bytes::Owned(bytes))
+    }
+
+    fn from_bytes_(path: &Path, mmap: Bytes) -> Result<Self> {
+        check_offsets(path, &mmap)?;
         let (n, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::bad_file(path, format!("is not a valid safetensors file: {e}")))?;
         let tensors = meta
@@ -91,7 +120,14 @@ impl TensorFile {
             .tensors
             .get(name)
             .ok_or_else(|| Error::bad_file(&self.path, format!("has no tensor `{name}`")))?;
-        let data = &self.mmap[self.data_start + m.offsets.0..self.data_start + m.offsets.1];
+        let data = self
+            .data_start
+            .checked_add(m.offsets.0)
+            .zip(self.data_start.checked_add(m.offsets.1))
+            .and_then(|(start, end)| self.mmap.get(start..end))
+            .ok_or_else(|| {
+                Error::bad_file(&self.path, format!("tensor `{name}` lies beyond the file"))
+            })?;
         let view = TensorView::new(m.dtype, m.shape.clone(), data)
             .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
         view.load(device).map_err(|e| {
@@ -105,6 +141,45 @@ impl TensorFile {
             .map(|n| Ok((n.to_string(), self.load(n, device)?)))
             .collect()
     }
+}
+
+/// Refuses a header whose `data_offsets` point past the end of the file. The safetensors crate
+/// checks that the offsets are contiguous and end exactly at the end of the file, but sums them
+/// unchecked first, so offsets near `usize::MAX` overflow (a panic in a debug build). Headers it
+/// cannot read at all are left to it to report.
+fn check_offsets(path: &Path, buf: &[u8]) -> Result<()> {
+    let Some(len) = buf.first_chunk::<8>().map(|n| u64::from_le_bytes(*n)) else {
+        return Ok(());
+    };
+    let Some(header) = usize::try_from(len)
+        .ok()
+        .and_then(|n| buf.get(8..n.checked_add(8)?))
+    else {
+        return Ok(());
+    };
+    let Ok(Value::Object(entries)) = serde_json::from_slice::<Value>(header) else {
+        return Ok(());
+    };
+    let data_len = (buf.len() - 8 - header.len()) as u64;
+    for (name, entry) in &entries {
+        let Some(offsets) = entry.get("data_offsets").and_then(Value::as_array) else {
+            continue;
+        };
+        if offsets
+            .iter()
+            .any(|o| o.as_u64().is_some_and(|o| o > data_len))
+        {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "is not a valid safetensors file: tensor `{name}` has data_offsets {} \
+                     beyond the {data_len} bytes of tensor data",
+                    Value::Array(offsets.clone())
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes tensors as a safetensors file with `{"format": "pt"}` metadata (transformers needs it),
@@ -193,13 +268,17 @@ impl Checkpoint {
                 })?;
             let mut shard_of: BTreeMap<String, usize> = BTreeMap::new();
             for (tensor, shard) in map {
-                let shard = shard.as_str().ok_or_else(|| {
-                    Error::bad_field(
-                        &index_path,
-                        format!("weight_map.{tensor}"),
-                        "must be a file name",
-                    )
-                })?;
+                // A file beside the index: no directories, so the index cannot name any file.
+                let shard = shard
+                    .as_str()
+                    .filter(|s| Path::new(s).file_name() == Some(std::ffi::OsStr::new(s)))
+                    .ok_or_else(|| {
+                        Error::bad_field(
+                            &index_path,
+                            format!("weight_map.{tensor}"),
+                            format!("must be the name of a file beside the index, found {shard}"),
+                        )
+                    })?;
                 let i = match shard_of.get(shard) {
                     Some(i) => *i,
                     None => {

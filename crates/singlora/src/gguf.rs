@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -388,6 +388,12 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
     }
     if head_dim % 2 != 0 {
         return Err(Error::bad_file(m.path, format!("odd head size {head_dim}")));
+    }
+    if heads.checked_mul(head_dim).is_none() {
+        return Err(Error::bad_file(
+            m.path,
+            format!("{heads} heads of size {head_dim} are more than can be addressed"),
+        ));
     }
     if let Some(rot) = m.opt_usize("llama.rope.dimension_count")? {
         if rot != head_dim {
@@ -818,13 +824,148 @@ fn required_names(d: &Dims, tied: bool) -> Vec<String> {
     names
 }
 
+/// What candle's GGUF reader will take as the data alignment: `Some(Some(n))` for an integer
+/// `general.alignment` (the last one), `Some(None)` for its default, `None` where the metadata
+/// cannot be walked (candle's reader then reports the error). candle divides by the alignment
+/// unchecked, so a 0 must be refused before it reads the file.
+fn declared_alignment<R: Read + Seek>(reader: &mut R, end: u64) -> Option<Option<u64>> {
+    const KEY: &[u8] = b"general.alignment";
+    let mut w = Walk {
+        r: reader,
+        pos: 0,
+        end,
+        wide: true,
+    };
+    w.skip(4)?; // magic
+    w.wide = w.u32()? != 1; // GGUF v1 has 32-bit lengths
+    let _tensors = w.len()?;
+    let kvs = w.len()?;
+    let mut alignment = None;
+    for _ in 0..kvs {
+        let n = w.len()?;
+        let is_alignment = if n <= 64 {
+            let mut key = vec![0u8; n as usize];
+            w.read(&mut key)?;
+            // candle drops trailing NULs from strings
+            let trimmed = key
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(&key[..0], |i| &key[..=i]);
+            trimmed == KEY
+        } else {
+            w.skip(n)?;
+            false
+        };
+        let ty = w.u32()?;
+        if !is_alignment {
+            w.value(ty, 0)?;
+            continue;
+        }
+        // candle's rule: an unsigned or non-negative signed integer of up to 32 bits, else 32.
+        alignment = match ty {
+            0 => Some(u64::from(w.bytes::<1>()?[0])),
+            1 => u64::try_from(i8::from_le_bytes(w.bytes()?)).ok(),
+            2 => Some(u64::from(u16::from_le_bytes(w.bytes()?))),
+            3 => u64::try_from(i16::from_le_bytes(w.bytes()?)).ok(),
+            4 => Some(u64::from(w.u32()?)),
+            5 => u64::try_from(i32::from_le_bytes(w.bytes()?)).ok(),
+            ty => {
+                w.value(ty, 0)?;
+                None
+            }
+        };
+    }
+    Some(alignment)
+}
+
+/// A cursor over GGUF metadata that skips values without reading them into memory.
+struct Walk<'a, R> {
+    r: &'a mut R,
+    pos: u64,
+    end: u64,
+    /// 64-bit string and array lengths (GGUF v2 and v3).
+    wide: bool,
+}
+
+impl<R: Read + Seek> Walk<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> Option<()> {
+        self.r.read_exact(buf).ok()?;
+        self.pos += buf.len() as u64;
+        Some(())
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        self.read(&mut b)?;
+        Some(b)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+
+    fn len(&mut self) -> Option<u64> {
+        if self.wide {
+            self.bytes().map(u64::from_le_bytes)
+        } else {
+            self.u32().map(u64::from)
+        }
+    }
+
+    fn skip(&mut self, n: u64) -> Option<()> {
+        if n > self.end.saturating_sub(self.pos) {
+            return None;
+        }
+        self.r.seek_relative(i64::try_from(n).ok()?).ok()?;
+        self.pos += n;
+        Some(())
+    }
+
+    /// Skips one value of GGUF value type `ty`.
+    fn value(&mut self, ty: u32, depth: usize) -> Option<()> {
+        // The size of a fixed-size value type.
+        let fixed = |ty| match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match ty {
+            8 => {
+                let n = self.len()?;
+                self.skip(n)
+            }
+            // Deeper than candle's reader allows (64): it refuses the file itself.
+            9 if depth > 80 => None,
+            9 => {
+                let ty = self.u32()?;
+                let n = self.len()?;
+                match fixed(ty) {
+                    Some(size) => self.skip(n.checked_mul(size)?),
+                    None => (0..n).try_for_each(|_| self.value(ty, depth + 1)),
+                }
+            }
+            ty => self.skip(fixed(ty)?),
+        }
+    }
+}
+
 /// Reads a LLaMA-architecture GGUF file into an HF-style config, HF-named tensors (dequantised
 /// to f32, Q/K rows un-permuted, then cast to `dtype`, on the CPU), a tokenizer and the chat
 /// template. Any other architecture, an unknown tensor, a missing one or a shape that does not
 /// fit the metadata is an error naming the file.
 pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
     let file = File::open(path).at(path)?;
-    let mut reader = BufReader::new(file);
+    load_gguf_from(path, BufReader::new(file), dtype)
+}
+
+/// [`load_gguf`] on a GGUF file already in memory; `path` names it in errors.
+pub fn load_gguf_bytes(path: &Path, bytes: &[u8], dtype: DType) -> Result<GgufModel> {
+    load_gguf_from(path, std::io::Cursor::new(bytes), dtype)
+}
+
+fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> Result<GgufModel> {
     let mut magic = [0u8; 4];
     reader.read_exact(&mut magic).at(path)?;
     if &magic != MAGIC {
@@ -833,7 +974,16 @@ pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
             format!("not a GGUF file (starts with {magic:02x?}, not \"GGUF\")"),
         ));
     }
-    std::io::Seek::rewind(&mut reader).at(path)?;
+    let file_len = reader.seek(SeekFrom::End(0)).at(path)?;
+    reader.rewind().at(path)?;
+    let alignment = declared_alignment(&mut reader, file_len);
+    if alignment == Some(Some(0)) {
+        return Err(Error::bad_file(
+            path,
+            "metadata `general.alignment` = 0; the alignment must be a power of two",
+        ));
+    }
+    reader.rewind().at(path)?;
     let content = Content::read(&mut reader)
         .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
     let m = Meta {
@@ -890,6 +1040,18 @@ pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
     let tied = !mapped.iter().any(|(_, hf)| hf == "lm_head.weight");
     let present: std::collections::BTreeSet<&str> =
         mapped.iter().map(|(_, hf)| hf.as_str()).collect();
+    // Nine tensors per layer: a layer count the file cannot hold is refused before the names
+    // of the tensors it would need are listed.
+    if dims.layers > content.tensor_infos.len() {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "llama.block_count = {} layers, but the file holds only {} tensors",
+                dims.layers,
+                content.tensor_infos.len()
+            ),
+        ));
+    }
     let missing: Vec<String> = required_names(&dims, tied)
         .into_iter()
         .filter(|n| !present.contains(n.as_str()))
@@ -901,7 +1063,8 @@ pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
         ));
     }
     for (name, hf) in &mapped {
-        let shape = content.tensor_infos[*name].shape.dims().to_vec();
+        let info = &content.tensor_infos[*name];
+        let shape = info.shape.dims().to_vec();
         let want = expected_shape(&dims, hf);
         if want.as_deref() != Some(shape.as_slice()) {
             return Err(Error::bad_file(
@@ -910,6 +1073,18 @@ pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
                     "tensor `{name}` ({hf}) has shape {shape:?}, the metadata call for {}",
                     want.map_or("none".to_string(), |w| format!("{w:?}"))
                 ),
+            ));
+        }
+        // Its size, checked here: candle multiplies the dimensions unchecked.
+        let q = info.ggml_dtype;
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| (n / q.block_size()).checked_mul(q.type_size()));
+        if bytes.is_none_or(|b| b as u64 > file_len) {
+            return Err(Error::bad_file(
+                path,
+                format!("tensor `{name}` of shape {shape:?} in {q:?} is larger than the file"),
             ));
         }
     }

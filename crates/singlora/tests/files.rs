@@ -380,6 +380,32 @@ fn header_that_lies_about_sizes_is_refused() {
 }
 
 #[test]
+fn index_naming_a_file_elsewhere_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    tiny_base(&base, DType::F32, 2);
+    let index_path = base.join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let (name, shard) = {
+        let map = index["weight_map"].as_object().unwrap();
+        let (k, v) = map.iter().next().unwrap();
+        (k.clone(), v.as_str().unwrap().to_string())
+    };
+    for elsewhere in [format!("../base/{shard}"), format!("/{shard}"), "..".into()] {
+        index["weight_map"][&name] = serde_json::json!(elsewhere);
+        std::fs::write(&index_path, index.to_string()).unwrap();
+        let err = Checkpoint::open(&base).unwrap_err().to_string();
+        assert!(
+            err.contains("model.safetensors.index.json")
+                && err.contains(&format!("weight_map.{name}"))
+                && err.contains("beside the index"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn adapter_that_does_not_fit_the_base_is_refused() {
     let s = setup(AdapterKind::SingLora);
     // a base whose up_proj is 20 wide instead of 24

@@ -472,9 +472,14 @@ impl AdapterConfig {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(&path, format!("is not valid JSON: {e}")))?;
-        Self::from_json(&value, &path)
+        Self::from_json_str(&text, &path)
+    }
+
+    /// Parses the text of an `adapter_config.json`; `path` names it in errors.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::bad_file(path, format!("is not valid JSON: {e}")))?;
+        Self::from_json(&value, path)
     }
 
     /// The JSON that is written: PEFT's full LoRA field set for LoRA-family adapters (so PEFT

@@ -61,15 +61,21 @@ impl AdapterFile {
             )));
         }
         let config = AdapterConfig::read(dir)?;
-        let path = dir.join(WEIGHTS_FILE);
-        let file = TensorFile::open(&path)?;
+        let file = TensorFile::open(&dir.join(WEIGHTS_FILE))?;
+        Self::from_parts(config, &file, device)
+    }
+
+    /// Validates an adapter made of a parsed config and its opened weights file (what
+    /// [`AdapterFile::read`] does after reading the two files).
+    pub fn from_parts(config: AdapterConfig, file: &TensorFile, device: &Device) -> Result<Self> {
+        let path = file.path();
         let mut layers: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
         let mut heads = BTreeMap::new();
         for key in file.names() {
             let dtype = file.meta(key).map(|m| m.dtype);
             if !matches!(dtype, Some(Dtype::F32 | Dtype::F16 | Dtype::BF16)) {
                 return Err(Error::bad_file(
-                    &path,
+                    path,
                     format!(
                         "tensor `{key}` is {}; adapter tensors must be F32, F16 or BF16",
                         dtype.map_or("unreadable".into(), |d| format!("{d:?}"))
@@ -77,10 +83,10 @@ impl AdapterFile {
                 ));
             }
             let t = file.load(key, device)?;
-            check_finite(&t, key).map_err(|e| Error::bad_file(&path, e.to_string()))?;
+            check_finite(&t, key).map_err(|e| Error::bad_file(path, e.to_string()))?;
             let name = key.strip_prefix(KEY_PREFIX).ok_or_else(|| {
                 Error::bad_file(
-                    &path,
+                    path,
                     format!("tensor `{key}` does not start with `{KEY_PREFIX}`"),
                 )
             })?;
@@ -102,7 +108,7 @@ impl AdapterFile {
                 heads.insert(name.to_string(), t);
             } else {
                 return Err(Error::bad_file(
-                    &path,
+                    path,
                     format!(
                         "tensor `{key}` is neither an adapter tensor nor part of modules_to_save"
                     ),
@@ -110,15 +116,16 @@ impl AdapterFile {
             }
         }
         if layers.is_empty() && heads.is_empty() {
-            return Err(Error::bad_file(&path, "holds no adapter tensors"));
+            return Err(Error::bad_file(path, "holds no adapter tensors"));
         }
         let af = Self {
             config,
             layers,
             heads,
         };
-        af.check_layout(&path)?;
-        af.check_agreement(&dir.join(CONFIG_FILE), &path)?;
+        af.check_layout(path)?;
+        // The config sits beside the weights in an adapter directory.
+        af.check_agreement(&path.with_file_name(CONFIG_FILE), path)?;
         Ok(af)
     }
 
@@ -208,13 +215,28 @@ impl AdapterFile {
                     ));
                 }
             }
-            for have in tensors.keys() {
+            for (have, t) in tensors {
                 if !want.contains(&have.as_str()) {
                     return Err(Error::bad_file(
                         path,
                         format!(
                             "tensor `{KEY_PREFIX}{module}.{have}` does not belong to a {} adapter",
                             self.config.kind
+                        ),
+                    ));
+                }
+                // A and B are matrices, DoRA's magnitude a vector.
+                let rank = if have.starts_with("lora_magnitude") {
+                    1
+                } else {
+                    2
+                };
+                if t.rank() != rank {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "tensor `{KEY_PREFIX}{module}.{have}` has shape {:?}, not {rank}-D",
+                            t.dims()
                         ),
                     ));
                 }

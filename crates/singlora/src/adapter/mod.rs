@@ -94,8 +94,8 @@ impl AdapterKind {
         match self {
             AdapterKind::SingLora => None,
             AdapterKind::Lora | AdapterKind::Dora => Some((
-                tensors.get("lora_B.weight")?.dims()[0],
-                tensors.get("lora_A.weight")?.dims()[1],
+                *tensors.get("lora_B.weight")?.dims().first()?,
+                *tensors.get("lora_A.weight")?.dims().get(1)?,
             )),
         }
     }

@@ -21,7 +21,7 @@ use crate::error::Error;
 pub use batch::{collate, epoch_batches, Batch};
 pub use encode::{encode, encode_with, EncodeOptions, Encoded, EncodedRows};
 pub use labels::LabelSet;
-pub use rows::load_dataset;
+pub use rows::{load_dataset, load_dataset_bytes};
 pub use split::{split_every_nth, split_fraction};
 pub use truncate::Truncation;
 

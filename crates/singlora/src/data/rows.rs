@@ -54,9 +54,22 @@ pub fn load_dataset(
     columns: &Columns,
     skip_bad_rows: bool,
 ) -> Result<Dataset> {
-    let format = Format::of(path)?;
+    Format::of(path)?;
     let bytes = std::fs::read(path).at(path)?;
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    load_dataset_bytes(path, &bytes, task, columns, skip_bad_rows)
+}
+
+/// [`load_dataset`] on the contents of a file already in memory; `path` names it in messages
+/// and its extension gives the format.
+pub fn load_dataset_bytes(
+    path: &Path,
+    bytes: &[u8],
+    task: Task,
+    columns: &Columns,
+    skip_bad_rows: bool,
+) -> Result<Dataset> {
+    let format = Format::of(path)?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut records = Vec::new();
     let mut bad = Vec::new();
     match format {
