@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::sweep::{final_eval, prune_run, run_queue, train_run};
+use super::sweep::{final_eval, prune_run, read_jsonl, run_queue, train_run, workers};
 use singlora::adapter::Method;
 use singlora::data::{DataSettings, Task};
 use singlora::error::{Error, IoContext, Result};
@@ -231,18 +231,7 @@ pub fn stability_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
 
 /// The records in `out/runs.jsonl` (none if it does not exist).
 pub fn read_records(out: &Path) -> Result<Vec<Record>> {
-    let p = out.join("runs.jsonl");
-    if !p.exists() {
-        return Ok(vec![]);
-    }
-    let text = std::fs::read_to_string(&p).at(&p)?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::bad_file(&p, format!("line {}: {e}", i + 1)))
-        })
-        .collect()
+    read_jsonl(&out.join("runs.jsonl"))
 }
 
 /// The training file of the first `rows` rows of `data/train.jsonl`, written once.
@@ -349,11 +338,7 @@ pub fn run(
 ) -> Result<Vec<Record>> {
     std::fs::create_dir_all(&spec.out).at(&spec.out)?;
     let train = train_file(spec)?;
-    let workers: Vec<String> = spec
-        .devices
-        .iter()
-        .flat_map(|d| std::iter::repeat_n(d.clone(), spec.jobs_per_device.max(1)))
-        .collect();
+    let workers = workers(&spec.devices, spec.jobs_per_device);
     let log = spec.out.join("runs.jsonl");
     for stage in [Stage::Select, Stage::Test, Stage::Stability] {
         let records = records(spec)?;
@@ -620,22 +605,25 @@ pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
         let (diff, ps) = if config == REFERENCE || paired.is_empty() {
             ("–".to_string(), "–".to_string())
         } else {
-            let d: Vec<Vec<i8>> = paired
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = paired
+                .iter()
+                .map(|(a, b)| (predictions(a), predictions(b)))
+                .collect();
+            let d: Vec<Vec<i8>> = pairs
                 .iter()
                 .map(|(a, b)| {
-                    predictions(a)
-                        .iter()
-                        .zip(predictions(b))
+                    a.iter()
+                        .zip(b)
                         .zip(&truth)
-                        .map(|((x, y), t)| (x == t) as i8 - (y == *t) as i8)
+                        .map(|((x, y), t)| (x == t) as i8 - (y == t) as i8)
                         .collect()
                 })
                 .collect();
             let di = bootstrap_mean(&d, 10_000, 0);
-            let ps: Vec<String> = paired
+            let ps: Vec<String> = pairs
                 .iter()
                 .map(|(a, b)| {
-                    let (only_a, only_b) = discordant(&predictions(a), &predictions(b), &truth);
+                    let (only_a, only_b) = discordant(a, b, &truth);
                     fmt_p(mcnemar_exact(only_a, only_b))
                 })
                 .collect();

@@ -190,17 +190,30 @@ pub fn jobs(kind: &str, seeds: &[u64], lrs: &[f64]) -> Result<Vec<Job>> {
 
 /// The records of `runs.jsonl` in `dir` (none if it does not exist).
 pub fn read_records(dir: &Path) -> Result<Vec<Record>> {
-    let p = dir.join("runs.jsonl");
-    if !p.exists() {
+    read_jsonl(&dir.join("runs.jsonl"))
+}
+
+/// The JSON lines of `path` as `T`s (none if the file does not exist), blank lines skipped.
+pub(crate) fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if !path.exists() {
         return Ok(vec![]);
     }
-    let text = std::fs::read_to_string(&p).at(&p)?;
+    let text = std::fs::read_to_string(path).at(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::bad_file(&p, format!("line {}: {e}", i + 1)))
+            serde_json::from_str(l)
+                .map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1)))
         })
+        .collect()
+}
+
+/// One worker per run at once: each device repeated `jobs_per_device` times (at least once).
+pub(crate) fn workers(devices: &[String], jobs_per_device: usize) -> Vec<String> {
+    devices
+        .iter()
+        .flat_map(|d| std::iter::repeat_n(d.clone(), jobs_per_device.max(1)))
         .collect()
 }
 
@@ -454,11 +467,7 @@ pub fn run(
         .filter(|j| !done.contains(&j.name()))
         .cloned()
         .collect();
-    let workers: Vec<String> = spec
-        .devices
-        .iter()
-        .flat_map(|d| std::iter::repeat_n(d.clone(), spec.jobs_per_device.max(1)))
-        .collect();
+    let workers = workers(&spec.devices, spec.jobs_per_device);
     run_queue(
         todo,
         &workers,
