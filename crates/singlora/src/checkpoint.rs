@@ -20,6 +20,9 @@ use crate::error::{Error, IoContext, Result};
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// diffusers' names for a component's weights (`unet/`, `vae/`).
+pub const DIFFUSERS_INDEX_FILE: &str = "diffusion_pytorch_model.safetensors.index.json";
+pub const DIFFUSERS_SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
 
 /// One tensor's entry in a safetensors header.
 #[derive(Debug, Clone)]
@@ -255,7 +258,17 @@ impl Checkpoint {
             )));
         }
         let config = read_json(&dir.join("config.json"))?;
-        let index_path = dir.join(INDEX_FILE);
+        // transformers' names first, then diffusers' (a U-Net or VAE folder)
+        let (index_name, single_name) = if dir.join(INDEX_FILE).exists()
+            || dir.join(SINGLE_FILE).exists()
+            || !(dir.join(DIFFUSERS_INDEX_FILE).exists()
+                || dir.join(DIFFUSERS_SINGLE_FILE).exists())
+        {
+            (INDEX_FILE, SINGLE_FILE)
+        } else {
+            (DIFFUSERS_INDEX_FILE, DIFFUSERS_SINGLE_FILE)
+        };
+        let index_path = dir.join(index_name);
         let mut files = vec![];
         let mut location = BTreeMap::new();
         let index = if index_path.exists() {
@@ -296,8 +309,8 @@ impl Checkpoint {
                 location.insert(tensor.clone(), i);
             }
             Some(index)
-        } else if dir.join(SINGLE_FILE).exists() {
-            let f = TensorFile::open(&dir.join(SINGLE_FILE))?;
+        } else if dir.join(single_name).exists() {
+            let f = TensorFile::open(&dir.join(single_name))?;
             for n in f.names() {
                 location.insert(n.to_string(), 0);
             }
@@ -305,7 +318,7 @@ impl Checkpoint {
             None
         } else {
             return Err(Error::msg(format!(
-                "{}: no {SINGLE_FILE} or {INDEX_FILE} found",
+                "{}: no {SINGLE_FILE}, {INDEX_FILE}, {DIFFUSERS_SINGLE_FILE} or {DIFFUSERS_INDEX_FILE} found",
                 dir.display()
             )));
         };

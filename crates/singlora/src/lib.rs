@@ -43,6 +43,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod diffusion;
 pub mod dist;
 pub mod error;
 pub mod eval;

@@ -1,0 +1,7 @@
+//! Stable Diffusion with adapters: the U-Net written for training (adapters on its attention
+//! projections, backward through it), the frozen parts run forward only (CLIP text encoders,
+//! the VAE), the noise schedule and samplers, DreamBooth training, and adapter files that
+//! diffusers and ComfyUI load.
+//!
+//! A model is a diffusers folder: `model_index.json`, `unet/`, `vae/`, `text_encoder/`
+//! (`text_encoder_2/` for SDXL), `tokenizer/` (`tokenizer_2/`), `scheduler/`.
