@@ -1,0 +1,265 @@
+//! The U-Net's transformers (diffusers' `Transformer2DModel` on continuous input, made of
+//! `BasicTransformerBlock`s), where the adapters go.
+//!
+//! Transformer on x (b, c, h, w), context (b, s, d_ctx):
+//!
+//! t = proj_in(GroupNorm(x) as (b, h·w, c)); t = block(t) for each block;
+//! y = x + proj_out(t) as (b, c, h, w)
+//!
+//! (proj_in/proj_out: linear layers with `use_linear_projection`, else 1×1 convolutions, the
+//! same map on each position.) A block, with LayerNorms n1..n3:
+//!
+//! t += attn1(n1(t)) (self-attention); t += attn2(n2(t), context) (cross-attention);
+//! t += ff.net.2(a ⊙ gelu(g)), [a, g] = ff.net.0.proj(n3(t)) (GEGLU, 4·c wide)
+//!
+//! attn(x, ctx) = to_out.0(softmax(q·kᵀ/√d)·v) per head, q = to_q(x), k = to_k(ctx),
+//! v = to_v(ctx), no biases on q, k, v. Every one of these linear layers is an
+//! [`AdaptedLinear`]; with `upcast_attention` the scores and softmax are f32.
+
+use candle_core::{DType, Tensor};
+
+use super::load::Loader;
+use super::norm::{GroupNorm, LayerNorm};
+use crate::adapter::AdaptedLinear;
+use crate::error::Result;
+use crate::linear::FrozenLinear;
+
+/// diffusers' fixed epsilons: the transformer's GroupNorm and the blocks' LayerNorms.
+const GROUP_NORM_EPS: f64 = 1e-6;
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: AdaptedLinear,
+    to_k: AdaptedLinear,
+    to_v: AdaptedLinear,
+    to_out: AdaptedLinear,
+    heads: usize,
+    upcast: bool,
+}
+
+impl Attention {
+    fn load(
+        ld: &mut Loader,
+        p: &str,
+        dim: usize,
+        ctx_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            to_q: ld.adapted(&format!("{p}.to_q"), dim, dim, false)?,
+            to_k: ld.adapted(&format!("{p}.to_k"), dim, ctx_dim, false)?,
+            to_v: ld.adapted(&format!("{p}.to_v"), dim, ctx_dim, false)?,
+            to_out: ld.adapted(&format!("{p}.to_out.0"), dim, dim, true)?,
+            heads,
+            upcast,
+        })
+    }
+
+    /// `x` (b, t, dim); `ctx` (b, s, ctx_dim), or None for self-attention.
+    pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>) -> Result<Tensor> {
+        let kv = ctx.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(kv)?;
+        let v = self.to_v.forward(kv)?;
+        self.to_out.forward(&attend(&q, &k, &v, self.heads, self.upcast)?)
+    }
+
+    fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        out.extend([&self.to_q, &self.to_k, &self.to_v, &self.to_out]);
+    }
+
+    fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        out.extend([
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ]);
+    }
+}
+
+/// softmax(q·kᵀ/√d)·v per head, on q (b, t, h·d) and k, v (b, s, h·d); heads merged.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
+    let (b, t, inner) = q.dims3()?;
+    let s = k.dim(1)?;
+    let d = inner / heads;
+    let lens = vec![s; b];
+    let half = !matches!(q.dtype(), DType::F32 | DType::F64);
+    if t == s && q.device().is_cpu() && !half {
+        // self-attention on the CPU: one op each way, no head transposes
+        return crate::ops::heads_attention(q, k, v, heads, &lens, false);
+    }
+    let split = |x: &Tensor, n: usize| -> Result<Tensor> {
+        Ok(x.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (qh, kh, vh) = (split(q, t)?, split(k, s)?, split(v, s)?);
+    let (qs, ks) = if upcast && half {
+        (qh.to_dtype(DType::F32)?, kh.to_dtype(DType::F32)?)
+    } else {
+        (qh, kh)
+    };
+    let scores = qs.matmul(&ks.t()?)?;
+    let p = crate::ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), &lens, false)?;
+    let a = p.to_dtype(vh.dtype())?.matmul(&vh)?;
+    Ok(a.transpose(1, 2)?.reshape((b, t, inner))?)
+}
+
+#[derive(Debug, Clone)]
+pub struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: AdaptedLinear,
+    ff_out: AdaptedLinear,
+}
+
+impl TransformerBlock {
+    fn load(
+        ld: &mut Loader,
+        p: &str,
+        dim: usize,
+        ctx_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            norm1: ld.layer_norm(&format!("{p}.norm1"), dim, LAYER_NORM_EPS)?,
+            attn1: Attention::load(ld, &format!("{p}.attn1"), dim, dim, heads, upcast)?,
+            norm2: ld.layer_norm(&format!("{p}.norm2"), dim, LAYER_NORM_EPS)?,
+            attn2: Attention::load(ld, &format!("{p}.attn2"), dim, ctx_dim, heads, upcast)?,
+            norm3: ld.layer_norm(&format!("{p}.norm3"), dim, LAYER_NORM_EPS)?,
+            ff_in: ld.adapted(&format!("{p}.ff.net.0.proj"), 2 * inner, dim, true)?,
+            ff_out: ld.adapted(&format!("{p}.ff.net.2"), dim, inner, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx))? + &x)?;
+        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let inner = h.dim(2)? / 2;
+        let gated = (h.narrow(2, 0, inner)? * crate::ops::gelu_erf(&h.narrow(2, inner, inner)?)?)?;
+        Ok((self.ff_out.forward(&gated)? + x)?)
+    }
+
+    fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        self.attn1.linears(out);
+        self.attn2.linears(out);
+        out.extend([&self.ff_in, &self.ff_out]);
+    }
+
+    fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        self.attn1.linears_mut(out);
+        self.attn2.linears_mut(out);
+        out.extend([&mut self.ff_in, &mut self.ff_out]);
+    }
+}
+
+/// The projections into and out of the transformer: linear layers adapters can go on, or
+/// 1×1 convolutions (frozen, applied as the linear map they are on each position).
+#[derive(Debug, Clone)]
+enum Projection {
+    Linear(AdaptedLinear),
+    Conv(FrozenLinear),
+}
+
+impl Projection {
+    fn load(ld: &mut Loader, p: &str, d_out: usize, d_in: usize, linear: bool) -> Result<Self> {
+        Ok(if linear {
+            Projection::Linear(ld.adapted(p, d_out, d_in, true)?)
+        } else {
+            Projection::Conv(ld.pointwise_conv(p, d_out, d_in)?)
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Projection::Linear(l) => l.forward(x),
+            Projection::Conv(c) => Ok(c.forward(x)?),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Transformer2d {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+/// A transformer's shape: channels, context width, heads, blocks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TransformerShape {
+    pub channels: usize,
+    pub ctx_dim: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+impl Transformer2d {
+    pub(crate) fn load(ld: &mut Loader, p: &str, s: TransformerShape) -> Result<Self> {
+        let c = s.channels;
+        let groups = ld.cfg_groups;
+        Ok(Self {
+            norm: ld.group_norm(&format!("{p}.norm"), c, groups, GROUP_NORM_EPS)?,
+            proj_in: Projection::load(ld, &format!("{p}.proj_in"), c, c, s.linear_projection)?,
+            blocks: (0..s.layers)
+                .map(|i| {
+                    let bp = format!("{p}.transformer_blocks.{i}");
+                    TransformerBlock::load(ld, &bp, c, s.ctx_dim, s.heads, s.upcast)
+                })
+                .collect::<Result<_>>()?,
+            proj_out: Projection::load(ld, &format!("{p}.proj_out"), c, c, s.linear_projection)?,
+        })
+    }
+
+    /// `x` (b, c, h, w), `ctx` (b, s, ctx_dim) → (b, c, h, w).
+    pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let mut t = self.proj_in.forward(&t)?;
+        for block in &self.blocks {
+            t = block.forward(&t, ctx)?;
+        }
+        let t = self.proj_out.forward(&t)?;
+        let y = t.transpose(1, 2)?.reshape((b, c, h, w))?;
+        Ok((y + x)?)
+    }
+
+    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        if let Projection::Linear(l) = &self.proj_in {
+            out.push(l);
+        }
+        for b in &self.blocks {
+            b.linears(out);
+        }
+        if let Projection::Linear(l) = &self.proj_out {
+            out.push(l);
+        }
+    }
+
+    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        if let Projection::Linear(l) = &mut self.proj_in {
+            out.push(l);
+        }
+        for b in &mut self.blocks {
+            b.linears_mut(out);
+        }
+        if let Projection::Linear(l) = &mut self.proj_out {
+            out.push(l);
+        }
+    }
+}

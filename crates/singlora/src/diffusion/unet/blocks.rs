@@ -1,0 +1,243 @@
+//! The U-Net's stages: down blocks, the mid block, up blocks.
+//!
+//! - Down block i (`CrossAttnDownBlock2D` / `DownBlock2D`): n resnets, each followed by a
+//!   transformer in the cross-attention kind; every resnet's output is kept as a skip, and
+//!   all but the last block end in a 3×3 stride-2 conv (`downsamplers.0.conv`, padding 1)
+//!   whose output is a skip too.
+//! - Mid block (`UNetMidBlock2DCrossAttn`): resnet, transformer, resnet.
+//! - Up block i (`CrossAttnUpBlock2D` / `UpBlock2D`): n + 1 resnets, each on its input
+//!   concatenated (channels) with the latest skip, each followed by a transformer in the
+//!   cross-attention kind; all but the last block end in a nearest-neighbour ×2 upsampling and
+//!   a 3×3 conv (`upsamplers.0.conv`).
+
+use candle_core::Tensor;
+
+use super::attention::{Transformer2d, TransformerShape};
+use super::conv::Conv2d;
+use super::load::Loader;
+use super::resnet::ResnetBlock;
+use crate::adapter::AdaptedLinear;
+use crate::error::Result;
+
+/// Resnets, each optionally followed by a transformer.
+#[derive(Debug, Clone)]
+struct Layers {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2d>,
+}
+
+impl Layers {
+    /// Resnet `i` then, in a cross-attention block, transformer `i`.
+    fn step(&self, i: usize, h: &Tensor, emb_act: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let h = self.resnets[i].forward(h, emb_act)?;
+        match self.attentions.get(i) {
+            Some(a) => a.forward(&h, ctx),
+            None => Ok(h),
+        }
+    }
+
+    fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        for a in &self.attentions {
+            a.linears(out);
+        }
+    }
+
+    fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        for a in &mut self.attentions {
+            a.linears_mut(out);
+        }
+    }
+}
+
+/// Transformers `{p}.attentions.{i}` for i < n when `shape` is given.
+fn transformers(
+    ld: &mut Loader,
+    p: &str,
+    n: usize,
+    shape: Option<TransformerShape>,
+) -> Result<Vec<Transformer2d>> {
+    match shape {
+        Some(s) => (0..n)
+            .map(|i| Transformer2d::load(ld, &format!("{p}.attentions.{i}"), s))
+            .collect(),
+        None => Ok(vec![]),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DownBlock {
+    layers: Layers,
+    downsample: Option<Conv2d>,
+}
+
+impl DownBlock {
+    /// `attn`: the transformers' shape in a cross-attention block.
+    pub(crate) fn load(
+        ld: &mut Loader,
+        p: &str,
+        (c_in, c_out, temb): (usize, usize, usize),
+        n: usize,
+        attn: Option<TransformerShape>,
+        downsample: bool,
+    ) -> Result<Self> {
+        let resnets = (0..n)
+            .map(|i| {
+                let c = if i == 0 { c_in } else { c_out };
+                ResnetBlock::load(ld, &format!("{p}.resnets.{i}"), c, c_out, temb)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers: Layers {
+                resnets,
+                attentions: transformers(ld, p, n, attn)?,
+            },
+            downsample: if downsample {
+                Some(ld.conv(&format!("{p}.downsamplers.0.conv"), c_out, c_out, 3, 2, 1)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Pushes each skip on `skips`; returns the block's output.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        emb_act: &Tensor,
+        ctx: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for i in 0..self.layers.resnets.len() {
+            h = self.layers.step(i, &h, emb_act, ctx)?;
+            skips.push(h.clone());
+        }
+        if let Some(d) = &self.downsample {
+            h = d.forward(&h)?;
+            skips.push(h.clone());
+        }
+        Ok(h)
+    }
+
+    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        self.layers.linears(out)
+    }
+
+    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        self.layers.linears_mut(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MidBlock {
+    layers: Layers,
+}
+
+impl MidBlock {
+    pub(crate) fn load(
+        ld: &mut Loader,
+        p: &str,
+        c: usize,
+        temb: usize,
+        attn: TransformerShape,
+    ) -> Result<Self> {
+        let resnets = (0..2)
+            .map(|i| ResnetBlock::load(ld, &format!("{p}.resnets.{i}"), c, c, temb))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers: Layers {
+                resnets,
+                attentions: transformers(ld, p, 1, Some(attn))?,
+            },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, emb_act: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let h = self.layers.step(0, x, emb_act, ctx)?;
+        self.layers.resnets[1].forward(&h, emb_act)
+    }
+
+    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        self.layers.linears(out)
+    }
+
+    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        self.layers.linears_mut(out)
+    }
+}
+
+/// An up block's channels: its output, the previous block's output (its input), and the
+/// skips' channels, last-taken first.
+pub(crate) struct UpChannels {
+    pub c_out: usize,
+    pub c_prev: usize,
+    pub skips: Vec<usize>,
+    pub temb: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpBlock {
+    layers: Layers,
+    upsample: Option<Conv2d>,
+}
+
+impl UpBlock {
+    pub(crate) fn load(
+        ld: &mut Loader,
+        p: &str,
+        ch: &UpChannels,
+        attn: Option<TransformerShape>,
+        upsample: bool,
+    ) -> Result<Self> {
+        let n = ch.skips.len();
+        let resnets = (0..n)
+            .map(|i| {
+                let c_in = if i == 0 { ch.c_prev } else { ch.c_out };
+                let name = format!("{p}.resnets.{i}");
+                ResnetBlock::load(ld, &name, c_in + ch.skips[i], ch.c_out, ch.temb)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers: Layers {
+                resnets,
+                attentions: transformers(ld, p, n, attn)?,
+            },
+            upsample: if upsample {
+                Some(ld.conv(&format!("{p}.upsamplers.0.conv"), ch.c_out, ch.c_out, 3, 1, 1)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Takes one skip from `skips` per resnet (the latest first).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        emb_act: &Tensor,
+        ctx: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut h = x.clone();
+        for i in 0..self.layers.resnets.len() {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| crate::error::Error::msg("U-Net: an up block ran out of skips"))?;
+            h = Tensor::cat(&[&h, &skip], 1)?;
+            h = self.layers.step(i, &h, emb_act, ctx)?;
+        }
+        if let Some(u) = &self.upsample {
+            let (_, _, hh, ww) = h.dims4()?;
+            h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+        }
+        Ok(h)
+    }
+
+    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+        self.layers.linears(out)
+    }
+
+    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+        self.layers.linears_mut(out)
+    }
+}

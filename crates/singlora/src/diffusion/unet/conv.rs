@@ -1,0 +1,196 @@
+//! A frozen 2-D convolution, `y = W ⋆ x + b`, whose backward computes the input gradient only.
+//!
+//! candle's `conv2d` backward also computes `∂L/∂W` (one more convolution of the forward's
+//! size) whether or not anything asks for it. Here the forward runs on a detached input and
+//! one op ties the result back to `x` with the input gradient alone:
+//!
+//! - stride 1: `∂L/∂x = W̃ ⋆ g` with padding k−1−p, W̃ the kernel with its two channel axes
+//!   swapped and its taps reversed (a plain convolution, the fast path on every device);
+//! - stride s: the transposed convolution of g, trimmed to x's size where x's side is odd.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use singlora::diffusion::unet::conv::Conv2d;
+//! let w = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+//! let conv = Conv2d::new(w, None, 1, 1);
+//! let x = Var::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?;
+//! let y = conv.forward(&x)?; // each output sums the 2×2 input
+//! assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![4.0; 4]);
+//! let g = y.sum_all()?.backward()?;
+//! assert_eq!(g.get(&x).unwrap().flatten_all()?.to_vec1::<f32>()?, vec![4.0; 4]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// (c_out, c_in, k, k)
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// `W ⋆ x` (no bias) differentiable in `x` only.
+pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let y = x.detach().conv2d(w, padding, stride, 1, 1)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let op = InputGrad {
+        w: w.clone(),
+        padding,
+        stride,
+    };
+    Ok(x.apply_op2(&y, op)?)
+}
+
+/// Passes the convolution's output `y` through and, in backward, gives `x` its gradient.
+struct InputGrad {
+    w: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+/// A copy of `y`, which the forward just made contiguous and whole.
+fn pass_through<S: BackendStorage>(y: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("frozen conv2d: the convolution's output is not a whole tensor");
+    }
+    Ok((y.try_clone(l)?, l.shape().clone()))
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        pass_through(y, ly)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &CudaStorage,
+        _lx: &Layout,
+        y: &CudaStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        pass_through(y, ly)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = self.w.dims4()?;
+        let g = g.contiguous()?;
+        let dx = if self.stride == 1 && kh == kw && self.padding < kh {
+            g.conv2d(&flipped(&self.w)?, kh - 1 - self.padding, 1, 1, 1)?
+        } else {
+            // the largest output padding either side needs; the surplus row or column (an odd
+            // side) lies past x's edge and is cut off
+            let out = |n: usize, k: usize| (n - 1) * self.stride + k - 2 * self.padding;
+            let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+            let pad = (h.saturating_sub(out(gh, kh))).max(w.saturating_sub(out(gw, kw)));
+            g.conv_transpose2d(&self.w, self.padding, pad, self.stride, 1)?
+                .narrow(2, 0, h)?
+                .narrow(3, 0, w)?
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+/// W (c_out, c_in, k, k) → (c_in, c_out, k, k) with the taps reversed along both axes.
+fn flipped(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let w = w.transpose(0, 1)?;
+    if kh == 1 && kw == 1 {
+        return w.contiguous();
+    }
+    let rev = |k: usize| {
+        Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())
+            .and_then(|t| t.to_dtype(DType::U32))
+    };
+    w.index_select(&rev(kh)?, 2)?
+        .index_select(&rev(kw)?, 3)?
+        .contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Against finite differences (exact here: the loss is linear in x), for each stride,
+    /// padding and kernel the U-Net has, with odd and even sides.
+    #[test]
+    fn input_gradient_is_exact() {
+        let dev = Device::Cpu;
+        for (k, stride, padding) in [(3, 1, 1), (1, 1, 0), (3, 2, 1)] {
+            for (h, w) in [(4, 4), (5, 3), (3, 4)] {
+                let x = Var::randn(0f64, 1., (1, 2, h, w), &dev).unwrap();
+                let wt = Tensor::randn(0f64, 1., (3, 2, k, k), &dev).unwrap();
+                let y = frozen_conv2d(&x, &wt, padding, stride).unwrap();
+                let y_ref = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+                let g = Tensor::randn(0f64, 1., y_ref.dims(), &dev).unwrap();
+                let loss = |x: &Tensor| -> f64 {
+                    let y = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+                    (y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap()
+                };
+                let fwd = (&y - &y_ref).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(fwd.to_scalar::<f64>().unwrap() < 1e-12);
+                let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = grads.get(&x).unwrap().flatten_all().unwrap();
+                let dx = dx.to_vec1::<f64>().unwrap();
+                let x0 = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                for i in 0..x0.len() {
+                    let at = |d: f64| {
+                        let mut v = x0.clone();
+                        v[i] += d;
+                        loss(&Tensor::from_vec(v, x.dims(), &dev).unwrap())
+                    };
+                    let fd = (at(0.5) - at(-0.5)) / 1.0;
+                    assert!(
+                        (fd - dx[i]).abs() < 1e-10,
+                        "k {k} stride {stride} {h}×{w} entry {i}: {} vs {fd}",
+                        dx[i]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The Stable Diffusion U-Net against diffusers itself (tiny random models that
+//! `scripts/make_unet_fixture.py` built and ran), its adapter gradients against finite
+//! differences, and its refusals of configs and checkpoints it cannot run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use singlora::adapter::inject::inject;
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::target::TargetSpec;
+use singlora::adapter::{AdapterKind, AdapterSpec};
+use singlora::checkpoint::{Checkpoint, TensorFile};
+use singlora::diffusion::unet::{AddedCond, UNet, UNetConfig};
+use singlora::model::weights::Weights;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The fixture's inputs and diffusers' output, in `dtype`.
+fn io(name: &str, dtype: DType) -> BTreeMap<String, Tensor> {
+    let f = TensorFile::open(&fixture(name).join("io.safetensors")).unwrap();
+    f.load_all(&Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect()
+}
+
+fn added(io: &BTreeMap<String, Tensor>) -> Option<AddedCond> {
+    Some(AddedCond {
+        text_embeds: io.get("text_embeds")?.clone(),
+        time_ids: io.get("time_ids")?.clone(),
+    })
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Max |ours − diffusers'| relative to max |diffusers'|.
+fn error_against_diffusers(name: &str) -> f64 {
+    let io = io(name, DType::F32);
+    let unet = UNet::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let out = unet
+        .forward(&io["sample"], &io["timesteps"], &io["context"], added(&io).as_ref())
+        .unwrap();
+    assert_eq!(out.dims(), io["out"].dims());
+    let err = max_abs(&(&out - &io["out"]).unwrap()) / max_abs(&io["out"]);
+    eprintln!("{name}: max error relative to diffusers' output {err:.2e}");
+    err
+}
+
+#[test]
+fn sd_matches_diffusers() {
+    let err = error_against_diffusers("unet-tiny");
+    assert!(err < 1e-5, "unet-tiny differs from diffusers by {err:.2e}");
+}
+
+#[test]
+fn sdxl_matches_diffusers() {
+    let err = error_against_diffusers("unet-tiny-xl");
+    assert!(err < 1e-5, "unet-tiny-xl differs from diffusers by {err:.2e}");
+}
+
+#[test]
+fn attention_layers_are_adaptable_by_diffusers_name() {
+    let unet = UNet::load(&fixture("unet-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let names: Vec<&str> = unet.linears().iter().map(|l| l.name()).collect();
+    // two transformers of one block each (down 0, mid, up 1 has two resnets: two more),
+    // six linear layers a block, 1×1-conv projections (not adaptable)
+    assert_eq!(names.len(), 4 * 10);
+    let k = unet
+        .linears()
+        .into_iter()
+        .find(|l| l.name() == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+        .expect("cross-attention key projection");
+    assert_eq!(k.dims(), (16, 24));
+    assert!(names.contains(&"unet.up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2"));
+    let xl = UNet::load(&fixture("unet-tiny-xl"), DType::F32, &Device::Cpu).unwrap();
+    let names: Vec<&str> = xl.linears().iter().map(|l| l.name()).collect();
+    assert!(names.contains(&"unet.mid_block.attentions.0.proj_in"));
+    assert!(names.contains(&"unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"));
+    assert!(xl.num_params() > 90_000);
+}
+
+/// loss = mean((U(x) − target)²) with adapters on to_q, to_k, to_v and to_out.0, in f64: the
+/// autograd gradients of a spread of adapter entries against central differences.
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let io = io("unet-tiny", DType::F64);
+    for kind in [AdapterKind::Lora, AdapterKind::SingLora] {
+        let mut unet = UNet::load(&fixture("unet-tiny"), DType::F64, &dev).unwrap();
+        let mut spec = AdapterSpec::new(kind, 2, 4.0);
+        spec.dtype = DType::F64;
+        let clock = RampClock::new(RampSchedule::new(4), 1);
+        clock.set_training(true);
+        let targets = TargetSpec::parse("to_q,to_k,to_v,to_out.0", None).unwrap();
+        let chosen = inject(unet.linears_mut(), &[], &spec, &targets, &clock).unwrap();
+        assert_eq!(chosen.len(), 4 * 8);
+        // LoRA's B starts at zero: move every factor off its init so each path carries signal
+        let vars: Vec<Var> = unet
+            .linears()
+            .iter()
+            .filter_map(|l| l.adapter())
+            .flat_map(|a| a.params().into_iter().map(|p| p.var))
+            .collect();
+        for (i, v) in vars.iter().enumerate() {
+            let mut rng = singlora::rng::rng_for(i as u64, "noise");
+            let noise = singlora::rng::normal(&mut rng, 0.1, v.dims2().unwrap(), DType::F64, &dev).unwrap();
+            v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+        }
+        let target = Tensor::randn(0f64, 1.0, io["out"].dims(), &dev).unwrap();
+        let loss = |unet: &UNet| {
+            let y = unet
+                .forward(&io["sample"], &io["timesteps"], &io["context"], None)
+                .unwrap();
+            (y - &target).unwrap().sqr().unwrap().mean_all().unwrap()
+        };
+        let grads = loss(&unet).backward().unwrap();
+        let mut worst = 0f64;
+        // the first layer's (self-attention q), a cross-attention k in the middle, the last
+        // layer's (an up block's output projection)
+        for vi in [0, vars.len() / 2 + 1, vars.len() - 1] {
+            let var = &vars[vi];
+            let analytic = grads.get(var.as_tensor()).expect("an adapter gradient");
+            let analytic = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let orig = var.as_tensor().copy().unwrap();
+            let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for j in (0..flat.len()).step_by((flat.len() / 4).max(1)) {
+                let at = |d: f64| {
+                    let mut f = flat.clone();
+                    f[j] += d;
+                    var.set(&Tensor::from_vec(f, orig.dims(), &dev).unwrap())
+                        .unwrap();
+                    let l = loss(&unet).to_scalar::<f64>().unwrap();
+                    var.set(&orig).unwrap();
+                    l
+                };
+                let eps = 1e-5;
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                let err = (numeric - analytic[j]).abs() / (1e-6 + numeric.abs());
+                worst = worst.max(err);
+                assert!(
+                    err < 1e-5,
+                    "{kind:?} var {vi} entry {j}: autograd {} vs finite differences {numeric}",
+                    analytic[j]
+                );
+            }
+        }
+        eprintln!("{kind:?}: worst relative gradient error {worst:.2e}");
+    }
+}
+
+/// A copy of the fixture folder with config.json changed by `edit`.
+fn with_config(edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("unet-tiny");
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        tmp.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(src.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut cfg);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    tmp
+}
+
+#[test]
+fn refuses_configs_it_cannot_run() {
+    let cases: [(&str, fn(&mut serde_json::Value)); 4] = [
+        ("down_block_types", |c| {
+            c["down_block_types"] = serde_json::json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"])
+        }),
+        ("block_out_channels", |c| {
+            c.as_object_mut().unwrap().remove("block_out_channels");
+        }),
+        ("class_embed_type", |c| {
+            c["class_embed_type"] = serde_json::json!("timestep")
+        }),
+        ("attention_type", |c| {
+            c["attention_type"] = serde_json::json!("gated")
+        }),
+    ];
+    for (field, edit) in cases {
+        let dir = with_config(edit);
+        let e = UNet::load(dir.path(), DType::F32, &Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains(&format!("`{field}`")),
+            "{field}: {e}"
+        );
+    }
+}
+
+#[test]
+fn refuses_missing_and_surplus_tensors() {
+    let dir = fixture("unet-tiny");
+    let cfg = UNetConfig::read(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let all: BTreeMap<String, Tensor> = ckpt
+        .names()
+        .map(|n| (n.to_string(), ckpt.load(n, &Device::Cpu).unwrap()))
+        .collect();
+    let gone = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+    let mut missing = all.clone();
+    missing.remove(gone).unwrap();
+    let w = Weights::Memory(dir.join("diffusion_pytorch_model.safetensors"), missing);
+    let e = UNet::from_weights(&w, cfg.clone(), DType::F32, &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains(gone), "{e}");
+
+    let extra = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.bias";
+    let mut surplus = all;
+    surplus.insert(extra.into(), Tensor::zeros(24, DType::F32, &Device::Cpu).unwrap());
+    let w = Weights::Memory(dir.join("diffusion_pytorch_model.safetensors"), surplus);
+    let e = UNet::from_weights(&w, cfg, DType::F32, &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains(extra), "{e}");
+}
+
+#[test]
+fn sdxl_needs_its_added_conditioning() {
+    let io = io("unet-tiny-xl", DType::F32);
+    let unet = UNet::load(&fixture("unet-tiny-xl"), DType::F32, &Device::Cpu).unwrap();
+    let e = unet
+        .forward(&io["sample"], &io["timesteps"], &io["context"], None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("text_time"), "{e}");
+    let sd = UNet::load(&fixture("unet-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let sd_io = self::io("unet-tiny", DType::F32);
+    let e = sd
+        .forward(
+            &sd_io["sample"],
+            &sd_io["timesteps"],
+            &sd_io["context"],
+            added(&io).as_ref(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("text_time"), "{e}");
+}
