@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use singlora::diffusion::schedule::{guide, sampler, NoiseSchedule, PredictionType, SamplerKind};
+use singlora::diffusion::text::{ClipTokenizer, TextEncoder};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_parts")
@@ -206,4 +207,49 @@ fn unknown_beta_schedule_names_the_file_and_field() {
         .to_string();
     assert!(err.contains("use_karras_sigmas"), "{err}");
     assert!(sampler(SamplerKind::Ddim, &s, 1001).is_err());
+}
+
+#[test]
+fn clip_tokenizers_match_transformers() {
+    let json = expected_json();
+    let prompts: Vec<&str> = json["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    // tokenizer/: vocab.json + merges.txt, pads with <|endoftext|>; tokenizer_2/: tokenizer.json,
+    // pads with "!"
+    for (folder, key) in [
+        ("tokenizer", "tokenizer_ids"),
+        ("tokenizer_2", "tokenizer_2_ids"),
+    ] {
+        let tok = ClipTokenizer::load(&fixture().join(folder)).unwrap();
+        let want: Vec<Vec<u32>> = serde_json::from_value(json[key].clone()).unwrap();
+        let got = tok.encode(&prompts).unwrap();
+        for ((p, g), w) in prompts.iter().zip(&got).zip(&want) {
+            assert_eq!(g.len(), 77);
+            assert_eq!(g, w, "{folder}: {p:?}");
+        }
+    }
+}
+
+#[test]
+fn clip_text_encoders_match_transformers() {
+    let exp = expected_tensors();
+    for name in ["text_encoder", "text_encoder_2"] {
+        let enc = TextEncoder::load(&fixture().join(name), DType::F32, &Device::Cpu).unwrap();
+        let ids = exp[&format!("{name}.ids")].to_dtype(DType::U32).unwrap();
+        let out = enc.encode(&ids).unwrap();
+        let errs = [
+            scaled_err(&out.last_hidden, &exp[&format!("{name}.last_hidden")]),
+            scaled_err(&out.penultimate, &exp[&format!("{name}.penultimate")]),
+            scaled_err(&out.pooled, &exp[&format!("{name}.pooled")]),
+        ];
+        eprintln!(
+            "{name}: max error last_hidden {:.2e}, penultimate {:.2e}, pooled {:.2e}",
+            errs[0], errs[1], errs[2]
+        );
+        assert!(errs.iter().all(|&e| e < 1e-5), "{name}: {errs:?}");
+    }
 }

@@ -7,3 +7,4 @@
 //! (`text_encoder_2/` for SDXL), `tokenizer/` (`tokenizer_2/`), `scheduler/`.
 
 pub mod schedule;
+pub mod text;
