@@ -8,3 +8,4 @@
 
 pub mod schedule;
 pub mod text;
+pub mod vae;
