@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use singlora::diffusion::schedule::{guide, sampler, NoiseSchedule, PredictionType, SamplerKind};
 use singlora::diffusion::text::{ClipTokenizer, TextEncoder};
+use singlora::diffusion::vae::Vae;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_parts")
@@ -252,4 +253,123 @@ fn clip_text_encoders_match_transformers() {
         );
         assert!(errs.iter().all(|&e| e < 1e-5), "{name}: {errs:?}");
     }
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    let exp = expected_tensors();
+    let vae = Vae::load(&fixture().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let scale = vae.config().scaling_factor;
+    assert_eq!(scale, 0.13025);
+    let latents = vae.encode(&exp["vae.images"], None).unwrap();
+    let e_mean = scaled_err(&latents, &exp["vae.latents"]);
+    // a draw: mean + σ·n with n from the caller's generator
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut twin = rng.clone();
+    let drawn = vae.encode(&exp["vae.images"], Some(&mut rng)).unwrap();
+    let n: Vec<f32> = (0..latents.elem_count())
+        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut twin))
+        .collect();
+    let n = Tensor::from_vec(n, latents.shape(), &Device::Cpu).unwrap();
+    let want = (&exp["vae.latents"] + (exp["vae.std"].mul(&n).unwrap() * scale).unwrap()).unwrap();
+    let e_sample = scaled_err(&drawn, &want);
+    let decoded = vae.decode(&exp["vae.decode_in"]).unwrap();
+    let e_decode = scaled_err(&decoded, &exp["vae.decoded"]);
+    eprintln!("vae: max error encode mean {e_mean:.2e}, encode sample {e_sample:.2e}, decode {e_decode:.2e}");
+    assert!(e_mean < 1e-5 && e_sample < 1e-5 && e_decode < 1e-5);
+}
+
+/// A copy of fixture folder `name` whose tensors `edit` changed.
+fn edited_copy(
+    name: &str,
+    edit: impl Fn(&mut std::collections::BTreeMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let src = fixture().join(name);
+    let dir = tempfile::tempdir().unwrap();
+    let file = ["model.safetensors", "diffusion_pytorch_model.safetensors"]
+        .into_iter()
+        .find(|f| src.join(f).exists())
+        .unwrap();
+    let mut tensors: std::collections::BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(src.join(file), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    edit(&mut tensors);
+    singlora::checkpoint::write_safetensors(&dir.path().join(file), &tensors, None).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    dir
+}
+
+#[test]
+fn vae_reads_the_old_attention_names() {
+    let exp = expected_tensors();
+    let renamed = edited_copy("vae", |t| {
+        for (new, old) in [
+            ("to_q", "query"),
+            ("to_k", "key"),
+            ("to_v", "value"),
+            ("to_out.0", "proj_attn"),
+        ] {
+            for part in ["encoder", "decoder"] {
+                for p in ["weight", "bias"] {
+                    let from = format!("{part}.mid_block.attentions.0.{new}.{p}");
+                    let v = t.remove(&from).unwrap();
+                    t.insert(format!("{part}.mid_block.attentions.0.{old}.{p}"), v);
+                }
+            }
+        }
+    });
+    let vae = Vae::load(renamed.path(), DType::F32, &Device::Cpu).unwrap();
+    let latents = vae.encode(&exp["vae.images"], None).unwrap();
+    assert!(scaled_err(&latents, &exp["vae.latents"]) < 1e-5);
+}
+
+#[test]
+fn missing_or_extra_tensors_are_named() {
+    let gone = "decoder.up_blocks.0.resnets.1.conv1.weight";
+    let dir = edited_copy("vae", |t| {
+        t.remove(gone);
+    });
+    let err = Vae::load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(gone), "{err}");
+
+    let gone = "text_model.encoder.layers.2.mlp.fc2.bias";
+    let dir = edited_copy("text_encoder_2", |t| {
+        t.remove(gone);
+    });
+    let err = TextEncoder::load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(gone), "{err}");
+
+    let extra = "text_model.encoder.layers.3.mlp.fc2.bias";
+    let dir = edited_copy("text_encoder_2", |t| {
+        let v = t["text_model.encoder.layers.2.mlp.fc2.bias"].clone();
+        t.insert(extra.into(), v);
+    });
+    let err = TextEncoder::load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(extra), "{err}");
+
+    let dir = edited_copy("vae", |_| {});
+    let config = dir.path().join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["latents_mean"] = serde_json::json!([0.1, 0.2, 0.3, 0.4]);
+    std::fs::write(&config, v.to_string()).unwrap();
+    let err = Vae::load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("latents_mean"),
+        "{err}"
+    );
 }

@@ -8,4 +8,12 @@
 
 pub mod schedule;
 pub mod text;
+pub mod config;
+pub mod files;
+pub mod images;
+pub mod pipeline;
+pub mod schedule;
+pub mod text;
+pub mod train;
 pub mod unet;
+pub mod vae;
