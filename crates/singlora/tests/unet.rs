@@ -123,7 +123,12 @@ fn adapter_gradients_match_finite_differences() {
             let noise = singlora::rng::normal(&mut rng, 0.1, v.dims2().unwrap(), DType::F64, &dev).unwrap();
             v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
         }
-        let target = Tensor::randn(0f64, 1.0, io["out"].dims(), &dev).unwrap();
+        let n = io["out"].elem_count();
+        let mut rng = singlora::rng::rng_for(0, "target");
+        let target = singlora::rng::normal(&mut rng, 1.0, (n, 1), DType::F64, &dev)
+            .unwrap()
+            .reshape(io["out"].dims())
+            .unwrap();
         let loss = |unet: &UNet| {
             let y = unet
                 .forward(&io["sample"], &io["timesteps"], &io["context"], None)
@@ -150,7 +155,8 @@ fn adapter_gradients_match_finite_differences() {
                     var.set(&orig).unwrap();
                     l
                 };
-                let eps = 1e-5;
+                // f64 rounding of the loss, not truncation, limits the agreement at smaller steps
+                let eps = 1e-4;
                 let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
                 let err = (numeric - analytic[j]).abs() / (1e-6 + numeric.abs());
                 worst = worst.max(err);
