@@ -268,3 +268,22 @@ fn sdxl_needs_its_added_conditioning() {
         .to_string();
     assert!(e.contains("text_time"), "{e}");
 }
+
+/// Half-precision weights (f16 here: candle's CPU matmul has no bf16, the GPU's dtype): the
+/// half-precision paths (norms and softmax widened to f32, `upcast_attention`'s f32 scores)
+/// stay near diffusers' f32 output.
+#[test]
+fn half_precision_stays_near_diffusers() {
+    for name in ["unet-tiny", "unet-tiny-xl"] {
+        let io = io(name, DType::F32);
+        let unet = UNet::load(&fixture(name), DType::F16, &Device::Cpu).unwrap();
+        let out = unet
+            .forward(&io["sample"], &io["timesteps"], &io["context"], added(&io).as_ref())
+            .unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        let out = out.to_dtype(DType::F32).unwrap();
+        let err = max_abs(&(&out - &io["out"]).unwrap()) / max_abs(&io["out"]);
+        eprintln!("{name} in f16: max error relative to diffusers' f32 output {err:.2e}");
+        assert!(err < 1e-2, "{name} in f16 differs by {err:.2e}");
+    }
+}
