@@ -55,7 +55,12 @@ fn error_against_diffusers(name: &str) -> f64 {
     let io = io(name, DType::F32);
     let unet = UNet::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
     let out = unet
-        .forward(&io["sample"], &io["timesteps"], &io["context"], added(&io).as_ref())
+        .forward(
+            &io["sample"],
+            &io["timesteps"],
+            &io["context"],
+            added(&io).as_ref(),
+        )
         .unwrap();
     assert_eq!(out.dims(), io["out"].dims());
     let err = max_abs(&(&out - &io["out"]).unwrap()) / max_abs(&io["out"]);
@@ -72,7 +77,10 @@ fn sd_matches_diffusers() {
 #[test]
 fn sdxl_matches_diffusers() {
     let err = error_against_diffusers("unet-tiny-xl");
-    assert!(err < 1e-5, "unet-tiny-xl differs from diffusers by {err:.2e}");
+    assert!(
+        err < 1e-5,
+        "unet-tiny-xl differs from diffusers by {err:.2e}"
+    );
 }
 
 #[test]
@@ -120,7 +128,8 @@ fn adapter_gradients_match_finite_differences() {
             .collect();
         for (i, v) in vars.iter().enumerate() {
             let mut rng = singlora::rng::rng_for(i as u64, "noise");
-            let noise = singlora::rng::normal(&mut rng, 0.1, v.dims2().unwrap(), DType::F64, &dev).unwrap();
+            let noise =
+                singlora::rng::normal(&mut rng, 0.1, v.dims2().unwrap(), DType::F64, &dev).unwrap();
             v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
         }
         let n = io["out"].elem_count();
@@ -171,6 +180,9 @@ fn adapter_gradients_match_finite_differences() {
     }
 }
 
+/// A change to a config.json.
+type Edit = fn(&mut serde_json::Value);
+
 /// A copy of the fixture folder with config.json changed by `edit`.
 fn with_config(edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
@@ -189,7 +201,7 @@ fn with_config(edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
 
 #[test]
 fn refuses_configs_it_cannot_run() {
-    let cases: [(&str, fn(&mut serde_json::Value)); 4] = [
+    let cases: [(&str, Edit); 4] = [
         ("down_block_types", |c| {
             c["down_block_types"] = serde_json::json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"])
         }),
@@ -237,7 +249,10 @@ fn refuses_missing_and_surplus_tensors() {
 
     let extra = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.bias";
     let mut surplus = all;
-    surplus.insert(extra.into(), Tensor::zeros(24, DType::F32, &Device::Cpu).unwrap());
+    surplus.insert(
+        extra.into(),
+        Tensor::zeros(24, DType::F32, &Device::Cpu).unwrap(),
+    );
     let w = Weights::Memory(dir.join("diffusion_pytorch_model.safetensors"), surplus);
     let e = UNet::from_weights(&w, cfg, DType::F32, &Device::Cpu)
         .err()
@@ -278,7 +293,12 @@ fn half_precision_stays_near_diffusers() {
         let io = io(name, DType::F32);
         let unet = UNet::load(&fixture(name), DType::F16, &Device::Cpu).unwrap();
         let out = unet
-            .forward(&io["sample"], &io["timesteps"], &io["context"], added(&io).as_ref())
+            .forward(
+                &io["sample"],
+                &io["timesteps"],
+                &io["context"],
+                added(&io).as_ref(),
+            )
             .unwrap();
         assert_eq!(out.dtype(), DType::F16);
         let out = out.to_dtype(DType::F32).unwrap();

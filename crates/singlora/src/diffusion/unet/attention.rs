@@ -63,7 +63,8 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(kv)?;
         let v = self.to_v.forward(kv)?;
-        self.to_out.forward(&attend(&q, &k, &v, self.heads, self.upcast)?)
+        self.to_out
+            .forward(&attend(&q, &k, &v, self.heads, self.upcast)?)
     }
 
     fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {

@@ -203,7 +203,14 @@ impl UpBlock {
                 attentions: transformers(ld, p, n, attn)?,
             },
             upsample: if upsample {
-                Some(ld.conv(&format!("{p}.upsamplers.0.conv"), ch.c_out, ch.c_out, 3, 1, 1)?)
+                Some(ld.conv(
+                    &format!("{p}.upsamplers.0.conv"),
+                    ch.c_out,
+                    ch.c_out,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             },

@@ -94,7 +94,8 @@ impl UNetConfig {
         if n == 0 {
             return Err(Error::bad_field(r.path, "block_out_channels", "is empty"));
         }
-        let down_blocks = block_kinds(r, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let down_blocks =
+            block_kinds(r, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
         let up_blocks = block_kinds(r, "up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
         for (field, len) in [
             ("down_block_types", down_blocks.len()),
@@ -292,7 +293,11 @@ fn usize_list(r: &ConfigReader, field: &str) -> Result<Vec<usize>> {
         .get(field)
         .ok_or_else(|| Error::bad_field(r.path, field, "is required but missing"))?;
     let items = v.as_array().ok_or_else(|| {
-        Error::bad_field(r.path, field, format!("must be a list of integers, found {v}"))
+        Error::bad_field(
+            r.path,
+            field,
+            format!("must be a list of integers, found {v}"),
+        )
     })?;
     items
         .iter()
@@ -331,17 +336,16 @@ fn int_or_list(
     }
 }
 
-fn block_kinds(
-    r: &ConfigReader,
-    field: &str,
-    cross: &str,
-    plain: &str,
-) -> Result<Vec<BlockKind>> {
+fn block_kinds(r: &ConfigReader, field: &str, cross: &str, plain: &str) -> Result<Vec<BlockKind>> {
     let v = r
         .get(field)
         .ok_or_else(|| Error::bad_field(r.path, field, "is required but missing"))?;
     let items = v.as_array().ok_or_else(|| {
-        Error::bad_field(r.path, field, format!("must be a list of block types, found {v}"))
+        Error::bad_field(
+            r.path,
+            field,
+            format!("must be a list of block types, found {v}"),
+        )
     })?;
     items
         .iter()
@@ -393,7 +397,10 @@ mod tests {
             ("attention_type", json!("gated")),
             ("act_fn", json!("gelu")),
             ("addition_embed_type", json!("text")),
-            ("down_block_types", json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"])),
+            (
+                "down_block_types",
+                json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+            ),
         ] {
             let mut v = sd();
             v[field] = value;
