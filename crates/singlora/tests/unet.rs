@@ -50,10 +50,10 @@ fn max_abs(t: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// Max |ours − diffusers'| relative to max |diffusers'|.
-fn error_against_diffusers(name: &str) -> f64 {
+/// Max |ours − diffusers'| relative to max |diffusers'|, our weights in `dtype`.
+fn error_against_diffusers(name: &str, dtype: DType) -> f64 {
     let io = io(name, DType::F32);
-    let unet = UNet::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let unet = UNet::load(&fixture(name), dtype, &Device::Cpu).unwrap();
     let out = unet
         .forward(
             &io["sample"],
@@ -63,20 +63,22 @@ fn error_against_diffusers(name: &str) -> f64 {
         )
         .unwrap();
     assert_eq!(out.dims(), io["out"].dims());
+    assert_eq!(out.dtype(), dtype);
+    let out = out.to_dtype(DType::F32).unwrap();
     let err = max_abs(&(&out - &io["out"]).unwrap()) / max_abs(&io["out"]);
-    eprintln!("{name}: max error relative to diffusers' output {err:.2e}");
+    eprintln!("{name} in {dtype:?}: max error relative to diffusers' f32 output {err:.2e}");
     err
 }
 
 #[test]
 fn sd_matches_diffusers() {
-    let err = error_against_diffusers("unet-tiny");
+    let err = error_against_diffusers("unet-tiny", DType::F32);
     assert!(err < 1e-5, "unet-tiny differs from diffusers by {err:.2e}");
 }
 
 #[test]
 fn sdxl_matches_diffusers() {
-    let err = error_against_diffusers("unet-tiny-xl");
+    let err = error_against_diffusers("unet-tiny-xl", DType::F32);
     assert!(
         err < 1e-5,
         "unet-tiny-xl differs from diffusers by {err:.2e}"
@@ -290,20 +292,7 @@ fn sdxl_needs_its_added_conditioning() {
 #[test]
 fn half_precision_stays_near_diffusers() {
     for name in ["unet-tiny", "unet-tiny-xl"] {
-        let io = io(name, DType::F32);
-        let unet = UNet::load(&fixture(name), DType::F16, &Device::Cpu).unwrap();
-        let out = unet
-            .forward(
-                &io["sample"],
-                &io["timesteps"],
-                &io["context"],
-                added(&io).as_ref(),
-            )
-            .unwrap();
-        assert_eq!(out.dtype(), DType::F16);
-        let out = out.to_dtype(DType::F32).unwrap();
-        let err = max_abs(&(&out - &io["out"]).unwrap()) / max_abs(&io["out"]);
-        eprintln!("{name} in f16: max error relative to diffusers' f32 output {err:.2e}");
+        let err = error_against_diffusers(name, DType::F16);
         assert!(err < 1e-2, "{name} in f16 differs by {err:.2e}");
     }
 }

@@ -288,25 +288,29 @@ fn refuse_unsupported(r: &ConfigReader) -> Result<()> {
     Ok(())
 }
 
-fn usize_list(r: &ConfigReader, field: &str) -> Result<Vec<usize>> {
+/// The list `field`, which must be there; `what` its items, for the error.
+fn required_list<'a>(r: &'a ConfigReader, field: &str, what: &str) -> Result<&'a Vec<Value>> {
     let v = r
         .get(field)
         .ok_or_else(|| Error::bad_field(r.path, field, "is required but missing"))?;
-    let items = v.as_array().ok_or_else(|| {
+    v.as_array().ok_or_else(|| {
         Error::bad_field(
             r.path,
             field,
-            format!("must be a list of integers, found {v}"),
+            format!("must be a list of {what}, found {v}"),
         )
-    })?;
-    items
+    })
+}
+
+fn usize_list(r: &ConfigReader, field: &str) -> Result<Vec<usize>> {
+    required_list(r, field, "non-negative integers")?
         .iter()
         .map(|x| {
             x.as_u64().map(|x| x as usize).ok_or_else(|| {
                 Error::bad_field(
                     r.path,
                     field,
-                    format!("must be a list of non-negative integers, found {v}"),
+                    format!("must be a list of non-negative integers, found {x} in it"),
                 )
             })
         })
@@ -337,17 +341,7 @@ fn int_or_list(
 }
 
 fn block_kinds(r: &ConfigReader, field: &str, cross: &str, plain: &str) -> Result<Vec<BlockKind>> {
-    let v = r
-        .get(field)
-        .ok_or_else(|| Error::bad_field(r.path, field, "is required but missing"))?;
-    let items = v.as_array().ok_or_else(|| {
-        Error::bad_field(
-            r.path,
-            field,
-            format!("must be a list of block types, found {v}"),
-        )
-    })?;
-    items
+    required_list(r, field, "block types")?
         .iter()
         .map(|t| match t.as_str() {
             Some(s) if s == cross => Ok(BlockKind::CrossAttn),

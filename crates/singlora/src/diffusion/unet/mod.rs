@@ -327,24 +327,24 @@ impl UNet {
     /// The adaptable linear layers, in model order.
     pub fn linears(&self) -> Vec<&AdaptedLinear> {
         let mut v = vec![];
-        for d in &self.down {
-            d.linears(&mut v);
-        }
-        self.mid.linears(&mut v);
-        for u in &self.up {
-            u.linears(&mut v);
+        let layers = self.down.iter().map(|d| &d.layers);
+        let layers = layers
+            .chain([&self.mid.layers])
+            .chain(self.up.iter().map(|u| &u.layers));
+        for l in layers {
+            l.linears(&mut v);
         }
         v
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
         let mut v = vec![];
-        for d in &mut self.down {
-            d.linears_mut(&mut v);
-        }
-        self.mid.linears_mut(&mut v);
-        for u in &mut self.up {
-            u.linears_mut(&mut v);
+        let layers = self.down.iter_mut().map(|d| &mut d.layers);
+        let layers = layers
+            .chain([&mut self.mid.layers])
+            .chain(self.up.iter_mut().map(|u| &mut u.layers));
+        for l in layers {
+            l.linears_mut(&mut v);
         }
         v
     }
