@@ -39,21 +39,17 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn load(
-        ld: &mut Loader,
-        p: &str,
-        dim: usize,
-        ctx_dim: usize,
-        heads: usize,
-        upcast: bool,
-    ) -> Result<Self> {
+    /// Keys and values from `kv_dim`-wide inputs: the block's own (self-attention) or the
+    /// context's (cross-attention).
+    fn load(ld: &mut Loader, p: &str, s: &TransformerShape, kv_dim: usize) -> Result<Self> {
+        let dim = s.channels;
         Ok(Self {
             to_q: ld.adapted(&format!("{p}.to_q"), dim, dim, false)?,
-            to_k: ld.adapted(&format!("{p}.to_k"), dim, ctx_dim, false)?,
-            to_v: ld.adapted(&format!("{p}.to_v"), dim, ctx_dim, false)?,
+            to_k: ld.adapted(&format!("{p}.to_k"), dim, kv_dim, false)?,
+            to_v: ld.adapted(&format!("{p}.to_v"), dim, kv_dim, false)?,
             to_out: ld.adapted(&format!("{p}.to_out.0"), dim, dim, true)?,
-            heads,
-            upcast,
+            heads: s.heads,
+            upcast: s.upcast,
         })
     }
 
@@ -63,7 +59,8 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(kv)?;
         let v = self.to_v.forward(kv)?;
-        self.to_out.forward(&attend(&q, &k, &v, self.heads, self.upcast)?)
+        self.to_out
+            .forward(&attend(&q, &k, &v, self.heads, self.upcast)?)
     }
 
     fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
@@ -118,20 +115,14 @@ pub struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(
-        ld: &mut Loader,
-        p: &str,
-        dim: usize,
-        ctx_dim: usize,
-        heads: usize,
-        upcast: bool,
-    ) -> Result<Self> {
+    fn load(ld: &mut Loader, p: &str, s: &TransformerShape) -> Result<Self> {
+        let dim = s.channels;
         let inner = 4 * dim;
         Ok(Self {
             norm1: ld.layer_norm(&format!("{p}.norm1"), dim, LAYER_NORM_EPS)?,
-            attn1: Attention::load(ld, &format!("{p}.attn1"), dim, dim, heads, upcast)?,
+            attn1: Attention::load(ld, &format!("{p}.attn1"), s, dim)?,
             norm2: ld.layer_norm(&format!("{p}.norm2"), dim, LAYER_NORM_EPS)?,
-            attn2: Attention::load(ld, &format!("{p}.attn2"), dim, ctx_dim, heads, upcast)?,
+            attn2: Attention::load(ld, &format!("{p}.attn2"), s, s.ctx_dim)?,
             norm3: ld.layer_norm(&format!("{p}.norm3"), dim, LAYER_NORM_EPS)?,
             ff_in: ld.adapted(&format!("{p}.ff.net.0.proj"), 2 * inner, dim, true)?,
             ff_out: ld.adapted(&format!("{p}.ff.net.2"), dim, inner, true)?,
@@ -214,7 +205,7 @@ impl Transformer2d {
             blocks: (0..s.layers)
                 .map(|i| {
                     let bp = format!("{p}.transformer_blocks.{i}");
-                    TransformerBlock::load(ld, &bp, c, s.ctx_dim, s.heads, s.upcast)
+                    TransformerBlock::load(ld, &bp, &s)
                 })
                 .collect::<Result<_>>()?,
             proj_out: Projection::load(ld, &format!("{p}.proj_out"), c, c, s.linear_projection)?,

@@ -21,7 +21,7 @@ use crate::error::Result;
 
 /// Resnets, each optionally followed by a transformer.
 #[derive(Debug, Clone)]
-struct Layers {
+pub(crate) struct Layers {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2d>,
 }
@@ -36,13 +36,14 @@ impl Layers {
         }
     }
 
-    fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+    /// The transformers' adaptable linear layers.
+    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
         for a in &self.attentions {
             a.linears(out);
         }
     }
 
-    fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
         for a in &mut self.attentions {
             a.linears_mut(out);
         }
@@ -66,7 +67,7 @@ fn transformers(
 
 #[derive(Debug, Clone)]
 pub struct DownBlock {
-    layers: Layers,
+    pub(crate) layers: Layers,
     downsample: Option<Conv2d>,
 }
 
@@ -91,11 +92,9 @@ impl DownBlock {
                 resnets,
                 attentions: transformers(ld, p, n, attn)?,
             },
-            downsample: if downsample {
-                Some(ld.conv(&format!("{p}.downsamplers.0.conv"), c_out, c_out, 3, 2, 1)?)
-            } else {
-                None
-            },
+            downsample: downsample
+                .then(|| ld.conv(&format!("{p}.downsamplers.0.conv"), c_out, c_out, 3, 2, 1))
+                .transpose()?,
         })
     }
 
@@ -118,19 +117,11 @@ impl DownBlock {
         }
         Ok(h)
     }
-
-    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
-        self.layers.linears(out)
-    }
-
-    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
-        self.layers.linears_mut(out)
-    }
 }
 
 #[derive(Debug, Clone)]
 pub struct MidBlock {
-    layers: Layers,
+    pub(crate) layers: Layers,
 }
 
 impl MidBlock {
@@ -156,14 +147,6 @@ impl MidBlock {
         let h = self.layers.step(0, x, emb_act, ctx)?;
         self.layers.resnets[1].forward(&h, emb_act)
     }
-
-    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
-        self.layers.linears(out)
-    }
-
-    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
-        self.layers.linears_mut(out)
-    }
 }
 
 /// An up block's channels: its output, the previous block's output (its input), and the
@@ -177,7 +160,7 @@ pub(crate) struct UpChannels {
 
 #[derive(Debug, Clone)]
 pub struct UpBlock {
-    layers: Layers,
+    pub(crate) layers: Layers,
     upsample: Option<Conv2d>,
 }
 
@@ -202,11 +185,18 @@ impl UpBlock {
                 resnets,
                 attentions: transformers(ld, p, n, attn)?,
             },
-            upsample: if upsample {
-                Some(ld.conv(&format!("{p}.upsamplers.0.conv"), ch.c_out, ch.c_out, 3, 1, 1)?)
-            } else {
-                None
-            },
+            upsample: upsample
+                .then(|| {
+                    ld.conv(
+                        &format!("{p}.upsamplers.0.conv"),
+                        ch.c_out,
+                        ch.c_out,
+                        3,
+                        1,
+                        1,
+                    )
+                })
+                .transpose()?,
         })
     }
 
@@ -231,13 +221,5 @@ impl UpBlock {
             h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
         }
         Ok(h)
-    }
-
-    pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
-        self.layers.linears(out)
-    }
-
-    pub(crate) fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
-        self.layers.linears_mut(out)
     }
 }

@@ -94,7 +94,8 @@ impl UNetConfig {
         if n == 0 {
             return Err(Error::bad_field(r.path, "block_out_channels", "is empty"));
         }
-        let down_blocks = block_kinds(r, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let down_blocks =
+            block_kinds(r, "down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
         let up_blocks = block_kinds(r, "up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
         for (field, len) in [
             ("down_block_types", down_blocks.len()),
@@ -287,21 +288,29 @@ fn refuse_unsupported(r: &ConfigReader) -> Result<()> {
     Ok(())
 }
 
-fn usize_list(r: &ConfigReader, field: &str) -> Result<Vec<usize>> {
+/// The list `field`, which must be there; `what` its items, for the error.
+fn required_list<'a>(r: &'a ConfigReader, field: &str, what: &str) -> Result<&'a Vec<Value>> {
     let v = r
         .get(field)
         .ok_or_else(|| Error::bad_field(r.path, field, "is required but missing"))?;
-    let items = v.as_array().ok_or_else(|| {
-        Error::bad_field(r.path, field, format!("must be a list of integers, found {v}"))
-    })?;
-    items
+    v.as_array().ok_or_else(|| {
+        Error::bad_field(
+            r.path,
+            field,
+            format!("must be a list of {what}, found {v}"),
+        )
+    })
+}
+
+fn usize_list(r: &ConfigReader, field: &str) -> Result<Vec<usize>> {
+    required_list(r, field, "non-negative integers")?
         .iter()
         .map(|x| {
             x.as_u64().map(|x| x as usize).ok_or_else(|| {
                 Error::bad_field(
                     r.path,
                     field,
-                    format!("must be a list of non-negative integers, found {v}"),
+                    format!("must be a list of non-negative integers, found {x} in it"),
                 )
             })
         })
@@ -331,19 +340,8 @@ fn int_or_list(
     }
 }
 
-fn block_kinds(
-    r: &ConfigReader,
-    field: &str,
-    cross: &str,
-    plain: &str,
-) -> Result<Vec<BlockKind>> {
-    let v = r
-        .get(field)
-        .ok_or_else(|| Error::bad_field(r.path, field, "is required but missing"))?;
-    let items = v.as_array().ok_or_else(|| {
-        Error::bad_field(r.path, field, format!("must be a list of block types, found {v}"))
-    })?;
-    items
+fn block_kinds(r: &ConfigReader, field: &str, cross: &str, plain: &str) -> Result<Vec<BlockKind>> {
+    required_list(r, field, "block types")?
         .iter()
         .map(|t| match t.as_str() {
             Some(s) if s == cross => Ok(BlockKind::CrossAttn),
@@ -393,7 +391,10 @@ mod tests {
             ("attention_type", json!("gated")),
             ("act_fn", json!("gelu")),
             ("addition_embed_type", json!("text")),
-            ("down_block_types", json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"])),
+            (
+                "down_block_types",
+                json!(["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+            ),
         ] {
             let mut v = sd();
             v[field] = value;

@@ -137,17 +137,15 @@ impl CustomOp2 for InputGrad {
 /// W (c_out, c_in, k, k) → (c_in, c_out, k, k) with the taps reversed along both axes.
 fn flipped(w: &Tensor) -> candle_core::Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    let w = w.transpose(0, 1)?;
+    let w = w.transpose(0, 1)?.contiguous()?;
     if kh == 1 && kw == 1 {
-        return w.contiguous();
+        return Ok(w);
     }
     let rev = |k: usize| {
         Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())
             .and_then(|t| t.to_dtype(DType::U32))
     };
-    w.index_select(&rev(kh)?, 2)?
-        .index_select(&rev(kw)?, 3)?
-        .contiguous()
+    w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)
 }
 
 #[cfg(test)]

@@ -105,7 +105,13 @@ impl<'a> Loader<'a> {
     }
 
     /// A linear layer adapters can go on, named [`NAME_PREFIX`] + `p`.
-    pub fn adapted(&mut self, p: &str, d_out: usize, d_in: usize, bias: bool) -> Result<AdaptedLinear> {
+    pub fn adapted(
+        &mut self,
+        p: &str,
+        d_out: usize,
+        d_in: usize,
+        bias: bool,
+    ) -> Result<AdaptedLinear> {
         let weight = self.tensor(&format!("{p}.weight"), &[d_out, d_in])?;
         let bias = if bias {
             Some(self.tensor(&format!("{p}.bias"), &[d_out])?)

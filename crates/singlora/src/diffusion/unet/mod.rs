@@ -94,7 +94,12 @@ impl UNet {
         Self::from_weights(&w, cfg, dtype, device)
     }
 
-    pub fn from_weights(w: &Weights, cfg: UNetConfig, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_weights(
+        w: &Weights,
+        cfg: UNetConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let mut ld = Loader::new(w, dtype, device, cfg.norm_num_groups, cfg.norm_eps);
         let ch = &cfg.block_out_channels;
         let (c0, temb) = (ch[0], cfg.time_embed_dim());
@@ -143,7 +148,14 @@ impl UNet {
             let layers = cfg.layers_per_block[i];
             let last = i + 1 == n;
             let p = format!("down_blocks.{i}");
-            down.push(DownBlock::load(&mut ld, &p, (c_in, ch[i], temb), layers, attn, !last)?);
+            down.push(DownBlock::load(
+                &mut ld,
+                &p,
+                (c_in, ch[i], temb),
+                layers,
+                attn,
+                !last,
+            )?);
             skips.extend(std::iter::repeat_n(ch[i], layers + usize::from(!last)));
         }
         let mid = MidBlock::load(
@@ -272,14 +284,24 @@ impl UNet {
             )));
         }
         let ids = a.time_ids.to_device(&self.device)?.flatten_all()?;
-        let time = tt.sinusoid.forward(&ids)?.reshape((b, 6 * tt.cfg.time_embed_dim))?;
-        let text = a.text_embeds.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let time = tt
+            .sinusoid
+            .forward(&ids)?
+            .reshape((b, 6 * tt.cfg.time_embed_dim))?;
+        let text = a
+            .text_embeds
+            .to_device(&self.device)?
+            .to_dtype(DType::F32)?;
         let input = Tensor::cat(&[&text, &time], 1)?.to_dtype(self.dtype)?;
         tt.mlp.forward(&input)
     }
 
     /// (b, c, h, w) of a sample that fits the model and its context.
-    fn check_inputs(&self, sample: &Tensor, context: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    fn check_inputs(
+        &self,
+        sample: &Tensor,
+        context: &Tensor,
+    ) -> Result<(usize, usize, usize, usize)> {
         let (b, c, h, w) = sample.dims4()?;
         let step = 1 << self.cfg.num_downsamplers();
         if c != self.cfg.in_channels || h % step != 0 || w % step != 0 || h == 0 || w == 0 {
@@ -305,24 +327,24 @@ impl UNet {
     /// The adaptable linear layers, in model order.
     pub fn linears(&self) -> Vec<&AdaptedLinear> {
         let mut v = vec![];
-        for d in &self.down {
-            d.linears(&mut v);
-        }
-        self.mid.linears(&mut v);
-        for u in &self.up {
-            u.linears(&mut v);
+        let layers = self.down.iter().map(|d| &d.layers);
+        let layers = layers
+            .chain([&self.mid.layers])
+            .chain(self.up.iter().map(|u| &u.layers));
+        for l in layers {
+            l.linears(&mut v);
         }
         v
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
         let mut v = vec![];
-        for d in &mut self.down {
-            d.linears_mut(&mut v);
-        }
-        self.mid.linears_mut(&mut v);
-        for u in &mut self.up {
-            u.linears_mut(&mut v);
+        let layers = self.down.iter_mut().map(|d| &mut d.layers);
+        let layers = layers
+            .chain([&mut self.mid.layers])
+            .chain(self.up.iter_mut().map(|u| &mut u.layers));
+        for l in layers {
+            l.linears_mut(&mut v);
         }
         v
     }
