@@ -8,6 +8,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use singlora::merge::{HeadPlacement, HEAD_FILE, HEAD_INFO};
 
 mod demo;
+mod diffusion_cmd;
 mod example;
 mod process;
 mod train_cmd;
@@ -34,7 +35,11 @@ enum Command {
     Predict(train_cmd::PredictArgs),
     /// Fetch all-MiniLM-L6-v2 and Rotten Tomatoes once, then fine-tune SingLoRA on them.
     Demo(demo::DemoArgs),
-    /// Merge an adapter into its base checkpoint and write a plain Hugging Face checkpoint.
+    /// DreamBooth: fine-tune a Stable Diffusion U-Net on a folder of subject images.
+    TrainDiffusion(Box<diffusion_cmd::TrainDiffusionArgs>),
+    /// Generate images with a Stable Diffusion model (and a train-diffusion adapter).
+    Generate(Box<diffusion_cmd::GenerateArgs>),
+    /// Merge an adapter into its base checkpoint (or diffusers folder) and write a plain copy.
     Merge {
         /// The base checkpoint directory (config.json + *.safetensors).
         #[arg(long)]
@@ -52,12 +57,18 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
-    /// Rewrite a SingLoRA adapter as a plain rank-r PEFT LoRA adapter (B = s·u·A_out, A = A_inᵀ).
+    /// Rewrite an adapter as a plain rank-r LoRA (SingLoRA: B = s·u·A_out, A = A_inᵀ): a PEFT
+    /// directory, or for a Stable Diffusion U-Net the file diffusers or ComfyUI/A1111 loads.
     ExportLora {
         #[arg(long)]
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// peft (adapter_config.json + adapter_model.safetensors, SingLoRA adapters),
+        /// diffusers (pytorch_lora_weights.safetensors, for pipe.load_lora_weights) or kohya
+        /// (lora_kohya.safetensors, for ComfyUI and A1111).
+        #[arg(long, default_value = "peft")]
+        format: singlora::diffusion::files::ExportFormat,
         /// A base checkpoint, needed only when the adapter does not record its layer shapes.
         #[arg(long)]
         base: Option<PathBuf>,
@@ -103,6 +114,8 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
         Command::Eval(args) => train_cmd::eval(args, &given)?,
         Command::Predict(args) => train_cmd::predict(args)?,
         Command::Demo(args) => demo::run(args)?,
+        Command::TrainDiffusion(args) => diffusion_cmd::train_diffusion(*args, &given)?,
+        Command::Generate(args) => diffusion_cmd::generate(*args)?,
         Command::Merge {
             base,
             adapter,
@@ -123,8 +136,24 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
         Command::ExportLora {
             adapter,
             out,
+            format,
+            base: _,
+            overwrite,
+        } if format != singlora::diffusion::files::ExportFormat::Peft => {
+            let (file, cleaned) =
+                singlora::diffusion::files::export(&adapter, &out, format, overwrite)?;
+            print_cleaned(&cleaned);
+            println!(
+                "wrote {} : plain LoRA in the {format} layout, scale folded into B (alpha = r)",
+                file.display()
+            );
+        }
+        Command::ExportLora {
+            adapter,
+            out,
             base,
             overwrite,
+            ..
         } => {
             let (lora, cleaned) =
                 singlora::adapter::export::export_lora(&adapter, &out, base.as_deref(), overwrite)?;

@@ -210,13 +210,13 @@ fn report(summary: &TrainSummary) -> Result<()> {
 /// Stop requests from signals: Ctrl-C (SIGINT) or SIGTERM (what schedulers and `docker stop`
 /// send) asks a run to stop at the next update with a checkpoint; the same signal again ends
 /// the process at once. Installed once per process.
-struct Signals {
+pub(crate) struct Signals {
     int: Arc<AtomicBool>,
     term: Arc<AtomicBool>,
 }
 
 impl Signals {
-    fn get() -> Result<&'static Signals> {
+    pub(crate) fn get() -> Result<&'static Signals> {
         static SIGNALS: std::sync::OnceLock<std::result::Result<Signals, String>> =
             std::sync::OnceLock::new();
         SIGNALS
@@ -226,7 +226,7 @@ impl Signals {
     }
 
     /// Forgets earlier signals (a run starts).
-    fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.int.store(false, Ordering::SeqCst);
         self.term.store(false, Ordering::SeqCst);
     }
@@ -245,7 +245,7 @@ impl Signals {
     }
 
     /// The shell's exit code for the signal that stopped a run: 130 (SIGINT) or 143 (SIGTERM).
-    fn exit_code(&self) -> Option<i32> {
+    pub(crate) fn exit_code(&self) -> Option<i32> {
         if self.int.load(Ordering::SeqCst) {
             Some(130)
         } else if self.term.load(Ordering::SeqCst) {

@@ -2,7 +2,7 @@
 //! shuffle comes from a ChaCha stream keyed by (seed, name), so a run is reproducible from its
 //! seed whatever order things are built in.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -24,11 +24,12 @@ pub fn rng_for(seed: u64, name: &str) -> ChaCha8Rng {
 pub fn uniform(
     rng: &mut impl Rng,
     bound: f64,
-    shape: (usize, usize),
+    shape: impl Into<Shape>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let data: Vec<f32> = (0..shape.0 * shape.1)
+    let shape = shape.into();
+    let data: Vec<f32> = (0..shape.elem_count())
         .map(|_| rng.random_range(-bound..bound) as f32)
         .collect();
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
@@ -38,12 +39,13 @@ pub fn uniform(
 pub fn normal(
     rng: &mut impl Rng,
     std: f64,
-    shape: (usize, usize),
+    shape: impl Into<Shape>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    let shape = shape.into();
     let dist = Normal::new(0.0, std).map_err(|e| Error::msg(format!("bad std {std}: {e}")))?;
-    let data: Vec<f32> = (0..shape.0 * shape.1)
+    let data: Vec<f32> = (0..shape.elem_count())
         .map(|_| dist.sample(rng) as f32)
         .collect();
     Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)

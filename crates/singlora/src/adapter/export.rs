@@ -15,6 +15,68 @@ use crate::adapter::AdapterKind;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
+/// One layer as plain LoRA factors with every scale folded into B, so ΔW = B·A exactly
+/// (α = r for a consumer): SingLoRA's B = s·u·A_out, A = A_inᵀ; LoRA's B = s·B. DoRA's
+/// magnitude rides along unchanged (its direction is W0 + B·A either way).
+#[derive(Debug, Clone)]
+pub struct PlainLora {
+    /// r × d_in, f32.
+    pub a: Tensor,
+    /// d_out × r, f32.
+    pub b: Tensor,
+    /// DoRA's m (d_out), f32.
+    pub magnitude: Option<Tensor>,
+}
+
+/// [`PlainLora`] of `module`. `base` supplies the layer shape when a SingLoRA file does not
+/// record it (adapters written by other tools).
+pub fn plain_lora_layer(
+    af: &AdapterFile,
+    module: &str,
+    base: Option<&Checkpoint>,
+) -> Result<PlainLora> {
+    let tensors = af
+        .layers
+        .get(module)
+        .ok_or_else(|| Error::msg(format!("the adapter has no layer `{module}`")))?;
+    let s = af.config.scale_for(module);
+    let f32c = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+    if af.config.kind != AdapterKind::SingLora {
+        let a = tensors["lora_A.weight"].to_dtype(DType::F64)?;
+        let b = (tensors["lora_B.weight"].to_dtype(DType::F64)? * s)?;
+        let magnitude = tensors
+            .get("lora_magnitude_vector")
+            .or_else(|| tensors.get("lora_magnitude_vector.weight"))
+            .map(|m| f32c(m.clone()))
+            .transpose()?;
+        return Ok(PlainLora {
+            a: f32c(a)?,
+            b: f32c(b)?,
+            magnitude,
+        });
+    }
+    let (d_out, d_in) = af.layer_shape(module, base)?.ok_or_else(|| {
+        Error::msg(format!(
+            "the adapter does not record the shape of `{module}` (no `layer_shapes` in its config); pass --base"
+        ))
+    })?;
+    let a = &tensors["singlora_A.weight"];
+    let (n, _) = a.dims2()?;
+    if n != d_out.max(d_in) {
+        return Err(Error::bad_tensor(
+            format!("base_model.model.{module}.singlora_A.weight"),
+            format!("has {n} rows but the layer is {d_out} × {d_in}"),
+        ));
+    }
+    let a = a.to_dtype(DType::F64)?;
+    let c = s * af.config.u();
+    Ok(PlainLora {
+        a: f32c(a.narrow(0, 0, d_in)?.t()?)?,
+        b: f32c((a.narrow(0, 0, d_out)? * c)?)?,
+        magnitude: None,
+    })
+}
+
 /// The LoRA image of a SingLoRA adapter file. `base` supplies layer shapes when the file does
 /// not record them (adapters written by other tools).
 pub fn to_lora(af: &AdapterFile, base: Option<&Checkpoint>) -> Result<AdapterFile> {
@@ -24,36 +86,12 @@ pub fn to_lora(af: &AdapterFile, base: Option<&Checkpoint>) -> Result<AdapterFil
             af.config.kind
         )));
     }
-    let u = af.config.u();
     let mut layers = BTreeMap::new();
-    for (module, tensors) in &af.layers {
-        let (d_out, d_in) = af.layer_shape(module, base)?.ok_or_else(|| {
-            Error::msg(format!(
-                "the adapter does not record the shape of `{module}` (no `layer_shapes` in its config); pass --base"
-            ))
-        })?;
-        let a = &tensors["singlora_A.weight"];
-        let (n, r) = a.dims2()?;
-        if n != d_out.max(d_in) {
-            return Err(Error::bad_tensor(
-                format!("base_model.model.{module}.singlora_A.weight"),
-                format!("has {n} rows but the layer is {d_out} × {d_in}"),
-            ));
-        }
-        let a = a.to_dtype(DType::F64)?;
-        let c = af.config.scale_for(module) * u;
-        let lora_b = (a.narrow(0, 0, d_out)? * c)?;
-        let lora_a = a.narrow(0, 0, d_in)?.t()?;
+    for module in af.layers.keys() {
+        let p = plain_lora_layer(af, module, base)?;
         let mut out = BTreeMap::new();
-        out.insert(
-            "lora_A.weight".to_string(),
-            lora_a.to_dtype(DType::F32)?.contiguous()?,
-        );
-        out.insert(
-            "lora_B.weight".to_string(),
-            lora_b.to_dtype(DType::F32)?.contiguous()?,
-        );
-        debug_assert_eq!(r, af.config.rank_for(module));
+        out.insert("lora_A.weight".to_string(), p.a);
+        out.insert("lora_B.weight".to_string(), p.b);
         layers.insert(module.clone(), out);
     }
     let mut config = af.config.clone();

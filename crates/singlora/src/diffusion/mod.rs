@@ -6,8 +6,6 @@
 //! A model is a diffusers folder: `model_index.json`, `unet/`, `vae/`, `text_encoder/`
 //! (`text_encoder_2/` for SDXL), `tokenizer/` (`tokenizer_2/`), `scheduler/`.
 
-pub mod schedule;
-pub mod text;
 pub mod config;
 pub mod files;
 pub mod images;

@@ -477,6 +477,23 @@ impl Vae {
         Ok(((z - c.shift_factor)? * c.scaling_factor)?)
     }
 
+    /// The posterior N(μ, σ²) of each image in scaled latent units: ((μ − shift)·s, σ·s), so a
+    /// training step can draw x₀ = μ + σ·z from latents encoded once.
+    pub fn encode_moments(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let images = images.to_dtype(self.dtype)?;
+        let (mean, logvar) = self.encoder.forward(&images)?;
+        let c = &self.config;
+        Ok((
+            ((mean - c.shift_factor)? * c.scaling_factor)?,
+            ((logvar * 0.5)?.exp()? * c.scaling_factor)?,
+        ))
+    }
+
+    /// How many pixels one latent cell spans on each side: 2^(levels − 1).
+    pub fn downscale(&self) -> usize {
+        1 << (self.config.block_out_channels.len() - 1)
+    }
+
     /// Images in [−1, 1] (b, out_channels, 8·h, 8·w for SD's four levels) from scaled latents.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let c = &self.config;

@@ -19,11 +19,13 @@ use crate::adapter::check_finite;
 use crate::adapter::file::AdapterFile;
 use crate::atomic::StagedDir;
 use crate::checkpoint::{
-    float_dtype, write_safetensors, Checkpoint, TensorFile, INDEX_FILE, SINGLE_FILE,
+    float_dtype, write_safetensors, Checkpoint, TensorFile, DIFFUSERS_INDEX_FILE, INDEX_FILE,
+    SINGLE_FILE,
 };
 use crate::error::{Error, IoContext, Result};
 use crate::model::Family;
 
+pub mod diffusers;
 pub mod head;
 
 use head::BaseFacts;
@@ -293,6 +295,7 @@ fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_weights = name.ends_with(".safetensors")
             || name == INDEX_FILE
+            || name == DIFFUSERS_INDEX_FILE
             || name.ends_with(".bin")
             || name.ends_with(".gguf")
             || name.ends_with(".pt");
@@ -357,13 +360,16 @@ pub fn merge_checkpoint(
             .check_weight_layout(Some(Family::Llama), af.layers.keys().next())?;
         return merge_gguf(&gguf, (adapter, &af), out, opts);
     }
+    if diffusers::is_pipeline(base) {
+        return diffusers::merge_pipeline(base, adapter, out, opts);
+    }
     let ckpt = Checkpoint::open(base)?;
     let af = AdapterFile::read(adapter, &Device::Cpu)?;
     let family = Family::detect(ckpt.config(), ckpt.dir()).ok();
     af.config
         .check_weight_layout(family, af.layers.keys().next())?;
     let (staged, cleaned) = output_dir(base, adapter, out, opts)?;
-    let (mut merged, max_abs_change) = merged_weights_as(&ckpt, &af, opts.dtype)?;
+    let (merged, max_abs_change) = merged_weights_as(&ckpt, &af, opts.dtype)?;
 
     let tokenizer = crate::tokenize::load_tokenizer(base).ok();
     let facts = BaseFacts {
@@ -376,7 +382,7 @@ pub fn merge_checkpoint(
     };
     let (head, head_config) = place_head(&facts, &af, (&base.join("config.json"), adapter))?;
     // a head kept out of the checkpoint is written beside it, not into it
-    let mut heads: BTreeMap<String, Tensor> = match &head {
+    let heads: BTreeMap<String, Tensor> = match &head {
         Some(HeadPlacement::Separate { pooling, reason }) => {
             head::check_no_stale_head(ckpt.names(), &af.heads, reason)?;
             let labels = af.config.labels.as_deref().unwrap_or_default();
@@ -385,6 +391,32 @@ pub fn merge_checkpoint(
             BTreeMap::new()
         }
         _ => af.heads.clone(),
+    };
+    let config = head_config.unwrap_or_else(|| ckpt.config().clone());
+    let files = write_merged_checkpoint(&ckpt, staged.path(), merged, heads, opts, config)?;
+    staged.commit()?;
+    Ok(MergeReport {
+        files,
+        ..MergeReport::of(&af, max_abs_change, head, cleaned)
+    })
+}
+
+/// Writes `ckpt` into `dir` with the tensors of `merged` in place of the base's and `heads`
+/// (tensors the base may lack, which go into its last file), in the base's file names and
+/// sharding, cast to `opts.dtype` where given; then `config` as config.json and every other
+/// file of the base. Returns the weight files written.
+fn write_merged_checkpoint(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    mut merged: BTreeMap<String, Tensor>,
+    mut heads: BTreeMap<String, Tensor>,
+    opts: &MergeOptions,
+    config: Value,
+) -> Result<Vec<String>> {
+    let index_name = if ckpt.dir().join(DIFFUSERS_INDEX_FILE).exists() {
+        DIFFUSERS_INDEX_FILE
+    } else {
+        INDEX_FILE
     };
     let heads_written = !heads.is_empty();
     let mut index_map: BTreeMap<String, String> = BTreeMap::new();
@@ -429,17 +461,17 @@ pub fn merge_checkpoint(
             index_map.insert(name.clone(), fname.clone());
         }
         let meta: Option<HashMap<String, String>> = file.metadata().cloned();
-        write_safetensors(&staged.path().join(&fname), &tensors, meta.as_ref())?;
+        write_safetensors(&dir.join(&fname), &tensors, meta.as_ref())?;
         files.push(fname);
     }
-    copy_side_files(base, staged.path())?;
+    copy_side_files(ckpt.dir(), dir)?;
     if let Some(index) = ckpt.index() {
         let mut index = index.clone();
         index["weight_map"] = json!(index_map);
         if opts.dtype.is_some() || heads_written {
             let mut total = 0usize;
             for f in &files {
-                let tf = TensorFile::open(&staged.path().join(f))?;
+                let tf = TensorFile::open(&dir.join(f))?;
                 for n in tf.names() {
                     let m = tf.meta(n).unwrap();
                     total += m.shape.iter().product::<usize>() * m.dtype.bitsize() / 8;
@@ -447,20 +479,16 @@ pub fn merge_checkpoint(
             }
             index["metadata"]["total_size"] = json!(total);
         }
-        let p = staged.path().join(INDEX_FILE);
+        let p = dir.join(index_name);
         std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap()).at(&p)?;
     }
-    let mut config = head_config.unwrap_or_else(|| ckpt.config().clone());
+    let mut config = config;
     if let Some(dt) = opts.dtype {
         config["torch_dtype"] = json!(dtype_name(dt));
     }
-    let p = staged.path().join("config.json");
+    let p = dir.join("config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&config).unwrap()).at(&p)?;
-    staged.commit()?;
-    Ok(MergeReport {
-        files,
-        ..MergeReport::of(&af, max_abs_change, head, cleaned)
-    })
+    Ok(files)
 }
 
 /// Parses `f32`, `bf16`, `f16`.

@@ -30,6 +30,7 @@ pub use setup::{prepare_data, setup, Plan, PreparedData, Setup};
 use crate::error::{Error, Result};
 use crate::eval::EvalResult;
 use crate::ops::FastPath;
+pub(crate) use run::write_adapter_in_place;
 use run::{RankCtx, Start, Trainer};
 use rundir::RunDir;
 

@@ -504,7 +504,7 @@ fn write_run_json(s: &Setup, out: &Path, world: usize) -> Result<()> {
 }
 
 /// Writes the adapter files into `dir` (created if needed), each atomically.
-fn write_adapter_in_place(af: &AdapterFile, dir: &Path) -> Result<()> {
+pub(crate) fn write_adapter_in_place(af: &AdapterFile, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     let staged = StagedDir::new(&dir.join(".adapter"), true)?;
     af.write_into(staged.path())?;
