@@ -516,3 +516,83 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
 fn kernel_profile(_: &LlamaArgs, _: LlamaShape, _: &candle_core::Device) -> Result<()> {
     anyhow::bail!("--kernel-profile times the CUDA fast path: build with the `cuda` feature")
 }
+
+#[derive(Args, Debug)]
+pub struct UNetArgs {
+    /// A diffusers unet/ folder (bench/unet_step.py --write makes a random SD 1.5-shaped one).
+    #[arg(long)]
+    unet: PathBuf,
+    /// Comma-separated methods: singlora, lora, rslora, lora-plus, dora.
+    #[arg(long, default_value = "singlora,lora")]
+    methods: String,
+    /// Comma-separated batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    batch: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value = "to_q,to_k,to_v,to_out.0")]
+    targets: String,
+    /// Latent side (64 for 512-pixel images).
+    #[arg(long, default_value_t = 64)]
+    latent: usize,
+    /// Text context length.
+    #[arg(long, default_value_t = 77)]
+    context: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value = "cuda")]
+    device: DeviceSpec,
+    /// Print one JSON line per configuration.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn unet(a: UNetArgs) -> Result<()> {
+    let device = a.device.open()?;
+    if !a.json {
+        println!(
+            "{:<10} {:>5} {:>10} {:>10} {:>10} {:>12} {:>10}",
+            "method", "batch", "ms/step", "min ms", "img/s", "trainable", "peak GiB"
+        );
+    }
+    for m in a
+        .methods
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        let method: Method = m.parse()?;
+        for &b in &a.batch {
+            let r = singlora_lab::bench::unet::run(
+                &a.unet,
+                method,
+                a.rank,
+                &a.targets,
+                b,
+                (a.latent, a.context),
+                (a.warmup, a.steps),
+                &device,
+            )?;
+            if a.json {
+                let mut v = serde_json::to_value(&r)?;
+                v["impl"] = serde_json::json!("singlora");
+                println!("{v}");
+            } else {
+                println!(
+                    "{:<10} {:>5} {:>10.1} {:>10.1} {:>10.2} {:>12} {:>10}",
+                    r.method,
+                    r.batch,
+                    r.median_ms,
+                    r.min_ms,
+                    r.images_per_s,
+                    r.trainable_params,
+                    r.peak_memory_gib
+                        .map_or("-".to_string(), |g| format!("{g:.1}"))
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -37,6 +37,9 @@ enum Command {
     /// Data-parallel scaling: tokens/s of a LLaMA-shaped step on 1, 2, 4, … GPUs (NCCL).
     #[command(name = "bench-scaling")]
     BenchScaling(bench_cmd::ScalingArgs),
+    /// Time DreamBooth training steps of a Stable Diffusion U-Net (diffusers unet/ folder).
+    #[command(name = "bench-unet")]
+    BenchUnet(bench_cmd::UNetArgs),
     /// Where a LLaMA step's time goes, by op class (components timed alone at the model's shape).
     #[command(name = "bench-profile")]
     BenchProfile(bench_cmd::ProfileArgs),
@@ -67,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchStep(args) => bench_cmd::step(args),
         Command::BenchLlama(args) => bench_cmd::llama(args),
         Command::BenchProfile(args) => bench_cmd::profile(args),
+        Command::BenchUnet(args) => bench_cmd::unet(args),
         Command::BenchScaling(args) => bench_cmd::scaling(args),
         Command::GpuCheck { device, devices } => gpu_check::run(&device, devices.as_deref()),
         Command::ExampleAdapters { base, out } => example_adapters::run(&base, &out),

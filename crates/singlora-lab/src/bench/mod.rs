@@ -3,6 +3,7 @@
 
 pub mod llama;
 pub mod profile;
+pub mod unet;
 
 use std::time::Instant;
 

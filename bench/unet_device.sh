@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call for the Stable Diffusion side: the diffusers checks on the tiny pipelines,
+# then an SD 1.5-shaped U-Net DreamBooth step, singlora beside diffusers + PEFT (eager and
+# compiled), at batch 1 and 4. Needs .carry (scripts/build-cuda.sh) and .whl with diffusers and
+# peft (docs/diffusion.md says how). Logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PY=$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+F=crates/singlora/tests/fixtures
+echo "== DreamBooth on the tiny pipeline (GPU), merge, diffusers loads the files"
+rm -rf /tmp/sd && mkdir -p /tmp/sd/subject
+"$PY" - <<'PYEOF'
+import numpy as np
+from PIL import Image
+for k in range(3):
+    Image.fromarray((np.random.RandomState(k).rand(48, 40, 3) * 255).astype("uint8")).save(f"/tmp/sd/subject/{k}.png")
+PYEOF
+for m in singlora lora dora; do
+  .carry/run train-diffusion --model $F/sd-tiny --instance-images /tmp/sd/subject --instance-prompt "a photo of sks dog" \
+    --method $m --rank 4 --max-steps 20 --lr 3e-3 --sample-every 10 --sample-steps 3 --device cuda --out /tmp/sd/run-$m 2>&1 | tail -2
+  .carry/run merge --base $F/sd-tiny --adapter /tmp/sd/run-$m --out /tmp/sd/merged-$m --dtype f32 | tail -1
+  "$PY" scripts/check_diffusers.py --pipeline $F/sd-tiny --run /tmp/sd/run-$m --merged /tmp/sd/merged-$m 2>&1 | grep -E "^(ok|FAIL)|effect" | tee -a "$OUT/diffusers-check.txt"
+done
+cp /tmp/sd/run-singlora/samples/*.png "$OUT/" 2>/dev/null
+echo "== SD 1.5-shaped U-Net step"
+timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
+timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json 2>&1 | tee "$OUT/unet-singlora.jsonl"
+timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch 1,4 2>&1 | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
