@@ -250,7 +250,7 @@ fn fixed_loss(pipe: &Pipeline, images: &Path) -> f32 {
         .unwrap();
     for (i, f) in files.iter().enumerate() {
         let img = singlora::diffusion::images::load_square(f, 32).unwrap();
-        let (mean, _) = pipe.vae.encode_moments(&img.unsqueeze(0).unwrap()).unwrap();
+        let (mean, _) = pipe.latent_moments(&img.unsqueeze(0).unwrap()).unwrap();
         for (j, t) in [50usize, 200, 400, 600, 800, 950].iter().enumerate() {
             let mut rng = singlora::rng::rng_for((i * 10 + j) as u64, "fixed-loss");
             let eps = singlora::rng::normal(&mut rng, 1.0, mean.dims(), DType::F32, &Device::Cpu)
@@ -431,4 +431,60 @@ fn bad_inputs_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("broken.png"), "{e}");
+}
+
+/// A pixel-space pipeline (no VAE: `"vae": [null, null]`) made from the tiny one by cutting its
+/// U-Net's input and output convolutions to three channels: DreamBooth and sampling run on the
+/// images themselves.
+#[test]
+fn pixel_space_pipelines_train_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("pixel");
+    for d in ["unet", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(model.join(d)).unwrap();
+        for e in std::fs::read_dir(fixture("sd-tiny").join(d)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), model.join(d).join(e.file_name())).unwrap();
+        }
+    }
+    let mut index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("sd-tiny/model_index.json")).unwrap(),
+    )
+    .unwrap();
+    index["vae"] = serde_json::json!([null, null]);
+    std::fs::write(model.join("model_index.json"), index.to_string()).unwrap();
+    let unet_file = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut t = candle_core::safetensors::load(&unet_file, &Device::Cpu).unwrap();
+    for (k, dim) in [
+        ("conv_in.weight", 1),
+        ("conv_out.weight", 0),
+        ("conv_out.bias", 0),
+    ] {
+        let v = t[k].narrow(dim, 0, 3).unwrap().contiguous().unwrap();
+        t.insert(k.to_string(), v);
+    }
+    candle_core::safetensors::save(&t, &unet_file).unwrap();
+    let cfg_path = model.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["in_channels"] = serde_json::json!(3);
+    cfg["out_channels"] = serde_json::json!(3);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+    let pipe = Pipeline::load(&model, DType::F32, &Device::Cpu).unwrap();
+    assert!(pipe.vae.is_none());
+    assert_eq!(
+        pipe.default_size(),
+        16,
+        "sample_size 16, one pixel per cell"
+    );
+    let images = tmp.path().join("subject");
+    instance_images(&images, 2);
+    let mut c = config(&model, &images, "singlora");
+    c.max_steps = 2;
+    let out = tmp.path().join("run");
+    let s = train(c, &out, false, &QuietDiffusion).unwrap();
+    assert_eq!(s.steps, 2);
+    let grid = image::open(out.join("samples/step-000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (32, 16));
 }

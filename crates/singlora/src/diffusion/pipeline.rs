@@ -27,7 +27,9 @@ use crate::rng::{normal, rng_for};
 pub struct Pipeline {
     pub dir: PathBuf,
     pub unet: UNet,
-    pub vae: Vae,
+    /// None for a pixel-space model (`"vae": [null, null]` in model_index.json, or no vae/
+    /// folder): the U-Net then works on the images themselves.
+    pub vae: Option<Vae>,
     /// One CLIP encoder (SD 1.x/2.x) or two (SDXL), each with its tokenizer.
     pub encoders: Vec<(ClipTokenizer, TextEncoder)>,
     pub schedule: NoiseSchedule,
@@ -143,7 +145,15 @@ impl Pipeline {
                 },
             ));
         }
-        let vae = Vae::load(&dir.join("vae"), dtype, device)?;
+        let pixel_space = index
+            .get("vae")
+            .is_some_and(|v| v.as_array().is_some_and(|a| a.iter().all(Value::is_null)))
+            || (index.get("vae").is_none() && !dir.join("vae").exists());
+        let vae = if pixel_space {
+            None
+        } else {
+            Some(Vae::load(&dir.join("vae"), dtype, device)?)
+        };
         let schedule = NoiseSchedule::from_dir(&dir.join("scheduler"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -179,13 +189,50 @@ impl Pipeline {
         crate::adapter::inject::load(self.unet.linears_mut(), &af, &af.clock())
     }
 
+    /// Pixels per latent cell on each side (1 in pixel space).
+    pub fn downscale(&self) -> usize {
+        self.vae.as_ref().map_or(1, Vae::downscale)
+    }
+
+    /// The latent posterior N(μ, σ²) of (b, 3, s, s) images in [−1, 1]: the VAE's, or in
+    /// pixel space the images themselves (grey, the channel mean, for a one-channel U-Net)
+    /// with σ = 0.
+    pub fn latent_moments(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.vae {
+            Some(v) => v.encode_moments(images),
+            None => {
+                let x = match self.unet.cfg.in_channels {
+                    3 => images.clone(),
+                    1 => images.mean_keepdim(1)?,
+                    c => {
+                        return Err(Error::msg(format!(
+                            "a pixel-space U-Net needs 1 or 3 input channels, this one has {c}"
+                        )))
+                    }
+                };
+                let x = x.to_dtype(self.dtype)?;
+                Ok((x.clone(), x.zeros_like()?))
+            }
+        }
+    }
+
+    /// Images (b, 3, s, s) from latents: the VAE's decoder, or in pixel space the latents
+    /// (grey repeated over three channels for a one-channel U-Net).
+    pub fn to_images(&self, latents: &Tensor) -> Result<Tensor> {
+        match &self.vae {
+            Some(v) => v.decode(latents),
+            None if latents.dim(1)? == 1 => Ok(latents.repeat((1, 3, 1, 1))?),
+            None => Ok(latents.clone()),
+        }
+    }
+
     pub fn is_xl(&self) -> bool {
         self.encoders.len() == 2
     }
 
     /// The image side the U-Net was trained at: its sample size times the VAE's downscale.
     pub fn default_size(&self) -> usize {
-        self.sample_size * self.vae.downscale()
+        self.sample_size * self.downscale()
     }
 
     /// Encodes `prompts` for images of side `size`.
@@ -224,7 +271,7 @@ impl Pipeline {
 
     /// The initial latents of one image: N(0, 1) of (4, s/8, s/8) from `seed`, on the CPU.
     pub fn initial_noise(&self, seed: u64, size: usize) -> Result<Tensor> {
-        let lat = size / self.vae.downscale();
+        let lat = size / self.downscale();
         let c = self.unet.cfg.in_channels;
         normal(
             &mut rng_for(seed, "diffusion-latents"),
@@ -250,7 +297,7 @@ impl Pipeline {
     }
 
     fn check_size(&self, size: usize) -> Result<()> {
-        let step = self.vae.downscale() * (1 << (self.unet.cfg.block_out_channels.len() - 1));
+        let step = self.downscale() * (1 << (self.unet.cfg.block_out_channels.len() - 1));
         if size == 0 || size % step != 0 {
             return Err(Error::msg(format!(
                 "image size {size}: must be a positive multiple of {step} for this model"
@@ -314,7 +361,7 @@ impl Pipeline {
             };
             x = s.step(&eps, i, &x)?;
         }
-        let images = self.vae.decode(&x.to_dtype(self.dtype)?)?;
+        let images = self.to_images(&x.to_dtype(self.dtype)?)?;
         Ok(images
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?

@@ -668,7 +668,7 @@ fn encode_all(pipe: &Pipeline, images: &[Tensor]) -> Result<Vec<Latent>> {
         .iter()
         .map(|img| {
             let x = img.unsqueeze(0)?.to_device(&pipe.device)?;
-            let (mean, std) = pipe.vae.encode_moments(&x.to_dtype(pipe.dtype)?)?;
+            let (mean, std) = pipe.latent_moments(&x.to_dtype(pipe.dtype)?)?;
             Ok(Latent {
                 mean: mean.squeeze(0)?.to_dtype(DType::F32)?,
                 std: std.squeeze(0)?.to_dtype(DType::F32)?,
