@@ -1,12 +1,9 @@
 //! `singlora train-diffusion` and `generate`: argument parsing and printing.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use singlora::device::DeviceSpec;
 use singlora::diffusion::config::DiffusionConfig;
 use singlora::diffusion::pipeline::{GenerateRequest, Pipeline};
@@ -106,11 +103,9 @@ pub fn train_diffusion(args: TrainDiffusionArgs, given: &[String]) -> Result<()>
     Ok(())
 }
 
-/// Progress on stderr: a bar with loss, throughput and ETA on a terminal, a line every 10
-/// updates otherwise; nothing with --quiet.
+/// Progress on stderr (see [`crate::progress`]) and Ctrl-C as a stop.
 struct Progress {
-    quiet: bool,
-    bar: Mutex<Option<ProgressBar>>,
+    line: crate::progress::Progress,
     signals: &'static Signals,
 }
 
@@ -119,20 +114,13 @@ impl Progress {
         let signals = Signals::get()?;
         signals.reset();
         Ok(Self {
-            quiet,
-            bar: Mutex::new(None),
+            line: crate::progress::Progress::new(quiet),
             signals,
         })
     }
 
     fn say(&self, text: &str) {
-        if self.quiet {
-            return;
-        }
-        match &*self.bar.lock().unwrap() {
-            Some(b) => b.println(text),
-            None => eprintln!("{text}"),
-        }
+        self.line.say(text);
     }
 }
 
@@ -164,19 +152,7 @@ impl DiffusionObserver for Progress {
             plan.lr,
             plan.prediction_type,
         ));
-        if self.quiet || !std::io::stderr().is_terminal() {
-            return;
-        }
-        let b = ProgressBar::new(plan.total_updates);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} updates ({eta} left) {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        b.set_position(from_step);
-        *self.bar.lock().unwrap() = Some(b);
+        self.line.start(plan.total_updates, from_step);
     }
 
     fn resumed(&self, run_dir: &Path, step: u64) {
@@ -194,9 +170,6 @@ impl DiffusionObserver for Progress {
     }
 
     fn updated(&self, r: &DiffusionUpdate) {
-        if self.quiet {
-            return;
-        }
         let prior = r
             .prior_loss
             .map(|p| format!(" (prior {p:.4})"))
@@ -205,16 +178,7 @@ impl DiffusionObserver for Progress {
             "loss {:.4}{prior} lr {:.2e} u {:.3} {:.2} img/s",
             r.loss, r.lr, r.u, r.images_per_s
         );
-        match &*self.bar.lock().unwrap() {
-            Some(b) => {
-                b.set_position(r.step);
-                b.set_message(msg);
-            }
-            None if r.step % 10 == 0 || r.step == r.total => {
-                eprintln!("step {}/{} {msg}", r.step, r.total)
-            }
-            None => {}
-        }
+        self.line.update(r.step, r.total, msg);
     }
 
     fn sampled(&self, step: u64, path: &Path) {
@@ -222,9 +186,7 @@ impl DiffusionObserver for Progress {
     }
 
     fn finished(&self, s: &DiffusionSummary) {
-        if let Some(b) = self.bar.lock().unwrap().take() {
-            b.finish_and_clear();
-        }
+        self.line.finish();
         if s.interrupted {
             self.say(&format!(
                 "stopped at update {} of {}; the checkpoint is saved: resume with singlora train-diffusion --resume {}",

@@ -11,6 +11,7 @@ mod demo;
 mod diffusion_cmd;
 mod example;
 mod process;
+mod progress;
 mod train_cmd;
 
 #[derive(Parser)]

@@ -3,11 +3,10 @@
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use singlora::data::{list_rows, DataSettings, RowReport, Truncation};
 use singlora::device::DeviceSpec;
 use singlora::eval::EvalResult;
@@ -261,19 +260,16 @@ pub fn progress(quiet: bool) -> Result<Arc<dyn Observer>> {
     Ok(Arc::new(Progress::new(quiet)?))
 }
 
-/// Training progress on stderr: a bar with loss, throughput and ETA on a terminal, a line
-/// every 10 updates otherwise; nothing with --quiet.
+/// Training progress on stderr (see [`crate::progress`]) and Ctrl-C as a stop.
 struct Progress {
-    quiet: bool,
-    bar: Mutex<Option<ProgressBar>>,
+    line: crate::progress::Progress,
     signals: &'static Signals,
 }
 
 impl Progress {
     fn new(quiet: bool) -> Result<Self> {
         Ok(Self {
-            quiet,
-            bar: Mutex::new(None),
+            line: crate::progress::Progress::new(quiet),
             signals: {
                 let s = Signals::get()?;
                 s.reset();
@@ -283,31 +279,13 @@ impl Progress {
     }
 
     fn say(&self, text: &str) {
-        if self.quiet {
-            return;
-        }
-        match &*self.bar.lock().unwrap() {
-            Some(b) => b.println(text),
-            None => eprintln!("{text}"),
-        }
+        self.line.say(text);
     }
 }
 
 impl Observer for Progress {
     fn started(&self, plan: &Plan, from_step: u64) {
-        if self.quiet || !std::io::stderr().is_terminal() {
-            return;
-        }
-        let b = ProgressBar::new(plan.total_updates);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} updates ({eta} left) {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        b.set_position(from_step);
-        *self.bar.lock().unwrap() = Some(b);
+        self.line.start(plan.total_updates, from_step);
     }
 
     fn warning(&self, text: &str) {
@@ -326,23 +304,11 @@ impl Observer for Progress {
     }
 
     fn updated(&self, r: &UpdateReport) {
-        if self.quiet {
-            return;
-        }
         let msg = format!(
             "loss {:.4} lr {:.2e} u {:.3} {:.0} tok/s",
             r.loss, r.lr, r.u, r.tokens_per_s
         );
-        match &*self.bar.lock().unwrap() {
-            Some(b) => {
-                b.set_position(r.step);
-                b.set_message(msg);
-            }
-            None if r.step % 10 == 0 || r.step == r.total => {
-                eprintln!("step {}/{} {msg}", r.step, r.total)
-            }
-            None => {}
-        }
+        self.line.update(r.step, r.total, msg);
     }
 
     fn evaluated(&self, step: u64, e: &EvalResult) {
@@ -373,9 +339,7 @@ impl Observer for Progress {
     }
 
     fn finished(&self, s: &TrainSummary) {
-        if let Some(b) = self.bar.lock().unwrap().take() {
-            b.finish_and_clear();
-        }
+        self.line.finish();
         if s.interrupted {
             self.say(&format!(
                 "stopped at update {} of {}; the checkpoint is saved: resume with singlora train --resume {}",
