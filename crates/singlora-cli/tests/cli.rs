@@ -973,3 +973,116 @@ fn eval_and_predict_take_the_runs_settings() {
     let (_, err) = text(&o);
     assert!(!o.status.success() && err.contains("--model"), "{err}");
 }
+
+/// DreamBooth from the command line on the tiny diffusers-made pipeline: train, resume refused
+/// settings, generate with the adapter, export for ComfyUI, merge into a diffusers folder.
+#[test]
+fn train_diffusion_generate_export_and_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../singlora/tests/fixtures/sd-tiny")
+        .canonicalize()
+        .unwrap();
+    let subject = tmp.path().join("subject");
+    std::fs::create_dir_all(&subject).unwrap();
+    for k in 0..2u8 {
+        image::RgbImage::from_pixel(40, 40, image::Rgb([40 * k, 100, 200]))
+            .save(subject.join(format!("{k}.png")))
+            .unwrap();
+    }
+    let run = tmp.path().join("run");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = singlora(&[
+        "train-diffusion",
+        "--model",
+        &s(&sd),
+        "--instance-images",
+        &s(&subject),
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--rank",
+        "2",
+        "--max-steps",
+        "2",
+        "--sample-steps",
+        "1",
+        "--samples-per-prompt",
+        "1",
+        "--out",
+        &s(&run),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("pytorch_lora_weights.safetensors"), "{out}");
+    assert!(run.join("samples/step-000002.png").is_file());
+
+    let o = singlora(&["train-diffusion", "--resume", &s(&run), "--rank", "4"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("--rank cannot change"), "{err}");
+
+    let grid = tmp.path().join("grid.png");
+    let o = singlora(&[
+        "generate",
+        "--model",
+        &s(&sd),
+        "--adapter",
+        &s(&run),
+        "--prompt",
+        "a photo of sks dog",
+        "--prompt",
+        "a red cat",
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        &s(&grid),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let img = image::open(&grid).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (64, 64),
+        "2 prompts × 2 images of 32 px"
+    );
+    let o = singlora(&[
+        "generate",
+        "--model",
+        &s(&sd),
+        "--prompt",
+        "x",
+        "--out",
+        &s(&grid),
+    ]);
+    assert!(!o.status.success(), "an existing image is not replaced");
+
+    let kohya = tmp.path().join("kohya");
+    let o = singlora(&[
+        "export-lora",
+        "--adapter",
+        &s(&run),
+        "--format",
+        "kohya",
+        "--out",
+        &s(&kohya),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(kohya.join("lora_kohya.safetensors").is_file());
+
+    let merged = tmp.path().join("merged");
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &s(&sd),
+        "--adapter",
+        &s(&run),
+        "--out",
+        &s(&merged),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(merged
+        .join("unet/diffusion_pytorch_model.safetensors")
+        .is_file());
+    assert!(merged.join("model_index.json").is_file());
+}
