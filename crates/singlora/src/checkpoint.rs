@@ -247,6 +247,8 @@ pub struct Checkpoint {
     location: BTreeMap<String, usize>,
     /// The index JSON of a sharded checkpoint.
     index: Option<Value>,
+    /// The index's file name (`model.safetensors.index.json` or diffusers' names).
+    index_name: String,
 }
 
 impl Checkpoint {
@@ -259,16 +261,29 @@ impl Checkpoint {
         }
         let config = read_json(&dir.join("config.json"))?;
         // transformers' names first, then diffusers' (a U-Net or VAE folder)
-        let (index_name, single_name) = if dir.join(INDEX_FILE).exists()
-            || dir.join(SINGLE_FILE).exists()
-            || !(dir.join(DIFFUSERS_INDEX_FILE).exists()
-                || dir.join(DIFFUSERS_SINGLE_FILE).exists())
-        {
-            (INDEX_FILE, SINGLE_FILE)
-        } else {
-            (DIFFUSERS_INDEX_FILE, DIFFUSERS_SINGLE_FILE)
-        };
-        let index_path = dir.join(index_name);
+        // transformers' names, then diffusers' (a U-Net or VAE folder), each also as the
+        // half-precision variant some repositories ship alone (`*.fp16.safetensors`)
+        let candidates = [
+            (INDEX_FILE.to_string(), SINGLE_FILE.to_string()),
+            (
+                DIFFUSERS_INDEX_FILE.to_string(),
+                DIFFUSERS_SINGLE_FILE.to_string(),
+            ),
+            (
+                INDEX_FILE.replace(".safetensors", ".fp16.safetensors"),
+                SINGLE_FILE.replace(".safetensors", ".fp16.safetensors"),
+            ),
+            (
+                DIFFUSERS_INDEX_FILE.replace(".safetensors", ".fp16.safetensors"),
+                DIFFUSERS_SINGLE_FILE.replace(".safetensors", ".fp16.safetensors"),
+            ),
+        ];
+        let (index_name, single_name) = candidates
+            .iter()
+            .find(|(i, s)| dir.join(i).exists() || dir.join(s).exists())
+            .cloned()
+            .unwrap_or_else(|| candidates[0].clone());
+        let index_path = dir.join(&index_name);
         let mut files = vec![];
         let mut location = BTreeMap::new();
         let index = if index_path.exists() {
@@ -309,8 +324,8 @@ impl Checkpoint {
                 location.insert(tensor.clone(), i);
             }
             Some(index)
-        } else if dir.join(single_name).exists() {
-            let f = TensorFile::open(&dir.join(single_name))?;
+        } else if dir.join(&single_name).exists() {
+            let f = TensorFile::open(&dir.join(&single_name))?;
             for n in f.names() {
                 location.insert(n.to_string(), 0);
             }
@@ -328,6 +343,7 @@ impl Checkpoint {
             files,
             location,
             index,
+            index_name,
         })
     }
 
@@ -341,6 +357,11 @@ impl Checkpoint {
 
     pub fn files(&self) -> &[TensorFile] {
         &self.files
+    }
+
+    /// The file name of the index, where the checkpoint is sharded.
+    pub fn index_name(&self) -> &str {
+        &self.index_name
     }
 
     pub fn index(&self) -> Option<&Value> {

@@ -441,11 +441,7 @@ fn pixel_space_pipelines_train_and_sample() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("pixel");
     for d in ["unet", "text_encoder", "tokenizer", "scheduler"] {
-        std::fs::create_dir_all(model.join(d)).unwrap();
-        for e in std::fs::read_dir(fixture("sd-tiny").join(d)).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), model.join(d).join(e.file_name())).unwrap();
-        }
+        copy_dir(&fixture("sd-tiny").join(d), &model.join(d));
     }
     let mut index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("sd-tiny/model_index.json")).unwrap(),
@@ -487,4 +483,43 @@ fn pixel_space_pipelines_train_and_sample() {
     assert_eq!(s.steps, 2);
     let grid = image::open(out.join("samples/step-000002.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (32, 16));
+}
+
+/// Repositories that ship only the half-precision variant (`*.fp16.safetensors`) load too.
+#[test]
+fn fp16_variant_files_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("sd");
+    copy_dir(&fixture("sd-tiny"), &model);
+    for (d, f) in [
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ] {
+        std::fs::rename(
+            model.join(d).join(format!("{f}.safetensors")),
+            model.join(d).join(format!("{f}.fp16.safetensors")),
+        )
+        .unwrap();
+    }
+    let a = Pipeline::load(&model, DType::F32, &Device::Cpu).unwrap();
+    let b = Pipeline::load(&fixture("sd-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let mut req = request(SamplerKind::Ddim);
+    req.steps = 1;
+    assert_eq!(
+        max_abs(&a.generate(&req).unwrap(), &b.generate(&req).unwrap()),
+        0.0
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }

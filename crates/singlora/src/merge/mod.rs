@@ -413,11 +413,7 @@ fn write_merged_checkpoint(
     opts: &MergeOptions,
     config: Value,
 ) -> Result<Vec<String>> {
-    let index_name = if ckpt.dir().join(DIFFUSERS_INDEX_FILE).exists() {
-        DIFFUSERS_INDEX_FILE
-    } else {
-        INDEX_FILE
-    };
+    let index_name = ckpt.index_name();
     let heads_written = !heads.is_empty();
     let mut index_map: BTreeMap<String, String> = BTreeMap::new();
     let mut files = vec![];
