@@ -123,9 +123,9 @@ pub struct DiffusionConfig {
     /// ddim or euler.
     #[arg(long, default_value = "ddim")]
     pub sampler: SamplerKind,
-    /// Checkpoint every N updates (a final one is always written).
-    #[arg(long)]
-    pub save_every: Option<u64>,
+    /// Checkpoint every N updates (0: only at the end and on a stop).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u64,
     /// Checkpoints to keep (the newest).
     #[arg(long, default_value_t = 3)]
     pub keep_checkpoints: usize,

@@ -437,10 +437,7 @@ impl<'a> Trainer<'a> {
                 self.obs.stop_requested() || self.cfg.stop_after.is_some_and(|n| self.st.step >= n);
             let save_now = last
                 || stop
-                || self
-                    .cfg
-                    .save_every
-                    .is_some_and(|n| n > 0 && self.st.step % n == 0);
+                || (self.cfg.save_every > 0 && self.st.step % self.cfg.save_every == 0);
             if save_now {
                 state::save(
                     &self.out,
