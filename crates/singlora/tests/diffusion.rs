@@ -431,6 +431,14 @@ fn bad_inputs_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("broken.png"), "{e}");
+    let mut cfg = config(&fixture("sd-tiny"), &tmp.path().join("empty"), "lora");
+    instance_images(&cfg.instance_images, 1);
+    cfg.resolution = Some(18);
+    let e = train(cfg, &tmp.path().join("run3"), false, &QuietDiffusion)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resolution: image size 18"), "{e}");
+    assert!(!tmp.path().join("run3").exists(), "nothing is left behind");
 }
 
 /// A pixel-space pipeline (no VAE: `"vae": [null, null]`) made from the tiny one by cutting its

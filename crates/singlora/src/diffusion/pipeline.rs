@@ -296,7 +296,9 @@ impl Pipeline {
         self.generate_from(req, &Tensor::stack(&noise, 0)?)
     }
 
-    fn check_size(&self, size: usize) -> Result<()> {
+    /// Refuses an image side the model cannot take (the latent side must halve cleanly at every
+    /// down block).
+    pub fn check_size(&self, size: usize) -> Result<()> {
         let step = self.downscale() * (1 << (self.unet.cfg.block_out_channels.len() - 1));
         if size == 0 || size % step != 0 {
             return Err(Error::msg(format!(

@@ -230,6 +230,8 @@ impl<'a> Trainer<'a> {
         obs: &'a dyn DiffusionObserver,
     ) -> Result<Self> {
         let size = cfg.resolution.unwrap_or_else(|| pipe.default_size());
+        pipe.check_size(size)
+            .map_err(|e| Error::msg(format!("--resolution: {e}")))?;
         let total = cfg.max_steps;
         let ramp = match (cfg.method.kind().ramps(), cfg.ramp_steps) {
             (true, Some(t)) => RampSchedule::new(t),
