@@ -63,6 +63,22 @@ impl Progress {
         }
     }
 
+    /// The run in `run_dir` resumes after update `step`.
+    pub fn resumed(&self, run_dir: &std::path::Path, step: u64) {
+        self.say(&format!(
+            "resuming {} from update {step}",
+            run_dir.display()
+        ));
+    }
+
+    /// The checkpoint `dir` could not be read (`why`); an older one is tried.
+    pub fn skipped_checkpoint(&self, dir: &std::path::Path, why: &str) {
+        self.say(&format!(
+            "checkpoint {} cannot be read ({why}); resuming from the one before",
+            dir.display()
+        ));
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         if let Some(b) = self.bar.lock().unwrap().take() {

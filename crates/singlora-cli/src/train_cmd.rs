@@ -297,10 +297,7 @@ impl Observer for Progress {
     }
 
     fn resumed(&self, run_dir: &Path, step: u64) {
-        self.say(&format!(
-            "resuming {} from update {step}",
-            run_dir.display()
-        ));
+        self.line.resumed(run_dir, step);
     }
 
     fn updated(&self, r: &UpdateReport) {
@@ -328,10 +325,7 @@ impl Observer for Progress {
     }
 
     fn skipped_checkpoint(&self, dir: &Path, why: &str) {
-        self.say(&format!(
-            "checkpoint {} cannot be read ({why}); resuming from the one before",
-            dir.display()
-        ));
+        self.line.skipped_checkpoint(dir, why);
     }
 
     fn class_report(&self, text: &str) {

@@ -287,7 +287,6 @@ impl Pipeline {
         if req.prompts.len() != req.seeds.len() {
             return Err(Error::msg("one seed per prompt"));
         }
-        self.check_size(req.size)?;
         let noise: Vec<Tensor> = req
             .seeds
             .iter()

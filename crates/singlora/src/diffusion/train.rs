@@ -725,21 +725,13 @@ fn class_images(
 }
 
 fn write_run_json(cfg: &DiffusionConfig, plan: &DiffusionPlan, out: &Path) -> Result<()> {
-    let run = json!({
-        "kind": "train-diffusion",
-        "config": cfg,
-        "plan": plan,
-        "seed": cfg.seed,
-        "versions": {"singlora": env!("CARGO_PKG_VERSION"), "candle": "0.11.1"},
-        "started": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    });
-    crate::atomic::write_file(
-        &out.join("run.json"),
-        serde_json::to_string_pretty(&run)
-            .expect("JSON values serialise")
-            .as_bytes(),
+    crate::train::rundir::write_run_json(
+        out,
+        json!({
+            "kind": "train-diffusion",
+            "config": cfg,
+            "plan": plan,
+            "seed": cfg.seed,
+        }),
     )
 }

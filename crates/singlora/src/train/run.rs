@@ -480,26 +480,18 @@ fn update_line(r: &UpdateReport) -> Value {
 /// `run.json`: every setting, the plan, the data's fingerprints and the versions.
 fn write_run_json(s: &Setup, out: &Path, world: usize) -> Result<()> {
     let cfg = &s.cfg;
-    let run = json!({
-        "config": cfg,
-        "plan": s.plan,
-        "seed": cfg.seed,
-        "data": {
-            "train": file_fingerprint(&cfg.train),
-            "eval": cfg.eval.as_ref().map(|p| file_fingerprint(p)),
-        },
-        "versions": {"singlora": env!("CARGO_PKG_VERSION"), "candle": "0.11.1"},
-        "world_size": world,
-        "started": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    });
-    crate::atomic::write_file(
-        &out.join("run.json"),
-        serde_json::to_string_pretty(&run)
-            .expect("JSON values serialise")
-            .as_bytes(),
+    super::rundir::write_run_json(
+        out,
+        json!({
+            "config": cfg,
+            "plan": s.plan,
+            "seed": cfg.seed,
+            "data": {
+                "train": file_fingerprint(&cfg.train),
+                "eval": cfg.eval.as_ref().map(|p| file_fingerprint(p)),
+            },
+            "world_size": world,
+        }),
     )
 }
 

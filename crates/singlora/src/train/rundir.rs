@@ -118,6 +118,23 @@ fn lock(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Writes `RUN_DIR/run.json` atomically: `fields` (the run's settings and plan) with the
+/// versions and start time every run records.
+pub fn write_run_json(out: &Path, mut fields: serde_json::Value) -> Result<()> {
+    fields["versions"] =
+        serde_json::json!({"singlora": env!("CARGO_PKG_VERSION"), "candle": "0.11.1"});
+    fields["started"] = serde_json::json!(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0));
+    crate::atomic::write_file(
+        &out.join("run.json"),
+        serde_json::to_string_pretty(&fields)
+            .expect("JSON values serialise")
+            .as_bytes(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
