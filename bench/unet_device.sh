@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the Stable Diffusion side: the diffusers checks on the tiny pipelines,
 # then an SD 1.5-shaped U-Net DreamBooth step, singlora beside diffusers + PEFT (eager and
-# compiled), at batch 1 and 4. Needs .carry (scripts/build-cuda.sh) and .whl with diffusers and
+# compiled), at batch 1 and 4. `bench/unet_device.sh check` or `... bench` runs one half. Needs .carry (scripts/build-cuda.sh) and .whl with diffusers and
 # peft (docs/diffusion.md says how). Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ PY=$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 F=crates/singlora/tests/fixtures
+PART=${1:-all}
+if [ "$PART" != bench ]; then
 echo "== DreamBooth on the tiny pipeline (GPU), merge, diffusers loads the files"
 rm -rf /tmp/sd && mkdir -p /tmp/sd/subject
 "$PY" - <<'PYEOF'
@@ -26,6 +28,8 @@ for m in singlora lora dora; do
   "$PY" scripts/check_diffusers.py --pipeline $F/sd-tiny --run /tmp/sd/run-$m --merged /tmp/sd/merged-$m 2>&1 | grep -E "^(ok|FAIL)|effect" | tee -a "$OUT/diffusers-check.txt"
 done
 cp /tmp/sd/run-singlora/samples/*.png "$OUT/" 2>/dev/null
+fi
+[ "$PART" = check ] && exit 0
 echo "== SD 1.5-shaped U-Net step"
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json 2>&1 | tee "$OUT/unet-singlora.jsonl"

@@ -5,7 +5,7 @@ trained here for subject fidelity (as DINO is used in the paper), and the scores
     python proxy.py pretrain --data DIR --out BASE [--steps 6000] [--device cuda]
     python proxy.py embedder --data DIR --out EMB.pt [--device cuda]
     python proxy.py subject --data DIR --out SUBJ_DIR        # the 5 subject images
-    python proxy.py score --data DIR --emb EMB.pt --run RUN_DIR   # reads RUN_DIR-eval/*.png
+    python proxy.py score --data DIR --emb EMB.pt --run RUN_DIR   # reads RUN_DIR-eval/{subject,classes}.png
 
 DIR holds Debian's dataset-fashion-mnist files (train/t10k-images/labels-idx*-ubyte.gz).
 The base is a diffusers-layout folder singlora reads: unet/ (1 channel, 32x32, cross-attention
@@ -109,8 +109,9 @@ def pretrain(a):
         if step % 500 == 0 or step == a.steps - 1:
             print(json.dumps({"step": step, "loss": loss.item()}), flush=True)
     shutil.rmtree(a.out, ignore_errors=True)
-    unet.save_pretrained(os.path.join(a.out, "unet"), safe_serialization=True)
-    te.save_pretrained(os.path.join(a.out, "text_encoder"), safe_serialization=True)
+    # stored in f16 (half the size to carry; the GPU runs compute in bf16 anyway)
+    unet.to(torch.float16).save_pretrained(os.path.join(a.out, "unet"), safe_serialization=True)
+    te.to(torch.float16).save_pretrained(os.path.join(a.out, "text_encoder"), safe_serialization=True)
     tok.save_pretrained(os.path.join(a.out, "tokenizer"))
     sched.save_pretrained(os.path.join(a.out, "scheduler"))
     with open(os.path.join(a.out, "model_index.json"), "w") as f:
@@ -201,11 +202,12 @@ def score(a):
         n = len(g)
         diversity = (1 - (sim.sum() - n) / (n * (n - 1))).item()
         as_class = (m(g.to(dev)).argmax(1) == HELD_OUT).float().mean().item()
+        # classes.png: one row of samples per pretrained class, in CLASSES order
+        rows = tiles(os.path.join(ev, "classes.png"))
+        per = len(rows) // HELD_OUT
         prompt_ok = []
-        for c in range(10):
-            if c == HELD_OUT:
-                continue
-            p = tiles(os.path.join(ev, f"class-{c}.png"))
+        for c in range(HELD_OUT):
+            p = rows[c * per:(c + 1) * per]
             prompt_ok.append((m(p.to(dev)).argmax(1) == c).float().mean().item())
     out = {
         "subject_fidelity": fidelity, "diversity": diversity, "subject_as_class": as_class,

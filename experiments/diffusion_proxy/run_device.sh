@@ -8,7 +8,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${1:?the Fashion-MNIST folder}
-OUT=${OUT:-/tmp/out}; W=/tmp/proxy; mkdir -p "$OUT/proxy/grids" "$W"
+OUT=${OUT:-/tmp/out}; W=${W:-/tmp/proxy}; mkdir -p "$OUT/proxy/grids" "$W"
+RUN=${RUN:-.carry/run}
+# no new run starts after DEADLINE (seconds since the epoch), so a capped call ends cleanly;
+# runs already in runs.jsonl are skipped, so the script resumes where it stopped
+DEADLINE=${DEADLINE:-0}
 PY=${PY:-$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)}
 X=experiments/diffusion_proxy/proxy.py
 JOBS=${JOBS:-6}
@@ -26,27 +30,27 @@ evaluate() { # RUN_NAME ADAPTER
   mkdir -p "$ev"
   local a=(); [ -n "$adapter" ] && a=(--adapter "$adapter")
   local -a CLASSES=($CLASSES_STR)
-  .carry/run generate --model "$W/base" "${a[@]}" --prompt "a photo of sks boot" --num-images 32 --seed 1000 \
+  $RUN generate --model "$W/base" "${a[@]}" --prompt "a photo of sks boot" --num-images 32 --seed 1000 \
     --steps "$SAMPLE_STEPS" --guidance 5 --device "$DEVICE" --out "$ev/subject.png" --overwrite > /dev/null || return 1
-  for c in "${!CLASSES[@]}"; do
-    .carry/run generate --model "$W/base" "${a[@]}" --prompt "a photo of a ${CLASSES[$c]}" --num-images 8 --seed 2000 \
-      --steps "$SAMPLE_STEPS" --guidance 5 --device "$DEVICE" --out "$ev/class-$c.png" --overwrite > /dev/null || return 1
-  done
+  local p=(); for c in "${CLASSES[@]}"; do p+=(--prompt "a photo of a $c"); done
+  $RUN generate --model "$W/base" "${a[@]}" "${p[@]}" --num-images 8 --seed 2000 \
+    --steps "$SAMPLE_STEPS" --guidance 5 --device "$DEVICE" --out "$ev/classes.png" --overwrite > /dev/null || return 1
   "$PY" $X score --data "$DATA" --emb "$W/emb.pt" --run "$W/$name" --device "$DEVICE" | tail -1
 }
-export -f evaluate; export W DATA PY X DEVICE MAX_STEPS SAMPLE_STEPS OUT; export CLASSES_STR="${CLASSES[*]}"
+export -f evaluate; export W DATA PY X DEVICE MAX_STEPS SAMPLE_STEPS OUT RUN DEADLINE; export CLASSES_STR="${CLASSES[*]}"
 
 one() { # TARGETS METHOD RANK LR SEED
   local t=$1 m=$2 r=$3 lr=$4 s=$5 name="$1-$2-r$3-lr$4-s$5"
   if grep -q "\"run\": \"$name\"" "$OUT/proxy/runs.jsonl" 2>/dev/null; then return; fi
+  if [ "$DEADLINE" != 0 ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then return; fi
   local t0=$(date +%s.%N)
-  .carry/run train-diffusion --model "$W/base" --instance-images "$W/subject" --instance-prompt "a photo of sks boot" \
+  $RUN train-diffusion --model "$W/base" --instance-images "$W/subject" --instance-prompt "a photo of sks boot" \
     --method "$m" --rank "$r" --alpha "$r" --targets "$t" --lr "$lr" --max-steps "$MAX_STEPS" --seed "$s" \
     --sample-every 0 --samples-per-prompt 4 --sample-steps "$SAMPLE_STEPS" --guidance 5 --device "$DEVICE" \
     --out "$W/$name" --overwrite --quiet > "$W/$name.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": true}" >> "$OUT/proxy/runs.jsonl"; return; }
   local secs=$(echo "$(date +%s.%N) - $t0" | bc)
   local sc=$(evaluate "$name" "$W/$name")
-  local params=$(.carry/run inspect --adapter "$W/$name" --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["adapter_params"])' 2>/dev/null || echo null)
+  local params=$($RUN inspect --adapter "$W/$name" --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["adapter_params"])' 2>/dev/null || echo null)
   cp "$W/$name-eval/subject.png" "$OUT/proxy/grids/$name.png"
   echo "{\"run\": \"$name\", \"targets\": \"$t\", \"method\": \"$m\", \"rank\": $r, \"lr\": $lr, \"seed\": $s, \"params\": $params, \"train_s\": $secs, \"scores\": $sc}" >> "$OUT/proxy/runs.jsonl"
 }
