@@ -71,13 +71,19 @@ impl Family {
             .and_then(Value::as_str)
             .unwrap_or("");
         match mt {
-            "bert" | "roberta" | "xlm-roberta" | "camembert" | "minilm" | "electra" => Ok(Family::Bert),
-            "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" => Ok(Family::Llama),
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "minilm" | "electra" => {
+                Ok(Family::Bert)
+            }
+            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3_text" | "phi3" | "smollm"
+            | "smollm2" => Ok(Family::Llama),
             "" => Err(Error::bad_field(path, "model_type", "is missing")),
             other => Err(Error::bad_field(
                 path,
                 "model_type",
-                format!("`{other}` is not supported (BERT-family: bert, roberta; LLaMA-family: llama, mistral, qwen2)"),
+                format!(
+                    "`{other}` is not supported (BERT-family: bert, roberta; LLaMA-family: \
+                     llama, mistral, qwen2, qwen3, gemma3_text, phi3)"
+                ),
             )),
         }
     }
