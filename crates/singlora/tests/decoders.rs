@@ -10,7 +10,7 @@ use serde_json::Value;
 use singlora::adapter::file::AdapterFile;
 use singlora::checkpoint::Checkpoint;
 use singlora::data::{collate, Encoded};
-use singlora::model::llama::Llama;
+use singlora::model::llama::{Llama, LlamaConfig};
 use singlora::model::weights::{ConfigReader, Weights};
 use singlora::model::{Body, Pooling, Task, TaskModel};
 use singlora::ops::FastPath;
@@ -145,4 +145,137 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap();
     assert!(scale > 0.0);
     d / scale
+}
+
+/// The family's golden config.json, edited by `edit`, read as a config.
+fn edited_config(name: &str, edit: impl FnOnce(&mut Value)) -> singlora::Result<LlamaConfig> {
+    let path = dir(name).join("config.json");
+    let mut value = read_json(&path);
+    edit(&mut value);
+    Llama::config(&ConfigReader {
+        path: &path,
+        value: &value,
+    })
+}
+
+fn assert_refused(r: singlora::Result<LlamaConfig>, fields: &[&str]) {
+    let e = match r {
+        Ok(_) => panic!("expected a refusal of {fields:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("config.json"), "no file in: {e}");
+    for f in fields {
+        assert!(e.contains(&format!("`{f}`")), "no `{f}` in: {e}");
+    }
+}
+
+#[test]
+fn settings_not_implemented_are_refused_by_name() {
+    let set = |k: &'static str, v: Value| move |c: &mut Value| c[k] = v;
+    assert_refused(
+        edited_config("gemma3", set("attn_logit_softcapping", 50.0.into())),
+        &["attn_logit_softcapping"],
+    );
+    assert_refused(
+        edited_config("gemma3", set("use_bidirectional_attention", true.into())),
+        &["use_bidirectional_attention"],
+    );
+    assert_refused(
+        edited_config("gemma3", set("hidden_activation", "gelu".into())),
+        &["hidden_activation"],
+    );
+    assert_refused(
+        edited_config("gemma3", |c| {
+            c["rope_parameters"]["chunked_attention"] = serde_json::json!({"rope_theta": 1e4})
+        }),
+        &["rope_parameters.chunked_attention"],
+    );
+    assert_refused(
+        edited_config("gemma3", |c| {
+            c["rope_parameters"]["full_attention"]["rope_type"] = "yarn".into()
+        }),
+        &["rope_parameters.full_attention.rope_type"],
+    );
+    assert_refused(
+        edited_config("gemma3", set("rope_theta", 5e5.into())),
+        &["rope_parameters.full_attention.rope_theta", "rope_theta"],
+    );
+    assert_refused(
+        edited_config(
+            "gemma3",
+            set("layer_types", serde_json::json!(["full_attention"])),
+        ),
+        &["layer_types"],
+    );
+    assert_refused(
+        edited_config("phi3", |c| {
+            c["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4,
+                "short_factor": [1.0], "long_factor": [1.0]})
+        }),
+        &["rope_parameters.rope_type"],
+    );
+    assert_refused(
+        edited_config("phi3", |c| {
+            c["rope_parameters"]["partial_rotary_factor"] = 0.75.into()
+        }),
+        &["rope_parameters.partial_rotary_factor"],
+    );
+    assert_refused(
+        edited_config("qwen3", set("hidden_act", "gelu".into())),
+        &["hidden_act"],
+    );
+}
+
+#[test]
+fn gemma_reads_transformers_4_rope_layout_to_the_same_frequencies() {
+    let now = edited_config("gemma3", |_| {}).unwrap();
+    let old = edited_config("gemma3", |c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("rope_parameters");
+        o.insert("rope_theta".into(), 1e6.into());
+        o.insert("rope_local_base_freq".into(), 1e4.into());
+        o.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+        );
+    })
+    .unwrap();
+    assert_eq!(now.inv_freq, old.inv_freq);
+    assert_eq!(now.local_rope, old.local_rope);
+    let (local, layers) = now.local_rope.unwrap();
+    assert_eq!(layers, [true, false, true]);
+    // the local base, unscaled: θ^(−2i/d) at i = 1, d = 16
+    assert!((local[1] - 1e4f64.powf(-2.0 / 16.0)).abs() < 1e-15);
+    // the global base, halved by linear scaling
+    assert!((now.inv_freq[1] - 1e6f64.powf(-2.0 / 16.0) / 2.0).abs() < 1e-15);
+}
+
+#[test]
+fn missing_family_tensors_are_named() {
+    for (name, tensor) in [
+        ("gemma3", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("qwen3", "model.layers.0.self_attn.k_norm.weight"),
+        ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = dir(name);
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let mut tensors =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(tensors.remove(tensor).is_some(), "{name}: no {tensor}");
+        candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors")).unwrap();
+        let path = tmp.path().join("config.json");
+        let value = read_json(&path);
+        let cfg = Llama::config(&ConfigReader {
+            path: &path,
+            value: &value,
+        })
+        .unwrap();
+        let weights = Weights::Checkpoint(Checkpoint::open(tmp.path()).unwrap());
+        let e = match Llama::load(&weights, cfg, DType::F32, &Device::Cpu) {
+            Ok(_) => panic!("{name}: loaded without {tensor}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(tensor), "{name}: {e}");
+    }
 }

@@ -163,6 +163,15 @@ pub enum Body {
 }
 
 impl Body {
+    /// [`Family::default_targets`] for this model: Phi-3's fused projections in place of the
+    /// split ones.
+    pub fn default_targets(&self) -> &'static str {
+        match self {
+            Body::Llama(l) if l.cfg.fused_projections => "qkv_proj,o_proj,gate_up_proj,down_proj",
+            _ => self.family().default_targets(),
+        }
+    }
+
     pub fn family(&self) -> Family {
         match self {
             Body::Bert(_) => Family::Bert,
