@@ -110,6 +110,13 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 
 /// [`hf_name`] for one architecture's tensors.
 fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
+    // a projection's bias, `blk.N.attn_q.bias`
+    if let Some(stem) = gguf_name.strip_suffix(".bias") {
+        let hf = hf_name_in(arch, &format!("{stem}.weight"))?;
+        let module = hf.strip_suffix(".weight")?;
+        let is_proj = module.starts_with("model.layers.") && module.ends_with("_proj");
+        return is_proj.then(|| format!("{module}.bias"));
+    }
     let stem = gguf_name.strip_suffix(".weight")?;
     let top = match stem {
         "token_embd" => Some("model.embed_tokens"),
@@ -647,7 +654,7 @@ fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
     }
 }
 
-fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
+fn build_config(m: &Meta, d: &Dims, tied: bool, attn_bias: bool, dtype: DType) -> Result<Json> {
     refuse_unknown_keys(m)?;
     let eps = m
         .float(&m.k("attention.layer_norm_rms_epsilon"))?
@@ -666,7 +673,7 @@ fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
         "vocab_size": d.vocab,
         "max_position_embeddings": ctx,
         "rms_norm_eps": eps,
-        "attention_bias": false,
+        "attention_bias": attn_bias,
         "tie_word_embeddings": tied,
     });
     let scaling = rope_scaling(m)?;
@@ -1084,6 +1091,10 @@ fn finish_tokenizer(
 
 /// The HF shape a mapped tensor must have.
 fn expected_shape(d: &Dims, hf: &str) -> Option<Vec<usize>> {
+    if let Some(module) = hf.strip_suffix(".bias") {
+        let rows = *expected_shape(d, &format!("{module}.weight"))?.first()?;
+        return Some(vec![rows]);
+    }
     let q = d.heads * d.head_dim;
     let kv = d.kv_heads * d.head_dim;
     let module = hf.strip_suffix(".weight")?;
@@ -1397,7 +1408,10 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         }
     }
 
-    let config = build_config(&m, &dims, tied, dtype)?;
+    let attn_bias = mapped
+        .iter()
+        .any(|(_, hf)| hf.contains(".self_attn.") && hf.ends_with(".bias"));
+    let config = build_config(&m, &dims, tied, attn_bias, dtype)?;
     let mut tensors = BTreeMap::new();
     for (name, hf) in mapped {
         let bad = |e: candle_core::Error| Error::bad_file(path, format!("tensor `{name}`: {e}"));
@@ -1488,10 +1502,16 @@ mod tests {
             "blk.1.ffn_gate_exps.weight",
             "token_embd",
             "blk.1.attn_q.scale",
-            "blk.1.attn_q.bias",
+            "blk.1.attn_norm.bias",
+            "output.bias",
         ] {
             assert_eq!(hf_name(g), None, "{g}");
         }
+        // projections' biases (LLaMA's `attention_bias`)
+        assert_eq!(
+            hf_name("blk.1.attn_q.bias").as_deref(),
+            Some("model.layers.1.self_attn.q_proj.bias")
+        );
         assert!(is_ignorable("blk.4.attn_rot_embd"));
         assert!(!is_ignorable("rope_freqs.weight"));
     }
@@ -1900,5 +1920,92 @@ mod tests {
             let e = rope_of(extra).unwrap_err().to_string();
             assert!(e.contains("rope.gguf") && e.contains(named), "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod spm_tests {
+    use super::*;
+    use candle_core::quantized::gguf_file;
+
+    /// A tokenizer rebuilt from metadata alone.
+    fn tokenizer_of(md: Vec<(&str, Value)>) -> Result<Tokenizer> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.gguf");
+        let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &refs, &[]).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = Content::read(&mut f).unwrap();
+        build_tokenizer(&Meta {
+            path: &path,
+            content: &content,
+            arch: Arch::Gemma3,
+        })
+    }
+
+    fn strings(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    /// A SentencePiece vocabulary: control tokens, pieces (one of them, a run of two spaces,
+    /// stored with spaces as llama.cpp writes it), a user-defined piece and one byte piece.
+    fn spm(prefix: bool) -> Vec<(&'static str, Value)> {
+        let tokens = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "\u{2581}",
+            "a",
+            "b",
+            "\u{2581}a",
+            "ab",
+            "\u{2581}ab",
+            "  ",
+            "<0x41>",
+            "<sep>",
+        ];
+        let types = [2, 3, 3, 1, 1, 1, 1, 1, 1, 4, 6, 4];
+        vec![
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            (
+                "tokenizer.ggml.scores",
+                Value::Array((0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+            ),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+            ("tokenizer.ggml.add_space_prefix", Value::Bool(prefix)),
+        ]
+    }
+
+    fn ids(t: &Tokenizer, text: &str) -> Vec<u32> {
+        t.encode(text, true).unwrap().get_ids().to_vec()
+    }
+
+    #[test]
+    fn sentencepiece_vocabularies_tokenize_as_hand_computed() {
+        let t = tokenizer_of(spm(false)).unwrap();
+        // "▁ab▁a": merges rank by the merged piece's id, (▁, a) first, then (▁a, b)
+        assert_eq!(ids(&t, "ab a"), [1, 7, 6]);
+        assert_eq!(ids(&t, " ab a"), [1, 8, 6]);
+        // a character no piece covers falls back to its byte piece, or to <unk>
+        assert_eq!(ids(&t, "A"), [1, 10]);
+        assert_eq!(ids(&t, "c"), [1, 0]);
+        // control tokens are special, user-defined ones match whole, but a piece of spaces
+        // merges like any other: (▁, a) ranks before (▁, ▁), whose piece has the larger id
+        assert_eq!(ids(&t, "a<s>b<sep>"), [1, 4, 1, 5, 11]);
+        assert_eq!(ids(&t, "  a"), [1, 3, 6]);
+        assert_eq!(ids(&t, "  "), [1, 9]);
+        assert_eq!(t.decode(&[8, 6, 10], true).unwrap(), " ab aA");
+        // with add_space_prefix, the text starts with ▁ and decoding drops it again
+        let t = tokenizer_of(spm(true)).unwrap();
+        assert_eq!(ids(&t, "ab a"), [1, 8, 6]);
+        assert_eq!(t.decode(&[8, 6], true).unwrap(), "ab a");
     }
 }

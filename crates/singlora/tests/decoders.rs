@@ -279,3 +279,166 @@ fn missing_family_tensors_are_named() {
         assert!(e.contains(tensor), "{name}: {e}");
     }
 }
+
+/// The fixture written as llama.cpp's converter writes the family: its tensor names, Gemma's
+/// norms stored as 1 + w, q/k rows in Hugging Face's order, the `<arch>.*` keys and a
+/// byte-level vocabulary of the fixture's size.
+fn write_gguf(name: &str, arch: &str, path: &Path) {
+    use candle_core::quantized::gguf_file::{self, Value as G};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let d = dir(name);
+    let c = read_json(&d.join("config.json"));
+    let gemma = arch == "gemma3";
+    let tensors =
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let layer_names = [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.qkv_proj", "attn_qkv"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.gate_up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        (
+            "post_attention_layernorm",
+            if gemma {
+                "post_attention_norm"
+            } else {
+                "ffn_norm"
+            },
+        ),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+    ];
+    let mut out = vec![];
+    for (hf, t) in &tensors {
+        let g = match hf.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            "lm_head.weight" => "output.weight".to_string(),
+            _ => {
+                let rest = hf.strip_prefix("model.layers.").unwrap();
+                let (layer, module) = rest.split_once('.').unwrap();
+                let (module, kind) = module.rsplit_once('.').unwrap();
+                let (_, g) = layer_names.iter().find(|(h, _)| *h == module).unwrap();
+                format!("blk.{layer}.{g}.{kind}")
+            }
+        };
+        let t = if gemma && hf.ends_with("norm.weight") {
+            (t + 1.0).unwrap()
+        } else {
+            t.clone()
+        };
+        out.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    }
+    let n = |k: &str| G::U32(c[k].as_u64().unwrap() as u32);
+    let theta = if gemma {
+        c["rope_parameters"]["full_attention"]["rope_theta"].as_f64()
+    } else {
+        c["rope_parameters"]["rope_theta"].as_f64()
+    };
+    let vocab = c["vocab_size"].as_u64().unwrap() as usize;
+    let tokens: Vec<G> = (0..vocab).map(|i| G::String(format!("t{i}"))).collect();
+    let mut md: Vec<(String, G)> = vec![
+        ("general.architecture".into(), G::String(arch.into())),
+        (format!("{arch}.block_count"), n("num_hidden_layers")),
+        (format!("{arch}.context_length"), G::U32(4096)),
+        (format!("{arch}.embedding_length"), n("hidden_size")),
+        (
+            format!("{arch}.feed_forward_length"),
+            n("intermediate_size"),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            n("num_attention_heads"),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            n("num_key_value_heads"),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            G::F32(c["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            G::F32(theta.unwrap() as f32),
+        ),
+        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), G::String("gpt-2".into())),
+        ("tokenizer.ggml.tokens".into(), G::Array(tokens)),
+        ("tokenizer.ggml.merges".into(), G::Array(vec![])),
+    ];
+    if let Some(hd) = c["head_dim"].as_u64() {
+        md.push((format!("{arch}.attention.key_length"), G::U32(hd as u32)));
+        md.push((format!("{arch}.attention.value_length"), G::U32(hd as u32)));
+    }
+    if gemma {
+        md.push((
+            format!("{arch}.attention.sliding_window"),
+            G::U32(c["sliding_window"].as_u64().unwrap() as u32),
+        ));
+    }
+    let md_refs: Vec<(&str, &G)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = out.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md_refs, &t_refs).unwrap();
+}
+
+#[test]
+fn gguf_files_of_the_families_load_as_their_checkpoints() {
+    for (name, arch) in [("qwen3", "qwen3"), ("phi3", "phi3"), ("gemma3", "gemma3")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(format!("{name}.gguf"));
+        write_gguf(name, arch, &path);
+        let g = singlora::gguf::load_gguf(&path, DType::F32).unwrap();
+        // every tensor back under its Hugging Face name, Gemma's norms as stored offsets
+        let want =
+            candle_core::safetensors::load(dir(name).join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        assert_eq!(g.tensors.len(), want.len(), "{name}");
+        for (k, w) in &want {
+            let got = g.tensors.get(k).unwrap_or_else(|| panic!("{name}: no {k}"));
+            assert!(rel_diff(got, w) < 1e-6, "{name}: {k}");
+        }
+        let c = &g.config;
+        let path_cfg = tmp.path().join("config.json");
+        let cfg = Llama::config(&ConfigReader {
+            path: &path_cfg,
+            value: c,
+        })
+        .unwrap();
+        if arch == "gemma3" {
+            // llama.cpp's Gemma 3: every sixth layer global, the local RoPE base 10000, the
+            // queries scaled by the head size
+            assert_eq!(c["model_type"], "gemma3_text");
+            assert_eq!(
+                cfg.local_rope.as_ref().unwrap().1,
+                [true, true, true],
+                "a 3-layer model has no sixth layer"
+            );
+            assert_eq!(cfg.query_scale, 1.0);
+            assert!((cfg.local_rope.unwrap().0[1] - 1e4f64.powf(-2.0 / 16.0)).abs() < 1e-15);
+            continue;
+        }
+        // the same model: equal logits
+        let weights = Weights::Memory(path.clone(), g.tensors);
+        let model = Llama::load(&weights, cfg, DType::F32, &Device::Cpu).unwrap();
+        let reference = load(name);
+        let (ids, _) = golden_ids(name);
+        let logits = |m: &Llama| {
+            let h = m.hidden_states(&batch(&ids), &FastPath::default()).unwrap();
+            m.lm_logits(&h.reshape((ids.len(), h.dim(2).unwrap())).unwrap())
+                .unwrap()
+        };
+        let d = rel_diff(&logits(&model), &logits(&reference));
+        assert!(
+            d < 1e-6,
+            "{name}: logits from the GGUF {d:e} from the checkpoint's"
+        );
+    }
+}
