@@ -1,6 +1,6 @@
 //! `singlora train`, `eval` and `predict`: argument parsing and printing.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -495,6 +495,28 @@ pub struct PredictArgs {
     /// SFT: most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// SFT: 0 picks the most likely token every time (greedy); above 0 samples, lower values
+    /// sharper.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// SFT, sampling: only among the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// SFT, sampling: only among the most likely tokens that make up this probability.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// SFT, sampling: the seed (the same seed, prompt and settings give the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// SFT: stop before this string (repeatable); it is left out of the completion.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// SFT with a chat template: a system turn before each prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// SFT: print each prompt before its completion (by default only the completion).
+    #[arg(long)]
+    echo: bool,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Print JSON lines.
@@ -551,14 +573,47 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             }
         }
     } else {
-        for t in &texts {
-            let c = s.generate(t, a.max_new_tokens)?;
+        let opts = singlora::generate::GenerateOptions {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            stop: a.stop.clone(),
+        };
+        opts.check()?;
+        let (mut tokens, t0) = (0usize, std::time::Instant::now());
+        for (i, t) in texts.iter().enumerate() {
+            let system = a.system.as_deref();
             if a.json {
-                println!("{}", serde_json::json!({"prompt": t, "completion": c}));
-            } else {
-                println!("{t}{c}");
+                let c = s.generate_with(system, t, &opts, &mut |_| {})?;
+                tokens += c.tokens;
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt": t, "completion": c.text, "tokens": c.tokens,
+                        "stop_reason": c.stop_reason})
+                );
+                continue;
             }
+            if i > 0 {
+                println!();
+            }
+            if a.echo {
+                println!("{t}\n---");
+            }
+            let mut out = std::io::stdout();
+            let c = s.generate_with(system, t, &opts, &mut |piece| {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            })?;
+            println!();
+            tokens += c.tokens;
         }
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "generated {tokens} tokens in {secs:.1} s ({:.1} tokens/s)",
+            tokens as f64 / secs.max(1e-9)
+        );
     }
     Ok(())
 }

@@ -40,12 +40,22 @@ impl ChatTemplate {
 
     /// The prompt as one user turn, with the assistant's turn opened.
     pub fn user_prompt(&self, prompt: &str) -> Result<String> {
+        self.prompt_with_system(None, prompt)
+    }
+
+    /// [`ChatTemplate::user_prompt`] after a system turn, where one is given.
+    pub fn prompt_with_system(&self, system: Option<&str>, prompt: &str) -> Result<String> {
         let t = self
             .env
             .get_template("chat")
             .map_err(|e| Error::msg(format!("chat_template: {e}")))?;
+        let mut messages = vec![];
+        if let Some(system) = system {
+            messages.push(context! { role => "system", content => system });
+        }
+        messages.push(context! { role => "user", content => prompt });
         t.render(context! {
-            messages => vec![context! { role => "user", content => prompt }],
+            messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
@@ -67,6 +77,15 @@ mod tests {
         assert_eq!(
             t.user_prompt("Is it good?").unwrap(),
             "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs it good?<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn a_system_turn_replaces_the_default_one() {
+        let t = ChatTemplate::new(SMOL, None, Some("<|im_end|>".into())).unwrap();
+        assert_eq!(
+            t.prompt_with_system(Some("Be brief."), "Is it good?").unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nIs it good?<|im_end|>\n<|im_start|>assistant\n"
         );
     }
 

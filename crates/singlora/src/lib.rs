@@ -47,6 +47,7 @@ pub mod diffusion;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod gguf;
 pub mod inspect;
 pub mod linear;

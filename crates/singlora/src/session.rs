@@ -15,8 +15,23 @@ use crate::data::{
 };
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalResult};
+use crate::generate::{pick, GenerateOptions, StopReason, StopScan};
 use crate::model::{Pooling, Pretrained, TaskModel};
+use crate::rng::rng_for;
 use crate::tokenize::{special_tokens, SpecialTokens};
+
+/// Tokens that end an assistant turn in the chat formats of common models (ChatML, Gemma,
+/// LLaMA 3, Phi-3).
+const END_OF_TURN: &[&str] = &["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"];
+
+/// A generated completion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completion {
+    pub text: String,
+    /// Tokens generated (the ending token not counted).
+    pub tokens: usize,
+    pub stop_reason: StopReason,
+}
 
 pub struct Session {
     pub model: TaskModel,
@@ -177,14 +192,57 @@ impl Session {
 
     /// Greedy completion of `prompt`, stopping at the end-of-sequence token.
     pub fn generate(&self, prompt: &str, max_new_tokens: usize) -> Result<String> {
+        let opts = GenerateOptions {
+            max_new_tokens,
+            ..Default::default()
+        };
+        Ok(self.generate_with(None, prompt, &opts, &mut |_| {})?.text)
+    }
+
+    /// The ids that end a completion: end of sequence, and with a chat template the chat
+    /// format's end-of-turn tokens the vocabulary has.
+    fn end_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.special.eos.into_iter().collect();
+        if self.chat.is_some() {
+            for t in END_OF_TURN {
+                if let Some(id) = self.tokenizer.token_to_id(t) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    /// Completes `prompt` (after a `system` turn, with a chat template), handing each new
+    /// piece of text to `on_text` as it is decided (stop strings held back until they are
+    /// ruled out). The model reruns over the whole sequence for every token.
+    pub fn generate_with(
+        &self,
+        system: Option<&str>,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Completion> {
+        opts.check()?;
         let enc = match &self.chat {
             None => self.tokenizer.encode(prompt, true),
-            Some(c) => self.tokenizer.encode(c.user_prompt(prompt)?, false),
+            Some(c) => self
+                .tokenizer
+                .encode(c.prompt_with_system(system, prompt)?, false),
         }
         .map_err(|e| Error::msg(format!("cannot tokenize the prompt: {e}")))?;
         let mut ids: Vec<u32> = enc.get_ids().to_vec();
         let start = ids.len();
-        for _ in 0..max_new_tokens {
+        let ends = self.end_ids();
+        let mut rng = rng_for(opts.seed, "generate");
+        let mut scan = StopScan::new(&opts.stop);
+        let decode = |ids: &[u32]| {
+            self.tokenizer
+                .decode(ids, true)
+                .map_err(|e| Error::msg(format!("cannot decode: {e}")))
+        };
+        let mut reason = StopReason::Length;
+        for _ in 0..opts.max_new_tokens {
             let t = ids.len();
             let batch = data::Batch {
                 indices: vec![0],
@@ -195,18 +253,36 @@ impl Session {
                 target_mask: None,
                 n_tokens: t,
             };
-            let next = self
+            let logits = self
                 .model
                 .next_token_logits(&batch)?
-                .argmax(0)?
-                .to_scalar::<u32>()?;
-            if Some(next) == self.special.eos {
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            let next = pick(&logits, opts, &mut rng);
+            if ends.contains(&next) {
+                reason = StopReason::EndOfText;
                 break;
             }
             ids.push(next);
+            let text = decode(&ids[start..])?;
+            if scan.stop_at(&text).is_some() {
+                reason = StopReason::StopString;
+                on_text(scan.release(&text, true));
+                break;
+            }
+            on_text(scan.release(&text, false));
         }
-        self.tokenizer
-            .decode(&ids[start..], true)
-            .map_err(|e| Error::msg(format!("cannot decode: {e}")))
+        let mut text = decode(&ids[start..])?;
+        if let Some(at) = scan.stop_at(&text) {
+            text.truncate(at);
+        }
+        if reason != StopReason::StopString {
+            on_text(scan.release(&text, true));
+        }
+        Ok(Completion {
+            text,
+            tokens: ids.len() - start,
+            stop_reason: reason,
+        })
     }
 }
