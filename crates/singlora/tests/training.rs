@@ -267,6 +267,46 @@ fn llama_sft_and_classification_train() {
     let sess = singlora::session::Session::load(&model, &run, Device::Cpu).unwrap();
     let out = sess.generate("the movie was good", 3).unwrap();
     assert!(out.len() < 40, "{out}");
+    // sampling: the same seed gives the same text, streamed pieces add up to it, stop strings
+    // cut it before them
+    use singlora::generate::{GenerateOptions, StopReason};
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        temperature: 1.5,
+        top_k: Some(20),
+        top_p: Some(0.95),
+        seed: 11,
+        stop: vec![],
+    };
+    let mut streamed = String::new();
+    let a = sess
+        .generate_with(None, "the movie was", &opts, &mut |p| streamed.push_str(p))
+        .unwrap();
+    let b = sess
+        .generate_with(None, "the movie was", &opts, &mut |_| {})
+        .unwrap();
+    assert_eq!(a.text, b.text);
+    assert_eq!(streamed, a.text);
+    assert!(a.tokens <= 6);
+    if a.stop_reason == StopReason::Length {
+        assert_eq!(a.tokens, 6);
+    }
+    if let Some(cut) = a.text.char_indices().nth(2).map(|(i, _)| i) {
+        let stop = a.text[cut..].to_string();
+        let c = sess
+            .generate_with(
+                None,
+                "the movie was",
+                &GenerateOptions {
+                    stop: vec![stop],
+                    ..opts.clone()
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(c.text, a.text[..cut], "cut before the stop string");
+        assert_eq!(c.stop_reason, StopReason::StopString);
+    }
 
     let (train_f, eval_f) = classification_data(tmp.path(), 64, 16);
     let run = tmp.path().join("cls");
