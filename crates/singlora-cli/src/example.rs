@@ -9,6 +9,12 @@ use singlora::adapter::{AdapterKind, AdapterSpec};
 use singlora::checkpoint::Checkpoint;
 use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
 
+/// The example tokenizer's words.
+const EXAMPLE_WORDS: &str = "the a an is are was of to in and or not it this that what who \
+    where when how why yes no good bad great awful movie film book song day night cat dog \
+    red blue green one two three four five capital city france paris italy rome water fire \
+    hot cold big small fast slow happy sad answer question please thanks i you we they";
+
 pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let _keep;
     let dir = match dir {
@@ -30,8 +36,13 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     };
     let base = dir.join("base");
     write_checkpoint(&base, &shape.config(), &shape.tensors(0, DType::BF16)?, 2)?;
+    // a word-level vocabulary inside the model's 128 ids, so `train --task sft` runs on it
+    let words: Vec<&str> = EXAMPLE_WORDS.split_whitespace().collect();
+    singlora::synthetic::write_tokenizer(&base, &words, singlora::tokenize::TokenizerStyle::Llama)?;
     println!(
-        "1. a LLaMA-shaped checkpoint (bf16, 2 shards, random weights) in {}",
+        "1. a LLaMA-shaped checkpoint (bf16, 2 shards, random weights, a tokenizer of {} words) \
+         in {}",
+        words.len(),
         base.display()
     );
 
