@@ -28,16 +28,22 @@ pub struct DemoArgs {
     /// Where the runs go (default: CACHE/runs).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// singlora, lora, rslora, lora-plus or dora.
     #[arg(long, default_value = "singlora")]
     method: Method,
+    /// Passes over the training split.
     #[arg(long, default_value_t = 2)]
     epochs: usize,
+    /// The adapter's rank (alpha = rank).
     #[arg(long, default_value_t = 8)]
     rank: usize,
+    /// Learning rate (default: the method's, as for `train`).
     #[arg(long)]
     lr: Option<f64>,
+    /// Seeds the adapter's initialisation and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Only fetch and prepare the model and data.

@@ -216,8 +216,10 @@ pub struct GenerateArgs {
     /// The first image's seed; image k of a prompt uses seed + k.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sampler steps.
     #[arg(long, default_value_t = 30)]
     steps: usize,
+    /// Classifier-free guidance scale (1 turns it off).
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
     /// ddim or euler.

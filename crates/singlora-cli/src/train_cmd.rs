@@ -428,10 +428,13 @@ pub struct EvalArgs {
     /// An adapter directory (a run directory, or its best/ or a checkpoint).
     #[arg(long)]
     adapter: PathBuf,
+    /// The data to evaluate on (JSONL or CSV, in the layout the run was trained on).
     #[arg(long)]
     data: PathBuf,
+    /// Examples per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Print JSON.
@@ -481,6 +484,7 @@ pub struct PredictArgs {
     /// The base model (default: the one the adapter's run was trained on).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// An adapter directory (a run directory, or its best/ or a checkpoint).
     #[arg(long)]
     adapter: PathBuf,
     /// Texts (classification) or prompts (SFT); read from stdin, one per line, when none given.
@@ -517,6 +521,7 @@ pub struct PredictArgs {
     /// SFT: print each prompt before its completion (by default only the completion).
     #[arg(long)]
     echo: bool,
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Print JSON lines.

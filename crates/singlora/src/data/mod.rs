@@ -64,6 +64,7 @@ crate::serde_via_str!(Task);
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
 #[serde(default)]
 pub struct Columns {
+    /// The column (JSONL field, CSV header) holding the text to classify.
     #[arg(long = "text-column", id = "text_column", default_value = "text")]
     #[serde(rename = "text_column")]
     pub text: String,
@@ -72,12 +73,15 @@ pub struct Columns {
     #[arg(long = "text-pair-column", id = "text_pair_column")]
     #[serde(rename = "text_pair_column")]
     pub text_pair: Option<String>,
+    /// The column holding the label (a string or an integer).
     #[arg(long = "label-column", id = "label_column", default_value = "label")]
     #[serde(rename = "label_column")]
     pub label: String,
+    /// SFT: the column holding the prompt.
     #[arg(long = "prompt-column", id = "prompt_column", default_value = "prompt")]
     #[serde(rename = "prompt_column")]
     pub prompt: String,
+    /// SFT: the column holding the completion the model learns to write.
     #[arg(
         long = "completion-column",
         id = "completion_column",

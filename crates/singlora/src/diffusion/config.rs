@@ -59,8 +59,10 @@ pub struct DiffusionConfig {
     /// singlora, lora, rslora, lora-plus or dora.
     #[arg(long, default_value = "singlora")]
     pub method: Method,
+    /// The adapter's rank r (SingLoRA: A is max(d_in, d_out) × r; LoRA: B·A with inner size r).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
+    /// The update's scale is alpha / r (alpha / √r with rslora).
     #[arg(long, default_value_t = 8.0)]
     pub alpha: f64,
     /// U-Net modules to adapt: names or suffixes, re:REGEX, all-linear, or qk for the paper's
@@ -79,13 +81,16 @@ pub struct DiffusionConfig {
     /// Subject images per update (as many class images again with prior preservation).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
+    /// Seeds the adapter's initialisation, the noise, the timesteps and the flips.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// AdamW's decoupled weight decay on the trained tensors.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// LoRA+: B's learning rate as a multiple of A's.
     #[arg(long, default_value_t = 16.0)]
     pub lora_plus_ratio: f64,
+    /// Updates over which the learning rate rises linearly from 0.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
     /// constant, linear or cosine.
@@ -115,6 +120,7 @@ pub struct DiffusionConfig {
     /// Images per sample prompt (seeds 0, 1, …).
     #[arg(long, default_value_t = 4)]
     pub samples_per_prompt: usize,
+    /// Sampler steps of each sample image.
     #[arg(long, default_value_t = 25)]
     pub sample_steps: usize,
     /// Classifier-free guidance scale of the samples.

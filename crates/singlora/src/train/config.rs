@@ -38,8 +38,10 @@ pub struct TrainConfig {
     /// singlora, lora, rslora, lora-plus or dora.
     #[arg(long, default_value = "singlora")]
     pub method: Method,
+    /// The adapter's rank r (SingLoRA: A is max(d_in, d_out) × r; LoRA: B·A with inner size r).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
+    /// The update's scale is alpha / r (alpha / √r with rslora).
     #[arg(long, default_value_t = 8.0)]
     pub alpha: f64,
     /// Comma-separated module names or suffixes, re:REGEX, or all-linear (default: the paper's
@@ -52,6 +54,7 @@ pub struct TrainConfig {
     /// Learning rate (default: 1e-3; 2e-4 for lora-plus, whose B gets 16x).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Passes over the training data (--max-steps, when given, decides instead).
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// Stop after this many optimizer updates (overrides --epochs).
@@ -63,15 +66,20 @@ pub struct TrainConfig {
     /// Micro-batches per optimizer update.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Seeds the adapter's initialisation, the data order and the eval split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// AdamW's decoupled weight decay on the trained tensors.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// LoRA+: B's learning rate as a multiple of A's.
     #[arg(long, default_value_t = 16.0)]
     pub lora_plus_ratio: f64,
+    /// Updates over which the learning rate rises linearly from 0; when given, --warmup-ratio
+    /// is not used.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// The warm-up as a share of all updates, where --warmup-steps is not given.
     #[arg(long, default_value_t = 0.06)]
     pub warmup_ratio: f64,
     /// linear, cosine or constant.
