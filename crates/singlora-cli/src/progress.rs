@@ -31,6 +31,17 @@ impl Progress {
         }
     }
 
+    /// What is going on between updates (in the bar's message, or on a line of its own).
+    pub fn activity(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
+        match &*self.bar.lock().unwrap() {
+            Some(b) => b.set_message(text.to_string()),
+            None => eprintln!("{text}"),
+        }
+    }
+
     /// A run of `total` updates starts after update `from`.
     pub fn start(&self, total: u64, from: u64) {
         if self.quiet || !std::io::stderr().is_terminal() {

@@ -308,6 +308,13 @@ impl Observer for Progress {
         self.line.update(r.step, r.total, msg);
     }
 
+    fn evaluating(&self, step: u64, n: usize) {
+        self.line.activity(&match step {
+            0 => format!("evaluating the model before training on {n} examples…"),
+            _ => format!("evaluating update {step} on {n} examples…"),
+        });
+    }
+
     fn evaluated(&self, step: u64, e: &EvalResult) {
         match step {
             0 => self.say(&format!("before training: {}", e.summary())),

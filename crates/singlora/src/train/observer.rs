@@ -46,6 +46,8 @@ pub trait Observer: Send + Sync {
     fn skipped_checkpoint(&self, _dir: &Path, _why: &str) {}
     /// After each optimizer update.
     fn updated(&self, _report: &UpdateReport) {}
+    /// An evaluation on `n` examples starts; `step` 0 is the model before training.
+    fn evaluating(&self, _step: u64, _n: usize) {}
     /// After each evaluation; `step` 0 is the model before training.
     fn evaluated(&self, _step: u64, _result: &EvalResult) {}
     /// The per-class report of the final evaluation (classification).

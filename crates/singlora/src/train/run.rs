@@ -204,6 +204,7 @@ impl<'a> Trainer<'a> {
     /// Trains to the planned number of updates, or until asked to stop.
     pub(super) fn run(mut self) -> Result<TrainSummary> {
         let baseline_eval = if self.st.step == 0 && self.lead() {
+            self.announce_eval();
             self.s.evaluate()?
         } else {
             None
@@ -326,7 +327,7 @@ impl<'a> Trainer<'a> {
         }
 
         if self.lead() && !stopped_early {
-            self.write_outputs(final_eval.as_ref())?;
+            self.write_outputs(final_eval.as_ref(), last_loss)?;
         }
         let summary = TrainSummary {
             run_dir: self.out.clone(),
@@ -425,9 +426,18 @@ impl<'a> Trainer<'a> {
         Ok((loss, if weight > 0.0 { batch.n_tokens } else { 0 }))
     }
 
+    /// Tells the observer an evaluation starts, where there is eval data.
+    fn announce_eval(&self) {
+        let n = self.s.data.eval_items.len();
+        if n > 0 {
+            self.obs.evaluating(self.st.step, n);
+        }
+    }
+
     /// An evaluation (rank 0): logged, reported, and the adapter kept in `best/` when its
     /// loss is the lowest so far.
     fn evaluate_and_keep_best(&mut self) -> Result<Option<EvalResult>> {
+        self.announce_eval();
         let Some(e) = self.s.evaluate()? else {
             return Ok(None);
         };
@@ -442,8 +452,13 @@ impl<'a> Trainer<'a> {
         Ok(Some(e))
     }
 
-    /// The final adapter, curves.svg and, for classification, eval_report.txt (rank 0).
-    fn write_outputs(&self, final_eval: Option<&EvalResult>) -> Result<()> {
+    /// The final adapter, curves.svg, for classification eval_report.txt, and the end of the
+    /// run in run.json (rank 0).
+    fn write_outputs(
+        &self,
+        final_eval: Option<&EvalResult>,
+        train_loss: Option<f64>,
+    ) -> Result<()> {
         let out = &self.out;
         write_adapter_in_place(&self.s.adapter_file()?, out)?;
         let lines = crate::metrics::read_metrics(&out.join("metrics.jsonl"))?;
@@ -451,17 +466,41 @@ impl<'a> Trainer<'a> {
             "{} r={} on {}",
             self.cfg.method,
             self.cfg.rank,
-            self.cfg.model.display()
+            super::rundir::model_name(&self.cfg.model)
         );
         crate::plot::write_curves(&out.join("curves.svg"), &lines, &title)?;
+        let eval_source = match (&self.cfg.eval, self.cfg.eval_fraction) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(f)) => format!(
+                "{} of the rows of {} held out (--eval-fraction)",
+                f,
+                self.cfg.train.display()
+            ),
+            (None, None) => "the eval split".to_string(),
+        };
         if let (Some(e), Some(labels)) = (final_eval, &self.s.data.labels) {
             if let Some(m) = &e.metrics {
                 let report = m.render(&labels.names);
-                crate::atomic::write_file(&out.join("eval_report.txt"), report.as_bytes())?;
+                let header = format!(
+                    "The adapter after update {} of {}, on {} ({} examples).\n\n",
+                    self.st.step, self.s.plan.total_updates, eval_source, e.n
+                );
+                crate::atomic::write_file(
+                    &out.join("eval_report.txt"),
+                    format!("{header}{report}").as_bytes(),
+                )?;
                 self.obs.class_report(&report);
             }
         }
-        Ok(())
+        super::rundir::finish_run_json(
+            out,
+            json!({
+                "step": self.st.step,
+                "train_loss": train_loss,
+                "eval": final_eval.map(|e| e.to_json(self.st.step)),
+                "eval_data": final_eval.map(|_| eval_source),
+            }),
+        )
     }
 }
 

@@ -120,13 +120,44 @@ fn lock(dir: &Path) -> Result<File> {
 
 /// Writes `RUN_DIR/run.json` atomically: `fields` (the run's settings and plan) with the
 /// versions and start time every run records.
+/// The short name of a model path for titles: its directory's name, or the file's stem.
+pub fn model_name(model: &Path) -> String {
+    let name = if model.is_file() {
+        model.file_stem()
+    } else {
+        model.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model.display().to_string())
+}
+
+/// Records in run.json when the run ended and what it ended with (`final`).
+pub fn finish_run_json(out: &Path, last: serde_json::Value) -> Result<()> {
+    let p = out.join("run.json");
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(&p, format!("not JSON: {e}")))?;
+    v["finished"] = serde_json::json!(now_secs());
+    v["final"] = last;
+    crate::atomic::write_file(
+        &p,
+        serde_json::to_string_pretty(&v)
+            .expect("JSON values serialise")
+            .as_bytes(),
+    )
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub fn write_run_json(out: &Path, mut fields: serde_json::Value) -> Result<()> {
     fields["versions"] =
         serde_json::json!({"singlora": env!("CARGO_PKG_VERSION"), "candle": "0.11.1"});
-    fields["started"] = serde_json::json!(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0));
+    fields["started"] = serde_json::json!(now_secs());
     crate::atomic::write_file(
         &out.join("run.json"),
         serde_json::to_string_pretty(&fields)
