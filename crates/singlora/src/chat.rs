@@ -45,22 +45,60 @@ impl ChatTemplate {
 
     /// [`ChatTemplate::user_prompt`] after a system turn, where one is given.
     pub fn prompt_with_system(&self, system: Option<&str>, prompt: &str) -> Result<String> {
+        let mut turns = vec![];
+        if let Some(system) = system {
+            turns.push(("system", system));
+        }
+        turns.push(("user", prompt));
+        self.render(&turns, true)
+    }
+
+    /// A conversation of (role, content) turns; `add_generation_prompt` opens the
+    /// assistant's next turn.
+    pub fn render(&self, turns: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
         let t = self
             .env
             .get_template("chat")
             .map_err(|e| Error::msg(format!("chat_template: {e}")))?;
-        let mut messages = vec![];
-        if let Some(system) = system {
-            messages.push(context! { role => "system", content => system });
-        }
-        messages.push(context! { role => "user", content => prompt });
+        let messages: Vec<_> = turns
+            .iter()
+            .map(|(role, content)| context! { role => role, content => content })
+            .collect();
         t.render(context! {
             messages => messages,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
         })
-        .map_err(|e| Error::msg(format!("chat_template: cannot render a prompt: {e}")))
+        .map_err(|e| Error::msg(format!("chat_template: cannot render a conversation: {e}")))
+    }
+
+    /// The conversation's text and the byte ranges of its assistant turns (each from the end
+    /// of the prompt that opens it to the end of the turn the template closes): the text a
+    /// model learns to write. Refused where rendering a conversation does not extend the
+    /// rendering of its beginning, since the spans could not be found then.
+    pub fn assistant_spans(
+        &self,
+        turns: &[(&str, &str)],
+    ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
+        let full = self.render(turns, false)?;
+        let mut spans = vec![];
+        for (i, (role, _)) in turns.iter().enumerate() {
+            if *role != "assistant" {
+                continue;
+            }
+            let opened = self.render(&turns[..i], true)?;
+            let closed = self.render(&turns[..=i], false)?;
+            if !closed.starts_with(&opened) || !full.starts_with(&closed) {
+                return Err(Error::msg(format!(
+                    "chat_template: the conversation up to turn {i} does not render as the \
+                     start of the whole conversation, so the assistant's text cannot be told \
+                     apart from the rest"
+                )));
+            }
+            spans.push(opened.len()..closed.len());
+        }
+        Ok((full, spans))
     }
 }
 
@@ -78,6 +116,21 @@ mod tests {
             t.user_prompt("Is it good?").unwrap(),
             "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs it good?<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn assistant_spans_cover_the_answers_and_their_end_of_turn() {
+        let t = ChatTemplate::new(SMOL, None, Some("<|im_end|>".into())).unwrap();
+        let turns = [
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Bye"),
+            ("assistant", "Bye!"),
+        ];
+        let (text, spans) = t.assistant_spans(&turns).unwrap();
+        let got: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(got, ["Hello.<|im_end|>\n", "Bye!<|im_end|>\n"]);
+        assert!(text.starts_with("<|im_start|>system\nYou are helpful."));
     }
 
     #[test]

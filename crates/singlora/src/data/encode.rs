@@ -53,7 +53,7 @@ pub struct EncodeOptions<'a> {
     /// Appended to SFT completions.
     pub eos: Option<u32>,
     /// SFT: prompts are wrapped in this chat template (a user turn, the assistant's turn
-    /// opened) and tokenized without added special tokens.
+    /// opened) and conversations rendered by it, both tokenized without added special tokens.
     pub chat: Option<&'a ChatTemplate>,
     pub truncation: Truncation,
 }
@@ -221,13 +221,20 @@ fn encode_rows(
                 row.classify(t, record, text, text_pair.as_deref(), label)?
             }
             Example::Sft { prompt, completion } => row.sft(record, prompt, completion)?,
+            Example::Chat { messages } => row.chat(record, messages)?,
         };
         let note = |reason: String| BadRow {
             path: ds.path.clone(),
             line: record.line,
             reason,
         };
+        let learns_nothing =
+            matches!(record.example, Example::Chat { .. }) && !fitted.enc.target_mask.contains(&1);
         match fitted.cut {
+            Some(_) if learns_nothing => out.dropped.push(note(format!(
+                "longer than {max_length} tokens, and none of the assistant's turns is left \
+                 within them: left out"
+            ))),
             None => out.items.push(fitted.enc),
             Some(_) if opts.truncation == Truncation::Drop => out.dropped.push(note(format!(
                 "longer than {max_length} tokens: left out (--truncation drop)"
@@ -243,10 +250,16 @@ fn encode_rows(
     if out.items.is_empty() && !out.dropped.is_empty() {
         return Err(Error::bad_file(
             &ds.path,
-            format!(
-                "every row is longer than {max_length} tokens, and --truncation drop leaves them \
-                 all out"
-            ),
+            match opts.truncation {
+                Truncation::Drop => format!(
+                    "every row is longer than {max_length} tokens, and --truncation drop leaves \
+                     them all out"
+                ),
+                _ => format!(
+                    "every row is left out: within {max_length} tokens none keeps an assistant \
+                     turn to learn from (raise --max-length)"
+                ),
+            },
         ));
     }
     Ok(out)
@@ -349,6 +362,64 @@ impl RowEncoder<'_> {
                 type_ids: enc.get_type_ids().to_vec(),
                 label: Some(label),
                 target_mask: vec![0; enc.len()],
+            },
+            cut,
+        })
+    }
+
+    /// A conversation through the chat template; the assistant's turns (their text and the
+    /// template's end of turn) are the targets. A long one keeps its start (right, drop) or
+    /// its end (left).
+    fn chat(&self, record: &Record, messages: &[super::Message]) -> Result<Fitted> {
+        let located = |e: Error| Error::msg(format!("{}: {e}", self.ds.locate(record)));
+        let chat = self.opts.chat.ok_or_else(|| {
+            Error::msg(format!(
+                "{}: a `messages` row needs the model's chat template (tokenizer_config.json's \
+                 chat_template or the GGUF's), and this run has none (a model without one, or \
+                 --no-chat-template): use prompt/completion rows",
+                self.ds.locate(record)
+            ))
+        })?;
+        let turns: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        let (text, spans) = chat.assistant_spans(&turns).map_err(located)?;
+        let enc = self
+            .tok
+            .encode(text.as_str(), false)
+            .map_err(|e| self.error(record, e))?;
+        let mut ids = enc.get_ids().to_vec();
+        // a token is learned when it starts inside an assistant span
+        let mut target_mask: Vec<u8> = enc
+            .get_offsets()
+            .iter()
+            .map(|&(start, end)| {
+                let inside = spans.iter().any(|s| s.contains(&start) && end > start);
+                u8::from(inside)
+            })
+            .collect();
+        let max_length = self.opts.max_length;
+        let n = ids.len();
+        let cut = (n > max_length).then(|| match self.opts.truncation {
+            Truncation::Left => {
+                ids.drain(..n - max_length);
+                target_mask.drain(..n - max_length);
+                "the start of the conversation".to_string()
+            }
+            Truncation::Right | Truncation::Drop => {
+                ids.truncate(max_length);
+                target_mask.truncate(max_length);
+                "the end of the conversation".to_string()
+            }
+        });
+        let len = ids.len();
+        Ok(Fitted {
+            enc: Encoded {
+                ids,
+                type_ids: vec![0; len],
+                label: None,
+                target_mask,
             },
             cut,
         })
@@ -613,6 +684,115 @@ mod tests {
         };
         let err = encode_with(&tok, &ds, None, &opts).unwrap_err().to_string();
         assert!(err.contains("s.jsonl:1"), "{err}");
+    }
+
+    #[test]
+    fn conversations_learn_the_assistant_turns_only() {
+        let tok = word_level_tokenizer(WORDS, TokenizerStyle::Llama);
+        // turns as `<s> ROLE-WORD content`, the assistant's closed by `p` (its end of turn);
+        // roles: system → m, user → n, assistant → o
+        let chat = crate::chat::ChatTemplate::new(
+            "{% for m in messages %}<s> {% if m['role'] == 'system' %}m{% elif m['role'] == 'user' %}n{% else %}o{% endif %} {{ m['content'] }}{% if m['role'] == 'assistant' %} p{% endif %} {% endfor %}{% if add_generation_prompt %}<s> o {% endif %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let msg = |role: &str, content: &str| crate::data::Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        let ds = Dataset {
+            path: PathBuf::from("c.jsonl"),
+            records: vec![Record {
+                line: 1,
+                example: Example::Chat {
+                    messages: vec![
+                        msg("system", "a"),
+                        msg("user", "b c"),
+                        msg("assistant", "d"),
+                        msg("user", "e"),
+                        msg("assistant", "f g"),
+                    ],
+                },
+            }],
+            skipped: vec![],
+        };
+        let opts = EncodeOptions {
+            eos: Some(3),
+            chat: Some(&chat),
+            ..EncodeOptions::new(64)
+        };
+        let enc = &encode_with(&tok, &ds, None, &opts).unwrap().items[0];
+        let (s, m, n, o, p) = (2, id("m"), id("n"), id("o"), id("p"));
+        assert_eq!(
+            enc.ids,
+            vec![
+                s,
+                m,
+                id("a"),
+                s,
+                n,
+                id("b"),
+                id("c"),
+                s,
+                o,
+                id("d"),
+                p,
+                s,
+                n,
+                id("e"),
+                s,
+                o,
+                id("f"),
+                id("g"),
+                p
+            ]
+        );
+        // the answers and their end of turn, not the prompts that open them
+        assert_eq!(
+            enc.target_mask,
+            vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1]
+        );
+        // cut to 12 tokens: right keeps the first answer; left keeps the second
+        let cut = |t: Truncation| {
+            let opts = EncodeOptions {
+                truncation: t,
+                max_length: 12,
+                ..opts
+            };
+            encode_with(&tok, &ds, None, &opts).unwrap()
+        };
+        let right = cut(Truncation::Right);
+        assert_eq!(
+            right.items[0]
+                .target_mask
+                .iter()
+                .filter(|&&x| x == 1)
+                .count(),
+            2
+        );
+        assert_eq!(right.truncated.len(), 1);
+        let left = cut(Truncation::Left);
+        assert_eq!(left.items[0].ids[9..], [id("f"), id("g"), p]);
+        // cut to 8: no answer left, so the row is left out
+        let short = EncodeOptions {
+            max_length: 8,
+            ..opts
+        };
+        let err = encode_with(&tok, &ds, None, &short)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("assistant turn"), "{err}");
+        // without a chat template the row is refused, naming it
+        let opts = EncodeOptions {
+            chat: None,
+            ..EncodeOptions::new(64)
+        };
+        let err = encode_with(&tok, &ds, None, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("c.jsonl:1") && err.contains("chat template"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ impl LabelSet {
                 Example::Classify { label, .. } => {
                     distinct.insert(label.as_str());
                 }
-                Example::Sft { .. } => {
+                Example::Sft { .. } | Example::Chat { .. } => {
                     return Err(Error::bad_file(
                         &ds.path,
                         "holds prompt/completion rows; labels need classification rows",

@@ -114,6 +114,18 @@ pub enum Example {
         prompt: String,
         completion: String,
     },
+    /// SFT on a conversation (a JSONL `messages` list), learning the assistant's turns.
+    Chat {
+        messages: Vec<Message>,
+    },
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// system, user or assistant.
+    pub role: String,
+    pub content: String,
 }
 
 impl Example {
@@ -121,7 +133,7 @@ impl Example {
     pub fn label(&self) -> Option<&str> {
         match self {
             Example::Classify { label, .. } => Some(label),
-            Example::Sft { .. } => None,
+            Example::Sft { .. } | Example::Chat { .. } => None,
         }
     }
 }

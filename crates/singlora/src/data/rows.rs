@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::{BadRow, Columns, Dataset, Example, Record, Task, DEFAULT_TEXT_PAIR};
+use super::{BadRow, Columns, Dataset, Example, Message, Record, Task, DEFAULT_TEXT_PAIR};
 use crate::error::{Error, IoContext, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +143,10 @@ enum Field<'a> {
 /// How a row is looked up: JSON fields or CSV columns (named so in messages).
 trait Row {
     fn get(&self, name: &str) -> Field<'_>;
+    /// The JSON value of a field (JSON Lines only).
+    fn json(&self, _name: &str) -> Option<&Value> {
+        None
+    }
     /// "field" or "column".
     fn noun(&self) -> &'static str;
     /// A hint appended to "missing …" reasons.
@@ -165,6 +169,10 @@ fn describe(v: &Value) -> String {
 }
 
 impl Row for JsonRow<'_> {
+    fn json(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
     fn get(&self, name: &str) -> Field<'_> {
         match self.0.get(name) {
             None => Field::Missing,
@@ -275,6 +283,9 @@ fn example(row: &dyn Row, task: Task, columns: &Columns) -> std::result::Result<
                 (t, p, l) => Err(join_errors([t.err(), p.err(), l.err()])),
             }
         }
+        Task::Sft if row.json(MESSAGES).is_some() => {
+            messages_field(row).map(|messages| Example::Chat { messages })
+        }
         Task::Sft => {
             let prompt = text_field(row, &columns.prompt);
             let completion = text_field(row, &columns.completion);
@@ -284,6 +295,54 @@ fn example(row: &dyn Row, task: Task, columns: &Columns) -> std::result::Result<
             }
         }
     }
+}
+
+/// The JSONL field of a conversation.
+const MESSAGES: &str = "messages";
+
+/// A conversation: a list of {"role", "content"} objects, roles system, user and assistant,
+/// with at least one assistant turn to learn from.
+fn messages_field(row: &dyn Row) -> std::result::Result<Vec<Message>, String> {
+    let Some(Value::Array(list)) = row.json(MESSAGES) else {
+        return Err(format!(
+            "field `{MESSAGES}` must be a list of {{\"role\", \"content\"}} objects"
+        ));
+    };
+    let mut out = vec![];
+    for (i, m) in list.iter().enumerate() {
+        let at = format!("`{MESSAGES}[{i}]`");
+        let Value::Object(m) = m else {
+            return Err(format!("{at} must be an object, found {}", describe(m)));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) if matches!(r.as_str(), "system" | "user" | "assistant") => {
+                r.clone()
+            }
+            Some(other) => {
+                return Err(format!(
+                    "{at}.role must be system, user or assistant, found {other}"
+                ))
+            }
+            None => return Err(format!("{at} has no `role`")),
+        };
+        let content = match m.get("content") {
+            Some(Value::String(c)) => c.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "{at}.content must be a string, found {}",
+                    describe(other)
+                ))
+            }
+            None => return Err(format!("{at} has no `content`")),
+        };
+        out.push(Message { role, content });
+    }
+    if !out.iter().any(|m| m.role == "assistant") {
+        return Err(format!(
+            "field `{MESSAGES}` has no assistant turn: there is nothing to learn from it"
+        ));
+    }
+    Ok(out)
 }
 
 fn join_errors<const N: usize>(errors: [Option<String>; N]) -> String {
@@ -777,6 +836,50 @@ mod tests {
                 completion: " 4".into()
             }
         );
+    }
+
+    #[test]
+    fn conversation_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            &dir,
+            "chat.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}]}\n\
+             {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n\
+             {\"messages\": [{\"role\": \"bot\", \"content\": \"Hi\"}]}\n\
+             {\"messages\": [{\"role\": \"assistant\", \"content\": 3}]}\n\
+             {\"messages\": \"Hi\"}\n\
+             {\"prompt\": \"Q\", \"completion\": \"A\"}\n",
+        );
+        let err = load_dataset(&p, Task::Sft, &Columns::default(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2: field `messages` has no assistant turn"),
+            "{err}"
+        );
+        assert!(
+            err.contains(":3: `messages[0]`.role must be system, user or assistant"),
+            "{err}"
+        );
+        assert!(
+            err.contains(":4: `messages[0]`.content must be a string"),
+            "{err}"
+        );
+        assert!(err.contains(":5: field `messages` must be a list"), "{err}");
+        let ds = load_dataset(&p, Task::Sft, &Columns::default(), true).unwrap();
+        let msg = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        assert_eq!(
+            ds.records[0].example,
+            Example::Chat {
+                messages: vec![msg("user", "Hi"), msg("assistant", "Hello")]
+            }
+        );
+        // prompt/completion rows may sit beside conversations
+        assert!(matches!(ds.records[1].example, Example::Sft { .. }));
     }
 
     #[test]
