@@ -546,3 +546,66 @@ fn gemma3_270m_gguf_matches_transformers() {
     assert!(worst <= 2e-3, "logits {worst:e} from transformers'");
     eprintln!("Gemma 3 270M GGUF: logits within {worst:.2e} of transformers'");
 }
+
+/// SmolLM2-Instruct's own chat template and tokenizer (from its GGUF): a two-turn
+/// conversation learns exactly the assistant's answers, each with `<|im_end|>` and the newline
+/// the template writes after it, token by token.
+#[test]
+fn smollm2_conversation_masks_cover_the_answers_only() {
+    let Some(gguf) = smollm2() else {
+        eprintln!("skipped: SmolLM2 GGUF not found (set SINGLORA_SMOLLM2_GGUF)");
+        return;
+    };
+    use singlora::data::{encode_with, Dataset, EncodeOptions, Example, Message, Record};
+    let pre = Pretrained::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let chat = pre
+        .chat_template()
+        .unwrap()
+        .expect("SmolLM2-Instruct has a chat template");
+    let msg = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let ds = Dataset {
+        path: "chat.jsonl".into(),
+        records: vec![Record {
+            line: 1,
+            example: Example::Chat {
+                messages: vec![
+                    msg("system", "Be brief."),
+                    msg("user", "Sky colour?"),
+                    msg("assistant", "Blue."),
+                    msg("user", "And grass?"),
+                    msg("assistant", "Green, mostly."),
+                ],
+            },
+        }],
+        skipped: vec![],
+    };
+    let opts = EncodeOptions {
+        chat: Some(&chat),
+        ..EncodeOptions::new(256)
+    };
+    let enc = &encode_with(&pre.tokenizer, &ds, None, &opts).unwrap().items[0];
+    // the runs of target tokens, decoded
+    let mut runs: Vec<Vec<u32>> = vec![];
+    for (i, (&id, &m)) in enc.ids.iter().zip(&enc.target_mask).enumerate() {
+        if m == 1 {
+            if i == 0 || enc.target_mask[i - 1] == 0 {
+                runs.push(vec![]);
+            }
+            runs.last_mut().unwrap().push(id);
+        }
+    }
+    let texts: Vec<String> = runs
+        .iter()
+        .map(|r| pre.tokenizer.decode(r, false).unwrap())
+        .collect();
+    assert_eq!(texts, ["Blue.<|im_end|>\n", "Green, mostly.<|im_end|>\n"]);
+    // and the rest is the conversation's prompts
+    let all = pre.tokenizer.decode(&enc.ids, false).unwrap();
+    assert!(
+        all.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSky colour?"),
+        "{all}"
+    );
+}

@@ -283,7 +283,7 @@ fn example(row: &dyn Row, task: Task, columns: &Columns) -> std::result::Result<
                 (t, p, l) => Err(join_errors([t.err(), p.err(), l.err()])),
             }
         }
-        Task::Sft if row.json(MESSAGES).is_some() => {
+        Task::Sft if row.json(MESSAGES).is_some() || row.json(CONVERSATIONS).is_some() => {
             messages_field(row).map(|messages| Example::Chat { messages })
         }
         Task::Sft => {
@@ -297,49 +297,55 @@ fn example(row: &dyn Row, task: Task, columns: &Columns) -> std::result::Result<
     }
 }
 
-/// The JSONL field of a conversation.
+/// The JSONL field of a conversation: OpenAI's `messages` ({"role", "content"}) or
+/// ShareGPT's `conversations` ({"from", "value"}, from system, human or gpt).
 const MESSAGES: &str = "messages";
+const CONVERSATIONS: &str = "conversations";
 
-/// A conversation: a list of {"role", "content"} objects, roles system, user and assistant,
-/// with at least one assistant turn to learn from.
+/// A conversation, with at least one assistant turn to learn from.
 fn messages_field(row: &dyn Row) -> std::result::Result<Vec<Message>, String> {
-    let Some(Value::Array(list)) = row.json(MESSAGES) else {
+    let (field, role_key, content_key, known) = match row.json(MESSAGES) {
+        Some(_) => (MESSAGES, "role", "content", "system, user or assistant"),
+        None => (CONVERSATIONS, "from", "value", "system, human or gpt"),
+    };
+    let Some(Value::Array(list)) = row.json(field) else {
         return Err(format!(
-            "field `{MESSAGES}` must be a list of {{\"role\", \"content\"}} objects"
+            "field `{field}` must be a list of {{\"{role_key}\", \"{content_key}\"}} objects"
         ));
     };
     let mut out = vec![];
     for (i, m) in list.iter().enumerate() {
-        let at = format!("`{MESSAGES}[{i}]`");
+        let at = format!("`{field}[{i}]`");
         let Value::Object(m) = m else {
             return Err(format!("{at} must be an object, found {}", describe(m)));
         };
-        let role = match m.get("role") {
-            Some(Value::String(r)) if matches!(r.as_str(), "system" | "user" | "assistant") => {
-                r.clone()
-            }
-            Some(other) => {
-                return Err(format!(
-                    "{at}.role must be system, user or assistant, found {other}"
-                ))
-            }
-            None => return Err(format!("{at} has no `role`")),
+        let Some(given) = m.get(role_key) else {
+            return Err(format!("{at} has no `{role_key}`"));
         };
-        let content = match m.get("content") {
+        let role = match (field, given.as_str()) {
+            (_, Some("system")) => "system",
+            (MESSAGES, Some("user")) | (CONVERSATIONS, Some("human")) => "user",
+            (MESSAGES, Some("assistant")) | (CONVERSATIONS, Some("gpt")) => "assistant",
+            _ => return Err(format!("{at}.{role_key} must be {known}, found {given}")),
+        };
+        let content = match m.get(content_key) {
             Some(Value::String(c)) => c.clone(),
             Some(other) => {
                 return Err(format!(
-                    "{at}.content must be a string, found {}",
+                    "{at}.{content_key} must be a string, found {}",
                     describe(other)
                 ))
             }
-            None => return Err(format!("{at} has no `content`")),
+            None => return Err(format!("{at} has no `{content_key}`")),
         };
-        out.push(Message { role, content });
+        out.push(Message {
+            role: role.to_string(),
+            content,
+        });
     }
     if !out.iter().any(|m| m.role == "assistant") {
         return Err(format!(
-            "field `{MESSAGES}` has no assistant turn: there is nothing to learn from it"
+            "field `{field}` has no assistant turn: there is nothing to learn from it"
         ));
     }
     Ok(out)
@@ -849,7 +855,9 @@ mod tests {
              {\"messages\": [{\"role\": \"bot\", \"content\": \"Hi\"}]}\n\
              {\"messages\": [{\"role\": \"assistant\", \"content\": 3}]}\n\
              {\"messages\": \"Hi\"}\n\
-             {\"prompt\": \"Q\", \"completion\": \"A\"}\n",
+             {\"prompt\": \"Q\", \"completion\": \"A\"}\n\
+             {\"conversations\": [{\"from\": \"human\", \"value\": \"Hi\"}, {\"from\": \"gpt\", \"value\": \"Hello\"}]}\n\
+             {\"conversations\": [{\"from\": \"user\", \"value\": \"Hi\"}]}\n",
         );
         let err = load_dataset(&p, Task::Sft, &Columns::default(), false)
             .unwrap_err()
@@ -867,6 +875,10 @@ mod tests {
             "{err}"
         );
         assert!(err.contains(":5: field `messages` must be a list"), "{err}");
+        assert!(
+            err.contains(":8: `conversations[0]`.from must be system, human or gpt"),
+            "{err}"
+        );
         let ds = load_dataset(&p, Task::Sft, &Columns::default(), true).unwrap();
         let msg = |role: &str, content: &str| Message {
             role: role.into(),
@@ -878,8 +890,9 @@ mod tests {
                 messages: vec![msg("user", "Hi"), msg("assistant", "Hello")]
             }
         );
-        // prompt/completion rows may sit beside conversations
+        // prompt/completion rows may sit beside conversations; ShareGPT's read as OpenAI's
         assert!(matches!(ds.records[1].example, Example::Sft { .. }));
+        assert_eq!(ds.records[2].example, ds.records[0].example);
     }
 
     #[test]
