@@ -30,6 +30,11 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, IoContext, Result};
 
+pub mod lora;
+pub mod model;
+pub mod vocab;
+pub mod write;
+
 /// The four bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
 
@@ -577,7 +582,7 @@ fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
 // Tokenizer
 
 /// LLaMA 3's split (numbers in groups of up to three, newlines kept apart).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How `tokenizer.ggml.pre` splits text before BPE, as llama.cpp does it.
 enum PreSplit {

@@ -26,6 +26,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::model::Family;
 
 pub mod diffusers;
+pub mod gguf;
 pub mod head;
 
 use head::BaseFacts;
@@ -36,6 +37,9 @@ pub struct MergeOptions {
     pub overwrite: bool,
     /// Cast every float tensor to this dtype (default: keep the base's).
     pub dtype: Option<DType>,
+    /// Write one GGUF file for llama.cpp with these tensor types instead of a checkpoint
+    /// directory ([`gguf`]).
+    pub gguf: Option<crate::gguf::model::GgufQuant>,
 }
 
 /// What a merge did.
@@ -353,6 +357,14 @@ pub fn merge_checkpoint(
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
+    if let Some(quant) = opts.gguf {
+        if opts.dtype.is_some() {
+            return Err(Error::msg(
+                "--dtype casts a safetensors checkpoint; a GGUF output takes its types from --quant",
+            ));
+        }
+        return gguf::merge_to_gguf(base, adapter, out, opts.overwrite, quant);
+    }
     if let Some(gguf) = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists())
     {
         let af = AdapterFile::read(adapter, &Device::Cpu)?;

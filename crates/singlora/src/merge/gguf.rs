@@ -1,0 +1,229 @@
+//! Merging into a GGUF file for llama.cpp and Ollama: W = W0 + ΔW computed as every merge is
+//! (f64, cast once, non-finite refused), then the whole model written as a LLaMA GGUF
+//! ([`crate::gguf::model`]) in the types `--quant` asks for.
+//!
+//! The base is a Hugging Face LLaMA-family directory (its config.json becomes the `llama.*`
+//! metadata, tokenizer.json and tokenizer_config.json the `tokenizer.*` metadata) or a GGUF file
+//! (its metadata are kept as they are, chat template included; a tensor the adapter does not
+//! change and whose type stays the same is copied byte for byte).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+
+use super::{base_weight, merge_layers, MergeReport};
+use crate::adapter::file::AdapterFile;
+use crate::atomic::check_disjoint;
+use crate::checkpoint::{float_dtype, Checkpoint};
+use crate::error::{Error, IoContext, Result};
+use crate::gguf::model::{
+    gguf_name, hf_llama_metadata, write_llama_gguf, GgufQuant, LlamaGguf, TensorData,
+};
+use crate::gguf::vocab::hf_tokenizer_metadata;
+use crate::gguf::write::WRITER_KEY;
+use crate::model::llama::{Llama, LlamaConfig};
+use crate::model::weights::ConfigReader;
+use crate::model::Family;
+
+/// Merges `adapter` into `base` and writes the GGUF file `out` with tensor types `quant`.
+pub(super) fn merge_to_gguf(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    overwrite: bool,
+    quant: GgufQuant,
+) -> Result<MergeReport> {
+    let inputs = [("--base", base), ("--adapter", adapter)];
+    check_disjoint(out, &inputs)?;
+    let af = AdapterFile::read(adapter, &Device::Cpu)?;
+    if !af.heads.is_empty() {
+        return Err(Error::msg(
+            "the adapter holds a classification head, which llama.cpp's LLaMA has no place for; merge it as safetensors instead (--format safetensors)",
+        ));
+    }
+    af.config
+        .check_weight_layout(Some(Family::Llama), af.layers.keys().next())?;
+    let gguf = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists());
+    let (files, max_abs_change, cleaned) = match gguf {
+        Some(g) => from_gguf(&g, &af, out, overwrite, quant, &inputs)?,
+        None => from_hf(base, &af, out, overwrite, quant, &inputs)?,
+    };
+    Ok(MergeReport {
+        files,
+        ..MergeReport::of(&af, max_abs_change, None, cleaned)
+    })
+}
+
+type Written = (Vec<String>, f64, Vec<std::path::PathBuf>);
+
+fn llama_config(path: &Path, config: &serde_json::Value) -> Result<LlamaConfig> {
+    Llama::config(&ConfigReader {
+        path,
+        value: config,
+    })
+}
+
+fn file_name(out: &Path) -> String {
+    out.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn from_gguf(
+    path: &Path,
+    af: &AdapterFile,
+    out: &Path,
+    overwrite: bool,
+    quant: GgufQuant,
+    inputs: &[(&str, &Path)],
+) -> Result<Written> {
+    let g = crate::gguf::load_gguf(path, DType::F32)?;
+    let cfg = llama_config(path, &g.config)?;
+    let (merged, max_change) = merge_layers(
+        af,
+        |name| {
+            g.tensors.get(name).cloned().ok_or_else(|| {
+                Error::msg(format!(
+                    "the adapter has a layer for `{name}` but {} has no such tensor",
+                    path.display()
+                ))
+            })
+        },
+        Some(DType::F32),
+    )?;
+    if cfg.tie_embeddings && merged.contains_key("lm_head.weight") {
+        return Err(Error::msg(
+            "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
+        ));
+    }
+    let mut reader = BufReader::new(File::open(path).at(path)?);
+    let content = Content::read(&mut reader)
+        .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
+    let mut metadata: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| *k != WRITER_KEY && *k != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // general.architecture first, as llama.cpp's writer puts it; the rest in key order
+    metadata.sort_by(|(a, _), (b, _)| {
+        (a != "general.architecture", a.as_str()).cmp(&(b != "general.architecture", b.as_str()))
+    });
+    let mut base_types = BTreeMap::new();
+    for hf in g.tensors.keys() {
+        if let Some(info) = gguf_name(hf).and_then(|n| content.tensor_infos.get(&n)) {
+            base_types.insert(hf.clone(), info.ggml_dtype);
+        }
+    }
+    let m = LlamaGguf {
+        metadata,
+        heads: cfg.heads,
+        kv_heads: cfg.kv_heads,
+        layers: cfg.layers,
+        tied: cfg.tie_embeddings,
+        tensors: g
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect(),
+        base_types,
+    };
+    let (_, cleaned) = write_llama_gguf(out, overwrite, inputs, &m, quant, |hf, info| {
+        if let Some(t) = merged.get(hf) {
+            return Ok(TensorData::Values(t.clone()));
+        }
+        if m.base_types.get(hf) == Some(&info.dtype) {
+            let q = content
+                .tensor(&mut reader, &info.name, &Device::Cpu)
+                .map_err(|e| Error::bad_file(path, format!("tensor `{}`: {e}", info.name)))?;
+            return Ok(TensorData::Raw(q.data()?.into_owned()));
+        }
+        Ok(TensorData::Values(g.tensors[hf].clone()))
+    })?;
+    Ok((vec![file_name(out)], max_change, cleaned))
+}
+
+/// A safetensors dtype as the GGUF type `same` keeps.
+fn ggml_of(dt: DType) -> Option<GgmlDType> {
+    match dt {
+        DType::F32 => Some(GgmlDType::F32),
+        DType::F16 => Some(GgmlDType::F16),
+        DType::BF16 => Some(GgmlDType::BF16),
+        _ => None,
+    }
+}
+
+fn from_hf(
+    base: &Path,
+    af: &AdapterFile,
+    out: &Path,
+    overwrite: bool,
+    quant: GgufQuant,
+    inputs: &[(&str, &Path)],
+) -> Result<Written> {
+    let ckpt = Checkpoint::open(base)?;
+    let config_path = base.join("config.json");
+    if Family::detect(ckpt.config(), &config_path)? != Family::Llama {
+        return Err(Error::msg(format!(
+            "{}: GGUF export writes LLaMA-family models (llama, mistral, SmolLM2); this one is a BERT-family encoder",
+            base.display()
+        )));
+    }
+    let cfg = llama_config(&config_path, ckpt.config())?;
+    let reader = ConfigReader {
+        path: &config_path,
+        value: ckpt.config(),
+    };
+    let name = std::fs::canonicalize(base)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let mut metadata = hf_llama_metadata(&reader, &cfg, &name)?;
+    metadata.extend(hf_tokenizer_metadata(base, ckpt.config(), cfg.vocab)?);
+
+    let (merged, max_change) = merge_layers(
+        af,
+        |name| base_weight(&ckpt, name.strip_suffix(".weight").unwrap_or(name), false),
+        Some(DType::F32),
+    )?;
+    if cfg.tie_embeddings && merged.contains_key("lm_head.weight") {
+        return Err(Error::msg(
+            "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
+        ));
+    }
+    let mut tensors = vec![];
+    let mut base_types = BTreeMap::new();
+    for n in ckpt.names() {
+        // RoPE's inverse frequencies, which some checkpoints store, follow from the config
+        if n.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        let meta = ckpt.meta(n).expect("a listed tensor");
+        tensors.push((n.to_string(), meta.shape.clone()));
+        if let Some(t) = float_dtype(meta.dtype).and_then(ggml_of) {
+            base_types.insert(n.to_string(), t);
+        }
+    }
+    let m = LlamaGguf {
+        metadata,
+        heads: cfg.heads,
+        kv_heads: cfg.kv_heads,
+        layers: cfg.layers,
+        tied: cfg.tie_embeddings,
+        tensors,
+        base_types,
+    };
+    let (_, cleaned) = write_llama_gguf(out, overwrite, inputs, &m, quant, |hf, _| {
+        let t: Tensor = match merged.get(hf) {
+            Some(t) => t.clone(),
+            None => ckpt.load(hf, &Device::Cpu)?,
+        };
+        Ok(TensorData::Values(t))
+    })?;
+    Ok((vec![file_name(out)], max_change, cleaned))
+}
