@@ -387,6 +387,8 @@ fn encode(t: &Tensor, info: &TensorInfo, m: &LlamaGguf) -> Result<Vec<u8>> {
         Some((_, "attn_k")) => t = permute_qk(&t, m.kv_heads)?,
         _ => {}
     }
+    // candle's quantize reads the whole storage under a view, so it gets a tensor of its own
+    let t = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.dims(), &Device::Cpu)?;
     let q = QTensor::quantize(&t, info.dtype).map_err(|e| {
         Error::bad_tensor(&info.name, format!("cannot store as {:?}: {e}", info.dtype))
     })?;
