@@ -46,9 +46,11 @@ enum Command {
         /// The base checkpoint directory (config.json + *.safetensors).
         #[arg(long)]
         base: PathBuf,
-        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors). Without it
+        /// (GGUF only) the base itself is written, for an adapter exported with
+        /// `export-lora --format gguf`.
         #[arg(long)]
-        adapter: PathBuf,
+        adapter: Option<PathBuf>,
         /// Where to write the merged checkpoint.
         #[arg(long)]
         out: PathBuf,
@@ -161,8 +163,25 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
                     .transpose()?,
                 gguf: gguf.then_some(quant),
             };
-            let report = singlora::merge::merge_checkpoint(&base, &adapter, &out, &opts)?;
-            print_merge(&out, &report);
+            match (adapter, opts.gguf) {
+                (Some(adapter), _) => {
+                    let report = singlora::merge::merge_checkpoint(&base, &adapter, &out, &opts)?;
+                    print_merge(&out, &report);
+                }
+                (None, Some(quant)) => {
+                    anyhow::ensure!(
+                        opts.dtype.is_none(),
+                        "--dtype casts a safetensors checkpoint; a GGUF output takes its types from --quant"
+                    );
+                    let (_, cleaned) =
+                        singlora::merge::gguf::convert_to_gguf(&base, &out, overwrite, quant)?;
+                    print_cleaned(&cleaned);
+                    println!("wrote the base model {} as {} ({quant})", base.display(), out.display());
+                }
+                (None, None) => anyhow::bail!(
+                    "--adapter is required, except for a GGUF output (--format gguf), which can hold the base alone"
+                ),
+            }
         }
         Command::ExportLora {
             adapter,

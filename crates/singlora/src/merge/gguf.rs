@@ -48,15 +48,59 @@ pub(super) fn merge_to_gguf(
     }
     af.config
         .check_weight_layout(Some(Family::Llama), af.layers.keys().next())?;
-    let gguf = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists());
-    let (files, max_abs_change, cleaned) = match gguf {
-        Some(g) => from_gguf(&g, &af, out, overwrite, quant, &inputs)?,
-        None => from_hf(base, &af, out, overwrite, quant, &inputs)?,
-    };
+    let (files, max_abs_change, cleaned) =
+        write_base(base, Some(&af), out, overwrite, quant, &inputs)?;
     Ok(MergeReport {
         files,
         ..MergeReport::of(&af, max_abs_change, None, cleaned)
     })
+}
+
+/// Writes the base model itself as the GGUF file `out` (the file an adapter GGUF from
+/// `export-lora --format gguf` is applied to). Returns the file name and what interrupted writes
+/// had left and was removed.
+pub fn convert_to_gguf(
+    base: &Path,
+    out: &Path,
+    overwrite: bool,
+    quant: GgufQuant,
+) -> Result<(String, Vec<std::path::PathBuf>)> {
+    let inputs = [("--base", base)];
+    check_disjoint(out, &inputs)?;
+    let (mut files, _, cleaned) = write_base(base, None, out, overwrite, quant, &inputs)?;
+    Ok((files.remove(0), cleaned))
+}
+
+fn write_base(
+    base: &Path,
+    af: Option<&AdapterFile>,
+    out: &Path,
+    overwrite: bool,
+    quant: GgufQuant,
+    inputs: &[(&str, &Path)],
+) -> Result<Written> {
+    match crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists()) {
+        Some(g) => from_gguf(&g, af, out, overwrite, quant, inputs),
+        None => from_hf(base, af, out, overwrite, quant, inputs),
+    }
+}
+
+/// The merged weights (none without an adapter), refused where GGUF has no place for them.
+fn merged_layers(
+    af: Option<&AdapterFile>,
+    cfg: &LlamaConfig,
+    load: impl Fn(&str) -> Result<Tensor>,
+) -> Result<(BTreeMap<String, Tensor>, f64)> {
+    let Some(af) = af else {
+        return Ok((BTreeMap::new(), 0.0));
+    };
+    let (merged, max_change) = merge_layers(af, load, Some(DType::F32))?;
+    if cfg.tie_embeddings && merged.contains_key("lm_head.weight") {
+        return Err(Error::msg(
+            "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
+        ));
+    }
+    Ok((merged, max_change))
 }
 
 type Written = (Vec<String>, f64, Vec<std::path::PathBuf>);
@@ -76,7 +120,7 @@ fn file_name(out: &Path) -> String {
 
 fn from_gguf(
     path: &Path,
-    af: &AdapterFile,
+    af: Option<&AdapterFile>,
     out: &Path,
     overwrite: bool,
     quant: GgufQuant,
@@ -84,23 +128,14 @@ fn from_gguf(
 ) -> Result<Written> {
     let g = crate::gguf::load_gguf(path, DType::F32)?;
     let cfg = llama_config(path, &g.config)?;
-    let (merged, max_change) = merge_layers(
-        af,
-        |name| {
-            g.tensors.get(name).cloned().ok_or_else(|| {
-                Error::msg(format!(
-                    "the adapter has a layer for `{name}` but {} has no such tensor",
-                    path.display()
-                ))
-            })
-        },
-        Some(DType::F32),
-    )?;
-    if cfg.tie_embeddings && merged.contains_key("lm_head.weight") {
-        return Err(Error::msg(
-            "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
-        ));
-    }
+    let (merged, max_change) = merged_layers(af, &cfg, |name| {
+        g.tensors.get(name).cloned().ok_or_else(|| {
+            Error::msg(format!(
+                "the adapter has a layer for `{name}` but {} has no such tensor",
+                path.display()
+            ))
+        })
+    })?;
     let mut reader = BufReader::new(File::open(path).at(path)?);
     let content = Content::read(&mut reader)
         .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
@@ -160,7 +195,7 @@ fn ggml_of(dt: DType) -> Option<GgmlDType> {
 
 fn from_hf(
     base: &Path,
-    af: &AdapterFile,
+    af: Option<&AdapterFile>,
     out: &Path,
     overwrite: bool,
     quant: GgufQuant,
@@ -186,16 +221,9 @@ fn from_hf(
     let mut metadata = hf_llama_metadata(&reader, &cfg, &name)?;
     metadata.extend(hf_tokenizer_metadata(base, ckpt.config(), cfg.vocab)?);
 
-    let (merged, max_change) = merge_layers(
-        af,
-        |name| base_weight(&ckpt, name.strip_suffix(".weight").unwrap_or(name), false),
-        Some(DType::F32),
-    )?;
-    if cfg.tie_embeddings && merged.contains_key("lm_head.weight") {
-        return Err(Error::msg(
-            "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
-        ));
-    }
+    let (merged, max_change) = merged_layers(af, &cfg, |name| {
+        base_weight(&ckpt, name.strip_suffix(".weight").unwrap_or(name), false)
+    })?;
     let mut tensors = vec![];
     let mut base_types = BTreeMap::new();
     for n in ckpt.names() {
