@@ -137,7 +137,8 @@ fn block_of(gguf: &str) -> Option<(usize, &str)> {
 /// llama.cpp's "more bits" layers of the Q4_K_M mix: the first and last eighth, and every third
 /// layer between.
 fn more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    let (first, last) = (n / 8, 7 * n / 8);
+    i < first || i >= last || (i - first) % 3 == 2
 }
 
 /// The type a matrix with rows of `cols` values gets when `want` does not fit them, as
