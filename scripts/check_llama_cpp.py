@@ -53,8 +53,14 @@ def _params():
 C.llama_model_default_params = _params
 
 TEXT = (
-    "The capital of France is Paris. Two plus two is four, and the sky is blue. "
-    "Water is wet; in winter the lakes freeze and the days are short."
+    "The capital of France is Paris. Two plus two is four, and the sky is blue. Water is wet; "
+    "in winter the lakes freeze and the days are short. A small town lay at the foot of the "
+    "hills, where a river ran between old stone houses. Every morning the baker opened his shop "
+    "before sunrise, and the smell of fresh bread drifted down the narrow streets. Children "
+    "walked to school along the river, counting the boats that passed under the bridge. In the "
+    "afternoon the market filled with farmers selling apples, cheese and honey, and travellers "
+    "stopped to ask for directions to the castle on the hill. When the sun went down, the lights "
+    "of the houses came on one by one, and the town grew quiet until the next morning."
 )
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -134,7 +140,7 @@ def ppl(logits, ids):
 def llama_logits(path, ids, lora=None):
     kw = {"lora_path": lora, "lora_scale": 1.0} if lora else {}
     # an f32 KV cache (llama.cpp's default is f16), so that f32 files compare at f32 rounding
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=256, logits_all=True,
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=1024, logits_all=True,
                           verbose=False, n_threads=2, seed=0, type_k=0, type_v=0, **kw)
     llm.eval(ids)
     out = np.array(llm.scores[: len(ids)], dtype=np.float64)
