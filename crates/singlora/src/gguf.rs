@@ -9,6 +9,10 @@
 //! The metadata are read as llama.cpp reads them (RoPE scaling's type defaulting to linear, the
 //! older `rope.scale_linear` key), and a `llama.*` key or a tensor this loader does not
 //! implement (YaRN, `rope_freqs`, biases, partial rotary) is refused by name, never ignored.
+//!
+//! The other direction, files llama.cpp runs: [`write`] (the GGUF container), [`model`] (a
+//! LLaMA model: names, Q/K order, metadata, quantisation mix), [`vocab`] (a Hugging Face
+//! tokenizer as `tokenizer.*` metadata) and [`lora`] (an adapter for llama.cpp's `--lora`).
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -79,9 +79,15 @@ fn write_base(
     quant: GgufQuant,
     inputs: &[(&str, &Path)],
 ) -> Result<Written> {
+    let out = Output {
+        path: out,
+        overwrite,
+        quant,
+        inputs,
+    };
     match crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists()) {
-        Some(g) => from_gguf(&g, af, out, overwrite, quant, inputs),
-        None => from_hf(base, af, out, overwrite, quant, inputs),
+        Some(g) => from_gguf(&g, af, &out),
+        None => from_hf(base, af, &out),
     }
 }
 
@@ -105,6 +111,34 @@ fn merged_layers(
 
 type Written = (Vec<String>, f64, Vec<std::path::PathBuf>);
 
+/// Where and how the GGUF file is written.
+struct Output<'a> {
+    path: &'a Path,
+    overwrite: bool,
+    quant: GgufQuant,
+    /// The inputs it may not overlap, by role.
+    inputs: &'a [(&'a str, &'a Path)],
+}
+
+impl Output<'_> {
+    fn write(
+        &self,
+        m: &LlamaGguf,
+        load: impl FnMut(&str, &crate::gguf::write::TensorInfo) -> Result<TensorData>,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let (_, cleaned) =
+            write_llama_gguf(self.path, self.overwrite, self.inputs, m, self.quant, load)?;
+        Ok(cleaned)
+    }
+
+    fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
 fn llama_config(path: &Path, config: &serde_json::Value) -> Result<LlamaConfig> {
     Llama::config(&ConfigReader {
         path,
@@ -112,20 +146,7 @@ fn llama_config(path: &Path, config: &serde_json::Value) -> Result<LlamaConfig> 
     })
 }
 
-fn file_name(out: &Path) -> String {
-    out.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn from_gguf(
-    path: &Path,
-    af: Option<&AdapterFile>,
-    out: &Path,
-    overwrite: bool,
-    quant: GgufQuant,
-    inputs: &[(&str, &Path)],
-) -> Result<Written> {
+fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Written> {
     let g = crate::gguf::load_gguf(path, DType::F32)?;
     let cfg = llama_config(path, &g.config)?;
     let (merged, max_change) = merged_layers(af, &cfg, |name| {
@@ -168,7 +189,7 @@ fn from_gguf(
             .collect(),
         base_types,
     };
-    let (_, cleaned) = write_llama_gguf(out, overwrite, inputs, &m, quant, |hf, info| {
+    let cleaned = out.write(&m, |hf, info| {
         if let Some(t) = merged.get(hf) {
             return Ok(TensorData::Values(t.clone()));
         }
@@ -180,7 +201,7 @@ fn from_gguf(
         }
         Ok(TensorData::Values(g.tensors[hf].clone()))
     })?;
-    Ok((vec![file_name(out)], max_change, cleaned))
+    Ok((vec![out.file_name()], max_change, cleaned))
 }
 
 /// A safetensors dtype as the GGUF type `same` keeps.
@@ -193,14 +214,7 @@ fn ggml_of(dt: DType) -> Option<GgmlDType> {
     }
 }
 
-fn from_hf(
-    base: &Path,
-    af: Option<&AdapterFile>,
-    out: &Path,
-    overwrite: bool,
-    quant: GgufQuant,
-    inputs: &[(&str, &Path)],
-) -> Result<Written> {
+fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Written> {
     let ckpt = Checkpoint::open(base)?;
     let config_path = base.join("config.json");
     if Family::detect(ckpt.config(), &config_path)? != Family::Llama {
@@ -246,12 +260,12 @@ fn from_hf(
         tensors,
         base_types,
     };
-    let (_, cleaned) = write_llama_gguf(out, overwrite, inputs, &m, quant, |hf, _| {
+    let cleaned = out.write(&m, |hf, _| {
         let t: Tensor = match merged.get(hf) {
             Some(t) => t.clone(),
             None => ckpt.load(hf, &Device::Cpu)?,
         };
         Ok(TensorData::Values(t))
     })?;
-    Ok((vec![file_name(out)], max_change, cleaned))
+    Ok((vec![out.file_name()], max_change, cleaned))
 }
