@@ -306,3 +306,115 @@ fn chat_templates(dir: &Path, tc_path: &Path, tc: Option<&Json>) -> Result<Vec<(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pre_tokenizers_are_named_as_llama_cpp_names_them() {
+        let p = Path::new("tokenizer.json");
+        let bl = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": regex});
+        let split = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+        let seq = |a: Json, b: Json| json!({"type": "Sequence", "pretokenizers": [a, b]});
+        let digits = json!({"type": "Digits", "individual_digits": true});
+        assert_eq!(pre_name(p, &bl(true)).unwrap(), "gpt-2");
+        assert_eq!(
+            pre_name(p, &seq(digits.clone(), bl(true))).unwrap(),
+            "smollm"
+        );
+        assert_eq!(
+            pre_name(p, &seq(split(super::super::LLAMA3_SPLIT), bl(false))).unwrap(),
+            "llama-bpe"
+        );
+        assert_eq!(
+            pre_name(p, &seq(split(QWEN2_SPLIT), bl(false))).unwrap(),
+            "qwen2"
+        );
+        for other in [
+            json!({"type": "Metaspace", "replacement": "▁"}),
+            bl(false),
+            seq(split(r"\s+"), bl(false)),
+            seq(
+                json!({"type": "Digits", "individual_digits": false}),
+                bl(true),
+            ),
+            Json::Null,
+        ] {
+            let e = pre_name(p, &other).unwrap_err().to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("pre_tokenizer"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bos_and_eos_come_from_the_post_processor() {
+        let tp = |single: Json| json!({"type": "TemplateProcessing", "single": single});
+        let special = json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
+        let seq = json!({"Sequence": {"id": "A", "type_id": 0}});
+        assert_eq!(
+            post_processor_adds(&tp(json!([special, seq]))),
+            (true, false)
+        );
+        assert_eq!(
+            post_processor_adds(&tp(json!([seq, special]))),
+            (false, true)
+        );
+        let both = json!({"type": "Sequence", "processors": [
+            {"type": "ByteLevel"}, tp(json!([special, seq, special]))]});
+        assert_eq!(post_processor_adds(&both), (true, true));
+        assert_eq!(
+            post_processor_adds(&json!({"type": "ByteLevel"})),
+            (false, false)
+        );
+    }
+
+    #[test]
+    fn named_chat_templates_and_jinja_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let tc = json!({"chat_template": [
+            {"name": "default", "template": "A"}, {"name": "tool_use", "template": "B"}]});
+        let md = chat_templates(dir.path(), Path::new("tc.json"), Some(&tc)).unwrap();
+        let keys: Vec<_> = md.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "tokenizer.chat_template",
+                "tokenizer.chat_template.tool_use"
+            ]
+        );
+        std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
+        let md = chat_templates(dir.path(), Path::new("tc.json"), Some(&json!({}))).unwrap();
+        assert_eq!(format!("{:?}", md[0].1), "String(\"J\")");
+        let e = chat_templates(
+            dir.path(),
+            Path::new("tc.json"),
+            Some(&json!({"chat_template": 3})),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tc.json") && e.contains("chat_template"), "{e}");
+    }
+
+    #[test]
+    fn sentencepiece_vocabularies_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tj = json!({"model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
+                        "pre_tokenizer": {"type": "Metaspace"}});
+        std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        let e = hf_tokenizer_metadata(dir.path(), &json!({}), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SentencePiece") && e.contains("byte_fallback"),
+            "{e}"
+        );
+        let e = hf_tokenizer_metadata(&dir.path().join("none"), &json!({}), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no tokenizer.json"), "{e}");
+    }
+}
