@@ -63,7 +63,8 @@ def pretrain(a):
     dev = a.device
     x, y = load(a.data, "train")
     keep = y != HELD_OUT
-    x, y = to_unit(x[keep]), torch.from_numpy(y[keep].astype(np.int64))
+    # the whole set on the device: a step then reads no host memory
+    x, y = to_unit(x[keep]).to(dev), torch.from_numpy(y[keep].astype(np.int64)).to(dev)
     tok = CLIPTokenizer.from_pretrained(TOKENIZER)
     width = 64
     te = CLIPTextModel(CLIPTextConfig(
@@ -88,9 +89,9 @@ def pretrain(a):
     acsd = sched.alphas_cumprod.to(dev)
     n = len(x)
     for step in range(a.steps):
-        idx = torch.randint(0, n, (a.batch,))
-        x0 = x[idx].to(dev)
-        c = y[idx].to(dev)
+        idx = torch.randint(0, n, (a.batch,), device=dev)
+        x0 = x[idx]
+        c = y[idx]
         c = torch.where(torch.rand(a.batch, device=dev) < 0.1, torch.full_like(c, 10), c)
         t = torch.randint(0, 1000, (a.batch,), device=dev)
         eps = torch.randn_like(x0)

@@ -114,6 +114,11 @@ fn is_ignorable(gguf_name: &str) -> bool {
 /// know. `token_embd.weight` → `model.embed_tokens.weight`, `blk.N.attn_q.weight` →
 /// `model.layers.N.self_attn.q_proj.weight`, `output.weight` → `lm_head.weight`, and so on.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
+    hf_name_in(Arch::Llama, gguf_name)
+}
+
+/// [`hf_name`] for one architecture's tensors.
+fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
     let stem = gguf_name.strip_suffix(".weight")?;
     let top = match stem {
         "token_embd" => Some("model.embed_tokens"),
@@ -130,18 +135,10 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
         return None;
     }
     let layer: usize = layer.parse().ok()?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let (_, hf) = arch
+        .layer_tensors()
+        .into_iter()
+        .find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.weight"))
 }
 
@@ -188,12 +185,132 @@ pub fn permute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // Metadata
 
+/// The `general.architecture`s this loader reads: LLaMA's layout and the families that add to
+/// it (see `model::llama`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Llama,
+    Qwen3,
+    Gemma3,
+    Phi3,
+}
+
+impl Arch {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "llama" => Arch::Llama,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
+        }
+    }
+
+    /// config.json's `model_type` and `architectures`.
+    fn model_type(self) -> &'static str {
+        match self {
+            Arch::Gemma3 => "gemma3_text",
+            other => other.name(),
+        }
+    }
+
+    fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
+        }
+    }
+
+    /// The architecture's keys beyond [`KNOWN_KEYS`] that this loader reads.
+    fn extra_keys(self) -> &'static [&'static str] {
+        match self {
+            Arch::Gemma3 => &[
+                "attention.sliding_window",
+                "final_logit_softcapping",
+                "attn_logit_softcapping",
+            ],
+            Arch::Phi3 => &["attention.sliding_window"],
+            _ => &[],
+        }
+    }
+
+    /// Each layer's tensors: llama.cpp's name (after `blk.N.`) and Hugging Face's (after
+    /// `model.layers.N.`), without `.weight`.
+    fn layer_tensors(self) -> Vec<(&'static str, &'static str)> {
+        let mut v = vec![
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_down", "mlp.down_proj"),
+            ("attn_norm", "input_layernorm"),
+        ];
+        if self == Arch::Phi3 {
+            v.extend([
+                ("attn_qkv", "self_attn.qkv_proj"),
+                ("ffn_up", "mlp.gate_up_proj"),
+            ]);
+        } else {
+            v.extend([
+                ("attn_q", "self_attn.q_proj"),
+                ("attn_k", "self_attn.k_proj"),
+                ("attn_v", "self_attn.v_proj"),
+                ("ffn_gate", "mlp.gate_proj"),
+                ("ffn_up", "mlp.up_proj"),
+            ]);
+        }
+        if self == Arch::Gemma3 {
+            v.extend([
+                ("post_attention_norm", "post_attention_layernorm"),
+                ("ffn_norm", "pre_feedforward_layernorm"),
+                ("post_ffw_norm", "post_feedforward_layernorm"),
+            ]);
+        } else {
+            v.push(("ffn_norm", "post_attention_layernorm"));
+        }
+        if matches!(self, Arch::Qwen3 | Arch::Gemma3) {
+            v.extend([
+                ("attn_q_norm", "self_attn.q_norm"),
+                ("attn_k_norm", "self_attn.k_norm"),
+            ]);
+        }
+        v
+    }
+
+    /// Whether llama.cpp's converter interleaved the Q/K rows (its LLaMA RoPE layout; the
+    /// others keep Hugging Face's rotate-half order).
+    fn permutes_qk(self) -> bool {
+        self == Arch::Llama
+    }
+
+    /// Whether norm weights are stored as llama.cpp multiplies by them, 1 + w for Gemma's
+    /// offsets w.
+    fn norms_plus_one(self) -> bool {
+        self == Arch::Gemma3
+    }
+}
+
 struct Meta<'a> {
     path: &'a Path,
     content: &'a Content,
+    /// `general.architecture`: the prefix of the model's own keys.
+    arch: Arch,
 }
 
 impl<'a> Meta<'a> {
+    /// The architecture's own key `<arch>.<suffix>`.
+    fn k(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.arch.name())
+    }
+
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.content.metadata.get(key)
     }
@@ -364,12 +481,12 @@ fn dtype_name(path: &Path, dtype: DType) -> Result<&'static str> {
 }
 
 fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
-    let hidden = m.req_usize("llama.embedding_length")?;
-    let layers = m.req_usize("llama.block_count")?;
-    let ff = m.req_usize("llama.feed_forward_length")?;
-    let heads = m.req_usize("llama.attention.head_count")?;
+    let hidden = m.req_usize(&m.k("embedding_length"))?;
+    let layers = m.req_usize(&m.k("block_count"))?;
+    let ff = m.req_usize(&m.k("feed_forward_length"))?;
+    let heads = m.req_usize(&m.k("attention.head_count"))?;
     let kv_heads = m
-        .opt_usize("llama.attention.head_count_kv")?
+        .opt_usize(&m.k("attention.head_count_kv"))?
         .unwrap_or(heads);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         return Err(Error::bad_file(
@@ -377,7 +494,7 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
             format!("{heads} attention heads cannot be shared by {kv_heads} key/value heads"),
         ));
     }
-    let head_dim = match m.opt_usize("llama.attention.key_length")? {
+    let head_dim = match m.opt_usize(&m.k("attention.key_length"))? {
         Some(d) => d,
         None if hidden % heads == 0 => hidden / heads,
         None => {
@@ -387,7 +504,7 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
             ))
         }
     };
-    if let Some(v) = m.opt_usize("llama.attention.value_length")? {
+    if let Some(v) = m.opt_usize(&m.k("attention.value_length"))? {
         if v != head_dim {
             return Err(Error::bad_file(
                 m.path,
@@ -404,7 +521,7 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
             format!("{heads} heads of size {head_dim} are more than can be addressed"),
         ));
     }
-    if let Some(rot) = m.opt_usize("llama.rope.dimension_count")? {
+    if let Some(rot) = m.opt_usize(&m.k("rope.dimension_count"))? {
         if rot != head_dim {
             return Err(Error::bad_file(
                 m.path,
@@ -415,7 +532,7 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
             ));
         }
     }
-    if let Some(n) = m.opt_usize("llama.expert_count")? {
+    if let Some(n) = m.opt_usize(&m.k("expert_count"))? {
         if n > 0 {
             return Err(Error::bad_file(
                 m.path,
@@ -434,30 +551,30 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
     })
 }
 
-/// The `llama.*` metadata keys this loader reads or knows to leave the math alone; any other is
-/// refused rather than ignored, since llama.cpp may act on it.
-const KNOWN_LLAMA_KEYS: &[&str] = &[
-    "llama.context_length",
-    "llama.embedding_length",
-    "llama.block_count",
-    "llama.feed_forward_length",
-    "llama.vocab_size",
-    "llama.attention.head_count",
-    "llama.attention.head_count_kv",
-    "llama.attention.key_length",
-    "llama.attention.value_length",
-    "llama.attention.layer_norm_rms_epsilon",
-    "llama.rope.dimension_count",
-    "llama.rope.freq_base",
-    "llama.rope.scaling.type",
-    "llama.rope.scaling.factor",
-    "llama.rope.scale_linear",
-    "llama.rope.scaling.attn_factor",
+/// The `<arch>.*` metadata keys (after the prefix) this loader reads or knows to leave the math
+/// alone; any other is refused rather than ignored, since llama.cpp may act on it.
+const KNOWN_KEYS: &[&str] = &[
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "vocab_size",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "rope.dimension_count",
+    "rope.freq_base",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "rope.scaling.attn_factor",
     // YaRN's pre-training context and a flag for the record: neither enters linear scaling
-    "llama.rope.scaling.original_context_length",
-    "llama.rope.scaling.finetuned",
-    "llama.expert_count",
-    "llama.expert_used_count",
+    "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
+    "expert_count",
+    "expert_used_count",
 ];
 
 fn refuse_unknown_keys(m: &Meta) -> Result<()> {
@@ -466,7 +583,13 @@ fn refuse_unknown_keys(m: &Meta) -> Result<()> {
         .metadata
         .keys()
         .map(String::as_str)
-        .filter(|k| k.starts_with("llama.") && !KNOWN_LLAMA_KEYS.contains(k))
+        .filter(|k| {
+            k.strip_prefix(m.arch.name())
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(|rest| {
+                    !KNOWN_KEYS.contains(&rest) && !m.arch.extra_keys().contains(&rest)
+                })
+        })
         .collect();
     if unknown.is_empty() {
         return Ok(());
@@ -490,26 +613,25 @@ fn refuse_unknown_keys(m: &Meta) -> Result<()> {
 /// `rope.scaling.factor` or the older `rope.scale_linear` (0 or absent: none), and type `none`
 /// never scales; `rope.scaling.attn_factor` would scale the rotated values themselves.
 fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
-    if let Some(a) = m.float("llama.rope.scaling.attn_factor")? {
+    if let Some(a) = m.float(&m.k("rope.scaling.attn_factor"))? {
         if a != 1.0 {
             return Err(Error::bad_file(
                 m.path,
                 format!(
-                    "metadata `llama.rope.scaling.attn_factor` = {a} (a scale on RoPE's \
-                     cos/sin) is not supported"
+                    "metadata `{}` = {a} (a scale on RoPE's cos/sin) is not supported",
+                    m.k("rope.scaling.attn_factor")
                 ),
             ));
         }
     }
-    let factor = match m.float("llama.rope.scaling.factor")? {
-        Some(f) => Some(("llama.rope.scaling.factor", f)),
-        None => m
-            .float("llama.rope.scale_linear")?
-            .map(|f| ("llama.rope.scale_linear", f)),
+    let (factor_key, linear_key) = (m.k("rope.scaling.factor"), m.k("rope.scale_linear"));
+    let factor = match m.float(&factor_key)? {
+        Some(f) => Some((factor_key.as_str(), f)),
+        None => m.float(&linear_key)?.map(|f| (linear_key.as_str(), f)),
     };
     let factor = factor.filter(|(_, f)| *f != 0.0 && *f != 1.0);
     match (
-        m.string("llama.rope.scaling.type")?.unwrap_or("linear"),
+        m.string(&m.k("rope.scaling.type"))?.unwrap_or("linear"),
         factor,
     ) {
         ("none", _) | ("linear", None) => Ok(None),
@@ -527,8 +649,8 @@ fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
         (other, _) => Err(Error::bad_file(
             m.path,
             format!(
-                "metadata `llama.rope.scaling.type` = `{other}` is not supported (none and \
-                 linear are)"
+                "metadata `{}` = `{other}` is not supported (none and linear are)",
+                m.k("rope.scaling.type")
             ),
         )),
     }
@@ -537,13 +659,13 @@ fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
 fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
     refuse_unknown_keys(m)?;
     let eps = m
-        .float("llama.attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| m.missing("llama.attention.layer_norm_rms_epsilon"))?;
-    let theta = m.float("llama.rope.freq_base")?.unwrap_or(10000.0);
-    let ctx = m.opt_usize("llama.context_length")?.unwrap_or(2048);
+        .float(&m.k("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| m.missing(&m.k("attention.layer_norm_rms_epsilon")))?;
+    let theta = m.float(&m.k("rope.freq_base"))?.unwrap_or(10000.0);
+    let ctx = m.opt_usize(&m.k("context_length"))?.unwrap_or(2048);
     let mut cfg = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [m.arch.hf_class()],
+        "model_type": m.arch.model_type(),
         "hidden_size": d.hidden,
         "intermediate_size": d.ff,
         "num_hidden_layers": d.layers,
@@ -553,13 +675,59 @@ fn build_config(m: &Meta, d: &Dims, tied: bool, dtype: DType) -> Result<Json> {
         "vocab_size": d.vocab,
         "max_position_embeddings": ctx,
         "rms_norm_eps": eps,
-        "rope_theta": theta,
-        "rope_scaling": rope_scaling(m)?,
-        "hidden_act": "silu",
         "attention_bias": false,
-        "mlp_bias": false,
         "tie_word_embeddings": tied,
     });
+    let scaling = rope_scaling(m)?;
+    match m.arch {
+        Arch::Gemma3 => {
+            // llama.cpp's Gemma 3: every sixth layer global, the others local with a window
+            // and RoPE base 10000; queries scaled by the head size, except at 27B (62 layers),
+            // which scales by hidden / heads
+            let window = m
+                .opt_usize(&m.k("attention.sliding_window"))?
+                .ok_or_else(|| m.missing(&m.k("attention.sliding_window")))?;
+            let types: Vec<&str> = (0..d.layers)
+                .map(|i| {
+                    if (i + 1) % 6 == 0 {
+                        "full_attention"
+                    } else {
+                        "sliding_attention"
+                    }
+                })
+                .collect();
+            let mut full = json!({"rope_type": "default", "rope_theta": theta});
+            if let Some(sc) = &scaling {
+                full["rope_type"] = sc["rope_type"].clone();
+                full["factor"] = sc["factor"].clone();
+            }
+            let scalar = if d.layers == 62 {
+                d.hidden / d.heads
+            } else {
+                d.head_dim
+            };
+            cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+            cfg["sliding_window"] = json!(window);
+            cfg["layer_types"] = json!(types);
+            cfg["query_pre_attn_scalar"] = json!(scalar);
+            cfg["rope_parameters"] = json!({
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            });
+            for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+                cfg[key] = json!(m.float(&m.k(key))?);
+            }
+        }
+        _ => {
+            cfg["hidden_act"] = json!("silu");
+            cfg["rope_theta"] = json!(theta);
+            cfg["rope_scaling"] = json!(scaling);
+            cfg["mlp_bias"] = json!(false);
+            if m.arch == Arch::Phi3 {
+                cfg["sliding_window"] = json!(m.opt_usize(&m.k("attention.sliding_window"))?);
+            }
+        }
+    }
     for (gguf_key, hf_key) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),
@@ -643,18 +811,22 @@ fn split_merge(path: &Path, i: usize, merge: &str) -> Result<(String, String)> {
 /// llama.cpp's token types.
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
+const TOKEN_NORMAL: i64 = 1;
 
 fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
     let path = m.path;
     let model = m
         .string("tokenizer.ggml.model")?
         .ok_or_else(|| m.missing("tokenizer.ggml.model"))?;
+    if model == "llama" {
+        return build_spm_tokenizer(m);
+    }
     if model != "gpt2" {
         return Err(Error::bad_file(
             path,
             format!(
-                "tokenizer.ggml.model = `{model}` is not supported; only byte-level BPE \
-                 (`gpt2`) vocabularies can be rebuilt"
+                "tokenizer.ggml.model = `{model}` is not supported; byte-level BPE (`gpt2`) \
+                 and SentencePiece (`llama`) vocabularies can be rebuilt"
             ),
         ));
     }
@@ -669,19 +841,7 @@ fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
         .enumerate()
         .map(|(i, s)| split_merge(path, i, s))
         .collect::<Result<Vec<_>>>()?;
-    let types = m.ints("tokenizer.ggml.token_type")?;
-    if let Some(t) = &types {
-        if t.len() != tokens.len() {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "tokenizer.ggml.token_type has {} entries for {} tokens",
-                    t.len(),
-                    tokens.len()
-                ),
-            ));
-        }
-    }
+    let types = token_types(m, tokens.len())?;
     let vocab: Vocab = tokens
         .iter()
         .enumerate()
@@ -719,13 +879,158 @@ fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre));
     tokenizer.with_decoder(Some(byte_level(true)));
+    finish_tokenizer(
+        m,
+        tokenizer,
+        &tokens,
+        types.as_deref(),
+        byte_level(true).into(),
+    )
+}
 
+/// `tokenizer.ggml.token_type`, one per token where present.
+fn token_types(m: &Meta, n_tokens: usize) -> Result<Option<Vec<i64>>> {
+    let types = m.ints("tokenizer.ggml.token_type")?;
+    if let Some(t) = &types {
+        if t.len() != n_tokens {
+            return Err(Error::bad_file(
+                m.path,
+                format!(
+                    "tokenizer.ggml.token_type has {} entries for {n_tokens} tokens",
+                    t.len(),
+                ),
+            ));
+        }
+    }
+    Ok(types)
+}
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model` = `llama`) as a BPE with byte fallback:
+/// spaces become ▁ (and one is put before the text where `add_space_prefix` says so), and
+/// pieces merge in the order of their ids (SentencePiece's score order), each piece by every
+/// split into two pieces of the vocabulary, the longer left part first; characters no piece
+/// covers fall back to the `<0xNN>` byte tokens. This is how transformers rebuilds such a
+/// vocabulary from a GGUF file.
+fn build_spm_tokenizer(m: &Meta) -> Result<Tokenizer> {
+    let path = m.path;
+    // llama.cpp keeps spaces inside whitespace pieces; SentencePiece writes them as ▁
+    let tokens: Vec<String> = m
+        .strings("tokenizer.ggml.tokens")?
+        .ok_or_else(|| m.missing("tokenizer.ggml.tokens"))?
+        .iter()
+        .map(|t| t.replace(' ', "\u{2581}"))
+        .collect();
+    // user-defined pieces of whitespace are reached by merges, not matched whole
+    let types = token_types(m, tokens.len())?.map(|types| {
+        types
+            .iter()
+            .zip(&tokens)
+            .map(|(&ty, t)| {
+                if ty == TOKEN_USER_DEFINED && t.contains('\u{2581}') {
+                    TOKEN_NORMAL
+                } else {
+                    ty
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    if vocab.len() != tokens.len() {
+        return Err(Error::bad_file(
+            path,
+            "tokenizer.ggml.tokens holds the same token twice",
+        ));
+    }
+    let mut merges = vec![];
+    for t in &tokens {
+        let cuts: Vec<usize> = t.char_indices().map(|(i, _)| i).skip(1).collect();
+        for &at in cuts.iter().rev() {
+            let (l, r) = t.split_at(at);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merges.push((l.to_string(), r.to_string()));
+            }
+        }
+    }
+    let unk = match m.uint("tokenizer.ggml.unknown_token_id")? {
+        Some(id) => Some(tokens.get(id as usize).cloned().ok_or_else(|| {
+            Error::bad_file(
+                path,
+                format!("`tokenizer.ggml.unknown_token_id` = {id} is outside the vocabulary"),
+            )
+        })?),
+        None => None,
+    };
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| Error::bad_file(path, format!("cannot build the vocabulary: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let space = |e| Error::msg(format!("SentencePiece normalizer: {e}"));
+    let replace = || tokenizers::normalizers::replace::Replace::new(" ", "\u{2581}");
+    let prefix = m
+        .boolean("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let normalizer: tokenizers::NormalizerWrapper = if prefix {
+        tokenizers::normalizers::Sequence::new(vec![
+            tokenizers::normalizers::prepend::Prepend::new("\u{2581}".into()).into(),
+            replace().map_err(space)?.into(),
+        ])
+        .into()
+    } else {
+        replace().map_err(space)?.into()
+    };
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .map_err(|e| Error::msg(format!("SentencePiece normalizer: {e}")))?;
+    let mut decoders: Vec<tokenizers::DecoderWrapper> = vec![
+        tokenizers::normalizers::replace::Replace::new("\u{2581}", " ")
+            .map_err(space)?
+            .into(),
+        tokenizers::decoders::byte_fallback::ByteFallback::new().into(),
+        tokenizers::decoders::fuse::Fuse::new().into(),
+    ];
+    if prefix {
+        decoders.push(tokenizers::decoders::strip::Strip::new(' ', 1, 0).into());
+    }
+    tokenizer.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(
+        decoders,
+    )));
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    finish_tokenizer(
+        m,
+        tokenizer,
+        &refs,
+        types.as_deref(),
+        tokenizers::processors::sequence::Sequence::new(vec![]).into(),
+    )
+}
+
+/// Control and user-defined tokens matched whole, and BOS/EOS added as the metadata says
+/// (`no_specials` where neither is).
+fn finish_tokenizer(
+    m: &Meta,
+    mut tokenizer: Tokenizer,
+    tokens: &[&str],
+    types: Option<&[i64]>,
+    no_specials: PostProcessorWrapper,
+) -> Result<Tokenizer> {
+    let path = m.path;
     // Control tokens are matched whole before BPE and are special; user-defined ones are
     // matched whole too but are ordinary text.
     if let Some(types) = &types {
         let mut special = vec![];
         let mut added = vec![];
-        for (tok, &ty) in tokens.iter().zip(types) {
+        for (tok, &ty) in tokens.iter().zip(types.iter()) {
             match ty {
                 TOKEN_CONTROL => special.push(AddedToken::from(tok.to_string(), true)),
                 TOKEN_USER_DEFINED => {
@@ -777,7 +1082,7 @@ fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
             .map_err(|e| Error::msg(format!("BOS/EOS template: {e}")))?
             .into()
     } else {
-        byte_level(true).into()
+        no_specials
     };
     tokenizer.with_post_processor(Some(post));
     Ok(tokenizer)
@@ -794,9 +1099,14 @@ fn expected_shape(d: &Dims, hf: &str) -> Option<Vec<usize>> {
     let tail = module.rsplit('.').next()?;
     Some(match (module, tail) {
         ("model.embed_tokens", _) | ("lm_head", _) => vec![d.vocab, d.hidden],
-        ("model.norm", _) | (_, "input_layernorm") | (_, "post_attention_layernorm") => {
-            vec![d.hidden]
-        }
+        ("model.norm", _)
+        | (_, "input_layernorm")
+        | (_, "post_attention_layernorm")
+        | (_, "pre_feedforward_layernorm")
+        | (_, "post_feedforward_layernorm") => vec![d.hidden],
+        (_, "q_norm") | (_, "k_norm") => vec![d.head_dim],
+        (_, "qkv_proj") => vec![q + 2 * kv, d.hidden],
+        (_, "gate_up_proj") => vec![2 * d.ff, d.hidden],
         (_, "q_proj") => vec![q, d.hidden],
         (_, "k_proj") | (_, "v_proj") => vec![kv, d.hidden],
         (_, "o_proj") => vec![d.hidden, q],
@@ -806,8 +1116,9 @@ fn expected_shape(d: &Dims, hf: &str) -> Option<Vec<usize>> {
     })
 }
 
-/// The HF tensors a LLaMA checkpoint of these dimensions must hold (the head only when untied).
-fn required_names(d: &Dims, tied: bool) -> Vec<String> {
+/// The HF tensors a checkpoint of this architecture and these dimensions must hold (the head
+/// only when untied).
+fn required_names(arch: Arch, d: &Dims, tied: bool) -> Vec<String> {
     let mut names = vec![
         "model.embed_tokens.weight".to_string(),
         "model.norm.weight".to_string(),
@@ -816,17 +1127,7 @@ fn required_names(d: &Dims, tied: bool) -> Vec<String> {
         names.push("lm_head.weight".into());
     }
     for l in 0..d.layers {
-        for m in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ] {
+        for (_, m) in arch.layer_tensors() {
             names.push(format!("model.layers.{l}.{m}.weight"));
         }
     }
@@ -998,18 +1299,23 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
     let m = Meta {
         path,
         content: &content,
+        arch: Arch::Llama,
     };
     dtype_name(path, dtype)?;
 
-    let arch = m
+    let arch_name = m
         .string("general.architecture")?
         .ok_or_else(|| m.missing("general.architecture"))?;
-    if arch != "llama" {
-        return Err(Error::bad_file(
+    let arch = Arch::parse(arch_name).ok_or_else(|| {
+        Error::bad_file(
             path,
-            format!("general.architecture = `{arch}`; only `llama` GGUF models can be loaded"),
-        ));
-    }
+            format!(
+                "general.architecture = `{arch_name}`; GGUF models of the llama, qwen3, gemma3 \
+                 and phi3 architectures can be loaded"
+            ),
+        )
+    })?;
+    let m = Meta { arch, ..m };
 
     let tokenizer = build_tokenizer(&m)?;
     let vocab = m
@@ -1024,7 +1330,7 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        match hf_name(name) {
+        match hf_name_in(arch, name) {
             Some(hf) => mapped.push((name.as_str(), hf)),
             None if is_ignorable(name) => {}
             None => unknown.push(name.as_str()),
@@ -1041,7 +1347,8 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         return Err(Error::bad_file(
             path,
             format!(
-                "tensors a LLaMA model does not have: {}{hint}",
+                "tensors a `{}` model does not have: {}{hint}",
+                arch.name(),
                 unknown.join(", ")
             ),
         ));
@@ -1055,13 +1362,14 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         return Err(Error::bad_file(
             path,
             format!(
-                "llama.block_count = {} layers, but the file holds only {} tensors",
+                "{} = {} layers, but the file holds only {} tensors",
+                m.k("block_count"),
                 dims.layers,
                 content.tensor_infos.len()
             ),
         ));
     }
-    let missing: Vec<String> = required_names(&dims, tied)
+    let missing: Vec<String> = required_names(arch, &dims, tied)
         .into_iter()
         .filter(|n| !present.contains(n.as_str()))
         .collect();
@@ -1109,10 +1417,13 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
             .dequantize(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(bad)?;
-        if hf.ends_with("self_attn.q_proj.weight") {
+        if arch.permutes_qk() && hf.ends_with("self_attn.q_proj.weight") {
             t = unpermute_qk(&t, dims.heads)?;
-        } else if hf.ends_with("self_attn.k_proj.weight") {
+        } else if arch.permutes_qk() && hf.ends_with("self_attn.k_proj.weight") {
             t = unpermute_qk(&t, dims.kv_heads)?;
+        }
+        if arch.norms_plus_one() && hf.ends_with("norm.weight") {
+            t = (t - 1.0).map_err(bad)?;
         }
         let t = t.to_dtype(dtype).map_err(bad)?;
         tensors.insert(hf, t);

@@ -511,3 +511,110 @@ fn smollm2_gguf_written_back() {
     assert_eq!(ty("blk.3.attn_q.weight"), GgmlDType::Q5_0);
     assert_eq!(ty("blk.3.attn_norm.weight"), GgmlDType::F32);
 }
+
+fn gemma3_270m() -> Option<PathBuf> {
+    let p = std::env::var_os("SINGLORA_GEMMA3_GGUF")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                PathBuf::from(h).join(".cache/singlora/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
+            })
+        })?;
+    p.exists().then_some(p)
+}
+
+/// Gemma 3 270M (Q4_K_M GGUF) read by singlora against transformers' reading of the same file
+/// (tests/fixtures/real/gemma3_270m.json, by scripts/make_gemma3_golden.py): the tokenizer
+/// rebuilt from the SentencePiece vocabulary gives the same ids, and the logits of a sentence
+/// agree (top-5 ids, their logits, the log-sum-exp and 32 probed logits per position).
+#[test]
+fn gemma3_270m_gguf_matches_transformers() {
+    let Some(gguf) = gemma3_270m() else {
+        eprintln!(
+            "skipped: Gemma 3 270M GGUF not found (see the README's model list, or set \
+             SINGLORA_GEMMA3_GGUF)"
+        );
+        return;
+    };
+    let golden: Json = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/real/gemma3_270m.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pre = Pretrained::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let ids_of = |v: &Json| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for case in golden["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ours = pre.tokenizer.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(ours, ids_of(&case["ids"]), "token ids of {text:?}");
+    }
+    let ids = ids_of(&golden["ids"]);
+    let items = vec![Encoded {
+        ids: ids.clone(),
+        type_ids: vec![0; ids.len()],
+        label: None,
+        target_mask: vec![0; ids.len()],
+    }];
+    let batch = collate(&items, &[0], 0, &Device::Cpu).unwrap();
+    let Body::Llama(model) = &pre.body else {
+        panic!("Gemma 3 is a decoder")
+    };
+    let hidden = model
+        .hidden_states(&batch, &singlora::ops::FastPath::default())
+        .unwrap();
+    let rows = hidden.reshape((ids.len(), hidden.dim(2).unwrap())).unwrap();
+    let logits = model
+        .lm_logits(&rows)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let floats = |v: &Json| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let probe: Vec<usize> = ids_of(&golden["probe_ids"])
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let mut worst = 0.0f64;
+    for (t, row) in logits.iter().enumerate() {
+        let lse = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = lse + row.iter().map(|x| (x - lse).exp()).sum::<f64>().ln();
+        worst = worst.max((lse - golden["logsumexp"][t].as_f64().unwrap()).abs());
+        let top = ids_of(&golden["top5"][t]);
+        let top_logits = floats(&golden["top5_logits"][t]);
+        assert_eq!(
+            row.iter()
+                .cloned()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap()
+                .0,
+            top[0] as usize,
+            "position {t}: the most likely next token"
+        );
+        for (id, want) in top.iter().zip(top_logits) {
+            worst = worst.max((row[*id as usize] - want).abs());
+        }
+        for (id, want) in probe.iter().zip(floats(&golden["probe_logits"][t])) {
+            worst = worst.max((row[*id] - want).abs());
+        }
+    }
+    // both dequantize the same blocks and compute in f32
+    assert!(worst <= 2e-3, "logits {worst:e} from transformers'");
+    eprintln!("Gemma 3 270M GGUF: logits within {worst:.2e} of transformers'");
+}

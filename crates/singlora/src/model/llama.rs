@@ -1,8 +1,18 @@
-//! LLaMA-family decoders (LLaMA, Mistral, Qwen2, SmolLM2), written for training.
+//! LLaMA-family decoders (LLaMA 1–3.x, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 3, Phi-3),
+//! written for training.
 //!
 //! Per layer: x += O·attn(RoPE(Q·n₁(x)), RoPE(K·n₁(x)), V·n₁(x)) with grouped-query attention
 //! and a causal mask, then x += W_down·(silu(W_gate·n₂(x)) ⊙ W_up·n₂(x)), n = RMSNorm; tied or
-//! untied embeddings.
+//! untied embeddings. The families differ from this as follows:
+//! - Qwen3: queries and keys RMS-normed per head (one weight of the head's size) before RoPE.
+//! - Gemma 3 (`gemma3_text`): the embedding scaled by √h (rounded to the model's dtype);
+//!   norm weights w stored as offsets, the scale being 1 + w; per-head q/k norms; the
+//!   attention's and the MLP's outputs normed again before they join the residual stream;
+//!   GeGLU (tanh GELU) instead of SwiGLU; attention scaled by `query_pre_attn_scalar`^-½;
+//!   sliding-window layers with their own RoPE base (`rope_parameters` per layer type);
+//!   optional final logit soft-capping.
+//! - Phi-3: q, k and v from one fused `qkv_proj` and gate and up from one `gate_up_proj`
+//!   (adapters sit on the fused projections, as PEFT names them).
 //!
 //! config.json is read as transformers 5 reads it, and every key that changes this math is
 //! either implemented or refused by name:
@@ -17,7 +27,7 @@
 //! - Sliding-window attention (Mistral's `sliding_window`, Qwen2's `use_sliding_window` with
 //!   `max_window_layers` or `layer_types`) is not implemented: it equals full causal attention
 //!   while a sequence fits in the window, so longer sequences are refused at the forward.
-//! - `hidden_act` must be silu (or its alias swish).
+//! - `hidden_act` must be silu (or its alias swish); Gemma's `hidden_activation` tanh GELU.
 //!
 //! Dropout (`attention_dropout`) is a training-time regulariser that singlora does not apply:
 //! the frozen base runs as in evaluation mode.
@@ -59,6 +69,39 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// The attention window of the layers that have one; sequences longer than it are refused.
     pub sliding_window: Option<usize>,
+    /// Gemma 3: the RoPE frequencies of the sliding-window layers, and which layers those are.
+    pub local_rope: Option<(Vec<f64>, Vec<bool>)>,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Gemma's layout: norm weights as offsets from 1, norms after the attention and the MLP,
+    /// the embedding scaled by √h.
+    pub gemma: bool,
+    /// The queries' scale on top of the attention's 1/√head_dim (Gemma's
+    /// √(head_dim / query_pre_attn_scalar)).
+    pub query_scale: f64,
+    /// Logits become c·tanh(logits / c).
+    pub final_softcap: Option<f64>,
+    pub mlp_act: MlpAct,
+    /// Phi-3: one `qkv_proj` and one `gate_up_proj` per layer.
+    pub fused_projections: bool,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpAct {
+    Silu,
+    /// GELU in its tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl LlamaConfig {
+    /// Whether the model is the plain LLaMA layout that the CUDA layer kernels implement.
+    pub fn is_plain(&self) -> bool {
+        !(self.qk_norm || self.gemma || self.fused_projections || self.local_rope.is_some())
+            && self.mlp_act == MlpAct::Silu
+            && self.query_scale == 1.0
+            && self.final_softcap.is_none()
+    }
 }
 
 /// How RoPE's frequencies are scaled.
@@ -94,7 +137,9 @@ fn defaults(model_type: &str) -> Defaults {
     Defaults {
         max_position_embeddings: match model_type {
             "mistral" => 4096 * 32,
-            "qwen2" => 32768,
+            "qwen2" | "qwen3" => 32768,
+            "gemma3_text" => 131072,
+            "phi3" => 4096,
             _ => 2048,
         },
     }
@@ -281,8 +326,10 @@ fn scaling_section(
 
 /// The window of the layers that attend through one, as transformers 5 configures them:
 /// Mistral windows every layer by `sliding_window` (4096 where the key is absent, none where it
-/// is null); Qwen2 only with `use_sliding_window`, and then the layers that `layer_types` marks
-/// `sliding_attention`, or by default those from `max_window_layers` on. LLaMA has none.
+/// is null); Qwen2 and Qwen3 only with `use_sliding_window`, and then the layers that
+/// `layer_types` marks `sliding_attention`, or by default those from `max_window_layers` on;
+/// Phi-3 every layer where `sliding_window` is set; Gemma 3 its sliding layers
+/// ([`gemma_layer_types`]). LLaMA has none.
 fn sliding_window(c: &ConfigReader, model_type: &str, layers: usize) -> Result<Option<usize>> {
     let window = |default: usize| -> Result<Option<usize>> {
         match c.value.get("sliding_window") {
@@ -293,7 +340,15 @@ fn sliding_window(c: &ConfigReader, model_type: &str, layers: usize) -> Result<O
     };
     match model_type {
         "mistral" => window(4096),
-        "qwen2" if c.bool_or("use_sliding_window", false)? => {
+        "phi3" => match c.get("sliding_window") {
+            None => Ok(None),
+            Some(_) => c.usize("sliding_window").map(Some),
+        },
+        "gemma3_text" => {
+            let windowed = gemma_layer_types(c, layers)?.iter().any(|&s| s);
+            Ok(if windowed { window(4096)? } else { None })
+        }
+        "qwen2" | "qwen3" if c.bool_or("use_sliding_window", false)? => {
             let Some(w) = window(4096)? else {
                 return Ok(None);
             };
@@ -314,16 +369,204 @@ fn sliding_window(c: &ConfigReader, model_type: &str, layers: usize) -> Result<O
     }
 }
 
+/// Gemma 3's layers, true for those that attend through the sliding window: `layer_types`, or
+/// by default every layer but each `sliding_window_pattern`-th (6).
+fn gemma_layer_types(c: &ConfigReader, layers: usize) -> Result<Vec<bool>> {
+    match c.get("layer_types") {
+        Some(types) => {
+            let types = types
+                .as_array()
+                .filter(|t| t.len() == layers)
+                .ok_or_else(|| {
+                    Error::bad_field(
+                        c.path,
+                        "layer_types",
+                        format!("must be a list of {layers} strings, one per layer"),
+                    )
+                })?;
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(c.unsupported(
+                        "layer_types",
+                        format!("{t}: only sliding_attention and full_attention are known"),
+                    )),
+                })
+                .collect()
+        }
+        None => {
+            let pattern = c.usize_or("sliding_window_pattern", Some(6))?.max(1);
+            Ok((0..layers).map(|i| (i + 1) % pattern != 0).collect())
+        }
+    }
+}
+
+/// Gemma 3's two RoPEs, for its full-attention and its sliding-window layers: transformers 5
+/// keeps one dictionary per layer type in `rope_parameters`; transformers 4 kept the global
+/// base in `rope_theta`, the local one in `rope_local_base_freq` and the global scaling in
+/// `rope_scaling`. Where both layouts set a base they must agree.
+fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rope, Rope)> {
+    c.refuse_unless(
+        "partial_rotary_factor",
+        |v| v.as_f64() == Some(1.0),
+        "partial rotary embeddings are not implemented",
+    )?;
+    let read = |kind: &str, legacy_theta: &str, default: f64| -> Result<Rope> {
+        let section = format!("{CURRENT}.{kind}");
+        let theta_field = format!("{section}.rope_theta");
+        let theta = match (c.f64_opt(&theta_field)?, c.f64_opt(legacy_theta)?) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::bad_field(
+                    c.path,
+                    &theta_field,
+                    format!(
+                        "= {a} but `{legacy_theta}` = {b}: the two RoPE layouts disagree; keep \
+                         one of them"
+                    ),
+                ))
+            }
+            (Some(t), _) | (None, Some(t)) => t,
+            (None, None) => default,
+        };
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(c.unsupported(&theta_field, "RoPE's base must be a number above 1"));
+        }
+        let mut scaling = scaling_section(c, &section, max_positions)?;
+        if kind == "full_attention" {
+            let legacy = scaling_section(c, LEGACY, max_positions)?;
+            match (&scaling, legacy) {
+                (Some(a), Some(b)) if *a != b => {
+                    return Err(Error::bad_field(
+                        c.path,
+                        LEGACY,
+                        format!(
+                            "says {b:?} but `{section}` says {a:?}: the two RoPE layouts \
+                             disagree; keep one of them"
+                        ),
+                    ))
+                }
+                (None, Some(b)) => scaling = Some(b),
+                _ => {}
+            }
+        }
+        Ok(Rope {
+            theta,
+            scaling: scaling.unwrap_or(RopeScaling::None),
+        })
+    };
+    if let Some(v) = c.get(CURRENT) {
+        if let Some((key, _)) = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .find(|(k, _)| !matches!(k.as_str(), "full_attention" | "sliding_attention"))
+        {
+            return Err(c.unsupported(
+                &format!("{CURRENT}.{key}"),
+                "Gemma 3 keeps one RoPE dictionary per layer type (full_attention, \
+                 sliding_attention)",
+            ));
+        }
+    }
+    Ok((
+        read("full_attention", "rope_theta", 1_000_000.0)?,
+        read("sliding_attention", "rope_local_base_freq", 10_000.0)?,
+    ))
+}
+
+/// The attention's input projections: separate q, k and v, or Phi-3's one `qkv_proj`.
+enum QkvProj {
+    Split {
+        q: AdaptedLinear,
+        k: AdaptedLinear,
+        v: AdaptedLinear,
+    },
+    Fused(AdaptedLinear),
+}
+
+/// The MLP's input projections: separate gate and up, or Phi-3's one `gate_up_proj`.
+enum GateUpProj {
+    Split {
+        gate: AdaptedLinear,
+        up: AdaptedLinear,
+    },
+    Fused(AdaptedLinear),
+}
+
 struct Layer {
-    q: AdaptedLinear,
-    k: AdaptedLinear,
-    v: AdaptedLinear,
+    qkv: QkvProj,
     o: AdaptedLinear,
-    gate: AdaptedLinear,
-    up: AdaptedLinear,
+    gate_up: GateUpProj,
     down: AdaptedLinear,
     ln1: Tensor,
     ln2: Tensor,
+    /// The per-head norms of queries and keys.
+    qk_norm: Option<(Tensor, Tensor)>,
+    /// Gemma's norms of the attention's and the MLP's outputs.
+    post_norms: Option<(Tensor, Tensor)>,
+}
+
+impl Layer {
+    /// Every projection, in the order of the forward.
+    fn projs(&self) -> Vec<&AdaptedLinear> {
+        let mut v = match &self.qkv {
+            QkvProj::Split { q, k, v } => vec![q, k, v],
+            QkvProj::Fused(p) => vec![p],
+        };
+        v.push(&self.o);
+        match &self.gate_up {
+            GateUpProj::Split { gate, up } => v.extend([gate, up]),
+            GateUpProj::Fused(p) => v.push(p),
+        }
+        v.push(&self.down);
+        v
+    }
+
+    fn projs_mut(&mut self) -> Vec<&mut AdaptedLinear> {
+        let mut v = match &mut self.qkv {
+            QkvProj::Split { q, k, v } => vec![q, k, v],
+            QkvProj::Fused(p) => vec![p],
+        };
+        v.push(&mut self.o);
+        match &mut self.gate_up {
+            GateUpProj::Split { gate, up } => v.extend([gate, up]),
+            GateUpProj::Fused(p) => v.push(p),
+        }
+        v.push(&mut self.down);
+        v
+    }
+
+    /// q, k, v, o, gate, up, down of the plain layout; None for fused projections.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn split_projs(&self) -> Option<[&AdaptedLinear; 7]> {
+        match (&self.qkv, &self.gate_up) {
+            (QkvProj::Split { q, k, v }, GateUpProj::Split { gate, up }) => {
+                Some([q, k, v, &self.o, gate, up, &self.down])
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A norm weight (f32); Gemma's stored offsets w become the scale 1 + w.
+fn norm_weight(
+    w: &Weights,
+    name: &str,
+    size: usize,
+    offset: bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = w.get_shaped(name, &[size], DType::F32, device)?;
+    Ok(if offset { (t + 1.0)? } else { t })
+}
+
+/// RMSNorm of each head's slice of (b, t, n·head_dim) with one weight of the head's size.
+fn head_norm(x: &Tensor, weight: &Tensor, head_dim: usize, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let rows = x.elem_count() / head_dim;
+    Ok(rms_norm(&x.reshape((rows, head_dim))?, weight, eps)?.reshape(dims)?)
 }
 
 /// Where the vocabulary logits come from.
@@ -365,7 +608,13 @@ impl Llama {
                 format!("{kv_heads} key/value heads cannot be shared by {heads} attention heads"),
             ));
         }
-        let head_dim = c.usize_or("head_dim", Some(hidden / heads))?;
+        let gemma = model_type == "gemma3_text";
+        let head_dim_default = match model_type {
+            "qwen3" => 128,
+            "gemma3_text" => 256,
+            _ => hidden / heads,
+        };
+        let head_dim = c.usize_or("head_dim", Some(head_dim_default))?;
         if head_dim % 2 != 0 {
             return Err(Error::bad_field(
                 c.path,
@@ -373,22 +622,73 @@ impl Llama {
                 format!("RoPE needs an even head size, found {head_dim}"),
             ));
         }
-        c.refuse_unless(
-            "hidden_act",
-            |v| matches!(v.as_str(), Some("silu" | "swish")),
-            "LLaMA-family MLPs are implemented with silu",
-        )?;
+        let mlp_act = if gemma {
+            c.refuse_unless(
+                "hidden_activation",
+                |v| v.as_str() == Some("gelu_pytorch_tanh"),
+                "Gemma 3's MLP is implemented with gelu_pytorch_tanh",
+            )?;
+            MlpAct::GeluTanh
+        } else {
+            c.refuse_unless(
+                "hidden_act",
+                |v| matches!(v.as_str(), Some("silu" | "swish")),
+                "LLaMA-family MLPs are implemented with silu",
+            )?;
+            MlpAct::Silu
+        };
         let layers = c.usize("num_hidden_layers")?;
         let max_positions = max_positions(c)?;
         // each class declares its own biases; transformers reads `attention_bias` and
         // `mlp_bias` for LLaMA only
         let (qkv_bias, o_bias, mlp_bias) = match model_type {
             "qwen2" => (true, false, false),
-            "mistral" => (false, false, false),
+            "mistral" | "phi3" => (false, false, false),
+            "qwen3" | "gemma3_text" => {
+                let attn = c.bool_or("attention_bias", false)?;
+                (attn, attn, false)
+            }
             _ => {
                 let attn = c.bool_or("attention_bias", false)?;
                 (attn, attn, c.bool_or("mlp_bias", false)?)
             }
+        };
+        let (inv_freq, local_rope) = if gemma {
+            let (global, local) = gemma_ropes(c, max_positions)?;
+            let local_layers = gemma_layer_types(c, layers)?;
+            (
+                global.inv_freq(head_dim),
+                Some((local.inv_freq(head_dim), local_layers)),
+            )
+        } else {
+            (Rope::read(c, max_positions)?.inv_freq(head_dim), None)
+        };
+        let (query_scale, final_softcap) = if gemma {
+            c.refuse_unless(
+                "attn_logit_softcapping",
+                |_| false,
+                "attention logit soft-capping (Gemma 2's) is not implemented",
+            )?;
+            c.refuse_unless(
+                "use_bidirectional_attention",
+                |v| v.as_bool() == Some(false),
+                "bidirectional attention is not implemented; decoders attend causally",
+            )?;
+            let scalar = c.f64_or("query_pre_attn_scalar", 256.0)?;
+            if !(scalar.is_finite() && scalar > 0.0) {
+                return Err(c.unsupported("query_pre_attn_scalar", "must be a positive number"));
+            }
+            let cap = c.f64_opt("final_logit_softcapping")?;
+            if let Some(cap) = cap {
+                if !(cap.is_finite() && cap > 0.0) {
+                    return Err(
+                        c.unsupported("final_logit_softcapping", "must be a positive number")
+                    );
+                }
+            }
+            ((head_dim as f64 / scalar).sqrt(), cap)
+        } else {
+            (1.0, None)
         };
         Ok(LlamaConfig {
             hidden,
@@ -398,13 +698,23 @@ impl Llama {
             kv_heads,
             head_dim,
             vocab: c.usize("vocab_size")?,
-            eps: c.f64_or("rms_norm_eps", 1e-6)?,
-            tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
-            inv_freq: Rope::read(c, max_positions)?.inv_freq(head_dim),
+            eps: c.f64_or(
+                "rms_norm_eps",
+                if model_type == "phi3" { 1e-5 } else { 1e-6 },
+            )?,
+            tie_embeddings: c.bool_or("tie_word_embeddings", gemma)?,
+            inv_freq,
             qkv_bias,
             o_bias,
             mlp_bias,
             sliding_window: sliding_window(c, model_type, layers)?,
+            local_rope,
+            qk_norm: matches!(model_type, "qwen3" | "gemma3_text"),
+            gemma,
+            query_scale,
+            final_softcap,
+            mlp_act,
+            fused_projections: model_type == "phi3",
         })
     }
 
@@ -426,36 +736,61 @@ impl Llama {
                 }
                 load_linear(w, &p(s), o, inp, bias, dtype, device)
             };
-            let (qkv, ob, mb) = (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias);
+            let (qkv_b, ob, mb) = (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias);
             let ff = cfg.intermediate;
-            let (q, k, v) = (
-                lin("self_attn.q_proj", qd, h, qkv)?,
-                lin("self_attn.k_proj", kvd, h, qkv)?,
-                lin("self_attn.v_proj", kvd, h, qkv)?,
-            );
+            let qkv = if cfg.fused_projections {
+                QkvProj::Fused(lin("self_attn.qkv_proj", qd + 2 * kvd, h, qkv_b)?)
+            } else {
+                QkvProj::Split {
+                    q: lin("self_attn.q_proj", qd, h, qkv_b)?,
+                    k: lin("self_attn.k_proj", kvd, h, qkv_b)?,
+                    v: lin("self_attn.v_proj", kvd, h, qkv_b)?,
+                }
+            };
             let o = lin("self_attn.o_proj", h, qd, ob)?;
-            let (gate, up, down) = (
-                lin("mlp.gate_proj", ff, h, mb)?,
-                lin("mlp.up_proj", ff, h, mb)?,
-                lin("mlp.down_proj", h, ff, mb)?,
-            );
-            let mut norm = |s: &str| {
+            let gate_up = if cfg.fused_projections {
+                GateUpProj::Fused(lin("mlp.gate_up_proj", 2 * ff, h, mb)?)
+            } else {
+                GateUpProj::Split {
+                    gate: lin("mlp.gate_proj", ff, h, mb)?,
+                    up: lin("mlp.up_proj", ff, h, mb)?,
+                }
+            };
+            let down = lin("mlp.down_proj", h, ff, mb)?;
+            let mut norm = |s: &str, size: usize| {
                 take(&p(s));
-                w.get_shaped(&p(s), &[h], DType::F32, device)
+                norm_weight(w, &p(s), size, cfg.gemma, device)
+            };
+            let ln1 = norm("input_layernorm.weight", h)?;
+            let (ln2, post_norms) = if cfg.gemma {
+                let post_attn = norm("post_attention_layernorm.weight", h)?;
+                let ln2 = norm("pre_feedforward_layernorm.weight", h)?;
+                let post_ffn = norm("post_feedforward_layernorm.weight", h)?;
+                (ln2, Some((post_attn, post_ffn)))
+            } else {
+                (norm("post_attention_layernorm.weight", h)?, None)
+            };
+            let qk_norm = if cfg.qk_norm {
+                let hd = cfg.head_dim;
+                Some((
+                    norm("self_attn.q_norm.weight", hd)?,
+                    norm("self_attn.k_norm.weight", hd)?,
+                ))
+            } else {
+                None
             };
             layers.push(Layer {
-                q,
-                k,
-                v,
+                qkv,
                 o,
-                gate,
-                up,
+                gate_up,
                 down,
-                ln1: norm("input_layernorm.weight")?,
-                ln2: norm("post_attention_layernorm.weight")?,
+                ln1,
+                ln2,
+                qk_norm,
+                post_norms,
             });
         }
-        let norm = w.get_shaped("model.norm.weight", &[h], DType::F32, device)?;
+        let norm = norm_weight(w, "model.norm.weight", h, cfg.gemma, device)?;
         take("model.norm.weight");
         let has_head = w.contains("lm_head.weight");
         let lm_head = if cfg.tie_embeddings {
@@ -546,27 +881,13 @@ impl Llama {
     }
 
     pub fn linears(&self) -> Vec<&AdaptedLinear> {
-        let mut v = vec![];
-        for l in &self.layers {
-            v.extend([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]);
-        }
+        let mut v: Vec<_> = self.layers.iter().flat_map(Layer::projs).collect();
         v.extend(self.lm_head.iter());
         v
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut AdaptedLinear> {
-        let mut v = vec![];
-        for l in &mut self.layers {
-            v.extend([
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ]);
-        }
+        let mut v: Vec<_> = self.layers.iter_mut().flat_map(Layer::projs_mut).collect();
         v.extend(self.lm_head.iter_mut());
         v
     }
@@ -580,6 +901,15 @@ impl Llama {
             .embed
             .index_select(&batch.ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden))?;
+        if c.gemma {
+            // transformers multiplies by √h rounded to the embedding's dtype
+            let scale = Tensor::new(c.hidden as f64, &Device::Cpu)?
+                .sqrt()?
+                .to_dtype(self.dtype)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            x = (x * scale)?;
+        }
         if self.grad_from_embeddings {
             x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
         }
@@ -590,23 +920,75 @@ impl Llama {
         } else {
             DType::F32
         };
-        let (cos, sin) = rope_tables(&c.inv_freq, t, table_dt, x.device())?;
-        for l in &self.layers {
+        let global = rope_tables(&c.inv_freq, t, table_dt, x.device())?;
+        let local = match &c.local_rope {
+            Some((inv_freq, _)) => Some(rope_tables(inv_freq, t, table_dt, x.device())?),
+            None => None,
+        };
+        let (qd, kvd, ff) = (
+            c.heads * c.head_dim,
+            c.kv_heads * c.head_dim,
+            c.intermediate,
+        );
+        for (i, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
+            let (mut q, mut k, v) = match &l.qkv {
+                QkvProj::Split { q, k, v } => (q.forward(&hn)?, k.forward(&hn)?, v.forward(&hn)?),
+                QkvProj::Fused(p) => {
+                    let y = p.forward(&hn)?;
+                    (
+                        y.narrow(2, 0, qd)?.contiguous()?,
+                        y.narrow(2, qd, kvd)?.contiguous()?,
+                        y.narrow(2, qd + kvd, kvd)?.contiguous()?,
+                    )
+                }
+            };
+            if let Some((qn, kn)) = &l.qk_norm {
+                q = head_norm(&q, qn, c.head_dim, c.eps)?;
+                k = head_norm(&k, kn, c.head_dim, c.eps)?;
+            }
+            if c.query_scale != 1.0 {
+                q = (q * c.query_scale)?;
+            }
+            let (cos, sin) = match (&local, &c.local_rope) {
+                (Some(tables), Some((_, layers))) if layers[i] => (&tables.0, &tables.1),
+                _ => (&global.0, &global.1),
+            };
             let a = attention_block(
-                &l.q.forward(&hn)?,
-                &l.k.forward(&hn)?,
-                &l.v.forward(&hn)?,
-                (&cos, &sin),
+                &q,
+                &k,
+                &v,
+                (cos, sin),
                 (c.heads, c.kv_heads),
                 &lens,
                 true,
                 fast,
             )?;
-            x = (x + l.o.forward(&a)?)?;
+            let mut a = l.o.forward(&a)?;
+            if let Some((post_attn, _)) = &l.post_norms {
+                a = rms_norm(&a, post_attn, c.eps)?;
+            }
+            x = (x + a)?;
             let hn = rms_norm(&x, &l.ln2, c.eps)?;
-            let f = swiglu(&l.gate.forward(&hn)?, &l.up.forward(&hn)?)?;
-            x = (x + l.down.forward(&f)?)?;
+            let (g, u) = match &l.gate_up {
+                GateUpProj::Split { gate, up } => (gate.forward(&hn)?, up.forward(&hn)?),
+                GateUpProj::Fused(p) => {
+                    let y = p.forward(&hn)?;
+                    (
+                        y.narrow(2, 0, ff)?.contiguous()?,
+                        y.narrow(2, ff, ff)?.contiguous()?,
+                    )
+                }
+            };
+            let f = match c.mlp_act {
+                MlpAct::Silu => swiglu(&g, &u)?,
+                MlpAct::GeluTanh => (g.gelu()? * u)?,
+            };
+            let mut m = l.down.forward(&f)?;
+            if let Some((_, post_ffn)) = &l.post_norms {
+                m = rms_norm(&m, post_ffn, c.eps)?;
+            }
+            x = (x + m)?;
         }
         rms_norm(&x, &self.norm, c.eps)
     }
@@ -618,10 +1000,14 @@ impl Llama {
 
     /// Vocabulary logits for hidden rows (n, h) → (n, vocab).
     pub fn lm_logits(&self, rows: &Tensor) -> Result<Tensor> {
-        match &self.lm_head {
-            Some(head) => head.forward(rows),
-            None if self.has_vocab_head() => Ok(frozen_matmul(rows, &self.embed)?),
-            None => Err(self.no_vocab_head()),
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(rows)?,
+            None if self.has_vocab_head() => frozen_matmul(rows, &self.embed)?,
+            None => return Err(self.no_vocab_head()),
+        };
+        match self.cfg.final_softcap {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
         }
     }
 }

@@ -71,13 +71,19 @@ impl Family {
             .and_then(Value::as_str)
             .unwrap_or("");
         match mt {
-            "bert" | "roberta" | "xlm-roberta" | "camembert" | "minilm" | "electra" => Ok(Family::Bert),
-            "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" => Ok(Family::Llama),
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "minilm" | "electra" => {
+                Ok(Family::Bert)
+            }
+            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3_text" | "phi3" | "smollm"
+            | "smollm2" => Ok(Family::Llama),
             "" => Err(Error::bad_field(path, "model_type", "is missing")),
             other => Err(Error::bad_field(
                 path,
                 "model_type",
-                format!("`{other}` is not supported (BERT-family: bert, roberta; LLaMA-family: llama, mistral, qwen2)"),
+                format!(
+                    "`{other}` is not supported (BERT-family: bert, roberta; LLaMA-family: \
+                     llama, mistral, qwen2, qwen3, gemma3_text, phi3)"
+                ),
             )),
         }
     }
@@ -157,6 +163,15 @@ pub enum Body {
 }
 
 impl Body {
+    /// [`Family::default_targets`] for this model: Phi-3's fused projections in place of the
+    /// split ones.
+    pub fn default_targets(&self) -> &'static str {
+        match self {
+            Body::Llama(l) if l.cfg.fused_projections => "qkv_proj,o_proj,gate_up_proj,down_proj",
+            _ => self.family().default_targets(),
+        }
+    }
+
     pub fn family(&self) -> Family {
         match self {
             Body::Bert(_) => Family::Bert,

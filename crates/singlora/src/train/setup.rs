@@ -188,6 +188,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     };
     let pre = Pretrained::load(&cfg.model, dtype, &device)?;
     let family = pre.body.family();
+    let default_targets = pre.body.default_targets();
     let data = prepare_data(&cfg, &pre)?;
     let pooling = cfg.pooling.unwrap_or_else(|| pre.default_pooling());
     let n_labels = data.labels.as_ref().map(|l| l.names.len());
@@ -240,7 +241,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         dtype: DType::F32,
     };
     let targets = TargetSpec::parse(
-        cfg.targets.as_deref().unwrap_or(family.default_targets()),
+        cfg.targets.as_deref().unwrap_or(default_targets),
         cfg.exclude.as_deref(),
     )?;
     let clock = RampClock::new(ramp, 0);

@@ -678,8 +678,10 @@ fn norm_for(
     Ok(Some(y))
 }
 
+/// q, k, v, o, gate, up, down; [`Llama::fast_forward`] takes only layers that have them.
 fn layer_projs(l: &Layer) -> [&AdaptedLinear; 7] {
-    [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+    l.split_projs()
+        .expect("the fast path takes only layers with split projections")
 }
 
 impl Llama {
@@ -696,7 +698,12 @@ impl Llama {
         };
         let cx = Ctx::new(dev, bf16, *fast);
         let c = &self.cfg;
-        if c.heads % c.kv_heads != 0 || c.head_dim % 2 != 0 || c.heads * c.head_dim != c.hidden {
+        if c.heads % c.kv_heads != 0
+            || c.head_dim % 2 != 0
+            || c.heads * c.head_dim != c.hidden
+            || !c.is_plain()
+            || self.layers.iter().any(|l| l.split_projs().is_none())
+        {
             return Ok(None);
         }
         // whether every projection can take this path, without launching anything: each

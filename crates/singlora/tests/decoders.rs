@@ -1,0 +1,281 @@
+//! Qwen3, Gemma 3 and Phi-3 against transformers and PEFT: logits of tiny checkpoints saved by
+//! transformers' own classes, and the gradients of one LoRA step (loaded from PEFT's adapter
+//! file) against PEFT's. Golden files: tests/fixtures/decoders, made by its
+//! make_decoder_golden.py with the versions in VERSIONS.json.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use singlora::adapter::file::AdapterFile;
+use singlora::checkpoint::Checkpoint;
+use singlora::data::{collate, Encoded};
+use singlora::model::llama::{Llama, LlamaConfig};
+use singlora::model::weights::{ConfigReader, Weights};
+use singlora::model::{Body, Pooling, Task, TaskModel};
+use singlora::ops::FastPath;
+
+const FAMILIES: [&str; 3] = ["qwen3", "gemma3", "phi3"];
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/decoders")
+        .join(name)
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn load(name: &str) -> Llama {
+    let d = dir(name);
+    let path = d.join("config.json");
+    let value = read_json(&path);
+    let cfg = Llama::config(&ConfigReader {
+        path: &path,
+        value: &value,
+    })
+    .unwrap();
+    let weights = Weights::Checkpoint(Checkpoint::open(&d).unwrap());
+    Llama::load(&weights, cfg, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn golden_ids(name: &str) -> (Vec<u32>, Value) {
+    let g = read_json(&dir(name).join("golden.json"));
+    let ids = g["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    (ids, g["logits"].clone())
+}
+
+fn batch(ids: &[u32]) -> singlora::data::Batch {
+    let items = vec![Encoded {
+        ids: ids.to_vec(),
+        type_ids: vec![0; ids.len()],
+        label: None,
+        target_mask: vec![1; ids.len()],
+    }];
+    collate(&items, &[0], 0, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn logits_match_transformers() {
+    for name in FAMILIES {
+        let model = load(name);
+        let (ids, want) = golden_ids(name);
+        let hidden = model
+            .hidden_states(&batch(&ids), &FastPath::default())
+            .unwrap();
+        let rows = hidden.reshape((ids.len(), hidden.dim(2).unwrap())).unwrap();
+        let ours = model.lm_logits(&rows).unwrap().to_vec2::<f32>().unwrap();
+        let mut worst = 0.0f64;
+        let mut scale = 0.0f64;
+        for (row, want) in ours.iter().zip(want.as_array().unwrap()) {
+            for (x, y) in row.iter().zip(want.as_array().unwrap()) {
+                let y = y.as_f64().unwrap();
+                worst = worst.max((*x as f64 - y).abs());
+                scale = scale.max(y.abs());
+            }
+        }
+        assert!(
+            scale > 0.5,
+            "{name}: logits too small to tell anything ({scale})"
+        );
+        assert!(worst <= 1e-4, "{name}: logits {worst:e} from transformers'");
+    }
+}
+
+#[test]
+fn lora_gradients_match_peft() {
+    for name in FAMILIES {
+        let d = dir(name);
+        let body = Body::Llama(load(name));
+        let mut model =
+            TaskModel::new(body, Task::Sft, None, Pooling::Last, 0, &Device::Cpu).unwrap();
+        let af = AdapterFile::read(&d.join("adapter"), &Device::Cpu).unwrap();
+        model.load_adapter(&af).unwrap();
+        let (ids, _) = golden_ids(name);
+        let (loss, grads) = model.loss_and_grads(&batch(&ids), 1.0).unwrap();
+        let want_loss = read_json(&d.join("loss.json"))["loss"].as_f64().unwrap();
+        let loss = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "{name}: loss {loss} against PEFT's {want_loss}"
+        );
+        let want =
+            candle_core::safetensors::load(d.join("grads.safetensors"), &Device::Cpu).unwrap();
+        let mut seen = 0;
+        for (layer, _, adapter) in model.adapters() {
+            for p in adapter.params() {
+                let key = format!("base_model.model.{layer}.{}", p.suffix);
+                let theirs = want
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("{name}: PEFT has no gradient {key}"));
+                let ours = grads
+                    .get(p.var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+                let diff = rel_diff(ours, theirs);
+                assert!(diff <= 1e-4, "{name}: {key} {diff:e} from PEFT's gradient");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, want.len(), "{name}: every PEFT gradient compared");
+    }
+}
+
+/// max |a − b| / max |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let d = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(scale > 0.0);
+    d / scale
+}
+
+/// The family's golden config.json, edited by `edit`, read as a config.
+fn edited_config(name: &str, edit: impl FnOnce(&mut Value)) -> singlora::Result<LlamaConfig> {
+    let path = dir(name).join("config.json");
+    let mut value = read_json(&path);
+    edit(&mut value);
+    Llama::config(&ConfigReader {
+        path: &path,
+        value: &value,
+    })
+}
+
+fn assert_refused(r: singlora::Result<LlamaConfig>, fields: &[&str]) {
+    let e = match r {
+        Ok(_) => panic!("expected a refusal of {fields:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("config.json"), "no file in: {e}");
+    for f in fields {
+        assert!(e.contains(&format!("`{f}`")), "no `{f}` in: {e}");
+    }
+}
+
+#[test]
+fn settings_not_implemented_are_refused_by_name() {
+    let set = |k: &'static str, v: Value| move |c: &mut Value| c[k] = v;
+    assert_refused(
+        edited_config("gemma3", set("attn_logit_softcapping", 50.0.into())),
+        &["attn_logit_softcapping"],
+    );
+    assert_refused(
+        edited_config("gemma3", set("use_bidirectional_attention", true.into())),
+        &["use_bidirectional_attention"],
+    );
+    assert_refused(
+        edited_config("gemma3", set("hidden_activation", "gelu".into())),
+        &["hidden_activation"],
+    );
+    assert_refused(
+        edited_config("gemma3", |c| {
+            c["rope_parameters"]["chunked_attention"] = serde_json::json!({"rope_theta": 1e4})
+        }),
+        &["rope_parameters.chunked_attention"],
+    );
+    assert_refused(
+        edited_config("gemma3", |c| {
+            c["rope_parameters"]["full_attention"]["rope_type"] = "yarn".into()
+        }),
+        &["rope_parameters.full_attention.rope_type"],
+    );
+    assert_refused(
+        edited_config("gemma3", set("rope_theta", 5e5.into())),
+        &["rope_parameters.full_attention.rope_theta", "rope_theta"],
+    );
+    assert_refused(
+        edited_config(
+            "gemma3",
+            set("layer_types", serde_json::json!(["full_attention"])),
+        ),
+        &["layer_types"],
+    );
+    assert_refused(
+        edited_config("phi3", |c| {
+            c["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4,
+                "short_factor": [1.0], "long_factor": [1.0]})
+        }),
+        &["rope_parameters.rope_type"],
+    );
+    assert_refused(
+        edited_config("phi3", |c| {
+            c["rope_parameters"]["partial_rotary_factor"] = 0.75.into()
+        }),
+        &["rope_parameters.partial_rotary_factor"],
+    );
+    assert_refused(
+        edited_config("qwen3", set("hidden_act", "gelu".into())),
+        &["hidden_act"],
+    );
+}
+
+#[test]
+fn gemma_reads_transformers_4_rope_layout_to_the_same_frequencies() {
+    let now = edited_config("gemma3", |_| {}).unwrap();
+    let old = edited_config("gemma3", |c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("rope_parameters");
+        o.insert("rope_theta".into(), 1e6.into());
+        o.insert("rope_local_base_freq".into(), 1e4.into());
+        o.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+        );
+    })
+    .unwrap();
+    assert_eq!(now.inv_freq, old.inv_freq);
+    assert_eq!(now.local_rope, old.local_rope);
+    let (local, layers) = now.local_rope.unwrap();
+    assert_eq!(layers, [true, false, true]);
+    // the local base, unscaled: θ^(−2i/d) at i = 1, d = 16
+    assert!((local[1] - 1e4f64.powf(-2.0 / 16.0)).abs() < 1e-15);
+    // the global base, halved by linear scaling
+    assert!((now.inv_freq[1] - 1e6f64.powf(-2.0 / 16.0) / 2.0).abs() < 1e-15);
+}
+
+#[test]
+fn missing_family_tensors_are_named() {
+    for (name, tensor) in [
+        ("gemma3", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("qwen3", "model.layers.0.self_attn.k_norm.weight"),
+        ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = dir(name);
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let mut tensors =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(tensors.remove(tensor).is_some(), "{name}: no {tensor}");
+        candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors")).unwrap();
+        let path = tmp.path().join("config.json");
+        let value = read_json(&path);
+        let cfg = Llama::config(&ConfigReader {
+            path: &path,
+            value: &value,
+        })
+        .unwrap();
+        let weights = Weights::Checkpoint(Checkpoint::open(tmp.path()).unwrap());
+        let e = match Llama::load(&weights, cfg, DType::F32, &Device::Cpu) {
+            Ok(_) => panic!("{name}: loaded without {tensor}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(tensor), "{name}: {e}");
+    }
+}
