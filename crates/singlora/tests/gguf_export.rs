@@ -728,4 +728,22 @@ fn refusals_name_the_problem() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     // f32 holds it
     merge_checkpoint(&s.base, &huge, &p, &gguf_opts(GgufQuant::F32)).unwrap();
+
+    // another architecture than llama.cpp's `llama`: refused, for the model and the adapter
+    let mut cfg = SHAPE.config();
+    cfg["model_type"] = serde_json::json!("qwen3");
+    std::fs::write(s.base.join("config.json"), cfg.to_string()).unwrap();
+    let e = merge_checkpoint(&s.base, &s.adapter, &s.root.join("q.gguf"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("qwen3"), "{e}");
+    let e = singlora::gguf::lora::export_lora_gguf(
+        &s.adapter,
+        &s.root.join("q-adapter.gguf"),
+        Some(&s.base),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("qwen3"), "{e}");
 }

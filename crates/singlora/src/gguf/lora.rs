@@ -34,7 +34,8 @@ pub struct Heads {
     pub kv_heads: usize,
 }
 
-/// The attention head counts of a LLaMA base: a GGUF file or a Hugging Face directory.
+/// The attention head counts of a LLaMA base (a GGUF file or a Hugging Face directory); other
+/// architectures are refused.
 pub fn base_heads(base: &Path) -> Result<Heads> {
     let config = match super::find_gguf(base).filter(|_| !base.join("config.json").exists()) {
         Some(g) => super::load_gguf(&g, DType::F32)?.config,
@@ -45,6 +46,13 @@ pub fn base_heads(base: &Path) -> Result<Heads> {
         path: &path,
         value: &config,
     };
+    let model_type = c.str_or("model_type", "llama")?;
+    if !matches!(model_type, "llama" | "mistral") {
+        return Err(Error::msg(format!(
+            "{}: model_type `{model_type}`; llama.cpp adapters are written for LLaMA-architecture bases (llama, mistral, SmolLM2) only",
+            base.display()
+        )));
+    }
     let heads = c.usize("num_attention_heads")?;
     Ok(Heads {
         heads,

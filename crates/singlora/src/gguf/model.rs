@@ -205,13 +205,24 @@ fn u32_of(what: &str, n: usize) -> Result<Value> {
 }
 
 /// The `general.*` and `llama.*` metadata of a Hugging Face LLaMA-family config.json (`c`,
-/// already read into `cfg`), named `name`. Biases, sliding windows and RoPE scalings llama.cpp's
-/// `llama` architecture would compute differently are refused.
+/// already read into `cfg`), named `name`. Other model types (whose extra norms, activations
+/// or RoPE layouts llama.cpp's `llama` architecture lacks), biases and LLaMA 3.1's RoPE scaling
+/// are refused.
 pub fn hf_llama_metadata(
     c: &ConfigReader,
     cfg: &LlamaConfig,
     name: &str,
 ) -> Result<Vec<(String, Value)>> {
+    let model_type = c.str_or("model_type", "llama")?;
+    if !matches!(model_type, "llama" | "mistral") {
+        return Err(Error::bad_field(
+            c.path,
+            "model_type",
+            format!(
+                "`{model_type}`: GGUF export writes LLaMA-architecture models (llama, mistral, SmolLM2) only"
+            ),
+        ));
+    }
     if cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias {
         return Err(Error::msg(format!(
             "{}: a model with biases on its projections (Qwen2, attention_bias, mlp_bias) is not written as GGUF yet; only bias-free LLaMA-family models are",

@@ -147,6 +147,20 @@ fn llama_config(path: &Path, config: &serde_json::Value) -> Result<LlamaConfig> 
 }
 
 fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Written> {
+    let mut reader = BufReader::new(File::open(path).at(path)?);
+    let content = Content::read(&mut reader)
+        .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
+    match content.metadata.get("general.architecture") {
+        Some(Value::String(a)) if a == "llama" => {}
+        other => {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "general.architecture = {other:?}: GGUF export writes LLaMA-architecture models only"
+                ),
+            ))
+        }
+    }
     let g = crate::gguf::load_gguf(path, DType::F32)?;
     let cfg = llama_config(path, &g.config)?;
     let (merged, max_change) = merged_layers(af, &cfg, |name| {
@@ -157,9 +171,6 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
             ))
         })
     })?;
-    let mut reader = BufReader::new(File::open(path).at(path)?);
-    let content = Content::read(&mut reader)
-        .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
     let mut metadata: Vec<(String, Value)> = content
         .metadata
         .iter()
