@@ -120,13 +120,7 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 /// [`hf_name`] for one architecture's tensors.
 fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
     let stem = gguf_name.strip_suffix(".weight")?;
-    let top = match stem {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(top) = top {
+    if let Some((_, top)) = TOP_TENSORS.iter().find(|(g, _)| *g == stem) {
         return Some(format!("{top}.weight"));
     }
     let rest = stem.strip_prefix("blk.")?;
@@ -140,6 +134,32 @@ fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
         .into_iter()
         .find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.weight"))
+}
+
+/// The tensors outside the blocks: llama.cpp's name, Hugging Face's.
+const TOP_TENSORS: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// llama.cpp's name of a Hugging Face LLaMA tensor (the inverse of [`hf_name`]), or None for a
+/// tensor llama.cpp's LLaMA has no place for: `model.layers.3.self_attn.q_proj.weight` →
+/// `blk.3.attn_q.weight`.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let stem = hf.strip_suffix(".weight")?;
+    if let Some((top, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == stem) {
+        return Some(format!("{top}.weight"));
+    }
+    let (layer, module) = stem.strip_prefix("model.layers.")?.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (g, _) = Arch::Llama
+        .layer_tensors()
+        .into_iter()
+        .find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.weight"))
 }
 
 // ---------------------------------------------------------------------------------------------

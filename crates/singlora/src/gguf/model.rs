@@ -25,6 +25,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+pub use super::gguf_name;
 use super::permute_qk;
 use super::write::{write_gguf_file, TensorInfo};
 use crate::error::{Error, Result};
@@ -92,39 +93,6 @@ impl GgufQuant {
             GgufQuant::Same => None,
         }
     }
-}
-
-/// llama.cpp's name of a Hugging Face LLaMA tensor (the inverse of [`super::hf_name`]), or
-/// None for a tensor llama.cpp's LLaMA has no place for.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let stem = hf.strip_suffix(".weight")?;
-    let top = match stem {
-        "model.embed_tokens" => Some("token_embd"),
-        "model.norm" => Some("output_norm"),
-        "lm_head" => Some("output"),
-        _ => None,
-    };
-    if let Some(top) = top {
-        return Some(format!("{top}.weight"));
-    }
-    let rest = stem.strip_prefix("model.layers.")?;
-    let (layer, module) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.weight"))
 }
 
 /// The layer number and module of a `blk.N.module.weight` name.
