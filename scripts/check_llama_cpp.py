@@ -7,8 +7,8 @@ compiles llama.cpp: slow on 2 cores, so build it once outside the repository), a
     python scripts/check_llama_cpp.py [--singlora BIN] [--smollm2 SmolLM2-135M-Instruct.Q4_1.gguf]
 
 For each model (a tiny LLaMA of the `example` shape, a GQA shape with K-quant-sized rows and
-linear RoPE scaling, and SmolLM2-135M from its GGUF when given) it trains a SingLoRA adapter for
-3 steps, then:
+linear RoPE scaling, a tiny Qwen2 with q/k/v biases and tied embeddings, and SmolLM2-135M from
+its GGUF when given) it trains a SingLoRA adapter for 3 steps, then:
 - the reference: `singlora merge --dtype f32` (safetensors) run by transformers, which computes
   singlora's logits (scripts/check_peft_loads.py and the Rust tests tie the two);
 - `singlora merge --format gguf --quant Q` for each Q, run by llama.cpp: the largest logit
@@ -109,13 +109,22 @@ def bpe_tokenizer(d):
     return tok.get_vocab_size()
 
 
-def hf_model(name, **shape):
+def hf_model(name, family="llama", **shape):
     d = os.path.join(tmp, name, "base")
     os.makedirs(d, exist_ok=True)
     vocab = bpe_tokenizer(d)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape)
+    config, model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    cfg = config(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    m = model(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(".bias"):  # transformers starts biases at 0
+                p.normal_(0.0, 0.5)
+    m.save_pretrained(d, safe_serialization=True)
     return d
 
 
@@ -173,7 +182,7 @@ def check(name, base, quants, template):
     run("merge", "--base", base, "--adapter", adapter, "--out", ref_dir, "--dtype", "f32", "--overwrite")
     hf_tok = transformers.AutoTokenizer.from_pretrained(ref_dir)
     ids = hf_tok(TEXT, add_special_tokens=False)["input_ids"]
-    ref_model = transformers.LlamaForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32)
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].double().numpy()
     scale = np.abs(ref).max()
@@ -243,6 +252,10 @@ gqa = hf_model("gqa", hidden_size=256, intermediate_size=512, num_hidden_layers=
                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
                rope_scaling={"rope_type": "linear", "factor": 2.0})
 check("gqa (8 q / 2 kv heads, linear RoPE x2)", gqa, ["f32", "f16", "q8_0", "q4_0", "q4_k_m"], CHATML)
+qwen2 = hf_model("qwen2", family="qwen2", hidden_size=64, intermediate_size=172,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=True)
+check("qwen2 (q/k/v biases, tied embeddings)", qwen2, ["f32", "f16", "q8_0"], CHATML)
 if args.smollm2:
     from gguf import GGUFReader
 

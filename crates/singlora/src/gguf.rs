@@ -145,21 +145,28 @@ const TOP_TENSORS: [(&str, &str); 3] = [
 
 /// llama.cpp's name of a Hugging Face LLaMA tensor (the inverse of [`hf_name`]), or None for a
 /// tensor llama.cpp's LLaMA has no place for: `model.layers.3.self_attn.q_proj.weight` →
-/// `blk.3.attn_q.weight`.
+/// `blk.3.attn_q.weight`; a projection's bias (Qwen2's, `attention_bias`, `mlp_bias`) keeps
+/// `.bias`.
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let stem = hf.strip_suffix(".weight")?;
-    if let Some((top, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == stem) {
-        return Some(format!("{top}.weight"));
+    if let Some(stem) = hf.strip_suffix(".weight") {
+        if let Some((top, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == stem) {
+            return Some(format!("{top}.weight"));
+        }
     }
+    let (stem, suffix) = hf.rsplit_once('.')?;
     let (layer, module) = stem.strip_prefix("model.layers.")?.split_once('.')?;
     if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let is_projection = module.starts_with("self_attn.") || module.starts_with("mlp.");
+    if !(suffix == "weight" || (suffix == "bias" && is_projection)) {
         return None;
     }
     let (g, _) = Arch::Llama
         .layer_tensors()
         .into_iter()
         .find(|(_, h)| *h == module)?;
-    Some(format!("blk.{layer}.{g}.weight"))
+    Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -747,3 +747,54 @@ fn refusals_name_the_problem() {
     .to_string();
     assert!(e.contains("qwen3"), "{e}");
 }
+
+/// Qwen2 (q/k/v biases) is written as llama.cpp's `llama` with the biases: Q's and K's rows
+/// permuted like their weights, V's as they are, all f32.
+#[test]
+fn qwen2_biases_are_written_in_llama_cpps_order() {
+    let s = setup(SHAPE, AdapterKind::SingLora);
+    let mut cfg = SHAPE.config();
+    cfg["model_type"] = serde_json::json!("qwen2");
+    let mut tensors = SHAPE.tensors(3, DType::F32).unwrap();
+    let hd = SHAPE.hidden / SHAPE.heads;
+    for l in 0..SHAPE.layers {
+        for (m, n) in [
+            ("q", SHAPE.heads),
+            ("k", SHAPE.kv_heads),
+            ("v", SHAPE.kv_heads),
+        ] {
+            let b = Tensor::randn(0f32, 1., n * hd, &Device::Cpu).unwrap();
+            tensors.insert(format!("model.layers.{l}.self_attn.{m}_proj.bias"), b);
+        }
+    }
+    write_checkpoint(&s.base, &cfg, &tensors, 1).unwrap();
+    let out = s.root.join("qwen2.gguf");
+    merge_checkpoint(&s.base, &s.adapter, &out, &gguf_opts(GgufQuant::Q8_0)).unwrap();
+    let (c, mut r) = read_content(&out);
+    assert_eq!(
+        format!("{:?}", c.metadata["general.architecture"]),
+        "String(\"llama\")"
+    );
+    let dev = Device::Cpu;
+    for l in 0..SHAPE.layers {
+        for (m, g, heads) in [
+            ("q", "attn_q", Some(SHAPE.heads)),
+            ("k", "attn_k", Some(SHAPE.kv_heads)),
+            ("v", "attn_v", None),
+        ] {
+            let name = format!("blk.{l}.{g}.bias");
+            assert_eq!(c.tensor_infos[&name].ggml_dtype, GgmlDType::F32, "{name}");
+            let got = c
+                .tensor(&mut r, &name, &dev)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap();
+            let hf = &tensors[&format!("model.layers.{l}.self_attn.{m}_proj.bias")];
+            let want = match heads {
+                Some(n) => permute_qk(hf, n).unwrap(),
+                None => hf.clone(),
+            };
+            assert_eq!(max_abs_diff(&got, &want), 0.0, "{name}");
+        }
+    }
+}

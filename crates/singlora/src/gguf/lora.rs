@@ -47,9 +47,9 @@ pub fn base_heads(base: &Path) -> Result<Heads> {
         value: &config,
     };
     let model_type = c.str_or("model_type", "llama")?;
-    if !matches!(model_type, "llama" | "mistral") {
+    if !super::model::LLAMA_MODEL_TYPES.contains(&model_type) {
         return Err(Error::msg(format!(
-            "{}: model_type `{model_type}`; llama.cpp adapters are written for LLaMA-architecture bases (llama, mistral, SmolLM2) only",
+            "{}: model_type `{model_type}`; llama.cpp adapters are written for LLaMA-architecture bases (llama, mistral, qwen2, SmolLM2) only",
             base.display()
         )));
     }

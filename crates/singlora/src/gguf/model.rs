@@ -6,10 +6,12 @@
 //! - Names: `model.embed_tokens` → `token_embd`, `model.layers.N.self_attn.{q,k,v,o}_proj` →
 //!   `blk.N.attn_{q,k,v,output}`, `mlp.{gate,up,down}_proj` → `blk.N.ffn_{gate,up,down}`,
 //!   `input_layernorm` → `blk.N.attn_norm`, `post_attention_layernorm` → `blk.N.ffn_norm`,
-//!   `model.norm` → `output_norm`, `lm_head` → `output` (left out with tied embeddings).
+//!   `model.norm` → `output_norm`, `lm_head` → `output` (left out with tied embeddings);
+//!   projection biases keep their `.bias` (llama.cpp's `llama` reads them).
 //! - Q and K: llama.cpp applies RoPE to adjacent pairs of a head's rows, Hugging Face to the
 //!   head's two halves, so within each head row i of the first half goes to 2i and row i of the
-//!   second half to 2i + 1 ([`super::permute_qk`], with the query or key/value head count).
+//!   second half to 2i + 1 ([`super::permute_qk`], with the query or key/value head count), and
+//!   so are their biases (Qwen2).
 //! - Types ([`GgufQuant`]): 1-D tensors (norms) stay F32 always. `q4_k_m` follows llama.cpp's
 //!   Q4_K_M mix for a dense LLaMA: `output` (or the tied `token_embd`) Q6_K; `attn_v` and
 //!   `ffn_down` of layer i Q6_K when i < n/8, i ≥ 7n/8 or (i − n/8) mod 3 = 2; every other
@@ -95,11 +97,14 @@ impl GgufQuant {
     }
 }
 
-/// The layer number and module of a `blk.N.module.weight` name.
+/// The layer number and module of a `blk.N.module.weight` (or `.bias`) name.
 fn block_of(gguf: &str) -> Option<(usize, &str)> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, module) = rest.split_once('.')?;
-    Some((layer.parse().ok()?, module.strip_suffix(".weight")?))
+    let module = module
+        .strip_suffix(".weight")
+        .or_else(|| module.strip_suffix(".bias"))?;
+    Some((layer.parse().ok()?, module))
 }
 
 /// llama.cpp's "more bits" layers of the Q4_K_M mix: the first and last eighth, and every third
@@ -172,30 +177,30 @@ fn u32_of(what: &str, n: usize) -> Result<Value> {
         .map_err(|_| Error::msg(format!("{what} = {n} does not fit GGUF's 32-bit field")))
 }
 
+/// The config.json `model_type`s llama.cpp's `llama` architecture computes exactly: RMSNorm,
+/// SwiGLU, RoPE, optional projection biases (Qwen2's q/k/v). Sliding windows (Mistral's,
+/// Qwen2's) are not written: llama.cpp's `llama` attends to the whole context, as its own
+/// converter writes Mistral.
+pub const LLAMA_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
 /// The `general.*` and `llama.*` metadata of a Hugging Face LLaMA-family config.json (`c`,
 /// already read into `cfg`), named `name`. Other model types (whose extra norms, activations
-/// or RoPE layouts llama.cpp's `llama` architecture lacks), biases and LLaMA 3.1's RoPE scaling
-/// are refused.
+/// or RoPE layouts llama.cpp's `llama` architecture lacks) and LLaMA 3.1's RoPE scaling are
+/// refused.
 pub fn hf_llama_metadata(
     c: &ConfigReader,
     cfg: &LlamaConfig,
     name: &str,
 ) -> Result<Vec<(String, Value)>> {
     let model_type = c.str_or("model_type", "llama")?;
-    if !matches!(model_type, "llama" | "mistral") {
+    if !LLAMA_MODEL_TYPES.contains(&model_type) {
         return Err(Error::bad_field(
             c.path,
             "model_type",
             format!(
-                "`{model_type}`: GGUF export writes LLaMA-architecture models (llama, mistral, SmolLM2) only"
+                "`{model_type}`: GGUF export writes LLaMA-architecture models (llama, mistral, qwen2, SmolLM2) only"
             ),
         ));
-    }
-    if cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias {
-        return Err(Error::msg(format!(
-            "{}: a model with biases on its projections (Qwen2, attention_bias, mlp_bias) is not written as GGUF yet; only bias-free LLaMA-family models are",
-            c.path.display()
-        )));
     }
     let rope = Rope::read(c, max_positions(c)?)?;
     let mut md: Vec<(String, Value)> = vec![
@@ -452,8 +457,13 @@ mod tests {
             let hf = super::super::hf_name(g).unwrap();
             assert_eq!(gguf_name(&hf).as_deref(), Some(g), "{hf}");
         }
+        assert_eq!(
+            gguf_name("model.layers.2.self_attn.q_proj.bias").as_deref(),
+            Some("blk.2.attn_q.bias")
+        );
         for hf in [
-            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.input_layernorm.bias",
+            "model.norm.bias",
             "model.layers.x.mlp.up_proj.weight",
             "model.rotary_emb.inv_freq",
             "score.weight",
