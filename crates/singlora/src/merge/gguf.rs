@@ -1,6 +1,7 @@
 //! Merging into a GGUF file for llama.cpp and Ollama: W = W0 + ΔW computed as every merge is
-//! (f64, cast once, non-finite refused), then the whole model written as a LLaMA GGUF
-//! ([`crate::gguf::model`]) in the types `--quant` asks for.
+//! (f64, cast once, non-finite refused) and the whole model written as a LLaMA GGUF
+//! ([`crate::gguf::model`]) in the types `--quant` asks for, one layer merged at a time as the
+//! file is written.
 //!
 //! The base is a Hugging Face LLaMA-family directory (its config.json becomes the `llama.*`
 //! metadata, tokenizer.json and tokenizer_config.json the `tokenizer.*` metadata) or a GGUF file
@@ -16,7 +17,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use super::{base_weight, merge_layers, MergeReport};
+use super::{base_weight, merge_layer, MergeReport};
 use crate::adapter::file::AdapterFile;
 use crate::atomic::check_disjoint;
 use crate::checkpoint::{float_dtype, Checkpoint};
@@ -91,22 +92,61 @@ fn write_base(
     }
 }
 
-/// The merged weights (none without an adapter), refused where GGUF has no place for them.
-fn merged_layers(
-    af: Option<&AdapterFile>,
-    cfg: &LlamaConfig,
-    load: impl Fn(&str) -> Result<Tensor>,
-) -> Result<(BTreeMap<String, Tensor>, f64)> {
-    let Some(af) = af else {
-        return Ok((BTreeMap::new(), 0.0));
-    };
-    let (merged, max_change) = merge_layers(af, load, Some(DType::F32))?;
-    if cfg.tie_embeddings && merged.contains_key("lm_head.weight") {
-        return Err(Error::msg(
-            "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
-        ));
+/// The adapter's layers merged one at a time, as the writer comes to each tensor, so that only
+/// one merged weight is in memory at once.
+struct Merger<'a> {
+    af: Option<&'a AdapterFile>,
+    /// The largest |W − W0| so far.
+    max_change: f64,
+}
+
+impl<'a> Merger<'a> {
+    /// Checks first that every adapted layer is a tensor the file will hold.
+    fn new(
+        af: Option<&'a AdapterFile>,
+        cfg: &LlamaConfig,
+        base: &Path,
+        tensors: &[(String, Vec<usize>)],
+    ) -> Result<Self> {
+        for module in af.iter().flat_map(|af| af.layers.keys()) {
+            let name = format!("{module}.weight");
+            if cfg.tie_embeddings && name == "lm_head.weight" {
+                return Err(Error::msg(
+                    "the adapter changes lm_head, but the model ties it to the embedding, which GGUF stores once; merge it as safetensors instead",
+                ));
+            }
+            if !tensors.iter().any(|(n, _)| *n == name) {
+                return Err(Error::msg(format!(
+                    "the adapter has a layer `{module}` but the base {} has no tensor `{name}`",
+                    base.display()
+                )));
+            }
+        }
+        Ok(Self {
+            af,
+            max_change: 0.0,
+        })
     }
-    Ok((merged, max_change))
+
+    /// W0 + ΔW in f32 for `hf` when the adapter changes it, W0 from `load`.
+    fn merged(
+        &mut self,
+        hf: &str,
+        load: impl Fn(&str) -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let Some(af) = self.af else {
+            return Ok(None);
+        };
+        let Some(module) = hf
+            .strip_suffix(".weight")
+            .filter(|m| af.layers.contains_key(*m))
+        else {
+            return Ok(None);
+        };
+        let (w, change) = merge_layer(af, module, load, Some(DType::F32))?;
+        self.max_change = self.max_change.max(change);
+        Ok(Some(w))
+    }
 }
 
 type Written = (Vec<String>, f64, Vec<std::path::PathBuf>);
@@ -163,14 +203,6 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
     }
     let g = crate::gguf::load_gguf(path, DType::F32)?;
     let cfg = llama_config(path, &g.config)?;
-    let (merged, max_change) = merged_layers(af, &cfg, |name| {
-        g.tensors.get(name).cloned().ok_or_else(|| {
-            Error::msg(format!(
-                "the adapter has a layer for `{name}` but {} has no such tensor",
-                path.display()
-            ))
-        })
-    })?;
     let mut metadata: Vec<(String, Value)> = content
         .metadata
         .iter()
@@ -200,9 +232,16 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
             .collect(),
         base_types,
     };
+    let mut merger = Merger::new(af, &cfg, path, &m.tensors)?;
+    let base = |name: &str| {
+        g.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::bad_tensor(name, format!("not in {}", path.display())))
+    };
     let cleaned = out.write(&m, |hf, info| {
-        if let Some(t) = merged.get(hf) {
-            return Ok(TensorData::Values(t.clone()));
+        if let Some(t) = merger.merged(hf, base)? {
+            return Ok(TensorData::Values(t));
         }
         if m.base_types.get(hf) == Some(&info.dtype) {
             let q = content
@@ -212,7 +251,7 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
         }
         Ok(TensorData::Values(g.tensors[hf].clone()))
     })?;
-    Ok((vec![out.file_name()], max_change, cleaned))
+    Ok((vec![out.file_name()], merger.max_change, cleaned))
 }
 
 /// A safetensors dtype as the GGUF type `same` keeps.
@@ -246,9 +285,6 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
     let mut metadata = hf_llama_metadata(&reader, &cfg, &name)?;
     metadata.extend(hf_tokenizer_metadata(base, ckpt.config(), cfg.vocab)?);
 
-    let (merged, max_change) = merged_layers(af, &cfg, |name| {
-        base_weight(&ckpt, name.strip_suffix(".weight").unwrap_or(name), false)
-    })?;
     let mut tensors = vec![];
     let mut base_types = BTreeMap::new();
     for n in ckpt.names() {
@@ -271,12 +307,15 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
         tensors,
         base_types,
     };
+    let mut merger = Merger::new(af, &cfg, base, &m.tensors)?;
     let cleaned = out.write(&m, |hf, _| {
-        let t: Tensor = match merged.get(hf) {
-            Some(t) => t.clone(),
+        let base =
+            |name: &str| base_weight(&ckpt, name.strip_suffix(".weight").unwrap_or(name), false);
+        let t = match merger.merged(hf, base)? {
+            Some(t) => t,
             None => ckpt.load(hf, &Device::Cpu)?,
         };
         Ok(TensorData::Values(t))
     })?;
-    Ok((vec![out.file_name()], max_change, cleaned))
+    Ok((vec![out.file_name()], merger.max_change, cleaned))
 }
