@@ -79,6 +79,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let opts = singlora::merge::MergeOptions {
         overwrite: true,
         dtype: Some(DType::F32),
+        ..Default::default()
     };
     println!(
         "\n$ singlora merge --base ... --adapter ... --out {} --dtype f32",

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use singlora::diffusion::files::ExportFormat;
 use singlora::merge::{HeadPlacement, HEAD_FILE, HEAD_INFO};
 
 mod demo;
@@ -45,9 +46,11 @@ enum Command {
         /// The base checkpoint directory (config.json + *.safetensors).
         #[arg(long)]
         base: PathBuf,
-        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors). Without it
+        /// (GGUF only) the base itself is written, for an adapter exported with
+        /// `export-lora --format gguf`.
         #[arg(long)]
-        adapter: PathBuf,
+        adapter: Option<PathBuf>,
         /// Where to write the merged checkpoint.
         #[arg(long)]
         out: PathBuf,
@@ -57,6 +60,14 @@ enum Command {
         /// Cast the merged checkpoint to f32, bf16 or f16 (default: the base's dtypes).
         #[arg(long)]
         dtype: Option<String>,
+        /// safetensors (a checkpoint directory) or gguf (one file for llama.cpp, Ollama and
+        /// LM Studio; LLaMA-family models). Default: gguf when OUT ends in .gguf.
+        #[arg(long)]
+        format: Option<MergeFormat>,
+        /// GGUF tensor types: f32, f16, bf16, q8_0, q4_0, q4_k_m (llama.cpp's mix) or same
+        /// (each tensor as in the base). Norms stay f32.
+        #[arg(long, default_value = "f16")]
+        quant: singlora::gguf::model::GgufQuant,
     },
     /// Rewrite an adapter as a plain rank-r LoRA (SingLoRA: B = s·u·A_out, A = A_inᵀ): a PEFT
     /// directory, or for a Stable Diffusion U-Net the file diffusers or ComfyUI/A1111 loads.
@@ -67,10 +78,13 @@ enum Command {
         out: PathBuf,
         /// peft (adapter_config.json + adapter_model.safetensors, SingLoRA adapters),
         /// diffusers (pytorch_lora_weights.safetensors, for pipe.load_lora_weights) or kohya
-        /// (lora_kohya.safetensors, for ComfyUI and A1111).
+        /// (lora_kohya.safetensors, for ComfyUI and A1111) or gguf (one file OUT that llama.cpp's
+        /// --lora loads onto a LLaMA-family GGUF base; needs --base when q_proj or k_proj are
+        /// adapted).
         #[arg(long, default_value = "peft")]
-        format: singlora::diffusion::files::ExportFormat,
-        /// A base checkpoint, needed only when the adapter does not record its layer shapes.
+        format: ExportFormat,
+        /// A base checkpoint, needed only when the adapter does not record its layer shapes (and
+        /// for gguf, for the attention head counts).
         #[arg(long)]
         base: Option<PathBuf>,
         #[arg(long)]
@@ -94,6 +108,13 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// What `merge` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum MergeFormat {
+    Safetensors,
+    Gguf,
 }
 
 /// The settings of the subcommand given on the command line (not defaults), by name.
@@ -123,16 +144,60 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
             out,
             overwrite,
             dtype,
+            format,
+            quant,
         } => {
+            let is_gguf_name = out
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            let gguf = match format {
+                Some(MergeFormat::Gguf) => true,
+                Some(MergeFormat::Safetensors) => false,
+                None => is_gguf_name,
+            };
             let opts = singlora::merge::MergeOptions {
                 overwrite,
                 dtype: dtype
                     .as_deref()
                     .map(singlora::merge::parse_dtype)
                     .transpose()?,
+                gguf: gguf.then_some(quant),
             };
-            let report = singlora::merge::merge_checkpoint(&base, &adapter, &out, &opts)?;
-            print_merge(&out, &report);
+            match (adapter, opts.gguf) {
+                (Some(adapter), _) => {
+                    let report = singlora::merge::merge_checkpoint(&base, &adapter, &out, &opts)?;
+                    print_merge(&out, &report);
+                }
+                (None, Some(quant)) => {
+                    anyhow::ensure!(
+                        opts.dtype.is_none(),
+                        "--dtype casts a safetensors checkpoint; a GGUF output takes its types from --quant"
+                    );
+                    let (_, cleaned) =
+                        singlora::merge::gguf::convert_to_gguf(&base, &out, overwrite, quant)?;
+                    print_cleaned(&cleaned);
+                    println!("wrote the base model {} as {} ({quant})", base.display(), out.display());
+                }
+                (None, None) => anyhow::bail!(
+                    "--adapter is required, except for a GGUF output (--format gguf), which can hold the base alone"
+                ),
+            }
+        }
+        Command::ExportLora {
+            adapter,
+            out,
+            format: ExportFormat::Gguf,
+            base,
+            overwrite,
+        } => {
+            let (tensors, cleaned) =
+                singlora::gguf::lora::export_lora_gguf(&adapter, &out, base.as_deref(), overwrite)?;
+            print_cleaned(&cleaned);
+            println!(
+                "wrote {} : a llama.cpp LoRA adapter, {} layers, scale folded into lora_b (apply it at scale 1: --lora FILE)",
+                out.display(),
+                tensors.len() / 2
+            );
         }
         Command::ExportLora {
             adapter,
@@ -140,7 +205,7 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
             format,
             base: _,
             overwrite,
-        } if format != singlora::diffusion::files::ExportFormat::Peft => {
+        } if format != ExportFormat::Peft => {
             let (file, cleaned) =
                 singlora::diffusion::files::export(&adapter, &out, format, overwrite)?;
             print_cleaned(&cleaned);

@@ -1086,3 +1086,131 @@ fn train_diffusion_generate_export_and_merge() {
         .is_file());
     assert!(merged.join("model_index.json").is_file());
 }
+
+/// A LLaMA base with a byte-level BPE tokenizer (what a GGUF file can carry) and a SingLoRA
+/// adapter on its attention.
+fn setup_bpe(dir: &Path) {
+    let shape = LlamaShape {
+        vocab: 272,
+        ..LlamaShape::TINY
+    };
+    let base = dir.join("base");
+    write_checkpoint(
+        &base,
+        &shape.config(),
+        &shape.tensors(0, DType::F32).unwrap(),
+        1,
+    )
+    .unwrap();
+    singlora::synthetic::write_bpe_tokenizer(&base).unwrap();
+    let targets = TargetSpec::parse("q_proj,k_proj,v_proj", None).unwrap();
+    let layers: Vec<_> = shape
+        .linears()
+        .into_iter()
+        .filter(|(n, _)| targets.matches(n))
+        .collect();
+    let spec = AdapterSpec::new(AdapterKind::SingLora, 2, 4.0);
+    random_adapter(&spec, &layers, &targets, 1, 2)
+        .unwrap()
+        .write(&dir.join("adapter"), true)
+        .unwrap();
+}
+
+#[test]
+fn gguf_outputs_from_the_command_line() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    setup_bpe(d);
+    let (base, adapter) = (p(d, "base"), p(d, "adapter"));
+    // the .gguf name chooses the format; f16 by default
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--out",
+        &p(d, "m.gguf"),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("m.gguf"), "{out}");
+    let g = singlora::gguf::load_gguf(&d.join("m.gguf"), DType::F32).unwrap();
+    assert_eq!(g.config["vocab_size"], 272);
+
+    // the base alone, then the adapter for it
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &base,
+        "--out",
+        &p(d, "base.gguf"),
+        "--quant",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let g = singlora::gguf::load_gguf(&d.join("base.gguf"), DType::F32).unwrap();
+    let ckpt = singlora::checkpoint::Checkpoint::open(&d.join("base")).unwrap();
+    for (name, t) in &g.tensors {
+        let want = ckpt.load(name, &candle_core::Device::Cpu).unwrap();
+        let diff = (t - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+    let a = p(d, "adapter.gguf");
+    let o = singlora(&[
+        "export-lora",
+        "--adapter",
+        &adapter,
+        "--format",
+        "gguf",
+        "--out",
+        &a,
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--base"), "{err}");
+    assert!(!Path::new(&a).exists());
+    let o = singlora(&[
+        "export-lora",
+        "--adapter",
+        &adapter,
+        "--format",
+        "gguf",
+        "--out",
+        &a,
+        "--base",
+        &base,
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("6 layers") && out.contains("scale 1"), "{out}");
+
+    // mistakes
+    let o = singlora(&["merge", "--base", &base, "--out", &p(d, "plain")]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("--adapter is required"),
+        "{err}"
+    );
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &base,
+        "--out",
+        &p(d, "q.gguf"),
+        "--quant",
+        "q3",
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("q4_k_m"), "{err}");
+    let o = singlora(&[
+        "merge",
+        "--base",
+        &base,
+        "--adapter",
+        &adapter,
+        "--out",
+        &p(d, "m.gguf"),
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--overwrite"), "{err}");
+}

@@ -1,9 +1,11 @@
 //! `singlora-lab example-adapters`: random non-trivial adapters of every method for a base
-//! checkpoint, for the compatibility check against PEFT (`scripts/check_peft_loads.py`).
+//! checkpoint (a Hugging Face directory or a GGUF file), for the compatibility checks against
+//! PEFT (`scripts/check_peft_loads.py`) and llama.cpp (`scripts/check_llama_cpp.py`).
 
 use std::path::Path;
 
 use anyhow::Result;
+use candle_core::DType;
 use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec};
 use singlora::checkpoint::Checkpoint;
@@ -11,13 +13,26 @@ use singlora::synthetic::random_adapter;
 
 /// Random non-trivial adapters of every method on the seven projections of `base`.
 pub fn run(base: &Path, out: &Path) -> Result<()> {
-    let ckpt = Checkpoint::open(base)?;
+    let matrices =
+        match singlora::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists()) {
+            Some(g) => singlora::gguf::load_gguf(&g, DType::F32)?
+                .tensors
+                .into_iter()
+                .filter(|(_, t)| t.rank() == 2)
+                .map(|(n, t)| {
+                    (
+                        n.trim_end_matches(".weight").to_string(),
+                        (t.dim(0).unwrap(), t.dim(1).unwrap()),
+                    )
+                })
+                .collect(),
+            None => Checkpoint::open(base)?.matrices(),
+        };
     let targets = TargetSpec::parse(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         None,
     )?;
-    let layers: Vec<_> = ckpt
-        .matrices()
+    let layers: Vec<_> = matrices
         .into_iter()
         .filter(|(n, _)| targets.matches(n))
         .collect();

@@ -202,17 +202,33 @@ pub fn write_with(
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temp_sibling(path, "tmp");
-    let written = std::fs::File::create(&tmp).and_then(|f| {
-        let mut w = BufWriter::with_capacity(1 << 20, f);
-        fill(&mut w)?;
-        w.flush()
-    });
+    try_write_to(path, &tmp, |w| fill(w).map_err(|e| Error::io(&tmp, e)))
+}
+
+/// [`write_with`] for a `fill` that can fail in other ways than I/O (it names the file in its
+/// own errors); nothing appears at `path` unless `fill` succeeds.
+pub fn try_write_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    try_write_to(path, &temp_sibling(path, "tmp"), fill)
+}
+
+fn try_write_to(
+    path: &Path,
+    tmp: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let written = std::fs::File::create(tmp)
+        .map_err(|e| Error::io(tmp, e))
+        .and_then(|f| {
+            let mut w = BufWriter::with_capacity(1 << 20, f);
+            fill(&mut w)?;
+            w.flush().map_err(|e| Error::io(tmp, e))
+        });
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
+        let _ = std::fs::remove_file(tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
         Error::io(path, e)
     })
 }

@@ -9,6 +9,10 @@
 //! The metadata are read as llama.cpp reads them (RoPE scaling's type defaulting to linear, the
 //! older `rope.scale_linear` key), and a `llama.*` key or a tensor this loader does not
 //! implement (YaRN, `rope_freqs`, biases, partial rotary) is refused by name, never ignored.
+//!
+//! The other direction, files llama.cpp runs: [`write`] (the GGUF container), [`model`] (a
+//! LLaMA model: names, Q/K order, metadata, quantisation mix), [`vocab`] (a Hugging Face
+//! tokenizer as `tokenizer.*` metadata) and [`lora`] (an adapter for llama.cpp's `--lora`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -29,6 +33,11 @@ use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, IoContext, Result};
+
+pub mod lora;
+pub mod model;
+pub mod vocab;
+pub mod write;
 
 /// The four bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -118,13 +127,7 @@ fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
         return is_proj.then(|| format!("{module}.bias"));
     }
     let stem = gguf_name.strip_suffix(".weight")?;
-    let top = match stem {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(top) = top {
+    if let Some((_, top)) = TOP_TENSORS.iter().find(|(g, _)| *g == stem) {
         return Some(format!("{top}.weight"));
     }
     let rest = stem.strip_prefix("blk.")?;
@@ -138,6 +141,39 @@ fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
         .into_iter()
         .find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.weight"))
+}
+
+/// The tensors outside the blocks: llama.cpp's name, Hugging Face's.
+const TOP_TENSORS: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// llama.cpp's name of a Hugging Face LLaMA tensor (the inverse of [`hf_name`]), or None for a
+/// tensor llama.cpp's LLaMA has no place for: `model.layers.3.self_attn.q_proj.weight` →
+/// `blk.3.attn_q.weight`; a projection's bias (Qwen2's, `attention_bias`, `mlp_bias`) keeps
+/// `.bias`.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some(stem) = hf.strip_suffix(".weight") {
+        if let Some((top, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == stem) {
+            return Some(format!("{top}.weight"));
+        }
+    }
+    let (stem, suffix) = hf.rsplit_once('.')?;
+    let (layer, module) = stem.strip_prefix("model.layers.")?.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let is_projection = module.starts_with("self_attn.") || module.starts_with("mlp.");
+    if !(suffix == "weight" || (suffix == "bias" && is_projection)) {
+        return None;
+    }
+    let (g, _) = Arch::Llama
+        .layer_tensors()
+        .into_iter()
+        .find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -752,7 +788,7 @@ fn build_config(m: &Meta, d: &Dims, tied: bool, attn_bias: bool, dtype: DType) -
 // Tokenizer
 
 /// LLaMA 3's split (numbers in groups of up to three, newlines kept apart).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How `tokenizer.ggml.pre` splits text before BPE, as llama.cpp does it.
 enum PreSplit {

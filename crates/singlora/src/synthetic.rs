@@ -231,6 +231,82 @@ pub fn write_tokenizer(
         .map_err(|e| crate::error::Error::msg(format!("{}: {e}", p.display())))
 }
 
+/// GPT-2's printable stand-in for each byte (byte-level BPE vocabularies spell tokens in it).
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + rank).expect("a valid char")
+}
+
+/// The special tokens of [`write_bpe_tokenizer`], after the bytes and merges.
+pub const BPE_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// A ChatML template, as SmolLM2-Instruct's (shortened).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Writes a GPT-2-style byte-level BPE `tokenizer.json` (the 256 bytes, a few English merges,
+/// [`BPE_SPECIALS`]) and a `tokenizer_config.json` with [`CHATML_TEMPLATE`] into `dir`;
+/// returns the number of tokens.
+pub fn write_bpe_tokenizer(dir: &Path) -> Result<usize> {
+    let mut vocab = serde_json::Map::new();
+    for b in 0..=255u8 {
+        vocab.insert(byte_char(b).to_string(), json!(b));
+    }
+    let merges = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("i", "n"),
+        ("a", "n"),
+        ("Ġ", "a"),
+    ];
+    for (l, r) in merges {
+        let id = vocab.len();
+        vocab.insert(format!("{l}{r}"), json!(id));
+    }
+    let added: Vec<Value> = BPE_SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": vocab.len() + i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let n = vocab.len() + added.len();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                            "use_regex": true});
+    let tj = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab,
+                  "merges": merges.iter().map(|(l, r)| format!("{l} {r}")).collect::<Vec<_>>()},
+    });
+    std::fs::create_dir_all(dir).at(dir)?;
+    let p = dir.join("tokenizer.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&tj).unwrap()).at(&p)?;
+    let tc = json!({
+        "bos_token": BPE_SPECIALS[1],
+        "eos_token": BPE_SPECIALS[2],
+        "add_bos_token": false,
+        "chat_template": CHATML_TEMPLATE,
+    });
+    let p = dir.join("tokenizer_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&tc).unwrap()).at(&p)?;
+    Ok(n)
+}
+
 /// Writes a checkpoint directory: config.json and one `model.safetensors`, or `shards` files
 /// named as transformers names them, with the index.
 pub fn write_checkpoint(

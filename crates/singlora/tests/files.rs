@@ -222,6 +222,7 @@ fn merge_with_dtype_and_head() {
     let opts = MergeOptions {
         overwrite: false,
         dtype: Some(DType::BF16),
+        ..Default::default()
     };
     merge_checkpoint(&base, &adapter, &out, &opts).unwrap();
     let m = Checkpoint::open(&out).unwrap();
@@ -587,6 +588,7 @@ fn existing_output_is_kept_unless_overwrite() {
     let opts = MergeOptions {
         overwrite: true,
         dtype: None,
+        ..Default::default()
     };
     assert!(merge_checkpoint(&s.base, &s.adapter, &s.out, &opts).is_err());
     assert_eq!(
@@ -699,6 +701,7 @@ fn merge_refuses_values_the_output_dtype_cannot_hold() {
     let f16 = MergeOptions {
         overwrite: false,
         dtype: Some(DType::F16),
+        ..Default::default()
     };
     let err = merge_err_with(&s, &f16);
     assert!(
@@ -864,6 +867,7 @@ fn integer_base_weight_of_an_adapted_layer_is_refused() {
         let opts = MergeOptions {
             overwrite: false,
             dtype,
+            ..Default::default()
         };
         merge_checkpoint(&s.base, &s.adapter, &out, &opts).unwrap();
         let m = Checkpoint::open(&out).unwrap();

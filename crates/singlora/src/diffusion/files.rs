@@ -42,6 +42,8 @@ pub enum ExportFormat {
     Diffusers,
     /// kohya / A1111 keys, for ComfyUI and A1111.
     Kohya,
+    /// A llama.cpp LoRA adapter GGUF ([`crate::gguf::lora`]).
+    Gguf,
 }
 
 impl fmt::Display for ExportFormat {
@@ -50,6 +52,7 @@ impl fmt::Display for ExportFormat {
             ExportFormat::Peft => "peft",
             ExportFormat::Diffusers => "diffusers",
             ExportFormat::Kohya => "kohya",
+            ExportFormat::Gguf => "gguf",
         })
     }
 }
@@ -61,8 +64,9 @@ impl FromStr for ExportFormat {
             "peft" => Ok(ExportFormat::Peft),
             "diffusers" => Ok(ExportFormat::Diffusers),
             "kohya" | "comfyui" | "a1111" => Ok(ExportFormat::Kohya),
+            "gguf" | "llama.cpp" => Ok(ExportFormat::Gguf),
             _ => Err(Error::msg(format!(
-                "unknown export format `{s}`: expected peft, diffusers or kohya"
+                "unknown export format `{s}`: expected peft, diffusers, kohya or gguf"
             ))),
         }
     }
@@ -172,9 +176,9 @@ pub fn export(
     let written = match format {
         ExportFormat::Diffusers => write_diffusers_into(&af, staged.path())?,
         ExportFormat::Kohya => write_kohya_into(&af, staged.path())?,
-        ExportFormat::Peft => {
+        ExportFormat::Peft | ExportFormat::Gguf => {
             return Err(Error::msg(
-                "the PEFT format is written by crate::adapter::export::export_lora",
+                "the PEFT and GGUF formats are written by crate::adapter::export::export_lora and crate::gguf::lora::export_lora_gguf",
             ))
         }
     };

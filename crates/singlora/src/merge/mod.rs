@@ -26,6 +26,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::model::Family;
 
 pub mod diffusers;
+pub mod gguf;
 pub mod head;
 
 use head::BaseFacts;
@@ -36,6 +37,9 @@ pub struct MergeOptions {
     pub overwrite: bool,
     /// Cast every float tensor to this dtype (default: keep the base's).
     pub dtype: Option<DType>,
+    /// Write one GGUF file for llama.cpp with these tensor types instead of a checkpoint
+    /// directory ([`gguf`]).
+    pub gguf: Option<crate::gguf::model::GgufQuant>,
 }
 
 /// What a merge did.
@@ -118,27 +122,38 @@ fn merge_layers(
     load: impl Fn(&str) -> Result<Tensor>,
     dtype: Option<DType>,
 ) -> Result<(BTreeMap<String, Tensor>, f64)> {
-    let clock = af.clock();
-    let fifo = af.config.fan_in_fan_out;
     let mut out = BTreeMap::new();
     let mut max_change = 0f64;
     for module in af.layers.keys() {
-        let name = format!("{module}.weight");
-        let w0 = as_matrix(load(&name)?, &name, fifo)?;
-        let adapter = af.build_adapter(module, &w0, &clock)?;
-        let (w, _) = adapter.merged_weight(&w0)?;
-        check_finite(&w, &format!("{name} (merged)"))?;
-        let change = (&w - w0.to_dtype(DType::F64)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f64>()?;
+        let (w, change) = merge_layer(af, module, &load, dtype)?;
         max_change = max_change.max(change);
-        let w = if fifo { w.t()?.contiguous()? } else { w };
-        let w = w.to_dtype(dtype.unwrap_or(w0.dtype()))?;
-        check_representable(&name, &w)?;
-        out.insert(name, w);
+        out.insert(format!("{module}.weight"), w);
     }
     Ok((out, max_change))
+}
+
+/// One adapted layer of `af`, `module`, merged into its base weight (from `load`, by tensor
+/// name): W cast once from f64 to `dtype` (default: the base weight's), and max |W − W0|.
+fn merge_layer(
+    af: &AdapterFile,
+    module: &str,
+    load: impl Fn(&str) -> Result<Tensor>,
+    dtype: Option<DType>,
+) -> Result<(Tensor, f64)> {
+    let fifo = af.config.fan_in_fan_out;
+    let name = format!("{module}.weight");
+    let w0 = as_matrix(load(&name)?, &name, fifo)?;
+    let adapter = af.build_adapter(module, &w0, &af.clock())?;
+    let (w, _) = adapter.merged_weight(&w0)?;
+    check_finite(&w, &format!("{name} (merged)"))?;
+    let change = (&w - w0.to_dtype(DType::F64)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f64>()?;
+    let w = if fifo { w.t()?.contiguous()? } else { w };
+    let w = w.to_dtype(dtype.unwrap_or(w0.dtype()))?;
+    check_representable(&name, &w)?;
+    Ok((w, change))
 }
 
 /// Refuses a tensor about to be written that holds NaN or ±∞ once cast to its output dtype
@@ -353,6 +368,14 @@ pub fn merge_checkpoint(
     out: &Path,
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
+    if let Some(quant) = opts.gguf {
+        if opts.dtype.is_some() {
+            return Err(Error::msg(
+                "--dtype casts a safetensors checkpoint; a GGUF output takes its types from --quant",
+            ));
+        }
+        return gguf::merge_to_gguf(base, adapter, out, opts.overwrite, quant);
+    }
     if let Some(gguf) = crate::gguf::find_gguf(base).filter(|_| !base.join("config.json").exists())
     {
         let af = AdapterFile::read(adapter, &Device::Cpu)?;

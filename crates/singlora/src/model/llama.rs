@@ -145,6 +145,12 @@ fn defaults(model_type: &str) -> Defaults {
     }
 }
 
+/// `max_position_embeddings`, or transformers' default for the model type.
+pub fn max_positions(c: &ConfigReader) -> Result<usize> {
+    let d = defaults(c.str_or("model_type", "llama")?);
+    c.usize_or("max_position_embeddings", Some(d.max_position_embeddings))
+}
+
 /// RoPE's base where neither layout sets one.
 const DEFAULT_THETA: f64 = 10000.0;
 
@@ -632,9 +638,7 @@ impl Llama {
             MlpAct::Silu
         };
         let layers = c.usize("num_hidden_layers")?;
-        let d = defaults(model_type);
-        let max_positions =
-            c.usize_or("max_position_embeddings", Some(d.max_position_embeddings))?;
+        let max_positions = max_positions(c)?;
         // each class declares its own biases; transformers reads `attention_bias` and
         // `mlp_bias` for LLaMA only
         let (qkv_bias, o_bias, mlp_bias) = match model_type {
