@@ -477,6 +477,8 @@ fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rope, Rope)> {
 }
 
 /// The attention's input projections: separate q, k and v, or Phi-3's one `qkv_proj`.
+// one per layer: the variants' sizes do not matter
+#[allow(clippy::large_enum_variant)]
 enum QkvProj {
     Split {
         q: AdaptedLinear,
