@@ -528,6 +528,10 @@ pub struct PredictArgs {
     /// SFT: print each prompt before its completion (by default only the completion).
     #[arg(long)]
     echo: bool,
+    /// A JSONL file of inputs, one object a line: {"text"} (classification) or {"prompt"} with
+    /// an optional {"system"} (SFT); implies --json.
+    #[arg(long, conflicts_with = "texts")]
+    input: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -540,6 +544,35 @@ pub struct PredictArgs {
     no_chat_template: bool,
 }
 
+/// The inputs of `predict --input FILE`: each line's "text" (classification) or "prompt" and
+/// optional "system" (SFT); a bad line is named.
+fn read_predict_input(path: &Path, classify: bool) -> Result<(Vec<String>, Vec<Option<String>>)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let key = if classify { "text" } else { "prompt" };
+    let (mut inputs, mut systems) = (vec![], vec![]);
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{at}: not JSON ({e})"))?;
+        let input = v
+            .get(key)
+            .and_then(|x| x.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{at}: no string field `{key}`"))?;
+        let system = match v.get("system") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(_) => bail!("{at}: `system` must be a string"),
+        };
+        inputs.push(input.to_string());
+        systems.push(system);
+    }
+    Ok((inputs, systems))
+}
+
 pub fn predict(a: PredictArgs) -> Result<()> {
     let run = run_of(&a.adapter)?;
     let model = model_of(&a.model, &a.adapter, run.as_ref())?;
@@ -550,7 +583,14 @@ pub fn predict(a: PredictArgs) -> Result<()> {
     }
     let max_length = a.max_length.unwrap_or(settings.max_length);
     let truncation = a.truncation.unwrap_or(settings.truncation);
-    let texts = if a.texts.is_empty() {
+    // per-input system turns of a JSONL input
+    let mut systems: Vec<Option<String>> = vec![];
+    let json = a.json || a.input.is_some();
+    let texts = if let Some(path) = &a.input {
+        let (texts, sys) = read_predict_input(path, s.labels.is_some())?;
+        systems = sys;
+        texts
+    } else if a.texts.is_empty() {
         if std::io::stdin().is_terminal() {
             eprintln!("(reading texts from stdin, one per line; end with Ctrl-D)");
         }
@@ -561,7 +601,11 @@ pub fn predict(a: PredictArgs) -> Result<()> {
     } else {
         a.texts.clone()
     };
-    let texts: Vec<String> = texts.into_iter().filter(|t| !t.trim().is_empty()).collect();
+    let texts: Vec<String> = if a.input.is_some() {
+        texts
+    } else {
+        texts.into_iter().filter(|t| !t.trim().is_empty()).collect()
+    };
     if texts.is_empty() {
         bail!("no texts to predict");
     }
@@ -570,7 +614,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
             .iter()
             .zip(s.classify(&texts, max_length, truncation)?)
         {
-            if a.json {
+            if json {
                 println!(
                     "{}",
                     serde_json::json!({"text": t, "label": p.label, "probabilities": p.probabilities.iter().map(|(l, x)| (l.clone(), serde_json::json!(x))).collect::<serde_json::Map<_, _>>()})
@@ -596,8 +640,11 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         opts.check()?;
         let (mut tokens, t0) = (0usize, std::time::Instant::now());
         for (i, t) in texts.iter().enumerate() {
-            let system = a.system.as_deref();
-            if a.json {
+            let system = systems
+                .get(i)
+                .and_then(|s| s.as_deref())
+                .or(a.system.as_deref());
+            if json {
                 let c = s.generate_with(system, t, &opts, &mut |_| {})?;
                 tokens += c.tokens;
                 println!(

@@ -931,6 +931,41 @@ fn eval_and_predict_take_the_runs_settings() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.ends_with("\tgood movie\n"), "{out}");
+    // a JSONL file in, JSON lines out; a line without its field is named
+    let input = root.join("inputs.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"good movie\"}\n\n{\"text\": \"bad film\"}\n",
+    )
+    .unwrap();
+    let o = singlora(&[
+        "predict",
+        "--adapter",
+        &run,
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[1]["text"], "bad film");
+    std::fs::write(&input, "{\"prompt\": \"good movie\"}\n").unwrap();
+    let o = singlora(&[
+        "predict",
+        "--adapter",
+        &run,
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("inputs.jsonl:1: no string field `text`"),
+        "{err}"
+    );
     // a flag given wins over the run's setting
     let o = singlora(&[
         "eval",

@@ -876,17 +876,7 @@ fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
         .map(|(i, s)| split_merge(path, i, s))
         .collect::<Result<Vec<_>>>()?;
     let types = token_types(m, tokens.len())?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    if vocab.len() != tokens.len() {
-        return Err(Error::bad_file(
-            path,
-            "tokenizer.ggml.tokens holds the same token twice",
-        ));
-    }
+    let vocab = vocab_of(path, &tokens)?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(matches!(split, PreSplit::Llama3))
@@ -920,6 +910,22 @@ fn build_tokenizer(m: &Meta) -> Result<Tokenizer> {
         types.as_deref(),
         byte_level(true).into(),
     )
+}
+
+/// Token → id, refusing a token listed twice.
+fn vocab_of(path: &Path, tokens: &[impl AsRef<str>]) -> Result<Vocab> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_ref().to_string(), i as u32))
+        .collect();
+    if vocab.len() != tokens.len() {
+        return Err(Error::bad_file(
+            path,
+            "tokenizer.ggml.tokens holds the same token twice",
+        ));
+    }
+    Ok(vocab)
 }
 
 /// `tokenizer.ggml.token_type`, one per token where present.
@@ -968,17 +974,7 @@ fn build_spm_tokenizer(m: &Meta) -> Result<Tokenizer> {
             })
             .collect::<Vec<_>>()
     });
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
-    if vocab.len() != tokens.len() {
-        return Err(Error::bad_file(
-            path,
-            "tokenizer.ggml.tokens holds the same token twice",
-        ));
-    }
+    let vocab = vocab_of(path, &tokens)?;
     let mut merges = vec![];
     for t in &tokens {
         let cuts: Vec<usize> = t.char_indices().map(|(i, _)| i).skip(1).collect();
