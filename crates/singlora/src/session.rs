@@ -242,6 +242,8 @@ impl Session {
                 .map_err(|e| Error::msg(format!("cannot decode: {e}")))
         };
         let mut reason = StopReason::Length;
+        // the completion so far, decoded after every new token
+        let mut text = String::new();
         for _ in 0..opts.max_new_tokens {
             let t = ids.len();
             let batch = data::Batch {
@@ -264,7 +266,7 @@ impl Session {
                 break;
             }
             ids.push(next);
-            let text = decode(&ids[start..])?;
+            text = decode(&ids[start..])?;
             if scan.stop_at(&text).is_some() {
                 reason = StopReason::StopString;
                 on_text(scan.release(&text, true));
@@ -272,7 +274,6 @@ impl Session {
             }
             on_text(scan.release(&text, false));
         }
-        let mut text = decode(&ids[start..])?;
         if let Some(at) = scan.stop_at(&text) {
             text.truncate(at);
         }

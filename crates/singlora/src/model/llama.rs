@@ -169,31 +169,15 @@ impl Rope {
             |v| v.as_f64() == Some(1.0),
             "partial rotary embeddings are not implemented",
         )?;
-        let mut thetas = vec![];
-        for field in [
-            "rope_theta",
-            "rope_scaling.rope_theta",
-            "rope_parameters.rope_theta",
-        ] {
-            if let Some(t) = c.f64_opt(field)? {
-                thetas.push((field, t));
-            }
-        }
-        if let Some(&(f1, t1)) = thetas.first() {
-            if let Some(&(f2, t2)) = thetas.iter().find(|(_, t)| *t != t1) {
-                return Err(Error::bad_field(
-                    c.path,
-                    f1,
-                    format!(
-                        "= {t1} but `{f2}` = {t2}: the two RoPE layouts disagree; keep one of them"
-                    ),
-                ));
-            }
-        }
-        let theta = thetas.first().map_or(DEFAULT_THETA, |(_, t)| *t);
-        if !(theta.is_finite() && theta > 1.0) {
-            return Err(c.unsupported(thetas[0].0, "RoPE's base must be a number above 1"));
-        }
+        let theta = rope_base(
+            c,
+            &[
+                "rope_theta",
+                "rope_scaling.rope_theta",
+                "rope_parameters.rope_theta",
+            ],
+            DEFAULT_THETA,
+        )?;
         let legacy = scaling_section(c, LEGACY, max_position_embeddings)?;
         let current = scaling_section(c, CURRENT, max_position_embeddings)?;
         let scaling = match (legacy, current) {
@@ -240,6 +224,31 @@ impl Rope {
                 .collect(),
         }
     }
+}
+
+/// RoPE's base from whichever of `fields` are set, which must agree (the first set one is
+/// named in a refusal); `default` where none is.
+fn rope_base(c: &ConfigReader, fields: &[&str], default: f64) -> Result<f64> {
+    let mut set = vec![];
+    for &field in fields {
+        if let Some(t) = c.f64_opt(field)? {
+            set.push((field, t));
+        }
+    }
+    let Some(&(f1, t1)) = set.first() else {
+        return Ok(default);
+    };
+    if let Some(&(f2, t2)) = set.iter().find(|(_, t)| *t != t1) {
+        return Err(Error::bad_field(
+            c.path,
+            f1,
+            format!("= {t1} but `{f2}` = {t2}: the two RoPE layouts disagree; keep one of them"),
+        ));
+    }
+    if !(t1.is_finite() && t1 > 1.0) {
+        return Err(c.unsupported(f1, "RoPE's base must be a number above 1"));
+    }
+    Ok(t1)
 }
 
 /// The scaling one layout describes; None where that layout is absent (transformers treats an
@@ -416,23 +425,7 @@ fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rope, Rope)> {
     let read = |kind: &str, legacy_theta: &str, default: f64| -> Result<Rope> {
         let section = format!("{CURRENT}.{kind}");
         let theta_field = format!("{section}.rope_theta");
-        let theta = match (c.f64_opt(&theta_field)?, c.f64_opt(legacy_theta)?) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(Error::bad_field(
-                    c.path,
-                    &theta_field,
-                    format!(
-                        "= {a} but `{legacy_theta}` = {b}: the two RoPE layouts disagree; keep \
-                         one of them"
-                    ),
-                ))
-            }
-            (Some(t), _) | (None, Some(t)) => t,
-            (None, None) => default,
-        };
-        if !(theta.is_finite() && theta > 1.0) {
-            return Err(c.unsupported(&theta_field, "RoPE's base must be a number above 1"));
-        }
+        let theta = rope_base(c, &[&theta_field, legacy_theta], default)?;
         let mut scaling = scaling_section(c, &section, max_positions)?;
         if kind == "full_attention" {
             let legacy = scaling_section(c, LEGACY, max_positions)?;
@@ -588,6 +581,8 @@ pub struct Llama {
     /// The checkpoint, where it has no vocabulary projection of any kind.
     headless: Option<PathBuf>,
     dtype: DType,
+    /// Gemma's embedding scale: √h rounded to the model's dtype, as transformers multiplies.
+    embed_scale: Option<f64>,
     /// Benchmarks of the frozen base: make the embedded input a leaf variable so the backward
     /// runs through every layer without any trainable parameter.
     pub grad_from_embeddings: bool,
@@ -835,6 +830,16 @@ impl Llama {
             VocabHead::Tied => (None, None),
             VocabHead::Missing => (None, Some(w.source())),
         };
+        let embed_scale = if cfg.gemma {
+            let scale = Tensor::new(cfg.hidden as f64, &Device::Cpu)?
+                .sqrt()?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            Some(scale)
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             embed,
@@ -843,6 +848,7 @@ impl Llama {
             lm_head,
             headless,
             dtype,
+            embed_scale,
             grad_from_embeddings: false,
             recompute: false,
         })
@@ -903,13 +909,7 @@ impl Llama {
             .embed
             .index_select(&batch.ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden))?;
-        if c.gemma {
-            // transformers multiplies by √h rounded to the embedding's dtype
-            let scale = Tensor::new(c.hidden as f64, &Device::Cpu)?
-                .sqrt()?
-                .to_dtype(self.dtype)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+        if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
         if self.grad_from_embeddings {

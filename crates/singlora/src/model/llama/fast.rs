@@ -678,10 +678,11 @@ fn norm_for(
     Ok(Some(y))
 }
 
-/// q, k, v, o, gate, up, down; [`Llama::fast_forward`] takes only layers that have them.
+/// q, k, v, o, gate, up, down; [`Llama::fast_forward`] takes only plain models, whose layers
+/// have them (fused projections are not plain).
 fn layer_projs(l: &Layer) -> [&AdaptedLinear; 7] {
     l.split_projs()
-        .expect("the fast path takes only layers with split projections")
+        .expect("a plain LLaMA layer has split projections")
 }
 
 impl Llama {
@@ -702,7 +703,6 @@ impl Llama {
             || c.head_dim % 2 != 0
             || c.heads * c.head_dim != c.hidden
             || !c.is_plain()
-            || self.layers.iter().any(|l| l.split_projs().is_none())
         {
             return Ok(None);
         }
