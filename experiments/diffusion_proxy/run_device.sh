@@ -37,22 +37,23 @@ evaluate() { # RUN_NAME ADAPTER
     --steps "$SAMPLE_STEPS" --guidance 5 --device "$DEVICE" --out "$ev/classes.png" --overwrite > /dev/null || return 1
   "$PY" $X score --data "$DATA" --emb "$W/emb.pt" --run "$W/$name" --device "$DEVICE" | tail -1
 }
-export -f evaluate; export W DATA PY X DEVICE MAX_STEPS SAMPLE_STEPS OUT RUN DEADLINE; export CLASSES_STR="${CLASSES[*]}"
+export -f evaluate; export W DATA PY X DEVICE MAX_STEPS SAMPLE_STEPS OUT RUN DEADLINE JOBS; export CLASSES_STR="${CLASSES[*]}"
 
 one() { # TARGETS METHOD RANK LR SEED
   local t=$1 m=$2 r=$3 lr=$4 s=$5 name="$1-$2-r$3-lr$4-s$5"
   if grep -q "\"run\": \"$name\"" "$OUT/proxy/runs.jsonl" 2>/dev/null; then return; fi
   if [ "$DEADLINE" != 0 ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then return; fi
-  local t0=$(date +%s.%N)
+  local t0=$(date +%s%N)
   $RUN train-diffusion --model "$W/base" --instance-images "$W/subject" --instance-prompt "a photo of sks boot" \
     --method "$m" --rank "$r" --alpha "$r" --targets "$t" --lr "$lr" --max-steps "$MAX_STEPS" --seed "$s" \
     --sample-every 0 --samples-per-prompt 4 --sample-steps "$SAMPLE_STEPS" --guidance 5 --device "$DEVICE" \
     --out "$W/$name" --overwrite --quiet > "$W/$name.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": true}" >> "$OUT/proxy/runs.jsonl"; return; }
-  local secs=$(echo "$(date +%s.%N) - $t0" | bc)
+  local t1=$(date +%s%N)
   local sc=$(evaluate "$name" "$W/$name")
+  local secs=$(awk "BEGIN {printf \"%.1f\", ($t1 - $t0) / 1e9}") esecs=$(awk "BEGIN {printf \"%.1f\", ($(date +%s%N) - $t1) / 1e9}")
   local params=$($RUN inspect --adapter "$W/$name" --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["adapter_params"])' 2>/dev/null || echo null)
   cp "$W/$name-eval/subject.png" "$OUT/proxy/grids/$name.png"
-  echo "{\"run\": \"$name\", \"targets\": \"$t\", \"method\": \"$m\", \"rank\": $r, \"lr\": $lr, \"seed\": $s, \"params\": $params, \"train_s\": $secs, \"scores\": $sc}" >> "$OUT/proxy/runs.jsonl"
+  echo "{\"run\": \"$name\", \"targets\": \"$t\", \"method\": \"$m\", \"rank\": $r, \"lr\": $lr, \"seed\": $s, \"params\": $params, \"train_s\": $secs, \"eval_s\": $esecs, \"jobs\": $JOBS, \"scores\": $sc}" >> "$OUT/proxy/runs.jsonl"
 }
 export -f one
 

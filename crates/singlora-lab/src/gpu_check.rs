@@ -4,19 +4,29 @@
 //!    frozen weight and bf16 activations on the device, against an f64 CPU reference.
 //! 2. A few full training updates of a tiny BERT and a tiny LLaMA (classification and SFT) on
 //!    the device against the same run on the CPU (f32): losses and the final adapters.
+//! 3. Qwen3, Gemma 3 and Phi-3 bodies on the device against transformers' logits (f32 and bf16
+//!    weights) and a PEFT LoRA step's loss and gradients: the golden files of
+//!    tests/fixtures/decoders (the checks of crates/singlora/tests/decoders.rs, on any device).
 //!
-//! Prints a table of relative errors (‖device − reference‖ / ‖reference‖) and fails when one
-//! exceeds its bf16 bound or anything is not finite.
+//! Prints a table of relative errors (‖device − reference‖ / ‖reference‖; max |device −
+//! reference| / max |reference| for the golden logits and gradients) and fails when one exceeds
+//! its bound or anything is not finite.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use singlora::adapter::file::AdapterFile;
 use singlora::adapter::ramp::{RampClock, RampSchedule};
 use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
+use singlora::checkpoint::Checkpoint;
+use singlora::data::{collate, Encoded};
 use singlora::linear::FrozenLinear;
-use singlora::model::FastPath;
+use singlora::model::llama::Llama;
+use singlora::model::weights::{ConfigReader, Weights};
+use singlora::model::{Body, FastPath, Pooling, Task, TaskModel};
 use singlora::synthetic::{write_checkpoint, write_tokenizer, BertShape, LlamaShape};
 use singlora::tokenize::TokenizerStyle;
 use singlora::train::{train, Silent, TrainConfig};
@@ -28,6 +38,29 @@ fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
     let den = w.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt().max(1e-30);
     let e = num / den;
     Ok(if e.is_finite() { e } else { f64::INFINITY })
+}
+
+/// max |got − want| / max |want| (on the CPU, in f64): how the golden decoder files are
+/// compared (crates/singlora/tests/decoders.rs).
+fn max_rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let g = got
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let w = want
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    // a NaN could hide from `max`; it cannot from a sum
+    let finite = g.sum_all()?.to_scalar::<f64>()?.is_finite();
+    let num = (&g - &w)?.abs()?.max(0)?.to_scalar::<f64>()?;
+    let den = w.abs()?.max(0)?.to_scalar::<f64>()?;
+    let e = num / den;
+    Ok(if finite && e.is_finite() {
+        e
+    } else {
+        f64::INFINITY
+    })
 }
 
 struct Row {
@@ -288,6 +321,138 @@ fn adapter_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// tests/fixtures/decoders: under the current directory (the repository root, where the GPU
+/// machine runs the binary), else under this crate's repository.
+fn decoder_fixtures() -> Result<PathBuf> {
+    let rel = Path::new("tests/fixtures/decoders");
+    let here = std::env::current_dir()?.join(rel);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
+    for dir in [&here, &repo] {
+        if dir.is_dir() {
+            return Ok(dir.clone());
+        }
+    }
+    bail!(
+        "the decoder golden files are not found: searched {} and {}",
+        here.display(),
+        repo.display()
+    )
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Qwen3, Gemma 3 and Phi-3 bodies on `device` against transformers and PEFT (the golden files
+/// of tests/fixtures/decoders): logits with f32 and with bf16 weights, and the loss and adapter
+/// gradients of one LoRA step loaded from PEFT's adapter file.
+fn family_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    let root = decoder_fixtures()?;
+    for name in ["qwen3", "gemma3", "phi3"] {
+        let d = root.join(name);
+        let load = |dtype: DType| -> Result<Llama> {
+            let path = d.join("config.json");
+            let value = read_json(&path)?;
+            let cfg = Llama::config(&ConfigReader {
+                path: &path,
+                value: &value,
+            })?;
+            let weights = Weights::Checkpoint(Checkpoint::open(&d)?);
+            Ok(Llama::load(&weights, cfg, dtype, device)?)
+        };
+        let golden_path = d.join("golden.json");
+        let golden = read_json(&golden_path)?;
+        let ids = golden["ids"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().map(|v| v as u32))
+                    .collect::<Option<Vec<u32>>>()
+            })
+            .ok_or_else(|| anyhow!("{}: no token list `ids`", golden_path.display()))?;
+        let want: Vec<Vec<f64>> = serde_json::from_value(golden["logits"].clone())
+            .with_context(|| format!("{}: `logits`", golden_path.display()))?;
+        let vocab = want.first().map_or(0, Vec::len);
+        let want = Tensor::from_vec(want.concat(), (want.len(), vocab), &Device::Cpu)?;
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        if scale <= 0.5 {
+            bail!("{name}: golden logits too small to tell anything ({scale})");
+        }
+        let items = vec![Encoded {
+            ids: ids.clone(),
+            type_ids: vec![0; ids.len()],
+            label: None,
+            target_mask: vec![1; ids.len()],
+        }];
+        let batch = collate(&items, &[0], 0, device)?;
+        for (dtype, tag, bound) in [
+            (DType::F32, "f32", 1e-4),
+            (DType::BF16, "bf16 weights", 3e-2),
+        ] {
+            let model = load(dtype)?;
+            let hidden = model.hidden_states(&batch, &FastPath::default())?;
+            let logits = model.lm_logits(&hidden.reshape((ids.len(), hidden.dim(2)?))?)?;
+            rows.push(Row {
+                what: format!("{name} logits vs transformers ({tag})"),
+                err: max_rel_err(&logits, &want)?,
+                bound,
+            });
+        }
+
+        let mut model = TaskModel::new(
+            Body::Llama(load(DType::F32)?),
+            Task::Sft,
+            None,
+            Pooling::Last,
+            0,
+            device,
+        )?;
+        model.load_adapter(&AdapterFile::read(&d.join("adapter"), device)?)?;
+        let (loss, grads) = model.loss_and_grads(&batch, 1.0)?;
+        let loss_path = d.join("loss.json");
+        let want_loss = read_json(&loss_path)?["loss"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("{}: no number `loss`", loss_path.display()))?;
+        rows.push(Row {
+            what: format!("{name} LoRA loss vs PEFT"),
+            err: rel_err(&loss, &Tensor::new(want_loss, &Device::Cpu)?)?,
+            bound: 1e-5,
+        });
+        let want = candle_core::safetensors::load(d.join("grads.safetensors"), &Device::Cpu)?;
+        let mut worst: f64 = 0.0;
+        let mut seen = 0;
+        for (layer, _, adapter) in model.adapters() {
+            for p in adapter.params() {
+                let key = format!("base_model.model.{layer}.{}", p.suffix);
+                let theirs = want
+                    .get(&key)
+                    .ok_or_else(|| anyhow!("{name}: PEFT has no gradient {key}"))?;
+                let ours = grads
+                    .get(p.var.as_tensor())
+                    .ok_or_else(|| anyhow!("{name}: no gradient for {key}"))?;
+                worst = worst.max(max_rel_err(ours, theirs)?);
+                seen += 1;
+            }
+        }
+        if seen != want.len() {
+            bail!(
+                "{name}: {seen} adapter gradients against PEFT's {}",
+                want.len()
+            );
+        }
+        rows.push(Row {
+            what: format!("{name} LoRA grads vs PEFT"),
+            err: worst,
+            bound: 1e-4,
+        });
     }
     Ok(())
 }
@@ -811,6 +976,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
     }
     op_checks(&device, &mut rows)?;
     adapter_checks(&device, &mut rows)?;
+    family_checks(&device, &mut rows)?;
     if !device.is_cpu() {
         #[cfg(feature = "cuda")]
         low_rank_checks(&device, &mut rows)?;
