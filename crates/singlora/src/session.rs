@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use crate::adapter::file::AdapterFile;
 use crate::data::{
@@ -244,20 +244,12 @@ impl Session {
         let mut reason = StopReason::Length;
         // the completion so far, decoded after every new token
         let mut text = String::new();
+        // the prompt runs once; then each step runs only the token it picked
+        let mut cache = self.model.new_cache()?;
         for _ in 0..opts.max_new_tokens {
-            let t = ids.len();
-            let batch = data::Batch {
-                indices: vec![0],
-                ids: Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?,
-                type_ids: Tensor::zeros((1, t), DType::U32, &self.device)?,
-                mask: Tensor::ones((1, t), DType::F32, &self.device)?,
-                labels: None,
-                target_mask: None,
-                n_tokens: t,
-            };
             let logits = self
                 .model
-                .next_token_logits(&batch)?
+                .next_token_logits_cached(&ids[cache.len()..], &mut cache)?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
             let next = pick(&logits, opts, &mut rng);

@@ -130,6 +130,56 @@ fn lora_gradients_match_peft() {
     }
 }
 
+/// Generation's cached forward against the whole sequence's: a prompt of three tokens, a chunk
+/// of three continuing it (the causal mask of new queries against cached keys), then one token
+/// at a time; every position's logits against the full forward's and transformers'. The PEFT
+/// adapter is loaded, so the adapted projections run in both.
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    for name in FAMILIES {
+        let d = dir(name);
+        let mut model = TaskModel::new(
+            Body::Llama(load(name)),
+            Task::Sft,
+            None,
+            Pooling::Last,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        model
+            .load_adapter(&AdapterFile::read(&d.join("adapter"), &Device::Cpu).unwrap())
+            .unwrap();
+        let (ids, _) = golden_ids(name);
+        assert!(ids.len() >= 8, "{name}: golden sequence too short");
+        let Body::Llama(llama) = &model.body else {
+            unreachable!()
+        };
+        let hidden = llama
+            .hidden_states(&batch(&ids), &FastPath::default())
+            .unwrap();
+        let rows = hidden.reshape((ids.len(), hidden.dim(2).unwrap())).unwrap();
+        let full = llama.lm_logits(&rows).unwrap();
+        let mut cache = model.new_cache().unwrap();
+        let mut steps = vec![(0, 3), (3, 6)];
+        steps.extend((6..ids.len()).map(|i| (i, i + 1)));
+        for (from, to) in steps {
+            assert_eq!(cache.len(), from);
+            let got = model
+                .next_token_logits_cached(&ids[from..to], &mut cache)
+                .unwrap();
+            let want = full.get(to - 1).unwrap();
+            let diff = rel_diff(&got, &want);
+            assert!(
+                diff <= 1e-5,
+                "{name}: position {}: cached logits {diff:e} from the full forward's",
+                to - 1
+            );
+        }
+        assert_eq!(cache.len(), ids.len());
+    }
+}
+
 /// max |a − b| / max |b|.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

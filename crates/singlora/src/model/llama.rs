@@ -43,7 +43,10 @@ use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
-use crate::ops::{attention_block, key_lens, rms_norm, rope_tables, swiglu, FastPath};
+use crate::ops::{
+    attention_block, key_lens, masked_attention, rms_norm, rope_split, rope_tables, rope_tables_at,
+    swiglu, FastPath,
+};
 
 #[cfg(feature = "cuda")]
 pub(crate) mod fast;
@@ -533,6 +536,62 @@ impl Layer {
         v
     }
 
+    /// q, k, v (b, t, ·) of the normalised input, after the per-head norms and with the
+    /// query scale applied.
+    fn qkv(&self, hn: &Tensor, c: &LlamaConfig) -> Result<(Tensor, Tensor, Tensor)> {
+        let (qd, kvd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let (mut q, mut k, v) = match &self.qkv {
+            QkvProj::Split { q, k, v } => (q.forward(hn)?, k.forward(hn)?, v.forward(hn)?),
+            QkvProj::Fused(p) => {
+                let y = p.forward(hn)?;
+                (
+                    y.narrow(2, 0, qd)?.contiguous()?,
+                    y.narrow(2, qd, kvd)?.contiguous()?,
+                    y.narrow(2, qd + kvd, kvd)?.contiguous()?,
+                )
+            }
+        };
+        if let Some((qn, kn)) = &self.qk_norm {
+            q = head_norm(&q, qn, c.head_dim, c.eps)?;
+            k = head_norm(&k, kn, c.head_dim, c.eps)?;
+        }
+        if c.query_scale != 1.0 {
+            q = (q * c.query_scale)?;
+        }
+        Ok((q, k, v))
+    }
+
+    /// The rest of the layer from the attention's merged heads `a`: the output projection and
+    /// its residual, then the MLP and its residual.
+    fn finish(&self, x: &Tensor, a: &Tensor, c: &LlamaConfig) -> Result<Tensor> {
+        let mut a = self.o.forward(a)?;
+        if let Some((post_attn, _)) = &self.post_norms {
+            a = rms_norm(&a, post_attn, c.eps)?;
+        }
+        let x = (x + a)?;
+        let hn = rms_norm(&x, &self.ln2, c.eps)?;
+        let ff = c.intermediate;
+        let (g, u) = match &self.gate_up {
+            GateUpProj::Split { gate, up } => (gate.forward(&hn)?, up.forward(&hn)?),
+            GateUpProj::Fused(p) => {
+                let y = p.forward(&hn)?;
+                (
+                    y.narrow(2, 0, ff)?.contiguous()?,
+                    y.narrow(2, ff, ff)?.contiguous()?,
+                )
+            }
+        };
+        let f = match c.mlp_act {
+            MlpAct::Silu => swiglu(&g, &u)?,
+            MlpAct::GeluTanh => (g.gelu()? * u)?,
+        };
+        let mut m = self.down.forward(&f)?;
+        if let Some((_, post_ffn)) = &self.post_norms {
+            m = rms_norm(&m, post_ffn, c.eps)?;
+        }
+        Ok((x + m)?)
+    }
+
     /// q, k, v, o, gate, up, down of the plain layout; None for fused projections.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn split_projs(&self) -> Option<[&AdaptedLinear; 7]> {
@@ -562,6 +621,24 @@ fn head_norm(x: &Tensor, weight: &Tensor, head_dim: usize, eps: f64) -> Result<T
     let dims = x.dims().to_vec();
     let rows = x.elem_count() / head_dim;
     Ok(rms_norm(&x.reshape((rows, head_dim))?, weight, eps)?.reshape(dims)?)
+}
+
+/// Keys and values (heads split, after RoPE) of the positions a decoder has run so far, one
+/// pair (1, kv_heads, len, head_dim) per layer: generation then runs only each new token.
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// The positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Where the vocabulary logits come from.
@@ -927,31 +1004,9 @@ impl Llama {
             Some((inv_freq, _)) => Some(rope_tables(inv_freq, t, table_dt, x.device())?),
             None => None,
         };
-        let (qd, kvd, ff) = (
-            c.heads * c.head_dim,
-            c.kv_heads * c.head_dim,
-            c.intermediate,
-        );
         for (i, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
-            let (mut q, mut k, v) = match &l.qkv {
-                QkvProj::Split { q, k, v } => (q.forward(&hn)?, k.forward(&hn)?, v.forward(&hn)?),
-                QkvProj::Fused(p) => {
-                    let y = p.forward(&hn)?;
-                    (
-                        y.narrow(2, 0, qd)?.contiguous()?,
-                        y.narrow(2, qd, kvd)?.contiguous()?,
-                        y.narrow(2, qd + kvd, kvd)?.contiguous()?,
-                    )
-                }
-            };
-            if let Some((qn, kn)) = &l.qk_norm {
-                q = head_norm(&q, qn, c.head_dim, c.eps)?;
-                k = head_norm(&k, kn, c.head_dim, c.eps)?;
-            }
-            if c.query_scale != 1.0 {
-                q = (q * c.query_scale)?;
-            }
+            let (q, k, v) = l.qkv(&hn, c)?;
             let (cos, sin) = match (&local, &c.local_rope) {
                 (Some(tables), Some((_, layers))) if layers[i] => (&tables.0, &tables.1),
                 _ => (&global.0, &global.1),
@@ -966,33 +1021,74 @@ impl Llama {
                 true,
                 fast,
             )?;
-            let mut a = l.o.forward(&a)?;
-            if let Some((post_attn, _)) = &l.post_norms {
-                a = rms_norm(&a, post_attn, c.eps)?;
-            }
-            x = (x + a)?;
-            let hn = rms_norm(&x, &l.ln2, c.eps)?;
-            let (g, u) = match &l.gate_up {
-                GateUpProj::Split { gate, up } => (gate.forward(&hn)?, up.forward(&hn)?),
-                GateUpProj::Fused(p) => {
-                    let y = p.forward(&hn)?;
-                    (
-                        y.narrow(2, 0, ff)?.contiguous()?,
-                        y.narrow(2, ff, ff)?.contiguous()?,
-                    )
-                }
-            };
-            let f = match c.mlp_act {
-                MlpAct::Silu => swiglu(&g, &u)?,
-                MlpAct::GeluTanh => (g.gelu()? * u)?,
-            };
-            let mut m = l.down.forward(&f)?;
-            if let Some((_, post_ffn)) = &l.post_norms {
-                m = rms_norm(&m, post_ffn, c.eps)?;
-            }
-            x = (x + m)?;
+            x = l.finish(&x, &a, c)?;
         }
         rms_norm(&x, &self.norm, c.eps)
+    }
+
+    /// An empty cache of keys and values for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            kv: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Runs the tokens `ids` that follow the `cache.len()` positions already in `cache` (the
+    /// prompt first, then each new token), adds their keys and values to it and returns the
+    /// last position's final hidden state (1, h), normalised. The same numbers as
+    /// [`Llama::hidden_states`] on the whole sequence, without recomputing its prefix.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::msg("forward_cached: no tokens"));
+        }
+        if cache.kv.len() != self.layers.len() {
+            return Err(Error::msg("forward_cached: a cache of another model"));
+        }
+        let (n, p0) = (ids.len(), cache.len);
+        self.check_len(p0 + n)?;
+        let c = &self.cfg;
+        let device = self.embed.device();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids, device)?, 0)?
+            .unsqueeze(0)?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let table_dt = if device.is_cpu() {
+            self.dtype
+        } else {
+            DType::F32
+        };
+        let global = rope_tables_at(&c.inv_freq, p0, n, table_dt, device)?;
+        let local = match &c.local_rope {
+            Some((inv_freq, _)) => Some(rope_tables_at(inv_freq, p0, n, table_dt, device)?),
+            None => None,
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &l.ln1, c.eps)?;
+            let (q, k, v) = l.qkv(&hn, c)?;
+            let (cos, sin) = match (&local, &c.local_rope) {
+                (Some(tables), Some((_, layers))) if layers[i] => (&tables.0, &tables.1),
+                _ => (&global.0, &global.1),
+            };
+            let q = rope_split(&q, cos, sin, c.heads, true)?;
+            let k = rope_split(&k, cos, sin, c.kv_heads, true)?;
+            let v = rope_split(&v, cos, sin, c.kv_heads, false)?;
+            let (k, v) = match cache.kv[i].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k.contiguous()?, v.contiguous()?),
+            };
+            // the n new queries see every cached key and, causally, each other
+            let a = masked_attention(&q, &k, &v, &[p0 + n], true)?;
+            cache.kv[i] = Some((k, v));
+            let a = a.transpose(1, 2)?.reshape((1, n, c.heads * c.head_dim))?;
+            x = l.finish(&x, &a, c)?;
+        }
+        cache.len = p0 + n;
+        let last = x.narrow(1, n - 1, 1)?.reshape((1, c.hidden))?;
+        rms_norm(&last, &self.norm, c.eps)
     }
 
     /// The final norm of the residual stream (b, t, h).

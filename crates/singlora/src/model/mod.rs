@@ -765,6 +765,28 @@ impl TaskModel {
     }
 
     /// Next-token logits (vocab) after the last position of a one-row batch.
+    /// An empty key/value cache for [`TaskModel::next_token_logits_cached`] (decoders only).
+    pub fn new_cache(&self) -> Result<llama::KvCache> {
+        match &self.body {
+            Body::Llama(l) => Ok(l.new_cache()),
+            Body::Bert(_) => Err(Error::msg("generation needs a decoder model")),
+        }
+    }
+
+    /// The next token's logits (vocab) after `ids`, which continue the positions in `cache`
+    /// (empty for the prompt); the cache takes their keys and values.
+    pub fn next_token_logits_cached(
+        &self,
+        ids: &[u32],
+        cache: &mut llama::KvCache,
+    ) -> Result<Tensor> {
+        let last = match &self.body {
+            Body::Llama(l) => l.forward_cached(ids, cache)?,
+            Body::Bert(_) => return Err(Error::msg("generation needs a decoder model")),
+        };
+        Ok(self.lm_logits(&last)?.squeeze(0)?)
+    }
+
     pub fn next_token_logits(&self, batch: &Batch) -> Result<Tensor> {
         let hidden = self.body.hidden_states(batch, &self.fast)?.detach();
         let (b, t, h) = hidden.dims3()?;

@@ -56,7 +56,7 @@ pub use attention::{attention_block, heads_attention, masked_attention};
 pub use gelu::{gelu_erf, Activation};
 pub use linear::{adapted_linear, frozen_linear, frozen_linear_gelu, fused_available};
 pub use norm::{layer_norm, rms_norm};
-pub use rope::{rope_split, rope_tables};
+pub use rope::{rope_split, rope_tables, rope_tables_at};
 pub use softmax::{key_lens, masked_softmax};
 pub use swiglu::swiglu;
 pub use xent::{cross_entropy, nll_rows, xent_fused, xent_rows};

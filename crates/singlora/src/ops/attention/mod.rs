@@ -25,8 +25,9 @@ type Saved = cuda::Saved;
 #[cfg(not(feature = "cuda"))]
 type Saved = ();
 
-/// Scaled dot-product attention on (b, h, t, d) tensors; batch row i attends to its first
-/// `key_lens[i]` keys (right padding), and only to earlier ones when `causal`. K and V may have
+/// Scaled dot-product attention of queries (b, h, t_q, d) on keys and values (b, h_kv, t_k, d);
+/// batch row i attends to its first `key_lens[i]` keys (right padding), and when `causal` query
+/// j only to keys up to j + t_k − t_q (the queries are the last t_q positions). K and V may have
 /// fewer heads (grouped-query attention): each is shared by h / h_kv query heads. The softmax
 /// is [`super::masked_softmax`] (fused on the CPU and CUDA).
 pub fn masked_attention(
@@ -36,14 +37,14 @@ pub fn masked_attention(
     key_lens: &[usize],
     causal: bool,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let h_kv = k.dim(1)?;
+    let (b, h, _, d) = q.dims4()?;
+    let (h_kv, tk) = (k.dim(1)?, k.dim(2)?);
     let (k, v) = if h_kv != h {
         let rep = h / h_kv;
         let expand = |x: &Tensor| -> Result<Tensor> {
             Ok(x.unsqueeze(2)?
-                .broadcast_as((b, h_kv, rep, t, d))?
-                .reshape((b, h, t, d))?)
+                .broadcast_as((b, h_kv, rep, tk, d))?
+                .reshape((b, h, tk, d))?)
         };
         (expand(k)?, expand(v)?)
     } else {

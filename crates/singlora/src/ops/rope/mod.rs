@@ -20,10 +20,21 @@ pub fn rope_tables(
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
+    rope_tables_at(inv_freq, 0, t, dtype, device)
+}
+
+/// [`rope_tables`] of the `t` positions from `start` on.
+pub fn rope_tables_at(
+    inv_freq: &[f64],
+    start: usize,
+    t: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(t * 2 * half);
     let mut sin = Vec::with_capacity(t * 2 * half);
-    for p in 0..t {
+    for p in start..start + t {
         for _ in 0..2 {
             for f in inv_freq {
                 let a = p as f64 * f;
