@@ -7,8 +7,8 @@ compiles llama.cpp: slow on 2 cores, so build it once outside the repository), a
     python scripts/check_llama_cpp.py [--singlora BIN] [--smollm2 SmolLM2-135M-Instruct.Q4_1.gguf]
 
 For each model (a tiny LLaMA of the `example` shape, a GQA shape with K-quant-sized rows and
-linear RoPE scaling, a tiny Qwen2 with q/k/v biases and tied embeddings, and SmolLM2-135M from
-its GGUF when given) it trains a SingLoRA adapter for 3 steps, then:
+linear RoPE scaling, a tiny Qwen2 with q/k/v biases and tied embeddings, a tiny Qwen3 with
+heads wider than hidden / heads, and SmolLM2-135M from its GGUF when given) it trains a SingLoRA adapter for 3 steps, then:
 - the reference: `singlora merge --dtype f32` (safetensors) run by transformers, which computes
   singlora's logits (scripts/check_peft_loads.py and the Rust tests tie the two);
 - `singlora merge --format gguf --quant Q` for each Q, run by llama.cpp: the largest logit
@@ -116,6 +116,7 @@ def hf_model(name, family="llama", **shape):
     config, model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
     cfg = config(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape)
     torch.manual_seed(0)
@@ -124,6 +125,8 @@ def hf_model(name, family="llama", **shape):
         for n, p in m.named_parameters():
             if n.endswith(".bias"):  # transformers starts biases at 0
                 p.normal_(0.0, 0.5)
+            if n.endswith(("q_norm.weight", "k_norm.weight")):  # and norms at 1
+                p.normal_(1.0, 0.2)
     m.save_pretrained(d, safe_serialization=True)
     return d
 
@@ -256,6 +259,10 @@ qwen2 = hf_model("qwen2", family="qwen2", hidden_size=64, intermediate_size=172,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  tie_word_embeddings=True)
 check("qwen2 (q/k/v biases, tied embeddings)", qwen2, ["f32", "f16", "q8_0"], CHATML)
+qwen3 = hf_model("qwen3", family="qwen3", hidden_size=64, intermediate_size=172,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 tie_word_embeddings=True)
+check("qwen3 (q/k norms, heads of 32 at hidden 64, tied)", qwen3, ["f32", "f16", "q8_0"], CHATML)
 if args.smollm2:
     from gguf import GGUFReader
 

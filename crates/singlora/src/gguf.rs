@@ -155,6 +155,11 @@ const TOP_TENSORS: [(&str, &str); 3] = [
 /// `blk.3.attn_q.weight`; a projection's bias (Qwen2's, `attention_bias`, `mlp_bias`) keeps
 /// `.bias`.
 pub fn gguf_name(hf: &str) -> Option<String> {
+    gguf_name_in(Arch::Llama, hf)
+}
+
+/// [`gguf_name`] for one architecture's tensors (Qwen3's `self_attn.q_norm` → `attn_q_norm`).
+pub fn gguf_name_in(arch: Arch, hf: &str) -> Option<String> {
     if let Some(stem) = hf.strip_suffix(".weight") {
         if let Some((top, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == stem) {
             return Some(format!("{top}.weight"));
@@ -169,7 +174,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     if !(suffix == "weight" || (suffix == "bias" && is_projection)) {
         return None;
     }
-    let (g, _) = Arch::Llama
+    let (g, _) = arch
         .layer_tensors()
         .into_iter()
         .find(|(_, h)| *h == module)?;
@@ -222,7 +227,7 @@ pub fn permute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
 /// The `general.architecture`s this loader reads: LLaMA's layout and the families that add to
 /// it (see `model::llama`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arch {
+pub enum Arch {
     Llama,
     Qwen3,
     Gemma3,
@@ -230,7 +235,19 @@ enum Arch {
 }
 
 impl Arch {
-    fn parse(name: &str) -> Option<Self> {
+    /// The architecture llama.cpp runs a Hugging Face config.json `model_type` as, for the
+    /// types singlora writes to GGUF: llama.cpp's `llama` computes LLaMA, Mistral (without its
+    /// window) and Qwen2 (with the projection biases) exactly; Qwen3 is its own.
+    pub fn for_export(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "llama" | "mistral" | "qwen2" => Arch::Llama,
+            "qwen3" => Arch::Qwen3,
+            _ => return None,
+        })
+    }
+
+    /// An architecture by its `general.architecture` name.
+    pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "llama" => Arch::Llama,
             "qwen3" => Arch::Qwen3,
@@ -240,7 +257,8 @@ impl Arch {
         })
     }
 
-    fn name(self) -> &'static str {
+    /// Its `general.architecture` name, the prefix of its own metadata keys.
+    pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen3 => "qwen3",
@@ -321,7 +339,7 @@ impl Arch {
 
     /// Whether llama.cpp's converter interleaved the Q/K rows (its LLaMA RoPE layout; the
     /// others keep Hugging Face's rotate-half order).
-    fn permutes_qk(self) -> bool {
+    pub fn permutes_qk(self) -> bool {
         self == Arch::Llama
     }
 

@@ -729,14 +729,14 @@ fn refusals_name_the_problem() {
     // f32 holds it
     merge_checkpoint(&s.base, &huge, &p, &gguf_opts(GgufQuant::F32)).unwrap();
 
-    // another architecture than llama.cpp's `llama`: refused, for the model and the adapter
+    // an architecture GGUF export does not write: refused, for the model and the adapter
     let mut cfg = SHAPE.config();
-    cfg["model_type"] = serde_json::json!("qwen3");
+    cfg["model_type"] = serde_json::json!("gemma3_text");
     std::fs::write(s.base.join("config.json"), cfg.to_string()).unwrap();
     let e = merge_checkpoint(&s.base, &s.adapter, &s.root.join("q.gguf"), &opts)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("qwen3"), "{e}");
+    assert!(e.contains("gemma3_text"), "{e}");
     let e = singlora::gguf::lora::export_lora_gguf(
         &s.adapter,
         &s.root.join("q-adapter.gguf"),
@@ -745,7 +745,7 @@ fn refusals_name_the_problem() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("qwen3"), "{e}");
+    assert!(e.contains("gemma3_text"), "{e}");
 }
 
 /// Qwen2 (q/k/v biases) is written as llama.cpp's `llama` with the biases: Q's and K's rows
@@ -796,5 +796,110 @@ fn qwen2_biases_are_written_in_llama_cpps_order() {
             };
             assert_eq!(max_abs_diff(&got, &want), 0.0, "{name}");
         }
+    }
+}
+
+/// Qwen3 is written as llama.cpp's `qwen3`: its own keys (with `key_length` for heads of 32 at
+/// hidden 64 / 4 heads), the per-head q/k norms, Q/K rows in Hugging Face's order. Merged, it
+/// reads back to the merged safetensors' tensors and logits; as an adapter GGUF, its B rows keep
+/// Hugging Face's order too.
+#[test]
+fn qwen3_is_written_as_llama_cpps_qwen3() {
+    let s = setup(SHAPE, AdapterKind::SingLora);
+    let (hd, dev) = (32, Device::Cpu);
+    let mut cfg = SHAPE.config();
+    cfg["model_type"] = serde_json::json!("qwen3");
+    cfg["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+    cfg["head_dim"] = serde_json::json!(hd);
+    cfg["rope_theta"] = serde_json::json!(50000.0);
+    let mut tensors = SHAPE.tensors(3, DType::F32).unwrap();
+    let mut linears = vec![];
+    for l in 0..SHAPE.layers {
+        let p = format!("model.layers.{l}");
+        for (m, shape) in [
+            ("self_attn.q_proj", (SHAPE.heads * hd, SHAPE.hidden)),
+            ("self_attn.k_proj", (SHAPE.kv_heads * hd, SHAPE.hidden)),
+            ("self_attn.v_proj", (SHAPE.kv_heads * hd, SHAPE.hidden)),
+            ("self_attn.o_proj", (SHAPE.hidden, SHAPE.heads * hd)),
+        ] {
+            let w = Tensor::randn(0f32, 0.2, shape, &dev).unwrap();
+            tensors.insert(format!("{p}.{m}.weight"), w);
+            linears.push((format!("{p}.{m}"), shape));
+        }
+        for m in ["q_norm", "k_norm"] {
+            let w = (Tensor::randn(0f32, 0.2, hd, &dev).unwrap() + 1.0).unwrap();
+            tensors.insert(format!("{p}.self_attn.{m}.weight"), w);
+        }
+    }
+    write_checkpoint(&s.base, &cfg, &tensors, 1).unwrap();
+    let targets = TargetSpec::parse("q_proj,k_proj,v_proj,o_proj", None).unwrap();
+    let mut spec = AdapterSpec::new(AdapterKind::SingLora, 4, 8.0);
+    spec.seed = 7;
+    random_adapter(&spec, &linears, &targets, 3, 10)
+        .unwrap()
+        .write(&s.adapter, true)
+        .unwrap();
+
+    let out = s.root.join("qwen3.gguf");
+    merge_checkpoint(&s.base, &s.adapter, &out, &gguf_opts(GgufQuant::F32)).unwrap();
+    let (c, _) = read_content(&out);
+    let key = |k: &str| format!("{:?}", c.metadata.get(k));
+    assert_eq!(key("general.architecture"), "Some(String(\"qwen3\"))");
+    assert_eq!(key("qwen3.attention.key_length"), "Some(U32(32))");
+    assert_eq!(key("qwen3.attention.head_count_kv"), "Some(U32(2))");
+    assert_eq!(key("qwen3.rope.freq_base"), "Some(F32(50000.0))");
+    assert!(!c.metadata.keys().any(|k| k.starts_with("llama.")));
+    // every key the `gguf` package's (its list spells the architecture's keys `llama.*`)
+    let known = known_keys();
+    for k in c.metadata.keys() {
+        let generic = k.replacen("qwen3.", "llama.", 1);
+        assert!(
+            known.contains(&generic) || k.starts_with("singlora."),
+            "{k} is not a gguf package key"
+        );
+    }
+    for l in 0..SHAPE.layers {
+        for g in ["attn_q_norm", "attn_k_norm"] {
+            let info = &c.tensor_infos[&format!("blk.{l}.{g}.weight")];
+            assert_eq!(info.ggml_dtype, GgmlDType::F32);
+        }
+    }
+    // every tensor as merged, Q and K unpermuted (the reader leaves qwen3's rows alone)
+    let want = merged_f32(&s);
+    let g = load_gguf(&out, DType::F32).unwrap();
+    assert_eq!(g.config["model_type"], "qwen3");
+    assert_eq!(g.tensors.len(), want.len());
+    for (name, t) in &want {
+        assert_eq!(max_abs_diff(&g.tensors[name], t), 0.0, "{name}");
+    }
+    let ids = [5u32, 17, 99, 3, 250, 42, 7];
+    let (a, b) = (logits(&out, &ids), logits(&s.root.join("merged-f32"), &ids));
+    assert!(max_abs_diff(&a, &b) <= 1e-5 * max_abs(&b), "logits differ");
+
+    // the adapter GGUF: qwen3, B as the adapter's (no permutation), its ΔW the merge's
+    let lora = s.root.join("qwen3-adapter.gguf");
+    singlora::gguf::lora::export_lora_gguf(&s.adapter, &lora, Some(&s.base), false).unwrap();
+    let (c, mut r) = read_content(&lora);
+    assert_eq!(
+        format!("{:?}", c.metadata["general.architecture"]),
+        "String(\"qwen3\")"
+    );
+    let read =
+        |r: &mut BufReader<File>, n: &str| c.tensor(r, n, &dev).unwrap().dequantize(&dev).unwrap();
+    for (module, g) in [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+    ] {
+        let (a, b) = (
+            read(&mut r, &format!("blk.1.{g}.weight.lora_a")),
+            read(&mut r, &format!("blk.1.{g}.weight.lora_b")),
+        );
+        let delta = b.matmul(&a).unwrap();
+        let name = format!("model.layers.1.{module}.weight");
+        let change = (&want[&name] - &tensors[&name]).unwrap();
+        assert!(
+            max_abs_diff(&delta, &change) <= 1e-5 * max_abs(&change),
+            "{name}: the adapter's B·A is not the merge's change"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! A LoRA adapter as the GGUF file llama.cpp's `--lora` loads onto a LLaMA base, so that one
-//! base file serves many adapters.
+//! A LoRA adapter as the GGUF file llama.cpp's `--lora` loads onto a LLaMA (or Qwen3) base, so
+//! that one base file serves many adapters.
 //!
 //! llama.cpp adds `scale · B·(A·x)` to a weight's product, with `scale = s_user · α / r` (r the
 //! rows of A; α = 0 reads as "no α": `scale = s_user`). Every method is written as plain LoRA
@@ -7,11 +7,12 @@
 //! B = s·u·A_out, A = A_inᵀ), and α = r, so at `--lora-scaled FILE 1` llama.cpp adds exactly
 //! our ΔW. Per-layer ranks (`rank_pattern`) get α = 0, which gives the same scale 1.
 //!
-//! Metadata: `general.architecture = llama`, `general.type = adapter`, `adapter.type = lora`,
+//! Metadata: `general.architecture` (the base's: `llama` without `--base`), `general.type = adapter`, `adapter.type = lora`,
 //! `adapter.lora.alpha` (f32). Tensors: `<base tensor>.lora_a` of row-major shape (r, d_in)
 //! and `<base tensor>.lora_b` (d_out, r), f32, named after llama.cpp's base tensor
 //! (`blk.0.attn_q.weight.lora_a`). The rows of B for `attn_q` / `attn_k` are permuted as the
-//! base's Q/K rows are ([`super::permute_qk`]), which needs the head counts: from `--base`.
+//! base's Q/K rows are ([`super::permute_qk`]), which needs the head counts: from `--base`
+//! (Qwen3 keeps Hugging Face's row order).
 
 use std::path::{Path, PathBuf};
 
@@ -19,23 +20,25 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use super::model::gguf_name;
-use super::permute_qk;
+use super::model::{gguf_name_in, EXPORT_FAMILIES};
 use super::write::{write_gguf_file, TensorInfo};
+use super::{permute_qk, Arch};
 use crate::adapter::export::plain_lora_layer;
 use crate::adapter::file::AdapterFile;
 use crate::adapter::AdapterKind;
 use crate::error::{Error, Result};
 
-/// The head counts a Q/K permutation needs.
+/// What of the base an adapter's layout depends on: the architecture (tensor names, whether
+/// Q/K rows are permuted) and the head counts a Q/K permutation needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heads {
+    pub arch: Arch,
     pub heads: usize,
     pub kv_heads: usize,
 }
 
-/// The attention head counts of a LLaMA base (a GGUF file or a Hugging Face directory); other
-/// architectures are refused.
+/// The architecture and attention head counts of a base (a GGUF file or a Hugging Face
+/// directory); architectures GGUF export does not write are refused.
 pub fn base_heads(base: &Path) -> Result<Heads> {
     let config = match super::find_gguf(base).filter(|_| !base.join("config.json").exists()) {
         Some(g) => super::load_gguf(&g, DType::F32)?.config,
@@ -47,14 +50,15 @@ pub fn base_heads(base: &Path) -> Result<Heads> {
         value: &config,
     };
     let model_type = c.str_or("model_type", "llama")?;
-    if !super::model::LLAMA_MODEL_TYPES.contains(&model_type) {
-        return Err(Error::msg(format!(
-            "{}: model_type `{model_type}`; llama.cpp adapters are written for LLaMA-architecture bases (llama, mistral, qwen2, SmolLM2) only",
+    let arch = Arch::for_export(model_type).ok_or_else(|| {
+        Error::msg(format!(
+            "{}: model_type `{model_type}`; llama.cpp adapters are written for {EXPORT_FAMILIES} bases only",
             base.display()
-        )));
-    }
+        ))
+    })?;
     let heads = c.usize("num_attention_heads")?;
     Ok(Heads {
+        arch,
         heads,
         kv_heads: c.usize_or("num_key_value_heads", Some(heads))?,
     })
@@ -75,17 +79,22 @@ pub fn lora_tensors(af: &AdapterFile, heads: Option<Heads>) -> Result<Vec<(Strin
     if af.layers.is_empty() {
         return Err(Error::msg("the adapter has no layers to export"));
     }
+    // without a base the layout is LLaMA's, whose Q/K rows then need the head counts
+    let arch = heads.map_or(Arch::Llama, |h| h.arch);
     let mut out = vec![];
     for module in af.layers.keys() {
-        let base = gguf_name(&format!("{module}.weight"))
+        let base = gguf_name_in(arch, &format!("{module}.weight"))
             .filter(|g| g != "token_embd.weight" && !g.ends_with("_norm.weight"))
             .ok_or_else(|| {
                 Error::msg(format!(
-                    "layer `{module}` has no llama.cpp LLaMA projection to attach to (the seven attention and MLP projections and lm_head can be adapted)"
+                    "layer `{module}` has no llama.cpp {} projection to attach to (the seven attention and MLP projections and lm_head can be adapted)",
+                    arch.name()
                 ))
             })?;
         let p = plain_lora_layer(af, module, None)?;
-        let qk = if base.ends_with(".attn_q.weight") {
+        let qk = if !arch.permutes_qk() {
+            None
+        } else if base.ends_with(".attn_q.weight") {
             Some(heads.map(|h| h.heads))
         } else if base.ends_with(".attn_k.weight") {
             Some(heads.map(|h| h.kv_heads))
@@ -112,6 +121,7 @@ pub fn lora_metadata(
     af: &AdapterFile,
     tensors: &[(String, Tensor)],
     name: &str,
+    arch: Arch,
 ) -> Vec<(String, Value)> {
     let ranks: std::collections::BTreeSet<usize> = tensors
         .iter()
@@ -125,7 +135,7 @@ pub fn lora_metadata(
     let mut md = vec![
         (
             "general.architecture".to_string(),
-            Value::String("llama".into()),
+            Value::String(arch.name().into()),
         ),
         ("general.type".to_string(), Value::String("adapter".into())),
         ("general.name".to_string(), Value::String(name.into())),
@@ -162,7 +172,7 @@ pub fn export_lora_gguf(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
-    let md = lora_metadata(&af, &tensors, &name);
+    let md = lora_metadata(&af, &tensors, &name, heads.map_or(Arch::Llama, |h| h.arch));
     let infos: Vec<TensorInfo> = tensors
         .iter()
         .map(|(n, t)| TensorInfo {

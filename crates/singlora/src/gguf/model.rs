@@ -1,7 +1,11 @@
-//! A LLaMA-family model (LLaMA, Mistral, SmolLM2 and relatives) as the GGUF file llama.cpp and
-//! Ollama run: `general.architecture = llama`, the `llama.*` hyper-parameters, the tokenizer,
-//! llama.cpp's tensor names and its Q/K row order, each tensor in the type a quantisation mix
-//! gives it.
+//! A LLaMA-family model (LLaMA, Mistral, SmolLM2 and relatives; Qwen3) as the GGUF file
+//! llama.cpp and Ollama run: `general.architecture = llama` (or `qwen3`), the `<arch>.*`
+//! hyper-parameters, the tokenizer, llama.cpp's tensor names and its Q/K row order, each tensor
+//! in the type a quantisation mix gives it.
+//!
+//! - Qwen3 is written as llama.cpp's `qwen3`: the per-head query and key norms as
+//!   `blk.N.attn_{q,k}_norm`, `<arch>.attention.key_length` where the head size is not
+//!   hidden / heads, and Q/K rows in Hugging Face's order (llama.cpp's `qwen3` rotates halves).
 //!
 //! - Names: `model.embed_tokens` → `token_embd`, `model.layers.N.self_attn.{q,k,v,o}_proj` →
 //!   `blk.N.attn_{q,k,v,output}`, `mlp.{gate,up,down}_proj` → `blk.N.ffn_{gate,up,down}`,
@@ -27,9 +31,9 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-pub use super::gguf_name;
 use super::permute_qk;
 use super::write::{write_gguf_file, TensorInfo};
+pub use super::{gguf_name, gguf_name_in, Arch};
 use crate::error::{Error, Result};
 use crate::model::llama::{max_positions, LlamaConfig, Rope, RopeScaling};
 use crate::model::weights::ConfigReader;
@@ -177,86 +181,80 @@ fn u32_of(what: &str, n: usize) -> Result<Value> {
         .map_err(|_| Error::msg(format!("{what} = {n} does not fit GGUF's 32-bit field")))
 }
 
-/// The config.json `model_type`s llama.cpp's `llama` architecture computes exactly: RMSNorm,
-/// SwiGLU, RoPE, optional projection biases (Qwen2's q/k/v). Sliding windows (Mistral's,
-/// Qwen2's) are not written: llama.cpp's `llama` attends to the whole context, as its own
-/// converter writes Mistral.
-pub const LLAMA_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
-
-/// The `general.*` and `llama.*` metadata of a Hugging Face LLaMA-family config.json (`c`,
-/// already read into `cfg`), named `name`. Other model types (whose extra norms, activations
-/// or RoPE layouts llama.cpp's `llama` architecture lacks) and LLaMA 3.1's RoPE scaling are
-/// refused.
+/// The `general.*` and `<arch>.*` metadata of a Hugging Face LLaMA-family config.json (`c`,
+/// already read into `cfg`), named `name`, and the architecture llama.cpp runs it as
+/// ([`Arch::for_export`]). Other model types (whose extra norms, activations or RoPE layouts
+/// singlora does not write yet) and LLaMA 3.1's RoPE scaling are refused.
 pub fn hf_llama_metadata(
     c: &ConfigReader,
     cfg: &LlamaConfig,
     name: &str,
-) -> Result<Vec<(String, Value)>> {
+) -> Result<(Arch, Vec<(String, Value)>)> {
     let model_type = c.str_or("model_type", "llama")?;
-    if !LLAMA_MODEL_TYPES.contains(&model_type) {
-        return Err(Error::bad_field(
+    let arch = Arch::for_export(model_type).ok_or_else(|| {
+        Error::bad_field(
             c.path,
             "model_type",
-            format!(
-                "`{model_type}`: GGUF export writes LLaMA-architecture models (llama, mistral, qwen2, SmolLM2) only"
-            ),
+            format!("`{model_type}`: GGUF export writes {EXPORT_FAMILIES} models only"),
+        )
+    })?;
+    if arch == Arch::Qwen3 && cfg.sliding_window.is_some() {
+        return Err(Error::bad_field(
+            c.path,
+            "use_sliding_window",
+            "Qwen3 with sliding-window layers: llama.cpp's qwen3 attends to the whole context",
         ));
     }
     let rope = Rope::read(c, max_positions(c)?)?;
+    let key = |k: &str| format!("{}.{k}", arch.name());
     let mut md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), string("llama")),
+        ("general.architecture".into(), string(arch.name())),
         ("general.type".into(), string("model")),
         ("general.name".into(), string(name)),
         (
-            "llama.context_length".into(),
+            key("context_length"),
             u32_of("max_position_embeddings", max_positions(c)?)?,
         ),
+        (key("embedding_length"), u32_of("hidden_size", cfg.hidden)?),
+        (key("block_count"), u32_of("num_hidden_layers", cfg.layers)?),
         (
-            "llama.embedding_length".into(),
-            u32_of("hidden_size", cfg.hidden)?,
-        ),
-        (
-            "llama.block_count".into(),
-            u32_of("num_hidden_layers", cfg.layers)?,
-        ),
-        (
-            "llama.feed_forward_length".into(),
+            key("feed_forward_length"),
             u32_of("intermediate_size", cfg.intermediate)?,
         ),
         (
-            "llama.attention.head_count".into(),
+            key("attention.head_count"),
             u32_of("num_attention_heads", cfg.heads)?,
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            key("attention.head_count_kv"),
             u32_of("num_key_value_heads", cfg.kv_heads)?,
         ),
-        ("llama.rope.freq_base".into(), Value::F32(rope.theta as f32)),
+        (key("rope.freq_base"), Value::F32(rope.theta as f32)),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            key("attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.eps as f32),
         ),
         (
-            "llama.rope.dimension_count".into(),
+            key("rope.dimension_count"),
             u32_of("head_dim", cfg.head_dim)?,
         ),
-        ("llama.vocab_size".into(), u32_of("vocab_size", cfg.vocab)?),
+        (key("vocab_size"), u32_of("vocab_size", cfg.vocab)?),
     ];
     if cfg.head_dim * cfg.heads != cfg.hidden {
         md.push((
-            "llama.attention.key_length".into(),
+            key("attention.key_length"),
             u32_of("head_dim", cfg.head_dim)?,
         ));
         md.push((
-            "llama.attention.value_length".into(),
+            key("attention.value_length"),
             u32_of("head_dim", cfg.head_dim)?,
         ));
     }
     match rope.scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => {
-            md.push(("llama.rope.scaling.type".into(), string("linear")));
-            md.push(("llama.rope.scaling.factor".into(), Value::F32(factor as f32)));
+            md.push((key("rope.scaling.type"), string("linear")));
+            md.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
         }
         RopeScaling::Llama3 { .. } => {
             return Err(Error::msg(format!(
@@ -265,12 +263,17 @@ pub fn hf_llama_metadata(
             )))
         }
     }
-    Ok(md)
+    Ok((arch, md))
 }
 
-/// What a LLaMA GGUF file is made from, besides the tensors' values.
+/// The Hugging Face model types GGUF export writes, for messages.
+pub const EXPORT_FAMILIES: &str = "LLaMA-architecture (llama, mistral, qwen2, SmolLM2) and Qwen3";
+
+/// What a LLaMA-family GGUF file is made from, besides the tensors' values.
 #[derive(Debug, Clone)]
 pub struct LlamaGguf {
+    /// The architecture llama.cpp runs it as: its tensor names and Q/K row order.
+    pub arch: Arch,
     /// Every metadata key but the type-dependent ones (`general.file_type`,
     /// `general.quantization_version`), which [`write_llama_gguf`] adds.
     pub metadata: Vec<(String, Value)>,
@@ -300,10 +303,13 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
         if m.tied && hf == "lm_head.weight" {
             continue;
         }
-        let g = gguf_name(hf).ok_or_else(|| {
+        let g = gguf_name_in(m.arch, hf).ok_or_else(|| {
             Error::bad_tensor(
                 hf,
-                "has no place in llama.cpp's LLaMA (known: the embedding, the seven projections, the norms and lm_head)",
+                format!(
+                    "has no place in llama.cpp's {} (known: the embedding, the projections, the norms and lm_head)",
+                    m.arch.name()
+                ),
             )
         })?;
         if quant == GgufQuant::Same && !m.base_types.contains_key(hf) {
@@ -334,10 +340,12 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
         "output_norm.weight" => (2, 0, 0),
         "output.weight" => (2, 1, 0),
         _ => {
-            const ORDER: [&str; 9] = [
+            const ORDER: [&str; 11] = [
                 "attn_norm",
                 "attn_q",
+                "attn_q_norm",
                 "attn_k",
+                "attn_k_norm",
                 "attn_v",
                 "attn_output",
                 "ffn_norm",
@@ -368,8 +376,8 @@ fn encode(t: &Tensor, info: &TensorInfo, m: &LlamaGguf) -> Result<Vec<u8>> {
     }
     let mut t = t.to_dtype(DType::F32)?;
     match block_of(&info.name) {
-        Some((_, "attn_q")) => t = permute_qk(&t, m.heads)?,
-        Some((_, "attn_k")) => t = permute_qk(&t, m.kv_heads)?,
+        Some((_, "attn_q")) if m.arch.permutes_qk() => t = permute_qk(&t, m.heads)?,
+        Some((_, "attn_k")) if m.arch.permutes_qk() => t = permute_qk(&t, m.kv_heads)?,
         _ => {}
     }
     // candle's quantize reads the whole storage under a view, so it gets a tensor of its own

@@ -1,6 +1,6 @@
 //! Merging into a GGUF file for llama.cpp and Ollama: W = W0 + ΔW computed as every merge is
 //! (f64, cast once, non-finite refused) and the whole model written as a LLaMA GGUF
-//! ([`crate::gguf::model`]) in the types `--quant` asks for, one layer merged at a time as the
+//! (or Qwen3) GGUF ([`crate::gguf::model`]) in the types `--quant` asks for, one layer merged at a time as the
 //! file is written.
 //!
 //! The base is a Hugging Face LLaMA-family directory (its config.json becomes the `llama.*`
@@ -23,7 +23,7 @@ use crate::atomic::check_disjoint;
 use crate::checkpoint::{float_dtype, Checkpoint};
 use crate::error::{Error, IoContext, Result};
 use crate::gguf::model::{
-    gguf_name, hf_llama_metadata, write_llama_gguf, GgufQuant, LlamaGguf, TensorData,
+    gguf_name_in, hf_llama_metadata, write_llama_gguf, Arch, GgufQuant, LlamaGguf, TensorData,
 };
 use crate::gguf::vocab::hf_tokenizer_metadata;
 use crate::gguf::write::WRITER_KEY;
@@ -190,17 +190,19 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
     let mut reader = BufReader::new(File::open(path).at(path)?);
     let content = Content::read(&mut reader)
         .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
-    match content.metadata.get("general.architecture") {
-        Some(Value::String(a)) if a == "llama" => {}
-        other => {
-            return Err(Error::bad_file(
-                path,
-                format!(
-                    "general.architecture = {other:?}: GGUF export writes LLaMA-architecture models only"
-                ),
-            ))
-        }
+    let arch = match content.metadata.get("general.architecture") {
+        Some(Value::String(a)) => Arch::parse(a).filter(|a| matches!(a, Arch::Llama | Arch::Qwen3)),
+        _ => None,
     }
+    .ok_or_else(|| {
+        Error::bad_file(
+            path,
+            format!(
+                "general.architecture = {:?}: GGUF export writes llama and qwen3 models only",
+                content.metadata.get("general.architecture")
+            ),
+        )
+    })?;
     let g = crate::gguf::load_gguf(path, DType::F32)?;
     let cfg = llama_config(path, &g.config)?;
     let mut metadata: Vec<(String, Value)> = content
@@ -215,11 +217,12 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
     });
     let mut base_types = BTreeMap::new();
     for hf in g.tensors.keys() {
-        if let Some(info) = gguf_name(hf).and_then(|n| content.tensor_infos.get(&n)) {
+        if let Some(info) = gguf_name_in(arch, hf).and_then(|n| content.tensor_infos.get(&n)) {
             base_types.insert(hf.clone(), info.ggml_dtype);
         }
     }
     let m = LlamaGguf {
+        arch,
         metadata,
         heads: cfg.heads,
         kv_heads: cfg.kv_heads,
@@ -269,7 +272,7 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
     let config_path = base.join("config.json");
     if Family::detect(ckpt.config(), &config_path)? != Family::Llama {
         return Err(Error::msg(format!(
-            "{}: GGUF export writes LLaMA-family models (llama, mistral, SmolLM2); this one is a BERT-family encoder",
+            "{}: GGUF export writes LLaMA-family models (llama, mistral, qwen2, qwen3, SmolLM2); this one is a BERT-family encoder",
             base.display()
         )));
     }
@@ -282,7 +285,7 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "model".into());
-    let mut metadata = hf_llama_metadata(&reader, &cfg, &name)?;
+    let (arch, mut metadata) = hf_llama_metadata(&reader, &cfg, &name)?;
     metadata.extend(hf_tokenizer_metadata(base, ckpt.config(), cfg.vocab)?);
 
     let mut tensors = vec![];
@@ -299,6 +302,7 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
         }
     }
     let m = LlamaGguf {
+        arch,
         metadata,
         heads: cfg.heads,
         kv_heads: cfg.kv_heads,
