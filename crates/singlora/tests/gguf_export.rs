@@ -902,4 +902,23 @@ fn qwen3_is_written_as_llama_cpps_qwen3() {
             "{name}: the adapter's B·A is not the merge's change"
         );
     }
+
+    // sliding-window layers, which llama.cpp's qwen3 does not have: refused by name
+    cfg["use_sliding_window"] = serde_json::json!(true);
+    cfg["sliding_window"] = serde_json::json!(16);
+    cfg["max_window_layers"] = serde_json::json!(0);
+    std::fs::write(s.base.join("config.json"), cfg.to_string()).unwrap();
+    let e = merge_checkpoint(
+        &s.base,
+        &s.adapter,
+        &s.root.join("windowed.gguf"),
+        &gguf_opts(GgufQuant::F32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("use_sliding_window") && e.contains("config.json"),
+        "{e}"
+    );
+    assert!(!s.root.join("windowed.gguf").exists());
 }
