@@ -246,6 +246,16 @@ impl Arch {
         })
     }
 
+    /// The architecture of a config.json `model_type` among those this loader reads (Mistral
+    /// and Qwen2 as llama.cpp's `llama`).
+    pub fn of_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "gemma3_text" => Some(Arch::Gemma3),
+            "phi3" => Some(Arch::Phi3),
+            other => Self::for_export(other),
+        }
+    }
+
     /// An architecture by its `general.architecture` name.
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
@@ -345,7 +355,7 @@ impl Arch {
 
     /// Whether norm weights are stored as llama.cpp multiplies by them, 1 + w for Gemma's
     /// offsets w.
-    fn norms_plus_one(self) -> bool {
+    pub fn norms_plus_one(self) -> bool {
         self == Arch::Gemma3
     }
 }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use singlora::adapter::file::AdapterFile;
@@ -332,10 +333,10 @@ fn missing_family_tensors_are_named() {
 
 /// The fixture written as llama.cpp's converter writes the family: its tensor names, Gemma's
 /// norms stored as 1 + w, q/k rows in Hugging Face's order, the `<arch>.*` keys and a
-/// byte-level vocabulary of the fixture's size.
-fn write_gguf(name: &str, arch: &str, path: &Path) {
+/// byte-level vocabulary of the fixture's size; matrices f32, 1-D tensors `norm_dtype`.
+fn write_gguf(name: &str, arch: &str, path: &Path, norm_dtype: GgmlDType) {
     use candle_core::quantized::gguf_file::{self, Value as G};
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     let d = dir(name);
     let c = read_json(&d.join("config.json"));
     let gemma = arch == "gemma3";
@@ -384,7 +385,12 @@ fn write_gguf(name: &str, arch: &str, path: &Path) {
         } else {
             t.clone()
         };
-        out.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        let dtype = if t.rank() == 1 {
+            norm_dtype
+        } else {
+            GgmlDType::F32
+        };
+        out.push((g, QTensor::quantize(&t, dtype).unwrap()));
     }
     let n = |k: &str| G::U32(c[k].as_u64().unwrap() as u32);
     let theta = if gemma {
@@ -444,7 +450,7 @@ fn gguf_files_of_the_families_load_as_their_checkpoints() {
     for (name, arch) in [("qwen3", "qwen3"), ("phi3", "phi3"), ("gemma3", "gemma3")] {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join(format!("{name}.gguf"));
-        write_gguf(name, arch, &path);
+        write_gguf(name, arch, &path, GgmlDType::F32);
         let g = singlora::gguf::load_gguf(&path, DType::F32).unwrap();
         // every tensor back under its Hugging Face name, Gemma's norms as stored offsets
         let want =
@@ -490,5 +496,87 @@ fn gguf_files_of_the_families_load_as_their_checkpoints() {
             d < 1e-6,
             "{name}: logits from the GGUF {d:e} from the checkpoint's"
         );
+    }
+}
+
+/// Merging into GGUF from a family's GGUF base (as llama.cpp's converter writes it): the file
+/// keeps the architecture, every tensor reads back as the safetensors merge of the checkpoint
+/// with the same PEFT adapter, and Gemma's norms stay stored as 1 + w, also where they are
+/// re-encoded (a base with f16 norms, written as f32).
+#[test]
+fn gguf_bases_of_the_families_merge_into_gguf() {
+    use candle_core::quantized::gguf_file::{Content, Value as G};
+    use singlora::gguf::model::GgufQuant;
+    use singlora::merge::{merge_checkpoint, MergeOptions};
+    for (name, norms) in [
+        ("qwen3", GgmlDType::F32),
+        ("phi3", GgmlDType::F32),
+        ("gemma3", GgmlDType::F32),
+        ("gemma3", GgmlDType::F16),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join(format!("{name}.gguf"));
+        write_gguf(name, name, &base, norms);
+        let adapter = dir(name).join("adapter");
+        let out = tmp.path().join("merged.gguf");
+        let gguf = MergeOptions {
+            gguf: Some(GgufQuant::F32),
+            ..Default::default()
+        };
+        merge_checkpoint(&base, &adapter, &out, &gguf).unwrap();
+        let reference = tmp.path().join("reference");
+        let f32 = MergeOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        merge_checkpoint(&dir(name), &adapter, &reference, &f32).unwrap();
+        let want = Checkpoint::open(&reference).unwrap();
+        let got = singlora::gguf::load_gguf(&out, DType::F32).unwrap();
+        assert_eq!(got.tensors.len(), want.names().count(), "{name}");
+        // f16 norms carry f16's rounding of 1 + w: half a unit, 2^-11, near 1
+        let f16_norms = norms == GgmlDType::F16;
+        let norm_err = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max(0).unwrap();
+            d.to_scalar::<f32>().unwrap() as f64
+        };
+        for n in want.names() {
+            let w = want.load(n, &Device::Cpu).unwrap();
+            let g = got
+                .tensors
+                .get(n)
+                .unwrap_or_else(|| panic!("{name}: no {n}"));
+            let (d, tol) = if f16_norms && w.rank() == 1 {
+                (norm_err(g, &w), 2f64.powi(-11))
+            } else {
+                (rel_diff(g, &w), 1e-6)
+            };
+            assert!(
+                d <= tol,
+                "{name} ({norms:?} norms): {n} {d:e} from the merge's"
+            );
+        }
+        let mut r = std::io::BufReader::new(std::fs::File::open(&out).unwrap());
+        let c = Content::read(&mut r).unwrap();
+        match &c.metadata["general.architecture"] {
+            G::String(a) => assert_eq!(a, name),
+            other => panic!("{name}: general.architecture {other:?}"),
+        }
+        if name == "gemma3" {
+            let stored = c
+                .tensor(&mut r, "blk.0.attn_norm.weight", &Device::Cpu)
+                .unwrap();
+            assert_eq!(stored.dtype(), GgmlDType::F32);
+            let w = want
+                .load("model.layers.0.input_layernorm.weight", &Device::Cpu)
+                .unwrap();
+            let d = norm_err(
+                &stored.dequantize(&Device::Cpu).unwrap(),
+                &(w + 1.0).unwrap(),
+            );
+            assert!(
+                d <= 2f64.powi(-11),
+                "gemma3: attn_norm stored {d:e} from 1 + w"
+            );
+        }
     }
 }

@@ -164,6 +164,7 @@ pub fn tensor_type(
         GgufQuant::Q4_0 => GgmlDType::Q4_0,
         GgufQuant::Q4KM if is_output => GgmlDType::Q6K,
         GgufQuant::Q4KM => match block {
+            Some((_, "attn_qkv")) => GgmlDType::Q5K,
             Some((i, "attn_v" | "ffn_down")) if more_bits(i, layers) => GgmlDType::Q6K,
             _ => GgmlDType::Q4K,
         },
@@ -340,18 +341,21 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
         "output_norm.weight" => (2, 0, 0),
         "output.weight" => (2, 1, 0),
         _ => {
-            const ORDER: [&str; 11] = [
+            const ORDER: [&str; 14] = [
                 "attn_norm",
+                "attn_qkv",
                 "attn_q",
                 "attn_q_norm",
                 "attn_k",
                 "attn_k_norm",
                 "attn_v",
                 "attn_output",
+                "post_attention_norm",
                 "ffn_norm",
                 "ffn_gate",
                 "ffn_up",
                 "ffn_down",
+                "post_ffw_norm",
             ];
             let (i, m) = block_of(n).unwrap_or((usize::MAX, ""));
             (
@@ -379,6 +383,10 @@ fn encode(t: &Tensor, info: &TensorInfo, m: &LlamaGguf) -> Result<Vec<u8>> {
         Some((_, "attn_q")) if m.arch.permutes_qk() => t = permute_qk(&t, m.heads)?,
         Some((_, "attn_k")) if m.arch.permutes_qk() => t = permute_qk(&t, m.kv_heads)?,
         _ => {}
+    }
+    if m.arch.norms_plus_one() && info.name.ends_with("norm.weight") {
+        // Gemma's offsets w, stored as the 1 + w llama.cpp multiplies by
+        t = (t + 1.0)?;
     }
     // candle's quantize reads the whole storage under a view, so it gets a tensor of its own
     let t = Tensor::from_vec(t.flatten_all()?.to_vec1::<f32>()?, t.dims(), &Device::Cpu)?;

@@ -191,14 +191,14 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
     let content = Content::read(&mut reader)
         .map_err(|e| Error::bad_file(path, format!("unreadable GGUF header: {e}")))?;
     let arch = match content.metadata.get("general.architecture") {
-        Some(Value::String(a)) => Arch::parse(a).filter(|a| matches!(a, Arch::Llama | Arch::Qwen3)),
+        Some(Value::String(a)) => Arch::parse(a),
         _ => None,
     }
     .ok_or_else(|| {
         Error::bad_file(
             path,
             format!(
-                "general.architecture = {:?}: GGUF export writes llama and qwen3 models only",
+                "general.architecture = {:?}: GGUF export writes llama, qwen3, gemma3 and phi3 models only",
                 content.metadata.get("general.architecture")
             ),
         )
