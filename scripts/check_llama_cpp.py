@@ -8,7 +8,8 @@ compiles llama.cpp: slow on 2 cores, so build it once outside the repository), a
         [--gemma3 gemma-3-270m-q4_k_m.gguf]
 
 For each model (a tiny LLaMA of the `example` shape, a GQA shape with K-quant-sized rows and
-linear RoPE scaling, a tiny Qwen2 with q/k/v biases and tied embeddings, a tiny Qwen3 with
+linear RoPE scaling, one with LLaMA 3.1's RoPE scaling, a tiny Qwen2 with q/k/v biases and
+tied embeddings, a tiny Qwen3 with
 heads wider than hidden / heads, and SmolLM2-135M and Gemma 3 270M from their GGUF files when
 given) it trains a SingLoRA adapter for 3 steps, then:
 - the reference: `singlora merge --dtype f32` (safetensors) run by transformers, which computes
@@ -271,6 +272,12 @@ gqa = hf_model("gqa", hidden_size=256, intermediate_size=512, num_hidden_layers=
                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
                rope_scaling={"rope_type": "linear", "factor": 2.0})
 check("gqa (8 q / 2 kv heads, linear RoPE x2)", gqa, ["f32", "f16", "q8_0", "q4_0", "q4_k_m"], CHATML)
+llama31 = hf_model("llama31", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                   rope_theta=500000.0, max_position_embeddings=131072,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+check("llama31 (LLaMA 3.1 RoPE scaling, heads of 64)", llama31, ["f32", "f16", "q8_0"], CHATML)
 qwen2 = hf_model("qwen2", family="qwen2", hidden_size=64, intermediate_size=172,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  tie_word_embeddings=True)

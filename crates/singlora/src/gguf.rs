@@ -7,8 +7,9 @@
 //! can be fine-tuned exactly like a model loaded from `config.json` + safetensors.
 //!
 //! The metadata are read as llama.cpp reads them (RoPE scaling's type defaulting to linear, the
-//! older `rope.scale_linear` key), and a `llama.*` key or a tensor this loader does not
-//! implement (YaRN, `rope_freqs`, biases, partial rotary) is refused by name, never ignored.
+//! older `rope.scale_linear` key; `rope_freqs` as the LLaMA 3.1 scaling that gives its
+//! factors), and a `llama.*` key or a tensor this loader does not implement (YaRN, other
+//! `rope_freqs`, partial rotary) is refused by name, never ignored.
 //!
 //! The other direction, files llama.cpp runs: [`write`] (the GGUF container), [`model`] (a
 //! LLaMA model: names, Q/K order, metadata, quantisation mix), [`vocab`] (a Hugging Face
@@ -718,6 +719,63 @@ fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
     }
 }
 
+/// llama.cpp's name of LLaMA 3.1's per-frequency RoPE divisors.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// config.json's `rope_scaling` for a file's `rope_freqs`: the LLaMA 3.1 scaling that gives
+/// those factors ([`crate::model::llama::Rope::from_freq_factors`]), refused where none does or
+/// where the metadata scale RoPE too.
+fn llama3_scaling<R: Read + Seek>(
+    m: &Meta,
+    content: &Content,
+    reader: &mut R,
+    dims: &Dims,
+    config: &Json,
+) -> Result<Json> {
+    use crate::model::llama::{Rope, RopeScaling};
+    if !config["rope_scaling"].is_null() {
+        return Err(Error::bad_file(
+            m.path,
+            format!(
+                "both `{}` and the metadata's RoPE scaling scale RoPE; llama.cpp would apply both",
+                ROPE_FREQS
+            ),
+        ));
+    }
+    let bad =
+        |e: candle_core::Error| Error::bad_file(m.path, format!("tensor `{ROPE_FREQS}`: {e}"));
+    let factors: Vec<f64> = content
+        .tensor(reader, ROPE_FREQS, &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
+        .map_err(bad)?;
+    let theta = config["rope_theta"].as_f64().unwrap_or(10000.0);
+    match Rope::from_freq_factors(theta, dims.head_dim, &factors) {
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => Ok(json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings as u64,
+        })),
+        Some(_) => Ok(Json::Null),
+        None => Err(Error::bad_file(
+            m.path,
+            format!(
+                "tensor `{ROPE_FREQS}` holds {} RoPE factors that no LLaMA 3.1 scaling gives \
+                 (with head size {} and base {theta}); singlora does not implement others",
+                factors.len(),
+                dims.head_dim
+            ),
+        )),
+    }
+}
+
 fn build_config(m: &Meta, d: &Dims, tied: bool, attn_bias: bool, dtype: DType) -> Result<Json> {
     refuse_unknown_keys(m)?;
     let eps = m
@@ -1391,18 +1449,20 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
     let mut unknown: Vec<&str> = vec![];
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
+    let mut rope_freqs = false;
     for name in names {
         match hf_name_in(arch, name) {
             Some(hf) => mapped.push((name.as_str(), hf)),
             None if is_ignorable(name) => {}
+            // LLaMA 3.1's RoPE scaling, as llama.cpp stores it: read into the config below
+            None if name == ROPE_FREQS && arch == Arch::Llama => rope_freqs = true,
             None => unknown.push(name.as_str()),
         }
     }
     if !unknown.is_empty() {
         let hint = if unknown.iter().any(|n| n.starts_with("rope_freqs")) {
             " (`rope_freqs` holds per-frequency RoPE factors, LLaMA 3.1's scaling as llama.cpp \
-             stores it, which singlora does not implement for GGUF files; load the Hugging Face \
-             checkpoint instead, whose config.json llama3 scaling is implemented)"
+             stores it, which singlora reads for the `llama` architecture only)"
         } else {
             ""
         };
@@ -1471,7 +1531,10 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
     let attn_bias = mapped
         .iter()
         .any(|(_, hf)| hf.contains(".self_attn.") && hf.ends_with(".bias"));
-    let config = build_config(&m, &dims, tied, attn_bias, dtype)?;
+    let mut config = build_config(&m, &dims, tied, attn_bias, dtype)?;
+    if rope_freqs {
+        config["rope_scaling"] = llama3_scaling(&m, &content, &mut reader, &dims, &config)?;
+    }
     let mut tensors = BTreeMap::new();
     for (name, hf) in mapped {
         let bad = |e: candle_core::Error| Error::bad_file(path, format!("tensor `{name}`: {e}"));
@@ -1880,11 +1943,12 @@ mod tests {
         assert_eq!(m.tokenizer.encode("ab", true).unwrap().get_ids(), &[1, 8]);
         assert_eq!(m.tokenizer.encode("ab", false).unwrap().get_ids(), &[8]);
 
+        // RoPE factors no LLaMA 3.1 scaling gives (four zeros)
         let p = dir.path().join("rope.gguf");
         write_tiny(&p, "llama", Some("rope_freqs.weight"), false);
         let e = load_gguf(&p, DType::F32).unwrap_err().to_string();
         assert!(
-            e.contains("rope.gguf") && e.contains("rope_freqs.weight"),
+            e.contains("rope.gguf") && e.contains("rope_freqs.weight") && e.contains("LLaMA 3.1"),
             "{e}"
         );
 

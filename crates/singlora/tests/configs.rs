@@ -486,3 +486,54 @@ fn bert_tensors_the_config_gives_no_place_are_refused() {
     let e = err_text(load(&tensors));
     assert!(e.contains("crossattention"), "{e}");
 }
+
+/// llama.cpp's `rope_freqs` (per-frequency divisors, stored in f32) and back: Meta's LLaMA 3.1
+/// and 3.2 settings, a small head with other parameters, no scaling; factors no LLaMA 3.1
+/// scaling gives are not taken for one.
+#[test]
+fn llama3_scaling_is_recovered_from_llama_cpps_rope_freqs() {
+    use singlora::model::llama::{Rope, RopeScaling};
+    let llama3 = |factor, low, high, old| RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: old,
+    };
+    for (theta, head_dim, scaling) in [
+        (500000.0, 128, llama3(8.0, 1.0, 4.0, 8192.0)),
+        (500000.0, 64, llama3(32.0, 1.0, 4.0, 8192.0)),
+        (500000.0, 64, llama3(4.0, 1.0, 2.0, 2048.0)),
+    ] {
+        let rope = Rope {
+            theta,
+            scaling: scaling.clone(),
+        };
+        let factors: Vec<f64> = rope
+            .freq_factors(head_dim)
+            .unwrap()
+            .iter()
+            .map(|f| *f as f32 as f64)
+            .collect();
+        assert!(factors.contains(&1.0) && factors.iter().any(|f| *f > 1.0));
+        assert_eq!(
+            Rope::from_freq_factors(theta, head_dim, &factors),
+            Some(scaling.clone()),
+            "{scaling:?}"
+        );
+    }
+    assert_eq!(
+        Rope::from_freq_factors(1e4, 16, &[1.0; 8]),
+        Some(RopeScaling::None)
+    );
+    // a uniform factor (linear scaling), a rising one, the wrong length: not LLaMA 3.1's
+    assert_eq!(Rope::from_freq_factors(5e5, 16, &[2.0; 8]), None);
+    let rising: Vec<f64> = (0..8).map(|i| 1.0 + i as f64).collect();
+    assert_eq!(Rope::from_freq_factors(5e5, 16, &rising), None);
+    assert_eq!(Rope::from_freq_factors(5e5, 16, &[1.0; 7]), None);
+    // other rope scalings have no rope_freqs
+    let linear = Rope {
+        theta: 1e4,
+        scaling: RopeScaling::Linear { factor: 2.0 },
+    };
+    assert_eq!(linear.freq_factors(16), None);
+}

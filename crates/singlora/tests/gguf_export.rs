@@ -922,3 +922,69 @@ fn qwen3_is_written_as_llama_cpps_qwen3() {
     );
     assert!(!s.root.join("windowed.gguf").exists());
 }
+
+/// LLaMA 3.1's RoPE scaling goes into the file as llama.cpp keeps it, the `rope_freqs` tensor of
+/// per-frequency divisors; our reader turns it back into the same config and logits, and a
+/// merge onto that GGUF file keeps the tensor.
+#[test]
+fn llama3_rope_scaling_is_written_as_rope_freqs() {
+    use singlora::model::llama::{Rope, RopeScaling};
+    let s = setup(SHAPE, AdapterKind::SingLora);
+    let scaling = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let mut cfg = SHAPE.config();
+    cfg["rope_theta"] = serde_json::json!(500000.0);
+    cfg["rope_scaling"] = scaling.clone();
+    write_checkpoint(&s.base, &cfg, &SHAPE.tensors(3, DType::F32).unwrap(), 1).unwrap();
+    let out = s.root.join("llama3.gguf");
+    merge_checkpoint(&s.base, &s.adapter, &out, &gguf_opts(GgufQuant::F32)).unwrap();
+
+    let (c, mut r) = read_content(&out);
+    let info = &c.tensor_infos["rope_freqs.weight"];
+    assert_eq!(info.ggml_dtype, GgmlDType::F32);
+    let stored = c
+        .tensor(&mut r, "rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = Rope {
+        theta: 500000.0,
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        },
+    }
+    .freq_factors(SHAPE.hidden / SHAPE.heads)
+    .unwrap();
+    assert_eq!(stored.len(), want.len());
+    for (g, w) in stored.iter().zip(&want) {
+        assert_eq!(*g, *w as f32);
+    }
+    assert!(stored[0] == 1.0 && stored[stored.len() - 1] == 8.0);
+    assert!(!c.metadata.contains_key("llama.rope.scaling.type"));
+
+    let g = load_gguf(&out, DType::F32).unwrap();
+    assert_eq!(g.config["rope_scaling"], scaling);
+    let ids = [5u32, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12];
+    let merged = s.root.join("merged-f32");
+    merged_f32(&s);
+    let (a, b) = (logits(&out, &ids), logits(&merged, &ids));
+    assert!(max_abs_diff(&a, &b) <= 1e-5 * max_abs(&b), "logits differ");
+
+    // onto the GGUF file: the factors kept as they are
+    let again = s.root.join("again.gguf");
+    merge_checkpoint(&out, &s.adapter, &again, &gguf_opts(GgufQuant::F32)).unwrap();
+    let (c2, mut r2) = read_content(&again);
+    let kept = c2
+        .tensor(&mut r2, "rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(kept, stored);
+}

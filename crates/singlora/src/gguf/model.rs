@@ -33,7 +33,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::permute_qk;
 use super::write::{write_gguf_file, TensorInfo};
-pub use super::{gguf_name, gguf_name_in, Arch};
+pub use super::{gguf_name, gguf_name_in, Arch, ROPE_FREQS};
 use crate::error::{Error, Result};
 use crate::model::llama::{max_positions, LlamaConfig, Rope, RopeScaling};
 use crate::model::weights::ConfigReader;
@@ -186,11 +186,7 @@ fn u32_of(what: &str, n: usize) -> Result<Value> {
 /// already read into `cfg`), named `name`, and the architecture llama.cpp runs it as
 /// ([`Arch::for_export`]). Other model types (whose extra norms, activations or RoPE layouts
 /// singlora does not write yet) and LLaMA 3.1's RoPE scaling are refused.
-pub fn hf_llama_metadata(
-    c: &ConfigReader,
-    cfg: &LlamaConfig,
-    name: &str,
-) -> Result<(Arch, Vec<(String, Value)>)> {
+pub fn hf_llama_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Result<HfMetadata> {
     let model_type = c.str_or("model_type", "llama")?;
     let arch = Arch::for_export(model_type).ok_or_else(|| {
         Error::bad_field(
@@ -257,14 +253,34 @@ pub fn hf_llama_metadata(
             md.push((key("rope.scaling.type"), string("linear")));
             md.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
         }
+        // llama.cpp keeps LLaMA 3.1's scaling as per-frequency factors, the `rope_freqs` tensor
+        RopeScaling::Llama3 { .. } if arch == Arch::Llama => {}
         RopeScaling::Llama3 { .. } => {
-            return Err(Error::msg(format!(
-                "{}: LLaMA 3.1's RoPE scaling (rope_type llama3) is stored by llama.cpp as a `rope_freqs` tensor, which singlora does not write yet",
-                c.path.display()
-            )))
+            return Err(Error::bad_field(
+                c.path,
+                "rope_scaling",
+                format!("LLaMA 3.1's scaling (rope_type llama3) on a {model_type} model: llama.cpp's {} does not read it", arch.name()),
+            ))
         }
     }
-    Ok((arch, md))
+    let rope_freqs = rope
+        .freq_factors(cfg.head_dim)
+        .map(|f| f.into_iter().map(|x| x as f32).collect());
+    Ok(HfMetadata {
+        arch,
+        metadata: md,
+        rope_freqs,
+    })
+}
+
+/// What a Hugging Face config.json gives a GGUF file.
+pub struct HfMetadata {
+    /// The architecture llama.cpp runs the model as.
+    pub arch: Arch,
+    /// `general.*` and `<arch>.*`.
+    pub metadata: Vec<(String, Value)>,
+    /// LLaMA 3.1's RoPE scaling as llama.cpp's `rope_freqs` tensor.
+    pub rope_freqs: Option<Vec<f32>>,
 }
 
 /// The Hugging Face model types GGUF export writes, for messages.
@@ -275,6 +291,8 @@ pub const EXPORT_FAMILIES: &str = "LLaMA-architecture (llama, mistral, qwen2, Sm
 pub struct LlamaGguf {
     /// The architecture llama.cpp runs it as: its tensor names and Q/K row order.
     pub arch: Arch,
+    /// LLaMA 3.1's RoPE factors, written as the `rope_freqs` tensor.
+    pub rope_freqs: Option<Vec<f32>>,
     /// Every metadata key but the type-dependent ones (`general.file_type`,
     /// `general.quantization_version`), which [`write_llama_gguf`] adds.
     pub metadata: Vec<(String, Value)>,
@@ -336,8 +354,19 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
             },
         ));
     }
+    if let Some(f) = &m.rope_freqs {
+        out.push((
+            ROPE_FREQS.to_string(),
+            TensorInfo {
+                name: ROPE_FREQS.to_string(),
+                shape: vec![f.len()],
+                dtype: GgmlDType::F32,
+            },
+        ));
+    }
     let rank = |n: &str| match n {
-        "token_embd.weight" => (0, 0, 0),
+        ROPE_FREQS => (0, 0, 0),
+        "token_embd.weight" => (0, 1, 0),
         "output_norm.weight" => (2, 0, 0),
         "output.weight" => (2, 1, 0),
         _ => {
@@ -442,6 +471,9 @@ pub fn write_llama_gguf(
     }
     md.push(("general.quantization_version".into(), Value::U32(2)));
     let cleaned = write_gguf_file(out, overwrite, inputs, &md, &infos, |i, info| {
+        if let (ROPE_FREQS, Some(f)) = (planned[i].0.as_str(), &m.rope_freqs) {
+            return Ok(f.iter().flat_map(|x| x.to_le_bytes()).collect());
+        }
         match load(&planned[i].0, info)? {
             TensorData::Raw(bytes) => Ok(bytes),
             TensorData::Values(t) => encode(&t, info, m),

@@ -229,6 +229,93 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// llama.cpp's `rope_freqs`: per frequency i < d/2, the divisor of θ^(−2i/d) that LLaMA
+    /// 3.1's scaling applies (1 for the high frequencies, `factor` for the low ones); None for
+    /// other scalings.
+    pub fn freq_factors(&self, head_dim: usize) -> Option<Vec<f64>> {
+        if !matches!(self.scaling, RopeScaling::Llama3 { .. }) {
+            return None;
+        }
+        let plain = Rope {
+            theta: self.theta,
+            scaling: RopeScaling::None,
+        }
+        .inv_freq(head_dim);
+        let scaled = self.inv_freq(head_dim);
+        Some(plain.iter().zip(scaled).map(|(p, s)| p / s).collect())
+    }
+
+    /// The scaling whose [`Rope::freq_factors`] at base θ are `factors` (llama.cpp's
+    /// `rope_freqs`, stored in f32): LLaMA 3.1's, its parameters recovered from the factors
+    /// between the two plateaus (with Meta's low_freq_factor 1; the factors fix only the ratios
+    /// of the others to it), or Meta's own (1, 4, 8192) where too few factors lie between; no
+    /// scaling for factors of 1. None when no LLaMA 3.1 scaling gives these factors.
+    pub fn from_freq_factors(theta: f64, head_dim: usize, factors: &[f64]) -> Option<RopeScaling> {
+        if factors.len() != head_dim / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return None;
+        }
+        let factor = factors.iter().cloned().fold(f64::MIN, f64::max);
+        if factors.iter().all(|f| (f - 1.0).abs() <= 1e-6) {
+            return Some(RopeScaling::None);
+        }
+        if factor <= 1.0 {
+            return None;
+        }
+        // between the plateaus, smooth = (old / wavelen − low) / (high − low) is linear in
+        // 1 / wavelen: smooth = a / wavelen − b with a = old / (high − low), b = low / (high − low)
+        let wavelen =
+            |i: usize| 2.0 * std::f64::consts::PI * theta.powf(2.0 * i as f64 / head_dim as f64);
+        let tol = 1e-5;
+        let mid: Vec<(f64, f64)> = factors
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f > 1.0 + tol && **f < factor * (1.0 - tol))
+            .map(|(i, f)| {
+                (
+                    1.0 / wavelen(i),
+                    (1.0 / f - 1.0 / factor) / (1.0 - 1.0 / factor),
+                )
+            })
+            .collect();
+        let mut candidates = vec![(1.0, 4.0, 8192.0)];
+        if mid.len() >= 2 {
+            let n = mid.len() as f64;
+            let (mx, my) = (
+                mid.iter().map(|p| p.0).sum::<f64>() / n,
+                mid.iter().map(|p| p.1).sum::<f64>() / n,
+            );
+            let sxy: f64 = mid.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+            let sxx: f64 = mid.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+            let a = sxy / sxx;
+            let b = a * mx - my;
+            if a > 0.0 && b > 0.0 {
+                // Meta's parameters are whole numbers; the stored factors are f32
+                let high = ((1.0 + 1.0 / b) * 1e3).round() / 1e3;
+                let old = (a / b).round();
+                candidates.insert(0, (1.0, high, old));
+            }
+        }
+        candidates.into_iter().find_map(|(low, high, old)| {
+            let scaling = RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            };
+            let got = Rope {
+                theta,
+                scaling: scaling.clone(),
+            }
+            .freq_factors(head_dim)?;
+            got.iter()
+                .zip(factors)
+                .all(|(g, f)| (g - f).abs() <= 1e-5 * f)
+                .then_some(scaling)
+        })
+    }
+}
+
 /// RoPE's base from whichever of `fields` are set, which must agree (the first set one is
 /// named in a refusal); `default` where none is.
 fn rope_base(c: &ConfigReader, fields: &[&str], default: f64) -> Result<f64> {
