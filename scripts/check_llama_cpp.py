@@ -8,7 +8,8 @@ compiles llama.cpp: slow on 2 cores, so build it once outside the repository), a
         [--gemma3 gemma-3-270m-q4_k_m.gguf]
 
 For each model (a tiny LLaMA of the `example` shape, a GQA shape with K-quant-sized rows and
-linear RoPE scaling, one with LLaMA 3.1's RoPE scaling, a tiny Qwen2 with q/k/v biases and
+linear RoPE scaling, one with LLaMA 3.1's RoPE scaling, one with a LLaMA 2-style
+(SentencePiece, byte-fallback) vocabulary, a tiny Qwen2 with q/k/v biases and
 tied embeddings, a tiny Qwen3 with
 heads wider than hidden / heads, and SmolLM2-135M and Gemma 3 270M from their GGUF files when
 given) it trains a SingLoRA adapter for 3 steps, then:
@@ -36,7 +37,7 @@ import tempfile
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import llama_cpp
 import llama_cpp.llama_cpp as C
@@ -114,10 +115,27 @@ def bpe_tokenizer(d):
     return tok.get_vocab_size()
 
 
-def hf_model(name, family="llama", **shape):
+def spm_tokenizer(d):
+    """A LLaMA 2-style tokenizer.json: SentencePiece pieces (a ▁ before the text and for every
+    space), byte fallback, <unk> <s> </s> and the 256 byte pieces first."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([TEXT * 4, "hello world " * 20], trainer)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+                   "chat_template": CHATML, "tokenizer_class": "LlamaTokenizerFast"}, f)
+    return tok.get_vocab_size()
+
+
+def hf_model(name, family="llama", spm=False, **shape):
     d = os.path.join(tmp, name, "base")
     os.makedirs(d, exist_ok=True)
-    vocab = bpe_tokenizer(d)
+    vocab = spm_tokenizer(d) if spm else bpe_tokenizer(d)
     config, model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -222,6 +240,15 @@ def check(name, base, quants, template, bos=False, lr="5e-3", tol=None):
         if q == quants[0]:
             toks = llm.tokenize(TEXT.encode(), add_bos=bos, special=False)
             report(name, "tokenizer", ok=toks == ids, note=f"{len(ids)} ids, llama.cpp's = HF's")
+            # characters the toy vocabularies lack, split by tokenizer.json itself (as singlora
+            # does; transformers 5's LlamaTokenizer rebuilds a LLaMA 2 normalizer as Metaspace,
+            # which splits leading spaces otherwise)
+            odd = "  Ωmega ÿes 1234 — “quoted” 日本\n\ttab"
+            raw = Tokenizer.from_file(os.path.join(ref_dir, "tokenizer.json"))
+            want_odd = raw.encode(odd, add_special_tokens=False).ids
+            got_odd = llm.tokenize(odd.encode(), add_bos=False, special=False)
+            report(name, "tokenizer, unseen characters", ok=got_odd == want_odd,
+                   note=f"{len(want_odd)} ids, llama.cpp's = HF's")
             tmpl = llm.metadata.get("tokenizer.chat_template")
             if template is None:  # a base model without a chat format
                 report(name, "no chat template, as the source", ok=tmpl is None)
@@ -278,6 +305,9 @@ llama31 = hf_model("llama31", hidden_size=256, intermediate_size=512, num_hidden
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 check("llama31 (LLaMA 3.1 RoPE scaling, heads of 64)", llama31, ["f32", "f16", "q8_0"], CHATML)
+llama2 = hf_model("llama2", spm=True, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+check("llama2 (SentencePiece-style vocabulary with byte fallback)", llama2, ["f32", "q8_0"], CHATML)
 qwen2 = hf_model("qwen2", family="qwen2", hidden_size=64, intermediate_size=172,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  tie_word_embeddings=True)

@@ -731,12 +731,12 @@ fn refusals_name_the_problem() {
 
     // an architecture GGUF export does not write: refused, for the model and the adapter
     let mut cfg = SHAPE.config();
-    cfg["model_type"] = serde_json::json!("gemma3_text");
+    cfg["model_type"] = serde_json::json!("olmo2");
     std::fs::write(s.base.join("config.json"), cfg.to_string()).unwrap();
     let e = merge_checkpoint(&s.base, &s.adapter, &s.root.join("q.gguf"), &opts)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("gemma3_text"), "{e}");
+    assert!(e.contains("olmo2"), "{e}");
     let e = singlora::gguf::lora::export_lora_gguf(
         &s.adapter,
         &s.root.join("q-adapter.gguf"),
@@ -745,7 +745,7 @@ fn refusals_name_the_problem() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("gemma3_text"), "{e}");
+    assert!(e.contains("olmo2"), "{e}");
 }
 
 /// Qwen2 (q/k/v biases) is written as llama.cpp's `llama` with the biases: Q's and K's rows
@@ -987,4 +987,149 @@ fn llama3_rope_scaling_is_written_as_rope_freqs() {
         .to_vec1::<f32>()
         .unwrap();
     assert_eq!(kept, stored);
+}
+
+/// A LLaMA 2-style tokenizer.json: SentencePiece pieces (▁ for spaces, one put before the
+/// text), byte fallback, `<unk>`, `<s>`, `</s>`, the 256 byte pieces, then 13 pieces and their
+/// merges: 272 tokens, SHAPE's vocabulary.
+fn write_spm_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    let mut add = |t: &str| {
+        let id = vocab.len();
+        vocab.insert(t.to_string(), serde_json::json!(id));
+    };
+    for t in ["<unk>", "<s>", "</s>"] {
+        add(t);
+    }
+    for b in 0..256 {
+        add(&format!("<0x{b:02X}>"));
+    }
+    for t in [
+        "▁", "t", "h", "e", "a", "n", "i", "▁t", "he", "▁the", "an", "▁a", "in",
+    ] {
+        add(t);
+    }
+    let special = |id: usize, t: &str| {
+        serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab,
+            "merges": [["▁", "t"], ["h", "e"], ["▁t", "he"], ["a", "n"], ["▁", "a"], ["i", "n"]]}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let tc = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": true, "add_eos_token": false});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}
+
+/// A byte-fallback (LLaMA 2-style) vocabulary is written as llama.cpp's SentencePiece
+/// tokenizer: pieces, scores in id order, byte / unknown / control types, the space prefix;
+/// read back, it splits text into the Hugging Face tokenizer's ids (bytes for what no piece
+/// covers). Other normalizers are refused by name.
+#[test]
+fn llama2_vocabulary_is_written_as_llama_cpps_sentencepiece() {
+    let s = setup(SHAPE, AdapterKind::SingLora);
+    std::fs::remove_file(s.base.join("tokenizer_config.json")).ok();
+    write_spm_tokenizer(&s.base);
+    let out = s.root.join("spm.gguf");
+    merge_checkpoint(&s.base, &s.adapter, &out, &gguf_opts(GgufQuant::F32)).unwrap();
+    let (c, _) = read_content(&out);
+    let md = |k: &str| c.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
+    assert_eq!(
+        format!("{:?}", md("tokenizer.ggml.model")),
+        "String(\"llama\")"
+    );
+    assert_eq!(
+        format!("{:?}", md("tokenizer.ggml.add_space_prefix")),
+        "Bool(true)"
+    );
+    assert_eq!(format!("{:?}", md("tokenizer.ggml.bos_token_id")), "U32(1)");
+    assert_eq!(
+        format!("{:?}", md("tokenizer.ggml.unknown_token_id")),
+        "U32(0)"
+    );
+    assert!(!c.metadata.contains_key("tokenizer.ggml.merges"));
+    let (Value::Array(types), Value::Array(scores)) =
+        (md("tokenizer.ggml.token_type"), md("tokenizer.ggml.scores"))
+    else {
+        panic!("types and scores are arrays")
+    };
+    let ty = |i: usize| format!("{:?}", types[i]);
+    assert_eq!(ty(0), "I32(2)"); // unknown
+    assert_eq!(ty(1), "I32(3)"); // control
+    assert_eq!(ty(3 + 0x41), "I32(6)"); // <0x41>: byte
+    assert_eq!(ty(268), "I32(1)"); // ▁the: normal
+                                   // a normal piece outranks every later one
+    let score = |i: usize| match scores[i] {
+        Value::F32(x) => x,
+        _ => panic!("f32 scores"),
+    };
+    assert!((259..271).all(|i| score(i) > score(i + 1)));
+
+    let g = load_gguf(&out, DType::F32).unwrap();
+    let hf = tokenizers::Tokenizer::from_file(s.base.join("tokenizer.json")).unwrap();
+    for text in [
+        "the ant in the inn",
+        "a then the",
+        "ÿé 12 Hat",
+        "  two  spaces",
+    ] {
+        let a = hf.encode(text, false).unwrap();
+        let b = g.tokenizer.encode(text, false).unwrap();
+        assert_eq!(a.get_ids(), b.get_ids(), "{text}");
+    }
+    assert_eq!(
+        hf.encode("the", false).unwrap().get_tokens(),
+        ["▁the"],
+        "the fixture merges"
+    );
+
+    // spaces split otherwise (a Metaspace that splits): refused, naming the field
+    let p = s.base.join("tokenizer.json");
+    let mut tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    tj["normalizer"] = serde_json::Value::Null;
+    tj["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁",
+        "prepend_scheme": "always", "split": true});
+    std::fs::write(&p, tj.to_string()).unwrap();
+    let e = merge_checkpoint(
+        &s.base,
+        &s.adapter,
+        &s.root.join("x.gguf"),
+        &gguf_opts(GgufQuant::F32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("normalizer"),
+        "{e}"
+    );
+    // ... and one that does not: written, with the prefix
+    tj["pre_tokenizer"]["split"] = serde_json::json!(false);
+    std::fs::write(&p, tj.to_string()).unwrap();
+    merge_checkpoint(
+        &s.base,
+        &s.adapter,
+        &s.root.join("y.gguf"),
+        &gguf_opts(GgufQuant::F32),
+    )
+    .unwrap();
 }

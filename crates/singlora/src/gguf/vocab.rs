@@ -1,4 +1,4 @@
-//! A Hugging Face byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json) as the
+//! A Hugging Face BPE tokenizer (tokenizer.json, tokenizer_config.json) as the
 //! `tokenizer.*` metadata llama.cpp reads: the token strings by id, their types, the merges,
 //! the pre-tokenizer's name, the special token ids, whether a BOS/EOS is added, and the chat
 //! template.
@@ -10,8 +10,11 @@
 //! - `tokenizer.ggml.pre` names the text splitting before BPE; it is read off the pre-tokenizer
 //!   (GPT-2's byte-level regex, SmolLM's digits-then-GPT-2, LLaMA 3's and Qwen2's regexes).
 //!   Any other is refused: llama.cpp would split text differently from the model's training.
-//! - SentencePiece-style vocabularies (BPE with byte fallback, Unigram) need the piece scores
-//!   of tokenizer.model, which tokenizer.json does not carry; they are refused by name.
+//! - A BPE vocabulary with byte fallback (LLaMA 2's, Mistral v0.1's, TinyLlama's: SentencePiece
+//!   pieces with ▁ for spaces) is written as llama.cpp's SentencePiece tokenizer (`llama`):
+//!   the pieces by id, scores that rank them in id order (SentencePiece's own order, which its
+//!   merges follow), `<0xNN>` pieces as bytes, the unknown piece, and `add_space_prefix` from
+//!   the normalizer's or Metaspace's prefix. Unigram vocabularies are refused.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,12 +27,62 @@ use crate::error::{Error, Result};
 
 /// llama.cpp's token types.
 const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const BYTE: i32 = 6;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
 
 /// Qwen2's split (single digits, newlines kept apart).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A byte-fallback piece, `<0x41>`.
+fn is_byte_piece(t: &str) -> bool {
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether a SentencePiece-style tokenizer.json puts a ▁ before the text (llama.cpp's
+/// `add_space_prefix`): spaces must become ▁ either by the normalizer (Replace, after an
+/// optional Prepend) with no pre-tokenizer, or by a Metaspace pre-tokenizer that does not split;
+/// anything else would split text differently in llama.cpp.
+fn spm_space_prefix(path: &Path, tj: &Json) -> Result<bool> {
+    let ty = |v: &Json| v["type"].as_str().unwrap_or("").to_string();
+    let is_replace = |v: &Json| {
+        ty(v) == "Replace" && v["pattern"]["String"] == " " && v["content"] == "\u{2581}"
+    };
+    let is_prepend = |v: &Json| ty(v) == "Prepend" && v["prepend"] == "\u{2581}";
+    let (norm, pre) = (&tj["normalizer"], &tj["pre_tokenizer"]);
+    let by_normalizer = if pre.is_null() {
+        match ty(norm).as_str() {
+            "Replace" if is_replace(norm) => Some(false),
+            "Sequence" => match norm["normalizers"].as_array().map(Vec::as_slice) {
+                Some([p, r]) if is_prepend(p) && is_replace(r) => Some(true),
+                Some([r]) if is_replace(r) => Some(false),
+                _ => None,
+            },
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let by_metaspace = (norm.is_null()
+        && ty(pre) == "Metaspace"
+        && pre["replacement"] == "\u{2581}"
+        && pre["split"].as_bool() == Some(false))
+    .then(|| pre["prepend_scheme"].as_str() != Some("never"));
+    by_normalizer.or(by_metaspace).ok_or_else(|| {
+        Error::bad_field(
+            path,
+            "normalizer",
+            format!(
+                "{norm} with pre-tokenizer {pre}: a byte-fallback vocabulary is written as llama.cpp's SentencePiece tokenizer, which turns spaces into ▁ (after one put before the text, or not) and nothing else"
+            ),
+        )
+    })
+}
 
 fn string(s: impl Into<String>) -> Value {
     Value::String(s.into())
@@ -58,17 +111,27 @@ pub fn hf_tokenizer_metadata(
     };
     let model = &tj["model"];
     let kind = model["type"].as_str().unwrap_or("BPE");
-    if kind != "BPE" || model["byte_fallback"].as_bool() == Some(true) {
+    if kind != "BPE" {
         return Err(Error::bad_field(
             &tj_path,
             "model",
             format!(
-                "is a SentencePiece-style vocabulary ({kind}{}); GGUF export writes byte-level BPE vocabularies (GPT-2 style: LLaMA 3, SmolLM, Qwen2) only",
-                if kind == "BPE" { " with byte_fallback" } else { "" }
+                "is a {kind} vocabulary; GGUF export writes BPE vocabularies (byte-level as LLaMA 3, SmolLM and Qwen2's, or with byte fallback as LLaMA 2's) only"
             ),
         ));
     }
-    let pre = pre_name(&tj_path, &tj["pre_tokenizer"])?;
+    // LLaMA 2's kind: SentencePiece pieces (spaces as ▁) with byte fallback, llama.cpp's `llama`
+    // tokenizer; otherwise byte-level BPE, its `gpt2`
+    let spm = if model["byte_fallback"].as_bool() == Some(true) {
+        Some(spm_space_prefix(&tj_path, &tj)?)
+    } else {
+        None
+    };
+    let pre = match spm {
+        Some(_) => "default",
+        None => pre_name(&tj_path, &tj["pre_tokenizer"])?,
+    };
+    let unk = model["unk_token"].as_str();
 
     // id → (token, type)
     let mut by_id: BTreeMap<usize, (String, i32)> = BTreeMap::new();
@@ -83,7 +146,12 @@ pub fn hf_tokenizer_metadata(
                 format!("id of {tok:?} is not an integer"),
             )
         })? as usize;
-        by_id.insert(id, (tok.clone(), NORMAL));
+        let ty = match spm {
+            Some(_) if is_byte_piece(tok) => BYTE,
+            Some(_) if Some(tok.as_str()) == unk => UNKNOWN,
+            _ => NORMAL,
+        };
+        by_id.insert(id, (tok.clone(), ty));
     }
     for (i, added) in tj["added_tokens"]
         .as_array()
@@ -98,10 +166,11 @@ pub fn hf_tokenizer_metadata(
                 "needs an integer `id` and a string `content`",
             ));
         };
-        let ty = if added["special"].as_bool() == Some(true) {
-            CONTROL
-        } else {
-            USER_DEFINED
+        let ty = match by_id.get(&(id as usize)) {
+            // a vocabulary piece also listed as added keeps its kind (LLaMA 2's bytes, <unk>)
+            Some((t, ty @ (BYTE | UNKNOWN))) if t == content => *ty,
+            _ if added["special"].as_bool() == Some(true) => CONTROL,
+            _ => USER_DEFINED,
         };
         by_id.insert(id as usize, (content.to_string(), ty));
     }
@@ -131,6 +200,36 @@ pub fn hf_tokenizer_metadata(
                 tj_path.display()
             )));
         }
+    }
+
+    if let Some(prefix) = spm {
+        // llama.cpp merges the pair whose piece scores highest: the pieces' order, as
+        // SentencePiece scores them
+        let scores = types
+            .iter()
+            .enumerate()
+            .map(|(id, ty)| Value::F32(if *ty == NORMAL { -(id as f32) } else { 0.0 }))
+            .collect();
+        let mut md: Vec<(String, Value)> = vec![
+            ("tokenizer.ggml.model".into(), string("llama")),
+            ("tokenizer.ggml.pre".into(), string(pre)),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(tokens.iter().map(|t| string(t.clone())).collect()),
+            ),
+            ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            (
+                "tokenizer.ggml.add_space_prefix".into(),
+                Value::Bool(prefix),
+            ),
+        ];
+        md.extend(special_ids(config, tc.as_ref(), &ids, vocab, &tj));
+        md.extend(chat_templates(dir, &tc_path, tc.as_ref())?);
+        return Ok(md);
     }
 
     let mut merges = vec![];
@@ -167,8 +266,24 @@ pub fn hf_tokenizer_metadata(
         ("tokenizer.ggml.merges".into(), Value::Array(merges)),
     ];
 
+    md.extend(special_ids(config, tc.as_ref(), &ids, vocab, &tj));
+    md.extend(chat_templates(dir, &tc_path, tc.as_ref())?);
+    Ok(md)
+}
+
+/// The special token ids (BOS, EOS, unknown, padding; from tokenizer_config.json's tokens, else
+/// config.json's ids) and whether a BOS and an EOS are added (tokenizer_config.json's flags,
+/// else the post-processor's template).
+fn special_ids(
+    config: &Json,
+    tc: Option<&Json>,
+    ids: &BTreeMap<&str, usize>,
+    vocab: usize,
+    tj: &Json,
+) -> Vec<(String, Value)> {
+    let mut md = vec![];
     let token_id = |field: &str| -> Option<usize> {
-        let t = tc.as_ref()?.get(field)?;
+        let t = tc?.get(field)?;
         let s = t.as_str().or_else(|| t.get("content")?.as_str())?;
         ids.get(s).copied()
     };
@@ -190,7 +305,7 @@ pub fn hf_tokenizer_metadata(
         }
     }
     let (bos_added, eos_added) = post_processor_adds(&tj["post_processor"]);
-    let flag = |field: &str| tc.as_ref().and_then(|c| c.get(field)?.as_bool());
+    let flag = |field: &str| tc.and_then(|c| c.get(field)?.as_bool());
     md.push((
         "tokenizer.ggml.add_bos_token".into(),
         Value::Bool(flag("add_bos_token").unwrap_or(bos_added)),
@@ -199,8 +314,7 @@ pub fn hf_tokenizer_metadata(
         "tokenizer.ggml.add_eos_token".into(),
         Value::Bool(flag("add_eos_token").unwrap_or(eos_added)),
     ));
-    md.extend(chat_templates(dir, &tc_path, tc.as_ref())?);
-    Ok(md)
+    md
 }
 
 /// llama.cpp's name for the pre-tokenizer of tokenizer.json.
