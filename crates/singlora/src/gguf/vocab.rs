@@ -514,18 +514,28 @@ mod tests {
     }
 
     #[test]
-    fn sentencepiece_vocabularies_are_refused() {
+    fn unigram_and_unknown_space_handling_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let tj = json!({"model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
-                        "pre_tokenizer": {"type": "Metaspace"}});
-        std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        let write = |tj: serde_json::Value| {
+            std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap()
+        };
+        // byte fallback, but spaces split by a Metaspace that splits words
+        write(
+            json!({"model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
+                     "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "split": true}}),
+        );
         let e = hf_tokenizer_metadata(dir.path(), &json!({}), 10)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("SentencePiece") && e.contains("byte_fallback"),
+            e.contains("tokenizer.json") && e.contains("normalizer") && e.contains('\u{2581}'),
             "{e}"
         );
+        write(json!({"model": {"type": "Unigram", "vocab": []}}));
+        let e = hf_tokenizer_metadata(dir.path(), &json!({}), 10)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Unigram"), "{e}");
         let e = hf_tokenizer_metadata(&dir.path().join("none"), &json!({}), 10)
             .unwrap_err()
             .to_string();
