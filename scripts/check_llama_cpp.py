@@ -11,7 +11,7 @@ For each model (a tiny LLaMA of the `example` shape, a GQA shape with K-quant-si
 linear RoPE scaling, one with LLaMA 3.1's RoPE scaling, one with a LLaMA 2-style
 (SentencePiece, byte-fallback) vocabulary, a tiny Qwen2 with q/k/v biases and
 tied embeddings, a tiny Qwen3 with
-heads wider than hidden / heads, and SmolLM2-135M and Gemma 3 270M from their GGUF files when
+heads wider than hidden / heads, a tiny Gemma 3 and a tiny Phi-3, and SmolLM2-135M and Gemma 3 270M from their GGUF files when
 given) it trains a SingLoRA adapter for 3 steps, then:
 - the reference: `singlora merge --dtype f32` (safetensors) run by transformers, which computes
   singlora's logits (scripts/check_peft_loads.py and the Rust tests tie the two);
@@ -140,6 +140,8 @@ def hf_model(name, family="llama", spm=False, **shape):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     cfg = config(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape)
     torch.manual_seed(0)
@@ -150,6 +152,8 @@ def hf_model(name, family="llama", spm=False, **shape):
                 p.normal_(0.0, 0.5)
             if n.endswith(("q_norm.weight", "k_norm.weight")):  # and norms at 1
                 p.normal_(1.0, 0.2)
+            if family == "gemma3" and n.endswith("norm.weight"):  # Gemma's offsets at 0
+                p.normal_(0.0, 0.2)
     m.save_pretrained(d, safe_serialization=True)
     return d
 
@@ -316,6 +320,15 @@ qwen3 = hf_model("qwen3", family="qwen3", hidden_size=64, intermediate_size=172,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  tie_word_embeddings=True)
 check("qwen3 (q/k norms, heads of 32 at hidden 64, tied)", qwen3, ["f32", "f16", "q8_0"], CHATML)
+gemma3 = hf_model("gemma3", family="gemma3", hidden_size=64, intermediate_size=172,
+                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  query_pre_attn_scalar=32, sliding_window=512, tie_word_embeddings=True)
+# llama.cpp's gemma3 differs from itself (base + adapter against merged) by ~2e-4 here
+check("gemma3 (5 local layers and a global one, heads of 32)", gemma3, ["f32", "f16", "q8_0"], CHATML,
+      tol={"f32": 1e-3, "adapter": 1e-3})
+phi3 = hf_model("phi3", family="phi3", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
+check("phi3 (fused qkv and gate_up)", phi3, ["f32", "f16", "q8_0"], CHATML)
 if args.smollm2:
     from gguf import GGUFReader
 

@@ -238,11 +238,14 @@ pub enum Arch {
 impl Arch {
     /// The architecture llama.cpp runs a Hugging Face config.json `model_type` as, for the
     /// types singlora writes to GGUF: llama.cpp's `llama` computes LLaMA, Mistral (without its
-    /// window) and Qwen2 (with the projection biases) exactly; Qwen3 is its own.
+    /// window) and Qwen2 (with the projection biases) exactly; Qwen3, Gemma 3 and Phi-3 are
+    /// their own.
     pub fn for_export(model_type: &str) -> Option<Self> {
         Some(match model_type {
             "llama" | "mistral" | "qwen2" => Arch::Llama,
             "qwen3" => Arch::Qwen3,
+            "gemma3_text" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             _ => return None,
         })
     }
@@ -250,11 +253,7 @@ impl Arch {
     /// The architecture of a config.json `model_type` among those this loader reads (Mistral
     /// and Qwen2 as llama.cpp's `llama`).
     pub fn of_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "gemma3_text" => Some(Arch::Gemma3),
-            "phi3" => Some(Arch::Phi3),
-            other => Self::for_export(other),
-        }
+        Self::for_export(model_type)
     }
 
     /// An architecture by its `general.architecture` name.

@@ -580,3 +580,120 @@ fn gguf_bases_of_the_families_merge_into_gguf() {
         }
     }
 }
+
+/// A byte-level BPE tokenizer of the fixtures' 40 tokens (letters and the space marker).
+fn write_tiny_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<bos>", "<eos>", "Ġ"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(('a'..='z').map(String::from))
+        .chain((0..11).map(|i| format!("x{i}")))
+        .enumerate()
+    {
+        vocab.insert(t, serde_json::json!(i));
+    }
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true},
+        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true,
+            "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+}
+
+/// Gemma 3 and Phi-3 Hugging Face directories written as llama.cpp's `gemma3` and `phi3`:
+/// read back, the same tensors and logits as the directory; Gemma 3 settings llama.cpp
+/// hard-codes otherwise (its fixture's query scalar, layer pattern, soft-capping) refused by
+/// name.
+#[test]
+fn gemma3_and_phi3_directories_are_written_as_their_gguf_architectures() {
+    use singlora::gguf::model::GgufQuant;
+    use singlora::merge::{merge_checkpoint, MergeOptions};
+    let gguf = MergeOptions {
+        gguf: Some(GgufQuant::F32),
+        ..Default::default()
+    };
+    for name in ["gemma3", "phi3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::copy(
+            dir(name).join("model.safetensors"),
+            base.join("model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg = read_json(&dir(name).join("config.json"));
+        write_tiny_tokenizer(&base);
+        let adapter = dir(name).join("adapter");
+        let out = tmp.path().join("out.gguf");
+        if name == "gemma3" {
+            std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+            let e = merge_checkpoint(&base, &adapter, &out, &gguf)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("config.json") && e.contains("llama.cpp"), "{e}");
+            assert!(!out.exists());
+            // as llama.cpp computes Gemma 3
+            cfg["query_pre_attn_scalar"] = serde_json::json!(16);
+            cfg["final_logit_softcapping"] = Value::Null;
+            cfg["layer_types"] = serde_json::json!(["sliding_attention"; 3].to_vec());
+        }
+        std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+        merge_checkpoint(&base, &adapter, &out, &gguf).unwrap();
+        let merged = tmp.path().join("merged");
+        let f32 = MergeOptions {
+            dtype: Some(DType::F32),
+            ..Default::default()
+        };
+        merge_checkpoint(&base, &adapter, &merged, &f32).unwrap();
+
+        let g = singlora::gguf::load_gguf(&out, DType::F32).unwrap();
+        let want = Checkpoint::open(&merged).unwrap();
+        for n in want.names() {
+            let w = want.load(n, &Device::Cpu).unwrap();
+            let got = g.tensors.get(n).unwrap_or_else(|| panic!("{name}: no {n}"));
+            assert!(rel_diff(got, &w) <= 1e-6, "{name}: {n}");
+        }
+        let path_cfg = tmp.path().join("config.json");
+        let from_gguf = Llama::config(&ConfigReader {
+            path: &path_cfg,
+            value: &g.config,
+        })
+        .unwrap();
+        let model = Llama::load(
+            &Weights::Memory(out.clone(), g.tensors),
+            from_gguf,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let merged_cfg = read_json(&merged.join("config.json"));
+        let reference = Llama::load(
+            &Weights::Checkpoint(Checkpoint::open(&merged).unwrap()),
+            Llama::config(&ConfigReader {
+                path: &merged.join("config.json"),
+                value: &merged_cfg,
+            })
+            .unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (ids, _) = golden_ids(name);
+        let logits = |m: &Llama| {
+            let h = m.hidden_states(&batch(&ids), &FastPath::default()).unwrap();
+            m.lm_logits(&h.reshape((ids.len(), h.dim(2).unwrap())).unwrap())
+                .unwrap()
+        };
+        let d = rel_diff(&logits(&model), &logits(&reference));
+        assert!(
+            d < 1e-6,
+            "{name}: logits from the GGUF {d:e} from the directory's"
+        );
+    }
+}

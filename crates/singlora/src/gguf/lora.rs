@@ -52,7 +52,7 @@ pub fn base_heads(base: &Path) -> Result<Heads> {
     let model_type = c.str_or("model_type", "llama")?;
     let arch = Arch::of_model_type(model_type).ok_or_else(|| {
         Error::msg(format!(
-            "{}: model_type `{model_type}`; llama.cpp adapters are written for {EXPORT_FAMILIES}, Gemma 3 and Phi-3 bases only",
+            "{}: model_type `{model_type}`; llama.cpp adapters are written for {EXPORT_FAMILIES} bases only",
             base.display()
         ))
     })?;

@@ -202,7 +202,10 @@ pub fn hf_llama_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Res
             "Qwen3 with sliding-window layers: llama.cpp's qwen3 attends to the whole context",
         ));
     }
-    let rope = Rope::read(c, max_positions(c)?)?;
+    let rope = match arch {
+        Arch::Gemma3 => gemma3_rope(c, cfg)?,
+        _ => Rope::read(c, max_positions(c)?)?,
+    };
     let key = |k: &str| format!("{}.{k}", arch.name());
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), string(arch.name())),
@@ -237,7 +240,13 @@ pub fn hf_llama_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Res
         ),
         (key("vocab_size"), u32_of("vocab_size", cfg.vocab)?),
     ];
-    if cfg.head_dim * cfg.heads != cfg.hidden {
+    if let (Some(w), Arch::Gemma3 | Arch::Phi3) = (cfg.sliding_window, arch) {
+        md.push((
+            key("attention.sliding_window"),
+            u32_of("sliding_window", w)?,
+        ));
+    }
+    if cfg.head_dim * cfg.heads != cfg.hidden || arch == Arch::Gemma3 {
         md.push((
             key("attention.key_length"),
             u32_of("head_dim", cfg.head_dim)?,
@@ -273,6 +282,60 @@ pub fn hf_llama_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Res
     })
 }
 
+/// Gemma 3's global RoPE, after checking the rest is what llama.cpp's `gemma3` hard-codes:
+/// every sixth layer global and the others local with base 10000 unscaled, the queries scaled
+/// by 1/√head_dim (1/√(hidden / heads) at 62 layers), no logit soft-capping.
+fn gemma3_rope(c: &ConfigReader, cfg: &LlamaConfig) -> Result<Rope> {
+    let (global, local) = crate::model::llama::gemma_ropes(c, max_positions(c)?)?;
+    let refuse = |field: &str, what: String| {
+        Err(Error::bad_field(
+            c.path,
+            field,
+            format!("{what}, which llama.cpp's gemma3 does not compute (it hard-codes Gemma 3's settings)"),
+        ))
+    };
+    if local.theta != 10000.0 || local.scaling != RopeScaling::None {
+        return refuse(
+            "rope_parameters.sliding_attention",
+            format!("local RoPE base {} ({:?})", local.theta, local.scaling),
+        );
+    }
+    if let Some((_, sliding)) = &cfg.local_rope {
+        if sliding
+            .iter()
+            .enumerate()
+            .any(|(i, &s)| s == ((i + 1) % 6 == 0))
+        {
+            return refuse("layer_types", "global layers other than every sixth".into());
+        }
+    }
+    let theirs = if cfg.layers == 62 {
+        1.0 / ((cfg.hidden / cfg.heads) as f64).sqrt()
+    } else {
+        1.0 / (cfg.head_dim as f64).sqrt()
+    };
+    let ours = cfg.query_scale / (cfg.head_dim as f64).sqrt();
+    if (ours - theirs).abs() > 1e-9 * theirs {
+        return refuse(
+            "query_pre_attn_scalar",
+            format!("queries scaled by {ours} where llama.cpp scales by {theirs}"),
+        );
+    }
+    if let Some(cap) = cfg.final_softcap {
+        return refuse(
+            "final_logit_softcapping",
+            format!("logits soft-capped at {cap}"),
+        );
+    }
+    if matches!(global.scaling, RopeScaling::Llama3 { .. }) {
+        return refuse(
+            "rope_parameters.full_attention",
+            "LLaMA 3.1's RoPE scaling".into(),
+        );
+    }
+    Ok(global)
+}
+
 /// What a Hugging Face config.json gives a GGUF file.
 pub struct HfMetadata {
     /// The architecture llama.cpp runs the model as.
@@ -284,7 +347,8 @@ pub struct HfMetadata {
 }
 
 /// The Hugging Face model types GGUF export writes, for messages.
-pub const EXPORT_FAMILIES: &str = "LLaMA-architecture (llama, mistral, qwen2, SmolLM2) and Qwen3";
+pub const EXPORT_FAMILIES: &str =
+    "LLaMA-architecture (llama, mistral, qwen2, SmolLM2), Qwen3, Gemma 3 and Phi-3";
 
 /// What a LLaMA-family GGUF file is made from, besides the tensors' values.
 #[derive(Debug, Clone)]

@@ -55,7 +55,9 @@ fn spm_space_prefix(path: &Path, tj: &Json) -> Result<bool> {
     };
     let is_prepend = |v: &Json| ty(v) == "Prepend" && v["prepend"] == "\u{2581}";
     let (norm, pre) = (&tj["normalizer"], &tj["pre_tokenizer"]);
-    let by_normalizer = if pre.is_null() {
+    // Gemma's split at spaces, which the normalizer has already turned into ▁: nothing to split
+    let no_op_split = ty(pre) == "Split" && pre["pattern"]["String"] == " ";
+    let by_normalizer = if pre.is_null() || no_op_split {
         match ty(norm).as_str() {
             "Replace" if is_replace(norm) => Some(false),
             "Sequence" => match norm["normalizers"].as_array().map(Vec::as_slice) {

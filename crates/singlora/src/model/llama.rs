@@ -506,7 +506,7 @@ fn gemma_layer_types(c: &ConfigReader, layers: usize) -> Result<Vec<bool>> {
 /// keeps one dictionary per layer type in `rope_parameters`; transformers 4 kept the global
 /// base in `rope_theta`, the local one in `rope_local_base_freq` and the global scaling in
 /// `rope_scaling`. Where both layouts set a base they must agree.
-fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rope, Rope)> {
+pub(crate) fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rope, Rope)> {
     c.refuse_unless(
         "partial_rotary_factor",
         |v| v.as_f64() == Some(1.0),
