@@ -67,11 +67,7 @@ fn logits_match_transformers() {
     for name in FAMILIES {
         let model = load(name);
         let (ids, want) = golden_ids(name);
-        let hidden = model
-            .hidden_states(&batch(&ids), &FastPath::default())
-            .unwrap();
-        let rows = hidden.reshape((ids.len(), hidden.dim(2).unwrap())).unwrap();
-        let ours = model.lm_logits(&rows).unwrap().to_vec2::<f32>().unwrap();
+        let ours = logits_of(&model, &ids).to_vec2::<f32>().unwrap();
         let mut worst = 0.0f64;
         let mut scale = 0.0f64;
         for (row, want) in ours.iter().zip(want.as_array().unwrap()) {
@@ -156,11 +152,7 @@ fn cached_decoding_matches_the_full_forward() {
         let Body::Llama(llama) = &model.body else {
             unreachable!()
         };
-        let hidden = llama
-            .hidden_states(&batch(&ids), &FastPath::default())
-            .unwrap();
-        let rows = hidden.reshape((ids.len(), hidden.dim(2).unwrap())).unwrap();
-        let full = llama.lm_logits(&rows).unwrap();
+        let full = logits_of(llama, &ids);
         let mut cache = model.new_cache().unwrap();
         let mut steps = vec![(0, 3), (3, 6)];
         steps.extend((6..ids.len()).map(|i| (i, i + 1)));
@@ -179,6 +171,13 @@ fn cached_decoding_matches_the_full_forward() {
         }
         assert_eq!(cache.len(), ids.len());
     }
+}
+
+/// Every position's vocabulary logits (t, vocab) of one sequence.
+fn logits_of(m: &Llama, ids: &[u32]) -> Tensor {
+    let h = m.hidden_states(&batch(ids), &FastPath::default()).unwrap();
+    m.lm_logits(&h.reshape((ids.len(), h.dim(2).unwrap())).unwrap())
+        .unwrap()
 }
 
 /// max |a − b| / max |b|.
@@ -486,12 +485,7 @@ fn gguf_files_of_the_families_load_as_their_checkpoints() {
         let model = Llama::load(&weights, cfg, DType::F32, &Device::Cpu).unwrap();
         let reference = load(name);
         let (ids, _) = golden_ids(name);
-        let logits = |m: &Llama| {
-            let h = m.hidden_states(&batch(&ids), &FastPath::default()).unwrap();
-            m.lm_logits(&h.reshape((ids.len(), h.dim(2).unwrap())).unwrap())
-                .unwrap()
-        };
-        let d = rel_diff(&logits(&model), &logits(&reference));
+        let d = rel_diff(&logits_of(&model, &ids), &logits_of(&reference, &ids));
         assert!(
             d < 1e-6,
             "{name}: logits from the GGUF {d:e} from the checkpoint's"
@@ -685,12 +679,7 @@ fn gemma3_and_phi3_directories_are_written_as_their_gguf_architectures() {
         )
         .unwrap();
         let (ids, _) = golden_ids(name);
-        let logits = |m: &Llama| {
-            let h = m.hidden_states(&batch(&ids), &FastPath::default()).unwrap();
-            m.lm_logits(&h.reshape((ids.len(), h.dim(2).unwrap())).unwrap())
-                .unwrap()
-        };
-        let d = rel_diff(&logits(&model), &logits(&reference));
+        let d = rel_diff(&logits_of(&model, &ids), &logits_of(&reference, &ids));
         assert!(
             d < 1e-6,
             "{name}: logits from the GGUF {d:e} from the directory's"

@@ -44,8 +44,8 @@ use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
 use crate::ops::{
-    attention_block, key_lens, masked_attention, rms_norm, rope_split, rope_tables, rope_tables_at,
-    swiglu, FastPath,
+    attention_block, key_lens, masked_attention, rms_norm, rope_split, rope_tables_at, swiglu,
+    FastPath,
 };
 
 #[cfg(feature = "cuda")]
@@ -710,6 +710,42 @@ fn head_norm(x: &Tensor, weight: &Tensor, head_dim: usize, eps: f64) -> Result<T
     Ok(rms_norm(&x.reshape((rows, head_dim))?, weight, eps)?.reshape(dims)?)
 }
 
+/// The RoPE tables of `n` positions from `start`: the model's, and Gemma 3's local ones.
+struct LayerRopes<'a> {
+    global: (Tensor, Tensor),
+    local: Option<((Tensor, Tensor), &'a [bool])>,
+}
+
+impl<'a> LayerRopes<'a> {
+    fn new(
+        c: &'a LlamaConfig,
+        start: usize,
+        n: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let local = match &c.local_rope {
+            Some((inv_freq, layers)) => Some((
+                rope_tables_at(inv_freq, start, n, dtype, device)?,
+                layers.as_slice(),
+            )),
+            None => None,
+        };
+        Ok(Self {
+            global: rope_tables_at(&c.inv_freq, start, n, dtype, device)?,
+            local,
+        })
+    }
+
+    /// cos and sin of layer `i`.
+    fn of_layer(&self, i: usize) -> (&Tensor, &Tensor) {
+        match &self.local {
+            Some((tables, layers)) if layers[i] => (&tables.0, &tables.1),
+            _ => (&self.global.0, &self.global.1),
+        }
+    }
+}
+
 /// Keys and values (heads split, after RoPE) of the positions a decoder has run so far, one
 /// pair (1, kv_heads, len, head_dim) per layer: generation then runs only each new token.
 pub struct KvCache {
@@ -1086,18 +1122,11 @@ impl Llama {
         } else {
             DType::F32
         };
-        let global = rope_tables(&c.inv_freq, t, table_dt, x.device())?;
-        let local = match &c.local_rope {
-            Some((inv_freq, _)) => Some(rope_tables(inv_freq, t, table_dt, x.device())?),
-            None => None,
-        };
+        let ropes = LayerRopes::new(c, 0, t, table_dt, x.device())?;
         for (i, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
             let (q, k, v) = l.qkv(&hn, c)?;
-            let (cos, sin) = match (&local, &c.local_rope) {
-                (Some(tables), Some((_, layers))) if layers[i] => (&tables.0, &tables.1),
-                _ => (&global.0, &global.1),
-            };
+            let (cos, sin) = ropes.of_layer(i);
             let a = attention_block(
                 &q,
                 &k,
@@ -1148,18 +1177,11 @@ impl Llama {
         } else {
             DType::F32
         };
-        let global = rope_tables_at(&c.inv_freq, p0, n, table_dt, device)?;
-        let local = match &c.local_rope {
-            Some((inv_freq, _)) => Some(rope_tables_at(inv_freq, p0, n, table_dt, device)?),
-            None => None,
-        };
+        let ropes = LayerRopes::new(c, p0, n, table_dt, device)?;
         for (i, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
             let (q, k, v) = l.qkv(&hn, c)?;
-            let (cos, sin) = match (&local, &c.local_rope) {
-                (Some(tables), Some((_, layers))) if layers[i] => (&tables.0, &tables.1),
-                _ => (&global.0, &global.1),
-            };
+            let (cos, sin) = ropes.of_layer(i);
             let q = rope_split(&q, cos, sin, c.heads, true)?;
             let k = rope_split(&k, cos, sin, c.kv_heads, true)?;
             let v = rope_split(&v, cos, sin, c.kv_heads, false)?;
