@@ -5,7 +5,8 @@
 //! 2. A few full training updates of a tiny BERT and a tiny LLaMA (classification and SFT) on
 //!    the device against the same run on the CPU (f32): losses and the final adapters.
 //! 3. Qwen3, Gemma 3 and Phi-3 bodies on the device against transformers' logits (f32 and bf16
-//!    weights) and a PEFT LoRA step's loss and gradients: the golden files of
+//!    weights; generation's cached forward against the full one) and a PEFT LoRA step's loss and
+//!    gradients: the golden files of
 //!    tests/fixtures/decoders (the checks of crates/singlora/tests/decoders.rs, on any device).
 //!
 //! Prints a table of relative errors (‖device − reference‖ / ‖reference‖; max |device −
@@ -404,6 +405,23 @@ fn family_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 what: format!("{name} logits vs transformers ({tag})"),
                 err: max_rel_err(&logits, &want)?,
                 bound,
+            });
+            // generation's cached forward: the prompt's first half at once, then token by
+            // token, each position against the full forward's logits
+            let mut cache = model.new_cache();
+            let half = ids.len() / 2;
+            let mut worst: f64 = 0.0;
+            let mut at = 0;
+            for end in std::iter::once(half).chain(half + 1..=ids.len()) {
+                let last = model.forward_cached(&ids[at..end], &mut cache)?;
+                let got = model.lm_logits(&last)?.squeeze(0)?;
+                worst = worst.max(max_rel_err(&got, &logits.get(end - 1)?)?);
+                at = end;
+            }
+            rows.push(Row {
+                what: format!("{name} cached decoding vs full forward ({tag})"),
+                err: worst,
+                bound: if dtype == DType::F32 { 1e-5 } else { 2e-2 },
             });
         }
 
