@@ -53,6 +53,9 @@ pub struct GgufModel {
     pub tokenizer: Tokenizer,
     /// `tokenizer.chat_template`, when the file has one.
     pub chat_template: Option<String>,
+    /// LLaMA 3.1's per-frequency RoPE divisors (`rope_freqs`) as the file stores them; `config`
+    /// holds the scaling they amount to.
+    pub rope_freqs: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for GgufModel {
@@ -721,16 +724,23 @@ fn rope_scaling(m: &Meta) -> Result<Option<Json>> {
 /// llama.cpp's name of LLaMA 3.1's per-frequency RoPE divisors.
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
-/// config.json's `rope_scaling` for a file's `rope_freqs`: the LLaMA 3.1 scaling that gives
-/// those factors ([`crate::model::llama::Rope::from_freq_factors`]), refused where none does or
-/// where the metadata scale RoPE too.
-fn llama3_scaling<R: Read + Seek>(
+/// The file's `rope_freqs` factors, as stored.
+fn read_rope_freqs<R: Read + Seek>(
     m: &Meta,
     content: &Content,
     reader: &mut R,
-    dims: &Dims,
-    config: &Json,
-) -> Result<Json> {
+) -> Result<Vec<f32>> {
+    content
+        .tensor(reader, ROPE_FREQS, &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(|e| Error::bad_file(m.path, format!("tensor `{ROPE_FREQS}`: {e}")))
+}
+
+/// config.json's `rope_scaling` for a file's `rope_freqs` factors `stored`: the LLaMA 3.1
+/// scaling that gives them ([`crate::model::llama::Rope::from_freq_factors`]), refused where
+/// none does or where the metadata scale RoPE too.
+fn llama3_scaling(m: &Meta, stored: &[f32], dims: &Dims, config: &Json) -> Result<Json> {
     use crate::model::llama::{Rope, RopeScaling};
     if !config["rope_scaling"].is_null() {
         return Err(Error::bad_file(
@@ -741,13 +751,7 @@ fn llama3_scaling<R: Read + Seek>(
             ),
         ));
     }
-    let bad =
-        |e: candle_core::Error| Error::bad_file(m.path, format!("tensor `{ROPE_FREQS}`: {e}"));
-    let factors: Vec<f64> = content
-        .tensor(reader, ROPE_FREQS, &Device::Cpu)
-        .and_then(|q| q.dequantize(&Device::Cpu))
-        .and_then(|t| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>())
-        .map_err(bad)?;
+    let factors: Vec<f64> = stored.iter().map(|&f| f as f64).collect();
     let theta = config["rope_theta"].as_f64().unwrap_or(10000.0);
     match Rope::from_freq_factors(theta, dims.head_dim, &factors) {
         Some(RopeScaling::Llama3 {
@@ -1531,8 +1535,12 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         .iter()
         .any(|(_, hf)| hf.contains(".self_attn.") && hf.ends_with(".bias"));
     let mut config = build_config(&m, &dims, tied, attn_bias, dtype)?;
-    if rope_freqs {
-        config["rope_scaling"] = llama3_scaling(&m, &content, &mut reader, &dims, &config)?;
+    let rope_freqs = match rope_freqs {
+        true => Some(read_rope_freqs(&m, &content, &mut reader)?),
+        false => None,
+    };
+    if let Some(stored) = &rope_freqs {
+        config["rope_scaling"] = llama3_scaling(&m, stored, &dims, &config)?;
     }
     let mut tensors = BTreeMap::new();
     for (name, hf) in mapped {
@@ -1562,6 +1570,7 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         tensors,
         tokenizer,
         chat_template,
+        rope_freqs,
     })
 }
 

@@ -24,7 +24,6 @@ use crate::checkpoint::{float_dtype, Checkpoint};
 use crate::error::{Error, IoContext, Result};
 use crate::gguf::model::{
     gguf_name_in, hf_llama_metadata, write_llama_gguf, Arch, GgufQuant, LlamaGguf, TensorData,
-    ROPE_FREQS,
 };
 use crate::gguf::vocab::hf_tokenizer_metadata;
 use crate::gguf::write::WRITER_KEY;
@@ -222,20 +221,10 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
             base_types.insert(hf.clone(), info.ggml_dtype);
         }
     }
-    // LLaMA 3.1's RoPE factors, kept as the base stores them
-    let rope_freqs = match content.tensor_infos.get(ROPE_FREQS) {
-        Some(_) => Some(
-            content
-                .tensor(&mut reader, ROPE_FREQS, &Device::Cpu)
-                .and_then(|q| q.dequantize(&Device::Cpu))
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(|e| Error::bad_file(path, format!("tensor `{ROPE_FREQS}`: {e}")))?,
-        ),
-        None => None,
-    };
     let m = LlamaGguf {
         arch,
-        rope_freqs,
+        // LLaMA 3.1's RoPE factors, kept as the base stores them
+        rope_freqs: g.rope_freqs.clone(),
         metadata,
         heads: cfg.heads,
         kv_heads: cfg.kv_heads,
