@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use singlora::adapter::file::AdapterFile;
 use singlora::checkpoint::Checkpoint;
-use singlora::data::{collate, Encoded};
+use singlora::data::{collate, collate_rows, Encoded};
 use singlora::model::llama::{Llama, LlamaConfig};
 use singlora::model::weights::{ConfigReader, Weights};
 use singlora::model::{Body, Pooling, Task, TaskModel};
@@ -170,6 +170,68 @@ fn cached_decoding_matches_the_full_forward() {
             );
         }
         assert_eq!(cache.len(), ids.len());
+    }
+}
+
+#[test]
+fn packed_rows_train_as_their_examples_apart() {
+    for name in FAMILIES {
+        let d = dir(name);
+        let mut model = TaskModel::new(
+            Body::Llama(load(name)),
+            Task::Sft,
+            None,
+            Pooling::Last,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        model
+            .load_adapter(&AdapterFile::read(&d.join("adapter"), &Device::Cpu).unwrap())
+            .unwrap();
+        let (ids, _) = golden_ids(name);
+        // three examples of different lengths, each with a prompt that is not trained on
+        let example = |from: usize, n: usize, prompt: usize| Encoded {
+            ids: ids[from..from + n].to_vec(),
+            type_ids: vec![0; n],
+            label: None,
+            target_mask: (0..n).map(|j| u8::from(j >= prompt)).collect(),
+        };
+        let items = vec![example(0, 5, 2), example(2, 4, 1), example(1, 6, 3)];
+        let apart = collate(&items, &[0, 1, 2], 0, &Device::Cpu).unwrap();
+        // two examples in the first row (a third of its length padding), one in the second
+        let packed = collate_rows(&items, &[vec![0, 1], vec![2]], 0, &Device::Cpu).unwrap();
+        assert_eq!(packed.ids.dims(), &[2, 9]);
+        assert_eq!(packed.segments, Some(vec![vec![5, 4], vec![6]]));
+        let (loss_a, grads_a) = model.loss_and_grads(&apart, 1.0).unwrap();
+        let (loss_p, grads_p) = model.loss_and_grads(&packed, 1.0).unwrap();
+        let (loss_a, loss_p) = (
+            loss_a.to_scalar::<f32>().unwrap(),
+            loss_p.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            (loss_a - loss_p).abs() <= 1e-5 * loss_a.abs(),
+            "{name}: packed loss {loss_p} against {loss_a} apart"
+        );
+        let mut seen = 0;
+        for (layer, _, adapter) in model.adapters() {
+            for p in adapter.params() {
+                let a = grads_a.get(p.var.as_tensor()).unwrap();
+                let b = grads_p.get(p.var.as_tensor()).unwrap();
+                let diff = rel_diff(b, a);
+                assert!(diff <= 1e-4, "{name}: {layer}.{}: {diff:e}", p.suffix);
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "{name}: no adapter gradients compared");
+        // the same rows with attention across the examples of a row: another loss
+        let mut leaky = packed.clone();
+        leaky.segments = None;
+        let loss_l = model.loss(&leaky).unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            (loss_l - loss_a).abs() > 1e-3 * loss_a.abs(),
+            "{name}: the test cannot tell packed attention from attention across examples"
+        );
     }
 }
 

@@ -130,6 +130,71 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
+/// `--packing`: several SFT examples per row; the run learns, resumes bit-identical, counts
+/// its updates from the packed rows, and is refused for classification.
+#[test]
+fn packed_sft_trains_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_llama(tmp.path(), DType::F32);
+    let data = sft_data(tmp.path(), 40);
+    let cfg = TrainConfig {
+        task: Task::Sft,
+        packing: true,
+        batch_size: 2,
+        epochs: 6,
+        lr: Some(3e-2),
+        save_every: Some(3),
+        ..base_cfg(&model, &data, None)
+    };
+    cfg.validate().unwrap();
+    let mut small = cfg.clone();
+    small.data.max_length = 32;
+    let plan = singlora::train::setup(small.clone()).unwrap().plan;
+    let rows = plan.packed_rows.unwrap();
+    assert!(
+        rows * 3 <= plan.train_rows,
+        "{rows} packed rows for {} examples",
+        plan.train_rows
+    );
+    assert_eq!(plan.updates_per_epoch as usize, rows.div_ceil(2));
+    let full = tmp.path().join("full");
+    let s = run_train(small.clone(), &full, false, false).unwrap();
+    let l = losses(&full);
+    assert!(
+        mean(&l[l.len() - 3..]) < 0.7 * l[0],
+        "packed SFT loss did not fall: {l:?}"
+    );
+    let part = tmp.path().join("part");
+    let stopped = run_train(
+        TrainConfig {
+            stop_after: Some(4),
+            ..small.clone()
+        },
+        &part,
+        false,
+        false,
+    )
+    .unwrap();
+    assert!(stopped.interrupted);
+    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
+    assert_eq!(resumed.steps, s.steps);
+    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    let (train_f, _) = classification_data(tmp.path(), 8, 0);
+    let bert = tiny_bert(tmp.path(), DType::F32);
+    let e = run_train(
+        TrainConfig {
+            packing: true,
+            ..base_cfg(&bert, &train_f, None)
+        },
+        &tmp.path().join("cls"),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--packing") && e.contains("--task sft"), "{e}");
+}
+
 #[test]
 fn bert_classification_trains_and_writes_every_output() {
     let tmp = tempfile::tempdir().unwrap();
@@ -173,7 +238,7 @@ fn bert_classification_trains_and_writes_every_output() {
     }
     let lines = singlora::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
     let train_line = lines.iter().find(|l| l.get("loss").is_some()).unwrap();
-    for k in ["step", "epoch", "loss", "lr", "u", "tokens_per_s"] {
+    for k in ["step", "epoch", "loss", "lr", "u", "tokens", "tokens_per_s"] {
         assert!(train_line.get(k).is_some(), "training line lacks {k}");
     }
     let evals: Vec<_> = lines
@@ -693,9 +758,10 @@ fn data_parallel_ranks_match_one_process() {
             2,
         ),
         ("llama-sft", &llama, &sft, None, "sft", "singlora", 1),
+        ("llama-sft-packed", &llama, &sft, None, "sft", "lora", 1),
     ];
     for (name, model, data, eval, task, method, accum) in cases {
-        let cfg = TrainConfig {
+        let mut cfg = TrainConfig {
             task: task.parse().unwrap(),
             method: method.parse().unwrap(),
             batch_size: 4,
@@ -705,6 +771,11 @@ fn data_parallel_ranks_match_one_process() {
             weight_decay: 0.01,
             ..base_cfg(model, data, eval.map(|p| p.as_path()))
         };
+        if name.ends_with("packed") {
+            // rows of about three examples: 4 per batch over 3 ranks
+            cfg.packing = true;
+            cfg.data.max_length = 24;
+        }
         let one = tmp.path().join(format!("{name}-one"));
         let s1 = run_train(cfg.clone(), &one, false, false).unwrap();
         let three = tmp.path().join(format!("{name}-three"));

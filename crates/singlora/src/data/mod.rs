@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use crate::error::Error;
 
-pub use batch::{collate, epoch_batches, Batch};
+pub use batch::{collate, collate_rows, epoch_batches, pack_rows, Batch};
 pub use encode::{encode, encode_with, EncodeOptions, Encoded, EncodedRows};
 pub use labels::LabelSet;
 pub use rows::{load_dataset, load_dataset_bytes};

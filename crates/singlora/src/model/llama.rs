@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::linear::frozen_matmul;
 use crate::ops::{
     attention_block, key_lens, masked_attention, rms_norm, rope_split, rope_tables_at, swiglu,
-    FastPath,
+    FastPath, Segments,
 };
 
 #[cfg(feature = "cuda")]
@@ -1115,28 +1115,34 @@ impl Llama {
         if self.grad_from_embeddings {
             x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
         }
-        let lens = key_lens(&batch.mask)?;
+        // packed rows: attention on one example per row, positions restarting with each
+        let segments = match &batch.segments {
+            Some(s) => Some(Segments::new(s, t, x.device())?),
+            None => None,
+        };
+        let (lens, rope_len) = match &segments {
+            Some(s) => (s.lens().to_vec(), s.max_len()),
+            None => (key_lens(&batch.mask)?, t),
+        };
         // f32 tables on CUDA (the fused kernel's), the model's dtype on the CPU
         let table_dt = if x.device().is_cpu() {
             self.dtype
         } else {
             DType::F32
         };
-        let ropes = LayerRopes::new(c, 0, t, table_dt, x.device())?;
+        let ropes = LayerRopes::new(c, 0, rope_len, table_dt, x.device())?;
         for (i, l) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &l.ln1, c.eps)?;
             let (q, k, v) = l.qkv(&hn, c)?;
             let (cos, sin) = ropes.of_layer(i);
-            let a = attention_block(
-                &q,
-                &k,
-                &v,
-                (cos, sin),
-                (c.heads, c.kv_heads),
-                &lens,
-                true,
-                fast,
-            )?;
+            let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                let dims = (c.heads, c.kv_heads);
+                attention_block(q, k, v, (cos, sin), dims, &lens, true, fast)
+            };
+            let a = match &segments {
+                None => attend(&q, &k, &v)?,
+                Some(s) => s.pack(&attend(&s.unpack(&q)?, &s.unpack(&k)?, &s.unpack(&v)?)?)?,
+            };
             x = l.finish(&x, &a, c)?;
         }
         rms_norm(&x, &self.norm, c.eps)

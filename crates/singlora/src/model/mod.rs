@@ -212,6 +212,9 @@ impl Body {
     /// `fast` chooses the CUDA kernels (LLaMA's attention).
     pub fn hidden_states(&self, batch: &Batch, fast: &FastPath) -> Result<Tensor> {
         match self {
+            Body::Bert(_) if batch.segments.is_some() => Err(Error::msg(
+                "packed rows need a decoder: an encoder attends across its whole row",
+            )),
             Body::Bert(b) => b.hidden_states(batch),
             Body::Llama(l) => l.hidden_states(batch, fast),
         }

@@ -52,7 +52,7 @@ pub(crate) mod softmax;
 pub(crate) mod swiglu;
 pub(crate) mod xent;
 
-pub use attention::{attention_block, heads_attention, masked_attention};
+pub use attention::{attention_block, heads_attention, masked_attention, Segments};
 pub use gelu::{gelu_erf, Activation};
 pub use linear::{adapted_linear, frozen_linear, frozen_linear_gelu, fused_available};
 pub use norm::{layer_norm, rms_norm};

@@ -134,6 +134,11 @@ pub struct TrainConfig {
     #[arg(long, alias = "recompute-attention")]
     #[serde(alias = "recompute_attention")]
     pub recompute: bool,
+    /// SFT: lay several examples end to end in each row of up to --max-length tokens (attention
+    /// and positions stay within each example; the loss is per token as without packing);
+    /// --batch-size then counts packed rows.
+    #[arg(long)]
+    pub packing: bool,
     /// How the data files are read and tokenized.
     #[command(flatten)]
     #[serde(flatten)]
@@ -241,6 +246,13 @@ impl TrainConfig {
             if !(0.0..=1.0).contains(&finite(flag, f)?) {
                 return refuse(flag, &f, "must be in [0, 1]");
             }
+        }
+        if self.packing && self.task != Task::Sft {
+            return refuse(
+                "--packing",
+                &"",
+                "is for --task sft (a classification example needs a row of its own)",
+            );
         }
         if let Some(f) = self.eval_fraction {
             if !(0.0..1.0).contains(&finite("--eval-fraction", f)?) {

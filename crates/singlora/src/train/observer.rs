@@ -22,6 +22,8 @@ pub struct UpdateReport {
     pub lr: f64,
     /// SingLoRA's ramp u(t) of this update.
     pub u: f64,
+    /// The real (non-padding) tokens of the update's batches, and their rate.
+    pub tokens: usize,
     pub tokens_per_s: f64,
     /// The gradient norm before clipping, where clipping is on.
     pub grad_norm: Option<f64>,

@@ -31,6 +31,7 @@ pub(super) struct RankCtx {
 
 /// What a rank's share of the global mean loss counts: rows (classification) or target tokens
 /// (SFT, whose loss is the mean over completion tokens).
+/// An example's first token is never a target, packed or not.
 fn loss_count(item: &Encoded, task: Task) -> usize {
     match task {
         Task::Classify => 1,
@@ -217,12 +218,12 @@ impl<'a> Trainer<'a> {
             self.obs.started(&self.s.plan, self.st.step);
         }
         let total = self.s.plan.total_updates;
-        let lengths: Vec<usize> = self
-            .s
-            .data
-            .train_items
+        // batches of rows (one example each, or several with --packing), by total length
+        let d = &self.s.data;
+        let lengths: Vec<usize> = d
+            .train_rows
             .iter()
-            .map(|e| e.ids.len())
+            .map(|r| r.iter().map(|&i| d.train_items[i].len()).sum())
             .collect();
         let started = Instant::now();
         let elapsed0 = self.st.elapsed_s;
@@ -276,6 +277,7 @@ impl<'a> Trainer<'a> {
                     loss,
                     lr,
                     u,
+                    tokens: sums.tokens,
                     tokens_per_s: sums.tokens as f64 / secs,
                     grad_norm,
                 };
@@ -378,10 +380,16 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// One micro-batch on one device: its loss and tokens.
-    fn micro_batch(&mut self, idx: &[usize], scale: f64) -> Result<(f64, usize)> {
+    /// The batch of the training rows `idx`.
+    fn collate(&self, idx: &[usize]) -> Result<data::Batch> {
         let d = &self.s.data;
-        let batch = data::collate(&d.train_items, idx, d.pad_id, &self.s.device)?;
+        let rows: Vec<Vec<usize>> = idx.iter().map(|&r| d.train_rows[r].clone()).collect();
+        data::collate_rows(&d.train_items, &rows, d.pad_id, &self.s.device)
+    }
+
+    /// One micro-batch (rows `idx`) on one device: its loss and tokens.
+    fn micro_batch(&mut self, idx: &[usize], scale: f64) -> Result<(f64, usize)> {
+        let batch = self.collate(idx)?;
         let (loss, grads) = self.s.model.loss_and_grads(&batch, scale)?;
         self.acc.add(&grads)?;
         Ok((
@@ -400,22 +408,24 @@ impl<'a> Trainer<'a> {
             .as_ref()
             .expect("a data-parallel rank has a group");
         let task = self.cfg.task;
-        let items = &self.s.data.train_items;
-        let count =
-            |rows: &[usize]| -> usize { rows.iter().map(|&i| loss_count(&items[i], task)).sum() };
+        let (items, train_rows) = (&self.s.data.train_items, &self.s.data.train_rows);
+        let row_count = |r: usize| -> usize {
+            train_rows[r]
+                .iter()
+                .map(|&i| loss_count(&items[i], task))
+                .sum()
+        };
+        let count = |rows: &[usize]| -> usize { rows.iter().map(|&r| row_count(r)).sum() };
         let total_count = count(idx);
         let mine = dist::shard(idx, self.rank, self.world);
         let mine_count = count(mine);
         let (rows, weight) = if mine_count > 0 {
             (mine, dist::shard_weight(mine_count, total_count))
         } else {
-            let any = idx
-                .iter()
-                .position(|&i| loss_count(&items[i], task) > 0)
-                .unwrap_or(0);
+            let any = idx.iter().position(|&r| row_count(r) > 0).unwrap_or(0);
             (&idx[any..any + 1], 0.0)
         };
-        let batch = data::collate(items, rows, self.s.data.pad_id, &self.s.device)?;
+        let batch = self.collate(rows)?;
         let (loss, mut grads, summed) =
             self.s
                 .model
@@ -508,7 +518,7 @@ impl<'a> Trainer<'a> {
 fn update_line(r: &UpdateReport) -> Value {
     let mut line = json!({
         "step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "u": r.u,
-        "tokens_per_s": r.tokens_per_s
+        "tokens": r.tokens, "tokens_per_s": r.tokens_per_s
     });
     if let Some(g) = r.grad_norm {
         line["grad_norm"] = json!(g);

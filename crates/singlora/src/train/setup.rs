@@ -25,6 +25,9 @@ pub struct PreparedData {
     pub eval: Option<Dataset>,
     pub labels: Option<LabelSet>,
     pub train_items: Vec<Encoded>,
+    /// The rows of training batches, as indices into `train_items`: one example each, or
+    /// several end to end with `--packing`.
+    pub train_rows: Vec<Vec<usize>>,
     pub eval_items: Vec<Encoded>,
     pub pad_id: u32,
     /// The rows left out or cut, of both files.
@@ -83,11 +86,18 @@ pub fn prepare_data(cfg: &TrainConfig, pre: &Pretrained) -> Result<PreparedData>
         Some(e) => enc(e)?,
         None => vec![],
     };
+    let train_rows = if cfg.packing {
+        let lengths: Vec<usize> = train_items.iter().map(Encoded::len).collect();
+        data::pack_rows(&lengths, settings.max_length, cfg.seed)
+    } else {
+        (0..train_items.len()).map(|i| vec![i]).collect()
+    };
     Ok(PreparedData {
         train,
         eval,
         labels,
         train_items,
+        train_rows,
         eval_items,
         pad_id: special.pad,
         report,
@@ -103,6 +113,8 @@ pub struct Plan {
     pub head_params: usize,
     pub base_params: usize,
     pub train_rows: usize,
+    /// `--packing`: the rows the training examples were packed into.
+    pub packed_rows: Option<usize>,
     pub eval_rows: usize,
     /// Malformed rows left out (`--skip-bad-rows`).
     pub skipped_rows: usize,
@@ -141,6 +153,12 @@ impl Plan {
             "data           {} train rows, {} eval rows\n",
             self.train_rows, self.eval_rows
         );
+        if let Some(p) = self.packed_rows {
+            s += &format!(
+                "packing        {} train rows in {p} rows of up to --max-length tokens\n",
+                self.train_rows
+            );
+        }
         if self.skipped_rows + self.truncated_rows + self.dropped_rows > 0 {
             s += &format!(
                 "               ({} malformed rows left out, {} cut to --max-length, {} longer left out)\n",
@@ -201,7 +219,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         l.recompute = cfg.recompute;
     }
 
-    let batches_per_epoch = data.train_items.len().div_ceil(cfg.batch_size) as u64;
+    let batches_per_epoch = data.train_rows.len().div_ceil(cfg.batch_size) as u64;
     let updates_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64);
     let total = cfg
         .max_steps
@@ -281,6 +299,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         head_params,
         base_params,
         train_rows: data.train_items.len(),
+        packed_rows: cfg.packing.then_some(data.train_rows.len()),
         eval_rows: data.eval_items.len(),
         skipped_rows: data.report.skipped.len(),
         truncated_rows: data.report.truncated.len(),

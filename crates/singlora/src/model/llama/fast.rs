@@ -692,6 +692,10 @@ impl Llama {
         let candle_core::Device::Cuda(dev) = batch.ids.device() else {
             return Ok(None);
         };
+        // packed rows: the autograd path gathers each example into a row of its own
+        if batch.segments.is_some() {
+            return Ok(None);
+        }
         let bf16 = match self.dtype {
             DType::BF16 => true,
             DType::F32 => false,

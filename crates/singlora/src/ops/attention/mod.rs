@@ -169,6 +169,89 @@ pub fn attention_block(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
+/// Packed rows seen as one example per row: the gathers between a packed batch (b, t, w),
+/// whose row r lays the examples `segments[r]` end to end, and a padded batch (n, max_len, w)
+/// of its n examples. Attention run on the padded side with [`Segments::lens`] as key lengths
+/// stays within each example, and positions (RoPE tables of `max_len`) restart at each one.
+/// Both gathers are index selects, so gradients flow back through them.
+pub struct Segments {
+    unpack: Tensor,
+    pack: Tensor,
+    lens: Vec<usize>,
+    max_len: usize,
+    packed: (usize, usize),
+}
+
+impl Segments {
+    pub fn new(segments: &[Vec<usize>], t: usize, device: &candle_core::Device) -> Result<Self> {
+        let lens: Vec<usize> = segments.iter().flatten().copied().collect();
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        if lens.is_empty() || max_len == 0 {
+            return Err(crate::error::Error::msg("packed rows without examples"));
+        }
+        let b = segments.len();
+        let mut unpack = Vec::with_capacity(lens.len() * max_len);
+        // a packed row's padding reads example 0's first position (its outputs are not used)
+        let mut pack = vec![0u32; b * t];
+        let mut n = 0;
+        for (r, row) in segments.iter().enumerate() {
+            let mut start = 0;
+            for &len in row {
+                if start + len > t {
+                    return Err(crate::error::Error::msg(format!(
+                        "packed row {r}: its examples take more than its {t} positions"
+                    )));
+                }
+                for j in 0..max_len {
+                    // past the example's end: any position of its row (masked as keys, and
+                    // its query's output is not gathered back)
+                    unpack.push((r * t + start + j.min(len - 1)) as u32);
+                }
+                for j in 0..len {
+                    pack[r * t + start + j] = (n * max_len + j) as u32;
+                }
+                start += len;
+                n += 1;
+            }
+        }
+        Ok(Self {
+            unpack: Tensor::new(unpack, device)?,
+            pack: Tensor::new(pack, device)?,
+            lens,
+            max_len,
+            packed: (b, t),
+        })
+    }
+
+    /// The examples' lengths, in row order.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// The longest example.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// (b, t, w) packed → (n, max_len, w), one example per row.
+    pub fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+        let w = x.dim(2)?;
+        let (b, t) = self.packed;
+        Ok(x.reshape((b * t, w))?
+            .index_select(&self.unpack, 0)?
+            .reshape((self.lens.len(), self.max_len, w))?)
+    }
+
+    /// (n, max_len, w) → (b, t, w), each example back at its place in its row.
+    pub fn pack(&self, y: &Tensor) -> Result<Tensor> {
+        let w = y.dim(2)?;
+        let (b, t) = self.packed;
+        Ok(y.reshape((self.lens.len() * self.max_len, w))?
+            .index_select(&self.pack, 0)?
+            .reshape((b, t, w))?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +364,42 @@ mod tests {
         .reshape((b, t, heads * hd))
         .unwrap();
         assert!(max_diff(&got, &want) < 1e-12);
+    }
+
+    #[test]
+    fn segments_attend_within_each_example() {
+        // rows of 7: [3, 4] and [2] + 5 padding; 2 heads of 4
+        let (t, w, heads) = (7, 8, 2);
+        let segs = vec![vec![3, 4], vec![2]];
+        let s = Segments::new(&segs, t, &Device::Cpu).unwrap();
+        assert_eq!((s.lens(), s.max_len()), (&[3usize, 4, 2][..], 4));
+        let q = randn(&[2, t, w]);
+        let k = randn(&[2, t, w]);
+        let v = randn(&[2, t, w]);
+        let packed = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            let (qu, ku, vu) = (s.unpack(q)?, s.unpack(k)?, s.unpack(v)?);
+            s.pack(&heads_attention(&qu, &ku, &vu, heads, s.lens(), true)?)
+        };
+        let got = packed(&q, &k, &v).unwrap();
+        // each example on its own, as a batch of one
+        for (r, start, len) in [(0, 0, 3), (0, 3, 4), (1, 0, 2)] {
+            let cut = |x: &Tensor| {
+                x.get(r)
+                    .unwrap()
+                    .narrow(0, start, len)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap()
+            };
+            let want = heads_attention(&cut(&q), &cut(&k), &cut(&v), heads, &[len], true).unwrap();
+            assert!(
+                max_diff(&cut(&got), &want) < 1e-12,
+                "example at ({r}, {start})"
+            );
+        }
+        check_grad(&q, |q| packed(q, &k, &v));
+        check_grad(&k, |k| packed(&q, k, &v));
+        check_grad(&v, |v| packed(&q, &k, v));
+        assert!(Segments::new(&[vec![5, 4]], 8, &Device::Cpu).is_err());
     }
 }
