@@ -352,12 +352,12 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// Qwen3, Gemma 3 and Phi-3 bodies on `device` against transformers and PEFT (the golden files
+/// Qwen3, Gemma 3, Phi-3 and GPT-2 bodies on `device` against transformers and PEFT (the golden files
 /// of tests/fixtures/decoders): logits with f32 and with bf16 weights, and the loss and adapter
 /// gradients of one LoRA step loaded from PEFT's adapter file.
 fn family_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     let root = decoder_fixtures()?;
-    for name in ["qwen3", "gemma3", "phi3"] {
+    for name in ["qwen3", "gemma3", "phi3", "gpt2"] {
         let d = root.join(name);
         let load = |dtype: DType| -> Result<Llama> {
             let path = d.join("config.json");

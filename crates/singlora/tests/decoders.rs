@@ -1,4 +1,4 @@
-//! Qwen3, Gemma 3 and Phi-3 against transformers and PEFT: logits of tiny checkpoints saved by
+//! Qwen3, Gemma 3, Phi-3 and GPT-2 against transformers and PEFT: logits of tiny checkpoints saved by
 //! transformers' own classes, and the gradients of one LoRA step (loaded from PEFT's adapter
 //! file) against PEFT's. Golden files: tests/fixtures/decoders, made by its
 //! make_decoder_golden.py with the versions in VERSIONS.json.
@@ -16,7 +16,7 @@ use singlora::model::weights::{ConfigReader, Weights};
 use singlora::model::{Body, Pooling, Task, TaskModel};
 use singlora::ops::FastPath;
 
-const FAMILIES: [&str; 3] = ["qwen3", "gemma3", "phi3"];
+const FAMILIES: [&str; 4] = ["qwen3", "gemma3", "phi3", "gpt2"];
 
 fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -336,6 +336,67 @@ fn settings_not_implemented_are_refused_by_name() {
         edited_config("qwen3", set("hidden_act", "gelu".into())),
         &["hidden_act"],
     );
+    for (key, value) in [
+        ("scale_attn_by_inverse_layer_idx", Value::from(true)),
+        ("scale_attn_weights", false.into()),
+        ("add_cross_attention", true.into()),
+        ("activation_function", "relu".into()),
+    ] {
+        assert_refused(edited_config("gpt2", set(key, value)), &[key]);
+    }
+    // GPT-2's other spellings of tanh GELU, and erf GELU, are read
+    for act in ["gelu_fast", "gelu_pytorch_tanh", "gelu"] {
+        edited_config("gpt2", set("activation_function", act.into())).unwrap();
+    }
+}
+
+/// GPT-2 as the Hugging Face hub keeps `gpt2` (names without `transformer.`, the causal-mask
+/// buffers older transformers saved) loads to the same logits, with modules named as PEFT
+/// names them on `GPT2LMHeadModel`; sequences past `n_positions` are refused.
+#[test]
+fn gpt2_reads_the_hub_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = dir("gpt2");
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut bare: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v))
+        .collect();
+    for i in 0..2 {
+        let mask = Tensor::ones((1, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        bare.insert(format!("h.{i}.attn.bias"), mask);
+    }
+    candle_core::safetensors::save(&bare, tmp.path().join("model.safetensors")).unwrap();
+    let path = tmp.path().join("config.json");
+    let value = read_json(&path);
+    let cfg = Llama::config(&ConfigReader {
+        path: &path,
+        value: &value,
+    })
+    .unwrap();
+    let weights = Weights::Checkpoint(Checkpoint::open(tmp.path()).unwrap());
+    let hub = Llama::load(&weights, cfg, DType::F32, &Device::Cpu).unwrap();
+    let (ids, _) = golden_ids("gpt2");
+    let ours = logits_of(&load("gpt2"), &ids);
+    assert!(rel_diff(&logits_of(&hub, &ids), &ours) == 0.0);
+    let names: Vec<&str> = hub.linears().iter().map(|l| l.name()).collect();
+    assert_eq!(
+        names[..4],
+        [
+            "transformer.h.0.attn.c_attn",
+            "transformer.h.0.attn.c_proj",
+            "transformer.h.0.mlp.c_fc",
+            "transformer.h.0.mlp.c_proj"
+        ]
+    );
+    let long: Vec<u32> = (0..17).map(|i| i % 40).collect();
+    let e = hub
+        .hidden_states(&batch(&long), &FastPath::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("n_positions") && e.contains("16"), "{e}");
 }
 
 #[test]
@@ -368,6 +429,8 @@ fn missing_family_tensors_are_named() {
         ("gemma3", "model.layers.1.post_feedforward_layernorm.weight"),
         ("qwen3", "model.layers.0.self_attn.k_norm.weight"),
         ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+        ("gpt2", "transformer.h.1.ln_2.bias"),
+        ("gpt2", "transformer.wpe.weight"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let src = dir(name);
@@ -635,6 +698,99 @@ fn gguf_bases_of_the_families_merge_into_gguf() {
             );
         }
     }
+}
+
+/// GPT-2 end to end: SFT with SingLoRA on every Conv1D, an adapter file that says
+/// `fan_in_fan_out` (as PEFT writes for GPT-2), and a merge that keeps the (d_in, d_out)
+/// layout and gives the logits of the base with the adapter.
+#[test]
+fn gpt2_trains_and_merges_in_its_conv1d_layout() {
+    use singlora::merge::{merge_checkpoint, MergeOptions};
+    use singlora::train::TrainConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(
+        dir("gpt2").join("model.safetensors"),
+        base.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg = read_json(&dir("gpt2").join("config.json"));
+    cfg["bos_token_id"] = 0.into();
+    cfg["eos_token_id"] = 1.into();
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    write_tiny_tokenizer(&base);
+    let data = tmp.path().join("sft.jsonl");
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            let a = (b'a' + (i % 7) as u8) as char;
+            let b = (b'k' + (i % 5) as u8) as char;
+            serde_json::json!({"prompt": format!("{a}{b}"), "completion": format!(" {b}{a}")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = tmp.path().join("run");
+    let train_cfg = TrainConfig {
+        model: base.clone(),
+        train: data,
+        task: Task::Sft,
+        targets: Some("c_attn,c_proj,c_fc".into()),
+        rank: 2,
+        alpha: 2.0,
+        lr: Some(2e-2),
+        max_steps: Some(6),
+        batch_size: 4,
+        ..TrainConfig::default()
+    };
+    let silent = std::sync::Arc::new(singlora::train::Silent);
+    singlora::train::train(train_cfg, &run, false, silent).unwrap();
+    let af = AdapterFile::read(&run, &Device::Cpu).unwrap();
+    assert!(af.config.fan_in_fan_out);
+    assert_eq!(af.layers.len(), 8, "{:?}", af.layers.keys());
+    assert!(af.layers.keys().all(|k| k.starts_with("transformer.h.")));
+    let merged = tmp.path().join("merged");
+    let f32 = MergeOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    merge_checkpoint(&base, &run, &merged, &f32).unwrap();
+    let m = Checkpoint::open(&merged).unwrap();
+    let c_attn = m
+        .load("transformer.h.1.attn.c_attn.weight", &Device::Cpu)
+        .unwrap();
+    assert_eq!(c_attn.dims(), &[32, 96], "Conv1D layout kept");
+    let load_dir = |d: &Path| {
+        let path = d.join("config.json");
+        let value = read_json(&path);
+        let cfg = Llama::config(&ConfigReader {
+            path: &path,
+            value: &value,
+        })
+        .unwrap();
+        let w = Weights::Checkpoint(Checkpoint::open(d).unwrap());
+        Llama::load(&w, cfg, DType::F32, &Device::Cpu).unwrap()
+    };
+    let mut adapted = TaskModel::new(
+        Body::Llama(load_dir(&base)),
+        Task::Sft,
+        None,
+        Pooling::Last,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    adapted.load_adapter(&af).unwrap();
+    let Body::Llama(adapted) = &adapted.body else {
+        unreachable!()
+    };
+    let (ids, _) = golden_ids("gpt2");
+    let want = logits_of(adapted, &ids);
+    let got = logits_of(&load_dir(&merged), &ids);
+    let diff = rel_diff(&got, &want);
+    assert!(diff <= 1e-5, "merged GPT-2 {diff:e} from base + adapter");
+    // the adapter moved the model
+    assert!(rel_diff(&logits_of(&load_dir(&base), &ids), &want) > 1e-4);
 }
 
 /// A byte-level BPE tokenizer of the fixtures' 40 tokens (letters and the space marker).

@@ -444,9 +444,10 @@ impl AdapterConfig {
         Ok(())
     }
 
-    /// Refuses `fan_in_fan_out` (weights stored (d_in, d_out), as GPT-2's Conv1D) on a model of
-    /// `family`, whose linear weights are stored (d_out, d_in); `layer`, an adapted layer, is
-    /// named in the message. A model of no family singlora knows (`None`) may be transposed.
+    /// Refuses a `fan_in_fan_out` that contradicts how a model of `family` stores its linear
+    /// weights: (d_in, d_out) for GPT-2's Conv1D, (d_out, d_in) for the others; `layer`, an
+    /// adapted layer, is named in the message. A model of no family singlora knows (`None`)
+    /// may be either.
     pub fn check_weight_layout(
         &self,
         family: Option<Family>,
@@ -454,16 +455,22 @@ impl AdapterConfig {
     ) -> Result<()> {
         let layer = layer.map_or("", String::as_str);
         match family {
-            Some(family) if self.fan_in_fan_out => Err(Error::Unsupported {
-                path: self.path().to_path_buf(),
-                field: "fan_in_fan_out".into(),
-                value: "true".into(),
-                hint: format!(
-                    "it says the weights are stored transposed, as GPT-2's Conv1D, but \
-                     {family:?}-family weights such as `{layer}` are stored (out, in); set it to \
-                     false"
-                ),
-            }),
+            Some(family) if self.fan_in_fan_out != family.transposed_weights() => {
+                let (stored, set) = if family.transposed_weights() {
+                    ("(in, out), as GPT-2's Conv1D keeps them", "true")
+                } else {
+                    ("(out, in)", "false")
+                };
+                Err(Error::Unsupported {
+                    path: self.path().to_path_buf(),
+                    field: "fan_in_fan_out".into(),
+                    value: self.fan_in_fan_out.to_string(),
+                    hint: format!(
+                        "{family:?}-family weights such as `{layer}` are stored {stored}; set it \
+                         to {set}"
+                    ),
+                })
+            }
             _ => Ok(()),
         }
     }

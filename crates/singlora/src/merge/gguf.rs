@@ -272,9 +272,11 @@ fn ggml_of(dt: DType) -> Option<GgmlDType> {
 fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Written> {
     let ckpt = Checkpoint::open(base)?;
     let config_path = base.join("config.json");
-    if Family::detect(ckpt.config(), &config_path)? != Family::Llama {
+    let family = Family::detect(ckpt.config(), &config_path)?;
+    if family != Family::Llama {
         return Err(Error::msg(format!(
-            "{}: GGUF export writes LLaMA-family models (llama, mistral, qwen2, qwen3, SmolLM2); this one is a BERT-family encoder",
+            "{}: GGUF export writes LLaMA-family models (llama, mistral, qwen2, qwen3, gemma3, \
+             phi3, SmolLM2); this one is of the {family:?} family",
             base.display()
         )));
     }

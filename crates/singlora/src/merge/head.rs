@@ -94,7 +94,7 @@ pub(crate) fn place(
                 .into(),
         ),
         (Family::Bert, Pooling::Cls) => Ok(("BertForSequenceClassification", None)),
-        (Family::Llama, Pooling::Last) => last_token_class(base).map(|(a, pad)| (a, Some(pad))),
+        (Family::Llama | Family::Gpt2, Pooling::Last) => last_token_class(base).map(|(a, pad)| (a, Some(pad))),
         (_, Pooling::Mean) => Err(
             "transformers has no sequence-classification class that pools by the mean of the tokens (BertForSequenceClassification would score [CLS] through the pooler, a LLaMA-family one the last token)"
                 .into(),
@@ -126,6 +126,7 @@ fn last_token_class(base: &BaseFacts) -> std::result::Result<(&'static str, u32)
     let mt = base.model_type();
     let arch = match mt {
         "llama" => "LlamaForSequenceClassification",
+        "gpt2" => "GPT2ForSequenceClassification",
         "mistral" => "MistralForSequenceClassification",
         "qwen2" => "Qwen2ForSequenceClassification",
         _ => {

@@ -13,6 +13,11 @@
 //!   optional final logit soft-capping.
 //! - Phi-3: q, k and v from one fused `qkv_proj` and gate and up from one `gate_up_proj`
 //!   (adapters sit on the fused projections, as PEFT names them).
+//! - GPT-2: LayerNorm with biases instead of RMSNorm; learned absolute positions (`wpe`) added
+//!   to the embedding instead of RoPE; q, k, v from one `c_attn`; a plain MLP
+//!   `c_proj(gelu(c_fc(x)))`; biases on every projection; weights stored (d_in, d_out) as
+//!   its Conv1D keeps them (transposed at load; adapters sit on `c_attn`, `attn.c_proj`,
+//!   `c_fc`, `mlp.c_proj` as PEFT names them, with `fan_in_fan_out`); the head tied to `wte`.
 //!
 //! config.json is read as transformers 5 reads it, and every key that changes this math is
 //! either implemented or refused by name:
@@ -42,10 +47,10 @@ use super::weights::{refuse_unread, ConfigReader, Weights};
 use super::{load_linear, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
-use crate::linear::frozen_matmul;
+use crate::linear::{frozen_matmul, FrozenLinear};
 use crate::ops::{
-    attention_block, key_lens, masked_attention, rms_norm, rope_split, rope_tables_at, swiglu,
-    FastPath, Segments,
+    attention_block, key_lens, layer_norm, masked_attention, rms_norm, rope_split, rope_tables_at,
+    swiglu, FastPath, Segments,
 };
 
 #[cfg(feature = "cuda")]
@@ -87,20 +92,40 @@ pub struct LlamaConfig {
     pub mlp_act: MlpAct,
     /// Phi-3: one `qkv_proj` and one `gate_up_proj` per layer.
     pub fused_projections: bool,
+    /// GPT-2's layout (see the module documentation).
+    pub gpt2: bool,
+    /// Learned absolute positions (GPT-2's `n_positions`): sequences longer are refused.
+    pub learned_positions: Option<usize>,
 }
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MlpAct {
     Silu,
-    /// GELU in its tanh approximation (`gelu_pytorch_tanh`).
+    /// GELU in its tanh approximation (`gelu_pytorch_tanh`, GPT-2's `gelu_new`).
     GeluTanh,
+    /// GELU with erf (`gelu`).
+    GeluErf,
+}
+
+impl MlpAct {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            MlpAct::Silu => candle_nn::ops::silu(x)?,
+            MlpAct::GeluTanh => x.gelu()?,
+            MlpAct::GeluErf => x.gelu_erf()?,
+        })
+    }
 }
 
 impl LlamaConfig {
     /// Whether the model is the plain LLaMA layout that the CUDA layer kernels implement.
     pub fn is_plain(&self) -> bool {
-        !(self.qk_norm || self.gemma || self.fused_projections || self.local_rope.is_some())
+        !(self.qk_norm
+            || self.gemma
+            || self.fused_projections
+            || self.gpt2
+            || self.local_rope.is_some())
             && self.mlp_act == MlpAct::Silu
             && self.query_scale == 1.0
             && self.final_softcap.is_none()
@@ -559,6 +584,77 @@ pub(crate) fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rop
     ))
 }
 
+/// GPT-2's config.json (`GPT2Config`'s own field names; transformers 5 reads the same).
+fn gpt2_config(c: &ConfigReader) -> Result<LlamaConfig> {
+    let hidden = c.usize("n_embd")?;
+    let heads = c.usize("n_head")?;
+    if heads == 0 || hidden % heads != 0 || (hidden / heads) % 2 != 0 {
+        return Err(Error::bad_field(
+            c.path,
+            "n_head",
+            format!("{heads} heads do not split n_embd {hidden} into heads of an even size"),
+        ));
+    }
+    let head_dim = hidden / heads;
+    let intermediate = match c.get("n_inner") {
+        None | Some(Value::Null) => 4 * hidden,
+        Some(_) => c.usize("n_inner")?,
+    };
+    let mlp_act = match c.str_or("activation_function", "gelu_new")? {
+        // one formula written three ways
+        "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => MlpAct::GeluTanh,
+        "gelu" => MlpAct::GeluErf,
+        _ => {
+            return Err(c.unsupported(
+                "activation_function",
+                "GPT-2's MLP is implemented with gelu_new (tanh GELU) and gelu",
+            ))
+        }
+    };
+    c.refuse_unless(
+        "scale_attn_weights",
+        |v| v.as_bool() == Some(true),
+        "attention without the 1/sqrt(head size) scale is not implemented",
+    )?;
+    c.refuse_unless(
+        "scale_attn_by_inverse_layer_idx",
+        |v| v.as_bool() == Some(false),
+        "scaling attention by 1/(layer + 1) is not implemented",
+    )?;
+    c.refuse_unless(
+        "add_cross_attention",
+        |v| v.as_bool() == Some(false),
+        "cross-attention (an encoder-decoder GPT-2) is not implemented",
+    )?;
+    let n_positions = c.usize_or("n_positions", Some(1024))?;
+    Ok(LlamaConfig {
+        hidden,
+        intermediate,
+        layers: c.usize("n_layer")?,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        vocab: c.usize("vocab_size")?,
+        eps: c.f64_or("layer_norm_epsilon", 1e-5)?,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        // no RoPE: zero frequencies rotate nothing
+        inv_freq: vec![0.0; head_dim / 2],
+        qkv_bias: true,
+        o_bias: true,
+        mlp_bias: true,
+        sliding_window: None,
+        local_rope: None,
+        qk_norm: false,
+        gemma: false,
+        query_scale: 1.0,
+        final_softcap: None,
+        mlp_act,
+        fused_projections: true,
+        gpt2: true,
+        learned_positions: Some(n_positions),
+    })
+}
+
 /// The attention's input projections: separate q, k and v, or Phi-3's one `qkv_proj`.
 // one per layer: the variants' sizes do not matter
 #[allow(clippy::large_enum_variant)]
@@ -571,13 +667,15 @@ enum QkvProj {
     Fused(AdaptedLinear),
 }
 
-/// The MLP's input projections: separate gate and up, or Phi-3's one `gate_up_proj`.
+/// The MLP's input projections: separate gate and up, Phi-3's one `gate_up_proj`, or GPT-2's
+/// ungated `c_fc`.
 enum GateUpProj {
     Split {
         gate: AdaptedLinear,
         up: AdaptedLinear,
     },
     Fused(AdaptedLinear),
+    Ungated(AdaptedLinear),
 }
 
 struct Layer {
@@ -591,6 +689,16 @@ struct Layer {
     qk_norm: Option<(Tensor, Tensor)>,
     /// Gemma's norms of the attention's and the MLP's outputs.
     post_norms: Option<(Tensor, Tensor)>,
+    /// GPT-2: the biases of `ln1` and `ln2`, which are then LayerNorms.
+    ln_bias: Option<(Tensor, Tensor)>,
+}
+
+/// RMSNorm with weight `w`, or LayerNorm with `w` and the bias `b` where there is one.
+fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    match b {
+        Some(b) => layer_norm(x, w, b, eps),
+        None => rms_norm(x, w, eps),
+    }
 }
 
 impl Layer {
@@ -603,7 +711,7 @@ impl Layer {
         v.push(&self.o);
         match &self.gate_up {
             GateUpProj::Split { gate, up } => v.extend([gate, up]),
-            GateUpProj::Fused(p) => v.push(p),
+            GateUpProj::Fused(p) | GateUpProj::Ungated(p) => v.push(p),
         }
         v.push(&self.down);
         v
@@ -617,7 +725,7 @@ impl Layer {
         v.push(&mut self.o);
         match &mut self.gate_up {
             GateUpProj::Split { gate, up } => v.extend([gate, up]),
-            GateUpProj::Fused(p) => v.push(p),
+            GateUpProj::Fused(p) | GateUpProj::Ungated(p) => v.push(p),
         }
         v.push(&mut self.down);
         v
@@ -656,7 +764,7 @@ impl Layer {
             a = rms_norm(&a, post_attn, c.eps)?;
         }
         let x = (x + a)?;
-        let hn = rms_norm(&x, &self.ln2, c.eps)?;
+        let hn = norm(&x, &self.ln2, self.ln_bias.as_ref().map(|b| &b.1), c.eps)?;
         let ff = c.intermediate;
         let (g, u) = match &self.gate_up {
             GateUpProj::Split { gate, up } => (gate.forward(&hn)?, up.forward(&hn)?),
@@ -667,10 +775,14 @@ impl Layer {
                     y.narrow(2, ff, ff)?.contiguous()?,
                 )
             }
+            GateUpProj::Ungated(p) => {
+                let m = self.down.forward(&c.mlp_act.apply(&p.forward(&hn)?)?)?;
+                return Ok((x + m)?);
+            }
         };
         let f = match c.mlp_act {
             MlpAct::Silu => swiglu(&g, &u)?,
-            MlpAct::GeluTanh => (g.gelu()? * u)?,
+            act => (act.apply(&g)? * u)?,
         };
         let mut m = self.down.forward(&f)?;
         if let Some((_, post_ffn)) = &self.post_norms {
@@ -764,6 +876,54 @@ impl KvCache {
     }
 }
 
+/// The vocabulary projection: tied to the embedding `embed` (stored as `embed_name`; a stored
+/// `lm_head.weight` must then equal it), the checkpoint's own `lm_head`, or none.
+#[allow(clippy::too_many_arguments)]
+fn vocab_head(
+    w: &Weights,
+    cfg: &LlamaConfig,
+    embed: &Tensor,
+    embed_name: &str,
+    read: &mut BTreeSet<String>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VocabHead> {
+    let h = cfg.hidden;
+    let mut take = |name: &str| read.insert(name.to_string());
+    let has_head = w.contains("lm_head.weight");
+    Ok(if cfg.tie_embeddings {
+        if has_head {
+            // transformers ties the head to the embedding and so never reads this copy
+            let head = w.get_shaped("lm_head.weight", &[cfg.vocab, h], dtype, device)?;
+            if (head - embed)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                != 0.0
+            {
+                return Err(Error::msg(format!(
+                    "{}: config.json ties the vocabulary projection to the embedding \
+                         (`tie_word_embeddings`), but the checkpoint's `lm_head.weight` differs \
+                         from `{embed_name}`; set tie_word_embeddings to false to \
+                         use the checkpoint's head",
+                    w.source().display()
+                )));
+            }
+            take("lm_head.weight");
+        }
+        VocabHead::Tied
+    } else if has_head {
+        take("lm_head.weight");
+        VocabHead::Own(load_linear(
+            w, "lm_head", cfg.vocab, h, false, dtype, device,
+        )?)
+    } else {
+        VocabHead::Missing
+    })
+}
+
 /// Where the vocabulary logits come from.
 enum VocabHead {
     Own(AdaptedLinear),
@@ -783,6 +943,10 @@ pub struct Llama {
     dtype: DType,
     /// Gemma's embedding scale: √h rounded to the model's dtype, as transformers multiplies.
     embed_scale: Option<f64>,
+    /// GPT-2: the final LayerNorm's bias.
+    norm_bias: Option<Tensor>,
+    /// GPT-2: the learned position embeddings (n_positions, h).
+    positions: Option<Tensor>,
     /// Benchmarks of the frozen base: make the embedded input a leaf variable so the backward
     /// runs through every layer without any trainable parameter.
     pub grad_from_embeddings: bool,
@@ -795,6 +959,9 @@ pub struct Llama {
 impl Llama {
     pub fn config(c: &ConfigReader) -> Result<LlamaConfig> {
         let model_type = c.str_or("model_type", "llama")?;
+        if model_type == "gpt2" {
+            return gpt2_config(c);
+        }
         let hidden = c.usize("hidden_size")?;
         let heads = c.usize("num_attention_heads")?;
         let kv_heads = c.usize_or("num_key_value_heads", Some(heads))?;
@@ -912,6 +1079,8 @@ impl Llama {
             final_softcap,
             mlp_act,
             fused_projections: model_type == "phi3",
+            gpt2: false,
+            learned_positions: None,
         })
     }
 
@@ -919,6 +1088,9 @@ impl Llama {
         let h = cfg.hidden;
         let qd = cfg.heads * cfg.head_dim;
         let kvd = cfg.kv_heads * cfg.head_dim;
+        if cfg.gpt2 {
+            return Self::load_gpt2(w, cfg, dtype, device);
+        }
         let mut read = BTreeSet::new();
         let mut take = |name: &str| read.insert(name.to_string());
         let embed = w.get_shaped("model.embed_tokens.weight", &[cfg.vocab, h], dtype, device)?;
@@ -985,42 +1157,20 @@ impl Llama {
                 ln2,
                 qk_norm,
                 post_norms,
+                ln_bias: None,
             });
         }
         let norm = norm_weight(w, "model.norm.weight", h, cfg.gemma, device)?;
         take("model.norm.weight");
-        let has_head = w.contains("lm_head.weight");
-        let lm_head = if cfg.tie_embeddings {
-            if has_head {
-                // transformers ties the head to the embedding and so never reads this copy
-                let head = w.get_shaped("lm_head.weight", &[cfg.vocab, h], dtype, device)?;
-                if (head - &embed)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?
-                    != 0.0
-                {
-                    return Err(Error::msg(format!(
-                        "{}: config.json ties the vocabulary projection to the embedding \
-                         (`tie_word_embeddings`), but the checkpoint's `lm_head.weight` differs \
-                         from `model.embed_tokens.weight`; set tie_word_embeddings to false to \
-                         use the checkpoint's head",
-                        w.source().display()
-                    )));
-                }
-                take("lm_head.weight");
-            }
-            VocabHead::Tied
-        } else if has_head {
-            take("lm_head.weight");
-            VocabHead::Own(load_linear(
-                w, "lm_head", cfg.vocab, h, false, dtype, device,
-            )?)
-        } else {
-            VocabHead::Missing
-        };
+        let lm_head = vocab_head(
+            w,
+            &cfg,
+            &embed,
+            "model.embed_tokens.weight",
+            &mut read,
+            dtype,
+            device,
+        )?;
         let owned = |n: &str| n.starts_with("model.") || n.starts_with("lm_head.");
         // a non-persistent buffer that older checkpoints saved and transformers recomputes
         let owned = |n: &str| owned(n) && !n.ends_with(".rotary_emb.inv_freq");
@@ -1049,6 +1199,89 @@ impl Llama {
             headless,
             dtype,
             embed_scale,
+            norm_bias: None,
+            positions: None,
+            grad_from_embeddings: false,
+            recompute: false,
+        })
+    }
+
+    /// GPT-2 (`GPT2LMHeadModel`'s names, with or without its `transformer.` prefix; the
+    /// modules are named with it, as PEFT names them).
+    fn load_gpt2(w: &Weights, cfg: LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let (h, ff) = (cfg.hidden, cfg.intermediate);
+        let prefix = if w.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let mut read = BTreeSet::new();
+        let mut get = |name: &str, shape: &[usize], dt: DType| {
+            let full = format!("{prefix}{name}");
+            read.insert(full.clone());
+            w.get_shaped(&full, shape, dt, device)
+        };
+        let wte = get("wte.weight", &[cfg.vocab, h], dtype)?;
+        let n_positions = cfg.learned_positions.unwrap_or_default();
+        let wpe = get("wpe.weight", &[n_positions, h], dtype)?;
+        let mut layers = vec![];
+        for i in 0..cfg.layers {
+            let p = |s: &str| format!("h.{i}.{s}");
+            // Conv1D: (d_in, d_out) stored, (d_out, d_in) kept
+            let mut conv = |s: &str, d_in: usize, d_out: usize| -> Result<AdaptedLinear> {
+                let weight = get(&p(&format!("{s}.weight")), &[d_in, d_out], dtype)?;
+                let bias = get(&p(&format!("{s}.bias")), &[d_out], dtype)?;
+                let base = FrozenLinear::new(weight.t()?.contiguous()?, Some(bias));
+                Ok(AdaptedLinear::new(format!("transformer.{}", p(s)), base))
+            };
+            let qkv = QkvProj::Fused(conv("attn.c_attn", h, 3 * h)?);
+            let o = conv("attn.c_proj", h, h)?;
+            let gate_up = GateUpProj::Ungated(conv("mlp.c_fc", h, ff)?);
+            let down = conv("mlp.c_proj", ff, h)?;
+            let mut ln = |s: &str| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    get(&p(&format!("{s}.weight")), &[h], DType::F32)?,
+                    get(&p(&format!("{s}.bias")), &[h], DType::F32)?,
+                ))
+            };
+            let (ln1, b1) = ln("ln_1")?;
+            let (ln2, b2) = ln("ln_2")?;
+            layers.push(Layer {
+                qkv,
+                o,
+                gate_up,
+                down,
+                ln1,
+                ln2,
+                qk_norm: None,
+                post_norms: None,
+                ln_bias: Some((b1, b2)),
+            });
+        }
+        let norm = get("ln_f.weight", &[h], DType::F32)?;
+        let norm_bias = get("ln_f.bias", &[h], DType::F32)?;
+        let embed_name = format!("{prefix}wte.weight");
+        let lm_head = vocab_head(w, &cfg, &wte, &embed_name, &mut read, dtype, device)?;
+        // the causal-mask buffers that older checkpoints saved and transformers rebuilds
+        let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias");
+        let owned = |n: &str| (n.starts_with(prefix) || n.starts_with("lm_head.")) && !buffer(n);
+        refuse_unread(w, &read, owned)?;
+        let (lm_head, headless) = match lm_head {
+            VocabHead::Own(l) => (Some(l), None),
+            VocabHead::Tied => (None, None),
+            VocabHead::Missing => (None, Some(w.source())),
+        };
+        Ok(Self {
+            cfg,
+            embed: wte,
+            layers,
+            norm,
+            lm_head,
+            headless,
+            dtype,
+            embed_scale: None,
+            norm_bias: Some(norm_bias),
+            positions: Some(wpe),
             grad_from_embeddings: false,
             recompute: false,
         })
@@ -1078,6 +1311,14 @@ impl Llama {
     /// Refuses a sequence of `t` tokens that would reach past the sliding attention window,
     /// where transformers' attention differs from the full causal attention computed here.
     pub fn check_len(&self, t: usize) -> Result<()> {
+        if let Some(n) = self.cfg.learned_positions {
+            if t > n {
+                return Err(Error::msg(format!(
+                    "a sequence of {t} tokens is longer than this model's {n} learned positions \
+                     (config.json's `n_positions`): use --max-length {n} or less"
+                )));
+            }
+        }
         match self.cfg.sliding_window {
             Some(w) if t > w => Err(Error::msg(format!(
                 "a sequence of {t} tokens is longer than this model's sliding attention window \
@@ -1112,6 +1353,25 @@ impl Llama {
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
+        if let Some(wpe) = &self.positions {
+            // each example's positions from 0, packed or not; padding at 0
+            let mut pos = vec![0u32; b * t];
+            let rows: Vec<Vec<usize>> = match &batch.segments {
+                Some(s) => s.clone(),
+                None => vec![vec![t]; b],
+            };
+            for (r, row) in rows.iter().enumerate() {
+                let mut at = r * t;
+                for &len in row {
+                    for (j, p) in pos[at..at + len].iter_mut().enumerate() {
+                        *p = j as u32;
+                    }
+                    at += len;
+                }
+            }
+            let pe = wpe.index_select(&Tensor::new(pos, x.device())?, 0)?;
+            x = (x + pe.reshape((b, t, c.hidden))?)?;
+        }
         if self.grad_from_embeddings {
             x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
         }
@@ -1132,7 +1392,7 @@ impl Llama {
         };
         let ropes = LayerRopes::new(c, 0, rope_len, table_dt, x.device())?;
         for (i, l) in self.layers.iter().enumerate() {
-            let hn = rms_norm(&x, &l.ln1, c.eps)?;
+            let hn = norm(&x, &l.ln1, l.ln_bias.as_ref().map(|b| &b.0), c.eps)?;
             let (q, k, v) = l.qkv(&hn, c)?;
             let (cos, sin) = ropes.of_layer(i);
             let attend = |q: &Tensor, k: &Tensor, v: &Tensor| {
@@ -1145,7 +1405,7 @@ impl Llama {
             };
             x = l.finish(&x, &a, c)?;
         }
-        rms_norm(&x, &self.norm, c.eps)
+        self.final_norm(&x)
     }
 
     /// An empty cache of keys and values for [`Llama::forward_cached`].
@@ -1178,6 +1438,9 @@ impl Llama {
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
+        if let Some(wpe) = &self.positions {
+            x = x.broadcast_add(&wpe.narrow(0, p0, n)?.unsqueeze(0)?)?;
+        }
         let table_dt = if device.is_cpu() {
             self.dtype
         } else {
@@ -1185,7 +1448,7 @@ impl Llama {
         };
         let ropes = LayerRopes::new(c, p0, n, table_dt, device)?;
         for (i, l) in self.layers.iter().enumerate() {
-            let hn = rms_norm(&x, &l.ln1, c.eps)?;
+            let hn = norm(&x, &l.ln1, l.ln_bias.as_ref().map(|b| &b.0), c.eps)?;
             let (q, k, v) = l.qkv(&hn, c)?;
             let (cos, sin) = ropes.of_layer(i);
             let q = rope_split(&q, cos, sin, c.heads, true)?;
@@ -1203,12 +1466,12 @@ impl Llama {
         }
         cache.len = p0 + n;
         let last = x.narrow(1, n - 1, 1)?.reshape((1, c.hidden))?;
-        rms_norm(&last, &self.norm, c.eps)
+        self.final_norm(&last)
     }
 
     /// The final norm of the residual stream (b, t, h).
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.cfg.eps)
+        norm(x, &self.norm, self.norm_bias.as_ref(), self.cfg.eps)
     }
 
     /// Vocabulary logits for hidden rows (n, h) → (n, vocab).

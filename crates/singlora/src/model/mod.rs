@@ -61,6 +61,8 @@ pub(crate) fn load_linear(
 pub enum Family {
     Bert,
     Llama,
+    /// GPT-2: a decoder run by the LLaMA-family code, with Conv1D weights stored (d_in, d_out).
+    Gpt2,
 }
 
 impl Family {
@@ -76,13 +78,14 @@ impl Family {
             }
             "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3_text" | "phi3" | "smollm"
             | "smollm2" => Ok(Family::Llama),
+            "gpt2" => Ok(Family::Gpt2),
             "" => Err(Error::bad_field(path, "model_type", "is missing")),
             other => Err(Error::bad_field(
                 path,
                 "model_type",
                 format!(
                     "`{other}` is not supported (BERT-family: bert, roberta; LLaMA-family: \
-                     llama, mistral, qwen2, qwen3, gemma3_text, phi3)"
+                     llama, mistral, qwen2, qwen3, gemma3_text, phi3; gpt2)"
                 ),
             )),
         }
@@ -94,14 +97,22 @@ impl Family {
         match self {
             Family::Bert => "query,key,value,attention.output.dense",
             Family::Llama => "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            // PEFT's default for GPT-2: the fused query/key/value projection
+            Family::Gpt2 => "c_attn",
         }
+    }
+
+    /// Whether linear weights are stored (d_in, d_out) (GPT-2's Conv1D; PEFT's
+    /// `fan_in_fan_out`) rather than (d_out, d_in).
+    pub fn transposed_weights(&self) -> bool {
+        *self == Family::Gpt2
     }
 
     /// transformers' name for the classification head.
     pub fn head_name(&self) -> &'static str {
         match self {
             Family::Bert => "classifier",
-            Family::Llama => "score",
+            Family::Llama | Family::Gpt2 => "score",
         }
     }
 }
@@ -149,7 +160,7 @@ impl Pooling {
     /// the checkpoint has one, else the mean.
     pub fn default_for(family: Family, has_pooler: bool, sentence_transformers: bool) -> Self {
         match family {
-            Family::Llama => Pooling::Last,
+            Family::Llama | Family::Gpt2 => Pooling::Last,
             Family::Bert if sentence_transformers => Pooling::Mean,
             Family::Bert if has_pooler => Pooling::Cls,
             Family::Bert => Pooling::Mean,
@@ -167,7 +178,9 @@ impl Body {
     /// split ones.
     pub fn default_targets(&self) -> &'static str {
         match self {
-            Body::Llama(l) if l.cfg.fused_projections => "qkv_proj,o_proj,gate_up_proj,down_proj",
+            Body::Llama(l) if l.cfg.fused_projections && !l.cfg.gpt2 => {
+                "qkv_proj,o_proj,gate_up_proj,down_proj"
+            }
             _ => self.family().default_targets(),
         }
     }
@@ -175,6 +188,7 @@ impl Body {
     pub fn family(&self) -> Family {
         match self {
             Body::Bert(_) => Family::Bert,
+            Body::Llama(l) if l.cfg.gpt2 => Family::Gpt2,
             Body::Llama(_) => Family::Llama,
         }
     }
@@ -280,7 +294,7 @@ impl Pretrained {
             Family::Bert => {
                 Body::Bert(Bert::load(&weights, Bert::config(&reader)?, dtype, device)?)
             }
-            Family::Llama => Body::Llama(Llama::load(
+            Family::Llama | Family::Gpt2 => Body::Llama(Llama::load(
                 &weights,
                 Llama::config(&reader)?,
                 dtype,

@@ -273,6 +273,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         model.inject(&spec, &targets, clock)?
     };
     let mut adapter_config = AdapterConfig::for_spec(&spec, ramp, &targets);
+    adapter_config.fan_in_fan_out = family.transposed_weights();
     adapter_config.base_model_name_or_path = Some(cfg.model.to_string_lossy().into_owned());
     adapter_config.task_type = Some(match task {
         Task::Classify => "SEQ_CLS".into(),
