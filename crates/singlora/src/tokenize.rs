@@ -78,8 +78,14 @@ const EOS_TOKENS: &[&str] = &[
 
 /// Reads a token id from a config field: an integer, or a list of integers (the first is
 /// taken). `null`, a missing field or anything else gives `None`.
+/// `field` of config.json, or of its `text_config` (multimodal models such as Gemma 3 keep the
+/// language model's ids there).
 fn config_id(config: Option<&Value>, field: &str) -> Option<u32> {
-    let v = config?.get(field)?;
+    let config = config?;
+    let v = config
+        .get(field)
+        .filter(|v| !v.is_null())
+        .or_else(|| config.get("text_config")?.get(field))?;
     let v = match v {
         Value::Array(items) => items.first()?,
         other => other,
@@ -275,6 +281,10 @@ mod tests {
         let st = special_tokens(&tok, Some(&cfg));
         assert_eq!(st.bos, Some(7));
         assert_eq!(st.eos, Some(9));
+        let multimodal =
+            json!({"text_config": {"bos_token_id": 5, "eos_token_id": 6}, "eos_token_id": 8});
+        let st = special_tokens(&tok, Some(&multimodal));
+        assert_eq!((st.bos, st.eos), (Some(5), Some(8)));
         assert_eq!(st.pad, 0, "null pad id: found in the vocabulary");
         // A tokenizer with no pad token in its vocabulary pads with eos.
         let bare = Tokenizer::new(

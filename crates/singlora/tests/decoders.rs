@@ -793,6 +793,136 @@ fn gpt2_trains_and_merges_in_its_conv1d_layout() {
     assert!(rel_diff(&logits_of(&load_dir(&base), &ids), &want) > 1e-4);
 }
 
+/// A multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration: the settings in
+/// `text_config`, the language model stored as `language_model.model.…` beside a vision tower)
+/// trains on its language model: the text fixture's logits, modules named as PEFT names them
+/// there, an adapter that names its modules (PEFT would also match the vision tower's
+/// `q_proj`), and a merge that writes the language model's weights under their stored names
+/// and copies the vision tower untouched.
+#[test]
+fn gemma3_multimodal_checkpoints_train_their_language_model() {
+    use singlora::merge::{merge_checkpoint, MergeOptions};
+    use singlora::train::TrainConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let text = read_json(&dir("gemma3").join("config.json"));
+    let mut cfg = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text, "tie_word_embeddings": true, "image_token_index": 39,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+    });
+    cfg["text_config"]["bos_token_id"] = 0.into();
+    cfg["text_config"]["eos_token_id"] = 1.into();
+    std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for (k, v) in
+        candle_core::safetensors::load(dir("gemma3").join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+    {
+        tensors.insert(format!("language_model.{k}"), v);
+    }
+    let vision = "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight";
+    let v = Tensor::arange(0f32, 64.0, &Device::Cpu)
+        .unwrap()
+        .reshape((8, 8))
+        .unwrap();
+    tensors.insert(vision.to_string(), v.clone());
+    tensors.insert(
+        "multi_modal_projector.mm_input_projection_weight".into(),
+        v.clone(),
+    );
+    candle_core::safetensors::save(&tensors, base.join("model.safetensors")).unwrap();
+    write_tiny_tokenizer(&base);
+
+    let pre = singlora::model::Pretrained::load(&base, DType::F32, &Device::Cpu).unwrap();
+    let Body::Llama(mm) = &pre.body else {
+        panic!("not a decoder")
+    };
+    let (ids, _) = golden_ids("gemma3");
+    assert_eq!(
+        rel_diff(&logits_of(mm, &ids), &logits_of(&load("gemma3"), &ids)),
+        0.0
+    );
+    assert_eq!(
+        mm.linears()[0].name(),
+        "model.language_model.layers.0.self_attn.q_proj"
+    );
+
+    let data = tmp.path().join("sft.jsonl");
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            let a = (b'a' + (i % 6) as u8) as char;
+            serde_json::json!({"prompt": format!("{a}b"), "completion": format!(" c{a}")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = tmp.path().join("run");
+    let train_cfg = TrainConfig {
+        model: base.clone(),
+        train: data,
+        task: Task::Sft,
+        targets: Some("q_proj,v_proj".into()),
+        rank: 2,
+        alpha: 2.0,
+        lr: Some(2e-2),
+        max_steps: Some(4),
+        batch_size: 4,
+        ..TrainConfig::default()
+    };
+    let silent = std::sync::Arc::new(singlora::train::Silent);
+    singlora::train::train(train_cfg, &run, false, silent).unwrap();
+    let af = AdapterFile::read(&run, &Device::Cpu).unwrap();
+    let names: Vec<&String> = af.layers.keys().collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert_eq!(
+        af.config.target_modules,
+        serde_json::json!(names),
+        "the adapted modules by name"
+    );
+    let merged = tmp.path().join("merged");
+    let f32 = MergeOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    merge_checkpoint(&base, &run, &merged, &f32).unwrap();
+    let m = Checkpoint::open(&merged).unwrap();
+    assert_eq!(m.names().count(), tensors.len());
+    assert_eq!(
+        m.load(vision, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        v.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let q = "language_model.model.layers.1.self_attn.q_proj.weight";
+    let before = tensors[q].clone();
+    assert!(
+        rel_diff(&m.load(q, &Device::Cpu).unwrap(), &before) > 1e-6,
+        "q_proj merged"
+    );
+    let mut adapted =
+        TaskModel::new(pre.body, Task::Sft, None, Pooling::Last, 0, &Device::Cpu).unwrap();
+    adapted.load_adapter(&af).unwrap();
+    let Body::Llama(adapted) = &adapted.body else {
+        unreachable!()
+    };
+    let merged_model = singlora::model::Pretrained::load(&merged, DType::F32, &Device::Cpu)
+        .unwrap()
+        .body;
+    let Body::Llama(merged_model) = &merged_model else {
+        unreachable!()
+    };
+    let diff = rel_diff(&logits_of(merged_model, &ids), &logits_of(adapted, &ids));
+    assert!(
+        diff <= 1e-5,
+        "merged multimodal Gemma 3 {diff:e} from base + adapter"
+    );
+}
+
 /// A byte-level BPE tokenizer of the fixtures' 40 tokens (letters and the space marker).
 fn write_tiny_tokenizer(dir: &Path) {
     let mut vocab = serde_json::Map::new();

@@ -38,6 +38,12 @@ impl AdaptedLinear {
         self
     }
 
+    /// The same layer under the module name `name`.
+    pub fn renamed(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

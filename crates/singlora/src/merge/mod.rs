@@ -77,11 +77,37 @@ impl MergeReport {
     }
 }
 
+/// Module names and the prefixes checkpoints store them under where the two differ: Gemma 3's
+/// multimodal checkpoints keep `model.language_model.…` as `language_model.model.…` (and an
+/// untied head as `language_model.lm_head`), the hub's GPT-2 keeps `transformer.…` bare.
+const STORED_PREFIXES: [(&str, &str); 3] = [
+    ("model.language_model.", "language_model.model."),
+    ("lm_head", "language_model.lm_head"),
+    ("transformer.", ""),
+];
+
+/// The checkpoint's name of `module`'s weight: `{module}.weight`, or where the checkpoint keeps
+/// it under another prefix ([`STORED_PREFIXES`]), that name.
+pub(crate) fn stored_weight_name(ckpt: &Checkpoint, module: &str) -> String {
+    let name = format!("{module}.weight");
+    if ckpt.contains(&name) {
+        return name;
+    }
+    STORED_PREFIXES
+        .iter()
+        .filter_map(|(named, stored)| {
+            let rest = module.strip_prefix(named)?;
+            Some(format!("{stored}{rest}.weight"))
+        })
+        .find(|alt| ckpt.contains(alt))
+        .unwrap_or(name)
+}
+
 /// Loads `module`'s base weight as (d_out, d_in), undoing a Conv1D (fan_in_fan_out) layout.
 /// The weight must be a float tensor: an integer or 8-bit one (a quantised checkpoint) cannot
 /// take W0 + ΔW.
 pub(crate) fn base_weight(ckpt: &Checkpoint, module: &str, fan_in_fan_out: bool) -> Result<Tensor> {
-    let name = format!("{module}.weight");
+    let name = stored_weight_name(ckpt, module);
     let (Some(file), Some(meta)) = (ckpt.file_of(&name), ckpt.meta(&name)) else {
         return Err(Error::msg(format!(
             "the adapter has a layer `{module}` but the base {} has no tensor `{name}`",
@@ -219,14 +245,23 @@ fn merged_weights_as(
     af: &AdapterFile,
     dtype: Option<DType>,
 ) -> Result<(BTreeMap<String, Tensor>, f64)> {
-    merge_layers(
+    let (merged, change) = merge_layers(
         af,
         |name| {
             let module = name.strip_suffix(".weight").unwrap_or(name);
             base_weight(ckpt, module, false)
         },
         dtype,
-    )
+    )?;
+    // written back under the checkpoint's own names
+    let merged = merged
+        .into_iter()
+        .map(|(name, w)| {
+            let module = name.strip_suffix(".weight").unwrap_or(&name);
+            (stored_weight_name(ckpt, module), w)
+        })
+        .collect();
+    Ok((merged, change))
 }
 
 /// Merges an adapter trained on a GGUF model into a Hugging Face checkpoint: every tensor

@@ -876,25 +876,27 @@ impl KvCache {
     }
 }
 
-/// The vocabulary projection: tied to the embedding `embed` (stored as `embed_name`; a stored
-/// `lm_head.weight` must then equal it), the checkpoint's own `lm_head`, or none.
+/// The vocabulary projection (the module `lm_head`, stored as `head`): tied to the embedding
+/// `embed` (stored as `embed_name`; a stored head must then equal it), the checkpoint's own,
+/// or none.
 #[allow(clippy::too_many_arguments)]
 fn vocab_head(
     w: &Weights,
     cfg: &LlamaConfig,
-    embed: &Tensor,
-    embed_name: &str,
+    (embed, embed_name): (&Tensor, &str),
+    head: &str,
     read: &mut BTreeSet<String>,
     dtype: DType,
     device: &Device,
 ) -> Result<VocabHead> {
     let h = cfg.hidden;
+    let head_name = format!("{head}.weight");
     let mut take = |name: &str| read.insert(name.to_string());
-    let has_head = w.contains("lm_head.weight");
+    let has_head = w.contains(&head_name);
     Ok(if cfg.tie_embeddings {
         if has_head {
             // transformers ties the head to the embedding and so never reads this copy
-            let head = w.get_shaped("lm_head.weight", &[cfg.vocab, h], dtype, device)?;
+            let head = w.get_shaped(&head_name, &[cfg.vocab, h], dtype, device)?;
             if (head - embed)?
                 .abs()?
                 .flatten_all()?
@@ -905,20 +907,18 @@ fn vocab_head(
             {
                 return Err(Error::msg(format!(
                     "{}: config.json ties the vocabulary projection to the embedding \
-                         (`tie_word_embeddings`), but the checkpoint's `lm_head.weight` differs \
+                         (`tie_word_embeddings`), but the checkpoint's `{head_name}` differs \
                          from `{embed_name}`; set tie_word_embeddings to false to \
                          use the checkpoint's head",
                     w.source().display()
                 )));
             }
-            take("lm_head.weight");
+            take(&head_name);
         }
         VocabHead::Tied
     } else if has_head {
-        take("lm_head.weight");
-        VocabHead::Own(load_linear(
-            w, "lm_head", cfg.vocab, h, false, dtype, device,
-        )?)
+        take(&head_name);
+        VocabHead::Own(load_linear(w, head, cfg.vocab, h, false, dtype, device)?.renamed("lm_head"))
     } else {
         VocabHead::Missing
     })
@@ -961,6 +961,34 @@ impl Llama {
         let model_type = c.str_or("model_type", "llama")?;
         if model_type == "gpt2" {
             return gpt2_config(c);
+        }
+        if model_type == "gemma3" {
+            // Gemma3ForConditionalGeneration: the text model's settings in `text_config`
+            let text = match c.get("text_config") {
+                Some(v @ Value::Object(_)) => v,
+                _ => {
+                    return Err(Error::bad_field(
+                        c.path,
+                        "text_config",
+                        "is missing: a multimodal Gemma 3 config.json keeps the language \
+                         model's settings there",
+                    ))
+                }
+            };
+            let mut cfg = Llama::config(&ConfigReader {
+                path: c.path,
+                value: text,
+            })
+            .map_err(|e| Error::msg(format!("{e} (in `text_config`)")))?;
+            if !cfg.gemma {
+                return Err(Error::bad_field(
+                    c.path,
+                    "text_config.model_type",
+                    "must be gemma3_text in a Gemma 3 config.json",
+                ));
+            }
+            cfg.tie_embeddings = c.bool_or("tie_word_embeddings", cfg.tie_embeddings)?;
+            return Ok(cfg);
         }
         let hidden = c.usize("hidden_size")?;
         let heads = c.usize("num_attention_heads")?;
@@ -1091,19 +1119,29 @@ impl Llama {
         if cfg.gpt2 {
             return Self::load_gpt2(w, cfg, dtype, device);
         }
+        // Gemma 3's multimodal checkpoints keep the text model as `language_model.model.…`
+        // (the vision tower beside it is not used); its modules are named as PEFT names them
+        // on Gemma3ForConditionalGeneration, `model.language_model.…`
+        let (stored, named) = if w.contains("language_model.model.embed_tokens.weight") {
+            ("language_model.model.", "model.language_model.")
+        } else {
+            ("model.", "model.")
+        };
         let mut read = BTreeSet::new();
         let mut take = |name: &str| read.insert(name.to_string());
-        let embed = w.get_shaped("model.embed_tokens.weight", &[cfg.vocab, h], dtype, device)?;
-        take("model.embed_tokens.weight");
+        let embed_name = format!("{stored}embed_tokens.weight");
+        let embed = w.get_shaped(&embed_name, &[cfg.vocab, h], dtype, device)?;
+        take(&embed_name);
         let mut layers = vec![];
         for i in 0..cfg.layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let p = |s: &str| format!("{stored}layers.{i}.{s}");
             let mut lin = |s: &str, o, inp, bias| {
                 take(&p(&format!("{s}.weight")));
                 if bias {
                     take(&p(&format!("{s}.bias")));
                 }
-                load_linear(w, &p(s), o, inp, bias, dtype, device)
+                let l = load_linear(w, &p(s), o, inp, bias, dtype, device)?;
+                Ok::<_, Error>(l.renamed(format!("{named}layers.{i}.{s}")))
             };
             let (qkv_b, ob, mb) = (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias);
             let ff = cfg.intermediate;
@@ -1160,18 +1198,25 @@ impl Llama {
                 ln_bias: None,
             });
         }
-        let norm = norm_weight(w, "model.norm.weight", h, cfg.gemma, device)?;
-        take("model.norm.weight");
+        let norm_name = format!("{stored}norm.weight");
+        let norm = norm_weight(w, &norm_name, h, cfg.gemma, device)?;
+        take(&norm_name);
         let lm_head = vocab_head(
             w,
             &cfg,
-            &embed,
-            "model.embed_tokens.weight",
+            (&embed, &embed_name),
+            if stored == "model." {
+                "lm_head"
+            } else {
+                "language_model.lm_head"
+            },
             &mut read,
             dtype,
             device,
         )?;
-        let owned = |n: &str| n.starts_with("model.") || n.starts_with("lm_head.");
+        let owned = |n: &str| {
+            n.starts_with(stored) || n.starts_with("lm_head.") || n.starts_with("language_model.")
+        };
         // a non-persistent buffer that older checkpoints saved and transformers recomputes
         let owned = |n: &str| owned(n) && !n.ends_with(".rotary_emb.inv_freq");
         refuse_unread(w, &read, owned)?;
@@ -1261,7 +1306,15 @@ impl Llama {
         let norm = get("ln_f.weight", &[h], DType::F32)?;
         let norm_bias = get("ln_f.bias", &[h], DType::F32)?;
         let embed_name = format!("{prefix}wte.weight");
-        let lm_head = vocab_head(w, &cfg, &wte, &embed_name, &mut read, dtype, device)?;
+        let lm_head = vocab_head(
+            w,
+            &cfg,
+            (&wte, &embed_name),
+            "lm_head",
+            &mut read,
+            dtype,
+            device,
+        )?;
         // the causal-mask buffers that older checkpoints saved and transformers rebuilds
         let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias");
         let owned = |n: &str| (n.starts_with(prefix) || n.starts_with("lm_head.")) && !buffer(n);

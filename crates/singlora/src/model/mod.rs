@@ -76,8 +76,8 @@ impl Family {
             "bert" | "roberta" | "xlm-roberta" | "camembert" | "minilm" | "electra" => {
                 Ok(Family::Bert)
             }
-            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3_text" | "phi3" | "smollm"
-            | "smollm2" => Ok(Family::Llama),
+            "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3_text" | "gemma3" | "phi3"
+            | "smollm" | "smollm2" => Ok(Family::Llama),
             "gpt2" => Ok(Family::Gpt2),
             "" => Err(Error::bad_field(path, "model_type", "is missing")),
             other => Err(Error::bad_field(

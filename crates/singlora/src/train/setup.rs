@@ -274,6 +274,14 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     };
     let mut adapter_config = AdapterConfig::for_spec(&spec, ramp, &targets);
     adapter_config.fan_in_fan_out = family.transposed_weights();
+    // a multimodal checkpoint's language model: by name, or PEFT would put adapters on the
+    // vision tower's projections of the same names too
+    if adapted
+        .iter()
+        .any(|n| n.starts_with("model.language_model."))
+    {
+        adapter_config.target_modules = serde_json::json!(adapted);
+    }
     adapter_config.base_model_name_or_path = Some(cfg.model.to_string_lossy().into_owned());
     adapter_config.task_type = Some(match task {
         Task::Classify => "SEQ_CLS".into(),
