@@ -2,7 +2,7 @@
 # Training throughput with and without --packing on a length-skewed conversation set.
 #   bash bench/packing.sh MODEL [OUT_DIR]
 # MODEL: a decoder (HF directory or GGUF) with a chat template, e.g. SmolLM2-135M-Instruct.
-# The set: 512 conversations whose answers are mostly short (85%: 2-12 words) with a long tail
+# The set: 192 conversations whose answers are mostly short (85%: 2-12 words) with a long tail
 # (15%: 60-160 words), made with a fixed seed. Both runs: SingLoRA r 8, --max-length 256,
 # --batch-size 8 (rows; a packed row holds several conversations), one epoch. Time is the sum of
 # the updates' times from metrics.jsonl (model loading left out). Prints one table row each.
@@ -17,7 +17,7 @@ rng = random.Random(0)
 words = ("the a river stone light north quiet market window garden letter winter bridge "
          "music paper salt field engine cloud lamp road story night table voice").split()
 with open(sys.argv[1], "w") as f:
-    for i in range(512):
+    for i in range(192):
         n = rng.randint(60, 160) if rng.random() < 0.15 else rng.randint(2, 12)
         answer = " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
         f.write(json.dumps({"messages": [

@@ -57,6 +57,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod quant;
 pub mod rng;
 pub mod session;
 pub mod synthetic;

@@ -17,8 +17,12 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+
+use crate::quant::nf4::Nf4Tensor;
 
 /// `x (m, k) · W (n, k)ᵀ` with a backward for `x` only.
 struct FrozenMatmul;
@@ -95,20 +99,94 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// `x (m, k) · W (n, k)ᵀ` for a weight kept in NF4: dequantised for the forward and again for
+/// the backward's `g·W`, so no dense copy outlives either.
+struct Nf4Matmul {
+    w: Arc<Nf4Tensor>,
+}
+
+impl Nf4Matmul {
+    fn dense(&self, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        self.w
+            .to_tensor(dtype, device)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        "nf4-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.dense(s.dtype(), &candle_core::Device::Cpu)?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("nf4 matmul: the dequantised weight is not on the CPU");
+        };
+        frozen_matmul_fwd(s, l, ws, wl)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = candle_core::Device::Cuda(s.device().clone());
+        let w = self.dense(s.dtype(), &device)?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("nf4 matmul: the dequantised weight is not on the GPU");
+        };
+        frozen_matmul_fwd(s, l, ws, wl)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.matmul(&self.dense(grad.dtype(), grad.device())?)?,
+        ))
+    }
+}
+
+/// A frozen weight: dense, or in NF4 (`--base-dtype nf4`) with the dtype and device its
+/// dequantised form takes.
+#[derive(Debug, Clone)]
+enum Stored {
+    Dense(Tensor),
+    Nf4 {
+        w: Arc<Nf4Tensor>,
+        dtype: DType,
+        device: candle_core::Device,
+    },
+}
+
 /// A frozen `nn.Linear`: weight (d_out, d_in) and optional bias (d_out).
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weight: Tensor,
+    weight: Stored,
     bias: Option<Tensor>,
 }
 
 impl FrozenLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: Stored::Dense(weight),
+            bias,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight (d_out, d_in); an NF4 weight dequantised (a new tensor each call).
+    pub fn weight(&self) -> Tensor {
+        match &self.weight {
+            Stored::Dense(w) => w.clone(),
+            Stored::Nf4 { w, dtype, device } => w
+                .to_tensor(*dtype, device)
+                .expect("an NF4 weight dequantises to its own shape"),
+        }
+    }
+
+    /// The dense weight, None when it is kept quantised.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Stored::Dense(w) => Some(w),
+            Stored::Nf4 { .. } => None,
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -116,18 +194,59 @@ impl FrozenLinear {
     }
 
     pub fn set_weight(&mut self, weight: Tensor) {
-        self.weight = weight;
+        self.weight = Stored::Dense(weight);
+    }
+
+    /// Keeps the weight in NF4 from now on (dequantised to its current dtype and device where
+    /// it is used).
+    pub fn quantize_nf4(&mut self) -> crate::Result<()> {
+        if let Stored::Dense(t) = &self.weight {
+            self.weight = Stored::Nf4 {
+                w: Arc::new(Nf4Tensor::from_tensor(t)?),
+                dtype: t.dtype(),
+                device: t.device().clone(),
+            };
+        }
+        Ok(())
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Stored::Nf4 { .. })
+    }
+
+    /// Bytes the weight holds where it is kept.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Stored::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Stored::Nf4 { w, .. } => w.storage_bytes(),
+        }
     }
 
     /// (d_out, d_in).
     pub fn dims(&self) -> (usize, usize) {
-        let d = self.weight.dims();
+        let d = match &self.weight {
+            Stored::Dense(w) => w.dims(),
+            Stored::Nf4 { w, .. } => w.dims(),
+        };
         (d[0], d[1])
     }
 
     /// `x·W0ᵀ` without the bias.
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        frozen_matmul(x, &self.weight)
+        match &self.weight {
+            Stored::Dense(w) => frozen_matmul(x, w),
+            Stored::Nf4 { w, .. } => {
+                let dims = x.dims();
+                let (n, k) = self.dims();
+                let m = x.elem_count() / k.max(1);
+                let y = x
+                    .reshape((m, k))?
+                    .apply_op1(Nf4Matmul { w: Arc::clone(w) })?;
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().unwrap() = n;
+                y.reshape(out_dims)
+            }
+        }
     }
 
     pub fn add_bias(&self, y: &Tensor) -> candle_core::Result<Tensor> {
@@ -139,11 +258,11 @@ impl FrozenLinear {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, k) = self.dims();
-        if crate::ops::fused_available(x, &self.weight) {
+        let dense = self.dense_weight();
+        if let Some(w) = dense.filter(|w| crate::ops::fused_available(x, w)) {
             let m = x.elem_count() / k;
-            let y =
-                crate::ops::frozen_linear(&x.reshape((m, k))?, &self.weight, self.bias.as_ref())
-                    .map_err(candle_core::Error::wrap)?;
+            let y = crate::ops::frozen_linear(&x.reshape((m, k))?, w, self.bias.as_ref())
+                .map_err(candle_core::Error::wrap)?;
             let mut dims = x.dims().to_vec();
             *dims.last_mut().unwrap() = n;
             return y.reshape(dims);

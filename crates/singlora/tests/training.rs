@@ -195,6 +195,76 @@ fn packed_sft_trains_and_resumes() {
     assert!(e.contains("--packing") && e.contains("--task sft"), "{e}");
 }
 
+/// `--base-dtype nf4`: SFT on a base kept in NF4 learns, resumes bit-identical and records the
+/// setting; a BERT classifier trains on one too (its encoder's own CPU path steps aside).
+#[test]
+fn nf4_base_trains_and_resumes() {
+    use singlora::quant::BaseDtype;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_llama(tmp.path(), DType::F32);
+    let data = sft_data(tmp.path(), 32);
+    let cfg = TrainConfig {
+        task: Task::Sft,
+        base_dtype: BaseDtype::Nf4,
+        epochs: 8,
+        lr: Some(3e-2),
+        save_every: Some(3),
+        ..base_cfg(&model, &data, None)
+    };
+    let full = tmp.path().join("full");
+    let s = run_train(cfg.clone(), &full, false, false).unwrap();
+    let l = losses(&full);
+    assert!(
+        mean(&l[l.len() - 3..]) < 0.7 * l[0],
+        "NF4-base SFT loss did not fall: {l:?}"
+    );
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["config"]["base_dtype"], "nf4");
+    let part = tmp.path().join("part");
+    run_train(
+        TrainConfig {
+            stop_after: Some(5),
+            ..cfg.clone()
+        },
+        &part,
+        false,
+        false,
+    )
+    .unwrap();
+    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
+    assert_eq!(resumed.steps, s.steps);
+    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    // the same run on the dense base ends elsewhere: the quantisation is real
+    let dense = tmp.path().join("dense");
+    run_train(
+        TrainConfig {
+            base_dtype: BaseDtype::Auto,
+            ..cfg
+        },
+        &dense,
+        false,
+        false,
+    )
+    .unwrap();
+    assert_ne!(adapter_tensors(&full), adapter_tensors(&dense));
+
+    let bert = tiny_bert(tmp.path(), DType::F32);
+    let (train_f, eval_f) = classification_data(tmp.path(), 32, 16);
+    let s = run_train(
+        TrainConfig {
+            base_dtype: BaseDtype::Nf4,
+            epochs: 6,
+            ..base_cfg(&bert, &train_f, Some(&eval_f))
+        },
+        &tmp.path().join("bert-nf4"),
+        false,
+        false,
+    )
+    .unwrap();
+    assert!(s.final_eval.unwrap().loss.is_finite());
+}
+
 #[test]
 fn bert_classification_trains_and_writes_every_output() {
     let tmp = tempfile::tempdir().unwrap();

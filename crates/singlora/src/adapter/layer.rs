@@ -52,6 +52,11 @@ impl AdaptedLinear {
         &self.base
     }
 
+    /// The frozen layer, to change how its weight is kept (quantisation); not its values.
+    pub fn base_mut(&mut self) -> &mut FrozenLinear {
+        &mut self.base
+    }
+
     pub fn adapter(&self) -> Option<&Adapter> {
         self.adapter.as_ref()
     }
@@ -79,10 +84,12 @@ impl AdaptedLinear {
     /// gelu(forward(x)) (exact GELU); without an active adapter on the CPU one fused op.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         let (d_out, d_in) = self.dims();
-        let w0 = self.base.weight();
         let frozen = self.adapter.is_none() || self.merged.is_some();
         let x2 = x.reshape((x.elem_count() / d_in, d_in))?;
-        if frozen && x.device().is_cpu() && crate::ops::fused_available(&x2, w0) {
+        let dense = self.base.dense_weight();
+        if let Some(w0) =
+            dense.filter(|w0| frozen && x.device().is_cpu() && crate::ops::fused_available(&x2, w0))
+        {
             let mut out = x.dims().to_vec();
             *out.last_mut().unwrap() = d_out;
             let y = crate::ops::frozen_linear_gelu(&x2, w0, self.base.bias())?;
@@ -102,8 +109,11 @@ impl AdaptedLinear {
         let x2 = x.reshape((m, d_in))?;
         let mut out = dims;
         *out.last_mut().unwrap() = d_out;
-        let w0 = self.base.weight();
-        if crate::ops::fused_available(&x2, w0) {
+        if let Some(w0) = self
+            .base
+            .dense_weight()
+            .filter(|w0| crate::ops::fused_available(&x2, w0))
+        {
             let (d, u, c) = adapter.factors()?;
             // one op: bias, base product and adapter product into one output (for DoRA the
             // bias comes after the rescaling)
@@ -132,7 +142,9 @@ impl AdaptedLinear {
             return Ok(y.reshape(out)?);
         }
         let y0 = self.base.forward_no_bias(&x2)?;
-        let y = adapter.adapt(&x2, self.base.weight(), &y0)?;
+        // only DoRA reads W0 here: a weight kept in NF4 is dequantised for it alone
+        let w0 = adapter.rescales_output().then(|| self.base.weight());
+        let y = adapter.adapt(&x2, w0.as_ref(), &y0)?;
         let y = self.base.add_bias(&y)?;
         Ok(y.reshape(out)?)
     }
@@ -142,11 +154,12 @@ impl AdaptedLinear {
         let Some(adapter) = &self.adapter else {
             return Ok(());
         };
-        if self.merged.is_some() {
+        // a weight kept in NF4 stays so: the adapter keeps running beside it
+        if self.merged.is_some() || self.base.is_quantized() {
             return Ok(());
         }
         let w0 = self.base.weight();
-        let (w, dora_norm) = adapter.merged_weight(w0)?;
+        let (w, dora_norm) = adapter.merged_weight(&w0)?;
         crate::adapter::check_finite(&w, &format!("{}.weight (merged)", self.name))?;
         let w = w.to_dtype(w0.dtype())?;
         self.base.set_weight(w);
@@ -159,7 +172,7 @@ impl AdaptedLinear {
             return Ok(());
         };
         let w = self.base.weight();
-        let w0 = adapter.unmerged_weight(w, merged.dora_norm.as_ref())?;
+        let w0 = adapter.unmerged_weight(&w, merged.dora_norm.as_ref())?;
         let w0 = w0.to_dtype(w.dtype())?;
         self.base.set_weight(w0);
         Ok(())

@@ -165,7 +165,8 @@ impl LoraAdapter {
         Ok((dora.magnitude.as_tensor() / norm)?)
     }
 
-    pub(super) fn adapt(&self, x: &Tensor, w0: &Tensor, y0: &Tensor) -> Result<Tensor> {
+    /// `w0`: the base weight, which only DoRA reads.
+    pub(super) fn adapt(&self, x: &Tensor, w0: Option<&Tensor>, y0: &Tensor) -> Result<Tensor> {
         let dt = super::compute_dtype(x, self.a.dtype());
         // scaled at rank r rather than at d_out (one full-size pass fewer)
         let h = (x.to_dtype(dt)?.matmul(&self.a.to_dtype(dt)?.t()?)? * self.scale)?; // (m, r)
@@ -173,6 +174,7 @@ impl LoraAdapter {
         match &self.dora {
             None => Ok((y0 + lora.to_dtype(y0.dtype())?)?),
             Some(dora) => {
+                let w0 = w0.ok_or_else(|| Error::msg("DoRA's forward needs the base weight"))?;
                 let norm = self.dora_row_norm(dora, w0)?;
                 let mag = (dora.magnitude.as_tensor() / norm)?
                     .unsqueeze(0)?

@@ -374,7 +374,8 @@ impl Adapter {
 
     /// The adapted output (without bias) from the 2-D input `x` (m × d_in), the frozen
     /// weight and its output `y0 = x·W0ᵀ` (m × d_out). Factored: ΔW is never formed.
-    pub fn adapt(&self, x: &Tensor, w0: &Tensor, y0: &Tensor) -> Result<Tensor> {
+    /// `w0`, the base weight, is read only where the output is rescaled (DoRA).
+    pub fn adapt(&self, x: &Tensor, w0: Option<&Tensor>, y0: &Tensor) -> Result<Tensor> {
         match self {
             Adapter::SingLora(a) => a.adapt(x, y0),
             Adapter::Lora(a) => a.adapt(x, w0, y0),
@@ -651,7 +652,7 @@ mod tests {
                 let x = Tensor::randn(0f32, 1.0, (8, d_in), &dev)?;
                 let g = Tensor::randn(0f32, 1.0, (8, d_out), &dev)?;
                 let y0 = x.matmul(&w0.t()?)?;
-                let loss = (a.adapt(&x, &w0, &y0)? * &g)?.sum_all()?;
+                let loss = (a.adapt(&x, Some(&w0), &y0)? * &g)?.sum_all()?;
                 let grads = loss.backward()?;
 
                 let (d, u, c) = a.factors()?;

@@ -214,6 +214,21 @@ impl Body {
         }
     }
 
+    /// Keeps the linear layers' weights in NF4 (`--base-dtype nf4`), all but the vocabulary
+    /// projection; returns the bytes they take now and took before.
+    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
+        let (mut before, mut after) = (0, 0);
+        for l in self.linears_mut() {
+            if l.name() == "lm_head" {
+                continue;
+            }
+            before += l.base().weight_bytes();
+            l.base_mut().quantize_nf4()?;
+            after += l.base().weight_bytes();
+        }
+        Ok((after, before))
+    }
+
     /// Layers that `all-linear` leaves alone (output projections and poolers).
     pub fn output_layers(&self) -> Vec<String> {
         self.linears()

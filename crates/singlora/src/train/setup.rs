@@ -204,7 +204,15 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     } else {
         DType::BF16
     };
-    let pre = Pretrained::load(&cfg.model, dtype, &device)?;
+    let mut pre = Pretrained::load(&cfg.model, dtype, &device)?;
+    if cfg.base_dtype == crate::quant::BaseDtype::Nf4 {
+        if !device.is_cpu() {
+            return Err(Error::msg(
+                "--base-dtype nf4 runs on the CPU for now: leave it out on a GPU (the bf16 base)",
+            ));
+        }
+        pre.body.quantize_nf4()?;
+    }
     let family = pre.body.family();
     let default_targets = pre.body.default_targets();
     let data = prepare_data(&cfg, &pre)?;

@@ -168,7 +168,7 @@ impl Lin {
         }
         let base = l.base();
         let (d_out, d_in) = l.dims();
-        let Some(w) = Frozen::of(base.weight()) else {
+        let Some(w) = base.dense_weight().and_then(Frozen::of) else {
             return Ok(None);
         };
         let bias = base.bias().map(host_vec::<f32>).transpose()?;

@@ -345,7 +345,7 @@ pub(crate) struct Tape {
 
 /// Whether [`prepare`] will take `al` (no device work).
 fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
-    if al.is_merged() {
+    if al.is_merged() || al.base().is_quantized() {
         return Ok(false);
     }
     Ok(al
@@ -363,7 +363,9 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
     if al.is_merged() {
         return Ok(None);
     }
-    let w = al.base().weight();
+    let Some(w) = al.base().dense_weight() else {
+        return Ok(None);
+    };
     let (n, k) = al.dims();
     let w0 = mat_of_tensor(w, al.name())?.0;
     let dt = if bf16 { DType::BF16 } else { DType::F32 };
@@ -1064,7 +1066,7 @@ impl Llama {
         match &self.lm_head {
             None => Some(&self.embed),
             Some(al) if al.adapter().is_none() && !al.is_merged() && al.base().bias().is_none() => {
-                Some(al.base().weight())
+                al.base().dense_weight()
             }
             _ => None,
         }
