@@ -395,6 +395,26 @@ fn run_of(adapter: &Path) -> Result<Option<TrainConfig>> {
     }
 }
 
+/// The model with the adapter, its base kept as the run kept it where the device allows (an
+/// NF4 base on the CPU; on a GPU the full-precision base, said on stderr).
+fn load_session(
+    model: &Path,
+    adapter: &Path,
+    device: candle_core::Device,
+    run: Option<&TrainConfig>,
+) -> Result<Session> {
+    use singlora::quant::BaseDtype;
+    let mut base = run.map_or(BaseDtype::Auto, |r| r.base_dtype);
+    if base == BaseDtype::Nf4 && !device.is_cpu() {
+        eprintln!(
+            "note: the adapter was trained on an NF4 base, which runs on the CPU only for now; \
+             using the full-precision base"
+        );
+        base = BaseDtype::Auto;
+    }
+    Ok(Session::load_as(model, adapter, device, base)?)
+}
+
 /// `--model`, or the run's.
 fn model_of(model: &Option<PathBuf>, adapter: &Path, run: Option<&TrainConfig>) -> Result<PathBuf> {
     match (model, run) {
@@ -460,7 +480,7 @@ pub fn eval(a: EvalArgs, given: &[String]) -> Result<()> {
     let run = run_of(&a.adapter)?;
     let model = model_of(&a.model, &a.adapter, run.as_ref())?;
     let settings = with_given(run.as_ref(), &a.settings, given)?;
-    let s = Session::load(&model, &a.adapter, a.device.open()?)?;
+    let s = load_session(&model, &a.adapter, a.device.open()?, run.as_ref())?;
     let (r, rows) = s.eval_file(&a.data, &settings, a.batch_size)?;
     if !rows.is_empty() {
         eprint!("{}", rows_text(&rows));
@@ -576,8 +596,8 @@ fn read_predict_input(path: &Path, classify: bool) -> Result<(Vec<String>, Vec<O
 pub fn predict(a: PredictArgs) -> Result<()> {
     let run = run_of(&a.adapter)?;
     let model = model_of(&a.model, &a.adapter, run.as_ref())?;
-    let settings = run.map(|r| r.data).unwrap_or_default();
-    let mut s = Session::load(&model, &a.adapter, a.device.open()?)?;
+    let settings = run.as_ref().map(|r| r.data.clone()).unwrap_or_default();
+    let mut s = load_session(&model, &a.adapter, a.device.open()?, run.as_ref())?;
     if a.no_chat_template || !settings.chat_template {
         s.chat = None;
     }

@@ -54,13 +54,30 @@ pub struct Prediction {
 impl Session {
     /// Loads `model` with the adapter in `adapter` (a directory with adapter_config.json).
     pub fn load(model: &Path, adapter: &Path, device: Device) -> Result<Self> {
+        Self::load_as(model, adapter, device, crate::quant::BaseDtype::Auto)
+    }
+
+    /// [`Session::load`] with the base's linear weights kept as `base` says (NF4 for an
+    /// adapter trained on an NF4 base: the model it was trained and evaluated on).
+    pub fn load_as(
+        model: &Path,
+        adapter: &Path,
+        device: Device,
+        base: crate::quant::BaseDtype,
+    ) -> Result<Self> {
         let af = AdapterFile::read(adapter, &device)?;
         let dtype = if device.is_cpu() {
             DType::F32
         } else {
             DType::BF16
         };
-        let pre = Pretrained::load(model, dtype, &device)?;
+        let mut pre = Pretrained::load(model, dtype, &device)?;
+        if base == crate::quant::BaseDtype::Nf4 {
+            if !device.is_cpu() {
+                return Err(Error::msg("an NF4 base runs on the CPU for now"));
+            }
+            pre.body.quantize_nf4()?;
+        }
         let task = match (&af.config.labels, af.config.task_type.as_deref()) {
             (Some(_), _) => Task::Classify,
             (None, Some("CAUSAL_LM")) | (None, None) => Task::Sft,

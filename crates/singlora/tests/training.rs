@@ -235,6 +235,16 @@ fn nf4_base_trains_and_resumes() {
     let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
     assert_eq!(resumed.steps, s.steps);
     assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    // a session for predict/eval keeps the base in NF4 when asked (all but the vocabulary
+    // projection) and generates from it
+    let sess =
+        singlora::session::Session::load_as(&model, &full, Device::Cpu, BaseDtype::Nf4).unwrap();
+    let linears = sess.model.body.linears();
+    assert!(linears.iter().any(|l| l.base().is_quantized()));
+    assert!(linears
+        .iter()
+        .all(|l| l.name() == "lm_head" || l.base().is_quantized()));
+    sess.generate("the movie was", 3).unwrap();
     // the same run on the dense base ends elsewhere: the quantisation is real
     let dense = tmp.path().join("dense");
     run_train(

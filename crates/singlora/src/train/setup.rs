@@ -115,6 +115,8 @@ pub struct Plan {
     pub train_rows: usize,
     /// `--packing`: the rows the training examples were packed into.
     pub packed_rows: Option<usize>,
+    /// `--base-dtype nf4`: the bytes of the quantised linear weights, and before.
+    pub quantized_bytes: Option<(usize, usize)>,
     pub eval_rows: usize,
     /// Malformed rows left out (`--skip-bad-rows`).
     pub skipped_rows: usize,
@@ -165,6 +167,14 @@ impl Plan {
                 self.skipped_rows, self.truncated_rows, self.dropped_rows
             );
         }
+        if let Some((after, before)) = self.quantized_bytes {
+            let mb = |b: usize| b as f64 / 1e6;
+            s += &format!(
+                "base           linear weights in NF4: {:.1} MB (from {:.1} MB)\n",
+                mb(after),
+                mb(before)
+            );
+        }
         if let Some(l) = &self.labels {
             s += &format!("labels         {}\n", l.join(", "));
         }
@@ -205,13 +215,14 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         DType::BF16
     };
     let mut pre = Pretrained::load(&cfg.model, dtype, &device)?;
+    let mut quantized = None;
     if cfg.base_dtype == crate::quant::BaseDtype::Nf4 {
         if !device.is_cpu() {
             return Err(Error::msg(
                 "--base-dtype nf4 runs on the CPU for now: leave it out on a GPU (the bf16 base)",
             ));
         }
-        pre.body.quantize_nf4()?;
+        quantized = Some(pre.body.quantize_nf4()?);
     }
     let family = pre.body.family();
     let default_targets = pre.body.default_targets();
@@ -317,6 +328,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         base_params,
         train_rows: data.train_items.len(),
         packed_rows: cfg.packing.then_some(data.train_rows.len()),
+        quantized_bytes: quantized,
         eval_rows: data.eval_items.len(),
         skipped_rows: data.report.skipped.len(),
         truncated_rows: data.report.truncated.len(),
