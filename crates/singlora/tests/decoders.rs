@@ -706,7 +706,6 @@ fn gguf_bases_of_the_families_merge_into_gguf() {
 #[test]
 fn gpt2_trains_and_merges_in_its_conv1d_layout() {
     use singlora::merge::{merge_checkpoint, MergeOptions};
-    use singlora::train::TrainConfig;
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     std::fs::create_dir_all(&base).unwrap();
@@ -720,31 +719,7 @@ fn gpt2_trains_and_merges_in_its_conv1d_layout() {
     cfg["eos_token_id"] = 1.into();
     std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
     write_tiny_tokenizer(&base);
-    let data = tmp.path().join("sft.jsonl");
-    let rows: Vec<String> = (0..16)
-        .map(|i| {
-            let a = (b'a' + (i % 7) as u8) as char;
-            let b = (b'k' + (i % 5) as u8) as char;
-            serde_json::json!({"prompt": format!("{a}{b}"), "completion": format!(" {b}{a}")})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
-    let run = tmp.path().join("run");
-    let train_cfg = TrainConfig {
-        model: base.clone(),
-        train: data,
-        task: Task::Sft,
-        targets: Some("c_attn,c_proj,c_fc".into()),
-        rank: 2,
-        alpha: 2.0,
-        lr: Some(2e-2),
-        max_steps: Some(6),
-        batch_size: 4,
-        ..TrainConfig::default()
-    };
-    let silent = std::sync::Arc::new(singlora::train::Silent);
-    singlora::train::train(train_cfg, &run, false, silent).unwrap();
+    let run = train_tiny_sft(tmp.path(), &base, "c_attn,c_proj,c_fc");
     let af = AdapterFile::read(&run, &Device::Cpu).unwrap();
     assert!(af.config.fan_in_fan_out);
     assert_eq!(af.layers.len(), 8, "{:?}", af.layers.keys());
@@ -802,7 +777,6 @@ fn gpt2_trains_and_merges_in_its_conv1d_layout() {
 #[test]
 fn gemma3_multimodal_checkpoints_train_their_language_model() {
     use singlora::merge::{merge_checkpoint, MergeOptions};
-    use singlora::train::TrainConfig;
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     std::fs::create_dir_all(&base).unwrap();
@@ -849,30 +823,7 @@ fn gemma3_multimodal_checkpoints_train_their_language_model() {
         "model.language_model.layers.0.self_attn.q_proj"
     );
 
-    let data = tmp.path().join("sft.jsonl");
-    let rows: Vec<String> = (0..12)
-        .map(|i| {
-            let a = (b'a' + (i % 6) as u8) as char;
-            serde_json::json!({"prompt": format!("{a}b"), "completion": format!(" c{a}")})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
-    let run = tmp.path().join("run");
-    let train_cfg = TrainConfig {
-        model: base.clone(),
-        train: data,
-        task: Task::Sft,
-        targets: Some("q_proj,v_proj".into()),
-        rank: 2,
-        alpha: 2.0,
-        lr: Some(2e-2),
-        max_steps: Some(4),
-        batch_size: 4,
-        ..TrainConfig::default()
-    };
-    let silent = std::sync::Arc::new(singlora::train::Silent);
-    singlora::train::train(train_cfg, &run, false, silent).unwrap();
+    let run = train_tiny_sft(tmp.path(), &base, "q_proj,v_proj");
     let af = AdapterFile::read(&run, &Device::Cpu).unwrap();
     let names: Vec<&String> = af.layers.keys().collect();
     assert_eq!(names.len(), 6, "{names:?}");
@@ -921,6 +872,37 @@ fn gemma3_multimodal_checkpoints_train_their_language_model() {
         diff <= 1e-5,
         "merged multimodal Gemma 3 {diff:e} from base + adapter"
     );
+}
+
+/// A short SingLoRA SFT run (rank 2, `targets`) on the fixture-sized model in `base`, over
+/// 16 two-letter prompts with two-letter completions, in `dir/run`.
+fn train_tiny_sft(dir: &Path, base: &Path, targets: &str) -> PathBuf {
+    let data = dir.join("sft.jsonl");
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            let a = (b'a' + (i % 7) as u8) as char;
+            let b = (b'k' + (i % 5) as u8) as char;
+            serde_json::json!({"prompt": format!("{a}{b}"), "completion": format!(" {b}{a}")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = dir.join("run");
+    let cfg = singlora::train::TrainConfig {
+        model: base.to_path_buf(),
+        train: data,
+        task: Task::Sft,
+        targets: Some(targets.into()),
+        rank: 2,
+        alpha: 2.0,
+        lr: Some(2e-2),
+        max_steps: Some(6),
+        batch_size: 4,
+        ..Default::default()
+    };
+    let silent = std::sync::Arc::new(singlora::train::Silent);
+    singlora::train::train(cfg, &run, false, silent).unwrap();
+    run
 }
 
 /// A byte-level BPE tokenizer of the fixtures' 40 tokens (letters and the space marker).
