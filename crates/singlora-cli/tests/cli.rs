@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use singlora::adapter::target::TargetSpec;
 use singlora::adapter::{AdapterKind, AdapterSpec};
 use singlora::synthetic::{random_adapter, write_checkpoint, LlamaShape};
@@ -1248,4 +1248,154 @@ fn gguf_outputs_from_the_command_line() {
     ]);
     let (_, err) = text(&o);
     assert!(!o.status.success() && err.contains("--overwrite"), "{err}");
+}
+
+/// A free TCP port on the loopback: bound, read, released.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `singlora ARGS` as rank `rank` of `world` processes, as torchrun starts them.
+fn launched(args: &[String], rank: usize, world: usize, port: u16) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_singlora"))
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("SINGLORA_RENDEZVOUS_TIMEOUT", "60")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let t = candle_core::safetensors::load(run.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// One process per rank, as torchrun (or srun, mpirun) starts them, on the CPU: 2 and 3
+/// processes end with the adapter of the threaded group over as many CPU ranks, bit for bit,
+/// and rank 0 alone writes the run; a rank that never arrives and a rank killed mid-run end the
+/// others with an error naming it, without a hang.
+#[test]
+fn launched_processes_train_as_the_threaded_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = tmp.path().join("d.jsonl");
+    let rows: String = (0..13)
+        .map(|i| {
+            row(
+                ["good movie", "bad movie", "movie good"][i % 3],
+                ["pos", "neg"][i % 2],
+            ) + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let args = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            "train",
+            "--model",
+            &model,
+            "--train",
+            data.to_str().unwrap(),
+            "--out",
+            out,
+            "--batch-size",
+            "6",
+            "--weight-decay",
+            "0.01",
+            "--quiet",
+        ];
+        v.extend_from_slice(extra);
+        v.iter().map(|s| s.to_string()).collect()
+    };
+    for world in [2usize, 3] {
+        let threaded = p(tmp.path(), &format!("threaded-{world}"));
+        let devices = vec!["cpu"; world].join(",");
+        let a = args(&threaded, &["--epochs", "3", "--devices", &devices]);
+        let o = singlora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", text(&o).1);
+        let out = p(tmp.path(), &format!("launched-{world}"));
+        let port = free_port();
+        let kids: Vec<_> = (0..world)
+            .map(|r| launched(&args(&out, &["--epochs", "3"]), r, world, port))
+            .collect();
+        for (r, k) in kids.into_iter().enumerate() {
+            let o = k.wait_with_output().unwrap();
+            assert!(o.status.success(), "rank {r}: {}", text(&o).1);
+        }
+        let out = Path::new(&out);
+        assert_eq!(run_json(out)["world_size"], world);
+        assert_eq!(
+            adapter_values(out),
+            adapter_values(Path::new(&threaded)),
+            "{world} processes against {world} threads"
+        );
+    }
+
+    // rank 1 of 2 never starts: rank 0 says so and stops
+    let out = p(tmp.path(), "alone");
+    let port = free_port();
+    let mut a = args(&out, &["--epochs", "3"]);
+    a.retain(|x| x != "--quiet");
+    let o = Command::new(env!("CARGO_BIN_EXE_singlora"))
+        .args(&a)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("SINGLORA_RENDEZVOUS_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("rank(s) 1 of 2 never arrived"),
+        "{err}"
+    );
+    assert!(!Path::new(&out).join("adapter_model.safetensors").exists());
+
+    // rank 1 killed mid-run: rank 0 ends with an error naming it
+    let out = p(tmp.path(), "killed");
+    let port = free_port();
+    let long = args(&out, &["--epochs", "100000", "--save-minutes", "0"]);
+    let mut r0 = launched(&long, 0, 2, port);
+    let mut r1 = launched(&long, 1, 2, port);
+    let metrics = Path::new(&out).join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("\"loss\"")) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no update within 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    r1.kill().unwrap();
+    r1.wait().unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = r0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "rank 0 still runs a minute after rank 1 died"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(r0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success() && err.contains("rank 1 is gone"), "{err}");
 }

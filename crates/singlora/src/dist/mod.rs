@@ -5,8 +5,10 @@
 //! gradients equal the single-process gradients of the global batch. A GPU backward hands
 //! finished buckets to a [`GradSync`] while it goes on.
 
+pub mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod tcp;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier, Mutex};
@@ -229,6 +231,41 @@ fn nccl_makers(world: usize, bucket: usize) -> Result<Vec<MakeCollective>> {
             }) as MakeCollective
         })
         .collect())
+}
+
+/// The NCCL transport of a launched process on its GPU: rank 0 makes the group id and hands
+/// it to the others over the TCP rendezvous.
+#[cfg(feature = "nccl")]
+pub fn launched_nccl(
+    l: launch::Launch,
+    timeout: std::time::Duration,
+    bucket: usize,
+) -> MakeCollective {
+    Box::new(move |d: &candle_core::Device| {
+        let tcp = tcp::TcpGroup::join(&l, timeout)?;
+        let mine = match l.rank {
+            0 => Some(nccl::GroupId::new()?.to_bytes()),
+            _ => None,
+        };
+        let id = nccl::GroupId::from_bytes(&tcp.broadcast(mine.as_deref())?)?;
+        Ok(Box::new(nccl::NcclRank::new(id, l.rank, l.world, d, bucket)?) as Box<dyn Collective>)
+    })
+}
+
+/// Without NCCL a launched process cannot join a GPU group.
+#[cfg(not(feature = "nccl"))]
+pub fn launched_nccl(
+    l: launch::Launch,
+    _timeout: std::time::Duration,
+    _bucket: usize,
+) -> MakeCollective {
+    Box::new(move |_| {
+        Err(Error::msg(format!(
+            "rank {} of {} on a GPU needs NCCL: this binary is built without the `nccl` feature \
+             (on the CPU, give --device cpu)",
+            l.rank, l.world
+        )))
+    })
 }
 
 #[cfg(not(feature = "nccl"))]

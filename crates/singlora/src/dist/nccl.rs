@@ -38,6 +38,27 @@ impl GroupId {
             .map(GroupId)
             .map_err(|e| nccl_error("could not make a group id (is libnccl.so.2 found?)", e))
     }
+
+    /// Its 128 bytes, to send to the other processes of a group.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.internal.iter().map(|&c| c as u8).collect()
+    }
+
+    /// The id another process sent.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        if b.len() != id.internal.len() {
+            return Err(Error::msg(format!(
+                "an NCCL group id of {} bytes, not {}",
+                b.len(),
+                id.internal.len()
+            )));
+        }
+        for (d, s) in id.internal.iter_mut().zip(b) {
+            *d = *s as _;
+        }
+        Ok(GroupId(id))
+    }
 }
 
 /// One rank of an NCCL group, on one GPU.

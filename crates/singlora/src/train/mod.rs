@@ -152,6 +152,12 @@ pub fn train(
     overwrite: bool,
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
+    // one process of a launched group: rank 0 checks and creates the run directory
+    if let Some(l) = crate::dist::launch::from_env()? {
+        if l.rank != 0 {
+            return run_launched(cfg, out, Start::Fresh { overwrite }, observer, l);
+        }
+    }
     if out.exists() && !overwrite {
         return Err(Error::msg(format!(
             "{} already exists; pass --resume to continue that run or --overwrite to replace it",
@@ -175,6 +181,14 @@ pub fn resume(
     changes: &ResumeChanges,
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
+    // one process of a launched group: rank 0 holds the run directory
+    if let Some(l) = crate::dist::launch::from_env()? {
+        if l.rank != 0 {
+            let mut cfg = run_config(out)?;
+            changes.apply(&mut cfg);
+            return run_launched(cfg, out, Start::Resume(None), observer, l);
+        }
+    }
     let held = RunDir::resume(out)?;
     if !held.cleaned.is_empty() {
         observer.cleaned(&held.cleaned);
@@ -193,6 +207,9 @@ fn run(
     mut start: impl FnMut(usize) -> Start,
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
+    if let Some(l) = crate::dist::launch::from_env()? {
+        return run_launched(cfg, out, start(0), observer, l);
+    }
     let devices = cfg.rank_devices();
     if devices.len() == 1 {
         let mut cfg = cfg;
@@ -247,6 +264,64 @@ fn run(
         }
     }
     lead.ok_or_else(|| Error::msg("rank 0 ended without a result"))
+}
+
+/// How long the ranks of a launched group wait for each other to arrive (they load the model
+/// first): `SINGLORA_RENDEZVOUS_TIMEOUT` seconds, default 600.
+fn rendezvous_timeout() -> std::time::Duration {
+    let s = std::env::var("SINGLORA_RENDEZVOUS_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(600);
+    std::time::Duration::from_secs(s.max(1))
+}
+
+/// This process's rank of a group a launcher started (torchrun, srun, mpirun): the device its
+/// local rank names (`--device cuda` becomes `cuda:LOCAL_RANK`, NCCL joined through rank 0's
+/// TCP rendezvous) or the CPU (reductions over the rendezvous' connections).
+fn run_launched(
+    cfg: TrainConfig,
+    out: &Path,
+    start: Start,
+    observer: Arc<dyn Observer>,
+    l: crate::dist::launch::Launch,
+) -> Result<TrainSummary> {
+    use crate::device::DeviceSpec;
+    if cfg.devices.is_some() {
+        return Err(Error::msg(format!(
+            "--devices with {}: a launched group runs one process per device; give --device cuda \
+             (each process takes the GPU of its LOCAL_RANK) or cpu",
+            l.launcher
+        )));
+    }
+    if cfg.batch_size < l.world {
+        return Err(Error::msg(format!(
+            "--batch-size {} is smaller than the {} processes: it is the global batch, split over them",
+            cfg.batch_size, l.world
+        )));
+    }
+    let mut cfg = cfg;
+    cfg.device = match cfg.device {
+        DeviceSpec::Cpu => DeviceSpec::Cpu,
+        DeviceSpec::Cuda(_) => DeviceSpec::Cuda(l.local_rank),
+    };
+    let (rank, world) = (l.rank, l.world);
+    let timeout = rendezvous_timeout();
+    let make: crate::dist::MakeCollective = if cfg.device.is_cpu() {
+        Box::new(move |_| {
+            let g = crate::dist::tcp::TcpGroup::join(&l, timeout)?;
+            Ok(Box::new(g) as Box<dyn crate::dist::Collective>)
+        })
+    } else {
+        crate::dist::launched_nccl(l, timeout, cfg.bucket_values)
+    };
+    let obs: Arc<dyn Observer> = if rank == 0 {
+        observer
+    } else {
+        Arc::new(StopOnly(observer))
+    };
+    let ctx = RankCtx { rank, world, make };
+    Trainer::start(cfg, out, start, Some(ctx), obs.as_ref())?.run()
 }
 
 /// The observer of ranks other than the first: they report nothing but hear a stop.
