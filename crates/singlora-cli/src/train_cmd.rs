@@ -173,18 +173,28 @@ fn dry_run(cfg: TrainConfig, quiet: bool) -> Result<()> {
 /// What a finished or interrupted run says on stdout; a run a signal stopped (with its
 /// checkpoint written) ends the process with the signal's exit code.
 fn report(summary: &TrainSummary) -> Result<()> {
+    // the other processes of a launched group leave the report to rank 0
+    let follower = singlora::dist::launch::from_env()
+        .ok()
+        .flatten()
+        .is_some_and(|l| l.rank != 0);
     if summary.interrupted {
-        println!(
-            "interrupted after {} of {} updates; resume with: singlora train --resume {}",
-            summary.steps,
-            summary.total_steps,
-            summary.run_dir.display()
-        );
+        if !follower {
+            println!(
+                "interrupted after {} of {} updates; resume with: singlora train --resume {}",
+                summary.steps,
+                summary.total_steps,
+                summary.run_dir.display()
+            );
+        }
         if let Some(code) = Signals::get()?.exit_code() {
             use std::io::Write;
             std::io::stdout().flush()?;
             std::process::exit(code);
         }
+        return Ok(());
+    }
+    if follower {
         return Ok(());
     }
     println!(

@@ -10,6 +10,9 @@
 //! | MPICH / Intel MPI (PMI) | `PMI_RANK`, `PMI_SIZE`, `MPI_LOCALRANKID` | `MASTER_ADDR` |
 //!
 //! `MASTER_PORT` defaults to 29500 where the launcher does not set it (as torchrun's default).
+//! Under torchrun, whose agent already listens at `MASTER_PORT` (its own store, marked by
+//! `TORCHELASTIC_USE_AGENT_STORE`), rank 0 listens at `MASTER_PORT + 1`; `SINGLORA_MASTER_PORT`
+//! chooses the port outright.
 
 use crate::error::{Error, Result};
 
@@ -89,12 +92,22 @@ pub fn detect(var: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
             )))
         }
     };
-    let port = match var("MASTER_PORT") {
-        None => DEFAULT_PORT,
-        Some(p) => p
-            .trim()
+    let port_of = |name: &str, p: String| -> Result<u16> {
+        p.trim()
             .parse()
-            .map_err(|_| Error::msg(format!("MASTER_PORT={p:?} is not a port number")))?,
+            .map_err(|_| Error::msg(format!("{name}={p:?} is not a port number")))
+    };
+    // torchrun's agent holds MASTER_PORT itself (its store, which PyTorch's workers share):
+    // the rendezvous takes the port above it there, unless SINGLORA_MASTER_PORT says
+    let agent_store =
+        var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let port = match (var("SINGLORA_MASTER_PORT"), var("MASTER_PORT")) {
+        (Some(p), _) => port_of("SINGLORA_MASTER_PORT", p)?,
+        (None, None) => DEFAULT_PORT,
+        (None, Some(p)) if agent_store => port_of("MASTER_PORT", p)?.checked_add(1).ok_or_else(|| {
+            Error::msg("MASTER_PORT=65535 leaves no port above it for singlora's rendezvous under torchrun: set SINGLORA_MASTER_PORT")
+        })?,
+        (None, Some(p)) => port_of("MASTER_PORT", p)?,
     };
     Ok(Some(Launch {
         rank,
@@ -204,6 +217,33 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((l.rank, l.launcher), (5, "torchrun"));
+    }
+
+    #[test]
+    fn ports_under_torchrun_and_by_choice() {
+        let base = [("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")];
+        let port = |extra: &[(&str, &str)]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            with(&v).unwrap().unwrap().master.1
+        };
+        assert_eq!(port(&[]), 29500);
+        assert_eq!(port(&[("MASTER_PORT", "4000")]), 4000);
+        assert_eq!(
+            port(&[
+                ("MASTER_PORT", "4000"),
+                ("TORCHELASTIC_USE_AGENT_STORE", "True")
+            ]),
+            4001
+        );
+        assert_eq!(
+            port(&[
+                ("MASTER_PORT", "4000"),
+                ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+                ("SINGLORA_MASTER_PORT", "5000")
+            ]),
+            5000
+        );
     }
 
     #[test]
