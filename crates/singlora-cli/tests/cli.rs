@@ -1399,3 +1399,112 @@ fn launched_processes_train_as_the_threaded_group() {
     std::io::Read::read_to_string(r0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(!status.success() && err.contains("rank 1 is gone"), "{err}");
 }
+
+/// SIGTERM to rank 1 of a launched group stops both ranks at the same update (rank 0 writes the
+/// checkpoint), and the group resumed with `--resume` ends with the adapter of an uninterrupted
+/// threaded run over 2 CPU ranks, bit for bit.
+#[cfg(unix)]
+#[test]
+fn a_signal_to_any_launched_rank_stops_all_and_the_group_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_bert(tmp.path());
+    let data = tmp.path().join("d.jsonl");
+    let rows: String = (0..13)
+        .map(|i| {
+            row(
+                ["good movie", "bad movie", "movie good"][i % 3],
+                ["pos", "neg"][i % 2],
+            ) + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let run = p(tmp.path(), "run");
+    let args = |out: &str, steps: &str| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            &model,
+            "--train",
+            data.to_str().unwrap(),
+            "--out",
+            out,
+            "--batch-size",
+            "6",
+            "--max-steps",
+            steps,
+            "--schedule",
+            "constant",
+            "--warmup-steps",
+            "0",
+            "--ramp-steps",
+            "5",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let port = free_port();
+    let r0 = launched(&args(&run, "1000000"), 0, 2, port);
+    let r1 = launched(&args(&run, "1000000"), 1, 2, port);
+    let metrics = Path::new(&run).join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("\"loss\"")) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no update within 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &r1.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (o0, o1) = (
+        r0.wait_with_output().unwrap(),
+        r1.wait_with_output().unwrap(),
+    );
+    assert_eq!(o1.status.code(), Some(143), "rank 1: {}", text(&o1).1);
+    let (out0, err0) = text(&o0);
+    assert!(out0.contains("interrupted after"), "rank 0: {out0}\n{err0}");
+    let saved: Vec<u64> = std::fs::read_dir(Path::new(&run).join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let last = *saved.iter().max().expect("a checkpoint");
+    let logged = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .count() as u64;
+    assert_eq!(logged, last, "the checkpoint is the last update logged");
+
+    let to = (last + 3).to_string();
+    let port = free_port();
+    let resume: Vec<String> = ["train", "--resume", &run, "--max-steps", &to, "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let kids = [launched(&resume, 0, 2, port), launched(&resume, 1, 2, port)];
+    for (r, k) in kids.into_iter().enumerate() {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "resumed rank {r}: {}", text(&o).1);
+    }
+    let reference = p(tmp.path(), "threaded");
+    let mut a = args(&reference, &to);
+    a.extend(["--devices".to_string(), "cpu,cpu".to_string()]);
+    let o = singlora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        adapter_values(Path::new(&run)),
+        adapter_values(Path::new(&reference))
+    );
+}
