@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training throughput with and without --packing on a length-skewed conversation set.
-#   bash bench/packing.sh MODEL [OUT_DIR]
+#   [DEVICE=cuda] bash bench/packing.sh MODEL [OUT_DIR]
 # MODEL: a decoder (HF directory or GGUF) with a chat template, e.g. SmolLM2-135M-Instruct.
 # The set: 192 conversations whose answers are mostly short (85%: 2-12 words) with a long tail
 # (15%: 60-160 words), made with a fixed seed. Both runs: SingLoRA r 8, --max-length 256,
@@ -10,6 +10,7 @@ set -euo pipefail
 M=${1:?a decoder model: HF directory or GGUF}
 OUT=${2:-runs/packing}
 S=${SINGLORA:-singlora}
+DEVICE=${DEVICE:-cpu}
 mkdir -p "$OUT"
 python3 - "$OUT/train.jsonl" <<'PY'
 import json, random, sys
@@ -30,7 +31,7 @@ for mode in plain packed; do
   extra=()
   [ "$mode" = packed ] && extra=(--packing)
   "$S" train --model "$M" --train "$OUT/train.jsonl" --task sft --method singlora --rank 8 \
-    --max-length 256 --batch-size 8 --epochs 1 --lr 1e-3 --save-minutes 0 \
+    --max-length 256 --batch-size 8 --epochs 1 --lr 1e-3 --save-minutes 0 --device "$DEVICE" \
     --overwrite --quiet "${extra[@]}" --out "$OUT/$mode" > "$OUT/$mode.log" 2>&1
   python3 - "$OUT/$mode" "$mode" <<'PY'
 import json, sys
