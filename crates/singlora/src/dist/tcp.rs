@@ -6,7 +6,8 @@
 //!
 //! Nothing waits for ever: the rendezvous ends after `timeout` naming the ranks that never
 //! arrived, and a reduction whose peer stops (its socket closes) or stalls past
-//! `SINGLORA_DIST_TIMEOUT` seconds (default 1800) fails naming that rank.
+//! `SINGLORA_DIST_TIMEOUT` seconds fails naming that rank. The default, 6 hours, is long
+//! because the other ranks wait in their next reduction while rank 0 alone evaluates.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -27,7 +28,7 @@ fn op_timeout() -> Duration {
     let s = std::env::var("SINGLORA_DIST_TIMEOUT")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1800);
+        .unwrap_or(6 * 3600);
     Duration::from_secs(s.max(1))
 }
 
