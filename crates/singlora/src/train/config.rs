@@ -390,6 +390,8 @@ mod tests {
         // settings added since
         old_keys.push("save_minutes".into());
         old_keys.push("truncation".into());
+        old_keys.push("packing".into());
+        old_keys.push("base_dtype".into());
         keys.sort();
         old_keys.sort();
         assert_eq!(keys, old_keys);
@@ -397,6 +399,11 @@ mod tests {
         assert_eq!(v["device"], "cuda:0");
         assert_eq!(v["max_grad_norm"], Value::Null);
         assert_eq!(v["text_column"], "sentence");
+        // an older run.json without them reads as neither packed nor quantised
+        assert_eq!(
+            (v["packing"].clone(), v["base_dtype"].clone()),
+            (false.into(), "auto".into())
+        );
         let again: TrainConfig = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(serde_json::to_value(&again).unwrap(), v);
     }
