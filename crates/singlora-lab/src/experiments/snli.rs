@@ -5,6 +5,11 @@
 //! configuration at the picked rate are scored on the SNLI test set, keeping every test
 //! prediction so that methods can be compared pair by pair.
 //!
+//! Then, on the same runs' settings: learning-rate stability (multiples of each picked rate,
+//! with the default clipping and warm-up, then with both off) and the ramp length without
+//! warm-up. The decoder suite ([`Suite::Decoder`], SmolLM2 as a last-token classifier with
+//! adapters on every linear layer) runs the selection and test stages only.
+//!
 //! Every finished run is one JSON line in `OUT/runs.jsonl`; a rerun skips what is there, so
 //! the protocol can be run over several sessions.
 
@@ -30,6 +35,83 @@ pub const CONFIGS: [(&str, Method, usize); 6] = [
     ("dora-r8", Method::Dora, 8),
     ("singlora-r16", Method::SingLora, 16),
 ];
+/// The decoder suite's configurations: equal rank, and SingLoRA at the rank whose parameter
+/// count is nearest LoRA r = 8's on SmolLM2 (r = 12: 82,944 adapter parameters a layer against
+/// LoRA's 81,408; SingLoRA's non-square adapter has max(in, out)·r, LoRA's (in + out)·r).
+pub const DECODER_CONFIGS: [(&str, Method, usize); 3] = [
+    ("singlora-r8", Method::SingLora, 8),
+    ("lora-r8", Method::Lora, 8),
+    ("singlora-r12", Method::SingLora, 12),
+];
+/// The decoder suite's adapted modules: every linear layer, the MLP's non-square ones included.
+pub const DECODER_TARGETS: &str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+/// The decoder suite's test seeds.
+pub const DECODER_TEST_SEEDS: [u64; 3] = [1, 2, 3];
+
+/// Which model family the comparison runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suite {
+    /// all-MiniLM-L6-v2, adapters on `query` and `key`, every stage.
+    Encoder,
+    /// A LLaMA-family decoder (SmolLM2-135M) as a last-token classifier, adapters on every
+    /// linear layer; selection and test stages.
+    Decoder,
+}
+
+impl Suite {
+    pub fn configs(self) -> &'static [(&'static str, Method, usize)] {
+        match self {
+            Suite::Encoder => &CONFIGS,
+            Suite::Decoder => &DECODER_CONFIGS,
+        }
+    }
+    pub fn targets(self) -> &'static str {
+        match self {
+            Suite::Encoder => TARGETS,
+            Suite::Decoder => DECODER_TARGETS,
+        }
+    }
+    pub fn test_seeds(self) -> &'static [u64] {
+        match self {
+            Suite::Encoder => &TEST_SEEDS,
+            Suite::Decoder => &DECODER_TEST_SEEDS,
+        }
+    }
+    /// The stages this suite runs, in order.
+    pub fn stages(self) -> &'static [Stage] {
+        match self {
+            Suite::Encoder => &[
+                Stage::Select,
+                Stage::Test,
+                Stage::Stability,
+                Stage::Ramp,
+                Stage::Plain,
+            ],
+            Suite::Decoder => &[Stage::Select, Stage::Test],
+        }
+    }
+    /// What plots and tables call the model.
+    pub fn model_name(self) -> &'static str {
+        match self {
+            Suite::Encoder => "MiniLM",
+            Suite::Decoder => "SmolLM2-135M",
+        }
+    }
+}
+
+impl std::str::FromStr for Suite {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "encoder" => Ok(Suite::Encoder),
+            "decoder" => Ok(Suite::Decoder),
+            _ => Err(Error::msg(format!(
+                "unknown suite {s:?}: expected encoder or decoder"
+            ))),
+        }
+    }
+}
+
 /// The configuration every other is compared with.
 pub const REFERENCE: &str = "lora-r8";
 /// The learning-rate grid (LoRA+: the rate of A; B's is 16 times it).
@@ -46,6 +128,7 @@ pub const DEV_EVERY: usize = 20;
 /// What the comparison trains on and where.
 #[derive(Debug, Clone)]
 pub struct SnliSpec {
+    pub suite: Suite,
     pub model: PathBuf,
     /// The prepared data ([`prepare`]): train.jsonl, dev.jsonl, test.jsonl.
     pub data: PathBuf,
@@ -71,6 +154,8 @@ pub struct Job {
     pub rank: usize,
     pub lr: f64,
     pub seed: u64,
+    /// Ramp runs: the ramp's length as a fraction of the updates.
+    pub ramp: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +165,10 @@ pub enum Stage {
     Test,
     /// A test run at a multiple of the picked rate (learning-rate stability).
     Stability,
+    /// A test run at the picked rate without warm-up, with a ramp of a given length.
+    Ramp,
+    /// A stability run (every multiple, ×1 included) without clipping and warm-up.
+    Plain,
 }
 
 impl Job {
@@ -88,10 +177,20 @@ impl Job {
             Stage::Select => "select",
             Stage::Test => "test",
             Stage::Stability => "stab",
+            Stage::Ramp => "ramp",
+            Stage::Plain => "plain",
         };
         match self.stage {
             // multiples of the picked rate need more digits
-            Stage::Stability => format!("{stage}-{}-lr{:.3e}-s{}", self.config, self.lr, self.seed),
+            Stage::Stability | Stage::Plain => {
+                format!("{stage}-{}-lr{:.3e}-s{}", self.config, self.lr, self.seed)
+            }
+            Stage::Ramp => format!(
+                "{stage}-{}-T{}pct-s{}",
+                self.config,
+                (1000.0 * self.ramp.unwrap_or(0.0)).round() / 10.0,
+                self.seed
+            ),
             _ => format!("{stage}-{}-lr{:.0e}-s{}", self.config, self.lr, self.seed),
         }
     }
@@ -119,11 +218,15 @@ pub struct Record {
     pub trainable_params: u64,
     pub seconds: f64,
     pub device: String,
+    /// Ramp runs: the ramp's length as a fraction of the updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<f64>,
 }
 
 /// The selection runs: every configuration at every grid rate, one seed.
-pub fn select_jobs() -> Vec<Job> {
-    CONFIGS
+pub fn select_jobs(suite: Suite) -> Vec<Job> {
+    suite
+        .configs()
         .iter()
         .flat_map(|&(config, method, rank)| {
             LR_GRID.iter().map(move |&lr| Job {
@@ -133,6 +236,7 @@ pub fn select_jobs() -> Vec<Job> {
                 rank,
                 lr,
                 seed: SELECT_SEED,
+                ramp: None,
             })
         })
         .collect()
@@ -140,9 +244,9 @@ pub fn select_jobs() -> Vec<Job> {
 
 /// Each configuration's picked rate: the highest dev accuracy of its selection runs (a tie
 /// goes to the lower rate); None until all of its grid has been run.
-pub fn picked_rates(records: &[Record]) -> BTreeMap<&'static str, f64> {
+pub fn picked_rates(records: &[Record], suite: Suite) -> BTreeMap<&'static str, f64> {
     let mut out = BTreeMap::new();
-    for &(config, _, _) in &CONFIGS {
+    for &(config, _, _) in suite.configs() {
         let runs: Vec<&Record> = records
             .iter()
             .filter(|r| r.stage == Stage::Select && r.config == config)
@@ -169,20 +273,22 @@ pub fn picked_rates(records: &[Record]) -> BTreeMap<&'static str, f64> {
 }
 
 /// The test runs of every configuration whose rate has been picked.
-pub fn test_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
-    CONFIGS
+pub fn test_jobs(picked: &BTreeMap<&'static str, f64>, suite: Suite) -> Vec<Job> {
+    suite
+        .configs()
         .iter()
         .filter_map(|&(config, method, rank)| {
             picked.get(config).map(|&lr| (config, method, rank, lr))
         })
         .flat_map(|(config, method, rank, lr)| {
-            TEST_SEEDS.iter().map(move |&seed| Job {
+            suite.test_seeds().iter().map(move |&seed| Job {
                 stage: Stage::Test,
                 config,
                 method,
                 rank,
                 lr,
                 seed,
+                ramp: None,
             })
         })
         .collect()
@@ -202,9 +308,10 @@ pub const STABILITY_ORDER: [&str; 6] = [
 /// A run whose test accuracy is below this has collapsed (chance is about 0.34).
 pub const COLLAPSED_BELOW: f64 = 0.40;
 
-/// The stability runs (every factor but 1, every test seed) of each configuration whose rate
-/// is picked, in [`STABILITY_ORDER`].
-pub fn stability_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
+/// The stability runs of each configuration whose rate is picked, in [`STABILITY_ORDER`]:
+/// with clipping and warm-up ([`Stage::Stability`]) every factor but 1 (×1 is the test runs),
+/// without them ([`Stage::Plain`]) every factor.
+pub fn stability_jobs(picked: &BTreeMap<&'static str, f64>, stage: Stage) -> Vec<Job> {
     let mut out = vec![];
     for name in STABILITY_ORDER {
         let Some(&(config, method, rank)) = CONFIGS.iter().find(|c| c.0 == name) else {
@@ -213,20 +320,54 @@ pub fn stability_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
         let Some(&lr) = picked.get(config) else {
             continue;
         };
-        for f in STABILITY_FACTORS.iter().filter(|&&f| f != 1.0) {
+        for f in STABILITY_FACTORS
+            .iter()
+            .filter(|&&f| f != 1.0 || stage == Stage::Plain)
+        {
             for &seed in &TEST_SEEDS {
                 out.push(Job {
-                    stage: Stage::Stability,
+                    stage,
                     config,
                     method,
                     rank,
                     lr: lr * f,
                     seed,
+                    ramp: None,
                 });
             }
         }
     }
     out
+}
+
+/// The ramp lengths tried without warm-up, as fractions of the updates.
+pub const RAMP_FRACTIONS: [f64; 5] = [0.0, 0.005, 0.02, 0.10, 0.30];
+/// The configuration whose ramp is varied.
+pub const RAMP_CONFIG: &str = "singlora-r8";
+
+/// The ramp runs: [`RAMP_CONFIG`] at its picked rate, no warm-up, each ramp length and test
+/// seed.
+pub fn ramp_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
+    let Some(&(config, method, rank)) = CONFIGS.iter().find(|c| c.0 == RAMP_CONFIG) else {
+        return vec![];
+    };
+    let Some(&lr) = picked.get(config) else {
+        return vec![];
+    };
+    RAMP_FRACTIONS
+        .iter()
+        .flat_map(|&t| {
+            TEST_SEEDS.iter().map(move |&seed| Job {
+                stage: Stage::Ramp,
+                config,
+                method,
+                rank,
+                lr,
+                seed,
+                ramp: Some(t),
+            })
+        })
+        .collect()
 }
 
 /// The records in `out/runs.jsonl` (none if it does not exist).
@@ -262,7 +403,7 @@ fn train_file(spec: &SnliSpec) -> Result<PathBuf> {
 
 fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Record> {
     let dir = spec.out.join("runs").join(job.name());
-    let cfg = TrainConfig {
+    let mut cfg = TrainConfig {
         model: spec.model.clone(),
         train: train.to_path_buf(),
         eval: Some(spec.data.join("dev.jsonl")),
@@ -270,7 +411,7 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
         method: job.method,
         rank: job.rank,
         alpha: job.rank as f64,
-        targets: Some(TARGETS.into()),
+        targets: Some(spec.suite.targets().into()),
         lr: Some(job.lr),
         epochs: 1,
         batch_size: spec.batch_size,
@@ -282,6 +423,20 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
         device: device.parse()?,
         ..TrainConfig::default()
     };
+    match job.stage {
+        Stage::Ramp => {
+            cfg.warmup_ratio = 0.0;
+            cfg.warmup_steps = None;
+            cfg.ramp_steps = None;
+            cfg.ramp_fraction = job.ramp.unwrap_or(0.0);
+        }
+        Stage::Plain => {
+            cfg.warmup_ratio = 0.0;
+            cfg.warmup_steps = None;
+            cfg.max_grad_norm = 0.0;
+        }
+        Stage::Select | Stage::Test | Stage::Stability => {}
+    }
     let t0 = Instant::now();
     train_run(cfg, &dir, spec.exe.as_deref())?;
     let (ev, updates) = final_eval(&dir)?;
@@ -327,11 +482,13 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
         trainable_params,
         seconds,
         device: device.into(),
+        ramp: job.ramp,
     })
 }
 
 /// Runs what is left of the protocol: the selection runs, then the test runs of each
-/// configuration whose rate is picked. Returns every record of this training-set size.
+/// configuration whose rate is picked, then the suite's later stages. Returns every record of
+/// this training-set size.
 pub fn run(
     spec: &SnliSpec,
     progress: impl Fn(&Record, usize, usize) + Sync,
@@ -340,13 +497,15 @@ pub fn run(
     let train = train_file(spec)?;
     let workers = workers(&spec.devices, spec.jobs_per_device);
     let log = spec.out.join("runs.jsonl");
-    for stage in [Stage::Select, Stage::Test, Stage::Stability] {
+    for &stage in spec.suite.stages() {
         let records = records(spec)?;
         let done: HashSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        let picked = picked_rates(&records, spec.suite);
         let jobs = match stage {
-            Stage::Select => select_jobs(),
-            Stage::Test => test_jobs(&picked_rates(&records)),
-            Stage::Stability => stability_jobs(&picked_rates(&records)),
+            Stage::Select => select_jobs(spec.suite),
+            Stage::Test => test_jobs(&picked, spec.suite),
+            Stage::Stability | Stage::Plain => stability_jobs(&picked, stage),
+            Stage::Ramp => ramp_jobs(&picked),
         };
         let todo: Vec<Job> = jobs
             .into_iter()
@@ -475,26 +634,74 @@ fn predictions(r: &Record) -> Vec<u8> {
         .collect()
 }
 
-/// `summary.md` and `lr.svg` in `out` from the records of one training-set size: the
-/// selection grid on dev, then the test table with intervals and the comparison with
-/// [`REFERENCE`]. Returns the markdown.
-pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
+/// The paired comparison of two sets of seed-matched test runs: the mean difference in
+/// accuracy (`runs` − `reference`) with its 95% bootstrap interval over seeds and rows, the
+/// number of pairs, and McNemar's exact p per pair. None without a pair.
+fn paired(
+    runs: &BTreeMap<u64, &Record>,
+    reference: &BTreeMap<u64, &Record>,
+    truth: &[u8],
+) -> Option<(super::stats::Interval, usize, Vec<f64>)> {
     use super::stats::{bootstrap_mean, discordant, mcnemar_exact};
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = runs
+        .iter()
+        .filter_map(|(s, r)| reference.get(s).map(|q| (predictions(r), predictions(q))))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let d: Vec<Vec<i8>> = pairs
+        .iter()
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .zip(truth)
+                .map(|((x, y), t)| (x == t) as i8 - (y == t) as i8)
+                .collect()
+        })
+        .collect();
+    let ps = pairs
+        .iter()
+        .map(|(a, b)| {
+            let (only_a, only_b) = discordant(a, b, truth);
+            mcnemar_exact(only_a, only_b)
+        })
+        .collect();
+    Some((bootstrap_mean(&d, 10_000, 0), pairs.len(), ps))
+}
+
+fn fmt_diff(i: &super::stats::Interval, n: usize) -> String {
+    format!(
+        "{:+.2} [{:+.2}, {:+.2}] ({n} pairs)",
+        100.0 * i.estimate,
+        100.0 * i.lo,
+        100.0 * i.hi
+    )
+}
+
+/// `summary.md` and the plots in `out` from the records of one training-set size: the
+/// selection grid on dev (`lr.svg`), the test table with intervals and the comparison with
+/// [`REFERENCE`], then whichever later stages have runs: learning-rate stability with and
+/// without clipping and warm-up (`stability.svg`, `stability-plain.svg`) and the ramp
+/// (`ramp.svg`). Returns the markdown.
+pub fn report(records: &[Record], data: &Path, out: &Path, suite: Suite) -> Result<String> {
+    use super::stats::bootstrap_mean;
     use std::fmt::Write as _;
     let rows = records.first().map_or(0, |r| r.train_rows);
+    let model = suite.model_name();
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "### Learning rate picked on dev (seed {SELECT_SEED}, {rows} training pairs)\n"
+        "### Learning rate picked on dev ({model}, seed {SELECT_SEED}, {rows} training pairs)\n"
     );
     let _ = write!(md, "| configuration |");
     for lr in LR_GRID {
         let _ = write!(md, " {lr:.0e} |");
     }
     let _ = writeln!(md, " picked |\n|---|{}---|", "---|".repeat(LR_GRID.len()));
-    let picked = picked_rates(records);
+    let picked = picked_rates(records, suite);
     let mut series = vec![];
-    for &(config, _, _) in &CONFIGS {
+    for &(config, _, _) in suite.configs() {
         let _ = write!(md, "| {config} |");
         let mut points = vec![];
         for lr in LR_GRID {
@@ -536,7 +743,7 @@ pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
     if !series.is_empty() {
         crate::bands::write_linear_bands(
             &out.join("lr.svg"),
-            &format!("SNLI dev accuracy against learning rate (MiniLM, {rows} pairs, seed 0)"),
+            &format!("SNLI dev accuracy against learning rate ({model}, {rows} pairs, seed 0)"),
             "learning rate (LoRA+: of A)",
             "dev accuracy (%)",
             &series,
@@ -544,49 +751,32 @@ pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
         )?;
     }
 
-    let tests: Vec<&Record> = records.iter().filter(|r| r.stage == Stage::Test).collect();
-    let Some(first) = tests.first() else {
+    let scored: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.stage != Stage::Select)
+        .collect();
+    let Some(first) = scored.first() else {
         let _ = writeln!(md, "\nNo test runs yet.");
         singlora::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
         return Ok(md);
     };
+    for r in &scored {
+        if r.labels != first.labels {
+            return Err(Error::msg(format!(
+                "{}: label order {:?} differs from {:?}",
+                r.name, r.labels, first.labels
+            )));
+        }
+    }
     let truth = test_truth(data, &first.labels)?;
-    let by_seed = |config: &str| -> BTreeMap<u64, &Record> {
-        tests
+    let by_seed = |stage: Stage, keep: &dyn Fn(&Record) -> bool| -> BTreeMap<u64, &Record> {
+        scored
             .iter()
-            .filter(|r| r.config == config)
+            .filter(|r| r.stage == stage && keep(r))
             .map(|r| (r.seed, *r))
             .collect()
     };
-    let reference = by_seed(REFERENCE);
-    let _ = writeln!(
-        md,
-        "\n### Test accuracy (9,824 SNLI test pairs; seeds {}–{})\n",
-        TEST_SEEDS[0],
-        TEST_SEEDS[TEST_SEEDS.len() - 1]
-    );
-    let _ = writeln!(
-        md,
-        "| configuration | trainable params | lr | accuracy per seed (%) | mean ± std | mean, 95% interval | − {REFERENCE}, 95% interval | McNemar p per seed |\n|---|---|---|---|---|---|---|---|"
-    );
-    for &(config, _, _) in &CONFIGS {
-        let runs = by_seed(config);
-        if runs.is_empty() {
-            continue;
-        }
-        for r in runs.values() {
-            if r.labels != first.labels {
-                return Err(Error::msg(format!(
-                    "{}: label order {:?} differs from {:?}",
-                    r.name, r.labels, first.labels
-                )));
-            }
-        }
-        let accs: Vec<f64> = runs
-            .values()
-            .map(|r| 100.0 * r.test_accuracy.unwrap_or(f64::NAN))
-            .collect();
-        let (m, sd) = super::sweep::mean_std(&accs);
+    let accuracy_ci = |runs: &BTreeMap<u64, &Record>| {
         let correct: Vec<Vec<i8>> = runs
             .values()
             .map(|r| {
@@ -597,48 +787,41 @@ pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
                     .collect()
             })
             .collect();
-        let ci = bootstrap_mean(&correct, 10_000, 0);
-        let paired: Vec<(&Record, &Record)> = runs
-            .iter()
-            .filter_map(|(s, r)| reference.get(s).map(|q| (*r, *q)))
-            .collect();
-        let (diff, ps) = if config == REFERENCE || paired.is_empty() {
-            ("–".to_string(), "–".to_string())
-        } else {
-            let pairs: Vec<(Vec<u8>, Vec<u8>)> = paired
-                .iter()
-                .map(|(a, b)| (predictions(a), predictions(b)))
-                .collect();
-            let d: Vec<Vec<i8>> = pairs
-                .iter()
-                .map(|(a, b)| {
-                    a.iter()
-                        .zip(b)
-                        .zip(&truth)
-                        .map(|((x, y), t)| (x == t) as i8 - (y == t) as i8)
-                        .collect()
-                })
-                .collect();
-            let di = bootstrap_mean(&d, 10_000, 0);
-            let ps: Vec<String> = pairs
-                .iter()
-                .map(|(a, b)| {
-                    let (only_a, only_b) = discordant(a, b, &truth);
-                    fmt_p(mcnemar_exact(only_a, only_b))
-                })
-                .collect();
-            (
-                format!(
-                    "{:+.2} [{:+.2}, {:+.2}] ({} pairs)",
-                    100.0 * di.estimate,
-                    100.0 * di.lo,
-                    100.0 * di.hi,
-                    paired.len()
-                ),
-                ps.join(", "),
-            )
+        bootstrap_mean(&correct, 10_000, 0)
+    };
+    let accuracies = |runs: &BTreeMap<u64, &Record>| -> Vec<f64> {
+        runs.values()
+            .map(|r| 100.0 * r.test_accuracy.unwrap_or(f64::NAN))
+            .collect()
+    };
+    let reference = by_seed(Stage::Test, &|r| r.config == REFERENCE);
+    let seeds = suite.test_seeds();
+    let _ = writeln!(
+        md,
+        "\n### Test accuracy ({} SNLI test pairs; seeds {}–{})\n",
+        truth.len(),
+        seeds[0],
+        seeds[seeds.len() - 1]
+    );
+    let _ = writeln!(
+        md,
+        "| configuration | trainable params | lr | accuracy per seed (%) | mean ± std | mean, 95% interval | − {REFERENCE}, 95% interval | McNemar p per seed |\n|---|---|---|---|---|---|---|---|"
+    );
+    for &(config, _, _) in suite.configs() {
+        let runs = by_seed(Stage::Test, &|r| r.config == config);
+        let Some(first_run) = runs.values().next() else {
+            continue;
         };
-        let first_run = runs.values().next().expect("non-empty");
+        let accs = accuracies(&runs);
+        let (m, sd) = super::sweep::mean_std(&accs);
+        let ci = accuracy_ci(&runs);
+        let (diff, ps) = match paired(&runs, &reference, &truth) {
+            Some((d, n, ps)) if config != REFERENCE => (
+                fmt_diff(&d, n),
+                ps.iter().map(|&p| fmt_p(p)).collect::<Vec<_>>().join(", "),
+            ),
+            _ => ("–".to_string(), "–".to_string()),
+        };
         let _ = writeln!(
             md,
             "| {config} | {} | {:.0e} | {} | {m:.2} ± {sd:.2} | {:.2} [{:.2}, {:.2}] | {diff} | {ps} |",
@@ -653,34 +836,115 @@ pub fn report(records: &[Record], data: &Path, out: &Path) -> Result<String> {
             100.0 * ci.hi,
         );
     }
-    stability_table(&mut md, records, &picked);
+    if suite == Suite::Encoder {
+        for stage in [Stage::Stability, Stage::Plain] {
+            stability_table(&mut md, records, &picked, stage, out, rows)?;
+        }
+        // the ramp: each length against no ramp, seed by seed
+        let ramp_runs = |t: f64| by_seed(Stage::Ramp, &|r| r.ramp == Some(t));
+        if records.iter().any(|r| r.stage == Stage::Ramp) {
+            let none = ramp_runs(0.0);
+            let updates = records
+                .iter()
+                .find(|r| r.stage == Stage::Ramp)
+                .map_or(0, |r| r.updates);
+            let _ = writeln!(
+                md,
+                "\n### Ramp length without warm-up ({RAMP_CONFIG} at {}, {updates} updates, clipping at 1.0; collapsed: below {:.0}%)\n",
+                picked.get(RAMP_CONFIG).map_or("–".into(), |lr| format!("{lr:.0e}")),
+                100.0 * COLLAPSED_BELOW
+            );
+            let _ = writeln!(
+                md,
+                "| ramp T | accuracy per seed (%) | mean ± std | − no ramp, 95% interval | McNemar p per seed | collapsed |\n|---|---|---|---|---|---|"
+            );
+            let mut dots = vec![];
+            for t in RAMP_FRACTIONS {
+                let runs = ramp_runs(t);
+                if runs.is_empty() {
+                    continue;
+                }
+                let accs = accuracies(&runs);
+                let (m, sd) = super::sweep::mean_std(&accs);
+                let (diff, ps) = match paired(&runs, &none, &truth) {
+                    Some((d, n, ps)) if t != 0.0 => (
+                        fmt_diff(&d, n),
+                        ps.iter().map(|&p| fmt_p(p)).collect::<Vec<_>>().join(", "),
+                    ),
+                    _ => ("–".to_string(), "–".to_string()),
+                };
+                let collapsed = accs
+                    .iter()
+                    .filter(|&&a| a < 100.0 * COLLAPSED_BELOW)
+                    .count();
+                let steps = (t * updates as f64).round();
+                let _ = writeln!(
+                    md,
+                    "| {}% ({steps} updates) | {} | {m:.2} ± {sd:.2} | {diff} | {ps} | {collapsed} of {} |",
+                    100.0 * t,
+                    accs.iter()
+                        .map(|a| format!("{a:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    accs.len()
+                );
+                dots.extend(accs.iter().map(|&a| (100.0 * t, a)));
+            }
+            crate::bands::write_dots(
+                &out.join("ramp.svg"),
+                &format!("SNLI test accuracy against ramp length ({RAMP_CONFIG}, no warm-up)"),
+                "ramp T (% of updates)",
+                "test accuracy (%)",
+                &[crate::bands::DotSeries {
+                    label: RAMP_CONFIG.into(),
+                    points: dots,
+                }],
+                false,
+            )?;
+        }
+    }
     singlora::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
     Ok(md)
 }
 
-/// The stability table: test accuracy at each multiple of the picked rate (the ×1 column is
-/// the test runs), the spread of the means over the whole window and over the two 2× windows
-/// around the picked rate, and the collapsed runs.
-fn stability_table(md: &mut String, records: &[Record], picked: &BTreeMap<&'static str, f64>) {
+/// A stability table: test accuracy at each multiple of the picked rate, the spread of the
+/// means over the whole window and over the two 2× windows around the picked rate, and the
+/// collapsed runs; with a plot of every run. [`Stage::Stability`]: with clipping and warm-up
+/// (its ×1 column is the test runs); [`Stage::Plain`]: without either.
+fn stability_table(
+    md: &mut String,
+    records: &[Record],
+    picked: &BTreeMap<&'static str, f64>,
+    stage: Stage,
+    out: &Path,
+    rows: usize,
+) -> Result<()> {
     use std::fmt::Write as _;
     let runs_at = |config: &str, lr: f64| -> Vec<f64> {
         records
             .iter()
             .filter(|r| {
                 r.config == config
-                    && matches!(r.stage, Stage::Test | Stage::Stability)
+                    && match stage {
+                        Stage::Plain => r.stage == Stage::Plain,
+                        _ => matches!(r.stage, Stage::Test | Stage::Stability),
+                    }
                     && (r.lr - lr).abs() <= 1e-9 * lr
             })
             .filter_map(|r| r.test_accuracy)
             .map(|a| 100.0 * a)
             .collect()
     };
-    if !records.iter().any(|r| r.stage == Stage::Stability) {
-        return;
+    if !records.iter().any(|r| r.stage == stage) {
+        return Ok(());
     }
+    let (what, file) = match stage {
+        Stage::Plain => ("without clipping and warm-up", "stability-plain.svg"),
+        _ => ("clipping at 1.0, 6% warm-up", "stability.svg"),
+    };
     let _ = writeln!(
         md,
-        "\n### Learning-rate stability (test accuracy, seeds {}–{}; collapsed: below {:.0}%)\n",
+        "\n### Learning-rate stability, {what} (test accuracy, seeds {}–{}; collapsed: below {:.0}%)\n",
         TEST_SEEDS[0],
         TEST_SEEDS[TEST_SEEDS.len() - 1],
         100.0 * COLLAPSED_BELOW
@@ -694,12 +958,22 @@ fn stability_table(md: &mut String, records: &[Record], picked: &BTreeMap<&'stat
         " spread ×0.25…×4 | spread ×0.5…×1 | spread ×1…×2 | collapsed |\n|---|{}---|---|---|---|",
         "---|".repeat(STABILITY_FACTORS.len())
     );
+    let mut dots = vec![];
     for name in STABILITY_ORDER {
         let Some(&lr) = picked.get(name) else {
             continue;
         };
+        // LoRA+'s B moves at 16 times the rate of A, which is the rate given
+        let b_rate = |x: f64| {
+            if name.starts_with("loraplus") {
+                format!(" (B {:.2e})", 16.0 * x)
+            } else {
+                String::new()
+            }
+        };
         let mut means = vec![];
         let (mut collapsed, mut total) = (0, 0);
+        let mut points = vec![];
         let _ = write!(md, "| {name} |");
         for f in STABILITY_FACTORS {
             let accs = runs_at(name, lr * f);
@@ -708,13 +982,20 @@ fn stability_table(md: &mut String, records: &[Record], picked: &BTreeMap<&'stat
                 .iter()
                 .filter(|&&a| a < 100.0 * COLLAPSED_BELOW)
                 .count();
+            points.extend(accs.iter().map(|&a| (lr * f, a)));
             if accs.is_empty() {
                 means.push(None);
                 let _ = write!(md, " – |");
             } else {
                 let (m, sd) = super::sweep::mean_std(&accs);
                 means.push(Some(m));
-                let _ = write!(md, " {m:.2} ± {sd:.2} ({}) at {:.2e} |", accs.len(), lr * f);
+                let _ = write!(
+                    md,
+                    " {m:.2} ± {sd:.2} ({}) at {:.2e}{} |",
+                    accs.len(),
+                    lr * f,
+                    b_rate(lr * f)
+                );
             }
         }
         let spread = |lo: usize, hi: usize| -> String {
@@ -735,7 +1016,21 @@ fn stability_table(md: &mut String, records: &[Record], picked: &BTreeMap<&'stat
             spread(1, 2),
             spread(2, 3)
         );
+        if !points.is_empty() {
+            dots.push(crate::bands::DotSeries {
+                label: name.into(),
+                points,
+            });
+        }
     }
+    crate::bands::write_dots(
+        &out.join(file),
+        &format!("SNLI test accuracy against learning rate, {what} (MiniLM, {rows} pairs)"),
+        "learning rate (LoRA+: of A)",
+        "test accuracy (%)",
+        &dots,
+        true,
+    )
 }
 
 #[cfg(test)]
@@ -761,6 +1056,7 @@ mod tests {
             trainable_params: 0,
             seconds: 0.0,
             device: "cpu".into(),
+            ramp: None,
         }
     }
 
@@ -770,14 +1066,14 @@ mod tests {
             .iter()
             .map(|&lr| rec("lora-r8", lr, 0.5))
             .collect();
-        assert!(picked_rates(&rs).is_empty());
+        assert!(picked_rates(&rs, Suite::Encoder).is_empty());
         rs.push(rec("lora-r8", LR_GRID[5], 0.4));
         rs[3].dev_accuracy = 0.7;
         rs[4].dev_accuracy = 0.7;
-        let picked = picked_rates(&rs);
+        let picked = picked_rates(&rs, Suite::Encoder);
         assert_eq!(picked.len(), 1);
         assert_eq!(picked["lora-r8"], LR_GRID[3]);
-        let tests = test_jobs(&picked);
+        let tests = test_jobs(&picked, Suite::Encoder);
         assert_eq!(tests.len(), TEST_SEEDS.len());
         assert!(tests
             .iter()
@@ -787,27 +1083,186 @@ mod tests {
     #[test]
     fn every_run_has_its_own_name() {
         let picked: BTreeMap<&str, f64> = CONFIGS.iter().map(|c| (c.0, 1e-3)).collect();
-        let jobs: Vec<Job> = select_jobs()
+        let jobs: Vec<Job> = select_jobs(Suite::Encoder)
             .into_iter()
-            .chain(test_jobs(&picked))
-            .chain(stability_jobs(&picked))
+            .chain(test_jobs(&picked, Suite::Encoder))
+            .chain(stability_jobs(&picked, Stage::Stability))
+            .chain(stability_jobs(&picked, Stage::Plain))
+            .chain(ramp_jobs(&picked))
             .collect();
         let names: HashSet<String> = jobs.iter().map(Job::name).collect();
         assert_eq!(names.len(), jobs.len());
         let stability = (STABILITY_FACTORS.len() - 1) * TEST_SEEDS.len();
+        let plain = STABILITY_FACTORS.len() * TEST_SEEDS.len();
         assert_eq!(
             jobs.len(),
-            CONFIGS.len() * (LR_GRID.len() + TEST_SEEDS.len() + stability)
+            CONFIGS.len() * (LR_GRID.len() + TEST_SEEDS.len() + stability + plain)
+                + RAMP_FRACTIONS.len() * TEST_SEEDS.len()
         );
-        // a stability run sits at a multiple of the picked rate, never at the rate itself
-        let stab = stability_jobs(&BTreeMap::from([("lora-r8", 2e-3)]));
-        let lrs: HashSet<u64> = stab.iter().map(|j| j.lr.to_bits()).collect();
-        let want: HashSet<u64> = [5e-4, 1e-3, 4e-3, 8e-3]
-            .iter()
-            .map(|l: &f64| l.to_bits())
-            .collect();
-        assert_eq!(lrs, want);
+        // a stability run sits at a multiple of the picked rate, never at the rate itself;
+        // without clipping and warm-up the rate itself is run too
+        let picked_one = BTreeMap::from([("lora-r8", 2e-3)]);
+        let rates =
+            |jobs: &[Job]| -> HashSet<u64> { jobs.iter().map(|j| j.lr.to_bits()).collect() };
+        let want = |l: &[f64]| -> HashSet<u64> { l.iter().map(|l| l.to_bits()).collect() };
+        let stab = stability_jobs(&picked_one, Stage::Stability);
+        assert_eq!(rates(&stab), want(&[5e-4, 1e-3, 4e-3, 8e-3]));
         assert_eq!(stab.len(), stability);
+        let plain_jobs = stability_jobs(&picked_one, Stage::Plain);
+        assert_eq!(rates(&plain_jobs), want(&[5e-4, 1e-3, 2e-3, 4e-3, 8e-3]));
+        assert!(plain_jobs.iter().all(|j| j.stage == Stage::Plain));
+        // the ramp varies only the ramp, on its configuration at its picked rate
+        assert!(ramp_jobs(&picked_one).is_empty());
+        let ramps = ramp_jobs(&BTreeMap::from([(RAMP_CONFIG, 5e-3)]));
+        assert_eq!(ramps.len(), RAMP_FRACTIONS.len() * TEST_SEEDS.len());
+        assert!(ramps
+            .iter()
+            .all(|j| j.lr == 5e-3 && j.config == RAMP_CONFIG));
+        assert_eq!(ramps[5].name(), "ramp-singlora-r8-T0.5pct-s1");
+        assert_eq!(ramps[24].name(), "ramp-singlora-r8-T30pct-s5");
+    }
+
+    #[test]
+    fn the_decoder_suite_runs_its_own_configurations_on_every_linear_layer() {
+        let suite: Suite = "decoder".parse().unwrap();
+        assert!("roberta".parse::<Suite>().is_err());
+        assert_eq!(suite.stages(), [Stage::Select, Stage::Test]);
+        let select = select_jobs(suite);
+        assert_eq!(select.len(), DECODER_CONFIGS.len() * LR_GRID.len());
+        let picked: BTreeMap<&str, f64> = DECODER_CONFIGS.iter().map(|c| (c.0, 1e-3)).collect();
+        let tests = test_jobs(&picked, suite);
+        assert_eq!(
+            tests.len(),
+            DECODER_CONFIGS.len() * DECODER_TEST_SEEDS.len()
+        );
+        assert!(suite.targets().contains("gate_proj") && suite.targets().contains("down_proj"));
+        // r = 12 is the SingLoRA rank whose count on SmolLM2's layer (hidden 576, key/value
+        // 192, MLP 1536) is nearest LoRA r = 8's
+        let lora = |i: usize, o: usize| (i + o) * 8;
+        let sing = |i: usize, o: usize, r: usize| i.max(o) * r;
+        let shapes = [
+            (576, 576),
+            (576, 192),
+            (576, 192),
+            (576, 576),
+            (576, 1536),
+            (576, 1536),
+            (1536, 576),
+        ];
+        let lora_n: usize = shapes.iter().map(|&(i, o)| lora(i, o)).sum();
+        let best = (1..=32)
+            .min_by_key(|&r| {
+                let n: usize = shapes.iter().map(|&(i, o)| sing(i, o, r)).sum();
+                n.abs_diff(lora_n)
+            })
+            .unwrap();
+        assert_eq!(best, 12);
+        assert_eq!(DECODER_CONFIGS[2], ("singlora-r12", Method::SingLora, 12));
+    }
+
+    /// Test-stage records of one configuration with the given per-row correctness patterns
+    /// against `truth` (all label 0): a run is right where its pattern has a 1.
+    fn scored(
+        stage: Stage,
+        config: &str,
+        lr: f64,
+        ramp: Option<f64>,
+        right: &[&[u8]],
+    ) -> Vec<Record> {
+        right
+            .iter()
+            .enumerate()
+            .map(|(k, pattern)| {
+                let preds: String = pattern
+                    .iter()
+                    .map(|&c| if c == 1 { '0' } else { '1' })
+                    .collect();
+                let acc = pattern.iter().map(|&c| c as f64).sum::<f64>() / pattern.len() as f64;
+                Record {
+                    name: format!("{config}-{lr}-{ramp:?}-{k}"),
+                    stage,
+                    seed: TEST_SEEDS[k],
+                    test_accuracy: Some(acc),
+                    test_predictions: Some(preds),
+                    labels: vec!["entailment".into(), "neutral".into()],
+                    ramp,
+                    ..rec(config, lr, 0.7)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_report_pairs_runs_by_seed_and_draws_every_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = 10;
+        let test: Vec<String> = (0..rows)
+            .map(|i| serde_json::json!({"text": format!("p{i}"), "text_pair": "h", "label": "entailment"}).to_string())
+            .collect();
+        std::fs::write(dir.path().join("test.jsonl"), test.join("\n")).unwrap();
+        let mut rs = vec![];
+        for &(config, _, _) in &CONFIGS {
+            for (i, &lr) in LR_GRID.iter().enumerate() {
+                rs.push(rec(config, lr, if i == 2 { 0.8 } else { 0.5 }));
+            }
+        }
+        let lr = LR_GRID[2];
+        let all: &[u8] = &[1; 10];
+        let nine: &[u8] = &[1, 1, 1, 1, 1, 1, 1, 1, 1, 0];
+        let eight: &[u8] = &[1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+        rs.extend(scored(Stage::Test, "lora-r8", lr, None, &[all, all]));
+        // SingLoRA r = 8 is one row behind on each of the two seeds: −10 points exactly
+        rs.extend(scored(Stage::Test, "singlora-r8", lr, None, &[nine, nine]));
+        rs.extend(scored(
+            Stage::Stability,
+            "singlora-r8",
+            2.0 * lr,
+            None,
+            &[eight, eight],
+        ));
+        rs.extend(scored(Stage::Plain, "singlora-r8", lr, None, &[nine, all]));
+        rs.extend(scored(
+            Stage::Ramp,
+            "singlora-r8",
+            lr,
+            Some(0.0),
+            &[all, all],
+        ));
+        rs.extend(scored(
+            Stage::Ramp,
+            "singlora-r8",
+            lr,
+            Some(0.1),
+            &[eight, nine],
+        ));
+        let md = report(&rs, dir.path(), dir.path(), Suite::Encoder).unwrap();
+        assert!(
+            md.contains("| singlora-r8 | 0 | 5e-4 | 90.00, 90.00 | 90.00 ± 0.00"),
+            "{md}"
+        );
+        // the interval resamples test rows as well as seeds, so only the estimate is exact
+        assert!(
+            md.contains("| -10.00 [-30.00, +0.00] (2 pairs) | 1.00, 1.00 |"),
+            "{md}"
+        );
+        // the ×2 point and the ×1 test runs give a spread of 10 points in the ×1…×2 window
+        assert!(md.contains("| 80.00 ± 0.00 (2) at 1.00e-3 |"), "{md}");
+        assert!(md.contains("without clipping and warm-up"), "{md}");
+        assert!(md.contains("| 95.00 ± 7.07 (2) at 5.00e-4 |"), "{md}");
+        // the ramp of 10% against none: −20 and −10 points on the two seeds
+        assert!(
+            md.contains("| 10% (0 updates) | 80.00, 90.00 | 85.00 ± 7.07 | -15.00"),
+            "{md}"
+        );
+        for f in [
+            "summary.md",
+            "lr.svg",
+            "stability.svg",
+            "stability-plain.svg",
+            "ramp.svg",
+        ] {
+            assert!(dir.path().join(f).exists(), "{f} missing");
+        }
     }
 
     #[test]

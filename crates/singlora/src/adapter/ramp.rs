@@ -36,8 +36,12 @@ impl RampSchedule {
         Self { ramp_steps: 0 }
     }
 
-    /// The paper's default, T = 1% of the total optimizer updates (at least 1).
+    /// T as a fraction of the total optimizer updates (the paper's default is 1%), at least 1
+    /// update for any positive fraction; a fraction of 0 is no ramp.
     pub fn fraction_of(total_updates: u64, fraction: f64) -> Self {
+        if fraction <= 0.0 {
+            return Self::none();
+        }
         Self {
             ramp_steps: ((total_updates as f64 * fraction).round() as u64).max(1),
         }
@@ -128,6 +132,9 @@ mod tests {
         assert_eq!(RampSchedule::none().u(0), 1.0);
         assert_eq!(RampSchedule::fraction_of(1000, 0.01).ramp_steps, 10);
         assert_eq!(RampSchedule::fraction_of(10, 0.01).ramp_steps, 1);
+        let none = RampSchedule::fraction_of(1000, 0.0);
+        assert_eq!(none.ramp_steps, 0);
+        assert_eq!(none.u(0), 1.0);
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub struct TrainConfig {
     /// SingLoRA ramp length T in updates (default: 1% of the updates; 0 = no ramp).
     #[arg(long)]
     pub ramp_steps: Option<u64>,
-    /// SingLoRA's ramp T as a fraction of the optimizer updates, when --ramp-steps is not given.
+    /// SingLoRA's ramp T as a fraction of the optimizer updates, when --ramp-steps is not given
+    /// (0 = no ramp).
     #[arg(long, default_value_t = 0.01)]
     pub ramp_fraction: f64,
     /// SingLoRA init: kaiming_width, gaussian_width, kaiming_rank or gaussian:STD.
