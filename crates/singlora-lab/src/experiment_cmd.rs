@@ -176,6 +176,9 @@ struct FitArgs {
     /// Compute in f64 instead of f32.
     #[arg(long)]
     f64: bool,
+    /// Keep the adapters' weights in bf16 (rounded after every update; compute stays f32).
+    #[arg(long)]
+    store_bf16: bool,
     /// Runs in parallel (threads).
     #[arg(long, default_value_t = 2)]
     jobs: usize,
@@ -218,6 +221,7 @@ fn attention(f: FitArgs) -> Result<()> {
         record_every: f.record_every.unwrap_or((f.steps / 100).max(1)),
         init: f.init.parse()?,
         dtype: if f.f64 { DType::F64 } else { DType::F32 },
+        store_bf16: f.store_bf16,
     };
     std::fs::create_dir_all(&f.out).with_context(|| format!("creating {}", f.out.display()))?;
     let seeds: Vec<u64> = (0..f.seeds).collect();

@@ -69,6 +69,9 @@ pub struct FitConfig {
     pub init: SingLoraInit,
     /// f32 (the training dtype) or f64.
     pub dtype: DType,
+    /// Keep the adapters' weights in bf16: computed in `dtype`, rounded to bf16 at the init
+    /// and after every update, as a trainer with bf16 weights and no f32 master copy does.
+    pub store_bf16: bool,
 }
 
 impl Default for FitConfig {
@@ -85,6 +88,7 @@ impl Default for FitConfig {
             record_every: 100,
             init: SingLoraInit::default(),
             dtype: DType::F32,
+            store_bf16: false,
         }
     }
 }
@@ -126,6 +130,7 @@ impl FitConfig {
             "record_every": self.record_every,
             "singlora_init": self.init.to_string(),
             "dtype": format!("{:?}", self.dtype).to_lowercase(),
+            "adapter_weights": if self.store_bf16 { "bf16".to_string() } else { format!("{:?}", self.dtype).to_lowercase() },
             "alpha": "r (scale 1)",
             "loss": "MSE between n x n attention matrices",
         })
@@ -338,6 +343,9 @@ pub struct FitRun {
     /// (updates applied, loss): the unadapted loss at 0, the training loss every
     /// `record_every` updates, the final loss at `steps`.
     pub curve: Vec<(usize, f64)>,
+    /// (update, fraction): at each recorded update, the fraction of the adapters' entries that
+    /// the update left exactly as they were.
+    pub unchanged: Vec<(usize, f64)>,
     /// The loss became NaN or infinite (the run stopped there).
     pub diverged: bool,
     pub seconds: f64,
@@ -354,9 +362,21 @@ pub fn fit(problem: &Problem, arm: Arm, cfg: &FitConfig, seed: u64) -> Result<Fi
         lora_plus_ratio: (arm.method == Method::LoraPlus).then_some(16.0),
         ..Default::default()
     };
-    let mut opt = AdamW::new(model.params(), opt_cfg).with_clock(model.clock.clone());
+    let params = model.params();
+    let store = |params: &[Param]| -> Result<()> {
+        if cfg.store_bf16 {
+            for p in params {
+                let t = p.var.as_tensor();
+                p.var.set(&t.to_dtype(DType::BF16)?.to_dtype(t.dtype())?)?;
+            }
+        }
+        Ok(())
+    };
+    store(&params)?;
+    let mut opt = AdamW::new(params.clone(), opt_cfg).with_clock(model.clock.clone());
     let mut acc = GradAccumulator::new(opt.vars());
     let mut curve = vec![(0, problem.initial_loss)];
+    let mut unchanged = vec![];
     let mut diverged = false;
     model.clock.set_training(true);
     for applied in 0..cfg.steps {
@@ -369,8 +389,26 @@ pub fn fit(problem: &Problem, arm: Arm, cfg: &FitConfig, seed: u64) -> Result<Fi
                 break;
             }
         }
+        let recorded = (applied + 1) % cfg.record_every == 0;
+        let before: Vec<Tensor> = if recorded {
+            params
+                .iter()
+                .map(|p| p.var.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            vec![]
+        };
         acc.add(&loss.backward()?)?;
         opt.step(&mut acc, cfg.lr, None)?;
+        store(&params)?;
+        if recorded {
+            let (mut same, mut total) = (0.0, 0usize);
+            for (p, b) in params.iter().zip(&before) {
+                same += scalar(&p.var.as_tensor().eq(b)?.to_dtype(DType::F64)?.sum_all()?)?;
+                total += b.elem_count();
+            }
+            unchanged.push((applied + 1, same / total.max(1) as f64));
+        }
     }
     model.clock.set_training(false);
     let final_loss = if diverged {
@@ -392,6 +430,7 @@ pub fn fit(problem: &Problem, arm: Arm, cfg: &FitConfig, seed: u64) -> Result<Fi
         final_loss,
         relative_final_loss: final_loss / problem.initial_loss,
         curve,
+        unchanged,
         diverged,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -816,6 +855,37 @@ mod tests {
         write_plot(&svg, &runs, &arms, &cfg)?;
         let svg = std::fs::read_to_string(&svg).unwrap();
         assert!(svg.contains("singlora r=4") && svg.contains("<polygon"));
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_weights_drop_updates_smaller_than_their_rounding_step() -> Result<()> {
+        // SingLoRA's entries are about 1/√32 here, so bf16's rounding step near them is about
+        // 1e-3; AdamW's updates are about lr = 1e-5: in f32 every entry moves, in bf16 none
+        // but the few near zero
+        let cfg = FitConfig {
+            steps: 20,
+            lr: 1e-5,
+            record_every: 10,
+            ..small()
+        };
+        let arm = Arm::new(Method::SingLora, 4);
+        let p = Problem::generate(&cfg, 0, &Device::Cpu)?;
+        let f32_run = fit(&p, arm, &cfg, 0)?;
+        let bf16_cfg = FitConfig {
+            store_bf16: true,
+            ..cfg.clone()
+        };
+        let bf16_run = fit(&p, arm, &bf16_cfg, 0)?;
+        assert_eq!(f32_run.unchanged.len(), 2);
+        assert_eq!(f32_run.unchanged[0].0, 10);
+        for (&(_, a), &(_, b)) in f32_run.unchanged.iter().zip(&bf16_run.unchanged) {
+            assert!(a < 0.01, "f32: {a} of the entries unchanged");
+            assert!(b > 0.9, "bf16: only {b} of the entries unchanged");
+        }
+        // and the f32 fit makes progress that the bf16 one cannot keep
+        assert!(f32_run.final_loss < bf16_run.final_loss);
+        assert_eq!(bf16_cfg.to_json()["adapter_weights"], "bf16");
         Ok(())
     }
 
