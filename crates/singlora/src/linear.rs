@@ -171,13 +171,12 @@ impl FrozenLinear {
         }
     }
 
-    /// The weight (d_out, d_in); an NF4 weight dequantised (a new tensor each call).
-    pub fn weight(&self) -> Tensor {
+    /// The weight (d_out, d_in); an NF4 weight dequantised (a new tensor each call, which
+    /// can fail where the device has no room for it).
+    pub fn weight(&self) -> crate::error::Result<Tensor> {
         match &self.weight {
-            Stored::Dense(w) => w.clone(),
-            Stored::Nf4 { w, dtype, device } => w
-                .to_tensor(*dtype, device)
-                .expect("an NF4 weight dequantises to its own shape"),
+            Stored::Dense(w) => Ok(w.clone()),
+            Stored::Nf4 { w, dtype, device } => w.to_tensor(*dtype, device),
         }
     }
 

@@ -110,7 +110,7 @@ fn forward_and_gradients_match_finite_differences() {
             let s = adapter.scale();
             let x = Tensor::randn(0f64, 1.0, (2, 3, shape.1), &Device::Cpu).unwrap();
             let g = Tensor::randn(0f64, 1.0, (2, 3, shape.0), &Device::Cpu).unwrap();
-            let w0 = layer.base().weight().clone();
+            let w0 = layer.base().weight().unwrap();
             let bias = layer.base().bias().unwrap().clone();
             let params: Vec<Var> = adapter.params().iter().map(|p| p.var.clone()).collect();
             let values: Vec<Tensor> = params
@@ -217,7 +217,8 @@ fn ramp_advances_once_per_update_under_accumulation() {
                 .matmul(&a.narrow(0, 0, 4).unwrap().t().unwrap())
                 .unwrap();
             let expect_u = (k as f64 / 3.0).min(1.0);
-            let w = (layer.base().weight() + (delta * (sl.scale() * expect_u)).unwrap()).unwrap();
+            let w = (layer.base().weight().unwrap() + (delta * (sl.scale() * expect_u)).unwrap())
+                .unwrap();
             let y_ref = layer
                 .base()
                 .add_bias(&x.matmul(&w.t().unwrap()).unwrap())
@@ -248,7 +249,7 @@ fn merge_matches_unmerged_and_unmerge_restores() {
                 let clock = RampClock::new(RampSchedule::new(4), 3);
                 let mut l = layer(kind, rslora, shape, &clock);
                 // rebuild the base in the dtype under test
-                let w0 = l.base().weight().to_dtype(base_dtype).unwrap();
+                let w0 = l.base().weight().unwrap().to_dtype(base_dtype).unwrap();
                 let bias = l.base().bias().unwrap().to_dtype(base_dtype).unwrap();
                 let adapter = l.adapter().unwrap().clone();
                 l = AdaptedLinear::new("m", FrozenLinear::new(w0.clone(), Some(bias)))
@@ -268,9 +269,9 @@ fn merge_matches_unmerged_and_unmerge_restores() {
                     err < tol,
                     "{kind:?} {shape:?} {base_dtype:?}: merged forward differs by {err}"
                 );
-                let merged_w = l.base().weight().to_dtype(DType::F64).unwrap();
+                let merged_w = l.base().weight().unwrap().to_dtype(DType::F64).unwrap();
                 l.unmerge().unwrap();
-                let back = l.base().weight().to_dtype(DType::F64).unwrap();
+                let back = l.base().weight().unwrap().to_dtype(DType::F64).unwrap();
                 let orig = w0.to_dtype(DType::F64).unwrap();
                 let diff = (&back - &orig).unwrap().abs().unwrap();
                 // to rounding: half an ulp when W was stored (DoRA rescales it to V = W0 + ΔW),

@@ -129,7 +129,7 @@ fn nf4_linear_is_the_dequantised_linear() {
         "{} bytes",
         q.weight_bytes()
     );
-    let dense = FrozenLinear::new(q.weight(), Some(b));
+    let dense = FrozenLinear::new(q.weight().unwrap(), Some(b));
     let x = Var::randn(0f32, 1.0, (3, 5, 70), &dev).unwrap();
     let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
     let diff = (&yq - &yd)
@@ -155,7 +155,7 @@ fn nf4_linear_is_the_dequantised_linear() {
         .unwrap();
     assert!(diff < 1e-5, "input gradient {diff}");
     // and the quantisation is close to the weight it came from (4 bits: a few % of its scale)
-    let err = (q.weight() - &w)
+    let err = (q.weight().unwrap() - &w)
         .unwrap()
         .abs()
         .unwrap()
@@ -213,7 +213,7 @@ fn adapters_on_an_nf4_base_train_as_on_its_dequantised_weights() {
             for (d, q) in dense.linears_mut().into_iter().zip(quantised.linears()) {
                 assert_eq!(d.name(), q.name());
                 if q.base().is_quantized() {
-                    d.base_mut().set_weight(q.base().weight());
+                    d.base_mut().set_weight(q.base().weight().unwrap());
                 }
             }
             let spec = AdapterSpec {

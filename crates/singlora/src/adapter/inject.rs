@@ -35,7 +35,7 @@ pub fn inject(
     }
     for l in linears.iter_mut() {
         if chosen.iter().any(|c| c == l.name()) {
-            let a = Adapter::init(spec, l.name(), &l.base().weight(), clock)?;
+            let a = Adapter::init(spec, l.name(), &l.base().weight()?, clock)?;
             l.set_adapter(Some(a))?;
         }
     }
@@ -59,7 +59,7 @@ pub fn load(
     }
     for l in linears.iter_mut() {
         let a = if af.layers.contains_key(l.name()) {
-            let w0 = l.base().weight();
+            let w0 = l.base().weight()?;
             Some(af.build_adapter(l.name(), &w0, clock)?)
         } else {
             None

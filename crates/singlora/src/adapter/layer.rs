@@ -143,7 +143,10 @@ impl AdaptedLinear {
         }
         let y0 = self.base.forward_no_bias(&x2)?;
         // only DoRA reads W0 here: a weight kept in NF4 is dequantised for it alone
-        let w0 = adapter.rescales_output().then(|| self.base.weight());
+        let w0 = match adapter.rescales_output() {
+            true => Some(self.base.weight()?),
+            false => None,
+        };
         let y = adapter.adapt(&x2, w0.as_ref(), &y0)?;
         let y = self.base.add_bias(&y)?;
         Ok(y.reshape(out)?)
@@ -158,7 +161,7 @@ impl AdaptedLinear {
         if self.merged.is_some() || self.base.is_quantized() {
             return Ok(());
         }
-        let w0 = self.base.weight();
+        let w0 = self.base.weight()?;
         let (w, dora_norm) = adapter.merged_weight(&w0)?;
         crate::adapter::check_finite(&w, &format!("{}.weight (merged)", self.name))?;
         let w = w.to_dtype(w0.dtype())?;
@@ -171,7 +174,7 @@ impl AdaptedLinear {
         let (Some(adapter), Some(merged)) = (&self.adapter, self.merged.take()) else {
             return Ok(());
         };
-        let w = self.base.weight();
+        let w = self.base.weight()?;
         let w0 = adapter.unmerged_weight(&w, merged.dora_norm.as_ref())?;
         let w0 = w0.to_dtype(w.dtype())?;
         self.base.set_weight(w0);
@@ -180,6 +183,6 @@ impl AdaptedLinear {
 
     /// The base weight as f64 (for checks).
     pub fn weight_f64(&self) -> Result<Tensor> {
-        Ok(self.base.weight().to_dtype(DType::F64)?)
+        Ok(self.base.weight()?.to_dtype(DType::F64)?)
     }
 }

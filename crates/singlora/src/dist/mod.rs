@@ -67,6 +67,22 @@ pub trait GradSync {
     fn bucket_len(&self) -> usize;
 }
 
+/// Adds rank `rank`'s values into `sum`. Every group sums in rank order (from zero, rank 0
+/// first), so every rank of every group kind gets bit-identical sums.
+pub(crate) fn add_rank(sum: &mut [f32], part: &[f32], rank: usize) -> Result<()> {
+    if part.len() != sum.len() {
+        return Err(Error::msg(format!(
+            "all-reduce: rank {rank} gave {} values where {} were expected",
+            part.len(),
+            sum.len()
+        )));
+    }
+    for (a, b) in sum.iter_mut().zip(part) {
+        *a += b;
+    }
+    Ok(())
+}
+
 /// Sums over the ranks, in place in `grads`, the gradients of those `vars` that have one and
 /// are not in `done` (those a backward reduced already), through one flat f32 bucket. Every
 /// rank must hold gradients for the same variables (true for replicas of one model).
@@ -149,21 +165,11 @@ impl Collective for LocalGroup {
         let sum = {
             let slots = self.shared.slots.lock().unwrap();
             let mut sum = vec![0f32; n];
-            // in rank order on every rank, so all ranks get bit-identical sums
             for (r, s) in slots.iter().enumerate() {
                 let s = s
                     .as_ref()
                     .ok_or_else(|| Error::msg(format!("all-reduce: rank {r} gave nothing")))?;
-                if s.len() != n {
-                    return Err(Error::msg(format!(
-                        "all-reduce: rank {r} gave {} values, rank {} {n}",
-                        s.len(),
-                        self.rank
-                    )));
-                }
-                for (a, b) in sum.iter_mut().zip(s) {
-                    *a += b;
-                }
+                add_rank(&mut sum, s, r)?;
             }
             sum
         };

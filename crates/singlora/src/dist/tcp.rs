@@ -285,20 +285,11 @@ impl Collective for TcpGroup {
         let n = mine.len();
         let mut links = self.links.lock().unwrap();
         let sum = if self.rank == 0 {
-            // in rank order, as the threaded group sums
-            let mut sum = mine;
+            let mut sum = vec![0f32; n];
+            super::add_rank(&mut sum, &mine, 0)?;
             for (i, s) in links.iter_mut().enumerate() {
                 let b = recv_bytes(s, 4 * n + 4).map_err(|e| self.lost(i + 1, e))?;
-                if b.len() != 4 * n {
-                    return Err(Error::msg(format!(
-                        "all-reduce: rank {} gave {} values, rank 0 {n}",
-                        i + 1,
-                        b.len() / 4
-                    )));
-                }
-                for (a, v) in sum.iter_mut().zip(bytes_f32(&b)) {
-                    *a += v;
-                }
+                super::add_rank(&mut sum, &bytes_f32(&b), i + 1)?;
             }
             let b = f32_bytes(&sum);
             for (i, s) in links.iter_mut().enumerate() {
