@@ -489,8 +489,15 @@ pub struct EvalArgs {
 pub fn eval(a: EvalArgs, given: &[String]) -> Result<()> {
     let run = run_of(&a.adapter)?;
     let model = model_of(&a.model, &a.adapter, run.as_ref())?;
-    let settings = with_given(run.as_ref(), &a.settings, given)?;
-    let s = load_session(&model, &a.adapter, a.device.open()?, run.as_ref())?;
+    let mut settings = with_given(run.as_ref(), &a.settings, given)?;
+    let mut s = load_session(&model, &a.adapter, a.device.open()?, run.as_ref())?;
+    // the run's own template travels with its adapter; a file given here replaces it
+    if given.iter().any(|k| k == "chat_template_file") {
+        if let Some(p) = &settings.chat_template_file {
+            s.set_chat_template_file(p)?;
+        }
+    }
+    settings.chat_template_file = None;
     let (r, rows) = s.eval_file(&a.data, &settings, a.batch_size)?;
     if !rows.is_empty() {
         eprint!("{}", rows_text(&rows));
@@ -572,6 +579,9 @@ pub struct PredictArgs {
     /// was trained).
     #[arg(long)]
     no_chat_template: bool,
+    /// SFT: a Jinja chat template to use instead of the adapter's or the model's.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_chat_template")]
+    chat_template: Option<PathBuf>,
 }
 
 /// The inputs of `predict --input FILE`: each line's "text" (classification) or "prompt" and
@@ -608,7 +618,9 @@ pub fn predict(a: PredictArgs) -> Result<()> {
     let model = model_of(&a.model, &a.adapter, run.as_ref())?;
     let settings = run.as_ref().map(|r| r.data.clone()).unwrap_or_default();
     let mut s = load_session(&model, &a.adapter, a.device.open()?, run.as_ref())?;
-    if a.no_chat_template || !settings.chat_template {
+    if let Some(p) = &a.chat_template {
+        s.set_chat_template_file(p)?;
+    } else if a.no_chat_template || !settings.chat_template {
         s.chat = None;
     }
     let max_length = a.max_length.unwrap_or(settings.max_length);

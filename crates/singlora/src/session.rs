@@ -95,6 +95,10 @@ impl Session {
         };
         let special = special_tokens(&pre.tokenizer, Some(&pre.config));
         let tokenizer = pre.tokenizer.clone();
+        // an adapter trained with a template of its own keeps it beside its files
+        if let Some(t) = &af.chat_template {
+            pre.chat_template = Some(t.clone());
+        }
         let chat = match task {
             Task::Sft => pre.chat_template()?,
             Task::Classify => None,
@@ -115,6 +119,20 @@ impl Session {
 
     /// Evaluates on a data file (its labels must be among the adapter's), read and tokenized
     /// as `settings` say; also gives the rows left out or cut.
+    /// Uses the chat template in `path` (a `--chat-template` file) instead of the adapter's or
+    /// the model's; a classifier has none to replace.
+    pub fn set_chat_template_file(&mut self, path: &Path) -> Result<()> {
+        if self.labels.is_some() {
+            return Ok(());
+        }
+        let src = crate::data::read_chat_template_file(path)?;
+        let name = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
+        let t = crate::chat::ChatTemplate::new(&src, name(self.special.bos), name(self.special.eos))
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        self.chat = Some(t);
+        Ok(())
+    }
+
     pub fn eval_file(
         &self,
         path: &Path,

@@ -271,6 +271,7 @@ fn bert_mean_head_is_kept_out_of_the_architecture() {
         config: cfg,
         layers: BTreeMap::new(),
         heads,
+        chat_template: None,
     }
     .write(&head_only, false)
     .unwrap();

@@ -623,6 +623,7 @@ pub fn run_json(run: &FitRun) -> Value {
         "diverged": run.diverged,
         "seconds": (run.seconds * 100.0).round() / 100.0,
         "curve": run.curve.iter().map(|&(s, l)| json!([s, r(l)])).collect::<Vec<_>>(),
+        "unchanged": run.unchanged.iter().map(|&(s, f)| json!([s, r(f)])).collect::<Vec<_>>(),
     })
 }
 
@@ -851,6 +852,8 @@ mod tests {
         assert_eq!(text.lines().count(), 4);
         let line: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(line["curve"].as_array().unwrap().len(), 7);
+        // the fraction of entries each recorded update left unchanged, at 50, 100, …, 300
+        assert_eq!(line["unchanged"].as_array().unwrap().len(), 6);
         let svg = dir.path().join("fit.svg");
         write_plot(&svg, &runs, &arms, &cfg)?;
         let svg = std::fs::read_to_string(&svg).unwrap();

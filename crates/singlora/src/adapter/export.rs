@@ -111,6 +111,7 @@ pub fn to_lora(af: &AdapterFile, base: Option<&Checkpoint>) -> Result<AdapterFil
         config,
         layers,
         heads: af.heads.clone(),
+        chat_template: af.chat_template.clone(),
     })
 }
 

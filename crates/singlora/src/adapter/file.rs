@@ -38,6 +38,9 @@ pub struct AdapterFile {
     pub layers: BTreeMap<String, BTreeMap<String, Tensor>>,
     /// Fully trained module tensors (`modules_to_save`), keyed by their model name.
     pub heads: BTreeMap<String, Tensor>,
+    /// The chat template the adapter was trained with when it was not the model's own
+    /// (`chat_template.jinja` beside the two files).
+    pub chat_template: Option<String>,
 }
 
 fn split_key(key: &str) -> Option<(&str, &'static str)> {
@@ -62,7 +65,12 @@ impl AdapterFile {
         }
         let config = AdapterConfig::read(dir)?;
         let file = TensorFile::open(&dir.join(WEIGHTS_FILE))?;
-        Self::from_parts(config, &file, device)
+        let mut af = Self::from_parts(config, &file, device)?;
+        let template = dir.join(crate::model::CHAT_TEMPLATE_FILE);
+        if template.exists() {
+            af.chat_template = Some(crate::data::read_chat_template_file(&template)?);
+        }
+        Ok(af)
     }
 
     /// Validates an adapter made of a parsed config and its opened weights file (what
@@ -122,6 +130,7 @@ impl AdapterFile {
             config,
             layers,
             heads,
+            chat_template: None,
         };
         af.check_layout(path)?;
         // The config sits beside the weights in an adapter directory.
@@ -330,6 +339,7 @@ impl AdapterFile {
             config,
             layers,
             heads,
+            chat_template: None,
         })
     }
 
@@ -378,6 +388,10 @@ impl AdapterFile {
             serde_json::to_string_pretty(&self.config.to_json()).expect("JSON values serialise");
         let cfg_path = dir.join(CONFIG_FILE);
         std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        if let Some(t) = &self.chat_template {
+            let p = dir.join(crate::model::CHAT_TEMPLATE_FILE);
+            std::fs::write(&p, t).map_err(|e| Error::io(&p, e))?;
+        }
         write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, None)
     }
 

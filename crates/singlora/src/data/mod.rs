@@ -221,6 +221,19 @@ pub struct DataSettings {
     /// has one).
     #[arg(long = "no-chat-template", action = clap::ArgAction::SetFalse)]
     pub chat_template: bool,
+    /// SFT: a Jinja chat template to use instead of the model's (for a base model without
+    /// one); `train` keeps a copy with the adapter, which `eval` and `predict` then use.
+    #[arg(long = "chat-template", value_name = "FILE")]
+    pub chat_template_file: Option<std::path::PathBuf>,
+}
+
+/// Reads a chat template file given with `--chat-template`.
+pub fn read_chat_template_file(path: &std::path::Path) -> crate::error::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?;
+    if text.trim().is_empty() {
+        return Err(crate::error::Error::bad_file(path, "the chat template is empty"));
+    }
+    Ok(text)
 }
 
 impl Default for DataSettings {

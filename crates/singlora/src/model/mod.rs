@@ -356,12 +356,26 @@ pub fn is_sentence_transformers(dir: &Path) -> bool {
     dir.join("1_Pooling").is_dir() || dir.join("modules.json").exists()
 }
 
+/// A Hugging Face directory's chat template: `chat_template` in tokenizer_config.json (a
+/// string, or a list of named templates of which `default` is taken), else the
+/// `chat_template.jinja` file that transformers 5 writes beside it.
 fn read_chat_template(dir: &Path) -> Option<String> {
-    let cfg = crate::checkpoint::read_json(&dir.join("tokenizer_config.json")).ok()?;
-    cfg.get("chat_template")
-        .and_then(Value::as_str)
-        .map(str::to_string)
+    let from_config = crate::checkpoint::read_json(&dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|cfg| match cfg.get("chat_template")? {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(named) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str())
+                .map(str::to_string),
+            _ => None,
+        });
+    from_config.or_else(|| std::fs::read_to_string(dir.join(CHAT_TEMPLATE_FILE)).ok())
 }
+
+/// The file a chat template is kept in beside a model or an adapter (transformers' name).
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// A trained-in-full linear head (n_labels × hidden), saved like PEFT's `modules_to_save`.
 pub struct ClassifierHead {

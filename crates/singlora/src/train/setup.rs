@@ -201,6 +201,8 @@ pub struct Setup {
     pub base_config: Value,
     /// Settings that are allowed but probably not meant, in words.
     pub warnings: Vec<String>,
+    /// The chat template given with `--chat-template`, kept with the adapter.
+    pub chat_template: Option<String>,
 }
 
 /// Loads model and data, injects adapters and computes the plan.
@@ -215,6 +217,13 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         DType::BF16
     };
     let mut pre = Pretrained::load(&cfg.model, dtype, &device)?;
+    let chat_template = match &cfg.data.chat_template_file {
+        Some(p) if task == Task::Sft => Some(crate::data::read_chat_template_file(p)?),
+        _ => None,
+    };
+    if let Some(t) = &chat_template {
+        pre.chat_template = Some(t.clone());
+    }
     let mut quantized = None;
     if cfg.base_dtype == crate::quant::BaseDtype::Nf4 {
         if !device.is_cpu() {
@@ -351,6 +360,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
         tokenizer,
         base_config,
         warnings,
+        chat_template,
     })
 }
 
@@ -359,7 +369,10 @@ impl Setup {
     pub fn adapter_file(&self) -> Result<AdapterFile> {
         let mut config = self.adapter_config.clone();
         config.step = self.model.clock.step();
-        AdapterFile::from_adapters(config, self.model.adapters(), self.model.head_tensors())
+        let mut af =
+            AdapterFile::from_adapters(config, self.model.adapters(), self.model.head_tensors())?;
+        af.chat_template = self.chat_template.clone();
+        Ok(af)
     }
 
     pub fn evaluate(&self) -> Result<Option<EvalResult>> {
