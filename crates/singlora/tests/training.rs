@@ -384,6 +384,91 @@ fn bert_classification_trains_and_writes_every_output() {
     assert_eq!(preds[0].probabilities.len(), 2);
 }
 
+/// A base model without a chat template trains on conversations with `--chat-template FILE`;
+/// the template is kept with the adapter and used when it is loaded, and a model directory's
+/// `chat_template.jinja` (transformers 5's layout) is the model's own template.
+#[test]
+fn a_chat_template_file_serves_a_model_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_llama(tmp.path(), DType::F32);
+    let data = tmp.path().join("chat.jsonl");
+    write_rows(
+        &data,
+        (0..16).map(|i| {
+            let (t, l) = sentence(i);
+            serde_json::json!({"messages": [
+                {"role": "user", "content": t},
+                {"role": "assistant", "content": l},
+            ]})
+        }),
+    );
+    // user turns start with "the", the assistant's with "a" and end with "and"
+    let template = "{% for m in messages %}{% if m['role'] == 'user' %}the {{ m['content'] }} \
+                    {% else %}a {{ m['content'] }} and {% endif %}{% endfor %}\
+                    {% if add_generation_prompt %}a {% endif %}";
+    let file = tmp.path().join("template.jinja");
+    std::fs::write(&file, template).unwrap();
+    let cfg = TrainConfig {
+        task: Task::Sft,
+        epochs: 2,
+        ..base_cfg(&model, &data, None)
+    };
+    let err = run_train(cfg.clone(), &tmp.path().join("none"), false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--chat-template FILE"), "{err}");
+    let mut cfg = cfg;
+    cfg.data.chat_template_file = Some(file.clone());
+    let run = tmp.path().join("run");
+    run_train(cfg, &run, false, false).unwrap();
+    let l = losses(&run);
+    assert!(l.iter().all(|x| x.is_finite()) && !l.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(run.join("chat_template.jinja")).unwrap(),
+        template
+    );
+    let af = AdapterFile::read(&run, &Device::Cpu).unwrap();
+    assert_eq!(af.chat_template.as_deref(), Some(template));
+    let mut sess = singlora::session::Session::load(&model, &run, Device::Cpu).unwrap();
+    let chat = sess.chat.as_ref().expect("the adapter's own template");
+    assert_eq!(chat.user_prompt("good").unwrap(), "the good a ");
+    // `predict --chat-template` / `eval --chat-template` replace it
+    let other = tmp.path().join("other.jinja");
+    std::fs::write(&other, "{{ messages[0]['content'] }} was").unwrap();
+    sess.set_chat_template_file(&other).unwrap();
+    assert_eq!(
+        sess.chat.as_ref().unwrap().user_prompt("good").unwrap(),
+        "good was"
+    );
+    // an empty template file is refused by name
+    let empty = tmp.path().join("empty.jinja");
+    std::fs::write(&empty, " \n").unwrap();
+    let err = singlora::data::read_chat_template_file(&empty)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("empty.jinja") && err.contains("empty"),
+        "{err}"
+    );
+    // a merged model carries the template where transformers and singlora find it
+    let merged = tmp.path().join("merged");
+    singlora::merge::merge_checkpoint(&model, &run, &merged, &Default::default()).unwrap();
+    let tc = singlora::checkpoint::read_json(&merged.join("tokenizer_config.json")).unwrap();
+    assert_eq!(tc["chat_template"], template);
+    let pre = singlora::model::Pretrained::load(&merged, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(pre.chat_template.as_deref(), Some(template));
+    // transformers 5 keeps the template in chat_template.jinja beside the tokenizer
+    assert!(
+        singlora::model::Pretrained::load(&model, DType::F32, &Device::Cpu)
+            .unwrap()
+            .chat_template
+            .is_none()
+    );
+    std::fs::write(model.join("chat_template.jinja"), template).unwrap();
+    let pre = singlora::model::Pretrained::load(&model, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(pre.chat_template.as_deref(), Some(template));
+}
+
 #[test]
 fn llama_sft_and_classification_train() {
     let tmp = tempfile::tempdir().unwrap();

@@ -374,9 +374,10 @@ impl RowEncoder<'_> {
         let located = |e: Error| Error::msg(format!("{}: {e}", self.ds.locate(record)));
         let chat = self.opts.chat.ok_or_else(|| {
             Error::msg(format!(
-                "{}: a `messages` row needs the model's chat template (tokenizer_config.json's \
-                 chat_template or the GGUF's), and this run has none (a model without one, or \
-                 --no-chat-template): use prompt/completion rows",
+                "{}: a `messages` row needs a chat template (tokenizer_config.json's \
+                 chat_template, chat_template.jinja or the GGUF's), and this run has none (a \
+                 model without one, or --no-chat-template): give one with --chat-template FILE, \
+                 or use prompt/completion rows",
                 self.ds.locate(record)
             ))
         })?;

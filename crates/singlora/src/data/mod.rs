@@ -231,7 +231,10 @@ pub struct DataSettings {
 pub fn read_chat_template_file(path: &std::path::Path) -> crate::error::Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| crate::error::Error::io(path, e))?;
     if text.trim().is_empty() {
-        return Err(crate::error::Error::bad_file(path, "the chat template is empty"));
+        return Err(crate::error::Error::bad_file(
+            path,
+            "the chat template is empty",
+        ));
     }
     Ok(text)
 }

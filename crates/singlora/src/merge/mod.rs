@@ -317,10 +317,9 @@ fn merge_gguf(
     g.tokenizer
         .save(&p, false)
         .map_err(|e| Error::msg(format!("{}: {e}", p.display())))?;
-    if let Some(t) = &g.chat_template {
-        let p = staged.path().join("tokenizer_config.json");
-        let tc = json!({"chat_template": t});
-        std::fs::write(&p, serde_json::to_string_pretty(&tc).unwrap()).at(&p)?;
+    // the template the adapter was trained with, else the GGUF's
+    if let Some(t) = af.chat_template.as_ref().or(g.chat_template.as_ref()) {
+        write_chat_template(staged.path(), t)?;
     }
     staged.commit()?;
     Ok(MergeReport {
@@ -338,6 +337,24 @@ fn dtype_name(dt: DType) -> &'static str {
 }
 
 /// Copies every file and folder of `from` except the weights into `to`.
+/// Puts `template` where transformers and singlora look for a chat template:
+/// `chat_template.jinja`, and `chat_template` in tokenizer_config.json (made if there is none).
+fn write_chat_template(dir: &Path, template: &str) -> Result<()> {
+    let p = dir.join("tokenizer_config.json");
+    let mut tc = if p.exists() {
+        crate::checkpoint::read_json(&p)?
+    } else {
+        json!({})
+    };
+    let Some(obj) = tc.as_object_mut() else {
+        return Err(Error::bad_file(&p, "is not a JSON object"));
+    };
+    obj.insert("chat_template".into(), json!(template));
+    std::fs::write(&p, serde_json::to_string_pretty(&tc).unwrap()).at(&p)?;
+    let j = dir.join(crate::model::CHAT_TEMPLATE_FILE);
+    std::fs::write(&j, template).at(&j)
+}
+
 fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
     for entry in std::fs::read_dir(from).at(from)? {
         let entry = entry.at(from)?;
@@ -452,6 +469,9 @@ pub fn merge_checkpoint(
     };
     let config = head_config.unwrap_or_else(|| ckpt.config().clone());
     let files = write_merged_checkpoint(&ckpt, staged.path(), merged, heads, opts, config)?;
+    if let Some(t) = &af.chat_template {
+        write_chat_template(staged.path(), t)?;
+    }
     staged.commit()?;
     Ok(MergeReport {
         files,

@@ -356,10 +356,14 @@ pub fn is_sentence_transformers(dir: &Path) -> bool {
     dir.join("1_Pooling").is_dir() || dir.join("modules.json").exists()
 }
 
-/// A Hugging Face directory's chat template: `chat_template` in tokenizer_config.json (a
-/// string, or a list of named templates of which `default` is taken), else the
-/// `chat_template.jinja` file that transformers 5 writes beside it.
+/// A Hugging Face directory's chat template: the `chat_template.jinja` file that transformers
+/// 5 writes beside the tokenizer (which, like transformers, we prefer), else `chat_template`
+/// in tokenizer_config.json (a string, or a list of named templates of which `default` is
+/// taken).
 fn read_chat_template(dir: &Path) -> Option<String> {
+    if let Ok(t) = std::fs::read_to_string(dir.join(CHAT_TEMPLATE_FILE)) {
+        return Some(t);
+    }
     let from_config = crate::checkpoint::read_json(&dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|cfg| match cfg.get("chat_template")? {
@@ -371,7 +375,7 @@ fn read_chat_template(dir: &Path) -> Option<String> {
                 .map(str::to_string),
             _ => None,
         });
-    from_config.or_else(|| std::fs::read_to_string(dir.join(CHAT_TEMPLATE_FILE)).ok())
+    from_config
 }
 
 /// The file a chat template is kept in beside a model or an adapter (transformers' name).

@@ -393,6 +393,7 @@ mod tests {
         old_keys.push("truncation".into());
         old_keys.push("packing".into());
         old_keys.push("base_dtype".into());
+        old_keys.push("chat_template_file".into());
         keys.sort();
         old_keys.sort();
         assert_eq!(keys, old_keys);

@@ -549,10 +549,14 @@ pub(crate) fn write_adapter_in_place(af: &AdapterFile, dir: &Path) -> Result<()>
     std::fs::create_dir_all(dir).at(dir)?;
     let staged = StagedDir::new(&dir.join(".adapter"), true)?;
     af.write_into(staged.path())?;
-    for f in [
+    let mut files = vec![
         crate::adapter::config::CONFIG_FILE,
         crate::adapter::config::WEIGHTS_FILE,
-    ] {
+    ];
+    if af.chat_template.is_some() {
+        files.push(crate::model::CHAT_TEMPLATE_FILE);
+    }
+    for f in files {
         std::fs::rename(staged.path().join(f), dir.join(f)).at(&dir.join(f))?;
     }
     Ok(())
