@@ -44,8 +44,10 @@ with open(f"{out}/test_chat.jsonl", "w") as f, open(f"{out}/test_prompts.jsonl",
         p.write(json.dumps({"prompt": ask(r), "system": SYSTEM}) + "\n")
     json.dump([r["label"] for r in test], l)
 PY
+# TRAIN_ARGS: more `train` flags, e.g. --chat-template FILE for a base model without one
 common=(--model "$M" --train "$OUT/train.jsonl" --eval "$OUT/test_chat.jsonl" --task sft
-        --max-length 256 --packing --batch-size 8 --seed 0 --save-minutes 0 --overwrite --quiet)
+        --max-length 256 --packing --batch-size 8 --seed 0 --save-minutes 0 --overwrite --quiet
+        ${TRAIN_ARGS:-})
 # the base model: an adapter that cannot move (lr 1e-12, one update)
 "$S" train "${common[@]}" --method lora --max-steps 1 --lr 1e-12 --out "$OUT/base" > "$OUT/base.log" 2>&1
 for m in singlora lora; do
