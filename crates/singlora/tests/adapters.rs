@@ -8,6 +8,9 @@ use singlora::adapter::{AdaptedLinear, Adapter, AdapterKind, AdapterSpec};
 use singlora::linear::FrozenLinear;
 use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
 
+mod common;
+use common::max_abs;
+
 const SHAPES: [(usize, usize); 3] = [(6, 6), (9, 5), (4, 7)]; // square, tall (d_out > d_in), wide
 const KINDS: [(AdapterKind, bool); 4] = [
     (AdapterKind::SingLora, false),
@@ -83,17 +86,6 @@ fn reference(
     x.broadcast_matmul(&w.t().unwrap())
         .unwrap()
         .broadcast_add(bias)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
         .unwrap()
 }
 

@@ -13,6 +13,9 @@ use singlora::diffusion::pipeline::{GenerateRequest, Pipeline};
 use singlora::diffusion::schedule::SamplerKind;
 use singlora::diffusion::train::{resume, train, DiffusionResume, QuietDiffusion};
 
+mod common;
+use common::{max_abs, max_abs_diff};
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
@@ -25,19 +28,6 @@ fn load_expected(name: &str) -> std::collections::HashMap<String, Tensor> {
         .unwrap()
         .into_iter()
         .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn request(sampler: SamplerKind) -> GenerateRequest {
@@ -60,7 +50,7 @@ fn check_sampling(pipeline: &str) {
         let got = pipe.generate_from(&request(sampler), latents).unwrap();
         let want = &expected[&format!("images.{name}")];
         assert_eq!(got.dims(), want.dims());
-        let err = max_abs(&got, want);
+        let err = max_abs_diff(&got, want);
         assert!(
             err < 5e-4,
             "{pipeline} {name}: max |ours − diffusers| = {err}"
@@ -85,10 +75,10 @@ fn seeds_fix_the_images() {
     req.steps = 2;
     let a = pipe.generate(&req).unwrap();
     let b = pipe.generate(&req).unwrap();
-    assert_eq!(max_abs(&a, &b), 0.0);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
     req.seeds = vec![5, 6];
     let c = pipe.generate(&req).unwrap();
-    assert!(max_abs(&a, &c) > 1e-2);
+    assert!(max_abs_diff(&a, &c) > 1e-2);
     req.size = 18;
     let e = pipe.generate(&req).unwrap_err().to_string();
     assert!(e.contains("image size 18"), "{e}");
@@ -130,14 +120,8 @@ fn lora_loss_and_gradients_match_peft() {
             let key = format!("grad.{}.{}", l.name(), p.suffix);
             let want = &io[&key];
             let got = grads.get(p.var.as_tensor()).expect("a gradient");
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let err = max_abs(got, want);
+            let scale = max_abs(want);
+            let err = max_abs_diff(got, want);
             assert!(
                 err <= 1e-4 * scale.max(1e-6),
                 "{key}: max err {err} (scale {scale})"
@@ -362,7 +346,7 @@ fn exported_files_and_merged_pipeline_agree_with_the_adapter() {
         let b = &diff[&format!("{m}.lora_B.weight")];
         let a_ = &diff[&format!("{m}.lora_A.weight")];
         let got = b.matmul(a_).unwrap();
-        assert!(max_abs(&got, &want) < 1e-6, "{m}: diffusers ΔW");
+        assert!(max_abs_diff(&got, &want) < 1e-6, "{m}: diffusers ΔW");
         let k = singlora::diffusion::files::kohya_name(m);
         assert!(k.starts_with("lora_unet_") && !k.contains('.'), "{k}");
         let up = &kohya[&format!("{k}.lora_up.weight")];
@@ -370,7 +354,7 @@ fn exported_files_and_merged_pipeline_agree_with_the_adapter() {
         let alpha = kohya[&format!("{k}.alpha")].to_scalar::<f32>().unwrap();
         assert_eq!(alpha as usize, down.dim(0).unwrap(), "alpha = r: scale 1");
         assert!(
-            max_abs(&up.matmul(down).unwrap(), &want) < 1e-6,
+            max_abs_diff(&up.matmul(down).unwrap(), &want) < 1e-6,
             "{m}: kohya ΔW"
         );
     }
@@ -397,10 +381,10 @@ fn exported_files_and_merged_pipeline_agree_with_the_adapter() {
     let y_merged = plain.unet.forward(&x, &t, &c, None).unwrap();
     let base = Pipeline::load(&model, DType::F32, &Device::Cpu).unwrap();
     let y_base = base.unet.forward(&x, &t, &c, None).unwrap();
-    let effect = max_abs(&y_adapted, &y_base);
+    let effect = max_abs_diff(&y_adapted, &y_base);
     assert!(effect > 1e-3, "the adapter changes the output ({effect})");
     // the fixture's weights are f16, so the merged U-Net is rounded to f16 once
-    let err = max_abs(&y_adapted, &y_merged);
+    let err = max_abs_diff(&y_adapted, &y_merged);
     assert!(
         err < 0.05 * effect,
         "merged vs adapted: {err} (effect {effect})"
@@ -515,7 +499,7 @@ fn fp16_variant_files_load() {
     let mut req = request(SamplerKind::Ddim);
     req.steps = 1;
     assert_eq!(
-        max_abs(&a.generate(&req).unwrap(), &b.generate(&req).unwrap()),
+        max_abs_diff(&a.generate(&req).unwrap(), &b.generate(&req).unwrap()),
         0.0
     );
 }

@@ -26,6 +26,9 @@ use singlora::synthetic::{
     random_adapter, write_bpe_tokenizer, write_checkpoint, LlamaShape, CHATML_TEMPLATE,
 };
 
+mod common;
+use common::{max_abs, max_abs_diff};
+
 /// hidden 64 (rows of two Q8_0 blocks), 4 heads of 16 / 2 KV heads, ff 96, a vocabulary padded
 /// past the tokenizer's 265 tokens.
 const SHAPE: LlamaShape = LlamaShape {
@@ -88,28 +91,6 @@ fn read_content(path: &Path) -> (Content, BufReader<File>) {
     let mut r = BufReader::new(File::open(path).unwrap());
     let c = Content::read(&mut r).unwrap();
     (c, r)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// The f32 safetensors merge, which every GGUF merge is compared with.

@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use singlora::linear::FrozenLinear;
 use singlora::quant::nf4::{dynamic_map, Nf4Tensor, NF4_LEVELS};
 
+mod common;
+use common::{max_abs, max_abs_diff};
+
 fn fixture() -> std::collections::HashMap<String, Tensor> {
     let p: PathBuf =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/nf4/nf4.safetensors");
@@ -132,44 +135,17 @@ fn nf4_linear_is_the_dequantised_linear() {
     let dense = FrozenLinear::new(q.weight().unwrap(), Some(b));
     let x = Var::randn(0f32, 1.0, (3, 5, 70), &dev).unwrap();
     let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
-    let diff = (&yq - &yd)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&yq, &yd);
     assert!(diff < 1e-5, "forward {diff}");
     let g = Tensor::randn(0f32, 1.0, yq.dims(), &dev).unwrap();
     let gq = (yq * &g).unwrap().sum_all().unwrap().backward().unwrap();
     let gd = (yd * &g).unwrap().sum_all().unwrap().backward().unwrap();
     let (a, b) = (gq.get(&x).unwrap(), gd.get(&x).unwrap());
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(a, b);
     assert!(diff < 1e-5, "input gradient {diff}");
     // and the quantisation is close to the weight it came from (4 bits: a few % of its scale)
-    let err = (q.weight().unwrap() - &w)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let amax = w
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = max_abs_diff(&q.weight().unwrap(), &w);
+    let amax = max_abs(&w);
     assert!(
         err < 0.2 * amax && err > 0.0,
         "quantisation error {err} of {amax}"
@@ -257,21 +233,8 @@ fn adapters_on_an_nf4_base_train_as_on_its_dequantised_weights() {
                 for (pa, pb) in a.params().iter().zip(b.params()) {
                     let ga = gq.get(pa.var.as_tensor()).unwrap();
                     let gb = gd.get(pb.var.as_tensor()).unwrap();
-                    let scale = gb
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    let diff = (ga - gb)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let scale = max_abs(gb);
+                    let diff = max_abs_diff(ga, gb);
                     assert!(
                         diff <= 1e-4 * scale.max(1e-6),
                         "{family} {method} {name}.{}: {diff:e} of {scale:e}",

@@ -14,6 +14,9 @@ use singlora::checkpoint::{Checkpoint, TensorFile};
 use singlora::diffusion::unet::{AddedCond, UNet, UNetConfig};
 use singlora::model::weights::Weights;
 
+mod common;
+use common::max_abs;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -35,19 +38,6 @@ fn added(io: &BTreeMap<String, Tensor>) -> Option<AddedCond> {
         text_embeds: io.get("text_embeds")?.clone(),
         time_ids: io.get("time_ids")?.clone(),
     })
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Max |ours − diffusers'| relative to max |diffusers'|, our weights in `dtype`.
