@@ -1513,7 +1513,9 @@ impl Llama {
             };
             // the n new queries see every cached key and, causally, each other
             let a = masked_attention(&q, &k, &v, &[p0 + n], true)?;
-            cache.kv[i] = Some((k, v));
+            // detached: with trainable adapters in the layers, a cached key would otherwise
+            // hold the graph of every step before it (and all of their activations) alive
+            cache.kv[i] = Some((k.detach(), v.detach()));
             let a = a.transpose(1, 2)?.reshape((1, n, c.heads * c.head_dim))?;
             x = l.finish(&x, &a, c)?;
         }
