@@ -170,6 +170,11 @@ fn cached_decoding_matches_the_full_forward() {
             );
         }
         assert_eq!(cache.len(), ids.len());
+        // the adapter's weights are trainable variables, yet the cache keeps no graph
+        assert!(
+            !cache.tracks_ops(),
+            "{name}: the cache holds autograd history"
+        );
     }
 }
 

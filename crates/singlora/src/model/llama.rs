@@ -874,6 +874,16 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Whether a cached tensor still records the ops that made it. Never: with trainable
+    /// adapters in the layers that record would keep every earlier step's graph and
+    /// activations alive for as long as the generation runs.
+    pub fn tracks_ops(&self) -> bool {
+        self.kv
+            .iter()
+            .flatten()
+            .any(|(k, v)| k.track_op() || v.track_op())
+    }
 }
 
 /// The vocabulary projection (the module `lm_head`, stored as `head`): tied to the embedding
