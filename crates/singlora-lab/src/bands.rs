@@ -100,11 +100,7 @@ fn draw_bands(
     };
     let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT + 180)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
-        .margin(16)
-        .x_label_area_size(45)
-        .y_label_area_size(75)
+    let mut chart = chart_on(&root, title)
         .build_cartesian_2d(
             x.0..x.1,
             (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
@@ -133,20 +129,7 @@ where
     X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
     Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
 {
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .x_label_formatter(x_label)
-        .y_label_formatter(&tick)
-        .x_labels(10)
-        .y_labels(12)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
+    draw_mesh(chart, (x_desc, y_desc), x_label)?;
     for (i, s) in series.iter().enumerate() {
         if s.points.is_empty() {
             continue;
@@ -171,14 +154,76 @@ where
             .label(s.label.as_str())
             .legend(legend_line(color, 2));
     }
+    draw_legend(chart, legend)
+}
+
+/// The grid and axis labels of every plot here: x ticks by `x_label`, y by [`tick`].
+fn draw_mesh<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    (x_desc, y_desc): (&str, &str),
+    x_label: &dyn Fn(&f64) -> String,
+) -> DrawResult
+where
+    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(x_label)
+        .y_label_formatter(&tick)
+        .x_labels(10)
+        .y_labels(12)
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID_COLOR)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(err)
+}
+
+/// The legend of the labelled series, at `position`.
+fn draw_legend<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+) -> DrawResult
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
-        .position(legend)
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(160, 160, 160))
         .label_font((FONT, 14))
         .draw()
         .map_err(err)
+}
+
+/// The chart area every plot here draws in: the title above, room for the axis labels.
+fn chart_on<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(title, (FONT, 22))
+        .margin(16)
+        .x_label_area_size(45)
+        .y_label_area_size(75);
+    b
+}
+
+/// Tick labels for an x axis drawn as log10(x) when `log_x` (labelled with x), else as is.
+fn x_labels(log_x: bool) -> impl Fn(&f64) -> String {
+    move |v: &f64| {
+        if log_x {
+            format!("{:.1e}", 10f64.powf(*v))
+        } else {
+            tick(v)
+        }
+    }
 }
 
 /// Like [`write_bands`] on a linear y axis (accuracies), with x on a log scale when `log_x`
@@ -223,20 +268,10 @@ fn draw_linear_bands(
     let y = padded(all().flat_map(|p| [p.lo, p.hi]));
     let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT + 180)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
-        .margin(16)
-        .x_label_area_size(45)
-        .y_label_area_size(75)
+    let mut chart = chart_on(&root, title)
         .build_cartesian_2d(x.0..x.1, y.0..y.1)
         .map_err(err)?;
-    let x_label = |v: &f64| {
-        if log_x {
-            format!("{:.1e}", 10f64.powf(*v))
-        } else {
-            tick(v)
-        }
-    };
+    let x_label = x_labels(log_x);
     band_chart(
         &mut chart,
         (x_desc, y_desc),
@@ -292,46 +327,15 @@ fn draw_dots(
         })
         .collect();
     let all = || series.iter().flat_map(|s| s.points.iter());
-    let x = match min_max(all().map(|p| p.0)) {
-        Some((lo, hi)) if hi > lo => {
-            let pad = 0.05 * (hi - lo);
-            (lo - pad, hi + pad)
-        }
-        Some((lo, _)) => widen(lo),
-        None => (0.0, 1.0),
-    };
+    let x = padded(all().map(|p| p.0));
     let nudge = 0.006 * (x.1 - x.0);
     let y = padded(all().map(|p| p.1));
     let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT + 180)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 22))
-        .margin(16)
-        .x_label_area_size(45)
-        .y_label_area_size(75)
+    let mut chart = chart_on(&root, title)
         .build_cartesian_2d(x.0..x.1, y.0..y.1)
         .map_err(err)?;
-    let x_label = |v: &f64| {
-        if log_x {
-            format!("{:.1e}", 10f64.powf(*v))
-        } else {
-            tick(v)
-        }
-    };
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .x_label_formatter(&x_label)
-        .y_label_formatter(&tick)
-        .x_labels(10)
-        .y_labels(12)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(GRID_COLOR)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .draw()
-        .map_err(err)?;
+    draw_mesh(&mut chart, (x_desc, y_desc), &x_labels(log_x))?;
     let n = series.len() as f64;
     for (i, s) in series.iter().enumerate() {
         if s.points.is_empty() {
@@ -362,14 +366,7 @@ fn draw_dots(
             .label(s.label.as_str())
             .legend(legend_line(color, 2));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(160, 160, 160))
-        .label_font((FONT, 14))
-        .draw()
-        .map_err(err)?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)
 }
 
