@@ -67,6 +67,16 @@ pub trait GradSync {
     fn bucket_len(&self) -> usize;
 }
 
+/// The all-reduce of the CPU groups: `t` as f32 values on the host, summed over the ranks by
+/// `sum`, back in `t`'s shape, dtype and device.
+pub(crate) fn through_host(
+    t: &Tensor,
+    sum: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let mine = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Tensor::from_vec(sum(mine)?, t.shape(), t.device())?.to_dtype(t.dtype())?)
+}
+
 /// Adds rank `rank`'s values into `sum`. Every group sums in rank order (from zero, rank 0
 /// first), so every rank of every group kind gets bit-identical sums.
 pub(crate) fn add_rank(sum: &mut [f32], part: &[f32], rank: usize) -> Result<()> {
@@ -158,24 +168,25 @@ impl Collective for LocalGroup {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let mine = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let n = mine.len();
-        self.shared.slots.lock().unwrap()[self.rank] = Some(mine);
-        self.shared.barrier.wait();
-        let sum = {
-            let slots = self.shared.slots.lock().unwrap();
-            let mut sum = vec![0f32; n];
-            for (r, s) in slots.iter().enumerate() {
-                let s = s
-                    .as_ref()
-                    .ok_or_else(|| Error::msg(format!("all-reduce: rank {r} gave nothing")))?;
-                add_rank(&mut sum, s, r)?;
-            }
-            sum
-        };
-        // nobody refills a slot before everyone has read them all
-        self.shared.barrier.wait();
-        Ok(Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())?)
+        through_host(t, |mine| {
+            let n = mine.len();
+            self.shared.slots.lock().unwrap()[self.rank] = Some(mine);
+            self.shared.barrier.wait();
+            let sum = {
+                let slots = self.shared.slots.lock().unwrap();
+                let mut sum = vec![0f32; n];
+                for (r, s) in slots.iter().enumerate() {
+                    let s = s
+                        .as_ref()
+                        .ok_or_else(|| Error::msg(format!("all-reduce: rank {r} gave nothing")))?;
+                    add_rank(&mut sum, s, r)?;
+                }
+                sum
+            };
+            // nobody refills a slot before everyone has read them all
+            self.shared.barrier.wait();
+            Ok(sum)
+        })
     }
 }
 

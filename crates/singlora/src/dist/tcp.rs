@@ -14,7 +14,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::launch::Launch;
 use super::Collective;
@@ -280,11 +280,17 @@ impl Collective for TcpGroup {
         self.world
     }
 
+    /// Rank 0 adds what the others send, in rank order, and sends the sum back.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let mine = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        super::through_host(t, |mine| self.sum_over_links(mine))
+    }
+}
+
+impl TcpGroup {
+    fn sum_over_links(&self, mine: Vec<f32>) -> Result<Vec<f32>> {
         let n = mine.len();
         let mut links = self.links.lock().unwrap();
-        let sum = if self.rank == 0 {
+        Ok(if self.rank == 0 {
             let mut sum = vec![0f32; n];
             super::add_rank(&mut sum, &mine, 0)?;
             for (i, s) in links.iter_mut().enumerate() {
@@ -308,8 +314,7 @@ impl Collective for TcpGroup {
                 )));
             }
             bytes_f32(&b)
-        };
-        Ok(Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())?)
+        })
     }
 }
 
