@@ -1275,6 +1275,33 @@ fn launched(args: &[String], rank: usize, world: usize, port: u16) -> std::proce
         .unwrap()
 }
 
+/// 13 short classification rows (three texts, two labels) in `dir/d.jsonl`.
+fn thirteen_rows(dir: &Path) -> PathBuf {
+    let data = dir.join("d.jsonl");
+    let rows: String = (0..13)
+        .map(|i| {
+            row(
+                ["good movie", "bad movie", "movie good"][i % 3],
+                ["pos", "neg"][i % 2],
+            ) + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    data
+}
+
+/// Waits, at most 2 minutes, for a run's first update in its `metrics.jsonl`.
+fn wait_for_first_update(metrics: &Path) {
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(metrics).is_ok_and(|m| m.contains("\"loss\"")) {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no update within 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
     let t = candle_core::safetensors::load(run.join("adapter_model.safetensors"), &Device::Cpu)
         .unwrap();
@@ -1294,16 +1321,7 @@ fn adapter_values(run: &Path) -> Vec<(String, Vec<f32>)> {
 fn launched_processes_train_as_the_threaded_group() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_bert(tmp.path());
-    let data = tmp.path().join("d.jsonl");
-    let rows: String = (0..13)
-        .map(|i| {
-            row(
-                ["good movie", "bad movie", "movie good"][i % 3],
-                ["pos", "neg"][i % 2],
-            ) + "\n"
-        })
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let data = thirteen_rows(tmp.path());
     let args = |out: &str, extra: &[&str]| -> Vec<String> {
         let mut v = vec![
             "train",
@@ -1374,14 +1392,7 @@ fn launched_processes_train_as_the_threaded_group() {
     let mut r0 = launched(&long, 0, 2, port);
     let mut r1 = launched(&long, 1, 2, port);
     let metrics = Path::new(&out).join("metrics.jsonl");
-    let started = std::time::Instant::now();
-    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("\"loss\"")) {
-        assert!(
-            started.elapsed().as_secs() < 120,
-            "no update within 2 minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_first_update(&metrics);
     r1.kill().unwrap();
     r1.wait().unwrap();
     let started = std::time::Instant::now();
@@ -1408,16 +1419,7 @@ fn launched_processes_train_as_the_threaded_group() {
 fn a_signal_to_any_launched_rank_stops_all_and_the_group_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_bert(tmp.path());
-    let data = tmp.path().join("d.jsonl");
-    let rows: String = (0..13)
-        .map(|i| {
-            row(
-                ["good movie", "bad movie", "movie good"][i % 3],
-                ["pos", "neg"][i % 2],
-            ) + "\n"
-        })
-        .collect();
-    std::fs::write(&data, rows).unwrap();
+    let data = thirteen_rows(tmp.path());
     let run = p(tmp.path(), "run");
     let args = |out: &str, steps: &str| -> Vec<String> {
         [
@@ -1448,14 +1450,7 @@ fn a_signal_to_any_launched_rank_stops_all_and_the_group_resumes() {
     let r0 = launched(&args(&run, "1000000"), 0, 2, port);
     let r1 = launched(&args(&run, "1000000"), 1, 2, port);
     let metrics = Path::new(&run).join("metrics.jsonl");
-    let started = std::time::Instant::now();
-    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("\"loss\"")) {
-        assert!(
-            started.elapsed().as_secs() < 120,
-            "no update within 2 minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_first_update(&metrics);
     let killed = Command::new("kill")
         .args(["-TERM", &r1.id().to_string()])
         .status()
