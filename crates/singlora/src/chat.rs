@@ -38,6 +38,16 @@ impl ChatTemplate {
         })
     }
 
+    /// Compiles `source` with the bos/eos token strings of `tokenizer` (ids in `special`).
+    pub fn for_tokenizer(
+        source: &str,
+        tokenizer: &tokenizers::Tokenizer,
+        special: &crate::tokenize::SpecialTokens,
+    ) -> Result<Self> {
+        let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        Self::new(source, name(special.bos), name(special.eos))
+    }
+
     /// The prompt as one user turn, with the assistant's turn opened.
     pub fn user_prompt(&self, prompt: &str) -> Result<String> {
         self.prompt_with_system(None, prompt)

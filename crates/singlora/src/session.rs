@@ -126,10 +126,8 @@ impl Session {
             return Ok(());
         }
         let src = crate::data::read_chat_template_file(path)?;
-        let name = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
-        let t =
-            crate::chat::ChatTemplate::new(&src, name(self.special.bos), name(self.special.eos))
-                .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let t = crate::chat::ChatTemplate::for_tokenizer(&src, &self.tokenizer, &self.special)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         self.chat = Some(t);
         Ok(())
     }

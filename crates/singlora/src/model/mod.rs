@@ -336,11 +336,10 @@ impl Pretrained {
             return Ok(None);
         };
         let special = crate::tokenize::special_tokens(&self.tokenizer, Some(&self.config));
-        let name = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
-        Ok(Some(crate::chat::ChatTemplate::new(
+        Ok(Some(crate::chat::ChatTemplate::for_tokenizer(
             src,
-            name(special.bos),
-            name(special.eos),
+            &self.tokenizer,
+            &special,
         )?))
     }
 
