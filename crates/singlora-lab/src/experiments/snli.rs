@@ -634,21 +634,21 @@ fn predictions(r: &Record) -> Vec<u8> {
         .collect()
 }
 
-/// The paired comparison of two sets of seed-matched test runs: the mean difference in
-/// accuracy (`runs` − `reference`) with its 95% bootstrap interval over seeds and rows, the
-/// number of pairs, and McNemar's exact p per pair. None without a pair.
+/// The table cells of the paired comparison of two sets of seed-matched test runs: the mean
+/// difference in accuracy (`runs` − `reference`) with its 95% bootstrap interval over seeds
+/// and rows and the number of pairs, and McNemar's exact p per pair; dashes without a pair.
 fn paired(
     runs: &BTreeMap<u64, &Record>,
     reference: &BTreeMap<u64, &Record>,
     truth: &[u8],
-) -> Option<(super::stats::Interval, usize, Vec<f64>)> {
+) -> (String, String) {
     use super::stats::{bootstrap_mean, discordant, mcnemar_exact};
     let pairs: Vec<(Vec<u8>, Vec<u8>)> = runs
         .iter()
         .filter_map(|(s, r)| reference.get(s).map(|q| (predictions(r), predictions(q))))
         .collect();
     if pairs.is_empty() {
-        return None;
+        return none_paired();
     }
     let d: Vec<Vec<i8>> = pairs
         .iter()
@@ -660,23 +660,37 @@ fn paired(
                 .collect()
         })
         .collect();
-    let ps = pairs
+    let ps: Vec<String> = pairs
         .iter()
         .map(|(a, b)| {
             let (only_a, only_b) = discordant(a, b, truth);
-            mcnemar_exact(only_a, only_b)
+            fmt_p(mcnemar_exact(only_a, only_b))
         })
         .collect();
-    Some((bootstrap_mean(&d, 10_000, 0), pairs.len(), ps))
+    let i = bootstrap_mean(&d, 10_000, 0);
+    (
+        format!(
+            "{:+.2} [{:+.2}, {:+.2}] ({} pairs)",
+            100.0 * i.estimate,
+            100.0 * i.lo,
+            100.0 * i.hi,
+            pairs.len()
+        ),
+        ps.join(", "),
+    )
 }
 
-fn fmt_diff(i: &super::stats::Interval, n: usize) -> String {
-    format!(
-        "{:+.2} [{:+.2}, {:+.2}] ({n} pairs)",
-        100.0 * i.estimate,
-        100.0 * i.lo,
-        100.0 * i.hi
-    )
+/// The cells of a row compared with nothing (the reference itself).
+fn none_paired() -> (String, String) {
+    ("–".to_string(), "–".to_string())
+}
+
+/// Accuracies (%) as a table cell.
+fn per_seed(accs: &[f64]) -> String {
+    accs.iter()
+        .map(|a| format!("{a:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `summary.md` and the plots in `out` from the records of one training-set size: the
@@ -815,22 +829,16 @@ pub fn report(records: &[Record], data: &Path, out: &Path, suite: Suite) -> Resu
         let accs = accuracies(&runs);
         let (m, sd) = super::sweep::mean_std(&accs);
         let ci = accuracy_ci(&runs);
-        let (diff, ps) = match paired(&runs, &reference, &truth) {
-            Some((d, n, ps)) if config != REFERENCE => (
-                fmt_diff(&d, n),
-                ps.iter().map(|&p| fmt_p(p)).collect::<Vec<_>>().join(", "),
-            ),
-            _ => ("–".to_string(), "–".to_string()),
+        let (diff, ps) = match config == REFERENCE {
+            true => none_paired(),
+            false => paired(&runs, &reference, &truth),
         };
         let _ = writeln!(
             md,
             "| {config} | {} | {:.0e} | {} | {m:.2} ± {sd:.2} | {:.2} [{:.2}, {:.2}] | {diff} | {ps} |",
             first_run.trainable_params,
             first_run.lr,
-            accs.iter()
-                .map(|a| format!("{a:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            per_seed(&accs),
             100.0 * ci.estimate,
             100.0 * ci.lo,
             100.0 * ci.hi,
@@ -866,12 +874,9 @@ pub fn report(records: &[Record], data: &Path, out: &Path, suite: Suite) -> Resu
                 }
                 let accs = accuracies(&runs);
                 let (m, sd) = super::sweep::mean_std(&accs);
-                let (diff, ps) = match paired(&runs, &none, &truth) {
-                    Some((d, n, ps)) if t != 0.0 => (
-                        fmt_diff(&d, n),
-                        ps.iter().map(|&p| fmt_p(p)).collect::<Vec<_>>().join(", "),
-                    ),
-                    _ => ("–".to_string(), "–".to_string()),
+                let (diff, ps) = match t == 0.0 {
+                    true => none_paired(),
+                    false => paired(&runs, &none, &truth),
                 };
                 let collapsed = accs
                     .iter()
@@ -882,10 +887,7 @@ pub fn report(records: &[Record], data: &Path, out: &Path, suite: Suite) -> Resu
                     md,
                     "| {}% ({steps} updates) | {} | {m:.2} ± {sd:.2} | {diff} | {ps} | {collapsed} of {} |",
                     100.0 * t,
-                    accs.iter()
-                        .map(|a| format!("{a:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    per_seed(&accs),
                     accs.len()
                 );
                 dots.extend(accs.iter().map(|&a| (100.0 * t, a)));
