@@ -153,10 +153,9 @@ pub fn train(
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
     // one process of a launched group: rank 0 checks and creates the run directory
-    if let Some(l) = crate::dist::launch::from_env()? {
-        if l.rank != 0 {
-            return run_launched(cfg, out, Start::Fresh { overwrite }, observer, l);
-        }
+    let launch = crate::dist::launch::from_env()?;
+    if let Some(l) = launch.clone().filter(|l| l.rank != 0) {
+        return run_launched(cfg, out, Start::Fresh { overwrite }, observer, l);
     }
     if out.exists() && !overwrite {
         return Err(Error::msg(format!(
@@ -171,7 +170,7 @@ pub fn train(
     inputs.extend(cfg.eval.as_deref().map(|e| ("--eval", e)));
     crate::atomic::check_disjoint(out, &inputs)?;
     crate::atomic::check_replaceable(out, overwrite)?;
-    run(cfg, out, |_| Start::Fresh { overwrite }, observer)
+    run(cfg, out, |_| Start::Fresh { overwrite }, observer, launch)
 }
 
 /// Resumes the run in `out` from its newest complete checkpoint, with the settings of its
@@ -182,12 +181,11 @@ pub fn resume(
     observer: Arc<dyn Observer>,
 ) -> Result<TrainSummary> {
     // one process of a launched group: rank 0 holds the run directory
-    if let Some(l) = crate::dist::launch::from_env()? {
-        if l.rank != 0 {
-            let mut cfg = run_config(out)?;
-            changes.apply(&mut cfg);
-            return run_launched(cfg, out, Start::Resume(None), observer, l);
-        }
+    let launch = crate::dist::launch::from_env()?;
+    if let Some(l) = launch.clone().filter(|l| l.rank != 0) {
+        let mut cfg = run_config(out)?;
+        changes.apply(&mut cfg);
+        return run_launched(cfg, out, Start::Resume(None), observer, l);
     }
     let held = RunDir::resume(out)?;
     if !held.cleaned.is_empty() {
@@ -197,17 +195,19 @@ pub fn resume(
     changes.apply(&mut cfg);
     // rank 0 holds the run directory
     let mut held = Some(held);
-    run(cfg, out, |_| Start::Resume(held.take()), observer)
+    run(cfg, out, |_| Start::Resume(held.take()), observer, launch)
 }
 
-/// Runs the ranks; `start` gives each rank (in order, rank 0 first) how it starts.
+/// Runs the ranks; `start` gives each rank (in order, rank 0 first) how it starts. `launch`:
+/// this process is rank 0 of a launched group.
 fn run(
     cfg: TrainConfig,
     out: &Path,
     mut start: impl FnMut(usize) -> Start,
     observer: Arc<dyn Observer>,
+    launch: Option<crate::dist::launch::Launch>,
 ) -> Result<TrainSummary> {
-    if let Some(l) = crate::dist::launch::from_env()? {
+    if let Some(l) = launch {
         return run_launched(cfg, out, start(0), observer, l);
     }
     let devices = cfg.rank_devices();
