@@ -11,7 +11,7 @@ For each model (a tiny LLaMA of the `example` shape, a GQA shape with K-quant-si
 linear RoPE scaling, one with LLaMA 3.1's RoPE scaling, one with a LLaMA 2-style
 (SentencePiece, byte-fallback) vocabulary, a tiny Qwen2 with q/k/v biases and
 tied embeddings, a tiny Qwen3 with
-heads wider than hidden / heads, a tiny Gemma 3 and a tiny Phi-3, and SmolLM2-135M and Gemma 3 270M from their GGUF files when
+heads wider than hidden / heads, a tiny Gemma 3, a tiny Phi-3 and a tiny GPT-2, and SmolLM2-135M and Gemma 3 270M from their GGUF files when
 given) it trains a SingLoRA adapter for 3 steps, then:
 - the reference: `singlora merge --dtype f32` (safetensors) run by transformers, which computes
   singlora's logits (scripts/check_peft_loads.py and the Rust tests tie the two);
@@ -142,6 +142,7 @@ def hf_model(name, family="llama", spm=False, **shape):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
     }[family]
     cfg = config(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape)
     torch.manual_seed(0)
@@ -329,6 +330,8 @@ check("gemma3 (5 local layers and a global one, heads of 32)", gemma3, ["f32", "
 phi3 = hf_model("phi3", family="phi3", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
 check("phi3 (fused qkv and gate_up)", phi3, ["f32", "f16", "q8_0"], CHATML)
+gpt2 = hf_model("gpt2", family="gpt2", n_embd=64, n_inner=256, n_layer=2, n_head=4, n_positions=1024)
+check("gpt2 (Conv1D weights, learned positions, biases, tied)", gpt2, ["f32", "f16", "q8_0"], CHATML)
 if args.smollm2:
     from gguf import GGUFReader
 

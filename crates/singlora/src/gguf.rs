@@ -123,15 +123,14 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 
 /// [`hf_name`] for one architecture's tensors.
 fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
-    // a projection's bias, `blk.N.attn_q.bias`
+    // a bias: `blk.N.attn_q.bias` (LLaMA's projections), every GPT-2 block tensor and `ln_f`
     if let Some(stem) = gguf_name.strip_suffix(".bias") {
         let hf = hf_name_in(arch, &format!("{stem}.weight"))?;
         let module = hf.strip_suffix(".weight")?;
-        let is_proj = module.starts_with("model.layers.") && module.ends_with("_proj");
-        return is_proj.then(|| format!("{module}.bias"));
+        return arch.has_bias(module).then(|| format!("{module}.bias"));
     }
     let stem = gguf_name.strip_suffix(".weight")?;
-    if let Some((_, top)) = TOP_TENSORS.iter().find(|(g, _)| *g == stem) {
+    if let Some((_, top)) = arch.top_tensors().iter().find(|(g, _)| *g == stem) {
         return Some(format!("{top}.weight"));
     }
     let rest = stem.strip_prefix("blk.")?;
@@ -144,13 +143,21 @@ fn hf_name_in(arch: Arch, gguf_name: &str) -> Option<String> {
         .layer_tensors()
         .into_iter()
         .find(|(g, _)| *g == module)?;
-    Some(format!("model.layers.{layer}.{hf}.weight"))
+    Some(format!("{}{layer}.{hf}.weight", arch.block_prefix()))
 }
 
-/// The tensors outside the blocks: llama.cpp's name, Hugging Face's.
+/// The tensors outside the blocks of LLaMA's layout: llama.cpp's name, Hugging Face's.
 const TOP_TENSORS: [(&str, &str); 3] = [
     ("token_embd", "model.embed_tokens"),
     ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// GPT-2's (`GPT2LMHeadModel`'s names).
+const GPT2_TOP_TENSORS: [(&str, &str); 4] = [
+    ("token_embd", "transformer.wte"),
+    ("position_embd", "transformer.wpe"),
+    ("output_norm", "transformer.ln_f"),
     ("output", "lm_head"),
 ];
 
@@ -162,20 +169,26 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     gguf_name_in(Arch::Llama, hf)
 }
 
-/// [`gguf_name`] for one architecture's tensors (Qwen3's `self_attn.q_norm` → `attn_q_norm`).
+/// [`gguf_name`] for one architecture's tensors (Qwen3's `self_attn.q_norm` → `attn_q_norm`;
+/// GPT-2's names with or without their `transformer.` prefix, as the hub's `gpt2` keeps them).
 pub fn gguf_name_in(arch: Arch, hf: &str) -> Option<String> {
-    if let Some(stem) = hf.strip_suffix(".weight") {
-        if let Some((top, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == stem) {
-            return Some(format!("{top}.weight"));
-        }
-    }
+    let prefixed;
+    let hf = if arch == Arch::Gpt2 && !hf.starts_with("transformer.") && !hf.starts_with("lm_head.")
+    {
+        prefixed = format!("transformer.{hf}");
+        prefixed.as_str()
+    } else {
+        hf
+    };
     let (stem, suffix) = hf.rsplit_once('.')?;
-    let (layer, module) = stem.strip_prefix("model.layers.")?.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+    if !(suffix == "weight" || (suffix == "bias" && arch.has_bias(stem))) {
         return None;
     }
-    let is_projection = module.starts_with("self_attn.") || module.starts_with("mlp.");
-    if !(suffix == "weight" || (suffix == "bias" && is_projection)) {
+    if let Some((top, _)) = arch.top_tensors().iter().find(|(_, h)| *h == stem) {
+        return Some(format!("{top}.{suffix}"));
+    }
+    let (layer, module) = stem.strip_prefix(arch.block_prefix())?.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let (g, _) = arch
@@ -236,19 +249,23 @@ pub enum Arch {
     Qwen3,
     Gemma3,
     Phi3,
+    /// GPT-2: learned positions, LayerNorm with biases, fused `c_attn`, Conv1D weights that
+    /// Hugging Face stores as (d_in, d_out) and llama.cpp as (d_out, d_in).
+    Gpt2,
 }
 
 impl Arch {
     /// The architecture llama.cpp runs a Hugging Face config.json `model_type` as, for the
     /// types singlora writes to GGUF: llama.cpp's `llama` computes LLaMA, Mistral (without its
-    /// window) and Qwen2 (with the projection biases) exactly; Qwen3, Gemma 3 and Phi-3 are
-    /// their own.
+    /// window) and Qwen2 (with the projection biases) exactly; Qwen3, Gemma 3, Phi-3 and GPT-2
+    /// are their own.
     pub fn for_export(model_type: &str) -> Option<Self> {
         Some(match model_type {
             "llama" | "mistral" | "qwen2" => Arch::Llama,
             "qwen3" => Arch::Qwen3,
             "gemma3_text" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
+            "gpt2" => Arch::Gpt2,
             _ => return None,
         })
     }
@@ -266,6 +283,7 @@ impl Arch {
             "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
+            "gpt2" => Arch::Gpt2,
             _ => return None,
         })
     }
@@ -277,6 +295,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
+            Arch::Gpt2 => "gpt2",
         }
     }
 
@@ -294,6 +313,7 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gpt2 => "GPT2LMHeadModel",
         }
     }
 
@@ -306,13 +326,60 @@ impl Arch {
                 "attn_logit_softcapping",
             ],
             Arch::Phi3 => &["attention.sliding_window"],
+            Arch::Gpt2 => &["attention.layer_norm_epsilon"],
             _ => &[],
         }
     }
 
+    /// The tensors outside the blocks: llama.cpp's name, Hugging Face's, without `.weight`.
+    fn top_tensors(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Arch::Gpt2 => &GPT2_TOP_TENSORS,
+            _ => &TOP_TENSORS,
+        }
+    }
+
+    /// The Hugging Face prefix of block N's tensors, before the N.
+    fn block_prefix(self) -> &'static str {
+        match self {
+            Arch::Gpt2 => "transformer.h.",
+            _ => "model.layers.",
+        }
+    }
+
+    /// Whether the Hugging Face module (a name without `.weight`) may have a bias that llama.cpp
+    /// reads: LLaMA's projections (Qwen2's q/k/v, `attention_bias`, `mlp_bias`), every GPT-2
+    /// block tensor and its final norm.
+    fn has_bias(self, module: &str) -> bool {
+        match self {
+            Arch::Gpt2 => module.starts_with("transformer.h.") || module == "transformer.ln_f",
+            _ => module.starts_with("model.layers.") && module.ends_with("_proj"),
+        }
+    }
+
+    /// Whether llama.cpp stores the tensor `gguf_name` transposed against Hugging Face's
+    /// layout: GPT-2's Conv1D weights, (d_in, d_out) in the checkpoint.
+    pub fn transposes(self, gguf_name: &str) -> bool {
+        self == Arch::Gpt2
+            && gguf_name.starts_with("blk.")
+            && ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
+                .iter()
+                .any(|m| gguf_name.ends_with(&format!(".{m}.weight")))
+    }
+
     /// Each layer's tensors: llama.cpp's name (after `blk.N.`) and Hugging Face's (after
-    /// `model.layers.N.`), without `.weight`.
+    /// [`Arch::block_prefix`] and N), without `.weight`.
     fn layer_tensors(self) -> Vec<(&'static str, &'static str)> {
+        if self == Arch::Gpt2 {
+            return vec![
+                ("attn_norm", "ln_1"),
+                ("attn_qkv", "attn.c_attn"),
+                ("attn_output", "attn.c_proj"),
+                ("ffn_norm", "ln_2"),
+                ("ffn_up", "mlp.c_fc"),
+                ("ffn_down", "mlp.c_proj"),
+            ];
+        }
         let mut v = vec![
             ("attn_output", "self_attn.o_proj"),
             ("ffn_down", "mlp.down_proj"),
@@ -528,6 +595,8 @@ struct Dims {
     kv_heads: usize,
     head_dim: usize,
     vocab: usize,
+    /// `<arch>.context_length`: GPT-2's learned positions.
+    positions: usize,
 }
 
 fn dtype_name(path: &Path, dtype: DType) -> Result<&'static str> {
@@ -605,6 +674,7 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
             ));
         }
     }
+    let positions = m.opt_usize(&m.k("context_length"))?.unwrap_or(2048);
     Ok(Dims {
         hidden,
         layers,
@@ -613,6 +683,7 @@ fn read_dims(m: &Meta, vocab: usize) -> Result<Dims> {
         kv_heads,
         head_dim,
         vocab,
+        positions,
     })
 }
 
@@ -781,11 +852,75 @@ fn llama3_scaling(m: &Meta, stored: &[f32], dims: &Dims, config: &Json) -> Resul
 
 fn build_config(m: &Meta, d: &Dims, tied: bool, attn_bias: bool, dtype: DType) -> Result<Json> {
     refuse_unknown_keys(m)?;
+    let mut cfg = match m.arch {
+        Arch::Gpt2 => gpt2_config(m, d, tied)?,
+        _ => llama_config(m, d, tied, attn_bias)?,
+    };
+    for (gguf_key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = m.uint(gguf_key)? {
+            if id as usize >= d.vocab {
+                return Err(Error::bad_file(
+                    m.path,
+                    format!(
+                        "`{gguf_key}` = {id} is outside the vocabulary of {}",
+                        d.vocab
+                    ),
+                ));
+            }
+            cfg[hf_key] = json!(id);
+        }
+    }
+    cfg["torch_dtype"] = json!(dtype_name(m.path, dtype)?);
+    Ok(cfg)
+}
+
+/// GPT-2's config.json (`GPT2Config`'s names) from llama.cpp's `gpt2` keys: multi-head
+/// attention over heads of hidden / heads, and the tanh GELU llama.cpp's `gpt2` computes.
+fn gpt2_config(m: &Meta, d: &Dims, tied: bool) -> Result<Json> {
+    if d.kv_heads != d.heads || d.head_dim * d.heads != d.hidden {
+        return Err(Error::bad_file(
+            m.path,
+            format!(
+                "{} key/value heads of size {} for {} query heads at width {}: llama.cpp's gpt2 \
+                 has {} heads of {} each",
+                d.kv_heads,
+                d.head_dim,
+                d.heads,
+                d.hidden,
+                d.heads,
+                d.hidden / d.heads.max(1)
+            ),
+        ));
+    }
+    let key = m.k("attention.layer_norm_epsilon");
+    let eps = m.float(&key)?.ok_or_else(|| m.missing(&key))?;
+    Ok(json!({
+        "architectures": [m.arch.hf_class()],
+        "model_type": m.arch.model_type(),
+        "n_embd": d.hidden,
+        "n_inner": d.ff,
+        "n_layer": d.layers,
+        "n_head": d.heads,
+        "n_positions": d.positions,
+        "vocab_size": d.vocab,
+        "layer_norm_epsilon": eps,
+        "activation_function": "gelu_new",
+        "scale_attn_weights": true,
+        "tie_word_embeddings": tied,
+    }))
+}
+
+/// The config.json of LLaMA's layout and the families that add to it.
+fn llama_config(m: &Meta, d: &Dims, tied: bool, attn_bias: bool) -> Result<Json> {
     let eps = m
         .float(&m.k("attention.layer_norm_rms_epsilon"))?
         .ok_or_else(|| m.missing(&m.k("attention.layer_norm_rms_epsilon")))?;
     let theta = m.float(&m.k("rope.freq_base"))?.unwrap_or(10000.0);
-    let ctx = m.opt_usize(&m.k("context_length"))?.unwrap_or(2048);
+    let ctx = d.positions;
     let mut cfg = json!({
         "architectures": [m.arch.hf_class()],
         "model_type": m.arch.model_type(),
@@ -851,25 +986,6 @@ fn build_config(m: &Meta, d: &Dims, tied: bool, attn_bias: bool, dtype: DType) -
             }
         }
     }
-    for (gguf_key, hf_key) in [
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ] {
-        if let Some(id) = m.uint(gguf_key)? {
-            if id as usize >= d.vocab {
-                return Err(Error::bad_file(
-                    m.path,
-                    format!(
-                        "`{gguf_key}` = {id} is outside the vocabulary of {}",
-                        d.vocab
-                    ),
-                ));
-            }
-            cfg[hf_key] = json!(id);
-        }
-    }
-    cfg["torch_dtype"] = json!(dtype_name(m.path, dtype)?);
     Ok(cfg)
 }
 
@@ -1213,20 +1329,32 @@ fn finish_tokenizer(
 /// The HF shape a mapped tensor must have.
 fn expected_shape(d: &Dims, hf: &str) -> Option<Vec<usize>> {
     if let Some(module) = hf.strip_suffix(".bias") {
-        let rows = *expected_shape(d, &format!("{module}.weight"))?.first()?;
-        return Some(vec![rows]);
+        let w = expected_shape(d, &format!("{module}.weight"))?;
+        // a Conv1D's outputs are its second dimension
+        let rows = if is_conv1d(module) {
+            w.get(1)
+        } else {
+            w.first()
+        };
+        return Some(vec![*rows?]);
     }
     let q = d.heads * d.head_dim;
     let kv = d.kv_heads * d.head_dim;
     let module = hf.strip_suffix(".weight")?;
     let tail = module.rsplit('.').next()?;
     Some(match (module, tail) {
-        ("model.embed_tokens", _) | ("lm_head", _) => vec![d.vocab, d.hidden],
+        ("model.embed_tokens", _) | ("lm_head", _) | ("transformer.wte", _) => {
+            vec![d.vocab, d.hidden]
+        }
+        ("transformer.wpe", _) => vec![d.positions, d.hidden],
         ("model.norm", _)
+        | ("transformer.ln_f", _)
         | (_, "input_layernorm")
         | (_, "post_attention_layernorm")
         | (_, "pre_feedforward_layernorm")
-        | (_, "post_feedforward_layernorm") => vec![d.hidden],
+        | (_, "post_feedforward_layernorm")
+        | (_, "ln_1")
+        | (_, "ln_2") => vec![d.hidden],
         (_, "q_norm") | (_, "k_norm") => vec![d.head_dim],
         (_, "qkv_proj") => vec![q + 2 * kv, d.hidden],
         (_, "gate_up_proj") => vec![2 * d.ff, d.hidden],
@@ -1235,23 +1363,43 @@ fn expected_shape(d: &Dims, hf: &str) -> Option<Vec<usize>> {
         (_, "o_proj") => vec![d.hidden, q],
         (_, "gate_proj") | (_, "up_proj") => vec![d.ff, d.hidden],
         (_, "down_proj") => vec![d.hidden, d.ff],
+        // GPT-2's Conv1D, (d_in, d_out)
+        (_, "c_attn") => vec![d.hidden, 3 * d.hidden],
+        (m, "c_proj") if m.ends_with(".attn.c_proj") => vec![d.hidden, d.hidden],
+        (_, "c_fc") => vec![d.hidden, d.ff],
+        (m, "c_proj") if m.ends_with(".mlp.c_proj") => vec![d.ff, d.hidden],
         _ => return None,
     })
+}
+
+/// Whether a GPT-2 module is a Conv1D (weights stored (d_in, d_out) by Hugging Face).
+fn is_conv1d(module: &str) -> bool {
+    module.starts_with("transformer.h.")
+        && [".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj"]
+            .iter()
+            .any(|m| module.ends_with(m))
 }
 
 /// The HF tensors a checkpoint of this architecture and these dimensions must hold (the head
 /// only when untied).
 fn required_names(arch: Arch, d: &Dims, tied: bool) -> Vec<String> {
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    if !tied {
-        names.push("lm_head.weight".into());
+    let mut names = vec![];
+    for (_, top) in arch.top_tensors() {
+        if *top != "lm_head" || !tied {
+            names.push(format!("{top}.weight"));
+        }
+        if arch.has_bias(top) {
+            names.push(format!("{top}.bias"));
+        }
     }
     for l in 0..d.layers {
         for (_, m) in arch.layer_tensors() {
-            names.push(format!("model.layers.{l}.{m}.weight"));
+            let module = format!("{}{l}.{m}", arch.block_prefix());
+            names.push(format!("{module}.weight"));
+            // LLaMA's projection biases are optional (Qwen2 has them, LLaMA not); GPT-2's not
+            if arch == Arch::Gpt2 {
+                names.push(format!("{module}.bias"));
+            }
         }
     }
     names
@@ -1384,10 +1532,31 @@ impl<R: Read + Seek> Walk<'_, R> {
     }
 }
 
-/// Reads a LLaMA-architecture GGUF file into an HF-style config, HF-named tensors (dequantised
-/// to f32, Q/K rows un-permuted, then cast to `dtype`, on the CPU), a tokenizer and the chat
-/// template. Any other architecture, an unknown tensor, a missing one or a shape that does not
-/// fit the metadata is an error naming the file.
+/// Whether tensors `a` and `b` are both in the file with the same type, shape and bytes.
+fn same_data<R: Read + Seek>(content: &Content, reader: &mut R, a: &str, b: &str) -> bool {
+    let (Some(ia), Some(ib)) = (content.tensor_infos.get(a), content.tensor_infos.get(b)) else {
+        return false;
+    };
+    if ia.ggml_dtype != ib.ggml_dtype || ia.shape.dims() != ib.shape.dims() {
+        return false;
+    }
+    let mut data = |n: &str| {
+        content
+            .tensor(reader, n, &Device::Cpu)
+            .ok()
+            .and_then(|q| q.data().ok().map(|d| d.into_owned()))
+    };
+    match (data(a), data(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Reads a GGUF file of the llama, qwen3, gemma3, phi3 or gpt2 architecture into an HF-style
+/// config, HF-named tensors in Hugging Face's layout (dequantised to f32, Q/K rows un-permuted,
+/// GPT-2's Conv1D weights transposed back, then cast to `dtype`, on the CPU), a tokenizer and
+/// the chat template. Any other architecture, an unknown tensor, a missing one or a shape that
+/// does not fit the metadata is an error naming the file.
 pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
     let file = File::open(path).at(path)?;
     load_gguf_from(path, BufReader::new(file), dtype)
@@ -1433,8 +1602,8 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         Error::bad_file(
             path,
             format!(
-                "general.architecture = `{arch_name}`; GGUF models of the llama, qwen3, gemma3 \
-                 and phi3 architectures can be loaded"
+                "general.architecture = `{arch_name}`; GGUF models of the llama, qwen3, gemma3, \
+                 phi3 and gpt2 architectures can be loaded"
             ),
         )
     })?;
@@ -1478,6 +1647,12 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
             ),
         ));
     }
+    // llama.cpp's converter writes GPT-2's tied head as a copy of the embedding: the same
+    // bytes in the same type are one tensor again
+    if arch == Arch::Gpt2 && same_data(&content, &mut reader, "output.weight", "token_embd.weight")
+    {
+        mapped.retain(|(name, _)| *name != "output.weight");
+    }
     let tied = !mapped.iter().any(|(_, hf)| hf == "lm_head.weight");
     let present: std::collections::BTreeSet<&str> =
         mapped.iter().map(|(_, hf)| hf.as_str()).collect();
@@ -1507,7 +1682,12 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
     for (name, hf) in &mapped {
         let info = &content.tensor_infos[*name];
         let shape = info.shape.dims().to_vec();
-        let want = expected_shape(&dims, hf);
+        let want = expected_shape(&dims, hf).map(|mut w| {
+            if arch.transposes(name) {
+                w.reverse();
+            }
+            w
+        });
         if want.as_deref() != Some(shape.as_slice()) {
             return Err(Error::bad_file(
                 path,
@@ -1552,6 +1732,9 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
             .dequantize(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(bad)?;
+        if arch.transposes(name) {
+            t = t.t().and_then(|t| t.contiguous()).map_err(bad)?;
+        }
         if arch.permutes_qk() && hf.ends_with("self_attn.q_proj.weight") {
             t = unpermute_qk(&t, dims.heads)?;
         } else if arch.permutes_qk() && hf.ends_with("self_attn.k_proj.weight") {

@@ -1021,3 +1021,317 @@ fn gemma3_and_phi3_directories_are_written_as_their_gguf_architectures() {
         );
     }
 }
+
+/// The GPT-2 fixture as llama.cpp's converter writes it: the `gpt2.*` keys, every Conv1D weight
+/// transposed to (d_out, d_in), every bias, and the tied head written out as a copy of the
+/// embedding (`head`: instead, a head of its own).
+fn write_gpt2_gguf(path: &Path, norm_dtype: GgmlDType, head: Option<&Tensor>) {
+    use candle_core::quantized::gguf_file::{self, Value as G};
+    use candle_core::quantized::QTensor;
+    let d = dir("gpt2");
+    let c = read_json(&d.join("config.json"));
+    let tensors =
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut out = vec![];
+    for (hf, t) in &tensors {
+        let name = hf.strip_prefix("transformer.").unwrap();
+        let (g, transpose) = match name {
+            "wte.weight" => ("token_embd.weight".to_string(), false),
+            "wpe.weight" => ("position_embd.weight".to_string(), false),
+            "ln_f.weight" => ("output_norm.weight".to_string(), false),
+            "ln_f.bias" => ("output_norm.bias".to_string(), false),
+            _ => {
+                let (layer, module) = name.strip_prefix("h.").unwrap().split_once('.').unwrap();
+                let (module, kind) = module.rsplit_once('.').unwrap();
+                let g = match module {
+                    "ln_1" => "attn_norm",
+                    "attn.c_attn" => "attn_qkv",
+                    "attn.c_proj" => "attn_output",
+                    "ln_2" => "ffn_norm",
+                    "mlp.c_fc" => "ffn_up",
+                    "mlp.c_proj" => "ffn_down",
+                    other => panic!("{other}"),
+                };
+                let conv1d = module.contains(".c_");
+                (
+                    format!("blk.{layer}.{g}.{kind}"),
+                    conv1d && kind == "weight",
+                )
+            }
+        };
+        let t = if transpose {
+            t.t().unwrap().contiguous().unwrap()
+        } else {
+            t.clone()
+        };
+        let dtype = if t.rank() == 1 {
+            norm_dtype
+        } else {
+            GgmlDType::F32
+        };
+        out.push((g, QTensor::quantize(&t, dtype).unwrap()));
+    }
+    let output = head.unwrap_or(&tensors["transformer.wte.weight"]);
+    out.push((
+        "output.weight".into(),
+        QTensor::quantize(output, GgmlDType::F32).unwrap(),
+    ));
+    let n = |k: &str| G::U32(c[k].as_u64().unwrap() as u32);
+    let vocab = c["vocab_size"].as_u64().unwrap() as usize;
+    let tokens: Vec<G> = (0..vocab).map(|i| G::String(format!("t{i}"))).collect();
+    let md: Vec<(String, G)> = vec![
+        ("general.architecture".into(), G::String("gpt2".into())),
+        ("gpt2.block_count".into(), n("n_layer")),
+        ("gpt2.context_length".into(), n("n_positions")),
+        ("gpt2.embedding_length".into(), n("n_embd")),
+        ("gpt2.feed_forward_length".into(), n("n_inner")),
+        ("gpt2.attention.head_count".into(), n("n_head")),
+        (
+            "gpt2.attention.layer_norm_epsilon".into(),
+            G::F32(c["layer_norm_epsilon"].as_f64().unwrap() as f32),
+        ),
+        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), G::String("gpt-2".into())),
+        ("tokenizer.ggml.tokens".into(), G::Array(tokens)),
+        ("tokenizer.ggml.merges".into(), G::Array(vec![])),
+    ];
+    let md_refs: Vec<(&str, &G)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = out.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md_refs, &t_refs).unwrap();
+}
+
+/// A GPT-2 model from its llama.cpp GGUF file: the checkpoint's tensors in Hugging Face's
+/// Conv1D layout, the copied head read as tied, the checkpoint's logits; a head of its own
+/// stays untied.
+#[test]
+fn gpt2_gguf_files_load_as_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gpt2.gguf");
+    write_gpt2_gguf(&path, GgmlDType::F32, None);
+    let g = singlora::gguf::load_gguf(&path, DType::F32).unwrap();
+    let want = candle_core::safetensors::load(dir("gpt2").join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert_eq!(g.tensors.len(), want.len());
+    for (k, w) in &want {
+        let got = g.tensors.get(k).unwrap_or_else(|| panic!("no {k}"));
+        assert_eq!(got.dims(), w.dims(), "{k}");
+        assert!(rel_diff(got, w) == 0.0, "{k}");
+    }
+    let c = &g.config;
+    assert_eq!(c["model_type"], "gpt2");
+    assert_eq!(c["tie_word_embeddings"], true);
+    assert_eq!(c["n_positions"], 16);
+    assert_eq!(c["n_inner"], 48);
+    let path_cfg = tmp.path().join("config.json");
+    let cfg = Llama::config(&ConfigReader {
+        path: &path_cfg,
+        value: c,
+    })
+    .unwrap();
+    let weights = Weights::Memory(path.clone(), g.tensors);
+    let model = Llama::load(&weights, cfg, DType::F32, &Device::Cpu).unwrap();
+    let (ids, golden) = golden_ids("gpt2");
+    let ours = logits_of(&model, &ids);
+    assert!(rel_diff(&ours, &logits_of(&load("gpt2"), &ids)) == 0.0);
+    // and transformers' logits, within the golden file's tolerance
+    let golden: Vec<Vec<f32>> = serde_json::from_value(golden).unwrap();
+    let golden = Tensor::new(golden, &Device::Cpu).unwrap();
+    assert!(rel_diff(&ours, &golden) < 1e-4);
+
+    let own = Tensor::randn(0f32, 0.02, (40, 32), &Device::Cpu).unwrap();
+    let untied = tmp.path().join("untied.gguf");
+    write_gpt2_gguf(&untied, GgmlDType::F32, Some(&own));
+    let g = singlora::gguf::load_gguf(&untied, DType::F32).unwrap();
+    assert_eq!(g.config["tie_word_embeddings"], false);
+    assert!(rel_diff(&g.tensors["lm_head.weight"], &own) == 0.0);
+
+    // a wrong Conv1D shape is refused by name
+    let e = {
+        use candle_core::quantized::gguf_file::{self, Content};
+        let mut r = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+        let content = Content::read(&mut r).unwrap();
+        let mut md: Vec<(&str, &candle_core::quantized::gguf_file::Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        md.sort_by_key(|(k, _)| *k);
+        let mut ts = vec![];
+        for name in content.tensor_infos.keys() {
+            let q = content.tensor(&mut r, name, &Device::Cpu).unwrap();
+            let t = q.dequantize(&Device::Cpu).unwrap();
+            // the Hugging Face layout where llama.cpp's is expected
+            let t = if name == "blk.0.ffn_up.weight" {
+                t.t().unwrap().contiguous().unwrap()
+            } else {
+                t
+            };
+            let q = candle_core::quantized::QTensor::quantize(&t, GgmlDType::F32).unwrap();
+            ts.push((name.clone(), q));
+        }
+        let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+            ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let bad = tmp.path().join("bad.gguf");
+        gguf_file::write(&mut std::fs::File::create(&bad).unwrap(), &md, &refs).unwrap();
+        singlora::gguf::load_gguf(&bad, DType::F32)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(
+        e.contains("bad.gguf") && e.contains("blk.0.ffn_up.weight") && e.contains("[48, 32]"),
+        "{e}"
+    );
+}
+
+/// GPT-2 into GGUF, from its checkpoint (also in the hub's bare layout with the causal-mask
+/// buffers) and from its GGUF file: the file is llama.cpp's `gpt2` (Conv1D weights stored
+/// (d_out, d_in), every bias) and reads back as the safetensors merge with the same PEFT
+/// adapter; the adapter as a llama.cpp LoRA GGUF holds that merge's change as B·A.
+#[test]
+fn gpt2_merges_and_exports_into_gguf() {
+    use candle_core::quantized::gguf_file::{Content, Value as G};
+    use singlora::gguf::model::GgufQuant;
+    use singlora::merge::{merge_checkpoint, MergeOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = dir("gpt2").join("adapter");
+    // the fixture with a tokenizer, which a GGUF file carries
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir("gpt2").join(f), ckpt.join(f)).unwrap();
+    }
+    write_tiny_tokenizer(&ckpt);
+    let reference = tmp.path().join("reference");
+    let f32 = MergeOptions {
+        dtype: Some(DType::F32),
+        ..Default::default()
+    };
+    merge_checkpoint(&ckpt, &adapter, &reference, &f32).unwrap();
+    let want = Checkpoint::open(&reference).unwrap();
+    let gguf = MergeOptions {
+        gguf: Some(GgufQuant::F32),
+        ..Default::default()
+    };
+    // the hub's layout of the same checkpoint
+    let hub = tmp.path().join("hub");
+    std::fs::create_dir_all(&hub).unwrap();
+    std::fs::copy(dir("gpt2").join("config.json"), hub.join("config.json")).unwrap();
+    write_tiny_tokenizer(&hub);
+    let mut bare: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir("gpt2").join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v))
+            .collect();
+    for i in 0..2 {
+        let mask = Tensor::ones((1, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        bare.insert(format!("h.{i}.attn.bias"), mask);
+    }
+    candle_core::safetensors::save(&bare, hub.join("model.safetensors")).unwrap();
+    let gguf_base = tmp.path().join("base.gguf");
+    write_gpt2_gguf(&gguf_base, GgmlDType::F32, None);
+
+    for (label, base) in [
+        ("checkpoint", ckpt.clone()),
+        ("hub layout", hub.clone()),
+        ("gguf", gguf_base.clone()),
+    ] {
+        let out = tmp.path().join(format!("{}.gguf", label.replace(' ', "-")));
+        merge_checkpoint(&base, &adapter, &out, &gguf).unwrap();
+        let mut r = std::io::BufReader::new(std::fs::File::open(&out).unwrap());
+        let c = Content::read(&mut r).unwrap();
+        match &c.metadata["general.architecture"] {
+            G::String(a) => assert_eq!(a, "gpt2", "{label}"),
+            other => panic!("{label}: general.architecture {other:?}"),
+        }
+        assert!(
+            c.metadata.keys().all(|k| !k.starts_with("llama.")),
+            "{label}"
+        );
+        assert_eq!(
+            c.tensor_infos["blk.1.attn_qkv.weight"].shape.dims(),
+            &[96, 32],
+            "{label}: llama.cpp's (d_out, d_in)"
+        );
+        assert!(
+            c.tensor_infos.contains_key("blk.1.ffn_down.bias"),
+            "{label}"
+        );
+        assert!(
+            c.tensor_infos.contains_key("position_embd.weight"),
+            "{label}"
+        );
+        let got = singlora::gguf::load_gguf(&out, DType::F32).unwrap();
+        assert_eq!(got.config["tie_word_embeddings"], true, "{label}");
+        assert_eq!(got.tensors.len(), want.names().count(), "{label}");
+        for n in want.names() {
+            let w = want.load(n, &Device::Cpu).unwrap();
+            let g = got
+                .tensors
+                .get(n)
+                .unwrap_or_else(|| panic!("{label}: no {n}"));
+            assert!(rel_diff(g, &w) <= 1e-6, "{label}: {n}");
+        }
+    }
+    // llama.cpp's quantiser leaves the learned positions in f32
+    let q8 = tmp.path().join("q8.gguf");
+    let opts = MergeOptions {
+        gguf: Some(GgufQuant::Q8_0),
+        ..Default::default()
+    };
+    merge_checkpoint(&ckpt, &adapter, &q8, &opts).unwrap();
+    let mut r = std::io::BufReader::new(std::fs::File::open(&q8).unwrap());
+    let c = Content::read(&mut r).unwrap();
+    assert_eq!(
+        c.tensor_infos["position_embd.weight"].ggml_dtype,
+        GgmlDType::F32
+    );
+    assert_eq!(
+        c.tensor_infos["blk.0.ffn_up.weight"].ggml_dtype,
+        GgmlDType::Q8_0
+    );
+
+    // the merge changed c_attn (so the comparisons above could fail)
+    let base_attn = load_tensor(&dir("gpt2"), "transformer.h.1.attn.c_attn.weight");
+    let merged_attn = want
+        .load("transformer.h.1.attn.c_attn.weight", &Device::Cpu)
+        .unwrap();
+    let change = (&merged_attn - &base_attn).unwrap();
+    assert!(
+        change
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-4
+    );
+
+    // the adapter for llama.cpp's --lora: B·A is the change in llama.cpp's (d_out, d_in)
+    let lora = tmp.path().join("adapter.gguf");
+    singlora::gguf::lora::export_lora_gguf(&adapter, &lora, Some(&ckpt), false).unwrap();
+    let mut r = std::io::BufReader::new(std::fs::File::open(&lora).unwrap());
+    let c = Content::read(&mut r).unwrap();
+    match &c.metadata["general.architecture"] {
+        G::String(a) => assert_eq!(a, "gpt2"),
+        other => panic!("general.architecture {other:?}"),
+    }
+    let read = |r: &mut std::io::BufReader<std::fs::File>, n: &str| {
+        c.tensor(r, n, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+    };
+    let a = read(&mut r, "blk.1.attn_qkv.weight.lora_a");
+    let b = read(&mut r, "blk.1.attn_qkv.weight.lora_b");
+    let delta = b.matmul(&a).unwrap();
+    assert!(rel_diff(&delta, &change.t().unwrap()) <= 1e-5);
+}
+
+fn load_tensor(d: &Path, name: &str) -> Tensor {
+    Checkpoint::open(d)
+        .unwrap()
+        .load(name, &Device::Cpu)
+        .unwrap()
+}

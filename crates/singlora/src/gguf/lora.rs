@@ -56,6 +56,14 @@ pub fn base_heads(base: &Path) -> Result<Heads> {
             base.display()
         ))
     })?;
+    if arch == Arch::Gpt2 {
+        let heads = c.usize("n_head")?;
+        return Ok(Heads {
+            arch,
+            heads,
+            kv_heads: heads,
+        });
+    }
     let heads = c.usize("num_attention_heads")?;
     Ok(Heads {
         arch,

@@ -159,6 +159,8 @@ pub fn tensor_type(
         GgufQuant::F16 => GgmlDType::F16,
         GgufQuant::BF16 => GgmlDType::BF16,
         GgufQuant::Same => base.unwrap_or(GgmlDType::F32),
+        // llama.cpp's quantiser leaves learned positions (GPT-2's) as they are
+        _ if gguf == "position_embd.weight" => GgmlDType::F32,
         GgufQuant::Q8_0 => GgmlDType::Q8_0,
         GgufQuant::Q4_0 if is_output => GgmlDType::Q6K,
         GgufQuant::Q4_0 => GgmlDType::Q4_0,
@@ -195,6 +197,9 @@ pub fn hf_llama_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Res
             format!("`{model_type}`: GGUF export writes {EXPORT_FAMILIES} models only"),
         )
     })?;
+    if arch == Arch::Gpt2 {
+        return gpt2_metadata(c, cfg, name);
+    }
     if arch == Arch::Qwen3 && cfg.sliding_window.is_some() {
         return Err(Error::bad_field(
             c.path,
@@ -282,6 +287,48 @@ pub fn hf_llama_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Res
     })
 }
 
+/// GPT-2's `gpt2.*` keys, after checking the model is what llama.cpp's `gpt2` computes: the
+/// tanh GELU, learned positions, heads of hidden / heads.
+fn gpt2_metadata(c: &ConfigReader, cfg: &LlamaConfig, name: &str) -> Result<HfMetadata> {
+    use crate::model::llama::MlpAct;
+    if cfg.mlp_act != MlpAct::GeluTanh {
+        return Err(Error::bad_field(
+            c.path,
+            "activation_function",
+            format!(
+                "{:?}: llama.cpp's gpt2 computes the tanh GELU (gelu_new) only",
+                cfg.mlp_act
+            ),
+        ));
+    }
+    let positions = cfg.learned_positions.ok_or_else(|| {
+        Error::bad_field(c.path, "n_positions", "GPT-2 without learned positions")
+    })?;
+    let key = |k: &str| format!("gpt2.{k}");
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), string("gpt2")),
+        ("general.type".into(), string("model")),
+        ("general.name".into(), string(name)),
+        (key("context_length"), u32_of("n_positions", positions)?),
+        (key("embedding_length"), u32_of("n_embd", cfg.hidden)?),
+        (key("block_count"), u32_of("n_layer", cfg.layers)?),
+        (
+            key("feed_forward_length"),
+            u32_of("n_inner", cfg.intermediate)?,
+        ),
+        (key("attention.head_count"), u32_of("n_head", cfg.heads)?),
+        (
+            key("attention.layer_norm_epsilon"),
+            Value::F32(cfg.eps as f32),
+        ),
+    ];
+    Ok(HfMetadata {
+        arch: Arch::Gpt2,
+        metadata: md,
+        rope_freqs: None,
+    })
+}
+
 /// Gemma 3's global RoPE, after checking the rest is what llama.cpp's `gemma3` hard-codes:
 /// every sixth layer global and the others local with base 10000 unscaled, the queries scaled
 /// by 1/√head_dim (1/√(hidden / heads) at 62 layers), no logit soft-capping.
@@ -348,7 +395,7 @@ pub struct HfMetadata {
 
 /// The Hugging Face model types GGUF export writes, for messages.
 pub const EXPORT_FAMILIES: &str =
-    "LLaMA-architecture (llama, mistral, qwen2, SmolLM2), Qwen3, Gemma 3 and Phi-3";
+    "LLaMA-architecture (llama, mistral, qwen2, SmolLM2), Qwen3, Gemma 3, Phi-3 and GPT-2";
 
 /// What a LLaMA-family GGUF file is made from, besides the tensors' values.
 #[derive(Debug, Clone)]
@@ -401,10 +448,15 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
                 "has no type in the base to keep (--quant same)",
             ));
         }
+        // llama.cpp's layout: GPT-2's Conv1D weights as (d_out, d_in)
+        let mut shape = shape.clone();
+        if m.arch.transposes(&g) {
+            shape.reverse();
+        }
         let dtype = tensor_type(
             quant,
             &g,
-            shape,
+            &shape,
             m.layers,
             m.tied,
             m.base_types.get(hf).copied(),
@@ -413,7 +465,7 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
             hf.clone(),
             TensorInfo {
                 name: g,
-                shape: shape.clone(),
+                shape,
                 dtype,
             },
         ));
@@ -431,7 +483,9 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
     let rank = |n: &str| match n {
         ROPE_FREQS => (0, 0, 0),
         "token_embd.weight" => (0, 1, 0),
+        "position_embd.weight" => (0, 2, 0),
         "output_norm.weight" => (2, 0, 0),
+        "output_norm.bias" => (2, 0, 1),
         "output.weight" => (2, 1, 0),
         _ => {
             const ORDER: [&str; 14] = [
@@ -465,6 +519,13 @@ pub fn plan(m: &LlamaGguf, quant: GgufQuant) -> Result<Vec<(String, TensorInfo)>
 /// `t` (Hugging Face layout) as llama.cpp stores `info`: Q/K rows permuted, quantised; refused
 /// when the stored values are not all finite (a weight past f16's range, a non-finite merge).
 fn encode(t: &Tensor, info: &TensorInfo, m: &LlamaGguf) -> Result<Vec<u8>> {
+    let transposed;
+    let t = if m.arch.transposes(&info.name) {
+        transposed = t.t()?;
+        &transposed
+    } else {
+        t
+    };
     if t.dims() != info.shape.as_slice() {
         return Err(Error::bad_tensor(
             &info.name,

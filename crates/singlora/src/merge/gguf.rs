@@ -1,7 +1,7 @@
 //! Merging into a GGUF file for llama.cpp and Ollama: W = W0 + ΔW computed as every merge is
-//! (f64, cast once, non-finite refused) and the whole model written as a LLaMA GGUF
-//! (or Qwen3) GGUF ([`crate::gguf::model`]) in the types `--quant` asks for, one layer merged at a time as the
-//! file is written.
+//! (f64, cast once, non-finite refused) and the whole model written as a GGUF file of its
+//! llama.cpp architecture ([`crate::gguf::model`]) in the types `--quant` asks for, one layer
+//! merged at a time as the file is written.
 //!
 //! The base is a Hugging Face LLaMA-family directory (its config.json becomes the `llama.*`
 //! metadata, tokenizer.json and tokenizer_config.json the `tokenizer.*` metadata) or a GGUF file
@@ -47,8 +47,6 @@ pub(super) fn merge_to_gguf(
             "the adapter holds a classification head, which llama.cpp's LLaMA has no place for; merge it as safetensors instead (--format safetensors)",
         ));
     }
-    af.config
-        .check_weight_layout(Some(Family::Llama), af.layers.keys().next())?;
     let (files, max_abs_change, cleaned) =
         write_base(base, Some(&af), out, overwrite, quant, &inputs)?;
     Ok(MergeReport {
@@ -108,6 +106,15 @@ impl<'a> Merger<'a> {
         base: &Path,
         tensors: &[(String, Vec<usize>)],
     ) -> Result<Self> {
+        if let Some(af) = af {
+            let family = if cfg.gpt2 {
+                Family::Gpt2
+            } else {
+                Family::Llama
+            };
+            af.config
+                .check_weight_layout(Some(family), af.layers.keys().next())?;
+        }
         for module in af.iter().flat_map(|af| af.layers.keys()) {
             let name = format!("{module}.weight");
             if cfg.tie_embeddings && name == "lm_head.weight" {
@@ -198,7 +205,7 @@ fn from_gguf(path: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writ
         Error::bad_file(
             path,
             format!(
-                "general.architecture = {:?}: GGUF export writes llama, qwen3, gemma3 and phi3 models only",
+                "general.architecture = {:?}: GGUF export writes llama, qwen3, gemma3, phi3 and gpt2 models only",
                 content.metadata.get("general.architecture")
             ),
         )
@@ -273,10 +280,10 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
     let ckpt = Checkpoint::open(base)?;
     let config_path = base.join("config.json");
     let family = Family::detect(ckpt.config(), &config_path)?;
-    if family != Family::Llama {
+    if !matches!(family, Family::Llama | Family::Gpt2) {
         return Err(Error::msg(format!(
             "{}: GGUF export writes LLaMA-family models (llama, mistral, qwen2, qwen3, gemma3, \
-             phi3, SmolLM2); this one is of the {family:?} family",
+             phi3, SmolLM2) and GPT-2; this one is of the {family:?} family",
             base.display()
         )));
     }
@@ -295,16 +302,27 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
 
     let mut tensors = vec![];
     let mut base_types = BTreeMap::new();
+    // each tensor under the name the model's modules have, and the name the checkpoint stores
+    // it under (the hub's GPT-2 keeps `transformer.` bare)
+    let mut stored = BTreeMap::new();
     for n in ckpt.names() {
-        // RoPE's inverse frequencies, which some checkpoints store, follow from the config
-        if n.ends_with("rotary_emb.inv_freq") {
+        // RoPE's inverse frequencies, which some checkpoints store, follow from the config;
+        // GPT-2's causal-mask buffers are rebuilt by every runtime
+        let buffer = cfg.gpt2 && (n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias"));
+        if n.ends_with("rotary_emb.inv_freq") || buffer {
             continue;
         }
+        let name = if cfg.gpt2 && !n.starts_with("transformer.") && !n.starts_with("lm_head.") {
+            format!("transformer.{n}")
+        } else {
+            n.to_string()
+        };
         let meta = ckpt.meta(n).expect("a listed tensor");
-        tensors.push((n.to_string(), meta.shape.clone()));
+        tensors.push((name.clone(), meta.shape.clone()));
         if let Some(t) = float_dtype(meta.dtype).and_then(ggml_of) {
-            base_types.insert(n.to_string(), t);
+            base_types.insert(name.clone(), t);
         }
+        stored.insert(name, n.to_string());
     }
     let m = LlamaGguf {
         arch,
@@ -323,7 +341,7 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
             |name: &str| base_weight(&ckpt, name.strip_suffix(".weight").unwrap_or(name), false);
         let t = match merger.merged(hf, base)? {
             Some(t) => t,
-            None => ckpt.load(hf, &Device::Cpu)?,
+            None => ckpt.load(stored.get(hf).map_or(hf, String::as_str), &Device::Cpu)?,
         };
         Ok(TensorData::Values(t))
     })?;
