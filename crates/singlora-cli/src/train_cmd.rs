@@ -415,10 +415,18 @@ fn load_session(
 ) -> Result<Session> {
     use singlora::quant::BaseDtype;
     let mut base = run.map_or(BaseDtype::Auto, |r| r.base_dtype);
-    if base == BaseDtype::Nf4 && !device.is_cpu() {
+    if base != BaseDtype::Auto && !device.is_cpu() {
         eprintln!(
-            "note: the adapter was trained on an NF4 base, which runs on the CPU only for now; \
-             using the full-precision base"
+            "note: the adapter was trained on a base kept quantised (--base-dtype {base}), which \
+             runs on the CPU only for now; using the full-precision base"
+        );
+        base = BaseDtype::Auto;
+    }
+    if base == BaseDtype::Same && singlora::model::Pretrained::gguf_file(model).is_none() {
+        eprintln!(
+            "note: the adapter was trained on a GGUF file's quantised weights; {} is not a GGUF \
+             file, so its own weights are used",
+            model.display()
         );
         base = BaseDtype::Auto;
     }

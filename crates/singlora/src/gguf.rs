@@ -56,6 +56,9 @@ pub struct GgufModel {
     /// LLaMA 3.1's per-frequency RoPE divisors (`rope_freqs`) as the file stores them; `config`
     /// holds the scaling they amount to.
     pub rope_freqs: Option<Vec<f32>>,
+    /// With [`load_gguf_keeping`]: the linear layers' weights stored in a quantised type, kept
+    /// as stored (HF names; not in `tensors`).
+    pub kept: BTreeMap<String, std::sync::Arc<crate::quant::ggml::GgmlWeight>>,
 }
 
 impl std::fmt::Debug for GgufModel {
@@ -1559,15 +1562,40 @@ fn same_data<R: Read + Seek>(content: &Content, reader: &mut R, a: &str, b: &str
 /// does not fit the metadata is an error naming the file.
 pub fn load_gguf(path: &Path, dtype: DType) -> Result<GgufModel> {
     let file = File::open(path).at(path)?;
-    load_gguf_from(path, BufReader::new(file), dtype)
+    load_gguf_from(path, BufReader::new(file), dtype, false)
+}
+
+/// [`load_gguf`], but the weights of the linear layers (the attention and MLP projections and an
+/// untied output head) that the file stores in a quantised type stay in it, in
+/// [`GgufModel::kept`] (`--base-dtype same`); float ones are read as [`load_gguf`] reads them.
+pub fn load_gguf_keeping(path: &Path, dtype: DType) -> Result<GgufModel> {
+    let file = File::open(path).at(path)?;
+    load_gguf_from(path, BufReader::new(file), dtype, true)
 }
 
 /// [`load_gguf`] on a GGUF file already in memory; `path` names it in errors.
 pub fn load_gguf_bytes(path: &Path, bytes: &[u8], dtype: DType) -> Result<GgufModel> {
-    load_gguf_from(path, std::io::Cursor::new(bytes), dtype)
+    load_gguf_from(path, std::io::Cursor::new(bytes), dtype, false)
 }
 
-fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> Result<GgufModel> {
+/// Whether HF tensor `hf` is the weight of a linear layer a frozen base may keep quantised.
+fn is_linear_weight(arch: Arch, hf: &str) -> bool {
+    let Some(module) = hf.strip_suffix(".weight") else {
+        return false;
+    };
+    match arch {
+        _ if module == "lm_head" => true,
+        Arch::Gpt2 => is_conv1d(module),
+        _ => module.starts_with("model.layers.") && module.ends_with("_proj"),
+    }
+}
+
+fn load_gguf_from<R: Read + Seek>(
+    path: &Path,
+    mut reader: R,
+    dtype: DType,
+    keep: bool,
+) -> Result<GgufModel> {
     let mut magic = [0u8; 4];
     reader.read_exact(&mut magic).at(path)?;
     if &magic != MAGIC {
@@ -1723,11 +1751,24 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         config["rope_scaling"] = llama3_scaling(&m, stored, &dims, &config)?;
     }
     let mut tensors = BTreeMap::new();
+    let mut kept = BTreeMap::new();
     for (name, hf) in mapped {
         let bad = |e: candle_core::Error| Error::bad_file(path, format!("tensor `{name}`: {e}"));
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(bad)?;
+        if keep && is_linear_weight(arch, &hf) && crate::quant::ggml::is_quantized_type(q.dtype()) {
+            let heads = match () {
+                _ if !arch.permutes_qk() => None,
+                _ if hf.ends_with("self_attn.q_proj.weight") => Some(dims.heads),
+                _ if hf.ends_with("self_attn.k_proj.weight") => Some(dims.kv_heads),
+                _ => None,
+            };
+            let w = crate::quant::ggml::GgmlWeight::new(q, heads)
+                .map_err(|e| Error::bad_file(path, format!("tensor `{name}`: {e}")))?;
+            kept.insert(hf, std::sync::Arc::new(w));
+            continue;
+        }
         let mut t = q
             .dequantize(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
@@ -1754,6 +1795,7 @@ fn load_gguf_from<R: Read + Seek>(path: &Path, mut reader: R, dtype: DType) -> R
         tokenizer,
         chat_template,
         rope_freqs,
+        kept,
     })
 }
 

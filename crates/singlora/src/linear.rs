@@ -23,6 +23,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::quant::nf4::Nf4Tensor;
+use crate::quant::QuantWeight;
 
 /// `x (m, k) · W (n, k)ᵀ` with a backward for `x` only.
 struct FrozenMatmul;
@@ -99,13 +100,13 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(out_dims)
 }
 
-/// `x (m, k) · W (n, k)ᵀ` for a weight kept in NF4: dequantised for the forward and again for
-/// the backward's `g·W`, so no dense copy outlives either.
-struct Nf4Matmul {
-    w: Arc<Nf4Tensor>,
+/// `x (m, k) · W (n, k)ᵀ` for a weight kept quantised (NF4, a GGUF type): dequantised for the
+/// forward and again for the backward's `g·W`, so no dense copy outlives either.
+struct QuantMatmul {
+    w: Arc<dyn QuantWeight>,
 }
 
-impl Nf4Matmul {
+impl QuantMatmul {
     fn dense(&self, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
         self.w
             .to_tensor(dtype, device)
@@ -113,16 +114,16 @@ impl Nf4Matmul {
     }
 }
 
-impl CustomOp1 for Nf4Matmul {
+impl CustomOp1 for QuantMatmul {
     fn name(&self) -> &'static str {
-        "nf4-matmul"
+        "quant-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = self.dense(s.dtype(), &candle_core::Device::Cpu)?;
         let (ws, wl) = w.storage_and_layout();
         let candle_core::Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("nf4 matmul: the dequantised weight is not on the CPU");
+            candle_core::bail!("quantised matmul: the dequantised weight is not on the CPU");
         };
         frozen_matmul_fwd(s, l, ws, wl)
     }
@@ -132,7 +133,7 @@ impl CustomOp1 for Nf4Matmul {
         let w = self.dense(s.dtype(), &device)?;
         let (ws, wl) = w.storage_and_layout();
         let candle_core::Storage::Cuda(ws) = &*ws else {
-            candle_core::bail!("nf4 matmul: the dequantised weight is not on the GPU");
+            candle_core::bail!("quantised matmul: the dequantised weight is not on the GPU");
         };
         frozen_matmul_fwd(s, l, ws, wl)
     }
@@ -144,13 +145,13 @@ impl CustomOp1 for Nf4Matmul {
     }
 }
 
-/// A frozen weight: dense, or in NF4 (`--base-dtype nf4`) with the dtype and device its
-/// dequantised form takes.
+/// A frozen weight: dense, or quantised (`--base-dtype nf4` or `same`) with the dtype and
+/// device its dequantised form takes.
 #[derive(Debug, Clone)]
 enum Stored {
     Dense(Tensor),
-    Nf4 {
-        w: Arc<Nf4Tensor>,
+    Quant {
+        w: Arc<dyn QuantWeight>,
         dtype: DType,
         device: candle_core::Device,
     },
@@ -171,12 +172,30 @@ impl FrozenLinear {
         }
     }
 
-    /// The weight (d_out, d_in); an NF4 weight dequantised (a new tensor each call, which
+    /// A frozen layer whose weight is kept quantised, dequantised to `dtype` on `device` where
+    /// it is used.
+    pub fn quantized(
+        w: Arc<dyn QuantWeight>,
+        bias: Option<Tensor>,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Self {
+        Self {
+            weight: Stored::Quant {
+                w,
+                dtype,
+                device: device.clone(),
+            },
+            bias,
+        }
+    }
+
+    /// The weight (d_out, d_in); a quantised weight dequantised (a new tensor each call, which
     /// can fail where the device has no room for it).
     pub fn weight(&self) -> crate::error::Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => Ok(w.clone()),
-            Stored::Nf4 { w, dtype, device } => w.to_tensor(*dtype, device),
+            Stored::Quant { w, dtype, device } => w.to_tensor(*dtype, device),
         }
     }
 
@@ -184,7 +203,7 @@ impl FrozenLinear {
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             Stored::Dense(w) => Some(w),
-            Stored::Nf4 { .. } => None,
+            Stored::Quant { .. } => None,
         }
     }
 
@@ -200,7 +219,7 @@ impl FrozenLinear {
     /// it is used).
     pub fn quantize_nf4(&mut self) -> crate::Result<()> {
         if let Stored::Dense(t) = &self.weight {
-            self.weight = Stored::Nf4 {
+            self.weight = Stored::Quant {
                 w: Arc::new(Nf4Tensor::from_tensor(t)?),
                 dtype: t.dtype(),
                 device: t.device().clone(),
@@ -210,37 +229,36 @@ impl FrozenLinear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Stored::Nf4 { .. })
+        matches!(self.weight, Stored::Quant { .. })
     }
 
     /// Bytes the weight holds where it is kept.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             Stored::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Stored::Nf4 { w, .. } => w.storage_bytes(),
+            Stored::Quant { w, .. } => w.storage_bytes(),
         }
     }
 
     /// (d_out, d_in).
     pub fn dims(&self) -> (usize, usize) {
-        let d = match &self.weight {
-            Stored::Dense(w) => w.dims(),
-            Stored::Nf4 { w, .. } => w.dims(),
-        };
-        (d[0], d[1])
+        match &self.weight {
+            Stored::Dense(w) => (w.dims()[0], w.dims()[1]),
+            Stored::Quant { w, .. } => w.dims(),
+        }
     }
 
     /// `x·W0ᵀ` without the bias.
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => frozen_matmul(x, w),
-            Stored::Nf4 { w, .. } => {
+            Stored::Quant { w, .. } => {
                 let dims = x.dims();
                 let (n, k) = self.dims();
                 let m = x.elem_count() / k.max(1);
                 let y = x
                     .reshape((m, k))?
-                    .apply_op1(Nf4Matmul { w: Arc::clone(w) })?;
+                    .apply_op1(QuantMatmul { w: Arc::clone(w) })?;
                 let mut out_dims = dims.to_vec();
                 *out_dims.last_mut().unwrap() = n;
                 y.reshape(out_dims)

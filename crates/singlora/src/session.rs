@@ -58,7 +58,8 @@ impl Session {
     }
 
     /// [`Session::load`] with the base's linear weights kept as `base` says (NF4 for an
-    /// adapter trained on an NF4 base: the model it was trained and evaluated on).
+    /// adapter trained on an NF4 base, a GGUF file's own types for one trained with `same`:
+    /// the model it was trained and evaluated on).
     pub fn load_as(
         model: &Path,
         adapter: &Path,
@@ -71,11 +72,13 @@ impl Session {
         } else {
             DType::BF16
         };
-        let mut pre = Pretrained::load(model, dtype, &device)?;
+        if base != crate::quant::BaseDtype::Auto && !device.is_cpu() {
+            return Err(Error::msg(format!(
+                "a base kept quantised (--base-dtype {base}) runs on the CPU for now"
+            )));
+        }
+        let mut pre = Pretrained::load_as(model, dtype, &device, base)?;
         if base == crate::quant::BaseDtype::Nf4 {
-            if !device.is_cpu() {
-                return Err(Error::msg("an NF4 base runs on the CPU for now"));
-            }
             pre.body.quantize_nf4()?;
         }
         let task = match (&af.config.labels, af.config.task_type.as_deref()) {

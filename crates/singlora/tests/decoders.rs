@@ -16,6 +16,8 @@ use singlora::model::weights::{ConfigReader, Weights};
 use singlora::model::{Body, Pooling, Task, TaskModel};
 use singlora::ops::FastPath;
 
+mod common;
+
 const FAMILIES: [&str; 4] = ["qwen3", "gemma3", "phi3", "gpt2"];
 
 fn dir(name: &str) -> PathBuf {
@@ -723,7 +725,7 @@ fn gpt2_trains_and_merges_in_its_conv1d_layout() {
     cfg["bos_token_id"] = 0.into();
     cfg["eos_token_id"] = 1.into();
     std::fs::write(base.join("config.json"), cfg.to_string()).unwrap();
-    write_tiny_tokenizer(&base);
+    common::write_tiny_tokenizer(&base);
     let run = train_tiny_sft(tmp.path(), &base, "c_attn,c_proj,c_fc");
     let af = AdapterFile::read(&run, &Device::Cpu).unwrap();
     assert!(af.config.fan_in_fan_out);
@@ -812,7 +814,7 @@ fn gemma3_multimodal_checkpoints_train_their_language_model() {
         v.clone(),
     );
     candle_core::safetensors::save(&tensors, base.join("model.safetensors")).unwrap();
-    write_tiny_tokenizer(&base);
+    common::write_tiny_tokenizer(&base);
 
     let pre = singlora::model::Pretrained::load(&base, DType::F32, &Device::Cpu).unwrap();
     let Body::Llama(mm) = &pre.body else {
@@ -910,31 +912,6 @@ fn train_tiny_sft(dir: &Path, base: &Path, targets: &str) -> PathBuf {
     run
 }
 
-/// A byte-level BPE tokenizer of the fixtures' 40 tokens (letters and the space marker).
-fn write_tiny_tokenizer(dir: &Path) {
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in ["<bos>", "<eos>", "Ġ"]
-        .into_iter()
-        .map(str::to_string)
-        .chain(('a'..='z').map(String::from))
-        .chain((0..11).map(|i| format!("x{i}")))
-        .enumerate()
-    {
-        vocab.insert(t, serde_json::json!(i));
-    }
-    let tj = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
-            "trim_offsets": true, "use_regex": true},
-        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true,
-            "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
-}
-
 /// Gemma 3 and Phi-3 Hugging Face directories written as llama.cpp's `gemma3` and `phi3`:
 /// read back, the same tensors and logits as the directory; Gemma 3 settings llama.cpp
 /// hard-codes otherwise (its fixture's query scalar, layer pattern, soft-capping) refused by
@@ -957,7 +934,7 @@ fn gemma3_and_phi3_directories_are_written_as_their_gguf_architectures() {
         )
         .unwrap();
         let mut cfg = read_json(&dir(name).join("config.json"));
-        write_tiny_tokenizer(&base);
+        common::write_tiny_tokenizer(&base);
         let adapter = dir(name).join("adapter");
         let out = tmp.path().join("out.gguf");
         if name == "gemma3" {
@@ -1200,7 +1177,7 @@ fn gpt2_merges_and_exports_into_gguf() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(dir("gpt2").join(f), ckpt.join(f)).unwrap();
     }
-    write_tiny_tokenizer(&ckpt);
+    common::write_tiny_tokenizer(&ckpt);
     let reference = tmp.path().join("reference");
     let f32 = MergeOptions {
         dtype: Some(DType::F32),
@@ -1216,7 +1193,7 @@ fn gpt2_merges_and_exports_into_gguf() {
     let hub = tmp.path().join("hub");
     std::fs::create_dir_all(&hub).unwrap();
     std::fs::copy(dir("gpt2").join("config.json"), hub.join("config.json")).unwrap();
-    write_tiny_tokenizer(&hub);
+    common::write_tiny_tokenizer(&hub);
     let mut bare: std::collections::HashMap<String, Tensor> =
         candle_core::safetensors::load(dir("gpt2").join("model.safetensors"), &Device::Cpu)
             .unwrap()

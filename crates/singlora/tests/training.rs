@@ -1165,3 +1165,105 @@ fn sft_rows_cut_at_max_length_are_reported_to_the_observer() {
     assert_eq!(saved["plan"]["truncated_rows"], 1);
     assert_eq!(saved["config"]["truncation"], "left");
 }
+
+/// `--base-dtype same`: SFT on a Q8_0 GGUF file with its weights kept as stored learns, resumes
+/// bit-identical, records the setting, ends where the run on the same file dequantised at load
+/// ends (the same weights), and a session generates from it; a Hugging Face directory is refused.
+#[test]
+fn same_base_trains_on_a_gguf_files_own_types() {
+    use singlora::gguf::model::GgufQuant;
+    use singlora::quant::BaseDtype;
+    let tmp = tempfile::tempdir().unwrap();
+    // rows of 32 and 64 values: whole Q8_0 blocks
+    let hf = tmp.path().join("llama32");
+    let s = LlamaShape {
+        hidden: 32,
+        intermediate: 64,
+        vocab: 272,
+        ..LlamaShape::TINY
+    };
+    let mut c = s.config();
+    // <|endoftext|>, <|im_start|>, <|im_end|> of the byte-level vocabulary
+    c["pad_token_id"] = 262.into();
+    c["bos_token_id"] = 263.into();
+    c["eos_token_id"] = 264.into();
+    write_checkpoint(&hf, &c, &s.tensors(1, DType::F32).unwrap(), 1).unwrap();
+    singlora::synthetic::write_bpe_tokenizer(&hf).unwrap();
+    let gguf = tmp.path().join("llama-q8.gguf");
+    singlora::merge::gguf::convert_to_gguf(&hf, &gguf, false, GgufQuant::Q8_0).unwrap();
+    let data = sft_data(tmp.path(), 32);
+    let cfg = TrainConfig {
+        task: Task::Sft,
+        base_dtype: BaseDtype::Same,
+        epochs: 8,
+        lr: Some(3e-2),
+        save_every: Some(3),
+        ..base_cfg(&gguf, &data, None)
+    };
+    let full = tmp.path().join("full");
+    let s = run_train(cfg.clone(), &full, false, false).unwrap();
+    let l = losses(&full);
+    assert!(
+        mean(&l[l.len() - 3..]) < 0.7 * l[0],
+        "SFT loss on the kept Q8_0 base did not fall: {l:?}"
+    );
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["config"]["base_dtype"], "same");
+    let part = tmp.path().join("part");
+    run_train(
+        TrainConfig {
+            stop_after: Some(5),
+            ..cfg.clone()
+        },
+        &part,
+        false,
+        false,
+    )
+    .unwrap();
+    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
+    assert_eq!(resumed.steps, s.steps);
+    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    // the same file dequantised at load holds the same weights: the same run, up to the order
+    // of floating-point sums
+    let dense = tmp.path().join("dense");
+    run_train(
+        TrainConfig {
+            base_dtype: BaseDtype::Auto,
+            ..cfg.clone()
+        },
+        &dense,
+        false,
+        false,
+    )
+    .unwrap();
+    for ((n, a), (_, b)) in adapter_tensors(&full).iter().zip(adapter_tensors(&dense)) {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-3 * scale, "{n}: {diff:e} of {scale:e}");
+    }
+    let sess =
+        singlora::session::Session::load_as(&gguf, &full, Device::Cpu, BaseDtype::Same).unwrap();
+    let linears = sess.model.body.linears();
+    assert!(linears.iter().all(|l| l.base().is_quantized()));
+    sess.generate("the movie was", 3).unwrap();
+
+    let e = run_train(
+        TrainConfig {
+            model: hf.clone(),
+            ..cfg
+        },
+        &tmp.path().join("hf"),
+        false,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--base-dtype same") && e.contains("llama32"),
+        "{e}"
+    );
+}

@@ -1270,10 +1270,10 @@ impl Llama {
         } else {
             ""
         };
-        let mut read = BTreeSet::new();
-        let mut get = |name: &str, shape: &[usize], dt: DType| {
+        let read = std::cell::RefCell::new(BTreeSet::new());
+        let get = |name: &str, shape: &[usize], dt: DType| {
             let full = format!("{prefix}{name}");
-            read.insert(full.clone());
+            read.borrow_mut().insert(full.clone());
             w.get_shaped(&full, shape, dt, device)
         };
         let wte = get("wte.weight", &[cfg.vocab, h], dtype)?;
@@ -1283,17 +1283,27 @@ impl Llama {
         for i in 0..cfg.layers {
             let p = |s: &str| format!("h.{i}.{s}");
             // Conv1D: (d_in, d_out) stored, (d_out, d_in) kept
-            let mut conv = |s: &str, d_in: usize, d_out: usize| -> Result<AdaptedLinear> {
-                let weight = get(&p(&format!("{s}.weight")), &[d_in, d_out], dtype)?;
+            let conv = |s: &str, d_in: usize, d_out: usize| -> Result<AdaptedLinear> {
                 let bias = get(&p(&format!("{s}.bias")), &[d_out], dtype)?;
-                let base = FrozenLinear::new(weight.t()?.contiguous()?, Some(bias));
+                let name = format!("{prefix}{}", p(&format!("{s}.weight")));
+                // a GGUF weight kept as stored is llama.cpp's (d_out, d_in) already
+                let base = match super::kept_weight(w, &name, d_out, d_in)? {
+                    Some(q) => {
+                        read.borrow_mut().insert(name);
+                        FrozenLinear::quantized(q, Some(bias), dtype, device)
+                    }
+                    None => {
+                        let weight = get(&p(&format!("{s}.weight")), &[d_in, d_out], dtype)?;
+                        FrozenLinear::new(weight.t()?.contiguous()?, Some(bias))
+                    }
+                };
                 Ok(AdaptedLinear::new(format!("transformer.{}", p(s)), base))
             };
             let qkv = QkvProj::Fused(conv("attn.c_attn", h, 3 * h)?);
             let o = conv("attn.c_proj", h, h)?;
             let gate_up = GateUpProj::Ungated(conv("mlp.c_fc", h, ff)?);
             let down = conv("mlp.c_proj", ff, h)?;
-            let mut ln = |s: &str| -> Result<(Tensor, Tensor)> {
+            let ln = |s: &str| -> Result<(Tensor, Tensor)> {
                 Ok((
                     get(&p(&format!("{s}.weight")), &[h], DType::F32)?,
                     get(&p(&format!("{s}.bias")), &[h], DType::F32)?,
@@ -1316,6 +1326,7 @@ impl Llama {
         let norm = get("ln_f.weight", &[h], DType::F32)?;
         let norm_bias = get("ln_f.bias", &[h], DType::F32)?;
         let embed_name = format!("{prefix}wte.weight");
+        let mut read = read.into_inner();
         let lm_head = vocab_head(
             w,
             &cfg,

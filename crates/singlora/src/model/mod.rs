@@ -47,13 +47,44 @@ pub(crate) fn load_linear(
     dtype: DType,
     device: &Device,
 ) -> Result<AdaptedLinear> {
-    let weight = w.get_shaped(&format!("{name}.weight"), &[d_out, d_in], dtype, device)?;
     let bias = if bias {
         Some(w.get_shaped(&format!("{name}.bias"), &[d_out], dtype, device)?)
     } else {
         None
     };
+    if let Some(q) = kept_weight(w, &format!("{name}.weight"), d_out, d_in)? {
+        return Ok(AdaptedLinear::new(
+            name,
+            FrozenLinear::quantized(q, bias, dtype, device),
+        ));
+    }
+    let weight = w.get_shaped(&format!("{name}.weight"), &[d_out, d_in], dtype, device)?;
     Ok(AdaptedLinear::new(name, FrozenLinear::new(weight, bias)))
+}
+
+/// The weight `name` (d_out, d_in) where the weights keep it quantised (`--base-dtype same`),
+/// its shape checked.
+pub(crate) fn kept_weight(
+    w: &Weights,
+    name: &str,
+    d_out: usize,
+    d_in: usize,
+) -> Result<Option<std::sync::Arc<crate::quant::ggml::GgmlWeight>>> {
+    let Some(q) = w.kept(name) else {
+        return Ok(None);
+    };
+    if q.dims() != (d_out, d_in) {
+        return Err(Error::bad_tensor(
+            name,
+            format!(
+                "in {} has shape {:?} but config.json implies {:?}",
+                w.source().display(),
+                q.dims(),
+                (d_out, d_in)
+            ),
+        ));
+    }
+    Ok(Some(q))
 }
 
 /// The architecture family.
@@ -229,6 +260,20 @@ impl Body {
         Ok((after, before))
     }
 
+    /// The bytes the quantised linear weights take and would take dense in `dtype`; None when
+    /// none is quantised.
+    pub fn quantized_bytes(&self, dtype: DType) -> Option<(usize, usize)> {
+        let (mut kept, mut dense) = (0, 0);
+        for l in self.linears() {
+            if l.base().is_quantized() {
+                let (o, i) = l.base().dims();
+                kept += l.base().weight_bytes();
+                dense += o * i * dtype.size_in_bytes();
+            }
+        }
+        (kept > 0).then_some((kept, dense))
+    }
+
     /// Layers that `all-linear` leaves alone (output projections and poolers).
     pub fn output_layers(&self) -> Vec<String> {
         self.linears()
@@ -268,9 +313,45 @@ impl Pretrained {
     /// Loads a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or a GGUF
     /// file (or a directory holding one). Frozen weights go to `device` in `dtype`.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let gguf_path = crate::gguf::find_gguf(path)
-            .filter(|p| crate::gguf::is_gguf(p) && !path.join("config.json").exists());
+        Self::load_as(path, dtype, device, crate::quant::BaseDtype::Auto)
+    }
+
+    /// The GGUF file `path` stands for (a file, or a directory holding one and no config.json).
+    pub fn gguf_file(path: &Path) -> Option<PathBuf> {
+        crate::gguf::find_gguf(path)
+            .filter(|p| crate::gguf::is_gguf(p) && !path.join("config.json").exists())
+    }
+
+    /// [`Pretrained::load`] with `--base-dtype same` handled: a GGUF file's quantised linear
+    /// weights kept as stored (refused for a Hugging Face directory). `nf4` is the caller's to
+    /// apply after loading ([`Body::quantize_nf4`]); `auto` and `nf4` load as [`Pretrained::load`].
+    pub fn load_as(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        base: crate::quant::BaseDtype,
+    ) -> Result<Self> {
+        let gguf_path = Self::gguf_file(path);
+        let keep = base == crate::quant::BaseDtype::Same;
+        if keep && gguf_path.is_none() {
+            return Err(Error::msg(format!(
+                "{}: --base-dtype same keeps a GGUF file's quantised weights as stored, and this \
+                 is not a GGUF file (use --base-dtype nf4 for a 4-bit base from safetensors)",
+                path.display()
+            )));
+        }
         let (weights, config, config_path, tokenizer, chat_template, gguf) = match gguf_path {
+            Some(p) if keep => {
+                let g = crate::gguf::load_gguf_keeping(&p, DType::F32)?;
+                (
+                    Weights::Kept(p.clone(), g.tensors, g.kept),
+                    g.config,
+                    p.clone(),
+                    g.tokenizer,
+                    g.chat_template,
+                    true,
+                )
+            }
             Some(p) => {
                 let g = crate::gguf::load_gguf(&p, DType::F32)?;
                 (
@@ -297,10 +378,7 @@ impl Pretrained {
                 )
             }
         };
-        let num_params = match &weights {
-            Weights::Checkpoint(c) => c.num_params(),
-            Weights::Memory(_, m) => m.values().map(Tensor::elem_count).sum(),
-        };
+        let num_params = weights.num_params();
         let reader = ConfigReader {
             path: &config_path,
             value: &config,

@@ -1,26 +1,36 @@
 //! Where a model's frozen weights come from: a safetensors checkpoint directory, or tensors
-//! already in memory (a dequantised GGUF file), loaded onto a device in a chosen dtype.
+//! already in memory (a GGUF file, dequantised or with its quantised linear weights kept),
+//! loaded onto a device in a chosen dtype.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::quant::ggml::GgmlWeight;
 
 pub enum Weights {
     Checkpoint(Checkpoint),
     /// Tensors in memory (a GGUF file dequantised at load), with the file they came from.
     Memory(PathBuf, BTreeMap<String, Tensor>),
+    /// A GGUF file's tensors with its quantised linear weights kept as stored
+    /// (`--base-dtype same`): the dequantised ones, and the kept ones by name.
+    Kept(
+        PathBuf,
+        BTreeMap<String, Tensor>,
+        BTreeMap<String, Arc<GgmlWeight>>,
+    ),
 }
 
 impl Weights {
     pub fn source(&self) -> PathBuf {
         match self {
             Weights::Checkpoint(c) => c.dir().to_path_buf(),
-            Weights::Memory(p, _) => p.clone(),
+            Weights::Memory(p, _) | Weights::Kept(p, _, _) => p.clone(),
         }
     }
 
@@ -28,6 +38,7 @@ impl Weights {
         match self {
             Weights::Checkpoint(c) => c.contains(name),
             Weights::Memory(_, m) => m.contains_key(name),
+            Weights::Kept(_, m, k) => m.contains_key(name) || k.contains_key(name),
         }
     }
 
@@ -35,6 +46,27 @@ impl Weights {
         match self {
             Weights::Checkpoint(c) => c.names().map(str::to_string).collect(),
             Weights::Memory(_, m) => m.keys().cloned().collect(),
+            Weights::Kept(_, m, k) => m.keys().chain(k.keys()).cloned().collect(),
+        }
+    }
+
+    /// `name` where it is kept quantised ([`Weights::Kept`]).
+    pub fn kept(&self, name: &str) -> Option<Arc<GgmlWeight>> {
+        match self {
+            Weights::Kept(_, _, k) => k.get(name).cloned(),
+            _ => None,
+        }
+    }
+
+    /// Elements in all the tensors (embeddings included).
+    pub fn num_params(&self) -> usize {
+        match self {
+            Weights::Checkpoint(c) => c.num_params(),
+            Weights::Memory(_, m) => m.values().map(Tensor::elem_count).sum(),
+            Weights::Kept(_, m, k) => {
+                let kept: usize = k.values().map(|w| w.dims().0 * w.dims().1).sum();
+                m.values().map(Tensor::elem_count).sum::<usize>() + kept
+            }
         }
     }
 
@@ -48,6 +80,12 @@ impl Weights {
                 c.load(name, &Device::Cpu)?
             }
             Weights::Memory(_, m) => m.get(name).cloned().ok_or_else(|| self.missing(name))?,
+            Weights::Kept(_, m, k) => match (m.get(name), k.get(name)) {
+                (Some(t), _) => t.clone(),
+                // dequantised for a use other than a frozen linear layer's
+                (None, Some(w)) => w.to_tensor(dtype, device)?,
+                (None, None) => return Err(self.missing(name)),
+            },
         };
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }

@@ -1,12 +1,61 @@
 //! Frozen base weights in fewer bits: [`nf4`] (QLoRA's 4-bit NormalFloat with double
-//! quantisation), chosen by [`BaseDtype`].
+//! quantisation) or [`ggml`] (a GGUF file's own types, kept as loaded), chosen by [`BaseDtype`].
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+pub mod ggml;
 pub mod nf4;
+
+/// A frozen weight kept quantised: dequantised (in Hugging Face's layout, (d_out, d_in)) where it
+/// is used.
+pub trait QuantWeight: std::fmt::Debug + Send + Sync {
+    /// (d_out, d_in).
+    fn dims(&self) -> (usize, usize);
+    /// Bytes the quantised weight holds.
+    fn storage_bytes(&self) -> usize;
+    /// The weight dequantised, as `dtype` on `device`.
+    fn to_tensor(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor>;
+}
+
+impl QuantWeight for nf4::Nf4Tensor {
+    fn dims(&self) -> (usize, usize) {
+        let d = nf4::Nf4Tensor::dims(self);
+        (d[0], d[1])
+    }
+    fn storage_bytes(&self) -> usize {
+        nf4::Nf4Tensor::storage_bytes(self)
+    }
+    fn to_tensor(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        nf4::Nf4Tensor::to_tensor(self, dtype, device)
+    }
+}
+
+impl QuantWeight for ggml::GgmlWeight {
+    fn dims(&self) -> (usize, usize) {
+        ggml::GgmlWeight::dims(self)
+    }
+    fn storage_bytes(&self) -> usize {
+        ggml::GgmlWeight::storage_bytes(self)
+    }
+    fn to_tensor(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        ggml::GgmlWeight::to_tensor(self, dtype, device)
+    }
+}
 
 /// How the frozen base's linear weights are kept during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -16,6 +65,9 @@ pub enum BaseDtype {
     Auto,
     /// NF4 with double quantisation (QLoRA), dequantised layer by layer where used.
     Nf4,
+    /// A GGUF file's linear weights in the types the file stores them (Q4_K, Q8_0, …),
+    /// dequantised layer by layer where used; float ones as `auto`.
+    Same,
 }
 
 impl fmt::Display for BaseDtype {
@@ -23,6 +75,7 @@ impl fmt::Display for BaseDtype {
         f.write_str(match self {
             BaseDtype::Auto => "auto",
             BaseDtype::Nf4 => "nf4",
+            BaseDtype::Same => "same",
         })
     }
 }
@@ -33,8 +86,9 @@ impl FromStr for BaseDtype {
         match s {
             "auto" => Ok(BaseDtype::Auto),
             "nf4" => Ok(BaseDtype::Nf4),
+            "same" => Ok(BaseDtype::Same),
             _ => Err(Error::msg(format!(
-                "unknown base dtype `{s}`: expected auto or nf4"
+                "unknown base dtype `{s}`: expected auto, nf4 or same"
             ))),
         }
     }

@@ -140,9 +140,11 @@ pub struct TrainConfig {
     /// --batch-size then counts packed rows.
     #[arg(long)]
     pub packing: bool,
-    /// How the frozen base's linear layers are kept: auto (f32 on the CPU, bf16 on a GPU) or
-    /// nf4 (QLoRA's 4-bit NormalFloat with double quantisation, dequantised layer by layer;
-    /// the CPU only for now). Embeddings, norms and the vocabulary projection stay as they are.
+    /// How the frozen base's linear layers are kept: auto (f32 on the CPU, bf16 on a GPU), nf4
+    /// (QLoRA's 4-bit NormalFloat with double quantisation; embeddings, norms and the vocabulary
+    /// projection stay as they are) or same (a GGUF model's quantised weights as the file stores
+    /// them, Q4_K, Q8_0 and so on, the output projection included). Both dequantise layer by
+    /// layer where used, on the CPU only for now.
     #[arg(long, default_value = "auto")]
     pub base_dtype: crate::quant::BaseDtype,
     /// How the data files are read and tokenized.

@@ -116,7 +116,8 @@ pub struct Plan {
     /// `--packing`: the rows the training examples were packed into.
     pub packed_rows: Option<usize>,
     /// `--base-dtype nf4`: the bytes of the quantised linear weights, and before.
-    pub quantized_bytes: Option<(usize, usize)>,
+    /// How the quantised linear weights are kept, their bytes and their bytes dense.
+    pub quantized_bytes: Option<(crate::quant::BaseDtype, usize, usize)>,
     pub eval_rows: usize,
     /// Malformed rows left out (`--skip-bad-rows`).
     pub skipped_rows: usize,
@@ -167,10 +168,14 @@ impl Plan {
                 self.skipped_rows, self.truncated_rows, self.dropped_rows
             );
         }
-        if let Some((after, before)) = self.quantized_bytes {
+        if let Some((how, after, before)) = self.quantized_bytes {
             let mb = |b: usize| b as f64 / 1e6;
+            let how = match how {
+                crate::quant::BaseDtype::Nf4 => "in NF4",
+                _ => "kept quantised as the GGUF file stores them",
+            };
             s += &format!(
-                "base           linear weights in NF4: {:.1} MB (from {:.1} MB)\n",
+                "base           linear weights {how}: {:.1} MB (from {:.1} MB)\n",
                 mb(after),
                 mb(before)
             );
@@ -216,7 +221,13 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     } else {
         DType::BF16
     };
-    let mut pre = Pretrained::load(&cfg.model, dtype, &device)?;
+    if cfg.base_dtype != crate::quant::BaseDtype::Auto && !device.is_cpu() {
+        return Err(Error::msg(format!(
+            "--base-dtype {} runs on the CPU for now: leave it out on a GPU (the bf16 base)",
+            cfg.base_dtype
+        )));
+    }
+    let mut pre = Pretrained::load_as(&cfg.model, dtype, &device, cfg.base_dtype)?;
     let chat_template = match &cfg.data.chat_template_file {
         Some(p) if task == Task::Sft => Some(crate::data::read_chat_template_file(p)?),
         _ => None,
@@ -224,15 +235,13 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     if let Some(t) = &chat_template {
         pre.chat_template = Some(t.clone());
     }
-    let mut quantized = None;
     if cfg.base_dtype == crate::quant::BaseDtype::Nf4 {
-        if !device.is_cpu() {
-            return Err(Error::msg(
-                "--base-dtype nf4 runs on the CPU for now: leave it out on a GPU (the bf16 base)",
-            ));
-        }
-        quantized = Some(pre.body.quantize_nf4()?);
+        pre.body.quantize_nf4()?;
     }
+    let quantized = pre
+        .body
+        .quantized_bytes(dtype)
+        .map(|(kept, dense)| (cfg.base_dtype, kept, dense));
     let family = pre.body.family();
     let default_targets = pre.body.default_targets();
     let data = prepare_data(&cfg, &pre)?;

@@ -35,3 +35,30 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
     let f64 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
     max_abs(&(f64(a) - f64(b)).unwrap())
 }
+
+/// A byte-level BPE tokenizer.json of the decoder fixtures' 40 tokens (`<bos>`, `<eos>`, `Ġ`,
+/// a–z, x0–x10).
+#[allow(dead_code)]
+pub fn write_tiny_tokenizer(dir: &std::path::Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<bos>", "<eos>", "Ġ"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(('a'..='z').map(String::from))
+        .chain((0..11).map(|i| format!("x{i}")))
+        .enumerate()
+    {
+        vocab.insert(t, serde_json::json!(i));
+    }
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true},
+        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true,
+            "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+}

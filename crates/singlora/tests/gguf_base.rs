@@ -1,0 +1,180 @@
+//! `--base-dtype same`: a GGUF model's quantised linear weights kept as the file stores them
+//! (Q4_K, Q6_K, Q8_0, …) compute what the same file dequantised at load computes (logits, every
+//! method's loss and adapter gradients), in LLaMA's layout (Q/K rows in llama.cpp's order) and
+//! GPT-2's (Conv1D weights stored transposed), in a fraction of the memory.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use singlora::adapter::ramp::{RampClock, RampSchedule};
+use singlora::adapter::target::TargetSpec;
+use singlora::adapter::AdapterSpec;
+use singlora::data::{collate, Encoded};
+use singlora::gguf::model::GgufQuant;
+use singlora::merge::gguf::convert_to_gguf;
+use singlora::model::{Pooling, Pretrained, Task, TaskModel};
+use singlora::quant::BaseDtype;
+use singlora::synthetic::{write_bpe_tokenizer, write_checkpoint, LlamaShape};
+
+mod common;
+use common::{max_abs, max_abs_diff};
+
+/// A LLaMA whose rows are whole Q4_K blocks (256 values), as a GGUF file in `quant`.
+fn llama_gguf(dir: &Path, quant: GgufQuant) -> PathBuf {
+    let shape = LlamaShape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 272,
+    };
+    let base = dir.join("llama");
+    write_checkpoint(
+        &base,
+        &shape.config(),
+        &shape.tensors(5, DType::F32).unwrap(),
+        1,
+    )
+    .unwrap();
+    write_bpe_tokenizer(&base).unwrap();
+    let out = dir.join(format!("llama-{quant}.gguf"));
+    convert_to_gguf(&base, &out, false, quant).unwrap();
+    out
+}
+
+/// The GPT-2 fixture (tests/fixtures/decoders/gpt2) as a GGUF file in `quant`.
+fn gpt2_gguf(dir: &Path, quant: GgufQuant) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoders/gpt2");
+    let base = dir.join("gpt2");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), base.join(f)).unwrap();
+    }
+    common::write_tiny_tokenizer(&base);
+    let out = dir.join(format!("gpt2-{quant}.gguf"));
+    convert_to_gguf(&base, &out, false, quant).unwrap();
+    out
+}
+
+fn task_model(pre: Pretrained, method: &str) -> TaskModel {
+    let spec = AdapterSpec {
+        kind: method.parse::<singlora::adapter::Method>().unwrap().kind(),
+        r: 2,
+        alpha: 4.0,
+        rslora: false,
+        init: "kaiming_width".parse().unwrap(),
+        seed: 3,
+        dtype: DType::F32,
+    };
+    let mut m = TaskModel::new(pre.body, Task::Sft, None, Pooling::Last, 0, &Device::Cpu).unwrap();
+    let targets = TargetSpec::parse("all-linear", None).unwrap();
+    m.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))
+        .unwrap();
+    m
+}
+
+#[test]
+fn kept_weights_compute_what_the_dequantised_file_computes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // f32 bytes over kept bytes: Q4_K/Q6_K about 4.5–6.6 bits a value, Q8_0 8.5
+    for (file, min_ratio) in [
+        (llama_gguf(tmp.path(), GgufQuant::Q4KM), 5.0),
+        (gpt2_gguf(tmp.path(), GgufQuant::Q8_0), 3.0),
+    ] {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let kept = Pretrained::load_as(&file, DType::F32, &Device::Cpu, BaseDtype::Same).unwrap();
+        let dense = Pretrained::load(&file, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(kept.num_params, dense.num_params, "{name}");
+        let (bytes, f32_bytes) = kept.body.quantized_bytes(DType::F32).unwrap();
+        assert!(
+            bytes as f64 * min_ratio < f32_bytes as f64,
+            "{name}: {bytes} bytes kept of {f32_bytes}"
+        );
+        // every kept weight dequantises to the dense load's weight (Q/K rows in HF's order)
+        let mut n_kept = 0;
+        for (k, d) in kept.body.linears().iter().zip(dense.body.linears()) {
+            assert_eq!(k.name(), d.name());
+            assert!(!d.base().is_quantized());
+            if k.base().is_quantized() {
+                n_kept += 1;
+                let diff = max_abs_diff(&k.base().weight().unwrap(), &d.base().weight().unwrap());
+                assert_eq!(diff, 0.0, "{name}: {}", k.name());
+            }
+        }
+        let n = kept.body.linears().len();
+        if name.starts_with("llama") {
+            assert_eq!(
+                n_kept, n,
+                "{name}: every projection and the head are Q4_K/Q6_K"
+            );
+        } else {
+            // GPT-2's MLP c_proj rows of 48 are not whole Q8_0 blocks: stored (and kept) as f16
+            assert_eq!(n_kept, n - 2, "{name}");
+        }
+        for method in ["singlora", "lora", "dora"] {
+            let kept =
+                Pretrained::load_as(&file, DType::F32, &Device::Cpu, BaseDtype::Same).unwrap();
+            let dense = Pretrained::load(&file, DType::F32, &Device::Cpu).unwrap();
+            let vocab = dense.config["vocab_size"].as_u64().unwrap() as u32;
+            let (q, d) = (task_model(kept, method), task_model(dense, method));
+            let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % vocab).collect();
+            let items = vec![Encoded {
+                ids: ids.clone(),
+                type_ids: vec![0; ids.len()],
+                label: None,
+                target_mask: vec![1; ids.len()],
+            }];
+            let batch = collate(&items, &[0], 0, &Device::Cpu).unwrap();
+            let (lq, gq) = q.loss_and_grads(&batch, 1.0).unwrap();
+            let (ld, gd) = d.loss_and_grads(&batch, 1.0).unwrap();
+            let (lq, ld) = (
+                lq.to_scalar::<f32>().unwrap(),
+                ld.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (lq - ld).abs() <= 1e-5 * ld.abs(),
+                "{name} {method}: loss {lq} against {ld}"
+            );
+            let mut checked = 0;
+            for ((layer, _, a), (_, _, b)) in q.adapters().iter().zip(d.adapters().iter()) {
+                for (pa, pb) in a.params().iter().zip(b.params()) {
+                    let ga = gq.get(pa.var.as_tensor()).unwrap();
+                    let gb = gd.get(pb.var.as_tensor()).unwrap();
+                    let scale = max_abs(gb);
+                    let diff = max_abs_diff(ga, gb);
+                    assert!(
+                        diff <= 1e-4 * scale.max(1e-6),
+                        "{name} {method} {layer}.{}: {diff:e} of {scale:e}",
+                        pa.suffix
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(checked > 0);
+        }
+    }
+}
+
+/// The types are the file's: a float GGUF keeps nothing quantised, and a Hugging Face directory
+/// is refused by name.
+#[test]
+fn same_keeps_only_quantised_types_and_needs_a_gguf_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f16 = llama_gguf(tmp.path(), GgufQuant::F16);
+    let pre = Pretrained::load_as(&f16, DType::F32, &Device::Cpu, BaseDtype::Same).unwrap();
+    assert!(pre.body.quantized_bytes(DType::F32).is_none());
+    let e = Pretrained::load_as(
+        &tmp.path().join("llama"),
+        DType::F32,
+        &Device::Cpu,
+        BaseDtype::Same,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("llama") && e.contains("--base-dtype same") && e.contains("not a GGUF"),
+        "{e}"
+    );
+}
