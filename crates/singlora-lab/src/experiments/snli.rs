@@ -401,8 +401,8 @@ fn train_file(spec: &SnliSpec) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Record> {
-    let dir = spec.out.join("runs").join(job.name());
+/// The training settings of `job`: the protocol's for its stage.
+fn job_config(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<TrainConfig> {
     let mut cfg = TrainConfig {
         model: spec.model.clone(),
         train: train.to_path_buf(),
@@ -437,6 +437,12 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
         }
         Stage::Select | Stage::Test | Stage::Stability => {}
     }
+    Ok(cfg)
+}
+
+fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Record> {
+    let dir = spec.out.join("runs").join(job.name());
+    let cfg = job_config(spec, train, job, device)?;
     let t0 = Instant::now();
     train_run(cfg, &dir, spec.exe.as_deref())?;
     let (ev, updates) = final_eval(&dir)?;
@@ -1302,5 +1308,73 @@ mod tests {
             })
             .collect();
         assert_eq!(texts, ["p0", "p21", "p41"]);
+    }
+}
+
+#[cfg(test)]
+mod child_args {
+    use super::*;
+    use clap::Parser;
+
+    /// `singlora train`'s command line as far as a run's settings go.
+    #[derive(Parser)]
+    struct TrainCli {
+        #[command(flatten)]
+        cfg: TrainConfig,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long)]
+        quiet: bool,
+    }
+
+    /// A child `singlora train` (the GPU runs) gets every setting of each stage's protocol:
+    /// its command line parses back into the configuration an in-process run trains with.
+    #[test]
+    fn child_processes_train_with_the_protocols_settings() {
+        let spec = SnliSpec {
+            suite: Suite::Encoder,
+            model: "m".into(),
+            data: "d".into(),
+            train_rows: 100,
+            batch_size: 32,
+            max_length: 128,
+            devices: vec!["cuda".into()],
+            jobs_per_device: 1,
+            out: "o".into(),
+            exe: Some("singlora".into()),
+            deadline: None,
+        };
+        let picked: BTreeMap<&'static str, f64> = CONFIGS.iter().map(|c| (c.0, 2e-3)).collect();
+        let mut jobs = test_jobs(&picked, Suite::Encoder);
+        jobs.extend(stability_jobs(&picked, Stage::Stability));
+        jobs.extend(stability_jobs(&picked, Stage::Plain));
+        jobs.extend(ramp_jobs(&picked));
+        let mut stages = std::collections::BTreeSet::new();
+        for job in &jobs {
+            let cfg = job_config(&spec, Path::new("train.jsonl"), job, "cuda").unwrap();
+            let args = crate::experiments::sweep::train_args(&cfg, Path::new("run"));
+            assert_eq!(args[0], "train");
+            let parsed = TrainCli::try_parse_from(
+                std::iter::once("singlora".to_string()).chain(args[1..].iter().cloned()),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", job.name()));
+            assert_eq!(
+                serde_json::to_value(&parsed.cfg).unwrap(),
+                serde_json::to_value(&cfg).unwrap(),
+                "{}",
+                job.name()
+            );
+            stages.insert(format!("{:?}", job.stage));
+        }
+        assert_eq!(stages.len(), 4, "{stages:?}");
+        // the settings that tell the stages apart
+        let plain = jobs.iter().find(|j| j.stage == Stage::Plain).unwrap();
+        let cfg = job_config(&spec, Path::new("t"), plain, "cuda").unwrap();
+        assert_eq!((cfg.warmup_ratio, cfg.max_grad_norm), (0.0, 0.0));
+        let ramp = jobs.iter().find(|j| j.stage == Stage::Ramp).unwrap();
+        let cfg = job_config(&spec, Path::new("t"), ramp, "cuda").unwrap();
+        assert_eq!((cfg.warmup_ratio, cfg.max_grad_norm), (0.0, 1.0));
     }
 }

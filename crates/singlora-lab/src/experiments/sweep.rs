@@ -286,6 +286,15 @@ pub(crate) fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
     if let Some(t) = cfg.ramp_steps {
         a.extend(["--ramp-steps".into(), t.to_string()]);
     }
+    a.extend([
+        "--warmup-ratio".into(),
+        cfg.warmup_ratio.to_string(),
+        "--max-grad-norm".into(),
+        cfg.max_grad_norm.to_string(),
+    ]);
+    if let Some(t) = cfg.warmup_steps {
+        a.extend(["--warmup-steps".into(), t.to_string()]);
+    }
     if let Some(t) = &cfg.targets {
         a.extend(["--targets".into(), t.clone()]);
     }
