@@ -4,7 +4,7 @@
 //!    frozen weight and bf16 activations on the device, against an f64 CPU reference.
 //! 2. A few full training updates of a tiny BERT and a tiny LLaMA (classification and SFT) on
 //!    the device against the same run on the CPU (f32): losses and the final adapters.
-//! 3. Qwen3, Gemma 3 and Phi-3 bodies on the device against transformers' logits (f32 and bf16
+//! 3. Qwen3, Gemma 3, Phi-3 and GPT-2 bodies on the device against transformers' logits (f32 and bf16
 //!    weights; generation's cached forward against the full one) and a PEFT LoRA step's loss and
 //!    gradients: the golden files of
 //!    tests/fixtures/decoders (the checks of crates/singlora/tests/decoders.rs, on any device).
