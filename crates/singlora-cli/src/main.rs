@@ -90,6 +90,24 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Turn a single-file Stable Diffusion checkpoint (A1111 / ComfyUI .safetensors) into a
+    /// diffusers folder that train-diffusion and generate take.
+    ConvertSingleFile {
+        /// The single-file checkpoint (.safetensors, the original LDM layout; SD 1.x and 2.x
+        /// with CLIP's text encoder).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A diffusers folder of the same model family, for its configs, tokenizer and scheduler
+        /// (its weights are not read).
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write the diffusers folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Show an adapter's method, rank, scale, ramp state and parameter counts.
     Inspect {
         #[arg(long)]
@@ -182,6 +200,32 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
                     "--adapter is required, except for a GGUF output (--format gguf), which can hold the base alone"
                 ),
             }
+        }
+        Command::ConvertSingleFile {
+            checkpoint,
+            config,
+            out,
+            overwrite,
+        } => {
+            let c = singlora::diffusion::single_file::convert_single_file(
+                &checkpoint,
+                &config,
+                &out,
+                overwrite,
+            )?;
+            print_cleaned(&c.cleaned);
+            let counts: Vec<String> = c
+                .tensors
+                .iter()
+                .map(|(part, n)| format!("{part} {n}"))
+                .collect();
+            println!(
+                "wrote {} : a diffusers folder ({} tensors; {} left out: EMA copy, schedule buffers, position ids), configs, tokenizer and scheduler from {}",
+                c.out.display(),
+                counts.join(", "),
+                c.skipped,
+                config.display()
+            );
         }
         Command::ExportLora {
             adapter,

@@ -515,3 +515,102 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A single-file checkpoint in the original LDM layout (`sd-tiny-single.safetensors`, made by
+/// scripts/make_single_file_fixture.py and read back exactly by diffusers' own
+/// `from_single_file`) becomes a diffusers folder: every tensor the folder fixture's, and the
+/// converted pipeline samples diffusers' images. Foreign or unknown tensors, a missing config
+/// folder and an output over an input are refused by name, with nothing written.
+#[test]
+fn single_file_checkpoints_convert_to_the_diffusers_folder() {
+    use singlora::diffusion::single_file::convert_single_file;
+    let tmp = tempfile::tempdir().unwrap();
+    let single = fixture("sd-tiny-single.safetensors");
+    let out = tmp.path().join("converted");
+    let c = convert_single_file(&single, &fixture("sd-tiny"), &out, false).unwrap();
+    assert_eq!(c.skipped, 3, "EMA decay, alphas_cumprod, position_ids");
+    for (part, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ] {
+        let want =
+            candle_core::safetensors::load(fixture("sd-tiny").join(part).join(file), &Device::Cpu)
+                .unwrap();
+        let got = candle_core::safetensors::load(out.join(part).join(file), &Device::Cpu).unwrap();
+        assert_eq!(got.len(), want.len(), "{part}");
+        assert_eq!(c.tensors[part], want.len(), "{part}");
+        for (k, w) in &want {
+            let g = got
+                .get(k)
+                .or_else(|| got.get(&format!("text_model.{k}")))
+                .unwrap_or_else(|| panic!("{part}: no {k}"));
+            assert_eq!(g.dims(), w.dims(), "{part} {k}");
+            assert_eq!(max_abs_diff(g, w), 0.0, "{part} {k}");
+        }
+    }
+    let pipe = Pipeline::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let expected = load_expected("sd-tiny.expected.safetensors");
+    let got = pipe
+        .generate_from(&request(SamplerKind::Ddim), &expected["latents"])
+        .unwrap();
+    let err = max_abs_diff(&got, &expected["images.ddim"]);
+    assert!(
+        err < 5e-4,
+        "converted pipeline: {err} from diffusers' images"
+    );
+
+    // refusals
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let with = |name: &str| {
+        let mut t = tensors.clone();
+        t.insert(
+            name.into(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let p = tmp
+            .path()
+            .join(format!("{}.safetensors", name.replace('.', "_")));
+        candle_core::safetensors::save(&t, &p).unwrap();
+        p
+    };
+    let dest = tmp.path().join("refused");
+    let e = convert_single_file(
+        &with("model.diffusion_model.extra.weight"),
+        &fixture("sd-tiny"),
+        &dest,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model.diffusion_model.extra.weight"), "{e}");
+    let e = convert_single_file(
+        &with("conditioner.embedders.0.transformer.x"),
+        &fixture("sd-tiny"),
+        &dest,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("SDXL"), "{e}");
+    let e = convert_single_file(&single, tmp.path(), &dest, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model_index.json"), "{e}");
+    // a config of another shape: the file's tensors do not fit it
+    let e = convert_single_file(&single, &fixture("sd-tiny-xl"), &dest, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SDXL"), "{e}");
+    assert!(!dest.exists());
+    let e = convert_single_file(&single, &fixture("sd-tiny"), &fixture("sd-tiny"), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--config"), "{e}");
+    // an existing output is kept unless --overwrite
+    let e = convert_single_file(&single, &fixture("sd-tiny"), &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("converted"), "{e}");
+    convert_single_file(&single, &fixture("sd-tiny"), &out, true).unwrap();
+}

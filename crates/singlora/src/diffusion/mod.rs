@@ -4,13 +4,15 @@
 //! diffusers and ComfyUI load.
 //!
 //! A model is a diffusers folder: `model_index.json`, `unet/`, `vae/`, `text_encoder/`
-//! (`text_encoder_2/` for SDXL), `tokenizer/` (`tokenizer_2/`), `scheduler/`.
+//! (`text_encoder_2/` for SDXL), `tokenizer/` (`tokenizer_2/`), `scheduler/`;
+//! [`single_file`] makes one from a single-file (A1111 / ComfyUI) checkpoint.
 
 pub mod config;
 pub mod files;
 pub mod images;
 pub mod pipeline;
 pub mod schedule;
+pub mod single_file;
 pub mod text;
 pub mod train;
 pub mod unet;
