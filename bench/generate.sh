@@ -29,6 +29,13 @@ ours=$(grep -o 'generated .*' "$OUT/singlora.log")
 echo "| implementation | device | new tokens | seconds | tokens/s |"
 echo "|---|---|---|---|---|"
 echo "$ours" | awk -v d="$DEVICE" '{printf "| singlora | %s | %s | %s | %s |\n", d, $2, $5, substr($7, 2)}'
+# transformers reads GGUF files through the `gguf` package: unpacked from a carried wheel
+# (.whl/gguf-*.whl) where the Python lacks it
+if ! "$PY" -c "import gguf" 2>/dev/null; then
+  for w in .whl/gguf-*.whl; do
+    [ -f "$w" ] && "$PY" -m zipfile -e "$w" /tmp/pylib-gguf && export PYTHONPATH=/tmp/pylib-gguf:${PYTHONPATH:-}
+  done
+fi
 if "$PY" -c "import torch, transformers" 2>/dev/null; then
   "$PY" - "$M" "$DEVICE" "$NEW" "$PROMPT" "$OUT" <<'PY'
 import json, os, sys, time
