@@ -193,9 +193,6 @@ impl CustomOp1 for QuantMatmul {
         let candle_core::Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("quantised matmul: the dequantised weight is not on the CPU");
         };
-        if let Some(out) = few_rows_f32(s, l, ws, wl) {
-            return Ok(out);
-        }
         frozen_matmul_fwd(s, l, ws, wl)
     }
 
