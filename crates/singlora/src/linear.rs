@@ -51,71 +51,6 @@ fn frozen_matmul_fwd<S: BackendStorage>(
     Ok((y, Shape::from((m, n))))
 }
 
-/// Rows of `x` up to which [`few_rows_f32`] computes `x·Wᵀ` on the CPU (decoding: one row a
-/// sequence) instead of the GEMM, whose packing of W costs more than the product itself there.
-const FEW_ROWS: usize = 8;
-
-/// `x (m, k) · W (n, k)ᵀ` for a few rows of f32 `x`: each row of W read once from memory and
-/// dotted with every row of `x` while it is in cache, the rows of W split over rayon's threads.
-/// None where the operands are not contiguous f32.
-fn few_rows_f32(
-    x: &CpuStorage,
-    lx: &Layout,
-    w: &CpuStorage,
-    lw: &Layout,
-) -> Option<(CpuStorage, Shape)> {
-    use rayon::prelude::*;
-    let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else {
-        return None;
-    };
-    let (m, k) = lx.shape().dims2().ok()?;
-    let (n, k2) = lw.shape().dims2().ok()?;
-    if m == 0 || m > FEW_ROWS || k != k2 || k == 0 {
-        return None;
-    }
-    let (x0, x1) = lx.contiguous_offsets()?;
-    let (w0, w1) = lw.contiguous_offsets()?;
-    let (xs, ws) = (&xs[x0..x1], &ws[w0..w1]);
-    // y is computed transposed, (n, m), so that each task writes a contiguous block
-    let mut yt = vec![0f32; n * m];
-    const ROWS_PER_TASK: usize = 64;
-    yt.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            let first = t * ROWS_PER_TASK;
-            for (j, o) in out.chunks_mut(m).enumerate() {
-                let row = &ws[(first + j) * k..(first + j + 1) * k];
-                for (r, y) in o.iter_mut().enumerate() {
-                    *y = dot(&xs[r * k..(r + 1) * k], row);
-                }
-            }
-        });
-    let mut y = vec![0f32; m * n];
-    for (i, col) in yt.chunks(m).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            y[r * n + i] = *v;
-        }
-    }
-    Some((CpuStorage::F32(y), Shape::from((m, n))))
-}
-
-/// Σ a·b over eight independent partial sums (which the compiler keeps in one vector register).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -128,9 +63,6 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if let Some(out) = few_rows_f32(s1, l1, s2, l2) {
-            return Ok(out);
-        }
         frozen_matmul_fwd(s1, l1, s2, l2)
     }
 
@@ -360,56 +292,6 @@ impl FrozenLinear {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
-
-    /// A few rows of f32 input (decoding) take the row-dot path: the f64 product's values for
-    /// every row count up to and past it, widths that are and are not multiples of the eight
-    /// partial sums, output counts that do and do not fill the last task, a view of a larger
-    /// weight, and the input gradient as on the GEMM path.
-    #[test]
-    fn few_rows_match_the_f64_product() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        for (m, k, n) in [
-            (1, 576, 130),
-            (3, 37, 64),
-            (8, 8, 1),
-            (9, 40, 70),
-            (1, 1, 3),
-        ] {
-            let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
-            let big = Tensor::randn(0f32, 1., (n + 2, k), &dev)?;
-            for w in [big.narrow(0, 0, n)?, big.narrow(0, 2, n)?.contiguous()?] {
-                let y = frozen_matmul(&x, &w)?;
-                assert_eq!(y.dims(), &[m, n]);
-                let want = x
-                    .to_dtype(DType::F64)?
-                    .matmul(&w.to_dtype(DType::F64)?.t()?)?;
-                let err = (y.to_dtype(DType::F64)? - &want)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f64>()?;
-                let scale = (k as f64).sqrt();
-                assert!(err < 1e-5 * scale, "({m}, {k}, {n}): {err:e}");
-            }
-        }
-        // the path is taken: a row-dot product's rounding differs from the GEMM's somewhere
-        let x = Tensor::randn(0f32, 1., (1, 1000), &dev)?;
-        let w = Tensor::randn(0f32, 1., (256, 1000), &dev)?;
-        let ours = frozen_matmul(&x, &w)?.to_vec2::<f32>()?;
-        let gemm = x.matmul(&w.t()?)?.to_vec2::<f32>()?;
-        assert!(ours[0].iter().zip(&gemm[0]).any(|(a, b)| a != b));
-        // and the backward is the frozen layer's
-        let xv = Var::randn(0f32, 1., (2, 16), &dev)?;
-        let w = Tensor::randn(0f32, 1., (5, 16), &dev)?;
-        let g = frozen_matmul(&xv, &w)?.sum_all()?.backward()?;
-        let want = Tensor::ones((2, 5), DType::F32, &dev)?.matmul(&w)?;
-        let err = (g.get(&xv).unwrap() - want)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(err < 1e-5, "{err}");
-        assert!(g.get(&w).is_none());
-        Ok(())
-    }
 
     #[test]
     fn matches_plain_matmul_and_skips_weight_gradient() -> candle_core::Result<()> {
