@@ -3,9 +3,11 @@ single-file checkpoint in the original (LDM / A1111 / ComfyUI) layout, and check
 itself that it is one: `StableDiffusionPipeline.from_single_file(..., config=sd-tiny)` must give
 back every tensor of the folder exactly.
 
-    ~/.cache/singlora/hf-venv/bin/python scripts/make_single_file_fixture.py [OUT]
+    ~/.cache/singlora/hf-venv/bin/python scripts/make_single_file_fixture.py [OUT] [--openclip]
 
-OUT defaults to crates/singlora/tests/fixtures/sd-tiny-single.safetensors. The layout written:
+OUT defaults to crates/singlora/tests/fixtures/sd-tiny-single.safetensors
+(sd-tiny-single-openclip.safetensors with --openclip, which writes the text encoder as SD 2.x
+files keep it, OpenCLIP's `cond_stage_model.model.*` with fused q/k/v). The layout written:
 `model.diffusion_model.*` (the U-Net: `input_blocks`, `middle_block`, `output_blocks`),
 `first_stage_model.*` (the VAE: `encoder.down.N.block.M`, `mid.attn_1` with 1x1 convolutions),
 `cond_stage_model.transformer.text_model.*` (the CLIP text encoder), and the schedule buffers
@@ -20,7 +22,10 @@ from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "crates", "singlora", "tests", "fixtures", "sd-tiny")
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(SRC), "sd-tiny-single.safetensors")
+OPENCLIP = "--openclip" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--openclip"]
+OUT = ARGS[0] if ARGS else os.path.join(
+    os.path.dirname(SRC), "sd-tiny-single-openclip.safetensors" if OPENCLIP else "sd-tiny-single.safetensors")
 
 
 def cfg(part):
@@ -108,14 +113,35 @@ text = load_file(os.path.join(SRC, "text_encoder", "model.safetensors"))
 single = {}
 single.update(unet_to_ldm(unet, cfg("unet")))
 single.update(vae_to_ldm(vae, cfg("vae")))
-# transformers 5 saves CLIPTextModel's tensors without their `text_model.` prefix
-single.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else f"text_model.{k}"): v
-               for k, v in text.items()})
+def text_to_openclip(sd):
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"]}
+    n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    for i in range(n):
+        p, q = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[q + f"attn.in_proj_{kind}"] = torch.cat([sd[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            out[q + f"attn.out_proj.{kind}"] = sd[p + f"self_attn.out_proj.{kind}"]
+            out[q + f"ln_1.{kind}"] = sd[p + f"layer_norm1.{kind}"]
+            out[q + f"ln_2.{kind}"] = sd[p + f"layer_norm2.{kind}"]
+            out[q + f"mlp.c_fc.{kind}"] = sd[p + f"mlp.fc1.{kind}"]
+            out[q + f"mlp.c_proj.{kind}"] = sd[p + f"mlp.fc2.{kind}"]
+    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+
+
+if OPENCLIP:
+    single.update(text_to_openclip(text))
+else:
+    # transformers 5 saves CLIPTextModel's tensors without their `text_model.` prefix
+    single.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else f"text_model.{k}"): v
+                   for k, v in text.items()})
 # what real checkpoints carry besides the three models
 single["alphas_cumprod"] = torch.linspace(0.999, 0.01, 1000)
 single["model_ema.decay"] = torch.tensor(0.9999)
-single["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
-    text["embeddings.position_embedding.weight"].shape[0])[None]
+if not OPENCLIP:
+    single["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
+        text["embeddings.position_embedding.weight"].shape[0])[None]
 save_file({k: v.contiguous() for k, v in single.items()}, OUT)
 
 # diffusers' own converter must give the folder back

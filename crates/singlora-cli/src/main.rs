@@ -93,8 +93,7 @@ enum Command {
     /// Turn a single-file Stable Diffusion checkpoint (A1111 / ComfyUI .safetensors) into a
     /// diffusers folder that train-diffusion and generate take.
     ConvertSingleFile {
-        /// The single-file checkpoint (.safetensors, the original LDM layout; SD 1.x and 2.x
-        /// with CLIP's text encoder).
+        /// The single-file checkpoint (.safetensors, the original LDM layout; SD 1.x and 2.x).
         #[arg(long)]
         checkpoint: PathBuf,
         /// A diffusers folder of the same model family, for its configs, tokenizer and scheduler
@@ -220,7 +219,7 @@ fn run(matches: clap::ArgMatches) -> Result<()> {
                 .map(|(part, n)| format!("{part} {n}"))
                 .collect();
             println!(
-                "wrote {} : a diffusers folder ({} tensors; {} left out: EMA copy, schedule buffers, position ids), configs, tokenizer and scheduler from {}",
+                "wrote {} : a diffusers folder ({} tensors; {} left out: the EMA copy, schedule buffers and what CLIPTextModel has no place for), configs, tokenizer and scheduler from {}",
                 c.out.display(),
                 counts.join(", "),
                 c.skipped,

@@ -560,6 +560,56 @@ fn single_file_checkpoints_convert_to_the_diffusers_folder() {
         "converted pipeline: {err} from diffusers' images"
     );
 
+    // SD 2.x's layout of the text encoder (OpenCLIP, fused q/k/v; diffusers reads this file
+    // back to the folder too), with what real SD 2.x files add: CLIP's projection and
+    // temperature and a last layer that SD 2.x does not use
+    let openclip = fixture("sd-tiny-single-openclip.safetensors");
+    let mut t = candle_core::safetensors::load(&openclip, &Device::Cpu).unwrap();
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F16, &Device::Cpu).unwrap();
+    t.insert(
+        "cond_stage_model.model.text_projection".into(),
+        zeros(&[32, 32]),
+    );
+    t.insert("cond_stage_model.model.logit_scale".into(), zeros(&[]));
+    let extra_layer: Vec<String> = t
+        .keys()
+        .filter(|k| k.starts_with("cond_stage_model.model.transformer.resblocks.1."))
+        .cloned()
+        .collect();
+    for k in &extra_layer {
+        let v = t[k].clone();
+        t.insert(k.replace("resblocks.1.", "resblocks.2."), v);
+    }
+    let sd2 = tmp.path().join("sd2.safetensors");
+    candle_core::safetensors::save(&t, &sd2).unwrap();
+    let out2 = tmp.path().join("converted-sd2");
+    let c2 = convert_single_file(&sd2, &fixture("sd-tiny"), &out2, false).unwrap();
+    assert_eq!(c2.skipped, 2 + 2 + extra_layer.len());
+    let want = candle_core::safetensors::load(
+        fixture("sd-tiny").join("text_encoder/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let got =
+        candle_core::safetensors::load(out2.join("text_encoder/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        let g = &got[&format!("text_model.{k}")];
+        assert_eq!(max_abs_diff(g, w), 0.0, "{k}");
+    }
+    // two layers beyond the config's: not SD 2.x's one unused layer, refused
+    for k in &extra_layer {
+        let v = t[k].clone();
+        t.insert(k.replace("resblocks.1.", "resblocks.3."), v);
+    }
+    let sd2_bad = tmp.path().join("sd2-bad.safetensors");
+    candle_core::safetensors::save(&t, &sd2_bad).unwrap();
+    let e = convert_single_file(&sd2_bad, &fixture("sd-tiny"), &tmp.path().join("x"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("resblocks.3"), "{e}");
+
     // refusals
     let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
     let with = |name: &str| {

@@ -4,9 +4,9 @@
 //!
 //! A single file holds weights only, so the configurations, tokenizer and scheduler come from a
 //! diffusers folder of the same model family (`--config`; its weights, if any, are not read),
-//! as diffusers' own `from_single_file(config=...)` does. Stable Diffusion 1.x and 2.x layouts
-//! with CLIP's Hugging Face text encoder are read; SDXL (`conditioner.embedders`) and SD 2.x's
-//! OpenCLIP text encoder (`cond_stage_model.model`) are refused by name.
+//! as diffusers' own `from_single_file(config=...)` does. Stable Diffusion 1.x (CLIP's text
+//! encoder in Hugging Face's naming) and 2.x (OpenCLIP's) are read; SDXL
+//! (`conditioner.embedders`) is refused by name.
 //!
 //! Names (LDM → diffusers), for a U-Net of `n` levels with `l` layers a level:
 //! - `model.diffusion_model.`: `time_embed.{0,2}` → `time_embedding.linear_{1,2}`,
@@ -25,7 +25,14 @@
 //!   `mid_block.resnets.{0,1}`, `mid.attn_1.{norm,q,k,v,proj_out}` →
 //!   `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (1×1 convolutions stored as
 //!   linear weights), `norm_out` → `conv_norm_out`, `nin_shortcut` → `conv_shortcut`.
-//! - `cond_stage_model.transformer.` is Hugging Face's `CLIPTextModel` already.
+//! - `cond_stage_model.transformer.` is Hugging Face's `CLIPTextModel` already;
+//!   `cond_stage_model.model.` is OpenCLIP's: `token_embedding`, `positional_embedding`,
+//!   `ln_final` → `embeddings.*`, `final_layer_norm`; `transformer.resblocks.i.{ln_1, ln_2,
+//!   attn.out_proj, mlp.c_fc, mlp.c_proj}` → `encoder.layers.i.{layer_norm1, layer_norm2,
+//!   self_attn.out_proj, mlp.fc1, mlp.fc2}`, the fused `attn.in_proj_{weight,bias}` cut into
+//!   q, k and v; CLIP's `text_projection` and `logit_scale`, and a last layer beyond the
+//!   config's (SD 2.x uses the penultimate layer, so diffusers' encoder is a layer shorter),
+//!   left out.
 //!
 //! Left out on purpose: the EMA copy (`model_ema.*`), the schedule buffers the training code
 //! kept (`betas`, `alphas_cumprod`, …; the scheduler comes from `--config`) and the text
@@ -260,12 +267,61 @@ fn vae_name(name: &str, levels: usize) -> Option<(String, bool)> {
     Some((format!("{side}.{mapped}"), false))
 }
 
+/// What becomes of an OpenCLIP text encoder tensor (after `cond_stage_model.model.`), for a
+/// text encoder of `layers` layers.
+enum OpenClip {
+    /// Hugging Face's name.
+    One(String),
+    /// A fused q/k/v projection: the three names its thirds (along the rows) go to.
+    Split([String; 3]),
+    /// Not part of `CLIPTextModel`: the projection and temperature of CLIP's contrastive head,
+    /// and the last layer, which SD 2.x does not use (it takes the penultimate layer's output;
+    /// diffusers' text encoder has one layer fewer than the checkpoint).
+    Skip,
+}
+
+fn openclip_name(name: &str, layers: usize) -> Option<OpenClip> {
+    let one = |s: &str| Some(OpenClip::One(format!("text_model.{s}")));
+    match name {
+        "token_embedding.weight" => return one("embeddings.token_embedding.weight"),
+        "positional_embedding" => return one("embeddings.position_embedding.weight"),
+        "ln_final.weight" => return one("final_layer_norm.weight"),
+        "ln_final.bias" => return one("final_layer_norm.bias"),
+        "text_projection" | "logit_scale" | "attn_mask" => return Some(OpenClip::Skip),
+        _ => {}
+    }
+    let rest = name.strip_prefix("transformer.resblocks.")?;
+    let (i, p) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    if i == layers {
+        return Some(OpenClip::Skip);
+    }
+    if i > layers {
+        return None;
+    }
+    let l = format!("text_model.encoder.layers.{i}");
+    if let Some(kind) = p.strip_prefix("attn.in_proj_") {
+        return Some(OpenClip::Split(
+            ["q", "k", "v"].map(|x| format!("{l}.self_attn.{x}_proj.{kind}")),
+        ));
+    }
+    const NAMES: [(&str, &str); 5] = [
+        ("attn.out_proj.", "self_attn.out_proj."),
+        ("ln_1.", "layer_norm1."),
+        ("ln_2.", "layer_norm2."),
+        ("mlp.c_fc.", "mlp.fc1."),
+        ("mlp.c_proj.", "mlp.fc2."),
+    ];
+    NAMES.iter().find_map(|(o, h)| {
+        p.strip_prefix(o)
+            .map(|k| OpenClip::One(format!("{l}.{h}{k}")))
+    })
+}
+
 /// Why a tensor of a single file is not converted: None when it is converted.
 fn foreign(name: &str) -> Option<&'static str> {
     if name.starts_with("conditioner.embedders.") {
         Some("SDXL's two text encoders (`conditioner.embedders`): SDXL single files are not supported yet; convert them with diffusers' `from_single_file(...).save_pretrained(...)`")
-    } else if name.starts_with("cond_stage_model.model.") {
-        Some("SD 2.x's OpenCLIP text encoder (`cond_stage_model.model`): not supported yet; convert the file with diffusers' `from_single_file(...).save_pretrained(...)`")
     } else {
         None
     }
@@ -309,6 +365,13 @@ pub fn convert_single_file(
         .map(Vec::len)
         .ok_or_else(|| Error::bad_field(&vae_cfg_path, "block_out_channels", "is missing"))?;
 
+    let text_cfg_path = config.join("text_encoder").join("config.json");
+    let text_layers = read_json(&text_cfg_path)?
+        .get("num_hidden_layers")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::bad_field(&text_cfg_path, "num_hidden_layers", "is missing"))?
+        as usize;
+
     let file = TensorFile::open(checkpoint)?;
     let mut parts: BTreeMap<&'static str, BTreeMap<String, Tensor>> = BTreeMap::new();
     let (mut skipped, mut unknown, mut refused) = (0, vec![], None);
@@ -328,6 +391,30 @@ pub fn convert_single_file(
             }
             let n = n.strip_prefix("text_model.").unwrap_or(n);
             ("text_encoder", Some(format!("text_model.{n}")), false)
+        } else if let Some(n) = name.strip_prefix("cond_stage_model.model.") {
+            match openclip_name(n, text_layers) {
+                Some(OpenClip::One(m)) => ("text_encoder", Some(m), false),
+                Some(OpenClip::Split(names)) => {
+                    let t = load()?;
+                    let rows = t.dim(0)?;
+                    if rows % 3 != 0 {
+                        return Err(Error::bad_tensor(
+                            name,
+                            format!("has {rows} rows, not three equal q/k/v parts"),
+                        ));
+                    }
+                    let part = parts.entry("text_encoder").or_default();
+                    for (i, m) in names.into_iter().enumerate() {
+                        part.insert(m, t.narrow(0, i * rows / 3, rows / 3)?.contiguous()?);
+                    }
+                    continue;
+                }
+                Some(OpenClip::Skip) => {
+                    skipped += 1;
+                    continue;
+                }
+                None => ("text_encoder", None, false),
+            }
         } else if name.starts_with("model_ema.") || SCHEDULE_BUFFERS.contains(&name) {
             skipped += 1;
             continue;
