@@ -3,11 +3,14 @@ single-file checkpoint in the original (LDM / A1111 / ComfyUI) layout, and check
 itself that it is one: `StableDiffusionPipeline.from_single_file(..., config=sd-tiny)` must give
 back every tensor of the folder exactly.
 
-    ~/.cache/singlora/hf-venv/bin/python scripts/make_single_file_fixture.py [OUT] [--openclip]
+    ~/.cache/singlora/hf-venv/bin/python scripts/make_single_file_fixture.py [OUT] [--openclip | --xl]
 
 OUT defaults to crates/singlora/tests/fixtures/sd-tiny-single.safetensors
 (sd-tiny-single-openclip.safetensors with --openclip, which writes the text encoder as SD 2.x
-files keep it, OpenCLIP's `cond_stage_model.model.*` with fused q/k/v). The layout written:
+files keep it, OpenCLIP's `cond_stage_model.model.*` with fused q/k/v; sd-tiny-xl-single.safetensors with
+--xl, the SDXL fixture as SDXL files keep it: `conditioner.embedders.0.transformer.*` and the
+second encoder in OpenCLIP's layout as `conditioner.embedders.1.model.*`, the U-Net's added
+conditioning as `label_emb`). The layout written:
 `model.diffusion_model.*` (the U-Net: `input_blocks`, `middle_block`, `output_blocks`),
 `first_stage_model.*` (the VAE: `encoder.down.N.block.M`, `mid.attn_1` with 1x1 convolutions),
 `cond_stage_model.transformer.text_model.*` (the CLIP text encoder), and the schedule buffers
@@ -23,9 +26,14 @@ from safetensors.torch import load_file, save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "crates", "singlora", "tests", "fixtures", "sd-tiny")
 OPENCLIP = "--openclip" in sys.argv
-ARGS = [a for a in sys.argv[1:] if a != "--openclip"]
+XL = "--xl" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a not in ("--openclip", "--xl")]
+if XL:
+    SRC = SRC + "-xl"
 OUT = ARGS[0] if ARGS else os.path.join(
-    os.path.dirname(SRC), "sd-tiny-single-openclip.safetensors" if OPENCLIP else "sd-tiny-single.safetensors")
+    os.path.dirname(SRC),
+    "sd-tiny-xl-single.safetensors" if XL
+    else "sd-tiny-single-openclip.safetensors" if OPENCLIP else "sd-tiny-single.safetensors")
 
 
 def cfg(part):
@@ -39,7 +47,8 @@ def unet_to_ldm(sd, c):
     m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
          "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-         "mid_block.resnets.1": "middle_block.2"}
+         "mid_block.resnets.1": "middle_block.2",
+         "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     i = 1
     for b in range(n):
         for j in range(lpb):
@@ -127,30 +136,47 @@ def text_to_openclip(sd):
             out[q + f"ln_2.{kind}"] = sd[p + f"layer_norm2.{kind}"]
             out[q + f"mlp.c_fc.{kind}"] = sd[p + f"mlp.fc1.{kind}"]
             out[q + f"mlp.c_proj.{kind}"] = sd[p + f"mlp.fc2.{kind}"]
-    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd["text_projection.weight"].T.contiguous()
+    return out
 
 
-if OPENCLIP:
-    single.update(text_to_openclip(text))
-else:
+def hf_text(sd, prefix):
     # transformers 5 saves CLIPTextModel's tensors without their `text_model.` prefix
-    single.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else f"text_model.{k}"): v
-                   for k, v in text.items()})
+    return {prefix + (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in sd.items()}
+
+
+if XL:
+    text2 = load_file(os.path.join(SRC, "text_encoder_2", "model.safetensors"))
+    single.update(hf_text(text, "conditioner.embedders.0.transformer."))
+    single.update({f"conditioner.embedders.1.model.{k}": v for k, v in text_to_openclip(
+        {k.removeprefix("text_model."): v for k, v in text2.items()}).items()})
+elif OPENCLIP:
+    single.update({f"cond_stage_model.model.{k}": v for k, v in text_to_openclip(text).items()})
+else:
+    single.update(hf_text(text, "cond_stage_model.transformer."))
 # what real checkpoints carry besides the three models
 single["alphas_cumprod"] = torch.linspace(0.999, 0.01, 1000)
 single["model_ema.decay"] = torch.tensor(0.9999)
-if not OPENCLIP:
+if not OPENCLIP and not XL:
     single["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
         text["embeddings.position_embedding.weight"].shape[0])[None]
 save_file({k: v.contiguous() for k, v in single.items()}, OUT)
 
 # diffusers' own converter must give the folder back
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-pipe = StableDiffusionPipeline.from_single_file(OUT, config=SRC, local_files_only=True,
-                                                safety_checker=None, torch_dtype=torch.float16)
+if XL:
+    pipe = StableDiffusionXLPipeline.from_single_file(OUT, config=SRC, local_files_only=True,
+                                                      torch_dtype=torch.float16)
+else:
+    pipe = StableDiffusionPipeline.from_single_file(OUT, config=SRC, local_files_only=True,
+                                                    safety_checker=None, torch_dtype=torch.float16)
 bad = 0
-for name, want, model in [("unet", unet, pipe.unet), ("vae", vae, pipe.vae), ("text_encoder", text, pipe.text_encoder)]:
+models = [("unet", unet, pipe.unet), ("vae", vae, pipe.vae), ("text_encoder", text, pipe.text_encoder)]
+if XL:
+    models.append(("text_encoder_2", {k.removeprefix("text_model."): v for k, v in text2.items()}, pipe.text_encoder_2))
+for name, want, model in models:
     got = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in got]
     diff = [k for k in want if k in got and not torch.equal(got[k].to(want[k].dtype), want[k])]

@@ -93,7 +93,7 @@ enum Command {
     /// Turn a single-file Stable Diffusion checkpoint (A1111 / ComfyUI .safetensors) into a
     /// diffusers folder that train-diffusion and generate take.
     ConvertSingleFile {
-        /// The single-file checkpoint (.safetensors, the original LDM layout; SD 1.x and 2.x).
+        /// The single-file checkpoint (.safetensors, the original LDM layout; SD 1.x, 2.x or SDXL).
         #[arg(long)]
         checkpoint: PathBuf,
         /// A diffusers folder of the same model family, for its configs, tokenizer and scheduler

@@ -610,6 +610,57 @@ fn single_file_checkpoints_convert_to_the_diffusers_folder() {
         .to_string();
     assert!(e.contains("resblocks.3"), "{e}");
 
+    // SDXL: two text encoders (the second OpenCLIP's, with its projection) and the U-Net's
+    // added conditioning; the converted pipeline samples diffusers' SDXL images
+    let out_xl = tmp.path().join("converted-xl");
+    convert_single_file(
+        &fixture("sd-tiny-xl-single.safetensors"),
+        &fixture("sd-tiny-xl"),
+        &out_xl,
+        false,
+    )
+    .unwrap();
+    for (part, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder_2", "model.safetensors"),
+    ] {
+        let want = candle_core::safetensors::load(
+            fixture("sd-tiny-xl").join(part).join(file),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let got =
+            candle_core::safetensors::load(out_xl.join(part).join(file), &Device::Cpu).unwrap();
+        assert_eq!(got.len(), want.len(), "{part}");
+        for (k, w) in &want {
+            let g = got
+                .get(k)
+                .or_else(|| got.get(&format!("text_model.{k}")))
+                .unwrap_or_else(|| panic!("{part}: no {k}"));
+            assert_eq!(max_abs_diff(g, w), 0.0, "{part} {k}");
+        }
+    }
+    let pipe = Pipeline::load(&out_xl, DType::F32, &Device::Cpu).unwrap();
+    let expected = load_expected("sd-tiny-xl.expected.safetensors");
+    let got = pipe
+        .generate_from(&request(SamplerKind::Ddim), &expected["latents"])
+        .unwrap();
+    let err = max_abs_diff(&got, &expected["images.ddim"]);
+    assert!(
+        err < 5e-4,
+        "converted SDXL pipeline: {err} from diffusers' images"
+    );
+    // an SDXL file with an SD 1.x config, and the other way round: refused by name
+    let e = convert_single_file(
+        &fixture("sd-tiny-xl-single.safetensors"),
+        &fixture("sd-tiny"),
+        &tmp.path().join("x"),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("SDXL") && e.contains("text_encoder_2"), "{e}");
+
     // refusals
     let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
     let with = |name: &str| {
@@ -642,16 +693,16 @@ fn single_file_checkpoints_convert_to_the_diffusers_folder() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("SDXL"), "{e}");
+    assert!(e.contains("SDXL's two text encoders"), "{e}");
     let e = convert_single_file(&single, tmp.path(), &dest, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("model_index.json"), "{e}");
-    // a config of another shape: the file's tensors do not fit it
+    // a config of another family: the file's tensors do not fit it
     let e = convert_single_file(&single, &fixture("sd-tiny-xl"), &dest, false)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("SDXL"), "{e}");
+    assert!(e.contains("SDXL folder"), "{e}");
     assert!(!dest.exists());
     let e = convert_single_file(&single, &fixture("sd-tiny"), &fixture("sd-tiny"), true)
         .unwrap_err()

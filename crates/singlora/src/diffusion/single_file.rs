@@ -5,8 +5,8 @@
 //! A single file holds weights only, so the configurations, tokenizer and scheduler come from a
 //! diffusers folder of the same model family (`--config`; its weights, if any, are not read),
 //! as diffusers' own `from_single_file(config=...)` does. Stable Diffusion 1.x (CLIP's text
-//! encoder in Hugging Face's naming) and 2.x (OpenCLIP's) are read; SDXL
-//! (`conditioner.embedders`) is refused by name.
+//! encoder in Hugging Face's naming), 2.x (OpenCLIP's) and SDXL (`conditioner.embedders.0`:
+//! CLIP ViT-L in Hugging Face's naming; `.1`: OpenCLIP ViT-bigG with its projection) are read.
 //!
 //! Names (LDM → diffusers), for a U-Net of `n` levels with `l` layers a level:
 //! - `model.diffusion_model.`: `time_embed.{0,2}` → `time_embedding.linear_{1,2}`,
@@ -115,6 +115,9 @@ fn unet_prefixes(cfg: &Value, path: &Path) -> Result<Vec<(String, String)>> {
         ("middle_block.0", "mid_block.resnets.0"),
         ("middle_block.1", "mid_block.attentions.0"),
         ("middle_block.2", "mid_block.resnets.1"),
+        // SDXL's added conditioning
+        ("label_emb.0.0", "add_embedding.linear_1"),
+        ("label_emb.0.2", "add_embedding.linear_2"),
     ]
     .iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -274,14 +277,21 @@ enum OpenClip {
     One(String),
     /// A fused q/k/v projection: the three names its thirds (along the rows) go to.
     Split([String; 3]),
+    /// Hugging Face's name of its transpose.
+    Transposed(String),
     /// Not part of `CLIPTextModel`: the projection and temperature of CLIP's contrastive head,
     /// and the last layer, which SD 2.x does not use (it takes the penultimate layer's output;
     /// diffusers' text encoder has one layer fewer than the checkpoint).
     Skip,
 }
 
-fn openclip_name(name: &str, layers: usize) -> Option<OpenClip> {
+/// `projection`: the encoder is a `CLIPTextModelWithProjection` (SDXL's second), which keeps
+/// CLIP's projection as `text_projection.weight`, transposed ([`OpenClip::Transposed`]).
+fn openclip_name(name: &str, layers: usize, projection: bool) -> Option<OpenClip> {
     let one = |s: &str| Some(OpenClip::One(format!("text_model.{s}")));
+    if projection && name == "text_projection" {
+        return Some(OpenClip::Transposed("text_projection.weight".into()));
+    }
     match name {
         "token_embedding.weight" => return one("embeddings.token_embedding.weight"),
         "positional_embedding" => return one("embeddings.position_embedding.weight"),
@@ -319,9 +329,11 @@ fn openclip_name(name: &str, layers: usize) -> Option<OpenClip> {
 }
 
 /// Why a tensor of a single file is not converted: None when it is converted.
-fn foreign(name: &str) -> Option<&'static str> {
-    if name.starts_with("conditioner.embedders.") {
-        Some("SDXL's two text encoders (`conditioner.embedders`): SDXL single files are not supported yet; convert them with diffusers' `from_single_file(...).save_pretrained(...)`")
+fn foreign(name: &str, xl: bool) -> Option<&'static str> {
+    if !xl && name.starts_with("conditioner.embedders.") {
+        Some("SDXL's two text encoders (`conditioner.embedders`), but --config is not an SDXL folder (no text_encoder_2)")
+    } else if xl && name.starts_with("cond_stage_model.") {
+        Some("an SD 1.x/2.x text encoder (`cond_stage_model`), but --config is an SDXL folder")
     } else {
         None
     }
@@ -345,16 +357,10 @@ pub fn convert_single_file(
         )));
     }
     let index = read_json(&index_path)?;
-    if index
+    let xl = index
         .get("text_encoder_2")
         .and_then(Value::as_array)
-        .is_some_and(|v| v.iter().all(|x| !x.is_null()))
-    {
-        return Err(Error::bad_file(
-            &index_path,
-            "describes SDXL (text_encoder_2): SDXL single files are not supported yet",
-        ));
-    }
+        .is_some_and(|v| v.iter().all(|x| !x.is_null()));
     let unet_cfg_path = config.join("unet").join("config.json");
     let vae_cfg_path = config.join("vae").join("config.json");
     let prefixes = unet_prefixes(&read_json(&unet_cfg_path)?, &unet_cfg_path)?;
@@ -365,12 +371,35 @@ pub fn convert_single_file(
         .map(Vec::len)
         .ok_or_else(|| Error::bad_field(&vae_cfg_path, "block_out_channels", "is missing"))?;
 
-    let text_cfg_path = config.join("text_encoder").join("config.json");
-    let text_layers = read_json(&text_cfg_path)?
-        .get("num_hidden_layers")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| Error::bad_field(&text_cfg_path, "num_hidden_layers", "is missing"))?
-        as usize;
+    let layers_of = |dir: &str| -> Result<usize> {
+        let p = config.join(dir).join("config.json");
+        read_json(&p)?
+            .get("num_hidden_layers")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| Error::bad_field(&p, "num_hidden_layers", "is missing"))
+    };
+    // SD 1.x/2.x: one text encoder; SDXL: CLIP ViT-L (`conditioner.embedders.0`, Hugging
+    // Face's names) and OpenCLIP ViT-bigG with its projection (`conditioner.embedders.1`)
+    let (hf_text, openclip_text) = if xl {
+        (
+            "conditioner.embedders.0.transformer.",
+            (
+                "conditioner.embedders.1.model.",
+                "text_encoder_2",
+                layers_of("text_encoder_2")?,
+            ),
+        )
+    } else {
+        (
+            "cond_stage_model.transformer.",
+            (
+                "cond_stage_model.model.",
+                "text_encoder",
+                layers_of("text_encoder")?,
+            ),
+        )
+    };
 
     let file = TensorFile::open(checkpoint)?;
     let mut parts: BTreeMap<&'static str, BTreeMap<String, Tensor>> = BTreeMap::new();
@@ -384,16 +413,22 @@ pub fn convert_single_file(
                 Some((m, sq)) => ("vae", Some(m), sq),
                 None => ("vae", None, false),
             }
-        } else if let Some(n) = name.strip_prefix("cond_stage_model.transformer.") {
+        } else if let Some(n) = name.strip_prefix(hf_text) {
             if n.ends_with("embeddings.position_ids") {
                 skipped += 1;
                 continue;
             }
             let n = n.strip_prefix("text_model.").unwrap_or(n);
             ("text_encoder", Some(format!("text_model.{n}")), false)
-        } else if let Some(n) = name.strip_prefix("cond_stage_model.model.") {
-            match openclip_name(n, text_layers) {
-                Some(OpenClip::One(m)) => ("text_encoder", Some(m), false),
+        } else if let Some(n) = name.strip_prefix(openclip_text.0) {
+            let (part, layers) = (openclip_text.1, openclip_text.2);
+            match openclip_name(n, layers, xl) {
+                Some(OpenClip::One(m)) => (part, Some(m), false),
+                Some(OpenClip::Transposed(m)) => {
+                    let t = load()?.t()?.contiguous()?;
+                    parts.entry(part).or_default().insert(m, t);
+                    continue;
+                }
                 Some(OpenClip::Split(names)) => {
                     let t = load()?;
                     let rows = t.dim(0)?;
@@ -403,9 +438,9 @@ pub fn convert_single_file(
                             format!("has {rows} rows, not three equal q/k/v parts"),
                         ));
                     }
-                    let part = parts.entry("text_encoder").or_default();
+                    let dest = parts.entry(part).or_default();
                     for (i, m) in names.into_iter().enumerate() {
-                        part.insert(m, t.narrow(0, i * rows / 3, rows / 3)?.contiguous()?);
+                        dest.insert(m, t.narrow(0, i * rows / 3, rows / 3)?.contiguous()?);
                     }
                     continue;
                 }
@@ -413,13 +448,13 @@ pub fn convert_single_file(
                     skipped += 1;
                     continue;
                 }
-                None => ("text_encoder", None, false),
+                None => (part, None, false),
             }
         } else if name.starts_with("model_ema.") || SCHEDULE_BUFFERS.contains(&name) {
             skipped += 1;
             continue;
         } else {
-            if let Some(why) = foreign(name) {
+            if let Some(why) = foreign(name, xl) {
                 refused.get_or_insert(why);
             }
             unknown.push(name.to_string());
@@ -455,7 +490,12 @@ pub fn convert_single_file(
             ),
         ));
     }
-    for part in ["unet", "vae", "text_encoder"] {
+    let wanted: &[&str] = if xl {
+        &["unet", "vae", "text_encoder", "text_encoder_2"]
+    } else {
+        &["unet", "vae", "text_encoder"]
+    };
+    for part in wanted {
         if !parts.contains_key(part) {
             return Err(Error::bad_file(
                 checkpoint,
@@ -467,7 +507,7 @@ pub fn convert_single_file(
     let (staged, cleaned) = StagedDir::output(out, overwrite, &inputs)?;
     let root = staged.path();
     let weights_file = |part: &str| match part {
-        "text_encoder" => "model.safetensors",
+        "text_encoder" | "text_encoder_2" => "model.safetensors",
         _ => "diffusion_pytorch_model.safetensors",
     };
     let mut counts = BTreeMap::new();
@@ -482,7 +522,12 @@ pub fn convert_single_file(
         counts.insert(*part, tensors.len());
     }
     copy_file(&index_path, &root.join("model_index.json"))?;
-    for dir in ["tokenizer", "scheduler"] {
+    let extra: &[&str] = if xl {
+        &["tokenizer", "tokenizer_2", "scheduler"]
+    } else {
+        &["tokenizer", "scheduler"]
+    };
+    for dir in extra {
         let src = config.join(dir);
         let entries = std::fs::read_dir(&src).at(&src)?;
         std::fs::create_dir_all(root.join(dir)).at(&root.join(dir))?;
