@@ -482,7 +482,7 @@ pub fn convert_single_file(
         return Err(Error::bad_file(
             checkpoint,
             format!(
-                "{} tensors have no place in a Stable Diffusion 1.x/2.x model of {}'s shape: {}{}",
+                "{} tensors have no place in a Stable Diffusion model of {}'s shape: {}{}",
                 unknown.len(),
                 config.display(),
                 shown.join(", "),
