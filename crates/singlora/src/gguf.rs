@@ -173,16 +173,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 }
 
 /// [`gguf_name`] for one architecture's tensors (Qwen3's `self_attn.q_norm` → `attn_q_norm`;
-/// GPT-2's names with or without their `transformer.` prefix, as the hub's `gpt2` keeps them).
+/// GPT-2's by `GPT2LMHeadModel`'s names, `transformer.h.N.…`).
 pub fn gguf_name_in(arch: Arch, hf: &str) -> Option<String> {
-    let prefixed;
-    let hf = if arch == Arch::Gpt2 && !hf.starts_with("transformer.") && !hf.starts_with("lm_head.")
-    {
-        prefixed = format!("transformer.{hf}");
-        prefixed.as_str()
-    } else {
-        hf
-    };
     let (stem, suffix) = hf.rsplit_once('.')?;
     if !(suffix == "weight" || (suffix == "bias" && arch.has_bias(stem))) {
         return None;
@@ -364,10 +356,10 @@ impl Arch {
     /// layout: GPT-2's Conv1D weights, (d_in, d_out) in the checkpoint.
     pub fn transposes(self, gguf_name: &str) -> bool {
         self == Arch::Gpt2
-            && gguf_name.starts_with("blk.")
-            && ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
-                .iter()
-                .any(|m| gguf_name.ends_with(&format!(".{m}.weight")))
+            && hf_name_in(self, gguf_name)
+                .as_deref()
+                .and_then(|hf| hf.strip_suffix(".weight"))
+                .is_some_and(is_conv1d)
     }
 
     /// Each layer's tensors: llama.cpp's name (after `blk.N.`) and Hugging Face's (after
@@ -1757,14 +1749,15 @@ fn load_gguf_from<R: Read + Seek>(
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(bad)?;
+        // Q and K rows in llama.cpp's RoPE order: the heads to put back in Hugging Face's
+        let qk_heads = match () {
+            _ if !arch.permutes_qk() => None,
+            _ if hf.ends_with("self_attn.q_proj.weight") => Some(dims.heads),
+            _ if hf.ends_with("self_attn.k_proj.weight") => Some(dims.kv_heads),
+            _ => None,
+        };
         if keep && is_linear_weight(arch, &hf) && crate::quant::ggml::is_quantized_type(q.dtype()) {
-            let heads = match () {
-                _ if !arch.permutes_qk() => None,
-                _ if hf.ends_with("self_attn.q_proj.weight") => Some(dims.heads),
-                _ if hf.ends_with("self_attn.k_proj.weight") => Some(dims.kv_heads),
-                _ => None,
-            };
-            let w = crate::quant::ggml::GgmlWeight::new(q, heads)
+            let w = crate::quant::ggml::GgmlWeight::new(q, qk_heads)
                 .map_err(|e| Error::bad_file(path, format!("tensor `{name}`: {e}")))?;
             kept.insert(hf, std::sync::Arc::new(w));
             continue;
@@ -1776,10 +1769,8 @@ fn load_gguf_from<R: Read + Seek>(
         if arch.transposes(name) {
             t = t.t().and_then(|t| t.contiguous()).map_err(bad)?;
         }
-        if arch.permutes_qk() && hf.ends_with("self_attn.q_proj.weight") {
-            t = unpermute_qk(&t, dims.heads)?;
-        } else if arch.permutes_qk() && hf.ends_with("self_attn.k_proj.weight") {
-            t = unpermute_qk(&t, dims.kv_heads)?;
+        if let Some(heads) = qk_heads {
+            t = unpermute_qk(&t, heads)?;
         }
         if arch.norms_plus_one() && hf.ends_with("norm.weight") {
             t = (t - 1.0).map_err(bad)?;

@@ -72,15 +72,7 @@ impl Session {
         } else {
             DType::BF16
         };
-        if base != crate::quant::BaseDtype::Auto && !device.is_cpu() {
-            return Err(Error::msg(format!(
-                "a base kept quantised (--base-dtype {base}) runs on the CPU for now"
-            )));
-        }
         let mut pre = Pretrained::load_as(model, dtype, &device, base)?;
-        if base == crate::quant::BaseDtype::Nf4 {
-            pre.body.quantize_nf4()?;
-        }
         let task = match (&af.config.labels, af.config.task_type.as_deref()) {
             (Some(_), _) => Task::Classify,
             (None, Some("CAUSAL_LM")) | (None, None) => Task::Sft,

@@ -462,11 +462,33 @@ fn missing_family_tensors_are_named() {
     }
 }
 
+/// Writes a GGUF file of `md`, a byte-level vocabulary of `vocab` placeholder tokens and
+/// `tensors`.
+fn save_gguf(
+    path: &Path,
+    mut md: Vec<(String, candle_core::quantized::gguf_file::Value)>,
+    vocab: usize,
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) {
+    use candle_core::quantized::gguf_file::{self, Value as G};
+    let tokens: Vec<G> = (0..vocab).map(|i| G::String(format!("t{i}"))).collect();
+    md.extend([
+        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), G::String("gpt-2".into())),
+        ("tokenizer.ggml.tokens".into(), G::Array(tokens)),
+        ("tokenizer.ggml.merges".into(), G::Array(vec![])),
+    ]);
+    let md_refs: Vec<(&str, &G)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md_refs, &t_refs).unwrap();
+}
+
 /// The fixture written as llama.cpp's converter writes the family: its tensor names, Gemma's
 /// norms stored as 1 + w, q/k rows in Hugging Face's order, the `<arch>.*` keys and a
 /// byte-level vocabulary of the fixture's size; matrices f32, 1-D tensors `norm_dtype`.
 fn write_gguf(name: &str, arch: &str, path: &Path, norm_dtype: GgmlDType) {
-    use candle_core::quantized::gguf_file::{self, Value as G};
+    use candle_core::quantized::gguf_file::Value as G;
     use candle_core::quantized::QTensor;
     let d = dir(name);
     let c = read_json(&d.join("config.json"));
@@ -530,7 +552,6 @@ fn write_gguf(name: &str, arch: &str, path: &Path, norm_dtype: GgmlDType) {
         c["rope_parameters"]["rope_theta"].as_f64()
     };
     let vocab = c["vocab_size"].as_u64().unwrap() as usize;
-    let tokens: Vec<G> = (0..vocab).map(|i| G::String(format!("t{i}"))).collect();
     let mut md: Vec<(String, G)> = vec![
         ("general.architecture".into(), G::String(arch.into())),
         (format!("{arch}.block_count"), n("num_hidden_layers")),
@@ -556,10 +577,6 @@ fn write_gguf(name: &str, arch: &str, path: &Path, norm_dtype: GgmlDType) {
             format!("{arch}.rope.freq_base"),
             G::F32(theta.unwrap() as f32),
         ),
-        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), G::String("gpt-2".into())),
-        ("tokenizer.ggml.tokens".into(), G::Array(tokens)),
-        ("tokenizer.ggml.merges".into(), G::Array(vec![])),
     ];
     if let Some(hd) = c["head_dim"].as_u64() {
         md.push((format!("{arch}.attention.key_length"), G::U32(hd as u32)));
@@ -571,9 +588,7 @@ fn write_gguf(name: &str, arch: &str, path: &Path, norm_dtype: GgmlDType) {
             G::U32(c["sliding_window"].as_u64().unwrap() as u32),
         ));
     }
-    let md_refs: Vec<(&str, &G)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = out.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md_refs, &t_refs).unwrap();
+    save_gguf(path, md, vocab, &out);
 }
 
 #[test]
@@ -1003,7 +1018,7 @@ fn gemma3_and_phi3_directories_are_written_as_their_gguf_architectures() {
 /// transposed to (d_out, d_in), every bias, and the tied head written out as a copy of the
 /// embedding (`head`: instead, a head of its own).
 fn write_gpt2_gguf(path: &Path, norm_dtype: GgmlDType, head: Option<&Tensor>) {
-    use candle_core::quantized::gguf_file::{self, Value as G};
+    use candle_core::quantized::gguf_file::Value as G;
     use candle_core::quantized::QTensor;
     let d = dir("gpt2");
     let c = read_json(&d.join("config.json"));
@@ -1055,7 +1070,6 @@ fn write_gpt2_gguf(path: &Path, norm_dtype: GgmlDType, head: Option<&Tensor>) {
     ));
     let n = |k: &str| G::U32(c[k].as_u64().unwrap() as u32);
     let vocab = c["vocab_size"].as_u64().unwrap() as usize;
-    let tokens: Vec<G> = (0..vocab).map(|i| G::String(format!("t{i}"))).collect();
     let md: Vec<(String, G)> = vec![
         ("general.architecture".into(), G::String("gpt2".into())),
         ("gpt2.block_count".into(), n("n_layer")),
@@ -1067,14 +1081,8 @@ fn write_gpt2_gguf(path: &Path, norm_dtype: GgmlDType, head: Option<&Tensor>) {
             "gpt2.attention.layer_norm_epsilon".into(),
             G::F32(c["layer_norm_epsilon"].as_f64().unwrap() as f32),
         ),
-        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), G::String("gpt-2".into())),
-        ("tokenizer.ggml.tokens".into(), G::Array(tokens)),
-        ("tokenizer.ggml.merges".into(), G::Array(vec![])),
     ];
-    let md_refs: Vec<(&str, &G)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = out.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut std::fs::File::create(path).unwrap(), &md_refs, &t_refs).unwrap();
+    save_gguf(path, md, vocab, &out);
 }
 
 /// A GPT-2 model from its llama.cpp GGUF file: the checkpoint's tensors in Hugging Face's

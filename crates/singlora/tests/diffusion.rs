@@ -516,6 +516,51 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Every tensor of `part` in the diffusers folder `want` is in the converted folder `got`,
+/// equal, under the name the conversion gives it (a text encoder's under `text_model.`, as the
+/// bare names transformers 5 writes are not); returns how many.
+fn assert_part_converted(want: &Path, got: &Path, part: &str) -> usize {
+    let file = if part.starts_with("text_encoder") {
+        "model.safetensors"
+    } else {
+        "diffusion_pytorch_model.safetensors"
+    };
+    let want = candle_core::safetensors::load(want.join(part).join(file), &Device::Cpu).unwrap();
+    let got = candle_core::safetensors::load(got.join(part).join(file), &Device::Cpu).unwrap();
+    assert_eq!(got.len(), want.len(), "{part}");
+    for (k, w) in &want {
+        let bare = part.starts_with("text_encoder")
+            && !k.starts_with("text_model.")
+            && !k.starts_with("text_projection.");
+        let name = if bare {
+            format!("text_model.{k}")
+        } else {
+            k.clone()
+        };
+        let g = got
+            .get(&name)
+            .unwrap_or_else(|| panic!("{part}: no {name}"));
+        assert_eq!(g.dims(), w.dims(), "{part} {k}");
+        assert_eq!(max_abs_diff(g, w), 0.0, "{part} {k}");
+    }
+    want.len()
+}
+
+/// The pipeline in `dir` samples the DDIM images diffusers made (`expected`).
+fn assert_samples_like_diffusers(dir: &Path, expected: &str) {
+    let pipe = Pipeline::load(dir, DType::F32, &Device::Cpu).unwrap();
+    let expected = load_expected(expected);
+    let got = pipe
+        .generate_from(&request(SamplerKind::Ddim), &expected["latents"])
+        .unwrap();
+    let err = max_abs_diff(&got, &expected["images.ddim"]);
+    assert!(
+        err < 5e-4,
+        "{}: {err} from diffusers' images",
+        dir.display()
+    );
+}
+
 /// A single-file checkpoint in the original LDM layout (`sd-tiny-single.safetensors`, made by
 /// scripts/make_single_file_fixture.py and read back exactly by diffusers' own
 /// `from_single_file`) becomes a diffusers folder: every tensor the folder fixture's, and the
@@ -529,36 +574,11 @@ fn single_file_checkpoints_convert_to_the_diffusers_folder() {
     let out = tmp.path().join("converted");
     let c = convert_single_file(&single, &fixture("sd-tiny"), &out, false).unwrap();
     assert_eq!(c.skipped, 3, "EMA decay, alphas_cumprod, position_ids");
-    for (part, file) in [
-        ("unet", "diffusion_pytorch_model.safetensors"),
-        ("vae", "diffusion_pytorch_model.safetensors"),
-        ("text_encoder", "model.safetensors"),
-    ] {
-        let want =
-            candle_core::safetensors::load(fixture("sd-tiny").join(part).join(file), &Device::Cpu)
-                .unwrap();
-        let got = candle_core::safetensors::load(out.join(part).join(file), &Device::Cpu).unwrap();
-        assert_eq!(got.len(), want.len(), "{part}");
-        assert_eq!(c.tensors[part], want.len(), "{part}");
-        for (k, w) in &want {
-            let g = got
-                .get(k)
-                .or_else(|| got.get(&format!("text_model.{k}")))
-                .unwrap_or_else(|| panic!("{part}: no {k}"));
-            assert_eq!(g.dims(), w.dims(), "{part} {k}");
-            assert_eq!(max_abs_diff(g, w), 0.0, "{part} {k}");
-        }
+    for part in ["unet", "vae", "text_encoder"] {
+        let n = assert_part_converted(&fixture("sd-tiny"), &out, part);
+        assert_eq!(c.tensors[part], n, "{part}");
     }
-    let pipe = Pipeline::load(&out, DType::F32, &Device::Cpu).unwrap();
-    let expected = load_expected("sd-tiny.expected.safetensors");
-    let got = pipe
-        .generate_from(&request(SamplerKind::Ddim), &expected["latents"])
-        .unwrap();
-    let err = max_abs_diff(&got, &expected["images.ddim"]);
-    assert!(
-        err < 5e-4,
-        "converted pipeline: {err} from diffusers' images"
-    );
+    assert_samples_like_diffusers(&out, "sd-tiny.expected.safetensors");
 
     // SD 2.x's layout of the text encoder (OpenCLIP, fused q/k/v; diffusers reads this file
     // back to the folder too), with what real SD 2.x files add: CLIP's projection and
@@ -585,19 +605,7 @@ fn single_file_checkpoints_convert_to_the_diffusers_folder() {
     let out2 = tmp.path().join("converted-sd2");
     let c2 = convert_single_file(&sd2, &fixture("sd-tiny"), &out2, false).unwrap();
     assert_eq!(c2.skipped, 2 + 2 + extra_layer.len());
-    let want = candle_core::safetensors::load(
-        fixture("sd-tiny").join("text_encoder/model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let got =
-        candle_core::safetensors::load(out2.join("text_encoder/model.safetensors"), &Device::Cpu)
-            .unwrap();
-    assert_eq!(got.len(), want.len());
-    for (k, w) in &want {
-        let g = &got[&format!("text_model.{k}")];
-        assert_eq!(max_abs_diff(g, w), 0.0, "{k}");
-    }
+    assert_part_converted(&fixture("sd-tiny"), &out2, "text_encoder");
     // two layers beyond the config's: not SD 2.x's one unused layer, refused
     for k in &extra_layer {
         let v = t[k].clone();
@@ -620,36 +628,10 @@ fn single_file_checkpoints_convert_to_the_diffusers_folder() {
         false,
     )
     .unwrap();
-    for (part, file) in [
-        ("unet", "diffusion_pytorch_model.safetensors"),
-        ("text_encoder_2", "model.safetensors"),
-    ] {
-        let want = candle_core::safetensors::load(
-            fixture("sd-tiny-xl").join(part).join(file),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let got =
-            candle_core::safetensors::load(out_xl.join(part).join(file), &Device::Cpu).unwrap();
-        assert_eq!(got.len(), want.len(), "{part}");
-        for (k, w) in &want {
-            let g = got
-                .get(k)
-                .or_else(|| got.get(&format!("text_model.{k}")))
-                .unwrap_or_else(|| panic!("{part}: no {k}"));
-            assert_eq!(max_abs_diff(g, w), 0.0, "{part} {k}");
-        }
+    for part in ["unet", "text_encoder_2"] {
+        assert_part_converted(&fixture("sd-tiny-xl"), &out_xl, part);
     }
-    let pipe = Pipeline::load(&out_xl, DType::F32, &Device::Cpu).unwrap();
-    let expected = load_expected("sd-tiny-xl.expected.safetensors");
-    let got = pipe
-        .generate_from(&request(SamplerKind::Ddim), &expected["latents"])
-        .unwrap();
-    let err = max_abs_diff(&got, &expected["images.ddim"]);
-    assert!(
-        err < 5e-4,
-        "converted SDXL pipeline: {err} from diffusers' images"
-    );
+    assert_samples_like_diffusers(&out_xl, "sd-tiny-xl.expected.safetensors");
     // an SDXL file with an SD 1.x config, and the other way round: refused by name
     let e = convert_single_file(
         &fixture("sd-tiny-xl-single.safetensors"),

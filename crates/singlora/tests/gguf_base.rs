@@ -1,23 +1,19 @@
 //! `--base-dtype same`: a GGUF model's quantised linear weights kept as the file stores them
-//! (Q4_K, Q6_K, Q8_0, …) compute what the same file dequantised at load computes (logits, every
-//! method's loss and adapter gradients), in LLaMA's layout (Q/K rows in llama.cpp's order) and
+//! (Q4_K, Q6_K, Q8_0, …) compute what the same file dequantised at load computes (the weights,
+//! every method's loss and adapter gradients), in LLaMA's layout (Q/K rows in llama.cpp's order) and
 //! GPT-2's (Conv1D weights stored transposed), in a fraction of the memory.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use singlora::adapter::ramp::{RampClock, RampSchedule};
-use singlora::adapter::target::TargetSpec;
-use singlora::adapter::AdapterSpec;
-use singlora::data::{collate, Encoded};
 use singlora::gguf::model::GgufQuant;
 use singlora::merge::gguf::convert_to_gguf;
-use singlora::model::{Pooling, Pretrained, Task, TaskModel};
+use singlora::model::Pretrained;
 use singlora::quant::BaseDtype;
 use singlora::synthetic::{write_bpe_tokenizer, write_checkpoint, LlamaShape};
 
 mod common;
-use common::{max_abs, max_abs_diff};
+use common::max_abs_diff;
 
 /// A LLaMA whose rows are whole Q4_K blocks (256 values), as a GGUF file in `quant`.
 fn llama_gguf(dir: &Path, quant: GgufQuant) -> PathBuf {
@@ -55,23 +51,6 @@ fn gpt2_gguf(dir: &Path, quant: GgufQuant) -> PathBuf {
     let out = dir.join(format!("gpt2-{quant}.gguf"));
     convert_to_gguf(&base, &out, false, quant).unwrap();
     out
-}
-
-fn task_model(pre: Pretrained, method: &str) -> TaskModel {
-    let spec = AdapterSpec {
-        kind: method.parse::<singlora::adapter::Method>().unwrap().kind(),
-        r: 2,
-        alpha: 4.0,
-        rslora: false,
-        init: "kaiming_width".parse().unwrap(),
-        seed: 3,
-        dtype: DType::F32,
-    };
-    let mut m = TaskModel::new(pre.body, Task::Sft, None, Pooling::Last, 0, &Device::Cpu).unwrap();
-    let targets = TargetSpec::parse("all-linear", None).unwrap();
-    m.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))
-        .unwrap();
-    m
 }
 
 #[test]
@@ -117,41 +96,12 @@ fn kept_weights_compute_what_the_dequantised_file_computes() {
                 Pretrained::load_as(&file, DType::F32, &Device::Cpu, BaseDtype::Same).unwrap();
             let dense = Pretrained::load(&file, DType::F32, &Device::Cpu).unwrap();
             let vocab = dense.config["vocab_size"].as_u64().unwrap() as u32;
-            let (q, d) = (task_model(kept, method), task_model(dense, method));
+            let (q, d) = (
+                common::sft_with_adapters(kept.body, method),
+                common::sft_with_adapters(dense.body, method),
+            );
             let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % vocab).collect();
-            let items = vec![Encoded {
-                ids: ids.clone(),
-                type_ids: vec![0; ids.len()],
-                label: None,
-                target_mask: vec![1; ids.len()],
-            }];
-            let batch = collate(&items, &[0], 0, &Device::Cpu).unwrap();
-            let (lq, gq) = q.loss_and_grads(&batch, 1.0).unwrap();
-            let (ld, gd) = d.loss_and_grads(&batch, 1.0).unwrap();
-            let (lq, ld) = (
-                lq.to_scalar::<f32>().unwrap(),
-                ld.to_scalar::<f32>().unwrap(),
-            );
-            assert!(
-                (lq - ld).abs() <= 1e-5 * ld.abs(),
-                "{name} {method}: loss {lq} against {ld}"
-            );
-            let mut checked = 0;
-            for ((layer, _, a), (_, _, b)) in q.adapters().iter().zip(d.adapters().iter()) {
-                for (pa, pb) in a.params().iter().zip(b.params()) {
-                    let ga = gq.get(pa.var.as_tensor()).unwrap();
-                    let gb = gd.get(pb.var.as_tensor()).unwrap();
-                    let scale = max_abs(gb);
-                    let diff = max_abs_diff(ga, gb);
-                    assert!(
-                        diff <= 1e-4 * scale.max(1e-6),
-                        "{name} {method} {layer}.{}: {diff:e} of {scale:e}",
-                        pa.suffix
-                    );
-                    checked += 1;
-                }
-            }
-            assert!(checked > 0);
+            common::assert_same_loss_and_grads(&q, &d, &ids, &format!("{name} {method}"));
         }
     }
 }

@@ -175,11 +175,7 @@ fn decoder_fixture(name: &str) -> singlora::model::llama::Llama {
 /// dequantised into dense weights (Qwen3 and GPT-2 layouts).
 #[test]
 fn adapters_on_an_nf4_base_train_as_on_its_dequantised_weights() {
-    use singlora::adapter::ramp::{RampClock, RampSchedule};
-    use singlora::adapter::target::TargetSpec;
-    use singlora::adapter::AdapterSpec;
-    use singlora::data::{collate, Encoded};
-    use singlora::model::{Body, Pooling, Task, TaskModel};
+    use singlora::model::Body;
     for family in ["qwen3", "gpt2"] {
         for method in ["singlora", "lora", "dora"] {
             let mut quantised = Body::Llama(decoder_fixture(family));
@@ -192,58 +188,12 @@ fn adapters_on_an_nf4_base_train_as_on_its_dequantised_weights() {
                     d.base_mut().set_weight(q.base().weight().unwrap());
                 }
             }
-            let spec = AdapterSpec {
-                kind: method.parse::<singlora::adapter::Method>().unwrap().kind(),
-                r: 2,
-                alpha: 4.0,
-                rslora: false,
-                init: "kaiming_width".parse().unwrap(),
-                seed: 3,
-                dtype: DType::F32,
-            };
-            let targets = TargetSpec::parse("all-linear", None).unwrap();
-            let model = |body| {
-                let mut m =
-                    TaskModel::new(body, Task::Sft, None, Pooling::Last, 0, &Device::Cpu).unwrap();
-                m.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))
-                    .unwrap();
-                m
-            };
-            let (q, d) = (model(quantised), model(dense));
+            let (q, d) = (
+                common::sft_with_adapters(quantised, method),
+                common::sft_with_adapters(dense, method),
+            );
             let ids: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 40).collect();
-            let items = vec![Encoded {
-                ids: ids.clone(),
-                type_ids: vec![0; 10],
-                label: None,
-                target_mask: vec![1; 10],
-            }];
-            let batch = collate(&items, &[0], 0, &Device::Cpu).unwrap();
-            let (lq, gq) = q.loss_and_grads(&batch, 1.0).unwrap();
-            let (ld, gd) = d.loss_and_grads(&batch, 1.0).unwrap();
-            let (lq, ld) = (
-                lq.to_scalar::<f32>().unwrap(),
-                ld.to_scalar::<f32>().unwrap(),
-            );
-            assert!(
-                (lq - ld).abs() <= 1e-5 * ld.abs(),
-                "{family} {method}: loss {lq} against {ld}"
-            );
-            let mut n = 0;
-            for ((name, _, a), (_, _, b)) in q.adapters().iter().zip(d.adapters().iter()) {
-                for (pa, pb) in a.params().iter().zip(b.params()) {
-                    let ga = gq.get(pa.var.as_tensor()).unwrap();
-                    let gb = gd.get(pb.var.as_tensor()).unwrap();
-                    let scale = max_abs(gb);
-                    let diff = max_abs_diff(ga, gb);
-                    assert!(
-                        diff <= 1e-4 * scale.max(1e-6),
-                        "{family} {method} {name}.{}: {diff:e} of {scale:e}",
-                        pa.suffix
-                    );
-                    n += 1;
-                }
-            }
-            assert!(n > 0);
+            common::assert_same_loss_and_grads(&q, &d, &ids, &format!("{family} {method}"));
         }
     }
 }

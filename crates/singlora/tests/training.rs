@@ -195,6 +195,37 @@ fn packed_sft_trains_and_resumes() {
     assert!(e.contains("--packing") && e.contains("--task sft"), "{e}");
 }
 
+/// Trains `cfg` into DIR/full and checks that the loss fell (the last three updates' mean
+/// below 70% of the first), that run.json records `base_dtype`, and that the same run stopped
+/// after 5 updates and resumed ends with the same adapter bit for bit. Returns DIR/full.
+fn learns_records_and_resumes(cfg: &TrainConfig, dir: &Path, base_dtype: &str) -> PathBuf {
+    let full = dir.join("full");
+    let s = run_train(cfg.clone(), &full, false, false).unwrap();
+    let l = losses(&full);
+    assert!(
+        mean(&l[l.len() - 3..]) < 0.7 * l[0],
+        "SFT loss on the {base_dtype} base did not fall: {l:?}"
+    );
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["config"]["base_dtype"], base_dtype);
+    let part = dir.join("part");
+    run_train(
+        TrainConfig {
+            stop_after: Some(5),
+            ..cfg.clone()
+        },
+        &part,
+        false,
+        false,
+    )
+    .unwrap();
+    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
+    assert_eq!(resumed.steps, s.steps);
+    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    full
+}
+
 /// `--base-dtype nf4`: SFT on a base kept in NF4 learns, resumes bit-identical and records the
 /// setting; a BERT classifier trains on one too (its encoder's own CPU path steps aside).
 #[test]
@@ -211,30 +242,7 @@ fn nf4_base_trains_and_resumes() {
         save_every: Some(3),
         ..base_cfg(&model, &data, None)
     };
-    let full = tmp.path().join("full");
-    let s = run_train(cfg.clone(), &full, false, false).unwrap();
-    let l = losses(&full);
-    assert!(
-        mean(&l[l.len() - 3..]) < 0.7 * l[0],
-        "NF4-base SFT loss did not fall: {l:?}"
-    );
-    let run_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(full.join("run.json")).unwrap()).unwrap();
-    assert_eq!(run_json["config"]["base_dtype"], "nf4");
-    let part = tmp.path().join("part");
-    run_train(
-        TrainConfig {
-            stop_after: Some(5),
-            ..cfg.clone()
-        },
-        &part,
-        false,
-        false,
-    )
-    .unwrap();
-    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
-    assert_eq!(resumed.steps, s.steps);
-    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    let full = learns_records_and_resumes(&cfg, tmp.path(), "nf4");
     // a session for predict/eval keeps the base in NF4 when asked (all but the vocabulary
     // projection) and generates from it
     let sess =
@@ -1200,30 +1208,7 @@ fn same_base_trains_on_a_gguf_files_own_types() {
         save_every: Some(3),
         ..base_cfg(&gguf, &data, None)
     };
-    let full = tmp.path().join("full");
-    let s = run_train(cfg.clone(), &full, false, false).unwrap();
-    let l = losses(&full);
-    assert!(
-        mean(&l[l.len() - 3..]) < 0.7 * l[0],
-        "SFT loss on the kept Q8_0 base did not fall: {l:?}"
-    );
-    let run_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(full.join("run.json")).unwrap()).unwrap();
-    assert_eq!(run_json["config"]["base_dtype"], "same");
-    let part = tmp.path().join("part");
-    run_train(
-        TrainConfig {
-            stop_after: Some(5),
-            ..cfg.clone()
-        },
-        &part,
-        false,
-        false,
-    )
-    .unwrap();
-    let resumed = run_train(TrainConfig::default(), &part, true, false).unwrap();
-    assert_eq!(resumed.steps, s.steps);
-    assert_eq!(adapter_tensors(&full), adapter_tensors(&part));
+    let full = learns_records_and_resumes(&cfg, tmp.path(), "same");
     // the same file dequantised at load holds the same weights: the same run, up to the order
     // of floating-point sums
     let dense = tmp.path().join("dense");

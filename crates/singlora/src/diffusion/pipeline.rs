@@ -99,6 +99,14 @@ pub struct GenerateRequest {
     pub size: usize,
 }
 
+/// Whether a model_index.json names a second text encoder (SDXL's).
+pub(crate) fn has_text_encoder_2(index: &Value) -> bool {
+    index
+        .get("text_encoder_2")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().all(|x| !x.is_null()))
+}
+
 impl Pipeline {
     /// Loads the folder `dir` (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     /// scheduler/; text_encoder_2/ and tokenizer_2/ for SDXL). Frozen weights go to `device`
@@ -116,10 +124,7 @@ impl Pipeline {
             ClipTokenizer::load(&dir.join("tokenizer"))?,
             TextEncoder::load(&dir.join("text_encoder"), dtype, device)?,
         )];
-        let has_second = index
-            .get("text_encoder_2")
-            .and_then(Value::as_array)
-            .is_some_and(|v| v.iter().all(|x| !x.is_null()));
+        let has_second = has_text_encoder_2(&index);
         if has_second {
             encoders.push((
                 ClipTokenizer::load(&dir.join("tokenizer_2"))?,

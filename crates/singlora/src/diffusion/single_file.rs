@@ -357,10 +357,7 @@ pub fn convert_single_file(
         )));
     }
     let index = read_json(&index_path)?;
-    let xl = index
-        .get("text_encoder_2")
-        .and_then(Value::as_array)
-        .is_some_and(|v| v.iter().all(|x| !x.is_null()));
+    let xl = super::pipeline::has_text_encoder_2(&index);
     let unet_cfg_path = config.join("unet").join("config.json");
     let vae_cfg_path = config.join("vae").join("config.json");
     let prefixes = unet_prefixes(&read_json(&unet_cfg_path)?, &unet_cfg_path)?;

@@ -306,9 +306,8 @@ fn from_hf(base: &Path, af: Option<&AdapterFile>, out: &Output) -> Result<Writte
     // it under (the hub's GPT-2 keeps `transformer.` bare)
     let mut stored = BTreeMap::new();
     for n in ckpt.names() {
-        // RoPE's inverse frequencies, which some checkpoints store, follow from the config;
-        // GPT-2's causal-mask buffers are rebuilt by every runtime
-        let buffer = cfg.gpt2 && (n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias"));
+        // RoPE's inverse frequencies, which some checkpoints store, follow from the config
+        let buffer = cfg.gpt2 && crate::model::llama::is_gpt2_mask_buffer(n);
         if n.ends_with("rotary_emb.inv_freq") || buffer {
             continue;
         }

@@ -584,6 +584,12 @@ pub(crate) fn gemma_ropes(c: &ConfigReader, max_positions: usize) -> Result<(Rop
     ))
 }
 
+/// A GPT-2 causal-mask buffer (`h.N.attn.bias`, `h.N.attn.masked_bias`): older checkpoints
+/// saved them, every runtime rebuilds them, and they are not weights.
+pub(crate) fn is_gpt2_mask_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
+}
+
 /// GPT-2's config.json (`GPT2Config`'s own field names; transformers 5 reads the same).
 fn gpt2_config(c: &ConfigReader) -> Result<LlamaConfig> {
     let hidden = c.usize("n_embd")?;
@@ -1336,9 +1342,9 @@ impl Llama {
             dtype,
             device,
         )?;
-        // the causal-mask buffers that older checkpoints saved and transformers rebuilds
-        let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias");
-        let owned = |n: &str| (n.starts_with(prefix) || n.starts_with("lm_head.")) && !buffer(n);
+        let owned = |n: &str| {
+            (n.starts_with(prefix) || n.starts_with("lm_head.")) && !is_gpt2_mask_buffer(n)
+        };
         refuse_unread(w, &read, owned)?;
         let (lm_head, headless) = match lm_head {
             VocabHead::Own(l) => (Some(l), None),

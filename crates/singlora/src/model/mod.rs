@@ -32,6 +32,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::linear::FrozenLinear;
 use crate::ops::cross_entropy;
+use crate::quant::QuantWeight;
 use crate::rng::{normal, rng_for};
 use bert::Bert;
 use llama::Llama;
@@ -322,15 +323,20 @@ impl Pretrained {
             .filter(|p| crate::gguf::is_gguf(p) && !path.join("config.json").exists())
     }
 
-    /// [`Pretrained::load`] with `--base-dtype same` handled: a GGUF file's quantised linear
-    /// weights kept as stored (refused for a Hugging Face directory). `nf4` is the caller's to
-    /// apply after loading ([`Body::quantize_nf4`]); `auto` and `nf4` load as [`Pretrained::load`].
+    /// [`Pretrained::load`] with the frozen linear weights kept as `base` says: `same` keeps a
+    /// GGUF file's quantised ones as stored (refused for a Hugging Face directory), `nf4`
+    /// quantises them after loading ([`Body::quantize_nf4`]). Both run on the CPU only for now.
     pub fn load_as(
         path: &Path,
         dtype: DType,
         device: &Device,
         base: crate::quant::BaseDtype,
     ) -> Result<Self> {
+        if base != crate::quant::BaseDtype::Auto && !device.is_cpu() {
+            return Err(Error::msg(format!(
+                "--base-dtype {base} runs on the CPU for now: leave it out on a GPU (the bf16 base)"
+            )));
+        }
         let gguf_path = Self::gguf_file(path);
         let keep = base == crate::quant::BaseDtype::Same;
         if keep && gguf_path.is_none() {
@@ -383,7 +389,7 @@ impl Pretrained {
             path: &config_path,
             value: &config,
         };
-        let body = match Family::detect(&config, &config_path)? {
+        let mut body = match Family::detect(&config, &config_path)? {
             Family::Bert => {
                 Body::Bert(Bert::load(&weights, Bert::config(&reader)?, dtype, device)?)
             }
@@ -394,6 +400,9 @@ impl Pretrained {
                 device,
             )?),
         };
+        if base == crate::quant::BaseDtype::Nf4 {
+            body.quantize_nf4()?;
+        }
         let mean_pooling_hint = is_sentence_transformers(path);
         Ok(Self {
             body,

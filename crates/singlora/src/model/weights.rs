@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::quant::ggml::GgmlWeight;
+use crate::quant::QuantWeight;
 
 pub enum Weights {
     Checkpoint(Checkpoint),

@@ -31,25 +31,20 @@ impl GgmlWeight {
         }
         Ok(Self { q, unpermute_heads })
     }
+}
 
-    /// Its GGUF type.
-    pub fn ggml_dtype(&self) -> GgmlDType {
-        self.q.dtype()
-    }
-
-    /// (d_out, d_in).
-    pub fn dims(&self) -> (usize, usize) {
+impl super::QuantWeight for GgmlWeight {
+    fn dims(&self) -> (usize, usize) {
         let d = self.q.shape().dims();
         (d[0], d[1])
     }
 
-    /// Bytes the stored tensor holds.
-    pub fn storage_bytes(&self) -> usize {
+    fn storage_bytes(&self) -> usize {
         self.q.storage_size_in_bytes()
     }
 
     /// The weight dequantised in Hugging Face's row order, as `dtype` on `device`.
-    pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+    fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         let mut t = self.q.dequantize(&Device::Cpu)?;
         if let Some(heads) = self.unpermute_heads {
             t = crate::gguf::unpermute_qk(&t, heads)?;

@@ -41,22 +41,6 @@ impl QuantWeight for nf4::Nf4Tensor {
     }
 }
 
-impl QuantWeight for ggml::GgmlWeight {
-    fn dims(&self) -> (usize, usize) {
-        ggml::GgmlWeight::dims(self)
-    }
-    fn storage_bytes(&self) -> usize {
-        ggml::GgmlWeight::storage_bytes(self)
-    }
-    fn to_tensor(
-        &self,
-        dtype: candle_core::DType,
-        device: &candle_core::Device,
-    ) -> Result<candle_core::Tensor> {
-        ggml::GgmlWeight::to_tensor(self, dtype, device)
-    }
-}
-
 /// How the frozen base's linear weights are kept during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BaseDtype {

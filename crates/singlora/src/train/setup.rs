@@ -115,7 +115,6 @@ pub struct Plan {
     pub train_rows: usize,
     /// `--packing`: the rows the training examples were packed into.
     pub packed_rows: Option<usize>,
-    /// `--base-dtype nf4`: the bytes of the quantised linear weights, and before.
     /// How the quantised linear weights are kept, their bytes and their bytes dense.
     pub quantized_bytes: Option<(crate::quant::BaseDtype, usize, usize)>,
     pub eval_rows: usize,
@@ -221,12 +220,6 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     } else {
         DType::BF16
     };
-    if cfg.base_dtype != crate::quant::BaseDtype::Auto && !device.is_cpu() {
-        return Err(Error::msg(format!(
-            "--base-dtype {} runs on the CPU for now: leave it out on a GPU (the bf16 base)",
-            cfg.base_dtype
-        )));
-    }
     let mut pre = Pretrained::load_as(&cfg.model, dtype, &device, cfg.base_dtype)?;
     let chat_template = match &cfg.data.chat_template_file {
         Some(p) if task == Task::Sft => Some(crate::data::read_chat_template_file(p)?),
@@ -234,9 +227,6 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     };
     if let Some(t) = &chat_template {
         pre.chat_template = Some(t.clone());
-    }
-    if cfg.base_dtype == crate::quant::BaseDtype::Nf4 {
-        pre.body.quantize_nf4()?;
     }
     let quantized = pre
         .body

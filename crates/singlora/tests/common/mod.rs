@@ -62,3 +62,77 @@ pub fn write_tiny_tokenizer(dir: &std::path::Path) {
     });
     std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
 }
+
+/// An SFT model of `body` with `method`'s adapters (r = 2, α = 4, seed 3, no ramp) on every
+/// linear layer.
+#[allow(dead_code)]
+pub fn sft_with_adapters(body: singlora::model::Body, method: &str) -> singlora::model::TaskModel {
+    use singlora::adapter::ramp::{RampClock, RampSchedule};
+    let spec = singlora::adapter::AdapterSpec {
+        kind: method.parse::<singlora::adapter::Method>().unwrap().kind(),
+        r: 2,
+        alpha: 4.0,
+        rslora: false,
+        init: "kaiming_width".parse().unwrap(),
+        seed: 3,
+        dtype: candle_core::DType::F32,
+    };
+    let mut m = singlora::model::TaskModel::new(
+        body,
+        singlora::data::Task::Sft,
+        None,
+        singlora::model::Pooling::Last,
+        0,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let targets = singlora::adapter::target::TargetSpec::parse("all-linear", None).unwrap();
+    m.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))
+        .unwrap();
+    m
+}
+
+/// Two models built alike from bases that should compute the same (`what` names the case):
+/// the SFT loss on the sequence `ids` within 1e-5 (relative), every adapter gradient within
+/// 1e-4 of its tensor's largest value.
+#[allow(dead_code)]
+pub fn assert_same_loss_and_grads(
+    a: &singlora::model::TaskModel,
+    b: &singlora::model::TaskModel,
+    ids: &[u32],
+    what: &str,
+) {
+    let items = vec![singlora::data::Encoded {
+        ids: ids.to_vec(),
+        type_ids: vec![0; ids.len()],
+        label: None,
+        target_mask: vec![1; ids.len()],
+    }];
+    let batch = singlora::data::collate(&items, &[0], 0, &candle_core::Device::Cpu).unwrap();
+    let (la, ga) = a.loss_and_grads(&batch, 1.0).unwrap();
+    let (lb, gb) = b.loss_and_grads(&batch, 1.0).unwrap();
+    let (la, lb) = (
+        la.to_scalar::<f32>().unwrap(),
+        lb.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (la - lb).abs() <= 1e-5 * lb.abs(),
+        "{what}: loss {la} against {lb}"
+    );
+    let mut checked = 0;
+    for ((layer, _, x), (_, _, y)) in a.adapters().iter().zip(b.adapters().iter()) {
+        for (px, py) in x.params().iter().zip(y.params()) {
+            let gx = ga.get(px.var.as_tensor()).unwrap();
+            let gy = gb.get(py.var.as_tensor()).unwrap();
+            let scale = max_abs(gy);
+            let diff = max_abs_diff(gx, gy);
+            assert!(
+                diff <= 1e-4 * scale.max(1e-6),
+                "{what} {layer}.{}: {diff:e} of {scale:e}",
+                px.suffix
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "{what}: no adapter gradients");
+}
