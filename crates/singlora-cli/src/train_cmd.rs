@@ -405,8 +405,9 @@ fn run_of(adapter: &Path) -> Result<Option<TrainConfig>> {
     }
 }
 
-/// The model with the adapter, its base kept as the run kept it where the device allows (an
-/// NF4 base on the CPU; on a GPU the full-precision base, said on stderr).
+/// The model with the adapter, its base kept as the run kept it where the device allows (NF4
+/// anywhere; a GGUF file's own types on the CPU, the full-precision base on a GPU, said on
+/// stderr).
 fn load_session(
     model: &Path,
     adapter: &Path,
@@ -415,10 +416,10 @@ fn load_session(
 ) -> Result<Session> {
     use singlora::quant::BaseDtype;
     let mut base = run.map_or(BaseDtype::Auto, |r| r.base_dtype);
-    if base != BaseDtype::Auto && !device.is_cpu() {
+    if base == BaseDtype::Same && !device.is_cpu() {
         eprintln!(
-            "note: the adapter was trained on a base kept quantised (--base-dtype {base}), which \
-             runs on the CPU only for now; using the full-precision base"
+            "note: the adapter was trained on a GGUF file's quantised weights (--base-dtype \
+             same), which run on the CPU only for now; using the full-precision base"
         );
         base = BaseDtype::Auto;
     }

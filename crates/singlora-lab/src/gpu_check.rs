@@ -8,6 +8,8 @@
 //!    weights; generation's cached forward against the full one) and a PEFT LoRA step's loss and
 //!    gradients: the golden files of
 //!    tests/fixtures/decoders (the checks of crates/singlora/tests/decoders.rs, on any device).
+//! 4. NF4 weights dequantised by the device's kernel against the CPU's, exactly; a few SFT
+//!    updates on a 4-bit base on the device against the CPU's (part of 2).
 //!
 //! Prints a table of relative errors (‖device − reference‖ / ‖reference‖; max |device −
 //! reference| / max |reference| for the golden logits and gradients) and fails when one exceeds
@@ -542,16 +544,61 @@ fn cpu_eval_loss(model: &Path, run: &Path, data: &Path) -> Result<f64> {
     Ok(s.eval_file(data, &settings, 16)?.0.loss)
 }
 
+/// NF4 weights dequantised by the device's kernel against the CPU's dequantisation of the same
+/// codes: f32 and bf16, a length the 8-wide kernel takes and one it does not. The kernel
+/// computes the same f32 operations, so the bound is exact equality.
+#[cfg(feature = "cuda")]
+fn nf4_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora::quant::nf4::Nf4Tensor;
+    let Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    for (what, dims) in [("8-wide", [96usize, 200]), ("scalar", [7, 9])] {
+        let n = dims[0] * dims[1];
+        let values: Vec<f32> = Tensor::randn(0f32, 0.05, n, &Device::Cpu)?.to_vec1()?;
+        let q = Nf4Tensor::quantize(&values, &dims)?;
+        let on_device = q.upload(dev)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let want = q.to_tensor(dtype, &Device::Cpu)?.to_dtype(DType::F32)?;
+            let got = on_device
+                .to_tensor(dtype, device)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
+            let diff = (got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            rows.push(Row {
+                what: format!("NF4 dequantisation {what} {dtype:?} (max abs difference)"),
+                err: diff as f64,
+                bound: 0.0,
+            });
+        }
+        // and back: the parts survive the round trip to the device
+        let back = on_device.download()?;
+        rows.push(Row {
+            what: format!("NF4 parts copied to the device and back ({what})"),
+            err: if back.parts() == q.parts() { 0.0 } else { 1.0 },
+            bound: 0.0,
+        });
+    }
+    Ok(())
+}
+
 fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     write_data(root)?;
     let (bert, llama) = tiny_models(root)?;
-    for (model, data, task, method) in [
-        (&bert, "cls.jsonl", "classify", "singlora"),
-        (&llama, "cls.jsonl", "classify", "lora"),
-        (&llama, "sft.jsonl", "sft", "singlora"),
-        (&llama, "sft.jsonl", "sft", "dora"),
+    use singlora::quant::BaseDtype;
+    for (model, data, task, method, base) in [
+        (&bert, "cls.jsonl", "classify", "singlora", BaseDtype::Auto),
+        (&llama, "cls.jsonl", "classify", "lora", BaseDtype::Auto),
+        (&llama, "sft.jsonl", "sft", "singlora", BaseDtype::Auto),
+        (&llama, "sft.jsonl", "sft", "dora", BaseDtype::Auto),
+        // a 4-bit base: the device dequantises it with its kernel, the CPU on the host
+        (&llama, "sft.jsonl", "sft", "singlora", BaseDtype::Nf4),
     ] {
         let run = |device: &str, out: &str| -> Result<Vec<f64>> {
             let cfg = TrainConfig {
@@ -563,6 +610,7 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
                 max_steps: Some(4),
                 lr: Some(1e-2),
                 device: device.parse()?,
+                base_dtype: base,
                 ..TrainConfig::default()
             };
             let dir = root.join(out);
@@ -571,7 +619,11 @@ fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
         };
         let l_cpu = run("cpu", "cpu-run")?;
         let l_dev = run(device_name, "dev-run")?;
-        let family = if model == &bert { "bert" } else { "llama" };
+        let family = match (model == &bert, base) {
+            (true, _) => "bert",
+            (false, BaseDtype::Nf4) => "llama (NF4 base)",
+            (false, _) => "llama",
+        };
         let lc = Tensor::new(l_cpu.as_slice(), &Device::Cpu)?;
         let ld = Tensor::new(l_dev.as_slice(), &Device::Cpu)?;
         rows.push(Row {
@@ -749,6 +801,72 @@ fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// The fast path on an NF4 base (each weight dequantised into a scratch buffer just before its
+/// product) against autograd on the same NF4 base, and against the fast path on a dense base
+/// holding the same dequantised values (which must give the same numbers): SingLoRA and DoRA.
+fn nf4_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora_lab::bench::llama::{random_model, random_tokens};
+    let shape = LlamaShape {
+        hidden: 128,
+        intermediate: 344,
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        vocab: 256,
+    };
+    for method in ["singlora", "dora"] {
+        let mut model = random_model("check", shape, Some(method.parse()?), 8, device)?;
+        model.body.quantize_nf4()?;
+        for p in model.params() {
+            p.var.set(&p.var.as_tensor().randn_like(0.0, 0.02)?)?;
+        }
+        let batch = random_tokens(3, 40, shape.vocab, device)?;
+        let (loss_q, g_q) = model.loss_and_grads(&batch, 1.0)?;
+        let loss_a = model.loss(&batch)?;
+        let g_a = loss_a.backward()?;
+        // the same model with its NF4 weights replaced by their dequantised values
+        for l in model.body.linears_mut() {
+            if l.base().is_quantized() {
+                let w = l.base().weight()?;
+                l.base_mut().set_weight(w);
+            }
+        }
+        let (loss_d, g_d) = model.loss_and_grads(&batch, 1.0)?;
+        let worst = |other: &candle_core::backprop::GradStore| -> Result<f64> {
+            let mut worst: f64 = 0.0;
+            for p in model.params() {
+                let (Some(a), Some(b)) = (g_q.get(p.var.as_tensor()), other.get(p.var.as_tensor()))
+                else {
+                    bail!("NF4 fast path {method}: no gradient for {}", p.suffix);
+                };
+                worst = worst.max(rel_err(a, b)?);
+            }
+            Ok(worst)
+        };
+        rows.push(Row {
+            what: format!("NF4 fast path {method} vs autograd on NF4: loss"),
+            err: rel_err(&loss_q, &loss_a)?,
+            bound: 1e-2,
+        });
+        rows.push(Row {
+            what: format!("NF4 fast path {method} vs autograd on NF4: gradients (worst)"),
+            err: worst(&g_a)?,
+            bound: 3e-2,
+        });
+        rows.push(Row {
+            what: format!("NF4 fast path {method} vs dense fast path, same values: loss"),
+            err: rel_err(&loss_q, &loss_d)?,
+            bound: 1e-6,
+        });
+        rows.push(Row {
+            what: format!("NF4 fast path {method} vs dense fast path, same values: gradients"),
+            err: worst(&g_d)?,
+            bound: 1e-5,
+        });
     }
     Ok(())
 }
@@ -998,7 +1116,10 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
     if !device.is_cpu() {
         #[cfg(feature = "cuda")]
         low_rank_checks(&device, &mut rows)?;
+        #[cfg(feature = "cuda")]
+        nf4_checks(&device, &mut rows)?;
         fast_path_checks(&device, &mut rows)?;
+        nf4_fast_path_checks(&device, &mut rows)?;
     }
     training_checks(device_name, &mut rows)?;
     report(&rows, device_name)

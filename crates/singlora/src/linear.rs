@@ -145,6 +145,23 @@ impl CustomOp1 for QuantMatmul {
     }
 }
 
+/// An NF4 weight kept where it is used: in host memory for the CPU, in the GPU's memory for a
+/// GPU (dequantised there by a kernel).
+pub(crate) fn nf4_on(
+    q: Nf4Tensor,
+    device: &candle_core::Device,
+) -> crate::Result<Arc<dyn QuantWeight>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => Ok(Arc::new(q.upload(dev)?)),
+        candle_core::Device::Cpu => Ok(Arc::new(q)),
+        #[allow(unreachable_patterns)]
+        other => Err(crate::Error::msg(format!(
+            "an NF4 base runs on the CPU or a CUDA GPU, not on {other:?}"
+        ))),
+    }
+}
+
 /// A frozen weight: dense, or quantised (`--base-dtype nf4` or `same`) with the dtype and
 /// device its dequantised form takes.
 #[derive(Debug, Clone)]
@@ -220,12 +237,22 @@ impl FrozenLinear {
     pub fn quantize_nf4(&mut self) -> crate::Result<()> {
         if let Stored::Dense(t) = &self.weight {
             self.weight = Stored::Quant {
-                w: Arc::new(Nf4Tensor::from_tensor(t)?),
+                w: nf4_on(Nf4Tensor::from_tensor(t)?, t.device())?,
                 dtype: t.dtype(),
                 device: t.device().clone(),
             };
         }
         Ok(())
+    }
+
+    /// The weight where it is kept in NF4 on a GPU (the CUDA fast path dequantises it into
+    /// its own buffer just before each product); None for a dense weight or another kind.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn nf4_on_gpu(&self) -> Option<Arc<dyn QuantWeight>> {
+        match &self.weight {
+            Stored::Quant { w, .. } if w.nf4_on_gpu().is_some() => Some(w.clone()),
+            _ => None,
+        }
     }
 
     pub fn is_quantized(&self) -> bool {

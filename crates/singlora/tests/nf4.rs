@@ -197,3 +197,59 @@ fn adapters_on_an_nf4_base_train_as_on_its_dequantised_weights() {
         }
     }
 }
+
+/// Quantising each linear weight as it loads (`Weights::Nf4`, what `--base-dtype nf4` does)
+/// gives the model that quantising after loading gives: the same layers quantised, to the same
+/// values, and a model's own vocabulary projection left dense (Qwen3 with its own head, Phi-3's
+/// fused projections).
+#[test]
+fn quantising_while_loading_equals_quantising_after() {
+    use singlora::checkpoint::Checkpoint;
+    use singlora::model::llama::Llama;
+    use singlora::model::weights::{ConfigReader, Weights};
+    use singlora::model::Body;
+    for family in ["qwen3", "phi3"] {
+        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/decoders")
+            .join(family);
+        let path = d.join("config.json");
+        let value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let cfg = Llama::config(&ConfigReader {
+            path: &path,
+            value: &value,
+        })
+        .unwrap();
+        let w = Weights::Nf4(Box::new(Weights::Checkpoint(Checkpoint::open(&d).unwrap())));
+        assert!(w.quantizes_nf4());
+        let while_loading = Body::Llama(Llama::load(&w, cfg, DType::F32, &Device::Cpu).unwrap());
+        let mut after = Body::Llama(decoder_fixture(family));
+        after.quantize_nf4().unwrap();
+        let (a, b) = (while_loading.linears(), after.linears());
+        assert_eq!(a.len(), b.len());
+        let mut quantised = 0;
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.name(), y.name());
+            assert_eq!(
+                x.base().is_quantized(),
+                y.base().is_quantized(),
+                "{family}: {}",
+                x.name()
+            );
+            if x.name() == "lm_head" {
+                assert!(!x.base().is_quantized(), "{family}: the head was quantised");
+            }
+            if x.base().is_quantized() {
+                quantised += 1;
+                assert_eq!(x.base().weight_bytes(), y.base().weight_bytes());
+                assert_eq!(
+                    vec_f32(&x.base().weight().unwrap()),
+                    vec_f32(&y.base().weight().unwrap()),
+                    "{family}: {}",
+                    x.name()
+                );
+            }
+        }
+        assert!(quantised >= 4, "{family}: {quantised} layers quantised");
+    }
+}

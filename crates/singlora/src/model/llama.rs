@@ -44,7 +44,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::weights::{refuse_unread, ConfigReader, Weights};
-use super::{load_linear, Batch};
+use super::{load_linear, load_linear_as, Batch};
 use crate::adapter::AdaptedLinear;
 use crate::error::{Error, Result};
 use crate::linear::{frozen_matmul, FrozenLinear};
@@ -934,7 +934,10 @@ fn vocab_head(
         VocabHead::Tied
     } else if has_head {
         take(&head_name);
-        VocabHead::Own(load_linear(w, head, cfg.vocab, h, false, dtype, device)?.renamed("lm_head"))
+        VocabHead::Own(
+            load_linear_as(w, head, (cfg.vocab, h), false, false, dtype, device)?
+                .renamed("lm_head"),
+        )
     } else {
         VocabHead::Missing
     })

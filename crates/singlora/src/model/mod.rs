@@ -38,13 +38,29 @@ use bert::Bert;
 use llama::Llama;
 use weights::{ConfigReader, Weights};
 
-/// Loads a frozen linear layer `name.weight` (d_out, d_in) and, if asked, `name.bias`.
+/// Loads a frozen linear layer `name.weight` (d_out, d_in) and, if asked, `name.bias`; the
+/// weight quantised to NF4 where the weights say so ([`Weights::Nf4`]).
 pub(crate) fn load_linear(
     w: &Weights,
     name: &str,
     d_out: usize,
     d_in: usize,
     bias: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<AdaptedLinear> {
+    let nf4 = w.quantizes_nf4();
+    load_linear_as(w, name, (d_out, d_in), bias, nf4, dtype, device)
+}
+
+/// [`load_linear`], the weight quantised to NF4 when `nf4` (read in f32 on the host, quantised
+/// there and kept where `device` is); never for a vocabulary projection, which stays dense.
+pub(crate) fn load_linear_as(
+    w: &Weights,
+    name: &str,
+    (d_out, d_in): (usize, usize),
+    bias: bool,
+    nf4: bool,
     dtype: DType,
     device: &Device,
 ) -> Result<AdaptedLinear> {
@@ -59,7 +75,22 @@ pub(crate) fn load_linear(
             FrozenLinear::quantized(q, bias, dtype, device),
         ));
     }
-    let weight = w.get_shaped(&format!("{name}.weight"), &[d_out, d_in], dtype, device)?;
+    let wname = format!("{name}.weight");
+    if nf4 {
+        let t = w.get_shaped(&wname, &[d_out, d_in], DType::F32, &Device::Cpu)?;
+        let q = crate::quant::nf4::Nf4Tensor::from_tensor(&t).map_err(|e| {
+            Error::bad_tensor(
+                &wname,
+                format!(
+                    "in {} cannot be quantised to NF4: {e}",
+                    w.source().display()
+                ),
+            )
+        })?;
+        let base = FrozenLinear::quantized(crate::linear::nf4_on(q, device)?, bias, dtype, device);
+        return Ok(AdaptedLinear::new(name, base));
+    }
+    let weight = w.get_shaped(&wname, &[d_out, d_in], dtype, device)?;
     Ok(AdaptedLinear::new(name, FrozenLinear::new(weight, bias)))
 }
 
@@ -325,16 +356,18 @@ impl Pretrained {
 
     /// [`Pretrained::load`] with the frozen linear weights kept as `base` says: `same` keeps a
     /// GGUF file's quantised ones as stored (refused for a Hugging Face directory), `nf4`
-    /// quantises them after loading ([`Body::quantize_nf4`]). Both run on the CPU only for now.
+    /// quantises each as it loads, on the host, and keeps it where `device` is (on a GPU,
+    /// dequantised there by a kernel where it is used). `same` runs on the CPU only for now.
     pub fn load_as(
         path: &Path,
         dtype: DType,
         device: &Device,
         base: crate::quant::BaseDtype,
     ) -> Result<Self> {
-        if base != crate::quant::BaseDtype::Auto && !device.is_cpu() {
+        if base == crate::quant::BaseDtype::Same && !device.is_cpu() {
             return Err(Error::msg(format!(
-                "--base-dtype {base} runs on the CPU for now: leave it out on a GPU (the bf16 base)"
+                "--base-dtype {base} runs on the CPU for now: on a GPU use --base-dtype nf4 \
+                 (4-bit) or leave it out (the bf16 base)"
             )));
         }
         let gguf_path = Self::gguf_file(path);
@@ -383,6 +416,12 @@ impl Pretrained {
                     false,
                 )
             }
+        };
+        // NF4: each frozen linear weight quantised as it loads (the rest by quantize_nf4 below)
+        let weights = if base == crate::quant::BaseDtype::Nf4 {
+            Weights::Nf4(Box::new(weights))
+        } else {
+            weights
         };
         let num_params = weights.num_params();
         let reader = ConfigReader {

@@ -25,6 +25,10 @@ pub enum Weights {
         BTreeMap<String, Tensor>,
         BTreeMap<String, Arc<GgmlWeight>>,
     ),
+    /// The same weights, with the frozen linear layers' weights quantised to NF4 one at a time
+    /// as they load (`--base-dtype nf4`), so no dense copy of the whole model is ever held on
+    /// the device.
+    Nf4(Box<Weights>),
 }
 
 impl Weights {
@@ -32,6 +36,7 @@ impl Weights {
         match self {
             Weights::Checkpoint(c) => c.dir().to_path_buf(),
             Weights::Memory(p, _) | Weights::Kept(p, _, _) => p.clone(),
+            Weights::Nf4(w) => w.source(),
         }
     }
 
@@ -40,6 +45,7 @@ impl Weights {
             Weights::Checkpoint(c) => c.contains(name),
             Weights::Memory(_, m) => m.contains_key(name),
             Weights::Kept(_, m, k) => m.contains_key(name) || k.contains_key(name),
+            Weights::Nf4(w) => w.contains(name),
         }
     }
 
@@ -48,6 +54,7 @@ impl Weights {
             Weights::Checkpoint(c) => c.names().map(str::to_string).collect(),
             Weights::Memory(_, m) => m.keys().cloned().collect(),
             Weights::Kept(_, m, k) => m.keys().chain(k.keys()).cloned().collect(),
+            Weights::Nf4(w) => w.names(),
         }
     }
 
@@ -55,8 +62,14 @@ impl Weights {
     pub fn kept(&self, name: &str) -> Option<Arc<GgmlWeight>> {
         match self {
             Weights::Kept(_, _, k) => k.get(name).cloned(),
+            Weights::Nf4(w) => w.kept(name),
             _ => None,
         }
+    }
+
+    /// Whether frozen linear weights are quantised to NF4 as they load.
+    pub fn quantizes_nf4(&self) -> bool {
+        matches!(self, Weights::Nf4(_))
     }
 
     /// Elements in all the tensors (embeddings included).
@@ -68,6 +81,7 @@ impl Weights {
                 let kept: usize = k.values().map(|w| w.dims().0 * w.dims().1).sum();
                 m.values().map(Tensor::elem_count).sum::<usize>() + kept
             }
+            Weights::Nf4(w) => w.num_params(),
         }
     }
 
@@ -87,6 +101,7 @@ impl Weights {
                 (None, Some(w)) => w.to_tensor(dtype, device)?,
                 (None, None) => return Err(self.missing(name)),
             },
+            Weights::Nf4(w) => return w.get(name, dtype, device),
         };
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }

@@ -43,6 +43,8 @@ pub(crate) mod gelu;
 pub(crate) mod linear;
 #[cfg(feature = "cuda")]
 pub(crate) mod low_rank;
+#[cfg(feature = "cuda")]
+pub(crate) mod nf4;
 pub(crate) mod norm;
 pub mod reference;
 #[cfg(feature = "cuda")]

@@ -22,6 +22,12 @@ pub trait QuantWeight: std::fmt::Debug + Send + Sync {
         dtype: candle_core::DType,
         device: &candle_core::Device,
     ) -> Result<candle_core::Tensor>;
+    /// The weight as an NF4 weight held on a GPU, whose kernel can write it into a buffer of
+    /// the CUDA fast path; None for any other kind.
+    #[cfg(feature = "cuda")]
+    fn nf4_on_gpu(&self) -> Option<&nf4::Nf4Cuda> {
+        None
+    }
 }
 
 impl QuantWeight for nf4::Nf4Tensor {
@@ -38,6 +44,27 @@ impl QuantWeight for nf4::Nf4Tensor {
         device: &candle_core::Device,
     ) -> Result<candle_core::Tensor> {
         nf4::Nf4Tensor::to_tensor(self, dtype, device)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl QuantWeight for nf4::Nf4Cuda {
+    fn dims(&self) -> (usize, usize) {
+        let d = nf4::Nf4Cuda::dims(self);
+        (d[0], d[1])
+    }
+    fn storage_bytes(&self) -> usize {
+        nf4::Nf4Cuda::storage_bytes(self)
+    }
+    fn to_tensor(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        nf4::Nf4Cuda::to_tensor(self, dtype, device)
+    }
+    fn nf4_on_gpu(&self) -> Option<&nf4::Nf4Cuda> {
+        Some(self)
     }
 }
 

@@ -207,6 +207,117 @@ impl Nf4Tensor {
     }
 }
 
+/// An NF4 weight held on a GPU: the same parts as [`Nf4Tensor`] in device memory, dequantised
+/// there by a kernel where it is used (`ops/nf4`), to the same values as the CPU's.
+#[cfg(feature = "cuda")]
+pub struct Nf4Cuda {
+    dims: Vec<usize>,
+    dev: candle_core::CudaDevice,
+    codes: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+    absmax_codes: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+    group_scales: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    map: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    offset: f32,
+    bytes: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for Nf4Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nf4Cuda")
+            .field("dims", &self.dims)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Nf4Tensor {
+    /// The weight's parts copied to `dev` (the map with them: 1 KiB a weight).
+    pub fn upload(&self, dev: &candle_core::CudaDevice) -> Result<Nf4Cuda> {
+        Ok(Nf4Cuda {
+            dims: self.dims.clone(),
+            dev: dev.clone(),
+            codes: dev.clone_htod(&self.codes)?,
+            absmax_codes: dev.clone_htod(&self.absmax_codes)?,
+            group_scales: dev.clone_htod(&self.group_scales)?,
+            map: dev.clone_htod(&dynamic_map()[..])?,
+            offset: self.offset,
+            bytes: self.storage_bytes(),
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Nf4Cuda {
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Bytes held, as [`Nf4Tensor::storage_bytes`] counts them (the shared map aside).
+    pub fn storage_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn device(&self) -> &candle_core::CudaDevice {
+        &self.dev
+    }
+
+    /// The weight back on the host, as quantised.
+    pub fn download(&self) -> Result<Nf4Tensor> {
+        Ok(Nf4Tensor {
+            dims: self.dims.clone(),
+            codes: self.dev.clone_dtoh(&self.codes)?,
+            absmax_codes: self.dev.clone_dtoh(&self.absmax_codes)?,
+            group_scales: self.dev.clone_dtoh(&self.group_scales)?,
+            offset: self.offset,
+        })
+    }
+
+    /// The device pointers of the parts, for the dequantisation kernel.
+    pub(crate) fn parts(&self) -> crate::ops::nf4::Nf4Parts {
+        use crate::ops::cuda::slice_ptr;
+        crate::ops::nf4::Nf4Parts {
+            codes: slice_ptr(&self.codes),
+            absmax_codes: slice_ptr(&self.absmax_codes),
+            group_scales: slice_ptr(&self.group_scales),
+            map: slice_ptr(&self.map),
+            offset: self.offset,
+        }
+    }
+
+    /// Writes the dequantised weight (row-major, bf16 or f32) to the device buffer at `y`.
+    ///
+    /// # Safety
+    /// `y` must address `elem_count` elements of the type `bf16` says, on this weight's device.
+    pub(crate) unsafe fn dequantize_into(&self, bf16: bool, y: u64) -> Result<()> {
+        let n: usize = self.dims.iter().product();
+        // SAFETY: the parts are this weight's, of n values; y is the caller's.
+        unsafe { crate::ops::nf4::dequantize_into(&self.dev, &self.parts(), n, bf16, y)? };
+        Ok(())
+    }
+
+    /// The dequantised weight as a tensor of `dtype` (bf16 or f32) on `device`: by the kernel
+    /// on this weight's GPU, through the host anywhere else.
+    pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let here = Device::Cuda(self.dev.clone());
+        if !device.same_device(&here) || !matches!(dtype, DType::BF16 | DType::F32) {
+            return self.download()?.to_tensor(dtype, device);
+        }
+        let n: usize = self.dims.iter().product();
+        let bf16 = dtype == DType::BF16;
+        let (s, y) = crate::ops::cuda::fresh(&self.dev, bf16, n)?;
+        // SAFETY: y is a fresh buffer of n elements of that type on this device.
+        unsafe { self.dequantize_into(bf16, y)? };
+        let like = Tensor::zeros((), dtype, device)?;
+        Ok(crate::ops::cuda::wrap_storage(
+            s,
+            self.dims.as_slice(),
+            &like,
+        )?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,12 +27,10 @@
 //! 1 ms a step).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor, TensorId, Var,
-};
+use candle_core::{CudaDevice, CudaStorage, DType, Shape, Tensor, TensorId, Var};
 
 use super::{Batch, Layer, Llama};
 use crate::adapter::{AdaptedLinear, FactorLayout, FactorSource};
@@ -50,6 +48,7 @@ use crate::ops::residual::{add, add_lr};
 use crate::ops::swiglu::cuda::{swiglu_bwd, swiglu_bwd_lr, swiglu_fwd, swiglu_fwd_lr};
 use crate::ops::xent::cuda::xent_grad_inplace;
 use crate::ops::{key_lens, rope_tables, FastPath};
+use crate::quant::QuantWeight;
 
 /// [`mark`] on a CUDA device (nothing elsewhere).
 pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {
@@ -59,28 +58,8 @@ pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Resu
     }
 }
 
-/// Hands a storage computed outside candle to candle as a tensor (a no-input op's output).
-struct Wrap(Mutex<Option<(CudaStorage, Shape)>>);
-
-impl CustomOp1 for Wrap {
-    fn name(&self) -> &'static str {
-        "wrap"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("wrap: CUDA only")
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.0
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("wrap: used twice".into()))
-    }
-}
-
 fn to_tensor(s: CudaStorage, shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor> {
-    let op = Wrap(Mutex::new(Some((s, shape.into()))));
-    Ok(like.apply_op1_no_bwd(&op)?)
+    Ok(cuda::wrap_storage(s, shape, like)?)
 }
 
 /// The device pointer of a contiguous CUDA tensor (bf16 or f32).
@@ -284,7 +263,10 @@ impl Group {
 
 /// A projection prepared for the step.
 struct Proj {
+    /// The frozen weight (n, k); for an NF4 weight, the step's scratch buffer that
+    /// [`Proj::materialise`] fills just before each product.
     w0: Mat,
+    nf4: Option<Arc<dyn QuantWeight>>,
     bias: Option<Tensor>,
     n: usize,
     k: usize,
@@ -341,11 +323,13 @@ pub(crate) struct Tape {
     layer_ends: Vec<usize>,
     /// The residual stream after the last layer, a leaf variable: candle's part starts here.
     pub leaf: Var,
+    /// Where NF4 weights are dequantised, one at a time (None: every weight dense).
+    _scratch: Option<CudaStorage>,
 }
 
 /// Whether [`prepare`] will take `al` (no device work).
 fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
-    if al.is_merged() || al.base().is_quantized() {
+    if al.is_merged() || (al.base().is_quantized() && al.base().nf4_on_gpu().is_none()) {
         return Ok(false);
     }
     Ok(al
@@ -359,15 +343,30 @@ fn layout_supported(layout: FactorLayout) -> bool {
     matches!(layout.u, FactorSource::Rows(_))
 }
 
-fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Option<Proj>> {
+/// `scratch`: the buffer an NF4 weight is dequantised into (of at least n·k elements of the
+/// step's type), 0 when there is none.
+fn prepare(
+    al: &AdaptedLinear,
+    bf16: bool,
+    grad_len: &mut usize,
+    scratch: u64,
+) -> Result<Option<Proj>> {
     if al.is_merged() {
         return Ok(None);
     }
-    let Some(w) = al.base().dense_weight() else {
-        return Ok(None);
-    };
     let (n, k) = al.dims();
-    let w0 = mat_of_tensor(w, al.name())?.0;
+    let nf4 = al.base().nf4_on_gpu();
+    // DoRA's magnitude needs the weight's column norms: an NF4 weight's computed once here from
+    // a temporary dequantised copy
+    let dequantised;
+    let (w, w0) = match (al.base().dense_weight(), &nf4) {
+        (Some(w), _) => (w, mat_of_tensor(w, al.name())?.0),
+        (None, Some(_)) if scratch != 0 => {
+            dequantised = al.base().weight()?;
+            (&dequantised, Mat::new(scratch, k))
+        }
+        _ => return Ok(None),
+    };
     let dt = if bf16 { DType::BF16 } else { DType::F32 };
     let ad = match al.adapter() {
         None => None,
@@ -425,6 +424,7 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
     };
     Ok(Some(Proj {
         w0,
+        nf4,
         bias: al.base().bias().cloned(),
         n,
         k,
@@ -435,6 +435,16 @@ fn prepare(al: &AdaptedLinear, bf16: bool, grad_len: &mut usize) -> Result<Optio
 type Buf = (CudaStorage, u64);
 
 impl Proj {
+    /// Writes an NF4 weight into its scratch buffer (`w0`) for the product that follows on the
+    /// same stream; nothing for a dense weight.
+    fn materialise(&self, cx: &Ctx) -> Result<()> {
+        if let Some(w) = self.nf4.as_ref().and_then(|w| w.nf4_on_gpu()) {
+            // SAFETY: w0 is the step's scratch, of at least n·k elements of the step's type.
+            unsafe { w.dequantize_into(cx.bf16, self.w0.ptr)? };
+            cx.mark("NF4 dequantisation")?;
+        }
+        Ok(())
+    }
     /// y = x·W0ᵀ + b + c·(x·D)·Uᵀ; returns y and h = x·D (kept for the backward). `pre_h`:
     /// h already computed (by the projection's group) at this pointer and row stride.
     /// `defer`: where the consumer kernels can take it, the c·h·Uᵀ term is not added to y
@@ -457,6 +467,7 @@ impl Proj {
         let (y, yp, had_bias) = linear_output(cx.dev, cx.bf16, m, self.n, bias)?;
         let beta = if had_bias { 1.0 } else { 0.0 };
         let xm = Mat::new(x, self.k);
+        self.materialise(cx)?;
         // SAFETY (every GEMM here): live buffers of the shapes given, one stream.
         unsafe { gemm(cx, (m, self.n, self.k), xm, self.w0.t(), yp, 1.0, beta)? };
         // The adapter's rank-r product is added to y afterwards (β = 1): accumulating the frozen
@@ -552,6 +563,7 @@ impl Proj {
         let gm = Mat::new(g, n);
         let beta = if accumulate { 1.0 } else { 0.0 };
         // dx (+)= g·W0, then the adapter's c·(g·U)·Dᵀ added to it (see `forward` on the order)
+        self.materialise(cx)?;
         unsafe { gemm(cx, (m, k, n), gm, self.w0, dx, 1.0, beta)? };
         cx.mark("frozen GEMM bwd")?;
         let Some(f) = &self.ad else {
@@ -722,6 +734,20 @@ impl Llama {
                 }
             }
         }
+        // one scratch buffer for NF4 weights, the size of the largest (each is dequantised into
+        // it just before its product, in stream order)
+        let largest = self
+            .layers
+            .iter()
+            .flat_map(layer_projs)
+            .filter(|al| al.base().nf4_on_gpu().is_some())
+            .map(|al| al.dims().0 * al.dims().1)
+            .max();
+        let scratch = match largest {
+            Some(n) => Some(Ctx::scalar(dev, bf16).fresh(n)?),
+            None => None,
+        };
+        let scratch_ptr = scratch.as_ref().map_or(0, |s| s.1);
         let mut grad_len = 0;
         let mut projs = vec![];
         let mut groups = vec![];
@@ -756,9 +782,11 @@ impl Llama {
         for (li, l) in self.layers.iter().enumerate() {
             let mut ps = vec![];
             for al in layer_projs(l) {
-                ps.push(prepare(al, bf16, &mut grad_len)?.ok_or_else(|| {
-                    Error::msg(format!("fast path: {} cannot be prepared", al.name()))
-                })?);
+                ps.push(
+                    prepare(al, bf16, &mut grad_len, scratch_ptr)?.ok_or_else(|| {
+                        Error::msg(format!("fast path: {} cannot be prepared", al.name()))
+                    })?,
+                );
             }
             let ps: [Proj; 7] = ps.try_into().map_err(|_| Error::msg("seven projections"))?;
             let grp = if fast.grouped {
@@ -884,6 +912,7 @@ impl Llama {
             grad_len,
             layer_ends,
             leaf,
+            _scratch: scratch.map(|s| s.0),
         }))
     }
 }

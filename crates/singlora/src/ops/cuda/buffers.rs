@@ -151,3 +151,41 @@ pub fn slice_ptr<T>(s: &CudaSlice<T>) -> u64 {
     let p = s.device_ptr(s.stream()).0;
     p
 }
+
+/// Hands a storage computed outside candle to candle as a tensor (a no-input op's output).
+struct Wrap(std::sync::Mutex<Option<(CudaStorage, candle_core::Shape)>>);
+
+impl candle_core::CustomOp1 for Wrap {
+    fn name(&self) -> &'static str {
+        "wrap"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("wrap: CUDA only")
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        self.0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("wrap: used twice".into()))
+    }
+}
+
+/// The storage `s` as a tensor of `shape` (its dtype is the storage's; `like`, any tensor on
+/// the same device, only carries the op).
+pub fn wrap_storage(
+    s: CudaStorage,
+    shape: impl Into<candle_core::Shape>,
+    like: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let op = Wrap(std::sync::Mutex::new(Some((s, shape.into()))));
+    like.apply_op1_no_bwd(&op)
+}
