@@ -81,9 +81,13 @@ pub fn step(a: StepArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct LlamaArgs {
-    /// tinyllama, 7b, or tiny (a test-sized model).
+    /// tinyllama, 7b, 70b (LLaMA-2-70B's shape), or tiny (a test-sized model).
     #[arg(long, default_value = "tinyllama")]
     shape: String,
+    /// The frozen base's linear weights: bf16 (f32 on the CPU) or nf4 (random NF4 weights, made
+    /// from their parts: the dense base is never held).
+    #[arg(long, default_value = "bf16")]
+    base_dtype: String,
     /// Comma-separated: base (the frozen-base floor), singlora, lora, rslora, lora-plus, dora.
     #[arg(long, default_value = "base,singlora,lora,dora")]
     methods: String,
@@ -183,7 +187,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
     }
     if !a.json {
         println!(
-            "{:<10} {:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>6}",
+            "{:<10} {:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>6}",
             "shape",
             "method",
             "ms/step",
@@ -196,6 +200,11 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             "MFU"
         );
     }
+    let nf4 = match a.base_dtype.as_str() {
+        "bf16" => false,
+        "nf4" => true,
+        other => anyhow::bail!("--base-dtype {other}: bf16 or nf4"),
+    };
     for (_, method) in methods_of(&a.methods)? {
         let r = run(
             &a.shape,
@@ -209,6 +218,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             &device,
             a.recompute,
             fast,
+            nf4,
         )?;
         if a.json {
             let mut v = serde_json::to_value(&r)?;
@@ -224,7 +234,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             println!("{}", serde_json::to_string(&v)?);
         } else {
             println!(
-                "{:<10} {:<12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>12} {:>10} {:>6}",
+                "{:<10} {:<18} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.0} {:>12} {:>10} {:>6}",
                 r.shape,
                 r.method,
                 r.timing.median_ms,
@@ -348,6 +358,7 @@ fn shape_of(name: &str) -> Result<LlamaShape> {
     Ok(match name {
         "tinyllama" => shapes::TINYLLAMA,
         "7b" => shapes::LLAMA_7B,
+        "70b" => shapes::LLAMA_70B,
         "tiny" => LlamaShape {
             hidden: 64,
             intermediate: 176,
@@ -356,7 +367,7 @@ fn shape_of(name: &str) -> Result<LlamaShape> {
             kv_heads: 2,
             vocab: 256,
         },
-        other => anyhow::bail!("unknown shape `{other}`: tinyllama, 7b or tiny"),
+        other => anyhow::bail!("unknown shape `{other}`: tinyllama, 7b, 70b or tiny"),
     })
 }
 

@@ -147,10 +147,7 @@ impl CustomOp1 for QuantMatmul {
 
 /// An NF4 weight kept where it is used: in host memory for the CPU, in the GPU's memory for a
 /// GPU (dequantised there by a kernel).
-pub(crate) fn nf4_on(
-    q: Nf4Tensor,
-    device: &candle_core::Device,
-) -> crate::Result<Arc<dyn QuantWeight>> {
+pub fn nf4_on(q: Nf4Tensor, device: &candle_core::Device) -> crate::Result<Arc<dyn QuantWeight>> {
     match device {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(dev) => Ok(Arc::new(q.upload(dev)?)),

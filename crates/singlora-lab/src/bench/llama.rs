@@ -100,8 +100,9 @@ pub fn run(
     device: &Device,
     recompute: bool,
     fast: FastPath,
+    nf4: bool,
 ) -> Result<LlamaBench> {
-    let mut model = random_model(name, shape, method, rank, device)?;
+    let mut model = random_model_as(name, shape, method, rank, device, nf4)?;
     set_recompute(&mut model, recompute);
     model.fast = fast;
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
@@ -118,7 +119,11 @@ pub fn run(
     let flops = step_flops(&shape, batch, seq);
     Ok(LlamaBench {
         shape: name.to_string(),
-        method: method.map_or("frozen base".to_string(), |m| m.to_string()),
+        method: format!(
+            "{}{}",
+            method.map_or("frozen base".to_string(), |m| m.to_string()),
+            if nf4 { " (NF4)" } else { "" }
+        ),
         batch,
         seq,
         trainable_params,
@@ -146,19 +151,39 @@ pub fn random_model(
     rank: usize,
     device: &Device,
 ) -> Result<TaskModel> {
+    random_model_as(name, shape, method, rank, device, false)
+}
+
+/// [`random_model`], with the decoder layers' linear weights random NF4 ones when `nf4`
+/// ([`crate::shapes::random_nf4`]; never dense, so a 70B-shaped base fits one GPU).
+pub fn random_model_as(
+    name: &str,
+    shape: LlamaShape,
+    method: Option<Method>,
+    rank: usize,
+    device: &Device,
+    nf4: bool,
+) -> Result<TaskModel> {
     let dtype = if device.is_cpu() {
         DType::F32
     } else {
         DType::BF16
     };
-    let tensors = crate::shapes::device_tensors(&shape, dtype, device)?;
     let config = shape.config();
     let path = std::path::PathBuf::from(format!("random-{name}"));
     let reader = ConfigReader {
         path: &path,
         value: &config,
     };
-    let weights = Weights::Memory(path.clone(), tensors);
+    let weights = if nf4 {
+        let (dense, quant) = crate::shapes::device_tensors_nf4(&shape, dtype, device)?;
+        Weights::Kept(path.clone(), dense, quant)
+    } else {
+        Weights::Memory(
+            path.clone(),
+            crate::shapes::device_tensors(&shape, dtype, device)?,
+        )
+    };
     let mut llama = Llama::load(&weights, Llama::config(&reader)?, dtype, device)?;
     drop(weights);
     llama.grad_from_embeddings = method.is_none();

@@ -101,7 +101,7 @@ pub(crate) fn kept_weight(
     name: &str,
     d_out: usize,
     d_in: usize,
-) -> Result<Option<std::sync::Arc<crate::quant::ggml::GgmlWeight>>> {
+) -> Result<Option<std::sync::Arc<dyn QuantWeight>>> {
     let Some(q) = w.kept(name) else {
         return Ok(None);
     };
@@ -383,7 +383,14 @@ impl Pretrained {
             Some(p) if keep => {
                 let g = crate::gguf::load_gguf_keeping(&p, DType::F32)?;
                 (
-                    Weights::Kept(p.clone(), g.tensors, g.kept),
+                    Weights::Kept(
+                        p.clone(),
+                        g.tensors,
+                        g.kept
+                            .into_iter()
+                            .map(|(k, v)| (k, v as std::sync::Arc<dyn QuantWeight>))
+                            .collect(),
+                    ),
                     g.config,
                     p.clone(),
                     g.tokenizer,

@@ -11,19 +11,19 @@ use serde_json::Value;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::quant::ggml::GgmlWeight;
 use crate::quant::QuantWeight;
 
 pub enum Weights {
     Checkpoint(Checkpoint),
     /// Tensors in memory (a GGUF file dequantised at load), with the file they came from.
     Memory(PathBuf, BTreeMap<String, Tensor>),
-    /// A GGUF file's tensors with its quantised linear weights kept as stored
-    /// (`--base-dtype same`): the dequantised ones, and the kept ones by name.
+    /// Tensors with the frozen linear weights kept quantised: a GGUF file's as stored
+    /// (`--base-dtype same`), or weights made quantised (the benchmarks' random NF4 ones): the
+    /// dense tensors, and the kept ones by name.
     Kept(
         PathBuf,
         BTreeMap<String, Tensor>,
-        BTreeMap<String, Arc<GgmlWeight>>,
+        BTreeMap<String, Arc<dyn QuantWeight>>,
     ),
     /// The same weights, with the frozen linear layers' weights quantised to NF4 one at a time
     /// as they load (`--base-dtype nf4`), so no dense copy of the whole model is ever held on
@@ -59,7 +59,7 @@ impl Weights {
     }
 
     /// `name` where it is kept quantised ([`Weights::Kept`]).
-    pub fn kept(&self, name: &str) -> Option<Arc<GgmlWeight>> {
+    pub fn kept(&self, name: &str) -> Option<Arc<dyn QuantWeight>> {
         match self {
             Weights::Kept(_, _, k) => k.get(name).cloned(),
             Weights::Nf4(w) => w.kept(name),

@@ -112,19 +112,24 @@ impl Nf4Tensor {
                 "NF4: cannot quantise a weight holding {bad}"
             )));
         }
+        use rayon::prelude::*;
         let absmax: Vec<f32> = values
-            .chunks(BLOCK)
+            .par_chunks(BLOCK)
             .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
             .collect();
+        // a block's 64 values fill 32 whole bytes (the last block's, what is left)
         let mut codes = vec![0u8; n.div_ceil(2)];
-        for (b, (block, &amax)) in values.chunks(BLOCK).zip(&absmax).enumerate() {
-            let inv = if amax > 0.0 { 1.0 / amax } else { 0.0 };
-            for (j, &v) in block.iter().enumerate() {
-                let i = b * BLOCK + j;
-                let c = nearest(&NF4_LEVELS, v * inv);
-                codes[i / 2] |= if i % 2 == 0 { c << 4 } else { c };
-            }
-        }
+        codes
+            .par_chunks_mut(BLOCK / 2)
+            .zip(values.par_chunks(BLOCK))
+            .zip(&absmax)
+            .for_each(|((bytes, block), &amax)| {
+                let inv = if amax > 0.0 { 1.0 / amax } else { 0.0 };
+                for (j, &v) in block.iter().enumerate() {
+                    let c = nearest(&NF4_LEVELS, v * inv);
+                    bytes[j / 2] |= if j % 2 == 0 { c << 4 } else { c };
+                }
+            });
         let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
         let map = dynamic_map();
         let mut absmax_codes = Vec::with_capacity(absmax.len());
@@ -134,6 +139,34 @@ impl Nf4Tensor {
             group_scales.push(scale);
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             absmax_codes.extend(group.iter().map(|a| nearest(&map, (a - offset) * inv)));
+        }
+        Ok(Self {
+            dims: dims.to_vec(),
+            codes,
+            absmax_codes,
+            group_scales,
+            offset,
+        })
+    }
+
+    /// A weight from its stored parts (as [`Nf4Tensor::parts`] gives them), their lengths
+    /// checked against `dims`.
+    pub fn from_parts(
+        dims: &[usize],
+        codes: Vec<u8>,
+        absmax_codes: Vec<u8>,
+        group_scales: Vec<f32>,
+        offset: f32,
+    ) -> Result<Self> {
+        let n: usize = dims.iter().product();
+        let blocks = n.div_ceil(BLOCK);
+        let want = (n.div_ceil(2), blocks, blocks.div_ceil(GROUP));
+        let got = (codes.len(), absmax_codes.len(), group_scales.len());
+        if n == 0 || got != want {
+            return Err(Error::msg(format!(
+                "NF4 parts for the shape {dims:?}: {got:?} codes, block codes and group scales, \
+                 {want:?} expected"
+            )));
         }
         Ok(Self {
             dims: dims.to_vec(),
@@ -400,6 +433,19 @@ mod tests {
         assert_eq!(q.storage_bytes(), 500 + 16 + 4 * 2);
         assert!(Nf4Tensor::quantize(&[1.0, f32::NAN], &[2]).is_err());
         assert!(Nf4Tensor::quantize(&[1.0], &[2]).is_err());
+    }
+
+    #[test]
+    fn parts_round_trip_and_wrong_lengths_are_refused() {
+        let vals: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin()).collect();
+        let q = Nf4Tensor::quantize(&vals, &[3, 100]).unwrap();
+        let (c, a, g, o) = q.parts();
+        let back = Nf4Tensor::from_parts(&[3, 100], c.to_vec(), a.to_vec(), g.to_vec(), o).unwrap();
+        assert_eq!(back.dequantize(), q.dequantize());
+        let err = Nf4Tensor::from_parts(&[3, 101], c.to_vec(), a.to_vec(), g.to_vec(), o)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[3, 101]"), "{err}");
     }
 
     #[test]
