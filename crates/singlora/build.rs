@@ -2,7 +2,7 @@
 // (OUT_DIR/<name>.ptx) with the toolkit's nvcc (scripts/build-cuda.sh puts it on PATH); the
 // library embeds the PTX, each op's launchers their own file's. Shared kernel code is in
 // headers (.cuh) that the .cu files include by relative path. Cargo reruns this when a kernel
-// file it listed changes (or this file does); a new .cu file is found on the next rerun.
+// file under src/ops changes, a new one included (or this file does).
 use std::path::{Path, PathBuf};
 
 /// The files under `dir` whose names end with one of `exts`, sorted.
@@ -29,6 +29,8 @@ fn main() {
     let mut sources = vec![];
     files(Path::new("src/ops"), &["cu", "cuh"], &mut sources);
     println!("cargo:rerun-if-changed=build.rs");
+    // a directory: cargo reruns this when anything under it changes, a new kernel file included
+    println!("cargo:rerun-if-changed=src/ops");
     for p in &sources {
         println!("cargo:rerun-if-changed={}", p.display());
     }

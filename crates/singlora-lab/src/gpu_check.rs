@@ -805,6 +805,74 @@ fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The fast path on packed rows (several examples end to end in a row, attention within each,
+/// positions from 0 at each start, a row ending in padding) against autograd on the same rows:
+/// loss and adapter gradients, SingLoRA and LoRA (bf16 storage: the fused attention kernels).
+fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora::data::{collate_rows, Encoded};
+    use singlora_lab::bench::llama::random_model;
+    let shape = LlamaShape {
+        hidden: 128,
+        intermediate: 344,
+        layers: 2,
+        heads: 2,
+        kv_heads: 1,
+        vocab: 256,
+    };
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let items: Vec<Encoded> = [15usize, 25, 40, 10, 12, 8]
+        .iter()
+        .map(|&len| {
+            let ids: Vec<u32> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % shape.vocab as u64) as u32
+                })
+                .collect();
+            Encoded {
+                type_ids: vec![0; len],
+                label: None,
+                target_mask: vec![1; len],
+                ids,
+            }
+        })
+        .collect();
+    let batch = collate_rows(&items, &[vec![0, 1], vec![2], vec![3, 4, 5]], 0, device)?;
+    if batch.segments.is_none() {
+        bail!("packed check: the batch has no segments");
+    }
+    for method in ["singlora", "lora"] {
+        let model = random_model("check", shape, Some(method.parse()?), 8, device)?;
+        for p in model.params() {
+            p.var.set(&p.var.as_tensor().randn_like(0.0, 0.02)?)?;
+        }
+        let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
+        let loss_a = model.loss(&batch)?;
+        let g_a = loss_a.backward()?;
+        let mut worst: f64 = 0.0;
+        for p in model.params() {
+            let (Some(a), Some(b)) = (g_f.get(p.var.as_tensor()), g_a.get(p.var.as_tensor()))
+            else {
+                bail!("packed fast path {method}: no gradient for {}", p.suffix);
+            };
+            worst = worst.max(rel_err(a, b)?);
+        }
+        rows.push(Row {
+            what: format!("packed rows, fast path {method} vs autograd: loss"),
+            err: rel_err(&loss_f, &loss_a)?,
+            bound: 1e-2,
+        });
+        rows.push(Row {
+            what: format!("packed rows, fast path {method} vs autograd: gradients (worst)"),
+            err: worst,
+            bound: 3e-2,
+        });
+    }
+    Ok(())
+}
+
 /// The fast path on an NF4 base (each weight dequantised into a scratch buffer just before its
 /// product) against autograd on the same NF4 base, and against the fast path on a dense base
 /// holding the same dequantised values (which must give the same numbers): SingLoRA and DoRA.
@@ -1120,6 +1188,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
         nf4_checks(&device, &mut rows)?;
         fast_path_checks(&device, &mut rows)?;
         nf4_fast_path_checks(&device, &mut rows)?;
+        packed_fast_path_checks(&device, &mut rows)?;
     }
     training_checks(device_name, &mut rows)?;
     report(&rows, device_name)

@@ -36,7 +36,7 @@ use super::{Batch, Layer, Llama};
 use crate::adapter::{AdaptedLinear, FactorLayout, FactorSource};
 use crate::dist::GradSync;
 use crate::error::{Error, Result};
-use crate::ops::attention::cuda::{backward_raw, forward_raw, Saved};
+use crate::ops::attention::cuda::{backward_raw, forward_raw, PackedRows, Saved};
 use crate::ops::cuda::prof::mark;
 use crate::ops::cuda::{
     self, geam_f32, gemm, gemm_out, gemm_out_ld, mat_of_tensor, upload_lens, Ctx, Mat,
@@ -325,6 +325,8 @@ pub(crate) struct Tape {
     pub leaf: Var,
     /// Where NF4 weights are dequantised, one at a time (None: every weight dense).
     _scratch: Option<CudaStorage>,
+    /// Packed rows: attention runs on one example per row, gathered from and back to them.
+    packed: Option<PackedRows>,
 }
 
 /// Whether [`prepare`] will take `al` (no device work).
@@ -706,10 +708,6 @@ impl Llama {
         let candle_core::Device::Cuda(dev) = batch.ids.device() else {
             return Ok(None);
         };
-        // packed rows: the autograd path gathers each example into a row of its own
-        if batch.segments.is_some() {
-            return Ok(None);
-        }
         let bf16 = match self.dtype {
             DType::BF16 => true,
             DType::F32 => false,
@@ -757,6 +755,12 @@ impl Llama {
         let (h, ff) = (c.hidden, c.intermediate);
         let dims = (b, t, c.heads, c.kv_heads, c.head_dim);
         let lens = upload_lens(dev, &key_lens(&batch.mask)?)?;
+        // packed rows: each layer's attention gathers q, k, v into one example per row (keys
+        // within the example, positions from 0 at its start) and its output back
+        let packed = match &batch.segments {
+            Some(s) => Some(PackedRows::new(dev, s, t)?),
+            None => None,
+        };
         let (cos, sin) = rope_tables(&c.inv_freq, t, DType::F32, batch.ids.device())?;
         let tables = (tensor_ptr(&cos, "rope cos")?, tensor_ptr(&sin, "rope sin")?);
         let x0 = self
@@ -810,22 +814,49 @@ impl Llama {
                 _ => None,
             };
             // q's, k's and v's terms go to the RoPE/split kernel (whole warps per half head)
-            let qkv_fuse = fuse && c.head_dim % 64 == 0;
+            let qkv_fuse = fuse && c.head_dim % 64 == 0 && packed.is_none();
             let (q, hq, lq) = ps[0].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse)?;
             let (k, hk, lk) = ps[1].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse)?;
             let (v, hv, lv) = ps[2].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse)?;
             // the norms' outputs are recomputed in the backward (cheap, and 2·hidden values
             // per token fewer to keep); SwiGLU's too with `recompute`
             drop(hn1);
-            let (a, ap, att) = forward_raw(
-                &cx,
-                (q.1, k.1, v.1),
-                tables,
-                dims,
-                &lens,
-                (true, self.recompute),
-                [lq.as_ref(), lk.as_ref(), lv.as_ref()],
-            )?;
+            let (a, ap, att) = match &packed {
+                None => forward_raw(
+                    &cx,
+                    (q.1, k.1, v.1),
+                    tables,
+                    dims,
+                    &lens,
+                    (true, self.recompute),
+                    [lq.as_ref(), lk.as_ref(), lv.as_ref()],
+                )?,
+                Some(pr) => {
+                    let kvd = c.kv_heads * c.head_dim;
+                    let rows = pr.rows();
+                    let qg = cx.fresh(rows * nd)?;
+                    let kg = cx.fresh(rows * kvd)?;
+                    let vg = cx.fresh(rows * kvd)?;
+                    pr.unpack(&cx, (q.1, qg.1), nd)?;
+                    pr.unpack(&cx, (k.1, kg.1), kvd)?;
+                    pr.unpack(&cx, (v.1, vg.1), kvd)?;
+                    let dims_g = (pr.examples, pr.max_len, c.heads, c.kv_heads, c.head_dim);
+                    let (ag, agp, att) = forward_raw(
+                        &cx,
+                        (qg.1, kg.1, vg.1),
+                        tables,
+                        dims_g,
+                        &pr.lens,
+                        (true, self.recompute),
+                        [None, None, None],
+                    )?;
+                    drop((qg, kg, vg));
+                    let (a, ap) = cx.fresh(m * nd)?;
+                    pr.pack(&cx, (agp, ap), nd)?;
+                    drop(ag);
+                    (a, ap, att)
+                }
+            };
             cx.mark("attention fwd")?;
             drop((q, k, v));
             let (o, ho, lo) = ps[3].forward(&cx, ap, m, None, fuse)?;
@@ -913,6 +944,7 @@ impl Llama {
             layer_ends,
             leaf,
             _scratch: scratch.map(|s| s.0),
+            packed,
         }))
     }
 }
@@ -1021,7 +1053,29 @@ impl Tape {
             let da = cx.fresh(m * nh * hd)?;
             let da_out = (da.1, false);
             ps[3].backward(&cx, dxp, lt.a.1, &lt.h_o, m, da_out, grads_ptr, None, false)?;
-            let (pk, pkp) = backward_raw(&cx, &lt.att, (da.1, lt.a.1), tables, self.dims)?;
+            let (pk, pkp) = match &self.packed {
+                None => backward_raw(&cx, &lt.att, (da.1, lt.a.1), tables, self.dims)?,
+                Some(pr) => {
+                    // the output gradient and the output as example rows, the attention's
+                    // backward there, and dq, dk, dv back to the packed rows
+                    let (nd, kvd, rows) = (nh * hd, kvh * hd, pr.rows());
+                    let dag = cx.fresh(rows * nd)?;
+                    let og = cx.fresh(rows * nd)?;
+                    pr.unpack(&cx, (da.1, dag.1), nd)?;
+                    pr.unpack(&cx, (lt.a.1, og.1), nd)?;
+                    let dims_g = (pr.examples, pr.max_len, nh, kvh, hd);
+                    let (pkg, pkgp) = backward_raw(&cx, &lt.att, (dag.1, og.1), tables, dims_g)?;
+                    drop((dag, og));
+                    let (nqg, nkg) = ((rows * nd) as u64, (rows * kvd) as u64);
+                    let (nq, nk) = ((m * nd) as u64, (m * kvd) as u64);
+                    let out = cx.fresh(m * (nd + 2 * kvd))?;
+                    pr.pack(&cx, (pkgp, out.1), nd)?;
+                    pr.pack(&cx, (pkgp + el * nqg, out.1 + el * nq), kvd)?;
+                    pr.pack(&cx, (pkgp + el * (nqg + nkg), out.1 + el * (nq + nk)), kvd)?;
+                    drop(pkg);
+                    out
+                }
+            };
             cx.mark("attention bwd")?;
             drop(da);
             let (nq, nk) = (m * nh * hd, m * kvh * hd);

@@ -29,6 +29,78 @@ use crate::ops::softmax::cuda::{softmax_bwd, softmax_fwd};
 use crate::ops::FastPath;
 
 const FLASH: Module = ptx_module!("flash");
+const ROWS: Module = ptx_module!("rows");
+
+/// Packed rows (b, t), each laying several examples end to end, seen as one example per row
+/// (n, max_len) on the device: the row maps both ways and the examples' lengths, for the fast
+/// path's attention (the autograd path gathers tensors with [`super::Segments`] instead; the
+/// same layout).
+pub struct PackedRows {
+    /// Per example row position (n · max_len): the packed row it reads, −1 past the example's
+    /// end.
+    unpack: CudaSlice<i32>,
+    /// Per packed row (b · t): its example row, −1 for a packed row's padding.
+    pack: CudaSlice<i32>,
+    /// The examples' lengths (the key lengths of the example rows).
+    pub lens: Arc<CudaSlice<u32>>,
+    pub examples: usize,
+    pub max_len: usize,
+}
+
+impl PackedRows {
+    /// `segments[r]`: the lengths of row r's examples, in order; rows of `t` positions.
+    pub fn new(
+        dev: &candle_core::CudaDevice,
+        segments: &[Vec<usize>],
+        t: usize,
+    ) -> candle_core::Result<Self> {
+        let maps = super::RowMaps::new(segments, t).map_err(candle_core::Error::wrap)?;
+        let lens32: Vec<u32> = maps.lens.iter().map(|&l| l as u32).collect();
+        Ok(Self {
+            unpack: dev.clone_htod(&maps.unpack)?,
+            pack: dev.clone_htod(&maps.pack)?,
+            lens: Arc::new(dev.clone_htod(&lens32)?),
+            examples: maps.lens.len(),
+            max_len: maps.max_len,
+        })
+    }
+
+    /// Rows of the example layout.
+    pub fn rows(&self) -> usize {
+        self.examples * self.max_len
+    }
+
+    fn gather(
+        cx: &Ctx,
+        map: &CudaSlice<i32>,
+        (src, dst): (u64, u64),
+        rows: usize,
+        width: usize,
+    ) -> candle_core::Result<()> {
+        let name = format!("rows_gather_{}", cx.suffix());
+        // SAFETY: map holds `rows` indices of rows of the source buffer (or −1), dst `rows` rows
+        // of `width` elements of the step's type.
+        unsafe {
+            ROWS.launch(
+                cx.dev,
+                &name,
+                elems_cfg(rows * width),
+                args![src, slice_ptr(map), dst, rows as i64, width as i32],
+            )
+        }
+    }
+
+    /// Packed rows (b·t, width) at `src` → example rows (n·max_len, width) at `dst`, zeros past
+    /// each example's end.
+    pub fn unpack(&self, cx: &Ctx, bufs: (u64, u64), width: usize) -> candle_core::Result<()> {
+        Self::gather(cx, &self.unpack, bufs, self.rows(), width)
+    }
+
+    /// Example rows at `src` → packed rows (b·t, width) at `dst`, zeros in the rows' padding.
+    pub fn pack(&self, cx: &Ctx, bufs: (u64, u64), width: usize) -> candle_core::Result<()> {
+        Self::gather(cx, &self.pack, bufs, self.pack.len(), width)
+    }
+}
 
 /// Whether the fused kernels apply: chosen, bf16, a head size they are built for, and b·h
 /// (query heads) blocks within a grid's second dimension.

@@ -182,18 +182,30 @@ pub struct Segments {
     packed: (usize, usize),
 }
 
-impl Segments {
-    pub fn new(segments: &[Vec<usize>], t: usize, device: &candle_core::Device) -> Result<Self> {
+/// The row maps between packed rows (b, t), row r laying the examples `segments[r]` end to
+/// end, and one example per row (n, max_len).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowMaps {
+    /// Per example row position (n · max_len): the packed row it reads, −1 past the example's
+    /// end.
+    pub unpack: Vec<i32>,
+    /// Per packed row (b · t): its example row, −1 in a row's padding.
+    pub pack: Vec<i32>,
+    /// The examples' lengths, in row order.
+    pub lens: Vec<usize>,
+    pub max_len: usize,
+}
+
+impl RowMaps {
+    pub fn new(segments: &[Vec<usize>], t: usize) -> Result<Self> {
         let lens: Vec<usize> = segments.iter().flatten().copied().collect();
         let max_len = lens.iter().copied().max().unwrap_or(0);
         if lens.is_empty() || max_len == 0 {
             return Err(crate::error::Error::msg("packed rows without examples"));
         }
-        let b = segments.len();
-        let mut unpack = Vec::with_capacity(lens.len() * max_len);
-        // a packed row's padding reads example 0's first position (its outputs are not used)
-        let mut pack = vec![0u32; b * t];
-        let mut n = 0;
+        let mut unpack = vec![-1i32; lens.len() * max_len];
+        let mut pack = vec![-1i32; segments.len() * t];
+        let mut e = 0;
         for (r, row) in segments.iter().enumerate() {
             let mut start = 0;
             for &len in row {
@@ -202,24 +214,45 @@ impl Segments {
                         "packed row {r}: its examples take more than its {t} positions"
                     )));
                 }
-                for j in 0..max_len {
-                    // past the example's end: any position of its row (masked as keys, and
-                    // its query's output is not gathered back)
-                    unpack.push((r * t + start + j.min(len - 1)) as u32);
-                }
                 for j in 0..len {
-                    pack[r * t + start + j] = (n * max_len + j) as u32;
+                    let (p, g) = (r * t + start + j, e * max_len + j);
+                    unpack[g] = p as i32;
+                    pack[p] = g as i32;
                 }
                 start += len;
-                n += 1;
+                e += 1;
             }
         }
         Ok(Self {
-            unpack: Tensor::new(unpack, device)?,
-            pack: Tensor::new(pack, device)?,
+            unpack,
+            pack,
             lens,
             max_len,
-            packed: (b, t),
+        })
+    }
+}
+
+impl Segments {
+    pub fn new(segments: &[Vec<usize>], t: usize, device: &candle_core::Device) -> Result<Self> {
+        let maps = RowMaps::new(segments, t)?;
+        let l = maps.max_len;
+        // past an example's end: its last position (masked as keys, and its query's output is
+        // not gathered back); a packed row's padding reads example 0's first position (its
+        // outputs are not used)
+        let unpack: Vec<u32> = (0..maps.unpack.len())
+            .map(|g| {
+                let e = g / l;
+                let last = e * l + maps.lens[e] - 1;
+                maps.unpack[g.min(last)] as u32
+            })
+            .collect();
+        let pack: Vec<u32> = maps.pack.iter().map(|&g| g.max(0) as u32).collect();
+        Ok(Self {
+            unpack: Tensor::new(unpack, device)?,
+            pack: Tensor::new(pack, device)?,
+            lens: maps.lens,
+            max_len: l,
+            packed: (segments.len(), t),
         })
     }
 
@@ -255,6 +288,41 @@ impl Segments {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two rows of 8: [3, 5] and [2, 4] (then 2 positions of padding).
+    #[test]
+    fn row_maps_are_inverse_on_examples_and_mark_the_rest() {
+        let m = RowMaps::new(&[vec![3, 5], vec![2, 4]], 8).unwrap();
+        assert_eq!((m.lens.clone(), m.max_len), (vec![3, 5, 2, 4], 5));
+        #[rustfmt::skip]
+        assert_eq!(m.unpack, vec![
+            0, 1, 2, -1, -1,
+            3, 4, 5, 6, 7,
+            8, 9, -1, -1, -1,
+            10, 11, 12, 13, -1,
+        ]);
+        assert_eq!(
+            m.pack,
+            vec![0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17, 18, -1, -1]
+        );
+        for (g, &p) in m.unpack.iter().enumerate() {
+            if p >= 0 {
+                assert_eq!(m.pack[p as usize], g as i32);
+            }
+        }
+        assert!(RowMaps::new(&[vec![5, 4]], 8).is_err());
+        assert!(RowMaps::new(&[vec![]], 8).is_err());
+        // the autograd path's gathers: past an end, the example's last position; padding, 0
+        let s = Segments::new(&[vec![3, 5], vec![2, 4]], 8, &Device::Cpu).unwrap();
+        assert_eq!(
+            s.unpack.to_vec1::<u32>().unwrap(),
+            vec![0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 9, 10, 11, 12, 13, 13]
+        );
+        assert_eq!(
+            s.pack.to_vec1::<u32>().unwrap(),
+            vec![0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17, 18, 0, 0]
+        );
+    }
     use crate::ops::reference::tests::{check_grad, max_diff, randn};
     use crate::ops::reference::{additive_mask, lens_mask};
     use candle_core::Device;
