@@ -805,20 +805,42 @@ fn low_rank_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The small LLaMA of the fast-path checks: GQA, head size 64 (the q/k/v terms take the RoPE
+/// kernel's epilogue), an MLP width that is not a multiple of the kernels' tiles.
+const CHECK_SHAPE: LlamaShape = LlamaShape {
+    hidden: 128,
+    intermediate: 344,
+    layers: 2,
+    heads: 2,
+    kv_heads: 1,
+    vocab: 256,
+};
+
+/// The largest relative difference between two gradient stores over `model`'s parameters;
+/// an error naming the parameter where either has none.
+fn worst_grad_err(
+    model: &TaskModel,
+    a: &candle_core::backprop::GradStore,
+    b: &candle_core::backprop::GradStore,
+    label: &str,
+) -> Result<f64> {
+    let mut worst: f64 = 0.0;
+    for p in model.params() {
+        let (Some(x), Some(y)) = (a.get(p.var.as_tensor()), b.get(p.var.as_tensor())) else {
+            bail!("{label}: no gradient for {}", p.suffix);
+        };
+        worst = worst.max(rel_err(x, y)?);
+    }
+    Ok(worst)
+}
+
 /// The fast path on packed rows (several examples end to end in a row, attention within each,
 /// positions from 0 at each start, a row ending in padding) against autograd on the same rows:
 /// loss and adapter gradients, SingLoRA and LoRA (bf16 storage: the fused attention kernels).
 fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use singlora::data::{collate_rows, Encoded};
     use singlora_lab::bench::llama::random_model;
-    let shape = LlamaShape {
-        hidden: 128,
-        intermediate: 344,
-        layers: 2,
-        heads: 2,
-        kv_heads: 1,
-        vocab: 256,
-    };
+    let shape = CHECK_SHAPE;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let items: Vec<Encoded> = [15usize, 25, 40, 10, 12, 8]
         .iter()
@@ -851,14 +873,7 @@ fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
         let loss_a = model.loss(&batch)?;
         let g_a = loss_a.backward()?;
-        let mut worst: f64 = 0.0;
-        for p in model.params() {
-            let (Some(a), Some(b)) = (g_f.get(p.var.as_tensor()), g_a.get(p.var.as_tensor()))
-            else {
-                bail!("packed fast path {method}: no gradient for {}", p.suffix);
-            };
-            worst = worst.max(rel_err(a, b)?);
-        }
+        let worst = worst_grad_err(&model, &g_f, &g_a, &format!("packed rows {method}"))?;
         rows.push(Row {
             what: format!("packed rows, fast path {method} vs autograd: loss"),
             err: rel_err(&loss_f, &loss_a)?,
@@ -878,14 +893,7 @@ fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
 /// holding the same dequantised values (which must give the same numbers): SingLoRA and DoRA.
 fn nf4_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use singlora_lab::bench::llama::{random_model, random_tokens};
-    let shape = LlamaShape {
-        hidden: 128,
-        intermediate: 344,
-        layers: 2,
-        heads: 2,
-        kv_heads: 1,
-        vocab: 256,
-    };
+    let shape = CHECK_SHAPE;
     for method in ["singlora", "dora"] {
         let mut model = random_model("check", shape, Some(method.parse()?), 8, device)?;
         model.body.quantize_nf4()?;
@@ -904,17 +912,8 @@ fn nf4_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             }
         }
         let (loss_d, g_d) = model.loss_and_grads(&batch, 1.0)?;
-        let worst = |other: &candle_core::backprop::GradStore| -> Result<f64> {
-            let mut worst: f64 = 0.0;
-            for p in model.params() {
-                let (Some(a), Some(b)) = (g_q.get(p.var.as_tensor()), other.get(p.var.as_tensor()))
-                else {
-                    bail!("NF4 fast path {method}: no gradient for {}", p.suffix);
-                };
-                worst = worst.max(rel_err(a, b)?);
-            }
-            Ok(worst)
-        };
+        let label = format!("NF4 fast path {method}");
+        let worst = |other| worst_grad_err(&model, &g_q, other, &label);
         rows.push(Row {
             what: format!("NF4 fast path {method} vs autograd on NF4: loss"),
             err: rel_err(&loss_q, &loss_a)?,
@@ -944,15 +943,7 @@ fn nf4_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
 /// adapter gradient (GQA, a padded row, LoRA's B made non-zero so both factors get gradients).
 fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use singlora_lab::bench::llama::{random_model, random_tokens};
-    // head size 64: the q/k/v terms take the RoPE kernel's epilogue
-    let shape = LlamaShape {
-        hidden: 128,
-        intermediate: 344,
-        layers: 2,
-        heads: 2,
-        kv_heads: 1,
-        vocab: 256,
-    };
+    let shape = CHECK_SHAPE;
     for (method, label) in [
         ("singlora", "singlora"),
         ("lora", "lora"),
@@ -978,14 +969,7 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             err: rel_err(&loss_f, &loss_a)?,
             bound: 1e-2,
         });
-        let mut worst: f64 = 0.0;
-        for p in model.params() {
-            let (Some(a), Some(b)) = (g_f.get(p.var.as_tensor()), g_a.get(p.var.as_tensor()))
-            else {
-                bail!("fast path {label}: no gradient for {}", p.suffix);
-            };
-            worst = worst.max(rel_err(a, b)?);
-        }
+        let worst = worst_grad_err(&model, &g_f, &g_a, &format!("fast path {label}"))?;
         rows.push(Row {
             what: format!("fast path {label}: adapter gradients (worst)"),
             err: worst,

@@ -152,7 +152,13 @@ fn nf4_linear_is_the_dequantised_linear() {
     );
 }
 
-fn decoder_fixture(name: &str) -> singlora::model::llama::Llama {
+/// The weights and config of the tiny decoder `name` of tests/fixtures/decoders.
+fn decoder_parts(
+    name: &str,
+) -> (
+    singlora::model::weights::Weights,
+    singlora::model::llama::LlamaConfig,
+) {
     use singlora::checkpoint::Checkpoint;
     use singlora::model::llama::Llama;
     use singlora::model::weights::{ConfigReader, Weights};
@@ -167,8 +173,12 @@ fn decoder_fixture(name: &str) -> singlora::model::llama::Llama {
         value: &value,
     })
     .unwrap();
-    let w = Weights::Checkpoint(Checkpoint::open(&d).unwrap());
-    Llama::load(&w, cfg, DType::F32, &Device::Cpu).unwrap()
+    (Weights::Checkpoint(Checkpoint::open(&d).unwrap()), cfg)
+}
+
+fn decoder_fixture(name: &str) -> singlora::model::llama::Llama {
+    let (w, cfg) = decoder_parts(name);
+    singlora::model::llama::Llama::load(&w, cfg, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// Every method's loss and adapter gradients on an NF4 base equal those on the same base
@@ -204,23 +214,12 @@ fn adapters_on_an_nf4_base_train_as_on_its_dequantised_weights() {
 /// fused projections).
 #[test]
 fn quantising_while_loading_equals_quantising_after() {
-    use singlora::checkpoint::Checkpoint;
     use singlora::model::llama::Llama;
-    use singlora::model::weights::{ConfigReader, Weights};
+    use singlora::model::weights::Weights;
     use singlora::model::Body;
     for family in ["qwen3", "phi3"] {
-        let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/decoders")
-            .join(family);
-        let path = d.join("config.json");
-        let value: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let cfg = Llama::config(&ConfigReader {
-            path: &path,
-            value: &value,
-        })
-        .unwrap();
-        let w = Weights::Nf4(Box::new(Weights::Checkpoint(Checkpoint::open(&d).unwrap())));
+        let (w, cfg) = decoder_parts(family);
+        let w = Weights::Nf4(Box::new(w));
         assert!(w.quantizes_nf4());
         let while_loading = Body::Llama(Llama::load(&w, cfg, DType::F32, &Device::Cpu).unwrap());
         let mut after = Body::Llama(decoder_fixture(family));
