@@ -586,6 +586,67 @@ fn nf4_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// FP8 with one scale per tensor: E4M3 codes from the device's kernel against candle's own
+/// F8E4M3 conversion of the same scaled values on the CPU; a transpose; cuBLASLt's FP8 GEMM
+/// (E4M3 × E4M3, and E5M2 × E4M3 as a gradient times a weight) against an f32 GEMM of the same
+/// FP8 values, so that only the accumulation and the bf16 output differ.
+#[cfg(feature = "cuda")]
+fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora::ops::fp8;
+    if device.is_cpu() {
+        return Ok(());
+    }
+    let (m, n, k) = (128usize, 192usize, 256usize);
+    let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(DType::BF16)?;
+    let w = Tensor::randn(0f32, 0.02, (n, k), device)?.to_dtype(DType::BF16)?;
+    let qx = fp8::quantize_tensor(&x, false)?;
+    let back = fp8::dequantize_tensor(&qx, &x.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?;
+    // the CPU reference: the same f32 scaling, then candle's F8E4M3 rounding
+    let xc = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let amax = xc.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let inv = fp8::E4M3_MAX / amax;
+    let want = xc
+        .affine(inv as f64, 0.0)?
+        .to_dtype(DType::F8E4M3)?
+        .to_dtype(DType::F32)?
+        .affine((amax / fp8::E4M3_MAX) as f64, 0.0)?;
+    let diff = (&back - &want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    rows.push(Row {
+        what: "FP8 E4M3 quantisation vs candle's F8E4M3 (max difference / amax)".into(),
+        err: (diff / amax) as f64,
+        bound: 1e-6,
+    });
+    let qt = fp8::transpose_tensor(&qx, &x)?;
+    let like = x.to_dtype(DType::F32)?;
+    let (d, dt) = (
+        fp8::dequantize_tensor(&qx, &like)?,
+        fp8::dequantize_tensor(&qt, &like)?,
+    );
+    rows.push(Row {
+        what: "FP8 transpose".into(),
+        err: rel_err(&dt.t()?.contiguous()?, &d)?,
+        bound: 0.0,
+    });
+    let qw = fp8::quantize_tensor(&w, false)?;
+    let wd = fp8::dequantize_tensor(&qw, &like)?;
+    for (label, e5) in [("E4M3 x E4M3", false), ("E5M2 x E4M3", true)] {
+        let qa = fp8::quantize_tensor(&x, e5)?;
+        let ad = fp8::dequantize_tensor(&qa, &like)?;
+        let got = fp8::matmul_nt(&qa, &qw, &x)?.to_dtype(DType::F32)?;
+        let want = ad.matmul(&wd.t()?)?;
+        rows.push(Row {
+            what: format!("FP8 GEMM {label} vs f32 GEMM of the same values"),
+            err: rel_err(&got, &want)?,
+            bound: 1e-2,
+        });
+    }
+    Ok(())
+}
+
 fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
@@ -1173,6 +1234,8 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
         fast_path_checks(&device, &mut rows)?;
         nf4_fast_path_checks(&device, &mut rows)?;
         packed_fast_path_checks(&device, &mut rows)?;
+        #[cfg(feature = "cuda")]
+        fp8_checks(&device, &mut rows)?;
     }
     training_checks(device_name, &mut rows)?;
     report(&rows, device_name)

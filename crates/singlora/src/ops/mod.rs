@@ -39,6 +39,8 @@ pub(crate) mod cuda;
 /// Timing events between the stages of the CUDA fast path's step, for the lab's kernel profile.
 #[cfg(feature = "cuda")]
 pub use cuda::prof;
+#[cfg(feature = "cuda")]
+pub mod fp8;
 pub(crate) mod gelu;
 pub(crate) mod linear;
 #[cfg(feature = "cuda")]
