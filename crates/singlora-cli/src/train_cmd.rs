@@ -406,8 +406,8 @@ fn run_of(adapter: &Path) -> Result<Option<TrainConfig>> {
 }
 
 /// The model with the adapter, its base kept as the run kept it where the device allows (NF4
-/// anywhere; a GGUF file's own types on the CPU, the full-precision base on a GPU, said on
-/// stderr).
+/// anywhere; a GGUF file's own types on the CPU and FP8 on a GPU, the full-precision base
+/// elsewhere, said on stderr).
 fn load_session(
     model: &Path,
     adapter: &Path,
@@ -416,6 +416,13 @@ fn load_session(
 ) -> Result<Session> {
     use singlora::quant::BaseDtype;
     let mut base = run.map_or(BaseDtype::Auto, |r| r.base_dtype);
+    if base == BaseDtype::Fp8 && device.is_cpu() {
+        eprintln!(
+            "note: the adapter was trained on an FP8 base (--base-dtype fp8), which runs on a \
+             CUDA GPU only; using the full-precision base"
+        );
+        base = BaseDtype::Auto;
+    }
     if base == BaseDtype::Same && !device.is_cpu() {
         eprintln!(
             "note: the adapter was trained on a GGUF file's quantised weights (--base-dtype \

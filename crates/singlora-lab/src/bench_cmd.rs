@@ -84,8 +84,9 @@ pub struct LlamaArgs {
     /// tinyllama, 7b, 70b (LLaMA-2-70B's shape), or tiny (a test-sized model).
     #[arg(long, default_value = "tinyllama")]
     shape: String,
-    /// The frozen base's linear weights: bf16 (f32 on the CPU) or nf4 (random NF4 weights, made
-    /// from their parts: the dense base is never held).
+    /// The frozen base's linear weights: bf16 (f32 on the CPU), nf4 (random NF4 weights, made
+    /// from their parts: the dense base is never held) or fp8 (the bf16 weights quantised to
+    /// E4M3, multiplied on the FP8 tensor cores; CUDA).
     #[arg(long, default_value = "bf16")]
     base_dtype: String,
     /// Comma-separated: base (the frozen-base floor), singlora, lora, rslora, lora-plus, dora.
@@ -200,10 +201,9 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             "MFU"
         );
     }
-    let nf4 = match a.base_dtype.as_str() {
-        "bf16" => false,
-        "nf4" => true,
-        other => anyhow::bail!("--base-dtype {other}: bf16 or nf4"),
+    let base = match a.base_dtype.as_str() {
+        "bf16" | "nf4" | "fp8" => a.base_dtype.as_str(),
+        other => anyhow::bail!("--base-dtype {other}: bf16, nf4 or fp8"),
     };
     for (_, method) in methods_of(&a.methods)? {
         let r = run(
@@ -218,7 +218,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             &device,
             a.recompute,
             fast,
-            nf4,
+            base,
         )?;
         if a.json {
             let mut v = serde_json::to_value(&r)?;

@@ -242,6 +242,29 @@ impl FrozenLinear {
         Ok(())
     }
 
+    /// Keeps the weight in FP8 from now on (a CUDA weight; both orientations, see
+    /// [`crate::quant::fp8`]).
+    #[cfg(feature = "cuda")]
+    pub fn quantize_fp8(&mut self) -> crate::Result<()> {
+        if let Stored::Dense(t) = &self.weight {
+            self.weight = Stored::Quant {
+                w: Arc::new(crate::quant::fp8::Fp8Weight::from_tensor(t)?),
+                dtype: t.dtype(),
+                device: t.device().clone(),
+            };
+        }
+        Ok(())
+    }
+
+    /// The weight where it is kept in FP8 (on a GPU); None otherwise.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn fp8_on_gpu(&self) -> Option<Arc<dyn QuantWeight>> {
+        match &self.weight {
+            Stored::Quant { w, .. } if w.fp8_on_gpu().is_some() => Some(w.clone()),
+            _ => None,
+        }
+    }
+
     /// The weight where it is kept in NF4 on a GPU (the CUDA fast path dequantises it into
     /// its own buffer just before each product); None for a dense weight or another kind.
     #[cfg(feature = "cuda")]

@@ -100,9 +100,15 @@ pub fn run(
     device: &Device,
     recompute: bool,
     fast: FastPath,
-    nf4: bool,
+    base: &str,
 ) -> Result<LlamaBench> {
-    let mut model = random_model_as(name, shape, method, rank, device, nf4)?;
+    let mut model = random_model_as(name, shape, method, rank, device, base == "nf4")?;
+    if base == "fp8" {
+        #[cfg(feature = "cuda")]
+        model.body.quantize_fp8()?;
+        #[cfg(not(feature = "cuda"))]
+        return Err(singlora::Error::msg("an FP8 base needs the cuda feature"));
+    }
     set_recompute(&mut model, recompute);
     model.fast = fast;
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
@@ -122,7 +128,11 @@ pub fn run(
         method: format!(
             "{}{}",
             method.map_or("frozen base".to_string(), |m| m.to_string()),
-            if nf4 { " (NF4)" } else { "" }
+            match base {
+                "nf4" => " (NF4)",
+                "fp8" => " (FP8)",
+                _ => "",
+            }
         ),
         batch,
         seq,

@@ -280,13 +280,28 @@ impl Body {
     /// Keeps the linear layers' weights in NF4 (`--base-dtype nf4`), all but the vocabulary
     /// projection; returns the bytes they take now and took before.
     pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
+        self.quantize_linears(FrozenLinear::quantize_nf4)
+    }
+
+    /// Keeps the linear layers' weights in FP8 (`--base-dtype fp8`, CUDA), all but the
+    /// vocabulary projection; returns the bytes they take now and took before.
+    #[cfg(feature = "cuda")]
+    pub fn quantize_fp8(&mut self) -> Result<(usize, usize)> {
+        self.quantize_linears(FrozenLinear::quantize_fp8)
+    }
+
+    fn quantize_linears(
+        &mut self,
+        quantize: fn(&mut FrozenLinear) -> Result<()>,
+    ) -> Result<(usize, usize)> {
         let (mut before, mut after) = (0, 0);
         for l in self.linears_mut() {
             if l.name() == "lm_head" {
                 continue;
             }
             before += l.base().weight_bytes();
-            l.base_mut().quantize_nf4()?;
+            let name = l.name().to_string();
+            quantize(l.base_mut()).map_err(|e| Error::bad_tensor(name, e.to_string()))?;
             after += l.base().weight_bytes();
         }
         Ok((after, before))
@@ -364,6 +379,12 @@ impl Pretrained {
         device: &Device,
         base: crate::quant::BaseDtype,
     ) -> Result<Self> {
+        if base == crate::quant::BaseDtype::Fp8 && (device.is_cpu() || dtype != DType::BF16) {
+            return Err(Error::msg(
+                "--base-dtype fp8 runs on a CUDA GPU with the bf16 model (the FP8 tensor cores): \
+                 on the CPU use auto or nf4",
+            ));
+        }
         if base == crate::quant::BaseDtype::Same && !device.is_cpu() {
             return Err(Error::msg(format!(
                 "--base-dtype {base} runs on the CPU for now: on a GPU use --base-dtype nf4 \
@@ -448,6 +469,14 @@ impl Pretrained {
         };
         if base == crate::quant::BaseDtype::Nf4 {
             body.quantize_nf4()?;
+        }
+        if base == crate::quant::BaseDtype::Fp8 {
+            #[cfg(feature = "cuda")]
+            body.quantize_fp8()?;
+            #[cfg(not(feature = "cuda"))]
+            return Err(Error::msg(
+                "--base-dtype fp8 needs singlora built with the cuda feature",
+            ));
         }
         let mean_pooling_hint = is_sentence_transformers(path);
         Ok(Self {

@@ -1,11 +1,14 @@
 //! Frozen base weights in fewer bits: [`nf4`] (QLoRA's 4-bit NormalFloat with double
-//! quantisation) or [`ggml`] (a GGUF file's own types, kept as loaded), chosen by [`BaseDtype`].
+//! quantisation), [`ggml`] (a GGUF file's own types, kept as loaded) or, on CUDA, `fp8` (E4M3
+//! for the FP8 tensor cores), chosen by [`BaseDtype`].
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+#[cfg(feature = "cuda")]
+pub mod fp8;
 pub mod ggml;
 pub mod nf4;
 
@@ -27,6 +30,32 @@ pub trait QuantWeight: std::fmt::Debug + Send + Sync {
     #[cfg(feature = "cuda")]
     fn nf4_on_gpu(&self) -> Option<&nf4::Nf4Cuda> {
         None
+    }
+    /// The weight as an FP8 weight, whose GEMMs the CUDA fast path runs in FP8; None for any
+    /// other kind.
+    #[cfg(feature = "cuda")]
+    fn fp8_on_gpu(&self) -> Option<&fp8::Fp8Weight> {
+        None
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl QuantWeight for fp8::Fp8Weight {
+    fn dims(&self) -> (usize, usize) {
+        fp8::Fp8Weight::dims(self)
+    }
+    fn storage_bytes(&self) -> usize {
+        fp8::Fp8Weight::storage_bytes(self)
+    }
+    fn to_tensor(
+        &self,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        fp8::Fp8Weight::to_tensor(self, dtype, device)
+    }
+    fn fp8_on_gpu(&self) -> Option<&fp8::Fp8Weight> {
+        Some(self)
     }
 }
 
@@ -79,6 +108,8 @@ pub enum BaseDtype {
     /// A GGUF file's linear weights in the types the file stores them (Q4_K, Q8_0, …),
     /// dequantised layer by layer where used; float ones as `auto`.
     Same,
+    /// FP8 E4M3 with one scale per weight, multiplied on the FP8 tensor cores (CUDA, bf16).
+    Fp8,
 }
 
 impl fmt::Display for BaseDtype {
@@ -87,6 +118,7 @@ impl fmt::Display for BaseDtype {
             BaseDtype::Auto => "auto",
             BaseDtype::Nf4 => "nf4",
             BaseDtype::Same => "same",
+            BaseDtype::Fp8 => "fp8",
         })
     }
 }
@@ -98,8 +130,9 @@ impl FromStr for BaseDtype {
             "auto" => Ok(BaseDtype::Auto),
             "nf4" => Ok(BaseDtype::Nf4),
             "same" => Ok(BaseDtype::Same),
+            "fp8" => Ok(BaseDtype::Fp8),
             _ => Err(Error::msg(format!(
-                "unknown base dtype `{s}`: expected auto, nf4 or same"
+                "unknown base dtype `{s}`: expected auto, nf4, same or fp8"
             ))),
         }
     }

@@ -171,6 +171,7 @@ impl Plan {
             let mb = |b: usize| b as f64 / 1e6;
             let how = match how {
                 crate::quant::BaseDtype::Nf4 => "in NF4",
+                crate::quant::BaseDtype::Fp8 => "in FP8, both orientations",
                 _ => "kept quantised as the GGUF file stores them",
             };
             s += &format!(

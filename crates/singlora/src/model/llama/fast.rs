@@ -41,6 +41,7 @@ use crate::ops::cuda::prof::mark;
 use crate::ops::cuda::{
     self, geam_f32, gemm, gemm_out, gemm_out_ld, mat_of_tensor, upload_lens, Ctx, Mat,
 };
+use crate::ops::fp8;
 use crate::ops::linear::cuda::{col_dot, col_scale, linear_output};
 use crate::ops::low_rank::{g_pass, g_pass_ok, lr_ok, LowRank};
 use crate::ops::norm::cuda::{rms_bwd_acc, rms_bwd_acc_rows, rms_fwd, rms_fwd_rows};
@@ -267,6 +268,9 @@ struct Proj {
     /// [`Proj::materialise`] fills just before each product.
     w0: Mat,
     nf4: Option<Arc<dyn QuantWeight>>,
+    /// An FP8 weight: its products run on the FP8 tensor cores, with the input (E4M3) or the
+    /// output gradient (E5M2) quantised on the way in; `w0` is unused then.
+    fp8: Option<Arc<dyn QuantWeight>>,
     bias: Option<Tensor>,
     n: usize,
     k: usize,
@@ -331,7 +335,8 @@ pub(crate) struct Tape {
 
 /// Whether [`prepare`] will take `al` (no device work).
 fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
-    if al.is_merged() || (al.base().is_quantized() && al.base().nf4_on_gpu().is_none()) {
+    let quantized_here = al.base().nf4_on_gpu().is_some() || al.base().fp8_on_gpu().is_some();
+    if al.is_merged() || (al.base().is_quantized() && !quantized_here) {
         return Ok(false);
     }
     Ok(al
@@ -358,14 +363,19 @@ fn prepare(
     }
     let (n, k) = al.dims();
     let nf4 = al.base().nf4_on_gpu();
-    // DoRA's magnitude needs the weight's column norms: an NF4 weight's computed once here from
-    // a temporary dequantised copy
+    let fp8 = al.base().fp8_on_gpu();
+    // DoRA's magnitude needs the weight's column norms: a quantised weight's computed once here
+    // from a temporary dequantised copy
     let dequantised;
-    let (w, w0) = match (al.base().dense_weight(), &nf4) {
-        (Some(w), _) => (w, mat_of_tensor(w, al.name())?.0),
-        (None, Some(_)) if scratch != 0 => {
+    let (w, w0) = match (al.base().dense_weight(), &nf4, &fp8) {
+        (Some(w), _, _) => (w, mat_of_tensor(w, al.name())?.0),
+        (None, Some(_), _) if scratch != 0 => {
             dequantised = al.base().weight()?;
             (&dequantised, Mat::new(scratch, k))
+        }
+        (None, None, Some(_)) if bf16 => {
+            dequantised = al.base().weight()?;
+            (&dequantised, Mat::new(0, k))
         }
         _ => return Ok(None),
     };
@@ -427,6 +437,7 @@ fn prepare(
     Ok(Some(Proj {
         w0,
         nf4,
+        fp8,
         bias: al.base().bias().cloned(),
         n,
         k,
@@ -469,9 +480,24 @@ impl Proj {
         let (y, yp, had_bias) = linear_output(cx.dev, cx.bf16, m, self.n, bias)?;
         let beta = if had_bias { 1.0 } else { 0.0 };
         let xm = Mat::new(x, self.k);
-        self.materialise(cx)?;
-        // SAFETY (every GEMM here): live buffers of the shapes given, one stream.
-        unsafe { gemm(cx, (m, self.n, self.k), xm, self.w0.t(), yp, 1.0, beta)? };
+        if let Some(w) = self.fp8.as_ref().and_then(|w| w.fp8_on_gpu()) {
+            let xq = fp8::quantize(cx, x, (m, self.k), false)?;
+            // SAFETY: x quantised (m × k), W (n × k), y an m × n bf16 buffer.
+            unsafe {
+                fp8::gemm_nt(
+                    cx,
+                    (m, self.n, self.k),
+                    xq.operand(),
+                    w.w.operand(),
+                    yp,
+                    had_bias,
+                )?
+            };
+        } else {
+            self.materialise(cx)?;
+            // SAFETY (every GEMM here): live buffers of the shapes given, one stream.
+            unsafe { gemm(cx, (m, self.n, self.k), xm, self.w0.t(), yp, 1.0, beta)? };
+        }
         // The adapter's rank-r product is added to y afterwards (β = 1): accumulating the frozen
         // GEMM into the term written first instead costs that GEMM more (+5.7%) than it saves
         // the skinny one.
@@ -565,8 +591,14 @@ impl Proj {
         let gm = Mat::new(g, n);
         let beta = if accumulate { 1.0 } else { 0.0 };
         // dx (+)= g·W0, then the adapter's c·(g·U)·Dᵀ added to it (see `forward` on the order)
-        self.materialise(cx)?;
-        unsafe { gemm(cx, (m, k, n), gm, self.w0, dx, 1.0, beta)? };
+        if let Some(w) = self.fp8.as_ref().and_then(|w| w.fp8_on_gpu()) {
+            let gq = fp8::quantize(cx, g, (m, n), true)?;
+            // SAFETY: g quantised (m × n), Wᵀ (k × n), dx an m × k bf16 buffer.
+            unsafe { fp8::gemm_nt(cx, (m, k, n), gq.operand(), w.wt.operand(), dx, accumulate)? };
+        } else {
+            self.materialise(cx)?;
+            unsafe { gemm(cx, (m, k, n), gm, self.w0, dx, 1.0, beta)? };
+        }
         cx.mark("frozen GEMM bwd")?;
         let Some(f) = &self.ad else {
             return Ok(None);

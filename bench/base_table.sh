@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The frozen base in fewer bits on the GPU, in one device call (after scripts/build-cuda.sh
+# here; ~8 min):
+#   bash bench/base_table.sh
+# gpu-check first (the NF4 and FP8 kernels, the fast path on NF4 and FP8 bases, SFT on an NF4
+# base), then bench-llama with the bf16, FP8 and NF4 bases at TinyLlama and 7B shape (frozen
+# base and SingLoRA, batch 8 x 512), a 70B-shaped NF4 base with SingLoRA (activations
+# recomputed, batch 1 and 4 x 512), and PyTorch's frozen bf16 base, eager and compiled, at 7B.
+# Every JSON line goes to ${OUT:-/tmp}/base.jsonl, gpu-check's table to gpu-check.txt, a
+# summary to base.txt.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp}
+PY=${PYTHON:-$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 200 .carry/lab gpu-check --device cuda > "$OUT/gpu-check.txt" 2>&1
+echo "gpu-check rc $?: $(tail -1 "$OUT/gpu-check.txt")"
+j="$OUT/base.jsonl"
+: > "$j"
+for s in tinyllama 7b; do
+  for b in bf16 fp8 nf4; do
+    timeout 150 .carry/lab bench-llama --shape $s --methods base,singlora --base-dtype $b --json >> "$j" 2>> "$OUT/base.err"
+  done
+done
+for batch in 1 4; do
+  timeout 240 .carry/lab bench-llama --shape 70b --methods singlora --base-dtype nf4 --recompute \
+    --batch $batch --seq 512 --steps 5 --warmup 2 --json >> "$j" 2>> "$OUT/base.err"
+done
+timeout 150 "$PY" bench/torch_llama.py --shape 7b --methods base --eager-and-compiled >> "$j" 2>> "$OUT/base.err"
+"$PY" - "$j" <<'PY' | tee "$OUT/base.txt"
+import json, sys
+print("| shape | implementation | base | method | batch | ms/step | tokens/s | peak GiB |")
+print("|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    t = r.get("timing", r)
+    m = r.get("method", "")
+    base = "NF4" if "(NF4)" in m else "FP8" if "(FP8)" in m else "bf16"
+    print(f"| {r.get('shape')} | {r.get('impl', r.get('torch', 'torch'))} | {base} | {m.replace(' (NF4)', '').replace(' (FP8)', '')} "
+          f"| {r.get('batch')} | {t.get('median_ms', 0):.1f} | {t.get('tokens_per_s', 0):.0f} "
+          f"| {r.get('peak_memory_gib') or '-'} |")
+PY
+tail -5 "$OUT/base.err" 2>/dev/null
