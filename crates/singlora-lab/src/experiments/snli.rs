@@ -24,6 +24,7 @@ use super::sweep::{final_eval, prune_run, read_jsonl, run_queue, train_run, work
 use singlora::adapter::Method;
 use singlora::data::{DataSettings, Task};
 use singlora::error::{Error, IoContext, Result};
+use singlora::quant::BaseDtype;
 use singlora::train::TrainConfig;
 
 /// The adapted configurations: name, method, rank.
@@ -87,7 +88,7 @@ impl Suite {
                 Stage::Ramp,
                 Stage::Plain,
             ],
-            Suite::Decoder => &[Stage::Select, Stage::Test],
+            Suite::Decoder => &[Stage::Select, Stage::Test, Stage::Base],
         }
     }
     /// What plots and tables call the model.
@@ -156,6 +157,8 @@ pub struct Job {
     pub seed: u64,
     /// Ramp runs: the ramp's length as a fraction of the updates.
     pub ramp: Option<f64>,
+    /// Frozen-base runs: how the base's linear weights are kept (else as loaded).
+    pub base: Option<BaseDtype>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +172,8 @@ pub enum Stage {
     Ramp,
     /// A stability run (every multiple, ×1 included) without clipping and warm-up.
     Plain,
+    /// A test run at the picked rate with the frozen base kept in fewer bits (FP8, NF4).
+    Base,
 }
 
 impl Job {
@@ -179,6 +184,7 @@ impl Job {
             Stage::Stability => "stab",
             Stage::Ramp => "ramp",
             Stage::Plain => "plain",
+            Stage::Base => "base",
         };
         match self.stage {
             // multiples of the picked rate need more digits
@@ -189,6 +195,13 @@ impl Job {
                 "{stage}-{}-T{}pct-s{}",
                 self.config,
                 (1000.0 * self.ramp.unwrap_or(0.0)).round() / 10.0,
+                self.seed
+            ),
+            Stage::Base => format!(
+                "{stage}-{}-{}-lr{:.0e}-s{}",
+                self.base.unwrap_or_default(),
+                self.config,
+                self.lr,
                 self.seed
             ),
             _ => format!("{stage}-{}-lr{:.0e}-s{}", self.config, self.lr, self.seed),
@@ -221,6 +234,9 @@ pub struct Record {
     /// Ramp runs: the ramp's length as a fraction of the updates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ramp: Option<f64>,
+    /// Frozen-base runs: how the base's linear weights were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseDtype>,
 }
 
 /// The selection runs: every configuration at every grid rate, one seed.
@@ -237,6 +253,7 @@ pub fn select_jobs(suite: Suite) -> Vec<Job> {
                 lr,
                 seed: SELECT_SEED,
                 ramp: None,
+                base: None,
             })
         })
         .collect()
@@ -289,6 +306,7 @@ pub fn test_jobs(picked: &BTreeMap<&'static str, f64>, suite: Suite) -> Vec<Job>
                 lr,
                 seed,
                 ramp: None,
+                base: None,
             })
         })
         .collect()
@@ -333,6 +351,7 @@ pub fn stability_jobs(picked: &BTreeMap<&'static str, f64>, stage: Stage) -> Vec
                     lr: lr * f,
                     seed,
                     ramp: None,
+                    base: None,
                 });
             }
         }
@@ -365,9 +384,43 @@ pub fn ramp_jobs(picked: &BTreeMap<&'static str, f64>) -> Vec<Job> {
                 lr,
                 seed,
                 ramp: Some(t),
+                base: None,
             })
         })
         .collect()
+}
+
+/// The frozen-base stage (decoder suite): these configurations at their picked rates, with
+/// the base's linear weights in each of these types, the test seeds.
+pub const BASE_CONFIGS: [&str; 2] = ["singlora-r8", "lora-r8"];
+pub const BASE_DTYPES: [BaseDtype; 2] = [BaseDtype::Fp8, BaseDtype::Nf4];
+
+/// The frozen-base runs of `suite` (FP8 only where `gpu`: it runs on CUDA only).
+pub fn base_jobs(picked: &BTreeMap<&'static str, f64>, suite: Suite, gpu: bool) -> Vec<Job> {
+    let mut out = vec![];
+    for &base in BASE_DTYPES.iter().filter(|&&b| gpu || b != BaseDtype::Fp8) {
+        for &(config, method, rank) in suite.configs() {
+            let Some(&lr) = picked.get(config) else {
+                continue;
+            };
+            if !BASE_CONFIGS.contains(&config) {
+                continue;
+            }
+            for &seed in suite.test_seeds() {
+                out.push(Job {
+                    stage: Stage::Base,
+                    config,
+                    method,
+                    rank,
+                    lr,
+                    seed,
+                    ramp: None,
+                    base: Some(base),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The records in `out/runs.jsonl` (none if it does not exist).
@@ -435,6 +488,7 @@ fn job_config(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<
             cfg.warmup_steps = None;
             cfg.max_grad_norm = 0.0;
         }
+        Stage::Base => cfg.base_dtype = job.base.unwrap_or_default(),
         Stage::Select | Stage::Test | Stage::Stability => {}
     }
     Ok(cfg)
@@ -453,7 +507,9 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
     let (mut test_accuracy, mut test_predictions, mut labels) = (None, None, vec![]);
     if job.stage != Stage::Select {
         let dev = device.parse::<singlora::device::DeviceSpec>()?.open()?;
-        let session = singlora::session::Session::load(&spec.model, &dir, dev)?;
+        // scored on the base as trained
+        let base = job.base.unwrap_or_default();
+        let session = singlora::session::Session::load_as(&spec.model, &dir, dev, base)?;
         let settings = DataSettings {
             max_length: spec.max_length,
             ..DataSettings::default()
@@ -489,6 +545,7 @@ fn run_one(spec: &SnliSpec, train: &Path, job: &Job, device: &str) -> Result<Rec
         seconds,
         device: device.into(),
         ramp: job.ramp,
+        base: job.base,
     })
 }
 
@@ -512,6 +569,10 @@ pub fn run(
             Stage::Test => test_jobs(&picked, spec.suite),
             Stage::Stability | Stage::Plain => stability_jobs(&picked, stage),
             Stage::Ramp => ramp_jobs(&picked),
+            Stage::Base => {
+                let gpu = spec.devices.iter().all(|d| d.starts_with("cuda"));
+                base_jobs(&picked, spec.suite, gpu)
+            }
         };
         let todo: Vec<Job> = jobs
             .into_iter()
@@ -691,6 +752,31 @@ fn none_paired() -> (String, String) {
     ("–".to_string(), "–".to_string())
 }
 
+/// The training updates whose losses the frozen-base table compares.
+pub const LOSS_UPDATES: usize = 50;
+
+/// The largest relative difference between two runs' training losses over their first
+/// [`LOSS_UPDATES`] updates (from each run directory's `metrics.jsonl`); None where either run's
+/// file is missing or holds fewer updates.
+fn loss_difference(run: &Path, reference: &Path) -> Option<f64> {
+    let losses = |dir: &Path| -> Option<Vec<f64>> {
+        let lines = singlora::metrics::read_metrics(&dir.join("metrics.jsonl")).ok()?;
+        let v: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| l.get("loss").and_then(|x| x.as_f64()))
+            .take(LOSS_UPDATES)
+            .collect();
+        (v.len() == LOSS_UPDATES).then_some(v)
+    };
+    let (a, b) = (losses(run)?, losses(reference)?);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-12))
+        .fold(None, |acc: Option<f64>, d| {
+            Some(acc.map_or(d, |m| m.max(d)))
+        })
+}
+
 /// Accuracies (%) as a table cell.
 fn per_seed(accs: &[f64]) -> String {
     accs.iter()
@@ -849,6 +935,47 @@ pub fn report(records: &[Record], data: &Path, out: &Path, suite: Suite) -> Resu
             100.0 * ci.lo,
             100.0 * ci.hi,
         );
+    }
+    if records.iter().any(|r| r.stage == Stage::Base) {
+        let _ = writeln!(
+            md,
+            "\n### Frozen base in fewer bits (test accuracy; against the same configuration on the \
+             bf16 base, seed by seed)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| base | configuration | accuracy per seed (%) | mean ± std | − bf16 base, 95% interval | McNemar p per seed | training loss, first {LOSS_UPDATES} updates: largest relative difference |\n|---|---|---|---|---|---|---|"
+        );
+        for base in BASE_DTYPES {
+            for &(config, _, _) in suite.configs() {
+                let runs = by_seed(Stage::Base, &|r| r.config == config && r.base == Some(base));
+                if runs.is_empty() {
+                    continue;
+                }
+                let bf16 = by_seed(Stage::Test, &|r| r.config == config);
+                let accs = accuracies(&runs);
+                let (m, sd) = super::sweep::mean_std(&accs);
+                let (diff, ps) = paired(&runs, &bf16, &truth);
+                let curves = runs
+                    .iter()
+                    .filter_map(|(seed, r)| {
+                        let q = bf16.get(seed)?;
+                        loss_difference(
+                            &out.join("runs").join(&r.name),
+                            &out.join("runs").join(&q.name),
+                        )
+                    })
+                    .fold(None, |acc: Option<f64>, d| {
+                        Some(acc.map_or(d, |a| a.max(d)))
+                    });
+                let _ = writeln!(
+                    md,
+                    "| {base} | {config} | {} | {m:.2} ± {sd:.2} | {diff} | {ps} | {} |",
+                    per_seed(&accs),
+                    curves.map_or("–".into(), |d| format!("{:.1}%", 100.0 * d)),
+                );
+            }
+        }
     }
     if suite == Suite::Encoder {
         for stage in [Stage::Stability, Stage::Plain] {
@@ -1065,6 +1192,7 @@ mod tests {
             seconds: 0.0,
             device: "cpu".into(),
             ramp: None,
+            base: None,
         }
     }
 
@@ -1134,7 +1262,7 @@ mod tests {
     fn the_decoder_suite_runs_its_own_configurations_on_every_linear_layer() {
         let suite: Suite = "decoder".parse().unwrap();
         assert!("roberta".parse::<Suite>().is_err());
-        assert_eq!(suite.stages(), [Stage::Select, Stage::Test]);
+        assert_eq!(suite.stages(), [Stage::Select, Stage::Test, Stage::Base]);
         let select = select_jobs(suite);
         assert_eq!(select.len(), DECODER_CONFIGS.len() * LR_GRID.len());
         let picked: BTreeMap<&str, f64> = DECODER_CONFIGS.iter().map(|c| (c.0, 1e-3)).collect();
@@ -1273,6 +1401,64 @@ mod tests {
         }
     }
 
+    /// The decoder suite's frozen-base table: each base's runs against the bf16 test runs of
+    /// the same configuration, seed by seed, with the training losses of the first updates
+    /// compared from the runs' own files.
+    #[test]
+    fn the_frozen_base_table_pairs_each_base_with_the_bf16_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let test: Vec<String> = (0..10)
+            .map(|i| serde_json::json!({"text": format!("p{i}"), "text_pair": "h", "label": "entailment"}).to_string())
+            .collect();
+        std::fs::write(dir.path().join("test.jsonl"), test.join("\n")).unwrap();
+        let all: &[u8] = &[1; 10];
+        let nine: &[u8] = &[1, 1, 1, 1, 1, 1, 1, 1, 1, 0];
+        let mut rs = vec![];
+        for &(config, _, _) in &DECODER_CONFIGS {
+            for (i, &lr) in LR_GRID.iter().enumerate() {
+                rs.push(rec(config, lr, if i == 3 { 0.8 } else { 0.5 }));
+            }
+        }
+        let lr = LR_GRID[3];
+        rs.extend(scored(Stage::Test, "lora-r8", lr, None, &[all, all]));
+        rs.extend(scored(Stage::Test, "singlora-r8", lr, None, &[all, all]));
+        let mut fp8 = scored(Stage::Base, "singlora-r8", lr, None, &[nine, all]);
+        for r in &mut fp8 {
+            r.base = Some(BaseDtype::Fp8);
+            r.name = format!("fp8-{}", r.name);
+        }
+        rs.extend(fp8.clone());
+        // training losses: the FP8 run 2% above the bf16 one at one update of seed 1
+        let write = |name: &str, bump: f64| {
+            let d = dir.path().join("runs").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let lines: Vec<String> = (0..LOSS_UPDATES + 5)
+                .map(|i| {
+                    let l = 1.0 + if i == 7 { bump } else { 0.0 };
+                    serde_json::json!({"step": i + 1, "loss": l}).to_string()
+                })
+                .collect();
+            std::fs::write(d.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+        };
+        let test_s1 = rs
+            .iter()
+            .find(|r| r.stage == Stage::Test && r.config == "singlora-r8" && r.seed == 1)
+            .unwrap()
+            .name
+            .clone();
+        write(&fp8[0].name, 0.02);
+        write(&test_s1, 0.0);
+        let md = report(&rs, dir.path(), dir.path(), Suite::Decoder).unwrap();
+        assert!(md.contains("### Frozen base in fewer bits"), "{md}");
+        // seed 1 one row behind, seed 2 level: −5 points on the mean; one seed's curves: 2.0%
+        assert!(
+            md.contains("| fp8 | singlora-r8 | 90.00, 100.00 | 95.00 ± 7.07 | -5.00 ["),
+            "{md}"
+        );
+        assert!(md.contains("| 2.0% |"), "{md}");
+        assert!(!md.contains("| nf4 |"), "{md}");
+    }
+
     #[test]
     fn the_dev_split_takes_every_twentieth_labelled_row() {
         let src = tempfile::tempdir().unwrap();
@@ -1376,5 +1562,53 @@ mod child_args {
         let ramp = jobs.iter().find(|j| j.stage == Stage::Ramp).unwrap();
         let cfg = job_config(&spec, Path::new("t"), ramp, "cuda").unwrap();
         assert_eq!((cfg.warmup_ratio, cfg.max_grad_norm), (0.0, 1.0));
+        // the decoder suite's frozen-base runs: the base travels to the child process too
+        let spec = SnliSpec {
+            suite: Suite::Decoder,
+            ..spec
+        };
+        let picked: BTreeMap<&'static str, f64> =
+            DECODER_CONFIGS.iter().map(|c| (c.0, 2e-3)).collect();
+        for job in base_jobs(&picked, Suite::Decoder, true) {
+            let cfg = job_config(&spec, Path::new("train.jsonl"), &job, "cuda").unwrap();
+            assert_eq!(Some(cfg.base_dtype), job.base);
+            let args = crate::experiments::sweep::train_args(&cfg, Path::new("run"));
+            let parsed = TrainCli::try_parse_from(
+                std::iter::once("singlora".to_string()).chain(args[1..].iter().cloned()),
+            )
+            .unwrap();
+            assert_eq!(parsed.cfg.base_dtype, cfg.base_dtype, "{}", job.name());
+            assert_eq!(
+                serde_json::to_value(&parsed.cfg).unwrap(),
+                serde_json::to_value(&cfg).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn the_decoder_suite_retrains_two_configurations_on_each_smaller_base() {
+        let picked: BTreeMap<&'static str, f64> =
+            DECODER_CONFIGS.iter().map(|c| (c.0, 1e-3)).collect();
+        let gpu = base_jobs(&picked, Suite::Decoder, true);
+        // FP8 and NF4 × SingLoRA r 8 and LoRA r 8 × 3 seeds
+        assert_eq!(gpu.len(), 2 * 2 * DECODER_TEST_SEEDS.len());
+        let names: HashSet<String> = gpu.iter().map(Job::name).collect();
+        assert_eq!(names.len(), gpu.len());
+        assert!(
+            names.contains("base-fp8-singlora-r8-lr1e-3-s1"),
+            "{names:?}"
+        );
+        assert!(gpu.iter().all(|j| j.stage == Stage::Base && j.lr == 1e-3));
+        assert!(gpu.iter().all(|j| BASE_CONFIGS.contains(&j.config)));
+        // FP8 needs CUDA: on the CPU only the NF4 runs
+        let cpu = base_jobs(&picked, Suite::Decoder, false);
+        assert_eq!(cpu.len(), 2 * DECODER_TEST_SEEDS.len());
+        assert!(cpu.iter().all(|j| j.base == Some(BaseDtype::Nf4)));
+        // nothing without a picked rate
+        assert!(base_jobs(&BTreeMap::new(), Suite::Decoder, true).is_empty());
+        assert_eq!(
+            Suite::Decoder.stages(),
+            [Stage::Select, Stage::Test, Stage::Base]
+        );
     }
 }

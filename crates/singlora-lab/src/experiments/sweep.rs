@@ -298,6 +298,7 @@ pub(crate) fn train_args(cfg: &TrainConfig, dir: &Path) -> Vec<String> {
     if let Some(t) = &cfg.targets {
         a.extend(["--targets".into(), t.clone()]);
     }
+    a.extend(["--base-dtype".into(), cfg.base_dtype.to_string()]);
     a
 }
 
