@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
-# The frozen base in fewer bits on the GPU, in one device call (after scripts/build-cuda.sh
-# here; ~8 min):
-#   bash bench/base_table.sh
-# gpu-check first (the NF4 and FP8 kernels, the fast path on NF4 and FP8 bases, SFT on an NF4
-# base), then bench-llama with the bf16, FP8 and NF4 bases at TinyLlama and 7B shape (frozen
-# base and SingLoRA, batch 8 x 512), a 70B-shaped NF4 base with SingLoRA (activations
-# recomputed, batch 1 and 4 x 512), and PyTorch's frozen bf16 base, eager and compiled, at 7B.
+# The frozen base in fewer bits on the GPU (after scripts/build-cuda.sh here), in two device
+# calls of up to 10 minutes on one warm machine:
+#   bash bench/base_table.sh 1   # gpu-check (the NF4 and FP8 kernels, the fast path on NF4 and
+#                                # FP8 bases, packed rows, SFT on an NF4 base); bench-llama with
+#                                # the bf16, FP8 and NF4 bases at TinyLlama and 7B shape (frozen
+#                                # base and SingLoRA, batch 8 x 512) and PyTorch's frozen bf16
+#                                # base, eager and compiled, at 7B: the same-call table
+#   bash bench/base_table.sh 2   # a 70B-shaped NF4 base with SingLoRA (activations recomputed,
+#                                # batch 1 and 4 x 512)
 # Every JSON line goes to ${OUT:-/tmp}/base.jsonl, gpu-check's table to gpu-check.txt, a
 # summary to base.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp}
 PY=${PYTHON:-$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)}
+PART=${1:-1}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 200 .carry/lab gpu-check --device cuda > "$OUT/gpu-check.txt" 2>&1
-echo "gpu-check rc $?: $(tail -1 "$OUT/gpu-check.txt")"
 j="$OUT/base.jsonl"
 : > "$j"
-for s in tinyllama 7b; do
-  for b in bf16 fp8 nf4; do
-    timeout 150 .carry/lab bench-llama --shape $s --methods base,singlora --base-dtype $b --json >> "$j" 2>> "$OUT/base.err"
+if [ "$PART" = 1 ]; then
+  timeout 200 .carry/lab gpu-check --device cuda > "$OUT/gpu-check.txt" 2>&1
+  echo "gpu-check rc $?: $(tail -1 "$OUT/gpu-check.txt")"
+  for s in tinyllama 7b; do
+    for b in bf16 fp8 nf4; do
+      timeout 100 .carry/lab bench-llama --shape $s --methods base,singlora --base-dtype $b --json >> "$j" 2>> "$OUT/base.err"
+    done
   done
-done
-for batch in 1 4; do
-  timeout 240 .carry/lab bench-llama --shape 70b --methods singlora --base-dtype nf4 --recompute \
-    --batch $batch --seq 512 --steps 5 --warmup 2 --json >> "$j" 2>> "$OUT/base.err"
-done
-timeout 150 "$PY" bench/torch_llama.py --shape 7b --methods base --eager-and-compiled >> "$j" 2>> "$OUT/base.err"
+  timeout 150 "$PY" bench/torch_llama.py --shape 7b --methods base --eager-and-compiled >> "$j" 2>> "$OUT/base.err"
+else
+  for batch in 1 4; do
+    timeout 270 .carry/lab bench-llama --shape 70b --methods singlora --base-dtype nf4 --recompute \
+      --batch $batch --seq 512 --steps 5 --warmup 2 --json >> "$j" 2>> "$OUT/base.err"
+  done
+fi
 "$PY" - "$j" <<'PY' | tee "$OUT/base.txt"
 import json, sys
 print("| shape | implementation | base | method | batch | ms/step | tokens/s | peak GiB |")
