@@ -128,3 +128,25 @@ fn same_keeps_only_quantised_types_and_needs_a_gguf_file() {
         "{e}"
     );
 }
+
+/// An FP8 base runs on a CUDA GPU only: on the CPU it is refused with a message that says so
+/// and names what works there, for a GGUF file and a Hugging Face directory alike.
+#[test]
+fn fp8_is_refused_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f16 = llama_gguf(tmp.path(), GgufQuant::F16);
+    for path in [f16, tmp.path().join("llama")] {
+        let e = Pretrained::load_as(&path, DType::F32, &Device::Cpu, BaseDtype::Fp8)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--base-dtype fp8") && e.contains("CUDA") && e.contains("nf4"),
+            "{e}"
+        );
+    }
+    assert_eq!("fp8".parse::<BaseDtype>().unwrap(), BaseDtype::Fp8);
+    assert_eq!(BaseDtype::Fp8.to_string(), "fp8");
+    let e = "fp4".parse::<BaseDtype>().unwrap_err().to_string();
+    assert!(e.contains("fp4") && e.contains("fp8"), "{e}");
+}
