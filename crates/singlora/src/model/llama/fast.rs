@@ -462,6 +462,7 @@ impl Proj {
     /// h already computed (by the projection's group) at this pointer and row stride.
     /// `defer`: where the consumer kernels can take it, the c·h·Uᵀ term is not added to y
     /// but returned, for the kernel that reads y next to add (one pass over y fewer).
+    /// `xq`: for an FP8 weight, the input already in E4M3 (shared by a group's members).
     fn forward(
         &self,
         cx: &Ctx,
@@ -469,6 +470,7 @@ impl Proj {
         m: usize,
         pre_h: Option<(u64, usize)>,
         defer: bool,
+        xq: Option<&fp8::Fp8Mat>,
     ) -> Result<(Buf, PSaved, Option<LowRank>)> {
         let dora = self.ad.as_ref().and_then(|f| f.dora.as_ref());
         // DoRA's bias comes after its rescaling
@@ -481,7 +483,15 @@ impl Proj {
         let beta = if had_bias { 1.0 } else { 0.0 };
         let xm = Mat::new(x, self.k);
         if let Some(w) = self.fp8.as_ref().and_then(|w| w.fp8_on_gpu()) {
-            let xq = fp8::quantize(cx, x, (m, self.k), false)?;
+            // the input in E4M3: shared by a group's members, else quantised here
+            let own;
+            let xq = match xq {
+                Some(q) => q,
+                None => {
+                    own = fp8::quantize(cx, x, (m, self.k), false)?;
+                    &own
+                }
+            };
             // SAFETY: x quantised (m × k), W (n × k), y an m × n bf16 buffer.
             unsafe {
                 fp8::gemm_nt(
@@ -847,9 +857,22 @@ impl Llama {
             };
             // q's, k's and v's terms go to the RoPE/split kernel (whole warps per half head)
             let qkv_fuse = fuse && c.head_dim % 64 == 0 && packed.is_none();
-            let (q, hq, lq) = ps[0].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse)?;
-            let (k, hk, lk) = ps[1].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse)?;
-            let (v, hv, lv) = ps[2].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse)?;
+            // FP8 weights: q, k and v share one E4M3 copy of their input
+            let shared_fp8 = |members: &[Proj], x: u64| -> Result<Option<fp8::Fp8Mat>> {
+                if members.iter().all(|p| p.fp8.is_some()) {
+                    Ok(Some(fp8::quantize(&cx, x, (m, h), false)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let xq = shared_fp8(&ps[0..3], hn1.1)?;
+            let (q, hq, lq) =
+                ps[0].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse, xq.as_ref())?;
+            let (k, hk, lk) =
+                ps[1].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse, xq.as_ref())?;
+            let (v, hv, lv) =
+                ps[2].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse, xq.as_ref())?;
+            drop(xq);
             // the norms' outputs are recomputed in the backward (cheap, and 2·hidden values
             // per token fewer to keep); SwiGLU's too with `recompute`
             drop(hn1);
@@ -891,7 +914,7 @@ impl Llama {
             };
             cx.mark("attention fwd")?;
             drop((q, k, v));
-            let (o, ho, lo) = ps[3].forward(&cx, ap, m, None, fuse)?;
+            let (o, ho, lo) = ps[3].forward(&cx, ap, m, None, fuse, None)?;
             let x_mid = cx.fresh(m * h)?;
             match &lo {
                 Some(lr) => add_lr(&cx, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
@@ -912,8 +935,12 @@ impl Llama {
                     (Some(a), Some(b)) => a.r == b.r,
                     _ => true,
                 };
-            let (g, hg, lg) = ps[4].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse)?;
-            let (u, hu, lu) = ps[5].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse)?;
+            let xq = shared_fp8(&ps[4..6], hn2.1)?;
+            let (g, hg, lg) =
+                ps[4].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse, xq.as_ref())?;
+            let (u, hu, lu) =
+                ps[5].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse, xq.as_ref())?;
+            drop(xq);
             drop(hn2);
             let f = cx.fresh(m * ff)?;
             if lg.is_some() || lu.is_some() {
@@ -923,7 +950,7 @@ impl Llama {
                 swiglu_fwd(&cx, (g.1, u.1, f.1), m * ff)?;
             }
             cx.mark("SwiGLU fwd")?;
-            let (dn, hdn, ldn) = ps[6].forward(&cx, f.1, m, None, fuse)?;
+            let (dn, hdn, ldn) = ps[6].forward(&cx, f.1, m, None, fuse, None)?;
             // kept for down's adapter gradients unless recomputed (a frozen down needs none)
             let f = (ps[6].ad.is_some() && !self.recompute).then_some(f);
             let x_next = cx.fresh(m * h)?;
