@@ -188,6 +188,14 @@ fn fp8_type(e5: bool) -> sys::cudaDataType {
     }
 }
 
+/// FP8 GEMMs run by this process so far (the device check tells from it that a path used them).
+static GEMMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many FP8 GEMMs this process has launched.
+pub fn gemms_run() -> usize {
+    GEMMS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// C (m × n, bf16, row-major) = s_a·s_b·A·Bᵀ, plus C with `accumulate`: A (m × k) and B (n × k)
 /// FP8, row-major (k contiguous); not both E5M2. In cuBLASLt's column-major terms this is
 /// Cᵀ (n × m) = B'ᵀ·A' with B' = B seen as k × n and A' = A seen as k × m: the "TN" layout.
@@ -273,6 +281,7 @@ pub unsafe fn gemm_nt(
         let heuristic = lt::get_matmul_algo_heuristic(lt.handle, desc, la, lb, lc, lc, pref)
             .map_err(cublas_err)?;
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        GEMMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         lt::matmul(
             lt.handle,
             desc,
