@@ -931,7 +931,19 @@ fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         for p in model.params() {
             p.var.set(&p.var.as_tensor().randn_like(0.0, 0.02)?)?;
         }
+        #[cfg(feature = "cuda")]
+        let before = singlora::model::llama::fast_forwards_run();
         let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
+        #[cfg(feature = "cuda")]
+        rows.push(Row {
+            what: format!("packed rows, fast path {method}: the batch took the fast path"),
+            err: if singlora::model::llama::fast_forwards_run() > before {
+                0.0
+            } else {
+                1.0
+            },
+            bound: 0.0,
+        });
         let loss_a = model.loss(&batch)?;
         let g_a = loss_a.backward()?;
         let worst = worst_grad_err(&model, &g_f, &g_a, &format!("packed rows {method}"))?;
@@ -1072,7 +1084,19 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let mut mask = vec![1f32; 3 * 40];
         mask[2 * 40 + 25..].iter_mut().for_each(|m| *m = 0.0);
         batch.mask = Tensor::from_vec(mask, (3, 40), device)?;
+        #[cfg(feature = "cuda")]
+        let before = singlora::model::llama::fast_forwards_run();
         let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
+        #[cfg(feature = "cuda")]
+        rows.push(Row {
+            what: format!("fast path {label}: the batch took the fast path"),
+            err: if singlora::model::llama::fast_forwards_run() > before {
+                0.0
+            } else {
+                1.0
+            },
+            bound: 0.0,
+        });
         let loss_a = model.loss(&batch)?;
         let g_a = loss_a.backward()?;
         rows.push(Row {

@@ -55,6 +55,8 @@ use crate::ops::{
 
 #[cfg(feature = "cuda")]
 pub(crate) mod fast;
+#[cfg(feature = "cuda")]
+pub use fast::fast_forwards_run;
 
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {

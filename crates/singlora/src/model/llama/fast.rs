@@ -51,6 +51,15 @@ use crate::ops::xent::cuda::xent_grad_inplace;
 use crate::ops::{key_lens, rope_tables, FastPath};
 use crate::quant::QuantWeight;
 
+/// Forwards this process has run on the fast path (the device check tells from it that a
+/// batch took this path).
+static FAST_FORWARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many forwards this process has run on the CUDA fast path.
+pub fn fast_forwards_run() -> usize {
+    FAST_FORWARDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// [`mark`] on a CUDA device (nothing elsewhere).
 pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {
     match device {
@@ -984,6 +993,7 @@ impl Llama {
         }
         let last = x_in.ok_or_else(|| Error::msg("a model without layers"))?;
         let leaf = Var::from_tensor(&to_tensor(last, (b, t, h), &x0)?)?;
+        FAST_FORWARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Some(Tape {
             dev: dev.clone(),
             bf16,
