@@ -72,8 +72,10 @@ enum Command {
     /// Rewrite an adapter as a plain rank-r LoRA (SingLoRA: B = s·u·A_out, A = A_inᵀ): a PEFT
     /// directory, or for a Stable Diffusion U-Net the file diffusers or ComfyUI/A1111 loads.
     ExportLora {
+        /// The adapter directory (a run directory, its best/ or a checkpoint).
         #[arg(long)]
         adapter: PathBuf,
+        /// Where to write: a directory (peft, diffusers, kohya), or the file (gguf).
         #[arg(long)]
         out: PathBuf,
         /// peft (adapter_config.json + adapter_model.safetensors, SingLoRA adapters),
@@ -87,6 +89,7 @@ enum Command {
         /// for gguf, for the attention head counts).
         #[arg(long)]
         base: Option<PathBuf>,
+        /// Replace OUT if it exists.
         #[arg(long)]
         overwrite: bool,
     },
@@ -109,6 +112,7 @@ enum Command {
     },
     /// Show an adapter's method, rank, scale, ramp state and parameter counts.
     Inspect {
+        /// The adapter directory (adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
         adapter: PathBuf,
         /// The base checkpoint: checks the shapes and reports the trainable fraction.
@@ -331,4 +335,39 @@ fn print_merge(out: &Path, r: &singlora::merge::MergeReport) {
 
 fn main() -> ExitCode {
     process::run(|| run(Cli::command().get_matches()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every option of every command says what it is for in `--help`.
+    #[test]
+    fn every_option_has_a_description() {
+        let (mut missing, mut checked) = (vec![], 0);
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || arg.is_positional() {
+                    continue;
+                }
+                checked += 1;
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "options without a description: {missing:?}"
+        );
+        // train's flattened settings and the other commands' own options are all seen
+        let train = cli.find_subcommand("train").expect("a train command");
+        assert!(
+            train.get_arguments().any(|a| a.get_id() == "base_dtype"),
+            "train's settings are not among its arguments"
+        );
+        assert!(checked > 100, "only {checked} options checked");
+    }
 }
