@@ -895,32 +895,55 @@ fn worst_grad_err(
     Ok(worst)
 }
 
+/// One `loss_and_grads` step of `model` on `batch` (the CUDA fast path) against candle's
+/// autograd through the same model: rows that the batch took the fast path, for the loss and
+/// for the worst adapter gradient, each named after `what`. Returns the fast path's loss and
+/// gradients for further comparisons.
+fn fast_against_autograd(
+    model: &TaskModel,
+    batch: &singlora::data::Batch,
+    what: &str,
+    rows: &mut Vec<Row>,
+) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+    #[cfg(feature = "cuda")]
+    let before = singlora::model::llama::fast_forwards_run();
+    let (loss_f, g_f) = model.loss_and_grads(batch, 1.0)?;
+    #[cfg(feature = "cuda")]
+    rows.push(Row {
+        what: format!("{what}: the batch took the fast path"),
+        err: if singlora::model::llama::fast_forwards_run() > before {
+            0.0
+        } else {
+            1.0
+        },
+        bound: 0.0,
+    });
+    let loss_a = model.loss(batch)?;
+    let g_a = loss_a.backward()?;
+    rows.push(Row {
+        what: format!("{what}: loss"),
+        err: rel_err(&loss_f, &loss_a)?,
+        bound: 1e-2,
+    });
+    rows.push(Row {
+        what: format!("{what}: adapter gradients (worst)"),
+        err: worst_grad_err(model, &g_f, &g_a, what)?,
+        bound: 3e-2,
+    });
+    Ok((loss_f, g_f))
+}
+
 /// The fast path on packed rows (several examples end to end in a row, attention within each,
 /// positions from 0 at each start, a row ending in padding) against autograd on the same rows:
 /// loss and adapter gradients, SingLoRA and LoRA (bf16 storage: the fused attention kernels).
 fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use singlora::data::{collate_rows, Encoded};
-    use singlora_lab::bench::llama::random_model;
+    use singlora_lab::bench::llama::{random_example, random_model};
     let shape = CHECK_SHAPE;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let items: Vec<Encoded> = [15usize, 25, 40, 10, 12, 8]
         .iter()
-        .map(|&len| {
-            let ids: Vec<u32> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % shape.vocab as u64) as u32
-                })
-                .collect();
-            Encoded {
-                type_ids: vec![0; len],
-                label: None,
-                target_mask: vec![1; len],
-                ids,
-            }
-        })
+        .map(|&len| random_example(len, shape.vocab, &mut x))
         .collect();
     let batch = collate_rows(&items, &[vec![0, 1], vec![2], vec![3, 4, 5]], 0, device)?;
     if batch.segments.is_none() {
@@ -931,32 +954,8 @@ fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         for p in model.params() {
             p.var.set(&p.var.as_tensor().randn_like(0.0, 0.02)?)?;
         }
-        #[cfg(feature = "cuda")]
-        let before = singlora::model::llama::fast_forwards_run();
-        let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
-        #[cfg(feature = "cuda")]
-        rows.push(Row {
-            what: format!("packed rows, fast path {method}: the batch took the fast path"),
-            err: if singlora::model::llama::fast_forwards_run() > before {
-                0.0
-            } else {
-                1.0
-            },
-            bound: 0.0,
-        });
-        let loss_a = model.loss(&batch)?;
-        let g_a = loss_a.backward()?;
-        let worst = worst_grad_err(&model, &g_f, &g_a, &format!("packed rows {method}"))?;
-        rows.push(Row {
-            what: format!("packed rows, fast path {method} vs autograd: loss"),
-            err: rel_err(&loss_f, &loss_a)?,
-            bound: 1e-2,
-        });
-        rows.push(Row {
-            what: format!("packed rows, fast path {method} vs autograd: gradients (worst)"),
-            err: worst,
-            bound: 3e-2,
-        });
+        let what = format!("packed rows, fast path {method}");
+        fast_against_autograd(&model, &batch, &what, rows)?;
     }
     Ok(())
 }
@@ -1084,32 +1083,10 @@ fn fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let mut mask = vec![1f32; 3 * 40];
         mask[2 * 40 + 25..].iter_mut().for_each(|m| *m = 0.0);
         batch.mask = Tensor::from_vec(mask, (3, 40), device)?;
-        #[cfg(feature = "cuda")]
-        let before = singlora::model::llama::fast_forwards_run();
-        let (loss_f, g_f) = model.loss_and_grads(&batch, 1.0)?;
-        #[cfg(feature = "cuda")]
-        rows.push(Row {
-            what: format!("fast path {label}: the batch took the fast path"),
-            err: if singlora::model::llama::fast_forwards_run() > before {
-                0.0
-            } else {
-                1.0
-            },
-            bound: 0.0,
-        });
-        let loss_a = model.loss(&batch)?;
-        let g_a = loss_a.backward()?;
-        rows.push(Row {
-            what: format!("fast path {label}: loss"),
-            err: rel_err(&loss_f, &loss_a)?,
-            bound: 1e-2,
-        });
-        let worst = worst_grad_err(&model, &g_f, &g_a, &format!("fast path {label}"))?;
-        rows.push(Row {
-            what: format!("fast path {label}: adapter gradients (worst)"),
-            err: worst,
-            bound: 3e-2,
-        });
+        // the kernel-choice comparisons below use them (CUDA builds)
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+        let (loss_f, g_f) =
+            fast_against_autograd(&model, &batch, &format!("fast path {label}"), rows)?;
         if method == "singlora" {
             // the fast path's other kernel choices against its default (all on)
             #[cfg(feature = "cuda")]

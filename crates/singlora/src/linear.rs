@@ -256,22 +256,13 @@ impl FrozenLinear {
         Ok(())
     }
 
-    /// The weight where it is kept in FP8 (on a GPU); None otherwise.
+    /// The weight where it is kept quantised (any kind; the CUDA fast path asks it whether it
+    /// is an NF4 or FP8 weight it can multiply); None for a dense weight.
     #[cfg(feature = "cuda")]
-    pub(crate) fn fp8_on_gpu(&self) -> Option<Arc<dyn QuantWeight>> {
+    pub(crate) fn quantized_weight(&self) -> Option<&Arc<dyn QuantWeight>> {
         match &self.weight {
-            Stored::Quant { w, .. } if w.fp8_on_gpu().is_some() => Some(w.clone()),
-            _ => None,
-        }
-    }
-
-    /// The weight where it is kept in NF4 on a GPU (the CUDA fast path dequantises it into
-    /// its own buffer just before each product); None for a dense weight or another kind.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn nf4_on_gpu(&self) -> Option<Arc<dyn QuantWeight>> {
-        match &self.weight {
-            Stored::Quant { w, .. } if w.nf4_on_gpu().is_some() => Some(w.clone()),
-            _ => None,
+            Stored::Quant { w, .. } => Some(w),
+            Stored::Dense(_) => None,
         }
     }
 

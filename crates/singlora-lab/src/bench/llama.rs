@@ -64,25 +64,29 @@ pub fn random_tokens(
 ) -> Result<singlora::data::Batch> {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let items: Vec<Encoded> = (0..batch)
-        .map(|_| {
-            let ids: Vec<u32> = (0..seq)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % vocab as u64) as u32
-                })
-                .collect();
-            Encoded {
-                type_ids: vec![0; seq],
-                label: None,
-                target_mask: vec![1; seq],
-                ids,
-            }
-        })
+        .map(|_| random_example(seq, vocab, &mut x))
         .collect();
     let idx: Vec<usize> = (0..batch).collect();
     collate(&items, &idx, 0, device)
+}
+
+/// An SFT example of `len` token ids below `vocab` (every token a target), drawn from the
+/// xorshift state `x`.
+pub fn random_example(len: usize, vocab: usize, x: &mut u64) -> Encoded {
+    let ids: Vec<u32> = (0..len)
+        .map(|_| {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            (*x % vocab as u64) as u32
+        })
+        .collect();
+    Encoded {
+        type_ids: vec![0; len],
+        label: None,
+        target_mask: vec![1; len],
+        ids,
+    }
 }
 
 /// Builds the model (`method` None = frozen base) and times `steps` training steps with the

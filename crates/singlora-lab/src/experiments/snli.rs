@@ -397,30 +397,21 @@ pub const BASE_DTYPES: [BaseDtype; 2] = [BaseDtype::Fp8, BaseDtype::Nf4];
 
 /// The frozen-base runs of `suite` (FP8 only where `gpu`: it runs on CUDA only).
 pub fn base_jobs(picked: &BTreeMap<&'static str, f64>, suite: Suite, gpu: bool) -> Vec<Job> {
-    let mut out = vec![];
-    for &base in BASE_DTYPES.iter().filter(|&&b| gpu || b != BaseDtype::Fp8) {
-        for &(config, method, rank) in suite.configs() {
-            let Some(&lr) = picked.get(config) else {
-                continue;
-            };
-            if !BASE_CONFIGS.contains(&config) {
-                continue;
-            }
-            for &seed in suite.test_seeds() {
-                out.push(Job {
-                    stage: Stage::Base,
-                    config,
-                    method,
-                    rank,
-                    lr,
-                    seed,
-                    ramp: None,
-                    base: Some(base),
-                });
-            }
-        }
-    }
-    out
+    let tests: Vec<Job> = test_jobs(picked, suite)
+        .into_iter()
+        .filter(|j| BASE_CONFIGS.contains(&j.config))
+        .collect();
+    BASE_DTYPES
+        .iter()
+        .filter(|&&b| gpu || b != BaseDtype::Fp8)
+        .flat_map(|&base| {
+            tests.iter().map(move |j| Job {
+                stage: Stage::Base,
+                base: Some(base),
+                ..j.clone()
+            })
+        })
+        .collect()
 }
 
 /// The records in `out/runs.jsonl` (none if it does not exist).

@@ -58,10 +58,16 @@ impl Fp8Weight {
         2 * self.w.rows * self.w.cols
     }
 
-    /// The dequantised weight (n, k) as `dtype` on `device`.
+    /// The dequantised weight (n, k) as `dtype` on `device` (written by the kernel in that type
+    /// where it is bf16 or f32).
     pub fn to_tensor(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         let here = Device::Cuda(self.dev.clone());
-        let like = Tensor::zeros((), DType::F32, &here)?;
+        let kernel_dtype = if dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let like = Tensor::zeros((), kernel_dtype, &here)?;
         let t = fp8::dequantize_tensor(&self.w, &like)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }

@@ -140,13 +140,7 @@ impl Nf4Tensor {
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             absmax_codes.extend(group.iter().map(|a| nearest(&map, (a - offset) * inv)));
         }
-        Ok(Self {
-            dims: dims.to_vec(),
-            codes,
-            absmax_codes,
-            group_scales,
-            offset,
-        })
+        Self::from_parts(dims, codes, absmax_codes, group_scales, offset)
     }
 
     /// A weight from its stored parts (as [`Nf4Tensor::parts`] gives them), their lengths

@@ -276,10 +276,10 @@ struct Proj {
     /// The frozen weight (n, k); for an NF4 weight, the step's scratch buffer that
     /// [`Proj::materialise`] fills just before each product.
     w0: Mat,
-    nf4: Option<Arc<dyn QuantWeight>>,
-    /// An FP8 weight: its products run on the FP8 tensor cores, with the input (E4M3) or the
-    /// output gradient (E5M2) quantised on the way in; `w0` is unused then.
-    fp8: Option<Arc<dyn QuantWeight>>,
+    /// A quantised weight: NF4 (dequantised into `w0` before each product) or FP8 (its products
+    /// on the FP8 tensor cores, with the input (E4M3) or the output gradient (E5M2) quantised
+    /// on the way in; `w0` is unused then).
+    quant: Option<Arc<dyn QuantWeight>>,
     bias: Option<Tensor>,
     n: usize,
     k: usize,
@@ -344,8 +344,11 @@ pub(crate) struct Tape {
 
 /// Whether [`prepare`] will take `al` (no device work).
 fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
-    let quantized_here = al.base().nf4_on_gpu().is_some() || al.base().fp8_on_gpu().is_some();
-    if al.is_merged() || (al.base().is_quantized() && !quantized_here) {
+    let unsupported = al
+        .base()
+        .quantized_weight()
+        .is_some_and(|w| w.nf4_on_gpu().is_none() && w.fp8_on_gpu().is_none());
+    if al.is_merged() || unsupported {
         return Ok(false);
     }
     Ok(al
@@ -357,6 +360,21 @@ fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
 /// so U must be stored as rows; D may be either way.
 fn layout_supported(layout: FactorLayout) -> bool {
     matches!(layout.u, FactorSource::Rows(_))
+}
+
+/// DoRA's magnitude and the row norms of its rescale (None for the other methods): a quantised
+/// weight's norms from a dequantised copy, made only for DoRA.
+fn magnitude_of(
+    al: &AdaptedLinear,
+    adapter: &crate::adapter::Adapter,
+) -> Result<Option<(Var, Tensor)>> {
+    if !adapter.rescales_output() {
+        return Ok(None);
+    }
+    match al.base().dense_weight() {
+        Some(w) => adapter.magnitude(w),
+        None => adapter.magnitude(&al.base().weight()?),
+    }
 }
 
 /// `scratch`: the buffer an NF4 weight is dequantised into (of at least n·k elements of the
@@ -371,21 +389,11 @@ fn prepare(
         return Ok(None);
     }
     let (n, k) = al.dims();
-    let nf4 = al.base().nf4_on_gpu();
-    let fp8 = al.base().fp8_on_gpu();
-    // DoRA's magnitude needs the weight's column norms: a quantised weight's computed once here
-    // from a temporary dequantised copy
-    let dequantised;
-    let (w, w0) = match (al.base().dense_weight(), &nf4, &fp8) {
-        (Some(w), _, _) => (w, mat_of_tensor(w, al.name())?.0),
-        (None, Some(_), _) if scratch != 0 => {
-            dequantised = al.base().weight()?;
-            (&dequantised, Mat::new(scratch, k))
-        }
-        (None, None, Some(_)) if bf16 => {
-            dequantised = al.base().weight()?;
-            (&dequantised, Mat::new(0, k))
-        }
+    let quant = al.base().quantized_weight().cloned();
+    let w0 = match (al.base().dense_weight(), &quant) {
+        (Some(w), _) => mat_of_tensor(w, al.name())?.0,
+        (None, Some(q)) if q.nf4_on_gpu().is_some() && scratch != 0 => Mat::new(scratch, k),
+        (None, Some(q)) if q.fp8_on_gpu().is_some() && bf16 => Mat::new(0, k),
         _ => return Ok(None),
     };
     let dt = if bf16 { DType::BF16 } else { DType::F32 };
@@ -404,7 +412,7 @@ fn prepare(
                     (p.var, off)
                 })
                 .collect();
-            let dora = match adapter.magnitude(w)? {
+            let dora = match magnitude_of(al, adapter)? {
                 None => None,
                 Some((mag, norm)) => {
                     let scale = (mag.as_tensor().detach() / &norm)?
@@ -445,8 +453,7 @@ fn prepare(
     };
     Ok(Some(Proj {
         w0,
-        nf4,
-        fp8,
+        quant,
         bias: al.base().bias().cloned(),
         n,
         k,
@@ -457,10 +464,15 @@ fn prepare(
 type Buf = (CudaStorage, u64);
 
 impl Proj {
+    /// The weight where it is an FP8 one.
+    fn fp8(&self) -> Option<&crate::quant::fp8::Fp8Weight> {
+        self.quant.as_ref().and_then(|w| w.fp8_on_gpu())
+    }
+
     /// Writes an NF4 weight into its scratch buffer (`w0`) for the product that follows on the
     /// same stream; nothing for a dense weight.
     fn materialise(&self, cx: &Ctx) -> Result<()> {
-        if let Some(w) = self.nf4.as_ref().and_then(|w| w.nf4_on_gpu()) {
+        if let Some(w) = self.quant.as_ref().and_then(|w| w.nf4_on_gpu()) {
             // SAFETY: w0 is the step's scratch, of at least n·k elements of the step's type.
             unsafe { w.dequantize_into(cx.bf16, self.w0.ptr)? };
             cx.mark("NF4 dequantisation")?;
@@ -491,7 +503,7 @@ impl Proj {
         let (y, yp, had_bias) = linear_output(cx.dev, cx.bf16, m, self.n, bias)?;
         let beta = if had_bias { 1.0 } else { 0.0 };
         let xm = Mat::new(x, self.k);
-        if let Some(w) = self.fp8.as_ref().and_then(|w| w.fp8_on_gpu()) {
+        if let Some(w) = self.fp8() {
             // the input in E4M3: shared by a group's members, else quantised here
             let own;
             let xq = match xq {
@@ -610,7 +622,7 @@ impl Proj {
         let gm = Mat::new(g, n);
         let beta = if accumulate { 1.0 } else { 0.0 };
         // dx (+)= g·W0, then the adapter's c·(g·U)·Dᵀ added to it (see `forward` on the order)
-        if let Some(w) = self.fp8.as_ref().and_then(|w| w.fp8_on_gpu()) {
+        if let Some(w) = self.fp8() {
             let gq = fp8::quantize(cx, g, (m, n), true)?;
             // SAFETY: g quantised (m × n), Wᵀ (k × n), dx an m × k bf16 buffer.
             unsafe { fp8::gemm_nt(cx, (m, k, n), gq.operand(), w.wt.operand(), dx, accumulate)? };
@@ -789,7 +801,11 @@ impl Llama {
             .layers
             .iter()
             .flat_map(layer_projs)
-            .filter(|al| al.base().nf4_on_gpu().is_some())
+            .filter(|al| {
+                al.base()
+                    .quantized_weight()
+                    .is_some_and(|w| w.nf4_on_gpu().is_some())
+            })
             .map(|al| al.dims().0 * al.dims().1)
             .max();
         let scratch = match largest {
@@ -868,7 +884,7 @@ impl Llama {
             let qkv_fuse = fuse && c.head_dim % 64 == 0 && packed.is_none();
             // FP8 weights: q, k and v share one E4M3 copy of their input
             let shared_fp8 = |members: &[Proj], x: u64| -> Result<Option<fp8::Fp8Mat>> {
-                if members.iter().all(|p| p.fp8.is_some()) {
+                if members.iter().all(|p| p.fp8().is_some()) {
                     Ok(Some(fp8::quantize(&cx, x, (m, h), false)?))
                 } else {
                     Ok(None)
