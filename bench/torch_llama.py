@@ -3,8 +3,10 @@ base), batch x seq random tokens, causal-LM loss over every position, AdamW on t
 
 Methods: base (the frozen-base floor: the backward runs from the loss to the embedded input,
 which requires grad, so every layer's input gradient is computed but no weight gradient),
-peft-lora, peft-dora (PEFT 0.21) and singlora (a plain PyTorch SingLoRA layer written here, the
-factored forward y = W0 x + s u A_out (A_in^T x)), each eager or under torch.compile.
+peft-lora, peft-dora (PEFT 0.21), singlora (a plain PyTorch SingLoRA layer written here, the
+factored forward y = W0 x + s u A_out (A_in^T x)), each eager or under torch.compile, and qlora:
+QLoRA as bitsandbytes and PEFT do it (the seven projections' weights in bitsandbytes' NF4 with
+double quantisation, bf16 compute, PEFT LoRA on them; needs bitsandbytes; eager).
 
     python bench/torch_llama.py --shape tinyllama --methods base,peft-lora,peft-dora,singlora [--compile]
 
@@ -45,6 +47,27 @@ class SingLoRALinear(torch.nn.Module):
         return self.base(x) + (self.scale * self.u) * (h @ a[: self.d_out].T)
 
 
+def to_nf4(model):
+    """Every target projection as a bitsandbytes NF4 layer (double quantisation, bf16 compute),
+    quantised from the bf16 weight on the GPU, which is then freed."""
+    import bitsandbytes as bnb
+
+    for name, mod in list(model.named_modules()):
+        for child, sub in list(mod.named_children()):
+            if isinstance(sub, torch.nn.Linear) and child in TARGETS:
+                q = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(sub.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4").to("cuda")
+                if sub.bias is not None:
+                    q.bias = sub.bias
+                setattr(mod, child, q)
+                del sub
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def build(shape, method, rank, vocab):
     cfg = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, **SHAPES[shape])
     torch.manual_seed(0)
@@ -54,7 +77,9 @@ def build(shape, method, rank, vocab):
         torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
     model.config.use_cache = False
-    if method in ("peft-lora", "peft-dora"):
+    if method == "qlora":
+        to_nf4(model)
+    if method in ("peft-lora", "peft-dora", "qlora"):
         import peft
 
         lc = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, use_dora=method == "peft-dora", lora_dropout=0.0)

@@ -93,7 +93,7 @@ def pretrain(a):
     n = len(x)
     t0 = time.time()
     for step in range(a.steps):
-        if a.max_seconds and time.time() - t0 > a.max_seconds:
+        if (a.max_seconds and time.time() - t0 > a.max_seconds) or (a.stop_after and step >= a.stop_after):
             # a time-capped call keeps what it trained rather than nothing
             print(json.dumps({"stopped_at_step": step, "of": a.steps, "secs": round(time.time() - t0, 1)}), flush=True)
             break
@@ -237,6 +237,8 @@ p.add_argument("--steps", type=int, default=6000)
 p.add_argument("--batch", type=int, default=256)
 p.add_argument("--lr", type=float, default=3e-4)
 p.add_argument("--max-seconds", type=float, default=0, help="pretrain: stop and save after this long")
+p.add_argument("--stop-after", type=int, default=0,
+               help="pretrain: stop and save after this many steps (the schedule still planned over --steps)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--tiny", action="store_true", help="a small model for a CPU smoke test")
 a = p.parse_args()

@@ -17,9 +17,11 @@ PY=${PY:-$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)}
 X=experiments/diffusion_proxy/proxy.py
 JOBS=${JOBS:-6}
 # the protocol's settings; a smoke test on the CPU shrinks them (DEVICE=cpu TINY=--tiny ...)
-DEVICE=${DEVICE:-cuda}; PRETRAIN_STEPS=${PRETRAIN_STEPS:-6000}; MAX_STEPS=${MAX_STEPS:-400}
+# the protocol's base: 6,000 steps planned, stopped after 2,492 (where the first base's time cap
+# stopped it)
+DEVICE=${DEVICE:-cuda}; PRETRAIN_STEPS=${PRETRAIN_STEPS:-6000}; PRETRAIN_STOP=${PRETRAIN_STOP:-2492}; MAX_STEPS=${MAX_STEPS:-400}
 SAMPLE_STEPS=${SAMPLE_STEPS:-50}; SEEDS=${SEEDS:-1 2 3}; LRS=${LRS:-1e-3 1e-4}; TINY=${TINY:-}
-[ -d "$W/base" ] || "$PY" $X pretrain --data "$DATA" --out "$W/base" --steps "$PRETRAIN_STEPS" --device "$DEVICE" $TINY 2>&1 | grep -v Warn | tee "$OUT/proxy/pretrain.log" || exit 1
+[ -d "$W/base" ] || "$PY" $X pretrain --data "$DATA" --out "$W/base" --steps "$PRETRAIN_STEPS" --stop-after "$PRETRAIN_STOP" --device "$DEVICE" $TINY 2>&1 | grep -v Warn | tee "$OUT/proxy/pretrain.log" || exit 1
 [ -f "$W/emb.pt" ] || "$PY" $X embedder --data "$DATA" --out "$W/emb.pt" --steps "$PRETRAIN_STEPS" --device "$DEVICE" | tee "$OUT/proxy/embedder.json" || exit 1
 "$PY" $X subject --data "$DATA" --out "$W/subject" || exit 1
 CLASSES=("t-shirt" "trouser" "pullover" "dress" "coat" "sandal" "shirt" "sneaker" "bag")

@@ -167,6 +167,10 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
     let device = a.device.open()?;
     let fast = a.fast.fast_path();
     let shape = shape_of(&a.shape)?;
+    let base = match a.base_dtype.as_str() {
+        "bf16" | "nf4" | "fp8" => a.base_dtype.as_str(),
+        other => anyhow::bail!("--base-dtype {other}: bf16, nf4 or fp8"),
+    };
     if a.kernel_profile {
         return kernel_profile(&a, shape, &device);
     }
@@ -201,10 +205,6 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             "MFU"
         );
     }
-    let base = match a.base_dtype.as_str() {
-        "bf16" | "nf4" | "fp8" => a.base_dtype.as_str(),
-        other => anyhow::bail!("--base-dtype {other}: bf16, nf4 or fp8"),
-    };
     for (_, method) in methods_of(&a.methods)? {
         let r = run(
             &a.shape,
@@ -496,6 +496,7 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
             device,
             a.recompute,
             a.fast.fast_path(),
+            &a.base_dtype,
         )?;
         let total: f64 = rows.iter().map(|r| r.1).sum();
         if a.json {
@@ -508,8 +509,8 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
             continue;
         }
         println!(
-            "{} {m}, batch {} x {}: one step's forward and backward by stage",
-            a.shape, a.batch, a.seq
+            "{} {m}, {} base, batch {} x {}: one step's forward and backward by stage",
+            a.shape, a.base_dtype, a.batch, a.seq
         );
         println!("| stage | ms | times | share |");
         println!("|---|---|---|---|");
@@ -558,10 +559,29 @@ pub struct UNetArgs {
     /// Print one JSON line per configuration.
     #[arg(long)]
     json: bool,
+    /// Also time one step's stages on CUDA (the forward by block kind, the backward, the
+    /// update) and the U-Net's building blocks alone (forward, forward + backward), and print
+    /// them.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
+    if a.profile {
+        for &b in &a.batch {
+            for (name, fwd, both) in singlora_lab::bench::unet::components(b, &device)? {
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"component": name, "batch": b, "forward_ms": fwd, "forward_backward_ms": both})
+                    );
+                } else {
+                    println!("batch {b:>2}  {name:<40} fwd {fwd:>8.2} ms  fwd+bwd {both:>8.2} ms");
+                }
+            }
+        }
+    }
     if !a.json {
         println!(
             "{:<10} {:>5} {:>10} {:>10} {:>10} {:>12} {:>10}",
@@ -585,6 +605,7 @@ pub fn unet(a: UNetArgs) -> Result<()> {
                 (a.latent, a.context),
                 (a.warmup, a.steps),
                 &device,
+                a.profile,
             )?;
             if a.json {
                 let mut v = serde_json::to_value(&r)?;
@@ -602,6 +623,10 @@ pub fn unet(a: UNetArgs) -> Result<()> {
                     r.peak_memory_gib
                         .map_or("-".to_string(), |g| format!("{g:.1}"))
                 );
+                println!("  forward alone: {:.1} ms", r.forward_ms);
+                for (label, ms, n) in r.profile.iter().flatten() {
+                    println!("  {label:<40} {ms:>9.2} ms {n:>6} gaps");
+                }
             }
         }
     }

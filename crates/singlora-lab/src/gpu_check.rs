@@ -647,6 +647,126 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The U-Net's fused norms against their composed forms on the CPU in f64 (values and the input
+/// gradient of sum(y ⊙ G)), and the tiny U-Net fixture on the device against diffusers' output
+/// (f32 and bf16 weights) with its input gradient against the CPU's.
+fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use candle_core::Var;
+    use singlora::diffusion::unet::norm::{GroupNorm, LayerNorm};
+    use singlora::diffusion::unet::UNet;
+    let cpu = Device::Cpu;
+    let w = (Tensor::randn(0f64, 0.3, 24, &cpu)? + 1.0)?;
+    let b = Tensor::randn(0f64, 0.3, 24, &cpu)?;
+    let x = (Tensor::randn(0f64, 2.0, (3, 24, 5, 7), &cpu)? + 0.5)?;
+    let g = Tensor::randn(0f64, 1.0, (3, 24, 5, 7), &cpu)?;
+    let xt = (Tensor::randn(0f64, 2.0, (3, 9, 24), &cpu)? - 0.3)?;
+    let gt = Tensor::randn(0f64, 1.0, (3, 9, 24), &cpu)?;
+    // value and input gradient of `f` on `x` with output gradient `g`
+    let run = |f: &dyn Fn(&Tensor) -> singlora::error::Result<Tensor>,
+               x: &Tensor,
+               g: &Tensor|
+     -> Result<(Tensor, Tensor)> {
+        let v = Var::from_tensor(x)?;
+        let y = f(v.as_tensor())?;
+        let grads = (y.to_dtype(g.dtype())? * g)?.sum_all()?.backward()?;
+        let dx = grads.get(&v).context("no input gradient")?.clone();
+        Ok((y, dx))
+    };
+    for (dt, bound) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let on = |t: &Tensor| t.to_dtype(dt).and_then(|t| t.to_device(device));
+        let gn_ref = GroupNorm::new(w.clone(), b.clone(), 4, 1e-5);
+        let gn = GroupNorm::new(on(&w)?, on(&b)?, 4, 1e-5);
+        for silu in [false, true] {
+            let (yr, dr) = run(
+                &|x| {
+                    let y = gn_ref.forward_composed(x)?;
+                    Ok(if silu { y.silu()? } else { y })
+                },
+                &x,
+                &g,
+            )?;
+            let (y, d) = run(
+                &|x| {
+                    if silu {
+                        gn.forward_silu(x)
+                    } else {
+                        gn.forward(x)
+                    }
+                },
+                &on(&x)?,
+                &on(&g)?,
+            )?;
+            let what = if silu {
+                "GroupNorm + SiLU"
+            } else {
+                "GroupNorm"
+            };
+            rows.push(Row {
+                what: format!("U-Net {what} fused ({dt:?}) vs composed f64: value"),
+                err: rel_err(&y, &yr)?,
+                bound,
+            });
+            rows.push(Row {
+                what: format!("U-Net {what} fused ({dt:?}) vs composed f64: input gradient"),
+                err: rel_err(&d, &dr)?,
+                bound,
+            });
+        }
+        let ln_ref = LayerNorm::new(w.clone(), b.clone(), 1e-5);
+        let ln = LayerNorm::new(on(&w)?, on(&b)?, 1e-5);
+        let (yr, dr) = run(&|x| ln_ref.forward(x), &xt, &gt)?;
+        let (y, d) = run(&|x| ln.forward(x), &on(&xt)?, &on(&gt)?)?;
+        rows.push(Row {
+            what: format!("U-Net LayerNorm fused ({dt:?}) vs CPU f64: value"),
+            err: rel_err(&y, &yr)?,
+            bound,
+        });
+        rows.push(Row {
+            what: format!("U-Net LayerNorm fused ({dt:?}) vs CPU f64: input gradient"),
+            err: rel_err(&d, &dr)?,
+            bound,
+        });
+    }
+    // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../singlora/tests/fixtures/unet-tiny");
+    let dir = if dir.is_dir() {
+        dir
+    } else {
+        PathBuf::from("crates/singlora/tests/fixtures/unet-tiny")
+    };
+    let io = singlora::checkpoint::TensorFile::open(&dir.join("io.safetensors"))?.load_all(&cpu)?;
+    let get = |k: &str| -> Result<Tensor> {
+        Ok(io
+            .get(k)
+            .with_context(|| format!("io.safetensors: no {k}"))?
+            .to_dtype(DType::F32)?)
+    };
+    let (sample, t, ctx) = (get("sample")?, get("timesteps")?, get("context")?);
+    let want = get("out")?;
+    let gs = Tensor::randn(0f32, 1.0, want.dims(), &cpu)?;
+    let unet_cpu = UNet::load(&dir, DType::F32, &cpu)?;
+    let (_, dref) = run(&|x| unet_cpu.forward(x, &t, &ctx, None), &sample, &gs)?;
+    for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+        let unet = UNet::load(&dir, dt, device)?;
+        let (y, d) = run(
+            &|x| unet.forward(x, &t.to_device(device)?, &ctx.to_device(device)?, None),
+            &sample.to_device(device)?,
+            &gs.to_device(device)?,
+        )?;
+        rows.push(Row {
+            what: format!("tiny U-Net ({dt:?} weights) vs diffusers' output"),
+            err: max_rel_err(&y, &want)?,
+            bound,
+        });
+        rows.push(Row {
+            what: format!("tiny U-Net ({dt:?} weights): the sample's gradient vs the CPU's (f32)"),
+            err: rel_err(&d, &dref)?,
+            bound,
+        });
+    }
+    Ok(())
+}
+
 fn training_checks(device_name: &str, rows: &mut Vec<Row>) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
@@ -1288,6 +1408,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
         let mut groups: Vec<(&str, Group)> = vec![
             ("NF4 fast path", nf4_fast_path_checks),
             ("packed rows", packed_fast_path_checks),
+            ("U-Net", unet_checks),
         ];
         #[cfg(feature = "cuda")]
         groups.extend([

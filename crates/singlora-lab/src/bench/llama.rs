@@ -106,13 +106,7 @@ pub fn run(
     fast: FastPath,
     base: &str,
 ) -> Result<LlamaBench> {
-    let mut model = random_model_as(name, shape, method, rank, device, base == "nf4")?;
-    if base == "fp8" {
-        #[cfg(feature = "cuda")]
-        model.body.quantize_fp8()?;
-        #[cfg(not(feature = "cuda"))]
-        return Err(singlora::Error::msg("an FP8 base needs the cuda feature"));
-    }
+    let mut model = model_with_base(name, shape, method, rank, device, base)?;
     set_recompute(&mut model, recompute);
     model.fast = fast;
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
@@ -146,6 +140,27 @@ pub fn run(
         tflops: flops / (timing.median_ms / 1e3) / 1e12,
         timing,
     })
+}
+
+/// [`random_model_as`] with its decoder layers' linear weights in `base`: "bf16" (the model's
+/// type), "nf4" or "fp8" (CUDA only).
+pub fn model_with_base(
+    name: &str,
+    shape: LlamaShape,
+    method: Option<Method>,
+    rank: usize,
+    device: &Device,
+    base: &str,
+) -> Result<TaskModel> {
+    #[allow(unused_mut)]
+    let mut model = random_model_as(name, shape, method, rank, device, base == "nf4")?;
+    if base == "fp8" {
+        #[cfg(feature = "cuda")]
+        model.body.quantize_fp8()?;
+        #[cfg(not(feature = "cuda"))]
+        return Err(singlora::Error::msg("an FP8 base needs the cuda feature"));
+    }
+    Ok(model)
 }
 
 /// Switches the LLaMA body's activation recomputation (see `Llama::recompute`).
@@ -255,9 +270,10 @@ pub fn kernel_profile(
     device: &Device,
     recompute: bool,
     fast: FastPath,
+    base: &str,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
     use singlora::ops::prof;
-    let mut model = random_model(name, shape, method, rank, device)?;
+    let mut model = model_with_base(name, shape, method, rank, device, base)?;
     set_recompute(&mut model, recompute);
     model.fast = fast;
     let b = random_tokens(batch, seq, shape.vocab, device)?;

@@ -32,6 +32,7 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod adamw;
+pub mod affine_norm;
 pub(crate) mod attention;
 pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]

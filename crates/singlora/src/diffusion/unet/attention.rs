@@ -19,6 +19,7 @@
 use candle_core::{DType, Tensor};
 
 use super::load::Loader;
+use super::mark;
 use super::norm::{GroupNorm, LayerNorm};
 use crate::adapter::AdaptedLinear;
 use crate::error::Result;
@@ -59,8 +60,19 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(kv)?;
         let v = self.to_v.forward(kv)?;
-        self.to_out
-            .forward(&attend(&q, &k, &v, self.heads, self.upcast)?)
+        mark(&v, "unet: attention projections")?;
+        let a = attend(&q, &k, &v, self.heads, self.upcast)?;
+        mark(
+            &a,
+            if ctx.is_some() {
+                "unet: cross-attention core"
+            } else {
+                "unet: self-attention core"
+            },
+        )?;
+        let y = self.to_out.forward(&a)?;
+        mark(&y, "unet: attention projections")?;
+        Ok(y)
     }
 
     fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
@@ -78,7 +90,7 @@ impl Attention {
 }
 
 /// softmax(q·kᵀ/√d)·v per head, on q (b, t, h·d) and k, v (b, s, h·d); heads merged.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
     let s = k.dim(1)?;
     let d = inner / heads;
@@ -130,12 +142,20 @@ impl TransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx))? + &x)?;
-        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let n = self.norm1.forward(x)?;
+        mark(&n, "unet: layer norms, residuals")?;
+        let x = (self.attn1.forward(&n, None)? + x)?;
+        let n = self.norm2.forward(&x)?;
+        mark(&n, "unet: layer norms, residuals")?;
+        let x = (self.attn2.forward(&n, Some(ctx))? + &x)?;
+        let n = self.norm3.forward(&x)?;
+        mark(&n, "unet: layer norms, residuals")?;
+        let h = self.ff_in.forward(&n)?;
         let inner = h.dim(2)? / 2;
         let gated = (h.narrow(2, 0, inner)? * crate::ops::gelu_erf(&h.narrow(2, inner, inner)?)?)?;
-        Ok((self.ff_out.forward(&gated)? + x)?)
+        let y = (self.ff_out.forward(&gated)? + x)?;
+        mark(&y, "unet: feed-forward")?;
+        Ok(y)
     }
 
     fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
@@ -222,12 +242,14 @@ impl Transformer2d {
             .transpose(1, 2)?
             .contiguous()?;
         let mut t = self.proj_in.forward(&t)?;
+        mark(&t, "unet: transformer norm, proj in/out")?;
         for block in &self.blocks {
             t = block.forward(&t, ctx)?;
         }
         let t = self.proj_out.forward(&t)?;
-        let y = t.transpose(1, 2)?.reshape((b, c, h, w))?;
-        Ok((y + x)?)
+        let y = (t.transpose(1, 2)?.reshape((b, c, h, w))? + x)?;
+        mark(&y, "unet: transformer norm, proj in/out")?;
+        Ok(y)
     }
 
     pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {

@@ -30,6 +30,7 @@ impl Layers {
     /// Resnet `i` then, in a cross-attention block, transformer `i`.
     fn step(&self, i: usize, h: &Tensor, emb_act: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let h = self.resnets[i].forward(h, emb_act)?;
+        super::mark(&h, "unet: resnet")?;
         match self.attentions.get(i) {
             Some(a) => a.forward(&h, ctx),
             None => Ok(h),
@@ -113,6 +114,7 @@ impl DownBlock {
         }
         if let Some(d) = &self.downsample {
             h = d.forward(&h)?;
+            super::mark(&h, "unet: resample")?;
             skips.push(h.clone());
         }
         Ok(h)
@@ -145,7 +147,9 @@ impl MidBlock {
 
     pub fn forward(&self, x: &Tensor, emb_act: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let h = self.layers.step(0, x, emb_act, ctx)?;
-        self.layers.resnets[1].forward(&h, emb_act)
+        let h = self.layers.resnets[1].forward(&h, emb_act)?;
+        super::mark(&h, "unet: resnet")?;
+        Ok(h)
     }
 }
 
@@ -214,12 +218,52 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| crate::error::Error::msg("U-Net: an up block ran out of skips"))?;
             h = Tensor::cat(&[&h, &skip], 1)?;
+            super::mark(&h, "unet: resample")?;
             h = self.layers.step(i, &h, emb_act, ctx)?;
         }
         if let Some(u) = &self.upsample {
-            let (_, _, hh, ww) = h.dims4()?;
-            h = u.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+            h = u.forward(&upsample2(&h)?)?;
+            super::mark(&h, "unet: resample")?;
         }
         Ok(h)
+    }
+}
+
+/// Nearest-neighbour ×2 upsampling of (b, c, h, w), as a broadcast: its backward sums each
+/// 2×2 block (candle's `upsample_nearest2d` backward is a grouped convolution, which it runs
+/// as one convolution per channel).
+pub fn upsample2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .contiguous()?
+        .reshape((b, c, 2 * h, 2 * w))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn upsample2_is_nearest_neighbour_and_its_gradient_sums_blocks() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f64, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let y = upsample2(&x).unwrap();
+        let r = x.upsample_nearest2d(8, 10).unwrap();
+        let d = (&y - &r).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0);
+        let g = Tensor::randn(0f64, 1.0, (2, 3, 8, 10), &dev).unwrap();
+        let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(&x).unwrap();
+        let want = g
+            .reshape((2, 3, 4, 2, 5, 2))
+            .unwrap()
+            .sum(5)
+            .unwrap()
+            .sum(3)
+            .unwrap();
+        let d = (dx - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
     }
 }

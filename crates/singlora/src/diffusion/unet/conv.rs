@@ -120,6 +120,18 @@ impl CustomOp2 for InputGrad {
         let g = g.contiguous()?;
         let dx = if self.stride == 1 && kh == kw && self.padding < kh {
             g.conv2d(&flipped(&self.w)?, kh - 1 - self.padding, 1, 1, 1)?
+        } else if kh == kw && self.padding < kh {
+            // g with s − 1 zeros between neighbours (and, for an odd side, zeros past the end),
+            // then the stride-1 case: one plain convolution, where candle's transposed one is
+            // a direct loop on CUDA
+            let out = |n: usize| (n - 1) * self.stride + kh - 2 * self.padding;
+            let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+            let gd = dilate(&g, 2, self.stride, h.saturating_sub(out(gh)))?;
+            let gd = dilate(&gd, 3, self.stride, w.saturating_sub(out(gw)))?;
+            gd.contiguous()?
+                .conv2d(&flipped(&self.w)?, kh - 1 - self.padding, 1, 1, 1)?
+                .narrow(2, 0, h)?
+                .narrow(3, 0, w)?
         } else {
             // the largest output padding either side needs; the surplus row or column (an odd
             // side) lies past x's edge and is cut off
@@ -131,6 +143,30 @@ impl CustomOp2 for InputGrad {
                 .narrow(3, 0, w)?
         };
         Ok((Some(dx), None))
+    }
+}
+
+/// `g` along axis `dim` (2 or 3 of 4) with `s − 1` zeros between neighbours and `extra` zeros
+/// after the last: n values become (n − 1)·s + 1 + extra.
+fn dilate(g: &Tensor, dim: usize, s: usize, extra: usize) -> candle_core::Result<Tensor> {
+    let n = g.dim(dim)?;
+    let g = if s > 1 {
+        let x = g.unsqueeze(dim + 1)?;
+        let mut zshape = x.dims().to_vec();
+        zshape[dim + 1] = s - 1;
+        let z = Tensor::zeros(zshape, g.dtype(), g.device())?;
+        let mut shape = g.dims().to_vec();
+        shape[dim] = n * s;
+        Tensor::cat(&[&x, &z], dim + 1)?
+            .reshape(shape)?
+            .narrow(dim, 0, (n - 1) * s + 1)?
+    } else {
+        g.clone()
+    };
+    if extra > 0 {
+        g.pad_with_zeros(dim, 0, extra)
+    } else {
+        Ok(g)
     }
 }
 

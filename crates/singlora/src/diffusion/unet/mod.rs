@@ -52,6 +52,18 @@ use embeddings::{timesteps_for, Sinusoid, TimestepMlp};
 use load::Loader;
 use norm::GroupNorm;
 
+/// The work queued since the previous mark belongs to `label`, for the lab's kernel profile
+/// (`bench-unet --profile`); nothing unless CUDA profiling is switched on.
+pub(crate) fn mark(x: &Tensor, label: &'static str) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = x.device() {
+        crate::ops::prof::mark(d, label)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (x, label);
+    Ok(())
+}
+
 /// SDXL's added conditioning (`addition_embed_type` "text_time").
 #[derive(Debug, Clone)]
 pub struct AddedCond {
@@ -258,8 +270,10 @@ impl UNet {
             (None, None) => {}
         }
         let emb_act = emb.silu()?;
+        mark(&emb_act, "unet: embeddings")?;
 
         let mut h = self.conv_in.forward(&x)?;
+        mark(&h, "unet: conv in/out")?;
         let mut skips = vec![h.clone()];
         for d in &self.down {
             h = d.forward(&h, &emb_act, &ctx, &mut skips)?;
@@ -269,7 +283,9 @@ impl UNet {
             h = u.forward(&h, &emb_act, &ctx, &mut skips)?;
         }
         debug_assert!(skips.is_empty());
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        let y = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
+        mark(&y, "unet: conv in/out")?;
+        Ok(y)
     }
 
     /// add_embedding([text_embeds, sinusoid(time_ids) flattened per row]).

@@ -1,14 +1,17 @@
 //! The U-Net's norms, with frozen affine parameters.
 //!
 //! - GroupNorm over (b, c, h, w): the c channels in g groups, each group normalised over its
-//!   channels and all positions, y = (x − μ)/√(σ² + ε)·w_c + b_c. Composed of candle's
-//!   elementary ops (each records its backward), in f32 for half-precision inputs.
-//! - LayerNorm over the last axis: [`crate::ops::layer_norm`] (fused forward and backward on
-//!   the CPU, composed elsewhere).
+//!   channels and all positions, y = (x − μ)/√(σ² + ε)·w_c + b_c. On CUDA one fused op each
+//!   way ([`crate::ops::affine_norm`], with the ResNet blocks' SiLU folded in); elsewhere
+//!   composed of candle's elementary ops (each records its backward), in f32 for half-precision
+//!   inputs.
+//! - LayerNorm over the last axis: the same fused op on CUDA, [`crate::ops::layer_norm`]
+//!   elsewhere (fused forward and backward on the CPU).
 
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::ops::affine_norm as ops;
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -28,8 +31,26 @@ impl GroupNorm {
         }
     }
 
-    /// `x` (b, c, h, w).
+    /// `x` (b, c, h, w): one fused op on CUDA, else [`Self::forward_composed`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let fused = ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?;
+        match fused {
+            Some(y) => Ok(y),
+            None => self.forward_composed(x),
+        }
+    }
+
+    /// SiLU(GroupNorm(x)), as the ResNet blocks take it: one fused op on CUDA.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let fused = ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)?;
+        match fused {
+            Some(y) => Ok(y),
+            None => Ok(self.forward_composed(x)?.silu()?),
+        }
+    }
+
+    /// Composed of candle's elementary ops (the CPU's path, and the fused op's reference).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let dt = x.dtype();
         let xf = match dt {
@@ -62,8 +83,13 @@ impl LayerNorm {
         Self { weight, bias, eps }
     }
 
+    /// One fused op on CUDA, else [`crate::ops::layer_norm`] (fused on the CPU, composed
+    /// elsewhere).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        match ops::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            Some(y) => Ok(y),
+            None => crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps),
+        }
     }
 }
 

@@ -58,6 +58,9 @@ pub fn quantize(
     e5: bool,
 ) -> candle_core::Result<Fp8Mat> {
     let n = rows * cols;
+    // for the kernel profile: the quantisation is a stage of its own (whatever was queued
+    // since the last stage mark counts as "other")
+    cx.mark("other")?;
     let amax = cx.dev.alloc_zeros::<f32>(1)?;
     let scale = cx.dev.alloc_zeros::<f32>(1)?;
     // SAFETY: every element is written by the kernel below.
@@ -85,6 +88,7 @@ pub fn quantize(
             ],
         )?;
     }
+    cx.mark("FP8 quantisation")?;
     Ok(Fp8Mat {
         codes,
         scale,

@@ -1,0 +1,125 @@
+//! Normalisation with a frozen per-channel affine as one CUDA op each way: GroupNorm of
+//! (b, c, h, w) (optionally followed by SiLU, as in a ResNet block) and LayerNorm over the last
+//! axis, the U-Net's norms. Rows of n elements, each normalised by its own mean and σ; element
+//! j of row r belongs to channel (r mod groups)·(channels a row) + j / (elements a channel):
+//!
+//! y = act(x̂·w_c + b_c), x̂ = (x − μ)/√(var + ε);
+//! dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ, ĝ = w_c·dz, dz = g (or g·SiLU′(z) for act = SiLU).
+//!
+//! The backward recomputes the row statistics (and z) from x. Kernels in `affine_norm.cu`; on
+//! the CPU and for other dtypes the callers compose candle's ops (the U-Net's `GroupNorm` and
+//! `LayerNorm` keep those as their references).
+
+use candle_core::{CustomOp1, CustomOp2, DType, Tensor};
+
+use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+#[derive(Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AffineNorm {
+    /// Per-channel weight and bias, f32 on the input's device.
+    w: Tensor,
+    b: Tensor,
+    /// Elements a row, groups (rows cycle through them), channels a row, elements a channel.
+    n: usize,
+    groups: usize,
+    cpr: usize,
+    hw: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp1 for AffineNorm {
+    fn name(&self) -> &'static str {
+        "affine-norm"
+    }
+
+    super::cpu_composed!(1, "affine norm");
+
+    super::cuda_fwd!(|self, x| cuda::forward(x, self));
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &AffineNormBackward(self.clone()),
+        )?))
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AffineNormBackward(AffineNorm);
+
+impl CustomOp2 for AffineNormBackward {
+    fn name(&self) -> &'static str {
+        "affine-norm-backward"
+    }
+
+    super::cpu_composed!(2, "affine norm backward");
+
+    super::cuda_fwd!(|self, x, g| cuda::backward(x, g, &self.0));
+}
+
+/// GroupNorm of `x` (b, c, h, w) in `groups` groups with the per-channel `w`, `b` (c), then
+/// SiLU when `silu`: None where the fused kernels do not take `x` (not CUDA f32/bf16).
+pub fn group_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    if !super::cuda_kernels_for(x) {
+        return Ok(None);
+    }
+    let (_, c, h, wd) = x.dims4()?;
+    if groups == 0 || c % groups != 0 || w.elem_count() != c || b.elem_count() != c {
+        return Err(crate::Error::msg(format!(
+            "group norm: {c} channels in {groups} groups with {} weights and {} biases",
+            w.elem_count(),
+            b.elem_count()
+        )));
+    }
+    let cpr = c / groups;
+    let op = AffineNorm {
+        w: w.to_dtype(DType::F32)?.contiguous()?,
+        b: b.to_dtype(DType::F32)?.contiguous()?,
+        n: cpr * h * wd,
+        groups,
+        cpr,
+        hw: h * wd,
+        eps,
+        silu,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// LayerNorm of `x` over its last axis (d) with `w`, `b` (d): None where the fused kernels do
+/// not take `x` (not CUDA f32/bf16).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !super::cuda_kernels_for(x) {
+        return Ok(None);
+    }
+    let d = *x.dims().last().unwrap_or(&0);
+    if d == 0 || w.elem_count() != d || b.elem_count() != d {
+        return Err(crate::Error::msg(format!(
+            "layer norm: {d} features with {} weights and {} biases",
+            w.elem_count(),
+            b.elem_count()
+        )));
+    }
+    let op = AffineNorm {
+        w: w.to_dtype(DType::F32)?.contiguous()?,
+        b: b.to_dtype(DType::F32)?.contiguous()?,
+        n: d,
+        groups: 1,
+        cpr: d,
+        hw: 1,
+        eps,
+        silu: false,
+    };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
