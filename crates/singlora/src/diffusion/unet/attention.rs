@@ -89,13 +89,18 @@ impl Attention {
     }
 }
 
-/// softmax(q·kᵀ/√d)·v per head, on q (b, t, h·d) and k, v (b, s, h·d); heads merged.
+/// softmax(q·kᵀ/√d)·v per head, on q (b, t, h·d) and k, v (b, s, h·d); heads merged. On CUDA
+/// in bf16, self-attention with heads of up to 128 takes the fused kernels
+/// ([`attend_fused`]); otherwise the scores are materialised.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
     let s = k.dim(1)?;
     let d = inner / heads;
     let lens = vec![s; b];
     let half = !matches!(q.dtype(), DType::F32 | DType::F64);
+    if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
+        return attend_fused(q, k, v, heads);
+    }
     if t == s && q.device().is_cpu() && !half {
         // self-attention on the CPU: one op each way, no head transposes
         return crate::ops::heads_attention(q, k, v, heads, &lens, false);
@@ -113,6 +118,42 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
     let p = crate::ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), &lens, false)?;
     let a = p.to_dtype(vh.dtype())?.matmul(&vh)?;
     Ok(a.transpose(1, 2)?.reshape((b, t, inner))?)
+}
+
+/// Self-attention on CUDA in bf16 through the fused (flash) attention kernels, which take
+/// heads of 64 or 128: each head zero-padded to the next of those (zeros add nothing to q·k and
+/// give output columns that are cut off), q scaled so that the kernels' 1/√64 (or 1/√128) is
+/// the head's own 1/√d, and the rotation the kernels apply made the identity (cos 1, sin 0).
+/// The scores never exist in memory, forward or backward.
+fn attend_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, inner) = q.dims3()?;
+    let d = inner / heads;
+    let hd = if d <= 64 { 64 } else { 128 };
+    let pad = |x: &Tensor| -> Result<Tensor> {
+        let x = x.reshape((b, t, heads, d))?;
+        let x = if hd > d {
+            x.pad_with_zeros(3, 0, hd - d)?
+        } else {
+            x
+        };
+        Ok(x.reshape((b, t, heads * hd))?)
+    };
+    let qs = (q * (hd as f64 / d as f64).sqrt())?;
+    let cos = Tensor::ones((t, hd), DType::F32, q.device())?;
+    let sin = Tensor::zeros((t, hd), DType::F32, q.device())?;
+    let y = crate::ops::attention_block(
+        &pad(&qs)?,
+        &pad(k)?,
+        &pad(v)?,
+        (&cos, &sin),
+        (heads, heads),
+        &vec![t; b],
+        false,
+        &crate::ops::FastPath::default(),
+    )?;
+    let y = y.reshape((b, t, heads, hd))?;
+    let y = if hd > d { y.narrow(3, 0, d)? } else { y };
+    Ok(y.contiguous()?.reshape((b, t, inner))?)
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +314,43 @@ impl Transformer2d {
         }
         if let Projection::Linear(l) = &mut self.proj_out {
             out.push(l);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The padded-head route to the fused kernels computes the heads' own attention: run here
+    /// through the composed form the same op takes off CUDA (the kernels themselves are checked
+    /// by `singlora-lab gpu-check`), values and input gradients, for heads narrower than 64 and
+    /// between 64 and 128.
+    #[test]
+    fn padded_heads_attend_as_the_heads_do() {
+        let dev = Device::Cpu;
+        for (heads, d) in [(2, 5), (3, 80)] {
+            let (b, t) = (2, 7);
+            let x = || Var::randn(0f64, 1.0, (b, t, heads * d), &dev).unwrap();
+            let (q, k, v) = (x(), x(), x());
+            let g = Tensor::randn(0f64, 1.0, (b, t, heads * d), &dev).unwrap();
+            let a = attend_fused(&q, &k, &v, heads).unwrap();
+            // the scores materialised: the composed path of `attend` (f64 takes it)
+            let r = attend(&q, &k, &v, heads, true).unwrap();
+            let err = (&a - &r).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(err.to_scalar::<f64>().unwrap() < 1e-12, "heads {heads}×{d}");
+            let ga = (a * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr = (r * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            for x in [&q, &k, &v] {
+                let e = (ga.get(x).unwrap() - gr.get(x).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap();
+                assert!(e.to_scalar::<f64>().unwrap() < 1e-12, "heads {heads}×{d}");
+            }
         }
     }
 }
