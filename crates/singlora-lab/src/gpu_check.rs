@@ -647,6 +647,24 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// Rows for a value and its input gradient against their references (f64 on the CPU).
+fn both(
+    rows: &mut Vec<Row>,
+    what: &str,
+    (y, d): (Tensor, Tensor),
+    (yr, dr): (Tensor, Tensor),
+    bound: f64,
+) -> Result<()> {
+    for (part, got, want) in [("value", y, yr), ("input gradient", d, dr)] {
+        rows.push(Row {
+            what: format!("{what} vs f64 on the CPU: {part}"),
+            err: rel_err(&got, &want)?,
+            bound,
+        });
+    }
+    Ok(())
+}
+
 /// The U-Net's fused norms against their composed forms on the CPU in f64 (values and the input
 /// gradient of sum(y ⊙ G)), and the tiny U-Net fixture on the device against diffusers' output
 /// (f32 and bf16 weights) with its input gradient against the CPU's.
@@ -701,31 +719,20 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             } else {
                 "GroupNorm"
             };
-            rows.push(Row {
-                what: format!("U-Net {what} fused ({dt:?}) vs composed f64: value"),
-                err: rel_err(&y, &yr)?,
+            both(
+                rows,
+                &format!("U-Net {what} fused ({dt:?})"),
+                (y, d),
+                (yr, dr),
                 bound,
-            });
-            rows.push(Row {
-                what: format!("U-Net {what} fused ({dt:?}) vs composed f64: input gradient"),
-                err: rel_err(&d, &dr)?,
-                bound,
-            });
+            )?;
         }
         let ln_ref = LayerNorm::new(w.clone(), b.clone(), 1e-5);
         let ln = LayerNorm::new(on(&w)?, on(&b)?, 1e-5);
         let (yr, dr) = run(&|x| ln_ref.forward(x), &xt, &gt)?;
         let (y, d) = run(&|x| ln.forward(x), &on(&xt)?, &on(&gt)?)?;
-        rows.push(Row {
-            what: format!("U-Net LayerNorm fused ({dt:?}) vs CPU f64: value"),
-            err: rel_err(&y, &yr)?,
-            bound,
-        });
-        rows.push(Row {
-            what: format!("U-Net LayerNorm fused ({dt:?}) vs CPU f64: input gradient"),
-            err: rel_err(&d, &dr)?,
-            bound,
-        });
+        let what = format!("U-Net LayerNorm fused ({dt:?})");
+        both(rows, &what, (y, d), (yr, dr), bound)?;
     }
     // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../singlora/tests/fixtures/unet-tiny");
