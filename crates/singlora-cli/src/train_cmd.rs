@@ -110,6 +110,7 @@ impl TrainArgs {
                     "eval_every" => changes.eval_every = cfg.eval_every,
                     "device" => changes.device = Some(cfg.device),
                     "devices" => changes.devices = cfg.devices.clone(),
+                    "recompute_layers" => changes.recompute_layers = Some(cfg.recompute_layers),
                     _ => changes.recompute = Some(cfg.recompute),
                 }
                 continue;

@@ -116,6 +116,10 @@ pub struct LlamaArgs {
     /// Recompute activations in the backward instead of keeping them: the SwiGLU output, and
     /// the attention probabilities on the GEMM-and-softmax path (the fused bf16 attention
     /// kernels never keep them).
+    /// Keep only each layer's input in the forward and run the layer again in the backward
+    /// (activation checkpointing; the CUDA fast path).
+    #[arg(long)]
+    checkpoint_layers: bool,
     #[arg(long, alias = "recompute-attention")]
     recompute: bool,
     #[command(flatten)]
@@ -163,7 +167,7 @@ impl FastArgs {
 }
 
 pub fn llama(a: LlamaArgs) -> Result<()> {
-    use singlora_lab::bench::llama::{matmul_ceiling, run};
+    use singlora_lab::bench::llama::{matmul_ceiling, run, Recompute};
     let device = a.device.open()?;
     let fast = a.fast.fast_path();
     let shape = shape_of(&a.shape)?;
@@ -216,7 +220,10 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             a.warmup,
             a.steps,
             &device,
-            a.recompute,
+            Recompute {
+                activations: a.recompute,
+                layers: a.checkpoint_layers,
+            },
             fast,
             base,
         )?;
@@ -224,6 +231,7 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
             let mut v = serde_json::to_value(&r)?;
             v["impl"] = serde_json::json!("singlora");
             v["recompute"] = serde_json::json!(a.recompute);
+            v["checkpoint_layers"] = serde_json::json!(a.checkpoint_layers);
             if fast != FastPath::default() {
                 v["fast"] = serde_json::json!(format!("{fast:?}"));
             }
@@ -485,6 +493,7 @@ pub fn scaling(a: ScalingArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device) -> Result<()> {
+    use singlora_lab::bench::llama::Recompute;
     for (m, method) in methods_of(&a.methods)? {
         let rows = singlora_lab::bench::llama::kernel_profile(
             &a.shape,
@@ -494,7 +503,10 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
             a.batch,
             a.seq,
             device,
-            a.recompute,
+            Recompute {
+                activations: a.recompute,
+                layers: a.checkpoint_layers,
+            },
             a.fast.fast_path(),
             &a.base_dtype,
         )?;

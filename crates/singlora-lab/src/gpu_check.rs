@@ -1087,6 +1087,60 @@ fn packed_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The fast path with layer checkpointing (only each layer's input kept, the layer run again
+/// in the backward) against the fast path keeping everything: the same kernels on the same
+/// values, so the loss and every adapter gradient agree to rounding; plain and packed rows,
+/// SingLoRA and DoRA.
+fn checkpoint_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora::data::{collate_rows, Encoded};
+    use singlora_lab::bench::llama::{random_example, random_model, set_checkpoint_layers};
+    let shape = CHECK_SHAPE;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let items: Vec<Encoded> = [15usize, 25, 40, 10, 12, 8]
+        .iter()
+        .map(|&len| random_example(len, shape.vocab, &mut x))
+        .collect();
+    let plain = collate_rows(&items, &[vec![0], vec![1], vec![2], vec![3]], 0, device)?;
+    let packed = collate_rows(&items, &[vec![0, 1], vec![2], vec![3, 4, 5]], 0, device)?;
+    for method in ["singlora", "dora"] {
+        let mut model = random_model("check", shape, Some(method.parse()?), 8, device)?;
+        for p in model.params() {
+            p.var.set(&p.var.as_tensor().randn_like(0.0, 0.02)?)?;
+        }
+        for (rows_kind, batch) in [("plain", &plain), ("packed", &packed)] {
+            set_checkpoint_layers(&mut model, false);
+            let (loss_k, g_k) = model.loss_and_grads(batch, 1.0)?;
+            set_checkpoint_layers(&mut model, true);
+            #[cfg(feature = "cuda")]
+            let before = singlora::model::llama::fast_forwards_run();
+            let (loss_c, g_c) = model.loss_and_grads(batch, 1.0)?;
+            let what = format!("layer checkpointing, {method}, {rows_kind} rows");
+            #[cfg(feature = "cuda")]
+            rows.push(Row {
+                what: format!("{what}: the batch took the fast path"),
+                err: if singlora::model::llama::fast_forwards_run() > before {
+                    0.0
+                } else {
+                    1.0
+                },
+                bound: 0.0,
+            });
+            rows.push(Row {
+                what: format!("{what}: loss vs keeping every layer"),
+                err: rel_err(&loss_c, &loss_k)?,
+                bound: 1e-6,
+            });
+            rows.push(Row {
+                what: format!("{what}: adapter gradients vs keeping every layer (worst)"),
+                err: worst_grad_err(&model, &g_c, &g_k, &what)?,
+                bound: 1e-3,
+            });
+        }
+        set_checkpoint_layers(&mut model, false);
+    }
+    Ok(())
+}
+
 /// The fast path on an FP8 base (its GEMMs on the FP8 tensor cores, activations in E4M3 and
 /// output gradients in E5M2) against the fast path on a bf16 base holding the same weight
 /// values: they differ by the activations' and gradients' FP8 rounding only, a few percent;
@@ -1416,6 +1470,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
             ("NF4 fast path", nf4_fast_path_checks),
             ("packed rows", packed_fast_path_checks),
             ("U-Net", unet_checks),
+            ("layer checkpointing", checkpoint_checks),
         ];
         #[cfg(feature = "cuda")]
         groups.extend([

@@ -89,6 +89,22 @@ pub fn random_example(len: usize, vocab: usize, x: &mut u64) -> Encoded {
     }
 }
 
+/// What the fast path recomputes in the backward instead of keeping from the forward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recompute {
+    /// The SwiGLU output and attention probabilities (`Llama::recompute`).
+    pub activations: bool,
+    /// Whole layers from their inputs (`Llama::checkpoint_layers`).
+    pub layers: bool,
+}
+
+impl Recompute {
+    fn apply(self, model: &mut TaskModel) {
+        set_recompute(model, self.activations);
+        set_checkpoint_layers(model, self.layers);
+    }
+}
+
 /// Builds the model (`method` None = frozen base) and times `steps` training steps with the
 /// kernel choices `fast`.
 #[allow(clippy::too_many_arguments)]
@@ -102,12 +118,12 @@ pub fn run(
     warmup: usize,
     steps: usize,
     device: &Device,
-    recompute: bool,
+    recompute: Recompute,
     fast: FastPath,
     base: &str,
 ) -> Result<LlamaBench> {
     let mut model = model_with_base(name, shape, method, rank, device, base)?;
-    set_recompute(&mut model, recompute);
+    recompute.apply(&mut model);
     model.fast = fast;
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
     let b = random_tokens(batch, seq, shape.vocab, device)?;
@@ -167,6 +183,13 @@ pub fn model_with_base(
 pub fn set_recompute(model: &mut TaskModel, on: bool) {
     if let Body::Llama(l) = &mut model.body {
         l.recompute = on;
+    }
+}
+
+/// Switches the LLaMA body's layer checkpointing (see `Llama::checkpoint_layers`).
+pub fn set_checkpoint_layers(model: &mut TaskModel, on: bool) {
+    if let Body::Llama(l) = &mut model.body {
+        l.checkpoint_layers = on;
     }
 }
 
@@ -268,13 +291,13 @@ pub fn kernel_profile(
     batch: usize,
     seq: usize,
     device: &Device,
-    recompute: bool,
+    recompute: Recompute,
     fast: FastPath,
     base: &str,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
     use singlora::ops::prof;
     let mut model = model_with_base(name, shape, method, rank, device, base)?;
-    set_recompute(&mut model, recompute);
+    recompute.apply(&mut model);
     model.fast = fast;
     let b = random_tokens(batch, seq, shape.vocab, device)?;
     model.clock.set_training(true);

@@ -975,6 +975,10 @@ pub struct Llama {
     /// recomputes them in the backward (b·t·ff and, off the fused attention kernels, b·h·t²
     /// values less per layer; one more SwiGLU pass, and a QKᵀ GEMM and softmax).
     pub recompute: bool,
+    /// The CUDA fast path keeps only each layer's input and runs the layer's forward again
+    /// in the backward (activation checkpointing: the activations' memory of one layer
+    /// instead of all, for about one more forward's time).
+    pub checkpoint_layers: bool,
 }
 
 impl Llama {
@@ -1269,6 +1273,7 @@ impl Llama {
             positions: None,
             grad_from_embeddings: false,
             recompute: false,
+            checkpoint_layers: false,
         })
     }
 
@@ -1369,6 +1374,7 @@ impl Llama {
             positions: Some(wpe),
             grad_from_embeddings: false,
             recompute: false,
+            checkpoint_layers: false,
         })
     }
 

@@ -135,6 +135,12 @@ pub struct TrainConfig {
     #[arg(long, alias = "recompute-attention")]
     #[serde(alias = "recompute_attention")]
     pub recompute: bool,
+    /// LLaMA on a GPU: keep only each layer's input and run the layer's forward again in the
+    /// backward (activation checkpointing): the activations of one layer in memory instead of
+    /// all of them, for about one more forward's time.
+    #[arg(long)]
+    #[serde(default)]
+    pub recompute_layers: bool,
     /// SFT: lay several examples end to end in each row of up to --max-length tokens (attention
     /// and positions stay within each example; the loss is per token as without packing);
     /// --batch-size then counts packed rows.
@@ -370,6 +376,7 @@ mod tests {
         assert_eq!(c.schedule, Schedule::Cosine);
         assert_eq!(c.clip(), None);
         assert!(c.recompute && !c.data.chat_template && c.data.skip_bad_rows);
+        assert!(!c.recompute_layers);
         assert_eq!(c.data.columns.text, "sentence");
         assert_eq!(c.data.columns.label, "y");
         assert_eq!(c.data.max_length, 64);
@@ -397,6 +404,7 @@ mod tests {
         old_keys.push("packing".into());
         old_keys.push("base_dtype".into());
         old_keys.push("chat_template_file".into());
+        old_keys.push("recompute_layers".into());
         keys.sort();
         old_keys.sort();
         assert_eq!(keys, old_keys);

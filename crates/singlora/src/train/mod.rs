@@ -63,6 +63,7 @@ pub struct ResumeChanges {
     pub device: Option<crate::device::DeviceSpec>,
     pub devices: Option<Vec<crate::device::DeviceSpec>>,
     pub recompute: Option<bool>,
+    pub recompute_layers: Option<bool>,
     /// Stop after this many updates in all, as if interrupted (tests).
     pub stop_after: Option<u64>,
     pub fast: FastPath,
@@ -70,7 +71,7 @@ pub struct ResumeChanges {
 
 impl ResumeChanges {
     /// The settings (by `run.json` key) that may change on resume.
-    pub const KEYS: [&'static str; 9] = [
+    pub const KEYS: [&'static str; 10] = [
         "max_steps",
         "epochs",
         "save_every",
@@ -80,6 +81,7 @@ impl ResumeChanges {
         "device",
         "devices",
         "recompute",
+        "recompute_layers",
     ];
 
     fn apply(&self, c: &mut TrainConfig) {
@@ -110,6 +112,9 @@ impl ResumeChanges {
         }
         if let Some(r) = self.recompute {
             c.recompute = r;
+        }
+        if let Some(r) = self.recompute_layers {
+            c.recompute_layers = r;
         }
         c.stop_after = self.stop_after;
         c.fast = self.fast;

@@ -245,6 +245,7 @@ pub fn setup(cfg: TrainConfig) -> Result<Setup> {
     model.fast = cfg.fast;
     if let crate::model::Body::Llama(l) = &mut model.body {
         l.recompute = cfg.recompute;
+        l.checkpoint_layers = cfg.recompute_layers;
     }
 
     let batches_per_epoch = data.train_rows.len().div_ceil(cfg.batch_size) as u64;

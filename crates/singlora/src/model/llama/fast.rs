@@ -30,6 +30,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, CudaStorage, DType, Shape, Tensor, TensorId, Var};
 
 use super::{Batch, Layer, Llama};
@@ -310,6 +311,17 @@ struct LayerTape {
     gu_terms: [Option<LowRank>; 2],
 }
 
+/// What the forward keeps of a layer for the backward: everything, or (layer checkpointing)
+/// only its input, from which the backward runs the layer's forward again.
+enum LayerRec {
+    Kept(Box<LayerTape>),
+    Checkpoint {
+        /// The layer's input, owned here (None: the embedding, held by the tape).
+        _x_in: Option<CudaStorage>,
+        x_in_ptr: u64,
+    },
+}
+
 /// A forward through the decoder layers, ready for its backward.
 pub(crate) struct Tape {
     dev: CudaDevice,
@@ -325,7 +337,11 @@ pub(crate) struct Tape {
     /// Per layer, the q/k/v and gate/up [`Group`]s where they qualify.
     groups: Vec<[Option<Group>; 2]>,
     norms: Vec<(u64, u64)>,
-    layers: Vec<LayerTape>,
+    layers: Vec<LayerRec>,
+    /// The key lengths the attention kernels read (for layers run again in the backward).
+    lens: Arc<CudaSlice<u32>>,
+    /// `Llama::recompute`, for layers run again in the backward.
+    recompute: bool,
     /// The embedded input (kept alive for layer 0's backward) and, when the benchmark asks
     /// for it, the variable whose gradient is the embeddings'.
     x0: Tensor,
@@ -818,7 +834,6 @@ impl Llama {
         let mut groups = vec![];
         let mut layer_ends = vec![];
         let (b, t) = batch.ids.dims2()?;
-        let m = b * t;
         let (h, ff) = (c.hidden, c.intermediate);
         let dims = (b, t, c.heads, c.kv_heads, c.head_dim);
         let lens = upload_lens(dev, &key_lens(&batch.mask)?)?;
@@ -847,9 +862,6 @@ impl Llama {
         let mut x_in: Option<CudaStorage> = None;
         let mut x_ptr = tensor_ptr(&x0, "embeddings")?;
         let mut tapes = vec![];
-        let nd = c.heads * c.head_dim;
-        // adapters' rank-r terms added by the kernels that read the projections' outputs
-        let fuse = fast.fused_low_rank;
         for (li, l) in self.layers.iter().enumerate() {
             let mut ps = vec![];
             for al in layer_projs(l) {
@@ -866,141 +878,29 @@ impl Llama {
                 [None, None]
             };
             layer_ends.push(grad_len);
-            let (ln1, ln2) = norms[li];
-            cx.mark("other")?;
-            let hn1 = cx.fresh(m * h)?;
-            rms_fwd(&cx, (x_ptr, ln1, hn1.1), m, h, c.eps)?;
-            cx.mark("RMSNorm fwd")?;
-            let [g_qkv, g_gu] = &grp;
-            let h_qkv = match g_qkv {
-                Some(gr) => Some(gr.forward(&cx, hn1.1, m, h)?),
-                None => None,
+            let env = LayerEnv {
+                cx: &cx,
+                dims,
+                eps: c.eps,
+                ff,
+                tables,
+                lens: &lens,
+                packed: packed.as_ref(),
+                recompute: self.recompute,
             };
-            let pre = |gr: &Option<Group>, buf: &Option<Buf>, i: usize| match (gr, buf) {
-                (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
-                _ => None,
-            };
-            // q's, k's and v's terms go to the RoPE/split kernel (whole warps per half head)
-            let qkv_fuse = fuse && c.head_dim % 64 == 0 && packed.is_none();
-            // FP8 weights: q, k and v share one E4M3 copy of their input
-            let shared_fp8 = |members: &[Proj], x: u64| -> Result<Option<fp8::Fp8Mat>> {
-                if members.iter().all(|p| p.fp8().is_some()) {
-                    Ok(Some(fp8::quantize(&cx, x, (m, h), false)?))
-                } else {
-                    Ok(None)
+            let (tape, x_next) = layer_forward(&env, &ps, &grp, norms[li], x_ptr)?;
+            let x_prev = x_in.take();
+            tapes.push(if self.checkpoint_layers {
+                // only the layer's input is kept; the backward runs the layer again
+                LayerRec::Checkpoint {
+                    _x_in: x_prev,
+                    x_in_ptr: x_ptr,
                 }
-            };
-            let xq = shared_fp8(&ps[0..3], hn1.1)?;
-            let (q, hq, lq) =
-                ps[0].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse, xq.as_ref())?;
-            let (k, hk, lk) =
-                ps[1].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse, xq.as_ref())?;
-            let (v, hv, lv) =
-                ps[2].forward(&cx, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse, xq.as_ref())?;
-            drop(xq);
-            // the norms' outputs are recomputed in the backward (cheap, and 2·hidden values
-            // per token fewer to keep); SwiGLU's too with `recompute`
-            drop(hn1);
-            let (a, ap, att) = match &packed {
-                None => forward_raw(
-                    &cx,
-                    (q.1, k.1, v.1),
-                    tables,
-                    dims,
-                    &lens,
-                    (true, self.recompute),
-                    [lq.as_ref(), lk.as_ref(), lv.as_ref()],
-                )?,
-                Some(pr) => {
-                    let kvd = c.kv_heads * c.head_dim;
-                    let rows = pr.rows();
-                    let qg = cx.fresh(rows * nd)?;
-                    let kg = cx.fresh(rows * kvd)?;
-                    let vg = cx.fresh(rows * kvd)?;
-                    pr.unpack(&cx, (q.1, qg.1), nd)?;
-                    pr.unpack(&cx, (k.1, kg.1), kvd)?;
-                    pr.unpack(&cx, (v.1, vg.1), kvd)?;
-                    let dims_g = (pr.examples, pr.max_len, c.heads, c.kv_heads, c.head_dim);
-                    let (ag, agp, att) = forward_raw(
-                        &cx,
-                        (qg.1, kg.1, vg.1),
-                        tables,
-                        dims_g,
-                        &pr.lens,
-                        (true, self.recompute),
-                        [None, None, None],
-                    )?;
-                    drop((qg, kg, vg));
-                    let (a, ap) = cx.fresh(m * nd)?;
-                    pr.pack(&cx, (agp, ap), nd)?;
-                    drop(ag);
-                    (a, ap, att)
-                }
-            };
-            cx.mark("attention fwd")?;
-            drop((q, k, v));
-            let (o, ho, lo) = ps[3].forward(&cx, ap, m, None, fuse, None)?;
-            let x_mid = cx.fresh(m * h)?;
-            match &lo {
-                Some(lr) => add_lr(&cx, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
-                None => add(&cx, (x_ptr, o.1, x_mid.1), m * h)?,
-            }
-            cx.mark("residual add")?;
-            drop(o);
-            let hn2 = cx.fresh(m * h)?;
-            rms_fwd(&cx, (x_mid.1, ln2, hn2.1), m, h, c.eps)?;
-            cx.mark("RMSNorm fwd")?;
-            let h_gu = match g_gu {
-                Some(gr) => Some(gr.forward(&cx, hn2.1, m, h)?),
-                None => None,
-            };
-            // gate's and up's terms go to the SwiGLU kernel when both can (one rank)
-            let gu_fuse = fuse
-                && match (&ps[4].ad, &ps[5].ad) {
-                    (Some(a), Some(b)) => a.r == b.r,
-                    _ => true,
-                };
-            let xq = shared_fp8(&ps[4..6], hn2.1)?;
-            let (g, hg, lg) =
-                ps[4].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse, xq.as_ref())?;
-            let (u, hu, lu) =
-                ps[5].forward(&cx, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse, xq.as_ref())?;
-            drop(xq);
-            drop(hn2);
-            let f = cx.fresh(m * ff)?;
-            if lg.is_some() || lu.is_some() {
-                let terms = (lg.as_ref(), lu.as_ref());
-                swiglu_fwd_lr(&cx, (g.1, u.1, f.1), (m, ff), terms, false)?;
             } else {
-                swiglu_fwd(&cx, (g.1, u.1, f.1), m * ff)?;
-            }
-            cx.mark("SwiGLU fwd")?;
-            let (dn, hdn, ldn) = ps[6].forward(&cx, f.1, m, None, fuse, None)?;
-            // kept for down's adapter gradients unless recomputed (a frozen down needs none)
-            let f = (ps[6].ad.is_some() && !self.recompute).then_some(f);
-            let x_next = cx.fresh(m * h)?;
-            match &ldn {
-                Some(lr) => add_lr(&cx, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
-                None => add(&cx, (x_mid.1, dn.1, x_next.1), m * h)?,
-            }
-            cx.mark("residual add")?;
-            drop(dn);
-            debug_assert_eq!(nd, h);
-            tapes.push(LayerTape {
-                _x_in: x_in.take(),
-                x_in_ptr: x_ptr,
-                h_qkv: [hq, hk, hv],
-                att,
-                a: (a, ap),
-                h_o: ho,
-                x_mid,
-                g,
-                u,
-                f,
-                h_gu: [hg, hu],
-                h_down: hdn,
-                _h_groups: [h_qkv, h_gu],
-                gu_terms: [lg, lu],
+                LayerRec::Kept(Box::new(LayerTape {
+                    _x_in: x_prev,
+                    ..tape
+                }))
             });
             projs.push(ps);
             groups.push(grp);
@@ -1023,6 +923,8 @@ impl Llama {
             groups,
             norms,
             layers: tapes,
+            lens,
+            recompute: self.recompute,
             x0,
             x0_var,
             grad_len,
@@ -1032,6 +934,168 @@ impl Llama {
             packed,
         }))
     }
+}
+
+/// What every decoder layer's forward reads besides its own weights and input.
+struct LayerEnv<'a> {
+    cx: &'a Ctx<'a>,
+    dims: (usize, usize, usize, usize, usize),
+    eps: f64,
+    ff: usize,
+    tables: (u64, u64),
+    lens: &'a Arc<CudaSlice<u32>>,
+    packed: Option<&'a PackedRows>,
+    recompute: bool,
+}
+
+/// One decoder layer's forward from the residual stream at `x_ptr`: what its backward reads
+/// (the input itself left to the caller to keep) and the stream after it. The forward runs it
+/// once per layer; with layer checkpointing the backward runs it again from the kept input.
+fn layer_forward(
+    env: &LayerEnv,
+    ps: &[Proj; 7],
+    grp: &[Option<Group>; 2],
+    (ln1, ln2): (u64, u64),
+    x_ptr: u64,
+) -> Result<(LayerTape, Buf)> {
+    let cx = env.cx;
+    let (b, t, heads, kv_heads, head_dim) = env.dims;
+    let (m, h, ff, nd) = (b * t, heads * head_dim, env.ff, heads * head_dim);
+    let bf16 = cx.bf16;
+    let fuse = cx.fast.fused_low_rank;
+    let (tables, lens, dims) = (env.tables, env.lens, env.dims);
+    let packed = env.packed;
+    cx.mark("other")?;
+    let hn1 = cx.fresh(m * h)?;
+    rms_fwd(cx, (x_ptr, ln1, hn1.1), m, h, env.eps)?;
+    cx.mark("RMSNorm fwd")?;
+    let [g_qkv, g_gu] = &grp;
+    let h_qkv = match g_qkv {
+        Some(gr) => Some(gr.forward(cx, hn1.1, m, h)?),
+        None => None,
+    };
+    let pre = |gr: &Option<Group>, buf: &Option<Buf>, i: usize| match (gr, buf) {
+        (Some(gr), Some(b)) => Some(gr.block(b.1, i, bf16)),
+        _ => None,
+    };
+    // q's, k's and v's terms go to the RoPE/split kernel (whole warps per half head)
+    let qkv_fuse = fuse && head_dim % 64 == 0 && packed.is_none();
+    // FP8 weights: q, k and v share one E4M3 copy of their input
+    let shared_fp8 = |members: &[Proj], x: u64| -> Result<Option<fp8::Fp8Mat>> {
+        if members.iter().all(|p| p.fp8().is_some()) {
+            Ok(Some(fp8::quantize(cx, x, (m, h), false)?))
+        } else {
+            Ok(None)
+        }
+    };
+    let xq = shared_fp8(&ps[0..3], hn1.1)?;
+    let (q, hq, lq) = ps[0].forward(cx, hn1.1, m, pre(g_qkv, &h_qkv, 0), qkv_fuse, xq.as_ref())?;
+    let (k, hk, lk) = ps[1].forward(cx, hn1.1, m, pre(g_qkv, &h_qkv, 1), qkv_fuse, xq.as_ref())?;
+    let (v, hv, lv) = ps[2].forward(cx, hn1.1, m, pre(g_qkv, &h_qkv, 2), qkv_fuse, xq.as_ref())?;
+    drop(xq);
+    // the norms' outputs are recomputed in the backward (cheap, and 2·hidden values
+    // per token fewer to keep); SwiGLU's too with `recompute`
+    drop(hn1);
+    let (a, ap, att) = match packed {
+        None => forward_raw(
+            cx,
+            (q.1, k.1, v.1),
+            tables,
+            dims,
+            lens,
+            (true, env.recompute),
+            [lq.as_ref(), lk.as_ref(), lv.as_ref()],
+        )?,
+        Some(pr) => {
+            let kvd = kv_heads * head_dim;
+            let rows = pr.rows();
+            let qg = cx.fresh(rows * nd)?;
+            let kg = cx.fresh(rows * kvd)?;
+            let vg = cx.fresh(rows * kvd)?;
+            pr.unpack(cx, (q.1, qg.1), nd)?;
+            pr.unpack(cx, (k.1, kg.1), kvd)?;
+            pr.unpack(cx, (v.1, vg.1), kvd)?;
+            let dims_g = (pr.examples, pr.max_len, heads, kv_heads, head_dim);
+            let (ag, agp, att) = forward_raw(
+                cx,
+                (qg.1, kg.1, vg.1),
+                tables,
+                dims_g,
+                &pr.lens,
+                (true, env.recompute),
+                [None, None, None],
+            )?;
+            drop((qg, kg, vg));
+            let (a, ap) = cx.fresh(m * nd)?;
+            pr.pack(cx, (agp, ap), nd)?;
+            drop(ag);
+            (a, ap, att)
+        }
+    };
+    cx.mark("attention fwd")?;
+    drop((q, k, v));
+    let (o, ho, lo) = ps[3].forward(cx, ap, m, None, fuse, None)?;
+    let x_mid = cx.fresh(m * h)?;
+    match &lo {
+        Some(lr) => add_lr(cx, (x_ptr, o.1, x_mid.1), (m, h), lr)?,
+        None => add(cx, (x_ptr, o.1, x_mid.1), m * h)?,
+    }
+    cx.mark("residual add")?;
+    drop(o);
+    let hn2 = cx.fresh(m * h)?;
+    rms_fwd(cx, (x_mid.1, ln2, hn2.1), m, h, env.eps)?;
+    cx.mark("RMSNorm fwd")?;
+    let h_gu = match g_gu {
+        Some(gr) => Some(gr.forward(cx, hn2.1, m, h)?),
+        None => None,
+    };
+    // gate's and up's terms go to the SwiGLU kernel when both can (one rank)
+    let gu_fuse = fuse
+        && match (&ps[4].ad, &ps[5].ad) {
+            (Some(a), Some(b)) => a.r == b.r,
+            _ => true,
+        };
+    let xq = shared_fp8(&ps[4..6], hn2.1)?;
+    let (g, hg, lg) = ps[4].forward(cx, hn2.1, m, pre(g_gu, &h_gu, 0), gu_fuse, xq.as_ref())?;
+    let (u, hu, lu) = ps[5].forward(cx, hn2.1, m, pre(g_gu, &h_gu, 1), gu_fuse, xq.as_ref())?;
+    drop(xq);
+    drop(hn2);
+    let f = cx.fresh(m * ff)?;
+    if lg.is_some() || lu.is_some() {
+        let terms = (lg.as_ref(), lu.as_ref());
+        swiglu_fwd_lr(cx, (g.1, u.1, f.1), (m, ff), terms, false)?;
+    } else {
+        swiglu_fwd(cx, (g.1, u.1, f.1), m * ff)?;
+    }
+    cx.mark("SwiGLU fwd")?;
+    let (dn, hdn, ldn) = ps[6].forward(cx, f.1, m, None, fuse, None)?;
+    // kept for down's adapter gradients unless recomputed (a frozen down needs none)
+    let f = (ps[6].ad.is_some() && !env.recompute).then_some(f);
+    let x_next = cx.fresh(m * h)?;
+    match &ldn {
+        Some(lr) => add_lr(cx, (x_mid.1, dn.1, x_next.1), (m, h), lr)?,
+        None => add(cx, (x_mid.1, dn.1, x_next.1), m * h)?,
+    }
+    cx.mark("residual add")?;
+    drop(dn);
+    debug_assert_eq!(nd, h);
+    let tape = LayerTape {
+        _x_in: None,
+        x_in_ptr: x_ptr,
+        h_qkv: [hq, hk, hv],
+        att,
+        a: (a, ap),
+        h_o: ho,
+        x_mid,
+        g,
+        u,
+        f,
+        h_gu: [hg, hu],
+        h_down: hdn,
+        _h_groups: [h_qkv, h_gu],
+        gu_terms: [lg, lu],
+    };
+    Ok((tape, x_next))
 }
 
 impl Tape {
@@ -1070,9 +1134,32 @@ impl Tape {
         let grads_ptr = cuda::slice_ptr(&packed);
         // the packed values not yet handed to `sync`: pending_start..pending_end
         let mut pending_end = self.grad_len;
-        for (li, lt) in self.layers.iter().enumerate().rev() {
+        for (li, rec) in self.layers.iter().enumerate().rev() {
             let ps = &self.projs[li];
             let (ln1, ln2) = self.norms[li];
+            // a checkpointed layer's forward again, from its kept input
+            let again;
+            let lt: &LayerTape = match rec {
+                LayerRec::Kept(t) => t,
+                LayerRec::Checkpoint { x_in_ptr, .. } => {
+                    let env = LayerEnv {
+                        cx: &cx,
+                        dims: self.dims,
+                        eps: self.eps,
+                        ff,
+                        tables,
+                        lens: &self.lens,
+                        packed: self.packed.as_ref(),
+                        recompute: self.recompute,
+                    };
+                    let (tape, x_next) =
+                        layer_forward(&env, ps, &self.groups[li], (ln1, ln2), *x_in_ptr)?;
+                    drop(x_next);
+                    cx.mark("layer recompute")?;
+                    again = tape;
+                    &again
+                }
+            };
             // MLP: down, SwiGLU, gate and up, norm 2 (adding into dxm)
             cx.mark("other")?;
             let [tg, tu] = lt.gu_terms.each_ref().map(|t| t.as_ref());
