@@ -753,7 +753,9 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     let gs = Tensor::randn(0f32, 1.0, want.dims(), &cpu)?;
     let unet_cpu = UNet::load(&dir, DType::F32, &cpu)?;
     let (_, dref) = run(&|x| unet_cpu.forward(x, &t, &ctx, None), &sample, &gs)?;
-    for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+    // bf16: every activation rounded to 8 bits of mantissa through the whole net; a wrong
+    // kernel differs by the output's own size
+    for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 8e-2)] {
         let unet = UNet::load(&dir, dt, device)?;
         let (y, d) = run(
             &|x| unet.forward(x, &t.to_device(device)?, &ctx.to_device(device)?, None),
