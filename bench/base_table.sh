@@ -8,6 +8,8 @@
 #                                # base, eager and compiled, at 7B: the same-call table
 #   bash bench/base_table.sh 2   # a 70B-shaped NF4 base with SingLoRA (activations recomputed,
 #                                # batch 1 and 4 x 512)
+#   bash bench/base_table.sh 3   # 7B with layer checkpointing (bf16 and NF4 bases) and the
+#                                # kernel profiles of the bf16 and FP8 steps
 # Every JSON line goes to ${OUT:-/tmp}/base.jsonl, gpu-check's table to gpu-check.txt, a
 # summary to base.txt.
 set -u
@@ -27,6 +29,18 @@ if [ "$PART" = 1 ]; then
     done
   done
   timeout 150 "$PY" bench/torch_llama.py --shape 7b --methods base --eager-and-compiled >> "$j" 2>> "$OUT/base.err"
+  # bitsandbytes NF4 + PEFT LoRA, where bitsandbytes is importable (see bench/torch_llama.py)
+  if "$PY" -c "import bitsandbytes" 2>/dev/null; then
+    timeout 120 "$PY" bench/torch_llama.py --shape 7b --methods qlora >> "$j" 2>> "$OUT/base.err"
+  fi
+elif [ "$PART" = 3 ]; then
+  # layer checkpointing's memory and time, and where the FP8 step's time goes
+  for b in bf16 nf4; do
+    timeout 100 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --checkpoint-layers --json >> "$j" 2>> "$OUT/base.err"
+  done
+  for b in bf16 fp8; do
+    timeout 60 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --kernel-profile > "$OUT/kernel-profile-$b.md" 2>> "$OUT/base.err"
+  done
 else
   for batch in 1 4; do
     timeout 270 .carry/lab bench-llama --shape 70b --methods singlora --base-dtype nf4 --recompute \
@@ -44,7 +58,11 @@ for line in open(sys.argv[1]):
         continue
     t = r.get("timing", r)
     m = r.get("method", "")
-    base = "NF4" if "(NF4)" in m else "FP8" if "(FP8)" in m else "bf16"
+    base = "NF4" if "(NF4)" in m or m == "qlora" else "FP8" if "(FP8)" in m else "bf16"
+    if r.get("checkpoint_layers"):
+        m += ", layers recomputed"
+    elif r.get("recompute"):
+        m += ", activations recomputed"
     print(f"| {r.get('shape')} | {r.get('impl', r.get('torch', 'torch'))} | {base} | {m.replace(' (NF4)', '').replace(' (FP8)', '')} "
           f"| {r.get('batch')} | {t.get('median_ms', 0):.1f} | {t.get('tokens_per_s', 0):.0f} "
           f"| {r.get('peak_memory_gib') or '-'} |")
