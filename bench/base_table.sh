@@ -17,6 +17,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp}
 PY=${PYTHON:-$(ls /opt/torch/.venv/bin/python 2>/dev/null || echo python3)}
 PART=${1:-1}
+# bitsandbytes for the PyTorch QLoRA row: its wheel holds a library for every CUDA version
+# (43 MB); the CUDA 13 one alone fits a call. Made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d /tmp/bnb bitsandbytes==0.50.2
+#   (cd /tmp/bnb && unzip -q bitsandbytes-*.whl -d x && cd x && find . -name '*.so' ! -name '*cuda130*' ! -name '*cpu*' -delete && tar czf ../bnb.tgz .)
+# and carried as .stage/bnb/bnb.tgz
+if [ -f .stage/bnb/bnb.tgz ]; then
+  mkdir -p /tmp/site && tar xzf .stage/bnb/bnb.tgz -C /tmp/site && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 j="$OUT/base.jsonl"
 : > "$j"
