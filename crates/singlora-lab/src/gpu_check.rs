@@ -620,6 +620,23 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         err: (diff / amax) as f64,
         bound: 1e-6,
     });
+    // the 8-wide kernels the fast path takes: the same codes and scale
+    for e5 in [false, true] {
+        let q1 = fp8::quantize_tensor_with(&x, e5, false)?;
+        let q8 = fp8::quantize_tensor_with(&x, e5, true)?;
+        let like = x.to_dtype(DType::F32)?;
+        rows.push(Row {
+            what: format!(
+                "FP8 {} quantisation, 8-wide kernels vs scalar",
+                if e5 { "E5M2" } else { "E4M3" }
+            ),
+            err: rel_err(
+                &fp8::dequantize_tensor(&q8, &like)?,
+                &fp8::dequantize_tensor(&q1, &like)?,
+            )?,
+            bound: 0.0,
+        });
+    }
     let qt = fp8::transpose_tensor(&qx, &x)?;
     let like = x.to_dtype(DType::F32)?;
     let (d, dt) = (

@@ -11,7 +11,8 @@ use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::CudaDevice;
 
-use super::cuda::{args, elems_cfg, ptx_module, slice_ptr, Ctx, Module};
+use super::cuda::{args, elems_cfg, elems_or_v8_cfg, ptx_module, slice_ptr, Ctx, Module};
+use super::FastPath;
 
 const MODULE: Module = ptx_module!("fp8");
 
@@ -65,19 +66,21 @@ pub fn quantize(
     let scale = cx.dev.alloc_zeros::<f32>(1)?;
     // SAFETY: every element is written by the kernel below.
     let codes = unsafe { cx.dev.alloc::<u8>(n.max(1))? };
-    let suffix = cx.suffix();
+    // 8 values per access where the input allows (the codes are a fresh, aligned buffer)
+    let vec = cx.v8(&[x], n);
+    let cfg = elems_or_v8_cfg(n, vec);
     // SAFETY: x holds n elements of the context's type; amax one f32.
     unsafe {
         MODULE.launch(
             cx.dev,
-            &format!("fp8_amax_{suffix}"),
-            elems_cfg(n),
+            &cx.kernel("fp8_amax", vec),
+            cfg,
             args![x, n as i64, slice_ptr(&amax)],
         )?;
         MODULE.launch(
             cx.dev,
-            &format!("fp8_quant_{suffix}"),
-            elems_cfg(n),
+            &cx.kernel("fp8_quant", vec),
+            cfg,
             args![
                 x,
                 n as i64,
@@ -348,6 +351,16 @@ fn ctx_of(t: &candle_core::Tensor) -> candle_core::Result<(CudaDevice, bool)> {
 
 /// [`quantize`] of a 2-D bf16 or f32 CUDA tensor.
 pub fn quantize_tensor(x: &candle_core::Tensor, e5: bool) -> candle_core::Result<Fp8Mat> {
+    quantize_tensor_with(x, e5, false)
+}
+
+/// [`quantize_tensor`] with the 8-wide kernels when `vectorised` (where the input allows them),
+/// as the fast path runs it.
+pub fn quantize_tensor_with(
+    x: &candle_core::Tensor,
+    e5: bool,
+    vectorised: bool,
+) -> candle_core::Result<Fp8Mat> {
     let (dev, bf16) = ctx_of(x)?;
     let x = x.contiguous()?;
     let (rows, cols) = x.dims2()?;
@@ -356,7 +369,11 @@ pub fn quantize_tensor(x: &candle_core::Tensor, e5: bool) -> candle_core::Result
         "FP8 input",
         &[candle_core::DType::BF16, candle_core::DType::F32],
     )?;
-    quantize(&Ctx::scalar(&dev, bf16), p, (rows, cols), e5)
+    let fast = FastPath {
+        vectorised,
+        ..FastPath::default()
+    };
+    quantize(&Ctx::new(&dev, bf16, fast), p, (rows, cols), e5)
 }
 
 /// The values of `q` as a (rows, cols) tensor of `like`'s type on its device.
