@@ -46,6 +46,8 @@ elif [ "$PART" = 3 ]; then
   for b in bf16 nf4; do
     timeout 100 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --checkpoint-layers --json >> "$j" 2>> "$OUT/base.err"
   done
+  # FP8 with the forward's GEMMs in cuBLASLt's fast accumulation mode
+  timeout 100 .carry/lab bench-llama --shape 7b --methods base,singlora --base-dtype fp8 --fp8-fast-accum --json >> "$j" 2>> "$OUT/base.err"
   for b in bf16 fp8; do
     timeout 60 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --kernel-profile > "$OUT/kernel-profile-$b.md" 2>> "$OUT/base.err"
   done
@@ -67,6 +69,8 @@ for line in open(sys.argv[1]):
     t = r.get("timing", r)
     m = r.get("method", "")
     base = "NF4" if "(NF4)" in m or m == "qlora" else "FP8" if "(FP8)" in m else "bf16"
+    if "fp8_fast_accum: true" in r.get("fast", ""):
+        m += ", fast accumulation"
     if r.get("checkpoint_layers"):
         m += ", layers recomputed"
     elif r.get("recompute"):

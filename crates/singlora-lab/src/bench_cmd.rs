@@ -150,6 +150,9 @@ pub struct FastArgs {
     /// The scalar element-wise and row-wise kernels instead of the 8-wide ones.
     #[arg(long)]
     no_vectorised: bool,
+    /// FP8 base: the forward's GEMMs in cuBLASLt's fast accumulation mode.
+    #[arg(long)]
+    fp8_fast_accum: bool,
 }
 
 impl FastArgs {
@@ -161,6 +164,7 @@ impl FastArgs {
             flash_attention: !self.no_flash_attention,
             flash_heads: self.flash_heads,
             vectorised: !self.no_vectorised,
+            fp8_fast_accum: self.fp8_fast_accum,
             ..FastPath::default()
         }
     }

@@ -1179,6 +1179,10 @@ fn fp8_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             p.var.set(&p.var.as_tensor().randn_like(0.0, 0.02)?)?;
         }
         let batch = random_tokens(4, 32, shape.vocab, device)?;
+        // the forward's GEMMs in the fast accumulation mode (an option)
+        model.fast.fp8_fast_accum = true;
+        let (loss_fa, g_fa) = model.loss_and_grads(&batch, 1.0)?;
+        model.fast.fp8_fast_accum = false;
         let before = singlora::ops::fp8::gemms_run();
         let (loss_q, g_q) = model.loss_and_grads(&batch, 1.0)?;
         // 7 projections × 2 layers, forward and backward
@@ -1199,6 +1203,17 @@ fn fp8_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         rows.push(Row {
             what: format!("FP8 fast path {method} vs bf16 with the same weights: gradients"),
             err: worst_grad_err(&model, &g_q, &g_d, &format!("FP8 fast path {method}"))?,
+            bound: 0.1,
+        });
+        let what = format!("FP8 fast path {method}, fast accumulation");
+        rows.push(Row {
+            what: format!("{what}, vs bf16 with the same weights: loss"),
+            err: rel_err(&loss_fa, &loss_d)?,
+            bound: 2e-2,
+        });
+        rows.push(Row {
+            what: format!("{what}, vs bf16 with the same weights: gradients"),
+            err: worst_grad_err(&model, &g_fa, &g_d, &what)?,
             bound: 0.1,
         });
         rows.push(Row {

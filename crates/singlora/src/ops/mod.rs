@@ -106,6 +106,11 @@ pub struct FastPath {
     /// instead of the scalar ones (off, also what only has 8-wide kernels: the low-rank
     /// epilogue and the SFT head's loss on the LLaMA fast path).
     pub vectorised: bool,
+    /// CUDA, FP8 base: the forward's GEMMs (E4M3 by E4M3) accumulate in the tensor cores'
+    /// fast mode, as Transformer Engine's forward does; the gradients' GEMMs keep the exact
+    /// one. Off by default, unlike the choices above: it changes the FP8 step's rounding, and
+    /// the measured quality is the exact mode's.
+    pub fp8_fast_accum: bool,
 }
 
 impl Default for FastPath {
@@ -118,6 +123,7 @@ impl Default for FastPath {
             flash_attention: true,
             flash_heads: None,
             vectorised: true,
+            fp8_fast_accum: false,
         }
     }
 }

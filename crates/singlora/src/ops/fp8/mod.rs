@@ -278,6 +278,13 @@ pub unsafe fn gemm_nt(
             (&a.scale) as *const u64 as *const _,
             ptr_size,
         )?;
+        // the forward's products (E4M3 by E4M3) in the fast accumulation mode when asked
+        let fast_accum = i8::from(cx.fast.fp8_fast_accum && !a.e5 && !b.e5);
+        set(
+            D::CUBLASLT_MATMUL_DESC_FAST_ACCUM,
+            (&fast_accum) as *const i8 as *const _,
+            std::mem::size_of::<i8>(),
+        )?;
         lt::set_matmul_pref_attribute(
             pref,
             sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
