@@ -2,7 +2,7 @@
 # One device call for the Stable Diffusion side: the diffusers checks on the tiny pipelines,
 # then an SD 1.5-shaped U-Net DreamBooth step, singlora beside diffusers + PEFT (eager and
 # compiled), at batch 1 and 4. `bench/unet_device.sh check` or `... bench` runs one half. Needs .carry (scripts/build-cuda.sh) and .whl with diffusers and
-# peft (docs/diffusion.md says how). Logs go to $OUT.
+# peft (docs/diffusion.md says how). Logs go to $OUT. MODES=compile leaves out eager PyTorch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,4 +33,4 @@ fi
 echo "== SD 1.5-shaped U-Net step"
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json --profile 2>&1 | tee "$OUT/unet-singlora.jsonl"
-timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch 1,4 2>&1 | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
+timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch 1,4 --modes "${MODES:-eager,compile}" 2>&1 | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
