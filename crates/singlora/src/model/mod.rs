@@ -911,11 +911,11 @@ impl TaskModel {
                     }
                 }
                 let hidden = l.final_norm(tape.leaf.as_tensor())?;
-                llama::fast::mark_on(dev, "head: final norm fwd")?;
+                crate::ops::mark_on(dev, "head: final norm fwd")?;
                 let loss = self.loss_from(batch, &hidden, index)?;
-                llama::fast::mark_on(dev, "head: logits and loss fwd")?;
+                crate::ops::mark_on(dev, "head: logits and loss fwd")?;
                 let mut grads = scaled(&loss, scale)?.backward()?;
-                llama::fast::mark_on(dev, "head: backward (autograd)")?;
+                crate::ops::mark_on(dev, "head: backward (autograd)")?;
                 let summed = tape.backward(&mut grads, sync)?;
                 return Ok((loss, grads, summed));
             }

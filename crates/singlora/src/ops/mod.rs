@@ -40,6 +40,21 @@ pub(crate) mod cuda;
 /// Timing events between the stages of the CUDA fast path's step, for the lab's kernel profile.
 #[cfg(feature = "cuda")]
 pub use cuda::prof;
+
+/// [`prof::mark`] on a CUDA device: the work queued since the previous mark belongs to
+/// `label`. Nothing on other devices or without the `cuda` feature.
+pub(crate) fn mark_on(
+    device: &candle_core::Device,
+    label: &'static str,
+) -> crate::error::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        cuda::prof::mark(d, label)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (device, label);
+    Ok(())
+}
 #[cfg(feature = "cuda")]
 pub mod fp8;
 pub(crate) mod gelu;

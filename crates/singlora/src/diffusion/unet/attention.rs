@@ -19,11 +19,11 @@
 use candle_core::{DType, Tensor};
 
 use super::load::Loader;
-use super::mark;
 use super::norm::{GroupNorm, LayerNorm};
 use crate::adapter::AdaptedLinear;
 use crate::error::Result;
 use crate::linear::FrozenLinear;
+use crate::ops::mark_on;
 
 /// diffusers' fixed epsilons: the transformer's GroupNorm and the blocks' LayerNorms.
 const GROUP_NORM_EPS: f64 = 1e-6;
@@ -60,10 +60,10 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(kv)?;
         let v = self.to_v.forward(kv)?;
-        mark(&v, "unet: attention projections")?;
+        mark_on(v.device(), "unet: attention projections")?;
         let a = attend(&q, &k, &v, self.heads, self.upcast)?;
-        mark(
-            &a,
+        mark_on(
+            a.device(),
             if ctx.is_some() {
                 "unet: cross-attention core"
             } else {
@@ -71,7 +71,7 @@ impl Attention {
             },
         )?;
         let y = self.to_out.forward(&a)?;
-        mark(&y, "unet: attention projections")?;
+        mark_on(y.device(), "unet: attention projections")?;
         Ok(y)
     }
 
@@ -184,18 +184,18 @@ impl TransformerBlock {
 
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let n = self.norm1.forward(x)?;
-        mark(&n, "unet: layer norms, residuals")?;
+        mark_on(n.device(), "unet: layer norms, residuals")?;
         let x = (self.attn1.forward(&n, None)? + x)?;
         let n = self.norm2.forward(&x)?;
-        mark(&n, "unet: layer norms, residuals")?;
+        mark_on(n.device(), "unet: layer norms, residuals")?;
         let x = (self.attn2.forward(&n, Some(ctx))? + &x)?;
         let n = self.norm3.forward(&x)?;
-        mark(&n, "unet: layer norms, residuals")?;
+        mark_on(n.device(), "unet: layer norms, residuals")?;
         let h = self.ff_in.forward(&n)?;
         let inner = h.dim(2)? / 2;
         let gated = (h.narrow(2, 0, inner)? * crate::ops::gelu_erf(&h.narrow(2, inner, inner)?)?)?;
         let y = (self.ff_out.forward(&gated)? + x)?;
-        mark(&y, "unet: feed-forward")?;
+        mark_on(y.device(), "unet: feed-forward")?;
         Ok(y)
     }
 
@@ -283,13 +283,13 @@ impl Transformer2d {
             .transpose(1, 2)?
             .contiguous()?;
         let mut t = self.proj_in.forward(&t)?;
-        mark(&t, "unet: transformer norm, proj in/out")?;
+        mark_on(t.device(), "unet: transformer norm, proj in/out")?;
         for block in &self.blocks {
             t = block.forward(&t, ctx)?;
         }
         let t = self.proj_out.forward(&t)?;
         let y = (t.transpose(1, 2)?.reshape((b, c, h, w))? + x)?;
-        mark(&y, "unet: transformer norm, proj in/out")?;
+        mark_on(y.device(), "unet: transformer norm, proj in/out")?;
         Ok(y)
     }
 

@@ -18,6 +18,7 @@ use super::load::Loader;
 use super::resnet::ResnetBlock;
 use crate::adapter::AdaptedLinear;
 use crate::error::Result;
+use crate::ops::mark_on;
 
 /// Resnets, each optionally followed by a transformer.
 #[derive(Debug, Clone)]
@@ -30,7 +31,7 @@ impl Layers {
     /// Resnet `i` then, in a cross-attention block, transformer `i`.
     fn step(&self, i: usize, h: &Tensor, emb_act: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let h = self.resnets[i].forward(h, emb_act)?;
-        super::mark(&h, "unet: resnet")?;
+        mark_on(h.device(), "unet: resnet")?;
         match self.attentions.get(i) {
             Some(a) => a.forward(&h, ctx),
             None => Ok(h),
@@ -114,7 +115,7 @@ impl DownBlock {
         }
         if let Some(d) = &self.downsample {
             h = d.forward(&h)?;
-            super::mark(&h, "unet: resample")?;
+            mark_on(h.device(), "unet: resample")?;
             skips.push(h.clone());
         }
         Ok(h)
@@ -148,7 +149,7 @@ impl MidBlock {
     pub fn forward(&self, x: &Tensor, emb_act: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let h = self.layers.step(0, x, emb_act, ctx)?;
         let h = self.layers.resnets[1].forward(&h, emb_act)?;
-        super::mark(&h, "unet: resnet")?;
+        mark_on(h.device(), "unet: resnet")?;
         Ok(h)
     }
 }
@@ -218,12 +219,12 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| crate::error::Error::msg("U-Net: an up block ran out of skips"))?;
             h = Tensor::cat(&[&h, &skip], 1)?;
-            super::mark(&h, "unet: resample")?;
+            mark_on(h.device(), "unet: resample")?;
             h = self.layers.step(i, &h, emb_act, ctx)?;
         }
         if let Some(u) = &self.upsample {
             h = u.forward(&upsample2(&h)?)?;
-            super::mark(&h, "unet: resample")?;
+            mark_on(h.device(), "unet: resample")?;
         }
         Ok(h)
     }

@@ -45,24 +45,13 @@ use crate::adapter::AdaptedLinear;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::model::weights::{refuse_unread, Weights};
+use crate::ops::mark_on;
 use attention::TransformerShape;
 use blocks::{DownBlock, MidBlock, UpBlock, UpChannels};
 use conv::Conv2d;
 use embeddings::{timesteps_for, Sinusoid, TimestepMlp};
 use load::Loader;
 use norm::GroupNorm;
-
-/// The work queued since the previous mark belongs to `label`, for the lab's kernel profile
-/// (`bench-unet --profile`); nothing unless CUDA profiling is switched on.
-pub(crate) fn mark(x: &Tensor, label: &'static str) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = x.device() {
-        crate::ops::prof::mark(d, label)?;
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = (x, label);
-    Ok(())
-}
 
 /// SDXL's added conditioning (`addition_embed_type` "text_time").
 #[derive(Debug, Clone)]
@@ -270,10 +259,10 @@ impl UNet {
             (None, None) => {}
         }
         let emb_act = emb.silu()?;
-        mark(&emb_act, "unet: embeddings")?;
+        mark_on(emb_act.device(), "unet: embeddings")?;
 
         let mut h = self.conv_in.forward(&x)?;
-        mark(&h, "unet: conv in/out")?;
+        mark_on(h.device(), "unet: conv in/out")?;
         let mut skips = vec![h.clone()];
         for d in &self.down {
             h = d.forward(&h, &emb_act, &ctx, &mut skips)?;
@@ -284,7 +273,7 @@ impl UNet {
         }
         debug_assert!(skips.is_empty());
         let y = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
-        mark(&y, "unet: conv in/out")?;
+        mark_on(y.device(), "unet: conv in/out")?;
         Ok(y)
     }
 

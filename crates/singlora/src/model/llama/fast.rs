@@ -38,7 +38,6 @@ use crate::adapter::{AdaptedLinear, FactorLayout, FactorSource};
 use crate::dist::GradSync;
 use crate::error::{Error, Result};
 use crate::ops::attention::cuda::{backward_raw, forward_raw, PackedRows, Saved};
-use crate::ops::cuda::prof::mark;
 use crate::ops::cuda::{
     self, geam_f32, gemm, gemm_out, gemm_out_ld, mat_of_tensor, upload_lens, Ctx, Mat,
 };
@@ -59,14 +58,6 @@ static FAST_FORWARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomic
 /// How many forwards this process has run on the CUDA fast path.
 pub fn fast_forwards_run() -> usize {
     FAST_FORWARDS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// [`mark`] on a CUDA device (nothing elsewhere).
-pub(crate) fn mark_on(device: &candle_core::Device, label: &'static str) -> Result<()> {
-    match device {
-        candle_core::Device::Cuda(d) => Ok(mark(d, label)?),
-        _ => Ok(()),
-    }
 }
 
 fn to_tensor(s: CudaStorage, shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor> {
