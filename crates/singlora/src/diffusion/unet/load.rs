@@ -71,21 +71,30 @@ impl<'a> Loader<'a> {
         ))
     }
 
-    pub fn group_norm(&mut self, p: &str, c: usize, groups: usize, eps: f64) -> Result<GroupNorm> {
-        Ok(GroupNorm::new(
-            self.tensor(&format!("{p}.weight"), &[c])?,
-            self.tensor(&format!("{p}.bias"), &[c])?,
-            groups,
-            eps,
+    /// A norm's weight and bias, kept in f32 for a half-precision model: the form both the
+    /// fused norms and the composed ones compute in, converted once here instead of at every
+    /// call.
+    fn norm_affine(&mut self, p: &str, c: usize) -> Result<(Tensor, Tensor)> {
+        let f32_of = |t: Tensor| -> Result<Tensor> {
+            Ok(match t.dtype() {
+                DType::BF16 | DType::F16 => t.to_dtype(DType::F32)?,
+                _ => t,
+            })
+        };
+        Ok((
+            f32_of(self.tensor(&format!("{p}.weight"), &[c])?)?,
+            f32_of(self.tensor(&format!("{p}.bias"), &[c])?)?,
         ))
     }
 
+    pub fn group_norm(&mut self, p: &str, c: usize, groups: usize, eps: f64) -> Result<GroupNorm> {
+        let (w, b) = self.norm_affine(p, c)?;
+        Ok(GroupNorm::new(w, b, groups, eps))
+    }
+
     pub fn layer_norm(&mut self, p: &str, d: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm::new(
-            self.tensor(&format!("{p}.weight"), &[d])?,
-            self.tensor(&format!("{p}.bias"), &[d])?,
-            eps,
-        ))
+        let (w, b) = self.norm_affine(p, d)?;
+        Ok(LayerNorm::new(w, b, eps))
     }
 
     pub fn frozen_linear(&mut self, p: &str, d_out: usize, d_in: usize) -> Result<FrozenLinear> {
