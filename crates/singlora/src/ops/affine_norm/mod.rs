@@ -84,17 +84,7 @@ pub fn group_norm(
         )));
     }
     let cpr = c / groups;
-    let op = AffineNorm {
-        w: w.to_dtype(DType::F32)?.contiguous()?,
-        b: b.to_dtype(DType::F32)?.contiguous()?,
-        n: cpr * h * wd,
-        groups,
-        cpr,
-        hw: h * wd,
-        eps,
-        silu,
-    };
-    Ok(Some(x.contiguous()?.apply_op1(op)?))
+    apply(x, (w, b), (cpr * h * wd, groups, cpr, h * wd), eps, silu).map(Some)
 }
 
 /// LayerNorm of `x` over its last axis (d) with `w`, `b` (d): None where the fused kernels do
@@ -111,15 +101,27 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
             b.elem_count()
         )));
     }
+    apply(x, (w, b), (d, 1, d, 1), eps, false).map(Some)
+}
+
+/// The op on `x` with the affine `w`, `b` (f32 on the device) over rows of `n` elements,
+/// `groups` groups, `cpr` channels a row, `hw` elements a channel.
+fn apply(
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    (n, groups, cpr, hw): (usize, usize, usize, usize),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     let op = AffineNorm {
         w: w.to_dtype(DType::F32)?.contiguous()?,
         b: b.to_dtype(DType::F32)?.contiguous()?,
-        n: d,
-        groups: 1,
-        cpr: d,
-        hw: 1,
+        n,
+        groups,
+        cpr,
+        hw,
         eps,
-        silu: false,
+        silu,
     };
-    Ok(Some(x.contiguous()?.apply_op1(op)?))
+    Ok(x.contiguous()?.apply_op1(op)?)
 }
