@@ -103,11 +103,13 @@ pub fn run(
     for i in 0..warmup + steps {
         device.synchronize()?;
         let t0 = Instant::now();
-        let pred = unet.forward(&x, &t, &ctx, None)?.to_dtype(DType::F32)?;
-        let loss = (pred - &noise)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
-        acc.add(&grads)?;
-        opt.step(&mut acc, 1e-4, Some(1.0))?;
+        train_step(
+            &unet,
+            (&x, &t, &ctx, &noise),
+            &mut opt,
+            &mut acc,
+            &mut |_| Ok(()),
+        )?;
         device.synchronize()?;
         if let Some(m) = device_memory_used(device) {
             peak = peak.max(m);
@@ -146,8 +148,27 @@ pub fn run(
     })
 }
 
-/// One training step with the CUDA timing marks on: the forward's blocks mark themselves;
-/// here the loss, the backward and the update. None off CUDA.
+/// One DreamBooth training step: the ε-prediction MSE, its backward into the adapters, an
+/// AdamW update; `mark(stage)` after the loss, the backward and the update.
+fn train_step(
+    unet: &UNet,
+    (x, t, ctx, noise): (&Tensor, &Tensor, &Tensor, &Tensor),
+    opt: &mut AdamW,
+    acc: &mut GradAccumulator,
+    mark: &mut dyn FnMut(&'static str) -> Result<()>,
+) -> Result<()> {
+    let pred = unet.forward(x, t, ctx, None)?.to_dtype(DType::F32)?;
+    let loss = (pred - noise)?.sqr()?.mean_all()?;
+    mark("loss")?;
+    let grads = loss.backward()?;
+    mark("backward (all)")?;
+    acc.add(&grads)?;
+    opt.step(acc, 1e-4, Some(1.0))?;
+    mark("adamw")
+}
+
+/// [`train_step`] with the CUDA timing marks on: the forward's blocks mark themselves, the
+/// step the loss, the backward and the update. None off CUDA.
 #[cfg(feature = "cuda")]
 fn profile_step(
     unet: &UNet,
@@ -164,14 +185,8 @@ fn profile_step(
     prof::enable(true);
     let r = (|| -> Result<Vec<(String, f64, usize)>> {
         prof::mark(d, "start")?;
-        let pred = unet.forward(x, t, ctx, None)?.to_dtype(DType::F32)?;
-        let loss = (pred - noise)?.sqr()?.mean_all()?;
-        prof::mark(d, "loss")?;
-        let grads = loss.backward()?;
-        prof::mark(d, "backward (all)")?;
-        acc.add(&grads)?;
-        opt.step(acc, 1e-4, Some(1.0))?;
-        prof::mark(d, "adamw")?;
+        let mut mark = |stage| Ok(prof::mark(d, stage)?);
+        train_step(unet, (x, t, ctx, noise), opt, acc, &mut mark)?;
         device.synchronize()?;
         Ok(prof::take()?
             .into_iter()
