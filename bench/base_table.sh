@@ -2,14 +2,15 @@
 # The frozen base in fewer bits on the GPU (after scripts/build-cuda.sh here), in two device
 # calls of up to 10 minutes on one warm machine:
 #   bash bench/base_table.sh 1   # gpu-check (the NF4 and FP8 kernels, the fast path on NF4 and
-#                                # FP8 bases, packed rows, SFT on an NF4 base); bench-llama with
-#                                # the bf16, FP8 and NF4 bases at TinyLlama and 7B shape (frozen
-#                                # base and SingLoRA, batch 8 x 512) and PyTorch's frozen bf16
-#                                # base, eager and compiled, at 7B: the same-call table
+#                                # FP8 bases, packed rows, layer checkpointing, SFT on an NF4
+#                                # base); bench-llama with the bf16, FP8 and NF4 bases at
+#                                # TinyLlama and 7B shape (frozen base and SingLoRA, batch 8 x
+#                                # 512), FP8 with fast accumulation, bf16 and NF4 with layer
+#                                # checkpointing; PyTorch's frozen bf16 base, eager and compiled,
+#                                # and bitsandbytes NF4 + PEFT LoRA at 7B: the same-call table
 #   bash bench/base_table.sh 2   # a 70B-shaped NF4 base with SingLoRA (activations recomputed,
 #                                # batch 1 and 4 x 512)
-#   bash bench/base_table.sh 3   # 7B with layer checkpointing (bf16 and NF4 bases) and the
-#                                # kernel profiles of the bf16 and FP8 steps
+#   bash bench/base_table.sh 3   # the kernel profiles of the bf16 and FP8 steps
 # Every JSON line goes to ${OUT:-/tmp}/base.jsonl, gpu-check's table to gpu-check.txt, a
 # summary to base.txt.
 set -u
@@ -36,18 +37,18 @@ if [ "$PART" = 1 ]; then
       timeout 100 .carry/lab bench-llama --shape $s --methods base,singlora --base-dtype $b --json >> "$j" 2>> "$OUT/base.err"
     done
   done
+  # FP8 with the forward's GEMMs in cuBLASLt's fast accumulation mode; layer checkpointing
+  timeout 60 .carry/lab bench-llama --shape 7b --methods base,singlora --base-dtype fp8 --fp8-fast-accum --json >> "$j" 2>> "$OUT/base.err"
+  for b in bf16 nf4; do
+    timeout 60 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --checkpoint-layers --json >> "$j" 2>> "$OUT/base.err"
+  done
   timeout 150 "$PY" bench/torch_llama.py --shape 7b --methods base --eager-and-compiled >> "$j" 2>> "$OUT/base.err"
   # bitsandbytes NF4 + PEFT LoRA, where bitsandbytes is importable (see bench/torch_llama.py)
   if "$PY" -c "import bitsandbytes" 2>/dev/null; then
     timeout 120 "$PY" bench/torch_llama.py --shape 7b --methods qlora >> "$j" 2>> "$OUT/base.err"
   fi
 elif [ "$PART" = 3 ]; then
-  # layer checkpointing's memory and time, and where the FP8 step's time goes
-  for b in bf16 nf4; do
-    timeout 100 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --checkpoint-layers --json >> "$j" 2>> "$OUT/base.err"
-  done
-  # FP8 with the forward's GEMMs in cuBLASLt's fast accumulation mode
-  timeout 100 .carry/lab bench-llama --shape 7b --methods base,singlora --base-dtype fp8 --fp8-fast-accum --json >> "$j" 2>> "$OUT/base.err"
+  # where the step's time goes
   for b in bf16 fp8; do
     timeout 60 .carry/lab bench-llama --shape 7b --methods singlora --base-dtype $b --kernel-profile > "$OUT/kernel-profile-$b.md" 2>> "$OUT/base.err"
   done

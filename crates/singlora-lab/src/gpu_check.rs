@@ -1163,10 +1163,18 @@ fn checkpoint_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The bound of the adapter gradients' relative error on an FP8 base against bf16 (below).
+#[cfg(feature = "cuda")]
+const FP8_GRAD_BOUND: f64 = 0.15;
+
 /// The fast path on an FP8 base (its GEMMs on the FP8 tensor cores, activations in E4M3 and
 /// output gradients in E5M2) against the fast path on a bf16 base holding the same weight
-/// values: they differ by the activations' and gradients' FP8 rounding only, a few percent;
-/// a wrong operand or transpose would differ by the whole. Dimensions multiples of 16, as FP8
+/// values: they differ by the activations' and gradients' FP8 rounding only; a wrong operand
+/// or transpose would differ by the whole (a relative error near 1). The loss moves by well
+/// under a percent. The adapter gradients go through E5M2, whose 2 mantissa bits round each
+/// value by up to 12.5% (about 5% RMS), and the sums that make a gradient cancel, so their
+/// relative error is about 0.1 (0.095 to 0.100 on an H100, either accumulation mode): the
+/// bound for them is 0.15. Dimensions multiples of 16, as FP8
 /// needs. Also that the step ran every frozen product in FP8 (the GEMM count).
 #[cfg(feature = "cuda")]
 fn fp8_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
@@ -1206,7 +1214,7 @@ fn fp8_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         rows.push(Row {
             what: format!("FP8 fast path {method} vs bf16 with the same weights: gradients"),
             err: worst_grad_err(&model, &g_q, &g_d, &format!("FP8 fast path {method}"))?,
-            bound: 0.1,
+            bound: FP8_GRAD_BOUND,
         });
         let what = format!("FP8 fast path {method}, fast accumulation");
         rows.push(Row {
@@ -1217,7 +1225,7 @@ fn fp8_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         rows.push(Row {
             what: format!("{what}, vs bf16 with the same weights: gradients"),
             err: worst_grad_err(&model, &g_fa, &g_d, &what)?,
-            bound: 0.1,
+            bound: FP8_GRAD_BOUND,
         });
         rows.push(Row {
             what: format!("FP8 fast path {method}: FP8 GEMMs run in one step ({gemms} of 28)"),

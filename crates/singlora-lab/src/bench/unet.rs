@@ -148,8 +148,14 @@ pub fn run(
     })
 }
 
+#[cfg(feature = "cuda")]
+const BACKWARD: &str = singlora::ops::prof::OTHER_BACKWARD;
+#[cfg(not(feature = "cuda"))]
+const BACKWARD: &str = "autograd backward";
+
 /// One DreamBooth training step: the ε-prediction MSE, its backward into the adapters, an
-/// AdamW update; `mark(stage)` after the loss, the backward and the update.
+/// AdamW update; `mark(stage)` after the loss, the backward (the part after the last
+/// self-marking op's backward) and the update.
 fn train_step(
     unet: &UNet,
     (x, t, ctx, noise): (&Tensor, &Tensor, &Tensor, &Tensor),
@@ -161,7 +167,7 @@ fn train_step(
     let loss = (pred - noise)?.sqr()?.mean_all()?;
     mark("loss")?;
     let grads = loss.backward()?;
-    mark("backward (all)")?;
+    mark(BACKWARD)?;
     acc.add(&grads)?;
     opt.step(acc, 1e-4, Some(1.0))?;
     mark("adamw")

@@ -11,6 +11,10 @@ use candle_core::CudaDevice;
 
 use crate::error::{Error, Result};
 
+/// The label of the autograd backward's work outside the marked stages (candle's own ops'
+/// backward between and after the custom ops that mark themselves).
+pub const OTHER_BACKWARD: &str = "autograd: other ops' backward";
+
 static ON: AtomicBool = AtomicBool::new(false);
 static MARKS: Mutex<Vec<(&'static str, CudaEvent)>> = Mutex::new(Vec::new());
 
