@@ -424,13 +424,6 @@ fn load_session(
         );
         base = BaseDtype::Auto;
     }
-    if base == BaseDtype::Same && !device.is_cpu() {
-        eprintln!(
-            "note: the adapter was trained on a GGUF file's quantised weights (--base-dtype \
-             same), which run on the CPU only for now; using the full-precision base"
-        );
-        base = BaseDtype::Auto;
-    }
     if base == BaseDtype::Same && singlora::model::Pretrained::gguf_file(model).is_none() {
         eprintln!(
             "note: the adapter was trained on a GGUF file's quantised weights; {} is not a GGUF \

@@ -1286,6 +1286,98 @@ fn nf4_fast_path_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// `--base-dtype same` on the GPU: a tiny LLaMA GGUF file in Q4_K_M, its projections kept as
+/// blocks in the GPU's memory and dequantised by candle's kernels into the fast path's scratch
+/// buffer just before each product, against the same file dequantised at load (on the CPU) and
+/// run dense on the same device. The weights must agree to bf16's rounding (candle's GPU and
+/// CPU dequantisation may round the last f32 bit differently, moving a rare bf16 weight by one
+/// step), and so must the loss and every adapter gradient; and the batch must take the fast
+/// path. SingLoRA, and DoRA (whose norms read the dequantised weight).
+fn gguf_same_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use singlora::adapter::target::TargetSpec;
+    use singlora::gguf::model::GgufQuant;
+    use singlora::model::Pretrained;
+    use singlora::quant::BaseDtype;
+    use singlora_lab::bench::llama::random_tokens;
+    let tmp = tempfile::tempdir()?;
+    // rows of whole Q4_K blocks (256 values)
+    let shape = LlamaShape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 272,
+    };
+    let base = tmp.path().join("llama");
+    write_checkpoint(&base, &shape.config(), &shape.tensors(5, DType::F32)?, 1)?;
+    singlora::synthetic::write_bpe_tokenizer(&base)?;
+    let file = tmp.path().join("llama-q4_k_m.gguf");
+    singlora::merge::gguf::convert_to_gguf(&base, &file, false, GgufQuant::Q4KM)?;
+    let batch = random_tokens(3, 40, shape.vocab, device)?;
+    for method in ["singlora", "dora"] {
+        let model_of = |b: BaseDtype| -> Result<TaskModel> {
+            let pre = Pretrained::load_as(&file, DType::BF16, device, b)?;
+            let mut m = TaskModel::new(pre.body, Task::Sft, None, Pooling::Last, 0, device)?;
+            let kind = method.parse::<singlora::adapter::Method>()?.kind();
+            let targets = TargetSpec::parse(
+                "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                None,
+            )?;
+            m.inject(
+                &AdapterSpec::new(kind, 8, 8.0),
+                &targets,
+                RampClock::new(RampSchedule::none(), 0),
+            )?;
+            Ok(m)
+        };
+        let kept = model_of(BaseDtype::Same)?;
+        let dense = model_of(BaseDtype::Auto)?;
+        let what = format!("GGUF Q4_K base kept (same), {method}");
+        let mut weight_err: f64 = 0.0;
+        let mut n_kept = 0;
+        for (k, d) in kept.body.linears().iter().zip(dense.body.linears()) {
+            if k.base().is_quantized() {
+                n_kept += 1;
+                weight_err = weight_err.max(max_rel_err(&k.base().weight()?, &d.base().weight()?)?);
+            }
+        }
+        rows.push(Row {
+            what: format!("{what}: {n_kept} weights dequantised on the GPU vs on the CPU"),
+            err: if n_kept == 0 { 1.0 } else { weight_err },
+            bound: 1e-2,
+        });
+        // the same non-zero adapter values in both models, so every factor gets a gradient
+        let (kp, dp) = (kept.params(), dense.params());
+        for (a, b) in kp.iter().zip(&dp) {
+            let v = a.var.as_tensor().randn_like(0.0, 0.02)?;
+            a.var.set(&v)?;
+            b.var.set(&v)?;
+        }
+        let (loss_k, g_k) = fast_step(&kept, &batch, &what, rows)?;
+        let (loss_d, g_d) = dense.loss_and_grads(&batch, 1.0)?;
+        rows.push(Row {
+            what: format!("{what} vs the file dequantised at load: loss"),
+            err: rel_err(&loss_k, &loss_d)?,
+            bound: 1e-3,
+        });
+        let mut worst: f64 = 0.0;
+        for (a, b) in kp.iter().zip(&dp) {
+            let (Some(x), Some(y)) = (g_k.get(a.var.as_tensor()), g_d.get(b.var.as_tensor()))
+            else {
+                bail!("{what}: no gradient for {}", a.suffix);
+            };
+            worst = worst.max(rel_err(x, y)?);
+        }
+        rows.push(Row {
+            what: format!("{what} vs the file dequantised at load: gradients (worst)"),
+            err: worst,
+            bound: 1e-2,
+        });
+    }
+    Ok(())
+}
+
 /// The LLaMA layers' own forward and backward (the CUDA fast path of `loss_and_grads`)
 /// against candle's autograd through the same model on the same device: loss and every
 /// adapter gradient (GQA, a padded row, LoRA's B made non-zero so both factors get gradients).
@@ -1513,6 +1605,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
         #[allow(unused_mut)] // extended with the CUDA-only groups
         let mut groups: Vec<(&str, Group)> = vec![
             ("NF4 fast path", nf4_fast_path_checks),
+            ("GGUF base kept on the GPU", gguf_same_checks),
             ("packed rows", packed_fast_path_checks),
             ("U-Net", unet_checks),
             ("layer checkpointing", checkpoint_checks),

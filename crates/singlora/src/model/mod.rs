@@ -372,7 +372,8 @@ impl Pretrained {
     /// [`Pretrained::load`] with the frozen linear weights kept as `base` says: `same` keeps a
     /// GGUF file's quantised ones as stored (refused for a Hugging Face directory), `nf4`
     /// quantises each as it loads, on the host, and keeps it where `device` is (on a GPU,
-    /// dequantised there by a kernel where it is used). `same` runs on the CPU only for now.
+    /// dequantised there by a kernel where it is used); `same` keeps a GGUF weight's blocks
+    /// where `device` is too (candle's kernels dequantise them on a GPU).
     pub fn load_as(
         path: &Path,
         dtype: DType,
@@ -384,12 +385,6 @@ impl Pretrained {
                 "--base-dtype fp8 runs on a CUDA GPU with the bf16 model (the FP8 tensor cores): \
                  on the CPU use auto or nf4",
             ));
-        }
-        if base == crate::quant::BaseDtype::Same && !device.is_cpu() {
-            return Err(Error::msg(format!(
-                "--base-dtype {base} runs on the CPU for now: on a GPU use --base-dtype nf4 \
-                 (4-bit) or leave it out (the bf16 base)"
-            )));
         }
         let gguf_path = Self::gguf_file(path);
         let keep = base == crate::quant::BaseDtype::Same;
@@ -403,15 +398,23 @@ impl Pretrained {
         let (weights, config, config_path, tokenizer, chat_template, gguf) = match gguf_path {
             Some(p) if keep => {
                 let g = crate::gguf::load_gguf_keeping(&p, DType::F32)?;
+                // on a GPU the blocks move there, one weight at a time
+                let kept = g
+                    .kept
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let w: std::sync::Arc<dyn QuantWeight> = if device.is_cpu() {
+                            v
+                        } else {
+                            std::sync::Arc::new(v.to_device(device).map_err(|e| {
+                                Error::bad_file(&p, format!("tensor `{k}` to {device:?}: {e}"))
+                            })?)
+                        };
+                        Ok((k, w))
+                    })
+                    .collect::<Result<_>>()?;
                 (
-                    Weights::Kept(
-                        p.clone(),
-                        g.tensors,
-                        g.kept
-                            .into_iter()
-                            .map(|(k, v)| (k, v as std::sync::Arc<dyn QuantWeight>))
-                            .collect(),
-                    ),
+                    Weights::Kept(p.clone(), g.tensors, kept),
                     g.config,
                     p.clone(),
                     g.tokenizer,

@@ -25,11 +25,22 @@ pub trait QuantWeight: std::fmt::Debug + Send + Sync {
         dtype: candle_core::DType,
         device: &candle_core::Device,
     ) -> Result<candle_core::Tensor>;
-    /// The weight as an NF4 weight held on a GPU, whose kernel can write it into a buffer of
-    /// the CUDA fast path; None for any other kind.
+    /// Whether the weight lives on a GPU and can be written, dequantised, into a buffer of the
+    /// CUDA fast path ([`QuantWeight::dequantize_into`]): NF4 and GGUF weights on a GPU.
     #[cfg(feature = "cuda")]
-    fn nf4_on_gpu(&self) -> Option<&nf4::Nf4Cuda> {
-        None
+    fn dequantizes_on_gpu(&self) -> bool {
+        false
+    }
+    /// Writes the weight, dequantised (row-major, bf16 or f32 as `bf16` says), into the device
+    /// buffer at `y`, in the order of the device's stream.
+    ///
+    /// # Safety
+    /// `y` must address d_out·d_in elements of that type on the weight's device.
+    #[cfg(feature = "cuda")]
+    unsafe fn dequantize_into(&self, _bf16: bool, _y: u64) -> Result<()> {
+        Err(Error::msg(
+            "this kind of weight is not dequantised on a GPU",
+        ))
     }
     /// The weight as an FP8 weight, whose GEMMs the CUDA fast path runs in FP8; None for any
     /// other kind.
@@ -92,8 +103,12 @@ impl QuantWeight for nf4::Nf4Cuda {
     ) -> Result<candle_core::Tensor> {
         nf4::Nf4Cuda::to_tensor(self, dtype, device)
     }
-    fn nf4_on_gpu(&self) -> Option<&nf4::Nf4Cuda> {
-        Some(self)
+    fn dequantizes_on_gpu(&self) -> bool {
+        true
+    }
+    unsafe fn dequantize_into(&self, bf16: bool, y: u64) -> Result<()> {
+        // SAFETY: the caller's contract is this one's.
+        unsafe { nf4::Nf4Cuda::dequantize_into(self, bf16, y) }
     }
 }
 

@@ -149,8 +149,8 @@ pub struct TrainConfig {
     /// How the frozen base's linear layers are kept: auto (f32 on the CPU, bf16 on a GPU), nf4
     /// (QLoRA's 4-bit NormalFloat with double quantisation; embeddings, norms and the vocabulary
     /// projection stay as they are; CPU or GPU), same (a GGUF model's quantised weights as the
-    /// file stores them, Q4_K, Q8_0 and so on, the output projection included; CPU only for
-    /// now) or fp8 (E4M3 with one scale per weight, multiplied on the FP8 tensor cores with FP8
+    /// file stores them, Q4_K, Q8_0 and so on, the output projection included; CPU or GPU) or
+    /// fp8 (E4M3 with one scale per weight, multiplied on the FP8 tensor cores with FP8
     /// activations; CUDA GPUs only). nf4 and same dequantise layer by layer where used.
     #[arg(long, default_value = "auto")]
     pub base_dtype: crate::quant::BaseDtype,

@@ -343,7 +343,7 @@ pub(crate) struct Tape {
     layer_ends: Vec<usize>,
     /// The residual stream after the last layer, a leaf variable: candle's part starts here.
     pub leaf: Var,
-    /// Where NF4 weights are dequantised, one at a time (None: every weight dense).
+    /// Where NF4 and GGUF weights are dequantised, one at a time (None: none is kept so).
     _scratch: Option<CudaStorage>,
     /// Packed rows: attention runs on one example per row, gathered from and back to them.
     packed: Option<PackedRows>,
@@ -354,7 +354,7 @@ fn fast_path_applies(al: &AdaptedLinear) -> Result<bool> {
     let unsupported = al
         .base()
         .quantized_weight()
-        .is_some_and(|w| w.nf4_on_gpu().is_none() && w.fp8_on_gpu().is_none());
+        .is_some_and(|w| !w.dequantizes_on_gpu() && w.fp8_on_gpu().is_none());
     if al.is_merged() || unsupported {
         return Ok(false);
     }
@@ -399,7 +399,7 @@ fn prepare(
     let quant = al.base().quantized_weight().cloned();
     let w0 = match (al.base().dense_weight(), &quant) {
         (Some(w), _) => mat_of_tensor(w, al.name())?.0,
-        (None, Some(q)) if q.nf4_on_gpu().is_some() && scratch != 0 => Mat::new(scratch, k),
+        (None, Some(q)) if q.dequantizes_on_gpu() && scratch != 0 => Mat::new(scratch, k),
         (None, Some(q)) if q.fp8_on_gpu().is_some() && bf16 => Mat::new(0, k),
         _ => return Ok(None),
     };
@@ -476,13 +476,13 @@ impl Proj {
         self.quant.as_ref().and_then(|w| w.fp8_on_gpu())
     }
 
-    /// Writes an NF4 weight into its scratch buffer (`w0`) for the product that follows on the
-    /// same stream; nothing for a dense weight.
+    /// Writes an NF4 or GGUF weight into its scratch buffer (`w0`) for the product that
+    /// follows on the same stream; nothing for a dense or FP8 weight.
     fn materialise(&self, cx: &Ctx) -> Result<()> {
-        if let Some(w) = self.quant.as_ref().and_then(|w| w.nf4_on_gpu()) {
+        if let Some(w) = self.quant.as_ref().filter(|w| w.dequantizes_on_gpu()) {
             // SAFETY: w0 is the step's scratch, of at least n·k elements of the step's type.
             unsafe { w.dequantize_into(cx.bf16, self.w0.ptr)? };
-            cx.mark("NF4 dequantisation")?;
+            cx.mark("weight dequantisation (NF4, GGUF)")?;
         }
         Ok(())
     }
@@ -802,8 +802,8 @@ impl Llama {
                 }
             }
         }
-        // one scratch buffer for NF4 weights, the size of the largest (each is dequantised into
-        // it just before its product, in stream order)
+        // one scratch buffer for NF4 and GGUF weights, the size of the largest (each is
+        // dequantised into it just before its product, in stream order)
         let largest = self
             .layers
             .iter()
@@ -811,7 +811,7 @@ impl Llama {
             .filter(|al| {
                 al.base()
                     .quantized_weight()
-                    .is_some_and(|w| w.nf4_on_gpu().is_some())
+                    .is_some_and(|w| w.dequantizes_on_gpu())
             })
             .map(|al| al.dims().0 * al.dims().1)
             .max();
