@@ -664,6 +664,50 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The U-Net's convolution on the device (`ops::conv`: im2col and one GEMM on CUDA) against
+/// candle's convolution on the CPU in f64: each kernel size, stride and padding the U-Net and
+/// its input gradients use, odd and even sides, f32 and bf16; and the frozen convolution's
+/// input gradient (through that op) against the CPU's.
+fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use candle_core::Var;
+    use singlora::diffusion::unet::conv::frozen_conv2d;
+    let cpu = Device::Cpu;
+    for (k, stride, padding) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (3, 1, 2), (3, 1, 0)] {
+        for (h, w) in [(8, 8), (7, 5)] {
+            let x = Tensor::randn(0f64, 1.0, (2, 6, h, w), &cpu)?;
+            let wt = Tensor::randn(0f64, 0.3, (5, 6, k, k), &cpu)?;
+            let want = x.conv2d(&wt, padding, stride, 1, 1)?;
+            for (dtype, bound) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+                let got = singlora::ops::conv::conv2d(&on(&x)?, &on(&wt)?, padding, stride)?;
+                rows.push(Row {
+                    what: format!(
+                        "conv2d {k}×{k} stride {stride} padding {padding}, {h}×{w} ({dtype:?}) vs f64 on the CPU"
+                    ),
+                    err: rel_err(&got, &want)?,
+                    bound,
+                });
+            }
+            // the input gradient of sum(y ⊙ G) through the frozen convolution, f32
+            let g = Tensor::randn(0f64, 1.0, want.dims(), &cpu)?;
+            let grad_on = |d: &Device, dt: DType| -> Result<Tensor> {
+                let xv = Var::from_tensor(&x.to_dtype(dt)?.to_device(d)?)?;
+                let y = frozen_conv2d(&xv, &wt.to_dtype(dt)?.to_device(d)?, padding, stride)?;
+                let grads = (y * g.to_dtype(dt)?.to_device(d)?)?.sum_all()?.backward()?;
+                Ok(grads.get(&xv).context("no input gradient")?.clone())
+            };
+            rows.push(Row {
+                what: format!(
+                    "frozen conv2d {k}×{k} stride {stride} padding {padding}, {h}×{w}: input gradient (F32) vs f64 on the CPU"
+                ),
+                err: rel_err(&grad_on(device, DType::F32)?, &grad_on(&cpu, DType::F64)?)?,
+                bound: 1e-5,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Rows for a value and its input gradient against their references (f64 on the CPU).
 fn both(
     rows: &mut Vec<Row>,
@@ -1608,6 +1652,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
             ("GGUF base kept on the GPU", gguf_same_checks),
             ("packed rows", packed_fast_path_checks),
             ("U-Net", unet_checks),
+            ("U-Net convolution", conv_checks),
             ("layer checkpointing", checkpoint_checks),
         ];
         #[cfg(feature = "cuda")]

@@ -236,7 +236,8 @@ pub fn components(batch: usize, device: &Device) -> Result<Vec<(String, f64, f64
     let zeros = Tensor::zeros(c, dt, device)?;
     let gn = GroupNorm::new(ones.clone(), zeros.clone(), 32, 1e-5);
     let ln = LayerNorm::new(ones, zeros, 1e-5);
-    let conv = Conv2d::new(rnd(&[c, c, 3, 3], 0.02)?, Some(rnd(&[c], 0.02)?), 1, 1);
+    let w3 = rnd(&[c, c, 3, 3], 0.02)?;
+    let conv = Conv2d::new(w3.clone(), Some(rnd(&[c], 0.02)?), 1, 1);
     let down = Conv2d::new(rnd(&[c, c, 3, 3], 0.02)?, Some(rnd(&[c], 0.02)?), 2, 1);
     let w_ff = rnd(&[2 * 4 * c, c], 0.02)?;
     let w_out = rnd(&[c, 4 * c], 0.02)?;
@@ -254,6 +255,11 @@ pub fn components(batch: usize, device: &Device) -> Result<Vec<(String, f64, f64
             "conv 3x3, 320 -> 320, 64x64",
             vec![image.clone()],
             Box::new(|x| conv.forward(&x[0])),
+        ),
+        (
+            "conv 3x3, 320 -> 320, 64x64 (candle's conv2d)",
+            vec![image.clone()],
+            Box::new(|x| Ok(x[0].conv2d(&w3, 1, 1, 1, 1)?)),
         ),
         (
             "conv 3x3 stride 2 (downsample)",

@@ -34,6 +34,7 @@
 pub(crate) mod adamw;
 pub mod affine_norm;
 pub(crate) mod attention;
+pub mod conv;
 pub(crate) mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -54,6 +55,17 @@ pub(crate) fn mark_on(
     #[cfg(not(feature = "cuda"))]
     let _ = (device, label);
     Ok(())
+}
+
+/// [`mark_on`] at the start of a custom op's backward, which candle's autograd calls: the work
+/// autograd queued since the previous mark (the backward of ops that do not mark themselves)
+/// is filed as [`prof::OTHER_BACKWARD`]. The op marks its own work after it.
+pub(crate) fn mark_backward_start(device: &candle_core::Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    let label = cuda::prof::OTHER_BACKWARD;
+    #[cfg(not(feature = "cuda"))]
+    let label = "";
+    mark_on(device, label).map_err(candle_core::Error::wrap)
 }
 #[cfg(feature = "cuda")]
 pub mod fp8;

@@ -6,7 +6,11 @@
 //!
 //! - stride 1: `∂L/∂x = W̃ ⋆ g` with padding k−1−p, W̃ the kernel with its two channel axes
 //!   swapped and its taps reversed (a plain convolution, the fast path on every device);
-//! - stride s: the transposed convolution of g, trimmed to x's size where x's side is odd.
+//! - stride s: the same convolution of g with s − 1 zeros between neighbours, trimmed to x's
+//!   size where x's side is odd (candle's transposed convolution where the kernel is not
+//!   square or the padding not below its size).
+//!
+//! Every convolution here is [`crate::ops::conv::conv2d`] (on a GPU, im2col and one GEMM).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -25,6 +29,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
+use crate::ops::conv::conv2d;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -56,7 +61,7 @@ impl Conv2d {
 
 /// `W ⋆ x` (no bias) differentiable in `x` only.
 pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let y = x.detach().conv2d(w, padding, stride, 1, 1)?;
+    let y = conv2d(&x.detach(), w, padding, stride)?;
     if !x.track_op() {
         return Ok(y);
     }
@@ -115,11 +120,12 @@ impl CustomOp2 for InputGrad {
         _out: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        crate::ops::mark_backward_start(x.device())?;
         let (_, _, h, w) = x.dims4()?;
         let (_, _, kh, kw) = self.w.dims4()?;
         let g = g.contiguous()?;
         let dx = if self.stride == 1 && kh == kw && self.padding < kh {
-            g.conv2d(&flipped(&self.w)?, kh - 1 - self.padding, 1, 1, 1)?
+            conv2d(&g, &flipped(&self.w)?, kh - 1 - self.padding, 1)?
         } else if kh == kw && self.padding < kh {
             // g with s − 1 zeros between neighbours (and, for an odd side, zeros past the end),
             // then the stride-1 case: one plain convolution, where candle's transposed one is
@@ -128,10 +134,14 @@ impl CustomOp2 for InputGrad {
             let (gh, gw) = (g.dim(2)?, g.dim(3)?);
             let gd = dilate(&g, 2, self.stride, h.saturating_sub(out(gh)))?;
             let gd = dilate(&gd, 3, self.stride, w.saturating_sub(out(gw)))?;
-            gd.contiguous()?
-                .conv2d(&flipped(&self.w)?, kh - 1 - self.padding, 1, 1, 1)?
-                .narrow(2, 0, h)?
-                .narrow(3, 0, w)?
+            conv2d(
+                &gd.contiguous()?,
+                &flipped(&self.w)?,
+                kh - 1 - self.padding,
+                1,
+            )?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?
         } else {
             // the largest output padding either side needs; the surplus row or column (an odd
             // side) lies past x's edge and is cut off
@@ -142,6 +152,8 @@ impl CustomOp2 for InputGrad {
                 .narrow(2, 0, h)?
                 .narrow(3, 0, w)?
         };
+        crate::ops::mark_on(x.device(), "backward: convolutions' input gradients")
+            .map_err(candle_core::Error::wrap)?;
         Ok((Some(dx), None))
     }
 }

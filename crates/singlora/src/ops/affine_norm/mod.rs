@@ -42,10 +42,11 @@ impl CustomOp1 for AffineNorm {
     super::cuda_fwd!(|self, x| cuda::forward(x, self));
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &g.contiguous()?,
-            &AffineNormBackward(self.clone()),
-        )?))
+        super::mark_backward_start(x.device())?;
+        let dx = x.apply_op2_no_bwd(&g.contiguous()?, &AffineNormBackward(self.clone()))?;
+        super::mark_on(x.device(), "backward: GroupNorm, LayerNorm")
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(dx))
     }
 }
 

@@ -348,8 +348,7 @@ pub fn backward(
     let (gp, bf16) = input(g.0, g.1, b * t * h * d, "output gradient")?;
     let (op, _) = input(o.0, o.1, b * t * h * d, "output")?;
     let cx = Ctx::new(&g.0.device, bf16, fast);
-    // called from candle's autograd: what it ran since the previous mark (the backward of the
-    // unmarked ops between attention layers) is not attention's
+    // called from candle's autograd (see ops::mark_backward_start)
     cx.mark(crate::ops::cuda::prof::OTHER_BACKWARD)?;
     let (out, _) = backward_raw(&cx, saved, (gp, op), tables(rope)?, (b, t, h, kvh, d))?;
     Ok((out, Shape::from(b * t * (h + 2 * kvh) * d)))

@@ -1,0 +1,90 @@
+//! The convolution's launcher (im2col in conv.cu) and its GEMM.
+
+use candle_core::{CudaStorage, Layout, Shape};
+
+use crate::ops::cuda::{
+    args, gemm_batched, grid, input_ptr, input_ptr_as, ptx_module, Ctx, Mat, Module,
+};
+
+const MODULE: Module = ptx_module!("conv");
+
+/// Threads a block along a column row's pixels.
+const THREADS: u32 = 256;
+
+/// y (b, c_out, h_out, w_out) = W ⋆ x for contiguous x (b, c_in, h, w) and W (c_out, c_in, k, k)
+/// of one type (bf16 or f32).
+pub(super) fn forward(
+    (x, lx): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (b, c, h, wd) = lx.shape().dims4()?;
+    let (co, ci, k, k2) = lw.shape().dims4()?;
+    if ci != c || k != k2 || stride == 0 {
+        candle_core::bail!(
+            "conv2d: input {:?} and kernel {:?} (stride {stride})",
+            lx.shape().dims(),
+            lw.shape().dims()
+        );
+    }
+    if h + 2 * padding < k || wd + 2 * padding < k {
+        candle_core::bail!("conv2d: a {k}×{k} kernel is larger than the padded {h}×{wd} input");
+    }
+    let (ho, wo) = (
+        (h + 2 * padding - k) / stride + 1,
+        (wd + 2 * padding - k) / stride + 1,
+    );
+    let (xp, bf16) = input_ptr(x, lx, Some(b * c * h * wd), "conv2d input")?;
+    let wp = input_ptr_as(w, lw, bf16, "conv2d kernel")?;
+    let cx = Ctx::scalar(&x.device, bf16);
+    let (m, kk) = (ho * wo, c * k * k);
+    let (out, yp) = cx.fresh(b * co * m)?;
+    // the GEMM's right operand: each image's input as it is (1×1, stride 1, no padding), or its
+    // im2col matrix
+    let col = if k == 1 && stride == 1 && padding == 0 {
+        None
+    } else {
+        let rows = b * kk;
+        let (s, colp) = cx.fresh(rows * m)?;
+        let a = args![
+            xp,
+            colp,
+            c as i32,
+            h as i32,
+            wd as i32,
+            k as i32,
+            stride as i32,
+            padding as i32,
+            ho as i32,
+            wo as i32,
+            rows as i32
+        ];
+        let cfg = grid(
+            (
+                m.div_ceil(THREADS as usize).clamp(1, 1 << 12),
+                rows.min(65_535),
+            ),
+            THREADS,
+        );
+        // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type.
+        unsafe { MODULE.launch(cx.dev, &cx.kernel("im2col", false), cfg, a)? };
+        Some((s, colp))
+    };
+    let colp = col.as_ref().map_or(xp, |c| c.1);
+    // SAFETY: W (co × kk, shared by the batch: stride 0), col_i (kk × m), y_i (co × m), all of
+    // the context's type, on its stream; col is freed in stream order after the GEMM.
+    unsafe {
+        gemm_batched(
+            &cx,
+            (co, m, kk),
+            (Mat::new(wp, kk), 0),
+            (Mat::new(colp, m), kk * m),
+            (yp, co * m),
+            b,
+            1.0,
+        )?
+    };
+    drop(col);
+    Ok((out, Shape::from((b, co, ho, wo))))
+}

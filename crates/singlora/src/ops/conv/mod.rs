@@ -1,0 +1,55 @@
+//! 2-D convolution by a frozen kernel, no autograd (the U-Net's convolutions and their input
+//! gradients, `diffusion::unet::conv`): on CUDA, im2col into a (c_in·k·k) × (h_out·w_out)
+//! matrix per image (`conv.cu`), then one strided-batched cuBLAS GEMM for the batch,
+//! W (c_out × c_in·k·k) · col, whose output is already NCHW; a 1×1, stride-1, unpadded
+//! convolution is the GEMM on the input itself. candle's CUDA convolution builds its im2col
+//! matrix the other way round (pixels by taps, uncoalesced) and transposes its output back to
+//! NCHW in one more pass. Elsewhere (the CPU, other dtypes, non-square kernels) this is
+//! candle's `conv2d`.
+
+use candle_core::Tensor;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// `W ⋆ x`: x (b, c_in, h, w), W (c_out, c_in, k, k), zero padding `padding`, `stride`,
+/// dilation 1, one group, no bias.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (_, _, kh, kw) = w.dims4()?;
+        let supported = matches!(
+            x.dtype(),
+            candle_core::DType::BF16 | candle_core::DType::F32
+        ) && x.dtype() == w.dtype()
+            && kh == kw
+            && stride > 0;
+        if x.device().is_cuda() && supported {
+            let op = Conv { padding, stride };
+            return x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op);
+        }
+    }
+    x.conv2d(w, padding, stride, 1, 1)
+}
+
+#[cfg(feature = "cuda")]
+struct Conv {
+    padding: usize,
+    stride: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    super::cpu_composed!(2, "conv2d");
+
+    super::cuda_fwd!(|self, x, w| cuda::forward(x, w, self.padding, self.stride));
+}
