@@ -726,8 +726,8 @@ fn both(
     Ok(())
 }
 
-/// The U-Net's fused norms against their composed forms on the CPU in f64 (values and the input
-/// gradient of sum(y ⊙ G)), and the tiny U-Net fixture on the device against diffusers' output
+/// The U-Net's fused norms and GEGLU against their composed forms on the CPU in f64 (values
+/// and the input gradient of sum(y ⊙ G)), and the tiny U-Net fixture on the device against diffusers' output
 /// (f32 and bf16 weights) with its input gradient against the CPU's.
 fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use candle_core::Var;
@@ -740,6 +740,7 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     let g = Tensor::randn(0f64, 1.0, (3, 24, 5, 7), &cpu)?;
     let xt = (Tensor::randn(0f64, 2.0, (3, 9, 24), &cpu)? - 0.3)?;
     let gt = Tensor::randn(0f64, 1.0, (3, 9, 24), &cpu)?;
+    let gt_geglu = Tensor::randn(0f64, 1.0, (3, 9, 12), &cpu)?;
     // value and input gradient of `f` on `x` with output gradient `g`
     let run = |f: &dyn Fn(&Tensor) -> singlora::error::Result<Tensor>,
                x: &Tensor,
@@ -793,6 +794,15 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let (yr, dr) = run(&|x| ln_ref.forward(x), &xt, &gt)?;
         let (y, d) = run(&|x| ln.forward(x), &on(&xt)?, &on(&gt)?)?;
         let what = format!("U-Net LayerNorm fused ({dt:?})");
+        both(rows, &what, (y, d), (yr, dr), bound)?;
+        // GEGLU on h = [a | b] (3, 9, 2·12): the CPU's f64 is the composed form
+        let (yr, dr) = run(&|h| singlora::ops::geglu::geglu(h), &xt, &gt_geglu)?;
+        let (y, d) = run(
+            &|h| singlora::ops::geglu::geglu(h),
+            &on(&xt)?,
+            &on(&gt_geglu)?,
+        )?;
+        let what = format!("U-Net GEGLU fused ({dt:?})");
         both(rows, &what, (y, d), (yr, dr), bound)?;
     }
     // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's

@@ -69,6 +69,7 @@ pub(crate) fn mark_backward_start(device: &candle_core::Device) -> candle_core::
 }
 #[cfg(feature = "cuda")]
 pub mod fp8;
+pub mod geglu;
 pub(crate) mod gelu;
 pub(crate) mod linear;
 #[cfg(feature = "cuda")]

@@ -191,9 +191,7 @@ impl TransformerBlock {
         let x = (self.attn2.forward(&n, Some(ctx))? + &x)?;
         let n = self.norm3.forward(&x)?;
         mark_on(n.device(), "unet: layer norms, residuals")?;
-        let h = self.ff_in.forward(&n)?;
-        let inner = h.dim(2)? / 2;
-        let gated = (h.narrow(2, 0, inner)? * crate::ops::gelu_erf(&h.narrow(2, inner, inner)?)?)?;
+        let gated = crate::ops::geglu::geglu(&self.ff_in.forward(&n)?)?;
         let y = (self.ff_out.forward(&gated)? + x)?;
         mark_on(y.device(), "unet: feed-forward")?;
         Ok(y)
