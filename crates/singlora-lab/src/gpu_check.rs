@@ -1354,15 +1354,7 @@ fn gguf_same_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use singlora::quant::BaseDtype;
     use singlora_lab::bench::llama::random_tokens;
     let tmp = tempfile::tempdir()?;
-    // rows of whole Q4_K blocks (256 values)
-    let shape = LlamaShape {
-        hidden: 256,
-        intermediate: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        vocab: 272,
-    };
+    let shape = LlamaShape::K_BLOCKS;
     let base = tmp.path().join("llama");
     write_checkpoint(&base, &shape.config(), &shape.tensors(5, DType::F32)?, 1)?;
     singlora::synthetic::write_bpe_tokenizer(&base)?;

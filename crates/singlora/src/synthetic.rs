@@ -38,6 +38,17 @@ impl LlamaShape {
         vocab: 32,
     };
 
+    /// The smallest shape whose rows are whole Q4_K blocks (256 values): hidden 256, ff 512,
+    /// 2 layers, 4 heads / 2 KV heads, vocab 272 (GGUF files kept in their own types).
+    pub const K_BLOCKS: LlamaShape = LlamaShape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 272,
+    };
+
     pub fn config(&self) -> Value {
         json!({
             "architectures": ["LlamaForCausalLM"],

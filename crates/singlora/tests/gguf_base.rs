@@ -17,14 +17,7 @@ use common::max_abs_diff;
 
 /// A LLaMA whose rows are whole Q4_K blocks (256 values), as a GGUF file in `quant`.
 fn llama_gguf(dir: &Path, quant: GgufQuant) -> PathBuf {
-    let shape = LlamaShape {
-        hidden: 256,
-        intermediate: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        vocab: 272,
-    };
+    let shape = LlamaShape::K_BLOCKS;
     let base = dir.join("llama");
     write_checkpoint(
         &base,

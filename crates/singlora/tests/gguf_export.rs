@@ -346,12 +346,8 @@ fn merged_hf_model_reads_back_with_its_metadata_tokenizer_and_logits() {
 fn q4_k_m_follows_llama_cpps_mix_and_stays_close() {
     // rows of 256 values, so the K-quants apply; 8 layers so that the mix varies by layer
     let shape = LlamaShape {
-        hidden: 256,
-        intermediate: 512,
         layers: 8,
-        heads: 4,
-        kv_heads: 2,
-        vocab: 272,
+        ..LlamaShape::K_BLOCKS
     };
     let s = setup(shape, AdapterKind::Lora);
     let want = merged_f32(&s);
