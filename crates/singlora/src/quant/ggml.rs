@@ -48,11 +48,6 @@ impl GgmlWeight {
         )?;
         Ok(Self { q })
     }
-
-    /// The weight's quantised type.
-    pub fn dtype(&self) -> GgmlDType {
-        self.q.dtype()
-    }
 }
 
 /// Undoes llama.cpp's Q/K row permutation on the quantised bytes: within each head of `2·half`
