@@ -51,9 +51,32 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+        self.forward_shifted(x, None)
+    }
+
+    /// `W ⋆ x + b + shift`, `shift` (b, c_out) added at every position (a ResNet block's time
+    /// embedding). Where the shift needs no gradient it is added with the bias outside
+    /// autograd, so the backward has no add to pass through (candle's gives each side of an add
+    /// a zero-filled gradient and adds into it, a few full passes over the output).
+    pub fn forward_shifted(&self, x: &Tensor, shift: Option<&Tensor>) -> Result<Tensor> {
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(t.rank() - 1)?;
+            let lead = t.elem_count() / c.max(1);
+            Ok(t.reshape((lead, c, 1, 1))?)
+        };
+        let (inside, outside) = match shift {
+            Some(t) if t.track_op() => (None, Some(t)),
+            other => (other, None),
+        };
+        let add = match (&self.bias, inside) {
+            (Some(b), Some(t)) => Some(per_channel(&t.broadcast_add(b)?)?),
+            (Some(b), None) => Some(per_channel(b)?),
+            (None, Some(t)) => Some(per_channel(t)?),
+            (None, None) => None,
+        };
+        let y = frozen_conv2d_plus(x, &self.weight, self.padding, self.stride, add.as_ref())?;
+        Ok(match outside {
+            Some(t) => y.broadcast_add(&per_channel(t)?)?,
             None => y,
         })
     }
@@ -61,7 +84,21 @@ impl Conv2d {
 
 /// `W ⋆ x` (no bias) differentiable in `x` only.
 pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let y = conv2d(&x.detach(), w, padding, stride)?;
+    frozen_conv2d_plus(x, w, padding, stride, None)
+}
+
+/// [`frozen_conv2d`] plus `add` ((b or 1, c_out, 1, 1), broadcast), which takes no gradient.
+fn frozen_conv2d_plus(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut y = conv2d(&x.detach(), w, padding, stride)?;
+    if let Some(a) = add {
+        y = y.broadcast_add(&a.detach())?;
+    }
     if !x.track_op() {
         return Ok(y);
     }

@@ -49,13 +49,10 @@ impl ResnetBlock {
 
     /// `x` (b, c_in, h, w), `emb_act` = silu(emb) (b, temb) → (b, c_out, h, w).
     pub fn forward(&self, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(emb_act)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let t = self.time_emb_proj.forward(emb_act)?;
+        let h = self
+            .conv1
+            .forward_shifted(&self.norm1.forward_silu(x)?, Some(&t))?;
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
