@@ -265,12 +265,12 @@ impl Group {
 
 /// A projection prepared for the step.
 struct Proj {
-    /// The frozen weight (n, k); for an NF4 weight, the step's scratch buffer that
+    /// The frozen weight (n, k); for an NF4 or GGUF weight, the step's scratch buffer that
     /// [`Proj::materialise`] fills just before each product.
     w0: Mat,
-    /// A quantised weight: NF4 (dequantised into `w0` before each product) or FP8 (its products
-    /// on the FP8 tensor cores, with the input (E4M3) or the output gradient (E5M2) quantised
-    /// on the way in; `w0` is unused then).
+    /// A quantised weight: NF4 or GGUF (dequantised into `w0` before each product) or FP8 (its
+    /// products on the FP8 tensor cores, with the input (E4M3) or the output gradient (E5M2)
+    /// quantised on the way in; `w0` is unused then).
     quant: Option<Arc<dyn QuantWeight>>,
     bias: Option<Tensor>,
     n: usize,
@@ -384,8 +384,8 @@ fn magnitude_of(
     }
 }
 
-/// `scratch`: the buffer an NF4 weight is dequantised into (of at least n·k elements of the
-/// step's type), 0 when there is none.
+/// `scratch`: the buffer an NF4 or GGUF weight is dequantised into (of at least n·k elements of
+/// the step's type), 0 when there is none.
 fn prepare(
     al: &AdaptedLinear,
     bf16: bool,
