@@ -3,7 +3,7 @@
 # calls of up to 10 minutes on one warm machine:
 #   bash bench/base_table.sh 1   # gpu-check (the NF4 and FP8 kernels, the fast path on NF4 and
 #                                # FP8 bases, packed rows, layer checkpointing, SFT on an NF4
-#                                # base); bench-llama with the bf16, FP8 and NF4 bases at
+#                                # base); bench-llama with the bf16, FP8, NF4 and Q4_K bases at
 #                                # TinyLlama and 7B shape (frozen base and SingLoRA, batch 8 x
 #                                # 512), FP8 with fast accumulation, bf16 and NF4 with layer
 #                                # checkpointing; PyTorch's frozen bf16 base, eager and compiled,
@@ -33,7 +33,7 @@ if [ "$PART" = 1 ]; then
   timeout 200 .carry/lab gpu-check --device cuda > "$OUT/gpu-check.txt" 2>&1
   echo "gpu-check rc $?: $(tail -1 "$OUT/gpu-check.txt")"
   for s in tinyllama 7b; do
-    for b in bf16 fp8 nf4; do
+    for b in bf16 fp8 nf4 q4k; do
       timeout 100 .carry/lab bench-llama --shape $s --methods base,singlora --base-dtype $b --json >> "$j" 2>> "$OUT/base.err"
     done
   done
@@ -69,14 +69,14 @@ for line in open(sys.argv[1]):
         continue
     t = r.get("timing", r)
     m = r.get("method", "")
-    base = "NF4" if "(NF4)" in m or m == "qlora" else "FP8" if "(FP8)" in m else "bf16"
+    base = "NF4" if "(NF4)" in m or m == "qlora" else "FP8" if "(FP8)" in m else "Q4_K" if "(Q4_K)" in m else "bf16"
     if "fp8_fast_accum: true" in r.get("fast", ""):
         m += ", fast accumulation"
     if r.get("checkpoint_layers"):
         m += ", layers recomputed"
     elif r.get("recompute"):
         m += ", activations recomputed"
-    print(f"| {r.get('shape')} | {r.get('impl', r.get('torch', 'torch'))} | {base} | {m.replace(' (NF4)', '').replace(' (FP8)', '')} "
+    print(f"| {r.get('shape')} | {r.get('impl', r.get('torch', 'torch'))} | {base} | {m.replace(' (NF4)', '').replace(' (FP8)', '').replace(' (Q4_K)', '')} "
           f"| {r.get('batch')} | {t.get('median_ms', 0):.1f} | {t.get('tokens_per_s', 0):.0f} "
           f"| {r.get('peak_memory_gib') or '-'} |")
 PY

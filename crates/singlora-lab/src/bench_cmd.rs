@@ -85,8 +85,9 @@ pub struct LlamaArgs {
     #[arg(long, default_value = "tinyllama")]
     shape: String,
     /// The frozen base's linear weights: bf16 (f32 on the CPU), nf4 (random NF4 weights, made
-    /// from their parts: the dense base is never held) or fp8 (the bf16 weights quantised to
-    /// E4M3, multiplied on the FP8 tensor cores; CUDA).
+    /// from their parts: the dense base is never held), q4k (random Q4_K blocks, kept as
+    /// `--base-dtype same` keeps a GGUF file's) or fp8 (the bf16 weights quantised to E4M3,
+    /// multiplied on the FP8 tensor cores; CUDA).
     #[arg(long, default_value = "bf16")]
     base_dtype: String,
     /// Comma-separated: base (the frozen-base floor), singlora, lora, rslora, lora-plus, dora.
@@ -176,8 +177,8 @@ pub fn llama(a: LlamaArgs) -> Result<()> {
     let fast = a.fast.fast_path();
     let shape = shape_of(&a.shape)?;
     let base = match a.base_dtype.as_str() {
-        "bf16" | "nf4" | "fp8" => a.base_dtype.as_str(),
-        other => anyhow::bail!("--base-dtype {other}: bf16, nf4 or fp8"),
+        "bf16" | "nf4" | "q4k" | "fp8" => a.base_dtype.as_str(),
+        other => anyhow::bail!("--base-dtype {other}: bf16, nf4, q4k or fp8"),
     };
     if a.kernel_profile {
         return kernel_profile(&a, shape, &device);
@@ -371,6 +372,7 @@ fn shape_of(name: &str) -> Result<LlamaShape> {
         "tinyllama" => shapes::TINYLLAMA,
         "7b" => shapes::LLAMA_7B,
         "70b" => shapes::LLAMA_70B,
+        "tiny-k" => LlamaShape::K_BLOCKS,
         "tiny" => LlamaShape {
             hidden: 64,
             intermediate: 176,

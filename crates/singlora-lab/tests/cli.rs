@@ -112,6 +112,44 @@ fn bench_llama_tiny_on_the_cpu() {
     assert_eq!(rows[1]["timing"]["tokens_per_step"], 32);
 }
 
+/// The quantised random bases on the CPU: rows of whole Q4_K blocks (`tiny-k`), NF4 and Q4_K
+/// (as `--base-dtype same` keeps a GGUF file's weights), a SingLoRA step each with a finite
+/// time and the same trainable parameters as on a dense base.
+#[test]
+fn bench_llama_quantised_bases_on_the_cpu() {
+    for (base, label) in [("nf4", "singlora (NF4)"), ("q4k", "singlora (Q4_K)")] {
+        let o = lab(&[
+            "bench-llama",
+            "--shape",
+            "tiny-k",
+            "--methods",
+            "singlora",
+            "--base-dtype",
+            base,
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        let (stdout, err) = text(&o);
+        assert!(o.status.success(), "{base}: {err}");
+        let row: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(row["method"], label);
+        // SingLoRA: r·max(d_in, d_out) per projection; hidden 256, KV 128, ff 512, 2 layers
+        let per_layer = 8 * (256 + 256 + 256 + 256 + 512 + 512 + 512);
+        assert_eq!(row["trainable_params"], 2 * per_layer, "{base}");
+        let ms = row["timing"]["median_ms"].as_f64().unwrap();
+        assert!(ms.is_finite() && ms > 0.0, "{base}: {ms}");
+    }
+}
+
 /// `experiment sweep --report-only` summarises what `runs.jsonl` holds (here two seeds of one
 /// ramp setting, written by hand) and refuses a directory without runs.
 #[test]

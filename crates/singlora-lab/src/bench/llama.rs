@@ -144,6 +144,7 @@ pub fn run(
             method.map_or("frozen base".to_string(), |m| m.to_string()),
             match base {
                 "nf4" => " (NF4)",
+                "q4k" => " (Q4_K)",
                 "fp8" => " (FP8)",
                 _ => "",
             }
@@ -159,7 +160,8 @@ pub fn run(
 }
 
 /// [`random_model_as`] with its decoder layers' linear weights in `base`: "bf16" (the model's
-/// type), "nf4" or "fp8" (CUDA only).
+/// type), "nf4", "q4k" (as `--base-dtype same` keeps a GGUF file's Q4_K weights) or "fp8"
+/// (CUDA only).
 pub fn model_with_base(
     name: &str,
     shape: LlamaShape,
@@ -169,7 +171,7 @@ pub fn model_with_base(
     base: &str,
 ) -> Result<TaskModel> {
     #[allow(unused_mut)]
-    let mut model = random_model_as(name, shape, method, rank, device, base == "nf4")?;
+    let mut model = random_model_as(name, shape, method, rank, device, base)?;
     if base == "fp8" {
         #[cfg(feature = "cuda")]
         model.body.quantize_fp8()?;
@@ -203,18 +205,19 @@ pub fn random_model(
     rank: usize,
     device: &Device,
 ) -> Result<TaskModel> {
-    random_model_as(name, shape, method, rank, device, false)
+    random_model_as(name, shape, method, rank, device, "bf16")
 }
 
-/// [`random_model`], with the decoder layers' linear weights random NF4 ones when `nf4`
-/// ([`crate::shapes::random_nf4`]; never dense, so a 70B-shaped base fits one GPU).
+/// [`random_model`], with the decoder layers' linear weights random NF4 ones when `base` is
+/// "nf4" ([`crate::shapes::random_nf4`]; never dense, so a 70B-shaped base fits one GPU) or
+/// random Q4_K ones when it is "q4k" ([`crate::shapes::random_q4k`]); dense otherwise.
 pub fn random_model_as(
     name: &str,
     shape: LlamaShape,
     method: Option<Method>,
     rank: usize,
     device: &Device,
-    nf4: bool,
+    base: &str,
 ) -> Result<TaskModel> {
     let dtype = if device.is_cpu() {
         DType::F32
@@ -227,8 +230,13 @@ pub fn random_model_as(
         path: &path,
         value: &config,
     };
-    let weights = if nf4 {
-        let (dense, quant) = crate::shapes::device_tensors_nf4(&shape, dtype, device)?;
+    let make = match base {
+        "nf4" => Some(crate::shapes::random_nf4 as fn(_, _, &Device) -> _),
+        "q4k" => Some(crate::shapes::random_q4k as fn(_, _, &Device) -> _),
+        _ => None,
+    };
+    let weights = if let Some(make) = make {
+        let (dense, quant) = crate::shapes::device_tensors_quant(&shape, dtype, device, make)?;
         Weights::Kept(path.clone(), dense, quant)
     } else {
         Weights::Memory(
