@@ -54,6 +54,12 @@ impl Conv2d {
         self.forward_shifted(x, None)
     }
 
+    /// The gradient of this convolution with respect to an input of side `hw`, for the output
+    /// gradient `g` (the bias takes none).
+    pub(crate) fn input_grad(&self, hw: (usize, usize), g: &Tensor) -> candle_core::Result<Tensor> {
+        input_grad(&self.weight, self.padding, self.stride, hw, g)
+    }
+
     /// `W ⋆ x + b + shift`, `shift` (b, c_out) added at every position (a ResNet block's time
     /// embedding). Where the shift needs no gradient it is added with the bias outside
     /// autograd, so the backward has no add to pass through (candle's gives each side of an add
@@ -118,7 +124,10 @@ struct InputGrad {
 }
 
 /// A copy of `y`, which the forward just made contiguous and whole.
-fn pass_through<S: BackendStorage>(y: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+pub(crate) fn pass_through<S: BackendStorage>(
+    y: &S,
+    l: &Layout,
+) -> candle_core::Result<(S, Shape)> {
     if !l.is_contiguous() || l.start_offset() != 0 {
         candle_core::bail!("frozen conv2d: the convolution's output is not a whole tensor");
     }
@@ -159,40 +168,47 @@ impl CustomOp2 for InputGrad {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         crate::ops::mark_backward_start(x.device())?;
         let (_, _, h, w) = x.dims4()?;
-        let (_, _, kh, kw) = self.w.dims4()?;
-        let g = g.contiguous()?;
-        let dx = if self.stride == 1 && kh == kw && self.padding < kh {
-            conv2d(&g, &flipped(&self.w)?, kh - 1 - self.padding, 1)?
-        } else if kh == kw && self.padding < kh {
-            // g with s − 1 zeros between neighbours (and, for an odd side, zeros past the end),
-            // then the stride-1 case: one plain convolution, where candle's transposed one is
-            // a direct loop on CUDA
-            let out = |n: usize| (n - 1) * self.stride + kh - 2 * self.padding;
-            let (gh, gw) = (g.dim(2)?, g.dim(3)?);
-            let gd = dilate(&g, 2, self.stride, h.saturating_sub(out(gh)))?;
-            let gd = dilate(&gd, 3, self.stride, w.saturating_sub(out(gw)))?;
-            conv2d(
-                &gd.contiguous()?,
-                &flipped(&self.w)?,
-                kh - 1 - self.padding,
-                1,
-            )?
-            .narrow(2, 0, h)?
-            .narrow(3, 0, w)?
-        } else {
-            // the largest output padding either side needs; the surplus row or column (an odd
-            // side) lies past x's edge and is cut off
-            let out = |n: usize, k: usize| (n - 1) * self.stride + k - 2 * self.padding;
-            let (gh, gw) = (g.dim(2)?, g.dim(3)?);
-            let pad = (h.saturating_sub(out(gh, kh))).max(w.saturating_sub(out(gw, kw)));
-            g.conv_transpose2d(&self.w, self.padding, pad, self.stride, 1)?
-                .narrow(2, 0, h)?
-                .narrow(3, 0, w)?
-        };
+        let dx = input_grad(&self.w, self.padding, self.stride, (h, w), g)?;
         crate::ops::mark_on(x.device(), "backward: convolutions' input gradients")
             .map_err(candle_core::Error::wrap)?;
         Ok((Some(dx), None))
     }
+}
+
+/// The gradient of `W ⋆ x` (zero padding `padding`, `stride`) with respect to an input of side
+/// `(h, w)`, for the output gradient `g` (see the module's documentation).
+pub(crate) fn input_grad(
+    wt: &Tensor,
+    padding: usize,
+    stride: usize,
+    (h, w): (usize, usize),
+    g: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (_, _, kh, kw) = wt.dims4()?;
+    let g = g.contiguous()?;
+    Ok(if stride == 1 && kh == kw && padding < kh {
+        conv2d(&g, &flipped(wt)?, kh - 1 - padding, 1)?
+    } else if kh == kw && padding < kh {
+        // g with s − 1 zeros between neighbours (and, for an odd side, zeros past the end),
+        // then the stride-1 case: one plain convolution, where candle's transposed one is
+        // a direct loop on CUDA
+        let out = |n: usize| (n - 1) * stride + kh - 2 * padding;
+        let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+        let gd = dilate(&g, 2, stride, h.saturating_sub(out(gh)))?;
+        let gd = dilate(&gd, 3, stride, w.saturating_sub(out(gw)))?;
+        conv2d(&gd.contiguous()?, &flipped(wt)?, kh - 1 - padding, 1)?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?
+    } else {
+        // the largest output padding either side needs; the surplus row or column (an odd
+        // side) lies past x's edge and is cut off
+        let out = |n: usize, k: usize| (n - 1) * stride + k - 2 * padding;
+        let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+        let pad = (h.saturating_sub(out(gh, kh))).max(w.saturating_sub(out(gw, kw)));
+        g.conv_transpose2d(wt, padding, pad, stride, 1)?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?
+    })
 }
 
 /// `g` along axis `dim` (2 or 3 of 4) with `s − 1` zeros between neighbours and `extra` zeros

@@ -49,6 +49,25 @@ impl GroupNorm {
         }
     }
 
+    /// The input gradient of [`Self::forward_silu`] at `x` for the output gradient `g`: the
+    /// fused backward kernel on CUDA; elsewhere the composed forward's backward, by candle's
+    /// autograd on a graph of its own.
+    pub fn backward_silu(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(dx) = ops::group_norm_backward(x, g, w, b, self.groups, self.eps, true)? {
+            return Ok(dx);
+        }
+        let v = candle_core::Var::from_tensor(&x.detach())?;
+        let y = self.forward_composed(v.as_tensor())?.silu()?;
+        let grads = (y * g.detach().to_dtype(x.dtype())?)?
+            .sum_all()?
+            .backward()?;
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| crate::Error::msg("group norm backward: no gradient for the input"))
+    }
+
     /// Composed of candle's elementary ops (the CPU's path, and the fused op's reference).
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;

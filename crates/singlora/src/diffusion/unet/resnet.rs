@@ -6,9 +6,9 @@
 //!
 //! convs 3×3 (padding 1), norms GroupNorm, shortcut a 1×1 conv where the channels change.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::conv::Conv2d;
+use super::conv::{pass_through, Conv2d};
 use super::load::Loader;
 use super::norm::GroupNorm;
 use crate::error::Result;
@@ -50,14 +50,102 @@ impl ResnetBlock {
     /// `x` (b, c_in, h, w), `emb_act` = silu(emb) (b, temb) → (b, c_out, h, w).
     pub fn forward(&self, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
         let t = self.time_emb_proj.forward(emb_act)?;
+        if x.track_op() && !t.track_op() {
+            return self.forward_one_op(x, &t);
+        }
         let h = self
             .conv1
             .forward_shifted(&self.norm1.forward_silu(x)?, Some(&t))?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        self.tail(x, &h)
+    }
+
+    /// y = shortcut(x) + conv2(silu(norm2(h))).
+    fn tail(&self, x: &Tensor, h: &Tensor) -> Result<Tensor> {
+        let y = self.conv2.forward(&self.norm2.forward_silu(h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        Ok((skip + h)?)
+        Ok((skip + y)?)
+    }
+
+    /// The block computed outside autograd and tied to `x` by one op whose backward is written
+    /// out ([`BlockGrad`]): candle's autograd would record the two norms, the convolutions and
+    /// the residual add one by one and give each a zero-filled gradient to add into. The
+    /// time embedding `t` takes no gradient here.
+    fn forward_one_op(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let xd = x.detach();
+        let h = self
+            .conv1
+            .forward_shifted(&self.norm1.forward_silu(&xd)?, Some(t))?;
+        let y = self.tail(&xd, &h)?;
+        let op = BlockGrad {
+            block: self.clone(),
+            h,
+        };
+        Ok(x.apply_op2(&y, op)?)
+    }
+}
+
+/// Passes the block's output through and, in backward, gives its input the gradient of
+///
+/// y = shortcut(x) + conv2(silu(norm2(h))), h = conv1(silu(norm1(x))) + b1 + t:
+///
+/// dh = norm2ᵀ(conv2ᵀ(g)), dx = norm1ᵀ(conv1ᵀ(dh)) + shortcutᵀ(g), with convᵀ a convolution's
+/// input gradient and normᵀ the GroupNorm + SiLU backward (statistics recomputed from its input).
+struct BlockGrad {
+    block: ResnetBlock,
+    /// The input of norm2, kept from the forward.
+    h: Tensor,
+}
+
+impl CustomOp2 for BlockGrad {
+    fn name(&self) -> &'static str {
+        "resnet-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        pass_through(y, ly)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &CudaStorage,
+        _lx: &Layout,
+        y: &CudaStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        pass_through(y, ly)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        crate::ops::mark_backward_start(x.device())?;
+        let b = &self.block;
+        let wrap = candle_core::Error::wrap;
+        let (_, _, xh, xw) = x.dims4()?;
+        let (_, _, hh, hw) = self.h.dims4()?;
+        let g = g.contiguous()?;
+        let da2 = b.conv2.input_grad((hh, hw), &g)?;
+        let dh = b.norm2.backward_silu(&self.h, &da2).map_err(wrap)?;
+        let da1 = b.conv1.input_grad((xh, xw), &dh)?;
+        let dx = b.norm1.backward_silu(&x.detach(), &da1).map_err(wrap)?;
+        let dx = match &b.conv_shortcut {
+            Some(c) => (dx + c.input_grad((xh, xw), &g)?)?,
+            None => (dx + g)?,
+        };
+        crate::ops::mark_on(x.device(), "backward: ResNet blocks").map_err(wrap)?;
+        Ok((Some(dx), None))
     }
 }

@@ -88,6 +88,37 @@ pub fn group_norm(
     apply(x, (w, b), (cpr * h * wd, groups, cpr, h * wd), eps, silu).map(Some)
 }
 
+/// The input gradient of [`group_norm`] at `x` for the output gradient `g`, by the fused
+/// backward kernel (the statistics recomputed from `x`): None where the fused kernels do not
+/// take `x`.
+pub fn group_norm_backward(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    if !super::cuda_kernels_for(x) {
+        return Ok(None);
+    }
+    let (_, c, h, wd) = x.dims4()?;
+    if groups == 0 || c % groups != 0 || g.dims() != x.dims() {
+        return Err(crate::Error::msg(format!(
+            "group norm backward: {c} channels in {groups} groups, gradient {:?} for {:?}",
+            g.dims(),
+            x.dims()
+        )));
+    }
+    let cpr = c / groups;
+    let op = op_of((w, b), (cpr * h * wd, groups, cpr, h * wd), eps, silu)?;
+    Ok(Some(x.contiguous()?.apply_op2_no_bwd(
+        &g.contiguous()?,
+        &AffineNormBackward(op),
+    )?))
+}
+
 /// LayerNorm of `x` over its last axis (d) with `w`, `b` (d): None where the fused kernels do
 /// not take `x` (not CUDA f32/bf16).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
@@ -109,12 +140,23 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
 /// `groups` groups, `cpr` channels a row, `hw` elements a channel.
 fn apply(
     x: &Tensor,
+    wb: (&Tensor, &Tensor),
+    shape: (usize, usize, usize, usize),
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(op_of(wb, shape, eps, silu)?)?)
+}
+
+/// The op's parameters: the affine as f32, rows of `n` elements, `groups` groups, `cpr`
+/// channels a row, `hw` elements a channel.
+fn op_of(
     (w, b): (&Tensor, &Tensor),
     (n, groups, cpr, hw): (usize, usize, usize, usize),
     eps: f64,
     silu: bool,
-) -> Result<Tensor> {
-    let op = AffineNorm {
+) -> Result<AffineNorm> {
+    Ok(AffineNorm {
         w: w.to_dtype(DType::F32)?.contiguous()?,
         b: b.to_dtype(DType::F32)?.contiguous()?,
         n,
@@ -123,6 +165,5 @@ fn apply(
         hw,
         eps,
         silu,
-    };
-    Ok(x.contiguous()?.apply_op1(op)?)
+    })
 }
