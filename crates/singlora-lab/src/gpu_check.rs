@@ -672,6 +672,19 @@ fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use candle_core::Var;
     use singlora::diffusion::unet::conv::frozen_conv2d;
     let cpu = Device::Cpu;
+    // the input gradient's kernel (transposed, taps reversed): one kernel on the device
+    for k in [1, 3] {
+        let wt = Tensor::randn(0f32, 1.0, (5, 6, k, k), &cpu)?;
+        let got = singlora::ops::conv::flipped(&wt.to_device(device)?)?;
+        rows.push(Row {
+            what: format!("conv kernel flip {k}×{k} (F32) vs the CPU's (max abs difference)"),
+            err: (got.to_device(&cpu)? - singlora::ops::conv::flipped(&wt)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()? as f64,
+            bound: 0.0,
+        });
+    }
     for (k, stride, padding) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (3, 1, 2), (3, 1, 0)] {
         for (h, w) in [(8, 8), (7, 5)] {
             let x = Tensor::randn(0f64, 1.0, (2, 6, h, w), &cpu)?;

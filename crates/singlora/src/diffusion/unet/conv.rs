@@ -26,10 +26,10 @@
 //! ```
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::Result;
-use crate::ops::conv::conv2d;
+use crate::ops::conv::{conv2d, flipped};
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -233,20 +233,6 @@ fn dilate(g: &Tensor, dim: usize, s: usize, extra: usize) -> candle_core::Result
     } else {
         Ok(g)
     }
-}
-
-/// W (c_out, c_in, k, k) → (c_in, c_out, k, k) with the taps reversed along both axes.
-fn flipped(w: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, kh, kw) = w.dims4()?;
-    let w = w.transpose(0, 1)?.contiguous()?;
-    if kh == 1 && kw == 1 {
-        return Ok(w);
-    }
-    let rev = |k: usize| {
-        Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())
-            .and_then(|t| t.to_dtype(DType::U32))
-    };
-    w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)
 }
 
 #[cfg(test)]

@@ -26,10 +26,27 @@ __device__ void im2col(const T* x, T* col, int c, int h, int w, int k, int s, in
     }
 }
 
+// The kernel of a convolution's input gradient: w (co, ci, k, k) → (ci, co, k, k) with the taps
+// reversed along both axes, one thread per element.
+template <typename T>
+__device__ void flip_kernel(const T* w, T* out, int co, int ci, int k) {
+    const long n = (long)co * ci * k * k;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        // i indexes out: ((c_in · co + c_out) · k + ky) · k + kx
+        const int kx = i % k, ky = (i / k) % k;
+        const long pair = i / ((long)k * k);
+        const int o = pair % co, c = pair / co;
+        out[i] = w[(((long)o * ci + c) * k + (k - 1 - ky)) * k + (k - 1 - kx)];
+    }
+}
+
 #define INSTANTIATE(T, SUF)                                                                                     \
     extern "C" __global__ void im2col_##SUF(const T* x, T* col, int c, int h, int w, int k, int s, int p,      \
                                              int ho, int wo, int rows) {                                       \
         im2col<T>(x, col, c, h, w, k, s, p, ho, wo, rows);                                                     \
+    }                                                                                                           \
+    extern "C" __global__ void flip_kernel_##SUF(const T* w, T* out, int co, int ci, int k) {                  \
+        flip_kernel<T>(w, out, co, ci, k);                                                                      \
     }
 INSTANTIATE(float, f32)
 INSTANTIATE(uint16_t, bf16)

@@ -1,9 +1,9 @@
-//! The convolution's launcher (im2col in conv.cu) and its GEMM.
+//! The convolution's launchers (im2col and the kernel flip in conv.cu) and its GEMM.
 
 use candle_core::{CudaStorage, Layout, Shape};
 
 use crate::ops::cuda::{
-    args, gemm_batched, grid, input_ptr, input_ptr_as, ptx_module, Ctx, Mat, Module,
+    args, elems_cfg, gemm_batched, grid, input_ptr, input_ptr_as, ptx_module, Ctx, Mat, Module,
 };
 
 const MODULE: Module = ptx_module!("conv");
@@ -87,4 +87,20 @@ pub(super) fn forward(
     };
     drop(col);
     Ok((out, Shape::from((b, co, ho, wo))))
+}
+
+/// W (co, ci, k, k) → (ci, co, k, k) with the taps reversed along both axes, in one pass.
+pub(super) fn flip((w, l): (&CudaStorage, &Layout)) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (co, ci, k, k2) = l.shape().dims4()?;
+    if k != k2 {
+        candle_core::bail!("conv kernel flip: a {k}×{k2} kernel is not square");
+    }
+    let (wp, bf16) = input_ptr(w, l, None, "conv kernel")?;
+    let cx = Ctx::scalar(&w.device, bf16);
+    let n = co * ci * k * k;
+    let (out, op) = cx.fresh(n)?;
+    let a = args![wp, op, co as i32, ci as i32, k as i32];
+    // SAFETY: w and out hold co·ci·k·k elements of the context's type.
+    unsafe { MODULE.launch(cx.dev, &cx.kernel("flip_kernel", false), elems_cfg(n), a)? };
+    Ok((out, Shape::from((ci, co, k, k))))
 }

@@ -37,6 +37,43 @@ pub fn conv2d(
     x.conv2d(w, padding, stride, 1, 1)
 }
 
+/// W (c_out, c_in, k, k) → (c_in, c_out, k, k) with the taps reversed along both axes: the
+/// kernel whose convolution of an output gradient is the input gradient (stride 1). One kernel
+/// on CUDA; elsewhere a transpose and two index selections.
+pub fn flipped(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda()
+        && matches!(
+            w.dtype(),
+            candle_core::DType::BF16 | candle_core::DType::F32
+        )
+        && kh == kw
+    {
+        return w.contiguous()?.apply_op1_no_bwd(&Flip);
+    }
+    let w = w.transpose(0, 1)?.contiguous()?;
+    if kh == 1 && kw == 1 {
+        return Ok(w);
+    }
+    let rev = |k: usize| Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device());
+    w.index_select(&rev(kh)?, 2)?.index_select(&rev(kw)?, 3)
+}
+
+#[cfg(feature = "cuda")]
+struct Flip;
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for Flip {
+    fn name(&self) -> &'static str {
+        "conv-kernel-flip"
+    }
+
+    super::cpu_composed!(1, "conv kernel flip");
+
+    super::cuda_fwd!(|self, w| cuda::flip(w));
+}
+
 #[cfg(feature = "cuda")]
 struct Conv {
     padding: usize,
