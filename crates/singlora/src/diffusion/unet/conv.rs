@@ -108,35 +108,48 @@ fn frozen_conv2d_plus(
     if !x.track_op() {
         return Ok(y);
     }
-    let op = InputGrad {
+    let grad = InputGrad {
         w: w.clone(),
         padding,
         stride,
     };
-    Ok(x.apply_op2(&y, op)?)
+    Ok(tie(x, &y, grad)?)
 }
 
-/// Passes the convolution's output `y` through and, in backward, gives `x` its gradient.
-struct InputGrad {
-    w: Tensor,
-    padding: usize,
-    stride: usize,
+/// The input gradient of a computation that ran outside autograd, on a detached input: what
+/// [`tie`] gives the input in the backward.
+pub(crate) trait InputGradient: Send + Sync + 'static {
+    /// The op's name.
+    const NAME: &'static str;
+    /// What the kernel profile files the backward's time under.
+    const PROFILE_LABEL: &'static str;
+    /// The gradient of the input `x` for the output gradient `g` (contiguous).
+    fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor>;
 }
+
+/// `y`, computed from a detached `x`, tied back to `x` for autograd by one op: its forward
+/// passes `y` through (a copy), its backward gives `x` the gradient `grad` computes.
+pub(crate) fn tie<G: InputGradient>(
+    x: &Tensor,
+    y: &Tensor,
+    grad: G,
+) -> candle_core::Result<Tensor> {
+    x.apply_op2(y, Tied(grad))
+}
+
+struct Tied<G>(G);
 
 /// A copy of `y`, which the forward just made contiguous and whole.
-pub(crate) fn pass_through<S: BackendStorage>(
-    y: &S,
-    l: &Layout,
-) -> candle_core::Result<(S, Shape)> {
+fn pass_through<S: BackendStorage>(y: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
     if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("frozen conv2d: the convolution's output is not a whole tensor");
+        candle_core::bail!("a tied op's output is not a whole tensor");
     }
     Ok((y.try_clone(l)?, l.shape().clone()))
 }
 
-impl CustomOp2 for InputGrad {
+impl<G: InputGradient> CustomOp2 for Tied<G> {
     fn name(&self) -> &'static str {
-        "frozen-conv2d"
+        G::NAME
     }
 
     fn cpu_fwd(
@@ -167,11 +180,26 @@ impl CustomOp2 for InputGrad {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         crate::ops::mark_backward_start(x.device())?;
-        let (_, _, h, w) = x.dims4()?;
-        let dx = input_grad(&self.w, self.padding, self.stride, (h, w), g)?;
-        crate::ops::mark_on(x.device(), "backward: convolutions' input gradients")
-            .map_err(candle_core::Error::wrap)?;
+        let dx = self.0.input_grad(x, &g.contiguous()?)?;
+        crate::ops::mark_on(x.device(), G::PROFILE_LABEL).map_err(candle_core::Error::wrap)?;
         Ok((Some(dx), None))
+    }
+}
+
+/// A frozen convolution's input gradient.
+struct InputGrad {
+    w: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl InputGradient for InputGrad {
+    const NAME: &'static str = "frozen-conv2d";
+    const PROFILE_LABEL: &'static str = "backward: convolutions' input gradients";
+
+    fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        input_grad(&self.w, self.padding, self.stride, (h, w), g)
     }
 }
 

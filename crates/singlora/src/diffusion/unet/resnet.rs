@@ -6,9 +6,9 @@
 //!
 //! convs 3×3 (padding 1), norms GroupNorm, shortcut a 1×1 conv where the channels change.
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::Tensor;
 
-use super::conv::{pass_through, Conv2d};
+use super::conv::{tie, Conv2d, InputGradient};
 use super::load::Loader;
 use super::norm::GroupNorm;
 use crate::error::Result;
@@ -79,15 +79,15 @@ impl ResnetBlock {
             .conv1
             .forward_shifted(&self.norm1.forward_silu(&xd)?, Some(t))?;
         let y = self.tail(&xd, &h)?;
-        let op = BlockGrad {
+        let grad = BlockGrad {
             block: self.clone(),
             h,
         };
-        Ok(x.apply_op2(&y, op)?)
+        Ok(tie(x, &y, grad)?)
     }
 }
 
-/// Passes the block's output through and, in backward, gives its input the gradient of
+/// The block's input gradient, for [`tie`]: the gradient of
 ///
 /// y = shortcut(x) + conv2(silu(norm2(h))), h = conv1(silu(norm1(x))) + b1 + t:
 ///
@@ -99,53 +99,22 @@ struct BlockGrad {
     h: Tensor,
 }
 
-impl CustomOp2 for BlockGrad {
-    fn name(&self) -> &'static str {
-        "resnet-block"
-    }
+impl InputGradient for BlockGrad {
+    const NAME: &'static str = "resnet-block";
+    const PROFILE_LABEL: &'static str = "backward: ResNet blocks";
 
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        pass_through(y, ly)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _x: &CudaStorage,
-        _lx: &Layout,
-        y: &CudaStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        pass_through(y, ly)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _out: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        crate::ops::mark_backward_start(x.device())?;
+    fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         let b = &self.block;
         let wrap = candle_core::Error::wrap;
         let (_, _, xh, xw) = x.dims4()?;
         let (_, _, hh, hw) = self.h.dims4()?;
-        let g = g.contiguous()?;
-        let da2 = b.conv2.input_grad((hh, hw), &g)?;
+        let da2 = b.conv2.input_grad((hh, hw), g)?;
         let dh = b.norm2.backward_silu(&self.h, &da2).map_err(wrap)?;
         let da1 = b.conv1.input_grad((xh, xw), &dh)?;
         let dx = b.norm1.backward_silu(&x.detach(), &da1).map_err(wrap)?;
-        let dx = match &b.conv_shortcut {
-            Some(c) => (dx + c.input_grad((xh, xw), &g)?)?,
-            None => (dx + g)?,
-        };
-        crate::ops::mark_on(x.device(), "backward: ResNet blocks").map_err(wrap)?;
-        Ok((Some(dx), None))
+        match &b.conv_shortcut {
+            Some(c) => dx + c.input_grad((xh, xw), g)?,
+            None => dx + g,
+        }
     }
 }
