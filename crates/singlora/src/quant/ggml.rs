@@ -118,7 +118,7 @@ impl super::QuantWeight for GgmlWeight {
         };
         let dtype = if bf16 { DType::BF16 } else { DType::F32 };
         // candle's kernel writes f32 (a fresh buffer), converted to the step's type
-        let t = self.q.dequantize(&self.q.device())?.to_dtype(dtype)?;
+        let t = super::QuantWeight::to_tensor(self, dtype, &self.q.device())?;
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cuda(s) = &*storage else {
             return Err(Error::msg("the dequantised weight is not on the GPU"));

@@ -76,16 +76,8 @@ pub fn group_norm(
     if !super::cuda_kernels_for(x) {
         return Ok(None);
     }
-    let (_, c, h, wd) = x.dims4()?;
-    if groups == 0 || c % groups != 0 || w.elem_count() != c || b.elem_count() != c {
-        return Err(crate::Error::msg(format!(
-            "group norm: {c} channels in {groups} groups with {} weights and {} biases",
-            w.elem_count(),
-            b.elem_count()
-        )));
-    }
-    let cpr = c / groups;
-    apply(x, (w, b), (cpr * h * wd, groups, cpr, h * wd), eps, silu).map(Some)
+    let op = group_op(x, (w, b), groups, eps, silu)?;
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
 /// The input gradient of [`group_norm`] at `x` for the output gradient `g`, by the fused
@@ -103,20 +95,39 @@ pub fn group_norm_backward(
     if !super::cuda_kernels_for(x) {
         return Ok(None);
     }
-    let (_, c, h, wd) = x.dims4()?;
-    if groups == 0 || c % groups != 0 || g.dims() != x.dims() {
+    if g.dims() != x.dims() {
         return Err(crate::Error::msg(format!(
-            "group norm backward: {c} channels in {groups} groups, gradient {:?} for {:?}",
+            "group norm backward: gradient {:?} for {:?}",
             g.dims(),
             x.dims()
         )));
     }
-    let cpr = c / groups;
-    let op = op_of((w, b), (cpr * h * wd, groups, cpr, h * wd), eps, silu)?;
+    let op = group_op(x, (w, b), groups, eps, silu)?;
     Ok(Some(x.contiguous()?.apply_op2_no_bwd(
         &g.contiguous()?,
         &AffineNormBackward(op),
     )?))
+}
+
+/// The GroupNorm op for `x` (b, c, h, w): the channels checked against the groups and the
+/// affine, rows of a group's (c / groups)·h·w elements.
+fn group_op(
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<AffineNorm> {
+    let (_, c, h, wd) = x.dims4()?;
+    if groups == 0 || c % groups != 0 || w.elem_count() != c || b.elem_count() != c {
+        return Err(crate::Error::msg(format!(
+            "group norm: {c} channels in {groups} groups with {} weights and {} biases",
+            w.elem_count(),
+            b.elem_count()
+        )));
+    }
+    let cpr = c / groups;
+    op_of((w, b), (cpr * h * wd, groups, cpr, h * wd), eps, silu)
 }
 
 /// LayerNorm of `x` over its last axis (d) with `w`, `b` (d): None where the fused kernels do
@@ -133,19 +144,8 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
             b.elem_count()
         )));
     }
-    apply(x, (w, b), (d, 1, d, 1), eps, false).map(Some)
-}
-
-/// The op on `x` with the affine `w`, `b` (f32 on the device) over rows of `n` elements,
-/// `groups` groups, `cpr` channels a row, `hw` elements a channel.
-fn apply(
-    x: &Tensor,
-    wb: (&Tensor, &Tensor),
-    shape: (usize, usize, usize, usize),
-    eps: f64,
-    silu: bool,
-) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(op_of(wb, shape, eps, silu)?)?)
+    let op = op_of((w, b), (d, 1, d, 1), eps, false)?;
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
 /// The op's parameters: the affine as f32, rows of `n` elements, `groups` groups, `cpr`
