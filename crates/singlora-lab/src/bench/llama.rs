@@ -122,7 +122,7 @@ pub fn run(
     fast: FastPath,
     base: &str,
 ) -> Result<LlamaBench> {
-    let mut model = model_with_base(name, shape, method, rank, device, base)?;
+    let mut model = random_model_as(name, shape, method, rank, device, base)?;
     recompute.apply(&mut model);
     model.fast = fast;
     let trainable_params = model.params().iter().map(|p| p.var.elem_count()).sum();
@@ -159,28 +159,6 @@ pub fn run(
     })
 }
 
-/// [`random_model_as`] with its decoder layers' linear weights in `base`: "bf16" (the model's
-/// type), "nf4", "q4k" (as `--base-dtype same` keeps a GGUF file's Q4_K weights) or "fp8"
-/// (CUDA only).
-pub fn model_with_base(
-    name: &str,
-    shape: LlamaShape,
-    method: Option<Method>,
-    rank: usize,
-    device: &Device,
-    base: &str,
-) -> Result<TaskModel> {
-    #[allow(unused_mut)]
-    let mut model = random_model_as(name, shape, method, rank, device, base)?;
-    if base == "fp8" {
-        #[cfg(feature = "cuda")]
-        model.body.quantize_fp8()?;
-        #[cfg(not(feature = "cuda"))]
-        return Err(singlora::Error::msg("an FP8 base needs the cuda feature"));
-    }
-    Ok(model)
-}
-
 /// Switches the LLaMA body's activation recomputation (see `Llama::recompute`).
 pub fn set_recompute(model: &mut TaskModel, on: bool) {
     if let Body::Llama(l) = &mut model.body {
@@ -208,9 +186,11 @@ pub fn random_model(
     random_model_as(name, shape, method, rank, device, "bf16")
 }
 
-/// [`random_model`], with the decoder layers' linear weights random NF4 ones when `base` is
-/// "nf4" ([`crate::shapes::random_nf4`]; never dense, so a 70B-shaped base fits one GPU) or
-/// random Q4_K ones when it is "q4k" ([`crate::shapes::random_q4k`]); dense otherwise.
+/// [`random_model`] with its decoder layers' linear weights in `base`: "bf16" (the model's
+/// type), "nf4" (random NF4 weights, [`crate::shapes::random_nf4`]; never dense, so a
+/// 70B-shaped base fits one GPU), "q4k" (random Q4_K blocks as `--base-dtype same` keeps a GGUF
+/// file's, [`crate::shapes::random_q4k`]) or "fp8" (the dense weights quantised to E4M3; CUDA
+/// only).
 pub fn random_model_as(
     name: &str,
     shape: LlamaShape,
@@ -263,6 +243,12 @@ pub fn random_model_as(
         )?;
         model.inject(&spec, &targets, RampClock::new(RampSchedule::none(), 0))?;
     }
+    if base == "fp8" {
+        #[cfg(feature = "cuda")]
+        model.body.quantize_fp8()?;
+        #[cfg(not(feature = "cuda"))]
+        return Err(singlora::Error::msg("an FP8 base needs the cuda feature"));
+    }
     Ok(model)
 }
 
@@ -304,7 +290,7 @@ pub fn kernel_profile(
     base: &str,
 ) -> Result<Vec<(&'static str, f64, usize)>> {
     use singlora::ops::prof;
-    let mut model = model_with_base(name, shape, method, rank, device, base)?;
+    let mut model = random_model_as(name, shape, method, rank, device, base)?;
     recompute.apply(&mut model);
     model.fast = fast;
     let b = random_tokens(batch, seq, shape.vocab, device)?;
