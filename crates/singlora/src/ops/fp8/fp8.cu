@@ -17,13 +17,19 @@ __device__ void amax(const T* __restrict__ x, long n, float* out) {
 
 __device__ __forceinline__ float fp8_max(int e5) { return e5 ? 57344.f : 448.f; }
 
-// q = fp8(x · fmax / amax); block 0's thread 0 writes the scale amax / fmax (1 for an all-zero x).
+// The multiplier fmax / amax that quantisation applies (1 for an all-zero x); block 0's thread 0
+// writes the scale amax / fmax that undoes it.
+__device__ __forceinline__ float quant_inv(const float* amax_p, int e5, float* scale) {
+    const float a = *amax_p, fm = fp8_max(e5);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *scale = a > 0.f ? a / fm : 1.f;
+    return a > 0.f ? fm / a : 1.f;
+}
+
+// q = fp8(x · fmax / amax), with its scale (quant_inv).
 template <typename T>
 __device__ void quant(const T* __restrict__ x, long n, const float* amax_p, int e5, uint8_t* __restrict__ q,
                       float* scale) {
-    const float a = *amax_p, fm = fp8_max(e5);
-    const float inv = a > 0.f ? fm / a : 1.f;
-    if (blockIdx.x == 0 && threadIdx.x == 0) *scale = a > 0.f ? a / fm : 1.f;
+    const float inv = quant_inv(amax_p, e5, scale);
     const __nv_fp8_interpretation_t kind = e5 ? __NV_E5M2 : __NV_E4M3;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         q[i] = (uint8_t)__nv_cvt_float_to_fp8(ld(x, i) * inv, __NV_SATFINITE, kind);
@@ -45,9 +51,7 @@ __device__ void amax_v8(const T* __restrict__ x, long n, float* out) {
 template <typename T>
 __device__ void quant_v8(const T* __restrict__ x, long n, const float* amax_p, int e5, uint8_t* __restrict__ q,
                          float* scale) {
-    const float a = *amax_p, fm = fp8_max(e5);
-    const float inv = a > 0.f ? fm / a : 1.f;
-    if (blockIdx.x == 0 && threadIdx.x == 0) *scale = a > 0.f ? a / fm : 1.f;
+    const float inv = quant_inv(amax_p, e5, scale);
     const __nv_fp8_interpretation_t kind = e5 ? __NV_E5M2 : __NV_E4M3;
     float v[8];
     for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += (long)gridDim.x * blockDim.x * 8) {
