@@ -238,6 +238,7 @@ pub fn components(batch: usize, device: &Device) -> Result<Vec<(String, f64, f64
     let ln = LayerNorm::new(ones, zeros, 1e-5);
     let w3 = rnd(&[c, c, 3, 3], 0.02)?;
     let conv = Conv2d::new(w3.clone(), Some(rnd(&[c], 0.02)?), 1, 1);
+    let gemm_only = Conv2d::new(rnd(&[c, 9 * c, 1, 1], 0.02)?, None, 1, 0);
     let down = Conv2d::new(rnd(&[c, c, 3, 3], 0.02)?, Some(rnd(&[c], 0.02)?), 2, 1);
     let w_ff = rnd(&[2 * 4 * c, c], 0.02)?;
     let w_out = rnd(&[c, 4 * c], 0.02)?;
@@ -255,6 +256,12 @@ pub fn components(batch: usize, device: &Device) -> Result<Vec<(String, f64, f64
             "conv 3x3, 320 -> 320, 64x64",
             vec![image.clone()],
             Box::new(|x| conv.forward(&x[0])),
+        ),
+        (
+            // the 3×3 convolution's GEMM alone (the same m, n, k), without its im2col
+            "conv 1x1, 2880 -> 320, 64x64 (the GEMM of the 3x3's)",
+            vec![vec![batch, 9 * c, side, side]],
+            Box::new(|x| gemm_only.forward(&x[0])),
         ),
         (
             "conv 3x3, 320 -> 320, 64x64 (candle's conv2d)",

@@ -67,6 +67,56 @@ pub(crate) fn mark_backward_start(device: &candle_core::Device) -> candle_core::
     let label = "";
     mark_on(device, label).map_err(candle_core::Error::wrap)
 }
+/// `x` itself, or, while the CUDA kernel profile records, `x` through an identity op whose
+/// backward marks `label` when `x`'s gradient is complete: the backward of candle's own ops
+/// queued since the previous mark (the ops between this point and the next mark of the
+/// forward) is filed under `label` instead of [`prof::OTHER_BACKWARD`]. Costs one copy of `x`
+/// while recording, nothing otherwise.
+pub(crate) fn probe(x: &Tensor, label: &'static str) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.track_op() && cuda::prof::on() {
+        let x = x.contiguous()?;
+        let x = match x.layout().start_offset() {
+            0 => x,
+            _ => x.copy()?,
+        };
+        return x.apply_op1(Probe(label));
+    }
+    let _ = label;
+    Ok(x.clone())
+}
+
+#[cfg(feature = "cuda")]
+struct Probe(&'static str);
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for Probe {
+    fn name(&self) -> &'static str {
+        "profile-probe"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("profile probe: CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((s.try_clone(l)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        mark_on(x.device(), self.0).map_err(candle_core::Error::wrap)?;
+        Ok(Some(g.clone()))
+    }
+}
 #[cfg(feature = "cuda")]
 pub mod fp8;
 pub mod geglu;

@@ -23,7 +23,7 @@ use super::norm::{GroupNorm, LayerNorm};
 use crate::adapter::AdaptedLinear;
 use crate::error::Result;
 use crate::linear::FrozenLinear;
-use crate::ops::mark_on;
+use crate::ops::{mark_on, probe};
 
 /// diffusers' fixed epsilons: the transformer's GroupNorm and the blocks' LayerNorms.
 const GROUP_NORM_EPS: f64 = 1e-6;
@@ -183,12 +183,15 @@ impl TransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let n = self.norm1.forward(x)?;
+        let x = probe(x, "backward: autograd, self-attention sublayers")?;
+        let n = self.norm1.forward(&x)?;
         mark_on(n.device(), "unet: layer norms, residuals")?;
         let x = (self.attn1.forward(&n, None)? + x)?;
+        let x = probe(&x, "backward: autograd, cross-attention sublayers")?;
         let n = self.norm2.forward(&x)?;
         mark_on(n.device(), "unet: layer norms, residuals")?;
         let x = (self.attn2.forward(&n, Some(ctx))? + &x)?;
+        let x = probe(&x, "backward: autograd, feed-forward sublayers")?;
         let n = self.norm3.forward(&x)?;
         mark_on(n.device(), "unet: layer norms, residuals")?;
         let gated = crate::ops::geglu::geglu(&self.ff_in.forward(&n)?)?;
@@ -273,6 +276,7 @@ impl Transformer2d {
 
     /// `x` (b, c, h, w), `ctx` (b, s, ctx_dim) → (b, c, h, w).
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let x = &probe(x, "backward: autograd, transformers' norm, proj_in, layout")?;
         let (b, c, h, w) = x.dims4()?;
         let t = self
             .norm
@@ -285,6 +289,7 @@ impl Transformer2d {
         for block in &self.blocks {
             t = block.forward(&t, ctx)?;
         }
+        let t = probe(&t, "backward: autograd, transformers' proj_out, layout, residual")?;
         let t = self.proj_out.forward(&t)?;
         let y = (t.transpose(1, 2)?.reshape((b, c, h, w))? + x)?;
         mark_on(y.device(), "unet: transformer norm, proj in/out")?;

@@ -18,7 +18,7 @@ use super::load::Loader;
 use super::resnet::ResnetBlock;
 use crate::adapter::AdaptedLinear;
 use crate::error::Result;
-use crate::ops::mark_on;
+use crate::ops::{mark_on, probe};
 
 /// Resnets, each optionally followed by a transformer.
 #[derive(Debug, Clone)]
@@ -218,12 +218,13 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .ok_or_else(|| crate::error::Error::msg("U-Net: an up block ran out of skips"))?;
-            h = Tensor::cat(&[&h, &skip], 1)?;
+            let h_in = probe(&h, "backward: autograd, skip concatenation")?;
+            h = Tensor::cat(&[&h_in, &skip], 1)?;
             mark_on(h.device(), "unet: resample")?;
             h = self.layers.step(i, &h, emb_act, ctx)?;
         }
         if let Some(u) = &self.upsample {
-            h = u.forward(&upsample2(&h)?)?;
+            h = u.forward(&upsample2(&probe(&h, "backward: autograd, upsampling")?)?)?;
             mark_on(h.device(), "unet: resample")?;
         }
         Ok(h)

@@ -24,6 +24,11 @@ pub fn enable(on: bool) {
     ON.store(on, Ordering::Relaxed);
 }
 
+/// Whether recording is on.
+pub fn on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
 /// The work queued on `dev`'s stream since the previous mark belongs to `label`.
 pub fn mark(dev: &CudaDevice, label: &'static str) -> candle_core::Result<()> {
     if !ON.load(Ordering::Relaxed) {

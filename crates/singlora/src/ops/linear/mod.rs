@@ -189,6 +189,7 @@ impl CustomOp3 for AdaptedMatmul {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        super::mark_backward_start(x.device())?;
         let g = g.contiguous()?;
         let g_u = g.matmul(u)?; // (m, r)
         let dx = if x.track_op() {
@@ -199,6 +200,8 @@ impl CustomOp3 for AdaptedMatmul {
         let d_d = (x.t()?.matmul(&g_u)? * self.c)?;
         let h = x.matmul(d)?;
         let d_u = (g.t()?.matmul(&h)? * self.c)?;
+        super::mark_on(x.device(), "backward: adapted linear layers")
+            .map_err(candle_core::Error::wrap)?;
         Ok((dx, Some(d_d), Some(d_u)))
     }
 }
@@ -283,8 +286,12 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
 
     super::cuda_fwd!(|self, x| cuda::adapted_fwd(&self.0, x, None));
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.0.w0)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        super::mark_backward_start(x.device())?;
+        let dx = g.matmul(&self.0.w0)?;
+        super::mark_on(x.device(), "backward: frozen linear layers")
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(dx))
     }
 }
 
