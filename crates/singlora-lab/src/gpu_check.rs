@@ -818,6 +818,52 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let what = format!("U-Net GEGLU fused ({dt:?})");
         both(rows, &what, (y, d), (yr, dr), bound)?;
     }
+    // the cross-attention kernels (bf16) against the composed form in f64 on the CPU: the value
+    // and the gradients of q, k and v, for each head width they are built for, a full context
+    // of 77 keys, a short one and the most they take
+    for (d, s, t, heads) in [(40, 77, 150, 2), (64, 7, 33, 3), (80, 80, 64, 2)] {
+        use singlora::diffusion::unet::attention::attend;
+        let inner = heads * d;
+        let mk = |n: usize| Tensor::randn(0f64, 1.0, (2, n, inner), &cpu);
+        let (q, k, v) = (mk(t)?, mk(s)?, mk(s)?);
+        let g = Tensor::randn(0f64, 1.0, (2, t, inner), &cpu)?;
+        let run_on = |dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
+            let vars = [&q, &k, &v]
+                .into_iter()
+                .map(|x| Ok(Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?))
+                .collect::<Result<Vec<Var>>>()?;
+            let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let y = attend(qv, kv, vv, heads, false)?;
+            let grads = (y.to_dtype(DType::F64)? * g.to_device(dev)?)?
+                .sum_all()?
+                .backward()?;
+            let mut out = vec![y];
+            for x in [qv, kv, vv] {
+                out.push(grads.get(x).context("no gradient")?.clone());
+            }
+            Ok(out)
+        };
+        let on = |x: &Tensor| x.to_dtype(DType::BF16).and_then(|x| x.to_device(device));
+        let fused =
+            singlora::ops::cross_attention::cross_attention(&on(&q)?, &on(&k)?, &on(&v)?, heads)?;
+        if fused.is_none() {
+            bail!("cross-attention: the fused kernels did not take heads of {d} with {s} keys");
+        }
+        let got = run_on(device, DType::BF16)?;
+        let want = run_on(&cpu, DType::F64)?;
+        for (part, a, b) in ["value", "dq", "dk", "dv"]
+            .into_iter()
+            .zip(&got)
+            .zip(&want)
+            .map(|((p, a), b)| (p, a, b))
+        {
+            rows.push(Row {
+                what: format!("cross-attention fused, heads of {d}, {s} keys, {t} queries (BF16) vs f64 on the CPU: {part}"),
+                err: rel_err(a, b)?,
+                bound: 2e-2,
+            });
+        }
+    }
     // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../singlora/tests/fixtures/unet-tiny");
     let dir = if dir.is_dir() {

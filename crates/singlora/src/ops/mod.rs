@@ -36,6 +36,7 @@ pub mod affine_norm;
 pub(crate) mod attention;
 pub mod conv;
 pub(crate) mod cpu_gemm;
+pub mod cross_attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 /// Timing events between the stages of the CUDA fast path's step, for the lab's kernel profile.

@@ -91,7 +91,9 @@ impl Attention {
 
 /// softmax(q·kᵀ/√d)·v per head, on q (b, t, h·d) and k, v (b, s, h·d); heads merged. On CUDA
 /// in bf16, self-attention with heads of up to 128 takes the fused kernels
-/// ([`attend_fused`]); otherwise the scores are materialised.
+/// ([`attend_fused`]), attention to a short context (up to 80 keys, heads of 40, 64 or 80) the
+/// cross-attention kernels ([`crate::ops::cross_attention`]); otherwise the scores are
+/// materialised.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
     let s = k.dim(1)?;
@@ -100,6 +102,10 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
     let half = !matches!(q.dtype(), DType::F32 | DType::F64);
     if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
         return attend_fused(q, k, v, heads);
+    }
+    // f32 arithmetic inside, as `upcast` asks
+    if let Some(y) = crate::ops::cross_attention::cross_attention(q, k, v, heads)? {
+        return Ok(y);
     }
     if t == s && q.device().is_cpu() && !half {
         // self-attention on the CPU: one op each way, no head transposes
@@ -289,7 +295,10 @@ impl Transformer2d {
         for block in &self.blocks {
             t = block.forward(&t, ctx)?;
         }
-        let t = probe(&t, "backward: autograd, transformers' proj_out, layout, residual")?;
+        let t = probe(
+            &t,
+            "backward: autograd, transformers' proj_out, layout, residual",
+        )?;
         let t = self.proj_out.forward(&t)?;
         let y = (t.transpose(1, 2)?.reshape((b, c, h, w))? + x)?;
         mark_on(y.device(), "unet: transformer norm, proj in/out")?;

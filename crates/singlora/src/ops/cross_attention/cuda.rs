@@ -1,0 +1,123 @@
+//! The cross-attention kernels' launchers (cross_attention.cu).
+
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::{CudaStorage, Layout, Shape, Tensor};
+
+use crate::ops::cuda::{args, bf16_ptr, elems_cfg, input_ptr, ptx_module, slice_ptr, Ctx, Module};
+
+const MODULE: Module = ptx_module!("cross_attention");
+
+/// Threads a block: 8 warps (XA_WARPS in the kernels).
+const THREADS: u32 = 256;
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// (b, t, inner, s): images, queries, features, keys.
+type Sizes = (usize, usize, usize, usize);
+
+/// (b, t, inner) of q and s of k, v, each checked contiguous bf16 with those sizes, and their
+/// pointers.
+fn operands(q: Arg, k: Arg, v: Arg, what: &str) -> candle_core::Result<(Sizes, [u64; 3])> {
+    let (b, t, inner) = q.1.shape().dims3()?;
+    let (_, s, _) = k.1.shape().dims3()?;
+    let mut ptrs = [0u64; 3];
+    for (i, (x, n)) in [(q, t), (k, s), (v, s)].into_iter().enumerate() {
+        let (p, bf16) = input_ptr(x.0, x.1, Some(b * n * inner), what)?;
+        if !bf16 {
+            candle_core::bail!("{what}: bf16 operands expected");
+        }
+        ptrs[i] = p;
+    }
+    Ok(((b, t, inner, s), ptrs))
+}
+
+/// A block per (rows, head, image).
+fn cfg(row_blocks: usize, heads: usize, b: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (row_blocks as u32, heads as u32, b as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(super) fn forward(
+    q: Arg,
+    k: Arg,
+    v: Arg,
+    heads: usize,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let ((b, t, inner, s), [qp, kp, vp]) = operands(q, k, v, "cross-attention")?;
+    let d = inner / heads;
+    let cx = Ctx::scalar(&q.0.device, true);
+    let (out, op) = cx.fresh(b * t * inner)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let a = args![qp, kp, vp, op, t as i32, s as i32, heads as i32, scale];
+    // SAFETY: q and the output hold b·t·inner bf16, k and v b·s·inner; s ≤ MAX_KEYS and d one
+    // of HEAD_DIMS (checked by the caller), the kernel's shared memory sized for those.
+    unsafe {
+        MODULE.launch(
+            cx.dev,
+            &format!("xattn_fwd_{d}"),
+            cfg(t.div_ceil(64), heads, b),
+            a,
+        )?
+    };
+    Ok((out, Shape::from((b, t, inner))))
+}
+
+/// [dq | dk | dv] flat (bf16) for the output gradient g and q, k, v.
+pub(super) fn backward(
+    g: Arg,
+    q: Arg,
+    (k, v): (&Tensor, &Tensor),
+    heads: usize,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (b, t, inner) = q.1.shape().dims3()?;
+    let s = k.dim(1)?;
+    let (gp, gb) = input_ptr(
+        g.0,
+        g.1,
+        Some(b * t * inner),
+        "cross-attention backward gradient",
+    )?;
+    let (qp, qb) = input_ptr(q.0, q.1, Some(b * t * inner), "cross-attention backward q")?;
+    if !(gb && qb) || k.dims() != [b, s, inner] || v.dims() != [b, s, inner] {
+        candle_core::bail!(
+            "cross-attention backward: bf16 g, q (b, t, inner), k, v (b, s, inner) expected"
+        );
+    }
+    let (kp, _) = bf16_ptr(k, "cross-attention backward k")?;
+    let (vp, _) = bf16_ptr(v, "cross-attention backward v")?;
+    let d = inner / heads;
+    let dev = &q.0.device;
+    let cx = Ctx::scalar(dev, true);
+    let (nq, nk) = (b * t * inner, b * s * inner);
+    let (out, outp) = cx.fresh(nq + 2 * nk)?;
+    let sums = dev.alloc_zeros::<f32>(2 * nk)?;
+    let sp = slice_ptr(&sums);
+    let scale = 1.0 / (d as f32).sqrt();
+    // rows a block: 32 to 128, enough blocks to fill the GPU where the rows allow
+    let want = (2 * 132usize).div_ceil(b * heads);
+    let blocks = t.div_ceil(128).max(want).min(t.div_ceil(32)).max(1);
+    let a = args![
+        qp,
+        kp,
+        vp,
+        gp,
+        outp,
+        sp,
+        sp + 4 * nk as u64,
+        t as i32,
+        s as i32,
+        heads as i32,
+        scale
+    ];
+    // SAFETY: q, g and dq hold b·t·inner bf16, k, v b·s·inner, the sums 2·b·s·inner f32; s and
+    // d as the forward's.
+    unsafe { MODULE.launch(dev, &format!("xattn_bwd_{d}"), cfg(blocks, heads, b), a)? };
+    let a = args![sp, outp + 2 * nq as u64, (2 * nk) as i64];
+    // SAFETY: the sums (2·nk f32) into dk and dv, the output's last 2·nk bf16.
+    unsafe { MODULE.launch(dev, "xattn_cast", elems_cfg(2 * nk), a)? };
+    drop(sums);
+    Ok((out, Shape::from(nq + 2 * nk)))
+}
