@@ -76,6 +76,16 @@ impl AdaptedLinear {
         self.merged.is_some()
     }
 
+    /// The dense weight where the layer computes a plain frozen linear map (no adapter, or its
+    /// adapter merged into the weight): what a hand-written backward multiplies by. None where
+    /// an adapter is active or the weight is kept quantised.
+    pub fn frozen_dense_weight(&self) -> Option<&Tensor> {
+        match (&self.adapter, &self.merged) {
+            (Some(_), None) => None,
+            _ => self.base.dense_weight(),
+        }
+    }
+
     /// (d_out, d_in).
     pub fn dims(&self) -> (usize, usize) {
         self.base.dims()

@@ -18,6 +18,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::conv::{tie, InputGradient};
 use super::load::Loader;
 use super::norm::{GroupNorm, LayerNorm};
 use crate::adapter::AdaptedLinear;
@@ -198,10 +199,44 @@ impl TransformerBlock {
         mark_on(n.device(), "unet: layer norms, residuals")?;
         let x = (self.attn2.forward(&n, Some(ctx))? + &x)?;
         let x = probe(&x, "backward: autograd, feed-forward sublayers")?;
-        let n = self.norm3.forward(&x)?;
+        let frozen = (
+            self.ff_in.frozen_dense_weight(),
+            self.ff_out.frozen_dense_weight(),
+        );
+        if let (true, (Some(w_in), Some(w_out))) = (x.track_op(), frozen) {
+            return self.feed_forward_one_op(&x, w_in, w_out);
+        }
+        let y = (self.feed_forward(&x)? + x)?;
+        mark_on(y.device(), "unet: feed-forward")?;
+        Ok(y)
+    }
+
+    /// ff.net.2(GEGLU(ff.net.0.proj(norm3(x)))).
+    fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = self.norm3.forward(x)?;
         mark_on(n.device(), "unet: layer norms, residuals")?;
         let gated = crate::ops::geglu::geglu(&self.ff_in.forward(&n)?)?;
-        let y = (self.ff_out.forward(&gated)? + x)?;
+        self.ff_out.forward(&gated)
+    }
+
+    /// x + the feed-forward, computed outside autograd and tied to `x` by one op whose backward
+    /// is written out ([`FeedForwardGrad`]), where neither of its linear layers trains (the
+    /// default: adapters on the attention): candle's autograd would record the norm, both
+    /// products, the GEGLU and the residual add, and give each a zero-filled gradient to add
+    /// into (the GEGLU's input is 8 times the block's width).
+    fn feed_forward_one_op(&self, x: &Tensor, w_in: &Tensor, w_out: &Tensor) -> Result<Tensor> {
+        let xd = x.detach();
+        let n = self.norm3.forward(&xd)?;
+        mark_on(n.device(), "unet: layer norms, residuals")?;
+        let pre = self.ff_in.forward(&n)?;
+        let y = (self.ff_out.forward(&crate::ops::geglu::geglu(&pre)?)? + &xd)?;
+        let grad = FeedForwardGrad {
+            norm: self.norm3.clone(),
+            w_in: w_in.clone(),
+            w_out: w_out.clone(),
+            pre,
+        };
+        let y = tie(x, &y, grad)?;
         mark_on(y.device(), "unet: feed-forward")?;
         Ok(y)
     }
@@ -216,6 +251,36 @@ impl TransformerBlock {
         self.attn1.linears_mut(out);
         self.attn2.linears_mut(out);
         out.extend([&mut self.ff_in, &mut self.ff_out]);
+    }
+}
+
+/// The input gradient of y = x + W_out·GEGLU(W_in·norm3(x) + b_in) + b_out, for [`tie`]:
+///
+/// dx = g + norm3ᵀ(GEGLUᵀ(g·W_out)·W_in), with normᵀ the LayerNorm's backward (its statistics
+/// recomputed from x) and GEGLUᵀ the gate's (at its input, kept from the forward).
+struct FeedForwardGrad {
+    norm: LayerNorm,
+    /// ff.net.0.proj's weight (2·inner, c) and ff.net.2's (c, inner)
+    w_in: Tensor,
+    w_out: Tensor,
+    /// The GEGLU's input (b, t, 2·inner).
+    pre: Tensor,
+}
+
+impl InputGradient for FeedForwardGrad {
+    const NAME: &'static str = "unet-feed-forward";
+    const PROFILE_LABEL: &'static str = "backward: feed-forward sublayers";
+
+    fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let wrap = candle_core::Error::wrap;
+        let (b, t, c) = g.dims3()?;
+        let m = b * t;
+        let d_gated = g.reshape((m, c))?.matmul(&self.w_out)?;
+        let pre = self.pre.reshape((m, self.w_in.dim(0)?))?;
+        let d_pre = crate::ops::geglu::geglu_backward(&pre, &d_gated).map_err(wrap)?;
+        let d_n = d_pre.matmul(&self.w_in)?.reshape((b, t, c))?;
+        let dx = self.norm.backward(&x.detach(), &d_n).map_err(wrap)?;
+        dx + g
     }
 }
 

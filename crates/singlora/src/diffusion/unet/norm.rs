@@ -110,6 +110,23 @@ impl LayerNorm {
             None => crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps),
         }
     }
+
+    /// The input gradient of [`Self::forward`] at `x` for the output gradient `g`: the fused
+    /// backward kernel on CUDA; elsewhere the forward's backward, by candle's autograd on a
+    /// graph of its own.
+    pub fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(dx) = ops::layer_norm_backward(x, g, w, b, self.eps)? {
+            return Ok(dx);
+        }
+        let v = candle_core::Var::from_tensor(&x.detach())?;
+        let y = crate::ops::layer_norm(v.as_tensor(), w, b, self.eps)?;
+        let grads = (y * g.detach())?.sum_all()?.backward()?;
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| crate::Error::msg("layer norm backward: no gradient for the input"))
+    }
 }
 
 #[cfg(test)]

@@ -148,6 +148,35 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
+/// The input gradient of [`layer_norm`] at `x` for the output gradient `g`, by the fused
+/// backward kernel: None where the fused kernels do not take `x`.
+pub fn layer_norm_backward(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if !super::cuda_kernels_for(x) {
+        return Ok(None);
+    }
+    let d = *x.dims().last().unwrap_or(&0);
+    if d == 0 || w.elem_count() != d || b.elem_count() != d || g.dims() != x.dims() {
+        return Err(crate::Error::msg(format!(
+            "layer norm backward: {:?} with gradient {:?}, {} weights and {} biases",
+            x.dims(),
+            g.dims(),
+            w.elem_count(),
+            b.elem_count()
+        )));
+    }
+    let op = op_of((w, b), (d, 1, d, 1), eps, false)?;
+    Ok(Some(x.contiguous()?.apply_op2_no_bwd(
+        &g.contiguous()?,
+        &AffineNormBackward(op),
+    )?))
+}
+
 /// The op's parameters: the affine as f32, rows of `n` elements, `groups` groups, `cpr`
 /// channels a row, `hw` elements a channel.
 fn op_of(

@@ -42,6 +42,23 @@ impl CustomOp2 for GegluBackward {
     super::cuda_fwd!(|self, h, dy| cuda::backward(h, dy));
 }
 
+/// The input gradient of [`geglu`] at `h` for the output gradient `dy`: one kernel on CUDA;
+/// elsewhere the composed form's backward, by candle's autograd on a graph of its own.
+pub fn geglu_backward(h: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if super::cuda_kernels_for(h) {
+        return Ok(h
+            .contiguous()?
+            .apply_op2_no_bwd(&dy.contiguous()?, &GegluBackward)?);
+    }
+    let v = candle_core::Var::from_tensor(&h.detach())?;
+    let y = geglu(v.as_tensor())?;
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    grads
+        .get(v.as_tensor())
+        .cloned()
+        .ok_or_else(|| crate::Error::msg("geglu backward: no gradient for the input"))
+}
+
 /// a · gelu(b) for `h` = [a | b] along its last axis.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let last = h
