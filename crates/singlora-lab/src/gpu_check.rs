@@ -666,8 +666,9 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
 
 /// The U-Net's convolution on the device (`ops::conv`: im2col and one GEMM on CUDA) against
 /// candle's convolution on the CPU in f64: each kernel size, stride and padding the U-Net and
-/// its input gradients use, odd and even sides, f32 and bf16; and the frozen convolution's
-/// input gradient (through that op) against the CPU's.
+/// its input gradients use, odd and even sides (widths that the 8-wide im2col takes and that it
+/// does not), f32 and bf16; and the frozen convolution's input gradient (through that op)
+/// against the CPU's.
 fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use candle_core::Var;
     use singlora::diffusion::unet::conv::frozen_conv2d;
@@ -686,7 +687,7 @@ fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         });
     }
     for (k, stride, padding) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (3, 1, 2), (3, 1, 0)] {
-        for (h, w) in [(8, 8), (7, 5)] {
+        for (h, w) in [(8, 8), (7, 5), (9, 16)] {
             let x = Tensor::randn(0f64, 1.0, (2, 6, h, w), &cpu)?;
             let wt = Tensor::randn(0f64, 0.3, (5, 6, k, k), &cpu)?;
             let want = x.conv2d(&wt, padding, stride, 1, 1)?;

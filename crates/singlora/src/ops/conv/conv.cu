@@ -1,29 +1,67 @@
 // im2col for a 2-D convolution on the GPU (ops/conv: the launcher and the GEMM that follows).
 // NCHW input, square kernel k, stride s, zero padding p, dilation 1:
 //   col[img][(ci·k + ky)·k + kx][oy·wo + ox] = x[img][ci][oy·s − p + ky][ox·s − p + kx]
-// (0 outside x). Each col row is one (image, channel, tap); a block row of threads walks its
-// output pixels, so writes are coalesced and reads are too at stride 1. A pure copy: bf16 is
-// moved as its 16 bits.
+// (0 outside x). Each col row is one (image, channel, tap); threads walk the col matrix in its
+// order (a grid-stride loop over all of it, so that small images keep every thread busy and
+// large ones do not need more blocks than the GPU holds), so writes are coalesced and reads are
+// too at stride 1. A pure copy: bf16 is moved as its 16 bits.
 #include "../cuda/common.cuh"
 
 template <typename T>
 __device__ void im2col(const T* x, T* col, int c, int h, int w, int k, int s, int p, int ho, int wo, int rows) {
     const int m = ho * wo;
     const int taps = k * k;
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        // r = (img·c + ci)·k·k + ky·k + kx
-        const int kx = r % k, ky = (r / k) % k;
-        const long plane = (long)(r / taps);  // img·c + ci
-        const T* src = x + plane * h * w;
-        T* dst = col + (long)r * m;
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < m; i += gridDim.x * blockDim.x) {
-            const int oy = i / wo, ox = i - oy * wo;
-            const int iy = oy * s - p + ky, ix = ox * s - p + kx;
-            T v = T(0);
-            if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = src[(long)iy * w + ix];
-            dst[i] = v;
-        }
+    const long n = (long)rows * m;
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (long)gridDim.x * blockDim.x) {
+        // r = (img·c + ci)·k·k + ky·k + kx, i the output pixel
+        const long r = idx / m;
+        const int i = (int)(idx - r * m);
+        const int kx = (int)(r % k), ky = (int)((r / k) % k);
+        const T* src = x + (r / taps) * h * w;
+        const int oy = i / wo, ox = i - oy * wo;
+        const int iy = oy * s - p + ky, ix = ox * s - p + kx;
+        T v = T(0);
+        if (iy >= 0 && iy < h && ix >= 0 && ix < w) v = src[(long)iy * w + ix];
+        col[idx] = v;
     }
+}
+
+// im2col as above at stride 1 for images whose output rows are whole groups of 8 pixels
+// (wo % 8 == 0): a thread writes 8 neighbours of one output row with one 16-byte store (the
+// column matrix's rows are 16-byte aligned: m = ho·wo is a multiple of 8) and reads the 8 inputs
+// they take.
+__device__ void im2col_s1_v8(const uint16_t* x, uint16_t* col, int c, int h, int w, int k, int p, int ho, int wo,
+                             int rows) {
+    const int groups = ho * wo / 8;
+    const int taps = k * k;
+    const long n = (long)rows * groups;
+    uint4* dst = reinterpret_cast<uint4*>(col);
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (long)gridDim.x * blockDim.x) {
+        const long r = idx / groups;
+        const int i = (int)(idx - r * groups) * 8;
+        const int kx = (int)(r % k), ky = (int)((r / k) % k);
+        const uint16_t* src = x + (r / taps) * h * w;
+        const int oy = i / wo, ox = i - oy * wo;
+        const int iy = oy - p + ky, ix = ox - p + kx;
+        uint16_t v[8];
+        const bool row_in = iy >= 0 && iy < h;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int xx = ix + j;
+            v[j] = row_in && xx >= 0 && xx < w ? src[(long)iy * w + xx] : (uint16_t)0;
+        }
+        uint4 out;
+        out.x = v[0] | ((uint32_t)v[1] << 16);
+        out.y = v[2] | ((uint32_t)v[3] << 16);
+        out.z = v[4] | ((uint32_t)v[5] << 16);
+        out.w = v[6] | ((uint32_t)v[7] << 16);
+        dst[idx] = out;
+    }
+}
+
+extern "C" __global__ void im2col_s1_v8_bf16(const uint16_t* x, uint16_t* col, int c, int h, int w, int k, int p,
+                                             int ho, int wo, int rows) {
+    im2col_s1_v8(x, col, c, h, w, k, p, ho, wo, rows);
 }
 
 // The kernel of a convolution's input gradient: w (co, ci, k, k) → (ci, co, k, k) with the taps

@@ -11,6 +11,11 @@ const MODULE: Module = ptx_module!("conv");
 /// Threads a block along a column row's pixels.
 const THREADS: u32 = 256;
 
+/// At most this many blocks (the grid-stride loop does the rest): 8 resident blocks of 256
+/// threads on each of 132 SMs, a few times over. Blocks of one element a thread each, one per
+/// col row, made the launching of blocks the kernel's cost at the U-Net's sizes.
+const MAX_BLOCKS: usize = 4096;
+
 /// y (b, c_out, h_out, w_out) = W ⋆ x for contiguous x (b, c_in, h, w) and W (c_out, c_in, k, k)
 /// of one type (bf16 or f32).
 pub(super) fn forward(
@@ -47,28 +52,54 @@ pub(super) fn forward(
     } else {
         let rows = b * kk;
         let (s, colp) = cx.fresh(rows * m)?;
-        let a = args![
-            xp,
-            colp,
-            c as i32,
-            h as i32,
-            wd as i32,
-            k as i32,
-            stride as i32,
-            padding as i32,
-            ho as i32,
-            wo as i32,
-            rows as i32
-        ];
+        // a thread writes 8 neighbours at once where it can (bf16, stride 1, output rows of
+        // whole groups of 8)
+        let v8 = bf16 && stride == 1 && wo % 8 == 0 && colp % 16 == 0;
+        let per_thread = if v8 { 8 } else { 1 };
         let cfg = grid(
             (
-                m.div_ceil(THREADS as usize).clamp(1, 1 << 12),
-                rows.min(65_535),
+                (rows * m / per_thread)
+                    .div_ceil(THREADS as usize)
+                    .clamp(1, MAX_BLOCKS),
+                1,
             ),
             THREADS,
         );
-        // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type.
-        unsafe { MODULE.launch(cx.dev, &cx.kernel("im2col", false), cfg, a)? };
+        // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type
+        // (bf16 for the 8-wide kernel, whose stores are 16-byte aligned: col's start and its
+        // rows of m = ho·wo, a multiple of 8, elements).
+        unsafe {
+            if v8 {
+                let a = args![
+                    xp,
+                    colp,
+                    c as i32,
+                    h as i32,
+                    wd as i32,
+                    k as i32,
+                    padding as i32,
+                    ho as i32,
+                    wo as i32,
+                    rows as i32
+                ];
+                MODULE.launch(cx.dev, "im2col_s1_v8_bf16", cfg, a)?
+            } else {
+                let a = args![
+                    xp,
+                    colp,
+                    c as i32,
+                    h as i32,
+                    wd as i32,
+                    k as i32,
+                    stride as i32,
+                    padding as i32,
+                    ho as i32,
+                    wo as i32,
+                    rows as i32
+                ];
+                MODULE.launch(cx.dev, &cx.kernel("im2col", false), cfg, a)?
+            }
+        };
         Some((s, colp))
     };
     let colp = col.as_ref().map_or(xp, |c| c.1);
