@@ -124,24 +124,18 @@ impl AdaptedLinear {
             .dense_weight()
             .filter(|w0| crate::ops::fused_available(&x2, w0))
         {
-            let (d, u, c) = adapter.factors()?;
             // one op: bias, base product and adapter product into one output (for DoRA the
-            // bias comes after the rescaling)
+            // bias comes after the rescaling); the factors in the input's type, a parameter
+            // that holds both (SingLoRA's A) cast once
             let dt = x2.dtype();
+            let (d, u, c) = adapter.factors_in(dt)?;
             let scale = adapter.output_scale(w0)?;
             let bias = if scale.is_some() {
                 None
             } else {
                 self.base.bias()
             };
-            let y = crate::ops::adapted_linear(
-                &x2,
-                w0,
-                bias,
-                &d.to_dtype(dt)?.contiguous()?,
-                &u.to_dtype(dt)?.contiguous()?,
-                c,
-            )?;
+            let y = crate::ops::adapted_linear(&x2, w0, bias, &d, &u, c)?;
             let y = match scale {
                 Some(sc) => {
                     let y = y.broadcast_mul(&sc.to_dtype(dt)?.unsqueeze(0)?)?;
