@@ -279,9 +279,7 @@ impl CustomOp3 for HeadsAttention {
             k: k.clone(),
             v: v.clone(),
         })?;
-        let n = b * t * w;
-        let part = |i: usize| packed.narrow(0, i * n, n)?.reshape((b, t, w));
-        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+        super::unpack_qkv(&packed, (b, t, w), (b, t, w))
     }
 }
 

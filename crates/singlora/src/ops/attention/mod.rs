@@ -98,12 +98,25 @@ impl CustomOp3 for Block {
         let packed = g
             .contiguous()?
             .apply_op2_no_bwd(&y.contiguous()?, &BlockBackward(self.clone()))?;
-        let (nq, nk) = (b * t * h * d, b * t * kvh * d);
-        let dq = packed.narrow(0, 0, nq)?.reshape((b, t, h * d))?;
-        let dk = packed.narrow(0, nq, nk)?.reshape((b, t, kvh * d))?;
-        let dv = packed.narrow(0, nq + nk, nk)?.reshape((b, t, kvh * d))?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        unpack_qkv(&packed, (b, t, h * d), (b, t, kvh * d))
     }
+}
+
+/// The gradients of an attention op's q, k and v, which its backward packs flat into one
+/// tensor [dq | dk | dv]: dq of `q_dims`, dk and dv of `kv_dims`.
+pub(crate) fn unpack_qkv(
+    packed: &Tensor,
+    q_dims: (usize, usize, usize),
+    kv_dims: (usize, usize, usize),
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (nq, nk) = (
+        q_dims.0 * q_dims.1 * q_dims.2,
+        kv_dims.0 * kv_dims.1 * kv_dims.2,
+    );
+    let dq = packed.narrow(0, 0, nq)?.reshape(q_dims)?;
+    let dk = packed.narrow(0, nq, nk)?.reshape(kv_dims)?;
+    let dv = packed.narrow(0, nq + nk, nk)?.reshape(kv_dims)?;
+    Ok((Some(dq), Some(dk), Some(dv)))
 }
 
 /// The backward as an op on the output's gradient and the output (which the fused kernels

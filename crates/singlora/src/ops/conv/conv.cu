@@ -59,8 +59,9 @@ __device__ void im2col_s1_v8(const uint16_t* x, uint16_t* col, int c, int h, int
     }
 }
 
-extern "C" __global__ void im2col_s1_v8_bf16(const uint16_t* x, uint16_t* col, int c, int h, int w, int k, int p,
-                                             int ho, int wo, int rows) {
+// (im2col's parameters; the stride is 1)
+extern "C" __global__ void im2col_s1_v8_bf16(const uint16_t* x, uint16_t* col, int c, int h, int w, int k, int s,
+                                             int p, int ho, int wo, int rows) {
     im2col_s1_v8(x, col, c, h, w, k, p, ho, wo, rows);
 }
 

@@ -65,41 +65,27 @@ pub(super) fn forward(
             ),
             THREADS,
         );
+        let a = args![
+            xp,
+            colp,
+            c as i32,
+            h as i32,
+            wd as i32,
+            k as i32,
+            stride as i32,
+            padding as i32,
+            ho as i32,
+            wo as i32,
+            rows as i32
+        ];
+        let kernel = match v8 {
+            true => "im2col_s1_v8_bf16".to_string(),
+            false => cx.kernel("im2col", false),
+        };
         // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type
         // (bf16 for the 8-wide kernel, whose stores are 16-byte aligned: col's start and its
         // rows of m = ho·wo, a multiple of 8, elements).
-        unsafe {
-            if v8 {
-                let a = args![
-                    xp,
-                    colp,
-                    c as i32,
-                    h as i32,
-                    wd as i32,
-                    k as i32,
-                    padding as i32,
-                    ho as i32,
-                    wo as i32,
-                    rows as i32
-                ];
-                MODULE.launch(cx.dev, "im2col_s1_v8_bf16", cfg, a)?
-            } else {
-                let a = args![
-                    xp,
-                    colp,
-                    c as i32,
-                    h as i32,
-                    wd as i32,
-                    k as i32,
-                    stride as i32,
-                    padding as i32,
-                    ho as i32,
-                    wo as i32,
-                    rows as i32
-                ];
-                MODULE.launch(cx.dev, &cx.kernel("im2col", false), cfg, a)?
-            }
-        };
+        unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
         Some((s, colp))
     };
     let colp = col.as_ref().map_or(xp, |c| c.1);

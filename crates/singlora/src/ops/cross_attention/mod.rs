@@ -86,13 +86,10 @@ impl CustomOp3 for CrossAttention {
             v: v.clone(),
         };
         let packed = g.contiguous()?.apply_op2_no_bwd(q, &op)?;
-        let (nq, nk) = (b * t * inner, b * s * inner);
-        let dq = packed.narrow(0, 0, nq)?.reshape((b, t, inner))?;
-        let dk = packed.narrow(0, nq, nk)?.reshape((b, s, inner))?;
-        let dv = packed.narrow(0, nq + nk, nk)?.reshape((b, s, inner))?;
+        let grads = super::attention::unpack_qkv(&packed, (b, t, inner), (b, s, inner))?;
         super::mark_on(q.device(), "backward: cross-attention")
             .map_err(candle_core::Error::wrap)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok(grads)
     }
 }
 
