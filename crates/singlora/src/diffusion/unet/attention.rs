@@ -93,8 +93,8 @@ impl Attention {
 /// softmax(q·kᵀ/√d)·v per head, on q (b, t, h·d) and k, v (b, s, h·d); heads merged. On CUDA
 /// in bf16, self-attention with heads of up to 128 takes the fused kernels
 /// ([`attend_fused`]), attention to a short context (up to 80 keys, heads of 40, 64 or 80) the
-/// cross-attention kernels ([`crate::ops::cross_attention`]); otherwise the scores are
-/// materialised.
+/// cross-attention kernels where they are in use ([`crate::ops::cross_attention::IN_USE`]);
+/// otherwise the scores are materialised.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
     let s = k.dim(1)?;
@@ -105,8 +105,10 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
         return attend_fused(q, k, v, heads);
     }
     // f32 arithmetic inside, as `upcast` asks
-    if let Some(y) = crate::ops::cross_attention::cross_attention(q, k, v, heads)? {
-        return Ok(y);
+    if crate::ops::cross_attention::IN_USE {
+        if let Some(y) = crate::ops::cross_attention::cross_attention(q, k, v, heads)? {
+            return Ok(y);
+        }
     }
     if t == s && q.device().is_cpu() && !half {
         // self-attention on the CPU: one op each way, no head transposes

@@ -13,6 +13,11 @@ use crate::error::Result;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+/// Whether the U-Net's attention (`diffusion::unet::attention::attend`) takes these kernels:
+/// not until `singlora-lab gpu-check`'s rows for them, which call [`cross_attention`] directly,
+/// have passed on a GPU.
+pub const IN_USE: bool = false;
+
 /// The most keys the kernels take.
 pub const MAX_KEYS: usize = 80;
 /// The head widths the kernels are built for.
