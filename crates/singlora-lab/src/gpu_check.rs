@@ -740,6 +740,60 @@ fn both(
     Ok(())
 }
 
+/// The cross-attention kernels (bf16) against the composed form in f64 on the CPU: the value
+/// and the gradients of q, k and v, for each head width they are built for, a full context of
+/// 77 keys, a short one and the most they take.
+fn cross_attention_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use candle_core::Var;
+    let cpu = Device::Cpu;
+    for (d, s, t, heads) in [(40, 77, 150, 2), (64, 7, 33, 3), (80, 80, 64, 2)] {
+        use singlora::diffusion::unet::attention::attend;
+        use singlora::ops::cross_attention::cross_attention;
+        let inner = heads * d;
+        let mk = |n: usize| Tensor::randn(0f64, 1.0, (2, n, inner), &cpu);
+        let (q, k, v) = (mk(t)?, mk(s)?, mk(s)?);
+        let g = Tensor::randn(0f64, 1.0, (2, t, inner), &cpu)?;
+        // the kernels on the device (called directly: they take no part in the U-Net until
+        // these rows pass), the composed form on the CPU
+        let run_on = |dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
+            let vars = [&q, &k, &v]
+                .into_iter()
+                .map(|x| Ok(Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?))
+                .collect::<Result<Vec<Var>>>()?;
+            let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let y = match dev.is_cpu() {
+                true => attend(qv, kv, vv, heads, false)?,
+                false => cross_attention(qv, kv, vv, heads)?.with_context(|| {
+                    format!("cross-attention: the kernels do not take heads of {d} with {s} keys")
+                })?,
+            };
+            let grads = (y.to_dtype(DType::F64)? * g.to_device(dev)?)?
+                .sum_all()?
+                .backward()?;
+            let mut out = vec![y];
+            for x in [qv, kv, vv] {
+                out.push(grads.get(x).context("no gradient")?.clone());
+            }
+            Ok(out)
+        };
+        let got = run_on(device, DType::BF16)?;
+        let want = run_on(&cpu, DType::F64)?;
+        for (part, a, b) in ["value", "dq", "dk", "dv"]
+            .into_iter()
+            .zip(&got)
+            .zip(&want)
+            .map(|((p, a), b)| (p, a, b))
+        {
+            rows.push(Row {
+                what: format!("cross-attention fused, heads of {d}, {s} keys, {t} queries (BF16) vs f64 on the CPU: {part}"),
+                err: rel_err(a, b)?,
+                bound: 2e-2,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The U-Net's fused norms and GEGLU against their composed forms on the CPU in f64 (values
 /// and the input gradient of sum(y ⊙ G)), and the tiny U-Net fixture on the device against diffusers' output
 /// (f32 and bf16 weights) with its input gradient against the CPU's.
@@ -818,54 +872,6 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         )?;
         let what = format!("U-Net GEGLU fused ({dt:?})");
         both(rows, &what, (y, d), (yr, dr), bound)?;
-    }
-    // the cross-attention kernels (bf16) against the composed form in f64 on the CPU: the value
-    // and the gradients of q, k and v, for each head width they are built for, a full context
-    // of 77 keys, a short one and the most they take
-    for (d, s, t, heads) in [(40, 77, 150, 2), (64, 7, 33, 3), (80, 80, 64, 2)] {
-        use singlora::diffusion::unet::attention::attend;
-        use singlora::ops::cross_attention::cross_attention;
-        let inner = heads * d;
-        let mk = |n: usize| Tensor::randn(0f64, 1.0, (2, n, inner), &cpu);
-        let (q, k, v) = (mk(t)?, mk(s)?, mk(s)?);
-        let g = Tensor::randn(0f64, 1.0, (2, t, inner), &cpu)?;
-        // the kernels on the device (called directly: they take no part in the U-Net until
-        // these rows pass), the composed form on the CPU
-        let run_on = |dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
-            let vars = [&q, &k, &v]
-                .into_iter()
-                .map(|x| Ok(Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?))
-                .collect::<Result<Vec<Var>>>()?;
-            let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor());
-            let y = match dev.is_cpu() {
-                true => attend(qv, kv, vv, heads, false)?,
-                false => cross_attention(qv, kv, vv, heads)?.with_context(|| {
-                    format!("cross-attention: the kernels do not take heads of {d} with {s} keys")
-                })?,
-            };
-            let grads = (y.to_dtype(DType::F64)? * g.to_device(dev)?)?
-                .sum_all()?
-                .backward()?;
-            let mut out = vec![y];
-            for x in [qv, kv, vv] {
-                out.push(grads.get(x).context("no gradient")?.clone());
-            }
-            Ok(out)
-        };
-        let got = run_on(device, DType::BF16)?;
-        let want = run_on(&cpu, DType::F64)?;
-        for (part, a, b) in ["value", "dq", "dk", "dv"]
-            .into_iter()
-            .zip(&got)
-            .zip(&want)
-            .map(|((p, a), b)| (p, a, b))
-        {
-            rows.push(Row {
-                what: format!("cross-attention fused, heads of {d}, {s} keys, {t} queries (BF16) vs f64 on the CPU: {part}"),
-                err: rel_err(a, b)?,
-                bound: 2e-2,
-            });
-        }
     }
     // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../singlora/tests/fixtures/unet-tiny");
@@ -1717,6 +1723,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
             ("packed rows", packed_fast_path_checks),
             ("U-Net", unet_checks),
             ("U-Net convolution", conv_checks),
+            ("cross-attention kernels", cross_attention_checks),
             ("layer checkpointing", checkpoint_checks),
         ];
         #[cfg(feature = "cuda")]
