@@ -145,6 +145,7 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             (64, 4, 1, 100),
             &[100, 71],
             true,
+            FastPath::default(),
             device,
         )?,
         fused_attention_case(
@@ -152,6 +153,18 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             (128, 2, 2, 80),
             &[80, 50],
             false,
+            FastPath::default(),
+            device,
+        )?,
+        fused_attention_case(
+            "attention block, head size 48 with flash_48 (3 heads, not causal, padded, 90 positions)",
+            (48, 3, 3, 90),
+            &[90, 61],
+            false,
+            FastPath {
+                flash_48: true,
+                ..FastPath::default()
+            },
             device,
         )?,
         {
@@ -237,6 +250,7 @@ fn fused_attention_case(
     (hd, heads, kv, t): (usize, usize, usize, usize),
     lens: &[usize],
     causal: bool,
+    fast: FastPath,
     device: &Device,
 ) -> Result<OpCase> {
     let half = hd / 2;
@@ -250,7 +264,6 @@ fn fused_attention_case(
         let q = x.narrow(2, 0, heads * hd)?;
         let k = x.narrow(2, heads * hd, kv * hd)?;
         let v = x.narrow(2, (heads + kv) * hd, kv * hd)?;
-        let fast = FastPath::default();
         singlora::ops::attention_block(&q, &k, &v, (c, s), (heads, kv), &lens, causal, &fast)
     };
     let on_dev = block.clone();

@@ -102,7 +102,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
     let lens = vec![s; b];
     let half = !matches!(q.dtype(), DType::F32 | DType::F64);
     if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
-        return attend_fused(q, k, v, heads);
+        return attend_fused(q, k, v, heads, &crate::ops::FastPath::default());
     }
     // f32 arithmetic inside, as `upcast` asks
     if crate::ops::cross_attention::IN_USE {
@@ -130,14 +130,25 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
 }
 
 /// Self-attention on CUDA in bf16 through the fused (flash) attention kernels, which take
-/// heads of 64 or 128: each head zero-padded to the next of those (zeros add nothing to q·k and
-/// give output columns that are cut off), q scaled so that the kernels' 1/√64 (or 1/√128) is
-/// the head's own 1/√d, and the rotation the kernels apply made the identity (cos 1, sin 0).
+/// heads of 64 or 128 (and 48 where [`crate::ops::FastPath::flash_48`] is on): each head
+/// zero-padded to the next of those (zeros add nothing to q·k and give output columns that are
+/// cut off), q scaled so that the kernels' 1/√(padded size) is the head's own 1/√d, and the
+/// rotation the kernels apply made the identity (cos 1, sin 0).
 /// The scores never exist in memory, forward or backward.
-fn attend_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+fn attend_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    fast: &crate::ops::FastPath,
+) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
     let d = inner / heads;
-    let hd = if d <= 64 { 64 } else { 128 };
+    let hd = match d {
+        ..=48 if fast.flash_48 => 48,
+        ..=64 => 64,
+        _ => 128,
+    };
     let pad = |x: &Tensor| -> Result<Tensor> {
         let x = x.reshape((b, t, heads, d))?;
         let x = if hd > d {
@@ -158,7 +169,7 @@ fn attend_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tens
         (heads, heads),
         &vec![t; b],
         false,
-        &crate::ops::FastPath::default(),
+        fast,
     )?;
     let y = y.reshape((b, t, heads, hd))?;
     let y = if hd > d { y.narrow(3, 0, d)? } else { y };
@@ -404,17 +415,25 @@ mod tests {
 
     /// The padded-head route to the fused kernels computes the heads' own attention: run here
     /// through the composed form the same op takes off CUDA (the kernels themselves are checked
-    /// by `singlora-lab gpu-check`), values and input gradients, for heads narrower than 64 and
-    /// between 64 and 128.
+    /// by `singlora-lab gpu-check`), values and input gradients, for heads narrower than 64
+    /// (padded to 64, and to 48 with `flash_48`) and between 64 and 128.
     #[test]
     fn padded_heads_attend_as_the_heads_do() {
         let dev = Device::Cpu;
-        for (heads, d) in [(2, 5), (3, 80)] {
+        let fast_48 = crate::ops::FastPath {
+            flash_48: true,
+            ..Default::default()
+        };
+        for (heads, d, fast) in [
+            (2, 5, Default::default()),
+            (3, 80, Default::default()),
+            (2, 40, fast_48),
+        ] {
             let (b, t) = (2, 7);
             let x = || Var::randn(0f64, 1.0, (b, t, heads * d), &dev).unwrap();
             let (q, k, v) = (x(), x(), x());
             let g = Tensor::randn(0f64, 1.0, (b, t, heads * d), &dev).unwrap();
-            let a = attend_fused(&q, &k, &v, heads).unwrap();
+            let a = attend_fused(&q, &k, &v, heads, &fast).unwrap();
             // the scores materialised: the composed path of `attend` (f64 takes it)
             let r = attend(&q, &k, &v, heads, true).unwrap();
             let err = (&a - &r).unwrap().abs().unwrap().max_all().unwrap();

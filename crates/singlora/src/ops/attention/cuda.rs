@@ -102,10 +102,11 @@ impl PackedRows {
     }
 }
 
-/// Whether the fused kernels apply: chosen, bf16, a head size they are built for, and b·h
-/// (query heads) blocks within a grid's second dimension.
+/// Whether the fused kernels apply: chosen, bf16, a head size they are built for (48 where
+/// chosen too), and b·h (query heads) blocks within a grid's second dimension.
 fn flash_applies(cx: &Ctx, d: usize, b: usize, h: usize) -> bool {
-    cx.fast.flash_attention && cx.bf16 && matches!(d, 64 | 128) && b * h <= 65535
+    let size = matches!(d, 64 | 128) || (d == 48 && cx.fast.flash_48);
+    cx.fast.flash_attention && cx.bf16 && size && b * h <= 65535
 }
 
 /// How many of a KV head's `rep` query heads one dK/dV block takes: the fast path's choice

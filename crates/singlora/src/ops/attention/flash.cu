@@ -507,3 +507,5 @@ __device__ void flash_bwd_q(const bf16* __restrict__ q, const bf16* __restrict__
 // size 128: 1, since 3 blocks of the dK/dV kernel would spill ~1.7 KB.
 INSTANTIATE_FLASH(64, 4, 3)
 INSTANTIATE_FLASH(128, 1, 1)
+// Head size 48 (the U-Net's heads of 40, padded): 64's bounds.
+INSTANTIATE_FLASH(48, 4, 3)
