@@ -68,6 +68,26 @@ pub(crate) fn mark_backward_start(device: &candle_core::Device) -> candle_core::
     let label = "";
     mark_on(device, label).map_err(candle_core::Error::wrap)
 }
+/// The gradient of `f` at `x` for the output gradient `g` (the vector–Jacobian product), by
+/// candle's autograd on a graph of its own: the reference and CPU path of the ops whose fused
+/// backward is a kernel. `what` names the op in the error.
+pub(crate) fn input_grad_by_autograd(
+    x: &Tensor,
+    g: &Tensor,
+    what: &str,
+    f: impl FnOnce(&Tensor) -> crate::error::Result<Tensor>,
+) -> crate::error::Result<Tensor> {
+    let v = candle_core::Var::from_tensor(&x.detach())?;
+    let y = f(v.as_tensor())?;
+    let grads = (y * g.detach().to_dtype(x.dtype())?)?
+        .sum_all()?
+        .backward()?;
+    grads
+        .get(v.as_tensor())
+        .cloned()
+        .ok_or_else(|| crate::Error::msg(format!("{what} backward: no gradient for the input")))
+}
+
 /// `x` itself, or, while the CUDA kernel profile records, `x` through an identity op whose
 /// backward marks `label` when `x`'s gradient is complete: the backward of candle's own ops
 /// queued since the previous mark (the ops between this point and the next mark of the

@@ -57,15 +57,9 @@ impl GroupNorm {
         if let Some(dx) = ops::group_norm_backward(x, g, w, b, self.groups, self.eps, true)? {
             return Ok(dx);
         }
-        let v = candle_core::Var::from_tensor(&x.detach())?;
-        let y = self.forward_composed(v.as_tensor())?.silu()?;
-        let grads = (y * g.detach().to_dtype(x.dtype())?)?
-            .sum_all()?
-            .backward()?;
-        grads
-            .get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| crate::Error::msg("group norm backward: no gradient for the input"))
+        crate::ops::input_grad_by_autograd(x, g, "group norm", |x| {
+            Ok(self.forward_composed(x)?.silu()?)
+        })
     }
 
     /// Composed of candle's elementary ops (the CPU's path, and the fused op's reference).
@@ -119,13 +113,9 @@ impl LayerNorm {
         if let Some(dx) = ops::layer_norm_backward(x, g, w, b, self.eps)? {
             return Ok(dx);
         }
-        let v = candle_core::Var::from_tensor(&x.detach())?;
-        let y = crate::ops::layer_norm(v.as_tensor(), w, b, self.eps)?;
-        let grads = (y * g.detach())?.sum_all()?.backward()?;
-        grads
-            .get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| crate::Error::msg("layer norm backward: no gradient for the input"))
+        crate::ops::input_grad_by_autograd(x, g, "layer norm", |x| {
+            crate::ops::layer_norm(x, w, b, self.eps)
+        })
     }
 }
 

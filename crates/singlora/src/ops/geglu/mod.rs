@@ -50,13 +50,7 @@ pub fn geglu_backward(h: &Tensor, dy: &Tensor) -> Result<Tensor> {
             .contiguous()?
             .apply_op2_no_bwd(&dy.contiguous()?, &GegluBackward)?);
     }
-    let v = candle_core::Var::from_tensor(&h.detach())?;
-    let y = geglu(v.as_tensor())?;
-    let grads = (y * dy.detach())?.sum_all()?.backward()?;
-    grads
-        .get(v.as_tensor())
-        .cloned()
-        .ok_or_else(|| crate::Error::msg("geglu backward: no gradient for the input"))
+    super::input_grad_by_autograd(h, dy, "geglu", geglu)
 }
 
 /// a · gelu(b) for `h` = [a | b] along its last axis.
