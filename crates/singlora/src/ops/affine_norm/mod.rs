@@ -95,18 +95,21 @@ pub fn group_norm_backward(
     if !super::cuda_kernels_for(x) {
         return Ok(None);
     }
+    let op = group_op(x, (w, b), groups, eps, silu)?;
+    backward_of(op, x, g, "group norm").map(Some)
+}
+
+/// The fused backward kernel of `op` at `x` for the output gradient `g` (of x's shape).
+fn backward_of(op: AffineNorm, x: &Tensor, g: &Tensor, what: &str) -> Result<Tensor> {
     if g.dims() != x.dims() {
         return Err(crate::Error::msg(format!(
-            "group norm backward: gradient {:?} for {:?}",
+            "{what} backward: gradient {:?} for {:?}",
             g.dims(),
             x.dims()
         )));
     }
-    let op = group_op(x, (w, b), groups, eps, silu)?;
-    Ok(Some(x.contiguous()?.apply_op2_no_bwd(
-        &g.contiguous()?,
-        &AffineNormBackward(op),
-    )?))
+    Ok(x.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &AffineNormBackward(op))?)
 }
 
 /// The GroupNorm op for `x` (b, c, h, w): the channels checked against the groups and the
@@ -136,6 +139,12 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
     if !super::cuda_kernels_for(x) {
         return Ok(None);
     }
+    let op = layer_op(x, (w, b), eps)?;
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+/// The LayerNorm op for `x`: its last axis checked against the affine, rows of that axis.
+fn layer_op(x: &Tensor, (w, b): (&Tensor, &Tensor), eps: f64) -> Result<AffineNorm> {
     let d = *x.dims().last().unwrap_or(&0);
     if d == 0 || w.elem_count() != d || b.elem_count() != d {
         return Err(crate::Error::msg(format!(
@@ -144,8 +153,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option
             b.elem_count()
         )));
     }
-    let op = op_of((w, b), (d, 1, d, 1), eps, false)?;
-    Ok(Some(x.contiguous()?.apply_op1(op)?))
+    op_of((w, b), (d, 1, d, 1), eps, false)
 }
 
 /// The input gradient of [`layer_norm`] at `x` for the output gradient `g`, by the fused
@@ -160,21 +168,8 @@ pub fn layer_norm_backward(
     if !super::cuda_kernels_for(x) {
         return Ok(None);
     }
-    let d = *x.dims().last().unwrap_or(&0);
-    if d == 0 || w.elem_count() != d || b.elem_count() != d || g.dims() != x.dims() {
-        return Err(crate::Error::msg(format!(
-            "layer norm backward: {:?} with gradient {:?}, {} weights and {} biases",
-            x.dims(),
-            g.dims(),
-            w.elem_count(),
-            b.elem_count()
-        )));
-    }
-    let op = op_of((w, b), (d, 1, d, 1), eps, false)?;
-    Ok(Some(x.contiguous()?.apply_op2_no_bwd(
-        &g.contiguous()?,
-        &AffineNormBackward(op),
-    )?))
+    let op = layer_op(x, (w, b), eps)?;
+    backward_of(op, x, g, "layer norm").map(Some)
 }
 
 /// The op's parameters: the affine as f32, rows of `n` elements, `groups` groups, `cpr`
