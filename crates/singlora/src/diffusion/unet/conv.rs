@@ -25,7 +25,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::Result;
@@ -139,14 +138,6 @@ pub(crate) fn tie<G: InputGradient>(
 
 struct Tied<G>(G);
 
-/// A copy of `y`, which the forward just made contiguous and whole.
-fn pass_through<S: BackendStorage>(y: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("a tied op's output is not a whole tensor");
-    }
-    Ok((y.try_clone(l)?, l.shape().clone()))
-}
-
 impl<G: InputGradient> CustomOp2 for Tied<G> {
     fn name(&self) -> &'static str {
         G::NAME
@@ -159,7 +150,7 @@ impl<G: InputGradient> CustomOp2 for Tied<G> {
         y: &CpuStorage,
         ly: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        pass_through(y, ly)
+        crate::ops::pass_through(y, ly)
     }
 
     fn cuda_fwd(
@@ -169,7 +160,7 @@ impl<G: InputGradient> CustomOp2 for Tied<G> {
         y: &CudaStorage,
         ly: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        pass_through(y, ly)
+        crate::ops::pass_through(y, ly)
     }
 
     fn bwd(
