@@ -223,8 +223,6 @@ pub struct FastPath {
     pub fp8_fast_accum: bool,
     /// CUDA: heads of 48 on the fused attention kernels too (the U-Net pads its heads of 40 to
     /// 48 instead of 64: a quarter less attention work at Stable Diffusion 1.5's first level).
-    /// Off by default until `singlora-lab gpu-check`'s row for it, which turns it on, has
-    /// passed on a GPU.
     pub flash_48: bool,
 }
 
@@ -239,7 +237,7 @@ impl Default for FastPath {
             flash_heads: None,
             vectorised: true,
             fp8_fast_accum: false,
-            flash_48: false,
+            flash_48: true,
         }
     }
 }

@@ -416,18 +416,18 @@ mod tests {
     /// The padded-head route to the fused kernels computes the heads' own attention: run here
     /// through the composed form the same op takes off CUDA (the kernels themselves are checked
     /// by `singlora-lab gpu-check`), values and input gradients, for heads narrower than 64
-    /// (padded to 64, and to 48 with `flash_48`) and between 64 and 128.
+    /// (padded to 48, and to 64 without `flash_48`) and between 64 and 128.
     #[test]
     fn padded_heads_attend_as_the_heads_do() {
         let dev = Device::Cpu;
-        let fast_48 = crate::ops::FastPath {
-            flash_48: true,
+        let no_48 = crate::ops::FastPath {
+            flash_48: false,
             ..Default::default()
         };
         for (heads, d, fast) in [
-            (2, 5, Default::default()),
+            (2, 5, no_48),
             (3, 80, Default::default()),
-            (2, 40, fast_48),
+            (2, 40, Default::default()),
         ] {
             let (b, t) = (2, 7);
             let x = || Var::randn(0f64, 1.0, (b, t, heads * d), &dev).unwrap();

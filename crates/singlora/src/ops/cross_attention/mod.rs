@@ -13,10 +13,10 @@ use crate::error::Result;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-/// Whether the U-Net's attention (`diffusion::unet::attention::attend`) takes these kernels:
-/// not until `singlora-lab gpu-check`'s rows for them, which call [`cross_attention`] directly,
-/// have passed on a GPU.
-pub const IN_USE: bool = false;
+/// Whether the U-Net's attention (`diffusion::unet::attention::attend`) takes these kernels
+/// (`singlora-lab gpu-check`'s rows for them call [`cross_attention`] directly, so they check
+/// the kernels whichever way this is set).
+pub const IN_USE: bool = true;
 
 /// The most keys the kernels take.
 pub const MAX_KEYS: usize = 80;
