@@ -925,6 +925,51 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             bound,
         });
     }
+    // SingLoRA on every attention projection, its factors moved off their init: the adapter
+    // variables' gradients (the attention sublayers as one op each) against the CPU's (f32)
+    let adapter_grads = |dt: DType, dev: &Device| -> Result<Tensor> {
+        use singlora::adapter::inject::inject;
+        use singlora::adapter::target::TargetSpec;
+        let mut unet = UNet::load(&dir, dt, dev)?;
+        let spec = AdapterSpec::new(AdapterKind::SingLora, 2, 4.0);
+        let clock = RampClock::new(RampSchedule::none(), 0);
+        let targets = TargetSpec::parse("to_q,to_k,to_v,to_out.0", None)?;
+        inject(unet.linears_mut(), &[], &spec, &targets, &clock)?;
+        let vars: Vec<Var> = unet
+            .linears()
+            .iter()
+            .filter_map(|l| l.adapter())
+            .flat_map(|a| a.params().into_iter().map(|p| p.var))
+            .collect();
+        for (i, v) in vars.iter().enumerate() {
+            let mut rng = singlora::rng::rng_for(i as u64, "gpu-check");
+            let a = singlora::rng::normal(&mut rng, 0.3, v.dims(), DType::F32, &cpu)?;
+            v.set(&a.to_device(dev)?.to_dtype(v.dtype())?)?;
+        }
+        let on = |x: &Tensor| x.to_dtype(dt).and_then(|x| x.to_device(dev));
+        let y = unet.forward(&on(&sample)?, &t.to_device(dev)?, &on(&ctx)?, None)?;
+        let grads = (y.to_dtype(DType::F32)? * gs.to_device(dev)?)?
+            .sum_all()?
+            .backward()?;
+        let flat = vars
+            .iter()
+            .map(|v| {
+                let g = grads.get(v.as_tensor()).context("no adapter gradient")?;
+                Ok(g.to_device(&cpu)?.to_dtype(DType::F32)?.flatten_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&flat, 0)?)
+    };
+    let want = adapter_grads(DType::F32, &cpu)?;
+    for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 8e-2)] {
+        rows.push(Row {
+            what: format!(
+                "tiny U-Net ({dt:?} weights), SingLoRA on q, k, v, out: adapter gradients vs the CPU's (f32)"
+            ),
+            err: rel_err(&adapter_grads(dt, device)?, &want)?,
+            bound,
+        });
+    }
     Ok(())
 }
 

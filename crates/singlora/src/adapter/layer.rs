@@ -86,6 +86,30 @@ impl AdaptedLinear {
         }
     }
 
+    /// The layer as y = x·W0ᵀ + b + c·(x·D)·Uᵀ for a backward written out by hand
+    /// ([`LowRankLinear`]), with the factors D, U in `dtype` (autograd functions of the
+    /// adapter's variables, so their gradients reach the variables). None where the layer is
+    /// not of that form on the fused ops: a quantised weight, DoRA's rescaled output, a weight
+    /// not of `dtype`.
+    pub fn as_low_rank(&self, dtype: DType) -> Result<Option<LowRankLinear>> {
+        let Some(w0) = self.base.dense_weight() else {
+            return Ok(None);
+        };
+        if w0.dtype() != dtype || !w0.is_contiguous() {
+            return Ok(None);
+        }
+        let factors = match (&self.adapter, &self.merged) {
+            (Some(a), None) if a.rescales_output() => return Ok(None),
+            (Some(a), None) => Some(a.factors_in(dtype)?),
+            _ => None,
+        };
+        Ok(Some(LowRankLinear {
+            w0: w0.clone(),
+            bias: self.base.bias().cloned(),
+            factors,
+        }))
+    }
+
     /// (d_out, d_in).
     pub fn dims(&self) -> (usize, usize) {
         self.base.dims()
@@ -188,5 +212,71 @@ impl AdaptedLinear {
     /// The base weight as f64 (for checks).
     pub fn weight_f64(&self) -> Result<Tensor> {
         Ok(self.base.weight()?.to_dtype(DType::F64)?)
+    }
+}
+
+/// dD and dU of a [`LowRankLinear`]'s adapter.
+pub type FactorGrads = (Tensor, Tensor);
+
+/// A linear layer taken apart for a backward written out by hand (from
+/// [`AdaptedLinear::as_low_rank`]): y = x·W0ᵀ + b + c·(x·D)·Uᵀ on 2-D x, the adapter term
+/// where `factors` holds (D, U, c).
+#[derive(Debug, Clone)]
+pub struct LowRankLinear {
+    pub w0: Tensor,
+    pub bias: Option<Tensor>,
+    pub factors: Option<(Tensor, Tensor, f64)>,
+}
+
+impl LowRankLinear {
+    /// y for 2-D `x`, outside autograd (the factors detached).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.factors {
+            Some((d, u, c)) => crate::ops::adapted_linear(
+                &x.detach(),
+                &self.w0,
+                self.bias.as_ref(),
+                &d.detach(),
+                &u.detach(),
+                *c,
+            )?,
+            None => {
+                let y = x.detach().matmul(&self.w0.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
+
+    /// dx (where `input_grad`) for the output gradient `g` at the input `x` (both 2-D), and
+    /// with an adapter its factors' gradients (dD, dU).
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        input_grad: bool,
+    ) -> Result<(Option<Tensor>, Option<FactorGrads>)> {
+        Ok(match &self.factors {
+            Some((d, u, c)) => {
+                let (dx, dd, du) = crate::ops::adapted_linear_grads(
+                    x,
+                    &self.w0,
+                    &d.detach(),
+                    &u.detach(),
+                    *c,
+                    g,
+                )?;
+                (input_grad.then_some(dx), Some((dd, du)))
+            }
+            None if input_grad => (Some(g.matmul(&self.w0)?), None),
+            None => (None, None),
+        })
+    }
+
+    /// The factors (D, U), where the layer has an adapter.
+    pub fn factor_tensors(&self) -> Option<(&Tensor, &Tensor)> {
+        self.factors.as_ref().map(|(d, u, _)| (d, u))
     }
 }

@@ -37,7 +37,7 @@ pub mod ramp;
 mod singlora;
 pub mod target;
 
-pub use layer::AdaptedLinear;
+pub use layer::{AdaptedLinear, LowRankLinear};
 pub use lora::LoraAdapter;
 pub use singlora::SingLoraAdapter;
 

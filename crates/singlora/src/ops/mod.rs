@@ -169,7 +169,9 @@ pub(crate) mod xent;
 
 pub use attention::{attention_block, heads_attention, masked_attention, Segments};
 pub use gelu::{gelu_erf, Activation};
-pub use linear::{adapted_linear, frozen_linear, frozen_linear_gelu, fused_available};
+pub use linear::{
+    adapted_linear, adapted_linear_grads, frozen_linear, frozen_linear_gelu, fused_available,
+};
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{rope_split, rope_tables, rope_tables_at};
 pub use softmax::{key_lens, masked_softmax};

@@ -18,10 +18,10 @@
 
 use candle_core::{DType, Tensor};
 
-use super::conv::{tie, InputGradient};
+use super::tie::{tie, tie_params, InputGradient, ParamsGradient};
 use super::load::Loader;
 use super::norm::{GroupNorm, LayerNorm};
-use crate::adapter::AdaptedLinear;
+use crate::adapter::{AdaptedLinear, LowRankLinear};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
 use crate::ops::{mark_on, probe};
@@ -74,6 +74,19 @@ impl Attention {
         let y = self.to_out.forward(&a)?;
         mark_on(y.device(), "unet: attention projections")?;
         Ok(y)
+    }
+
+    /// to_q, to_k, to_v, to_out.0 taken apart for [`attention_sublayer_one_op`], or None
+    /// where one of them cannot be (see [`AdaptedLinear::as_low_rank`]).
+    fn low_rank(&self, dtype: DType) -> Result<Option<[LowRankLinear; 4]>> {
+        let mut parts = vec![];
+        for l in [&self.to_q, &self.to_k, &self.to_v, &self.to_out] {
+            match l.as_low_rank(dtype)? {
+                Some(p) => parts.push(p),
+                None => return Ok(None),
+            }
+        }
+        Ok(parts.try_into().ok())
     }
 
     fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
@@ -204,13 +217,9 @@ impl TransformerBlock {
 
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let x = probe(x, "backward: autograd, self-attention sublayers")?;
-        let n = self.norm1.forward(&x)?;
-        mark_on(n.device(), "unet: layer norms, residuals")?;
-        let x = (self.attn1.forward(&n, None)? + x)?;
+        let x = attention_sublayer(&self.norm1, &self.attn1, &x, None)?;
         let x = probe(&x, "backward: autograd, cross-attention sublayers")?;
-        let n = self.norm2.forward(&x)?;
-        mark_on(n.device(), "unet: layer norms, residuals")?;
-        let x = (self.attn2.forward(&n, Some(ctx))? + &x)?;
+        let x = attention_sublayer(&self.norm2, &self.attn2, &x, Some(ctx))?;
         let x = probe(&x, "backward: autograd, feed-forward sublayers")?;
         let frozen = (
             self.ff_in.frozen_dense_weight(),
@@ -294,6 +303,154 @@ impl InputGradient for FeedForwardGrad {
         let d_n = d_pre.matmul(&self.w_in)?.reshape((b, t, c))?;
         let dx = self.norm.backward(&x.detach(), &d_n).map_err(wrap)?;
         dx + g
+    }
+}
+
+/// x + attn(norm(x), ctx): self-attention without `ctx`, cross-attention to it. One autograd
+/// op ([`attention_sublayer_one_op`]) where `x` takes a gradient, `ctx` does not, and every
+/// projection can be taken apart; otherwise recorded op by op.
+pub fn attention_sublayer(
+    norm: &LayerNorm,
+    attn: &Attention,
+    x: &Tensor,
+    ctx: Option<&Tensor>,
+) -> Result<Tensor> {
+    if x.track_op() && !ctx.is_some_and(|c| c.track_op()) {
+        if let Some(proj) = attn.low_rank(x.dtype())? {
+            return attention_sublayer_one_op(norm, attn, proj, x, ctx);
+        }
+    }
+    let n = norm.forward(x)?;
+    mark_on(n.device(), "unet: layer norms, residuals")?;
+    Ok((attn.forward(&n, ctx)? + x)?)
+}
+
+/// [`attention_sublayer`] computed outside autograd and tied to `x` and the adapters' factors
+/// by one op whose backward is written out ([`SublayerGrad`]): recorded op by op, the norm,
+/// the four projections, the heads' layout changes around the attention and the residual add
+/// would each give their inputs a zero-filled gradient to add into. The attention itself keeps
+/// a small graph of its own (on detached q, k, v) that the backward runs.
+fn attention_sublayer_one_op(
+    norm: &LayerNorm,
+    attn: &Attention,
+    proj: [LowRankLinear; 4],
+    x: &Tensor,
+    ctx: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let xd = x.detach();
+    let n = norm.forward(&xd)?.reshape((b * t, c))?;
+    mark_on(n.device(), "unet: layer norms, residuals")?;
+    let (kv_in, s) = match ctx {
+        Some(ctx) => {
+            let (_, s, w) = ctx.dims3()?;
+            (ctx.detach().reshape((b * s, w))?, s)
+        }
+        None => (n.clone(), t),
+    };
+    let var = |y: Tensor, rows: usize| -> Result<candle_core::Var> {
+        let w = y.dim(1)?;
+        Ok(candle_core::Var::from_tensor(&y.reshape((b, rows, w))?)?)
+    };
+    let q = var(proj[0].forward(&n)?, t)?;
+    let k = var(proj[1].forward(&kv_in)?, s)?;
+    let v = var(proj[2].forward(&kv_in)?, s)?;
+    mark_on(n.device(), "unet: attention projections")?;
+    let core = attend(q.as_tensor(), k.as_tensor(), v.as_tensor(), attn.heads, attn.upcast)?;
+    mark_on(
+        n.device(),
+        if ctx.is_some() {
+            "unet: cross-attention core"
+        } else {
+            "unet: self-attention core"
+        },
+    )?;
+    let a = core.detach().reshape((b * t, core.dim(2)?))?;
+    let y = (proj[3].forward(&a)?.reshape((b, t, c))? + &xd)?;
+    mark_on(n.device(), "unet: attention projections")?;
+    let params: Vec<Tensor> = proj
+        .iter()
+        .filter_map(|p| p.factor_tensors())
+        .flat_map(|(d, u)| [d.clone(), u.clone()])
+        .collect();
+    let grad = SublayerGrad {
+        norm: norm.clone(),
+        proj,
+        n,
+        kv_in: ctx.is_some().then_some(kv_in),
+        a,
+        qkv: [q, k, v],
+        core,
+    };
+    tie_params(x, &params, &y, grad)
+}
+
+/// The gradients of y = x + to_out(A(to_q(n), to_k(c), to_v(c))), n = norm(x), c = n (self-
+/// attention) or the context, for [`tie_params`]:
+///
+/// da = to_outᵀ(g); (dq, dk, dv) from A's graph; dn = to_qᵀ(dq) (+ to_kᵀ(dk) + to_vᵀ(dv)
+/// for self-attention); dx = g + normᵀ(dn), with linᵀ a projection's input gradient (its
+/// factors' gradients beside) and normᵀ the LayerNorm's backward (statistics recomputed).
+struct SublayerGrad {
+    norm: LayerNorm,
+    /// to_q, to_k, to_v, to_out.0
+    proj: [LowRankLinear; 4],
+    /// The norm's output (b·t, c).
+    n: Tensor,
+    /// The context (b·s, d_ctx) for cross-attention.
+    kv_in: Option<Tensor>,
+    /// The attention's output (b·t, inner).
+    a: Tensor,
+    /// q, k, v as the leaves of the attention's own graph, and its output.
+    qkv: [candle_core::Var; 3],
+    core: Tensor,
+}
+
+impl ParamsGradient for SublayerGrad {
+    const NAME: &'static str = "unet-attention-sublayer";
+    const PROFILE_LABEL: &'static str = "backward: attention sublayers";
+
+    fn grads(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let wrap = candle_core::Error::wrap;
+        let (b, t, c) = g.dims3()?;
+        let g2 = g.reshape((b * t, c))?;
+        let (da, d_out) = self.proj[3].backward(&self.a, &g2, true).map_err(wrap)?;
+        let da = da.expect("asked for").reshape(self.core.shape())?;
+        let core_grads = (&self.core * da)?.sum_all()?.backward()?;
+        let grad_of = |v: &candle_core::Var| -> candle_core::Result<Tensor> {
+            let gv = core_grads.get(v.as_tensor()).cloned();
+            let gv = gv.ok_or_else(|| candle_core::Error::Msg("attention: no gradient".into()))?;
+            let (vb, vt, vw) = gv.dims3()?;
+            gv.reshape((vb * vt, vw))
+        };
+        let (dq, dk, dv) = (
+            grad_of(&self.qkv[0])?,
+            grad_of(&self.qkv[1])?,
+            grad_of(&self.qkv[2])?,
+        );
+        let self_attention = self.kv_in.is_none();
+        let kv_in = self.kv_in.as_ref().unwrap_or(&self.n);
+        let (dn, d_q) = self.proj[0].backward(&self.n, &dq, true).map_err(wrap)?;
+        let (dn_k, d_k) = self.proj[1]
+            .backward(kv_in, &dk, self_attention)
+            .map_err(wrap)?;
+        let (dn_v, d_v) = self.proj[2]
+            .backward(kv_in, &dv, self_attention)
+            .map_err(wrap)?;
+        let mut dn = dn.expect("asked for");
+        for d in [dn_k, dn_v].into_iter().flatten() {
+            dn = (dn + d)?;
+        }
+        let dx = self
+            .norm
+            .backward(&x.detach(), &dn.reshape((b, t, c))?)
+            .map_err(wrap)?;
+        let params = [d_q, d_k, d_v, d_out]
+            .into_iter()
+            .flatten()
+            .flat_map(|(dd, du)| [dd, du])
+            .collect();
+        Ok(((dx + g)?, params))
     }
 }
 
@@ -451,4 +608,85 @@ mod tests {
             }
         }
     }
+
+    /// The attention sublayer as one op against the same sublayer recorded op by op (f64 on
+    /// the CPU): values, the input's gradient and every adapter variable's, for self- and
+    /// cross-attention, SingLoRA and LoRA on all four projections and on q and v only, and
+    /// DoRA (which takes the recorded path).
+    #[test]
+    fn one_op_sublayer_matches_the_recorded_one() {
+        use crate::adapter::inject::inject;
+        use crate::adapter::ramp::{RampClock, RampSchedule};
+        use crate::adapter::target::TargetSpec;
+        use crate::adapter::{AdapterKind, AdapterSpec};
+        let dev = Device::Cpu;
+        let (b, t, s, c, ctx_dim, heads) = (2, 6, 5, 8, 6, 2);
+        let mut seed = 0u64;
+        let mut rand = |dims: &[usize]| {
+            seed += 1;
+            let mut rng = crate::rng::rng_for(seed, "noise");
+            crate::rng::normal(&mut rng, 0.5, dims, DType::F64, &dev).unwrap()
+        };
+        let lin = |name: &str, w: Tensor, bias: Option<Tensor>| {
+            AdaptedLinear::new(name, FrozenLinear::new(w, bias))
+        };
+        for cross in [false, true] {
+            let kv_dim = if cross { ctx_dim } else { c };
+            for (kind, targets) in [
+                (AdapterKind::SingLora, "to_q,to_k,to_v,to_out.0"),
+                (AdapterKind::Lora, "to_q,to_k,to_v,to_out.0"),
+                (AdapterKind::SingLora, "to_q,to_v"),
+                (AdapterKind::Dora, "to_q,to_k,to_v,to_out.0"),
+            ] {
+                let mut attn = Attention {
+                    to_q: lin("to_q", rand(&[c, c]), None),
+                    to_k: lin("to_k", rand(&[c, kv_dim]), None),
+                    to_v: lin("to_v", rand(&[c, kv_dim]), None),
+                    to_out: lin("to_out.0", rand(&[c, c]), Some(rand(&[c]))),
+                    heads,
+                    upcast: false,
+                };
+                let norm = LayerNorm::new(rand(&[c]), rand(&[c]), 1e-5);
+                let mut spec = AdapterSpec::new(kind, 2, 4.0);
+                spec.dtype = DType::F64;
+                let clock = RampClock::new(RampSchedule::none(), 0);
+                let mut ls = vec![];
+                attn.linears_mut(&mut ls);
+                let chosen = TargetSpec::parse(targets, None).unwrap();
+                inject(ls, &[], &spec, &chosen, &clock).unwrap();
+                let mut ls = vec![];
+                attn.linears(&mut ls);
+                let vars: Vec<Var> = ls
+                    .iter()
+                    .filter_map(|l| l.adapter())
+                    .flat_map(|a| a.params().into_iter().map(|p| p.var))
+                    .collect();
+                // off the init (LoRA's B is zero), so every factor carries signal
+                for v in &vars {
+                    v.set(&(v.as_tensor() + rand(v.dims())).unwrap()).unwrap();
+                }
+                let x = Var::from_tensor(&rand(&[b, t, c])).unwrap();
+                let ctx = rand(&[b, s, ctx_dim]);
+                let ctx = cross.then_some(&ctx);
+                let g = rand(&[b, t, c]);
+                let one = attention_sublayer(&norm, &attn, &x, ctx).unwrap();
+                let n = norm.forward(&x).unwrap();
+                let rec = (attn.forward(&n, ctx).unwrap() + x.as_tensor()).unwrap();
+                let diff = |a: &Tensor, b: &Tensor| {
+                    let e = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                    e.to_scalar::<f64>().unwrap()
+                };
+                let what = format!("{kind:?} {targets:?} cross {cross}");
+                assert!(diff(&one, &rec) < 1e-12, "{what}: values");
+                let g1 = (one * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (rec * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                for v in vars.iter().chain([&x]) {
+                    let (a, r) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+                    let (a, r) = (a.expect("a gradient"), r.expect("a gradient"));
+                    assert!(diff(a, r) < 1e-10, "{what}: gradient of {:?}", v.dims());
+                }
+            }
+        }
+    }
+
 }

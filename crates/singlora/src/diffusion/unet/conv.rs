@@ -25,9 +25,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::Tensor;
 
 use crate::error::Result;
+use super::tie::{tie, InputGradient};
 use crate::ops::conv::{conv2d, flipped};
 
 #[derive(Debug, Clone)]
@@ -113,68 +114,6 @@ fn frozen_conv2d_plus(
         stride,
     };
     Ok(tie(x, &y, grad)?)
-}
-
-/// The input gradient of a computation that ran outside autograd, on a detached input: what
-/// [`tie`] gives the input in the backward.
-pub(crate) trait InputGradient: Send + Sync + 'static {
-    /// The op's name.
-    const NAME: &'static str;
-    /// What the kernel profile files the backward's time under.
-    const PROFILE_LABEL: &'static str;
-    /// The gradient of the input `x` for the output gradient `g` (contiguous).
-    fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor>;
-}
-
-/// `y`, computed from a detached `x`, tied back to `x` for autograd by one op: its forward
-/// passes `y` through (a copy), its backward gives `x` the gradient `grad` computes.
-pub(crate) fn tie<G: InputGradient>(
-    x: &Tensor,
-    y: &Tensor,
-    grad: G,
-) -> candle_core::Result<Tensor> {
-    x.apply_op2(y, Tied(grad))
-}
-
-struct Tied<G>(G);
-
-impl<G: InputGradient> CustomOp2 for Tied<G> {
-    fn name(&self) -> &'static str {
-        G::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        crate::ops::pass_through(y, ly)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _x: &CudaStorage,
-        _lx: &Layout,
-        y: &CudaStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        crate::ops::pass_through(y, ly)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _out: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        crate::ops::mark_backward_start(x.device())?;
-        let dx = self.0.input_grad(x, &g.contiguous()?)?;
-        crate::ops::mark_on(x.device(), G::PROFILE_LABEL).map_err(candle_core::Error::wrap)?;
-        Ok((Some(dx), None))
-    }
 }
 
 /// A frozen convolution's input gradient.

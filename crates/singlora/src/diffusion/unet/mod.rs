@@ -34,6 +34,7 @@ pub mod embeddings;
 pub(crate) mod load;
 pub mod norm;
 pub mod resnet;
+pub(crate) mod tie;
 
 use std::path::Path;
 

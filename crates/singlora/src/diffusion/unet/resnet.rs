@@ -8,7 +8,8 @@
 
 use candle_core::Tensor;
 
-use super::conv::{tie, Conv2d, InputGradient};
+use super::conv::Conv2d;
+use super::tie::{tie, InputGradient};
 use super::load::Loader;
 use super::norm::GroupNorm;
 use crate::error::Result;

@@ -190,9 +190,28 @@ impl CustomOp3 for AdaptedMatmul {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         super::mark_backward_start(x.device())?;
+        let (dx, d_d, d_u) = self.grads(x, d, u, g, x.track_op())?;
+        super::mark_on(x.device(), "backward: adapted linear layers")
+            .map_err(candle_core::Error::wrap)?;
+        Ok((dx, Some(d_d), Some(d_u)))
+    }
+}
+
+impl AdaptedMatmul {
+    /// dx (when `input_grad`), dD and dU of y = x·W0ᵀ + b + c·(x·D)·Uᵀ for the output
+    /// gradient `g`, all (m, ·) 2-D: dx = g·W0 + c·(g·U)·Dᵀ in one op, dD = c·xᵀ·(g·U),
+    /// dU = c·gᵀ·(x·D).
+    fn grads(
+        &self,
+        x: &Tensor,
+        d: &Tensor,
+        u: &Tensor,
+        g: &Tensor,
+        input_grad: bool,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
         let g = g.contiguous()?;
         let g_u = g.matmul(u)?; // (m, r)
-        let dx = if x.track_op() {
+        let dx = if input_grad {
             Some(g.apply_op3_no_bwd(&g_u, d, &InputGrad(self.clone()))?)
         } else {
             None
@@ -200,10 +219,29 @@ impl CustomOp3 for AdaptedMatmul {
         let d_d = (x.t()?.matmul(&g_u)? * self.c)?;
         let h = x.matmul(d)?;
         let d_u = (g.t()?.matmul(&h)? * self.c)?;
-        super::mark_on(x.device(), "backward: adapted linear layers")
-            .map_err(candle_core::Error::wrap)?;
-        Ok((dx, Some(d_d), Some(d_u)))
+        Ok((dx, d_d, d_u))
     }
+}
+
+/// The gradients of [`adapted_linear`] (bias aside) outside autograd, for a backward written
+/// out by hand: (dx, dD, dU) of y = x·W0ᵀ + c·(x·D)·Uᵀ at 2-D `x` for the output gradient
+/// `g`, through the same ops as the op's own backward.
+pub fn adapted_linear_grads(
+    x: &Tensor,
+    w0: &Tensor,
+    d: &Tensor,
+    u: &Tensor,
+    c: f64,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = AdaptedMatmul {
+        w0: w0.clone(),
+        bias: None,
+        c,
+    };
+    let (dx, d_d, d_u) = op.grads(&x.contiguous()?, d, u, g, true)?;
+    let dx = dx.ok_or_else(|| crate::Error::msg("adapted linear: no input gradient"))?;
+    Ok((dx, d_d, d_u))
 }
 
 /// dx = g·W0 + c·g_U·Dᵀ into one buffer, for the adapted linear op it holds.
