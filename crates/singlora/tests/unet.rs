@@ -96,21 +96,36 @@ fn attention_layers_are_adaptable_by_diffusers_name() {
     assert!(xl.num_params() > 90_000);
 }
 
-/// loss = mean((U(x) − target)²) with adapters on to_q, to_k, to_v and to_out.0, in f64: the
-/// autograd gradients of a spread of adapter entries against central differences.
+/// loss = mean((U(x) − target)²) with adapters on to_q, to_k, to_v and to_out.0 (and on the
+/// transformers' linear proj_in and proj_out in the SDXL-shaped U-Net), in f64: the autograd
+/// gradients of a spread of adapter entries against central differences.
 #[test]
 fn adapter_gradients_match_finite_differences() {
     let dev = Device::Cpu;
-    let io = io("unet-tiny", DType::F64);
-    for kind in [AdapterKind::Lora, AdapterKind::SingLora] {
-        let mut unet = UNet::load(&fixture("unet-tiny"), DType::F64, &dev).unwrap();
+    for (name, kind, targets, count) in [
+        ("unet-tiny", AdapterKind::Lora, "to_q,to_k,to_v,to_out.0", 4 * 8),
+        ("unet-tiny", AdapterKind::SingLora, "to_q,to_k,to_v,to_out.0", 4 * 8),
+        (
+            "unet-tiny-xl",
+            AdapterKind::SingLora,
+            "to_q,to_v,to_out.0,proj_in,proj_out",
+            0,
+        ),
+    ] {
+        let io = io(name, DType::F64);
+        let added = added(&io);
+        let mut unet = UNet::load(&fixture(name), DType::F64, &dev).unwrap();
         let mut spec = AdapterSpec::new(kind, 2, 4.0);
         spec.dtype = DType::F64;
         let clock = RampClock::new(RampSchedule::new(4), 1);
         clock.set_training(true);
-        let targets = TargetSpec::parse("to_q,to_k,to_v,to_out.0", None).unwrap();
+        let targets = TargetSpec::parse(targets, None).unwrap();
         let chosen = inject(unet.linears_mut(), &[], &spec, &targets, &clock).unwrap();
-        assert_eq!(chosen.len(), 4 * 8);
+        if count > 0 {
+            assert_eq!(chosen.len(), count);
+        } else {
+            assert!(chosen.iter().any(|n| n.ends_with("proj_out")), "{chosen:?}");
+        }
         // LoRA's B starts at zero: move every factor off its init so each path carries signal
         let vars: Vec<Var> = unet
             .linears()
@@ -132,7 +147,7 @@ fn adapter_gradients_match_finite_differences() {
             .unwrap();
         let loss = |unet: &UNet| {
             let y = unet
-                .forward(&io["sample"], &io["timesteps"], &io["context"], None)
+                .forward(&io["sample"], &io["timesteps"], &io["context"], added.as_ref())
                 .unwrap();
             (y - &target).unwrap().sqr().unwrap().mean_all().unwrap()
         };
@@ -163,12 +178,12 @@ fn adapter_gradients_match_finite_differences() {
                 worst = worst.max(err);
                 assert!(
                     err < 1e-5,
-                    "{kind:?} var {vi} entry {j}: autograd {} vs finite differences {numeric}",
+                    "{name} {kind:?} var {vi} entry {j}: autograd {} vs finite differences {numeric}",
                     analytic[j]
                 );
             }
         }
-        eprintln!("{kind:?}: worst relative gradient error {worst:.2e}");
+        eprintln!("{name} {kind:?}: worst relative gradient error {worst:.2e}");
     }
 }
 

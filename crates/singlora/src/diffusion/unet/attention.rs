@@ -368,11 +368,7 @@ fn attention_sublayer_one_op(
     let a = core.detach().reshape((b * t, core.dim(2)?))?;
     let y = (proj[3].forward(&a)?.reshape((b, t, c))? + &xd)?;
     mark_on(n.device(), "unet: attention projections")?;
-    let params: Vec<Tensor> = proj
-        .iter()
-        .filter_map(|p| p.factor_tensors())
-        .flat_map(|(d, u)| [d.clone(), u.clone()])
-        .collect();
+    let params = factor_list(&proj);
     let grad = SublayerGrad {
         norm: norm.clone(),
         proj,
@@ -477,6 +473,85 @@ impl Projection {
             Projection::Conv(c) => Ok(c.forward(x)?),
         }
     }
+
+    /// The projection taken apart for a backward written out by hand, where it can be.
+    fn low_rank(&self, dtype: DType) -> Result<Option<LowRankLinear>> {
+        match self {
+            Projection::Linear(l) => l.as_low_rank(dtype),
+            Projection::Conv(c) => Ok(c
+                .dense_weight()
+                .filter(|w| w.dtype() == dtype && w.is_contiguous())
+                .map(|w| LowRankLinear {
+                    w0: w.clone(),
+                    bias: c.bias().cloned(),
+                    factors: None,
+                })),
+        }
+    }
+}
+
+/// The factors of the projections that have adapters, D and U of each in turn: the small
+/// tensors a written-out backward hands gradients to ([`tie_params`]).
+fn factor_list<'a>(proj: impl IntoIterator<Item = &'a LowRankLinear>) -> Vec<Tensor> {
+    proj.into_iter()
+        .filter_map(|p| p.factor_tensors())
+        .flat_map(|(d, u)| [d.clone(), u.clone()])
+        .collect()
+}
+
+/// The gradients of the transformer's entry, tokens = proj_in(GroupNorm(x) as (b, h·w, c)),
+/// for [`tie_params`]: dx = GroupNormᵀ(proj_inᵀ(g) as (b, c, h, w)).
+struct EntryGrad {
+    norm: GroupNorm,
+    proj: LowRankLinear,
+    /// The projection's input (b·h·w, c).
+    tokens: Tensor,
+}
+
+impl ParamsGradient for EntryGrad {
+    const NAME: &'static str = "unet-transformer-entry";
+    const PROFILE_LABEL: &'static str = "backward: transformers' norm, proj_in, proj_out";
+
+    fn grads(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let wrap = candle_core::Error::wrap;
+        let (b, c, h, w) = x.dims4()?;
+        let c_out = g.dim(2)?;
+        let g2 = g.reshape((b * h * w, c_out))?;
+        let (dt, dp) = self.proj.backward(&self.tokens, &g2, true).map_err(wrap)?;
+        let dn = dt
+            .expect("asked for")
+            .reshape((b, h * w, c))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c, h, w))?;
+        let dx = self.norm.backward(&x.detach(), &dn).map_err(wrap)?;
+        Ok((dx, dp.into_iter().flat_map(|(d, u)| [d, u]).collect()))
+    }
+}
+
+/// The gradients of the transformer's exit before its residual add, y = proj_out(t) as
+/// (b, c, h, w), for [`tie_params`]: dt = proj_outᵀ(g as (b, h·w, c)).
+struct ExitGrad {
+    proj: LowRankLinear,
+}
+
+impl ParamsGradient for ExitGrad {
+    const NAME: &'static str = "unet-transformer-exit";
+    const PROFILE_LABEL: &'static str = "backward: transformers' norm, proj_in, proj_out";
+
+    fn grads(&self, t: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let wrap = candle_core::Error::wrap;
+        let (b, c, h, w) = g.dims4()?;
+        let g2 = g
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * h * w, c))?;
+        let t2 = t.detach().reshape((b * h * w, t.dim(2)?))?;
+        let (dt, dp) = self.proj.backward(&t2, &g2, true).map_err(wrap)?;
+        let dt = dt.expect("asked for").reshape(t.shape())?;
+        Ok((dt, dp.into_iter().flat_map(|(d, u)| [d, u]).collect()))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -518,14 +593,7 @@ impl Transformer2d {
     /// `x` (b, c, h, w), `ctx` (b, s, ctx_dim) → (b, c, h, w).
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let x = &probe(x, "backward: autograd, transformers' norm, proj_in, layout")?;
-        let (b, c, h, w) = x.dims4()?;
-        let t = self
-            .norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let mut t = self.proj_in.forward(&t)?;
+        let mut t = self.entry(x)?;
         mark_on(t.device(), "unet: transformer norm, proj in/out")?;
         for block in &self.blocks {
             t = block.forward(&t, ctx)?;
@@ -534,10 +602,59 @@ impl Transformer2d {
             &t,
             "backward: autograd, transformers' proj_out, layout, residual",
         )?;
-        let t = self.proj_out.forward(&t)?;
-        let y = (t.transpose(1, 2)?.reshape((b, c, h, w))? + x)?;
+        let y = (self.exit(&t, x.dims4()?)? + x)?;
         mark_on(y.device(), "unet: transformer norm, proj in/out")?;
         Ok(y)
+    }
+
+    /// proj_in(GroupNorm(x) as (b, h·w, c)); one autograd op where `x` takes a gradient and
+    /// proj_in can be taken apart ([`EntryGrad`]): recorded op by op, the layout change's
+    /// transpose, copy and reshapes would each give their inputs a zero-filled gradient to add
+    /// into, one of them through a transposed view.
+    fn entry(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = |x: &Tensor| -> Result<Tensor> {
+            let n = self.norm.forward(x)?.reshape((b, c, h * w))?;
+            Ok(n.transpose(1, 2)?.contiguous()?)
+        };
+        let proj = match x.track_op() {
+            true => self.proj_in.low_rank(x.dtype())?,
+            false => None,
+        };
+        let Some(proj) = proj else {
+            return self.proj_in.forward(&tokens(x)?);
+        };
+        let t = tokens(&x.detach())?.reshape((b * h * w, c))?;
+        let y = proj.forward(&t)?;
+        let y = y.reshape((b, h * w, y.dim(1)?))?;
+        let params = factor_list([&proj]);
+        let grad = EntryGrad {
+            norm: self.norm.clone(),
+            proj,
+            tokens: t,
+        };
+        tie_params(x, &params, &y, grad)
+    }
+
+    /// proj_out(t) as (b, c, h, w) for the transformer's input of `dims`; one autograd op where
+    /// `t` takes a gradient and proj_out can be taken apart ([`ExitGrad`]).
+    fn exit(&self, t: &Tensor, (b, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
+        let proj = match t.track_op() {
+            true => self.proj_out.low_rank(t.dtype())?,
+            false => None,
+        };
+        let Some(proj) = proj else {
+            let y = self.proj_out.forward(t)?;
+            return Ok(y.transpose(1, 2)?.reshape((b, c, h, w))?);
+        };
+        let y = proj.forward(&t.detach().reshape((b * h * w, t.dim(2)?))?)?;
+        let y = y
+            .reshape((b, h * w, c))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, c, h, w))?;
+        let params = factor_list([&proj]);
+        tie_params(t, &params, &y, ExitGrad { proj })
     }
 
     pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {

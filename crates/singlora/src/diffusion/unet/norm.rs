@@ -53,12 +53,22 @@ impl GroupNorm {
     /// fused backward kernel on CUDA; elsewhere the composed forward's backward, by candle's
     /// autograd on a graph of its own.
     pub fn backward_silu(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.input_grad(x, g, true)
+    }
+
+    /// The input gradient of [`Self::forward`], as [`Self::backward_silu`] computes its own.
+    pub fn backward(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.input_grad(x, g, false)
+    }
+
+    fn input_grad(&self, x: &Tensor, g: &Tensor, silu: bool) -> Result<Tensor> {
         let (w, b) = (&self.weight, &self.bias);
-        if let Some(dx) = ops::group_norm_backward(x, g, w, b, self.groups, self.eps, true)? {
+        if let Some(dx) = ops::group_norm_backward(x, g, w, b, self.groups, self.eps, silu)? {
             return Ok(dx);
         }
         crate::ops::input_grad_by_autograd(x, g, "group norm", |x| {
-            Ok(self.forward_composed(x)?.silu()?)
+            let y = self.forward_composed(x)?;
+            Ok(if silu { y.silu()? } else { y })
         })
     }
 
