@@ -582,10 +582,15 @@ pub struct UNetArgs {
     /// them.
     #[arg(long)]
     profile: bool,
+    /// Run the transformers' attention sublayers, entries and exits as one autograd op each
+    /// (off by default in the library).
+    #[arg(long)]
+    one_op: bool,
 }
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
+    singlora::diffusion::unet::attention::set_one_op_sublayers(a.one_op);
     if a.profile {
         for &b in &a.batch {
             for (name, fwd, both) in singlora_lab::bench::unet::components(b, &device)? {

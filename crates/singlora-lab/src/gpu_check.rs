@@ -926,7 +926,8 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         });
     }
     // SingLoRA on every attention projection, its factors moved off their init: the adapter
-    // variables' gradients (the attention sublayers as one op each) against the CPU's (f32)
+    // variables' gradients against the CPU's (f32, sublayers recorded), with the transformers'
+    // sublayers recorded op by op and as one op each
     let adapter_grads = |dt: DType, dev: &Device| -> Result<Tensor> {
         use singlora::adapter::inject::inject;
         use singlora::adapter::target::TargetSpec;
@@ -961,15 +962,20 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         Ok(Tensor::cat(&flat, 0)?)
     };
     let want = adapter_grads(DType::F32, &cpu)?;
-    for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 8e-2)] {
-        rows.push(Row {
-            what: format!(
-                "tiny U-Net ({dt:?} weights), SingLoRA on q, k, v, out: adapter gradients vs the CPU's (f32)"
-            ),
-            err: rel_err(&adapter_grads(dt, device)?, &want)?,
-            bound,
-        });
+    for one_op in [false, true] {
+        singlora::diffusion::unet::attention::set_one_op_sublayers(one_op);
+        let how = if one_op { "one op" } else { "recorded" };
+        for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 8e-2)] {
+            rows.push(Row {
+                what: format!(
+                    "tiny U-Net ({dt:?} weights), SingLoRA on q, k, v, out, sublayers {how}: adapter gradients vs the CPU's (f32)"
+                ),
+                err: rel_err(&adapter_grads(dt, device)?, &want)?,
+                bound,
+            });
+        }
     }
+    singlora::diffusion::unet::attention::set_one_op_sublayers(false);
     Ok(())
 }
 

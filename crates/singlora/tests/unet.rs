@@ -98,9 +98,18 @@ fn attention_layers_are_adaptable_by_diffusers_name() {
 
 /// loss = mean((U(x) − target)²) with adapters on to_q, to_k, to_v and to_out.0 (and on the
 /// transformers' linear proj_in and proj_out in the SDXL-shaped U-Net), in f64: the autograd
-/// gradients of a spread of adapter entries against central differences.
+/// gradients of a spread of adapter entries against central differences, with the
+/// transformers' sublayers recorded op by op and as one op each.
 #[test]
 fn adapter_gradients_match_finite_differences() {
+    for one_op in [false, true] {
+        // the switch is process-wide; both settings compute the same values
+        singlora::diffusion::unet::attention::set_one_op_sublayers(one_op);
+        adapter_gradients_against_finite_differences(one_op);
+    }
+}
+
+fn adapter_gradients_against_finite_differences(one_op: bool) {
     let dev = Device::Cpu;
     for (name, kind, targets, count) in [
         ("unet-tiny", AdapterKind::Lora, "to_q,to_k,to_v,to_out.0", 4 * 8),
@@ -178,12 +187,12 @@ fn adapter_gradients_match_finite_differences() {
                 worst = worst.max(err);
                 assert!(
                     err < 1e-5,
-                    "{name} {kind:?} var {vi} entry {j}: autograd {} vs finite differences {numeric}",
+                    "{name} {kind:?} (one op {one_op}) var {vi} entry {j}: autograd {} vs finite differences {numeric}",
                     analytic[j]
                 );
             }
         }
-        eprintln!("{name} {kind:?}: worst relative gradient error {worst:.2e}");
+        eprintln!("{name} {kind:?} (one op {one_op}): worst relative gradient error {worst:.2e}");
     }
 }
 

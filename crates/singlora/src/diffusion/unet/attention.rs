@@ -16,6 +16,8 @@
 //! v = to_v(ctx), no biases on q, k, v. Every one of these linear layers is an
 //! [`AdaptedLinear`]; with `upcast_attention` the scores and softmax are f32.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Tensor};
 
 use super::tie::{tie, tie_params, InputGradient, ParamsGradient};
@@ -306,16 +308,33 @@ impl InputGradient for FeedForwardGrad {
     }
 }
 
+/// Whether the transformers' attention sublayers, entries and exits run as one autograd op
+/// each ([`attention_sublayer_one_op`], [`EntryGrad`], [`ExitGrad`]) instead of op by op. Off
+/// by default: on an H100 the SD 1.5-shaped training step is slower with them (the attention
+/// inside a sublayer op still runs on a small recorded graph of its own, and each op copies its
+/// output once), see docs/benchmarks.md; `singlora-lab bench-unet --one-op` times them.
+static ONE_OP_SUBLAYERS: AtomicBool = AtomicBool::new(false);
+
+/// Switches [`ONE_OP_SUBLAYERS`] for this process.
+pub fn set_one_op_sublayers(on: bool) {
+    ONE_OP_SUBLAYERS.store(on, Ordering::Relaxed);
+}
+
+fn one_op_sublayers() -> bool {
+    ONE_OP_SUBLAYERS.load(Ordering::Relaxed)
+}
+
 /// x + attn(norm(x), ctx): self-attention without `ctx`, cross-attention to it. One autograd
-/// op ([`attention_sublayer_one_op`]) where `x` takes a gradient, `ctx` does not, and every
-/// projection can be taken apart; otherwise recorded op by op.
+/// op ([`attention_sublayer_one_op`]) where that is switched on ([`set_one_op_sublayers`]),
+/// `x` takes a gradient, `ctx` does not, and every projection can be taken apart; otherwise
+/// recorded op by op.
 pub fn attention_sublayer(
     norm: &LayerNorm,
     attn: &Attention,
     x: &Tensor,
     ctx: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if x.track_op() && !ctx.is_some_and(|c| c.track_op()) {
+    if one_op_sublayers() && x.track_op() && !ctx.is_some_and(|c| c.track_op()) {
         if let Some(proj) = attn.low_rank(x.dtype())? {
             return attention_sublayer_one_op(norm, attn, proj, x, ctx);
         }
@@ -607,8 +626,9 @@ impl Transformer2d {
         Ok(y)
     }
 
-    /// proj_in(GroupNorm(x) as (b, h·w, c)); one autograd op where `x` takes a gradient and
-    /// proj_in can be taken apart ([`EntryGrad`]): recorded op by op, the layout change's
+    /// proj_in(GroupNorm(x) as (b, h·w, c)); one autograd op where that is switched on
+    /// ([`set_one_op_sublayers`]), `x` takes a gradient and proj_in can be taken apart
+    /// ([`EntryGrad`]): recorded op by op, the layout change's
     /// transpose, copy and reshapes would each give their inputs a zero-filled gradient to add
     /// into, one of them through a transposed view.
     fn entry(&self, x: &Tensor) -> Result<Tensor> {
@@ -617,7 +637,7 @@ impl Transformer2d {
             let n = self.norm.forward(x)?.reshape((b, c, h * w))?;
             Ok(n.transpose(1, 2)?.contiguous()?)
         };
-        let proj = match x.track_op() {
+        let proj = match one_op_sublayers() && x.track_op() {
             true => self.proj_in.low_rank(x.dtype())?,
             false => None,
         };
@@ -637,9 +657,9 @@ impl Transformer2d {
     }
 
     /// proj_out(t) as (b, c, h, w) for the transformer's input of `dims`; one autograd op where
-    /// `t` takes a gradient and proj_out can be taken apart ([`ExitGrad`]).
+    /// that is switched on, `t` takes a gradient and proj_out can be taken apart ([`ExitGrad`]).
     fn exit(&self, t: &Tensor, (b, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
-        let proj = match t.track_op() {
+        let proj = match one_op_sublayers() && t.track_op() {
             true => self.proj_out.low_rank(t.dtype())?,
             false => None,
         };
@@ -728,8 +748,8 @@ mod tests {
 
     /// The attention sublayer as one op against the same sublayer recorded op by op (f64 on
     /// the CPU): values, the input's gradient and every adapter variable's, for self- and
-    /// cross-attention, SingLoRA and LoRA on all four projections and on q and v only, and
-    /// DoRA (which takes the recorded path).
+    /// cross-attention, SingLoRA and LoRA on all four projections and on q and v only; DoRA
+    /// cannot be taken apart.
     #[test]
     fn one_op_sublayer_matches_the_recorded_one() {
         use crate::adapter::inject::inject;
@@ -786,7 +806,13 @@ mod tests {
                 let ctx = rand(&[b, s, ctx_dim]);
                 let ctx = cross.then_some(&ctx);
                 let g = rand(&[b, t, c]);
-                let one = attention_sublayer(&norm, &attn, &x, ctx).unwrap();
+                let Some(parts) = attn.low_rank(DType::F64).unwrap() else {
+                    // DoRA's rescaled output is not of the one op's form
+                    assert_eq!(kind, AdapterKind::Dora);
+                    continue;
+                };
+                assert_ne!(kind, AdapterKind::Dora);
+                let one = attention_sublayer_one_op(&norm, &attn, parts, &x, ctx).unwrap();
                 let n = norm.forward(&x).unwrap();
                 let rec = (attn.forward(&n, ctx).unwrap() + x.as_tensor()).unwrap();
                 let diff = |a: &Tensor, b: &Tensor| {
