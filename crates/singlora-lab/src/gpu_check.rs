@@ -753,6 +753,108 @@ fn both(
     Ok(())
 }
 
+/// One U-Net attention sublayer, x + attn(LayerNorm(x), ctx), at Stable Diffusion's head widths
+/// and SingLoRA on its four projections: as one op on the device (bf16, the fused kernels
+/// inside) against the sublayer recorded op by op in f64 on the CPU; the value, the input's
+/// gradient and the adapters' gradients.
+fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use candle_core::Var;
+    use singlora::adapter::inject::inject;
+    use singlora::adapter::target::TargetSpec;
+    use singlora::diffusion::unet::attention::{attention_sublayer, set_one_op_sublayers, Attention};
+    use singlora::diffusion::unet::norm::LayerNorm;
+    let cpu = Device::Cpu;
+    let (b, t, ctx_dim) = (2, 64, 48);
+    for (what, c, heads, ctx_len) in [
+        ("self-attention, heads of 40", 80, 2, None),
+        ("self-attention, heads of 80", 160, 2, None),
+        ("cross-attention to 77 keys, heads of 40", 80, 2, Some(77)),
+    ] {
+        let kv_dim = if ctx_len.is_some() { ctx_dim } else { c };
+        let mut seed = 0u64;
+        let mut rand = |dims: &[usize], std: f64| -> Result<Tensor> {
+            seed += 1;
+            let mut rng = singlora::rng::rng_for(seed, "gpu-check sublayer");
+            Ok(singlora::rng::normal(&mut rng, std, dims, DType::F64, &cpu)?)
+        };
+        let ws = [
+            rand(&[c, c], 0.1)?,
+            rand(&[c, kv_dim], 0.1)?,
+            rand(&[c, kv_dim], 0.1)?,
+            rand(&[c, c], 0.1)?,
+        ];
+        let bias = rand(&[c], 0.1)?;
+        let (ln_w, ln_b) = ((rand(&[c], 0.2)? + 1.0)?, rand(&[c], 0.2)?);
+        let x = rand(&[b, t, c], 1.0)?;
+        let ctx = rand(&[b, ctx_len.unwrap_or(1), ctx_dim], 1.0)?;
+        let g = rand(&[b, t, c], 1.0)?;
+        let params: Vec<Tensor> = (0..4)
+            .map(|_| rand(&[c.max(kv_dim), 8], 0.05))
+            .collect::<Result<_>>()?;
+        // value, input gradient and the adapters' gradients (concatenated) in `dt` on `dev`
+        let run = |dt: DType, dev: &Device, one_op: bool| -> Result<(Tensor, Tensor, Tensor)> {
+            let on = |t: &Tensor| t.to_dtype(dt).and_then(|t| t.to_device(dev));
+            let names = ["to_q", "to_k", "to_v", "to_out.0"];
+            let lins = [0, 1, 2, 3].map(|i| {
+                let bias = (i == 3).then(|| on(&bias)).transpose();
+                on(&ws[i]).and_then(|w| Ok(AdaptedLinear::new(names[i], FrozenLinear::new(w, bias?))))
+            });
+            let [q, k, v, o] = lins;
+            let mut attn = Attention::new([q?, k?, v?, o?], heads, false);
+            let mut spec = AdapterSpec::new(AdapterKind::SingLora, 8, 8.0);
+            if dt == DType::F64 {
+                spec.dtype = DType::F64;
+            }
+            let clock = RampClock::new(RampSchedule::none(), 0);
+            let mut ls = vec![];
+            attn.linears_mut(&mut ls);
+            let targets = TargetSpec::parse("to_q,to_k,to_v,to_out.0", None)?;
+            inject(ls, &[], &spec, &targets, &clock)?;
+            let mut ls = vec![];
+            attn.linears(&mut ls);
+            let vars: Vec<Var> = ls
+                .iter()
+                .filter_map(|l| l.adapter())
+                .flat_map(|a| a.params().into_iter().map(|p| p.var))
+                .collect();
+            for (v, p) in vars.iter().zip(&params) {
+                let p = p.narrow(0, 0, v.dim(0)?)?;
+                v.set(&p.to_dtype(v.dtype())?.to_device(dev)?)?;
+            }
+            let norm = LayerNorm::new(on(&ln_w)?, on(&ln_b)?, 1e-5);
+            let xv = Var::from_tensor(&on(&x)?)?;
+            let ctx = on(&ctx)?;
+            set_one_op_sublayers(one_op);
+            let y = attention_sublayer(&norm, &attn, &xv, ctx_len.map(|_| &ctx));
+            set_one_op_sublayers(false);
+            let y = y?;
+            let gt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+            let grads = (y.to_dtype(gt)? * g.to_dtype(gt)?.to_device(dev)?)?
+                .sum_all()?
+                .backward()?;
+            let dx = grads.get(xv.as_tensor()).context("no input gradient")?.clone();
+            let dp = vars
+                .iter()
+                .map(|v| {
+                    let d = grads.get(v.as_tensor()).context("no adapter gradient")?;
+                    Ok(d.to_device(&cpu)?.to_dtype(DType::F64)?.flatten_all()?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((y, dx, Tensor::cat(&dp, 0)?))
+        };
+        let (yr, dr, pr) = run(DType::F64, &cpu, false)?;
+        let (y, d, p) = run(DType::BF16, device, true)?;
+        let what = format!("U-Net attention sublayer as one op, {what} (BF16)");
+        both(rows, &what, (y, d), (yr, dr), 3e-2)?;
+        rows.push(Row {
+            what: format!("{what} vs f64 on the CPU: adapter gradients"),
+            err: rel_err(&p, &pr)?,
+            bound: 3e-2,
+        });
+    }
+    Ok(())
+}
+
 /// The cross-attention kernels (bf16) against the composed form in f64 on the CPU: the value
 /// and the gradients of q, k and v, for each head width they are built for, a full context of
 /// 77 keys, a short one and the most they take.
@@ -1788,6 +1890,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
             ("U-Net", unet_checks),
             ("U-Net convolution", conv_checks),
             ("cross-attention kernels", cross_attention_checks),
+            ("U-Net attention sublayer", attention_sublayer_checks),
             ("layer checkpointing", checkpoint_checks),
         ];
         #[cfg(feature = "cuda")]

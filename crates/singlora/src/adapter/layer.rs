@@ -240,6 +240,9 @@ impl LowRankLinear {
                 &u.detach(),
                 *c,
             )?,
+            None if crate::ops::fused_available(x, &self.w0) => {
+                crate::ops::frozen_linear(&x.detach(), &self.w0, self.bias.as_ref())?
+            }
             None => {
                 let y = x.detach().matmul(&self.w0.t()?)?;
                 match &self.bias {

@@ -43,6 +43,23 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Attention of `heads` heads through these projections (to_q, to_k, to_v: no bias); with
+    /// `upcast` the scores and softmax in f32.
+    pub fn new(
+        [to_q, to_k, to_v, to_out]: [AdaptedLinear; 4],
+        heads: usize,
+        upcast: bool,
+    ) -> Self {
+        Self {
+            to_q,
+            to_k,
+            to_v,
+            to_out,
+            heads,
+            upcast,
+        }
+    }
+
     /// Keys and values from `kv_dim`-wide inputs: the block's own (self-attention) or the
     /// context's (cross-attention).
     fn load(ld: &mut Loader, p: &str, s: &TransformerShape, kv_dim: usize) -> Result<Self> {
@@ -91,11 +108,13 @@ impl Attention {
         Ok(parts.try_into().ok())
     }
 
-    fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
+    /// to_q, to_k, to_v, to_out.0.
+    pub fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
         out.extend([&self.to_q, &self.to_k, &self.to_v, &self.to_out]);
     }
 
-    fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
+    /// to_q, to_k, to_v, to_out.0, to put adapters on.
+    pub fn linears_mut<'a>(&'a mut self, out: &mut Vec<&'a mut AdaptedLinear>) {
         out.extend([
             &mut self.to_q,
             &mut self.to_k,
@@ -158,37 +177,171 @@ fn attend_fused(
     fast: &crate::ops::FastPath,
 ) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
-    let d = inner / heads;
-    let hd = match d {
-        ..=48 if fast.flash_48 => 48,
-        ..=64 => 64,
-        _ => 128,
-    };
-    let pad = |x: &Tensor| -> Result<Tensor> {
-        let x = x.reshape((b, t, heads, d))?;
-        let x = if hd > d {
-            x.pad_with_zeros(3, 0, hd - d)?
-        } else {
-            x
-        };
-        Ok(x.reshape((b, t, heads * hd))?)
-    };
-    let qs = (q * (hd as f64 / d as f64).sqrt())?;
-    let cos = Tensor::ones((t, hd), DType::F32, q.device())?;
-    let sin = Tensor::zeros((t, hd), DType::F32, q.device())?;
+    let heads_of = PaddedHeads::new(heads, inner / heads, fast);
+    let qs = (q * heads_of.q_scale())?;
+    let (cos, sin) = heads_of.identity_rotation(t, q.device())?;
     let y = crate::ops::attention_block(
-        &pad(&qs)?,
-        &pad(k)?,
-        &pad(v)?,
+        &heads_of.pad(&qs)?,
+        &heads_of.pad(k)?,
+        &heads_of.pad(v)?,
         (&cos, &sin),
         (heads, heads),
         &vec![t; b],
         false,
         fast,
     )?;
-    let y = y.reshape((b, t, heads, hd))?;
-    let y = if hd > d { y.narrow(3, 0, d)? } else { y };
-    Ok(y.contiguous()?.reshape((b, t, inner))?)
+    heads_of.unpad(&y)
+}
+
+/// Heads of `d` zero-padded to the fused kernels' size `hd` (48 with `flash_48`, 64 or 128).
+#[derive(Debug, Clone, Copy)]
+struct PaddedHeads {
+    heads: usize,
+    d: usize,
+    hd: usize,
+}
+
+impl PaddedHeads {
+    fn new(heads: usize, d: usize, fast: &crate::ops::FastPath) -> Self {
+        let hd = match d {
+            ..=48 if fast.flash_48 => 48,
+            ..=64 => 64,
+            _ => 128,
+        };
+        Self { heads, d, hd }
+    }
+
+    /// What q is multiplied by so that the kernels' 1/√hd is the head's own 1/√d.
+    fn q_scale(&self) -> f64 {
+        (self.hd as f64 / self.d as f64).sqrt()
+    }
+
+    /// RoPE tables that rotate nothing (cos 1, sin 0), (t, hd).
+    fn identity_rotation(&self, t: usize, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::ones((t, self.hd), DType::F32, dev)?,
+            Tensor::zeros((t, self.hd), DType::F32, dev)?,
+        ))
+    }
+
+    /// (b, t, heads·d) → (b, t, heads·hd), each head's columns past d zero.
+    fn pad(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let x = x.reshape((b, t, self.heads, self.d))?;
+        let x = match self.hd > self.d {
+            true => x.pad_with_zeros(3, 0, self.hd - self.d)?,
+            false => x,
+        };
+        Ok(x.reshape((b, t, self.heads * self.hd))?)
+    }
+
+    /// (b, t, heads·hd) → (b, t, heads·d): each head's first d columns.
+    fn unpad(&self, y: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = y.dims3()?;
+        let y = y.reshape((b, t, self.heads, self.hd))?;
+        let y = match self.hd > self.d {
+            true => y.narrow(3, 0, self.d)?,
+            false => y,
+        };
+        Ok(y.contiguous()?.reshape((b, t, self.heads * self.d))?)
+    }
+}
+
+/// The attention inside a sublayer op ([`attention_sublayer_one_op`]), kept for its backward:
+/// on the fused kernels (self-attention on padded heads, cross-attention to a short context)
+/// their own forward and backward outside autograd; otherwise a small recorded graph on the
+/// leaves q, k, v, run backward from the output's gradient.
+enum KeptAttention {
+    SelfFused {
+        run: crate::ops::attention::FusedAttention,
+        heads: PaddedHeads,
+    },
+    Cross {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        heads: usize,
+    },
+    Graph {
+        qkv: [candle_core::Var; 3],
+        out: Tensor,
+    },
+}
+
+impl KeptAttention {
+    /// softmax(q·kᵀ/√d)·v per head as [`attend`] computes it, on detached q, k, v.
+    fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<(Tensor, Self)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (b, t, inner) = q.dims3()?;
+        let s = k.dim(1)?;
+        let d = inner / heads;
+        let fast = crate::ops::FastPath::default();
+        if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
+            let heads_of = PaddedHeads::new(heads, d, &fast);
+            let (cos, sin) = heads_of.identity_rotation(t, q.device())?;
+            let run = crate::ops::attention::FusedAttention::forward(
+                &heads_of.pad(&(&q * heads_of.q_scale())?)?,
+                &heads_of.pad(&k)?,
+                &heads_of.pad(&v)?,
+                (&cos, &sin),
+                (heads, heads),
+                &vec![t; b],
+                false,
+                &fast,
+            )?;
+            if let Some(run) = run {
+                let y = heads_of.unpad(run.output())?;
+                let kept = KeptAttention::SelfFused {
+                    run,
+                    heads: heads_of,
+                };
+                return Ok((y, kept));
+            }
+        }
+        if crate::ops::cross_attention::IN_USE {
+            if let Some(y) = crate::ops::cross_attention::cross_attention(&q, &k, &v, heads)? {
+                return Ok((y, KeptAttention::Cross { q, k, v, heads }));
+            }
+        }
+        let qkv = [
+            candle_core::Var::from_tensor(&q)?,
+            candle_core::Var::from_tensor(&k)?,
+            candle_core::Var::from_tensor(&v)?,
+        ];
+        let out = attend(qkv[0].as_tensor(), qkv[1].as_tensor(), qkv[2].as_tensor(), heads, upcast)?;
+        Ok((out.detach(), KeptAttention::Graph { qkv, out }))
+    }
+
+    /// (dq, dk, dv) for the output's gradient `g`; once.
+    fn backward(&self, g: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let wrap = candle_core::Error::wrap;
+        match self {
+            KeptAttention::SelfFused { run, heads } => {
+                let (dq, dk, dv) = run.backward(&heads.pad(g).map_err(wrap)?).map_err(wrap)?;
+                let dq = (heads.unpad(&dq).map_err(wrap)? * heads.q_scale())?;
+                Ok((dq, heads.unpad(&dk).map_err(wrap)?, heads.unpad(&dv).map_err(wrap)?))
+            }
+            KeptAttention::Cross { q, k, v, heads } => {
+                crate::ops::cross_attention::cross_attention_backward(q, k, v, *heads, g)
+                    .map_err(wrap)
+            }
+            KeptAttention::Graph { qkv, out } => {
+                let grads = (out * g)?.sum_all()?.backward()?;
+                let grad_of = |v: &candle_core::Var| {
+                    grads.get(v.as_tensor()).cloned().ok_or_else(|| {
+                        candle_core::Error::Msg("attention: no gradient for an input".into())
+                    })
+                };
+                Ok((grad_of(&qkv[0])?, grad_of(&qkv[1])?, grad_of(&qkv[2])?))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -347,8 +500,8 @@ pub fn attention_sublayer(
 /// [`attention_sublayer`] computed outside autograd and tied to `x` and the adapters' factors
 /// by one op whose backward is written out ([`SublayerGrad`]): recorded op by op, the norm,
 /// the four projections, the heads' layout changes around the attention and the residual add
-/// would each give their inputs a zero-filled gradient to add into. The attention itself keeps
-/// a small graph of its own (on detached q, k, v) that the backward runs.
+/// would each give their inputs a zero-filled gradient to add into. The attention runs its
+/// kernels' own forward and backward where it is on them ([`KeptAttention`]).
 fn attention_sublayer_one_op(
     norm: &LayerNorm,
     attn: &Attention,
@@ -367,15 +520,15 @@ fn attention_sublayer_one_op(
         }
         None => (n.clone(), t),
     };
-    let var = |y: Tensor, rows: usize| -> Result<candle_core::Var> {
+    let heads3 = |y: Tensor, rows: usize| -> Result<Tensor> {
         let w = y.dim(1)?;
-        Ok(candle_core::Var::from_tensor(&y.reshape((b, rows, w))?)?)
+        Ok(y.reshape((b, rows, w))?)
     };
-    let q = var(proj[0].forward(&n)?, t)?;
-    let k = var(proj[1].forward(&kv_in)?, s)?;
-    let v = var(proj[2].forward(&kv_in)?, s)?;
+    let q = heads3(proj[0].forward(&n)?, t)?;
+    let k = heads3(proj[1].forward(&kv_in)?, s)?;
+    let v = heads3(proj[2].forward(&kv_in)?, s)?;
     mark_on(n.device(), "unet: attention projections")?;
-    let core = attend(q.as_tensor(), k.as_tensor(), v.as_tensor(), attn.heads, attn.upcast)?;
+    let (core, kept) = KeptAttention::forward(&q, &k, &v, attn.heads, attn.upcast)?;
     mark_on(
         n.device(),
         if ctx.is_some() {
@@ -384,7 +537,7 @@ fn attention_sublayer_one_op(
             "unet: self-attention core"
         },
     )?;
-    let a = core.detach().reshape((b * t, core.dim(2)?))?;
+    let a = core.reshape((b * t, core.dim(2)?))?;
     let y = (proj[3].forward(&a)?.reshape((b, t, c))? + &xd)?;
     mark_on(n.device(), "unet: attention projections")?;
     let params = factor_list(&proj);
@@ -394,8 +547,7 @@ fn attention_sublayer_one_op(
         n,
         kv_in: ctx.is_some().then_some(kv_in),
         a,
-        qkv: [q, k, v],
-        core,
+        attention: kept,
     };
     tie_params(x, &params, &y, grad)
 }
@@ -403,9 +555,10 @@ fn attention_sublayer_one_op(
 /// The gradients of y = x + to_out(A(to_q(n), to_k(c), to_v(c))), n = norm(x), c = n (self-
 /// attention) or the context, for [`tie_params`]:
 ///
-/// da = to_outᵀ(g); (dq, dk, dv) from A's graph; dn = to_qᵀ(dq) (+ to_kᵀ(dk) + to_vᵀ(dv)
-/// for self-attention); dx = g + normᵀ(dn), with linᵀ a projection's input gradient (its
-/// factors' gradients beside) and normᵀ the LayerNorm's backward (statistics recomputed).
+/// da = to_outᵀ(g); (dq, dk, dv) = Aᵀ(da) ([`KeptAttention`]);
+/// dn = to_qᵀ(dq), plus to_kᵀ(dk) and to_vᵀ(dv) for self-attention; dx = g + normᵀ(dn), with
+/// linᵀ a projection's input gradient (its factors' gradients beside) and normᵀ the
+/// LayerNorm's backward (statistics recomputed).
 struct SublayerGrad {
     norm: LayerNorm,
     /// to_q, to_k, to_v, to_out.0
@@ -416,9 +569,7 @@ struct SublayerGrad {
     kv_in: Option<Tensor>,
     /// The attention's output (b·t, inner).
     a: Tensor,
-    /// q, k, v as the leaves of the attention's own graph, and its output.
-    qkv: [candle_core::Var; 3],
-    core: Tensor,
+    attention: KeptAttention,
 }
 
 impl ParamsGradient for SublayerGrad {
@@ -430,19 +581,13 @@ impl ParamsGradient for SublayerGrad {
         let (b, t, c) = g.dims3()?;
         let g2 = g.reshape((b * t, c))?;
         let (da, d_out) = self.proj[3].backward(&self.a, &g2, true).map_err(wrap)?;
-        let da = da.expect("asked for").reshape(self.core.shape())?;
-        let core_grads = (&self.core * da)?.sum_all()?.backward()?;
-        let grad_of = |v: &candle_core::Var| -> candle_core::Result<Tensor> {
-            let gv = core_grads.get(v.as_tensor()).cloned();
-            let gv = gv.ok_or_else(|| candle_core::Error::Msg("attention: no gradient".into()))?;
-            let (vb, vt, vw) = gv.dims3()?;
-            gv.reshape((vb * vt, vw))
+        let da = da.expect("asked for").reshape((b, t, self.a.dim(1)?))?;
+        let flat = |x: Tensor| -> candle_core::Result<Tensor> {
+            let (xb, xt, xw) = x.dims3()?;
+            x.reshape((xb * xt, xw))
         };
-        let (dq, dk, dv) = (
-            grad_of(&self.qkv[0])?,
-            grad_of(&self.qkv[1])?,
-            grad_of(&self.qkv[2])?,
-        );
+        let (dq, dk, dv) = self.attention.backward(&da)?;
+        let (dq, dk, dv) = (flat(dq)?, flat(dk)?, flat(dv)?);
         let self_attention = self.kv_in.is_none();
         let kv_in = self.kv_in.as_ref().unwrap_or(&self.n);
         let (dn, d_q) = self.proj[0].backward(&self.n, &dq, true).map_err(wrap)?;

@@ -182,6 +182,71 @@ pub fn attention_block(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
+/// [`attention_block`] run outside autograd on the fused kernels, kept for a backward its
+/// caller writes out: the op with the statistics its forward saved, and the output.
+pub struct FusedAttention {
+    op: Block,
+    y: Tensor,
+}
+
+impl FusedAttention {
+    /// [`attention_block`]'s forward outside autograd where the fused kernels take the inputs
+    /// (CUDA, f32 or bf16, even head size); None elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        (heads, kv_heads): (usize, usize),
+        key_lens: &[usize],
+        causal: bool,
+        fast: &FastPath,
+    ) -> Result<Option<Self>> {
+        let (b, t, width) = q.dims3()?;
+        let hd = width / heads;
+        let fused = super::cuda_kernels_for(q)
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype()
+            && heads % kv_heads == 0
+            && hd % 2 == 0;
+        if !fused {
+            return Ok(None);
+        }
+        let op = Block {
+            cos: cos.to_dtype(DType::F32)?.contiguous()?,
+            sin: sin.to_dtype(DType::F32)?.contiguous()?,
+            dims: (b, t, heads, kv_heads, hd),
+            key_lens: key_lens.to_vec(),
+            causal,
+            fast: *fast,
+            saved: Arc::new(Mutex::new(None)),
+        };
+        let y = q
+            .detach()
+            .contiguous()?
+            .apply_op3_no_bwd(&k.detach().contiguous()?, &v.detach().contiguous()?, &op)?;
+        Ok(Some(Self { op, y }))
+    }
+
+    /// The output (b, t, heads·hd).
+    pub fn output(&self) -> &Tensor {
+        &self.y
+    }
+
+    /// (dq, dk, dv) for the output gradient `g`; once (the saved statistics are taken).
+    pub fn backward(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, h, kvh, d) = self.op.dims;
+        let packed = g
+            .contiguous()?
+            .apply_op2_no_bwd(&self.y, &BlockBackward(self.op.clone()))?;
+        match unpack_qkv(&packed, (b, t, h * d), (b, t, kvh * d))? {
+            (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+            _ => Err(crate::Error::msg("attention block: incomplete gradients")),
+        }
+    }
+}
+
 /// Packed rows seen as one example per row: the gathers between a packed batch (b, t, w),
 /// whose row r lays the examples `segments[r]` end to end, and a padded batch (n, max_len, w)
 /// of its n examples. Attention run on the padded side with [`Segments::lens`] as key lengths

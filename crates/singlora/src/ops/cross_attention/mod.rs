@@ -59,6 +59,31 @@ pub fn cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
     )?))
 }
 
+/// (dq, dk, dv) of [`cross_attention`] at `q`, `k`, `v` for the output gradient `g`, outside
+/// autograd: for a backward its caller writes out, where [`cross_attention`] ran on the kernels.
+pub fn cross_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, inner) = q.dims3()?;
+    let s = k.dim(1)?;
+    let op = CrossAttentionBackward {
+        heads,
+        k: k.detach().contiguous()?,
+        v: v.detach().contiguous()?,
+    };
+    let packed = g
+        .contiguous()?
+        .apply_op2_no_bwd(&q.detach().contiguous()?, &op)?;
+    match super::attention::unpack_qkv(&packed, (b, t, inner), (b, s, inner))? {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => Err(crate::Error::msg("cross-attention: incomplete gradients")),
+    }
+}
+
 #[derive(Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct CrossAttention {

@@ -333,7 +333,8 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
     }
 }
 
-/// y = x·W0ᵀ + b for 2-D `x` on the CPU (f32/f64); only x gets a gradient.
+/// y = x·W0ᵀ + b for 2-D `x` on the CPU (f32/f64) and CUDA (f32/bf16); only x gets a
+/// gradient.
 pub fn frozen_linear(x: &Tensor, w0: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let op = FrozenBiasMatmul(AdaptedMatmul {
         w0: w0.clone(),
