@@ -33,6 +33,8 @@ fi
 echo "== SD 1.5-shaped U-Net step"
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json --profile 2>&1 | tee "$OUT/unet-singlora.jsonl"
+# the transformers' sublayers as one autograd op each (off by default in the library)
+timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json --profile --one-op 2>&1 | tee "$OUT/unet-singlora-one-op.jsonl"
 timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch 1,4 --modes "${MODES:-eager,compile}" 2>&1 | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"
