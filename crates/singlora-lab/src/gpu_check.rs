@@ -761,7 +761,9 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
     use candle_core::Var;
     use singlora::adapter::inject::inject;
     use singlora::adapter::target::TargetSpec;
-    use singlora::diffusion::unet::attention::{attention_sublayer, set_one_op_sublayers, Attention};
+    use singlora::diffusion::unet::attention::{
+        attention_sublayer, set_one_op_sublayers, Attention,
+    };
     use singlora::diffusion::unet::norm::LayerNorm;
     let cpu = Device::Cpu;
     let (b, t, ctx_dim) = (2, 64, 48);
@@ -775,7 +777,13 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
         let mut rand = |dims: &[usize], std: f64| -> Result<Tensor> {
             seed += 1;
             let mut rng = singlora::rng::rng_for(seed, "gpu-check sublayer");
-            Ok(singlora::rng::normal(&mut rng, std, dims, DType::F64, &cpu)?)
+            Ok(singlora::rng::normal(
+                &mut rng,
+                std,
+                dims,
+                DType::F64,
+                &cpu,
+            )?)
         };
         let ws = [
             rand(&[c, c], 0.1)?,
@@ -797,7 +805,8 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
             let names = ["to_q", "to_k", "to_v", "to_out.0"];
             let lins = [0, 1, 2, 3].map(|i| {
                 let bias = (i == 3).then(|| on(&bias)).transpose();
-                on(&ws[i]).and_then(|w| Ok(AdaptedLinear::new(names[i], FrozenLinear::new(w, bias?))))
+                on(&ws[i])
+                    .and_then(|w| Ok(AdaptedLinear::new(names[i], FrozenLinear::new(w, bias?))))
             });
             let [q, k, v, o] = lins;
             let mut attn = Attention::new([q?, k?, v?, o?], heads, false);
@@ -828,11 +837,18 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
             let y = attention_sublayer(&norm, &attn, &xv, ctx_len.map(|_| &ctx));
             set_one_op_sublayers(false);
             let y = y?;
-            let gt = if dt == DType::F64 { DType::F64 } else { DType::F32 };
+            let gt = if dt == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
             let grads = (y.to_dtype(gt)? * g.to_dtype(gt)?.to_device(dev)?)?
                 .sum_all()?
                 .backward()?;
-            let dx = grads.get(xv.as_tensor()).context("no input gradient")?.clone();
+            let dx = grads
+                .get(xv.as_tensor())
+                .context("no input gradient")?
+                .clone();
             let dp = vars
                 .iter()
                 .map(|v| {

@@ -112,8 +112,18 @@ fn adapter_gradients_match_finite_differences() {
 fn adapter_gradients_against_finite_differences(one_op: bool) {
     let dev = Device::Cpu;
     for (name, kind, targets, count) in [
-        ("unet-tiny", AdapterKind::Lora, "to_q,to_k,to_v,to_out.0", 4 * 8),
-        ("unet-tiny", AdapterKind::SingLora, "to_q,to_k,to_v,to_out.0", 4 * 8),
+        (
+            "unet-tiny",
+            AdapterKind::Lora,
+            "to_q,to_k,to_v,to_out.0",
+            4 * 8,
+        ),
+        (
+            "unet-tiny",
+            AdapterKind::SingLora,
+            "to_q,to_k,to_v,to_out.0",
+            4 * 8,
+        ),
         (
             "unet-tiny-xl",
             AdapterKind::SingLora,
@@ -156,7 +166,12 @@ fn adapter_gradients_against_finite_differences(one_op: bool) {
             .unwrap();
         let loss = |unet: &UNet| {
             let y = unet
-                .forward(&io["sample"], &io["timesteps"], &io["context"], added.as_ref())
+                .forward(
+                    &io["sample"],
+                    &io["timesteps"],
+                    &io["context"],
+                    added.as_ref(),
+                )
                 .unwrap();
             (y - &target).unwrap().sqr().unwrap().mean_all().unwrap()
         };

@@ -263,14 +263,8 @@ impl LowRankLinear {
     ) -> Result<(Option<Tensor>, Option<FactorGrads>)> {
         Ok(match &self.factors {
             Some((d, u, c)) => {
-                let (dx, dd, du) = crate::ops::adapted_linear_grads(
-                    x,
-                    &self.w0,
-                    &d.detach(),
-                    &u.detach(),
-                    *c,
-                    g,
-                )?;
+                let (dx, dd, du) =
+                    crate::ops::adapted_linear_grads(x, &self.w0, &d.detach(), &u.detach(), *c, g)?;
                 (input_grad.then_some(dx), Some((dd, du)))
             }
             None if input_grad => (Some(g.matmul(&self.w0)?), None),

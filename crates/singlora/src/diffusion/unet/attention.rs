@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Tensor};
 
-use super::tie::{tie, tie_params, InputGradient, ParamsGradient};
 use super::load::Loader;
 use super::norm::{GroupNorm, LayerNorm};
+use super::tie::{tie, tie_params, InputGradient, ParamsGradient};
 use crate::adapter::{AdaptedLinear, LowRankLinear};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
@@ -45,11 +45,7 @@ pub struct Attention {
 impl Attention {
     /// Attention of `heads` heads through these projections (to_q, to_k, to_v: no bias); with
     /// `upcast` the scores and softmax in f32.
-    pub fn new(
-        [to_q, to_k, to_v, to_out]: [AdaptedLinear; 4],
-        heads: usize,
-        upcast: bool,
-    ) -> Self {
+    pub fn new([to_q, to_k, to_v, to_out]: [AdaptedLinear; 4], heads: usize, upcast: bool) -> Self {
         Self {
             to_q,
             to_k,
@@ -314,7 +310,13 @@ impl KeptAttention {
             candle_core::Var::from_tensor(&k)?,
             candle_core::Var::from_tensor(&v)?,
         ];
-        let out = attend(qkv[0].as_tensor(), qkv[1].as_tensor(), qkv[2].as_tensor(), heads, upcast)?;
+        let out = attend(
+            qkv[0].as_tensor(),
+            qkv[1].as_tensor(),
+            qkv[2].as_tensor(),
+            heads,
+            upcast,
+        )?;
         Ok((out.detach(), KeptAttention::Graph { qkv, out }))
     }
 
@@ -325,7 +327,11 @@ impl KeptAttention {
             KeptAttention::SelfFused { run, heads } => {
                 let (dq, dk, dv) = run.backward(&heads.pad(g).map_err(wrap)?).map_err(wrap)?;
                 let dq = (heads.unpad(&dq).map_err(wrap)? * heads.q_scale())?;
-                Ok((dq, heads.unpad(&dk).map_err(wrap)?, heads.unpad(&dv).map_err(wrap)?))
+                Ok((
+                    dq,
+                    heads.unpad(&dk).map_err(wrap)?,
+                    heads.unpad(&dv).map_err(wrap)?,
+                ))
             }
             KeptAttention::Cross { q, k, v, heads } => {
                 crate::ops::cross_attention::cross_attention_backward(q, k, v, *heads, g)
@@ -976,5 +982,4 @@ mod tests {
             }
         }
     }
-
 }

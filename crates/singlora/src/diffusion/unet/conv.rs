@@ -27,8 +27,8 @@
 
 use candle_core::Tensor;
 
-use crate::error::Result;
 use super::tie::{tie, InputGradient};
+use crate::error::Result;
 use crate::ops::conv::{conv2d, flipped};
 
 #[derive(Debug, Clone)]

@@ -9,9 +9,9 @@
 use candle_core::Tensor;
 
 use super::conv::Conv2d;
-use super::tie::{tie, InputGradient};
 use super::load::Loader;
 use super::norm::GroupNorm;
+use super::tie::{tie, InputGradient};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
 

@@ -73,7 +73,6 @@ impl<G: InputGradient> CustomOp2 for Tied<G> {
     }
 }
 
-
 /// The gradients of a computation that ran outside autograd on a detached input and detached
 /// copies of a few small tensors (adapter factors): what [`tie_params`] gives them.
 pub(crate) trait ParamsGradient: Send + Sync + 'static {
@@ -158,8 +157,7 @@ impl<G: ParamsGradient> CustomOp3 for TiedParams<G> {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         crate::ops::mark_backward_start(x.device())?;
         let (dx, dp) = self.grad.grads(x, &g.contiguous()?)?;
-        if dp.len() != self.shapes.len()
-            || dp.iter().zip(&self.shapes).any(|(d, s)| d.shape() != s)
+        if dp.len() != self.shapes.len() || dp.iter().zip(&self.shapes).any(|(d, s)| d.shape() != s)
         {
             candle_core::bail!(
                 "{}: the backward gave gradients of shapes {:?} for tensors of shapes {:?}",

@@ -222,10 +222,11 @@ impl FusedAttention {
             fast: *fast,
             saved: Arc::new(Mutex::new(None)),
         };
-        let y = q
-            .detach()
-            .contiguous()?
-            .apply_op3_no_bwd(&k.detach().contiguous()?, &v.detach().contiguous()?, &op)?;
+        let y = q.detach().contiguous()?.apply_op3_no_bwd(
+            &k.detach().contiguous()?,
+            &v.detach().contiguous()?,
+            &op,
+        )?;
         Ok(Some(Self { op, y }))
     }
 
