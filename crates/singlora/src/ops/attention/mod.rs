@@ -155,6 +155,41 @@ pub fn attention_block(
     causal: bool,
     fast: &FastPath,
 ) -> Result<Tensor> {
+    let Some(op) = fused_block(
+        q,
+        k,
+        v,
+        (cos, sin),
+        (heads, kv_heads),
+        key_lens,
+        causal,
+        fast,
+    )?
+    else {
+        let (b, t, width) = q.dims3()?;
+        let qh = super::rope_split(q, cos, sin, heads, true)?;
+        let kh = super::rope_split(k, cos, sin, kv_heads, true)?;
+        let vh = super::rope_split(v, cos, sin, kv_heads, false)?;
+        let a = masked_attention(&qh, &kh, &vh, key_lens, causal)?;
+        return Ok(a.transpose(1, 2)?.reshape((b, t, width))?);
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The fused kernels' op for [`attention_block`]'s arguments, where they take them (CUDA, f32
+/// or bf16, even head size); None elsewhere.
+#[allow(clippy::too_many_arguments)]
+fn fused_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    key_lens: &[usize],
+    causal: bool,
+    fast: &FastPath,
+) -> Result<Option<Block>> {
     let (b, t, width) = q.dims3()?;
     let hd = width / heads;
     let fused = super::cuda_kernels_for(q)
@@ -163,13 +198,9 @@ pub fn attention_block(
         && heads % kv_heads == 0
         && hd % 2 == 0;
     if !fused {
-        let qh = super::rope_split(q, cos, sin, heads, true)?;
-        let kh = super::rope_split(k, cos, sin, kv_heads, true)?;
-        let vh = super::rope_split(v, cos, sin, kv_heads, false)?;
-        let a = masked_attention(&qh, &kh, &vh, key_lens, causal)?;
-        return Ok(a.transpose(1, 2)?.reshape((b, t, width))?);
+        return Ok(None);
     }
-    let op = Block {
+    Ok(Some(Block {
         cos: cos.to_dtype(DType::F32)?.contiguous()?,
         sin: sin.to_dtype(DType::F32)?.contiguous()?,
         dims: (b, t, heads, kv_heads, hd),
@@ -177,9 +208,7 @@ pub fn attention_block(
         causal,
         fast: *fast,
         saved: Arc::new(Mutex::new(None)),
-    };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    }))
 }
 
 /// [`attention_block`] run outside autograd on the fused kernels, kept for a backward its
@@ -203,24 +232,18 @@ impl FusedAttention {
         causal: bool,
         fast: &FastPath,
     ) -> Result<Option<Self>> {
-        let (b, t, width) = q.dims3()?;
-        let hd = width / heads;
-        let fused = super::cuda_kernels_for(q)
-            && k.dtype() == q.dtype()
-            && v.dtype() == q.dtype()
-            && heads % kv_heads == 0
-            && hd % 2 == 0;
-        if !fused {
-            return Ok(None);
-        }
-        let op = Block {
-            cos: cos.to_dtype(DType::F32)?.contiguous()?,
-            sin: sin.to_dtype(DType::F32)?.contiguous()?,
-            dims: (b, t, heads, kv_heads, hd),
-            key_lens: key_lens.to_vec(),
+        let Some(op) = fused_block(
+            q,
+            k,
+            v,
+            (cos, sin),
+            (heads, kv_heads),
+            key_lens,
             causal,
-            fast: *fast,
-            saved: Arc::new(Mutex::new(None)),
+            fast,
+        )?
+        else {
+            return Ok(None);
         };
         let y = q.detach().contiguous()?.apply_op3_no_bwd(
             &k.detach().contiguous()?,
