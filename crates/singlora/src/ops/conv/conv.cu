@@ -29,18 +29,21 @@ __device__ void im2col(const T* x, T* col, int c, int h, int w, int k, int s, in
 // im2col as above at stride 1 for images whose output rows are whole groups of 8 pixels
 // (wo % 8 == 0): a thread writes 8 neighbours of one output row with one 16-byte store (the
 // column matrix's rows are 16-byte aligned: m = ho·wo is a multiple of 8) and reads the 8 inputs
-// they take.
+// they take. Indices in 32 bits (the launcher takes this kernel only where rows · ho·wo / 8 fits
+// in an int): a 64-bit division is a long subroutine, and the kernel has four per store.
 __device__ void im2col_s1_v8(const uint16_t* x, uint16_t* col, int c, int h, int w, int k, int p, int ho, int wo,
                              int rows) {
-    const int groups = ho * wo / 8;
-    const int taps = k * k;
-    const long n = (long)rows * groups;
+    const unsigned groups = (unsigned)(ho * wo / 8);
+    const unsigned taps = (unsigned)(k * k);
+    const unsigned n = (unsigned)rows * groups;
     uint4* dst = reinterpret_cast<uint4*>(col);
-    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (long)gridDim.x * blockDim.x) {
-        const long r = idx / groups;
-        const int i = (int)(idx - r * groups) * 8;
-        const int kx = (int)(r % k), ky = (int)((r / k) % k);
-        const uint16_t* src = x + (r / taps) * h * w;
+    for (unsigned idx = blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += gridDim.x * blockDim.x) {
+        // r = (img·c + ci)·k·k + ky·k + kx: the col row; g the group of 8 output pixels in it
+        const unsigned r = idx / groups, g = idx - r * groups;
+        const unsigned plane = r / taps, tap = r - plane * taps;
+        const int ky = (int)(tap / (unsigned)k), kx = (int)tap - ky * k;
+        const uint16_t* src = x + (long)plane * h * w;
+        const int i = (int)g * 8;
         const int oy = i / wo, ox = i - oy * wo;
         const int iy = oy - p + ky, ix = ox - p + kx;
         uint16_t v[8];
@@ -48,7 +51,7 @@ __device__ void im2col_s1_v8(const uint16_t* x, uint16_t* col, int c, int h, int
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const int xx = ix + j;
-            v[j] = row_in && xx >= 0 && xx < w ? src[(long)iy * w + xx] : (uint16_t)0;
+            v[j] = row_in && xx >= 0 && xx < w ? src[iy * w + xx] : (uint16_t)0;
         }
         uint4 out;
         out.x = v[0] | ((uint32_t)v[1] << 16);

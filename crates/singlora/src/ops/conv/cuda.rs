@@ -53,8 +53,13 @@ pub(super) fn forward(
         let rows = b * kk;
         let (s, colp) = cx.fresh(rows * m)?;
         // a thread writes 8 neighbours at once where it can (bf16, stride 1, output rows of
-        // whole groups of 8)
-        let v8 = bf16 && stride == 1 && wo % 8 == 0 && colp % 16 == 0;
+        // whole groups of 8, sizes its 32-bit indices hold)
+        let v8 = bf16
+            && stride == 1
+            && wo % 8 == 0
+            && colp % 16 == 0
+            && rows * m / 8 < i32::MAX as usize
+            && h * wd < i32::MAX as usize;
         let per_thread = if v8 { 8 } else { 1 };
         let cfg = grid(
             (
