@@ -163,6 +163,7 @@ pub mod reference;
 #[cfg(feature = "cuda")]
 pub(crate) mod residual;
 pub(crate) mod rope;
+pub mod rows;
 pub(crate) mod softmax;
 pub(crate) mod swiglu;
 pub(crate) mod xent;

@@ -173,7 +173,7 @@ fn attend_fused(
     fast: &crate::ops::FastPath,
 ) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
-    let heads_of = PaddedHeads::new(heads, inner / heads, fast);
+    let heads_of = PaddedHeads::new(inner / heads, fast);
     let qs = (q * heads_of.q_scale())?;
     let (cos, sin) = heads_of.identity_rotation(t, q.device())?;
     let y = crate::ops::attention_block(
@@ -192,19 +192,18 @@ fn attend_fused(
 /// Heads of `d` zero-padded to the fused kernels' size `hd` (48 with `flash_48`, 64 or 128).
 #[derive(Debug, Clone, Copy)]
 struct PaddedHeads {
-    heads: usize,
     d: usize,
     hd: usize,
 }
 
 impl PaddedHeads {
-    fn new(heads: usize, d: usize, fast: &crate::ops::FastPath) -> Self {
+    fn new(d: usize, fast: &crate::ops::FastPath) -> Self {
         let hd = match d {
             ..=48 if fast.flash_48 => 48,
             ..=64 => 64,
             _ => 128,
         };
-        Self { heads, d, hd }
+        Self { d, hd }
     }
 
     /// What q is multiplied by so that the kernels' 1/√hd is the head's own 1/√d.
@@ -220,26 +219,14 @@ impl PaddedHeads {
         ))
     }
 
-    /// (b, t, heads·d) → (b, t, heads·hd), each head's columns past d zero.
+    /// (b, t, heads·d) → (b, t, heads·hd), each head's columns past d zero (one op).
     fn pad(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let x = x.reshape((b, t, self.heads, self.d))?;
-        let x = match self.hd > self.d {
-            true => x.pad_with_zeros(3, 0, self.hd - self.d)?,
-            false => x,
-        };
-        Ok(x.reshape((b, t, self.heads * self.hd))?)
+        crate::ops::rows::resize_rows(x, self.d, self.hd)
     }
 
-    /// (b, t, heads·hd) → (b, t, heads·d): each head's first d columns.
+    /// (b, t, heads·hd) → (b, t, heads·d): each head's first d columns (one op).
     fn unpad(&self, y: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = y.dims3()?;
-        let y = y.reshape((b, t, self.heads, self.hd))?;
-        let y = match self.hd > self.d {
-            true => y.narrow(3, 0, self.d)?,
-            false => y,
-        };
-        Ok(y.contiguous()?.reshape((b, t, self.heads * self.d))?)
+        crate::ops::rows::resize_rows(y, self.hd, self.d)
     }
 }
 
@@ -279,7 +266,7 @@ impl KeptAttention {
         let d = inner / heads;
         let fast = crate::ops::FastPath::default();
         if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
-            let heads_of = PaddedHeads::new(heads, d, &fast);
+            let heads_of = PaddedHeads::new(d, &fast);
             let (cos, sin) = heads_of.identity_rotation(t, q.device())?;
             let run = crate::ops::attention::FusedAttention::forward(
                 &heads_of.pad(&(&q * heads_of.q_scale())?)?,
