@@ -312,15 +312,13 @@ impl FrozenLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, k) = self.dims();
+        let (_, k) = self.dims();
         let dense = self.dense_weight();
-        if let Some(w) = dense.filter(|w| crate::ops::fused_available(x, w)) {
-            let m = x.elem_count() / k;
-            let y = crate::ops::frozen_linear(&x.reshape((m, k))?, w, self.bias.as_ref())
-                .map_err(candle_core::Error::wrap)?;
-            let mut dims = x.dims().to_vec();
-            *dims.last_mut().unwrap() = n;
-            return y.reshape(dims);
+        let fits = x.dims().last() == Some(&k);
+        if let Some(w) = dense.filter(|w| fits && crate::ops::fused_available(x, w)) {
+            // the op takes x's leading dimensions as rows: no recorded reshapes
+            return crate::ops::frozen_linear(x, w, self.bias.as_ref())
+                .map_err(candle_core::Error::wrap);
         }
         self.add_bias(&self.forward_no_bias(x)?)
     }

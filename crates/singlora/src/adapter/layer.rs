@@ -3,7 +3,7 @@
 //! `merge` folds the adapter into the weight (computed in f64, cast once to the base dtype);
 //! `unmerge` subtracts it again. While merged the forward is the plain linear layer.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 use super::Adapter;
 use crate::error::{Error, Result};
@@ -138,20 +138,16 @@ impl AdaptedLinear {
             _ => return Ok(self.base.forward(x)?),
         };
         let (d_out, d_in) = self.dims();
-        let dims = x.dims().to_vec();
-        let m = x.elem_count() / d_in;
-        let x2 = x.reshape((m, d_in))?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = d_out;
         if let Some(w0) = self
             .base
             .dense_weight()
-            .filter(|w0| crate::ops::fused_available(&x2, w0))
+            .filter(|w0| crate::ops::fused_available(x, w0) && x.dim(D::Minus1).ok() == Some(d_in))
         {
-            // one op: bias, base product and adapter product into one output (for DoRA the
-            // bias comes after the rescaling); the factors in the input's type, a parameter
-            // that holds both (SingLoRA's A) cast once
-            let dt = x2.dtype();
+            // one op on x as it is (its leading dimensions are rows, so no recorded reshapes):
+            // bias, base product and adapter product into one output (for DoRA the bias comes
+            // after the rescaling); the factors in the input's type, a parameter that holds
+            // both (SingLoRA's A) cast once
+            let dt = x.dtype();
             let (d, u, c) = adapter.factors_in(dt)?;
             let scale = adapter.output_scale(w0)?;
             let bias = if scale.is_some() {
@@ -159,16 +155,20 @@ impl AdaptedLinear {
             } else {
                 self.base.bias()
             };
-            let y = crate::ops::adapted_linear(&x2, w0, bias, &d, &u, c)?;
-            let y = match scale {
+            let y = crate::ops::adapted_linear(x, w0, bias, &d, &u, c)?;
+            return Ok(match scale {
                 Some(sc) => {
-                    let y = y.broadcast_mul(&sc.to_dtype(dt)?.unsqueeze(0)?)?;
+                    let y = y.broadcast_mul(&sc.to_dtype(dt)?)?;
                     self.base.add_bias(&y)?
                 }
                 None => y,
-            };
-            return Ok(y.reshape(out)?);
+            });
         }
+        let dims = x.dims().to_vec();
+        let m = x.elem_count() / d_in;
+        let x2 = x.reshape((m, d_in))?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = d_out;
         let y0 = self.base.forward_no_bias(&x2)?;
         // only DoRA reads W0 here: a weight kept in NF4 is dequantised for it alone
         let w0 = match adapter.rescales_output() {

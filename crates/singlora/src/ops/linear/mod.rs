@@ -172,14 +172,20 @@ impl CustomOp3 for AdaptedMatmul {
     }
 
     super::cpu_fwd!(|self, (s1, l1), (s2, l2), (s3, l3)| {
-        dispatch_float!(s1, "fused linear", |T| self.fwd::<T>(
-            (s1, l1),
+        let rows = as_rows(l1)?;
+        let (y, _) = dispatch_float!(s1, "fused linear", |T| self.fwd::<T>(
+            (s1, &rows),
             (s2, l2),
             (s3, l3)
-        ))
+        ))?;
+        Ok((y, self.out_shape(l1)))
     });
 
-    super::cuda_fwd!(|self, x, d, u| cuda::adapted_fwd(self, x, Some((d, u))));
+    super::cuda_fwd!(|self, x, d, u| {
+        let rows = as_rows(x.1)?;
+        let (y, _) = cuda::adapted_fwd(self, (x.0, &rows), Some((d, u)))?;
+        Ok((y, self.out_shape(x.1)))
+    });
 
     fn bwd(
         &self,
@@ -190,14 +196,47 @@ impl CustomOp3 for AdaptedMatmul {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         super::mark_backward_start(x.device())?;
-        let (dx, d_d, d_u) = self.grads(x, d, u, g, x.track_op())?;
+        let (x2, g2) = (flat_rows(x)?, flat_rows(&g.contiguous()?)?);
+        let (dx, d_d, d_u) = self.grads(&x2, d, u, &g2, x.track_op())?;
+        let dx = dx.map(|dx| dx.reshape(x.dims())).transpose()?;
         super::mark_on(x.device(), "backward: adapted linear layers")
             .map_err(candle_core::Error::wrap)?;
         Ok((dx, Some(d_d), Some(d_u)))
     }
 }
 
+/// A contiguous layout (.., k) as the 2-D layout (rows, k) of the same elements: the linear
+/// ops take any number of leading dimensions, so that their callers need no recorded reshapes.
+fn as_rows(l: &Layout) -> candle_core::Result<Layout> {
+    let k = l.dims().last().copied().unwrap_or(1);
+    if !l.is_contiguous() || l.dims().is_empty() || k == 0 {
+        candle_core::bail!(
+            "fused linear: input {:?} is not a contiguous (.., k)",
+            l.dims()
+        );
+    }
+    Ok(Layout::contiguous_with_offset(
+        (l.shape().elem_count() / k, k),
+        l.start_offset(),
+    ))
+}
+
+/// `x` (.., k) as a 2-D (rows, k) view, outside autograd.
+fn flat_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let k = x.dims().last().copied().unwrap_or(1);
+    x.detach().reshape((x.elem_count() / k.max(1), k))
+}
+
 impl AdaptedMatmul {
+    /// The output's shape for an input of layout `l`: (.., n).
+    fn out_shape(&self, l: &Layout) -> Shape {
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.w0.dims()[0];
+        }
+        Shape::from(dims)
+    }
+
     /// dx (when `input_grad`), dD and dU of y = x·W0ᵀ + b + c·(x·D)·Uᵀ for the output
     /// gradient `g`, all (m, ·) 2-D: dx = g·W0 + c·(g·U)·Dᵀ in one op, dD = c·xᵀ·(g·U),
     /// dU = c·gᵀ·(x·D).
@@ -312,28 +351,35 @@ impl candle_core::CustomOp1 for FrozenBiasMatmul {
     }
 
     super::cpu_fwd!(|self, (s, l)| {
+        let rows = as_rows(l)?;
         dispatch_float!(s, "frozen linear", |T| {
-            let (m, k) = l.shape().dims2()?;
+            let (m, k) = rows.shape().dims2()?;
             let (n, _) = self.0.w0.dims2()?;
-            let (xv, _) = view::<T>(s, l)?;
+            let (xv, _) = view::<T>(s, &rows)?;
             let (mut y, has_bias) = output_with_bias::<T>(m, n, self.0.bias.as_ref())?;
             self.0.base_product(&mut y, m, n, k, xv, has_bias)?;
-            Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+            Ok((T::to_cpu_storage_owned(y), self.0.out_shape(l)))
         })
     });
 
-    super::cuda_fwd!(|self, x| cuda::adapted_fwd(&self.0, x, None));
+    super::cuda_fwd!(|self, x| {
+        let rows = as_rows(x.1)?;
+        let (y, _) = cuda::adapted_fwd(&self.0, (x.0, &rows), None)?;
+        Ok((y, self.0.out_shape(x.1)))
+    });
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         super::mark_backward_start(x.device())?;
-        let dx = g.matmul(&self.0.w0)?;
+        let dx = flat_rows(&g.contiguous()?)?
+            .matmul(&self.0.w0)?
+            .reshape(x.dims())?;
         super::mark_on(x.device(), "backward: frozen linear layers")
             .map_err(candle_core::Error::wrap)?;
         Ok(Some(dx))
     }
 }
 
-/// y = x·W0ᵀ + b for 2-D `x` on the CPU (f32/f64) and CUDA (f32/bf16); only x gets a
+/// y = x·W0ᵀ + b for `x` (.., k) on the CPU (f32/f64) and CUDA (f32/bf16); only x gets a
 /// gradient.
 pub fn frozen_linear(x: &Tensor, w0: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let op = FrozenBiasMatmul(AdaptedMatmul {
@@ -391,7 +437,8 @@ pub fn frozen_linear_gelu(x: &Tensor, w0: &Tensor, bias: Option<&Tensor>) -> Res
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-/// y = x·W0ᵀ + b + c·(x·D)·Uᵀ for 2-D `x` (m × d_in), on the CPU (f32/f64).
+/// y = x·W0ᵀ + b + c·(x·D)·Uᵀ for `x` (.., d_in), any leading dimensions taken as rows, on
+/// the CPU (f32/f64) and CUDA (f32/bf16).
 pub fn adapted_linear(
     x: &Tensor,
     w0: &Tensor,
