@@ -456,9 +456,9 @@ impl InputGradient for FeedForwardGrad {
 
 /// Whether the transformers' attention sublayers, entries and exits run as one autograd op
 /// each ([`attention_sublayer_one_op`], [`EntryGrad`], [`ExitGrad`]) instead of op by op. Off
-/// by default: on an H100 the SD 1.5-shaped training step is slower with them (the attention
-/// inside a sublayer op still runs on a small recorded graph of its own, and each op copies its
-/// output once), see docs/benchmarks.md; `singlora-lab bench-unet --one-op` times them.
+/// by default until a GPU measures the SD 1.5-shaped training step faster with them than
+/// without (docs/benchmarks.md has the measurements; each op also copies its output once);
+/// `singlora-lab bench-unet --one-op` times them.
 static ONE_OP_SUBLAYERS: AtomicBool = AtomicBool::new(false);
 
 /// Switches [`ONE_OP_SUBLAYERS`] for this process.
