@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::Adapter;
+use super::{Adapter, FactorLayout, FactorSource};
 use crate::error::{Error, Result};
 use crate::linear::FrozenLinear;
 
@@ -98,15 +98,21 @@ impl AdaptedLinear {
         if w0.dtype() != dtype || !w0.is_contiguous() {
             return Ok(None);
         }
-        let factors = match (&self.adapter, &self.merged) {
+        let (factors, params) = match (&self.adapter, &self.merged) {
             (Some(a), None) if a.rescales_output() => return Ok(None),
-            (Some(a), None) => Some(a.factors_in(dtype)?),
-            _ => None,
+            (Some(a), None) => {
+                let (d, u, c) = a.factors_in(dtype)?;
+                let (d, u) = (d.detach(), u.detach());
+                let vars = a.params().into_iter().map(|p| p.var.as_tensor().clone());
+                (Some((d, u, c)), Some((vars.collect(), a.factor_layout())))
+            }
+            _ => (None, None),
         };
         Ok(Some(LowRankLinear {
             w0: w0.clone(),
             bias: self.base.bias().cloned(),
             factors,
+            params,
         }))
     }
 
@@ -220,12 +226,14 @@ pub type FactorGrads = (Tensor, Tensor);
 
 /// A linear layer taken apart for a backward written out by hand (from
 /// [`AdaptedLinear::as_low_rank`]): y = x·W0ᵀ + b + c·(x·D)·Uᵀ on 2-D x, the adapter term
-/// where `factors` holds (D, U, c).
+/// where `factors` holds (D, U, c), D and U detached copies of what the adapter's variables
+/// (`params`, with where D and U sit in them) hold.
 #[derive(Debug, Clone)]
 pub struct LowRankLinear {
     pub w0: Tensor,
     pub bias: Option<Tensor>,
     pub factors: Option<(Tensor, Tensor, f64)>,
+    pub params: Option<(Vec<Tensor>, FactorLayout)>,
 }
 
 impl LowRankLinear {
@@ -272,8 +280,40 @@ impl LowRankLinear {
         })
     }
 
-    /// The factors (D, U), where the layer has an adapter.
-    pub fn factor_tensors(&self) -> Option<(&Tensor, &Tensor)> {
-        self.factors.as_ref().map(|(d, u, _)| (d, u))
+    /// The adapter's variables, where the layer has one: the tensors whose gradients
+    /// [`Self::param_grads`] gives.
+    pub fn variables(&self) -> &[Tensor] {
+        self.params.as_ref().map_or(&[], |(v, _)| v.as_slice())
+    }
+
+    /// The gradients of [`Self::variables`] from the factors' gradients dD (d_in × r) and dU
+    /// (d_out × r), in each variable's type: a factor that is a variable's leading rows adds
+    /// into those rows, one that is its transpose adds transposed; a variable outside the
+    /// factors gets zeros.
+    pub fn param_grads(&self, dd: &Tensor, du: &Tensor) -> Result<Vec<Tensor>> {
+        let Some((vars, layout)) = &self.params else {
+            return Ok(vec![]);
+        };
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for (src, g) in [(layout.d, dd), (layout.u, du)] {
+            let var = &vars[src.param()];
+            let g = match src {
+                FactorSource::Rows(_) => {
+                    let rows = g.dim(0)?;
+                    g.pad_with_zeros(0, 0, var.dim(0)? - rows)?
+                }
+                FactorSource::Transposed(_) => g.t()?.contiguous()?,
+            };
+            let g = g.to_dtype(var.dtype())?;
+            let slot = &mut grads[src.param()];
+            *slot = Some(match slot.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+        vars.iter()
+            .zip(grads)
+            .map(|(v, g)| Ok(g.map_or_else(|| v.zeros_like(), Ok)?))
+            .collect()
     }
 }

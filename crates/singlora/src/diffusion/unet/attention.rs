@@ -533,7 +533,7 @@ fn attention_sublayer_one_op(
     let a = core.reshape((b * t, core.dim(2)?))?;
     let y = (proj[3].forward(&a)?.reshape((b, t, c))? + &xd)?;
     mark_on(n.device(), "unet: attention projections")?;
-    let params = factor_list(&proj);
+    let params = param_list(&proj);
     let grad = SublayerGrad {
         norm: norm.clone(),
         proj,
@@ -598,11 +598,10 @@ impl ParamsGradient for SublayerGrad {
             .norm
             .backward(&x.detach(), &dn.reshape((b, t, c))?)
             .map_err(wrap)?;
-        let params = [d_q, d_k, d_v, d_out]
-            .into_iter()
-            .flatten()
-            .flat_map(|(dd, du)| [dd, du])
-            .collect();
+        let mut params = vec![];
+        for (proj, grads) in self.proj.iter().zip([d_q, d_k, d_v, d_out]) {
+            params.extend(param_grads(proj, grads)?);
+        }
         Ok(((dx + g)?, params))
     }
 }
@@ -642,18 +641,30 @@ impl Projection {
                     w0: w.clone(),
                     bias: c.bias().cloned(),
                     factors: None,
+                    params: None,
                 })),
         }
     }
 }
 
-/// The factors of the projections that have adapters, D and U of each in turn: the small
-/// tensors a written-out backward hands gradients to ([`tie_params`]).
-fn factor_list<'a>(proj: impl IntoIterator<Item = &'a LowRankLinear>) -> Vec<Tensor> {
+/// The adapter variables of the projections that have adapters, in turn: the small tensors a
+/// written-out backward hands gradients to ([`tie_params`]).
+fn param_list<'a>(proj: impl IntoIterator<Item = &'a LowRankLinear>) -> Vec<Tensor> {
     proj.into_iter()
-        .filter_map(|p| p.factor_tensors())
-        .flat_map(|(d, u)| [d.clone(), u.clone()])
+        .flat_map(|p| p.variables().iter().cloned())
         .collect()
+}
+
+/// The adapter variables' gradients of `proj` from its factors' gradients, if it has an
+/// adapter.
+fn param_grads(
+    proj: &LowRankLinear,
+    factor_grads: Option<(Tensor, Tensor)>,
+) -> candle_core::Result<Vec<Tensor>> {
+    match factor_grads {
+        Some((dd, du)) => proj.param_grads(&dd, &du).map_err(candle_core::Error::wrap),
+        None => Ok(vec![]),
+    }
 }
 
 /// The gradients of the transformer's entry, tokens = proj_in(GroupNorm(x) as (b, h·w, c)),
@@ -682,7 +693,7 @@ impl ParamsGradient for EntryGrad {
             .contiguous()?
             .reshape((b, c, h, w))?;
         let dx = self.norm.backward(&x.detach(), &dn).map_err(wrap)?;
-        Ok((dx, dp.into_iter().flat_map(|(d, u)| [d, u]).collect()))
+        Ok((dx, param_grads(&self.proj, dp)?))
     }
 }
 
@@ -707,7 +718,7 @@ impl ParamsGradient for ExitGrad {
         let t2 = t.detach().reshape((b * h * w, t.dim(2)?))?;
         let (dt, dp) = self.proj.backward(&t2, &g2, true).map_err(wrap)?;
         let dt = dt.expect("asked for").reshape(t.shape())?;
-        Ok((dt, dp.into_iter().flat_map(|(d, u)| [d, u]).collect()))
+        Ok((dt, param_grads(&self.proj, dp)?))
     }
 }
 
@@ -785,7 +796,7 @@ impl Transformer2d {
         let t = tokens(&x.detach())?.reshape((b * h * w, c))?;
         let y = proj.forward(&t)?;
         let y = y.reshape((b, h * w, y.dim(1)?))?;
-        let params = factor_list([&proj]);
+        let params = param_list([&proj]);
         let grad = EntryGrad {
             norm: self.norm.clone(),
             proj,
@@ -811,7 +822,7 @@ impl Transformer2d {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, c, h, w))?;
-        let params = factor_list([&proj]);
+        let params = param_list([&proj]);
         tie_params(t, &params, &y, ExitGrad { proj })
     }
 

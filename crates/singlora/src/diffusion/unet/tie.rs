@@ -74,7 +74,7 @@ impl<G: InputGradient> CustomOp2 for Tied<G> {
 }
 
 /// The gradients of a computation that ran outside autograd on a detached input and detached
-/// copies of a few small tensors (adapter factors): what [`tie_params`] gives them.
+/// copies of a few small tensors (adapter variables): what [`tie_params`] gives them.
 pub(crate) trait ParamsGradient: Send + Sync + 'static {
     /// The op's name.
     const NAME: &'static str;
@@ -95,9 +95,9 @@ pub(crate) fn tie_params<G: ParamsGradient>(
     y: &Tensor,
     grad: G,
 ) -> Result<Tensor> {
-    if params.iter().any(|p| p.dtype() != x.dtype()) {
+    if params.windows(2).any(|w| w[0].dtype() != w[1].dtype()) {
         return Err(Error::msg(format!(
-            "{}: the tied tensors are not all of the input's type",
+            "{}: the tied tensors are not all of one type",
             G::NAME
         )));
     }
