@@ -279,7 +279,8 @@ impl CustomOp3 for HeadsAttention {
             k: k.clone(),
             v: v.clone(),
         })?;
-        super::unpack_qkv(&packed, (b, t, w), (b, t, w))
+        let (dq, dk, dv) = super::unpack_qkv(&packed, (b, t, w), (b, t, w))?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 

@@ -94,6 +94,15 @@ impl CustomOp3 for Block {
         y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.input_grads(y, g)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl Block {
+    /// (dq, dk, dv) for the output `y` and its gradient `g`, through the backward kernels
+    /// (once: they take the statistics the forward saved).
+    fn input_grads(&self, y: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, h, kvh, d) = self.dims;
         let packed = g
             .contiguous()?
@@ -108,7 +117,7 @@ pub(crate) fn unpack_qkv(
     packed: &Tensor,
     q_dims: (usize, usize, usize),
     kv_dims: (usize, usize, usize),
-) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (nq, nk) = (
         q_dims.0 * q_dims.1 * q_dims.2,
         kv_dims.0 * kv_dims.1 * kv_dims.2,
@@ -116,7 +125,7 @@ pub(crate) fn unpack_qkv(
     let dq = packed.narrow(0, 0, nq)?.reshape(q_dims)?;
     let dk = packed.narrow(0, nq, nk)?.reshape(kv_dims)?;
     let dv = packed.narrow(0, nq + nk, nk)?.reshape(kv_dims)?;
-    Ok((Some(dq), Some(dk), Some(dv)))
+    Ok((dq, dk, dv))
 }
 
 /// The backward as an op on the output's gradient and the output (which the fused kernels
@@ -260,14 +269,7 @@ impl FusedAttention {
 
     /// (dq, dk, dv) for the output gradient `g`; once (the saved statistics are taken).
     pub fn backward(&self, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, h, kvh, d) = self.op.dims;
-        let packed = g
-            .contiguous()?
-            .apply_op2_no_bwd(&self.y, &BlockBackward(self.op.clone()))?;
-        match unpack_qkv(&packed, (b, t, h * d), (b, t, kvh * d))? {
-            (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
-            _ => Err(crate::Error::msg("attention block: incomplete gradients")),
-        }
+        Ok(self.op.input_grads(&self.y, g)?)
     }
 }
 

@@ -60,7 +60,8 @@ pub fn cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
 }
 
 /// (dq, dk, dv) of [`cross_attention`] at `q`, `k`, `v` for the output gradient `g`, outside
-/// autograd: for a backward its caller writes out, where [`cross_attention`] ran on the kernels.
+/// autograd: the op's own backward, and a backward its caller writes out where
+/// [`cross_attention`] ran on the kernels.
 pub fn cross_attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -78,10 +79,11 @@ pub fn cross_attention_backward(
     let packed = g
         .contiguous()?
         .apply_op2_no_bwd(&q.detach().contiguous()?, &op)?;
-    match super::attention::unpack_qkv(&packed, (b, t, inner), (b, s, inner))? {
-        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
-        _ => Err(crate::Error::msg("cross-attention: incomplete gradients")),
-    }
+    Ok(super::attention::unpack_qkv(
+        &packed,
+        (b, t, inner),
+        (b, s, inner),
+    )?)
 }
 
 #[derive(Clone, Copy)]
@@ -108,18 +110,11 @@ impl CustomOp3 for CrossAttention {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         super::mark_backward_start(q.device())?;
-        let (b, t, inner) = q.dims3()?;
-        let s = k.dim(1)?;
-        let op = CrossAttentionBackward {
-            heads: self.heads,
-            k: k.clone(),
-            v: v.clone(),
-        };
-        let packed = g.contiguous()?.apply_op2_no_bwd(q, &op)?;
-        let grads = super::attention::unpack_qkv(&packed, (b, t, inner), (b, s, inner))?;
+        let (dq, dk, dv) =
+            cross_attention_backward(q, k, v, self.heads, g).map_err(candle_core::Error::wrap)?;
         super::mark_on(q.device(), "backward: cross-attention")
             .map_err(candle_core::Error::wrap)?;
-        Ok(grads)
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
