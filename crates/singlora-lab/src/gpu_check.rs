@@ -821,10 +821,9 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
             inject(ls, &[], &spec, &targets, &clock)?;
             let mut ls = vec![];
             attn.linears(&mut ls);
-            let vars: Vec<Var> = ls
-                .iter()
-                .filter_map(|l| l.adapter())
-                .flat_map(|a| a.params().into_iter().map(|p| p.var))
+            let vars: Vec<Var> = singlora::adapter::params_of(ls)
+                .into_iter()
+                .map(|p| p.var)
                 .collect();
             for (v, p) in vars.iter().zip(&params) {
                 let p = p.narrow(0, 0, v.dim(0)?)?;
@@ -1054,11 +1053,9 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let clock = RampClock::new(RampSchedule::none(), 0);
         let targets = TargetSpec::parse("to_q,to_k,to_v,to_out.0", None)?;
         inject(unet.linears_mut(), &[], &spec, &targets, &clock)?;
-        let vars: Vec<Var> = unet
-            .linears()
-            .iter()
-            .filter_map(|l| l.adapter())
-            .flat_map(|a| a.params().into_iter().map(|p| p.var))
+        let vars: Vec<Var> = singlora::adapter::params_of(unet.linears())
+            .into_iter()
+            .map(|p| p.var)
             .collect();
         for (i, v) in vars.iter().enumerate() {
             let mut rng = singlora::rng::rng_for(i as u64, "gpu-check");

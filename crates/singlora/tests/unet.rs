@@ -146,11 +146,9 @@ fn adapter_gradients_against_finite_differences(one_op: bool) {
             assert!(chosen.iter().any(|n| n.ends_with("proj_out")), "{chosen:?}");
         }
         // LoRA's B starts at zero: move every factor off its init so each path carries signal
-        let vars: Vec<Var> = unet
-            .linears()
-            .iter()
-            .filter_map(|l| l.adapter())
-            .flat_map(|a| a.params().into_iter().map(|p| p.var))
+        let vars: Vec<Var> = singlora::adapter::params_of(unet.linears())
+            .into_iter()
+            .map(|p| p.var)
             .collect();
         for (i, v) in vars.iter().enumerate() {
             let mut rng = singlora::rng::rng_for(i as u64, "noise");

@@ -70,12 +70,7 @@ pub fn run(
     let clock = RampClock::new(RampSchedule::none(), 0);
     let targets = TargetSpec::parse(targets, None)?;
     inject::inject(unet.linears_mut(), &[], &spec, &targets, &clock)?;
-    let params: Vec<_> = unet
-        .linears()
-        .iter()
-        .filter_map(|l| l.adapter())
-        .flat_map(|a| a.params())
-        .collect();
+    let params = singlora::adapter::params_of(unet.linears());
     let trainable_params = params.iter().map(|p| p.var.elem_count()).sum();
     let mut opt = AdamW::new(
         params,

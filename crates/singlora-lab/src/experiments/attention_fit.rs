@@ -315,11 +315,7 @@ impl FitModel {
 
     /// The trainable tensors of both adapters.
     pub fn params(&self) -> Vec<Param> {
-        [&self.q, &self.k]
-            .iter()
-            .filter_map(|l| l.adapter())
-            .flat_map(Adapter::params)
-            .collect()
+        singlora::adapter::params_of([&self.q, &self.k])
     }
 
     pub fn num_params(&self) -> usize {

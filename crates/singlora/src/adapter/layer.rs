@@ -87,10 +87,9 @@ impl AdaptedLinear {
     }
 
     /// The layer as y = x·W0ᵀ + b + c·(x·D)·Uᵀ for a backward written out by hand
-    /// ([`LowRankLinear`]), with the factors D, U in `dtype` (autograd functions of the
-    /// adapter's variables, so their gradients reach the variables). None where the layer is
-    /// not of that form on the fused ops: a quantised weight, DoRA's rescaled output, a weight
-    /// not of `dtype`.
+    /// ([`LowRankLinear`]), with detached copies of the factors D, U in `dtype` and the
+    /// adapter's variables their gradients go to. None where the layer is not of that form on
+    /// the fused ops: a quantised weight, DoRA's rescaled output, a weight not of `dtype`.
     pub fn as_low_rank(&self, dtype: DType) -> Result<Option<LowRankLinear>> {
         let Some(w0) = self.base.dense_weight() else {
             return Ok(None);
@@ -98,21 +97,28 @@ impl AdaptedLinear {
         if w0.dtype() != dtype || !w0.is_contiguous() {
             return Ok(None);
         }
-        let (factors, params) = match (&self.adapter, &self.merged) {
+        let adapter = match (&self.adapter, &self.merged) {
             (Some(a), None) if a.rescales_output() => return Ok(None),
             (Some(a), None) => {
                 let (d, u, c) = a.factors_in(dtype)?;
-                let (d, u) = (d.detach(), u.detach());
-                let vars = a.params().into_iter().map(|p| p.var.as_tensor().clone());
-                (Some((d, u, c)), Some((vars.collect(), a.factor_layout())))
+                Some(LowRankFactors {
+                    d: d.detach(),
+                    u: u.detach(),
+                    c,
+                    vars: a
+                        .params()
+                        .into_iter()
+                        .map(|p| p.var.as_tensor().clone())
+                        .collect(),
+                    layout: a.factor_layout(),
+                })
             }
-            _ => (None, None),
+            _ => None,
         };
         Ok(Some(LowRankLinear {
             w0: w0.clone(),
             bias: self.base.bias().cloned(),
-            factors,
-            params,
+            adapter,
         }))
     }
 
@@ -221,39 +227,40 @@ impl AdaptedLinear {
     }
 }
 
-/// dD and dU of a [`LowRankLinear`]'s adapter.
-pub type FactorGrads = (Tensor, Tensor);
-
 /// A linear layer taken apart for a backward written out by hand (from
 /// [`AdaptedLinear::as_low_rank`]): y = x·W0ᵀ + b + c·(x·D)·Uᵀ on 2-D x, the adapter term
-/// where `factors` holds (D, U, c), D and U detached copies of what the adapter's variables
-/// (`params`, with where D and U sit in them) hold.
+/// where the layer has one.
 #[derive(Debug, Clone)]
 pub struct LowRankLinear {
     pub w0: Tensor,
     pub bias: Option<Tensor>,
-    pub factors: Option<(Tensor, Tensor, f64)>,
-    pub params: Option<(Vec<Tensor>, FactorLayout)>,
+    pub adapter: Option<LowRankFactors>,
+}
+
+/// An adapter as [`LowRankLinear`] takes it: D, U and c (D and U detached copies of what the
+/// variables hold), the variables, and where D and U sit in them.
+#[derive(Debug, Clone)]
+pub struct LowRankFactors {
+    pub d: Tensor,
+    pub u: Tensor,
+    pub c: f64,
+    pub vars: Vec<Tensor>,
+    pub layout: FactorLayout,
 }
 
 impl LowRankLinear {
-    /// y for 2-D `x`, outside autograd (the factors detached).
+    /// y for 2-D `x`, outside autograd.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match &self.factors {
-            Some((d, u, c)) => crate::ops::adapted_linear(
-                &x.detach(),
-                &self.w0,
-                self.bias.as_ref(),
-                &d.detach(),
-                &u.detach(),
-                *c,
-            )?,
-            None if crate::ops::fused_available(x, &self.w0) => {
-                crate::ops::frozen_linear(&x.detach(), &self.w0, self.bias.as_ref())?
+        let x = x.detach();
+        let bias = self.bias.as_ref();
+        Ok(match &self.adapter {
+            Some(a) => crate::ops::adapted_linear(&x, &self.w0, bias, &a.d, &a.u, a.c)?,
+            None if crate::ops::fused_available(&x, &self.w0) => {
+                crate::ops::frozen_linear(&x, &self.w0, bias)?
             }
             None => {
-                let y = x.detach().matmul(&self.w0.t()?)?;
-                match &self.bias {
+                let y = x.matmul(&self.w0.t()?)?;
+                match bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 }
@@ -262,41 +269,40 @@ impl LowRankLinear {
     }
 
     /// dx (where `input_grad`) for the output gradient `g` at the input `x` (both 2-D), and
-    /// with an adapter its factors' gradients (dD, dU).
+    /// the gradients of [`Self::variables`] (none without an adapter).
     pub fn backward(
         &self,
         x: &Tensor,
         g: &Tensor,
         input_grad: bool,
-    ) -> Result<(Option<Tensor>, Option<FactorGrads>)> {
-        Ok(match &self.factors {
-            Some((d, u, c)) => {
+    ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        Ok(match &self.adapter {
+            Some(a) => {
                 let (dx, dd, du) =
-                    crate::ops::adapted_linear_grads(x, &self.w0, &d.detach(), &u.detach(), *c, g)?;
-                (input_grad.then_some(dx), Some((dd, du)))
+                    crate::ops::adapted_linear_grads(x, &self.w0, &a.d, &a.u, a.c, g)?;
+                (input_grad.then_some(dx), a.param_grads(&dd, &du)?)
             }
-            None if input_grad => (Some(g.matmul(&self.w0)?), None),
-            None => (None, None),
+            None if input_grad => (Some(g.matmul(&self.w0)?), vec![]),
+            None => (None, vec![]),
         })
     }
 
     /// The adapter's variables, where the layer has one: the tensors whose gradients
-    /// [`Self::param_grads`] gives.
+    /// [`Self::backward`] gives.
     pub fn variables(&self) -> &[Tensor] {
-        self.params.as_ref().map_or(&[], |(v, _)| v.as_slice())
+        self.adapter.as_ref().map_or(&[], |a| a.vars.as_slice())
     }
+}
 
-    /// The gradients of [`Self::variables`] from the factors' gradients dD (d_in × r) and dU
-    /// (d_out × r), in each variable's type: a factor that is a variable's leading rows adds
-    /// into those rows, one that is its transpose adds transposed; a variable outside the
-    /// factors gets zeros.
-    pub fn param_grads(&self, dd: &Tensor, du: &Tensor) -> Result<Vec<Tensor>> {
-        let Some((vars, layout)) = &self.params else {
-            return Ok(vec![]);
-        };
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        for (src, g) in [(layout.d, dd), (layout.u, du)] {
-            let var = &vars[src.param()];
+impl LowRankFactors {
+    /// The variables' gradients from the factors' gradients dD (d_in × r) and dU (d_out × r),
+    /// in each variable's type: a factor that is a variable's leading rows adds into those
+    /// rows, one that is its transpose adds transposed; a variable outside the factors gets
+    /// zeros.
+    fn param_grads(&self, dd: &Tensor, du: &Tensor) -> Result<Vec<Tensor>> {
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        for (src, g) in [(self.layout.d, dd), (self.layout.u, du)] {
+            let var = &self.vars[src.param()];
             let g = match src {
                 FactorSource::Rows(_) => {
                     let rows = g.dim(0)?;
@@ -307,11 +313,12 @@ impl LowRankLinear {
             let g = g.to_dtype(var.dtype())?;
             let slot = &mut grads[src.param()];
             *slot = Some(match slot.take() {
-                Some(a) => (a + g)?,
+                Some(sum) => (sum + g)?,
                 None => g,
             });
         }
-        vars.iter()
+        self.vars
+            .iter()
             .zip(grads)
             .map(|(v, g)| Ok(g.map_or_else(|| v.zeros_like(), Ok)?))
             .collect()

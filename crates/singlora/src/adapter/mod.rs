@@ -37,7 +37,7 @@ pub mod ramp;
 mod singlora;
 pub mod target;
 
-pub use layer::{AdaptedLinear, LowRankLinear};
+pub use layer::{AdaptedLinear, LowRankFactors, LowRankLinear};
 pub use lora::LoraAdapter;
 pub use singlora::SingLoraAdapter;
 
@@ -576,6 +576,15 @@ impl Adapter {
     pub fn device(&self) -> Device {
         self.params()[0].var.device().clone()
     }
+}
+
+/// The trainable tensors of the adapters on `linears`, layer by layer in their order.
+pub fn params_of<'a>(linears: impl IntoIterator<Item = &'a AdaptedLinear>) -> Vec<Param> {
+    linears
+        .into_iter()
+        .filter_map(|l| l.adapter())
+        .flat_map(Adapter::params)
+        .collect()
 }
 
 /// The dtype the adapter path computes in: the activations' when they are half precision (the

@@ -645,11 +645,7 @@ impl<'a> Trainer<'a> {
 
 /// The trainable tensors of the U-Net's adapters, in model order.
 fn adapter_params(unet: &super::unet::UNet) -> Vec<crate::adapter::Param> {
-    unet.linears()
-        .iter()
-        .filter_map(|l| l.adapter())
-        .flat_map(|a| a.params())
-        .collect()
+    crate::adapter::params_of(unet.linears())
 }
 
 /// Source images of the subject (the mirrored copies excluded).

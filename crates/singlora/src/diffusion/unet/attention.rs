@@ -78,14 +78,7 @@ impl Attention {
         let v = self.to_v.forward(kv)?;
         mark_on(v.device(), "unet: attention projections")?;
         let a = attend(&q, &k, &v, self.heads, self.upcast)?;
-        mark_on(
-            a.device(),
-            if ctx.is_some() {
-                "unet: cross-attention core"
-            } else {
-                "unet: self-attention core"
-            },
-        )?;
+        mark_on(a.device(), core_label(ctx.is_some()))?;
         let y = self.to_out.forward(&a)?;
         mark_on(y.device(), "unet: attention projections")?;
         Ok(y)
@@ -131,7 +124,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
     let d = inner / heads;
     let lens = vec![s; b];
     let half = !matches!(q.dtype(), DType::F32 | DType::F64);
-    if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
+    if fused_self_attention(q, k, heads, upcast)? {
         return attend_fused(q, k, v, heads, &crate::ops::FastPath::default());
     }
     // f32 arithmetic inside, as `upcast` asks
@@ -159,6 +152,25 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
     Ok(a.transpose(1, 2)?.reshape((b, t, inner))?)
 }
 
+/// What the forward profile files an attention's core under.
+fn core_label(cross: bool) -> &'static str {
+    match cross {
+        true => "unet: cross-attention core",
+        false => "unet: self-attention core",
+    }
+}
+
+/// Whether [`attend`] takes the fused self-attention kernels for q (b, t, heads·d) and k: bf16
+/// on CUDA, as many keys as queries, heads up to 128 wide, scores not asked for in f32.
+fn fused_self_attention(q: &Tensor, k: &Tensor, heads: usize, upcast: bool) -> Result<bool> {
+    let (_, t, inner) = q.dims3()?;
+    Ok(t == k.dim(1)?
+        && !upcast
+        && q.dtype() == DType::BF16
+        && q.device().is_cuda()
+        && inner / heads <= 128)
+}
+
 /// Self-attention on CUDA in bf16 through the fused (flash) attention kernels, which take
 /// heads of 64 or 128 (and 48 where [`crate::ops::FastPath::flash_48`] is on): each head
 /// zero-padded to the next of those (zeros add nothing to q·k and give output columns that are
@@ -174,12 +186,11 @@ fn attend_fused(
 ) -> Result<Tensor> {
     let (b, t, inner) = q.dims3()?;
     let heads_of = PaddedHeads::new(inner / heads, fast);
-    let qs = (q * heads_of.q_scale())?;
-    let (cos, sin) = heads_of.identity_rotation(t, q.device())?;
+    let ([qp, kp, vp], (cos, sin)) = heads_of.inputs(q, k, v)?;
     let y = crate::ops::attention_block(
-        &heads_of.pad(&qs)?,
-        &heads_of.pad(k)?,
-        &heads_of.pad(v)?,
+        &qp,
+        &kp,
+        &vp,
         (&cos, &sin),
         (heads, heads),
         &vec![t; b],
@@ -211,12 +222,25 @@ impl PaddedHeads {
         (self.hd as f64 / self.d as f64).sqrt()
     }
 
+    /// The fused kernels' inputs for q, k, v (b, t, heads·d): q scaled, all three padded; and
     /// RoPE tables that rotate nothing (cos 1, sin 0), (t, hd).
-    fn identity_rotation(&self, t: usize, dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-        Ok((
+    fn inputs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<([Tensor; 3], (Tensor, Tensor))> {
+        let (t, dev) = (q.dim(1)?, q.device());
+        let padded = [
+            self.pad(&(q * self.q_scale())?)?,
+            self.pad(k)?,
+            self.pad(v)?,
+        ];
+        let rotation = (
             Tensor::ones((t, self.hd), DType::F32, dev)?,
             Tensor::zeros((t, self.hd), DType::F32, dev)?,
-        ))
+        );
+        Ok((padded, rotation))
     }
 
     /// (b, t, heads·d) → (b, t, heads·hd), each head's columns past d zero (one op).
@@ -261,17 +285,15 @@ impl KeptAttention {
         upcast: bool,
     ) -> Result<(Tensor, Self)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (b, t, inner) = q.dims3()?;
-        let s = k.dim(1)?;
-        let d = inner / heads;
-        let fast = crate::ops::FastPath::default();
-        if t == s && !upcast && q.dtype() == DType::BF16 && q.device().is_cuda() && d <= 128 {
-            let heads_of = PaddedHeads::new(d, &fast);
-            let (cos, sin) = heads_of.identity_rotation(t, q.device())?;
+        if fused_self_attention(&q, &k, heads, upcast)? {
+            let (b, t, inner) = q.dims3()?;
+            let fast = crate::ops::FastPath::default();
+            let heads_of = PaddedHeads::new(inner / heads, &fast);
+            let ([qp, kp, vp], (cos, sin)) = heads_of.inputs(&q, &k, &v)?;
             let run = crate::ops::attention::FusedAttention::forward(
-                &heads_of.pad(&(&q * heads_of.q_scale())?)?,
-                &heads_of.pad(&k)?,
-                &heads_of.pad(&v)?,
+                &qp,
+                &kp,
+                &vp,
                 (&cos, &sin),
                 (heads, heads),
                 &vec![t; b],
@@ -522,14 +544,7 @@ fn attention_sublayer_one_op(
     let v = heads3(proj[2].forward(&kv_in)?, s)?;
     mark_on(n.device(), "unet: attention projections")?;
     let (core, kept) = KeptAttention::forward(&q, &k, &v, attn.heads, attn.upcast)?;
-    mark_on(
-        n.device(),
-        if ctx.is_some() {
-            "unet: cross-attention core"
-        } else {
-            "unet: self-attention core"
-        },
-    )?;
+    mark_on(n.device(), core_label(ctx.is_some()))?;
     let a = core.reshape((b * t, core.dim(2)?))?;
     let y = (proj[3].forward(&a)?.reshape((b, t, c))? + &xd)?;
     mark_on(n.device(), "unet: attention projections")?;
@@ -573,7 +588,7 @@ impl ParamsGradient for SublayerGrad {
         let wrap = candle_core::Error::wrap;
         let (b, t, c) = g.dims3()?;
         let g2 = g.reshape((b * t, c))?;
-        let (da, d_out) = self.proj[3].backward(&self.a, &g2, true).map_err(wrap)?;
+        let (da, p_out) = self.proj[3].backward(&self.a, &g2, true).map_err(wrap)?;
         let da = da.expect("asked for").reshape((b, t, self.a.dim(1)?))?;
         let flat = |x: Tensor| -> candle_core::Result<Tensor> {
             let (xb, xt, xw) = x.dims3()?;
@@ -583,11 +598,11 @@ impl ParamsGradient for SublayerGrad {
         let (dq, dk, dv) = (flat(dq)?, flat(dk)?, flat(dv)?);
         let self_attention = self.kv_in.is_none();
         let kv_in = self.kv_in.as_ref().unwrap_or(&self.n);
-        let (dn, d_q) = self.proj[0].backward(&self.n, &dq, true).map_err(wrap)?;
-        let (dn_k, d_k) = self.proj[1]
+        let (dn, p_q) = self.proj[0].backward(&self.n, &dq, true).map_err(wrap)?;
+        let (dn_k, p_k) = self.proj[1]
             .backward(kv_in, &dk, self_attention)
             .map_err(wrap)?;
-        let (dn_v, d_v) = self.proj[2]
+        let (dn_v, p_v) = self.proj[2]
             .backward(kv_in, &dv, self_attention)
             .map_err(wrap)?;
         let mut dn = dn.expect("asked for");
@@ -598,11 +613,7 @@ impl ParamsGradient for SublayerGrad {
             .norm
             .backward(&x.detach(), &dn.reshape((b, t, c))?)
             .map_err(wrap)?;
-        let mut params = vec![];
-        for (proj, grads) in self.proj.iter().zip([d_q, d_k, d_v, d_out]) {
-            params.extend(param_grads(proj, grads)?);
-        }
-        Ok(((dx + g)?, params))
+        Ok(((dx + g)?, [p_q, p_k, p_v, p_out].concat()))
     }
 }
 
@@ -640,8 +651,7 @@ impl Projection {
                 .map(|w| LowRankLinear {
                     w0: w.clone(),
                     bias: c.bias().cloned(),
-                    factors: None,
-                    params: None,
+                    adapter: None,
                 })),
         }
     }
@@ -655,16 +665,16 @@ fn param_list<'a>(proj: impl IntoIterator<Item = &'a LowRankLinear>) -> Vec<Tens
         .collect()
 }
 
-/// The adapter variables' gradients of `proj` from its factors' gradients, if it has an
-/// adapter.
-fn param_grads(
-    proj: &LowRankLinear,
-    factor_grads: Option<(Tensor, Tensor)>,
-) -> candle_core::Result<Vec<Tensor>> {
-    match factor_grads {
-        Some((dd, du)) => proj.param_grads(&dd, &du).map_err(candle_core::Error::wrap),
-        None => Ok(vec![]),
-    }
+/// (b, c, h, w) as the transformer's tokens (b, h·w, c), contiguous.
+fn tokens_of(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
+}
+
+/// Tokens (b, h·w, c) as the image (b, c, h, w), contiguous.
+fn image_of(t: &Tensor, (h, w): (usize, usize)) -> candle_core::Result<Tensor> {
+    let (b, _, c) = t.dims3()?;
+    t.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))
 }
 
 /// The gradients of the transformer's entry, tokens = proj_in(GroupNorm(x) as (b, h·w, c)),
@@ -686,14 +696,9 @@ impl ParamsGradient for EntryGrad {
         let c_out = g.dim(2)?;
         let g2 = g.reshape((b * h * w, c_out))?;
         let (dt, dp) = self.proj.backward(&self.tokens, &g2, true).map_err(wrap)?;
-        let dn = dt
-            .expect("asked for")
-            .reshape((b, h * w, c))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c, h, w))?;
+        let dn = image_of(&dt.expect("asked for").reshape((b, h * w, c))?, (h, w))?;
         let dx = self.norm.backward(&x.detach(), &dn).map_err(wrap)?;
-        Ok((dx, param_grads(&self.proj, dp)?))
+        Ok((dx, dp))
     }
 }
 
@@ -710,15 +715,11 @@ impl ParamsGradient for ExitGrad {
     fn grads(&self, t: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let wrap = candle_core::Error::wrap;
         let (b, c, h, w) = g.dims4()?;
-        let g2 = g
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * h * w, c))?;
+        let g2 = tokens_of(g)?.reshape((b * h * w, c))?;
         let t2 = t.detach().reshape((b * h * w, t.dim(2)?))?;
         let (dt, dp) = self.proj.backward(&t2, &g2, true).map_err(wrap)?;
         let dt = dt.expect("asked for").reshape(t.shape())?;
-        Ok((dt, param_grads(&self.proj, dp)?))
+        Ok((dt, dp))
     }
 }
 
@@ -782,10 +783,7 @@ impl Transformer2d {
     /// into, one of them through a transposed view.
     fn entry(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = |x: &Tensor| -> Result<Tensor> {
-            let n = self.norm.forward(x)?.reshape((b, c, h * w))?;
-            Ok(n.transpose(1, 2)?.contiguous()?)
-        };
+        let tokens = |x: &Tensor| -> Result<Tensor> { Ok(tokens_of(&self.norm.forward(x)?)?) };
         let proj = match one_op_sublayers() && x.track_op() {
             true => self.proj_in.low_rank(x.dtype())?,
             false => None,
@@ -817,11 +815,7 @@ impl Transformer2d {
             return Ok(y.transpose(1, 2)?.reshape((b, c, h, w))?);
         };
         let y = proj.forward(&t.detach().reshape((b * h * w, t.dim(2)?))?)?;
-        let y = y
-            .reshape((b, h * w, c))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, c, h, w))?;
+        let y = image_of(&y.reshape((b, h * w, c))?, (h, w))?;
         let params = param_list([&proj]);
         tie_params(t, &params, &y, ExitGrad { proj })
     }
@@ -942,10 +936,9 @@ mod tests {
                 inject(ls, &[], &spec, &chosen, &clock).unwrap();
                 let mut ls = vec![];
                 attn.linears(&mut ls);
-                let vars: Vec<Var> = ls
-                    .iter()
-                    .filter_map(|l| l.adapter())
-                    .flat_map(|a| a.params().into_iter().map(|p| p.var))
+                let vars: Vec<Var> = crate::adapter::params_of(ls)
+                    .into_iter()
+                    .map(|p| p.var)
                     .collect();
                 // off the init (LoRA's B is zero), so every factor carries signal
                 for v in &vars {
