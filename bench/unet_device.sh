@@ -31,10 +31,22 @@ cp /tmp/sd/run-singlora/samples/*.png "$OUT/" 2>/dev/null
 fi
 [ "$PART" = check ] && exit 0
 echo "== SD 1.5-shaped U-Net step"
+# BATCH: the batch sizes (default 1,4; DBATCH for diffusers, default BATCH); each part's start time goes to $OUT/times.txt
+BATCH=${BATCH:-1,4}
+stamp() { echo "$(date +%s) $1" >> "$OUT/times.txt"; }
+stamp write
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
-timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json --profile 2>&1 | tee "$OUT/unet-singlora.jsonl"
+stamp singlora
+timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile 2>&1 | tee "$OUT/unet-singlora.jsonl"
 # the transformers' sublayers as one autograd op each (off by default in the library)
-timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch 1,4 --json --profile --one-op 2>&1 | tee "$OUT/unet-singlora-one-op.jsonl"
-timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch 1,4 --modes "${MODES:-eager,compile}" 2>&1 | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
+stamp one-op
+timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --one-op 2>&1 | tee "$OUT/unet-singlora-one-op.jsonl"
+# the cross-attention kernels' products as FMAs, as before the tensor-core kernels
+stamp xattn-fma
+timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch "$BATCH" --json --xattn-fma 2>&1 | tee "$OUT/unet-singlora-xattn-fma.jsonl"
+stamp diffusers
+timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
+stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"
+stamp end

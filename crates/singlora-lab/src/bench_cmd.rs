@@ -586,11 +586,15 @@ pub struct UNetArgs {
     /// (off by default in the library).
     #[arg(long)]
     one_op: bool,
+    /// Run the cross-attention kernels' products as f32 FMAs instead of on the tensor cores.
+    #[arg(long)]
+    xattn_fma: bool,
 }
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
     singlora::diffusion::unet::attention::set_one_op_sublayers(a.one_op);
+    singlora::ops::cross_attention::set_tensor_cores(!a.xattn_fma);
     if a.profile {
         for &b in &a.batch {
             for (name, fwd, both) in singlora_lab::bench::unet::components(b, &device)? {

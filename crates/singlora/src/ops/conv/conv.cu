@@ -68,6 +68,60 @@ extern "C" __global__ void im2col_s1_v8_bf16(const uint16_t* x, uint16_t* col, i
     im2col_s1_v8(x, col, c, h, w, k, p, ho, wo, rows);
 }
 
+// im2col through shared memory: a block takes one input plane (image, channel) at a time, reads
+// it once, coalesced, into shared memory with its zero border, then writes the plane's k·k col
+// rows from there. The kernels above read each input k·k times through the cache, 2 bytes at a
+// time; here global memory sees one read of the input and the col matrix's writes (16 bytes a
+// thread where a col row is whole groups of 8 pixels at bf16: `V8`). Any stride. The launcher
+// takes it where a padded plane fits in the shared memory it asks for.
+template <typename T, bool V8>
+__device__ void im2col_plane(const T* x, T* col, int planes, int h, int w, int k, int s, int p, int ho, int wo) {
+    extern __shared__ unsigned char smem_raw[];
+    T* sm = reinterpret_cast<T*>(smem_raw);
+    const int hp = h + 2 * p, wp = w + 2 * p;
+    const unsigned m = (unsigned)(ho * wo);
+    const unsigned taps = (unsigned)(k * k);
+    const unsigned per_row = V8 ? m / 8 : m;
+    for (int plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+        const T* src = x + (long)plane * h * w;
+        for (unsigned i = threadIdx.x; i < (unsigned)(hp * wp); i += blockDim.x) {
+            const int py = (int)(i / (unsigned)wp), px = (int)i - py * wp;
+            const int iy = py - p, ix = px - p;
+            sm[i] = iy >= 0 && iy < h && ix >= 0 && ix < w ? src[iy * w + ix] : T(0);
+        }
+        __syncthreads();
+        T* dst = col + (long)plane * taps * m;
+        for (unsigned idx = threadIdx.x; idx < taps * per_row; idx += blockDim.x) {
+            const unsigned tap = idx / per_row, g = idx - tap * per_row;
+            const int ky = (int)(tap / (unsigned)k), kx = (int)tap - ky * k;
+            if (V8) {
+                const int i = (int)g * 8;
+                const int oy = i / wo, ox = i - oy * wo;
+                const T* row = sm + (oy * s + ky) * wp + ox * s + kx;
+                uint16_t v[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[j] = reinterpret_cast<const uint16_t*>(row)[j * s];
+                uint4 out;
+                out.x = v[0] | ((uint32_t)v[1] << 16);
+                out.y = v[2] | ((uint32_t)v[3] << 16);
+                out.z = v[4] | ((uint32_t)v[5] << 16);
+                out.w = v[6] | ((uint32_t)v[7] << 16);
+                reinterpret_cast<uint4*>(dst + (long)tap * m)[g] = out;
+            } else {
+                const int oy = (int)g / wo, ox = (int)g - oy * wo;
+                dst[(long)tap * m + g] = sm[(oy * s + ky) * wp + ox * s + kx];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// (planes = images · channels; the col matrix's rows are 16-byte aligned for the 8-wide stores)
+extern "C" __global__ void im2col_plane_v8_bf16(const uint16_t* x, uint16_t* col, int planes, int h, int w, int k,
+                                                int s, int p, int ho, int wo) {
+    im2col_plane<uint16_t, true>(x, col, planes, h, w, k, s, p, ho, wo);
+}
+
 // The kernel of a convolution's input gradient: w (co, ci, k, k) → (ci, co, k, k) with the taps
 // reversed along both axes, one thread per element.
 template <typename T>
@@ -89,6 +143,10 @@ __device__ void flip_kernel(const T* w, T* out, int co, int ci, int k) {
     }                                                                                                           \
     extern "C" __global__ void flip_kernel_##SUF(const T* w, T* out, int co, int ci, int k) {                  \
         flip_kernel<T>(w, out, co, ci, k);                                                                      \
+    }                                                                                                           \
+    extern "C" __global__ void im2col_plane_##SUF(const T* x, T* col, int planes, int h, int w, int k, int s,   \
+                                                   int p, int ho, int wo) {                                    \
+        im2col_plane<T, false>(x, col, planes, h, w, k, s, p, ho, wo);                                          \
     }
 INSTANTIATE(float, f32)
 INSTANTIATE(uint16_t, bf16)

@@ -1,9 +1,11 @@
 //! The convolution's launchers (im2col and the kernel flip in conv.cu) and its GEMM.
 
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaStorage, Layout, Shape};
 
 use crate::ops::cuda::{
     args, elems_cfg, gemm_batched, grid, input_ptr, input_ptr_as, ptx_module, Ctx, Mat, Module,
+    STATIC_SMEM_BYTES,
 };
 
 const MODULE: Module = ptx_module!("conv");
@@ -15,6 +17,11 @@ const THREADS: u32 = 256;
 /// threads on each of 132 SMs, a few times over. Blocks of one element a thread each, one per
 /// col row, made the launching of blocks the kernel's cost at the U-Net's sizes.
 const MAX_BLOCKS: usize = 4096;
+
+/// The shared memory an im2col block asks for at most: one padded input plane (130 × 130 bf16
+/// for SDXL's 128 × 128 latents), within what a block has without opting in. Larger planes
+/// take the kernels that read through the cache.
+const PLANE_SMEM_BYTES: usize = STATIC_SMEM_BYTES as usize;
 
 /// y (b, c_out, h_out, w_out) = W ⋆ x for contiguous x (b, c_in, h, w) and W (c_out, c_in, k, k)
 /// of one type (bf16 or f32).
@@ -52,45 +59,76 @@ pub(super) fn forward(
     } else {
         let rows = b * kk;
         let (s, colp) = cx.fresh(rows * m)?;
-        // a thread writes 8 neighbours at once where it can (bf16, stride 1, output rows of
-        // whole groups of 8, sizes its 32-bit indices hold)
-        let v8 = bf16
-            && stride == 1
-            && wo % 8 == 0
-            && colp % 16 == 0
-            && rows * m / 8 < i32::MAX as usize
-            && h * wd < i32::MAX as usize;
-        let per_thread = if v8 { 8 } else { 1 };
-        let cfg = grid(
-            (
-                (rows * m / per_thread)
-                    .div_ceil(THREADS as usize)
-                    .clamp(1, MAX_BLOCKS),
-                1,
-            ),
-            THREADS,
-        );
-        let a = args![
-            xp,
-            colp,
-            c as i32,
-            h as i32,
-            wd as i32,
-            k as i32,
-            stride as i32,
-            padding as i32,
-            ho as i32,
-            wo as i32,
-            rows as i32
-        ];
-        let kernel = match v8 {
-            true => "im2col_s1_v8_bf16".to_string(),
-            false => cx.kernel("im2col", false),
-        };
-        // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type
-        // (bf16 for the 8-wide kernel, whose stores are 16-byte aligned: col's start and its
-        // rows of m = ho·wo, a multiple of 8, elements).
-        unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
+        let planes = b * c;
+        let elem = if bf16 { 2 } else { 4 };
+        let plane_bytes = (h + 2 * padding) * (wd + 2 * padding) * elem;
+        // the col matrix's rows are whole groups of 8 and 16-byte aligned
+        let rows_v8 = bf16 && wo % 8 == 0 && colp % 16 == 0;
+        if plane_bytes <= PLANE_SMEM_BYTES {
+            let cfg = LaunchConfig {
+                grid_dim: (planes.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: plane_bytes as u32,
+            };
+            let a = args![
+                xp,
+                colp,
+                planes as i32,
+                h as i32,
+                wd as i32,
+                k as i32,
+                stride as i32,
+                padding as i32,
+                ho as i32,
+                wo as i32
+            ];
+            let kernel = match rows_v8 {
+                true => "im2col_plane_v8_bf16".to_string(),
+                false => cx.kernel("im2col_plane", false),
+            };
+            // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type;
+            // a block's shared memory holds one padded plane; the 8-wide stores are 16-byte
+            // aligned (col's start and its rows of m, a multiple of 8, elements).
+            unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
+        } else {
+            // a thread writes 8 neighbours at once where it can (bf16, stride 1, output rows of
+            // whole groups of 8, sizes its 32-bit indices hold)
+            let v8 = rows_v8
+                && stride == 1
+                && rows * m / 8 < i32::MAX as usize
+                && h * wd < i32::MAX as usize;
+            let per_thread = if v8 { 8 } else { 1 };
+            let cfg = grid(
+                (
+                    (rows * m / per_thread)
+                        .div_ceil(THREADS as usize)
+                        .clamp(1, MAX_BLOCKS),
+                    1,
+                ),
+                THREADS,
+            );
+            let a = args![
+                xp,
+                colp,
+                c as i32,
+                h as i32,
+                wd as i32,
+                k as i32,
+                stride as i32,
+                padding as i32,
+                ho as i32,
+                wo as i32,
+                rows as i32
+            ];
+            let kernel = match v8 {
+                true => "im2col_s1_v8_bf16".to_string(),
+                false => cx.kernel("im2col", false),
+            };
+            // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type
+            // (bf16 for the 8-wide kernel, whose stores are 16-byte aligned: col's start and
+            // its rows of m = ho·wo, a multiple of 8, elements).
+            unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
+        }
         Some((s, colp))
     };
     let colp = col.as_ref().map_or(xp, |c| c.1);

@@ -18,6 +18,20 @@ mod cuda;
 /// the kernels whichever way this is set).
 pub const IN_USE: bool = true;
 
+static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the kernels' products run on the tensor cores (`xattn_tc_*`: mma.sync on shared
+/// tiles, the head width padded to a multiple of 16) or as f32 FMAs (`xattn_*`, a warp a query
+/// row). Both are built for the same keys and head widths; `gpu-check` runs both.
+pub fn set_tensor_cores(on: bool) {
+    TENSOR_CORES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn tensor_cores() -> bool {
+    TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The most keys the kernels take.
 pub const MAX_KEYS: usize = 80;
 /// The head widths the kernels are built for.

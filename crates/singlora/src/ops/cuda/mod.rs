@@ -12,7 +12,7 @@ pub mod prof;
 pub use buffers::*;
 pub use gemm::*;
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::CudaDevice;
 
@@ -151,6 +151,14 @@ impl Module {
         args: &[Arg],
     ) -> candle_core::Result<()> {
         let f = dev.get_or_load_custom_func(kernel, self.name, self.ptx)?;
+        if cfg.shared_mem_bytes > STATIC_SMEM_BYTES {
+            // dynamic shared memory past the default limit is opt-in, per function
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .w()?;
+        }
         let mut bld = f.builder();
         for a in args {
             match a {
@@ -165,6 +173,9 @@ impl Module {
         Ok(())
     }
 }
+
+/// The shared memory a block has without opting in to more.
+pub const STATIC_SMEM_BYTES: u32 = 48 * 1024;
 
 /// Threads per block of the row-wise and grid-stride kernels.
 pub const THREADS: u32 = 256;
