@@ -38,9 +38,9 @@ stamp write
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
 stamp singlora
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile 2>&1 | tee "$OUT/unet-singlora.jsonl"
-# the transformers' sublayers as one autograd op each (off by default in the library)
-stamp one-op
-timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --one-op 2>&1 | tee "$OUT/unet-singlora-one-op.jsonl"
+# the transformers' sublayers recorded op by op (the library runs each as one autograd op)
+stamp recorded
+timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --recorded-sublayers 2>&1 | tee "$OUT/unet-singlora-recorded.jsonl"
 # the cross-attention kernels' products as FMAs, as before the tensor-core kernels
 stamp xattn-fma
 timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch "$BATCH" --json --xattn-fma 2>&1 | tee "$OUT/unet-singlora-xattn-fma.jsonl"

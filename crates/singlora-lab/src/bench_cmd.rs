@@ -582,10 +582,10 @@ pub struct UNetArgs {
     /// them.
     #[arg(long)]
     profile: bool,
-    /// Run the transformers' attention sublayers, entries and exits as one autograd op each
-    /// (off by default in the library).
+    /// Record the transformers' attention sublayers, entries and exits op by op instead of as
+    /// one autograd op each (the library's default).
     #[arg(long)]
-    one_op: bool,
+    recorded_sublayers: bool,
     /// Run the cross-attention kernels' products as f32 FMAs instead of on the tensor cores.
     #[arg(long)]
     xattn_fma: bool,
@@ -593,7 +593,7 @@ pub struct UNetArgs {
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
-    singlora::diffusion::unet::attention::set_one_op_sublayers(a.one_op);
+    singlora::diffusion::unet::attention::set_one_op_sublayers(!a.recorded_sublayers);
     singlora::ops::cross_attention::set_tensor_cores(!a.xattn_fma);
     if a.profile {
         for &b in &a.batch {

@@ -836,7 +836,7 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
             let ctx = on(&ctx)?;
             set_one_op_sublayers(one_op);
             let y = attention_sublayer(&norm, &attn, &xv, ctx_len.map(|_| &ctx));
-            set_one_op_sublayers(false);
+            set_one_op_sublayers(true);
             let y = y?;
             let gt = if dt == DType::F64 {
                 DType::F64
@@ -949,8 +949,15 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     let cpu = Device::Cpu;
     let w = (Tensor::randn(0f64, 0.3, 24, &cpu)? + 1.0)?;
     let b = Tensor::randn(0f64, 0.3, 24, &cpu)?;
-    let x = (Tensor::randn(0f64, 2.0, (3, 24, 5, 7), &cpu)? + 0.5)?;
-    let g = Tensor::randn(0f64, 1.0, (3, 24, 5, 7), &cpu)?;
+    // rows of 6·35 elements, a block each; and of 6·1517, each split among 8 blocks (the last
+    // chunk shorter)
+    let mut images = Vec::new();
+    for dims in [(3, 24, 5, 7), (2, 24, 37, 41)] {
+        images.push((
+            (Tensor::randn(0f64, 2.0, dims, &cpu)? + 0.5)?,
+            Tensor::randn(0f64, 1.0, dims, &cpu)?,
+        ));
+    }
     let xt = (Tensor::randn(0f64, 2.0, (3, 9, 24), &cpu)? - 0.3)?;
     let gt = Tensor::randn(0f64, 1.0, (3, 9, 24), &cpu)?;
     let gt_geglu = Tensor::randn(0f64, 1.0, (3, 9, 12), &cpu)?;
@@ -969,14 +976,15 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let on = |t: &Tensor| t.to_dtype(dt).and_then(|t| t.to_device(device));
         let gn_ref = GroupNorm::new(w.clone(), b.clone(), 4, 1e-5);
         let gn = GroupNorm::new(on(&w)?, on(&b)?, 4, 1e-5);
-        for silu in [false, true] {
+        for (silu, image) in [false, true].into_iter().flat_map(|s| [(s, 0), (s, 1)]) {
+            let (x, g) = &images[image];
             let (yr, dr) = run(
                 &|x| {
                     let y = gn_ref.forward_composed(x)?;
                     Ok(if silu { y.silu()? } else { y })
                 },
-                &x,
-                &g,
+                x,
+                g,
             )?;
             let (y, d) = run(
                 &|x| {
@@ -986,17 +994,18 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                         gn.forward(x)
                     }
                 },
-                &on(&x)?,
-                &on(&g)?,
+                &on(x)?,
+                &on(g)?,
             )?;
             let what = if silu {
                 "GroupNorm + SiLU"
             } else {
                 "GroupNorm"
             };
+            let n = x.elem_count() / x.dim(0)? / 4;
             both(
                 rows,
-                &format!("U-Net {what} fused ({dt:?})"),
+                &format!("U-Net {what} fused, rows of {n} ({dt:?})"),
                 (y, d),
                 (yr, dr),
                 bound,
@@ -1105,7 +1114,7 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             });
         }
     }
-    singlora::diffusion::unet::attention::set_one_op_sublayers(false);
+    singlora::diffusion::unet::attention::set_one_op_sublayers(true);
     Ok(())
 }
 

@@ -477,11 +477,11 @@ impl InputGradient for FeedForwardGrad {
 }
 
 /// Whether the transformers' attention sublayers, entries and exits run as one autograd op
-/// each ([`attention_sublayer_one_op`], [`EntryGrad`], [`ExitGrad`]) instead of op by op. Off
-/// by default until a GPU measures the SD 1.5-shaped training step faster with them than
-/// without (docs/benchmarks.md has the measurements; each op also copies its output once);
-/// `singlora-lab bench-unet --one-op` times them.
-static ONE_OP_SUBLAYERS: AtomicBool = AtomicBool::new(false);
+/// each ([`attention_sublayer_one_op`], [`EntryGrad`], [`ExitGrad`]) instead of op by op. On
+/// by default: the SD 1.5-shaped training step at batch 4 measures a few percent faster with
+/// them on an H100 (a little slower at batch 1, where the launches dominate; docs/benchmarks.md
+/// has the measurements); `singlora-lab bench-unet --recorded-sublayers` times the other way.
+static ONE_OP_SUBLAYERS: AtomicBool = AtomicBool::new(true);
 
 /// Switches [`ONE_OP_SUBLAYERS`] for this process.
 pub fn set_one_op_sublayers(on: bool) {

@@ -1,8 +1,9 @@
 // Normalisation over rows with a per-channel affine, optionally followed by SiLU, forward and
 // backward (ops/affine_norm: the candle op and its CPU code). GroupNorm of (b, c, h, w) is rows
 // of (c / groups)·h·w elements, b·groups rows; LayerNorm over d is rows of d, one group. Element
-// j of row r belongs to channel (r % groups)·cpr + j / hw. A block per row, f32 arithmetic on
-// bf16 or f32 storage; the row statistics are recomputed in the backward, not stored.
+// j of row r belongs to channel (r % groups)·cpr + j / hw. A block per row, or per chunk of a
+// long row (the *_split kernels below), f32 arithmetic on bf16 or f32 storage; the row statistics
+// are recomputed in the backward, not stored.
 #include "../cuda/common.cuh"
 
 // mean and 1/σ of row x[0 .. n) (two passes: the variance about the mean)
@@ -35,7 +36,21 @@ __device__ void affine_norm_fwd(const T* x, const float* w, const float* b, T* y
     }
 }
 
-// dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ with ĝ = w[ch]·dz, dz = g (or g·SiLU'(z), z recomputed).
+// ĝ = w[ch]·dz at element j of row base, dz = g (or g·SiLU'(z), z = x̂·w[ch] + b[ch]).
+template <typename T>
+__device__ __forceinline__ float ghat(const T* g, const float* w, const float* b, long base, int j, int ch0, int hw,
+                                      float xh, int silu) {
+    const int c = ch0 + j / hw;
+    float dz = ld(g, base + j);
+    if (silu) {
+        const float z = xh * w[c] + b[c];
+        const float sg = 1.f / (1.f + __expf(-z));
+        dz *= sg * (1.f + z * (1.f - sg));
+    }
+    return dz * w[c];
+}
+
+// dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ.
 template <typename T>
 __device__ void affine_norm_bwd(const T* x, const float* w, const float* b, const T* g, T* dx, int n, int groups,
                                 int cpr, int hw, float eps, int silu) {
@@ -43,20 +58,10 @@ __device__ void affine_norm_bwd(const T* x, const float* w, const float* b, cons
     const int ch0 = (blockIdx.x % groups) * cpr;
     float mean, inv;
     row_stats(x, base, n, eps, mean, inv);
-    auto ghat = [&](int j, float xh) {
-        const int c = ch0 + j / hw;
-        float dz = ld(g, base + j);
-        if (silu) {
-            const float z = xh * w[c] + b[c];
-            const float sg = 1.f / (1.f + __expf(-z));
-            dz *= sg * (1.f + z * (1.f - sg));
-        }
-        return dz * w[c];
-    };
     float sg = 0.f, sgx = 0.f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         const float xh = (ld(x, base + j) - mean) * inv;
-        const float gh = ghat(j, xh);
+        const float gh = ghat(g, w, b, base, j, ch0, hw, xh, silu);
         sg += gh;
         sgx += gh * xh;
     }
@@ -64,7 +69,115 @@ __device__ void affine_norm_bwd(const T* x, const float* w, const float* b, cons
     const float mgx = block_sum(sgx) / n;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         const float xh = (ld(x, base + j) - mean) * inv;
-        st(dx, base + j, (ghat(j, xh) - mg - xh * mgx) * inv);
+        st(dx, base + j, (ghat(g, w, b, base, j, ch0, hw, xh, silu) - mg - xh * mgx) * inv);
+    }
+}
+
+// Long rows split (GroupNorm of few images: b·groups rows of many elements, too few for a block
+// each to keep the GPU busy): a block per (chunk of `chunk` elements, row), grid (chunks, rows).
+// A first kernel writes each chunk's mean and M2 (the sum of squared deviations about that mean);
+// the kernels after it combine a row's chunks (each thread, in chunk order: Chan, Golub and
+// LeVeque's pairwise update) into the row's mean and 1/σ.
+
+// This block's elements [j0, j1) of its row.
+__device__ __forceinline__ void chunk_range(int n, int chunk, int& j0, int& j1) {
+    j0 = blockIdx.x * chunk;
+    j1 = min(n, j0 + chunk);
+}
+
+template <typename T>
+__device__ void norm_chunk_stats(const T* x, float2* part, int n, int chunk) {
+    const long base = (long)blockIdx.y * n;
+    int j0, j1;
+    chunk_range(n, chunk, j0, j1);
+    float s = 0.f;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) s += ld(x, base + j);
+    const float m = block_sum(s) / (j1 - j0);
+    float v = 0.f;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        const float d = ld(x, base + j) - m;
+        v += d * d;
+    }
+    v = block_sum(v);
+    if (threadIdx.x == 0) part[(long)blockIdx.y * gridDim.x + blockIdx.x] = make_float2(m, v);
+}
+
+__device__ __forceinline__ void combined_stats(const float2* part, int n, int chunk, float eps, float& mean,
+                                               float& inv) {
+    const float2* p = part + (long)blockIdx.y * gridDim.x;
+    float cnt = 0.f, m = 0.f, m2 = 0.f;
+    for (int c = 0; c < (int)gridDim.x; c++) {
+        const float nb = (float)(min(n, (c + 1) * chunk) - c * chunk);
+        const float2 q = p[c];
+        const float tot = cnt + nb, d = q.x - m;
+        m += d * (nb / tot);
+        m2 += q.y + d * d * (cnt * nb / tot);
+        cnt = tot;
+    }
+    mean = m;
+    inv = rsqrtf(m2 / n + eps);
+}
+
+template <typename T>
+__device__ void affine_norm_fwd_split(const T* x, const float* w, const float* b, const float2* part, T* y, int n,
+                                      int chunk, int groups, int cpr, int hw, float eps, int silu) {
+    const long base = (long)blockIdx.y * n;
+    const int ch0 = (blockIdx.y % groups) * cpr;
+    float mean, inv;
+    combined_stats(part, n, chunk, eps, mean, inv);
+    int j0, j1;
+    chunk_range(n, chunk, j0, j1);
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        const int c = ch0 + j / hw;
+        float z = (ld(x, base + j) - mean) * inv * w[c] + b[c];
+        if (silu) z = z / (1.f + __expf(-z));
+        st(y, base + j, z);
+    }
+}
+
+// The chunk's Σĝ and Σĝ⊙x̂.
+template <typename T>
+__device__ void affine_norm_bwd_sums(const T* x, const float* w, const float* b, const T* g, const float2* part,
+                                     float2* sums, int n, int chunk, int groups, int cpr, int hw, float eps,
+                                     int silu) {
+    const long base = (long)blockIdx.y * n;
+    const int ch0 = (blockIdx.y % groups) * cpr;
+    float mean, inv;
+    combined_stats(part, n, chunk, eps, mean, inv);
+    int j0, j1;
+    chunk_range(n, chunk, j0, j1);
+    float sg = 0.f, sgx = 0.f;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        const float xh = (ld(x, base + j) - mean) * inv;
+        const float gh = ghat(g, w, b, base, j, ch0, hw, xh, silu);
+        sg += gh;
+        sgx += gh * xh;
+    }
+    sg = block_sum(sg);
+    sgx = block_sum(sgx);
+    if (threadIdx.x == 0) sums[(long)blockIdx.y * gridDim.x + blockIdx.x] = make_float2(sg, sgx);
+}
+
+template <typename T>
+__device__ void affine_norm_bwd_split(const T* x, const float* w, const float* b, const T* g, const float2* part,
+                                      const float2* sums, T* dx, int n, int chunk, int groups, int cpr, int hw,
+                                      float eps, int silu) {
+    const long base = (long)blockIdx.y * n;
+    const int ch0 = (blockIdx.y % groups) * cpr;
+    float mean, inv;
+    combined_stats(part, n, chunk, eps, mean, inv);
+    float sg = 0.f, sgx = 0.f;
+    for (int c = 0; c < (int)gridDim.x; c++) {
+        const float2 q = sums[(long)blockIdx.y * gridDim.x + c];
+        sg += q.x;
+        sgx += q.y;
+    }
+    const float mg = sg / n, mgx = sgx / n;
+    int j0, j1;
+    chunk_range(n, chunk, j0, j1);
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        const float xh = (ld(x, base + j) - mean) * inv;
+        st(dx, base + j, (ghat(g, w, b, base, j, ch0, hw, xh, silu) - mg - xh * mgx) * inv);
     }
 }
 
@@ -77,6 +190,26 @@ __device__ void affine_norm_bwd(const T* x, const float* w, const float* b, cons
                                                      T* dx, int n, int groups, int cpr, int hw, float eps,      \
                                                      int silu) {                                                \
         affine_norm_bwd<T>(x, w, b, g, dx, n, groups, cpr, hw, eps, silu);                                      \
+    }                                                                                                           \
+    extern "C" __global__ void norm_chunk_stats_##SUF(const T* x, float2* part, int n, int chunk) {             \
+        norm_chunk_stats<T>(x, part, n, chunk);                                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void affine_norm_fwd_split_##SUF(const T* x, const float* w, const float* b,          \
+                                                           const float2* part, T* y, int n, int chunk,          \
+                                                           int groups, int cpr, int hw, float eps, int silu) {  \
+        affine_norm_fwd_split<T>(x, w, b, part, y, n, chunk, groups, cpr, hw, eps, silu);                       \
+    }                                                                                                           \
+    extern "C" __global__ void affine_norm_bwd_sums_##SUF(const T* x, const float* w, const float* b,           \
+                                                          const T* g, const float2* part, float2* sums, int n,  \
+                                                          int chunk, int groups, int cpr, int hw, float eps,    \
+                                                          int silu) {                                           \
+        affine_norm_bwd_sums<T>(x, w, b, g, part, sums, n, chunk, groups, cpr, hw, eps, silu);                  \
+    }                                                                                                           \
+    extern "C" __global__ void affine_norm_bwd_split_##SUF(const T* x, const float* w, const float* b,          \
+                                                           const T* g, const float2* part, const float2* sums,  \
+                                                           T* dx, int n, int chunk, int groups, int cpr,        \
+                                                           int hw, float eps, int silu) {                       \
+        affine_norm_bwd_split<T>(x, w, b, g, part, sums, dx, n, chunk, groups, cpr, hw, eps, silu);             \
     }
 
 INSTANTIATE(float, f32)
