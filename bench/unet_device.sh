@@ -31,21 +31,23 @@ cp /tmp/sd/run-singlora/samples/*.png "$OUT/" 2>/dev/null
 fi
 [ "$PART" = check ] && exit 0
 echo "== SD 1.5-shaped U-Net step"
-# BATCH: the batch sizes (default 1,4; DBATCH for diffusers, default BATCH); each part's start time goes to $OUT/times.txt
+# BATCH: the batch sizes (default 1,4; DBATCH for diffusers, default BATCH). Each part's start
+# time goes to $OUT/times.txt.
 BATCH=${BATCH:-1,4}
 stamp() { echo "$(date +%s) $1" >> "$OUT/times.txt"; }
 stamp write
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
+# a first process on a fresh machine times batch 1 slower (up to 1.5×, calls of 2026-12-06):
+# one short untimed run first
+stamp warm-up
+timeout 60 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch 1 --steps 2 --warmup 1 > /dev/null 2>&1
 stamp singlora
-timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile 2>&1 | tee "$OUT/unet-singlora.jsonl"
+timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 2>&1 | tee "$OUT/unet-singlora.jsonl"
+stamp diffusers
+timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" --steps 20 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
 # the transformers' sublayers recorded op by op (the library runs each as one autograd op)
 stamp recorded
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --recorded-sublayers 2>&1 | tee "$OUT/unet-singlora-recorded.jsonl"
-# the cross-attention kernels' products as FMAs, as before the tensor-core kernels
-stamp xattn-fma
-timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch "$BATCH" --json --xattn-fma 2>&1 | tee "$OUT/unet-singlora-xattn-fma.jsonl"
-stamp diffusers
-timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
 stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"

@@ -876,21 +876,9 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
 /// and the gradients of q, k and v, for each head width they are built for, a full context of
 /// 77 keys, a short one and the most they take.
 fn cross_attention_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
-    use singlora::ops::cross_attention::set_tensor_cores;
-    for (tc, kernels) in [(true, "tensor cores"), (false, "FMA")] {
-        set_tensor_cores(tc);
-        let checked = cross_attention_rows(device, kernels, rows);
-        set_tensor_cores(true);
-        checked?;
-    }
-    Ok(())
-}
-
-/// [`cross_attention_checks`]' rows for the kernels switched on, named `kernels`.
-fn cross_attention_rows(device: &Device, kernels: &str, rows: &mut Vec<Row>) -> Result<()> {
     use candle_core::Var;
     let cpu = Device::Cpu;
-    // 150 and 33 queries: tiles of 80 rows and of 16 a warp end part way
+    // 150 and 33 queries: the kernels' tiles of 80 rows and of 16 a warp end part way
     for (d, s, t, heads) in [(40, 77, 150, 2), (64, 7, 33, 3), (80, 80, 64, 2)] {
         use singlora::diffusion::unet::attention::attend;
         use singlora::ops::cross_attention::cross_attention;
@@ -930,7 +918,7 @@ fn cross_attention_rows(device: &Device, kernels: &str, rows: &mut Vec<Row>) -> 
             .map(|((p, a), b)| (p, a, b))
         {
             rows.push(Row {
-                what: format!("cross-attention fused ({kernels}), heads of {d}, {s} keys, {t} queries (BF16) vs f64 on the CPU: {part}"),
+                what: format!("cross-attention fused, heads of {d}, {s} keys, {t} queries (BF16) vs f64 on the CPU: {part}"),
                 err: rel_err(a, b)?,
                 bound: 2e-2,
             });

@@ -7,9 +7,6 @@ use crate::ops::cuda::{args, bf16_ptr, elems_cfg, input_ptr, ptx_module, slice_p
 
 const MODULE: Module = ptx_module!("cross_attention");
 
-/// Threads a block: 8 warps (XA_WARPS in the kernels).
-const THREADS: u32 = 256;
-
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
 /// (b, t, inner, s): images, queries, features, keys.
@@ -31,22 +28,13 @@ fn operands(q: Arg, k: Arg, v: Arg, what: &str) -> candle_core::Result<(Sizes, [
     Ok(((b, t, inner, s), ptrs))
 }
 
-/// A block per (rows, head, image).
-fn cfg(row_blocks: usize, heads: usize, b: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (row_blocks as u32, heads as u32, b as u32),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
+/// The kernels' query rows a tile (16 for each of XT_WARPS warps) and keys padded to.
+const ROWS: usize = 80;
+const KEYS: usize = 80;
 
-/// The tensor-core kernels' query rows a tile (16 for each of XT_WARPS warps) and keys padded to.
-const TC_ROWS: usize = 80;
-const TC_KEYS: usize = 80;
-
-/// A tensor-core launch over `blocks` blocks per (head, image), each of XT_WARPS warps, with
-/// `tiles` shared tiles of `cols` bf16 columns (and 8 of padding) of TC_ROWS rows each.
-fn tc_cfg(blocks: usize, heads: usize, b: usize, tiles: &[(usize, usize)]) -> LaunchConfig {
+/// A launch of `blocks` blocks per (head, image), each of XT_WARPS warps, with the shared
+/// `tiles` (rows, bf16 columns; each row 8 columns longer: padding).
+fn launch_cfg(blocks: usize, heads: usize, b: usize, tiles: &[(usize, usize)]) -> LaunchConfig {
     let elems: usize = tiles.iter().map(|&(rows, cols)| rows * (cols + 8)).sum();
     LaunchConfig {
         grid_dim: (blocks as u32, heads as u32, b as u32),
@@ -55,23 +43,26 @@ fn tc_cfg(blocks: usize, heads: usize, b: usize, tiles: &[(usize, usize)]) -> La
     }
 }
 
-/// Blocks per (head, image) for the tensor-core kernels: about `per_sm` blocks an SM in all,
+/// Blocks per (head, image): about `per_sm` blocks an SM in all,
 /// at most one per query tile.
-fn tc_blocks(t: usize, heads: usize, b: usize, per_sm: usize) -> usize {
+fn blocks_per_head(t: usize, heads: usize, b: usize, per_sm: usize) -> usize {
     (per_sm * 132)
         .div_ceil(b * heads)
-        .min(t.div_ceil(TC_ROWS))
+        .min(t.div_ceil(ROWS))
         .max(1)
 }
 
-/// Whether the tensor-core kernels run: switched on, and every operand 16-byte aligned (their
-/// loads are 16 bytes wide; rows of heads·d bf16 are whole 16-byte units for every width in
-/// HEAD_DIMS).
-fn tc_takes(ptrs: &[u64]) -> bool {
-    super::tensor_cores() && ptrs.iter().all(|p| p % 16 == 0)
+/// The kernels load 16 bytes at a time: every operand's start 16-byte aligned (rows of
+/// heads·d bf16 are whole 16-byte units for every width in HEAD_DIMS); the op's callers make
+/// them so.
+fn aligned(ptrs: &[u64]) -> candle_core::Result<()> {
+    if ptrs.iter().any(|p| p % 16 != 0) {
+        candle_core::bail!("cross-attention: an operand is not 16-byte aligned");
+    }
+    Ok(())
 }
 
-/// The head width the tensor-core kernels pad `d` to (a multiple of 16).
+/// The head width the kernels pad `d` to (a multiple of 16).
 fn padded(d: usize) -> usize {
     d.next_multiple_of(16)
 }
@@ -88,22 +79,14 @@ pub(super) fn forward(
     let (out, op) = cx.fresh(b * t * inner)?;
     let scale = 1.0 / (d as f32).sqrt();
     let a = args![qp, kp, vp, op, t as i32, s as i32, heads as i32, scale];
-    let (kernel, launch) = match tc_takes(&[qp, kp, vp]) {
-        true => {
-            let dp = padded(d);
-            let tiles = [(TC_KEYS, dp), (TC_KEYS, dp), (TC_ROWS, dp)];
-            let blocks = tc_blocks(t, heads, b, 4);
-            (
-                format!("xattn_tc_fwd_{d}"),
-                tc_cfg(blocks, heads, b, &tiles),
-            )
-        }
-        false => (format!("xattn_fwd_{d}"), cfg(t.div_ceil(64), heads, b)),
-    };
-    // SAFETY: q and the output hold b·t·inner bf16, k and v b·s·inner; s ≤ MAX_KEYS and d one
-    // of HEAD_DIMS (checked by the caller), the kernel's shared memory sized for those (static,
-    // or the dynamic tiles `tc_cfg` asks for).
-    unsafe { MODULE.launch(cx.dev, &kernel, launch, a)? };
+    aligned(&[qp, kp, vp])?;
+    let dp = padded(d);
+    let tiles = [(KEYS, dp), (KEYS, dp), (ROWS, dp)];
+    let launch = launch_cfg(blocks_per_head(t, heads, b, 4), heads, b, &tiles);
+    // SAFETY: q and the output hold b·t·inner bf16, k and v b·s·inner, all 16-byte aligned;
+    // s ≤ MAX_KEYS and d one of HEAD_DIMS (checked by the caller), the dynamic shared memory
+    // the tiles of those.
+    unsafe { MODULE.launch(cx.dev, &format!("xattn_fwd_{d}"), launch, a)? };
     Ok((out, Shape::from((b, t, inner))))
 }
 
@@ -151,33 +134,20 @@ pub(super) fn backward(
         heads as i32,
         scale
     ];
-    let (kernel, launch) = match tc_takes(&[qp, kp, vp, gp]) {
-        true => {
-            let dp = padded(d);
-            let tiles = [
-                (TC_KEYS, dp),
-                (TC_KEYS, dp),
-                (TC_ROWS, dp),
-                (TC_ROWS, dp),
-                (TC_KEYS, TC_ROWS),
-                (TC_KEYS, TC_ROWS),
-            ];
-            let blocks = tc_blocks(t, heads, b, 2);
-            (
-                format!("xattn_tc_bwd_{d}"),
-                tc_cfg(blocks, heads, b, &tiles),
-            )
-        }
-        false => {
-            // rows a block: 32 to 128, enough blocks to fill the GPU where the rows allow
-            let want = (2 * 132usize).div_ceil(b * heads);
-            let blocks = t.div_ceil(128).max(want).min(t.div_ceil(32)).max(1);
-            (format!("xattn_bwd_{d}"), cfg(blocks, heads, b))
-        }
-    };
-    // SAFETY: q, g and dq hold b·t·inner bf16, k, v b·s·inner, the sums 2·b·s·inner f32; s and
-    // d as the forward's.
-    unsafe { MODULE.launch(dev, &kernel, launch, a)? };
+    aligned(&[qp, kp, vp, gp])?;
+    let dp = padded(d);
+    let tiles = [
+        (KEYS, dp),
+        (KEYS, dp),
+        (ROWS, dp),
+        (ROWS, dp),
+        (KEYS, ROWS),
+        (KEYS, ROWS),
+    ];
+    let launch = launch_cfg(blocks_per_head(t, heads, b, 2), heads, b, &tiles);
+    // SAFETY: q, g and dq hold b·t·inner bf16, k, v b·s·inner, the sums 2·b·s·inner f32, the
+    // bf16 operands 16-byte aligned; s, d and the shared memory as the forward's.
+    unsafe { MODULE.launch(dev, &format!("xattn_bwd_{d}"), launch, a)? };
     let a = args![sp, outp + 2 * nq as u64, (2 * nk) as i64];
     // SAFETY: the sums (2·nk f32) into dk and dv, the output's last 2·nk bf16.
     unsafe { MODULE.launch(dev, "xattn_cast", elems_cfg(2 * nk), a)? };

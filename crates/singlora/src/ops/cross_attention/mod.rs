@@ -1,7 +1,8 @@
 //! Cross-attention to a short context (Stable Diffusion's 77 text tokens) as one op each way on
 //! CUDA: softmax(q·kᵀ/√d)·v per head for q (b, t, h·d) and k, v (b, s, h·d), bf16, with at
-//! most [`MAX_KEYS`] keys and heads of [`HEAD_DIMS`] wide. The scores stay in registers and
-//! shared memory, forward and backward, and the heads are read and written in place; the
+//! most [`MAX_KEYS`] keys and heads of [`HEAD_DIMS`] wide, products on the tensor cores. The
+//! scores stay in registers and shared memory, forward and backward, and the heads are read
+//! and written in place; the
 //! composed path (`diffusion::unet::attention::attend`) splits the heads into copies,
 //! materialises the (b·h, t, s) scores, and its backward gives every one of those tensors a
 //! zero-filled gradient to add into. Kernels in `cross_attention.cu`.
@@ -17,20 +18,6 @@ mod cuda;
 /// (`singlora-lab gpu-check`'s rows for them call [`cross_attention`] directly, so they check
 /// the kernels whichever way this is set).
 pub const IN_USE: bool = true;
-
-static TENSOR_CORES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Whether the kernels' products run on the tensor cores (`xattn_tc_*`: mma.sync on shared
-/// tiles, the head width padded to a multiple of 16) or as f32 FMAs (`xattn_*`, a warp a query
-/// row). Both are built for the same keys and head widths; `gpu-check` runs both.
-pub fn set_tensor_cores(on: bool) {
-    TENSOR_CORES.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn tensor_cores() -> bool {
-    TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed)
-}
 
 /// The most keys the kernels take.
 pub const MAX_KEYS: usize = 80;
@@ -66,9 +53,9 @@ pub fn cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
         return Ok(None);
     }
     let op = CrossAttention { heads };
-    Ok(Some(q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
+    Ok(Some(aligned(q)?.apply_op3(
+        &aligned(k)?,
+        &aligned(v)?,
         op,
     )?))
 }
@@ -87,17 +74,26 @@ pub fn cross_attention_backward(
     let s = k.dim(1)?;
     let op = CrossAttentionBackward {
         heads,
-        k: k.detach().contiguous()?,
-        v: v.detach().contiguous()?,
+        k: aligned(&k.detach())?,
+        v: aligned(&v.detach())?,
     };
-    let packed = g
-        .contiguous()?
-        .apply_op2_no_bwd(&q.detach().contiguous()?, &op)?;
+    let packed = aligned(g)?.apply_op2_no_bwd(&aligned(&q.detach())?, &op)?;
     Ok(super::attention::unpack_qkv(
         &packed,
         (b, t, inner),
         (b, s, inner),
     )?)
+}
+
+/// `x` contiguous from an element offset a multiple of 8 (the kernels load 16 bytes at a
+/// time; a row of heads·d bf16 is whole 16-byte units for every width in [`HEAD_DIMS`]),
+/// copied where it is not.
+fn aligned(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(match x.layout().start_offset() % 8 {
+        0 => x,
+        _ => x.copy()?,
+    })
 }
 
 #[derive(Clone, Copy)]
