@@ -6,29 +6,27 @@
 // are recomputed in the backward, not stored.
 #include "../cuda/common.cuh"
 
-// mean and 1/σ of row x[0 .. n) (two passes: the variance about the mean)
+// The mean and M2 (the sum of squared deviations about the mean) of x[base + j0 .. base + j1),
+// two passes, every thread of the block given both.
 template <typename T>
-__device__ __forceinline__ void row_stats(const T* x, long base, int n, float eps, float& mean, float& inv) {
+__device__ __forceinline__ void mean_m2(const T* x, long base, int j0, int j1, float& mean, float& m2) {
     float s = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) s += ld(x, base + j);
-    mean = block_sum(s) / n;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) s += ld(x, base + j);
+    mean = block_sum(s) / (j1 - j0);
     float v = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
         const float d = ld(x, base + j) - mean;
         v += d * d;
     }
-    inv = rsqrtf(block_sum(v) / n + eps);
+    m2 = block_sum(v);
 }
 
-// y = act(x̂·w[ch] + b[ch]), x̂ = (x − mean)/σ; act SiLU (z·sigmoid(z)) or none.
+// y = act(x̂·w[ch] + b[ch]), x̂ = (x − mean)/σ, over elements [j0, j1) of the row at base whose
+// first channel is ch0; act SiLU (z·sigmoid(z)) or none.
 template <typename T>
-__device__ void affine_norm_fwd(const T* x, const float* w, const float* b, T* y, int n, int groups, int cpr,
-                                int hw, float eps, int silu) {
-    const long base = (long)blockIdx.x * n;
-    const int ch0 = (blockIdx.x % groups) * cpr;
-    float mean, inv;
-    row_stats(x, base, n, eps, mean, inv);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+__device__ __forceinline__ void norm_apply(const T* x, const float* w, const float* b, T* y, long base, int j0,
+                                           int j1, int ch0, int hw, float mean, float inv, int silu) {
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
         const int c = ch0 + j / hw;
         float z = (ld(x, base + j) - mean) * inv * w[c] + b[c];
         if (silu) z = z / (1.f + __expf(-z));
@@ -50,34 +48,60 @@ __device__ __forceinline__ float ghat(const T* g, const float* w, const float* b
     return dz * w[c];
 }
 
-// dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ.
+// Σĝ and Σĝ⊙x̂ over elements [j0, j1) of the row at base, every thread of the block given both.
 template <typename T>
-__device__ void affine_norm_bwd(const T* x, const float* w, const float* b, const T* g, T* dx, int n, int groups,
-                                int cpr, int hw, float eps, int silu) {
-    const long base = (long)blockIdx.x * n;
-    const int ch0 = (blockIdx.x % groups) * cpr;
-    float mean, inv;
-    row_stats(x, base, n, eps, mean, inv);
-    float sg = 0.f, sgx = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+__device__ __forceinline__ void ghat_sums(const T* x, const float* w, const float* b, const T* g, long base, int j0,
+                                          int j1, int ch0, int hw, float mean, float inv, int silu, float& sg,
+                                          float& sgx) {
+    float a = 0.f, c = 0.f;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
         const float xh = (ld(x, base + j) - mean) * inv;
         const float gh = ghat(g, w, b, base, j, ch0, hw, xh, silu);
-        sg += gh;
-        sgx += gh * xh;
+        a += gh;
+        c += gh * xh;
     }
-    const float mg = block_sum(sg) / n;
-    const float mgx = block_sum(sgx) / n;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    sg = block_sum(a);
+    sgx = block_sum(c);
+}
+
+// dx = (ĝ − mean ĝ − x̂·mean(ĝ⊙x̂))/σ over elements [j0, j1), mg and mgx the row's means.
+template <typename T>
+__device__ __forceinline__ void norm_apply_bwd(const T* x, const float* w, const float* b, const T* g, T* dx,
+                                               long base, int j0, int j1, int ch0, int hw, float mean, float inv,
+                                               float mg, float mgx, int silu) {
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
         const float xh = (ld(x, base + j) - mean) * inv;
         st(dx, base + j, (ghat(g, w, b, base, j, ch0, hw, xh, silu) - mg - xh * mgx) * inv);
     }
 }
 
+// A block per row (grid: rows).
+template <typename T>
+__device__ void affine_norm_fwd(const T* x, const float* w, const float* b, T* y, int n, int groups, int cpr,
+                                int hw, float eps, int silu) {
+    const long base = (long)blockIdx.x * n;
+    float mean, m2;
+    mean_m2(x, base, 0, n, mean, m2);
+    norm_apply(x, w, b, y, base, 0, n, (blockIdx.x % groups) * cpr, hw, mean, rsqrtf(m2 / n + eps), silu);
+}
+
+template <typename T>
+__device__ void affine_norm_bwd(const T* x, const float* w, const float* b, const T* g, T* dx, int n, int groups,
+                                int cpr, int hw, float eps, int silu) {
+    const long base = (long)blockIdx.x * n;
+    const int ch0 = (blockIdx.x % groups) * cpr;
+    float mean, m2, sg, sgx;
+    mean_m2(x, base, 0, n, mean, m2);
+    const float inv = rsqrtf(m2 / n + eps);
+    ghat_sums(x, w, b, g, base, 0, n, ch0, hw, mean, inv, silu, sg, sgx);
+    norm_apply_bwd(x, w, b, g, dx, base, 0, n, ch0, hw, mean, inv, sg / n, sgx / n, silu);
+}
+
 // Long rows split (GroupNorm of few images: b·groups rows of many elements, too few for a block
 // each to keep the GPU busy): a block per (chunk of `chunk` elements, row), grid (chunks, rows).
-// A first kernel writes each chunk's mean and M2 (the sum of squared deviations about that mean);
-// the kernels after it combine a row's chunks (each thread, in chunk order: Chan, Golub and
-// LeVeque's pairwise update) into the row's mean and 1/σ.
+// A first kernel writes each chunk's mean and M2; the kernels after it combine a row's chunks
+// (each thread, in chunk order: Chan, Golub and LeVeque's pairwise update) into the row's mean
+// and 1/σ.
 
 // This block's elements [j0, j1) of its row.
 __device__ __forceinline__ void chunk_range(int n, int chunk, int& j0, int& j1) {
@@ -87,19 +111,11 @@ __device__ __forceinline__ void chunk_range(int n, int chunk, int& j0, int& j1) 
 
 template <typename T>
 __device__ void norm_chunk_stats(const T* x, float2* part, int n, int chunk) {
-    const long base = (long)blockIdx.y * n;
     int j0, j1;
     chunk_range(n, chunk, j0, j1);
-    float s = 0.f;
-    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) s += ld(x, base + j);
-    const float m = block_sum(s) / (j1 - j0);
-    float v = 0.f;
-    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-        const float d = ld(x, base + j) - m;
-        v += d * d;
-    }
-    v = block_sum(v);
-    if (threadIdx.x == 0) part[(long)blockIdx.y * gridDim.x + blockIdx.x] = make_float2(m, v);
+    float m, m2;
+    mean_m2(x, (long)blockIdx.y * n, j0, j1, m, m2);
+    if (threadIdx.x == 0) part[(long)blockIdx.y * gridDim.x + blockIdx.x] = make_float2(m, m2);
 }
 
 __device__ __forceinline__ void combined_stats(const float2* part, int n, int chunk, float eps, float& mean,
@@ -121,18 +137,11 @@ __device__ __forceinline__ void combined_stats(const float2* part, int n, int ch
 template <typename T>
 __device__ void affine_norm_fwd_split(const T* x, const float* w, const float* b, const float2* part, T* y, int n,
                                       int chunk, int groups, int cpr, int hw, float eps, int silu) {
-    const long base = (long)blockIdx.y * n;
-    const int ch0 = (blockIdx.y % groups) * cpr;
     float mean, inv;
     combined_stats(part, n, chunk, eps, mean, inv);
     int j0, j1;
     chunk_range(n, chunk, j0, j1);
-    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-        const int c = ch0 + j / hw;
-        float z = (ld(x, base + j) - mean) * inv * w[c] + b[c];
-        if (silu) z = z / (1.f + __expf(-z));
-        st(y, base + j, z);
-    }
+    norm_apply(x, w, b, y, (long)blockIdx.y * n, j0, j1, (blockIdx.y % groups) * cpr, hw, mean, inv, silu);
 }
 
 // The chunk's Σĝ and Σĝ⊙x̂.
@@ -140,21 +149,11 @@ template <typename T>
 __device__ void affine_norm_bwd_sums(const T* x, const float* w, const float* b, const T* g, const float2* part,
                                      float2* sums, int n, int chunk, int groups, int cpr, int hw, float eps,
                                      int silu) {
-    const long base = (long)blockIdx.y * n;
-    const int ch0 = (blockIdx.y % groups) * cpr;
-    float mean, inv;
+    float mean, inv, sg, sgx;
     combined_stats(part, n, chunk, eps, mean, inv);
     int j0, j1;
     chunk_range(n, chunk, j0, j1);
-    float sg = 0.f, sgx = 0.f;
-    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-        const float xh = (ld(x, base + j) - mean) * inv;
-        const float gh = ghat(g, w, b, base, j, ch0, hw, xh, silu);
-        sg += gh;
-        sgx += gh * xh;
-    }
-    sg = block_sum(sg);
-    sgx = block_sum(sgx);
+    ghat_sums(x, w, b, g, (long)blockIdx.y * n, j0, j1, (blockIdx.y % groups) * cpr, hw, mean, inv, silu, sg, sgx);
     if (threadIdx.x == 0) sums[(long)blockIdx.y * gridDim.x + blockIdx.x] = make_float2(sg, sgx);
 }
 
@@ -162,8 +161,6 @@ template <typename T>
 __device__ void affine_norm_bwd_split(const T* x, const float* w, const float* b, const T* g, const float2* part,
                                       const float2* sums, T* dx, int n, int chunk, int groups, int cpr, int hw,
                                       float eps, int silu) {
-    const long base = (long)blockIdx.y * n;
-    const int ch0 = (blockIdx.y % groups) * cpr;
     float mean, inv;
     combined_stats(part, n, chunk, eps, mean, inv);
     float sg = 0.f, sgx = 0.f;
@@ -172,13 +169,10 @@ __device__ void affine_norm_bwd_split(const T* x, const float* w, const float* b
         sg += q.x;
         sgx += q.y;
     }
-    const float mg = sg / n, mgx = sgx / n;
     int j0, j1;
     chunk_range(n, chunk, j0, j1);
-    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-        const float xh = (ld(x, base + j) - mean) * inv;
-        st(dx, base + j, (ghat(g, w, b, base, j, ch0, hw, xh, silu) - mg - xh * mgx) * inv);
-    }
+    norm_apply_bwd(x, w, b, g, dx, (long)blockIdx.y * n, j0, j1, (blockIdx.y % groups) * cpr, hw, mean, inv, sg / n,
+                   sgx / n, silu);
 }
 
 #define INSTANTIATE(T, SUF)                                                                                     \

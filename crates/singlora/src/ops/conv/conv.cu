@@ -116,10 +116,11 @@ __device__ void im2col_plane(const T* x, T* col, int planes, int h, int w, int k
     }
 }
 
-// (planes = images · channels; the col matrix's rows are 16-byte aligned for the 8-wide stores)
-extern "C" __global__ void im2col_plane_v8_bf16(const uint16_t* x, uint16_t* col, int planes, int h, int w, int k,
-                                                int s, int p, int ho, int wo) {
-    im2col_plane<uint16_t, true>(x, col, planes, h, w, k, s, p, ho, wo);
+// (im2col's parameters: rows / (k·k) planes; the col matrix's rows are 16-byte aligned for the
+// 8-wide stores)
+extern "C" __global__ void im2col_plane_v8_bf16(const uint16_t* x, uint16_t* col, int c, int h, int w, int k, int s,
+                                                int p, int ho, int wo, int rows) {
+    im2col_plane<uint16_t, true>(x, col, rows / (k * k), h, w, k, s, p, ho, wo);
 }
 
 // The kernel of a convolution's input gradient: w (co, ci, k, k) → (ci, co, k, k) with the taps
@@ -144,9 +145,9 @@ __device__ void flip_kernel(const T* w, T* out, int co, int ci, int k) {
     extern "C" __global__ void flip_kernel_##SUF(const T* w, T* out, int co, int ci, int k) {                  \
         flip_kernel<T>(w, out, co, ci, k);                                                                      \
     }                                                                                                           \
-    extern "C" __global__ void im2col_plane_##SUF(const T* x, T* col, int planes, int h, int w, int k, int s,   \
-                                                   int p, int ho, int wo) {                                    \
-        im2col_plane<T, false>(x, col, planes, h, w, k, s, p, ho, wo);                                          \
+    extern "C" __global__ void im2col_plane_##SUF(const T* x, T* col, int c, int h, int w, int k, int s, int p, \
+                                                   int ho, int wo, int rows) {                                 \
+        im2col_plane<T, false>(x, col, rows / (k * k), h, w, k, s, p, ho, wo);                                  \
     }
 INSTANTIATE(float, f32)
 INSTANTIATE(uint16_t, bf16)

@@ -64,71 +64,51 @@ pub(super) fn forward(
         let plane_bytes = (h + 2 * padding) * (wd + 2 * padding) * elem;
         // the col matrix's rows are whole groups of 8 and 16-byte aligned
         let rows_v8 = bf16 && wo % 8 == 0 && colp % 16 == 0;
-        if plane_bytes <= PLANE_SMEM_BYTES {
+        let a = args![
+            xp,
+            colp,
+            c as i32,
+            h as i32,
+            wd as i32,
+            k as i32,
+            stride as i32,
+            padding as i32,
+            ho as i32,
+            wo as i32,
+            rows as i32
+        ];
+        let (kernel, cfg) = if plane_bytes <= PLANE_SMEM_BYTES {
             let cfg = LaunchConfig {
                 grid_dim: (planes.clamp(1, MAX_BLOCKS) as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: plane_bytes as u32,
             };
-            let a = args![
-                xp,
-                colp,
-                planes as i32,
-                h as i32,
-                wd as i32,
-                k as i32,
-                stride as i32,
-                padding as i32,
-                ho as i32,
-                wo as i32
-            ];
-            let kernel = match rows_v8 {
-                true => "im2col_plane_v8_bf16".to_string(),
-                false => cx.kernel("im2col_plane", false),
-            };
-            // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type;
-            // a block's shared memory holds one padded plane; the 8-wide stores are 16-byte
-            // aligned (col's start and its rows of m, a multiple of 8, elements).
-            unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
+            match rows_v8 {
+                true => ("im2col_plane_v8_bf16".to_string(), cfg),
+                false => (cx.kernel("im2col_plane", false), cfg),
+            }
         } else {
-            // a thread writes 8 neighbours at once where it can (bf16, stride 1, output rows of
-            // whole groups of 8, sizes its 32-bit indices hold)
+            // a thread writes 8 neighbours at once where it can (bf16, stride 1, output rows
+            // of whole groups of 8, sizes its 32-bit indices hold)
             let v8 = rows_v8
                 && stride == 1
                 && rows * m / 8 < i32::MAX as usize
                 && h * wd < i32::MAX as usize;
             let per_thread = if v8 { 8 } else { 1 };
-            let cfg = grid(
-                (
-                    (rows * m / per_thread)
-                        .div_ceil(THREADS as usize)
-                        .clamp(1, MAX_BLOCKS),
-                    1,
-                ),
-                THREADS,
-            );
-            let a = args![
-                xp,
-                colp,
-                c as i32,
-                h as i32,
-                wd as i32,
-                k as i32,
-                stride as i32,
-                padding as i32,
-                ho as i32,
-                wo as i32,
-                rows as i32
-            ];
+            let blocks = (rows * m / per_thread)
+                .div_ceil(THREADS as usize)
+                .clamp(1, MAX_BLOCKS);
             let kernel = match v8 {
                 true => "im2col_s1_v8_bf16".to_string(),
                 false => cx.kernel("im2col", false),
             };
-            // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type
-            // (bf16 for the 8-wide kernel, whose stores are 16-byte aligned: col's start and
-            // its rows of m = ho·wo, a multiple of 8, elements).
-            unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
-        }
+            (kernel, grid((blocks, 1), THREADS))
+        };
+        // SAFETY: x holds b·c·h·w elements, col b·c·k·k·ho·wo, both of the context's type; a
+        // plane kernel's block gets the shared memory of one padded plane; the 8-wide kernels
+        // are bf16 and their 16-byte stores aligned (col's start and its rows of m = ho·wo, a
+        // multiple of 8, elements).
+        unsafe { MODULE.launch(cx.dev, &kernel, cfg, a)? };
         Some((s, colp))
     };
     let colp = col.as_ref().map_or(xp, |c| c.1);
