@@ -48,6 +48,9 @@ timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$B
 # the transformers' sublayers recorded op by op (the library runs each as one autograd op)
 stamp recorded
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --recorded-sublayers 2>&1 | tee "$OUT/unet-singlora-recorded.jsonl"
+# heads of 80 on the fused kernels unpadded (off by default in the library)
+stamp flash-80
+timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch "$BATCH" --json --steps 20 --flash-80 2>&1 | tee "$OUT/unet-singlora-flash-80.jsonl"
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
 stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"

@@ -167,6 +167,17 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             },
             device,
         )?,
+        fused_attention_case(
+            "attention block, head size 80 with flash_80 (2 heads, not causal, padded, 70 positions)",
+            (80, 2, 2, 70),
+            &[70, 33],
+            false,
+            FastPath {
+                flash_80: true,
+                ..FastPath::default()
+            },
+            device,
+        )?,
         {
             let t: Vec<u32> = (0..64u32).map(|i| (i * 37 + 11) % 1000).collect();
             let t_cpu = Tensor::new(t.as_slice(), &cpu)?;

@@ -227,6 +227,9 @@ pub struct FastPath {
     /// CUDA: heads of 48 on the fused attention kernels too (the U-Net pads its heads of 40 to
     /// 48 instead of 64: a quarter less attention work at Stable Diffusion 1.5's first level).
     pub flash_48: bool,
+    /// CUDA: heads of 80 on the fused attention kernels too (instead of padded to 128: Stable
+    /// Diffusion 1.5's second level). Off until `singlora-lab gpu-check` has run its rows.
+    pub flash_80: bool,
 }
 
 impl Default for FastPath {
@@ -241,6 +244,7 @@ impl Default for FastPath {
             vectorised: true,
             fp8_fast_accum: false,
             flash_48: true,
+            flash_80: false,
         }
     }
 }

@@ -102,10 +102,11 @@ impl PackedRows {
     }
 }
 
-/// Whether the fused kernels apply: chosen, bf16, a head size they are built for (48 where
-/// chosen too), and b·h (query heads) blocks within a grid's second dimension.
+/// Whether the fused kernels apply: chosen, bf16, a head size they are built for (48 and 80
+/// where chosen too), and b·h (query heads) blocks within a grid's second dimension.
 fn flash_applies(cx: &Ctx, d: usize, b: usize, h: usize) -> bool {
-    let size = matches!(d, 64 | 128) || (d == 48 && cx.fast.flash_48);
+    let size =
+        matches!(d, 64 | 128) || (d == 48 && cx.fast.flash_48) || (d == 80 && cx.fast.flash_80);
     cx.fast.flash_attention && cx.bf16 && size && b * h <= 65535
 }
 

@@ -1,4 +1,4 @@
-// Fused (flash-style) attention for bf16 with head size 64 or 128: the scores and probabilities
+// Fused (flash-style) attention for bf16 with head size 64 or 128 (and 48, 80): the scores and probabilities
 // live only in registers, tile by tile, never in memory. Forward: a block of 4 warps takes 64
 // query rows of one head and runs over the key tiles with an online softmax, writing O straight
 // into the merged (b, t, h·d) layout and the row's log-sum-exp. Backward: one kernel per 64
@@ -445,3 +445,6 @@ INSTANTIATE_FLASH(64, 4, 3)
 INSTANTIATE_FLASH(128, 1, 1)
 // Head size 48 (the U-Net's heads of 40, padded): 64's bounds.
 INSTANTIATE_FLASH(48, 4, 3)
+// Head size 80 (Stable Diffusion 1.5's second level): 3 and 2, the most without spilling
+// (161 and 255 registers).
+INSTANTIATE_FLASH(80, 3, 2)
