@@ -516,12 +516,12 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
             a.fast.fast_path(),
             &a.base_dtype,
         )?;
-        let total: f64 = rows.iter().map(|r| r.1).sum();
+        let total: f64 = rows.iter().map(|r| r.ms).sum();
         if a.json {
-            for (label, ms, n) in &rows {
+            for r in &rows {
                 println!(
                     "{}",
-                    serde_json::json!({"shape": a.shape, "method": m, "stage": label, "ms": ms, "count": n})
+                    serde_json::json!({"shape": a.shape, "method": m, "stage": r.label, "ms": r.ms, "host_ms": r.host_ms, "count": r.count})
                 );
             }
             continue;
@@ -530,14 +530,21 @@ fn kernel_profile(a: &LlamaArgs, shape: LlamaShape, device: &candle_core::Device
             "{} {m}, {} base, batch {} x {}: one step's forward and backward by stage",
             a.shape, a.base_dtype, a.batch, a.seq
         );
-        println!("| stage | ms | times | share |");
-        println!("|---|---|---|---|");
+        println!("| stage | ms | host ms | times | share |");
+        println!("|---|---|---|---|---|");
         let mut sorted = rows.clone();
-        sorted.sort_by(|x, y| y.1.total_cmp(&x.1));
-        for (label, ms, n) in sorted {
-            println!("| {label} | {ms:.2} | {n} | {:.1}% |", 100.0 * ms / total);
+        sorted.sort_by(|x, y| y.ms.total_cmp(&x.ms));
+        for r in sorted {
+            println!(
+                "| {} | {:.2} | {:.2} | {} | {:.1}% |",
+                r.label,
+                r.ms,
+                r.host_ms,
+                r.count,
+                100.0 * r.ms / total
+            );
         }
-        println!("| total | {total:.2} | | 100% |");
+        println!("| total | {total:.2} | | | 100% |");
     }
     Ok(())
 }
@@ -651,8 +658,8 @@ pub fn unet(a: UNetArgs) -> Result<()> {
                         .map_or("-".to_string(), |g| format!("{g:.1}"))
                 );
                 println!("  forward alone: {:.1} ms", r.forward_ms);
-                for (label, ms, n) in r.profile.iter().flatten() {
-                    println!("  {label:<40} {ms:>9.2} ms {n:>6} gaps");
+                for (label, ms, n, host) in r.profile.iter().flatten() {
+                    println!("  {label:<40} {ms:>9.2} ms {n:>6} gaps  (host {host:.2} ms)");
                 }
             }
         }

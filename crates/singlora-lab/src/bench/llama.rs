@@ -288,7 +288,7 @@ pub fn kernel_profile(
     recompute: Recompute,
     fast: FastPath,
     base: &str,
-) -> Result<Vec<(&'static str, f64, usize)>> {
+) -> Result<Vec<singlora::ops::prof::Stage>> {
     use singlora::ops::prof;
     let mut model = random_model_as(name, shape, method, rank, device, base)?;
     recompute.apply(&mut model);

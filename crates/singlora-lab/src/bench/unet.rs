@@ -18,6 +18,10 @@ use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
 
 use super::llama::device_memory_used;
 
+/// Per stage of a profiled step: label, device milliseconds, gaps, host milliseconds
+/// ([`singlora::ops::prof::Stage`]).
+pub type ProfileRows = Vec<(String, f64, usize, f64)>;
+
 /// One configuration's timing.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UNetBench {
@@ -35,7 +39,7 @@ pub struct UNetBench {
     /// With `profile` on CUDA: per stage of one step (forward by block kind, then the loss,
     /// the backward and the update), milliseconds and how many gaps it had.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<Vec<(String, f64, usize)>>,
+    pub profile: Option<ProfileRows>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -177,21 +181,21 @@ fn profile_step(
     opt: &mut AdamW,
     acc: &mut GradAccumulator,
     device: &Device,
-) -> Result<Option<Vec<(String, f64, usize)>>> {
+) -> Result<Option<ProfileRows>> {
     use singlora::ops::prof;
     let Device::Cuda(d) = device else {
         return Ok(None);
     };
     device.synchronize()?;
     prof::enable(true);
-    let r = (|| -> Result<Vec<(String, f64, usize)>> {
+    let r = (|| -> Result<ProfileRows> {
         prof::mark(d, "start")?;
         let mut mark = |stage| Ok(prof::mark(d, stage)?);
         train_step(unet, (x, t, ctx, noise), opt, acc, &mut mark)?;
         device.synchronize()?;
         Ok(prof::take()?
             .into_iter()
-            .map(|(l, ms, n)| (l.to_string(), ms, n))
+            .map(|s| (s.label.to_string(), s.ms, s.count, s.host_ms))
             .collect())
     })();
     prof::enable(false);
@@ -205,7 +209,7 @@ fn profile_step(
     _: &mut AdamW,
     _: &mut GradAccumulator,
     _: &Device,
-) -> Result<Option<Vec<(String, f64, usize)>>> {
+) -> Result<Option<ProfileRows>> {
     Ok(None)
 }
 
