@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the Stable Diffusion side: the diffusers checks on the tiny pipelines,
 # then an SD 1.5-shaped U-Net DreamBooth step, singlora beside diffusers + PEFT (eager and
-# compiled), at batch 1 and 4. `bench/unet_device.sh check` or `... bench` runs one half. Needs .carry (scripts/build-cuda.sh) and .whl with diffusers and
-# peft (docs/diffusion.md says how). Logs go to $OUT. MODES=compile leaves out eager PyTorch.
+# compiled), at batch 1 and 4. `bench/unet_device.sh check` or `... bench` runs one half.
+# Needs .carry (scripts/build-cuda.sh) and .whl with diffusers and peft (docs/diffusion.md
+# says how). Logs go to $OUT: the bench half's lines in unet-bench.tgz, each run's median in
+# medians.txt. MODES=compile leaves out eager PyTorch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -55,3 +57,6 @@ timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --bat
 stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"
 stamp end
+# the device returns at most 8 files: the bench's lines go back as one archive
+(cd "$OUT" && grep '"median_ms"' unet-*.jsonl | cut -c1-160 > medians.txt; tar czf unet-bench.tgz unet-*.jsonl unet-diffusers.log conv-torch.jsonl times.txt \
+  && rm -f unet-*.jsonl unet-diffusers.log conv-torch.jsonl)
