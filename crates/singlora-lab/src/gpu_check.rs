@@ -766,6 +766,22 @@ fn both(
     Ok(())
 }
 
+/// The gradients of `vars` in `grads`, each flattened, end to end, on the CPU in `dtype`.
+fn flat_grads(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[candle_core::Var],
+    dtype: DType,
+) -> Result<Tensor> {
+    let flat = vars
+        .iter()
+        .map(|v| {
+            let g = grads.get(v.as_tensor()).context("no adapter gradient")?;
+            Ok(g.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&flat, 0)?)
+}
+
 /// One U-Net attention sublayer, x + attn(LayerNorm(x), ctx), at Stable Diffusion's head widths
 /// and SingLoRA on its four projections: as one op on the device (bf16, the fused kernels
 /// inside) against the sublayer recorded op by op in f64 on the CPU; the value, the input's
@@ -861,14 +877,7 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
                 .get(xv.as_tensor())
                 .context("no input gradient")?
                 .clone();
-            let dp = vars
-                .iter()
-                .map(|v| {
-                    let d = grads.get(v.as_tensor()).context("no adapter gradient")?;
-                    Ok(d.to_device(&cpu)?.to_dtype(DType::F64)?.flatten_all()?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok((y, dx, Tensor::cat(&dp, 0)?))
+            Ok((y, dx, flat_grads(&grads, &vars, DType::F64)?))
         };
         let (yr, dr, pr) = run(DType::F64, &cpu, false)?;
         let (y, d, p) = run(DType::BF16, device, true)?;
@@ -1090,14 +1099,7 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let grads = (y.to_dtype(DType::F32)? * gs.to_device(dev)?)?
             .sum_all()?
             .backward()?;
-        let flat = vars
-            .iter()
-            .map(|v| {
-                let g = grads.get(v.as_tensor()).context("no adapter gradient")?;
-                Ok(g.to_device(&cpu)?.to_dtype(DType::F32)?.flatten_all()?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&flat, 0)?)
+        flat_grads(&grads, &vars, DType::F32)
     };
     let want = adapter_grads(DType::F32, &cpu)?;
     for one_op in [false, true] {

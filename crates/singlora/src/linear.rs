@@ -312,10 +312,8 @@ impl FrozenLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, k) = self.dims();
         let dense = self.dense_weight();
-        let fits = x.dims().last() == Some(&k);
-        if let Some(w) = dense.filter(|w| fits && crate::ops::fused_available(x, w)) {
+        if let Some(w) = dense.filter(|w| crate::ops::fused_available(x, w)) {
             // the op takes x's leading dimensions as rows: no recorded reshapes
             return crate::ops::frozen_linear(x, w, self.bias.as_ref())
                 .map_err(candle_core::Error::wrap);

@@ -3,7 +3,7 @@
 //! `merge` folds the adapter into the weight (computed in f64, cast once to the base dtype);
 //! `unmerge` subtracts it again. While merged the forward is the plain linear layer.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::{Adapter, FactorLayout, FactorSource};
 use crate::error::{Error, Result};
@@ -153,7 +153,7 @@ impl AdaptedLinear {
         if let Some(w0) = self
             .base
             .dense_weight()
-            .filter(|w0| crate::ops::fused_available(x, w0) && x.dim(D::Minus1).ok() == Some(d_in))
+            .filter(|w0| crate::ops::fused_available(x, w0))
         {
             // one op on x as it is (its leading dimensions are rows, so no recorded reshapes):
             // bias, base product and adapter product into one output (for DoRA the bias comes
@@ -285,6 +285,12 @@ impl LowRankLinear {
             None if input_grad => (Some(g.matmul(&self.w0)?), vec![]),
             None => (None, vec![]),
         })
+    }
+
+    /// [`Self::backward`] with the input gradient: dx and the variables' gradients.
+    pub fn backward_with_input(&self, x: &Tensor, g: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (dx, dp) = self.backward(x, g, true)?;
+        Ok((dx.expect("the input gradient is asked for"), dp))
     }
 
     /// The adapter's variables, where the layer has one: the tensors whose gradients

@@ -54,7 +54,12 @@ impl ResizeRows {
         let rows = l.shape().elem_count() / self.from;
         *last = *last / self.from * self.to;
         let shape = Shape::from(dims);
-        let mut out = dev.zeros_impl(&shape, s.dtype())?;
+        // widened rows keep zeros past their values; cut rows are written whole
+        let mut out = match self.to > self.from {
+            true => dev.zeros_impl(&shape, s.dtype())?,
+            // SAFETY: the copy below writes every element (rows of `to` values, `to` ≤ `from`)
+            false => unsafe { dev.alloc_uninit(&shape, s.dtype())? },
+        };
         let n = self.from.min(self.to);
         s.copy2d(&mut out, rows, n, self.from, self.to, l.start_offset(), 0)?;
         Ok((out, shape))

@@ -607,8 +607,10 @@ impl ParamsGradient for SublayerGrad {
         let wrap = candle_core::Error::wrap;
         let (b, t, c) = g.dims3()?;
         let g2 = g.reshape((b * t, c))?;
-        let (da, p_out) = self.proj[3].backward(&self.a, &g2, true).map_err(wrap)?;
-        let da = da.expect("asked for").reshape((b, t, self.a.dim(1)?))?;
+        let (da, p_out) = self.proj[3]
+            .backward_with_input(&self.a, &g2)
+            .map_err(wrap)?;
+        let da = da.reshape((b, t, self.a.dim(1)?))?;
         let flat = |x: Tensor| -> candle_core::Result<Tensor> {
             let (xb, xt, xw) = x.dims3()?;
             x.reshape((xb * xt, xw))
@@ -617,14 +619,15 @@ impl ParamsGradient for SublayerGrad {
         let (dq, dk, dv) = (flat(dq)?, flat(dk)?, flat(dv)?);
         let self_attention = self.kv_in.is_none();
         let kv_in = self.kv_in.as_ref().unwrap_or(&self.n);
-        let (dn, p_q) = self.proj[0].backward(&self.n, &dq, true).map_err(wrap)?;
+        let (mut dn, p_q) = self.proj[0]
+            .backward_with_input(&self.n, &dq)
+            .map_err(wrap)?;
         let (dn_k, p_k) = self.proj[1]
             .backward(kv_in, &dk, self_attention)
             .map_err(wrap)?;
         let (dn_v, p_v) = self.proj[2]
             .backward(kv_in, &dv, self_attention)
             .map_err(wrap)?;
-        let mut dn = dn.expect("asked for");
         for d in [dn_k, dn_v].into_iter().flatten() {
             dn = (dn + d)?;
         }
@@ -657,6 +660,15 @@ impl Projection {
         match self {
             Projection::Linear(l) => l.forward(x),
             Projection::Conv(c) => Ok(c.forward(x)?),
+        }
+    }
+
+    /// The projection taken apart for a one-op entry or exit on `x`, where one-op sublayers are
+    /// switched on, `x` takes a gradient and the projection can be taken apart.
+    fn one_op_parts(&self, x: &Tensor) -> Result<Option<LowRankLinear>> {
+        match one_op_sublayers() && x.track_op() {
+            true => self.low_rank(x.dtype()),
+            false => Ok(None),
         }
     }
 
@@ -714,8 +726,11 @@ impl ParamsGradient for EntryGrad {
         let (b, c, h, w) = x.dims4()?;
         let c_out = g.dim(2)?;
         let g2 = g.reshape((b * h * w, c_out))?;
-        let (dt, dp) = self.proj.backward(&self.tokens, &g2, true).map_err(wrap)?;
-        let dn = image_of(&dt.expect("asked for").reshape((b, h * w, c))?, (h, w))?;
+        let (dt, dp) = self
+            .proj
+            .backward_with_input(&self.tokens, &g2)
+            .map_err(wrap)?;
+        let dn = image_of(&dt.reshape((b, h * w, c))?, (h, w))?;
         let dx = self.norm.backward(&x.detach(), &dn).map_err(wrap)?;
         Ok((dx, dp))
     }
@@ -736,9 +751,8 @@ impl ParamsGradient for ExitGrad {
         let (b, c, h, w) = g.dims4()?;
         let g2 = tokens_of(g)?.reshape((b * h * w, c))?;
         let t2 = t.detach().reshape((b * h * w, t.dim(2)?))?;
-        let (dt, dp) = self.proj.backward(&t2, &g2, true).map_err(wrap)?;
-        let dt = dt.expect("asked for").reshape(t.shape())?;
-        Ok((dt, dp))
+        let (dt, dp) = self.proj.backward_with_input(&t2, &g2).map_err(wrap)?;
+        Ok((dt.reshape(t.shape())?, dp))
     }
 }
 
@@ -803,11 +817,7 @@ impl Transformer2d {
     fn entry(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = |x: &Tensor| -> Result<Tensor> { Ok(tokens_of(&self.norm.forward(x)?)?) };
-        let proj = match one_op_sublayers() && x.track_op() {
-            true => self.proj_in.low_rank(x.dtype())?,
-            false => None,
-        };
-        let Some(proj) = proj else {
+        let Some(proj) = self.proj_in.one_op_parts(x)? else {
             return self.proj_in.forward(&tokens(x)?);
         };
         let t = tokens(&x.detach())?.reshape((b * h * w, c))?;
@@ -825,11 +835,7 @@ impl Transformer2d {
     /// proj_out(t) as (b, c, h, w) for the transformer's input of `dims`; one autograd op where
     /// that is switched on, `t` takes a gradient and proj_out can be taken apart ([`ExitGrad`]).
     fn exit(&self, t: &Tensor, (b, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
-        let proj = match one_op_sublayers() && t.track_op() {
-            true => self.proj_out.low_rank(t.dtype())?,
-            false => None,
-        };
-        let Some(proj) = proj else {
+        let Some(proj) = self.proj_out.one_op_parts(t)? else {
             let y = self.proj_out.forward(t)?;
             return Ok(y.transpose(1, 2)?.reshape((b, c, h, w))?);
         };

@@ -2,10 +2,9 @@
 //! CUDA: softmax(q·kᵀ/√d)·v per head for q (b, t, h·d) and k, v (b, s, h·d), bf16, with at
 //! most [`MAX_KEYS`] keys and heads of [`HEAD_DIMS`] wide, products on the tensor cores. The
 //! scores stay in registers and shared memory, forward and backward, and the heads are read
-//! and written in place; the
-//! composed path (`diffusion::unet::attention::attend`) splits the heads into copies,
-//! materialises the (b·h, t, s) scores, and its backward gives every one of those tensors a
-//! zero-filled gradient to add into. Kernels in `cross_attention.cu`.
+//! and written in place; the composed path (`diffusion::unet::attention::attend`) splits the
+//! heads into copies, materialises the (b·h, t, s) scores, and its backward gives every one of
+//! those tensors a zero-filled gradient to add into. Kernels in `cross_attention.cu`.
 
 use candle_core::{CustomOp2, CustomOp3, DType, Tensor};
 

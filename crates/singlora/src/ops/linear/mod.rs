@@ -457,9 +457,13 @@ pub fn adapted_linear(
 }
 
 /// Whether [`adapted_linear`] runs natively for these tensors: f32/f64 on the CPU, bf16/f32
-/// on CUDA (cuBLAS), with a contiguous weight of the input's type.
+/// on CUDA (cuBLAS), with a contiguous weight of the input's type whose rows are as wide as
+/// the input's last dimension.
 pub fn fused_available(x: &Tensor, w0: &Tensor) -> bool {
-    super::fused_kernels_for(x) && x.dtype() == w0.dtype() && w0.is_contiguous()
+    super::fused_kernels_for(x)
+        && x.dtype() == w0.dtype()
+        && w0.is_contiguous()
+        && x.dims().last() == w0.dims().last()
 }
 
 #[cfg(test)]
