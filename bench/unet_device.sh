@@ -47,12 +47,12 @@ stamp singlora
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 2>&1 | tee "$OUT/unet-singlora.jsonl"
 stamp diffusers
 timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" --steps 20 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
-# the transformers' sublayers recorded op by op (the library runs each as one autograd op)
+# the transformers' sublayers recorded op by op (the library runs each as one autograd op);
+# RECORDED=1 runs it
+if [ "${RECORDED:-0}" = 1 ]; then
 stamp recorded
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --recorded-sublayers 2>&1 | tee "$OUT/unet-singlora-recorded.jsonl"
-# heads of 80 on the fused kernels unpadded (off by default in the library)
-stamp flash-80
-timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch "$BATCH" --json --steps 20 --flash-80 2>&1 | tee "$OUT/unet-singlora-flash-80.jsonl"
+fi
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
 stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"

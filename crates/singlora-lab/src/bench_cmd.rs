@@ -593,15 +593,11 @@ pub struct UNetArgs {
     /// one autograd op each (the library's default).
     #[arg(long)]
     recorded_sublayers: bool,
-    /// Run heads of 80 on the fused attention kernels unpadded (instead of padded to 128).
-    #[arg(long)]
-    flash_80: bool,
 }
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
     singlora::diffusion::unet::attention::set_one_op_sublayers(!a.recorded_sublayers);
-    singlora::diffusion::unet::attention::set_flash_80(a.flash_80);
     if a.profile {
         for &b in &a.batch {
             for (name, fwd, both) in singlora_lab::bench::unet::components(b, &device)? {

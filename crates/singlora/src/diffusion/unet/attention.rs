@@ -125,7 +125,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool) ->
     let lens = vec![s; b];
     let half = !matches!(q.dtype(), DType::F32 | DType::F64);
     if fused_self_attention(q, k, heads, upcast)? {
-        return attend_fused(q, k, v, heads, &fast_path());
+        return attend_fused(q, k, v, heads, &crate::ops::FastPath::default());
     }
     // f32 arithmetic inside, as `upcast` asks
     if crate::ops::cross_attention::IN_USE {
@@ -198,23 +198,6 @@ fn attend_fused(
         fast,
     )?;
     heads_of.unpad(&y)
-}
-
-static FLASH_80: AtomicBool = AtomicBool::new(false);
-
-/// Runs heads of 80 on the fused attention kernels without padding them to 128
-/// ([`crate::ops::FastPath::flash_80`]) in this process; `singlora-lab bench-unet --flash-80`
-/// times it.
-pub fn set_flash_80(on: bool) {
-    FLASH_80.store(on, Ordering::Relaxed);
-}
-
-/// The U-Net's choice of attention kernels.
-fn fast_path() -> crate::ops::FastPath {
-    crate::ops::FastPath {
-        flash_80: FLASH_80.load(Ordering::Relaxed),
-        ..Default::default()
-    }
 }
 
 /// Heads of `d` zero-padded to the fused kernels' size `hd` (48 with `flash_48`, 64, 80 with
@@ -306,7 +289,7 @@ impl KeptAttention {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         if fused_self_attention(&q, &k, heads, upcast)? {
             let (b, t, inner) = q.dims3()?;
-            let fast = fast_path();
+            let fast = crate::ops::FastPath::default();
             let heads_of = PaddedHeads::new(inner / heads, &fast);
             let ([qp, kp, vp], (cos, sin)) = heads_of.inputs(&q, &k, &v)?;
             let run = crate::ops::attention::FusedAttention::forward(
@@ -878,8 +861,8 @@ mod tests {
     /// The padded-head route to the fused kernels computes the heads' own attention: run here
     /// through the composed form the same op takes off CUDA (the kernels themselves are checked
     /// by `singlora-lab gpu-check`), values and input gradients, for heads narrower than 64
-    /// (padded to 48, and to 64 without `flash_48`), between 64 and 80 (to 80 with `flash_80`)
-    /// and between 64 and 128.
+    /// (padded to 48, and to 64 without `flash_48`), between 64 and 80 (to 80, and to 128
+    /// without `flash_80`) and between 80 and 128.
     #[test]
     fn padded_heads_attend_as_the_heads_do() {
         let dev = Device::Cpu;
@@ -887,14 +870,15 @@ mod tests {
             flash_48: false,
             ..Default::default()
         };
-        let with_80 = crate::ops::FastPath {
-            flash_80: true,
+        let no_80 = crate::ops::FastPath {
+            flash_80: false,
             ..Default::default()
         };
         for (heads, d, fast) in [
             (2, 5, no_48),
             (3, 80, Default::default()),
-            (3, 72, with_80),
+            (3, 72, Default::default()),
+            (3, 72, no_80),
             (2, 40, Default::default()),
         ] {
             let (b, t) = (2, 7);

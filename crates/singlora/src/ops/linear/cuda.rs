@@ -4,9 +4,10 @@
 
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage, Tensor};
 
-use super::{AdaptedMatmul, InputGrad};
+use super::{AdaptedMatmul, FactorGrads, InputGrad, Second};
 use crate::ops::cuda::{
-    args, elems_cfg, gemm, grid, input_ptr_as, mat_of, mat_of_tensor, ptx_module, Ctx, Mat, Module,
+    args, elems_cfg, gemm, gemm_out, grid, input_ptr_as, mat_of, mat_of_tensor, ptr_of, ptx_module,
+    Ctx, Mat, Module,
 };
 
 const MODULE: Module = ptx_module!("linear");
@@ -137,40 +138,95 @@ pub(super) fn adapted_fwd(
     Ok((y, Shape::from((m, n))))
 }
 
-/// dx = g·W0 + c·g_U·Dᵀ.
+/// dx = g·W0 + c·g_U·Dᵀ, g_U given or formed from U.
 pub(super) fn input_grad(
-    InputGrad(op): &InputGrad,
+    InputGrad { op, second }: &InputGrad,
     g: Arg<'_>,
-    gu: Arg<'_>,
+    s: Arg<'_>,
     d: Arg<'_>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = &g.0.device;
     let (m, n) = g.1.shape().dims2()?;
     let (n2, k) = op.w0.dims2()?;
-    let r = gu.1.dims()[1];
-    if n != n2 || d.1.dims() != [k, r] {
+    let r = s.1.dims()[1];
+    let s_rows = if *second == Second::U { n } else { m };
+    if n != n2 || d.1.dims() != [k, r] || s.1.dims() != [s_rows, r] {
         candle_core::bail!(
-            "fused linear backward: g {:?}, W0 {:?}, D {:?} do not fit",
+            "fused linear backward: g {:?}, W0 {:?}, D {:?}, second operand {:?} do not fit",
             g.1.dims(),
             op.w0.dims(),
-            d.1.dims()
+            d.1.dims(),
+            s.1.dims()
         );
     }
     let (gm, bf16) = mat_of(g.0, g.1, "fused linear gradient")?;
     let (wm, wb) = mat_of_tensor(&op.w0, "fused linear weight")?;
-    let (gum, gub) = mat_of(gu.0, gu.1, "fused linear g·U")?;
+    let (sm, sb) = mat_of(s.0, s.1, "fused linear g·U or U")?;
     let (dm, db) = mat_of(d.0, d.1, "adapter factor D")?;
     same_type("fused linear backward", bf16, wb)?;
-    same_type("fused linear backward", bf16, gub)?;
+    same_type("fused linear backward", bf16, sb)?;
     same_type("fused linear backward", bf16, db)?;
     let cx = Ctx::scalar(dev, bf16);
     let (dx, dxp, _) = linear_output(dev, bf16, m, k, None)?;
-    // SAFETY: as above.
+    // SAFETY: as above; g·U's buffer lives until the end of this scope, after the launches.
     unsafe {
         gemm(&cx, (m, k, n), gm, wm, dxp, 1.0, 0.0)?;
         if op.c != 0.0 {
+            let formed = match second {
+                Second::GU => None,
+                Second::U => {
+                    let (gu, gup) = cx.fresh(m * r)?;
+                    gemm(&cx, (m, r, n), gm, sm, gup, 1.0, 0.0)?;
+                    Some((gu, gup))
+                }
+            };
+            let gum = formed.as_ref().map_or(sm, |(_, p)| Mat::new(*p, r));
             gemm(&cx, (m, k, r), gum, dm.t(), dxp, op.c as f32, 1.0)?;
         }
     }
     Ok((dx, Shape::from((m, k))))
+}
+
+/// The adapter factors' gradients into one zero-initialised f32 buffer ([`FactorGrads`]).
+pub(super) fn factor_grads(
+    op: &FactorGrads,
+    x: Arg<'_>,
+    g: Arg<'_>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = &x.0.device;
+    let (m, k, n, r) = op.dims(x.1, g.1)?;
+    let (xm, bf16) = mat_of(x.0, x.1, "adapter gradients: input")?;
+    let (gm, gb) = mat_of(g.0, g.1, "adapter gradients: output gradient")?;
+    let (dm, db) = mat_of_tensor(&op.d, "adapter factor D")?;
+    let (um, ub) = mat_of_tensor(&op.u, "adapter factor U")?;
+    same_type("adapter gradients", bf16, gb)?;
+    same_type("adapter gradients", bf16, db)?;
+    same_type("adapter gradients", bf16, ub)?;
+    let cx = Ctx::scalar(dev, bf16);
+    let out = CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<f32>(op.len)?, dev.clone());
+    let outp = ptr_of(&out)?;
+    let (gu, gup) = cx.fresh(m * r)?;
+    let (h, hp) = cx.fresh(m * r)?;
+    let c = op.c as f32;
+    // SAFETY: every pointer addresses a live buffer of the shape given (`dims` checked that
+    // each slot lies in `out`); g·U and x·D live until the end of this scope, after the
+    // launches; one stream.
+    unsafe {
+        gemm(&cx, (m, r, n), gm, um, gup, 1.0, 0.0)?;
+        gemm(&cx, (m, r, k), xm, dm, hp, 1.0, 0.0)?;
+        let factors = [
+            (op.slots[0], k, xm, Mat::new(gup, r)),
+            (op.slots[1], n, gm, Mat::new(hp, r)),
+        ];
+        for (slot, rows, act, small) in factors {
+            let dst = outp + 4 * slot.offset as u64;
+            if slot.transposed {
+                gemm_out(&cx, false, (r, rows, m), small.t(), act, dst, c, 1.0)?;
+            } else {
+                gemm_out(&cx, false, (rows, r, m), act.t(), small, dst, c, 1.0)?;
+            }
+        }
+    }
+    drop((gu, h));
+    Ok((out, Shape::from(op.len)))
 }

@@ -13,7 +13,9 @@
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
+};
 
 use super::cpu_gemm::{gemm_at, View};
 use super::{dispatch_float, filled_vec, host_vec, Real};
@@ -251,7 +253,14 @@ impl AdaptedMatmul {
         let g = g.contiguous()?;
         let g_u = g.matmul(u)?; // (m, r)
         let dx = if input_grad {
-            Some(g.apply_op3_no_bwd(&g_u, d, &InputGrad(self.clone()))?)
+            Some(g.apply_op3_no_bwd(
+                &g_u,
+                d,
+                &InputGrad {
+                    op: self.clone(),
+                    second: Second::GU,
+                },
+            )?)
         } else {
             None
         };
@@ -283,22 +292,35 @@ pub fn adapted_linear_grads(
     Ok((dx, d_d, d_u))
 }
 
-/// dx = g·W0 + c·g_U·Dᵀ into one buffer, for the adapted linear op it holds.
-struct InputGrad(AdaptedMatmul);
+/// dx = g·W0 + c·g_U·Dᵀ into one buffer, for the adapted linear op it holds, with the op's
+/// second operand g_U itself or U (then g_U = g·U is formed inside).
+struct InputGrad {
+    op: AdaptedMatmul,
+    second: Second,
+}
+
+/// What [`InputGrad`]'s second operand is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Second {
+    /// g_U = g·U (m × r)
+    GU,
+    /// U (d_out × r)
+    U,
+}
 
 impl InputGrad {
     fn run<T: Real + 'static>(
         &self,
         g: (&CpuStorage, &Layout),
-        gu: (&CpuStorage, &Layout),
+        second: (&CpuStorage, &Layout),
         d: (&CpuStorage, &Layout),
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let AdaptedMatmul { w0, c, .. } = &self.0;
+        let AdaptedMatmul { w0, c, .. } = &self.op;
         let (m, n) = g.1.shape().dims2()?;
         let (_, k) = w0.dims2()?;
-        let r = gu.1.dims()[1];
+        let r = second.1.dims()[1];
         let (gv, _) = view::<T>(g.0, g.1)?;
-        let (guv, _) = view::<T>(gu.0, gu.1)?;
+        let (sv, _) = view::<T>(second.0, second.1)?;
         let (dv, _) = view::<T>(d.0, d.1)?;
         let mut w0_result = Ok(());
         // SAFETY: the GEMM without accumulation writes all m × k elements (row stride k).
@@ -320,6 +342,15 @@ impl InputGrad {
         };
         w0_result?;
         if *c != 0.0 {
+            let gu = match self.second {
+                Second::GU => None,
+                Second::U => {
+                    let mut gu = vec![T::zero(); m * r];
+                    gemm_into(&mut gu, m, r, n, gv, sv, T::one(), false);
+                    Some(gu)
+                }
+            };
+            let guv = gu.as_ref().map_or(sv, |gu| View::rows(gu.as_ptr(), r));
             gemm_into(&mut dx, m, k, r, guv, dv.t(), T::from(*c).unwrap(), true);
         }
         Ok((T::to_cpu_storage_owned(dx), Shape::from((m, k))))
@@ -331,7 +362,7 @@ impl CustomOp3 for InputGrad {
         "adapted-linear-input-grad"
     }
 
-    super::cuda_fwd!(|self, g, gu, d| cuda::input_grad(self, g, gu, d));
+    super::cuda_fwd!(|self, g, second, d| cuda::input_grad(self, g, second, d));
 
     super::cpu_fwd!(|self, (s1, l1), (s2, l2), (s3, l3)| {
         dispatch_float!(s1, "fused linear backward", |T| self.run::<T>(
@@ -339,6 +370,171 @@ impl CustomOp3 for InputGrad {
             (s2, l2),
             (s3, l3)
         ))
+    });
+}
+
+/// dx = g·W0 + c·(g·U)·Dᵀ of y = x·W0ᵀ + b + c·(x·D)·Uᵀ for the output gradient `g` (2-D),
+/// one op outside autograd (g·U formed inside), on the CPU (f32/f64) and CUDA (f32/bf16).
+pub fn adapted_linear_input_grad(
+    g: &Tensor,
+    w0: &Tensor,
+    d: &Tensor,
+    u: &Tensor,
+    c: f64,
+) -> Result<Tensor> {
+    let op = InputGrad {
+        op: AdaptedMatmul {
+            w0: w0.clone(),
+            bias: None,
+            c,
+        },
+        second: Second::U,
+    };
+    Ok(g.contiguous()?.apply_op3_no_bwd(u, d, &op)?)
+}
+
+/// Where one factor's gradient goes in [`factor_grads`]' flat output: from element `offset`,
+/// as the leading rows of a row-major (· × r) matrix, or (`transposed`) as the r × rows matrix
+/// that is the factor's transpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradSlot {
+    pub offset: usize,
+    pub transposed: bool,
+}
+
+/// The factors' gradients of y = x·W0ᵀ + b + c·(x·D)·Uᵀ at the input `x` (m × d_in) for the
+/// output gradient `g` (m × d_out), dD = c·xᵀ·(g·U) into `slots[0]` and dU = c·gᵀ·(x·D) into
+/// `slots[1]` of one zero-initialised flat buffer of `len` elements of `dtype`, added where
+/// the slots overlap (SingLoRA's D and U are both leading rows of A). Four GEMMs in one op:
+/// composed, the two products, two scalings, the padding, casts and the add of the two
+/// gradients are each an op. None where the kernels do not run for these tensors: on the CPU
+/// `dtype` must be x's (f32/f64), on CUDA f32 (x bf16 or f32).
+#[allow(clippy::too_many_arguments)]
+pub fn factor_grads(
+    x: &Tensor,
+    g: &Tensor,
+    d: &Tensor,
+    u: &Tensor,
+    c: f64,
+    slots: [GradSlot; 2],
+    len: usize,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let wanted = match x.device() {
+        Device::Cpu => x.dtype(),
+        _ => DType::F32,
+    };
+    if !super::fused_kernels_for(x) || dtype != wanted {
+        return Ok(None);
+    }
+    let op = FactorGrads {
+        d: d.clone(),
+        u: u.clone(),
+        c,
+        slots,
+        len,
+    };
+    Ok(Some(
+        x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?,
+    ))
+}
+
+/// [`factor_grads`]' op on (x, g), holding D and U.
+struct FactorGrads {
+    d: Tensor,
+    u: Tensor,
+    c: f64,
+    slots: [GradSlot; 2],
+    len: usize,
+}
+
+impl FactorGrads {
+    /// (m, d_in, d_out, r) where x (m × d_in), g (m × d_out), D, U and the slots fit.
+    fn dims(&self, x: &Layout, g: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (m, k) = x.shape().dims2()?;
+        let (m2, n) = g.shape().dims2()?;
+        let r = self.d.dim(1)?;
+        if m != m2 || self.d.dims() != [k, r] || self.u.dims() != [n, r] {
+            candle_core::bail!(
+                "adapter gradients: x {:?}, g {:?}, D {:?}, U {:?} do not fit",
+                x.dims(),
+                g.dims(),
+                self.d.dims(),
+                self.u.dims()
+            );
+        }
+        for (slot, rows) in self.slots.iter().zip([k, n]) {
+            if slot.offset + rows * r > self.len {
+                candle_core::bail!(
+                    "adapter gradients: a {rows} × {r} factor at {} overruns {} elements",
+                    slot.offset,
+                    self.len
+                );
+            }
+        }
+        Ok((m, k, n, r))
+    }
+
+    fn run<T: Real + 'static>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        g: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k, n, r) = self.dims(x.1, g.1)?;
+        let (xv, _) = view::<T>(x.0, x.1)?;
+        let (gv, _) = view::<T>(g.0, g.1)?;
+        let (d, u) = (host_vec::<T>(&self.d)?, host_vec::<T>(&self.u)?);
+        let mut gu = vec![T::zero(); m * r];
+        gemm_into(
+            &mut gu,
+            m,
+            r,
+            n,
+            gv,
+            View::rows(u.as_ptr(), r),
+            T::one(),
+            false,
+        );
+        let mut h = vec![T::zero(); m * r];
+        gemm_into(
+            &mut h,
+            m,
+            r,
+            k,
+            xv,
+            View::rows(d.as_ptr(), r),
+            T::one(),
+            false,
+        );
+        let (guv, hv) = (View::rows(gu.as_ptr(), r), View::rows(h.as_ptr(), r));
+        let mut out = vec![T::zero(); self.len];
+        let c = T::from(self.c).unwrap();
+        for (slot, rows, act, small) in [(self.slots[0], k, xv, guv), (self.slots[1], n, gv, hv)] {
+            let dst = out[slot.offset..].as_mut_ptr();
+            // SAFETY: `dims` checked that rows × r elements from the slot's offset lie in
+            // `out`; the views address m × rows and m × r elements.
+            unsafe {
+                if slot.transposed {
+                    gemm_at(dst, rows, (r, rows, m), small.t(), act, c, true, true)
+                } else {
+                    gemm_at(dst, r, (rows, r, m), act.t(), small, c, true, true)
+                }
+            }
+        }
+        Ok((T::to_cpu_storage_owned(out), Shape::from(self.len)))
+    }
+}
+
+impl candle_core::CustomOp2 for FactorGrads {
+    fn name(&self) -> &'static str {
+        "adapter-factor-grads"
+    }
+
+    super::cuda_fwd!(|self, x, g| cuda::factor_grads(self, x, g));
+
+    super::cpu_fwd!(|self, (s1, l1), (s2, l2)| {
+        dispatch_float!(s1, "adapter gradients", |T| self
+            .run::<T>((s1, l1), (s2, l2)))
     });
 }
 
