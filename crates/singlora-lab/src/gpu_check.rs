@@ -178,6 +178,14 @@ fn op_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             },
             device,
         )?,
+        fused_attention_case(
+            "attention block, head size 160 on cuBLAS (2 heads, not causal, padded, 50 positions)",
+            (160, 2, 2, 50),
+            &[50, 27],
+            false,
+            FastPath::default(),
+            device,
+        )?,
         {
             let t: Vec<u32> = (0..64u32).map(|i| (i * 37 + 11) % 1000).collect();
             let t_cpu = Tensor::new(t.as_slice(), &cpu)?;
@@ -825,6 +833,12 @@ fn attention_sublayer_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()>
     for (what, c, heads, ctx_len) in [
         ("self-attention, heads of 40", 80, 2, None),
         ("self-attention, heads of 80", 160, 2, None),
+        (
+            "self-attention, heads of 160 (not padded: cuBLAS)",
+            320,
+            2,
+            None,
+        ),
         ("cross-attention to 77 keys, heads of 40", 80, 2, Some(77)),
     ] {
         let kv_dim = if ctx_len.is_some() { ctx_dim } else { c };
@@ -995,6 +1009,9 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     let xt = (Tensor::randn(0f64, 2.0, (3, 9, 24), &cpu)? - 0.3)?;
     let gt = Tensor::randn(0f64, 1.0, (3, 9, 24), &cpu)?;
     let gt_geglu = Tensor::randn(0f64, 1.0, (3, 9, 12), &cpu)?;
+    // halves of 16: the 8-wide kernels
+    let xt_geglu16 = (Tensor::randn(0f64, 2.0, (3, 9, 32), &cpu)? - 0.3)?;
+    let gt_geglu16 = Tensor::randn(0f64, 1.0, (3, 9, 16), &cpu)?;
     // value and input gradient of `f` on `x` with output gradient `g`
     let run = |f: &dyn Fn(&Tensor) -> singlora::error::Result<Tensor>,
                x: &Tensor,
@@ -1059,6 +1076,18 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             &on(&gt_geglu)?,
         )?;
         let what = format!("U-Net GEGLU fused ({dt:?})");
+        both(rows, &what, (y, d), (yr, dr), bound)?;
+        let (yr, dr) = run(
+            &|h| singlora::ops::geglu::geglu(h),
+            &xt_geglu16,
+            &gt_geglu16,
+        )?;
+        let (y, d) = run(
+            &|h| singlora::ops::geglu::geglu(h),
+            &on(&xt_geglu16)?,
+            &on(&gt_geglu16)?,
+        )?;
+        let what = format!("U-Net GEGLU fused, halves of 16 ({dt:?})");
         both(rows, &what, (y, d), (yr, dr), bound)?;
     }
     // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's

@@ -160,15 +160,17 @@ fn core_label(cross: bool) -> &'static str {
     }
 }
 
-/// Whether [`attend`] takes the fused self-attention kernels for q (b, t, heads·d) and k: bf16
-/// on CUDA, as many keys as queries, heads up to 128 wide, scores not asked for in f32.
+/// Whether [`attend`] takes the fused self-attention op for q (b, t, heads·d) and k: bf16 on
+/// CUDA, as many keys as queries, scores not asked for in f32, and heads up to 128 wide (the
+/// flash kernels, padded) or of an even width (wider heads: the op's cuBLAS path, unpadded).
 fn fused_self_attention(q: &Tensor, k: &Tensor, heads: usize, upcast: bool) -> Result<bool> {
     let (_, t, inner) = q.dims3()?;
+    let d = inner / heads;
     Ok(t == k.dim(1)?
         && !upcast
         && q.dtype() == DType::BF16
         && q.device().is_cuda()
-        && inner / heads <= 128)
+        && (d <= 128 || d % 2 == 0))
 }
 
 /// Self-attention on CUDA in bf16 through the fused (flash) attention kernels, which take
@@ -201,7 +203,9 @@ fn attend_fused(
 }
 
 /// Heads of `d` zero-padded to the fused kernels' size `hd` (48 with `flash_48`, 64, 80 with
-/// `flash_80`, or 128).
+/// `flash_80`, or 128); wider heads as they are (`hd` = d: the fused op runs them through
+/// cuBLAS with the scores in memory, as SD 1.5's heads of 160 at its two lowest levels, which
+/// are 16 × 16 and 8 × 8).
 #[derive(Debug, Clone, Copy)]
 struct PaddedHeads {
     d: usize,
@@ -214,14 +218,24 @@ impl PaddedHeads {
             ..=48 if fast.flash_48 => 48,
             ..=64 => 64,
             ..=80 if fast.flash_80 => 80,
-            _ => 128,
+            65..=128 => 128,
+            _ => d,
         };
         Self { d, hd }
     }
 
-    /// What q is multiplied by so that the kernels' 1/√hd is the head's own 1/√d.
+    /// What q is multiplied by so that the kernels' 1/√hd is the head's own 1/√d (1 where the
+    /// heads are not padded).
     fn q_scale(&self) -> f64 {
         (self.hd as f64 / self.d as f64).sqrt()
+    }
+
+    /// `x` times [`Self::q_scale`] (as it is where the heads are not padded).
+    fn scaled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.hd == self.d {
+            true => Ok(x.clone()),
+            false => x * self.q_scale(),
+        }
     }
 
     /// The fused kernels' inputs for q, k, v (b, t, heads·d): q scaled, all three padded; and
@@ -233,11 +247,7 @@ impl PaddedHeads {
         v: &Tensor,
     ) -> Result<([Tensor; 3], (Tensor, Tensor))> {
         let (t, dev) = (q.dim(1)?, q.device());
-        let padded = [
-            self.pad(&(q * self.q_scale())?)?,
-            self.pad(k)?,
-            self.pad(v)?,
-        ];
+        let padded = [self.pad(&self.scaled(q)?)?, self.pad(k)?, self.pad(v)?];
         let rotation = (
             Tensor::ones((t, self.hd), DType::F32, dev)?,
             Tensor::zeros((t, self.hd), DType::F32, dev)?,
@@ -337,7 +347,7 @@ impl KeptAttention {
         match self {
             KeptAttention::SelfFused { run, heads } => {
                 let (dq, dk, dv) = run.backward(&heads.pad(g).map_err(wrap)?).map_err(wrap)?;
-                let dq = (heads.unpad(&dq).map_err(wrap)? * heads.q_scale())?;
+                let dq = heads.scaled(&heads.unpad(&dq).map_err(wrap)?)?;
                 Ok((
                     dq,
                     heads.unpad(&dk).map_err(wrap)?,
@@ -423,7 +433,10 @@ impl TransformerBlock {
         let n = self.norm3.forward(&xd)?;
         mark_on(n.device(), "unet: layer norms, residuals")?;
         let pre = self.ff_in.forward(&n)?;
-        let y = (self.ff_out.forward(&crate::ops::geglu::geglu(&pre)?)? + &xd)?;
+        mark_on(n.device(), "unet: feed-forward, products")?;
+        let gated = crate::ops::geglu::geglu(&pre)?;
+        mark_on(n.device(), "unet: feed-forward, GEGLU")?;
+        let y = (self.ff_out.forward(&gated)? + &xd)?;
         let grad = FeedForwardGrad {
             norm: self.norm3.clone(),
             w_in: w_in.clone(),
@@ -469,10 +482,14 @@ impl InputGradient for FeedForwardGrad {
         let wrap = candle_core::Error::wrap;
         let (b, t, c) = g.dims3()?;
         let m = b * t;
+        let mark = |label| mark_on(g.device(), label).map_err(wrap);
         let d_gated = g.reshape((m, c))?.matmul(&self.w_out)?;
+        mark("backward: feed-forward sublayers, products")?;
         let pre = self.pre.reshape((m, self.w_in.dim(0)?))?;
         let d_pre = crate::ops::geglu::geglu_backward(&pre, &d_gated).map_err(wrap)?;
+        mark("backward: feed-forward sublayers, GEGLU")?;
         let d_n = d_pre.matmul(&self.w_in)?.reshape((b, t, c))?;
+        mark("backward: feed-forward sublayers, products")?;
         let dx = self.norm.backward(&x.detach(), &d_n).map_err(wrap)?;
         dx + g
     }
@@ -582,23 +599,30 @@ struct SublayerGrad {
     attention: KeptAttention,
 }
 
+/// What the kernel profile files the attention sublayers' projections' backward under (the
+/// products and their adapters' gradients).
+const PROJECTIONS_BACKWARD: &str = "backward: attention sublayers, projections";
+
 impl ParamsGradient for SublayerGrad {
     const NAME: &'static str = "unet-attention-sublayer";
     const PROFILE_LABEL: &'static str = "backward: attention sublayers";
 
     fn grads(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let wrap = candle_core::Error::wrap;
+        let mark = |label| mark_on(g.device(), label).map_err(wrap);
         let (b, t, c) = g.dims3()?;
         let g2 = g.reshape((b * t, c))?;
         let (da, p_out) = self.proj[3]
             .backward_with_input(&self.a, &g2)
             .map_err(wrap)?;
+        mark(PROJECTIONS_BACKWARD)?;
         let da = da.reshape((b, t, self.a.dim(1)?))?;
         let flat = |x: Tensor| -> candle_core::Result<Tensor> {
             let (xb, xt, xw) = x.dims3()?;
             x.reshape((xb * xt, xw))
         };
         let (dq, dk, dv) = self.attention.backward(&da)?;
+        mark("backward: attention sublayers, attention and head layout")?;
         let (dq, dk, dv) = (flat(dq)?, flat(dk)?, flat(dv)?);
         let self_attention = self.kv_in.is_none();
         let kv_in = self.kv_in.as_ref().unwrap_or(&self.n);
@@ -614,6 +638,7 @@ impl ParamsGradient for SublayerGrad {
         for d in [dn_k, dn_v].into_iter().flatten() {
             dn = (dn + d)?;
         }
+        mark(PROJECTIONS_BACKWARD)?;
         let dx = self
             .norm
             .backward(&x.detach(), &dn.reshape((b, t, c))?)
@@ -862,7 +887,7 @@ mod tests {
     /// through the composed form the same op takes off CUDA (the kernels themselves are checked
     /// by `singlora-lab gpu-check`), values and input gradients, for heads narrower than 64
     /// (padded to 48, and to 64 without `flash_48`), between 64 and 80 (to 80, and to 128
-    /// without `flash_80`) and between 80 and 128.
+    /// without `flash_80`), between 80 and 128, and wider (not padded).
     #[test]
     fn padded_heads_attend_as_the_heads_do() {
         let dev = Device::Cpu;
@@ -880,6 +905,8 @@ mod tests {
             (3, 72, Default::default()),
             (3, 72, no_80),
             (2, 40, Default::default()),
+            (2, 100, Default::default()),
+            (2, 160, Default::default()),
         ] {
             let (b, t) = (2, 7);
             let x = || Var::randn(0f64, 1.0, (b, t, heads * d), &dev).unwrap();

@@ -14,6 +14,17 @@ use super::norm::GroupNorm;
 use super::tie::{tie, InputGradient};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
+use crate::ops::mark_on;
+
+/// What the kernel profile files the blocks' norms and convolutions under (forward, backward).
+const NORMS: [&str; 2] = [
+    "unet: resnet, GroupNorm + SiLU",
+    "backward: ResNet blocks, GroupNorm + SiLU",
+];
+const CONVS: [&str; 2] = [
+    "unet: resnet, convolutions",
+    "backward: ResNet blocks, convolutions",
+];
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
@@ -62,7 +73,10 @@ impl ResnetBlock {
 
     /// y = shortcut(x) + conv2(silu(norm2(h))).
     fn tail(&self, x: &Tensor, h: &Tensor) -> Result<Tensor> {
-        let y = self.conv2.forward(&self.norm2.forward_silu(h)?)?;
+        let a = self.norm2.forward_silu(h)?;
+        mark_on(a.device(), NORMS[0])?;
+        let y = self.conv2.forward(&a)?;
+        mark_on(y.device(), CONVS[0])?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -76,9 +90,10 @@ impl ResnetBlock {
     /// time embedding `t` takes no gradient here.
     fn forward_one_op(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let xd = x.detach();
-        let h = self
-            .conv1
-            .forward_shifted(&self.norm1.forward_silu(&xd)?, Some(t))?;
+        let a = self.norm1.forward_silu(&xd)?;
+        mark_on(a.device(), NORMS[0])?;
+        let h = self.conv1.forward_shifted(&a, Some(t))?;
+        mark_on(h.device(), CONVS[0])?;
         let y = self.tail(&xd, &h)?;
         let grad = BlockGrad {
             block: self.clone(),
@@ -107,12 +122,17 @@ impl InputGradient for BlockGrad {
     fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         let b = &self.block;
         let wrap = candle_core::Error::wrap;
+        let mark = |label| mark_on(x.device(), label).map_err(wrap);
         let (_, _, xh, xw) = x.dims4()?;
         let (_, _, hh, hw) = self.h.dims4()?;
         let da2 = b.conv2.input_grad((hh, hw), g)?;
+        mark(CONVS[1])?;
         let dh = b.norm2.backward_silu(&self.h, &da2).map_err(wrap)?;
+        mark(NORMS[1])?;
         let da1 = b.conv1.input_grad((xh, xw), &dh)?;
+        mark(CONVS[1])?;
         let dx = b.norm1.backward_silu(&x.detach(), &da1).map_err(wrap)?;
+        mark(NORMS[1])?;
         match &b.conv_shortcut {
             Some(c) => dx + c.input_grad((xh, xw), g)?,
             None => dx + g,
