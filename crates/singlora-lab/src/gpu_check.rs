@@ -1068,27 +1068,17 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         let (y, d) = run(&|x| ln.forward(x), &on(&xt)?, &on(&gt)?)?;
         let what = format!("U-Net LayerNorm fused ({dt:?})");
         both(rows, &what, (y, d), (yr, dr), bound)?;
-        // GEGLU on h = [a | b] (3, 9, 2·12): the CPU's f64 is the composed form
-        let (yr, dr) = run(&|h| singlora::ops::geglu::geglu(h), &xt, &gt_geglu)?;
-        let (y, d) = run(
-            &|h| singlora::ops::geglu::geglu(h),
-            &on(&xt)?,
-            &on(&gt_geglu)?,
-        )?;
-        let what = format!("U-Net GEGLU fused ({dt:?})");
-        both(rows, &what, (y, d), (yr, dr), bound)?;
-        let (yr, dr) = run(
-            &|h| singlora::ops::geglu::geglu(h),
-            &xt_geglu16,
-            &gt_geglu16,
-        )?;
-        let (y, d) = run(
-            &|h| singlora::ops::geglu::geglu(h),
-            &on(&xt_geglu16)?,
-            &on(&gt_geglu16)?,
-        )?;
-        let what = format!("U-Net GEGLU fused, halves of 16 ({dt:?})");
-        both(rows, &what, (y, d), (yr, dr), bound)?;
+        // GEGLU on h = [a | b] (3, 9, 2·12), and with halves of 16 (the 8-wide kernels): the
+        // CPU's f64 is the composed form
+        for (h, g, what) in [
+            (&xt, &gt_geglu, "U-Net GEGLU fused"),
+            (&xt_geglu16, &gt_geglu16, "U-Net GEGLU fused, halves of 16"),
+        ] {
+            let geglu = |h: &Tensor| singlora::ops::geglu::geglu(h);
+            let (yr, dr) = run(&geglu, h, g)?;
+            let (y, d) = run(&geglu, &on(h)?, &on(g)?)?;
+            both(rows, &format!("{what} ({dt:?})"), (y, d), (yr, dr), bound)?;
+        }
     }
     // the whole tiny U-Net: diffusers' output, and the sample's gradient against the CPU's
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../singlora/tests/fixtures/unet-tiny");

@@ -405,20 +405,8 @@ mod tests {
     use super::*;
     use crate::adapter::ramp::{RampClock, RampSchedule};
     use crate::adapter::{AdapterKind, AdapterSpec};
+    use crate::ops::reference::tests::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// The backward written out by hand (every variable's gradient in one flat buffer, the
     /// input gradient in one op) gives what candle's autograd gives through the recorded

@@ -484,28 +484,22 @@ impl FactorGrads {
         let (xv, _) = view::<T>(x.0, x.1)?;
         let (gv, _) = view::<T>(g.0, g.1)?;
         let (d, u) = (host_vec::<T>(&self.d)?, host_vec::<T>(&self.u)?);
-        let mut gu = vec![T::zero(); m * r];
-        gemm_into(
-            &mut gu,
-            m,
-            r,
-            n,
-            gv,
-            View::rows(u.as_ptr(), r),
-            T::one(),
-            false,
-        );
-        let mut h = vec![T::zero(); m * r];
-        gemm_into(
-            &mut h,
-            m,
-            r,
-            k,
-            xv,
-            View::rows(d.as_ptr(), r),
-            T::one(),
-            false,
-        );
+        // a (m × k) times a factor (k × r)
+        let times = |a: View<T>, f: &[T], k: usize| {
+            let mut out = vec![T::zero(); m * r];
+            gemm_into(
+                &mut out,
+                m,
+                r,
+                k,
+                a,
+                View::rows(f.as_ptr(), r),
+                T::one(),
+                false,
+            );
+            out
+        };
+        let (gu, h) = (times(gv, &u, n), times(xv, &d, k));
         let (guv, hv) = (View::rows(gu.as_ptr(), r), View::rows(h.as_ptr(), r));
         let mut out = vec![T::zero(); self.len];
         let c = T::from(self.c).unwrap();
