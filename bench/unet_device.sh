@@ -53,6 +53,9 @@ if [ "${RECORDED:-0}" = 1 ]; then
 stamp recorded
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --recorded-sublayers 2>&1 | tee "$OUT/unet-singlora-recorded.jsonl"
 fi
+# each step on the U-Net's own record of the forward (off by default in the library)
+stamp taped
+timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 --taped 2>&1 | tee "$OUT/unet-singlora-taped.jsonl"
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
 stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"

@@ -593,11 +593,16 @@ pub struct UNetArgs {
     /// one autograd op each (the library's default).
     #[arg(long)]
     recorded_sublayers: bool,
+    /// Run each step on the U-Net's own record of the forward instead of candle's autograd
+    /// between the blocks (off by default in the library until checked on a GPU).
+    #[arg(long)]
+    taped: bool,
 }
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
     singlora::diffusion::unet::attention::set_one_op_sublayers(!a.recorded_sublayers);
+    singlora::diffusion::unet::set_taped_steps(a.taped);
     if a.profile {
         for &b in &a.batch {
             for (name, fwd, both) in singlora_lab::bench::unet::components(b, &device)? {

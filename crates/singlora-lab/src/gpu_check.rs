@@ -1122,7 +1122,7 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     // SingLoRA on every attention projection, its factors moved off their init: the adapter
     // variables' gradients against the CPU's (f32, sublayers recorded), with the transformers'
     // sublayers recorded op by op and as one op each
-    let adapter_grads = |dt: DType, dev: &Device| -> Result<Tensor> {
+    let adapter_grads = |dt: DType, dev: &Device, taped: bool| -> Result<Tensor> {
         use singlora::adapter::inject::inject;
         use singlora::adapter::target::TargetSpec;
         let mut unet = UNet::load(&dir, dt, dev)?;
@@ -1140,22 +1140,35 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             v.set(&a.to_device(dev)?.to_dtype(v.dtype())?)?;
         }
         let on = |x: &Tensor| x.to_dtype(dt).and_then(|x| x.to_device(dev));
-        let y = unet.forward(&on(&sample)?, &t.to_device(dev)?, &on(&ctx)?, None)?;
-        let grads = (y.to_dtype(DType::F32)? * gs.to_device(dev)?)?
-            .sum_all()?
-            .backward()?;
+        let g = gs.to_device(dev)?;
+        let loss = |y: &Tensor| -> singlora::Result<(Tensor, ())> {
+            Ok(((y.to_dtype(DType::F32)? * &g)?.sum_all()?, ()))
+        };
+        singlora::diffusion::unet::set_taped_steps(taped);
+        if taped && !unet.tape_ready()? {
+            singlora::diffusion::unet::set_taped_steps(false);
+            anyhow::bail!("the tiny U-Net with SingLoRA does not run on the U-Net's tape");
+        }
+        let inputs = (&on(&sample)?, &t.to_device(dev)?, &on(&ctx)?, None);
+        let step = unet.taped_step(inputs, loss);
+        singlora::diffusion::unet::set_taped_steps(false);
+        let (_, grads) = step?;
         flat_grads(&grads, &vars, DType::F32)
     };
-    let want = adapter_grads(DType::F32, &cpu)?;
-    for one_op in [false, true] {
+    let want = adapter_grads(DType::F32, &cpu, false)?;
+    for (one_op, taped) in [(false, false), (true, false), (true, true)] {
         singlora::diffusion::unet::attention::set_one_op_sublayers(one_op);
-        let how = if one_op { "one op" } else { "recorded" };
+        let how = match (one_op, taped) {
+            (false, _) => "sublayers recorded",
+            (true, false) => "sublayers one op",
+            (true, true) => "the step on the U-Net's tape",
+        };
         for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 8e-2)] {
             rows.push(Row {
                 what: format!(
-                    "tiny U-Net ({dt:?} weights), SingLoRA on q, k, v, out, sublayers {how}: adapter gradients vs the CPU's (f32)"
+                    "tiny U-Net ({dt:?} weights), SingLoRA on q, k, v, out, {how}: adapter gradients vs the CPU's (f32)"
                 ),
-                err: rel_err(&adapter_grads(dt, device)?, &want)?,
+                err: rel_err(&adapter_grads(dt, device, taped)?, &want)?,
                 bound,
             });
         }

@@ -162,10 +162,10 @@ fn train_step(
     acc: &mut GradAccumulator,
     mark: &mut dyn FnMut(&'static str) -> Result<()>,
 ) -> Result<()> {
-    let pred = unet.forward(x, t, ctx, None)?.to_dtype(DType::F32)?;
-    let loss = (pred - noise)?.sqr()?.mean_all()?;
-    mark("loss")?;
-    let grads = loss.backward()?;
+    let loss = |pred: &Tensor| -> singlora::Result<(Tensor, ())> {
+        Ok(((pred.to_dtype(DType::F32)? - noise)?.sqr()?.mean_all()?, ()))
+    };
+    let (_, grads) = unet.taped_step((x, t, ctx, None), loss)?;
     mark(BACKWARD)?;
     acc.add(&grads)?;
     opt.step(acc, 1e-4, Some(1.0))?;

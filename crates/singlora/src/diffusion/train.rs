@@ -539,17 +539,6 @@ impl<'a> Trainer<'a> {
             cond = cond.cat(&cc.select(&rows_idx)?)?;
         }
         let t = Tensor::new(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dev)?;
-        let pred = self
-            .pipe
-            .unet
-            .forward(
-                &noisy.to_dtype(self.pipe.dtype)?,
-                &t,
-                &cond.context,
-                cond.added.as_ref(),
-            )?
-            .to_dtype(DType::F32)?;
-        let per_row = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let weights: Vec<f32> = ts
             .iter()
             .map(|&t| match self.cfg.snr_gamma {
@@ -557,15 +546,29 @@ impl<'a> Trainer<'a> {
                 None => Ok(1.0),
             })
             .collect::<Result<_>>()?;
-        let per_row = per_row.mul(&Tensor::new(weights, &dev)?)?;
-        let inst = per_row.narrow(0, 0, bs)?.mean_all()?;
-        let (loss, prior) = if class_rows > 0 {
-            let p = per_row.narrow(0, bs, class_rows)?.mean_all()?;
-            ((&inst + (&p * self.cfg.prior_loss_weight)?)?, Some(p))
-        } else {
-            (inst.clone(), None)
+        let prior_weight = self.cfg.prior_loss_weight;
+        // the instance rows' loss, and the class rows' under prior preservation
+        let loss_of = |pred: &Tensor| -> Result<(Tensor, (Tensor, Option<Tensor>))> {
+            let per_row = (pred.to_dtype(DType::F32)? - &target)?
+                .sqr()?
+                .flatten_from(1)?
+                .mean(1)?;
+            let per_row = per_row.mul(&Tensor::new(weights, &dev)?)?;
+            let inst = per_row.narrow(0, 0, bs)?.mean_all()?;
+            Ok(if class_rows > 0 {
+                let p = per_row.narrow(0, bs, class_rows)?.mean_all()?;
+                ((&inst + (&p * prior_weight)?)?, (inst, Some(p)))
+            } else {
+                (inst.clone(), (inst, None))
+            })
         };
-        let grads = loss.backward()?;
+        let inputs = (
+            &noisy.to_dtype(self.pipe.dtype)?,
+            &t,
+            &cond.context,
+            cond.added.as_ref(),
+        );
+        let ((loss, (inst, prior)), grads) = self.pipe.unet.taped_step(inputs, loss_of)?;
         self.acc.add(&grads)?;
         let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
         let l = scalar(&loss)?;

@@ -22,7 +22,8 @@ use candle_core::{DType, Tensor};
 
 use super::load::Loader;
 use super::norm::{GroupNorm, LayerNorm};
-use super::tie::{tie, tie_params, InputGradient, ParamsGradient};
+use super::tie::{self, not_on_tape, recording, tie, tie_params, tracked};
+use super::tie::{InputGradient, ParamsGradient};
 use crate::adapter::{AdaptedLinear, LowRankLinear};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
@@ -407,8 +408,11 @@ impl TransformerBlock {
             self.ff_in.frozen_dense_weight(),
             self.ff_out.frozen_dense_weight(),
         );
-        if let (true, (Some(w_in), Some(w_out))) = (x.track_op(), frozen) {
+        if let (true, (Some(w_in), Some(w_out))) = (tracked(&x) || recording(), frozen) {
             return self.feed_forward_one_op(&x, w_in, w_out);
+        }
+        if recording() {
+            return Err(not_on_tape("a feed-forward with adapters"));
         }
         let y = (self.feed_forward(&x)? + x)?;
         mark_on(y.device(), "unet: feed-forward")?;
@@ -507,7 +511,7 @@ pub fn set_one_op_sublayers(on: bool) {
     ONE_OP_SUBLAYERS.store(on, Ordering::Relaxed);
 }
 
-fn one_op_sublayers() -> bool {
+pub(crate) fn one_op_sublayers() -> bool {
     ONE_OP_SUBLAYERS.load(Ordering::Relaxed)
 }
 
@@ -521,10 +525,15 @@ pub fn attention_sublayer(
     x: &Tensor,
     ctx: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if one_op_sublayers() && x.track_op() && !ctx.is_some_and(|c| c.track_op()) {
+    if one_op_sublayers() && (tracked(x) || recording()) && !ctx.is_some_and(tracked) {
         if let Some(proj) = attn.low_rank(x.dtype())? {
             return attention_sublayer_one_op(norm, attn, proj, x, ctx);
         }
+    }
+    if recording() {
+        return Err(not_on_tape(
+            "an attention whose projections cannot be taken apart (DoRA, a quantised weight)",
+        ));
     }
     let n = norm.forward(x)?;
     mark_on(n.device(), "unet: layer norms, residuals")?;
@@ -674,7 +683,7 @@ impl Projection {
     /// The projection taken apart for a one-op entry or exit on `x`, where one-op sublayers are
     /// switched on, `x` takes a gradient and the projection can be taken apart.
     fn one_op_parts(&self, x: &Tensor) -> Result<Option<LowRankLinear>> {
-        match one_op_sublayers() && x.track_op() {
+        match one_op_sublayers() && (tracked(x) || recording()) {
             true => self.low_rank(x.dtype()),
             false => Ok(None),
         }
@@ -812,7 +821,7 @@ impl Transformer2d {
             &t,
             "backward: autograd, transformers' proj_out, layout, residual",
         )?;
-        let y = (self.exit(&t, x.dims4()?)? + x)?;
+        let y = tie::add(&self.exit(&t, x.dims4()?)?, x)?;
         mark_on(y.device(), "unet: transformer norm, proj in/out")?;
         Ok(y)
     }
@@ -826,6 +835,9 @@ impl Transformer2d {
         let (b, c, h, w) = x.dims4()?;
         let tokens = |x: &Tensor| -> Result<Tensor> { Ok(tokens_of(&self.norm.forward(x)?)?) };
         let Some(proj) = self.proj_in.one_op_parts(x)? else {
+            if recording() {
+                return Err(not_on_tape("a proj_in that cannot be taken apart"));
+            }
             return self.proj_in.forward(&tokens(x)?);
         };
         let t = tokens(&x.detach())?.reshape((b * h * w, c))?;
@@ -844,6 +856,9 @@ impl Transformer2d {
     /// that is switched on, `t` takes a gradient and proj_out can be taken apart ([`ExitGrad`]).
     fn exit(&self, t: &Tensor, (b, c, h, w): (usize, usize, usize, usize)) -> Result<Tensor> {
         let Some(proj) = self.proj_out.one_op_parts(t)? else {
+            if recording() {
+                return Err(not_on_tape("a proj_out that cannot be taken apart"));
+            }
             let y = self.proj_out.forward(t)?;
             return Ok(y.transpose(1, 2)?.reshape((b, c, h, w))?);
         };
@@ -851,6 +866,27 @@ impl Transformer2d {
         let y = image_of(&y.reshape((b, h * w, c))?, (h, w))?;
         let params = param_list([&proj]);
         tie_params(t, &params, &y, ExitGrad { proj })
+    }
+
+    /// Whether this transformer can run on a U-Net tape: its projections can be taken apart
+    /// and its feed-forwards train nothing.
+    pub(crate) fn tape_ready(&self, dtype: DType) -> Result<bool> {
+        for p in [&self.proj_in, &self.proj_out] {
+            if p.low_rank(dtype)?.is_none() {
+                return Ok(false);
+            }
+        }
+        for b in &self.blocks {
+            let ff_frozen =
+                b.ff_in.frozen_dense_weight().is_some() && b.ff_out.frozen_dense_weight().is_some();
+            if !ff_frozen
+                || b.attn1.low_rank(dtype)?.is_none()
+                || b.attn2.low_rank(dtype)?.is_none()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {

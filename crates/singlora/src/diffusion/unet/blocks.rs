@@ -39,6 +39,13 @@ impl Layers {
     }
 
     /// The transformers' adaptable linear layers.
+    /// Whether every transformer here can run on a U-Net tape ([`super::UNet::tape_ready`]).
+    pub(crate) fn tape_ready(&self, dtype: candle_core::DType) -> Result<bool> {
+        self.attentions
+            .iter()
+            .try_fold(true, |ok, a| Ok(ok && a.tape_ready(dtype)?))
+    }
+
     pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
         for a in &self.attentions {
             a.linears(out);
@@ -219,12 +226,13 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| crate::error::Error::msg("U-Net: an up block ran out of skips"))?;
             let h_in = probe(&h, "backward: autograd, skip concatenation")?;
-            h = Tensor::cat(&[&h_in, &skip], 1)?;
+            h = super::tie::cat(&[&h_in, &skip], 1)?;
             mark_on(h.device(), "unet: resample")?;
             h = self.layers.step(i, &h, emb_act, ctx)?;
         }
         if let Some(u) = &self.upsample {
-            h = u.forward(&upsample2(&probe(&h, "backward: autograd, upsampling")?)?)?;
+            let h_in = probe(&h, "backward: autograd, upsampling")?;
+            h = u.forward(&super::tie::upsample2(&h_in, upsample2)?)?;
             mark_on(h.device(), "unet: resample")?;
         }
         Ok(h)

@@ -27,7 +27,7 @@
 
 use candle_core::Tensor;
 
-use super::tie::{tie, InputGradient};
+use super::tie::{tie, tracked, InputGradient};
 use crate::error::Result;
 use crate::ops::conv::{conv2d, flipped};
 
@@ -105,7 +105,7 @@ fn frozen_conv2d_plus(
     if let Some(a) = add {
         y = y.broadcast_add(&a.detach())?;
     }
-    if !x.track_op() {
+    if !tracked(x) {
         return Ok(y);
     }
     let grad = InputGrad {

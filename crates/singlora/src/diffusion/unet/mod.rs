@@ -37,6 +37,7 @@ pub mod resnet;
 pub(crate) mod tie;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -69,6 +70,29 @@ struct TextTime {
     sinusoid: Sinusoid,
     mlp: TimestepMlp,
     cfg: TextTimeConfig,
+}
+
+/// Whether [`UNet::taped_step`] records the forward (see [`tie::Tape`]) instead of running it
+/// through candle's autograd. Off by default until the device check has compared the two on a
+/// GPU (they agree to rounding on the CPU: `tests/unet_tape.rs`); `singlora-lab bench-unet
+/// --taped` times it.
+static TAPED_STEPS: AtomicBool = AtomicBool::new(false);
+
+/// Switches [`UNet::taped_step`]'s record on or off for this process.
+pub fn set_taped_steps(on: bool) {
+    TAPED_STEPS.store(on, Ordering::Relaxed);
+}
+
+/// The input gradient of SiLU(GroupNorm(x)), for [`tie::tie`].
+struct NormSiluGrad(GroupNorm);
+
+impl tie::InputGradient for NormSiluGrad {
+    const NAME: &'static str = "unet-norm-out";
+    const PROFILE_LABEL: &'static str = "backward: GroupNorm, LayerNorm";
+
+    fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.backward_silu(x, g).map_err(candle_core::Error::wrap)
+    }
 }
 
 pub struct UNet {
@@ -273,12 +297,70 @@ impl UNet {
             h = u.forward(&h, &emb_act, &ctx, &mut skips)?;
         }
         debug_assert!(skips.is_empty());
-        let y = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
+        let a = match tie::recording() {
+            true => {
+                let a = self.norm_out.forward_silu(&h.detach())?;
+                tie::tie(&h, &a, NormSiluGrad(self.norm_out.clone()))?
+            }
+            false => self.norm_out.forward_silu(&h)?,
+        };
+        let y = self.conv_out.forward(&a)?;
         mark_on(y.device(), "unet: conv in/out")?;
         Ok(y)
     }
 
     /// add_embedding([text_embeds, sinusoid(time_ids) flattened per row]).
+    /// Whether [`Self::taped_step`] runs this U-Net on its tape: taped steps are switched on
+    /// ([`set_taped_steps`]), sublayers run as one op (the default), and every transformer's
+    /// attention projections, proj_in and proj_out can be taken apart for a written-out
+    /// backward and its feed-forwards train nothing. Otherwise the step runs through
+    /// candle's autograd.
+    pub fn tape_ready(&self) -> Result<bool> {
+        if !TAPED_STEPS.load(Ordering::Relaxed) || !attention::one_op_sublayers() {
+            return Ok(false);
+        }
+        let layers = self.down.iter().map(|d| &d.layers);
+        let mut layers = layers
+            .chain([&self.mid.layers])
+            .chain(self.up.iter().map(|u| &u.layers));
+        layers.try_fold(true, |ok, l| Ok(ok && l.tape_ready(self.dtype)?))
+    }
+
+    /// One training step's forward and backward without candle's autograd between the blocks
+    /// (see [`tie::Tape`]): the forward is recorded, `loss(pred)` runs through candle's
+    /// autograd on the output alone (the output a leaf), and the record's backward hands the
+    /// adapters' variables their gradients, which are added into the loss's gradient store.
+    /// Returns what `loss` returned and that store. Where [`Self::tape_ready`] is false, the
+    /// same through candle's autograd.
+    pub fn taped_step<T>(
+        &self,
+        (sample, timesteps, context, added): (&Tensor, &Tensor, &Tensor, Option<&AddedCond>),
+        loss: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
+    ) -> Result<((Tensor, T), candle_core::backprop::GradStore)> {
+        if !self.tape_ready()? {
+            let (l, extra) = loss(&self.forward(sample, timesteps, context, added)?)?;
+            let grads = l.backward()?;
+            return Ok(((l, extra), grads));
+        }
+        let rec = tie::Tape::start()?;
+        let pred = self.forward(sample, timesteps, context, added)?;
+        let tape = tie::Tape::finish(rec)?;
+        let leaf = candle_core::Var::from_tensor(&pred)?;
+        let (l, extra) = loss(leaf.as_tensor())?;
+        let mut grads = l.backward()?;
+        let g = grads
+            .remove(leaf.as_tensor())
+            .ok_or_else(|| Error::msg("U-Net tape: the loss does not depend on the output"))?;
+        for (param, dp) in tape.backward(&pred, &g)? {
+            let sum = match grads.remove(&param) {
+                Some(prev) => (prev + dp)?,
+                None => dp,
+            };
+            grads.insert(&param, sum);
+        }
+        Ok(((l, extra), grads))
+    }
+
     fn added_embedding(&self, tt: &TextTime, a: &AddedCond, b: usize) -> Result<Tensor> {
         let pooled = tt.cfg.text_embeds_dim();
         if a.text_embeds.dims() != [b, pooled] || a.time_ids.dims() != [b, 6] {

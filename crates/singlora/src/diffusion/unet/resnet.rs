@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use super::conv::Conv2d;
 use super::load::Loader;
 use super::norm::GroupNorm;
-use super::tie::{tie, InputGradient};
+use super::tie::{tie, tracked, InputGradient};
 use crate::error::Result;
 use crate::linear::FrozenLinear;
 use crate::ops::mark_on;
@@ -62,7 +62,7 @@ impl ResnetBlock {
     /// `x` (b, c_in, h, w), `emb_act` = silu(emb) (b, temb) → (b, c_out, h, w).
     pub fn forward(&self, x: &Tensor, emb_act: &Tensor) -> Result<Tensor> {
         let t = self.time_emb_proj.forward(emb_act)?;
-        if x.track_op() && !t.track_op() {
+        if tracked(x) && !t.track_op() {
             return self.forward_one_op(x, &t);
         }
         let h = self
