@@ -5,11 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
-use singlora::adapter::inject::inject;
-use singlora::adapter::ramp::{RampClock, RampSchedule};
-use singlora::adapter::target::TargetSpec;
-use singlora::adapter::{AdapterKind, AdapterSpec};
+use candle_core::{DType, Device, Tensor};
+use singlora::adapter::AdapterKind;
 use singlora::checkpoint::{Checkpoint, TensorFile};
 use singlora::diffusion::unet::{AddedCond, UNet, UNetConfig};
 use singlora::model::weights::Weights;
@@ -133,28 +130,11 @@ fn adapter_gradients_against_finite_differences(one_op: bool) {
     ] {
         let io = io(name, DType::F64);
         let added = added(&io);
-        let mut unet = UNet::load(&fixture(name), DType::F64, &dev).unwrap();
-        let mut spec = AdapterSpec::new(kind, 2, 4.0);
-        spec.dtype = DType::F64;
-        let clock = RampClock::new(RampSchedule::new(4), 1);
-        clock.set_training(true);
-        let targets = TargetSpec::parse(targets, None).unwrap();
-        let chosen = inject(unet.linears_mut(), &[], &spec, &targets, &clock).unwrap();
+        let (unet, chosen, vars) = common::adapted_unet(&fixture(name), kind, targets);
         if count > 0 {
             assert_eq!(chosen.len(), count);
         } else {
             assert!(chosen.iter().any(|n| n.ends_with("proj_out")), "{chosen:?}");
-        }
-        // LoRA's B starts at zero: move every factor off its init so each path carries signal
-        let vars: Vec<Var> = singlora::adapter::params_of(unet.linears())
-            .into_iter()
-            .map(|p| p.var)
-            .collect();
-        for (i, v) in vars.iter().enumerate() {
-            let mut rng = singlora::rng::rng_for(i as u64, "noise");
-            let noise =
-                singlora::rng::normal(&mut rng, 0.1, v.dims2().unwrap(), DType::F64, &dev).unwrap();
-            v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
         }
         let n = io["out"].elem_count();
         let mut rng = singlora::rng::rng_for(0, "target");

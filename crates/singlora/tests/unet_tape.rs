@@ -6,13 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
-use singlora::adapter::inject::inject;
-use singlora::adapter::ramp::{RampClock, RampSchedule};
-use singlora::adapter::target::TargetSpec;
-use singlora::adapter::{AdapterKind, AdapterSpec};
+use candle_core::{DType, Device, Tensor};
+use singlora::adapter::AdapterKind;
 use singlora::checkpoint::TensorFile;
-use singlora::diffusion::unet::{AddedCond, UNet};
+use singlora::diffusion::unet::AddedCond;
 
 mod common;
 use common::max_abs;
@@ -67,23 +64,7 @@ fn taped_step_matches_autograd() {
             text_embeds: e.clone(),
             time_ids: io["time_ids"].clone(),
         });
-        let mut unet = UNet::load(&fixture(name), DType::F64, &dev).unwrap();
-        let mut spec = AdapterSpec::new(kind, 2, 4.0);
-        spec.dtype = DType::F64;
-        let clock = RampClock::new(RampSchedule::new(4), 1);
-        clock.set_training(true);
-        let targets = TargetSpec::parse(targets, None).unwrap();
-        inject(unet.linears_mut(), &[], &spec, &targets, &clock).unwrap();
-        let vars: Vec<Var> = singlora::adapter::params_of(unet.linears())
-            .into_iter()
-            .map(|p| p.var)
-            .collect();
-        // every factor off its init (LoRA's B starts at zero)
-        for (i, v) in vars.iter().enumerate() {
-            let mut rng = singlora::rng::rng_for(i as u64, "noise");
-            let noise = singlora::rng::normal(&mut rng, 0.1, v.dims(), DType::F64, &dev).unwrap();
-            v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
-        }
+        let (unet, _, vars) = common::adapted_unet(&fixture(name), kind, targets);
         assert_eq!(unet.tape_ready().unwrap(), taped, "{name} {kind:?}");
         let mut rng = singlora::rng::rng_for(0, "target");
         let n = io["out"].elem_count();

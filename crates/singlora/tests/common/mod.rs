@@ -136,3 +136,41 @@ pub fn assert_same_loss_and_grads(
     }
     assert!(checked > 0, "{what}: no adapter gradients");
 }
+
+/// The tiny U-Net fixture at `dir` in f64 with adapters of `kind` (rank 2, α 4, the ramp at
+/// its first step) on `targets`, every adapter variable moved off its initial value by
+/// N(0, 0.1) noise (LoRA's B starts at zero, so each path carries signal): the U-Net, the
+/// modules chosen and the variables.
+#[allow(dead_code)]
+pub fn adapted_unet(
+    dir: &std::path::Path,
+    kind: singlora::adapter::AdapterKind,
+    targets: &str,
+) -> (
+    singlora::diffusion::unet::UNet,
+    Vec<String>,
+    Vec<candle_core::Var>,
+) {
+    use candle_core::{DType, Device};
+    use singlora::adapter::ramp::{RampClock, RampSchedule};
+    let dev = Device::Cpu;
+    let mut unet = singlora::diffusion::unet::UNet::load(dir, DType::F64, &dev).unwrap();
+    let mut spec = singlora::adapter::AdapterSpec::new(kind, 2, 4.0);
+    spec.dtype = DType::F64;
+    let clock = RampClock::new(RampSchedule::new(4), 1);
+    clock.set_training(true);
+    let targets = singlora::adapter::target::TargetSpec::parse(targets, None).unwrap();
+    let chosen =
+        singlora::adapter::inject::inject(unet.linears_mut(), &[], &spec, &targets, &clock)
+            .unwrap();
+    let vars: Vec<candle_core::Var> = singlora::adapter::params_of(unet.linears())
+        .into_iter()
+        .map(|p| p.var)
+        .collect();
+    for (i, v) in vars.iter().enumerate() {
+        let mut rng = singlora::rng::rng_for(i as u64, "noise");
+        let noise = singlora::rng::normal(&mut rng, 0.1, v.dims(), DType::F64, &dev).unwrap();
+        v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+    }
+    (unet, chosen, vars)
+}
