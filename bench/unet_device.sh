@@ -39,14 +39,16 @@ BATCH=${BATCH:-1,4}
 stamp() { echo "$(date +%s) $1" >> "$OUT/times.txt"; }
 stamp write
 timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
-# a first process on a fresh machine times batch 1 slower (up to 1.5×, calls of 2026-12-06):
-# one short untimed run first
+# diffusers first: run after our processes, compiled diffusers took 98 to 113 ms at batch 4
+# (and its whole run about 220 s); first on a fresh machine, 64 to 66 ms (2026-12-06)
+stamp diffusers
+timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" --steps 20 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
+# the first of our processes times batch 1 slower (up to 1.5×, calls of 2026-12-06): one
+# short untimed run first
 stamp warm-up
 timeout 60 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora --batch 1 --steps 2 --warmup 1 > /dev/null 2>&1
 stamp singlora
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 2>&1 | tee "$OUT/unet-singlora.jsonl"
-stamp diffusers
-timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" --steps 20 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
 # the transformers' sublayers recorded op by op (the library runs each as one autograd op);
 # RECORDED=1 runs it
 if [ "${RECORDED:-0}" = 1 ]; then
