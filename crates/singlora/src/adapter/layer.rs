@@ -92,14 +92,10 @@ impl AdaptedLinear {
     /// adapter's variables their gradients go to. None where the layer is not of that form on
     /// the fused ops: a quantised weight, DoRA's rescaled output, a weight not of `dtype`.
     pub fn as_low_rank(&self, dtype: DType) -> Result<Option<LowRankLinear>> {
-        let Some(w0) = self.base.dense_weight() else {
+        let Some(w0) = self.base.dense_weight().filter(|_| self.takes_apart(dtype)) else {
             return Ok(None);
         };
-        if w0.dtype() != dtype || !w0.is_contiguous() {
-            return Ok(None);
-        }
         let adapter = match (&self.adapter, &self.merged) {
-            (Some(a), None) if a.rescales_output() => return Ok(None),
             (Some(a), None) => {
                 let (d, u, c) = a.factors_in(dtype)?;
                 Some(LowRankFactors {
@@ -121,6 +117,17 @@ impl AdaptedLinear {
             bias: self.base.bias().cloned(),
             adapter,
         }))
+    }
+
+    /// Whether [`Self::as_low_rank`] gives the layer taken apart in `dtype`, without making
+    /// the factors' copies: a contiguous dense weight of `dtype`, and no adapter that rescales
+    /// its output (DoRA) unless merged.
+    pub fn takes_apart(&self, dtype: DType) -> bool {
+        let dense =
+            (self.base.dense_weight()).is_some_and(|w| w.dtype() == dtype && w.is_contiguous());
+        let rescaled =
+            matches!((&self.adapter, &self.merged), (Some(a), None) if a.rescales_output());
+        dense && !rescaled
     }
 
     /// (d_out, d_in).

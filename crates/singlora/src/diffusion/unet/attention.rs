@@ -85,6 +85,14 @@ impl Attention {
         Ok(y)
     }
 
+    /// Whether [`Self::low_rank`] takes all four projections apart, without making the
+    /// factors' copies.
+    fn takes_apart(&self, dtype: DType) -> bool {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+            .iter()
+            .all(|l| l.takes_apart(dtype))
+    }
+
     /// to_q, to_k, to_v, to_out.0 taken apart for [`attention_sublayer_one_op`], or None
     /// where one of them cannot be (see [`AdaptedLinear::as_low_rank`]).
     fn low_rank(&self, dtype: DType) -> Result<Option<[LowRankLinear; 4]>> {
@@ -689,18 +697,28 @@ impl Projection {
         }
     }
 
+    /// Whether [`Self::low_rank`] takes the projection apart, without making copies.
+    fn takes_apart(&self, dtype: DType) -> bool {
+        match self {
+            Projection::Linear(l) => l.takes_apart(dtype),
+            Projection::Conv(c) => c
+                .dense_weight()
+                .is_some_and(|w| w.dtype() == dtype && w.is_contiguous()),
+        }
+    }
+
     /// The projection taken apart for a backward written out by hand, where it can be.
     fn low_rank(&self, dtype: DType) -> Result<Option<LowRankLinear>> {
+        if !self.takes_apart(dtype) {
+            return Ok(None);
+        }
         match self {
             Projection::Linear(l) => l.as_low_rank(dtype),
-            Projection::Conv(c) => Ok(c
-                .dense_weight()
-                .filter(|w| w.dtype() == dtype && w.is_contiguous())
-                .map(|w| LowRankLinear {
-                    w0: w.clone(),
-                    bias: c.bias().cloned(),
-                    adapter: None,
-                })),
+            Projection::Conv(c) => Ok(c.dense_weight().map(|w| LowRankLinear {
+                w0: w.clone(),
+                bias: c.bias().cloned(),
+                adapter: None,
+            })),
         }
     }
 }
@@ -869,24 +887,19 @@ impl Transformer2d {
     }
 
     /// Whether this transformer can run on a U-Net tape: its projections can be taken apart
-    /// and its feed-forwards train nothing.
-    pub(crate) fn tape_ready(&self, dtype: DType) -> Result<bool> {
-        for p in [&self.proj_in, &self.proj_out] {
-            if p.low_rank(dtype)?.is_none() {
-                return Ok(false);
-            }
-        }
-        for b in &self.blocks {
-            let ff_frozen =
-                b.ff_in.frozen_dense_weight().is_some() && b.ff_out.frozen_dense_weight().is_some();
-            if !ff_frozen
-                || b.attn1.low_rank(dtype)?.is_none()
-                || b.attn2.low_rank(dtype)?.is_none()
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+    /// and its feed-forwards train nothing (checked without making the factors' copies: this
+    /// runs every step).
+    pub(crate) fn tape_ready(&self, dtype: DType) -> bool {
+        let projections = [&self.proj_in, &self.proj_out]
+            .iter()
+            .all(|p| p.takes_apart(dtype));
+        projections
+            && self.blocks.iter().all(|b| {
+                b.ff_in.frozen_dense_weight().is_some()
+                    && b.ff_out.frozen_dense_weight().is_some()
+                    && b.attn1.takes_apart(dtype)
+                    && b.attn2.takes_apart(dtype)
+            })
     }
 
     pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {

@@ -38,14 +38,12 @@ impl Layers {
         }
     }
 
-    /// The transformers' adaptable linear layers.
     /// Whether every transformer here can run on a U-Net tape ([`super::UNet::tape_ready`]).
-    pub(crate) fn tape_ready(&self, dtype: candle_core::DType) -> Result<bool> {
-        self.attentions
-            .iter()
-            .try_fold(true, |ok, a| Ok(ok && a.tape_ready(dtype)?))
+    pub(crate) fn tape_ready(&self, dtype: candle_core::DType) -> bool {
+        self.attentions.iter().all(|a| a.tape_ready(dtype))
     }
 
+    /// The transformers' adaptable linear layers.
     pub(crate) fn linears<'a>(&'a self, out: &mut Vec<&'a AdaptedLinear>) {
         for a in &self.attentions {
             a.linears(out);
@@ -232,7 +230,7 @@ impl UpBlock {
         }
         if let Some(u) = &self.upsample {
             let h_in = probe(&h, "backward: autograd, upsampling")?;
-            h = u.forward(&super::tie::upsample2(&h_in, upsample2)?)?;
+            h = u.forward(&super::tie::upsample2(&h_in)?)?;
             mark_on(h.device(), "unet: resample")?;
         }
         Ok(h)

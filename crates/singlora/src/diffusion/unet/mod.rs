@@ -309,21 +309,19 @@ impl UNet {
         Ok(y)
     }
 
-    /// add_embedding([text_embeds, sinusoid(time_ids) flattened per row]).
     /// Whether [`Self::taped_step`] runs this U-Net on its tape: taped steps are switched on
     /// ([`set_taped_steps`]), sublayers run as one op (the default), and every transformer's
     /// attention projections, proj_in and proj_out can be taken apart for a written-out
     /// backward and its feed-forwards train nothing. Otherwise the step runs through
     /// candle's autograd.
-    pub fn tape_ready(&self) -> Result<bool> {
+    pub fn tape_ready(&self) -> bool {
         if !TAPED_STEPS.load(Ordering::Relaxed) || !attention::one_op_sublayers() {
-            return Ok(false);
+            return false;
         }
-        let layers = self.down.iter().map(|d| &d.layers);
-        let mut layers = layers
+        let mut layers = (self.down.iter().map(|d| &d.layers))
             .chain([&self.mid.layers])
             .chain(self.up.iter().map(|u| &u.layers));
-        layers.try_fold(true, |ok, l| Ok(ok && l.tape_ready(self.dtype)?))
+        layers.all(|l| l.tape_ready(self.dtype))
     }
 
     /// One training step's forward and backward without candle's autograd between the blocks
@@ -337,7 +335,7 @@ impl UNet {
         (sample, timesteps, context, added): (&Tensor, &Tensor, &Tensor, Option<&AddedCond>),
         loss: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
     ) -> Result<((Tensor, T), candle_core::backprop::GradStore)> {
-        if !self.tape_ready()? {
+        if !self.tape_ready() {
             let (l, extra) = loss(&self.forward(sample, timesteps, context, added)?)?;
             let grads = l.backward()?;
             return Ok(((l, extra), grads));
@@ -361,6 +359,7 @@ impl UNet {
         Ok(((l, extra), grads))
     }
 
+    /// add_embedding([text_embeds, sinusoid(time_ids) flattened per row]).
     fn added_embedding(&self, tt: &TextTime, a: &AddedCond, b: usize) -> Result<Tensor> {
         let pooled = tt.cfg.text_embeds_dim();
         if a.text_embeds.dims() != [b, pooled] || a.time_ids.dims() != [b, 6] {

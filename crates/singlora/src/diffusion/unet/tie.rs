@@ -374,17 +374,12 @@ pub(crate) fn tracked(x: &Tensor) -> bool {
 }
 
 /// Appends a node whose output is `y` (which then takes a gradient), where a recording is on
-/// and some input or parameter takes one; returns whether it did.
-fn record(
-    inputs: &[&Tensor],
-    params: bool,
-    y: &Tensor,
-    backward: impl FnOnce() -> Backward,
-) -> bool {
+/// and some input or parameter takes one.
+fn record(inputs: &[&Tensor], params: bool, y: &Tensor, backward: impl FnOnce() -> Backward) {
     TAPE.with(|t| {
         let mut t = t.borrow_mut();
         let Some(tape) = t.as_mut() else {
-            return false;
+            return;
         };
         if params || inputs.iter().any(|x| tape.tracked.contains(&x.id())) {
             tape.tracked.insert(y.id());
@@ -394,7 +389,6 @@ fn record(
                 backward: backward(),
             });
         }
-        true
     })
 }
 
@@ -423,13 +417,13 @@ pub(crate) fn cat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     Ok(y)
 }
 
-/// `f(x)` for the nearest-neighbour ×2 upsampling `f` of (b, c, h, w), recorded where a
-/// recording is on.
-pub(crate) fn upsample2(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+/// The U-Net's nearest-neighbour ×2 upsampling of (b, c, h, w) ([`super::blocks::upsample2`]),
+/// recorded where a recording is on.
+pub(crate) fn upsample2(x: &Tensor) -> Result<Tensor> {
     if !recording() {
-        return f(x);
+        return super::blocks::upsample2(x);
     }
-    let y = f(&x.detach())?;
+    let y = super::blocks::upsample2(&x.detach())?;
     record(&[x], false, &y, || Backward::Upsample2);
     Ok(y)
 }
