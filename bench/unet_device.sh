@@ -55,9 +55,17 @@ if [ "${RECORDED:-0}" = 1 ]; then
 stamp recorded
 timeout 240 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --recorded-sublayers 2>&1 | tee "$OUT/unet-singlora-recorded.jsonl"
 fi
-# each step on the U-Net's own record of the forward (off by default in the library)
-stamp taped
-timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 --taped 2>&1 | tee "$OUT/unet-singlora-taped.jsonl"
+# the built-in convolutions (im2col and cuBLAS) instead of cuDNN's; NO_CUDNN=1 runs it
+if [ "${NO_CUDNN:-0}" = 1 ]; then
+stamp no-cudnn
+SINGLORA_CUDNN=off timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 2>&1 | tee "$OUT/unet-singlora-no-cudnn.jsonl"
+fi
+# each step through candle's autograd between the blocks (the library records the forward
+# itself); NO_TAPE=1 runs it
+if [ "${NO_TAPE:-0}" = 1 ]; then
+stamp no-tape
+timeout 120 .carry/lab bench-unet --unet /tmp/sd15-unet --methods singlora,lora --batch "$BATCH" --json --profile --steps 20 --no-tape 2>&1 | tee "$OUT/unet-singlora-no-tape.jsonl"
+fi
 # PyTorch's (cuDNN's) convolution beside the building blocks' conv rows
 stamp conv
 timeout 60 "$PY" bench/conv_torch.py 2>&1 | grep '^{' | tee "$OUT/conv-torch.jsonl"

@@ -79,9 +79,10 @@ for b in singlora singlora-lab; do
   [ -x "$dir/$b" ] || { xz -dc "$here/$b.xz" > "$dir/$b"; chmod +x "$dir/$b"; }
 done
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-# NCCL from the torch venv (nvidia-nccl-cu13), unless the system has one
+# NCCL and cuDNN from the torch venv (nvidia-nccl-cu13, nvidia-cudnn-cu13), unless the system
+# has them
 for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
-  if [ -e "$d/libnccl.so.2" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; fi
+  if [ -e "$d/libnccl.so.2" ] || [ -e "$d/libcudnn.so.9" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; fi
 done
 # NVLink multicast (NVLS) stays off on the lent machines
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}

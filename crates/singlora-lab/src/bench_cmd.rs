@@ -593,16 +593,26 @@ pub struct UNetArgs {
     /// one autograd op each (the library's default).
     #[arg(long)]
     recorded_sublayers: bool,
-    /// Run each step on the U-Net's own record of the forward instead of candle's autograd
-    /// between the blocks (off by default in the library until checked on a GPU).
+    /// Run each step through candle's autograd between the blocks instead of the U-Net's own
+    /// record of the forward (the library's default), for comparison.
     #[arg(long)]
-    taped: bool,
+    no_tape: bool,
+}
+
+/// Which convolution the U-Net's steps take on `device`: cuDNN's (with its version) or the
+/// built-in one.
+fn conv_path(device: &candle_core::Device) -> String {
+    match (device.is_cuda(), singlora::ops::conv::cudnn_version()) {
+        (true, Some(v)) => format!("cuDNN {v}"),
+        (true, None) => "im2col + cuBLAS".to_string(),
+        (false, _) => "candle".to_string(),
+    }
 }
 
 pub fn unet(a: UNetArgs) -> Result<()> {
     let device = a.device.open()?;
     singlora::diffusion::unet::attention::set_one_op_sublayers(!a.recorded_sublayers);
-    singlora::diffusion::unet::set_taped_steps(a.taped);
+    singlora::diffusion::unet::set_taped_steps(!a.no_tape);
     if a.profile {
         for &b in &a.batch {
             for (name, fwd, both) in singlora_lab::bench::unet::components(b, &device)? {
@@ -618,6 +628,7 @@ pub fn unet(a: UNetArgs) -> Result<()> {
         }
     }
     if !a.json {
+        println!("convolutions: {}", conv_path(&device));
         println!(
             "{:<10} {:>5} {:>10} {:>10} {:>10} {:>12} {:>10}",
             "method", "batch", "ms/step", "min ms", "img/s", "trainable", "peak GiB"
@@ -645,6 +656,7 @@ pub fn unet(a: UNetArgs) -> Result<()> {
             if a.json {
                 let mut v = serde_json::to_value(&r)?;
                 v["impl"] = serde_json::json!("singlora");
+                v["convolutions"] = serde_json::json!(conv_path(&device));
                 println!("{v}");
             } else {
                 println!(

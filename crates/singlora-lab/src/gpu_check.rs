@@ -722,14 +722,12 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// The U-Net's convolution on the device (`ops::conv`: im2col and one GEMM on CUDA) against
-/// candle's convolution on the CPU in f64: each kernel size, stride and padding the U-Net and
-/// its input gradients use, odd and even sides (widths that the 8-wide im2col takes and that it
-/// does not), f32 and bf16; and the frozen convolution's input gradient (through that op)
-/// against the CPU's.
+/// The U-Net's convolution on the device (`ops::conv`: im2col and one GEMM) against candle's
+/// convolution on the CPU in f64: each kernel size, stride and padding the U-Net and its input
+/// gradients use, odd and even sides (widths that the 8-wide im2col takes and that it does
+/// not), f32 and bf16; and the frozen convolution's input gradient against the CPU's, by
+/// cuDNN where it is found and by the built-in convolution.
 fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
-    use candle_core::Var;
-    use singlora::diffusion::unet::conv::frozen_conv2d;
     let cpu = Device::Cpu;
     // the input gradient's kernel (transposed, taps reversed): one kernel on the device
     for k in [1, 3] {
@@ -744,6 +742,38 @@ fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             bound: 0.0,
         });
     }
+    // input gradients by cuDNN where it is found (the default), and by the built-in path
+    let paths = match singlora::ops::conv::cudnn_version() {
+        Some(v) => {
+            eprintln!("convolutions' input gradients: cuDNN {v} found; both paths checked");
+            vec![Some(v), None]
+        }
+        None => {
+            eprintln!(
+                "convolutions' input gradients: cuDNN not found (or SINGLORA_CUDNN=off); the built-in path only"
+            );
+            vec![None]
+        }
+    };
+    for cudnn in paths {
+        singlora::ops::conv::set_cudnn(cudnn.is_some());
+        let path = match cudnn {
+            Some(v) => format!("cuDNN {v}"),
+            None => "built-in".to_string(),
+        };
+        let checked = conv_path_checks(device, &path, cudnn.is_none(), rows);
+        singlora::ops::conv::set_cudnn(true);
+        checked?;
+    }
+    Ok(())
+}
+
+/// [`conv_checks`]'s rows: the input gradients by the path switched on (`path` names it), and
+/// the forward where `forward`.
+fn conv_path_checks(device: &Device, path: &str, forward: bool, rows: &mut Vec<Row>) -> Result<()> {
+    use candle_core::Var;
+    use singlora::diffusion::unet::conv::frozen_conv2d;
+    let cpu = Device::Cpu;
     for (k, stride, padding) in [(3, 1, 1), (1, 1, 0), (3, 2, 1), (3, 1, 2), (3, 1, 0)] {
         // 160 × 160: a padded plane larger than the shared memory the im2col kernel asks for, so
         // the kernels that read through the cache
@@ -751,7 +781,8 @@ fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let x = Tensor::randn(0f64, 1.0, (2, 6, h, w), &cpu)?;
             let wt = Tensor::randn(0f64, 0.3, (5, 6, k, k), &cpu)?;
             let want = x.conv2d(&wt, padding, stride, 1, 1)?;
-            for (dtype, bound) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let dtypes = [(DType::F32, 1e-5), (DType::BF16, 2e-2)];
+            for (dtype, bound) in dtypes.into_iter().filter(|_| forward) {
                 let on = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
                 let got = singlora::ops::conv::conv2d(&on(&x)?, &on(&wt)?, padding, stride)?;
                 rows.push(Row {
@@ -762,7 +793,7 @@ fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                     bound,
                 });
             }
-            // the input gradient of sum(y ⊙ G) through the frozen convolution, f32
+            // the input gradient of sum(y ⊙ G) through the frozen convolution
             let g = Tensor::randn(0f64, 1.0, want.dims(), &cpu)?;
             let grad_on = |d: &Device, dt: DType| -> Result<Tensor> {
                 let xv = Var::from_tensor(&x.to_dtype(dt)?.to_device(d)?)?;
@@ -770,13 +801,16 @@ fn conv_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 let grads = (y * g.to_dtype(dt)?.to_device(d)?)?.sum_all()?.backward()?;
                 Ok(grads.get(&xv).context("no input gradient")?.clone())
             };
-            rows.push(Row {
-                what: format!(
-                    "frozen conv2d {k}×{k} stride {stride} padding {padding}, {h}×{w}: input gradient (F32) vs f64 on the CPU"
-                ),
-                err: rel_err(&grad_on(device, DType::F32)?, &grad_on(&cpu, DType::F64)?)?,
-                bound: 1e-5,
-            });
+            let want = grad_on(&cpu, DType::F64)?;
+            for (dtype, bound) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+                rows.push(Row {
+                    what: format!(
+                        "frozen conv2d {k}×{k} stride {stride} padding {padding}, {h}×{w}: input gradient ({path}, {dtype:?}) vs f64 on the CPU"
+                    ),
+                    err: rel_err(&grad_on(device, dtype)?, &want)?,
+                    bound,
+                });
+            }
         }
     }
     Ok(())
@@ -1146,12 +1180,12 @@ fn unet_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
         };
         singlora::diffusion::unet::set_taped_steps(taped);
         if taped && !unet.tape_ready() {
-            singlora::diffusion::unet::set_taped_steps(false);
             anyhow::bail!("the tiny U-Net with SingLoRA does not run on the U-Net's tape");
         }
         let inputs = (&on(&sample)?, &t.to_device(dev)?, &on(&ctx)?, None);
         let step = unet.taped_step(inputs, loss);
-        singlora::diffusion::unet::set_taped_steps(false);
+        // back to the library's default
+        singlora::diffusion::unet::set_taped_steps(true);
         let (_, grads) = step?;
         flat_grads(&grads, &vars, DType::F32)
     };

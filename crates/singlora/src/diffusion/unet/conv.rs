@@ -10,7 +10,8 @@
 //!   size where x's side is odd (candle's transposed convolution where the kernel is not
 //!   square or the padding not below its size).
 //!
-//! Every convolution here is [`crate::ops::conv::conv2d`] (on a GPU, im2col and one GEMM).
+//! Every convolution here is [`crate::ops::conv::conv2d`] (on a GPU, cuDNN's where it is found,
+//! else im2col and one GEMM); where cuDNN is found, the input gradient is its one call instead.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -144,6 +145,9 @@ pub(crate) fn input_grad(
 ) -> candle_core::Result<Tensor> {
     let (_, _, kh, kw) = wt.dims4()?;
     let g = g.contiguous()?;
+    if let Some(dx) = crate::ops::conv::input_grad(&g, wt, padding, stride, (h, w))? {
+        return Ok(dx);
+    }
     Ok(if stride == 1 && kh == kw && padding < kh {
         conv2d(&g, &flipped(wt)?, kh - 1 - padding, 1)?
     } else if kh == kw && padding < kh {

@@ -73,10 +73,10 @@ struct TextTime {
 }
 
 /// Whether [`UNet::taped_step`] records the forward (see [`tie::Tape`]) instead of running it
-/// through candle's autograd. Off by default until the device check has compared the two on a
-/// GPU (they agree to rounding on the CPU: `tests/unet_tape.rs`); `singlora-lab bench-unet
-/// --taped` times it.
-static TAPED_STEPS: AtomicBool = AtomicBool::new(false);
+/// through candle's autograd (on by default: the two agree to rounding, `tests/unet_tape.rs`
+/// on the CPU and the device check on a GPU; `singlora-lab bench-unet --no-tape` times the
+/// autograd step).
+static TAPED_STEPS: AtomicBool = AtomicBool::new(true);
 
 /// Switches [`UNet::taped_step`]'s record on or off for this process.
 pub fn set_taped_steps(on: bool) {

@@ -3,6 +3,7 @@
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaStorage, Layout, Shape};
 
+use super::cudnn::{self, ConvShape};
 use crate::ops::cuda::{
     args, elems_cfg, gemm_batched, grid, input_ptr, input_ptr_as, ptx_module, Ctx, Mat, Module,
     STATIC_SMEM_BYTES,
@@ -143,4 +144,41 @@ pub(super) fn flip((w, l): (&CudaStorage, &Layout)) -> candle_core::Result<(Cuda
     // SAFETY: w and out hold co·ci·k·k elements of the context's type.
     unsafe { MODULE.launch(cx.dev, &cx.kernel("flip_kernel", false), elems_cfg(n), a)? };
     Ok((out, Shape::from((ci, co, k, k))))
+}
+
+/// The input gradient dx (b, c, h, w) of y = W ⋆ x for the output gradient dy (b, co, ho, wo),
+/// by cuDNN (see [`cudnn_takes_input_grad`]).
+pub(super) fn input_grad_cudnn(
+    (g, lg): (&CudaStorage, &Layout),
+    (w, lw): (&CudaStorage, &Layout),
+    shape: ConvShape,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let ConvShape { b, c, h, co, .. } = shape;
+    let (ho, wo) = shape.out_hw();
+    if lg.shape().dims4()? != (b, co, ho, wo) || lw.shape().dims4()? != (co, c, shape.k, shape.k) {
+        candle_core::bail!(
+            "conv2d input gradient: output gradient {:?} and kernel {:?} for input {:?}",
+            lg.shape().dims(),
+            lw.shape().dims(),
+            (b, c, h, shape.w)
+        );
+    }
+    let (gp, bf16) = input_ptr(g, lg, Some(b * co * ho * wo), "conv2d output gradient")?;
+    let wp = input_ptr_as(w, lw, bf16, "conv2d kernel")?;
+    let (out, dxp) = Ctx::scalar(&g.device, bf16).fresh(b * c * h * shape.w)?;
+    // SAFETY: dy, W and dx hold the shape's elements of one type.
+    if !unsafe { cudnn::input_grad(&g.device, bf16, shape, (gp, wp, dxp))? } {
+        candle_core::bail!("conv2d input gradient: cuDNN has no plan for {shape:?}");
+    }
+    Ok((out, Shape::from((b, c, h, shape.w))))
+}
+
+/// Whether cuDNN computes the input gradient of this convolution (found, switched on, and with
+/// a plan for the shape).
+pub(super) fn cudnn_takes_input_grad(
+    dev: &candle_core::CudaDevice,
+    bf16: bool,
+    shape: ConvShape,
+) -> bool {
+    cudnn::takes_input_grad(dev, bf16, shape)
 }
