@@ -722,6 +722,126 @@ fn fp8_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// AdamW on the device (every f32 parameter in one launch, the clipping norm's sum of squares
+/// in another) against the composed update on the CPU in f64: three updates of parameters of
+/// the adapter roles (weight decay on A and B, LoRA+'s ratio on B), with the clipping off,
+/// not reached and reached; the norms it returns; and a non-finite gradient, which must leave
+/// every parameter as it was and say the loss diverged.
+fn adamw_checks(device: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use candle_core::Var;
+    use singlora::adapter::{Param, ParamRole};
+    use singlora::optim::{AdamW, AdamWConfig, GradAccumulator};
+    let cpu = Device::Cpu;
+    let shapes: [(&[usize], ParamRole); 4] = [
+        (&[320, 8], ParamRole::A),
+        (&[8, 768], ParamRole::B),
+        (&[4096], ParamRole::Magnitude),
+        (&[3, 5], ParamRole::HeadBias),
+    ];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|(d, _)| Tensor::randn(0f64, 1.0, *d, &cpu))
+        .collect::<candle_core::Result<_>>()?;
+    let grads: Vec<Vec<Tensor>> = (0..3)
+        .map(|_| init.iter().map(|t| t.randn_like(0.0, 0.05)).collect())
+        .collect::<candle_core::Result<_>>()?;
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        lora_plus_ratio: Some(4.0),
+        ..AdamWConfig::default()
+    };
+    let run = |d: &Device, dt: DType, clip: Option<f64>, grads: &[Vec<Tensor>]| {
+        let vars: Vec<Var> = init
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dt)?.to_device(d)?))
+            .collect::<candle_core::Result<_>>()?;
+        let params = (vars.iter().zip(&shapes))
+            .map(|(v, (_, role))| Param {
+                suffix: "p",
+                var: v.clone(),
+                role: *role,
+            })
+            .collect();
+        let mut opt = AdamW::new(params, cfg);
+        let mut norms = vec![];
+        let mut outcome = Ok(());
+        for gs in grads {
+            // the gradient of Σ v·g with respect to v is g
+            let mut loss = Tensor::zeros((), dt, d)?;
+            for (v, g) in vars.iter().zip(gs) {
+                let g = g.to_dtype(dt)?.to_device(d)?;
+                loss = (loss + (v.as_tensor() * g)?.sum_all()?)?;
+            }
+            let store = loss.backward()?;
+            let mut acc = GradAccumulator::new(vars.clone());
+            acc.add(&store)?;
+            match opt.step(&mut acc, 1e-2, clip) {
+                Ok(n) => norms.push(n.unwrap_or(0.0)),
+                Err(e) => {
+                    outcome = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        let flat = vars
+            .iter()
+            .map(|v| {
+                v.as_tensor()
+                    .to_device(&cpu)?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        anyhow::Ok((Tensor::cat(&flat, 0)?, norms, outcome))
+    };
+    // the gradients' global norm is about 0.05·√(12 815 elements) ≈ 6: 1 clips, 100 does not
+    for (clip, what) in [
+        (None, "no clipping"),
+        (Some(100.0), "clipping not reached"),
+        (Some(1.0), "clipping reached"),
+    ] {
+        let (got, gn, _) = run(device, DType::F32, clip, &grads)?;
+        let (want, wn, _) = run(&cpu, DType::F64, clip, &grads)?;
+        rows.push(Row {
+            what: format!(
+                "AdamW, 3 updates, {what} (F32, one launch) vs f64 on the CPU: parameters"
+            ),
+            err: rel_err(&got, &want)?,
+            bound: 1e-6,
+        });
+        if clip.is_some() {
+            let worst = (gn.iter().zip(&wn))
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-30))
+                .fold(0f64, f64::max);
+            rows.push(Row {
+                what: format!("AdamW, 3 updates, {what} (F32, one launch) vs f64 on the CPU: the norms it returns"),
+                err: worst,
+                bound: 1e-5,
+            });
+        }
+    }
+    // a NaN in the second update's gradient: an error, and the parameters as after the first
+    let mut bad = grads.clone();
+    bad[1][2] = (&bad[1][2] * f64::NAN)?;
+    let (got, _, outcome) = run(device, DType::F32, Some(1.0), &bad)?;
+    let (want, _, _) = run(&cpu, DType::F64, Some(1.0), &grads[..1])?;
+    let said = matches!(&outcome, Err(e) if e.contains("diverged"));
+    rows.push(Row {
+        what: "AdamW with a NaN gradient (F32, one launch): says the loss diverged (0 = yes)"
+            .into(),
+        err: if said { 0.0 } else { 1.0 },
+        bound: 0.0,
+    });
+    rows.push(Row {
+        what:
+            "AdamW with a NaN gradient (F32, one launch): parameters as after the update before it"
+                .into(),
+        err: rel_err(&got, &want)?,
+        bound: 1e-6,
+    });
+    Ok(())
+}
+
 /// The U-Net's convolution on the device (`ops::conv`: im2col and one GEMM) against candle's
 /// convolution on the CPU in f64: each kernel size, stride and padding the U-Net and its input
 /// gradients use, odd and even sides (widths that the 8-wide im2col takes and that it does
@@ -2019,6 +2139,7 @@ pub fn run(device_name: &str, devices: Option<&[String]>) -> Result<()> {
             ("packed rows", packed_fast_path_checks),
             ("U-Net", unet_checks),
             ("U-Net convolution", conv_checks),
+            ("AdamW", adamw_checks),
             ("cross-attention kernels", cross_attention_checks),
             ("U-Net attention sublayer", attention_sublayer_checks),
             ("layer checkpointing", checkpoint_checks),

@@ -235,6 +235,102 @@ impl AdamW {
         matches!(role, ParamRole::A | ParamRole::B | ParamRole::HeadWeight)
     }
 
+    /// The error for a non-finite gradient norm before update `t + 1`.
+    fn diverged(&self, n: f64) -> Error {
+        Error::msg(format!(
+            "the gradient norm is {n} at update {}: the loss diverged (try a lower learning rate)",
+            self.t + 1
+        ))
+    }
+
+    /// 1 − β₁ᵗ and 1 − β₂ᵗ for the update count `t`.
+    fn bias_corrections(&self) -> (f64, f64) {
+        let t = self.t as i32;
+        (1.0 - self.cfg.beta1.powi(t), 1.0 - self.cfg.beta2.powi(t))
+    }
+
+    /// The CUDA update's shared hyper-parameters for the update count `t`.
+    #[cfg(feature = "cuda")]
+    fn step_h(&self) -> crate::ops::adamw::AdamWStep {
+        let (bc1, bc2) = self.bias_corrections();
+        crate::ops::adamw::AdamWStep {
+            beta1: self.cfg.beta1 as f32,
+            beta2: self.cfg.beta2 as f32,
+            eps: self.cfg.eps as f32,
+            bc1: bc1 as f32,
+            bc2: bc2 as f32,
+        }
+    }
+
+    /// Slot `i`'s learning rate and decay factor (1 − lr·wd, or 1) for the base rate `lr`.
+    fn lr_decay(&self, i: usize, lr: f64) -> (f64, f64) {
+        let role = self.slots[i].param.role;
+        let lr_i = lr * self.lr_mult(role);
+        let decay = if self.cfg.weight_decay > 0.0 && Self::decays(role) {
+            1.0 - lr_i * self.cfg.weight_decay
+        } else {
+            1.0
+        };
+        (lr_i, decay)
+    }
+
+    /// [`Self::step`] where every parameter with a gradient is a CUDA f32 one on one device:
+    /// the clipping norm's sum of squares in one launch and the clipped update in another,
+    /// the norm read back once both are queued (a parameter is left as it was where the norm
+    /// is not finite). `None`, having done nothing, elsewhere.
+    #[cfg(feature = "cuda")]
+    fn step_fused(
+        &mut self,
+        acc: &GradAccumulator,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> Result<Option<Option<f64>>> {
+        use candle_core::backend::BackendDevice;
+        let mut dev: Option<candle_core::CudaDevice> = None;
+        let mut jobs = vec![];
+        for i in 0..self.slots.len() {
+            let Some(g) = &acc.sums[i] else { continue };
+            let (lr_i, decay) = self.lr_decay(i, lr);
+            let Some((d, job)) = cuda_job(&self.slots[i], g, lr_i, decay)? else {
+                return Ok(None);
+            };
+            match &dev {
+                Some(first) if !first.same_device(&d) => return Ok(None),
+                Some(_) => {}
+                None => dev = Some(d),
+            }
+            jobs.push(job);
+        }
+        let Some(dev) = dev else {
+            return Ok(None);
+        };
+        self.t += 1;
+        let h = self.step_h();
+        // SAFETY: each job is one slot's parameter, moments (ours alone: allocated apart,
+        // handed out and taken in only as copies) and gradient, checked by `cuda_job`; the
+        // tensors outlive the launches (they are freed in stream order).
+        let table = unsafe { crate::ops::adamw::AdamWJobs::new(&dev, &jobs)? };
+        let Some(max) = max_grad_norm else {
+            // SAFETY: as above.
+            unsafe { table.update(h, None)? };
+            return Ok(Some(None));
+        };
+        let sumsq = Tensor::zeros((), DType::F32, &candle_core::Device::Cuda(dev))?;
+        let sp = crate::ops::cuda::tensor_ptr(&sumsq, "gradient norm", &[DType::F32])?;
+        // SAFETY: as above; sumsq is a live f32 on the device until both are queued.
+        unsafe {
+            table.sum_squares(sp)?;
+            table.update(h, Some((sp, max as f32)))?;
+        }
+        let n = (sumsq.to_scalar::<f32>()? as f64).sqrt();
+        if !n.is_finite() {
+            // the update left every parameter and moment as it was
+            self.t -= 1;
+            return Err(self.diverged(n));
+        }
+        Ok(Some(Some(n)))
+    }
+
     /// One update with learning rate `lr` from the accumulated gradients (clipped to
     /// `max_grad_norm` when given), then clears them and advances the clock. Returns the
     /// gradient norm before clipping when it was computed.
@@ -249,14 +345,19 @@ impl AdamW {
                 "gradient accumulator does not match the optimizer's parameters",
             ));
         }
+        #[cfg(feature = "cuda")]
+        if let Some(norm) = self.step_fused(acc, lr, max_grad_norm)? {
+            acc.clear();
+            if let Some(c) = &self.clock {
+                c.advance();
+            }
+            return Ok(norm);
+        }
         let norm = match max_grad_norm {
             Some(max) => {
                 let n = acc.global_norm()?;
                 if !n.is_finite() {
-                    return Err(Error::msg(format!(
-                        "the gradient norm is {n} at update {}: the loss diverged (try a lower learning rate)",
-                        self.t + 1
-                    )));
+                    return Err(self.diverged(n));
                 }
                 if n > max {
                     acc.scale(max / (n + 1e-6))?;
@@ -266,23 +367,16 @@ impl AdamW {
             None => None,
         };
         self.t += 1;
-        let t = self.t as i32;
-        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        // CUDA parameters: one launch per device for all of them, after the loop
+        let (bc1, bc2) = self.bias_corrections();
+        // CUDA f32 parameters (where the others are not): one launch per device for all of
+        // them, after the loop
         #[cfg(feature = "cuda")]
         let mut launches: Vec<(candle_core::CudaDevice, Vec<crate::ops::adamw::AdamWJob>)> = vec![];
         for i in 0..self.slots.len() {
             let Some(g) = &acc.sums[i] else { continue };
-            let role = self.slots[i].param.role;
-            let lr_i = lr * self.lr_mult(role);
+            let (lr_i, decay) = self.lr_decay(i, lr);
+            let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
             let slot = &mut self.slots[i];
-            let decay = if self.cfg.weight_decay > 0.0 && Self::decays(role) {
-                1.0 - lr_i * self.cfg.weight_decay
-            } else {
-                1.0
-            };
             #[cfg(feature = "cuda")]
             if let Some((dev, job)) = cuda_job(slot, g, lr_i, decay)? {
                 use candle_core::backend::BackendDevice;
@@ -304,17 +398,9 @@ impl AdamW {
         }
         #[cfg(feature = "cuda")]
         for (dev, jobs) in &launches {
-            let h = crate::ops::adamw::AdamWStep {
-                beta1: b1 as f32,
-                beta2: b2 as f32,
-                eps: self.cfg.eps as f32,
-                bc1: bc1 as f32,
-                bc2: bc2 as f32,
-            };
-            // SAFETY: each job is one slot's parameter, moments (ours alone: allocated apart,
-            // handed out and taken in only as copies) and gradient, checked by `cuda_job`;
-            // the tensors outlive the launch (they are freed in stream order).
-            unsafe { crate::ops::adamw::adamw_multi(dev, jobs, h)? };
+            // SAFETY: each job is one slot's parameter, moments (ours alone) and gradient,
+            // checked by `cuda_job`; the tensors outlive the launch (freed in stream order).
+            unsafe { crate::ops::adamw::AdamWJobs::new(dev, jobs)?.update(self.step_h(), None)? };
         }
         acc.clear();
         if let Some(c) = &self.clock {
