@@ -125,7 +125,7 @@ impl GradAccumulator {
     }
 }
 
-/// A slot's part of the one-launch CUDA update (`ops::adamw::adamw_multi`), with its device;
+/// A slot's part of the one-launch CUDA update (`ops::adamw::AdamWJobs`), with its device;
 /// None where that does not apply (not CUDA f32 and contiguous: the composed update runs).
 #[cfg(feature = "cuda")]
 fn cuda_job(

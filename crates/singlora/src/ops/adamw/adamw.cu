@@ -1,4 +1,5 @@
-// AdamW's update of every f32 parameter in one launch (ops/adamw; the optimizer is crate::optim).
+// AdamW's update of every f32 parameter in one launch, and the gradients' sum of squares for
+// clipping (ops/adamw; the optimizer is crate::optim).
 
 // AdamW in place for every parameter in one launch (f32 parameters and moments): m <- b1 m +
 // (1-b1) g, v <- b2 v + (1-b2) g^2, p <- p decay - lr (m / bc1) / (sqrt(v / bc2) + eps), decay =

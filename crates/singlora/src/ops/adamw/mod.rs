@@ -1,5 +1,6 @@
-//! AdamW's update of every CUDA f32 parameter in one launch (the optimizer is
-//! [`crate::optim::AdamW`]; kernel in `adamw.cu`).
+//! AdamW's update of every CUDA f32 parameter in one launch, and the sum of every gradient's
+//! squares (for clipping to a global norm) in one more (the optimizer is
+//! [`crate::optim::AdamW`]; kernels in `adamw.cu`).
 
 use candle_core::CudaDevice;
 
@@ -19,7 +20,7 @@ pub struct AdamWStep {
     pub bc2: f32,
 }
 
-/// One parameter's part of [`adamw_multi`]: the f32 parameter, its moments and its gradient
+/// One parameter's part of [`AdamWJobs`]: the f32 parameter, its moments and its gradient
 /// (contiguous, `n` elements each, on one device), its learning rate and decay factor
 /// (1 − lr·wd).
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +51,7 @@ impl AdamWJobs {
     /// two jobs may share a p, m or v.
     pub unsafe fn new(dev: &CudaDevice, jobs: &[AdamWJob]) -> candle_core::Result<Self> {
         if jobs.len() > 65535 {
-            candle_core::bail!("adamw_multi: {} parameters in one launch", jobs.len());
+            candle_core::bail!("AdamW: {} parameters in one launch", jobs.len());
         }
         // the kernel's AdamWJob: four pointers, the length, lr and decay (48 bytes)
         let table: Vec<u64> = jobs

@@ -147,7 +147,7 @@ pub(super) fn flip((w, l): (&CudaStorage, &Layout)) -> candle_core::Result<(Cuda
 }
 
 /// The input gradient dx (b, c, h, w) of y = W ⋆ x for the output gradient dy (b, co, ho, wo),
-/// by cuDNN (see [`cudnn_takes_input_grad`]).
+/// by cuDNN (where `cudnn::takes_input_grad`).
 pub(super) fn input_grad_cudnn(
     (g, lg): (&CudaStorage, &Layout),
     (w, lw): (&CudaStorage, &Layout),
@@ -171,14 +171,4 @@ pub(super) fn input_grad_cudnn(
         candle_core::bail!("conv2d input gradient: cuDNN has no plan for {shape:?}");
     }
     Ok((out, Shape::from((b, c, h, shape.w))))
-}
-
-/// Whether cuDNN computes the input gradient of this convolution (found, switched on, and with
-/// a plan for the shape).
-pub(super) fn cudnn_takes_input_grad(
-    dev: &candle_core::CudaDevice,
-    bf16: bool,
-    shape: ConvShape,
-) -> bool {
-    cudnn::takes_input_grad(dev, bf16, shape)
 }

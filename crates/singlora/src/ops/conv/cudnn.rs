@@ -130,18 +130,26 @@ fn load() -> Option<Api> {
         Some(path) if !path.is_empty() => vec![path.to_string()],
         _ => vec!["libcudnn.so.9".into(), "libcudnn.so".into()],
     };
+    let fallback = "convolutions' input gradients take the built-in path";
     for name in names {
         // SAFETY: loading runs the library's initialisers; libcudnn's have no preconditions.
-        let Ok(lib) = (unsafe { libloading::Library::new(&name) }) else {
-            continue;
+        let lib = match unsafe { libloading::Library::new(&name) } {
+            Ok(lib) => lib,
+            Err(e) => {
+                // a path the user named and that does not load is worth saying
+                if matches!(named.as_deref(), Some(p) if !p.is_empty()) {
+                    eprintln!("note: SINGLORA_CUDNN={name} does not load ({e}): {fallback}");
+                }
+                continue;
+            }
         };
         match bind(lib) {
             Ok(api) if api.version >= 90000 => return Some(api),
             Ok(api) => eprintln!(
-                "note: {name} is cuDNN {}, 9 or newer is needed: convolutions take the built-in path",
+                "note: {name} is cuDNN {}, 9 or newer is needed: {fallback}",
                 api.version
             ),
-            Err(e) => eprintln!("note: {name} lacks {e}: convolutions take the built-in path"),
+            Err(e) => eprintln!("note: {name} lacks {e}: {fallback}"),
         }
     }
     None
@@ -379,7 +387,15 @@ fn with_plan<T>(
     };
     let (h, p) = STATE.with(|st| -> candle_core::Result<_> {
         let st = &mut *st.borrow_mut();
-        let h = handle(api, st, dev)?;
+        let h = match handle(api, st, dev) {
+            Ok(h) => h,
+            Err(e) => {
+                // no handle on this device: the built-in path from here on
+                eprintln!("note: {e}; convolutions' input gradients take the built-in path");
+                set_enabled(false);
+                return Ok((std::ptr::null_mut(), None));
+            }
+        };
         let key = Key {
             stream: dev.cuda_stream().cu_stream() as usize,
             bf16,
@@ -388,7 +404,13 @@ fn with_plan<T>(
         let p = match st.plans.get(&key) {
             Some(p) => *p,
             None => {
-                let p = plan(api, h, &key)?;
+                // a shape cuDNN cannot plan takes the built-in path (once told, not retried)
+                let p = plan(api, h, &key).unwrap_or_else(|e| {
+                    eprintln!(
+                        "note: {e} for {shape:?}; its input gradient takes the built-in path"
+                    );
+                    None
+                });
                 st.plans.insert(key, p);
                 p
             }

@@ -91,7 +91,7 @@ pub fn input_grad(
             && h + 2 * padding >= kh
             && wd + 2 * padding >= kh
             && w.dtype() == g.dtype();
-        if fits && cuda::cudnn_takes_input_grad(dev, bf16, shape) {
+        if fits && cudnn::takes_input_grad(dev, bf16, shape) {
             let op = InputGrad(shape);
             return Ok(Some(
                 g.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?,
