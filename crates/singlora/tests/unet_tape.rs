@@ -12,7 +12,7 @@ use singlora::checkpoint::TensorFile;
 use singlora::diffusion::unet::AddedCond;
 
 mod common;
-use common::max_abs;
+use common::{max_abs, max_abs_diff};
 
 /// Held by each test: the taped-steps switch is process-wide.
 static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -102,7 +102,7 @@ fn taped_step_matches_autograd() {
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{case}: no taped gradient for variable {i}"));
             assert_eq!(g.dims(), w.dims(), "{case}: variable {i}");
-            let err = max_abs(&(g - w).unwrap()) / max_abs(w).max(1e-30);
+            let err = max_abs_diff(g, w) / max_abs(w).max(1e-30);
             worst = worst.max(err);
             assert!(
                 err < 1e-10,
@@ -158,7 +158,7 @@ fn dreambooth_on_the_tape_trains_the_same_adapter() {
     let mut worst = 0f64;
     for ((name, a), (name_b, b)) in taped.iter().zip(&plain) {
         assert_eq!(name, name_b);
-        let err = max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30);
+        let err = max_abs_diff(a, b) / max_abs(b).max(1e-30);
         worst = worst.max(err);
         assert!(
             err < 1e-4,

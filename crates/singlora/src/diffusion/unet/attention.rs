@@ -709,16 +709,18 @@ impl Projection {
 
     /// The projection taken apart for a backward written out by hand, where it can be.
     fn low_rank(&self, dtype: DType) -> Result<Option<LowRankLinear>> {
-        if !self.takes_apart(dtype) {
-            return Ok(None);
-        }
         match self {
+            // as_low_rank makes its own takes_apart check
             Projection::Linear(l) => l.as_low_rank(dtype),
-            Projection::Conv(c) => Ok(c.dense_weight().map(|w| LowRankLinear {
-                w0: w.clone(),
-                bias: c.bias().cloned(),
-                adapter: None,
-            })),
+            Projection::Conv(c) => {
+                Ok(c.dense_weight()
+                    .filter(|_| self.takes_apart(dtype))
+                    .map(|w| LowRankLinear {
+                        w0: w.clone(),
+                        bias: c.bias().cloned(),
+                        adapter: None,
+                    }))
+            }
         }
     }
 }
