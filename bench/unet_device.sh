@@ -33,8 +33,9 @@ cp /tmp/sd/run-singlora/samples/*.png "$OUT/" 2>/dev/null
 fi
 [ "$PART" = check ] && exit 0
 echo "== SD 1.5-shaped U-Net step"
-# BATCH: the batch sizes (default 1,4; DBATCH for diffusers, default BATCH). Each part's start
-# time goes to $OUT/times.txt.
+# BATCH: the batch sizes (default 1,4; DBATCH for diffusers, default BATCH); DTIMEOUT: the
+# diffusers run's limit in seconds (default 400; compiling both sizes takes about 280 s). Each
+# part's start time goes to $OUT/times.txt.
 BATCH=${BATCH:-1,4}
 stamp() { echo "$(date +%s) $1" >> "$OUT/times.txt"; }
 stamp write
@@ -42,7 +43,7 @@ timeout 120 "$PY" bench/unet_step.py --write /tmp/sd15-unet
 # diffusers first: run after our processes, compiled diffusers took 98 to 113 ms at batch 4
 # (and its whole run about 220 s); first on a fresh machine, 64 to 66 ms (2026-12-06)
 stamp diffusers
-timeout 400 "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" --steps 20 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
+timeout "${DTIMEOUT:-400}" "$PY" bench/unet_step.py --unet /tmp/sd15-unet --batch "${DBATCH:-$BATCH}" --modes "${MODES:-eager,compile}" --steps 20 2> "$OUT/unet-diffusers.log" | grep '^{' | tee "$OUT/unet-diffusers.jsonl"
 # the first of our processes times batch 1 slower (up to 1.5×, calls of 2026-12-06): one
 # short untimed run first
 stamp warm-up

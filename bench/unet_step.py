@@ -60,6 +60,11 @@ for mode in a.modes.split(","):
             q.data = q.data.float()
         trainable = sum(q.numel() for q in params)
         opt = torch.optim.AdamW(params, lr=1e-4)
+        if mode == "compile":
+            # each batch size compiled on its own, with static shapes, as a run at one batch
+            # size is: without the reset the second size reuses the first's cache and is
+            # recompiled with a dynamic batch dimension
+            torch._dynamo.reset()
         model = torch.compile(unet) if mode == "compile" else unet
         x = torch.randn(b, 4, 64, 64, device=dev, dtype=torch.bfloat16)
         eps = torch.randn(b, 4, 64, 64, device=dev)
